@@ -1,0 +1,120 @@
+"""Every way to build, test, benchmark and run this monorepo.
+
+    nox -s tests      unit tests of all packages (+ root/kvm/containerd-marked host tests where possible)
+    nox -s lint       ruff, mypy and the import-linter dependency contract
+    nox -s protos     regenerate kata_proto/_gen from the .proto files; fails if the committed code drifted
+    nox -s build      one wheel per package into build/dist
+    nox -s bench      benchmarks (pytest-benchmark), reported as distributions
+    nox -s images     guest assets for the lab VM into build/lab/guest
+    nox -s lab        integration tests that boot guests, inside the lab VM
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+
+import nox
+
+ROOT = pathlib.Path(__file__).resolve().parent
+PACKAGES = [
+    "kata-proto",
+    "kata-virtio",
+    "kata-upcall",
+    "kata-vmm",
+    "kata-resources",
+    "kata-agent-client",
+    "kata-agent",
+    "kata-shim",
+]
+# Pinned tool versions: generated code and lint results must not drift with the registry.
+GRPCIO_TOOLS = "grpcio-tools==1.85.1"
+TEST_DEPS = ["pytest==9.0.3", "pytest-benchmark==5.2.3", "hypothesis==6.155.2", "trio==0.35.0"]
+LINT_DEPS = ["ruff==0.17.6", "mypy==2.4.1", "import-linter==2.16", "types-protobuf"]
+
+nox.options.default_venv_backend = "uv|venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["lint", "tests"]
+
+
+def _install_workspace(session: nox.Session) -> None:
+    args: list[str] = []
+    for pkg in PACKAGES:
+        args += ["-e", f"packages/{pkg}"]
+    session.install(*args)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Unit tests of every package; tests marked lab are left to `nox -s lab`."""
+    _install_workspace(session)
+    session.install(*TEST_DEPS)
+    session.run("pytest", "-m", "not lab", "-p", "no:cacheprovider", "--benchmark-disable", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (style, imports), mypy (types) and import-linter (dependency direction of STYLE.md)."""
+    _install_workspace(session)
+    session.install(*LINT_DEPS, *TEST_DEPS)
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("lint-imports")
+    session.run("mypy", *[f"packages/{p}/src" for p in PACKAGES])
+
+
+@nox.session
+def protos(session: nox.Session) -> None:
+    """Regenerate the committed protobuf code with the pinned protoc; fail on any difference."""
+    session.install(GRPCIO_TOOLS)
+    session.run("python", "packages/kata-proto/tools/genprotos.py")
+    if shutil.which("git") and (ROOT / ".git").exists():
+        session.run("git", "diff", "--exit-code", "--stat", "--", "packages/kata-proto/src/kata_proto/_gen",
+                    external=True)
+        untracked = session.run("git", "ls-files", "--others", "--exclude-standard", "--",
+                                "packages/kata-proto/src/kata_proto/_gen", external=True, silent=True)
+        if untracked and str(untracked).strip():
+            session.error(f"generated files not committed:\n{untracked}")
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Build one wheel per package into build/dist."""
+    session.install("build==1.6.1", "hatchling==1.33.0")
+    out = ROOT / "build" / "dist"
+    shutil.rmtree(out, ignore_errors=True)
+    for pkg in PACKAGES:
+        session.run("python", "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), f"packages/{pkg}")
+    wheels = sorted(p.name for p in out.glob("*.whl"))
+    session.log("wheels: " + ", ".join(wheels))
+    if len(wheels) != len(PACKAGES):
+        session.error(f"expected {len(PACKAGES)} wheels, got {len(wheels)}")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks: host-side micro benchmarks, then the lab benchmarks that boot guests."""
+    _install_workspace(session)
+    session.install(*TEST_DEPS)
+    out = ROOT / "build" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    session.run("pytest", "lab/bench", "-m", "not lab", "-p", "no:cacheprovider",
+                "--benchmark-only", f"--benchmark-json={out / 'host.json'}", *session.posargs)
+
+
+@nox.session(python=False)
+def images(session: nox.Session) -> None:
+    """Build (or reuse, by hash of inputs) the guest assets in build/lab/guest."""
+    session.run("python3", "lab/images/build.py", *session.posargs, external=True)
+
+
+@nox.session(python=False)
+def lab(session: nox.Session) -> None:
+    """Integration tests marked `lab`, run inside the nested-KVM lab VM."""
+    session.run("python3", "lab/images/build.py", external=True)
+    session.run("nox", "-s", "tests", "--install-only", external=True)
+    venv = ROOT / ".nox" / "tests"
+    env = {"PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}"}
+    session.run("lab/labvm", "exec", "--", str(venv / "bin" / "pytest"), "-m", "lab", "-p", "no:cacheprovider",
+                "--benchmark-disable", *(session.posargs or ["lab/tests", "packages"]), external=True, env=env)

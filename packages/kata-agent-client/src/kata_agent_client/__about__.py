@@ -1,0 +1,3 @@
+"""Version of kata-agent-client."""
+
+__version__ = "0.1.0"

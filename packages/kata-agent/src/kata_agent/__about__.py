@@ -1,0 +1,3 @@
+"""Version of kata-agent."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+"""Version of kata-resources."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""A pure-Python KVM VMM (the Dragonball of this project): ctypes KVM bindings, guest memory, vCPUs, boot, ACPI, legacy devices."""
+
+from kata_vmm.__about__ import __version__
+
+__all__ = ["__version__"]
