@@ -30,7 +30,7 @@ PACKAGES = [
 ]
 # Pinned tool versions: generated code and lint results must not drift with the registry.
 GRPCIO_TOOLS = "grpcio-tools==1.85.1"
-TEST_DEPS = ["pytest==9.0.3", "pytest-benchmark==5.2.3", "hypothesis==6.155.2", "trio==0.35.0"]
+TEST_DEPS = ["grpcio-tools==1.85.1", "pytest==9.0.3", "pytest-benchmark==5.2.3", "hypothesis==6.155.2", "trio==0.35.0"]
 LINT_DEPS = ["ruff==0.17.6", "mypy==2.4.1", "import-linter==2.16", "types-protobuf"]
 
 nox.options.default_venv_backend = "uv|venv"
