@@ -1,12 +1,12 @@
 """Every way to build, test, benchmark and run this monorepo.
 
-    nox -s tests      unit tests of all packages (+ root/kvm/containerd-marked host tests where possible)
-    nox -s lint       ruff, mypy and the import-linter dependency contract
-    nox -s protos     regenerate kata_proto/_gen from the .proto files; fails if the committed code drifted
-    nox -s build      one wheel per package into build/dist
-    nox -s bench      benchmarks (pytest-benchmark), reported as distributions
-    nox -s images     guest assets for the lab VM into build/lab/guest
-    nox -s lab        integration tests that boot guests, inside the lab VM
+nox -s tests      unit tests of all packages (+ root/kvm/containerd-marked host tests where possible)
+nox -s lint       ruff, mypy and the import-linter dependency contract
+nox -s protos     regenerate kata_proto/_gen from the .proto files; fails if the committed code drifted
+nox -s build      one wheel per package into build/dist
+nox -s bench      benchmarks (pytest-benchmark), reported as distributions
+nox -s images     guest assets for the lab VM into build/lab/guest
+nox -s lab        integration tests that boot guests, inside the lab VM
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ PACKAGES = [
 ]
 # Pinned tool versions: generated code and lint results must not drift with the registry.
 GRPCIO_TOOLS = "grpcio-tools==1.85.1"
-TEST_DEPS = ["grpcio-tools==1.85.1", "pytest==9.0.3", "pytest-benchmark==5.2.3", "hypothesis==6.155.2", "trio==0.35.0"]
+TEST_DEPS = [GRPCIO_TOOLS, "pytest==9.0.3", "pytest-benchmark==5.2.3", "hypothesis==6.155.2", "trio==0.35.0"]
 LINT_DEPS = ["ruff==0.17.6", "mypy==2.4.1", "import-linter==2.16", "types-protobuf"]
 
 nox.options.default_venv_backend = "uv|venv"
@@ -70,10 +70,25 @@ def protos(session: nox.Session) -> None:
     session.install(GRPCIO_TOOLS)
     session.run("python", "packages/kata-proto/tools/genprotos.py")
     if shutil.which("git") and (ROOT / ".git").exists():
-        session.run("git", "diff", "--exit-code", "--stat", "--", "packages/kata-proto/src/kata_proto/_gen",
-                    external=True)
-        untracked = session.run("git", "ls-files", "--others", "--exclude-standard", "--",
-                                "packages/kata-proto/src/kata_proto/_gen", external=True, silent=True)
+        session.run(
+            "git",
+            "diff",
+            "--exit-code",
+            "--stat",
+            "--",
+            "packages/kata-proto/src/kata_proto/_gen",
+            external=True,
+        )
+        untracked = session.run(
+            "git",
+            "ls-files",
+            "--others",
+            "--exclude-standard",
+            "--",
+            "packages/kata-proto/src/kata_proto/_gen",
+            external=True,
+            silent=True,
+        )
         if untracked and str(untracked).strip():
             session.error(f"generated files not committed:\n{untracked}")
 
@@ -85,7 +100,9 @@ def build(session: nox.Session) -> None:
     out = ROOT / "build" / "dist"
     shutil.rmtree(out, ignore_errors=True)
     for pkg in PACKAGES:
-        session.run("python", "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), f"packages/{pkg}")
+        session.run(
+            "python", "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), f"packages/{pkg}"
+        )
     wheels = sorted(p.name for p in out.glob("*.whl"))
     session.log("wheels: " + ", ".join(wheels))
     if len(wheels) != len(PACKAGES):
@@ -99,8 +116,17 @@ def bench(session: nox.Session) -> None:
     session.install(*TEST_DEPS)
     out = ROOT / "build" / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    session.run("pytest", "lab/bench", "-m", "not lab", "-p", "no:cacheprovider",
-                "--benchmark-only", f"--benchmark-json={out / 'host.json'}", *session.posargs)
+    session.run(
+        "pytest",
+        "lab/bench",
+        "-m",
+        "not lab",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-only",
+        f"--benchmark-json={out / 'host.json'}",
+        *session.posargs,
+    )
 
 
 @nox.session(python=False)
@@ -116,5 +142,17 @@ def lab(session: nox.Session) -> None:
     session.run("nox", "-s", "tests", "--install-only", external=True)
     venv = ROOT / ".nox" / "tests"
     env = {"PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}"}
-    session.run("lab/labvm", "exec", "--", str(venv / "bin" / "pytest"), "-m", "lab", "-p", "no:cacheprovider",
-                "--benchmark-disable", *(session.posargs or ["lab/tests", "packages"]), external=True, env=env)
+    session.run(
+        "lab/labvm",
+        "exec",
+        "--",
+        str(venv / "bin" / "pytest"),
+        "-m",
+        "lab",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-disable",
+        *(session.posargs or ["lab/tests", "packages"]),
+        external=True,
+        env=env,
+    )

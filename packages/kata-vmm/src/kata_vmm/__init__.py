@@ -1,4 +1,4 @@
-"""A pure-Python KVM VMM (the Dragonball of this project): ctypes KVM bindings, guest memory, vCPUs, boot, ACPI, legacy devices."""
+"""A pure-Python KVM VMM (our Dragonball): KVM bindings, guest memory, vCPUs, boot, ACPI, legacy devices."""
 
 from kata_vmm.__about__ import __version__
 
