@@ -1,0 +1,1 @@
+"""ctypes mirrors of the kernel's userspace ABI: one module per header."""

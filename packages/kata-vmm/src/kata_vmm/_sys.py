@@ -1,0 +1,54 @@
+"""Thin ctypes access to the libc calls Python's standard library does not offer: ``ioctl`` and ``eventfd``.
+
+``ioctl`` goes through ctypes rather than ``fcntl.ioctl``: ctypes releases the
+GIL for the call (a vCPU thread blocks in KVM_RUN for a long time), takes
+unsigned request and argument values (KVM_SET_TSS_ADDR's 0xfffbd000 overflows
+``fcntl``'s C int) and has no 1024-byte buffer limit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any
+
+from kata_vmm._errors import KvmError
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+_ioctl = _libc.ioctl
+_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_ioctl.restype = ctypes.c_int
+
+_eventfd = _libc.eventfd
+_eventfd.argtypes = [ctypes.c_uint, ctypes.c_int]
+_eventfd.restype = ctypes.c_int
+
+EFD_CLOEXEC = 0o2000000
+EFD_NONBLOCK = 0o4000
+EFD_SEMAPHORE = 1
+
+
+def ioctl(fd: int, request: int, arg: Any = 0, *, op: str) -> int:
+    """Issue ``ioctl(fd, request, arg)`` and return its non-negative result.
+
+    ``arg`` is an integer passed by value or a ctypes object passed by reference.
+    Raises `KvmError` naming ``op`` with the errno on failure.
+    """
+    if isinstance(arg, int):
+        ptr: Any = arg
+    else:
+        ptr = ctypes.byref(arg)
+    ret = _ioctl(fd, request, ptr)
+    if ret < 0:
+        raise KvmError(op, ctypes.get_errno())
+    return int(ret)
+
+
+def eventfd(initval: int = 0, flags: int = EFD_CLOEXEC | EFD_NONBLOCK) -> int:
+    """Create an eventfd and return its descriptor (close-on-exec and non-blocking by default)."""
+    fd = _eventfd(initval, flags)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise KvmError("eventfd", err) from OSError(err, os.strerror(err))
+    return int(fd)
