@@ -1,6 +1,50 @@
 """Virtio devices: split virtqueue, virtio-mmio transport, vsock/block/net/fs/rng devices (no KVM code)."""
 
 from kata_virtio.__about__ import __version__
+from kata_virtio._block import VirtioBlock
+from kata_virtio._device import DeviceError, DeviceInterrupt, EventSource, VirtioDevice
 from kata_virtio._memory import GuestAddressError, GuestMemory, InterruptTrigger, VirtioError
+from kata_virtio._mmio import MMIO_WINDOW_SIZE, MmioTransport
+from kata_virtio._queue import (
+    AvailRingError,
+    ChainReader,
+    ChainWriter,
+    DescriptorChain,
+    DescriptorChainTooLong,
+    DescriptorIndexError,
+    DescriptorLengthError,
+    DescriptorOrderError,
+    IndirectDescriptorError,
+    Queue,
+    QueueConfigError,
+    QueueError,
+)
+from kata_virtio._rng import VirtioRng
 
-__all__ = ["GuestAddressError", "GuestMemory", "InterruptTrigger", "VirtioError", "__version__"]
+__all__ = [
+    "MMIO_WINDOW_SIZE",
+    "AvailRingError",
+    "ChainReader",
+    "ChainWriter",
+    "DescriptorChain",
+    "DescriptorChainTooLong",
+    "DescriptorIndexError",
+    "DescriptorLengthError",
+    "DescriptorOrderError",
+    "DeviceError",
+    "DeviceInterrupt",
+    "EventSource",
+    "GuestAddressError",
+    "GuestMemory",
+    "IndirectDescriptorError",
+    "InterruptTrigger",
+    "MmioTransport",
+    "Queue",
+    "QueueConfigError",
+    "QueueError",
+    "VirtioBlock",
+    "VirtioDevice",
+    "VirtioError",
+    "VirtioRng",
+    "__version__",
+]

@@ -1,0 +1,275 @@
+"""Test utilities: a fake guest memory and a fake driver-side split virtqueue (like vm-virtio's mock)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from kata_virtio._device import VirtioDevice
+from kata_virtio._memory import GuestAddressError
+from kata_virtio._queue import Queue
+from kata_virtio._spec import (
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+)
+
+__all__ = [
+    "BumpAllocator",
+    "DriverQueue",
+    "FakeDeviceInterrupt",
+    "FakeGuestMemory",
+    "FakeInterrupt",
+    "activate",
+]
+
+
+class FakeGuestMemory:
+    """Guest memory made of one bytearray at guest-physical ``base``; every access is bounds-checked."""
+
+    def __init__(self, size: int, base: int = 0) -> None:
+        self.base = base
+        self.data = bytearray(size)
+
+    def _offset(self, addr: int, size: int) -> int:
+        off = addr - self.base
+        if size < 0 or off < 0 or off + size > len(self.data):
+            raise GuestAddressError(f"guest range {addr:#x}+{size:#x} is outside guest memory")
+        return off
+
+    def read(self, addr: int, size: int) -> bytes:
+        """Copy ``size`` bytes at ``addr``."""
+        off = self._offset(addr, size)
+        return bytes(self.data[off : off + size])
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy ``data`` to ``addr``."""
+        off = self._offset(addr, len(data))
+        self.data[off : off + len(data)] = data
+
+    def view(self, addr: int, size: int) -> memoryview:
+        """A writable view of ``[addr, addr+size)``."""
+        off = self._offset(addr, size)
+        return memoryview(self.data)[off : off + size]
+
+
+class FakeInterrupt:
+    """An `InterruptTrigger` that counts triggers."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def trigger(self) -> None:
+        """Count one interrupt."""
+        self.count += 1
+
+
+class FakeDeviceInterrupt:
+    """A `DeviceInterrupt` recording what a device asked of its transport (for device tests)."""
+
+    def __init__(self) -> None:
+        self.used: list[int] = []
+        self.config_changes = 0
+        self.needs_reset: list[str] = []
+
+    def signal_used_queue(self, index: int) -> None:
+        """Record a used-buffer interrupt."""
+        self.used.append(index)
+
+    def signal_config_change(self) -> None:
+        """Record a config-change interrupt."""
+        self.config_changes += 1
+
+    def set_needs_reset(self, reason: str) -> None:
+        """Record NEEDS_RESET."""
+        self.needs_reset.append(reason)
+
+
+Buffer = tuple[bytes | int, bool]
+"""A chain element for `DriverQueue.add_chain`: (data to read, False) or (byte count to write, True)."""
+
+
+class BumpAllocator:
+    """Hands out guest buffers from ``[start, end)``, wrapping to the start when it runs out."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+        self.next = start
+
+    def alloc(self, size: int, align: int = 16) -> int:
+        """Reserve ``size`` bytes."""
+        addr = (self.next + align - 1) & ~(align - 1)
+        if addr + size > self.end:
+            addr = (self.start + align - 1) & ~(align - 1)
+            if addr + size > self.end:
+                raise RuntimeError(f"buffer of {size} bytes does not fit in fake guest memory")
+        self.next = addr + size
+        return addr
+
+
+class DriverQueue:
+    """The driver side of a split virtqueue living in a `FakeGuestMemory`.
+
+    It lays out the descriptor table, avail and used rings at ``base`` and hands out data
+    buffers from a bump allocator after them, as a guest driver would.
+    """
+
+    def __init__(self, memory: FakeGuestMemory, size: int, base: int | None = None) -> None:
+        self.memory = memory
+        self.size = size
+        start = memory.base if base is None else base
+        self.desc_table = start
+        self.avail_ring = start + 16 * size
+        self.used_ring = (self.avail_ring + 6 + 2 * size + 3) & ~3
+        self.rings_end = (self.used_ring + 6 + 8 * size + 15) & ~15
+        self.heap = BumpAllocator(self.rings_end, memory.base + len(memory.data))
+        self._free = list(range(size))
+        self.avail_idx = 0
+        self.last_used = 0
+        self.chains: dict[int, list[tuple[int, int, bool]]] = {}
+        self._ids_of: dict[int, list[int]] = {}
+
+    # -- setup -------------------------------------------------------------------------------------
+
+    def device_queue(self, max_size: int | None = None, *, indirect: bool = True) -> Queue:
+        """A device-side `Queue` configured as a transport would after the driver set it up."""
+        q = Queue(max_size or self.size)
+        q.size = self.size
+        q.desc_table, q.avail_ring, q.used_ring = self.desc_table, self.avail_ring, self.used_ring
+        q.indirect = indirect
+        q.ready = True
+        return q
+
+    def alloc(self, size: int, align: int = 16) -> int:
+        """Reserve guest memory for a buffer."""
+        return self.heap.alloc(size, align)
+
+    # -- descriptors -------------------------------------------------------------------------------
+
+    def write_desc(self, index: int, addr: int, length: int, flags: int, nxt: int = 0) -> None:
+        """Write descriptor ``index`` verbatim (hostile tests use this directly)."""
+        self.memory.write(self.desc_table + 16 * index, struct.pack("<QIHH", addr, length, flags, nxt))
+
+    def add_chain(self, buffers: Sequence[Buffer], *, indirect: bool = False, publish: bool = True) -> int:
+        """Place a chain; returns its head index. Readable data is copied in, writable buffers zeroed."""
+        segs: list[tuple[int, int, bool]] = []
+        for item, writable in buffers:
+            if writable:
+                n = int(item) if isinstance(item, int) else len(item)
+                addr = self.alloc(n)
+                self.memory.write(addr, bytes(n))
+            else:
+                data = bytes(item)
+                n = len(data)
+                addr = self.alloc(n)
+                self.memory.write(addr, data)
+            segs.append((addr, n, writable))
+        if indirect:
+            table = self.alloc(16 * len(segs))
+            for i, (addr, n, w) in enumerate(segs):
+                flags = (VIRTQ_DESC_F_WRITE if w else 0) | (VIRTQ_DESC_F_NEXT if i + 1 < len(segs) else 0)
+                self.memory.write(table + 16 * i, struct.pack("<QIHH", addr, n, flags, i + 1))
+            head = self._free.pop(0)
+            self.write_desc(head, table, 16 * len(segs), VIRTQ_DESC_F_INDIRECT)
+        else:
+            if len(segs) > len(self._free):
+                raise RuntimeError("descriptor table full")
+            ids = [self._free.pop(0) for _ in segs]
+            for i, (addr, n, w) in enumerate(segs):
+                last = i + 1 == len(segs)
+                flags = (VIRTQ_DESC_F_WRITE if w else 0) | (0 if last else VIRTQ_DESC_F_NEXT)
+                self.write_desc(ids[i], addr, n, flags, 0 if last else ids[i + 1])
+            head = ids[0]
+        self.chains[head] = segs
+        self._ids_of[head] = [head] if indirect else ids
+        if publish:
+            self.publish(head)
+        return head
+
+    def publish(self, head: int) -> None:
+        """Put ``head`` in the avail ring and bump avail idx."""
+        slot = self.avail_ring + 4 + 2 * (self.avail_idx % self.size)
+        self.memory.write(slot, struct.pack("<H", head))
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.memory.write(self.avail_ring + 2, struct.pack("<H", self.avail_idx))
+
+    def set_avail_idx(self, idx: int) -> None:
+        """Write avail idx verbatim (hostile tests)."""
+        self.avail_idx = idx & 0xFFFF
+        self.memory.write(self.avail_ring + 2, struct.pack("<H", self.avail_idx))
+
+    # -- notification suppression ------------------------------------------------------------------
+
+    def set_no_interrupt(self, on: bool) -> None:
+        """Set or clear VIRTQ_AVAIL_F_NO_INTERRUPT."""
+        self.memory.write(self.avail_ring, struct.pack("<H", VIRTQ_AVAIL_F_NO_INTERRUPT if on else 0))
+
+    def set_used_event(self, idx: int) -> None:
+        """Write used_event (VIRTIO_F_EVENT_IDX)."""
+        self.memory.write(self.avail_ring + 4 + 2 * self.size, struct.pack("<H", idx & 0xFFFF))
+
+    def used_flags(self) -> int:
+        """The device's used ring flags."""
+        return int(struct.unpack("<H", self.memory.read(self.used_ring, 2))[0])
+
+    def avail_event(self) -> int:
+        """The device's avail_event (VIRTIO_F_EVENT_IDX)."""
+        return int(struct.unpack("<H", self.memory.read(self.used_ring + 4 + 8 * self.size, 2))[0])
+
+    # -- completions -------------------------------------------------------------------------------
+
+    def used_idx(self) -> int:
+        """The device's used idx."""
+        return int(struct.unpack("<H", self.memory.read(self.used_ring + 2, 2))[0])
+
+    def get_used(self) -> list[tuple[int, int]]:
+        """New used entries (head, length) since the last call; frees their descriptors."""
+        out = []
+        idx = self.used_idx()
+        while self.last_used != idx:
+            slot = self.used_ring + 4 + 8 * (self.last_used % self.size)
+            head, length = struct.unpack("<II", self.memory.read(slot, 8))
+            out.append((head, length))
+            self.last_used = (self.last_used + 1) & 0xFFFF
+            self._free.extend(self._ids_of.pop(head, []))
+        return out
+
+    def written(self, head: int, length: int | None = None) -> bytes:
+        """The bytes the device wrote into the writable buffers of chain ``head`` (first ``length``)."""
+        out = bytearray()
+        for addr, n, w in self.chains[head]:
+            if w:
+                out += self.memory.read(addr, n)
+        return bytes(out if length is None else out[:length])
+
+
+def activate(
+    device: VirtioDevice,
+    memory: FakeGuestMemory,
+    sizes: Sequence[int] | None = None,
+    *,
+    features: int | None = None,
+) -> tuple[list[DriverQueue], FakeDeviceInterrupt]:
+    """Negotiate ``features`` (default: all offered plus VERSION_1/INDIRECT) and activate ``device``
+    with one `DriverQueue` per queue laid out one after another; returns them and the interrupt record."""
+    sizes = sizes or [min(n, 256) for n in device.queue_max_sizes]
+    dqs: list[DriverQueue] = []
+    base = memory.base
+    for size in sizes:
+        dq = DriverQueue(memory, size, base)
+        dqs.append(dq)
+        base = (dq.rings_end + 0xFFF) & ~0xFFF
+    heap = BumpAllocator(base, memory.base + len(memory.data))
+    for dq in dqs:
+        dq.heap = heap  # buffers of every queue come from one allocator after all rings
+    if features is None:
+        features = device.avail_features | 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_INDIRECT_DESC
+    device.ack_features(features)
+    irq = FakeDeviceInterrupt()
+    queues = [dq.device_queue(n) for dq, n in zip(dqs, device.queue_max_sizes, strict=True)]
+    device.activate(memory, queues, irq)
+    return dqs, irq
