@@ -1,5 +1,50 @@
 """A pure-Python KVM VMM (our Dragonball): KVM bindings, guest memory, vCPUs, boot, ACPI, legacy devices."""
 
 from kata_vmm.__about__ import __version__
+from kata_vmm._bus import Bus, BusDevice
+from kata_vmm._errors import (
+    ConfigError,
+    GuestCrashError,
+    GuestMemoryError,
+    KernelLoadError,
+    KvmError,
+    VmmError,
+    VmStateError,
+)
+from kata_vmm._event_loop import EventLoop
+from kata_vmm._eventfd import EventFd, IoEventFd, IrqFd
+from kata_vmm._kvm import Kvm, Vcpu, Vm
+from kata_vmm._memory import GuestAddress, GuestMemoryMmap
+from kata_vmm._vcpu import ExitKind, GuestExit, VcpuState, install_kick_handler
+from kata_vmm._vmm import MmioSlot, VmConfig, Vmm, VmmState, VmmStatistics
 
-__all__ = ["__version__"]
+__all__ = [
+    "Bus",
+    "BusDevice",
+    "ConfigError",
+    "EventFd",
+    "EventLoop",
+    "ExitKind",
+    "GuestAddress",
+    "GuestCrashError",
+    "GuestExit",
+    "GuestMemoryError",
+    "GuestMemoryMmap",
+    "IoEventFd",
+    "IrqFd",
+    "KernelLoadError",
+    "Kvm",
+    "KvmError",
+    "MmioSlot",
+    "Vcpu",
+    "VcpuState",
+    "Vm",
+    "VmConfig",
+    "VmStateError",
+    "Vmm",
+    "VmmError",
+    "VmmState",
+    "VmmStatistics",
+    "__version__",
+    "install_kick_handler",
+]

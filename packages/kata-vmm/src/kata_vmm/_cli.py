@@ -1,0 +1,149 @@
+"""``kata-vmm``: boot a kernel from the command line.
+
+    kata-vmm run --kernel K [--initrd I] [--cmdline S] [--vcpus N] [--memory MiB] [--timeout S] [--stats]
+
+The guest's serial console goes to stdout and stdin is typed into it.  Exit
+status: 0 when the guest powers off or reboots, 1 when it crashes (triple
+fault, KVM error), 2 for bad input, 124 on timeout.  Errors are one line on
+stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import termios
+import tty
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from kata_vmm.__about__ import __version__
+from kata_vmm._errors import ConfigError, KernelLoadError, VmmError
+from kata_vmm._vmm import DEFAULT_CMDLINE, VmConfig, Vmm
+
+EXIT_OK = 0
+EXIT_GUEST_ERROR = 1
+EXIT_BAD_INPUT = 2
+EXIT_TIMEOUT = 124
+EXIT_INTERRUPTED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kata-vmm", description="A pure-Python KVM VMM.")
+    parser.add_argument("--version", action="version", version=f"kata-vmm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="boot a kernel; the serial console is this terminal")
+    run.add_argument("--kernel", required=True, type=Path, help="bzImage or ELF vmlinux (PVH)")
+    run.add_argument("--initrd", type=Path, help="initramfs image")
+    run.add_argument(
+        "--cmdline", default=DEFAULT_CMDLINE, help=f"kernel command line (default: {DEFAULT_CMDLINE!r})"
+    )
+    run.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
+    run.add_argument("--memory", type=int, default=128, metavar="MiB", help="guest RAM in MiB (default 128)")
+    run.add_argument("--timeout", type=float, help="stop the guest and fail after this many seconds")
+    run.add_argument(
+        "--stats", action="store_true", help="print exit statistics as JSON on stderr at the end"
+    )
+    return parser
+
+
+def _console_writer(fd: int) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return  # stdout closed: keep the guest running, drop its output
+            view = view[n:]
+
+    return write
+
+
+@contextlib.contextmanager
+def _raw_terminal(fd: int) -> Iterator[None]:
+    """Pass keystrokes straight to the guest when stdin is a terminal (restored on exit)."""
+    if not os.isatty(fd):
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"kata-vmm: {message}\n")
+    sys.stderr.flush()
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``run`` command."""
+    stdin_fd = sys.stdin.fileno() if sys.stdin is not None else None
+    config = VmConfig(
+        kernel=args.kernel,
+        initrd=args.initrd,
+        cmdline=args.cmdline,
+        vcpus=args.vcpus,
+        memory_mib=args.memory,
+        console_output=_console_writer(sys.stdout.fileno()),
+        console_input=stdin_fd,
+    )
+    vmm = Vmm()
+    interrupted = False
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+        vmm.stop_nowait()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        with _raw_terminal(stdin_fd) if stdin_fd is not None else contextlib.nullcontext():
+            vmm.configure(config)
+            vmm.start()
+            try:
+                status = vmm.wait(args.timeout)
+            except KeyboardInterrupt:
+                vmm.stop()
+                return _fail("interrupted", EXIT_INTERRUPTED)
+            if status is None:
+                vmm.stop()
+                return _fail(f"timeout: the guest did not power off within {args.timeout:g} s", EXIT_TIMEOUT)
+            if interrupted:
+                return _fail("terminated", EXIT_INTERRUPTED)
+            if not status.clean:
+                where = f" on vCPU {status.vcpu}" if status.vcpu is not None else ""
+                return _fail(f"guest stopped: {status.kind.value}{where}: {status.detail}", EXIT_GUEST_ERROR)
+            return EXIT_OK
+    except (ConfigError, KernelLoadError) as err:
+        return _fail(f"error: {err}", EXIT_BAD_INPUT)
+    except VmmError as err:
+        return _fail(f"error: {err}", EXIT_GUEST_ERROR)
+    finally:
+        if args.stats and vmm.state.value not in ("new",):
+            stats = vmm.statistics()
+            sys.stderr.write(json.dumps(stats.__dict__, default=str) + "\n")
+        vmm.close()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kata-vmm`` script."""
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return run(args)
+    return EXIT_BAD_INPUT  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Guest RAM: anonymous (or memfd) mappings registered with KVM as memory slots, with bounds-checked access.
+
+`GuestMemoryMmap` satisfies ``kata_virtio.GuestMemory``; every access outside
+RAM raises `GuestMemoryError`, a subclass of both `VmmError` and
+``kata_virtio.GuestAddressError``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import os
+from dataclasses import dataclass, field
+from typing import NewType
+
+from kata_vmm._errors import ConfigError, GuestMemoryError
+
+GuestAddress = NewType("GuestAddress", int)
+"""A guest-physical address; never a host pointer or an offset into a host mapping."""
+
+
+@dataclass
+class MemoryRegion:
+    """One contiguous guest-physical range backed by one host mapping."""
+
+    guest_addr: GuestAddress
+    size: int
+    mapping: mmap.mmap
+    fd: int = -1
+    host_addr: int = field(init=False)
+    _anchor: ctypes.Array[ctypes.c_char] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # The ctypes view pins the mapping (mmap will not close under it) and yields the host address.
+        self._anchor = (ctypes.c_char * self.size).from_buffer(self.mapping)
+        self.host_addr = ctypes.addressof(self._anchor)
+
+    @property
+    def end(self) -> int:
+        """First guest-physical address past the region."""
+        return self.guest_addr + self.size
+
+    def contains(self, addr: int, size: int) -> bool:
+        """Whether ``[addr, addr + size)`` lies inside this region."""
+        return self.guest_addr <= addr and addr + size <= self.end
+
+    def close(self) -> None:
+        """Unmap the region (no view into it may remain)."""
+        del self._anchor
+        self.mapping.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class GuestMemoryMmap:
+    """The guest's RAM: non-overlapping regions, sorted by guest address."""
+
+    def __init__(self, ranges: list[tuple[GuestAddress, int]], *, shared: bool = False) -> None:
+        """Map one anonymous region per ``(guest_addr, size)``; ``shared`` backs them with memfds
+        (so another process, e.g. a vhost-user daemon, can map them too)."""
+        self.regions: list[MemoryRegion] = []
+        try:
+            last_end = -1
+            for guest_addr, size in sorted(ranges):
+                if size <= 0 or size % mmap.PAGESIZE or guest_addr % mmap.PAGESIZE:
+                    raise ConfigError(f"memory region {guest_addr:#x}+{size:#x} is not page aligned")
+                if guest_addr < last_end:
+                    raise ConfigError(f"memory region at {guest_addr:#x} overlaps the previous one")
+                last_end = guest_addr + size
+                self.regions.append(self._map(guest_addr, size, shared))
+        except BaseException:
+            self.close()
+            raise
+        self._starts = [r.guest_addr for r in self.regions]
+
+    @staticmethod
+    def _map(guest_addr: GuestAddress, size: int, shared: bool) -> MemoryRegion:
+        try:
+            if shared:
+                fd = os.memfd_create(f"kata-vmm-ram-{guest_addr:x}", os.MFD_CLOEXEC)
+                try:
+                    os.ftruncate(fd, size)
+                    mapping = mmap.mmap(fd, size, mmap.MAP_SHARED)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                return MemoryRegion(guest_addr, size, mapping, fd)
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+            return MemoryRegion(guest_addr, size, mmap.mmap(-1, size, flags))
+        except OSError as err:
+            raise ConfigError(f"cannot map {size // (1 << 20)} MiB of guest memory: {err.strerror}") from err
+
+    @property
+    def size(self) -> int:
+        """Total RAM in bytes."""
+        return sum(r.size for r in self.regions)
+
+    def _find(self, addr: int) -> MemoryRegion | None:
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and addr < self.regions[i].end:
+            return self.regions[i]
+        return None
+
+    def region_of(self, addr: int, size: int) -> MemoryRegion:
+        """The one region holding all of ``[addr, addr + size)``; raises `GuestMemoryError` otherwise."""
+        region = self._find(addr) if addr >= 0 and size >= 0 else None
+        if region is None or not region.contains(addr, size):
+            raise GuestMemoryError(f"guest range {addr:#x}+{size:#x} is not inside one RAM region")
+        return region
+
+    def check_range(self, addr: int, size: int) -> None:
+        """Raise `GuestMemoryError` unless every byte of ``[addr, addr + size)`` is RAM."""
+        self._chunks(addr, size)
+
+    def _chunks(self, addr: int, size: int) -> list[tuple[MemoryRegion, int, int]]:
+        if addr < 0 or size < 0:
+            raise GuestMemoryError(f"invalid guest range {addr:#x}+{size:#x}")
+        chunks = []
+        pos, left = addr, size
+        while left:
+            region = self._find(pos)
+            if region is None:
+                raise GuestMemoryError(f"guest range {addr:#x}+{size:#x} leaves RAM at {pos:#x}")
+            n = min(left, region.end - pos)
+            chunks.append((region, pos - region.guest_addr, n))
+            pos += n
+            left -= n
+        return chunks
+
+    def read(self, addr: int, size: int) -> bytes:
+        """Copy ``size`` bytes from guest-physical ``addr`` (may span adjacent regions)."""
+        chunks = self._chunks(addr, size)
+        if len(chunks) == 1:
+            region, off, n = chunks[0]
+            return region.mapping[off : off + n]
+        return b"".join(region.mapping[off : off + n] for region, off, n in chunks)
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy ``data`` into guest memory at guest-physical ``addr``."""
+        data = memoryview(data).cast("B")
+        pos = 0
+        for region, off, n in self._chunks(addr, len(data)):
+            region.mapping[off : off + n] = data[pos : pos + n]
+            pos += n
+
+    def view(self, addr: int, size: int) -> memoryview:
+        """A writable zero-copy view of ``[addr, addr + size)``; the range must lie in one region.
+
+        Release views before `close`; a live view makes closing fail.
+        """
+        region = self.region_of(addr, size)
+        off = addr - region.guest_addr
+        return memoryview(region.mapping)[off : off + size]
+
+    def read_u32(self, addr: int) -> int:
+        """A little-endian u32 at ``addr``."""
+        return int.from_bytes(self.read(addr, 4), "little")
+
+    def write_u32(self, addr: int, value: int) -> None:
+        """Store a little-endian u32 at ``addr``."""
+        self.write(addr, value.to_bytes(4, "little"))
+
+    def write_u64(self, addr: int, value: int) -> None:
+        """Store a little-endian u64 at ``addr``."""
+        self.write(addr, value.to_bytes(8, "little"))
+
+    def host_address(self, addr: int) -> int:
+        """The host virtual address backing guest-physical ``addr``."""
+        region = self.region_of(addr, 1)
+        return region.host_addr + (addr - region.guest_addr)
+
+    def close(self) -> None:
+        """Unmap every region."""
+        for region in self.regions:
+            region.close()
+        self.regions = []
+        self._starts = []

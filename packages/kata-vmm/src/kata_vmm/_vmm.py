@@ -1,0 +1,439 @@
+"""The in-process VMM: build a VM from a `VmConfig`, boot it on vCPU threads, report how it ended.
+
+Life cycle (each step raises `VmStateError` when called out of order)::
+
+    vmm = Vmm()
+    vmm.configure(VmConfig(kernel=..., initrd=..., vcpus=2, memory_mib=512))
+    vmm.add_device(make_virtio_device)   # optional, before start
+    vmm.start()
+    status = vmm.wait(timeout=60)        # GuestExit, or None on timeout
+    vmm.close()                          # stops what still runs; frees every fd and thread
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
+
+from kata_virtio import GuestMemory, InterruptTrigger
+from kata_vmm import _cpu
+from kata_vmm._acpi import MmioDeviceDescription, build_tables
+from kata_vmm._bindings import kvm as k
+from kata_vmm._bus import Bus, BusDevice
+from kata_vmm._errors import ConfigError, KvmError, VmStateError
+from kata_vmm._event_loop import EventLoop
+from kata_vmm._eventfd import IrqFd
+from kata_vmm._kvm import Kvm, Vcpu, Vm
+from kata_vmm._layout import (
+    ACPI_MAX_SIZE,
+    ACPI_SLEEP_CONTROL_PORT,
+    ACPI_START,
+    I8042_DATA_PORT,
+    KVM_IDENTITY_MAP_START,
+    KVM_TSS_START,
+    SERIAL_IRQ,
+    SERIAL_PORT_BASE,
+    SERIAL_PORT_SIZE,
+    VIRTIO_MMIO_SLOT_SIZE,
+    VIRTIO_MMIO_SLOTS,
+    MiB,
+    ram_ranges,
+    virtio_mmio_slot,
+)
+from kata_vmm._loader import BootPlan, BootProtocol, load_kernel
+from kata_vmm._memory import GuestAddress, GuestMemoryMmap
+from kata_vmm._vcpu import ExitKind, GuestExit, VcpuState, VcpuThread, install_kick_handler
+from kata_vmm.devices import AcpiPowerDevice, I8042Device, Serial
+
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 quiet"
+MIN_MEMORY_MIB = 32
+MAX_MEMORY_MIB = 1 << 20
+
+
+@dataclass
+class VmConfig:
+    """What to boot and with how much."""
+
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = DEFAULT_CMDLINE
+    vcpus: int = 1
+    memory_mib: int = 128
+    console_output: Callable[[bytes], None] | None = None
+    """Receives the guest's serial console output (on a vCPU or the event thread)."""
+    console_input: int | None = None
+    """A readable fd whose bytes are typed on the serial console (non-blocking reads are used)."""
+    shared_memory: bool = False
+    """Back RAM with memfds, so another process (vhost-user) can map it."""
+
+    def validate(self, max_vcpus: int) -> None:
+        """Raise `ConfigError` for values no VM can have."""
+        if not 1 <= self.vcpus <= min(max_vcpus, 255):
+            raise ConfigError(
+                f"vcpus must be between 1 and {min(max_vcpus, 255)} on this host, not {self.vcpus}"
+            )
+        if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
+            raise ConfigError(f"memory must be at least {MIN_MEMORY_MIB} MiB, not {self.memory_mib} MiB")
+
+
+class VmmState(enum.Enum):
+    """Life-cycle state of a `Vmm`."""
+
+    NEW = "new"
+    CONFIGURED = "configured"
+    RUNNING = "running"
+    PAUSED = "paused"
+    EXITED = "exited"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class MmioSlot:
+    """A virtio-mmio slot handed to `Vmm.add_device`'s factory."""
+
+    index: int
+    base: GuestAddress
+    size: int
+    gsi: int
+
+
+DeviceFactory = Callable[[GuestMemory, InterruptTrigger, MmioSlot], BusDevice]
+"""Builds an MMIO device given guest memory, its interrupt line and its slot."""
+
+
+@dataclass(frozen=True)
+class VmmStatistics:
+    """Counters of a running or finished VM."""
+
+    exits: dict[str, int]
+    exit_seconds: dict[str, float]
+    io_ports: dict[int, int]
+    run_seconds: float
+    wall_seconds: float
+    unhandled_pio: int
+    unhandled_mmio: int
+    console_bytes_out: int
+    console_bytes_in: int
+    per_vcpu: list[dict[str, int]] = field(default_factory=list)
+
+
+class Vmm:
+    """One virtual machine with its vCPU threads and event thread."""
+
+    def __init__(self) -> None:
+        self.state = VmmState.NEW
+        self.config: VmConfig | None = None
+        self.kvm: Kvm | None = None
+        self.vm: Vm | None = None
+        self.memory: GuestMemoryMmap | None = None
+        self.pio_bus = Bus("pio")
+        self.mmio_bus = Bus("mmio")
+        self.event_loop: EventLoop | None = None
+        self.serial: Serial | None = None
+        self.boot_plan: BootPlan | None = None
+        self._irqfds: list[IrqFd] = []
+        self._vcpus: list[Vcpu] = []
+        self._threads: list[VcpuThread] = []
+        self._mmio_slots: list[MmioSlot] = []
+        self._exit: GuestExit | None = None
+        self._exit_event = threading.Event()
+        self._lock = threading.Lock()
+        self._started_at = 0.0
+        self._ended_at = 0.0
+        self._restore_input_blocking: tuple[int, bool] | None = None
+
+    # --- configuration ---------------------------------------------------------------------------
+    def configure(self, config: VmConfig) -> None:
+        """Open KVM, create the VM, its RAM, irqchip, PIT and legacy devices (nothing runs yet)."""
+        self._require(VmmState.NEW)
+        try:
+            self.kvm = Kvm()
+            config.validate(self.kvm.max_vcpus())
+            for cap, name in (
+                (k.KVM_CAP_IRQCHIP, "IRQCHIP"),
+                (k.KVM_CAP_IRQFD, "IRQFD"),
+                (k.KVM_CAP_IOEVENTFD, "IOEVENTFD"),
+                (k.KVM_CAP_IMMEDIATE_EXIT, "IMMEDIATE_EXIT"),
+                (k.KVM_CAP_PIT2, "PIT2"),
+                (k.KVM_CAP_USER_MEMORY, "USER_MEMORY"),
+            ):
+                if not self.kvm.check_extension(cap):
+                    raise ConfigError(f"this host's KVM lacks KVM_CAP_{name}")
+            self.config = config
+            self.vm = self.kvm.create_vm()
+            self.memory = GuestMemoryMmap(ram_ranges(config.memory_mib * MiB), shared=config.shared_memory)
+            for slot, region in enumerate(self.memory.regions):
+                self.vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
+            self.vm.set_identity_map_addr(KVM_IDENTITY_MAP_START)
+            self.vm.set_tss_addr(KVM_TSS_START)
+            self.vm.create_irqchip()
+            self.vm.create_pit2()
+            self._setup_legacy_devices(config)
+        except BaseException:
+            self._release()
+            raise
+        self.state = VmmState.CONFIGURED
+
+    def _setup_legacy_devices(self, config: VmConfig) -> None:
+        assert self.vm is not None
+        irq = IrqFd(self.vm, SERIAL_IRQ)
+        self._irqfds.append(irq)
+        self.serial = Serial(irq, config.console_output)
+        self.pio_bus.insert(self.serial, SERIAL_PORT_BASE, SERIAL_PORT_SIZE)
+        self.pio_bus.insert(I8042Device(self._guest_reset), I8042_DATA_PORT, 5)
+        self.pio_bus.insert(
+            AcpiPowerDevice(self._guest_power_off, self._guest_reset), ACPI_SLEEP_CONTROL_PORT, 3
+        )
+
+    def add_device(self, factory: DeviceFactory) -> MmioSlot:
+        """Give a device the next virtio-mmio slot (address, GSI, irqfd); the DSDT describes it at start."""
+        self._require(VmmState.CONFIGURED)
+        assert self.vm is not None and self.memory is not None
+        index = len(self._mmio_slots)
+        if index >= VIRTIO_MMIO_SLOTS:
+            raise ConfigError(f"all {VIRTIO_MMIO_SLOTS} virtio-mmio slots are taken")
+        base, gsi = virtio_mmio_slot(index)
+        slot = MmioSlot(index, base, VIRTIO_MMIO_SLOT_SIZE, gsi)
+        irq = IrqFd(self.vm, gsi)
+        self._irqfds.append(irq)
+        device = factory(self.memory, irq, slot)
+        self.mmio_bus.insert(device, base, VIRTIO_MMIO_SLOT_SIZE)
+        self._mmio_slots.append(slot)
+        return slot
+
+    # --- running -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load the kernel, write the ACPI tables, create the vCPUs and start all threads."""
+        self._require(VmmState.CONFIGURED)
+        assert self.kvm is not None and self.vm is not None and self.memory is not None and self.config
+        config = self.config
+        install_kick_handler()
+        descriptions = [MmioDeviceDescription(s.base, s.size, s.gsi) for s in self._mmio_slots]
+        tables = build_tables(ACPI_START, config.vcpus, descriptions)
+        if tables.size > ACPI_MAX_SIZE:
+            raise ConfigError("ACPI tables do not fit their reserved area")
+        for addr, blob in tables.blobs:
+            self.memory.write(addr, blob)
+        self.boot_plan = load_kernel(
+            self.memory, config.kernel, config.cmdline, config.initrd, tables.rsdp_addr
+        )
+        supported = self.kvm.supported_cpuid()
+        msrs = _cpu.boot_msrs()
+        for vcpu_id in range(config.vcpus):
+            vcpu = self.vm.create_vcpu(vcpu_id)
+            self._vcpus.append(vcpu)
+            vcpu.set_cpuid2(_cpu.cpuid_for_vcpu(supported, vcpu_id, config.vcpus))
+            vcpu.set_msrs(msrs)
+            _cpu.setup_fpu(vcpu)
+            _cpu.setup_lapic(vcpu)
+        bsp = self._vcpus[0]
+        if self.boot_plan.protocol is BootProtocol.LINUX_64:
+            _cpu.setup_long_mode(bsp, self.memory, self.boot_plan.entry, self.boot_plan.boot_info)
+        else:
+            _cpu.setup_protected_mode(bsp, self.memory, self.boot_plan.entry, self.boot_plan.boot_info)
+        self._start_threads()
+
+    def _start_threads(self) -> None:
+        assert self.config is not None and self.serial is not None
+        loop = EventLoop()
+        self.event_loop = loop
+        loop.add_ticker(self.serial.flush)
+        if self.config.console_input is not None:
+            self._watch_console_input(loop, self.config.console_input)
+        self._threads = [VcpuThread(v, self.pio_bus, self.mmio_bus, self._guest_exited) for v in self._vcpus]
+        self._started_at = time.monotonic()
+        self.state = VmmState.RUNNING
+        loop.start()
+        for t in self._threads:
+            t.start()
+
+    def _watch_console_input(self, loop: EventLoop, fd: int) -> None:
+        serial = self.serial
+        assert serial is not None
+        self._restore_input_blocking = (fd, os.get_blocking(fd))
+        os.set_blocking(fd, False)
+        pending = bytearray()
+
+        def on_input(_mask: int) -> None:
+            if not pending:
+                try:
+                    data = os.read(fd, 4096)
+                except BlockingIOError:
+                    return
+                if not data:  # EOF: stop watching, the console stays usable for output
+                    loop.remove_reader(fd)
+                    return
+                pending.extend(data)
+            taken = serial.enqueue_input(bytes(pending))
+            del pending[:taken]
+
+        def retry_pending() -> None:
+            if pending:
+                taken = serial.enqueue_input(bytes(pending))
+                del pending[:taken]
+
+        loop.add_reader(fd, on_input)
+        loop.add_ticker(retry_pending)
+
+    def _guest_power_off(self) -> None:
+        self._guest_exited(GuestExit(ExitKind.POWER_OFF, None, "guest powered off (ACPI S5)"))
+
+    def _guest_reset(self) -> None:
+        self._guest_exited(GuestExit(ExitKind.RESET, None, "guest requested a reset"))
+
+    def _guest_exited(self, event: GuestExit) -> None:
+        """Record the first guest exit and stop every vCPU (called from any thread)."""
+        with self._lock:
+            if self._exit is None:
+                self._exit = event
+                self._ended_at = time.monotonic()
+        for t in self._threads:
+            t.stop()
+        self._exit_event.set()
+
+    def wait(self, timeout: float | None = None) -> GuestExit | None:
+        """Block until the guest stops (returns how) or ``timeout`` seconds pass (returns None)."""
+        if self.state in (VmmState.NEW, VmmState.CONFIGURED):
+            raise VmStateError("wait() before start()")
+        if not self._exit_event.wait(timeout):
+            return None
+        self._join_vcpus()
+        return self._exit
+
+    def _join_vcpus(self) -> None:
+        for t in self._threads:
+            t.stop()
+        for t in self._threads:
+            t.join(timeout=10)
+        if self.serial is not None:
+            self.serial.flush()
+        if self.state in (VmmState.RUNNING, VmmState.PAUSED):
+            self.state = VmmState.EXITED
+
+    def stop(self) -> GuestExit:
+        """Stop the guest now (as if the power cord were pulled) and return how it ended."""
+        if self.state in (VmmState.NEW, VmmState.CONFIGURED):
+            raise VmStateError("stop() before start()")
+        self._guest_exited(GuestExit(ExitKind.STOPPED, None, "stopped by the host"))
+        self._join_vcpus()
+        assert self._exit is not None
+        return self._exit
+
+    def stop_nowait(self) -> None:
+        """Ask the guest to stop without waiting (safe from a signal handler or any thread)."""
+        if self.state in (VmmState.RUNNING, VmmState.PAUSED):
+            self._guest_exited(GuestExit(ExitKind.STOPPED, None, "stopped by the host"))
+
+    def pause(self) -> None:
+        """Pause every vCPU (returns once none runs guest code)."""
+        self._require(VmmState.RUNNING)
+        for t in self._threads:
+            t.pause()
+        self.state = VmmState.PAUSED
+
+    def resume(self) -> None:
+        """Resume after `pause`."""
+        self._require(VmmState.PAUSED)
+        for t in self._threads:
+            t.resume()
+        self.state = VmmState.RUNNING
+
+    @property
+    def exit_status(self) -> GuestExit | None:
+        """How the guest ended, once it has."""
+        return self._exit
+
+    def vcpu_states(self) -> list[VcpuState]:
+        """State of each vCPU thread."""
+        return [t.state for t in self._threads]
+
+    def threads(self) -> list[threading.Thread]:
+        """Every OS thread this VMM started (vCPUs and the event thread)."""
+        out = [t.thread for t in self._threads]
+        if self.event_loop is not None:
+            out.append(self.event_loop.thread)
+        return out
+
+    def statistics(self) -> VmmStatistics:
+        """Exit counts by reason, time in exits, console traffic."""
+        exits: dict[str, int] = {}
+        exit_ns: dict[str, int] = {}
+        ports: dict[int, int] = {}
+        run_ns = 0
+        per_vcpu = []
+        for t in self._threads:
+            s = t.stats
+            for name, n in list(s.exits.items()):
+                exits[name] = exits.get(name, 0) + n
+            for name, ns in list(s.exit_ns.items()):
+                exit_ns[name] = exit_ns.get(name, 0) + ns
+            for port, n in list(s.io_ports.items()):
+                ports[port] = ports.get(port, 0) + n
+            run_ns += s.run_ns
+            per_vcpu.append(dict(s.exits))
+        end = self._ended_at or time.monotonic()
+        return VmmStatistics(
+            exits=exits,
+            exit_seconds={name: ns / 1e9 for name, ns in exit_ns.items()},
+            io_ports=ports,
+            run_seconds=run_ns / 1e9,
+            wall_seconds=(end - self._started_at) if self._started_at else 0.0,
+            unhandled_pio=self.pio_bus.unhandled_reads + self.pio_bus.unhandled_writes,
+            unhandled_mmio=self.mmio_bus.unhandled_reads + self.mmio_bus.unhandled_writes,
+            console_bytes_out=self.serial.bytes_out if self.serial else 0,
+            console_bytes_in=self.serial.bytes_in if self.serial else 0,
+            per_vcpu=per_vcpu,
+        )
+
+    # --- teardown ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop anything still running and release every thread, fd and mapping (idempotent)."""
+        if self.state is VmmState.CLOSED:
+            return
+        if self._threads and any(t.thread.is_alive() for t in self._threads):
+            self._guest_exited(GuestExit(ExitKind.STOPPED, None, "closed by the host"))
+            self._join_vcpus()
+        self._release()
+        self.state = VmmState.CLOSED
+
+    def _release(self) -> None:
+        if self.event_loop is not None:
+            self.event_loop.stop()
+        if self._restore_input_blocking is not None:
+            fd, blocking = self._restore_input_blocking
+            with contextlib.suppress(OSError):
+                os.set_blocking(fd, blocking)
+            self._restore_input_blocking = None
+        errors: list[BaseException] = []
+        for irq in self._irqfds:
+            try:
+                irq.close()
+            except KvmError as err:
+                errors.append(err)
+        self._irqfds = []
+        for vcpu in self._vcpus:
+            vcpu.close()
+        self._vcpus = []
+        if self.vm is not None:
+            self.vm.close()
+        if self.memory is not None:
+            self.memory.close()
+        if self.kvm is not None:
+            self.kvm.close()
+
+    def _require(self, state: VmmState) -> None:
+        if self.state is not state:
+            raise VmStateError(f"operation needs a {state.value} VM; this one is {self.state.value}")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,120 @@
+"""Guest memory: bounds checks, region lookup, the kata-virtio GuestMemory contract."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kata_virtio import GuestAddressError, GuestMemory
+from kata_vmm._errors import ConfigError, GuestMemoryError, VmmError
+from kata_vmm._layout import HIGH_RAM_START, MMIO_GAP_START, MiB, ram_ranges, virtio_mmio_slot
+from kata_vmm._memory import GuestAddress, GuestMemoryMmap
+
+PAGE = 4096
+
+
+@pytest.fixture
+def mem() -> Iterator[GuestMemoryMmap]:
+    # two adjacent regions and one after a hole: [0, 2p) [2p, 4p) hole [8p, 9p)
+    m = GuestMemoryMmap(
+        [(GuestAddress(0), 2 * PAGE), (GuestAddress(2 * PAGE), 2 * PAGE), (GuestAddress(8 * PAGE), PAGE)]
+    )
+    yield m
+    m.close()
+
+
+def test_guest_memory_satisfies_kata_virtio_protocol(mem: GuestMemoryMmap) -> None:
+    assert isinstance(mem, GuestMemory)
+
+
+def test_out_of_range_error_is_both_vmm_and_virtio_error() -> None:
+    assert issubclass(GuestMemoryError, VmmError)
+    assert issubclass(GuestMemoryError, GuestAddressError)
+
+
+def test_write_then_read_round_trips_across_adjacent_regions(mem: GuestMemoryMmap) -> None:
+    data = bytes(range(256)) * 2
+    mem.write(2 * PAGE - 100, data)
+    assert mem.read(2 * PAGE - 100, len(data)) == data
+
+
+@pytest.mark.parametrize(
+    ("addr", "size"),
+    [(4 * PAGE - 1, 2), (4 * PAGE, 1), (9 * PAGE - 4, 8), (9 * PAGE, 1), (-1, 1), (1 << 40, 1)],
+)
+def test_access_outside_ram_raises(mem: GuestMemoryMmap, addr: int, size: int) -> None:
+    with pytest.raises(GuestAddressError):
+        mem.read(addr, size)
+    with pytest.raises(GuestMemoryError):
+        mem.write(addr, b"x" * size)
+
+
+def test_failed_write_that_crosses_a_hole_reports_error(mem: GuestMemoryMmap) -> None:
+    with pytest.raises(GuestMemoryError, match="leaves RAM"):
+        mem.write(4 * PAGE - 2, b"abcd")
+
+
+def test_view_is_zero_copy_and_limited_to_one_region(mem: GuestMemoryMmap) -> None:
+    view = mem.view(8 * PAGE + 16, 4)
+    view[:] = b"WXYZ"
+    view.release()
+    assert mem.read(8 * PAGE + 16, 4) == b"WXYZ"
+    with pytest.raises(GuestMemoryError):
+        mem.view(2 * PAGE - 2, 4)
+
+
+def test_host_address_is_stable_and_distinct_per_region(mem: GuestMemoryMmap) -> None:
+    a = mem.host_address(0)
+    assert mem.host_address(100) == a + 100
+    assert mem.host_address(8 * PAGE) != a + 8 * PAGE or mem.regions[2].host_addr == a + 8 * PAGE
+
+
+def test_overlapping_or_unaligned_regions_are_rejected() -> None:
+    with pytest.raises(ConfigError):
+        GuestMemoryMmap([(GuestAddress(0), 2 * PAGE), (GuestAddress(PAGE), PAGE)])
+    with pytest.raises(ConfigError):
+        GuestMemoryMmap([(GuestAddress(0), 100)])
+
+
+def test_shared_memory_is_backed_by_a_memfd() -> None:
+    m = GuestMemoryMmap([(GuestAddress(0), PAGE)], shared=True)
+    try:
+        assert m.regions[0].fd >= 0
+        m.write_u32(8, 0xDEADBEEF)
+        assert m.read_u32(8) == 0xDEADBEEF
+    finally:
+        m.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    addr=st.integers(min_value=-16, max_value=10 * PAGE), size=st.integers(min_value=0, max_value=3 * PAGE)
+)
+def test_read_succeeds_exactly_when_range_is_ram(addr: int, size: int) -> None:
+    m = GuestMemoryMmap([(GuestAddress(0), 4 * PAGE), (GuestAddress(8 * PAGE), PAGE)])
+    try:
+        # no byte of an empty range lies outside RAM, so only its address must be valid
+        in_ram = addr + size <= 4 * PAGE or (addr >= 8 * PAGE and addr + size <= 9 * PAGE)
+        inside = addr >= 0 and (size == 0 or in_ram)
+        if inside:
+            assert len(m.read(addr, size)) == size
+        else:
+            with pytest.raises(GuestMemoryError):
+                m.read(addr, size)
+    finally:
+        m.close()
+
+
+def test_ram_ranges_split_around_the_mmio_gap() -> None:
+    assert ram_ranges(512 * MiB) == [(0, 512 * MiB)]
+    assert ram_ranges(4096 * MiB) == [(0, MMIO_GAP_START), (HIGH_RAM_START, 4096 * MiB - MMIO_GAP_START)]
+
+
+def test_virtio_mmio_slots_are_page_spaced_with_their_own_irq() -> None:
+    assert virtio_mmio_slot(0) == (0xD000_0000, 5)
+    assert virtio_mmio_slot(2) == (0xD000_2000, 7)
+    with pytest.raises(ValueError):
+        virtio_mmio_slot(32)
