@@ -102,10 +102,11 @@ def _write_gdt(mem: GuestMemoryMmap, gdt: list[int], sregs: k.kvm_sregs) -> None
 
 
 def _write_identity_page_tables(mem: GuestMemoryMmap) -> None:
-    # PML4[0] -> PDPT, PDPT[0] -> PD, PD: 512 x 2 MiB pages = identity map of the first 1 GiB
+    # PML4[0] -> PDPT; PDPT[0..3] -> four PDs of 512 x 2 MiB pages: the first 4 GiB identity-mapped,
+    # so early code reaches the MMIO window too (present | writable, and PS for the 2 MiB pages)
     mem.write_u64(PML4_START, PDPTE_START | 0x03)
-    mem.write_u64(PDPTE_START, PDE_START | 0x03)
-    mem.write(PDE_START, b"".join(struct.pack("<Q", (i << 21) | 0x83) for i in range(512)))
+    mem.write(PDPTE_START, b"".join(struct.pack("<Q", (PDE_START + i * 0x1000) | 0x03) for i in range(4)))
+    mem.write(PDE_START, b"".join(struct.pack("<Q", (i << 21) | 0x83) for i in range(4 * 512)))
 
 
 def setup_long_mode(vcpu: Vcpu, mem: GuestMemoryMmap, entry: int, boot_params_addr: int) -> None:

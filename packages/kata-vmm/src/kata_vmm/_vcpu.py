@@ -44,6 +44,11 @@ def _ignore_kick(signum: int, frame: object) -> None:
     """Interrupting KVM_RUN is the whole point; nothing to do here."""
 
 
+# Installed at import when possible, so a VMM may later be driven from any thread.
+if threading.current_thread() is threading.main_thread():
+    install_kick_handler()
+
+
 class VcpuState(enum.Enum):
     """Lifecycle of a vCPU thread."""
 

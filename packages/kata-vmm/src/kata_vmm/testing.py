@@ -1,0 +1,67 @@
+"""Tiny hand-assembled guests for tests on a host's /dev/kvm (no real kernel needed).
+
+`tiny_bzimage` wraps 64-bit machine code in a minimal bzImage (boot protocol
+2.15 header, 64-bit entry) so the whole `Vmm` path - loader, boot_params,
+long-mode setup, buses, devices, exit handling - runs in milliseconds.  Keep the
+code to a few plain instructions: on a PVM host each ring-0 instruction is
+emulated.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from kata_vmm._bindings import bootparam as bp
+
+# 64-bit snippets (each ends by resetting the machine through the i8042 or by halting)
+MOV_DX_COM1 = bytes.fromhex("66baf803")  # mov dx, 0x3f8
+MOV_DX_COM1_LSR = bytes.fromhex("66bafd03")  # mov dx, 0x3fd
+OUT_DX_AL = b"\xee"
+IN_AL_DX = b"\xec"
+I8042_RESET = bytes.fromhex("b0fee664")  # mov al, 0xfe; out 0x64, al
+HALT_FOREVER = bytes.fromhex("f4ebfd")  # hlt; jmp hlt
+ACPI_POWER_OFF = bytes.fromhex("66bac003b034ee")  # mov dx, 0x3c0; mov al, SLP_EN | 5 << 2; out dx, al
+UD2 = bytes.fromhex("0f0b")  # #UD with an empty IDT: #DF, then a triple fault
+
+
+def print_serial(text: bytes) -> bytes:
+    """Code writing ``text`` to COM1, byte by byte."""
+    code = bytearray(MOV_DX_COM1)
+    for b in text:
+        code += bytes([0xB0, b]) + OUT_DX_AL  # mov al, b; out dx, al
+    return bytes(code)
+
+
+def echo_one_serial_byte() -> bytes:
+    """Code that polls COM1 until a byte arrives, then writes it back."""
+    return (
+        MOV_DX_COM1_LSR
+        + IN_AL_DX  # poll: in al, dx
+        + bytes.fromhex("a801")  # test al, 1 (data ready)
+        + bytes.fromhex("74fb")  # jz poll
+        + MOV_DX_COM1
+        + IN_AL_DX
+        + OUT_DX_AL
+    )
+
+
+def spin_forever() -> bytes:
+    """A tight loop that never exits to the VMM (for timeout and stop tests)."""
+    return bytes.fromhex("ebfe")  # jmp $
+
+
+def tiny_bzimage(code: bytes, *, init_size: int = 0x10000) -> bytes:
+    """A minimal bzImage whose 64-bit entry point (load address + 0x200) runs ``code``."""
+    hdr = bp.setup_header(
+        setup_sects=1,
+        boot_flag=bp.BOOT_FLAG_MAGIC,
+        header=bp.HDR_MAGIC,
+        version=0x020F,
+        xloadflags=bp.XLF_KERNEL_64,
+        init_size=init_size,
+        cmdline_size=255,
+        initrd_addr_max=0x7FFFFFFF,
+    )
+    image = bytearray(1024)
+    image[0x1F1 : 0x1F1 + ctypes.sizeof(hdr)] = bytes(hdr)
+    return bytes(image) + bytes(0x200) + code
