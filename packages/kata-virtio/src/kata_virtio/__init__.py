@@ -3,6 +3,8 @@
 from kata_virtio.__about__ import __version__
 from kata_virtio._block import VirtioBlock
 from kata_virtio._device import DeviceError, DeviceInterrupt, EventSource, VirtioDevice
+from kata_virtio._fs import VirtioFs
+from kata_virtio._fs_server import FsServerError, FuseServer
 from kata_virtio._memory import GuestAddressError, GuestMemory, InterruptTrigger, VirtioError
 from kata_virtio._mmio import MMIO_WINDOW_SIZE, MmioTransport
 from kata_virtio._queue import (
@@ -34,6 +36,8 @@ __all__ = [
     "DeviceError",
     "DeviceInterrupt",
     "EventSource",
+    "FsServerError",
+    "FuseServer",
     "GuestAddressError",
     "GuestMemory",
     "IndirectDescriptorError",
@@ -45,6 +49,7 @@ __all__ = [
     "VirtioBlock",
     "VirtioDevice",
     "VirtioError",
+    "VirtioFs",
     "VirtioRng",
     "__version__",
 ]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections.abc import Sequence
 
+from kata_virtio import _fuse as F
 from kata_virtio._device import VirtioDevice
+from kata_virtio._fs_server import FuseServer
 from kata_virtio._memory import GuestAddressError
 from kata_virtio._queue import Queue
 from kata_virtio._spec import (
@@ -23,7 +26,11 @@ __all__ = [
     "FakeDeviceInterrupt",
     "FakeGuestMemory",
     "FakeInterrupt",
+    "FuseClient",
+    "FuseError",
     "activate",
+    "fuse_reply",
+    "fuse_request",
 ]
 
 
@@ -273,3 +280,106 @@ def activate(
     queues = [dq.device_queue(n) for dq, n in zip(dqs, device.queue_max_sizes, strict=True)]
     device.activate(memory, queues, irq)
     return dqs, irq
+
+
+def fuse_request(
+    opcode: int, nodeid: int, body: bytes = b"", *, unique: int = 1, uid: int = 0, gid: int = 0
+) -> bytes:
+    """A FUSE request as the guest kernel sends it: fuse_in_header then ``body``."""
+    header = struct.pack("<IIQQIIIHH", 40 + len(body), opcode, unique, nodeid, uid, gid, 1, 0, 0)
+    return header + body
+
+
+def fuse_reply(reply: bytes | None) -> tuple[int, bytes]:
+    """Split a FUSE reply into (error, payload); checks the out header's length field."""
+    assert reply is not None and len(reply) >= 16
+    length, error, _ = struct.unpack_from("<IiQ", reply)
+    assert length == len(reply)
+    return error, reply[16:]
+
+
+class FuseError(Exception):
+    """A FUSE reply carried an error; ``errno`` is positive."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(errno.errorcode.get(err, str(err)))
+        self.errno = err
+
+
+class FuseClient:
+    """Builds FUSE requests as the guest kernel would and parses the replies (tests, benchmarks)."""
+
+    def __init__(self, server: FuseServer, uid: int = 0, gid: int = 0) -> None:
+        self.server = server
+        self.uid, self.gid = uid, gid
+        self.unique = 0
+
+    def call(self, opcode: int, nodeid: int, body: bytes = b"", space: int = 1 << 20) -> bytes:
+        self.unique += 2
+        reply = self.server.handle(
+            fuse_request(opcode, nodeid, body, unique=self.unique, uid=self.uid, gid=self.gid), space
+        )
+        err, payload = fuse_reply(reply)
+        assert struct.unpack_from("<Q", reply or b"", 8)[0] == self.unique
+        if err:
+            raise FuseError(-err)
+        return payload
+
+    def init(self) -> tuple[int, ...]:
+        body = F.FUSE_INIT_IN.pack(7, 37, 65536, 0xFFFFFFFF) + bytes(48)
+        return F.FUSE_INIT_OUT.unpack(self.call(F.FUSE_INIT, 0, body))
+
+    def lookup(self, parent: int, name: str | bytes) -> tuple[int, tuple[int, ...]]:
+        raw = name.encode() if isinstance(name, str) else name
+        out = self.call(F.FUSE_LOOKUP, parent, raw + b"\0")
+        return F.FUSE_ENTRY_OUT_HEAD.unpack_from(out)[0], F.FUSE_ATTR.unpack_from(out, 40)
+
+    def getattr(self, node: int) -> tuple[int, ...]:
+        return F.FUSE_ATTR.unpack_from(self.call(F.FUSE_GETATTR, node, F.FUSE_GETATTR_IN.pack(0, 0, 0)), 16)
+
+    def open(self, node: int, flags: int = 0) -> int:
+        return int(F.FUSE_OPEN_OUT.unpack(self.call(F.FUSE_OPEN, node, F.FUSE_OPEN_IN.pack(flags, 0)))[0])
+
+    def create(self, parent: int, name: str, flags: int = 2, mode: int = 0o100644) -> tuple[int, int]:
+        body = F.FUSE_CREATE_IN.pack(flags, mode, 0o022, 0) + name.encode() + b"\0"
+        out = self.call(F.FUSE_CREATE, parent, body)
+        return F.FUSE_ENTRY_OUT_HEAD.unpack_from(out)[0], F.FUSE_OPEN_OUT.unpack_from(out, 128)[0]
+
+    def read(self, node: int, fh: int, offset: int, size: int) -> bytes:
+        return self.call(F.FUSE_READ, node, F.FUSE_READ_IN.pack(fh, offset, size, 0, 0, 0, 0))
+
+    def write(self, node: int, fh: int, offset: int, data: bytes) -> int:
+        body = F.FUSE_WRITE_IN.pack(fh, offset, len(data), 0, 0, 0, 0) + data
+        return int(F.FUSE_WRITE_OUT.unpack(self.call(F.FUSE_WRITE, node, body))[0])
+
+    def release(self, node: int, fh: int, opcode: int = F.FUSE_RELEASE) -> None:
+        self.call(opcode, node, F.FUSE_RELEASE_IN.pack(fh, 0, 0, 0))
+
+    def mkdir(self, parent: int, name: str, mode: int = 0o755) -> int:
+        out = self.call(F.FUSE_MKDIR, parent, F.FUSE_MKDIR_IN.pack(mode, 0) + name.encode() + b"\0")
+        return int(F.FUSE_ENTRY_OUT_HEAD.unpack_from(out)[0])
+
+    def readdir(self, node: int, plus: bool = False, size: int = 65536) -> list[tuple[str, int]]:
+        fh = F.FUSE_OPEN_OUT.unpack(self.call(F.FUSE_OPENDIR, node, F.FUSE_OPEN_IN.pack(0, 0)))[0]
+        names: list[tuple[str, int]] = []
+        offset = 0
+        while True:
+            out = self.call(
+                F.FUSE_READDIRPLUS if plus else F.FUSE_READDIR,
+                node,
+                F.FUSE_READ_IN.pack(fh, offset, size, 0, 0, 0, 0),
+            )
+            if not out:
+                break
+            pos = 0
+            while pos < len(out):
+                nodeid = 0
+                if plus:
+                    nodeid = F.FUSE_ENTRY_OUT_HEAD.unpack_from(out, pos)[0]
+                    pos += F.FUSE_ENTRY_OUT_SIZE
+                _ino, off, namelen, _type = F.FUSE_DIRENT_HEAD.unpack_from(out, pos)
+                names.append((out[pos + 24 : pos + 24 + namelen].decode(), nodeid))
+                pos += F.dirent_align(24 + namelen)
+                offset = off
+        self.release(node, fh, F.FUSE_RELEASEDIR)
+        return names

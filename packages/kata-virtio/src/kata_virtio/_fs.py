@@ -1,0 +1,76 @@
+"""virtio-fs (virtio 1.2 §5.11): FUSE requests from the guest served by an inline passthrough server."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from kata_virtio._device import DeviceError, VirtioDevice
+from kata_virtio._fs_server import FuseServer
+from kata_virtio._spec import VIRTIO_ID_FS
+
+#: §5.11.4: the tag is a 36-byte, NUL-padded UTF-8 string.
+TAG_SIZE = 36
+QUEUE_SIZE = 1024
+
+
+class VirtioFs(VirtioDevice):
+    """A virtio-fs device sharing ``shared_dir`` under ``tag``: queue 0 is hiprio, then request queues."""
+
+    device_type = VIRTIO_ID_FS
+
+    def __init__(
+        self,
+        tag: str,
+        shared_dir: str | os.PathLike[str],
+        *,
+        num_request_queues: int = 1,
+        queue_size: int = QUEUE_SIZE,
+    ) -> None:
+        super().__init__()
+        raw = tag.encode()
+        if not raw or len(raw) > TAG_SIZE:
+            raise DeviceError(f"virtio-fs tag must be 1..{TAG_SIZE} bytes of UTF-8")
+        if num_request_queues < 1:
+            raise DeviceError("virtio-fs needs at least one request queue")
+        self.tag = tag
+        self.num_request_queues = num_request_queues
+        self.queue_max_sizes = (queue_size,) * (1 + num_request_queues)
+        self.server = FuseServer(shared_dir)
+
+    def close(self) -> None:
+        """Close the server's fds."""
+        self.server.close()
+
+    @property
+    def avail_features(self) -> int:
+        """No device-specific features (VIRTIO_FS_F_NOTIFICATION is not offered) (§5.11.3)."""
+        return 0
+
+    def config_bytes(self) -> bytes:
+        """struct virtio_fs_config: tag[36], num_request_queues (§5.11.4)."""
+        return struct.pack("<36sI", self.tag.encode(), self.num_request_queues)
+
+    def queue_notify(self, index: int) -> None:
+        """Serve every request on queue ``index``: readable part is the request, writable part the reply."""
+        mem, q = self.memory, self.queues[index]
+        assert mem is not None
+        used = False
+        while True:
+            q.disable_notification(mem)
+            while (chain := q.pop(mem)) is not None:
+                request = chain.reader(mem).read_all()
+                reply = self.server.handle(request, chain.writable_len)
+                written = 0
+                if reply is not None:
+                    written = chain.writer(mem).write(reply)
+                q.add_used(mem, chain.head_index, written)
+                used = True
+            if not q.enable_notification(mem):
+                break
+        if used:
+            self.signal_used(index)
+
+    def on_reset(self) -> None:
+        """A reset drops every inode and handle the guest held (as FUSE_DESTROY)."""
+        self.server._release_all()
