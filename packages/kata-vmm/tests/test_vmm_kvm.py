@@ -248,3 +248,16 @@ def test_vmm_can_be_driven_from_a_non_main_thread(make_kernel: KernelFactory) ->
     t.start()
     t.join(30)
     assert result[0] == (result[0][0], b"t\n")  # type: ignore[index]
+
+
+def test_pvh_elf_kernel_starts_in_protected_mode_with_start_info_in_ebx(tmp_path: Path) -> None:
+    # mov dx, 0x3f8; mov al, [ebx] (first byte of the hvm_start_info magic); out dx, al; reset
+    code = tk.MOV_DX_COM1 + bytes.fromhex("8a03") + tk.OUT_DX_AL + tk.I8042_RESET + tk.HALT_FOREVER
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(tk.tiny_pvh_elf(code))
+    vmm, out = boot(kernel)
+    try:
+        assert vmm.exit_status is not None and vmm.exit_status.kind is ExitKind.RESET
+        assert out == bytes([0x336EC578 & 0xFF])
+    finally:
+        vmm.close()

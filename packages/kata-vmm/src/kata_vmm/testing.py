@@ -65,3 +65,43 @@ def tiny_bzimage(code: bytes, *, init_size: int = 0x10000) -> bytes:
     image = bytearray(1024)
     image[0x1F1 : 0x1F1 + ctypes.sizeof(hdr)] = bytes(hdr)
     return bytes(image) + bytes(0x200) + code
+
+
+def tiny_pvh_elf(code: bytes, *, load_addr: int = 0x100000) -> bytes:
+    """A minimal ELF64 vmlinux: one PT_LOAD with ``code`` (32-bit) and a PVH entry note pointing at it."""
+    import struct
+
+    ehsize, phentsize = 64, 56
+    note_name = b"Xen\x00"
+    note = struct.pack("<III", len(note_name), 4, 18) + note_name + struct.pack("<I", load_addr)
+    phoff = ehsize
+    note_off = phoff + 2 * phentsize
+    code_off = (note_off + len(note) + 15) & ~15
+    header = struct.pack(
+        "<4sBBBBB7sHHIQQQIHHHHHH",
+        b"\x7fELF",
+        2,  # ELFCLASS64
+        1,  # little endian
+        1,  # EV_CURRENT
+        0,
+        0,
+        bytes(7),
+        2,  # ET_EXEC
+        62,  # EM_X86_64
+        1,
+        0xFFFFFFFF81000000,  # e_entry: the 64-bit virtual entry, unused by PVH
+        phoff,
+        0,
+        0,
+        ehsize,
+        phentsize,
+        2,
+        64,
+        0,
+        0,
+    )
+    load = struct.pack("<IIQQQQQQ", 1, 5, code_off, load_addr, load_addr, len(code), len(code) + 64, 0x1000)
+    pnote = struct.pack("<IIQQQQQQ", 4, 4, note_off, 0, 0, len(note), len(note), 4)
+    image = bytearray(header + load + pnote + note)
+    image += bytes(code_off - len(image))
+    return bytes(image + code)
