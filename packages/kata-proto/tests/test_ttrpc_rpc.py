@@ -547,3 +547,31 @@ def test_server_error_with_details_round_trips() -> None:
             assert [d.type_url for d in info.value.details] == ["t/x"]
 
     run(main)
+
+
+def test_server_stopping_on_unix_socket_fails_pending_calls() -> None:
+    async def main() -> None:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "s")
+            server = TtrpcServer()
+            server.register(SERVICE, EchoService())
+            async with trio.open_nursery() as nursery:
+                server_scope = trio.CancelScope()
+
+                async def serve(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+                    with server_scope:
+                        await server.serve_unix(path, task_status=task_status)
+
+                await nursery.start(serve)
+                async with open_ttrpc_client(path) as client:
+                    nursery.start_soon(_cancel_when, server_scope, lambda: client.pending_calls == 1)
+                    with pytest.raises(ttrpc.ConnectionClosed):
+                        await client.call(SERVICE_NAME, "Echo", echo(sleep_ms=60_000), EchoResponse)
+            assert not await trio.Path(path).exists()
+
+    run(main)
+
+
+async def _cancel_when(scope: trio.CancelScope, predicate: Callable[[], bool]) -> None:
+    await wait_until(predicate)
+    scope.cancel()

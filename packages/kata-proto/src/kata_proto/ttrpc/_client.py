@@ -110,9 +110,13 @@ class TtrpcClient:
             self._break("stream ids exhausted on this connection")
             raise ConnectionClosed(self._broken or "")
         self._next_stream_id += 2
-        pending = self._pending[sid] = _Pending()
         # Queued synchronously: ids reach the wire in the order they are taken.
-        self._channel.send_nowait(sid, MessageType.REQUEST, data)
+        try:
+            self._channel.send_nowait(sid, MessageType.REQUEST, data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as err:
+            self._break(f"cannot write to the server: {err}")
+            raise ConnectionClosed(self._broken or "") from err
+        pending = self._pending[sid] = _Pending()
         try:
             with trio.move_on_at(local_deadline):
                 await pending.done.wait()

@@ -216,7 +216,10 @@ class _ServerConnection:
                 f"message length {len(data)} exceeds maximum message size of {MAX_PAYLOAD}"
             ).to_status()
             data = request_pb2.Response(status=status).SerializeToString()
-        self._channel.send_nowait(stream_id, MessageType.RESPONSE, data)
+        try:
+            self._channel.send_nowait(stream_id, MessageType.RESPONSE, data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.debug("ttrpc: reply to stream %d dropped, connection is closing", stream_id)
 
     def _reject(self, stream_id: int, error: TtrpcError) -> None:
         log.debug("ttrpc: stream %d rejected: %s", stream_id, error)
