@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"error: {err}", EXIT_BAD_INPUT)
     except VmmError as err:
         return _fail(f"error: {err}", EXIT_GUEST_ERROR)
+    except Exception as err:  # the process edge: one line, never a traceback
+        return _fail(f"internal error: {type(err).__name__}: {err}", EXIT_GUEST_ERROR)
     finally:
         if args.stats and vmm.state.value not in ("new",):
             stats = vmm.statistics()

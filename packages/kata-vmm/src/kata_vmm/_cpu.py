@@ -50,6 +50,7 @@ APIC_MODE_NMI = 0x4
 APIC_MODE_EXTINT = 0x7
 
 CPUID_HYPERVISOR_BIT = 1 << 31  # leaf 1 ECX
+CPUID_TSC_DEADLINE_BIT = 1 << 24  # leaf 1 ECX
 
 
 def gdt_entry(flags: int, base: int, limit: int) -> int:
@@ -178,9 +179,13 @@ def setup_lapic(vcpu: Vcpu) -> None:
 
 
 def cpuid_for_vcpu(
-    supported: list[k.kvm_cpuid_entry2], vcpu_id: int, num_vcpus: int
+    supported: list[k.kvm_cpuid_entry2], vcpu_id: int, num_vcpus: int, *, tsc_deadline: bool = True
 ) -> list[k.kvm_cpuid_entry2]:
-    """The host-supported CPUID table adjusted for one vCPU: APIC ids, logical CPU count, hypervisor bit."""
+    """The host-supported CPUID table adjusted for one vCPU: APIC ids, logical CPU count, hypervisor bit.
+
+    ``tsc_deadline`` advertises the TSC-deadline LAPIC timer KVM emulates: a hardware-reduced ACPI guest
+    has no PIT to calibrate the LAPIC timer against.
+    """
     out = []
     for src in supported:
         e = k.kvm_cpuid_entry2.from_buffer_copy(src)
@@ -188,6 +193,8 @@ def cpuid_for_vcpu(
             # EBX[31:24] initial APIC id, EBX[23:16] logical processors per package, EBX[15:8] CLFLUSH size
             e.ebx = (vcpu_id << 24) | (max(num_vcpus, 1) << 16) | (e.ebx & 0xFF00) | (8 << 8)
             e.ecx |= CPUID_HYPERVISOR_BIT
+            if tsc_deadline:
+                e.ecx |= CPUID_TSC_DEADLINE_BIT
             if num_vcpus > 1:
                 e.edx |= 1 << 28  # HTT: the logical-count field is valid
         elif e.function in (0xB, 0x1F):

@@ -225,11 +225,12 @@ class Vmm:
             self.memory, config.kernel, config.cmdline, config.initrd, tables.rsdp_addr
         )
         supported = self.kvm.supported_cpuid()
+        tsc_deadline = bool(self.kvm.check_extension(k.KVM_CAP_TSC_DEADLINE_TIMER))
         msrs = _cpu.boot_msrs()
         for vcpu_id in range(config.vcpus):
             vcpu = self.vm.create_vcpu(vcpu_id)
             self._vcpus.append(vcpu)
-            vcpu.set_cpuid2(_cpu.cpuid_for_vcpu(supported, vcpu_id, config.vcpus))
+            vcpu.set_cpuid2(_cpu.cpuid_for_vcpu(supported, vcpu_id, config.vcpus, tsc_deadline=tsc_deadline))
             vcpu.set_msrs(msrs)
             _cpu.setup_fpu(vcpu)
             _cpu.setup_lapic(vcpu)
@@ -260,14 +261,19 @@ class Vmm:
         self._restore_input_blocking = (fd, os.get_blocking(fd))
         os.set_blocking(fd, False)
         pending = bytearray()
+        eof = False
 
         def on_input(_mask: int) -> None:
+            nonlocal eof
+            if eof:
+                return
             if not pending:
                 try:
                     data = os.read(fd, 4096)
                 except BlockingIOError:
                     return
                 if not data:  # EOF: stop watching, the console stays usable for output
+                    eof = True
                     loop.remove_reader(fd)
                     return
                 pending.extend(data)
@@ -279,7 +285,11 @@ class Vmm:
                 taken = serial.enqueue_input(bytes(pending))
                 del pending[:taken]
 
-        loop.add_reader(fd, on_input)
+        try:
+            loop.add_reader(fd, on_input)
+        except PermissionError:
+            # regular files and /dev/null cannot be polled (they are always ready): read them on every tick
+            loop.add_ticker(lambda: on_input(0))
         loop.add_ticker(retry_pending)
 
     def _guest_power_off(self) -> None:

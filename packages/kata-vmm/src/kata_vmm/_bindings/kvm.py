@@ -70,6 +70,7 @@ KVM_CAP_IRQFD = 32
 KVM_CAP_PIT2 = 33
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_MAX_VCPUS = 66
+KVM_CAP_TSC_DEADLINE_TIMER = 72
 KVM_CAP_IMMEDIATE_EXIT = 136
 
 # --- exit reasons (kvm_run.exit_reason) ---------------------------------------------------------------
