@@ -22,6 +22,7 @@ from kata_virtio._queue import (
     QueueError,
 )
 from kata_virtio._rng import VirtioRng
+from kata_virtio._vsock import VirtioVsock
 
 __all__ = [
     "MMIO_WINDOW_SIZE",
@@ -51,5 +52,6 @@ __all__ = [
     "VirtioError",
     "VirtioFs",
     "VirtioRng",
+    "VirtioVsock",
     "__version__",
 ]

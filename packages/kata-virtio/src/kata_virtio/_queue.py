@@ -224,6 +224,10 @@ class Queue:
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         return self._walk(memory, head)
 
+    def undo_pop(self) -> None:
+        """Put the last popped chain back (the device found it had nothing to put in it)."""
+        self.next_avail = (self.next_avail - 1) & 0xFFFF
+
     def _walk(self, memory: GuestMemory, head: int) -> DescriptorChain:
         # virtio 1.2 §2.7.5.2-§2.7.5.3: follow `next` within the table; one indirect table may end the chain.
         if head >= self.size:

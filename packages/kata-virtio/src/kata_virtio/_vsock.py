@@ -1,0 +1,522 @@
+"""virtio-vsock (virtio 1.2 §5.10) with the hybrid vsock muxer of Firecracker and Dragonball.
+
+The host side of every guest stream is an AF_UNIX socket:
+- host-initiated: a client connects to ``uds_path``, writes ``CONNECT <port>\\n`` and, once the guest
+  accepted, reads ``OK <host_port>\\n``; then the socket carries the stream;
+- guest-initiated: a guest connection to host port P is bridged to the socket ``<uds_path>_<P>``;
+- in-process: `VirtioVsock.connect_local` returns one end of a socketpair that behaves like a
+  client that already sent ``CONNECT`` (it reads ``OK <host_port>\\n`` first).
+
+Everything runs on the VMM's event thread: sockets are non-blocking, the device never blocks or
+starts a thread; the event loop polls `watched()` and calls `handle_event`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import struct
+from dataclasses import dataclass, field
+
+from kata_virtio._device import DeviceError, VirtioDevice
+from kata_virtio._memory import VirtioError
+from kata_virtio._spec import VIRTIO_ID_VSOCK
+
+_log = logging.getLogger("kata_virtio.vsock")
+
+# virtio 1.2 §5.10.6: struct virtio_vsock_hdr, ops, types and shutdown flags
+# src_cid dst_cid src_port dst_port len type op flags buf_alloc fwd_cnt
+VSOCK_HDR = struct.Struct("<QQIIIHHIII")
+VIRTIO_VSOCK_TYPE_STREAM = 1
+VIRTIO_VSOCK_OP_REQUEST = 1
+VIRTIO_VSOCK_OP_RESPONSE = 2
+VIRTIO_VSOCK_OP_RST = 3
+VIRTIO_VSOCK_OP_SHUTDOWN = 4
+VIRTIO_VSOCK_OP_RW = 5
+VIRTIO_VSOCK_OP_CREDIT_UPDATE = 6
+VIRTIO_VSOCK_OP_CREDIT_REQUEST = 7
+VIRTIO_VSOCK_SHUTDOWN_RCV = 1
+VIRTIO_VSOCK_SHUTDOWN_SEND = 2
+VSOCK_HOST_CID = 2
+DEFAULT_GUEST_CID = 3
+
+RXQ, TXQ, EVQ = 0, 1, 2
+QUEUE_SIZE = 256
+#: Receive buffer we advertise per connection (buf_alloc): guest data we hold before the socket takes it.
+CONN_BUF_ALLOC = 256 * 1024
+#: Send a CREDIT_UPDATE once we forwarded this much since the guest last heard our fwd_cnt.
+CREDIT_UPDATE_THRESHOLD = CONN_BUF_ALLOC // 4
+MAX_PKT_PAYLOAD = 64 * 1024
+MAX_CONNECTIONS = 1024
+MAX_PENDING_CONTROL = 4096
+_HANDSHAKE_MAX = 64
+_LOCAL_PORT_BASE = 1 << 30
+
+
+class _State:
+    HANDSHAKE = "handshake"  # host client: waiting for the CONNECT line
+    CONNECTING = "connecting"  # REQUEST sent to the guest, waiting for RESPONSE
+    ESTABLISHED = "established"
+    CLOSING = "closing"  # we sent SHUTDOWN(both), waiting for the guest's RST
+
+
+@dataclass(eq=False)
+class _Conn:
+    sock: socket.socket
+    state: str
+    local_port: int = 0  # host-side port: src_port of our packets
+    peer_port: int = 0  # guest port
+    # host -> guest
+    tx_cnt: int = 0
+    peer_buf_alloc: int = 0
+    peer_fwd_cnt: int = 0
+    readable: bool = False  # the socket polled readable; read when an rx buffer is free
+    credit_requested: bool = False
+    # guest -> host
+    rx_cnt: int = 0
+    fwd_cnt: int = 0
+    last_fwd_sent: int = 0
+    pending: bytearray = field(default_factory=bytearray)
+    guest_shut_send: bool = False  # guest will send no more: shut our socket's write side once flushed
+    guest_shut_rcv: bool = False  # guest reads no more: stop reading the socket
+    host_eof: bool = False
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.local_port, self.peer_port)
+
+    def peer_credit(self) -> int:
+        return (self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & 0xFFFFFFFF)) & 0xFFFFFFFF
+
+
+class VirtioVsock(VirtioDevice):
+    """A vsock device (guest CID ``guest_cid``) bridged to AF_UNIX sockets at ``uds_path``."""
+
+    device_type = VIRTIO_ID_VSOCK
+    queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE)
+
+    def __init__(self, uds_path: str | os.PathLike[str], guest_cid: int = DEFAULT_GUEST_CID) -> None:
+        super().__init__()
+        if guest_cid <= VSOCK_HOST_CID or guest_cid >= 0xFFFFFFFF:
+            raise DeviceError(f"guest CID {guest_cid} is reserved")
+        self.uds_path = os.fspath(uds_path)
+        self.guest_cid = guest_cid
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.uds_path)
+            self._listener.bind(self.uds_path)
+            self._listener.listen(128)
+        except OSError as err:
+            self._listener.close()
+            raise DeviceError(f"cannot listen on {self.uds_path}: {err.strerror}") from err
+        self._listener.setblocking(False)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._incoming: collections.deque[tuple[socket.socket, int]] = collections.deque()
+        self._conns: dict[tuple[int, int], _Conn] = {}
+        self._by_fd: dict[int, _Conn] = {}
+        self._handshakes: dict[int, _Conn] = {}  # fd -> conn awaiting CONNECT
+        self._control: collections.deque[tuple[int, int, int, int]] = collections.deque()
+        self._next_local_port = _LOCAL_PORT_BASE
+        self._rx_starved = False
+
+    # -- VirtioDevice ------------------------------------------------------------------------------
+
+    @property
+    def avail_features(self) -> int:
+        """Stream sockets only; VIRTIO_VSOCK_F_SEQPACKET is not offered (§5.10.3)."""
+        return 0
+
+    def config_bytes(self) -> bytes:
+        """struct virtio_vsock_config: guest_cid (§5.10.4)."""
+        return struct.pack("<Q", self.guest_cid)
+
+    def on_activate(self) -> None:
+        """Deliver whatever was queued (REQUESTs from clients that connected before the driver)."""
+        self._rx_starved = False
+        self._process_rx()
+
+    def queue_notify(self, index: int) -> None:
+        """TX: packets from the guest; RX: fresh receive buffers; event queue: nothing to do (§5.10.6)."""
+        if index == TXQ:
+            self._process_tx()
+        elif index == RXQ:
+            self._rx_starved = False
+        self._process_rx()
+
+    def on_reset(self) -> None:
+        """A reset drops every connection (§5.10.6.8: the driver's sockets are gone)."""
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        self._control.clear()
+        self._rx_starved = False
+
+    def close(self) -> None:
+        """Close the listener, every connection and the wake pipe; unlink the socket path."""
+        self.on_reset()
+        for conn in list(self._handshakes.values()):
+            conn.sock.close()
+        self._handshakes.clear()
+        while self._incoming:
+            self._incoming.popleft()[0].close()
+        self._listener.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.uds_path)
+
+    # -- in-process connector ------------------------------------------------------------------------
+
+    def connect_local(self, port: int) -> socket.socket:
+        """Open a stream to guest ``port`` from inside the VMM process (any thread).
+
+        Returns a blocking socket that reads ``OK <host_port>\\n`` once the guest accepted, then
+        carries the stream; it reaches EOF without ``OK`` if the guest refused.
+        """
+        if not 0 <= port <= 0xFFFFFFFF:
+            raise ValueError(f"vsock port {port} out of range")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setblocking(False)
+        self._incoming.append((ours, port))
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\1")
+        return theirs
+
+    # -- event loop interface ----------------------------------------------------------------------
+
+    def watched(self) -> dict[int, int]:
+        """fd -> poll events the event loop must watch."""
+        fds = {self._listener.fileno(): select.POLLIN, self._wake_r: select.POLLIN}
+        for fd in self._handshakes:
+            fds[fd] = select.POLLIN
+        for conn in self._conns.values():
+            events = 0
+            if (
+                conn.state == _State.ESTABLISHED
+                and not conn.readable
+                and not conn.host_eof
+                and not conn.guest_shut_rcv
+                and conn.peer_credit() > 0
+                and not self._rx_starved
+            ):
+                events |= select.POLLIN
+            if conn.pending:
+                events |= select.POLLOUT
+            if events:
+                fds[conn.sock.fileno()] = events
+        return fds
+
+    def handle_event(self, fd: int, events: int) -> None:
+        """Serve ``events`` on ``fd`` (one of `watched`); never raises."""
+        try:
+            self._handle_event(fd, events)
+            if self.active:
+                self._process_rx()
+        except VirtioError as err:
+            self.fail(f"vsock: {err}")
+        except Exception as err:  # never let a bug reach the VMM event thread
+            _log.exception("vsock event handler failed")
+            self.fail(f"vsock: internal error {err!r}")
+
+    def _handle_event(self, fd: int, events: int) -> None:
+        if fd == self._listener.fileno():
+            self._accept()
+            return
+        if fd == self._wake_r:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 4096)
+            while self._incoming:
+                sock, port = self._incoming.popleft()
+                self._start_host_connection(_Conn(sock, _State.HANDSHAKE), port)
+            return
+        if fd in self._handshakes:
+            self._read_handshake(self._handshakes[fd])
+            return
+        conn = self._by_fd.get(fd)
+        if conn is None:
+            return
+        if conn.pending and events & (select.POLLOUT | select.POLLERR | select.POLLHUP):
+            self._flush(conn)
+        if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and conn.state == _State.ESTABLISHED:
+            conn.readable = True
+
+    # -- host side ---------------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            sock.setblocking(False)
+            if len(self._handshakes) + len(self._conns) >= MAX_CONNECTIONS:
+                sock.close()
+                continue
+            self._handshakes[sock.fileno()] = _Conn(sock, _State.HANDSHAKE)
+
+    def _read_handshake(self, conn: _Conn) -> None:
+        fd = conn.sock.fileno()
+        try:
+            peek = conn.sock.recv(_HANDSHAKE_MAX, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            peek = b""
+        nl = peek.find(b"\n")
+        if nl < 0:
+            if not peek or len(peek) >= _HANDSHAKE_MAX:
+                del self._handshakes[fd]
+                conn.sock.close()
+            return
+        line = conn.sock.recv(nl + 1)  # consume exactly the line; stream bytes stay queued
+        del self._handshakes[fd]
+        parts = line.split()
+        # PROTOCOLS.md: `CONNECT <port>\n`, lowercase accepted.
+        if len(parts) == 2 and parts[0].lower() == b"connect" and parts[1].isdigit():
+            port = int(parts[1])
+            if port <= 0xFFFFFFFF:
+                self._start_host_connection(conn, port)
+                return
+        _log.info("vsock: bad handshake %r", line[:32])
+        conn.sock.close()
+
+    def _start_host_connection(self, conn: _Conn, port: int) -> None:
+        if len(self._conns) >= MAX_CONNECTIONS:
+            conn.sock.close()
+            return
+        local = self._alloc_local_port(port)
+        conn.local_port, conn.peer_port, conn.state = local, port, _State.CONNECTING
+        self._add(conn)
+        self._queue_control(conn.local_port, conn.peer_port, VIRTIO_VSOCK_OP_REQUEST)
+
+    def _alloc_local_port(self, peer_port: int) -> int:
+        while True:
+            port = self._next_local_port
+            self._next_local_port += 1
+            if self._next_local_port > 0xFFFFFFFE:
+                self._next_local_port = _LOCAL_PORT_BASE
+            if (port, peer_port) not in self._conns:
+                return port
+
+    def _flush(self, conn: _Conn) -> None:
+        """Write pending guest data to the socket; count it forwarded."""
+        while conn.pending:
+            try:
+                n = conn.sock.send(conn.pending[:MAX_PKT_PAYLOAD])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._reset(conn)
+                return
+            del conn.pending[:n]
+            conn.fwd_cnt = (conn.fwd_cnt + n) & 0xFFFFFFFF
+        if not conn.pending and conn.guest_shut_send:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_WR)
+        if (conn.fwd_cnt - conn.last_fwd_sent) & 0xFFFFFFFF >= CREDIT_UPDATE_THRESHOLD:
+            self._queue_control(conn.local_port, conn.peer_port, VIRTIO_VSOCK_OP_CREDIT_UPDATE)
+
+    def _add(self, conn: _Conn) -> None:
+        self._conns[conn.key] = conn
+        self._by_fd[conn.sock.fileno()] = conn
+
+    def _drop(self, conn: _Conn) -> None:
+        self._conns.pop(conn.key, None)
+        self._by_fd.pop(conn.sock.fileno(), None)
+        conn.sock.close()
+
+    def _reset(self, conn: _Conn) -> None:
+        """Abort a connection: RST to the guest, close the socket."""
+        self._queue_control(conn.local_port, conn.peer_port, VIRTIO_VSOCK_OP_RST)
+        self._drop(conn)
+
+    # -- guest -> host (tx queue) ------------------------------------------------------------------
+
+    def _queue_control(self, local: int, peer: int, op: int, flags: int = 0) -> None:
+        if len(self._control) >= MAX_PENDING_CONTROL:
+            _log.warning("vsock: control queue full, dropping op %d for %d->%d", op, local, peer)
+            return
+        self._control.append((local, peer, op, flags))
+
+    def _process_tx(self) -> None:
+        mem, q = self.memory, self.queues[TXQ]
+        assert mem is not None
+        used = False
+        while True:
+            q.disable_notification(mem)
+            while (chain := q.pop(mem)) is not None:
+                reader = chain.reader(mem)
+                raw = reader.read(VSOCK_HDR.size)
+                if len(raw) == VSOCK_HDR.size:
+                    hdr = VSOCK_HDR.unpack(raw)
+                    length = hdr[4]
+                    if length <= MAX_PKT_PAYLOAD and length <= reader.remaining:
+                        self._on_packet(hdr, reader.read(length) if length else b"")
+                    else:
+                        _log.warning("vsock: dropping tx packet with bad length %d", length)
+                q.add_used(mem, chain.head_index, 0)
+                used = True
+            if not q.enable_notification(mem):
+                break
+        if used:
+            self.signal_used(TXQ)
+
+    def _on_packet(self, hdr: tuple[int, ...], payload: bytes) -> None:
+        src_cid, dst_cid, src_port, dst_port, _, ptype, op, flags, buf_alloc, fwd_cnt = hdr
+        if src_cid != self.guest_cid or dst_cid != VSOCK_HOST_CID:
+            _log.debug("vsock: dropping packet %d->%d", src_cid, dst_cid)
+            return
+        key = (dst_port, src_port)
+        conn = self._conns.get(key)
+        if ptype != VIRTIO_VSOCK_TYPE_STREAM:
+            if op != VIRTIO_VSOCK_OP_RST:
+                self._queue_control(dst_port, src_port, VIRTIO_VSOCK_OP_RST)
+            return
+        if conn is None:
+            if op == VIRTIO_VSOCK_OP_REQUEST:
+                self._guest_connect(dst_port, src_port, buf_alloc, fwd_cnt)
+            elif op != VIRTIO_VSOCK_OP_RST:
+                self._queue_control(dst_port, src_port, VIRTIO_VSOCK_OP_RST)
+            return
+        conn.peer_buf_alloc, conn.peer_fwd_cnt = buf_alloc, fwd_cnt
+        if op == VIRTIO_VSOCK_OP_RST:
+            self._drop(conn)
+        elif conn.state == _State.CONNECTING:
+            if op == VIRTIO_VSOCK_OP_RESPONSE:
+                conn.state = _State.ESTABLISHED
+                try:
+                    conn.sock.send(f"OK {conn.local_port}\n".encode())
+                except OSError:
+                    self._reset(conn)
+            else:
+                self._reset(conn)
+        elif op == VIRTIO_VSOCK_OP_RW:
+            if conn.state != _State.ESTABLISHED:
+                return
+            # §5.10.6.3: the guest may only send what our buf_alloc leaves room for.
+            if len(conn.pending) + len(payload) > CONN_BUF_ALLOC:
+                _log.warning("vsock: guest port %d overran its credit", conn.peer_port)
+                self._reset(conn)
+                return
+            conn.rx_cnt = (conn.rx_cnt + len(payload)) & 0xFFFFFFFF
+            conn.pending += payload
+            self._flush(conn)
+        elif op == VIRTIO_VSOCK_OP_CREDIT_REQUEST:
+            self._queue_control(conn.local_port, conn.peer_port, VIRTIO_VSOCK_OP_CREDIT_UPDATE)
+        elif op == VIRTIO_VSOCK_OP_CREDIT_UPDATE:
+            conn.credit_requested = False
+        elif op == VIRTIO_VSOCK_OP_SHUTDOWN:
+            conn.guest_shut_rcv |= bool(flags & VIRTIO_VSOCK_SHUTDOWN_RCV)
+            conn.guest_shut_send |= bool(flags & VIRTIO_VSOCK_SHUTDOWN_SEND)
+            if conn.guest_shut_rcv and conn.guest_shut_send:
+                # §5.10.6.6: a full shutdown is answered with RST; data still pending is lost.
+                self._reset(conn)
+            elif conn.guest_shut_send and not conn.pending:
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_WR)
+        elif op == VIRTIO_VSOCK_OP_REQUEST:
+            self._reset(conn)  # a second REQUEST on a live connection
+
+    def _guest_connect(self, local: int, peer: int, buf_alloc: int, fwd_cnt: int) -> None:
+        """A guest connection to host port ``local``: bridge it to ``<uds_path>_<local>``."""
+        if len(self._conns) >= MAX_CONNECTIONS:
+            self._queue_control(local, peer, VIRTIO_VSOCK_OP_RST)
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(f"{self.uds_path}_{local}")
+        except OSError as err:
+            sock.close()
+            _log.info(
+                "vsock: guest connect to port %d refused: %s", local, errno.errorcode.get(err.errno or 0, "?")
+            )
+            self._queue_control(local, peer, VIRTIO_VSOCK_OP_RST)
+            return
+        conn = _Conn(sock, _State.ESTABLISHED, local, peer, peer_buf_alloc=buf_alloc, peer_fwd_cnt=fwd_cnt)
+        self._add(conn)
+        self._queue_control(local, peer, VIRTIO_VSOCK_OP_RESPONSE)
+
+    # -- host -> guest (rx queue) ------------------------------------------------------------------
+
+    def _hdr(self, local: int, peer: int, op: int, length: int = 0, flags: int = 0) -> bytes:
+        conn = self._conns.get((local, peer))
+        fwd = 0
+        if conn is not None:
+            fwd = conn.fwd_cnt
+            conn.last_fwd_sent = fwd
+        return VSOCK_HDR.pack(
+            VSOCK_HOST_CID, self.guest_cid, local, peer, length, VIRTIO_VSOCK_TYPE_STREAM, op, flags,
+            CONN_BUF_ALLOC, fwd,
+        )  # fmt: skip
+
+    def _process_rx(self) -> None:
+        """Fill guest receive buffers: control packets first, then data from readable sockets."""
+        if not self.active:
+            return
+        mem, q = self.memory, self.queues[RXQ]
+        assert mem is not None
+        used = False
+        while self._control or any(c.readable for c in self._conns.values()):
+            chain = q.pop(mem)
+            if chain is None:
+                self._rx_starved = True
+                break
+            if chain.writable_len < VSOCK_HDR.size:
+                q.add_used(mem, chain.head_index, 0)
+                used = True
+                continue
+            packet = self._next_packet(chain.writable_len - VSOCK_HDR.size)
+            if packet is None:
+                q.undo_pop()
+                break
+            writer = chain.writer(mem)
+            writer.write(packet)
+            q.add_used(mem, chain.head_index, writer.written)
+            used = True
+        if used:
+            self.signal_used(RXQ)
+
+    def _next_packet(self, room: int) -> bytes | None:
+        if self._control:
+            local, peer, op, flags = self._control.popleft()
+            return self._hdr(local, peer, op, 0, flags)
+        for conn in list(self._conns.values()):
+            if not conn.readable:
+                continue
+            credit = conn.peer_credit()
+            if credit == 0 or conn.state != _State.ESTABLISHED or conn.guest_shut_rcv:
+                conn.readable = False
+                if credit == 0 and not conn.credit_requested and conn.state == _State.ESTABLISHED:
+                    conn.credit_requested = True
+                    return self._hdr(conn.local_port, conn.peer_port, VIRTIO_VSOCK_OP_CREDIT_REQUEST)
+                continue
+            try:
+                data = conn.sock.recv(min(room, credit, MAX_PKT_PAYLOAD))
+            except (BlockingIOError, InterruptedError):
+                conn.readable = False
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                # EOF from the host side: tell the guest we neither send nor receive any more.
+                conn.readable = False
+                conn.host_eof = True
+                conn.state = _State.CLOSING
+                flags = VIRTIO_VSOCK_SHUTDOWN_RCV | VIRTIO_VSOCK_SHUTDOWN_SEND
+                return self._hdr(conn.local_port, conn.peer_port, VIRTIO_VSOCK_OP_SHUTDOWN, 0, flags)
+            conn.tx_cnt = (conn.tx_cnt + len(data)) & 0xFFFFFFFF
+            return self._hdr(conn.local_port, conn.peer_port, VIRTIO_VSOCK_OP_RW, len(data)) + data
+        return None
+
+    # -- introspection -----------------------------------------------------------------------------
+
+    @property
+    def connection_count(self) -> int:
+        """Live guest connections (handshakes not included)."""
+        return len(self._conns)

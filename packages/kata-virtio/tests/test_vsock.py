@@ -1,0 +1,429 @@
+"""The hybrid vsock device against a fake guest driver and real unix sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import select
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kata_virtio import VirtioVsock
+from kata_virtio._vsock import (
+    CONN_BUF_ALLOC,
+    VIRTIO_VSOCK_OP_CREDIT_REQUEST,
+    VIRTIO_VSOCK_OP_CREDIT_UPDATE,
+    VIRTIO_VSOCK_OP_REQUEST,
+    VIRTIO_VSOCK_OP_RESPONSE,
+    VIRTIO_VSOCK_OP_RST,
+    VIRTIO_VSOCK_OP_RW,
+    VIRTIO_VSOCK_OP_SHUTDOWN,
+    VSOCK_HDR,
+)
+from kata_virtio.testing import FakeDeviceInterrupt, FakeGuestMemory, activate
+
+Packet = tuple[tuple[int, ...], bytes]
+
+
+def pump(dev: VirtioVsock, timeout: float = 0.05, rounds: int = 200) -> None:
+    """Run the device's events until nothing happens for ``timeout`` seconds."""
+    for _ in range(rounds):
+        poller = select.poll()
+        for fd, ev in dev.watched().items():
+            poller.register(fd, ev)
+        ready = poller.poll(timeout * 1000)
+        if not ready:
+            return
+        for fd, ev in ready:
+            dev.handle_event(fd, ev)
+
+
+class Guest:
+    """The guest's virtio-vsock driver, reduced to its queues."""
+
+    def __init__(self, dev: VirtioVsock, rx_buffers: int = 32, buf_size: int = 4096) -> None:
+        self.dev = dev
+        self.mem = FakeGuestMemory(16 << 20)
+        queues, self.irq = activate(dev, self.mem, [128, 128, 16])
+        self.rx, self.tx, self.ev = queues
+        self.buf_size = buf_size
+        self.fill(rx_buffers)
+
+    @property
+    def interrupts(self) -> FakeDeviceInterrupt:
+        return self.irq
+
+    def fill(self, n: int) -> None:
+        for _ in range(n):
+            self.rx.add_chain([(VSOCK_HDR.size, True), (self.buf_size, True)], indirect=True)
+        self.dev.notify(0)
+
+    def send(
+        self, src: int, dst: int, op: int, payload: bytes = b"", *, flags: int = 0, buf_alloc: int = 1 << 20,
+        fwd_cnt: int = 0, src_cid: int = 3, dst_cid: int = 2, ptype: int = 1,
+    ) -> None:  # fmt: skip
+        hdr = VSOCK_HDR.pack(src_cid, dst_cid, src, dst, len(payload), ptype, op, flags, buf_alloc, fwd_cnt)
+        self.tx.add_chain([(hdr, False)] + ([(payload, False)] if payload else []))
+        self.dev.notify(1)
+        self.tx.get_used()  # reclaim the descriptors
+
+    def recv(self, refill: bool = True) -> list[Packet]:
+        out = []
+        used = self.rx.get_used()
+        for head, n in used:
+            raw = self.rx.written(head, n)
+            hdr = VSOCK_HDR.unpack_from(raw)
+            out.append((hdr, raw[VSOCK_HDR.size : VSOCK_HDR.size + hdr[4]]))
+        if refill and used:
+            self.fill(len(used))
+        return out
+
+
+@pytest.fixture
+def vsock(tmp_path: Path) -> Iterator[VirtioVsock]:
+    dev = VirtioVsock(tmp_path / "kata.hvsock")
+    yield dev
+    dev.close()
+
+
+def host_connect(dev: VirtioVsock, line: bytes) -> socket.socket:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(dev.uds_path)
+    client.sendall(line)
+    client.settimeout(5)
+    return client
+
+
+def closed(sock: socket.socket) -> bool:
+    """The peer closed: EOF, or a reset when it closed with our bytes unread."""
+    try:
+        return sock.recv(64) == b""
+    except ConnectionResetError:
+        return True
+
+
+def establish(dev: VirtioVsock, guest: Guest, port: int = 1024) -> tuple[socket.socket, int]:
+    client = host_connect(dev, f"CONNECT {port}\n".encode())
+    pump(dev)
+    [(hdr, _)] = guest.recv()
+    assert hdr[6] == VIRTIO_VSOCK_OP_REQUEST and hdr[3] == port and hdr[1] == 3 and hdr[0] == 2
+    host_port = hdr[2]
+    guest.send(port, host_port, VIRTIO_VSOCK_OP_RESPONSE)
+    pump(dev)
+    assert client.recv(64) == f"OK {host_port}\n".encode()
+    return client, host_port
+
+
+def test_config_space_holds_guest_cid(vsock: VirtioVsock) -> None:
+    assert struct.unpack("<Q", vsock.read_config(0, 8)) == (3,)
+    assert vsock.device_type == 19 and len(vsock.queue_max_sizes) == 3
+
+
+def test_host_connect_moves_bytes_both_ways(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock)
+    client, host_port = establish(vsock, guest)
+    client.sendall(b"ping")
+    pump(vsock)
+    [(hdr, data)] = guest.recv()
+    assert hdr[6] == VIRTIO_VSOCK_OP_RW and data == b"ping" and hdr[8] == CONN_BUF_ALLOC
+    guest.send(1024, host_port, VIRTIO_VSOCK_OP_RW, b"pong")
+    pump(vsock)
+    assert client.recv(64) == b"pong"
+    assert 0 in guest.irq.used and 1 in guest.irq.used
+
+
+def test_lowercase_connect_is_accepted(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock)
+    host_connect(vsock, b"connect 1025\n")
+    pump(vsock)
+    [(hdr, _)] = guest.recv()
+    assert hdr[6] == VIRTIO_VSOCK_OP_REQUEST and hdr[3] == 1025
+
+
+@pytest.mark.parametrize("line", [b"HELLO 1\n", b"CONNECT x\n", b"CONNECT 99999999999\n", b"x" * 80])
+def test_bad_handshake_closes_the_client(vsock: VirtioVsock, line: bytes) -> None:
+    guest = Guest(vsock)
+    client = host_connect(vsock, line)
+    pump(vsock)
+    assert closed(client)
+    assert guest.recv() == []
+
+
+def test_guest_rst_closes_host_connection(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock)
+    client = host_connect(vsock, b"CONNECT 1024\n")
+    pump(vsock)
+    [(hdr, _)] = guest.recv()
+    guest.send(1024, hdr[2], VIRTIO_VSOCK_OP_RST)
+    pump(vsock)
+    assert client.recv(64) == b""  # nothing listens in the guest: closed without OK
+    assert vsock.connection_count == 0
+
+
+def test_host_eof_sends_shutdown_and_guest_rst_removes(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock)
+    client, host_port = establish(vsock, guest)
+    client.close()
+    pump(vsock)
+    [(hdr, _)] = guest.recv()
+    assert hdr[6] == VIRTIO_VSOCK_OP_SHUTDOWN and hdr[7] == 3
+    guest.send(1024, host_port, VIRTIO_VSOCK_OP_RST)
+    assert vsock.connection_count == 0
+
+
+def test_guest_full_shutdown_is_answered_with_rst(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock)
+    client, host_port = establish(vsock, guest)
+    guest.send(1024, host_port, VIRTIO_VSOCK_OP_SHUTDOWN, flags=3)
+    pump(vsock)
+    assert [h[6] for h, _ in guest.recv()] == [VIRTIO_VSOCK_OP_RST]
+    assert client.recv(64) == b"" and vsock.connection_count == 0
+
+
+def test_guest_send_shutdown_half_closes_the_socket(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock)
+    client, host_port = establish(vsock, guest)
+    guest.send(1024, host_port, VIRTIO_VSOCK_OP_RW, b"last words")
+    guest.send(1024, host_port, VIRTIO_VSOCK_OP_SHUTDOWN, flags=2)
+    pump(vsock)
+    assert client.recv(64) == b"last words" and client.recv(64) == b""
+    client.sendall(b"still open the other way")
+    pump(vsock)
+    assert [d for _, d in guest.recv()] == [b"still open the other way"]
+
+
+def test_guest_connect_reaches_uds_port_listener(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"{vsock.uds_path}_5000")
+    listener.listen(1)
+    guest.send(7777, 5000, VIRTIO_VSOCK_OP_REQUEST)
+    [(hdr, _)] = guest.recv()
+    assert hdr[6] == VIRTIO_VSOCK_OP_RESPONSE and (hdr[2], hdr[3]) == (5000, 7777)
+    peer, _ = listener.accept()
+    peer.settimeout(5)
+    guest.send(7777, 5000, VIRTIO_VSOCK_OP_RW, b"hi host")
+    assert peer.recv(64) == b"hi host"
+    peer.sendall(b"hi guest")
+    pump(vsock)
+    assert [d for _, d in guest.recv()] == [b"hi guest"]
+    listener.close()
+    peer.close()
+
+
+def test_guest_connect_with_nothing_listening_gets_rst(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock)
+    guest.send(7777, 5001, VIRTIO_VSOCK_OP_REQUEST)
+    [(hdr, _)] = guest.recv()
+    assert hdr[6] == VIRTIO_VSOCK_OP_RST
+
+
+def test_packet_for_unknown_connection_gets_rst(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock)
+    guest.send(1, 2, VIRTIO_VSOCK_OP_RW, b"stray")
+    guest.send(1, 2, VIRTIO_VSOCK_OP_RST)  # an RST is never answered
+    guest.send(1, 2, VIRTIO_VSOCK_OP_REQUEST, ptype=2)  # SEQPACKET is not offered
+    guest.send(1, 2, VIRTIO_VSOCK_OP_REQUEST, src_cid=9)  # spoofed source: dropped
+    assert [h[6] for h, _ in guest.recv()] == [VIRTIO_VSOCK_OP_RST, VIRTIO_VSOCK_OP_RST]
+    assert not vsock.broken
+
+
+def test_host_sends_no_more_than_guest_credit(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock, rx_buffers=64)
+    client, host_port = establish(vsock, guest)
+    # The guest advertised 1 MiB in its RESPONSE; shrink it to 10000 bytes with a credit update.
+    guest.send(1024, host_port, VIRTIO_VSOCK_OP_CREDIT_UPDATE, buf_alloc=10000)
+    client.sendall(b"x" * 30000)
+    pump(vsock)
+    packets = guest.recv()
+    data = b"".join(d for h, d in packets if h[6] == VIRTIO_VSOCK_OP_RW)
+    assert len(data) == 10000
+    assert packets[-1][0][6] == VIRTIO_VSOCK_OP_CREDIT_REQUEST
+    guest.send(1024, host_port, VIRTIO_VSOCK_OP_CREDIT_UPDATE, buf_alloc=10000, fwd_cnt=10000)
+    pump(vsock)
+    more = b"".join(d for h, d in guest.recv() if h[6] == VIRTIO_VSOCK_OP_RW)
+    assert len(more) == 10000
+
+
+def test_guest_overrunning_our_credit_is_reset(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock)
+    client, host_port = establish(vsock, guest)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    chunk = b"y" * 65536
+    for _ in range(CONN_BUF_ALLOC // len(chunk) + 8):
+        guest.send(1024, host_port, VIRTIO_VSOCK_OP_RW, chunk)
+        if vsock.connection_count == 0:
+            break
+    assert vsock.connection_count == 0
+    assert VIRTIO_VSOCK_OP_RST in [h[6] for h, _ in guest.recv()]
+
+
+def test_credit_request_and_updates_while_forwarding(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock)
+    client, host_port = establish(vsock, guest)
+    guest.send(1024, host_port, VIRTIO_VSOCK_OP_CREDIT_REQUEST)
+    [(hdr, _)] = guest.recv()
+    assert hdr[6] == VIRTIO_VSOCK_OP_CREDIT_UPDATE and hdr[8] == CONN_BUF_ALLOC and hdr[9] == 0
+    for _ in range(2):
+        guest.send(1024, host_port, VIRTIO_VSOCK_OP_RW, b"z" * 40000)
+    updates = [h for h, _ in guest.recv() if h[6] == VIRTIO_VSOCK_OP_CREDIT_UPDATE]
+    assert updates and updates[-1][9] == 80000
+    assert len(client.recv(100000)) > 0
+
+
+def test_many_connections_at_once(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock, rx_buffers=100)
+    clients = [host_connect(vsock, f"CONNECT {2000 + i}\n".encode()) for i in range(40)]
+    pump(vsock)
+    requests = guest.recv()
+    assert sorted(h[3] for h, _ in requests) == list(range(2000, 2040))
+    for hdr, _ in requests:
+        guest.send(hdr[3], hdr[2], VIRTIO_VSOCK_OP_RESPONSE)
+    pump(vsock)
+    ports = {}
+    for i, c in enumerate(clients):
+        line = c.recv(64)
+        assert line.startswith(b"OK ")
+        ports[2000 + i] = int(line.split()[1])
+        c.sendall(f"from {i}".encode())
+    pump(vsock)
+    got = {h[3]: d for h, d in guest.recv() if h[6] == VIRTIO_VSOCK_OP_RW}
+    assert got == {2000 + i: f"from {i}".encode() for i in range(40)}
+    for port, host_port in ports.items():
+        guest.send(port, host_port, VIRTIO_VSOCK_OP_RW, f"to {port}".encode())
+    pump(vsock)
+    for i, c in enumerate(clients):
+        assert c.recv(64) == f"to {2000 + i}".encode()
+    assert vsock.connection_count == 40
+
+
+def test_bulk_transfer_with_flow_control(vsock: VirtioVsock) -> None:
+    """4 MiB each way through 4 KiB guest buffers; checksums match."""
+    guest = Guest(vsock, rx_buffers=64)
+    client, host_port = establish(vsock, guest)
+    client.setblocking(False)
+    payload = os.urandom(4 << 20)
+    sent = 0
+    received = bytearray()
+    guest_fwd = 0
+    to_host = bytearray()
+    guest_sent = 0
+    while len(received) < len(payload) or len(to_host) < len(payload):
+        if sent < len(payload):
+            with contextlib.suppress(BlockingIOError):
+                sent += client.send(payload[sent : sent + 65536])
+        if guest_sent < len(payload) and guest_sent - len(to_host) < CONN_BUF_ALLOC - 65536:
+            guest.send(
+                1024,
+                host_port,
+                VIRTIO_VSOCK_OP_RW,
+                payload[guest_sent : guest_sent + 65536],
+                fwd_cnt=guest_fwd,
+            )
+            guest_sent += 65536
+        pump(vsock, timeout=0.001, rounds=20)
+        for hdr, data in guest.recv():
+            if hdr[6] == VIRTIO_VSOCK_OP_RW:
+                received += data
+                guest_fwd += len(data)
+            elif hdr[6] == VIRTIO_VSOCK_OP_CREDIT_REQUEST:
+                guest.send(1024, host_port, VIRTIO_VSOCK_OP_CREDIT_UPDATE, fwd_cnt=guest_fwd)
+        # keep the guest's credit view fresh like Linux does
+        guest.send(1024, host_port, VIRTIO_VSOCK_OP_CREDIT_UPDATE, fwd_cnt=guest_fwd)
+        try:
+            while chunk := client.recv(1 << 20):
+                to_host += chunk
+        except BlockingIOError:
+            pass
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    assert hashlib.sha256(to_host).digest() == hashlib.sha256(payload).digest()
+
+
+def test_in_process_connector(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock)
+    stream = vsock.connect_local(219)
+    stream.settimeout(5)
+    pump(vsock)
+    [(hdr, _)] = guest.recv()
+    assert hdr[6] == VIRTIO_VSOCK_OP_REQUEST and hdr[3] == 219
+    guest.send(219, hdr[2], VIRTIO_VSOCK_OP_RESPONSE)
+    pump(vsock)
+    assert stream.recv(64) == f"OK {hdr[2]}\n".encode()
+    stream.sendall(b"d")
+    pump(vsock)
+    assert [d for _, d in guest.recv()] == [b"d"]
+
+
+def test_in_process_connector_from_another_thread_and_refusal(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock)
+    result: list[socket.socket] = []
+    t = threading.Thread(target=lambda: result.append(vsock.connect_local(1024)))
+    t.start()
+    t.join()
+    pump(vsock)
+    [(hdr, _)] = guest.recv()
+    guest.send(1024, hdr[2], VIRTIO_VSOCK_OP_RST)
+    result[0].settimeout(5)
+    assert result[0].recv(64) == b""  # refused: EOF without OK
+
+
+def test_connections_before_activation_are_served_after(tmp_path: Path) -> None:
+    dev = VirtioVsock(tmp_path / "v.sock")
+    try:
+        host_connect(dev, b"CONNECT 1024\n")
+        pump(dev)
+        guest = Guest(dev)
+        [(hdr, _)] = guest.recv()
+        assert hdr[6] == VIRTIO_VSOCK_OP_REQUEST
+        dev.reset()
+        assert dev.connection_count == 0
+    finally:
+        dev.close()
+
+
+def test_reset_closes_every_connection(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock)
+    client, _ = establish(vsock, guest)
+    vsock.reset()
+    assert client.recv(64) == b""
+
+
+_hdr_fields = st.tuples(
+    st.sampled_from([3, 3, 3, 2, 0, 2**64 - 1]),
+    st.sampled_from([2, 2, 3]),
+    st.sampled_from([1024, 7777, 0, 2**32 - 1]),
+    st.sampled_from([1024, 5000, 2**30, 0]),
+    st.integers(0, 70000) | st.just(0),
+    st.sampled_from([1, 1, 2, 0]),
+    st.integers(0, 9),
+    st.integers(0, 3),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(packets=st.lists(st.tuples(_hdr_fields, st.binary(max_size=300), st.booleans()), max_size=15))
+def test_random_tx_packets_never_break_the_device(tmp_path: Path, packets: list) -> None:  # type: ignore[type-arg]
+    dev = VirtioVsock(tmp_path / f"f{len(os.listdir(tmp_path))}.sock")
+    try:
+        guest = Guest(dev, rx_buffers=8)
+        for fields, payload, split in packets:
+            hdr = VSOCK_HDR.pack(*fields)
+            chain = [(hdr[:20], False), (hdr[20:] + payload, False)] if split else [(hdr + payload, False)]
+            guest.tx.add_chain(chain)
+            dev.notify(1)
+            guest.tx.get_used()
+            guest.recv()
+        pump(dev, timeout=0.001)
+        assert not dev.broken and guest.irq.needs_reset == []
+    finally:
+        dev.close()
