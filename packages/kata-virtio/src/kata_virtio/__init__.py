@@ -7,6 +7,7 @@ from kata_virtio._fs import VirtioFs
 from kata_virtio._fs_server import FsServerError, FuseServer
 from kata_virtio._memory import GuestAddressError, GuestMemory, InterruptTrigger, VirtioError
 from kata_virtio._mmio import MMIO_WINDOW_SIZE, MmioTransport
+from kata_virtio._net import VirtioNet
 from kata_virtio._queue import (
     AvailRingError,
     ChainReader,
@@ -51,6 +52,7 @@ __all__ = [
     "VirtioDevice",
     "VirtioError",
     "VirtioFs",
+    "VirtioNet",
     "VirtioRng",
     "VirtioVsock",
     "__version__",
