@@ -575,3 +575,31 @@ def test_server_stopping_on_unix_socket_fails_pending_calls() -> None:
 async def _cancel_when(scope: trio.CancelScope, predicate: Callable[[], bool]) -> None:
     await wait_until(predicate)
     scope.cancel()
+
+
+def test_large_and_small_calls_interleave_over_unix_socket() -> None:
+    # Big frames cannot go out in one non-blocking send: the rest queues behind, in order.
+    async def main() -> None:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "s")
+            server = TtrpcServer()
+            server.register(SERVICE, EchoService())
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve_unix, path)
+                async with open_ttrpc_client(path) as client:
+                    results: dict[int, bytes] = {}
+
+                    async def one(i: int) -> None:
+                        blob = bytes([i]) * (3_000_000 if i % 3 == 0 else 10)
+                        resp = await client.call(SERVICE_NAME, "Echo", echo(blob=blob), EchoResponse)
+                        results[i] = resp.blob
+
+                    async with trio.open_nursery() as calls:
+                        for i in range(12):
+                            calls.start_soon(one, i)
+                    assert {i: (len(b), set(b)) for i, b in results.items()} == {
+                        i: (3_000_000 if i % 3 == 0 else 10, {i}) for i in range(12)
+                    }
+                nursery.cancel_scope.cancel()
+
+    run(main)
