@@ -603,3 +603,14 @@ def test_large_and_small_calls_interleave_over_unix_socket() -> None:
                 nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_connecting_to_a_missing_socket_is_unavailable() -> None:
+    async def main() -> None:
+        with tempfile.TemporaryDirectory() as d:
+            with pytest.raises(ttrpc.Unavailable, match="cannot connect") as info:
+                async with open_ttrpc_client(os.path.join(d, "absent.sock")):
+                    pass
+            assert isinstance(info.value.__cause__, FileNotFoundError)
+
+    run(main)

@@ -22,6 +22,7 @@ from kata_proto.ttrpc._errors import (
     ProtocolError,
     ResourceExhausted,
     TtrpcError,
+    Unavailable,
     error_for_status,
 )
 from kata_proto.ttrpc._frame import MAX_PAYLOAD, Frame, MessageType
@@ -195,12 +196,17 @@ async def open_ttrpc_client(target: str | os.PathLike[str] | trio.abc.Stream) ->
     """Connect to a ttrpc server: a unix socket path, or an already open trio stream.
 
     The stream (for instance a hybrid-vsock connection after its handshake) belongs to the
-    client from then on and is closed when the block exits.
+    client from then on and is closed when the block exits. A socket that cannot be
+    connected to raises `Unavailable` (the OSError is its cause).
     """
     if isinstance(target, trio.abc.Stream):
         stream: trio.abc.Stream = target
     else:
-        stream = await trio.open_unix_socket(os.fspath(target))
+        path = os.fspath(target)
+        try:
+            stream = await trio.open_unix_socket(path)
+        except OSError as err:
+            raise Unavailable(f"cannot connect to ttrpc server at {path}: {err}") from err
     channel = Channel(stream)
     client = TtrpcClient(channel)
     try:
