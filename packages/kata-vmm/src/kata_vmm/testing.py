@@ -105,3 +105,40 @@ def tiny_pvh_elf(code: bytes, *, load_addr: int = 0x100000) -> bytes:
     image = bytearray(header + load + pnote + note)
     image += bytes(code_off - len(image))
     return bytes(image + code)
+
+
+def cpio_newc(entries: list[tuple[str, int, bytes, tuple[int, int]]]) -> bytes:
+    """An uncompressed ``newc`` cpio archive of (path, mode, data, (rdev major, minor)) entries."""
+    out = bytearray()
+
+    def add(ino: int, name: str, mode: int, data: bytes, rdev: tuple[int, int]) -> None:
+        raw_name = name.encode() + b"\x00"
+        fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(raw_name), 0)
+        out.extend(b"070701" + b"".join(b"%08X" % f for f in fields) + raw_name)
+        out.extend(bytes(-len(out) % 4))
+        out.extend(data)
+        out.extend(bytes(-len(out) % 4))
+
+    for ino, (name, mode, data, rdev) in enumerate(entries, start=1):
+        add(ino, name, mode, data, rdev)
+    add(0, "TRAILER!!!", 0, b"", (0, 0))
+    return bytes(out)
+
+
+S_IFDIR, S_IFREG, S_IFCHR, S_IFLNK = 0o040000, 0o100000, 0o020000, 0o120000
+
+
+def busybox_initramfs(init_script: str, busybox: bytes) -> bytes:
+    """An initramfs holding a static busybox, /dev/console and ``init_script`` as /init."""
+    return cpio_newc(
+        [
+            ("bin", S_IFDIR | 0o755, b"", (0, 0)),
+            ("dev", S_IFDIR | 0o755, b"", (0, 0)),
+            ("proc", S_IFDIR | 0o755, b"", (0, 0)),
+            ("sys", S_IFDIR | 0o755, b"", (0, 0)),
+            ("dev/console", S_IFCHR | 0o600, b"", (5, 1)),
+            ("bin/busybox", S_IFREG | 0o755, busybox, (0, 0)),
+            ("bin/sh", S_IFLNK | 0o777, b"busybox", (0, 0)),
+            ("init", S_IFREG | 0o755, init_script.encode(), (0, 0)),
+        ]
+    )

@@ -1,0 +1,149 @@
+"""Boot-to-marker benchmark inside the lab VM: kata-vmm against qemu-system-x86_64 -enable-kvm.
+
+Both boot the same kernel, initrd, memory, vCPU count and command line (``quiet``), alternating runs.
+The test asserts only that every run reached the marker and powered off; it prints medians, their
+ratio and peak RSS, and never gates on an absolute time.
+
+Run by hand inside the lab VM (it prints a JSON summary)::
+
+    lab/labvm exec -- /work/main/.venv/bin/python lab/tests/test_vmm_bench.py --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+GUEST = REPO / "build/lab/guest"
+KERNEL = GUEST / "vmlinuz"
+INITRD = GUEST / "initrd-test.img"
+MARKER = b"KATA-LAB-GUEST-OK"
+CMDLINE = "console=ttyS0 quiet"
+KATA_VMM = REPO / ".venv/bin/kata-vmm"
+LABVM = REPO / "lab/labvm"
+
+
+def kata_vmm_command(vcpus: int, memory: int) -> list[str]:
+    return [
+        str(KATA_VMM), "run", "--kernel", str(KERNEL), "--initrd", str(INITRD),
+        "--vcpus", str(vcpus), "--memory", str(memory), "--cmdline", CMDLINE, "--stats",
+    ]  # fmt: skip
+
+
+def qemu_command(machine: str, vcpus: int, memory: int) -> list[str]:
+    # -no-reboot: a guest reboot ends QEMU too, like kata-vmm; microvm powers off through ACPI GED
+    return [
+        "qemu-system-x86_64", "-enable-kvm", "-cpu", "host", "-M", machine, "-smp", str(vcpus),
+        "-m", str(memory), "-kernel", str(KERNEL), "-initrd", str(INITRD), "-append", CMDLINE,
+        "-nographic", "-nodefaults", "-no-user-config", "-serial", "stdio", "-no-reboot",
+    ]  # fmt: skip
+
+
+def time_boot(command: list[str], timeout: float = 300) -> dict[str, object]:
+    """Run ``command`` until it exits; seconds from spawn to the marker line, exit status, peak RSS (KiB)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    out = bytearray()
+    marker_at = None
+    deadline = start + timeout
+    os.set_blocking(proc.stdout.fileno(), False)
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            chunk = proc.stdout.read()
+            if not chunk:
+                break
+            out += chunk
+            if marker_at is None and MARKER in out:
+                marker_at = time.monotonic() - start
+    else:
+        proc.kill()
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    total = time.monotonic() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace")
+    stats = None
+    for line in err.splitlines():
+        if line.startswith("{"):
+            stats = json.loads(line)
+    return {
+        "marker_s": marker_at,
+        "exit_s": total,
+        "returncode": proc.returncode,
+        "max_rss_kib": usage.ru_maxrss,
+        "stats": stats,
+        "stderr": err[-2000:] if proc.returncode else "",
+        "console_tail": out[-300:].decode(errors="replace"),
+    }
+
+
+def bench(runs: int, vcpus: int = 2, memory: int = 512, machines: tuple[str, ...] = ("microvm",)) -> dict:
+    peers = {"kata-vmm": kata_vmm_command(vcpus, memory)}
+    for machine in machines:
+        peers[f"qemu-{machine}"] = qemu_command(machine, vcpus, memory)
+    results: dict[str, list[dict[str, object]]] = {name: [] for name in peers}
+    for _ in range(runs):
+        for name, command in peers.items():  # alternate, so drift hits every peer alike
+            results[name].append(time_boot(command))
+    summary: dict[str, object] = {"runs": runs, "vcpus": vcpus, "memory_mib": memory, "results": results}
+    medians: dict[str, float] = {}
+    for name, rs in results.items():
+        times = [float(r["marker_s"]) for r in rs if isinstance(r["marker_s"], float)]
+        if times:
+            medians[name] = statistics.median(times)
+    summary["median_marker_s"] = medians
+    qemu_best = min((v for k, v in medians.items() if k.startswith("qemu")), default=None)
+    if "kata-vmm" in medians and qemu_best:
+        summary["ratio_kata_vs_best_qemu"] = medians["kata-vmm"] / qemu_best
+    return summary
+
+
+@pytest.mark.lab
+def test_kata_vmm_and_qemu_both_boot_to_the_marker() -> None:
+    if not (LABVM.exists() and KERNEL.exists() and INITRD.exists()):
+        pytest.skip("needs lab/labvm and build/lab/guest/{vmlinuz,initrd-test.img}")
+    result = subprocess.run(
+        [str(LABVM), "exec", "--", sys.executable, str(Path(__file__)), "--runs", "2"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    print(json.dumps({k: v for k, v in summary.items() if k != "results"}, indent=1))
+    for name, rs in summary["results"].items():
+        for r in rs:
+            assert r["marker_s"] is not None, (name, r)
+            assert r["returncode"] == 0, (name, r)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--vcpus", type=int, default=2)
+    parser.add_argument("--memory", type=int, default=512)
+    parser.add_argument("--machines", default="microvm", help="comma-separated QEMU machine types")
+    args = parser.parse_args()
+    if shutil.which("qemu-system-x86_64") is None:
+        print("qemu-system-x86_64 not found", file=sys.stderr)
+        return 2
+    summary = bench(args.runs, args.vcpus, args.memory, tuple(args.machines.split(",")))
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""kata-vmm boots the stock Debian kernel inside the nested-KVM lab VM (marked ``lab``).
+
+Each test asks the lab VM (``lab/labvm exec``) to run one scenario of this same file's ``__main__``
+harness, which drives ``kata-vmm run`` interactively there (waiting for a prompt before typing on the
+serial console) and prints one JSON line the test then checks.  Guest boots under nested TCG take tens
+of seconds, so the scenarios share boots where they can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+GUEST = REPO / "build/lab/guest"
+KERNEL = GUEST / "vmlinuz"
+INITRD = GUEST / "initrd-test.img"
+LABVM = REPO / "lab/labvm"
+KATA_VMM = REPO / ".venv/bin/kata-vmm"
+PYTHON = REPO / ".venv/bin/python"
+MARKER = "KATA-LAB-GUEST-OK"
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(
+        not (LABVM.exists() and KERNEL.exists() and INITRD.exists()),
+        reason="needs lab/labvm and build/lab/guest/{vmlinuz,initrd-test.img} (the lab issue)",
+    ),
+]
+
+INTROSPECT_INIT = """#!/bin/sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+echo "KATA-CPUS=$(cat /sys/devices/system/cpu/online) $(grep -c ^processor /proc/cpuinfo)"
+echo "KATA-$(grep MemTotal /proc/meminfo | tr -s ' ')"
+echo "KATA-WAITING-INPUT"
+read line
+echo "KATA-GOT=$line"
+echo KATA-LAB-GUEST-OK
+poweroff -f
+"""
+
+
+# --- host side ---------------------------------------------------------------------------------------------
+def in_lab(scenario: str, timeout: float = 900) -> dict[str, object]:
+    result = subprocess.run(
+        [str(LABVM), "exec", "--", str(PYTHON), str(Path(__file__).resolve()), scenario],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no result from the lab VM (exit {result.returncode}): {result.stderr[-3000:]}"
+    return json.loads(lines[-1])  # type: ignore[no-any-return]
+
+
+def test_debian_kernel_prints_marker_and_powers_off() -> None:
+    r = in_lab("marker")
+    assert MARKER in str(r["stdout"]), r
+    assert r["returncode"] == 0, r
+    assert r["stderr"] == "", r
+
+
+def test_guest_sees_two_cpus_512_mib_and_serial_input() -> None:
+    r = in_lab("introspect")
+    out = str(r["stdout"])
+    assert r["returncode"] == 0, r
+    assert "KATA-CPUS=0-1 2" in out, out
+    mem_kib = int(re.search(r"KATA-MemTotal: (\d+) kB", out).group(1))  # type: ignore[union-attr]
+    assert 450 * 1024 < mem_kib <= 512 * 1024, out
+    assert "KATA-GOT=hello from the host" in out, out
+    assert MARKER in out
+
+
+def test_triple_fault_ends_with_exit_one_and_message() -> None:
+    r = in_lab("triple-fault")
+    assert r["returncode"] == 1, r
+    assert "triple fault" in str(r["stderr"]), r
+    assert str(r["stderr"]).count("\n") == 1, r
+
+
+def test_hung_guest_times_out_with_exit_124() -> None:
+    r = in_lab("hang")
+    assert r["returncode"] == 124, r
+    assert "did not power off within" in str(r["stderr"]), r
+
+
+# --- lab-VM side -------------------------------------------------------------------------------------------
+def _drive(
+    command: list[str], *, prompt: str | None = None, reply: bytes = b"", timeout: float = 600
+) -> dict:
+    """Run ``command``; when ``prompt`` appears on stdout, type ``reply``; collect everything until exit."""
+    start = time.monotonic()
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin and proc.stdout and proc.stderr
+    out = bytearray()
+    marker_at = None
+    os.set_blocking(proc.stdout.fileno(), False)
+    while time.monotonic() - start < timeout:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if not ready:
+            continue
+        chunk = proc.stdout.read()
+        if not chunk:
+            break
+        out += chunk
+        if marker_at is None and MARKER.encode() in out:
+            marker_at = time.monotonic() - start
+        if prompt and prompt.encode() in out:
+            prompt = None
+            time.sleep(0.5)  # let the shell reach its read
+            proc.stdin.write(reply)
+            proc.stdin.flush()
+    else:
+        proc.kill()
+    proc.wait()
+    return {
+        "returncode": proc.returncode,
+        "stdout": out.decode(errors="replace"),
+        "stderr": proc.stderr.read().decode(errors="replace"),
+        "seconds": time.monotonic() - start,
+        "marker_seconds": marker_at,
+    }
+
+
+def _kata(kernel: Path, initrd: Path | None, *extra: str) -> list[str]:
+    cmd = [str(KATA_VMM), "run", "--kernel", str(kernel), "--vcpus", "2", "--memory", "512"]
+    if initrd is not None:
+        cmd += ["--initrd", str(initrd)]
+    return cmd + list(extra)
+
+
+def _scenario(name: str) -> dict:
+    from kata_vmm import testing as tk
+
+    work = Path(tempfile.mkdtemp(prefix="kata-vmm-lab-"))
+    if name == "marker":
+        return _drive(
+            _kata(KERNEL, INITRD, "--cmdline", "console=ttyS0 quiet", "--timeout", "300", "--stats")
+        )
+    if name == "introspect":
+        initrd = work / "introspect.cpio"
+        initrd.write_bytes(tk.busybox_initramfs(INTROSPECT_INIT, Path("/bin/busybox").read_bytes()))
+        command = _kata(KERNEL, initrd, "--cmdline", "console=ttyS0 quiet", "--timeout", "300")
+        return _drive(command, prompt="KATA-WAITING-INPUT", reply=b"hello from the host\n")
+    if name == "triple-fault":
+        kernel = work / "ud2.bzImage"
+        kernel.write_bytes(tk.tiny_bzimage(tk.UD2))
+        return _drive(_kata(kernel, None, "--timeout", "60"))
+    if name == "hang":
+        kernel = work / "spin.bzImage"
+        kernel.write_bytes(tk.tiny_bzimage(tk.spin_forever()))
+        return _drive(_kata(kernel, None, "--timeout", "5"))
+    raise SystemExit(f"unknown scenario {name}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario")
+    print(json.dumps(_scenario(parser.parse_args().scenario)))
+    sys.exit(0)
