@@ -614,3 +614,21 @@ def test_connecting_to_a_missing_socket_is_unavailable() -> None:
             assert isinstance(info.value.__cause__, FileNotFoundError)
 
     run(main)
+
+
+def test_error_raised_inside_a_handler_nursery_keeps_its_code() -> None:
+    class Nested(EchoService):
+        async def Echo(self, request: Any, ctx: ttrpc.CallContext) -> Any:
+            async def fail() -> None:
+                raise ttrpc.NotFound(f"container {request.text} not found")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fail)
+            return EchoResponse()
+
+    async def main() -> None:
+        async with echo_pair(Nested()) as (_, _, client):
+            with pytest.raises(ttrpc.NotFound, match="container c1 not found"):
+                await client.call(SERVICE_NAME, "Echo", echo("c1"), EchoResponse)
+
+    run(main)

@@ -72,6 +72,10 @@ class _Counters:
 
 def _status_for_exception(exc: Exception, rpc: RpcMethod) -> status_pb2.Status:
     """The status a handler's exception becomes; the connection always survives it."""
+    # A handler's own nursery wraps what it raises in a group (trio's strict groups): a
+    # group of exactly one error answers as that error.
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
     if isinstance(exc, TtrpcError):
         return exc.to_status()
     if isinstance(exc, (trio.TooSlowError, TimeoutError)):
