@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import struct
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from kata_virtio import MmioTransport, VirtioRng
 from kata_virtio._mmio import (
     VIRTIO_MMIO_CONFIG_GENERATION,
@@ -230,3 +233,30 @@ class _ConfigDevice(VirtioRng):
 
     def write_config(self, offset: int, data: bytes) -> None:
         self.cfg[offset : offset + len(data)] = data
+
+
+_offsets = st.sampled_from(list(range(0, 0x100, 4))) | st.integers(0, 0x1FF)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=st.lists(st.tuples(st.booleans(), _offsets, st.integers(0, 2**32 - 1), st.sampled_from([1, 2, 4, 8])))
+)
+def test_random_register_traffic_never_raises(ops: list[tuple[bool, int, int, int]]) -> None:
+    t, mem, _ = make()
+    DriverQueue(mem, 16).add_chain([(8, True)])  # something for a ready queue to chew on
+    for is_write, offset, value, size in ops:
+        if is_write:
+            t.write(offset, value.to_bytes(4, "little")[:size].ljust(size, b"\0"))
+        else:
+            assert len(t.read(offset, size)) == size
+    status = t.read_u32(VIRTIO_MMIO_STATUS)
+    assert not status & VIRTIO_CONFIG_S_DRIVER_OK or status & VIRTIO_CONFIG_S_FEATURES_OK
+
+
+def test_queue_notify_can_be_forwarded() -> None:
+    mem = FakeGuestMemory(1 << 20)
+    seen: list[int] = []
+    t = MmioTransport(VirtioRng(), mem, FakeInterrupt(), on_queue_notify=seen.append)
+    t.write_u32(VIRTIO_MMIO_QUEUE_NOTIFY, 0)
+    assert seen == [0]

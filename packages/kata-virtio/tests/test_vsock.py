@@ -9,6 +9,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,10 +143,11 @@ def test_host_connect_moves_bytes_both_ways(vsock: VirtioVsock) -> None:
 
 def test_lowercase_connect_is_accepted(vsock: VirtioVsock) -> None:
     guest = Guest(vsock)
-    host_connect(vsock, b"connect 1025\n")
+    client = host_connect(vsock, b"connect 1025\n")
     pump(vsock)
     [(hdr, _)] = guest.recv()
     assert hdr[6] == VIRTIO_VSOCK_OP_REQUEST and hdr[3] == 1025
+    client.close()
 
 
 @pytest.mark.parametrize("line", [b"HELLO 1\n", b"CONNECT x\n", b"CONNECT 99999999999\n", b"x" * 80])
@@ -378,13 +380,14 @@ def test_in_process_connector_from_another_thread_and_refusal(vsock: VirtioVsock
 def test_connections_before_activation_are_served_after(tmp_path: Path) -> None:
     dev = VirtioVsock(tmp_path / "v.sock")
     try:
-        host_connect(dev, b"CONNECT 1024\n")
+        client = host_connect(dev, b"CONNECT 1024\n")
         pump(dev)
         guest = Guest(dev)
         [(hdr, _)] = guest.recv()
         assert hdr[6] == VIRTIO_VSOCK_OP_REQUEST
         dev.reset()
         assert dev.connection_count == 0
+        assert closed(client)
     finally:
         dev.close()
 
@@ -425,5 +428,31 @@ def test_random_tx_packets_never_break_the_device(tmp_path: Path, packets: list)
             guest.recv()
         pump(dev, timeout=0.001)
         assert not dev.broken and guest.irq.needs_reset == []
+    finally:
+        dev.close()
+
+
+def test_shutdown_without_guest_rst_is_forced_after_timeout(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock)
+    client, _ = establish(vsock, guest)
+    client.close()
+    pump(vsock)
+    assert [h[6] for h, _ in guest.recv()] == [VIRTIO_VSOCK_OP_SHUTDOWN]
+    vsock.tick()
+    assert vsock.connection_count == 1
+    vsock.tick(time.monotonic() + 10)
+    assert vsock.connection_count == 0
+    assert [h[6] for h, _ in guest.recv()] == [VIRTIO_VSOCK_OP_RST]
+
+
+def test_client_hanging_up_while_connecting_is_dropped(tmp_path: Path) -> None:
+    dev = VirtioVsock(tmp_path / "v.sock")
+    try:
+        client = host_connect(dev, b"CONNECT 1024\n")
+        pump(dev)
+        assert dev.connection_count == 1
+        client.close()
+        pump(dev)
+        assert dev.connection_count == 0
     finally:
         dev.close()

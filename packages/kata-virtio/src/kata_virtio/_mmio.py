@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+from collections.abc import Callable
 
 from kata_virtio._device import VirtioDevice
 from kata_virtio._memory import GuestMemory, InterruptTrigger, VirtioError
@@ -71,8 +72,17 @@ class MmioTransport:
     threads and the event thread may call in concurrently.
     """
 
-    def __init__(self, device: VirtioDevice, memory: GuestMemory, interrupt: InterruptTrigger) -> None:
+    def __init__(
+        self,
+        device: VirtioDevice,
+        memory: GuestMemory,
+        interrupt: InterruptTrigger,
+        *,
+        on_queue_notify: Callable[[int], None] | None = None,
+    ) -> None:
         self.device = device
+        #: Where QueueNotify writes go (e.g. a hop to the event thread); default: `notify` right here.
+        self.on_queue_notify = on_queue_notify
         self.memory = memory
         self.interrupt = interrupt
         self.queues = [Queue(n) for n in device.queue_max_sizes]
@@ -205,7 +215,7 @@ class MmioTransport:
             return
         value = struct.unpack("<I", data)[0]
         if offset == VIRTIO_MMIO_QUEUE_NOTIFY:
-            self.notify(value & 0xFFFF)
+            (self.on_queue_notify or self.notify)(value & 0xFFFF)
             return
         activate = False
         with self._lock:

@@ -21,6 +21,7 @@ import os
 import select
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 
 from kata_virtio._device import DeviceError, VirtioDevice
@@ -55,6 +56,8 @@ MAX_PKT_PAYLOAD = 64 * 1024
 MAX_CONNECTIONS = 1024
 MAX_PENDING_CONTROL = 4096
 _HANDSHAKE_MAX = 64
+#: §5.10.6.6: how long we wait for the guest's RST after our SHUTDOWN before forcing one.
+CLOSE_TIMEOUT = 2.0
 _LOCAL_PORT_BASE = 1 << 30
 
 
@@ -85,6 +88,7 @@ class _Conn:
     guest_shut_send: bool = False  # guest will send no more: shut our socket's write side once flushed
     guest_shut_rcv: bool = False  # guest reads no more: stop reading the socket
     host_eof: bool = False
+    closing_since: float = 0.0
 
     @property
     def key(self) -> tuple[int, int]:
@@ -207,7 +211,8 @@ class VirtioVsock(VirtioDevice):
                 events |= select.POLLIN
             if conn.pending:
                 events |= select.POLLOUT
-            if events:
+            if events or conn.state == _State.CONNECTING:
+                # A CONNECTING client is watched for hang-up only (poll reports POLLHUP unasked).
                 fds[conn.sock.fileno()] = events
         return fds
 
@@ -240,10 +245,25 @@ class VirtioVsock(VirtioDevice):
         conn = self._by_fd.get(fd)
         if conn is None:
             return
+        if conn.state == _State.CONNECTING and events & (select.POLLHUP | select.POLLERR):
+            self._reset(conn)  # the client gave up before the guest answered
+            return
         if conn.pending and events & (select.POLLOUT | select.POLLERR | select.POLLHUP):
             self._flush(conn)
         if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and conn.state == _State.ESTABLISHED:
             conn.readable = True
+
+    def tick(self, now: float | None = None) -> None:
+        """Expire connections whose guest never answered our SHUTDOWN; call about once a second."""
+        now = time.monotonic() if now is None else now
+        for conn in list(self._conns.values()):
+            if conn.state == _State.CLOSING and now - conn.closing_since > CLOSE_TIMEOUT:
+                self._reset(conn)
+        if self.active:
+            try:
+                self._process_rx()
+            except VirtioError as err:
+                self.fail(f"vsock: {err}")
 
     # -- host side ---------------------------------------------------------------------------------
 
@@ -508,6 +528,7 @@ class VirtioVsock(VirtioDevice):
                 conn.readable = False
                 conn.host_eof = True
                 conn.state = _State.CLOSING
+                conn.closing_since = time.monotonic()
                 flags = VIRTIO_VSOCK_SHUTDOWN_RCV | VIRTIO_VSOCK_SHUTDOWN_SEND
                 return self._hdr(conn.local_port, conn.peer_port, VIRTIO_VSOCK_OP_SHUTDOWN, 0, flags)
             conn.tx_cnt = (conn.tx_cnt + len(data)) & 0xFFFFFFFF
