@@ -51,6 +51,7 @@ APIC_MODE_EXTINT = 0x7
 
 CPUID_HYPERVISOR_BIT = 1 << 31  # leaf 1 ECX
 CPUID_TSC_DEADLINE_BIT = 1 << 24  # leaf 1 ECX
+CPUID_PDCM_BIT = 1 << 15  # leaf 1 ECX
 
 
 def gdt_entry(flags: int, base: int, limit: int) -> int:
@@ -132,7 +133,7 @@ def setup_protected_mode(vcpu: Vcpu, mem: GuestMemoryMmap, entry: int, start_inf
     """Enter a PVH entry point: flat 32-bit protected mode, paging off, %ebx = hvm_start_info."""
     sregs = vcpu.get_sregs()
     _write_gdt(mem, GDT_32, sregs)
-    sregs.cr0 = (sregs.cr0 | X86_CR0_PE | X86_CR0_ET) & ~X86_CR0_PG
+    sregs.cr0 = X86_CR0_PE | X86_CR0_ET  # caches on (CD/NW clear), paging off
     sregs.cr4 = 0
     sregs.efer = 0
     vcpu.set_sregs(sregs)
@@ -190,8 +191,11 @@ def cpuid_for_vcpu(
     for src in supported:
         e = k.kvm_cpuid_entry2.from_buffer_copy(src)
         if e.function == 1:
-            # EBX[31:24] initial APIC id, EBX[23:16] logical processors per package, EBX[15:8] CLFLUSH size
-            e.ebx = (vcpu_id << 24) | (max(num_vcpus, 1) << 16) | (e.ebx & 0xFF00) | (8 << 8)
+            # EBX[31:24] initial APIC id, EBX[23:16] addressable logical processors per package
+            # (rounded up to a power of two), EBX[15:8] CLFLUSH line size in 8-byte units
+            per_package = 1 << (max(num_vcpus, 1) - 1).bit_length()
+            e.ebx = (vcpu_id << 24) | (per_package << 16) | (8 << 8) | (e.ebx & 0xFF)
+            e.ecx &= ~CPUID_PDCM_BIT  # no IA32_PERF_CAPABILITIES MSR to back it
             e.ecx |= CPUID_HYPERVISOR_BIT
             if tsc_deadline:
                 e.ecx |= CPUID_TSC_DEADLINE_BIT
