@@ -133,3 +133,12 @@ def test_buffer_outside_memory_breaks_device(image: Path) -> None:
 def test_missing_image_is_device_error(tmp_path: Path) -> None:
     with pytest.raises(DeviceError):
         VirtioBlock(tmp_path / "nope")
+
+
+def test_write_beyond_capacity_is_refused_before_copying(image: Path) -> None:
+    before = image.read_bytes()
+    dev, dq, _ = start(image)
+    head = dq.add_chain([(hdr(VIRTIO_BLK_T_OUT, 120), False), (b"w" * 8192, False), (1, True)])
+    dev.notify(0)
+    assert dq.get_used() == [(head, 1)] and dq.written(head) == bytes([VIRTIO_BLK_S_IOERR])
+    assert image.read_bytes() == before

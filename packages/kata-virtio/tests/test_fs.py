@@ -56,3 +56,24 @@ def test_reply_larger_than_buffer_is_erange(tmp_path: Path) -> None:
     assert h == head and n == 16
     assert fuse_reply(req.written(head, n))[0] < 0
     dev.close()
+
+
+def test_oversized_request_chain_is_refused_without_copying(tmp_path: Path) -> None:
+    dev = VirtioFs("tag", tmp_path)
+    mem = FakeGuestMemory(4 << 20)
+    (_, req), irq = activate(dev, mem, [16, 16])
+    request = fuse_request(F.FUSE_WRITE, 1, bytes(40))
+    # The same 1 MiB region listed three times: 3 MiB of "request", more than any real one.
+    big = req.alloc(1 << 20)
+    mem.write(big, request)
+    req.write_desc(0, big, 1 << 20, 1, 1)
+    req.write_desc(1, big, 1 << 20, 1, 2)
+    req.write_desc(2, big, 1 << 20, 1, 3)
+    out = req.alloc(64)
+    req.write_desc(3, out, 64, 2, 0)
+    req.publish(0)
+    dev.notify(1)
+    [(head, n)] = req.get_used()
+    err, _ = fuse_reply(mem.read(out, n))
+    assert head == 0 and err < 0 and irq.needs_reset == []
+    dev.close()

@@ -348,3 +348,19 @@ def test_random_fuse_requests_only_get_replies(tmp_path: Path, fsize_limit: None
     assert sorted(os.listdir(outside)) == ["secret"]
     assert (outside / "secret").read_text() == "s"
     assert sorted(os.listdir(base)) == ["outside", "shared"]
+
+
+def test_special_files_are_never_opened_on_the_host(tree: tuple[Path, Path, FuseServer, Client]) -> None:
+    _, _, server, c = tree
+    c.call(F.FUSE_MKNOD, ROOT, F.FUSE_MKNOD_IN.pack(stat.S_IFIFO | 0o666, 0, 0, 0) + b"pipe\0")
+    nodes = [c.lookup(ROOT, "pipe")[0]]
+    if server.set_owner:  # root: a guest-made node for the host's /dev/null (1:3)
+        c.call(
+            F.FUSE_MKNOD, ROOT, F.FUSE_MKNOD_IN.pack(stat.S_IFCHR | 0o666, os.makedev(1, 3), 0, 0) + b"dev\0"
+        )
+        nodes.append(c.lookup(ROOT, "dev")[0])
+    for node in nodes:
+        for flags in (os.O_RDONLY, os.O_WRONLY, os.O_RDWR):
+            with pytest.raises(FuseError) as e:
+                c.open(node, flags)  # a FIFO open would block the event thread forever
+            assert e.value.errno == errno.EPERM

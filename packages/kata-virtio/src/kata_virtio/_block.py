@@ -106,7 +106,11 @@ class VirtioBlock(VirtioDevice):
             if rtype == VIRTIO_BLK_T_IN:
                 status, written = self._read(sector, data_out)
             elif rtype == VIRTIO_BLK_T_OUT:
-                status = self._write(sector, reader.read_all())
+                # Check bounds before copying: the guest cannot make us buffer more than the disk holds.
+                if self.read_only or not self._in_bounds(sector, reader.remaining):
+                    status = VIRTIO_BLK_S_IOERR
+                else:
+                    status = self._write(sector, reader.read_all())
             elif rtype == VIRTIO_BLK_T_FLUSH:
                 if not self.read_only:
                     os.fsync(self._fd)

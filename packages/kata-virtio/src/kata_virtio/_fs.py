@@ -6,12 +6,13 @@ import os
 import struct
 
 from kata_virtio._device import DeviceError, VirtioDevice
-from kata_virtio._fs_server import FuseServer
+from kata_virtio._fs_server import MAX_WRITE, FuseServer
 from kata_virtio._spec import VIRTIO_ID_FS
 
 #: §5.11.4: the tag is a 36-byte, NUL-padded UTF-8 string.
 TAG_SIZE = 36
 QUEUE_SIZE = 1024
+MAX_REQUEST = MAX_WRITE + 4096
 
 
 class VirtioFs(VirtioDevice):
@@ -59,7 +60,11 @@ class VirtioFs(VirtioDevice):
         while True:
             q.disable_notification(mem)
             while (chain := q.pop(mem)) is not None:
-                request = chain.reader(mem).read_all()
+                reader = chain.reader(mem)
+                # A request never exceeds max_write plus its headers; a longer chain only gets its header
+                # read (the length check in the server then answers EINVAL) so the guest cannot make us
+                # copy gigabytes.
+                request = reader.read(MAX_REQUEST) if reader.remaining <= MAX_REQUEST else reader.read(40)
                 reply = self.server.handle(request, chain.writable_len)
                 written = 0
                 if reply is not None:

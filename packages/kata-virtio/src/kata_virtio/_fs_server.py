@@ -292,6 +292,10 @@ class FuseServer:
         """A real fd for an inode: reopen its O_PATH fd through /proc (never a path walk)."""
         if stat.S_ISLNK(inode.mode):
             raise _Reply(errno.ELOOP)
+        if not (stat.S_ISREG(inode.mode) or stat.S_ISDIR(inode.mode)):
+            # The guest opens FIFOs, sockets and device nodes itself (the kernel never sends OPEN for
+            # them); a host open could block the event thread (FIFO) or reach a host device.
+            raise _Reply(errno.EPERM)
         return os.open(_proc(inode.fd), (flags & _OPEN_FLAGS) | os.O_CLOEXEC)
 
     def _set_owner(self, parent: _Inode, name: str, cred: tuple[int, int]) -> None:
