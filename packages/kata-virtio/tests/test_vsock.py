@@ -456,3 +456,79 @@ def test_client_hanging_up_while_connecting_is_dropped(tmp_path: Path) -> None:
         assert dev.connection_count == 0
     finally:
         dev.close()
+
+
+def _passfd(dev: VirtioVsock, fd: int, text: bytes) -> socket.socket:
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    control.connect(dev.uds_path)
+    control.settimeout(5)
+    control.sendall(b"passfd\n")
+    socket.send_fds(control, [text], [fd])
+    return control
+
+
+def test_passfd_bridges_a_pipe_to_a_guest_port(vsock: VirtioVsock) -> None:
+    """Dragonball passfd: stdout bytes from the guest go straight into the passed pipe."""
+    guest = Guest(vsock)
+    r, w = os.pipe()
+    control = _passfd(vsock, w, b"1027")
+    os.close(w)  # the VMM holds its own copy now
+    pump(vsock)
+    [(hdr, _)] = guest.recv()
+    assert hdr[6] == VIRTIO_VSOCK_OP_REQUEST and hdr[3] == 1027
+    guest.send(1027, hdr[2], VIRTIO_VSOCK_OP_RESPONSE)
+    pump(vsock)
+    assert control.recv(64) == f"OK {hdr[2]}\n".encode()
+    assert control.recv(64) == b""  # the control socket is done after OK
+    guest.send(1027, hdr[2], VIRTIO_VSOCK_OP_RW, b"container stdout")
+    pump(vsock)
+    assert os.read(r, 64) == b"container stdout"
+    os.close(r)
+
+
+def test_passfd_keep_survives_a_closed_reader(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock)
+    for keep, alive in ((b" keep", True), (b"", False)):
+        r, w = os.pipe()
+        control = _passfd(vsock, w, b"1027" + keep)  # kept open until OK arrives
+        os.close(w)
+        pump(vsock)
+        [(hdr, _)] = guest.recv()
+        guest.send(1027, hdr[2], VIRTIO_VSOCK_OP_RESPONSE)
+        pump(vsock)
+        assert control.recv(64).startswith(b"OK ")
+        os.close(r)  # the reader goes away (e.g. the shim restarted)
+        guest.send(1027, hdr[2], VIRTIO_VSOCK_OP_RW, b"lost")
+        ops = [h[6] for h, _ in guest.recv()]
+        assert (VIRTIO_VSOCK_OP_RST not in ops) is alive
+        assert ((hdr[2], 1027) in vsock._conns) is alive
+
+
+def test_passfd_stdin_pipe_feeds_the_guest(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock)
+    r, w = os.pipe()
+    control = _passfd(vsock, r, b"1027")
+    os.close(r)
+    pump(vsock)
+    [(hdr, _)] = guest.recv()
+    guest.send(1027, hdr[2], VIRTIO_VSOCK_OP_RESPONSE)
+    pump(vsock)
+    assert control.recv(64).startswith(b"OK ")
+    os.write(w, b"stdin data")
+    os.close(w)
+    pump(vsock)
+    packets = guest.recv()
+    assert packets[0][1] == b"stdin data"
+    assert packets[-1][0][6] == VIRTIO_VSOCK_OP_SHUTDOWN
+
+
+@pytest.mark.parametrize("text", [b"notaport", b""])
+def test_passfd_without_port_or_fd_is_closed(vsock: VirtioVsock, text: bytes) -> None:
+    guest = Guest(vsock)
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    control.connect(vsock.uds_path)
+    control.settimeout(5)
+    control.sendall(b"passfd\n" + (text or b"1027"))  # bad text, or no fd attached
+    pump(vsock)
+    assert closed(control)
+    assert guest.recv() == [] and vsock.connection_count == 0

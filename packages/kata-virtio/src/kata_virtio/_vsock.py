@@ -4,6 +4,10 @@ The host side of every guest stream is an AF_UNIX socket:
 - host-initiated: a client connects to ``uds_path``, writes ``CONNECT <port>\\n`` and, once the guest
   accepted, reads ``OK <host_port>\\n``; then the socket carries the stream;
 - guest-initiated: a guest connection to host port P is bridged to the socket ``<uds_path>_<P>``;
+- passfd (Dragonball): a client writes ``passfd\n`` then ``<port>[ keep]`` with one fd (SCM_RIGHTS);
+  that fd (pipe, FIFO or socket) becomes the host side of a stream to guest ``<port>`` and the client
+  socket gets ``OK <host_port>\n``; with ``keep``, a closed reader of the fd drops bytes instead of
+  ending the stream;
 - in-process: `VirtioVsock.connect_local` returns one end of a socketpair that behaves like a
   client that already sent ``CONNECT`` (it reads ``OK <host_port>\\n`` first).
 
@@ -61,8 +65,34 @@ CLOSE_TIMEOUT = 2.0
 _LOCAL_PORT_BASE = 1 << 30
 
 
+class _FdStream:
+    """A host stream that is a bare fd passed by ``passfd`` (pipe, FIFO or socket): socket-like calls."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        os.set_blocking(fd, False)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def send(self, data: bytes | bytearray) -> int:
+        return os.write(self._fd, data)
+
+    def recv(self, size: int) -> bytes:
+        return os.read(self._fd, size)
+
+    def shutdown(self, how: int) -> None:
+        """Half-close has no meaning for a pipe; the fd stays open until the connection ends."""
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class _State:
     HANDSHAKE = "handshake"  # host client: waiting for the CONNECT line
+    PASSFD = "passfd"  # host client sent `passfd`: waiting for `<port>[ keep]` with one fd
     CONNECTING = "connecting"  # REQUEST sent to the guest, waiting for RESPONSE
     ESTABLISHED = "established"
     CLOSING = "closing"  # we sent SHUTDOWN(both), waiting for the guest's RST
@@ -70,7 +100,7 @@ class _State:
 
 @dataclass(eq=False)
 class _Conn:
-    sock: socket.socket
+    sock: socket.socket | _FdStream
     state: str
     local_port: int = 0  # host-side port: src_port of our packets
     peer_port: int = 0  # guest port
@@ -89,6 +119,11 @@ class _Conn:
     guest_shut_rcv: bool = False  # guest reads no more: stop reading the socket
     host_eof: bool = False
     closing_since: float = 0.0
+    # passfd: the unix socket that gets `OK <port>` (then closes), and whether a closed reader
+    # of the fd keeps the connection (its bytes are dropped) instead of ending it.
+    control: socket.socket | None = None
+    keep: bool = False
+    write_only: bool = False  # a passed fd not open for reading (a stdout pipe): never poll it for input
 
     @property
     def key(self) -> tuple[int, int]:
@@ -164,7 +199,7 @@ class VirtioVsock(VirtioDevice):
         """Close the listener, every connection and the wake pipe; unlink the socket path."""
         self.on_reset()
         for conn in list(self._handshakes.values()):
-            conn.sock.close()
+            self._close_streams(conn)
         self._handshakes.clear()
         while self._incoming:
             self._incoming.popleft()[0].close()
@@ -205,6 +240,7 @@ class VirtioVsock(VirtioDevice):
                 and not conn.readable
                 and not conn.host_eof
                 and not conn.guest_shut_rcv
+                and not conn.write_only
                 and conn.peer_credit() > 0
                 and not self._rx_starved
             ):
@@ -240,7 +276,11 @@ class VirtioVsock(VirtioDevice):
                 self._start_host_connection(_Conn(sock, _State.HANDSHAKE), port)
             return
         if fd in self._handshakes:
-            self._read_handshake(self._handshakes[fd])
+            waiting = self._handshakes[fd]
+            if waiting.state == _State.PASSFD:
+                self._read_passfd(waiting)
+            else:
+                self._read_handshake(waiting)
             return
         conn = self._by_fd.get(fd)
         if conn is None:
@@ -281,6 +321,7 @@ class VirtioVsock(VirtioDevice):
 
     def _read_handshake(self, conn: _Conn) -> None:
         fd = conn.sock.fileno()
+        assert isinstance(conn.sock, socket.socket)
         try:
             peek = conn.sock.recv(_HANDSHAKE_MAX, socket.MSG_PEEK)
         except BlockingIOError:
@@ -294,8 +335,11 @@ class VirtioVsock(VirtioDevice):
                 conn.sock.close()
             return
         line = conn.sock.recv(nl + 1)  # consume exactly the line; stream bytes stay queued
-        del self._handshakes[fd]
         parts = line.split()
+        if parts and parts[0].lower() == b"passfd" and len(parts) == 1:
+            conn.state = _State.PASSFD  # Dragonball's passfd: the port and an fd follow in one message
+            return
+        del self._handshakes[fd]
         # PROTOCOLS.md: `CONNECT <port>\n`, lowercase accepted.
         if len(parts) == 2 and parts[0].lower() == b"connect" and parts[1].isdigit():
             port = int(parts[1])
@@ -305,9 +349,30 @@ class VirtioVsock(VirtioDevice):
         _log.info("vsock: bad handshake %r", line[:32])
         conn.sock.close()
 
+    def _read_passfd(self, control: _Conn) -> None:
+        """`<port>[ keep]` plus one fd by SCM_RIGHTS: bridge that fd to guest ``port`` (Dragonball passfd)."""
+        sock = control.sock
+        assert isinstance(sock, socket.socket)
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 32, 4)
+        except BlockingIOError:
+            return
+        except OSError:
+            msg, fds = b"", []
+        del self._handshakes[sock.fileno()]
+        parts = msg.split()
+        ok = len(fds) == 1 and bool(parts) and parts[0].isdigit() and int(parts[0]) <= 0xFFFFFFFF
+        if not ok:
+            for extra in fds:
+                os.close(extra)
+            sock.close()
+            return
+        conn = _Conn(_FdStream(fds[0]), _State.HANDSHAKE, control=sock, keep=parts[1:2] == [b"keep"])
+        self._start_host_connection(conn, int(parts[0]))
+
     def _start_host_connection(self, conn: _Conn, port: int) -> None:
         if len(self._conns) >= MAX_CONNECTIONS:
-            conn.sock.close()
+            self._close_streams(conn)
             return
         local = self._alloc_local_port(port)
         conn.local_port, conn.peer_port, conn.state = local, port, _State.CONNECTING
@@ -331,8 +396,11 @@ class VirtioVsock(VirtioDevice):
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                self._reset(conn)
-                return
+                if not conn.keep:
+                    self._reset(conn)
+                    return
+                # passfd "keep": the fd's reader went away; drop the bytes, the guest stream lives on.
+                n = len(conn.pending)
             del conn.pending[:n]
             conn.fwd_cnt = (conn.fwd_cnt + n) & 0xFFFFFFFF
         if not conn.pending and conn.guest_shut_send:
@@ -348,7 +416,14 @@ class VirtioVsock(VirtioDevice):
     def _drop(self, conn: _Conn) -> None:
         self._conns.pop(conn.key, None)
         self._by_fd.pop(conn.sock.fileno(), None)
+        self._close_streams(conn)
+
+    @staticmethod
+    def _close_streams(conn: _Conn) -> None:
         conn.sock.close()
+        if conn.control is not None:
+            conn.control.close()
+            conn.control = None
 
     def _reset(self, conn: _Conn) -> None:
         """Abort a connection: RST to the guest, close the socket."""
@@ -410,9 +485,13 @@ class VirtioVsock(VirtioDevice):
             if op == VIRTIO_VSOCK_OP_RESPONSE:
                 conn.state = _State.ESTABLISHED
                 try:
-                    conn.sock.send(f"OK {conn.local_port}\n".encode())
+                    # passfd answers on its control socket, which is then done; others on the stream.
+                    (conn.control or conn.sock).send(f"OK {conn.local_port}\n".encode())
                 except OSError:
                     self._reset(conn)
+                if conn.control is not None:
+                    conn.control.close()
+                    conn.control = None
             else:
                 self._reset(conn)
         elif op == VIRTIO_VSOCK_OP_RW:
@@ -521,7 +600,10 @@ class VirtioVsock(VirtioDevice):
             except (BlockingIOError, InterruptedError):
                 conn.readable = False
                 continue
-            except OSError:
+            except OSError as err:
+                if err.errno == errno.EBADF and isinstance(conn.sock, _FdStream):
+                    conn.readable, conn.write_only = False, True
+                    continue
                 data = b""
             if not data:
                 # EOF from the host side: tell the guest we neither send nor receive any more.
