@@ -36,7 +36,7 @@ LABVM = REPO / "lab/labvm"
 
 def kata_vmm_command(vcpus: int, memory: int) -> list[str]:
     return [
-        str(KATA_VMM), "run", "--kernel", str(KERNEL), "--initrd", str(INITRD),
+        str(KATA_VMM), "run", "--kernel", str(KERNEL), "--initrd", str(INITRD), "--timeout", "300",
         "--vcpus", str(vcpus), "--memory", str(memory), "--cmdline", CMDLINE, "--stats",
     ]  # fmt: skip
 
@@ -136,7 +136,10 @@ def main() -> int:
     parser.add_argument("--vcpus", type=int, default=2)
     parser.add_argument("--memory", type=int, default=512)
     parser.add_argument("--machines", default="microvm", help="comma-separated QEMU machine types")
+    parser.add_argument("--kernel", type=Path, default=KERNEL)
+    parser.add_argument("--initrd", type=Path, default=INITRD)
     args = parser.parse_args()
+    globals().update(KERNEL=args.kernel, INITRD=args.initrd)
     if shutil.which("qemu-system-x86_64") is None:
         print("qemu-system-x86_64 not found", file=sys.stderr)
         return 2
