@@ -532,3 +532,15 @@ def test_passfd_without_port_or_fd_is_closed(vsock: VirtioVsock, text: bytes) ->
     pump(vsock)
     assert closed(control)
     assert guest.recv() == [] and vsock.connection_count == 0
+
+
+def test_unanswered_request_times_out(vsock: VirtioVsock) -> None:
+    guest = Guest(vsock)
+    client = host_connect(vsock, b"CONNECT 1024\n")
+    pump(vsock)
+    [(hdr, _)] = guest.recv()
+    assert hdr[6] == VIRTIO_VSOCK_OP_REQUEST
+    vsock.tick()
+    assert vsock.connection_count == 1
+    vsock.tick(time.monotonic() + 10)
+    assert vsock.connection_count == 0 and closed(client)

@@ -62,6 +62,8 @@ MAX_PENDING_CONTROL = 4096
 _HANDSHAKE_MAX = 64
 #: §5.10.6.6: how long we wait for the guest's RST after our SHUTDOWN before forcing one.
 CLOSE_TIMEOUT = 2.0
+#: How long a host-initiated REQUEST the guest has received may stay unanswered.
+REQUEST_TIMEOUT = 2.0
 _LOCAL_PORT_BASE = 1 << 30
 
 
@@ -119,6 +121,7 @@ class _Conn:
     guest_shut_rcv: bool = False  # guest reads no more: stop reading the socket
     host_eof: bool = False
     closing_since: float = 0.0
+    request_sent: float = 0.0  # when the guest got our REQUEST (0: not yet delivered)
     # passfd: the unix socket that gets `OK <port>` (then closes), and whether a closed reader
     # of the fd keeps the connection (its bytes are dropped) instead of ending it.
     control: socket.socket | None = None
@@ -294,11 +297,17 @@ class VirtioVsock(VirtioDevice):
             conn.readable = True
 
     def tick(self, now: float | None = None) -> None:
-        """Expire connections whose guest never answered our SHUTDOWN; call about once a second."""
+        """Expire connections whose guest never answered our SHUTDOWN or REQUEST; call about once a second."""
         now = time.monotonic() if now is None else now
         for conn in list(self._conns.values()):
             if conn.state == _State.CLOSING and now - conn.closing_since > CLOSE_TIMEOUT:
                 self._reset(conn)
+            elif (
+                conn.state == _State.CONNECTING
+                and conn.request_sent
+                and now - conn.request_sent > REQUEST_TIMEOUT
+            ):
+                self._reset(conn)  # the guest never answered: the client sees its socket close
         if self.active:
             try:
                 self._process_rx()
@@ -584,6 +593,8 @@ class VirtioVsock(VirtioDevice):
     def _next_packet(self, room: int) -> bytes | None:
         if self._control:
             local, peer, op, flags = self._control.popleft()
+            if op == VIRTIO_VSOCK_OP_REQUEST and (conn := self._conns.get((local, peer))) is not None:
+                conn.request_sent = time.monotonic()
             return self._hdr(local, peer, op, 0, flags)
         for conn in list(self._conns.values()):
             if not conn.readable:

@@ -10,6 +10,7 @@ from kata_virtio import _fuse as F
 from kata_virtio._device import VirtioDevice
 from kata_virtio._fs_server import FuseServer
 from kata_virtio._memory import GuestAddressError
+from kata_virtio._mmio import MmioTransport
 from kata_virtio._queue import Queue
 from kata_virtio._spec import (
     VIRTIO_F_INDIRECT_DESC,
@@ -31,6 +32,7 @@ __all__ = [
     "activate",
     "fuse_reply",
     "fuse_request",
+    "mmio_bring_up",
 ]
 
 
@@ -383,3 +385,47 @@ class FuseClient:
                 offset = off
         self.release(node, fh, F.FUSE_RELEASEDIR)
         return names
+
+
+def mmio_bring_up(
+    transport: MmioTransport, sizes: Sequence[int], *, features: int | None = None
+) -> list[DriverQueue]:
+    """Initialise a device through its virtio-mmio registers as Linux's virtio_mmio driver does
+    (virtio 1.2 §3.1.1): reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queues, DRIVER_OK.
+    Returns the driver queues (rings first, then one shared buffer area)."""
+    t = transport
+    t.write_u32(0x070, 0)
+    t.write_u32(0x070, 1)
+    t.write_u32(0x070, 3)
+    offered = 0
+    for sel in (0, 1):
+        t.write_u32(0x014, sel)
+        offered |= t.read_u32(0x010) << (32 * sel)
+    wanted = offered if features is None else features
+    for sel in (0, 1):
+        t.write_u32(0x024, sel)
+        t.write_u32(0x020, (wanted >> (32 * sel)) & 0xFFFFFFFF)
+    t.write_u32(0x070, 0xB)
+    if not t.read_u32(0x070) & 8:
+        raise RuntimeError("device refused FEATURES_OK")
+    memory = t.memory
+    assert isinstance(memory, FakeGuestMemory)
+    dqs: list[DriverQueue] = []
+    base = memory.base
+    for index, size in enumerate(sizes):
+        dq = DriverQueue(memory, size, base)
+        base = (dq.rings_end + 0xFFF) & ~0xFFF
+        t.write_u32(0x030, index)
+        if t.read_u32(0x044) or t.read_u32(0x034) < size:
+            raise RuntimeError(f"queue {index} unusable")
+        t.write_u32(0x038, size)
+        for reg, addr in ((0x080, dq.desc_table), (0x090, dq.avail_ring), (0x0A0, dq.used_ring)):
+            t.write_u32(reg, addr & 0xFFFFFFFF)
+            t.write_u32(reg + 4, addr >> 32)
+        t.write_u32(0x044, 1)
+        dqs.append(dq)
+    heap = BumpAllocator(base, memory.base + len(memory.data))
+    for dq in dqs:
+        dq.heap = heap
+    t.write_u32(0x070, 0xF)
+    return dqs
