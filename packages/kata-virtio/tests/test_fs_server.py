@@ -364,3 +364,34 @@ def test_special_files_are_never_opened_on_the_host(tree: tuple[Path, Path, Fuse
             with pytest.raises(FuseError) as e:
                 c.open(node, flags)  # a FIFO open would block the event thread forever
             assert e.value.errno == errno.EPERM
+
+
+def test_create_over_an_existing_fifo_is_refused(tree: tuple[Path, Path, FuseServer, Client]) -> None:
+    shared, _, _, c = tree
+    os.mkfifo(shared / "pipe")
+    for flags in (os.O_RDONLY, os.O_WRONLY, os.O_RDWR):
+        with pytest.raises(FuseError) as e:
+            c.create(ROOT, "pipe", flags=flags)  # an open would block the event thread
+        assert e.value.errno == errno.EPERM
+    with pytest.raises(FuseError) as e:
+        c.create(ROOT, "pipe", flags=os.O_WRONLY | os.O_EXCL)
+    assert e.value.errno == errno.EEXIST
+
+
+def test_inode_and_handle_limits(tmp_path: Path) -> None:
+    for i in range(5):
+        (tmp_path / f"f{i}").touch()
+    server = FuseServer(tmp_path, max_inodes=3, max_handles=1)
+    c = Client(server)
+    try:
+        a, _ = c.lookup(ROOT, "f0")
+        c.lookup(ROOT, "f1")
+        with pytest.raises(FuseError) as e:
+            c.lookup(ROOT, "f2")
+        assert e.value.errno == errno.ENFILE
+        c.open(a)
+        with pytest.raises(FuseError) as e:
+            c.open(a)
+        assert e.value.errno == errno.ENFILE
+    finally:
+        server.close()

@@ -154,8 +154,18 @@ class FuseServer:
     reply (FORGET, BATCH_FORGET). It never raises for anything the guest sends.
     """
 
-    def __init__(self, shared_dir: str | os.PathLike[str], *, set_owner: bool | None = None) -> None:
+    def __init__(
+        self,
+        shared_dir: str | os.PathLike[str],
+        *,
+        set_owner: bool | None = None,
+        max_inodes: int = 65536,
+        max_handles: int = 16384,
+    ) -> None:
         self.shared_dir = os.fspath(shared_dir)
+        #: Each inode and handle holds an fd: the VMM should raise RLIMIT_NOFILE above their sum.
+        self.max_inodes = max_inodes
+        self.max_handles = max_handles
         try:
             root = os.open(self.shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as err:
@@ -256,6 +266,10 @@ class FuseServer:
             os.close(fd)
             inode = self._inodes[nodeid]
         else:
+            if len(self._inodes) >= self.max_inodes:
+                # Every inode costs an fd: a guest must not exhaust the VMM's fd table.
+                os.close(fd)
+                raise _Reply(errno.ENFILE)
             nodeid, self._next_node = self._next_node, self._next_node + 1
             inode = _Inode(fd, key, st.st_mode)
             self._inodes[nodeid] = inode
@@ -285,6 +299,8 @@ class FuseServer:
                 self._unref(node, nlookup)
 
     def _new_fh(self) -> int:
+        if len(self._files) + len(self._dirs) >= self.max_handles:
+            raise _Reply(errno.ENFILE)
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         return fh
 
@@ -469,33 +485,36 @@ class FuseServer:
         inode = self._inode(nodeid)
         if stat.S_ISDIR(inode.mode) and flags & os.O_ACCMODE != os.O_RDONLY:
             raise _Reply(errno.EISDIR)
-        fd = self._reopen(inode, flags)
         fh = self._new_fh()
-        self._files[fh] = fd
+        self._files[fh] = self._reopen(inode, flags)
         return F.FUSE_OPEN_OUT.pack(fh, 0, 0)
 
     def _create(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
         parent = self._dir(nodeid)
         flags, mode, umask, _ = F.FUSE_CREATE_IN.unpack_from(body)
         name = _name(body[F.FUSE_CREATE_IN.size :].split(b"\0")[0])
-        existed = True
+        fh = self._new_fh()
         try:
-            os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            existing = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         except FileNotFoundError:
-            existed = False
-        flags = (flags & (_OPEN_FLAGS | os.O_EXCL) & ~os.O_DIRECTORY) | os.O_CREAT | os.O_NOFOLLOW
-        fd = openat2(
-            parent.fd, name, flags, stat.S_IMODE(mode & ~umask), RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
-        )
+            existing = None
+        if existing is not None and not stat.S_ISREG(existing.st_mode) and not flags & os.O_EXCL:
+            raise _Reply(errno.EPERM)  # never open an existing FIFO or device node on the host
+        wanted = (flags & (_OPEN_FLAGS | os.O_EXCL) & ~os.O_DIRECTORY) | os.O_CREAT | os.O_NOFOLLOW
+        perm = stat.S_IMODE(mode & ~umask)
+        # O_NONBLOCK until we know it is a regular file: something swapped in meanwhile must not block us.
+        fd = openat2(parent.fd, name, wanted | os.O_NONBLOCK, perm, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
         try:
-            if not existed:
-                os.fchmod(fd, stat.S_IMODE(mode & ~umask))
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise _Reply(errno.EPERM)
+            os.set_blocking(fd, not wanted & os.O_NONBLOCK)
+            if existing is None:
+                os.fchmod(fd, perm)
                 self._set_owner(parent, name, cred)
             entry = self._entry(parent, name)
         except BaseException:
             os.close(fd)
             raise
-        fh = self._new_fh()
         self._files[fh] = fd
         return entry + F.FUSE_OPEN_OUT.pack(fh, 0, 0)
 
@@ -586,9 +605,8 @@ class FuseServer:
 
     def _opendir(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
         inode = self._dir(nodeid)
-        fd = os.open(_proc(inode.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fh = self._new_fh()
-        self._dirs[fh] = _DirHandle(fd)
+        self._dirs[fh] = _DirHandle(os.open(_proc(inode.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         return F.FUSE_OPEN_OUT.pack(fh, 0, 0)
 
     def _dir_entries(self, fh: int) -> list[tuple[str, int, int]]:
