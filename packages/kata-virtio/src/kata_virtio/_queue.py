@@ -248,8 +248,6 @@ class Queue:
                     raise IndirectDescriptorError("indirect descriptor with VIRTQ_DESC_F_NEXT")
                 if length == 0 or length % 16 or length // 16 > MAX_INDIRECT_ENTRIES:
                     raise IndirectDescriptorError(f"indirect table length {length} is invalid")
-                if addr % 16:
-                    pass  # §2.7.5.3.1 asks no alignment of indirect tables
                 table, table_len, idx = addr, length // 16, 0
                 in_indirect = True
                 count = 0
