@@ -122,6 +122,8 @@ class VmmStatistics:
     console_bytes_out: int
     console_bytes_in: int
     per_vcpu: list[dict[str, int]] = field(default_factory=list)
+    setup_seconds: dict[str, float] = field(default_factory=dict)
+    """Host-side set-up phases before the first KVM_RUN (configure, ACPI, kernel load, vCPU creation)."""
 
 
 class Vmm:
@@ -148,11 +150,13 @@ class Vmm:
         self._started_at = 0.0
         self._ended_at = 0.0
         self._restore_input_blocking: tuple[int, bool] | None = None
+        self._setup: dict[str, float] = {}
 
     # --- configuration ---------------------------------------------------------------------------
     def configure(self, config: VmConfig) -> None:
         """Open KVM, create the VM, its RAM, irqchip, PIT and legacy devices (nothing runs yet)."""
         self._require(VmmState.NEW)
+        t0 = time.monotonic()
         try:
             self.kvm = Kvm()
             config.validate(self.kvm.max_vcpus())
@@ -179,6 +183,7 @@ class Vmm:
         except BaseException:
             self._release()
             raise
+        self._setup["configure"] = time.monotonic() - t0
         self.state = VmmState.CONFIGURED
 
     def _setup_legacy_devices(self, config: VmConfig) -> None:
@@ -215,15 +220,18 @@ class Vmm:
         assert self.kvm is not None and self.vm is not None and self.memory is not None and self.config
         config = self.config
         install_kick_handler()
+        t0 = time.monotonic()
         descriptions = [MmioDeviceDescription(s.base, s.size, s.gsi) for s in self._mmio_slots]
         tables = build_tables(ACPI_START, config.vcpus, descriptions)
         if tables.size > ACPI_MAX_SIZE:
             raise ConfigError("ACPI tables do not fit their reserved area")
         for addr, blob in tables.blobs:
             self.memory.write(addr, blob)
+        t1 = time.monotonic()
         self.boot_plan = load_kernel(
             self.memory, config.kernel, config.cmdline, config.initrd, tables.rsdp_addr
         )
+        t2 = time.monotonic()
         supported = self.kvm.supported_cpuid()
         tsc_deadline = bool(self.kvm.check_extension(k.KVM_CAP_TSC_DEADLINE_TIMER))
         msrs = _cpu.boot_msrs()
@@ -239,6 +247,8 @@ class Vmm:
             _cpu.setup_long_mode(bsp, self.memory, self.boot_plan.entry, self.boot_plan.boot_info)
         else:
             _cpu.setup_protected_mode(bsp, self.memory, self.boot_plan.entry, self.boot_plan.boot_info)
+        t3 = time.monotonic()
+        self._setup.update(acpi=t1 - t0, load_kernel=t2 - t1, create_vcpus=t3 - t2)
         self._start_threads()
 
     def _start_threads(self) -> None:
@@ -400,6 +410,7 @@ class Vmm:
             console_bytes_out=self.serial.bytes_out if self.serial else 0,
             console_bytes_in=self.serial.bytes_in if self.serial else 0,
             per_vcpu=per_vcpu,
+            setup_seconds=dict(self._setup),
         )
 
     # --- teardown ----------------------------------------------------------------------------------
