@@ -544,3 +544,66 @@ def test_unanswered_request_times_out(vsock: VirtioVsock) -> None:
     assert vsock.connection_count == 1
     vsock.tick(time.monotonic() + 10)
     assert vsock.connection_count == 0 and closed(client)
+
+
+_lines = st.one_of(
+    st.binary(max_size=80),
+    st.builds(
+        lambda word, port, tail: word + b" " + port + tail,
+        st.sampled_from([b"CONNECT", b"connect", b"Connect", b"passfd", b"OK", b""]),
+        st.sampled_from([b"1024", b"0", b"4294967295", b"4294967296", b"-1", b"x", b""]),
+        st.sampled_from([b"\n", b"\r\n", b"", b" extra\n", b"\nDATA"]),
+    ),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(line=_lines)
+def test_random_handshakes_connect_or_close(tmp_path: Path, line: bytes) -> None:
+    dev = VirtioVsock(tmp_path / f"h{len(os.listdir(tmp_path))}.sock")
+    try:
+        guest = Guest(dev, rx_buffers=4)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(dev.uds_path)
+        client.settimeout(2)
+        client.sendall(line)
+        client.shutdown(socket.SHUT_WR)  # no more bytes: a partial line must not leave us waiting forever
+        pump(dev, timeout=0.01)
+        requests = [h for h, _ in guest.recv() if h[6] == VIRTIO_VSOCK_OP_REQUEST]
+        first = line.split(b"\n", 1)[0].split()
+        valid = (
+            b"\n" in line
+            and len(first) == 2
+            and first[0].lower() == b"connect"
+            and first[1].isdigit()
+            and int(first[1]) <= 0xFFFFFFFF
+        )
+        if valid:
+            assert [h[3] for h in requests] == [int(first[1])]
+        else:
+            assert requests == [] and closed(client)
+        assert not dev.broken
+        client.close()
+    finally:
+        dev.close()
+
+
+def test_partial_handshake_line_neither_spins_nor_lingers(vsock: VirtioVsock) -> None:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(vsock.uds_path)
+    client.settimeout(2)
+    client.sendall(b"CONN")
+    pump(vsock)
+    poller = select.poll()
+    for fd, ev in vsock.watched().items():
+        poller.register(fd, ev)
+    assert poller.poll(0) == []  # the partial line was consumed: no busy loop on a slow client
+    client.sendall(b"ECT 5\n")
+    pump(vsock)
+    assert vsock.connection_count == 1
+    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    slow.connect(vsock.uds_path)
+    slow.sendall(b"CONNECT 7")
+    slow.shutdown(socket.SHUT_WR)
+    pump(vsock)
+    assert closed(slow)

@@ -126,6 +126,7 @@ class _Conn:
     # of the fd keeps the connection (its bytes are dropped) instead of ending it.
     control: socket.socket | None = None
     keep: bool = False
+    line: bytearray = field(default_factory=bytearray)  # the CONNECT/passfd line read so far
     write_only: bool = False  # a passed fd not open for reading (a stdout pipe): never poll it for input
 
     @property
@@ -331,19 +332,21 @@ class VirtioVsock(VirtioDevice):
     def _read_handshake(self, conn: _Conn) -> None:
         fd = conn.sock.fileno()
         assert isinstance(conn.sock, socket.socket)
-        try:
-            peek = conn.sock.recv(_HANDSHAKE_MAX, socket.MSG_PEEK)
-        except BlockingIOError:
-            return
-        except OSError:
-            peek = b""
-        nl = peek.find(b"\n")
-        if nl < 0:
-            if not peek or len(peek) >= _HANDSHAKE_MAX:
+        # One byte at a time, as Dragonball does: never consume stream bytes after the line, and a
+        # partial line followed by EOF is seen as EOF (a peek would see the same bytes forever).
+        while not conn.line.endswith(b"\n"):
+            try:
+                byte = conn.sock.recv(1)
+            except BlockingIOError:
+                return
+            except OSError:
+                byte = b""
+            if not byte or len(conn.line) >= _HANDSHAKE_MAX:
                 del self._handshakes[fd]
                 conn.sock.close()
-            return
-        line = conn.sock.recv(nl + 1)  # consume exactly the line; stream bytes stay queued
+                return
+            conn.line += byte
+        line = bytes(conn.line)
         parts = line.split()
         if parts and parts[0].lower() == b"passfd" and len(parts) == 1:
             conn.state = _State.PASSFD  # Dragonball's passfd: the port and an fd follow in one message
