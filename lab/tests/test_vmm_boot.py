@@ -23,8 +23,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST = REPO / "build/lab/guest"
-KERNEL = GUEST / "vmlinuz"
-INITRD = GUEST / "initrd-test.img"
+KERNEL = Path(os.environ.get("KATA_LAB_KERNEL", GUEST / "vmlinuz"))
+INITRD = Path(os.environ.get("KATA_LAB_INITRD", GUEST / "initrd-test.img"))
 LABVM = REPO / "lab/labvm"
 KATA_VMM = REPO / ".venv/bin/kata-vmm"
 PYTHON = REPO / ".venv/bin/python"
