@@ -154,3 +154,6 @@ class VirtioDevice(abc.ABC):
 
     def on_reset(self) -> None:  # noqa: B027 - optional hook
         """Hook run by `reset` for back-end state."""
+
+    def close(self) -> None:  # noqa: B027 - devices with host resources override it
+        """Release host resources (files, sockets, fds); the device is unusable afterwards."""
