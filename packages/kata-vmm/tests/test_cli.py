@@ -114,3 +114,11 @@ def test_missing_arguments_are_a_usage_error() -> None:
     assert result.returncode == 2
     assert b"--kernel" in result.stderr
     assert b"Traceback" not in result.stderr
+
+
+def test_extract_vmlinux_of_a_non_kernel_is_one_line_and_exit_two(tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.write_bytes(bytes(8192))
+    result = kata_vmm("extract-vmlinux", junk, tmp_path / "vmlinux")
+    assert_one_line_error(result, 2, "not a bzImage")
+    assert not (tmp_path / "vmlinux").exists()

@@ -141,7 +141,7 @@ def _load_bzimage(
         )
     setup_sects = hdr.setup_sects or 4
     kernel_offset = (setup_sects + 1) * 512
-    payload = image[kernel_offset:]
+    payload = memoryview(image)[kernel_offset:]
     if not payload:
         raise KernelLoadError(f"{path}: truncated bzImage (no protected-mode kernel)")
     load_addr = HIGH_MEMORY_START
@@ -239,8 +239,9 @@ def _load_elf_pvh(
             raise KernelLoadError(
                 f"{path}: kernel segment {paddr:#x}+{memsz:#x} does not fit in guest memory"
             ) from err
-        mem.write(paddr, image[offset : offset + filesz])
-        mem.write(paddr + filesz, bytes(memsz - filesz))
+        # no copy of the (tens of MiB) segment on the way; the bss needs no zeroing: guest RAM is a
+        # fresh anonymous or memfd mapping, which the host kernel hands out zero-filled
+        mem.write(paddr, memoryview(image)[offset : offset + filesz])
         kernel_end = max(kernel_end, paddr + memsz)
 
     start = si.hvm_start_info(magic=si.XEN_HVM_START_MAGIC_VALUE, version=1)
