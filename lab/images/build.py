@@ -1,0 +1,433 @@
+#!/usr/bin/env python3
+"""Build the guest assets of the lab into build/lab/guest/ (stdlib only; `nox -s images` runs this).
+
+Outputs, rebuilt only when a hash of their inputs changes (this file's source, the pinned kernel, the module
+lists, the busybox binary, the sandbox package versions):
+
+    vmlinuz, kernel-version, modules/lib/modules/<ver>/   the pinned Debian bookworm cloud kernel (depmod'ed)
+    initrd-lab.img       boots the lab VM itself: virtio-fs host root, overlay, chroot (see lab/labvm)
+    initrd-test.img      busybox initramfs for test guests: loads the virtio drivers, runs `lab.run=PATH`
+                         if given on the kernel command line, else prints KATA-LAB-GUEST-OK and powers off
+    rootfs-sandbox.erofs read-only root of the sandbox guest: Debian's python3, crun, busybox, /opt/kata-agent
+    initrd-sandbox.img   mounts /dev/vda (that image) under a tmpfs overlay and runs /opt/kata-agent/start,
+                         else prints KATA-SANDBOX-READY and powers off
+
+Run `python3 lab/images/build.py --force` to rebuild regardless of the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+OUT = REPO / "build" / "lab" / "guest"
+CACHE = REPO / "build" / "lab" / "cache"
+
+# The pinned kernel: Debian bookworm's cloud flavour. To move the pin, take the ABI and version that
+# `apt-cache policy linux-image-cloud-amd64` / `apt-cache depends linux-image-cloud-amd64` show.
+KERNEL_ABI = "6.1.0-56"
+KERNEL_DEB_VERSION = "6.1.192-2"
+KERNEL_RELEASE = f"{KERNEL_ABI}-cloud-amd64"
+KERNEL_PACKAGE = f"linux-image-{KERNEL_RELEASE}"
+
+# Modules each initramfs loads (dependencies are added from modules.dep, in load order).
+LAB_MODULES = ["virtio_pci", "virtio_console", "virtio-rng", "virtiofs", "overlay"]
+TEST_MODULES = [
+    "virtio_mmio", "virtio_pci", "vmw_vsock_virtio_transport", "virtio_blk", "virtio_net", "virtiofs",
+    "overlay",
+]  # fmt: skip
+SANDBOX_MODULES = [*TEST_MODULES, "erofs", "virtio_console"]
+
+# Debian packages unpacked into the sandbox root (python3 with its stdlib, crun, busybox and their shared
+# libraries; no dpkg, perl or docs). Versions are whatever the configured archive holds; they are part of
+# the cache key, so an archive update rebuilds the image.
+SANDBOX_PACKAGES = [
+    "busybox-static", "crun", "python3", "python3-minimal", "python3.11", "python3.11-minimal",
+    "libpython3-stdlib", "libpython3.11-minimal", "libpython3.11-stdlib", "media-types",
+    "libc6", "libgcc-s1", "gcc-12-base", "libcap2", "libseccomp2", "libsystemd0", "libyajl2", "liblz4-1",
+    "liblzma5", "libzstd1", "libgcrypt20", "libgpg-error0", "libexpat1", "zlib1g", "libssl3", "libffi8",
+    "libbz2-1.0", "libcrypt1", "libdb5.3", "libncursesw6", "libtinfo6", "libnsl2", "libtirpc3",
+    "libtirpc-common", "libreadline8", "readline-common", "libsqlite3-0", "libuuid1", "libgssapi-krb5-2",
+    "libk5crypto3", "libkeyutils1", "libkrb5-3", "libkrb5support0", "libcom-err2",
+]  # fmt: skip
+SANDBOX_PRUNE = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/lintian", "usr/share/locale"]
+
+BUSYBOX = Path("/bin/busybox")
+
+
+class BuildError(Exception):
+    """A step of the image build failed; the message says what to do."""
+
+
+def log(msg: str) -> None:
+    print(f"[images] {msg}", file=sys.stderr, flush=True)
+
+
+def run(*cmd: str, cwd: Path | None = None) -> str:
+    try:
+        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as err:
+        raise BuildError(f"{cmd[0]} is not installed (./dev installs the lab's Debian packages)") from err
+    if done.returncode != 0:
+        raise BuildError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[-800:]}")
+    return done.stdout
+
+
+# --- cpio (newc) --------------------------------------------------------------------------------------------
+class Cpio:
+    """A newc cpio archive written in memory; entries keep the order they are added in."""
+
+    def __init__(self) -> None:
+        self._buf = io.BytesIO()
+        self._ino = 1
+        self._dirs: set[str] = set()
+
+    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        name_b = name.encode() + b"\0"
+        fields = [self._ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(name_b), 0]
+        self._ino += 1
+        header = b"070701" + b"".join(b"%08X" % f for f in fields)
+        self._buf.write(header + name_b)
+        self._buf.write(b"\0" * (-(len(header) + len(name_b)) % 4))
+        self._buf.write(data)
+        self._buf.write(b"\0" * (-len(data) % 4))
+
+    def mkdir(self, path: str) -> None:
+        path = path.strip("/")
+        parts = path.split("/")
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            if sub and sub not in self._dirs:
+                self._dirs.add(sub)
+                self._entry(sub, stat.S_IFDIR | 0o755)
+
+    def file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        path = path.strip("/")
+        self.mkdir(os.path.dirname(path))
+        self._entry(path, stat.S_IFREG | mode, data)
+
+    def symlink(self, path: str, target: str) -> None:
+        path = path.strip("/")
+        self.mkdir(os.path.dirname(path))
+        self._entry(path, stat.S_IFLNK | 0o777, target.encode())
+
+    def chardev(self, path: str, major: int, minor: int, mode: int = 0o600) -> None:
+        path = path.strip("/")
+        self.mkdir(os.path.dirname(path))
+        self._entry(path, stat.S_IFCHR | mode, rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        self._buf.write(b"\0" * (-self._buf.tell() % 512))
+        return self._buf.getvalue()
+
+
+# --- kernel ---------------------------------------------------------------------------------------
+def fetch_deb(package: str, version: str) -> Path:
+    """The .deb of package=version in the download cache, fetched with `apt-get download` if absent."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    found = sorted(CACHE.glob(f"{package}_{version.replace(':', '%3a')}_*.deb"))
+    if found:
+        return found[0]
+    done = subprocess.run(
+        ["apt-get", "download", f"{package}={version}"],
+        cwd=CACHE,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = sorted(CACHE.glob(f"{package}_{version.replace(':', '%3a')}_*.deb"))
+    if done.returncode != 0 or not found:
+        raise BuildError(
+            f"apt-get download {package}={version} failed: {done.stderr.strip().splitlines()[-1:]}"
+        )
+    return found[0]
+
+
+def candidate_version(package: str) -> str | None:
+    out = run("apt-cache", "policy", package)
+    for line in out.splitlines():
+        if line.strip().startswith("Candidate:"):
+            value = line.split(":", 1)[1].strip()
+            return None if value == "(none)" else value
+    return None
+
+
+def build_kernel(stage: Path) -> Path:
+    """Unpack the pinned kernel into stage (vmlinuz, kernel-version, modules/); returns the modules dir."""
+    try:
+        deb = fetch_deb(KERNEL_PACKAGE, KERNEL_DEB_VERSION)
+    except BuildError as err:
+        meta = candidate_version("linux-image-cloud-amd64")
+        raise BuildError(
+            f"pinned kernel {KERNEL_PACKAGE}={KERNEL_DEB_VERSION} is not in the archive any more "
+            f"(linux-image-cloud-amd64 is now {meta}; `apt-cache depends linux-image-cloud-amd64` names"
+            f" its ABI): change KERNEL_ABI / KERNEL_DEB_VERSION in {Path(__file__).relative_to(REPO)}"
+        ) from err
+    unpacked = stage / "kernel-deb"
+    run("dpkg-deb", "-x", str(deb), str(unpacked))
+    shutil.copyfile(unpacked / "boot" / f"vmlinuz-{KERNEL_RELEASE}", stage / "vmlinuz")
+    (stage / "kernel-version").write_text(KERNEL_RELEASE + "\n")
+    modules = stage / "modules"
+    (modules / "lib" / "modules").mkdir(parents=True)
+    src = unpacked / "lib" / "modules" / KERNEL_RELEASE
+    if not src.is_dir():  # merged-/usr packaging
+        src = unpacked / "usr" / "lib" / "modules" / KERNEL_RELEASE
+    shutil.move(str(src), modules / "lib" / "modules" / KERNEL_RELEASE)
+    shutil.copyfile(unpacked / "boot" / f"config-{KERNEL_RELEASE}", stage / "config")
+    run("depmod", "-b", str(modules), KERNEL_RELEASE)
+    shutil.rmtree(unpacked)
+    return modules / "lib" / "modules" / KERNEL_RELEASE
+
+
+def module_closure(moddir: Path, names: list[str]) -> list[str]:
+    """Relative paths of the named modules and their dependencies, dependencies first."""
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+        by_name[os.path.basename(path).removesuffix(".ko").replace("-", "_")] = path
+    builtin = {
+        os.path.basename(p).removesuffix(".ko").replace("-", "_")
+        for p in (moddir / "modules.builtin").read_text().split()
+    }
+    order: list[str] = []
+
+    def visit(path: str) -> None:
+        if path in order:
+            return
+        # modules.dep lists a module's dependencies in the order that loading them in reverse works
+        for dep in reversed(deps[path]):
+            visit(dep)
+        order.append(path)
+
+    for name in names:
+        key = name.replace("-", "_")
+        if key in builtin:
+            continue
+        if key not in by_name:
+            raise BuildError(f"kernel module {name} not found in {KERNEL_RELEASE}")
+        visit(by_name[key])
+    return order
+
+
+def base_initramfs(moddir: Path, modules: list[str]) -> tuple[Cpio, str]:
+    """A cpio with busybox, /dev/console and the modules; returns it and the shell lines that load them."""
+    cpio = Cpio()
+    for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "mnt", "newroot", "run"):
+        cpio.mkdir(d)
+    cpio.chardev("dev/console", 5, 1)
+    cpio.chardev("dev/null", 1, 3, 0o666)
+    cpio.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
+    cpio.symlink("bin/sh", "busybox")
+    loads = []
+    for rel in module_closure(moddir, modules):
+        cpio.file(f"lib/modules/{rel.rsplit('/', 1)[-1]}", (moddir / rel).read_bytes())
+        loads.append(f"insmod /lib/modules/{rel.rsplit('/', 1)[-1]} || echo 'lab-init: insmod {rel} failed'")
+    return cpio, "\n".join(loads)
+
+
+INIT_PRELUDE = """#!/bin/sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+cmdline_arg() {  # value of NAME=... on the kernel command line
+    for word in $(cat /proc/cmdline); do
+        case "$word" in "$1="*) echo "${word#*=}"; return 0;; esac
+    done
+    return 1
+}
+"""
+
+TEST_INIT = (
+    INIT_PRELUDE
+    + """{loads}
+# lab.virtiofs=TAG[,TAG...]: mount each virtio-fs tag at /mnt/TAG (a way to hand the guest a lab.run script)
+for tag in $(cmdline_arg lab.virtiofs | tr , ' '); do
+    mkdir -p "/mnt/$tag" && mount -t virtiofs "$tag" "/mnt/$tag"
+done
+run=$(cmdline_arg lab.run)
+if [ -n "$run" ]; then
+    sh "$run"
+    echo "lab-init: $run exited $?"
+else
+    echo KATA-LAB-GUEST-OK
+fi
+sync
+poweroff -f
+"""
+)
+
+SANDBOX_INIT = (
+    INIT_PRELUDE
+    + """{loads}
+root=$(cmdline_arg lab.root || echo /dev/vda)
+fstype=$(cmdline_arg lab.rootfstype || echo erofs)
+mkdir -p /run/lower /run/rw
+mount -t "$fstype" -o ro "$root" /run/lower || { echo "lab-init: cannot mount $root"; poweroff -f; }
+mount -t tmpfs -o mode=0755 tmpfs /run/rw
+mkdir -p /run/rw/upper /run/rw/work
+mount -t overlay -o lowerdir=/run/lower,upperdir=/run/rw/upper,workdir=/run/rw/work overlay /newroot
+mkdir -p /newroot/run/lower
+mount --move /run/lower /newroot/run/lower
+umount /proc /sys /dev 2>/dev/null
+if [ -x /newroot/opt/kata-agent/start ]; then
+    exec switch_root /newroot /opt/kata-agent/start
+fi
+echo KATA-SANDBOX-READY
+sync
+poweroff -f
+"""
+)
+
+
+def lab_init_script() -> str:
+    return INIT_PRELUDE + "{loads}\n" + (REPO / "lab" / "images" / "lab-init.sh").read_text()
+
+
+def build_initrd(moddir: Path, modules: list[str], init: str, dest: Path) -> None:
+    cpio, loads = base_initramfs(moddir, modules)
+    cpio.file("init", init.replace("{loads}", loads).encode(), 0o755)
+    dest.write_bytes(cpio.finish())
+
+
+# --- sandbox root ---------------------------------------------------------------------------------
+def sandbox_versions() -> dict[str, str]:
+    """Candidate version of every sandbox package, from one `apt-cache policy` call."""
+    versions: dict[str, str] = {}
+    current = None
+    for line in run("apt-cache", "policy", *SANDBOX_PACKAGES).splitlines():
+        if line and not line[0].isspace() and line.endswith(":"):
+            current = line[:-1]
+        elif current and line.strip().startswith("Candidate:"):
+            value = line.split(":", 1)[1].strip()
+            if value != "(none)":
+                versions[current.split(":")[0]] = value
+    missing = [p for p in SANDBOX_PACKAGES if p not in versions]
+    if missing:
+        raise BuildError(f"Debian packages without a candidate version: {missing} (run apt-get update)")
+    return {p: versions[p] for p in SANDBOX_PACKAGES}
+
+
+def build_sandbox_root(stage: Path, versions: dict[str, str]) -> None:
+    root = stage / "sandbox-root"
+    root.mkdir()
+    for i, (pkg, version) in enumerate(versions.items(), 1):
+        if i % 10 == 1:
+            log(f"  sandbox packages {i}-{min(i + 9, len(versions))} of {len(versions)}")
+        run("dpkg-deb", "-x", str(fetch_deb(pkg, version)), str(root))
+    # merged /usr, as a Debian 12 system has it
+    for top in ("bin", "sbin", "lib", "lib64"):
+        src = root / top
+        dst = root / "usr" / top
+        if src.is_dir() and not src.is_symlink():
+            shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
+            shutil.rmtree(src)
+        dst.mkdir(parents=True, exist_ok=True)
+        (root / top).symlink_to(f"usr/{top}")
+    for rel in SANDBOX_PRUNE:
+        shutil.rmtree(root / rel, ignore_errors=True)
+    for d in ("dev", "proc", "sys", "run", "tmp", "etc", "var/tmp", "root", "opt/kata-agent", "mnt"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "tmp").chmod(0o1777)
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\n")
+    (root / "etc" / "hostname").write_text("kata-sandbox\n")
+    (root / "usr" / "bin" / "sh").unlink(missing_ok=True)
+    (root / "usr" / "bin" / "sh").symlink_to("busybox")
+    (root / "opt" / "kata-agent" / "README").write_text(
+        "The kata-agent package goes here; the sandbox initramfs execs ./start when it exists.\n"
+    )
+
+
+def make_erofs(src: Path, dest: Path) -> None:
+    # -T0 and fixed UUID: the same inputs give the same image bytes
+    run("mkfs.erofs", "-T0", "-U", "00000000-0000-0000-0000-000000000000", "--all-root", str(dest), str(src))
+
+
+# --- driver ---------------------------------------------------------------------------------------
+def inputs_digest(versions: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    h.update(Path(__file__).read_bytes())
+    h.update((REPO / "lab" / "images" / "lab-init.sh").read_bytes())
+    h.update(hashlib.sha256(BUSYBOX.read_bytes()).digest())
+    h.update(json.dumps([KERNEL_PACKAGE, KERNEL_DEB_VERSION, versions]).encode())
+    return h.hexdigest()
+
+
+OUTPUTS = [
+    "vmlinuz", "kernel-version", "config", "modules", "initrd-lab.img", "initrd-test.img",
+    "rootfs-sandbox.erofs", "initrd-sandbox.img",
+]  # fmt: skip
+
+
+def build(force: bool) -> None:
+    if not BUSYBOX.exists():
+        raise BuildError(f"{BUSYBOX} missing: install busybox-static (./dev installs it)")
+    versions = sandbox_versions()
+    digest = inputs_digest(versions)
+    stamp = OUT / ".inputs"
+    up_to_date = stamp.exists() and stamp.read_text().strip() == digest
+    if not force and up_to_date and all((OUT / name).exists() for name in OUTPUTS):
+        log(f"guest assets up to date in {OUT.relative_to(REPO)}")
+        return
+    started = time.monotonic()
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=OUT.parent, prefix=".guest-") as tmp:
+        stage = Path(tmp)
+        log(f"kernel {KERNEL_PACKAGE}={KERNEL_DEB_VERSION}")
+        moddir = build_kernel(stage)
+        log("initrd-lab.img (boots the lab VM)")
+        build_initrd(moddir, LAB_MODULES, lab_init_script(), stage / "initrd-lab.img")
+        log("initrd-test.img")
+        build_initrd(moddir, TEST_MODULES, TEST_INIT, stage / "initrd-test.img")
+        log(f"sandbox root: {len(versions)} Debian packages")
+        build_sandbox_root(stage, versions)
+        log("rootfs-sandbox.erofs")
+        make_erofs(stage / "sandbox-root", stage / "rootfs-sandbox.erofs")
+        shutil.rmtree(stage / "sandbox-root")
+        log("initrd-sandbox.img")
+        build_initrd(moddir, SANDBOX_MODULES, SANDBOX_INIT, stage / "initrd-sandbox.img")
+        (stage / ".inputs").write_text(digest + "\n")
+        stage.chmod(0o755)
+        # swap the finished directory in; a failed build leaves the old assets untouched
+        old = OUT.parent / ".guest-old"
+        shutil.rmtree(old, ignore_errors=True)
+        if OUT.exists():
+            OUT.rename(old)
+        stage.rename(OUT)
+        stage.mkdir()  # TemporaryDirectory cleans up what it created
+        shutil.rmtree(old, ignore_errors=True)
+    log(f"guest assets built in {time.monotonic() - started:.0f} s into {OUT.relative_to(REPO)}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild even if the inputs did not change")
+    args = parser.parse_args()
+    try:
+        build(args.force)
+    except BuildError as err:
+        print(f"images: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

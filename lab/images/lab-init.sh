@@ -1,0 +1,61 @@
+# The lab VM's init, after the prelude (busybox, /proc, /sys, /dev, cmdline_arg) and the module loads that
+# build.py puts in front of it. lab/labvm boots it; see lab/README.md.
+#
+# The host's root arrives over virtio-fs (tag hostroot). It becomes the lower layer of an overlay whose upper
+# layer is tmpfs, so every path is writable inside and nothing reaches the host's files, except the
+# repository's build/ directory (lab.build=PATH), bound straight to the share. Then this script chroots into
+# it: every tool installed on the host and the checkout are at the same paths inside.
+fail() {
+    echo "lab-init: $*"
+    poweroff -f
+}
+port() {  # /dev node of the virtio-serial port named $1
+    for p in /sys/class/virtio-ports/*; do
+        [ "$(cat "$p/name" 2>/dev/null)" = "$1" ] && { echo "/dev/${p##*/}"; return 0; }
+    done
+    return 1
+}
+
+build=$(cmdline_arg lab.build) || fail "no lab.build= on the kernel command line"
+mode=$(cmdline_arg lab.mode || echo exec)
+mkdir -p /run/host /run/rw
+mount -t virtiofs hostroot /run/host || fail "cannot mount the host root (virtio-fs tag hostroot)"
+mount -t tmpfs -o mode=0755 tmpfs /run/rw
+mkdir -p /run/rw/upper /run/rw/work
+mount -t overlay -o lowerdir=/run/host,upperdir=/run/rw/upper,workdir=/run/rw/work overlay /newroot \
+    || fail "cannot mount the overlay root"
+R=/newroot
+mount --bind "/run/host$build" "$R$build" || fail "cannot bind $build"
+mount -t proc proc $R/proc
+mount -t sysfs sysfs $R/sys
+mount -t cgroup2 cgroup2 $R/sys/fs/cgroup || echo "lab-init: no cgroup2"
+mount -t devtmpfs devtmpfs $R/dev
+mkdir -p $R/dev/pts $R/dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts $R/dev/pts
+ln -sf pts/ptmx $R/dev/ptmx 2>/dev/null
+mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
+for d in /tmp /var/tmp; do mount -t tmpfs -o mode=1777 tmpfs "$R$d"; done
+mount -t tmpfs -o mode=0755 tmpfs $R/run
+mkdir -p $R/run/netns $R/run/lock $R/lib/modules
+# the guest kernel's modules, where the host's kmod finds them
+mount --bind "/run/host$build/lab/guest/modules/lib/modules" $R/lib/modules
+chroot $R /sbin/modprobe -a kvm kvm_amd irqbypass tun veth sch_ingress cls_u32 act_mirred vhost vhost_iotlb \
+    vhost_net vsock vmw_vsock_virtio_transport_common vhost_vsock br_netfilter 2>&1 | sed 's/^/lab-init: /'
+echo kata-lab > /proc/sys/kernel/hostname
+chroot $R /sbin/ip link set lo up 2>/dev/null
+
+ctl=$(port lab.ctl) || fail "no lab.ctl port"
+read -r request < "$ctl"
+echo "$request" | base64 -d > $R/run/lab-request.sh || fail "bad request"
+echo started > "$ctl"
+if [ "$mode" = shell ]; then
+    setsid cttyhack chroot $R /bin/sh /run/lab-request.sh
+    rc=$?
+else
+    out=$(port lab.stdout) && err=$(port lab.stderr) || fail "no lab.stdout/lab.stderr port"
+    chroot $R /bin/sh /run/lab-request.sh < /dev/null > "$out" 2> "$err"
+    rc=$?
+fi
+sync
+echo "exit $rc" > "$ctl"
+poweroff -f
