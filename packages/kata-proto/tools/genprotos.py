@@ -32,25 +32,34 @@ def _rewrite_imports(text: str, roots: list[str]) -> str:
     return pattern.sub(r"\1from kata_proto._gen.\2\3 import ", text)
 
 
-def main() -> int:
+def generate(out: pathlib.Path) -> int:
+    """Write the generated tree for every proto under protos/ into ``out`` (replaced whole)."""
     from grpc_tools import protoc  # the pinned protoc, bundled in grpcio-tools
 
     well_known = pathlib.Path(protoc.__file__).parent / "_proto"
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
-    if OUT.exists():
-        shutil.rmtree(OUT)
-    OUT.mkdir(parents=True)
-    args = ["protoc", f"-I{PROTOS}", f"-I{well_known}", f"--python_out={OUT}", f"--pyi_out={OUT}", *sources]
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    args = ["protoc", f"-I{PROTOS}", f"-I{well_known}", f"--python_out={out}", f"--pyi_out={out}", *sources]
     if protoc.main(args) != 0:
-        print("protoc failed", file=sys.stderr)
-        return 1
+        raise RuntimeError("protoc failed")
     roots = _top_level_dirs()
-    for path in sorted(OUT.rglob("*")):
+    for path in sorted(out.rglob("*")):
         if path.suffix in {".py", ".pyi"}:
             path.write_text(HEADER + _rewrite_imports(path.read_text(), roots))
-    for d in [OUT, *sorted(p for p in OUT.rglob("*") if p.is_dir())]:
+    for d in [out, *sorted(p for p in out.rglob("*") if p.is_dir())]:
         (d / "__init__.py").write_text(HEADER)
-    print(f"generated {len(sources)} protos into {OUT.relative_to(HERE)}")
+    return len(sources)
+
+
+def main() -> int:
+    try:
+        count = generate(OUT)
+    except RuntimeError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(f"generated {count} protos into {OUT.relative_to(HERE)}")
     return 0
 
 

@@ -1,0 +1,220 @@
+"""The generated code is current, and the wire facts peers depend on hold."""
+
+from __future__ import annotations
+
+import filecmp
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+from google.protobuf.descriptor import FieldDescriptor
+
+from kata_proto import agent, containerd
+from kata_proto._gen.google.rpc import status_pb2
+from kata_proto._gen.ttrpc import request_pb2
+
+PKG = pathlib.Path(__file__).resolve().parent.parent
+GEN = PKG / "src" / "kata_proto" / "_gen"
+
+
+def _load_generator():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("genprotos", PKG / "tools" / "genprotos.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["genprotos"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tree(root: pathlib.Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
+def test_committed_generated_code_is_current(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "_gen"
+    _load_generator().generate(out)
+    assert _tree(out) == _tree(GEN), "run `nox -s protos` and commit the result"
+    for rel in sorted(_tree(out)):
+        assert filecmp.cmp(out / rel, GEN / rel, shallow=False), f"{rel} is stale: run `nox -s protos`"
+
+
+def _numbers(message: type) -> dict[str, int]:
+    return {f.name: f.number for f in message.DESCRIPTOR.fields}  # type: ignore[attr-defined]
+
+
+def test_ttrpc_envelope_field_numbers() -> None:
+    assert _numbers(request_pb2.Request) == {
+        "service": 1,
+        "method": 2,
+        "payload": 3,
+        "timeout_nano": 4,
+        "metadata": 5,
+    }
+    assert _numbers(request_pb2.Response) == {"status": 1, "payload": 2}
+    assert _numbers(request_pb2.KeyValue) == {"key": 1, "value": 2}
+    assert _numbers(status_pb2.Status) == {"code": 1, "message": 2, "details": 3}
+    assert request_pb2.Request.DESCRIPTOR.full_name == "ttrpc.Request"
+
+
+def test_containerd_event_and_task_numbers() -> None:
+    assert _numbers(containerd.event_pb2.Envelope) == {"timestamp": 1, "namespace": 2, "topic": 3, "event": 4}
+    assert _numbers(containerd.ttrpc_events_pb2.ForwardRequest) == {"envelope": 1}
+    assert _numbers(containerd.events_pb2.TaskExit) == {
+        "container_id": 1,
+        "id": 2,
+        "pid": 3,
+        "exit_status": 4,
+        "exited_at": 5,
+    }
+    assert _numbers(containerd.events_pb2.TaskDelete)["id"] == 5
+    assert _numbers(containerd.task_pb2.CreateTaskRequest)["options"] == 10
+    assert _numbers(containerd.runtimeoptions_pb2.Options) == {
+        "type_url": 1,
+        "config_path": 2,
+        "config_body": 3,
+    }
+    assert containerd.runtimeoptions_pb2.Options.DESCRIPTOR.full_name == "runtimeoptions.v1.Options"
+
+
+def test_service_full_names_and_rpcs() -> None:
+    assert containerd.TASK_SERVICE.full_name == "containerd.task.v2.Task"
+    assert [m.name for m in containerd.TASK_SERVICE.methods] == [
+        "State",
+        "Create",
+        "Start",
+        "Delete",
+        "Pids",
+        "Pause",
+        "Resume",
+        "Checkpoint",
+        "Kill",
+        "Exec",
+        "ResizePty",
+        "CloseIO",
+        "Update",
+        "Wait",
+        "Stats",
+        "Connect",
+        "Shutdown",
+    ]
+    assert containerd.EVENTS_SERVICE.full_name == "containerd.services.events.ttrpc.v1.Events"
+    assert containerd.SANDBOX_SERVICE.full_name == "containerd.runtime.sandbox.v1.Sandbox"
+    assert agent.HEALTH_SERVICE.full_name == "grpc.Health"
+    assert [m.name for m in agent.HEALTH_SERVICE.methods] == ["Check", "Version"]
+
+
+# The rpcs of grpc.AgentService in kata-containers 4.x, read once from upstream agent.proto.
+UPSTREAM_AGENT_RPCS = [
+    "CreateContainer",
+    "StartContainer",
+    "RemoveContainer",
+    "ExecProcess",
+    "SignalProcess",
+    "WaitProcess",
+    "UpdateContainer",
+    "UpdateEphemeralMounts",
+    "StatsContainer",
+    "PauseContainer",
+    "ResumeContainer",
+    "RemoveStaleVirtiofsShareMounts",
+    "GetDiagnosticData",
+    "WriteStdin",
+    "ReadStdout",
+    "ReadStderr",
+    "CloseStdin",
+    "TtyWinResize",
+    "UpdateInterface",
+    "UpdateRoutes",
+    "ListInterfaces",
+    "ListRoutes",
+    "AddARPNeighbors",
+    "GetIPTables",
+    "SetIPTables",
+    "GetMetrics",
+    "MemAgentMemcgSet",
+    "MemAgentCompactSet",
+    "CreateSandbox",
+    "DestroySandbox",
+    "OnlineCPUMem",
+    "ReseedRandomDev",
+    "GetGuestDetails",
+    "MemHotplugByProbe",
+    "SetGuestDateTime",
+    "CopyFile",
+    "GetOOMEvent",
+    "AddSwap",
+    "AddSwapPath",
+    "GetVolumeStats",
+    "ResizeVolume",
+    "SetPolicy",
+]
+
+
+def test_agent_service_has_every_upstream_rpc() -> None:
+    assert agent.AGENT_SERVICE.full_name == "grpc.AgentService"
+    assert [m.name for m in agent.AGENT_SERVICE.methods] == UPSTREAM_AGENT_RPCS
+
+
+def test_agent_message_numbers() -> None:
+    a = agent.agent_pb2
+    assert _numbers(a.CreateContainerRequest) == {
+        "container_id": 1,
+        "exec_id": 2,
+        "string_user": 3,
+        "devices": 4,
+        "storages": 5,
+        "OCI": 6,
+        "sandbox_pidns": 7,
+        "shared_mounts": 8,
+        "stdin_port": 9,
+        "stdout_port": 10,
+        "stderr_port": 11,
+    }
+    assert _numbers(a.ExecProcessRequest) == {
+        "container_id": 1,
+        "exec_id": 2,
+        "string_user": 3,
+        "process": 4,
+        "stdin_port": 5,
+        "stdout_port": 6,
+        "stderr_port": 7,
+    }
+    assert _numbers(a.WaitProcessResponse) == {"status": 1}
+    assert a.WaitProcessResponse.DESCRIPTOR.fields_by_name["status"].type == FieldDescriptor.TYPE_INT32
+    assert _numbers(a.ReadStreamRequest) == {"container_id": 1, "exec_id": 2, "len": 3}
+    assert _numbers(a.WriteStreamRequest) == {"container_id": 1, "exec_id": 2, "data": 3}
+    assert _numbers(a.Storage) == {
+        "driver": 1,
+        "driver_options": 2,
+        "source": 3,
+        "fstype": 4,
+        "options": 5,
+        "mount_point": 6,
+        "fs_group": 7,
+        "shared": 8,
+    }
+    assert a.CreateContainerRequest.DESCRIPTOR.fields_by_name["OCI"].message_type.full_name == "grpc.Spec"
+    assert agent.types_pb2.Interface.DESCRIPTOR.full_name == "types.Interface"
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        containerd.events_pb2.TaskExit(container_id="c1", id="e1", pid=42, exit_status=7),
+        containerd.events_pb2.TaskOOM(container_id="c1"),
+        containerd.events_pb2.TaskExecStarted(container_id="c1", exec_id="e1", pid=9),
+    ],
+)
+def test_pack_event_uses_bare_type_url_and_round_trips(event: object) -> None:
+    packed = containerd.pack_event(event)  # type: ignore[arg-type]
+    assert packed.type_url == event.DESCRIPTOR.full_name  # type: ignore[attr-defined]
+    assert not packed.type_url.startswith("type.googleapis.com")
+    assert containerd.unpack_event(packed) == event
+
+
+def test_unpack_event_rejects_unknown_type() -> None:
+    from google.protobuf import any_pb2
+
+    with pytest.raises(ValueError, match="unknown event type"):
+        containerd.unpack_event(any_pb2.Any(type_url="containerd.events.NoSuchEvent"))
