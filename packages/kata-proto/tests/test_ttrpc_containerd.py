@@ -6,8 +6,11 @@ containerd's ttrpc socket, as a shim does, and `ctr events` must print them.
 
 from __future__ import annotations
 
+import contextlib
+import pathlib
 import queue
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -141,3 +144,48 @@ def test_containerd_errors_come_back_typed_and_concurrent_calls_all_land(
             assert done == 100
 
     trio.run(main)
+
+
+FAKE_SHIM = pathlib.Path(__file__).resolve().parent / "fake_shim.py"
+
+
+def test_containerd_drives_our_server_as_a_shim(containerd: PrivateContainerd) -> None:
+    # containerd's Go ttrpc client calls the Task service our TtrpcServer serves.
+    log = containerd.base / "shim-calls.log"
+    shim = containerd.base / "fake-shim"
+    shim.write_text(f'#!/bin/sh\nFAKE_SHIM_LOG={log} exec {sys.executable} {FAKE_SHIM} "$@"\n')
+    shim.chmod(0o755)
+    rootfs = containerd.base / "rootfs"
+    rootfs.mkdir()
+    argv = [*containerd.ctr(), "run", "--rm", "--rootfs", "--runtime", str(shim), str(rootfs), "fake1", "x"]
+    run = subprocess.run(
+        argv,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 7, f"{run.stderr}\n{containerd.log()}"  # the fake task's exit status
+    calls = [line.split() for line in log.read_text().splitlines()]
+    methods = [c[0] for c in calls]
+    order = ["Create", "Start", "Wait", "Delete", "Shutdown"]
+    assert [methods.index(m) for m in order] == sorted(methods.index(m) for m in order), methods
+    assert all(c[1] == "fake1" for c in calls)
+    # containerd sends its call timeouts as timeout_nano (State: 2 s, Shutdown: 3 s in 1.6).
+    deadlines = {c[0]: c[2] for c in calls}
+    assert deadlines["Create"] == "-"
+    assert 0 < float(deadlines["Shutdown"]) <= 3
+    # The daemon left by `start` answered Shutdown and exited, removing its socket.
+    end = time.monotonic() + 10
+    while any(str(FAKE_SHIM) in p for p in _cmdlines()) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not any(str(FAKE_SHIM) in p for p in _cmdlines())
+
+
+def _cmdlines() -> list[str]:
+    out = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                out.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    return out
