@@ -194,7 +194,8 @@ def test_agent_message_numbers() -> None:
         "fs_group": 7,
         "shared": 8,
     }
-    assert a.CreateContainerRequest.DESCRIPTOR.fields_by_name["OCI"].message_type.full_name == "grpc.Spec"
+    oci_type = a.CreateContainerRequest.DESCRIPTOR.fields_by_name["OCI"].message_type
+    assert oci_type is not None and oci_type.full_name == "grpc.Spec"
     assert agent.types_pb2.Interface.DESCRIPTOR.full_name == "types.Interface"
 
 
