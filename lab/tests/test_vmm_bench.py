@@ -34,18 +34,18 @@ KATA_VMM = REPO / ".venv/bin/kata-vmm"
 LABVM = REPO / "lab/labvm"
 
 
-def kata_vmm_command(vcpus: int, memory: int) -> list[str]:
+def kata_vmm_command(vcpus: int, memory: int, kernel: Path | None = None) -> list[str]:
     return [
-        str(KATA_VMM), "run", "--kernel", str(KERNEL), "--initrd", str(INITRD), "--timeout", "300",
+        str(KATA_VMM), "run", "--kernel", str(kernel or KERNEL), "--initrd", str(INITRD), "--timeout", "300",
         "--vcpus", str(vcpus), "--memory", str(memory), "--cmdline", CMDLINE, "--stats",
     ]  # fmt: skip
 
 
-def qemu_command(machine: str, vcpus: int, memory: int) -> list[str]:
+def qemu_command(machine: str, vcpus: int, memory: int, kernel: Path | None = None) -> list[str]:
     # -no-reboot: a guest reboot ends QEMU too, like kata-vmm; microvm powers off through ACPI GED
     return [
         "qemu-system-x86_64", "-enable-kvm", "-cpu", "host", "-M", machine, "-smp", str(vcpus),
-        "-m", str(memory), "-kernel", str(KERNEL), "-initrd", str(INITRD), "-append", CMDLINE,
+        "-m", str(memory), "-kernel", str(kernel or KERNEL), "-initrd", str(INITRD), "-append", CMDLINE,
         "-nographic", "-nodefaults", "-no-user-config", "-serial", "stdio", "-no-reboot",
     ]  # fmt: skip
 
@@ -89,10 +89,19 @@ def time_boot(command: list[str], timeout: float = 300) -> dict[str, object]:
     }
 
 
-def bench(runs: int, vcpus: int = 2, memory: int = 512, machines: tuple[str, ...] = ("microvm",)) -> dict:
+def bench(
+    runs: int,
+    vcpus: int = 2,
+    memory: int = 512,
+    machines: tuple[str, ...] = ("microvm",),
+    vmlinux: Path | None = None,
+) -> dict:
     peers = {"kata-vmm": kata_vmm_command(vcpus, memory)}
     for machine in machines:
         peers[f"qemu-{machine}"] = qemu_command(machine, vcpus, memory)
+    if vmlinux is not None:  # the same kernel, uncompressed: both VMMs enter it through PVH
+        peers["kata-vmm-pvh"] = kata_vmm_command(vcpus, memory, vmlinux)
+        peers["qemu-q35-pvh"] = qemu_command("q35", vcpus, memory, vmlinux)
     results: dict[str, list[dict[str, object]]] = {name: [] for name in peers}
     for _ in range(runs):
         for name, command in peers.items():  # alternate, so drift hits every peer alike
@@ -138,12 +147,15 @@ def main() -> int:
     parser.add_argument("--machines", default="microvm", help="comma-separated QEMU machine types")
     parser.add_argument("--kernel", type=Path, default=KERNEL)
     parser.add_argument("--initrd", type=Path, default=INITRD)
+    parser.add_argument(
+        "--vmlinux", type=Path, help="also boot this uncompressed ELF of the same kernel (PVH)"
+    )
     args = parser.parse_args()
     globals().update(KERNEL=args.kernel, INITRD=args.initrd)
     if shutil.which("qemu-system-x86_64") is None:
         print("qemu-system-x86_64 not found", file=sys.stderr)
         return 2
-    summary = bench(args.runs, args.vcpus, args.memory, tuple(args.machines.split(",")))
+    summary = bench(args.runs, args.vcpus, args.memory, tuple(args.machines.split(",")), args.vmlinux)
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
 
