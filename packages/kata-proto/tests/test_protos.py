@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import filecmp
+import importlib
 import importlib.util
 import pathlib
 import sys
+import types
 
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
@@ -18,7 +20,7 @@ PKG = pathlib.Path(__file__).resolve().parent.parent
 GEN = PKG / "src" / "kata_proto" / "_gen"
 
 
-def _load_generator():  # type: ignore[no-untyped-def]
+def _load_generator() -> types.ModuleType:
     spec = importlib.util.spec_from_file_location("genprotos", PKG / "tools" / "genprotos.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -37,6 +39,16 @@ def test_committed_generated_code_is_current(tmp_path: pathlib.Path) -> None:
     assert _tree(out) == _tree(GEN), "run `nox -s protos` and commit the result"
     for rel in sorted(_tree(out)):
         assert filecmp.cmp(out / rel, GEN / rel, shallow=False), f"{rel} is stale: run `nox -s protos`"
+
+
+def test_every_generated_module_imports() -> None:
+    names = sorted(
+        "kata_proto._gen." + ".".join(p.relative_to(GEN).with_suffix("").parts) for p in GEN.rglob("*_pb2.py")
+    )
+    assert "kata_proto._gen.kata.agent_pb2" in names
+    assert "kata_proto._gen.containerd.runtime.task.v2.shim_pb2" in names
+    for name in names:
+        importlib.import_module(name)
 
 
 def _numbers(message: type) -> dict[str, int]:
@@ -75,6 +87,32 @@ def test_containerd_event_and_task_numbers() -> None:
         "config_body": 3,
     }
     assert containerd.runtimeoptions_pb2.Options.DESCRIPTOR.full_name == "runtimeoptions.v1.Options"
+
+
+def test_forward_request_bytes_match_containerd_layout() -> None:
+    # Hand-assembled: ForwardRequest.envelope (field 1, LEN) holding Envelope.namespace (2) and .topic (3).
+    envelope = containerd.event_pb2.Envelope(namespace="k8s.io", topic="/tasks/exit")
+    wire = containerd.ttrpc_events_pb2.ForwardRequest(envelope=envelope).SerializeToString()
+    inner = b"\x12\x06k8s.io" + b"\x1a\x0b/tasks/exit"
+    assert wire == b"\x0a" + bytes([len(inner)]) + inner
+
+
+def test_task_event_numbers_for_every_published_topic() -> None:
+    e = containerd.events_pb2
+    assert _numbers(e.TaskCreate) == {
+        "container_id": 1,
+        "bundle": 2,
+        "rootfs": 3,
+        "io": 4,
+        "checkpoint": 5,
+        "pid": 6,
+    }
+    assert _numbers(e.TaskStart) == {"container_id": 1, "pid": 2}
+    assert _numbers(e.TaskExecAdded) == {"container_id": 1, "exec_id": 2}
+    assert _numbers(e.TaskExecStarted) == {"container_id": 1, "exec_id": 2, "pid": 3}
+    assert _numbers(e.TaskOOM) == {"container_id": 1}
+    assert _numbers(e.TaskPaused) == {"container_id": 1}
+    assert _numbers(e.TaskResumed) == {"container_id": 1}
 
 
 def test_service_full_names_and_rpcs() -> None:
@@ -196,7 +234,18 @@ def test_agent_message_numbers() -> None:
     }
     oci_type = a.CreateContainerRequest.DESCRIPTOR.fields_by_name["OCI"].message_type
     assert oci_type is not None and oci_type.full_name == "grpc.Spec"
+    assert _numbers(a.ReadStreamResponse) == {"data": 1}
+    assert _numbers(a.WriteStreamResponse) == {"len": 1}
+    assert _numbers(a.OOMEvent) == {"container_id": 1}
+    assert _numbers(a.GuestDetailsResponse) == {
+        "mem_block_size_bytes": 1,
+        "agent_details": 2,
+        "support_mem_hotplug_probe": 3,
+    }
     assert agent.types_pb2.Interface.DESCRIPTOR.full_name == "types.Interface"
+    assert _numbers(agent.types_pb2.Interface)["hwAddr"] == 5
+    status = agent.health_pb2.HealthCheckResponse.ServingStatus
+    assert (status.UNKNOWN, status.SERVING, status.NOT_SERVING) == (0, 1, 2)
 
 
 @pytest.mark.parametrize(
