@@ -268,3 +268,11 @@ def test_unpack_event_rejects_unknown_type() -> None:
 
     with pytest.raises(ValueError, match="unknown event type"):
         containerd.unpack_event(any_pb2.Any(type_url="containerd.events.NoSuchEvent"))
+
+
+def test_unpack_event_rejects_corrupt_bytes() -> None:
+    from google.protobuf import any_pb2
+
+    corrupt = any_pb2.Any(type_url="containerd.events.TaskExit", value=b"\xff\xff")
+    with pytest.raises(ValueError, match=r"corrupt containerd\.events\.TaskExit"):
+        containerd.unpack_event(corrupt)

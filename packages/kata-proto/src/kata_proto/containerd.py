@@ -8,7 +8,7 @@ service descriptors below are what `kata_proto.ttrpc` registers and calls.
 from __future__ import annotations
 
 from google.protobuf import any_pb2, symbol_database
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from kata_proto._gen.containerd.events import task_pb2 as events_pb2
 from kata_proto._gen.containerd.runtime.sandbox.v1 import sandbox_pb2
@@ -54,12 +54,18 @@ def pack_event(msg: Message) -> any_pb2.Any:
 
 
 def unpack_event(event: any_pb2.Any) -> Message:
-    """Decode an Any produced by `pack_event` (a prefixed type_url is accepted too)."""
+    """Decode an Any produced by `pack_event` (a prefixed type_url is accepted too).
+
+    Raises ValueError when the type is not a known message or the bytes do not parse as it.
+    """
     name = event.type_url.rsplit("/", 1)[-1]
     try:
         cls = symbol_database.Default().GetSymbol(name)
     except KeyError:
         raise ValueError(f"unknown event type {event.type_url!r}") from None
     msg: Message = cls()
-    msg.ParseFromString(event.value)
+    try:
+        msg.ParseFromString(event.value)
+    except DecodeError as err:
+        raise ValueError(f"corrupt {name} event: {err}") from err
     return msg
