@@ -276,6 +276,7 @@ SANDBOX_INIT = (
     INIT_PRELUDE
     + """{loads}
 root=$(cmdline_arg lab.root || echo /dev/vda)
+selfcheck=$(cmdline_arg lab.selfcheck > /dev/null && echo yes)
 fstype=$(cmdline_arg lab.rootfstype || echo erofs)
 mkdir -p /run/lower /run/rw
 mount -t "$fstype" -o ro "$root" /run/lower || { echo "lab-init: cannot mount $root"; poweroff -f; }
@@ -284,7 +285,13 @@ mkdir -p /run/rw/upper /run/rw/work
 mount -t overlay -o lowerdir=/run/lower,upperdir=/run/rw/upper,workdir=/run/rw/work overlay /newroot
 mkdir -p /newroot/run/lower
 mount --move /run/lower /newroot/run/lower
-umount /proc /sys /dev 2>/dev/null
+for fs in dev proc sys; do mount --move "/$fs" "/newroot/$fs"; done
+if [ -n "$selfcheck" ]; then
+    # proves the image's userspace runs: python3 with its stdlib and crun, from the mounted root
+    chroot /newroot /usr/bin/python3 -c \
+        'import sys, ssl, json, sqlite3, asyncio; print("KATA-SANDBOX-PYTHON", sys.version.split()[0])'
+    chroot /newroot /usr/bin/crun --version | head -n 1
+fi
 if [ -x /newroot/opt/kata-agent/start ]; then
     exec switch_root /newroot /opt/kata-agent/start
 fi

@@ -1,0 +1,93 @@
+"""lab/labvm and lab/images/build.py on the host, without booting anything (not marked ``lab``)."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+LAB = Path(__file__).resolve().parents[1]
+LABVM = LAB / "labvm"
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    loader = importlib.machinery.SourceFileLoader(name, str(path))
+    spec = importlib.util.spec_from_loader(name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    return module
+
+
+labvm = _load("labvm_under_test", LABVM)
+images = _load("images_build_under_test", LAB / "images" / "build.py")
+
+
+def _run_labvm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "KATA_LABVM"} | (env or {})
+    return subprocess.run(
+        [sys.executable, str(LABVM), *args], capture_output=True, text=True, env=full_env, check=False
+    )
+
+
+def test_missing_kernel_names_the_command_that_builds_it(tmp_path: Path) -> None:
+    done = _run_labvm("exec", "--", "true", env={"KATA_LAB_GUEST": str(tmp_path)})
+    assert done.returncode == labvm.LABVM_FAILED
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "vmlinuz missing" in done.stderr
+    assert "./dev nox -s images" in done.stderr
+
+
+def test_exec_without_command_is_a_usage_error() -> None:
+    done = _run_labvm("exec", "--")
+    assert done.returncode == 2
+    assert "exec needs a command" in done.stderr
+
+
+def test_exec_inside_lab_vm_runs_the_command_directly() -> None:
+    done = _run_labvm("exec", "--", "sh", "-c", "echo out; echo err >&2; exit 3", env={"KATA_LABVM": "1"})
+    assert (done.returncode, done.stdout, done.stderr) == (3, "out\n", "err\n")
+
+
+def test_request_script_keeps_arguments_cwd_and_only_the_given_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAB_PASSED", "from host")
+    monkeypatch.setenv("LAB_NOT_PASSED", "secret")
+    env = labvm.guest_env(["LAB_PASSED", "LAB_SET=a b'c"])
+    argv = ["sh", "-c", 'printf "%s|" "$@" "$PWD" "$LAB_PASSED" "$LAB_SET" "${LAB_NOT_PASSED-unset}"', "x"]
+    argv += ["two words", "it's", "$HOME", ""]
+    script = labvm.request_script(argv, str(tmp_path), env, interactive=False)
+    done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
+    expected = ["two words", "it's", "$HOME", "", str(tmp_path), "from host", "a b'c", "unset"]
+    assert done.stdout.split("|")[:-1] == expected
+
+
+def test_memory_sizes_parse_to_mib() -> None:
+    assert [labvm.parse_size_mib(s) for s in ("4G", "2048M", "512", "1.5G", "4GiB")] == [
+        4096, 2048, 512, 1536, 4096
+    ]  # fmt: skip
+
+
+def test_cpio_archive_holds_files_symlinks_and_device_nodes(tmp_path: Path) -> None:
+    cpio = images.Cpio()
+    cpio.file("bin/hello", b"#!/bin/sh\necho hi\n", 0o755)
+    cpio.symlink("bin/sh", "busybox")
+    cpio.chardev("dev/console", 5, 1)
+    archive = tmp_path / "a.cpio"
+    archive.write_bytes(cpio.finish())
+    listing = subprocess.run(
+        ["cpio", "-itv", "--quiet", "-F", str(archive)], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    names = {line.split()[-1] if "->" not in line else line.split()[-3]: line for line in listing}
+    assert names["bin/hello"].startswith("-rwxr-xr-x")
+    assert names["bin/sh"].startswith("l") and names["bin/sh"].endswith("-> busybox")
+    assert names["dev/console"].startswith("crw-------")
+    assert len(archive.read_bytes()) % 512 == 0
