@@ -11,7 +11,6 @@ nox -s lab        integration tests that boot guests, inside the lab VM
 
 from __future__ import annotations
 
-import os
 import pathlib
 import shutil
 
@@ -137,22 +136,34 @@ def images(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def lab(session: nox.Session) -> None:
-    """Integration tests marked `lab`, run inside the nested-KVM lab VM."""
+    """Integration tests marked `lab`, run inside the nested-KVM lab VM (one lab VM boot for the session).
+
+    `nox -s lab -- PYTEST ARGS` replaces the default selection (lab/tests and packages).
+    """
     session.run("python3", "lab/images/build.py", external=True)
-    session.run("nox", "-s", "tests", "--install-only", external=True)
     venv = ROOT / ".nox" / "tests"
-    env = {"PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}"}
+    session.run("nox", "-s", "tests", "--install-only", external=True)  # the tests venv, up to date
+    python = str(venv / "bin" / "python")
+    pytest_args = ["-p", "no:cacheprovider", "--benchmark-disable"]
+    # host side first: labvm and the image builder, no VM needed (seconds)
+    session.run(python, "-m", "pytest", "lab/tests", "-m", "not lab", "-q", *pytest_args, external=True)
+    path = f"{venv / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     session.run(
         "lab/labvm",
         "exec",
+        "--env",
+        f"PATH={path}",
+        "--env",
+        "KATA_LAB_BACKENDS",
+        "--env",
+        "PYTEST_ADDOPTS",
         "--",
-        str(venv / "bin" / "pytest"),
+        python,
+        "-m",
+        "pytest",
         "-m",
         "lab",
-        "-p",
-        "no:cacheprovider",
-        "--benchmark-disable",
+        *pytest_args,
         *(session.posargs or ["lab/tests", "packages"]),
         external=True,
-        env=env,
     )
