@@ -1,0 +1,331 @@
+"""AgentClient: every agent rpc the runtime uses, typed, with upstream's timeouts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import trio
+from google.protobuf import empty_pb2
+
+from kata_agent_client import _convert as cv
+from kata_agent_client._connect import AgentAddress, connect
+from kata_agent_client._errors import AgentTimeout
+from kata_agent_client._types import (
+    AgentVersion,
+    ARPNeighbor,
+    ContainerSpec,
+    ContainerStats,
+    GuestDetails,
+    Interface,
+    Process,
+    Resources,
+    Route,
+    Storage,
+)
+from kata_proto import ttrpc
+from kata_proto.agent import agent_pb2, health_pb2
+
+AGENT = "grpc.AgentService"
+HEALTH = "grpc.Health"
+#: Upstream runtime-rs's default per-call timeout.
+DEFAULT_TIMEOUT = 30.0
+#: Long-polling calls have no timeout (upstream sets none for these).
+NO_TIMEOUT = {"WaitProcess", "ReadStdout", "ReadStderr", "WriteStdin", "GetOOMEvent"}
+#: Read size asked for by ReadStdout/ReadStderr.
+READ_CHUNK = 64 * 1024
+
+
+class AgentClient:
+    """A connected agent; make one with `open_agent_client`."""
+
+    def __init__(self, ttrpc_client: ttrpc.TtrpcClient, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._client = ttrpc_client
+        self.timeout = timeout
+
+    async def _call(self, method: str, request: Any, response_type: type[Any], service: str = AGENT) -> Any:
+        timeout = None if method in NO_TIMEOUT else self.timeout
+        return await self._client.call(service, method, request, response_type, timeout=timeout)
+
+    # -- health -----------------------------------------------------------------------------------
+    async def check(self) -> bool:
+        """Health.Check: True when the agent answers SERVING."""
+        resp = await self._call("Check", health_pb2.CheckRequest(), health_pb2.HealthCheckResponse, HEALTH)
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def version(self) -> AgentVersion:
+        """Health.Version."""
+        resp = await self._call("Version", health_pb2.CheckRequest(), health_pb2.VersionCheckResponse, HEALTH)
+        return AgentVersion(resp.grpc_version, resp.agent_version)
+
+    # -- sandbox ----------------------------------------------------------------------------------
+    async def create_sandbox(
+        self,
+        sandbox_id: str,
+        *,
+        hostname: str = "",
+        dns: list[str] | None = None,
+        storages: list[Storage] | None = None,
+        sandbox_pidns: bool = False,
+    ) -> None:
+        """CreateSandbox."""
+        req = agent_pb2.CreateSandboxRequest(
+            hostname=hostname,
+            dns=dns or [],
+            storages=[cv.storage_pb(s) for s in storages or []],
+            sandbox_pidns=sandbox_pidns,
+            sandbox_id=sandbox_id,
+        )
+        await self._call("CreateSandbox", req, empty_pb2.Empty)
+
+    async def destroy_sandbox(self) -> None:
+        """DestroySandbox: every container is killed and removed."""
+        await self._call("DestroySandbox", agent_pb2.DestroySandboxRequest(), empty_pb2.Empty)
+
+    # -- containers -------------------------------------------------------------------------------
+    async def create_container(
+        self, container_id: str, spec: ContainerSpec, *, storages: list[Storage] | None = None
+    ) -> None:
+        """CreateContainer (the init process is created, not started)."""
+        req = agent_pb2.CreateContainerRequest(
+            container_id=container_id, storages=[cv.storage_pb(s) for s in storages or []]
+        )
+        req.OCI.CopyFrom(cv.spec_pb(spec))
+        await self._call("CreateContainer", req, empty_pb2.Empty)
+
+    async def start_container(self, container_id: str) -> None:
+        """StartContainer."""
+        await self._call(
+            "StartContainer", agent_pb2.StartContainerRequest(container_id=container_id), empty_pb2.Empty
+        )
+
+    async def remove_container(self, container_id: str, grace: int = 0) -> None:
+        """RemoveContainer: kill what still runs, unmount its storages, drop the bundle.
+
+        `grace` is how many seconds the agent waits for the processes to go (0: its default).
+        """
+        req = agent_pb2.RemoveContainerRequest(container_id=container_id, timeout=grace)
+        await self._call("RemoveContainer", req, empty_pb2.Empty)
+
+    async def exec_process(self, container_id: str, exec_id: str, process: Process) -> None:
+        """ExecProcess: start another process in a running container."""
+        req = agent_pb2.ExecProcessRequest(container_id=container_id, exec_id=exec_id)
+        req.process.CopyFrom(cv.process_pb(process))
+        await self._call("ExecProcess", req, empty_pb2.Empty)
+
+    async def signal_process(self, container_id: str, exec_id: str, signal: int) -> None:
+        """SignalProcess (empty exec_id: the container's init)."""
+        req = agent_pb2.SignalProcessRequest(container_id=container_id, exec_id=exec_id, signal=int(signal))
+        await self._call("SignalProcess", req, empty_pb2.Empty)
+
+    async def wait_process(self, container_id: str, exec_id: str = "") -> int:
+        """WaitProcess: the exit status (128+N after signal N); no timeout."""
+        req = agent_pb2.WaitProcessRequest(container_id=container_id, exec_id=exec_id)
+        resp = await self._call("WaitProcess", req, agent_pb2.WaitProcessResponse)
+        return int(resp.status)
+
+    async def read_stdout(self, container_id: str, exec_id: str = "", length: int = READ_CHUNK) -> bytes:
+        """ReadStdout long-poll: some bytes, or b"" at EOF."""
+        req = agent_pb2.ReadStreamRequest(container_id=container_id, exec_id=exec_id, len=length)
+        return bytes((await self._call("ReadStdout", req, agent_pb2.ReadStreamResponse)).data)
+
+    async def read_stderr(self, container_id: str, exec_id: str = "", length: int = READ_CHUNK) -> bytes:
+        """ReadStderr long-poll: some bytes, or b"" at EOF."""
+        req = agent_pb2.ReadStreamRequest(container_id=container_id, exec_id=exec_id, len=length)
+        return bytes((await self._call("ReadStderr", req, agent_pb2.ReadStreamResponse)).data)
+
+    async def read_all(self, container_id: str, exec_id: str = "", *, stderr: bool = False) -> bytes:
+        """Read a stream until EOF."""
+        read = self.read_stderr if stderr else self.read_stdout
+        chunks = []
+        while chunk := await read(container_id, exec_id):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
+        """WriteStdin; empty data closes stdin."""
+        req = agent_pb2.WriteStreamRequest(container_id=container_id, exec_id=exec_id, data=data)
+        return int((await self._call("WriteStdin", req, agent_pb2.WriteStreamResponse)).len)
+
+    async def close_stdin(self, container_id: str, exec_id: str = "") -> None:
+        """CloseStdin."""
+        req = agent_pb2.CloseStdinRequest(container_id=container_id, exec_id=exec_id)
+        await self._call("CloseStdin", req, empty_pb2.Empty)
+
+    async def tty_win_resize(self, container_id: str, exec_id: str, rows: int, columns: int) -> None:
+        """TtyWinResize."""
+        req = agent_pb2.TtyWinResizeRequest(
+            container_id=container_id, exec_id=exec_id, row=rows, column=columns
+        )
+        await self._call("TtyWinResize", req, empty_pb2.Empty)
+
+    async def update_container(self, container_id: str, resources: Resources) -> None:
+        """UpdateContainer."""
+        req = agent_pb2.UpdateContainerRequest(container_id=container_id)
+        req.resources.CopyFrom(cv.resources_pb(resources))
+        await self._call("UpdateContainer", req, empty_pb2.Empty)
+
+    async def stats_container(self, container_id: str) -> ContainerStats:
+        """StatsContainer."""
+        req = agent_pb2.StatsContainerRequest(container_id=container_id)
+        return cv.stats_from_pb(await self._call("StatsContainer", req, agent_pb2.StatsContainerResponse))
+
+    async def pause_container(self, container_id: str) -> None:
+        """PauseContainer."""
+        await self._call(
+            "PauseContainer", agent_pb2.PauseContainerRequest(container_id=container_id), empty_pb2.Empty
+        )
+
+    async def resume_container(self, container_id: str) -> None:
+        """ResumeContainer."""
+        req = agent_pb2.ResumeContainerRequest(container_id=container_id)
+        await self._call("ResumeContainer", req, empty_pb2.Empty)
+
+    async def get_oom_event(self) -> str:
+        """GetOOMEvent long-poll: the id of the next container the OOM killer hit."""
+        return str(
+            (await self._call("GetOOMEvent", agent_pb2.GetOOMEventRequest(), agent_pb2.OOMEvent)).container_id
+        )
+
+    # -- network ----------------------------------------------------------------------------------
+    async def update_interface(self, interface: Interface) -> Interface:
+        """UpdateInterface: the NIC as the guest now has it."""
+        from kata_proto.agent import types_pb2
+
+        req = agent_pb2.UpdateInterfaceRequest()
+        req.interface.CopyFrom(cv.interface_pb(interface))
+        return cv.interface_from_pb(await self._call("UpdateInterface", req, types_pb2.Interface))
+
+    async def list_interfaces(self) -> list[Interface]:
+        """ListInterfaces."""
+        resp = await self._call("ListInterfaces", agent_pb2.ListInterfacesRequest(), agent_pb2.Interfaces)
+        return [cv.interface_from_pb(i) for i in resp.Interfaces]
+
+    async def update_routes(self, routes: list[Route]) -> list[Route]:
+        """UpdateRoutes: the routes as the guest now has them."""
+        req = agent_pb2.UpdateRoutesRequest()
+        req.routes.Routes.extend(cv.route_pb(r) for r in routes)
+        resp = await self._call("UpdateRoutes", req, agent_pb2.Routes)
+        return [cv.route_from_pb(r) for r in resp.Routes]
+
+    async def list_routes(self) -> list[Route]:
+        """ListRoutes."""
+        resp = await self._call("ListRoutes", agent_pb2.ListRoutesRequest(), agent_pb2.Routes)
+        return [cv.route_from_pb(r) for r in resp.Routes]
+
+    async def add_arp_neighbors(self, neighbors: list[ARPNeighbor]) -> None:
+        """AddARPNeighbors."""
+        req = agent_pb2.AddARPNeighborsRequest()
+        req.neighbors.ARPNeighbors.extend(cv.neighbor_pb(n) for n in neighbors)
+        await self._call("AddARPNeighbors", req, empty_pb2.Empty)
+
+    # -- guest ------------------------------------------------------------------------------------
+    async def online_cpu_mem(self, nb_cpus: int = 0, *, cpu_only: bool = False, wait: bool = False) -> None:
+        """OnlineCPUMem."""
+        req = agent_pb2.OnlineCPUMemRequest(wait=wait, nb_cpus=nb_cpus, cpu_only=cpu_only)
+        await self._call("OnlineCPUMem", req, empty_pb2.Empty)
+
+    async def get_guest_details(self) -> GuestDetails:
+        """GetGuestDetails."""
+        req = agent_pb2.GuestDetailsRequest(mem_block_size=True, mem_hotplug_probe=True)
+        resp = await self._call("GetGuestDetails", req, agent_pb2.GuestDetailsResponse)
+        d = resp.agent_details
+        return GuestDetails(
+            resp.mem_block_size_bytes,
+            resp.support_mem_hotplug_probe,
+            d.version,
+            d.init_daemon,
+            list(d.storage_handlers),
+        )
+
+    async def set_guest_date_time(self, seconds: float) -> None:
+        """SetGuestDateTime."""
+        sec = math.floor(seconds)
+        req = agent_pb2.SetGuestDateTimeRequest(Sec=sec, Usec=int((seconds - sec) * 1e6))
+        await self._call("SetGuestDateTime", req, empty_pb2.Empty)
+
+    async def copy_file(
+        self,
+        path: str,
+        data: bytes,
+        *,
+        file_mode: int = 0o644,
+        dir_mode: int = 0o755,
+        uid: int = 0,
+        gid: int = 0,
+    ) -> None:
+        """CopyFile, in chunks that fit a ttrpc frame."""
+        chunk = 2 << 20
+        offsets = range(0, max(len(data), 1), chunk)
+        for offset in offsets:
+            req = agent_pb2.CopyFileRequest(
+                path=path,
+                file_size=len(data),
+                file_mode=file_mode,
+                dir_mode=dir_mode,
+                uid=uid,
+                gid=gid,
+                offset=offset,
+                data=data[offset : offset + chunk],
+            )
+            await self._call("CopyFile", req, empty_pb2.Empty)
+
+    async def get_metrics(self) -> str:
+        """GetMetrics: Prometheus text."""
+        return str((await self._call("GetMetrics", agent_pb2.GetMetricsRequest(), agent_pb2.Metrics)).metrics)
+
+    async def call(self, method: str, request: Any, response_type: type[Any]) -> Any:
+        """Any other grpc.AgentService rpc, with protobuf in and out (escape hatch)."""
+        return await self._call(method, request, response_type)
+
+
+async def _try_connect(
+    addr: AgentAddress, stack: AsyncExitStack, call_timeout: float, deadline: float
+) -> AgentClient | None:
+    # Each deadline scope closes before the ttrpc client's nursery does (trio's nesting rule).
+    with trio.fail_at(deadline):
+        stream = await connect(addr)
+    raw = await stack.enter_async_context(ttrpc.open_ttrpc_client(stream))
+    client = AgentClient(raw, timeout=call_timeout)
+    with trio.fail_at(deadline):
+        return client if await client.check() else None
+
+
+@asynccontextmanager
+async def open_agent_client(
+    address: str | AgentAddress,
+    *,
+    ready_timeout: float = 30.0,
+    retry_interval: float = 0.05,
+    call_timeout: float = DEFAULT_TIMEOUT,
+) -> AsyncIterator[AgentClient]:
+    """Connect to the agent, retrying until Health.Check says SERVING or `ready_timeout` passes.
+
+    Every connection error (nothing listening yet, the hybrid vsock muxer closing because the
+    guest port is not open) is retried; AgentTimeout when the deadline passes. `call_timeout`
+    is the per-call timeout (upstream's 30 s; long polls have none).
+    """
+    addr = AgentAddress.parse(address) if isinstance(address, str) else address
+    deadline = trio.current_time() + ready_timeout
+    last: BaseException | None = None
+    async with AsyncExitStack() as outer:
+        while True:
+            stack = AsyncExitStack()
+            try:
+                client = await _try_connect(addr, stack, call_timeout, deadline)
+            except trio.TooSlowError as err:
+                await stack.aclose()
+                raise AgentTimeout(f"agent at {address} not ready within {ready_timeout} s: {last}") from err
+            except (OSError, ttrpc.TtrpcError, trio.BrokenResourceError) as err:
+                await stack.aclose()
+                last, client = err, None
+            if client is not None:
+                outer.push_async_exit(stack)
+                break
+            await stack.aclose()
+            if trio.current_time() + retry_interval >= deadline:
+                raise AgentTimeout(f"agent at {address} not ready within {ready_timeout} s: {last}")
+            await trio.sleep(retry_interval)
+        yield client

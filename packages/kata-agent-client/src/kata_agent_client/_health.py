@@ -1,0 +1,64 @@
+"""A background health checker: Health.Check every interval, a callback when the agent stops answering."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from kata_agent_client._client import AgentClient
+from kata_proto import ttrpc
+
+#: runtime-rs checks the agent every 30 s.
+CHECK_INTERVAL = 30.0
+
+
+class HealthChecker:
+    """Run `await checker.run()` in a nursery; `on_unhealthy(error)` is awaited once per failure streak."""
+
+    def __init__(
+        self,
+        client: AgentClient,
+        on_unhealthy: Callable[[BaseException | None], Awaitable[None]],
+        *,
+        interval: float = CHECK_INTERVAL,
+        timeout: float = 5.0,
+    ) -> None:
+        self.client = client
+        self.on_unhealthy = on_unhealthy
+        self.interval = interval
+        self.timeout = timeout
+        self.checks = 0
+        self.failures = 0
+        self.healthy = True
+
+    async def check_once(self) -> bool:
+        """One Health.Check within `timeout`; records and returns the outcome."""
+        error: BaseException | None = None
+        ok = False
+        try:
+            with trio.fail_after(self.timeout):
+                ok = await self.client.check()
+        except (
+            trio.TooSlowError,
+            ttrpc.TtrpcError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+        ) as err:
+            error = err
+        self.checks += 1
+        if not ok:
+            self.failures += 1
+            if self.healthy:
+                self.healthy = False
+                await self.on_unhealthy(error)
+        else:
+            self.healthy = True
+        return ok
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Check forever, every `interval` seconds."""
+        task_status.started()
+        while True:
+            await self.check_once()
+            await trio.sleep(self.interval)

@@ -1,0 +1,172 @@
+"""Typed requests and results of the agent API: callers build these, never protobuf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Process:
+    """A process to run: the container's init or an exec."""
+
+    args: list[str]
+    env: list[str] = field(
+        default_factory=lambda: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+    )
+    cwd: str = "/"
+    terminal: bool = False
+    uid: int = 0
+    gid: int = 0
+    console_rows: int = 0
+    console_columns: int = 0
+    no_new_privileges: bool = True
+
+
+@dataclass
+class Mount:
+    """An OCI mount inside the container."""
+
+    destination: str
+    type: str
+    source: str
+    options: list[str] = field(default_factory=list)
+
+
+def default_mounts() -> list[Mount]:
+    """The usual /proc, /dev, /dev/pts, /dev/shm, /dev/mqueue and /sys mounts of a container."""
+    return [
+        Mount("/proc", "proc", "proc"),
+        Mount("/dev", "tmpfs", "tmpfs", ["nosuid", "strictatime", "mode=755", "size=65536k"]),
+        Mount(
+            "/dev/pts", "devpts", "devpts", ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]
+        ),
+        Mount("/dev/shm", "tmpfs", "shm", ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
+        Mount("/dev/mqueue", "mqueue", "mqueue", ["nosuid", "noexec", "nodev"]),
+        Mount("/sys", "sysfs", "sysfs", ["nosuid", "noexec", "nodev", "ro"]),
+    ]
+
+
+@dataclass
+class Storage:
+    """A storage the agent mounts before the container starts.
+
+    `driver` is one of virtio-fs, blk, ephemeral, local, shm (upstream names).
+    """
+
+    driver: str
+    mount_point: str
+    source: str = ""
+    fstype: str = ""
+    options: list[str] = field(default_factory=list)
+    driver_options: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ContainerSpec:
+    """What CreateContainer needs: the rootfs path in the guest and the init process, plus limits."""
+
+    root: str
+    process: Process
+    hostname: str = ""
+    readonly_root: bool = False
+    mounts: list[Mount] = field(default_factory=default_mounts)
+    annotations: dict[str, str] = field(default_factory=dict)
+    memory_limit: int = 0
+    cpu_shares: int = 0
+    cpu_quota: int = 0
+    cpu_period: int = 0
+    pids_limit: int = 0
+    cgroups_path: str = ""
+    namespaces: list[str] = field(default_factory=lambda: ["pid", "ipc", "uts", "mount"])
+    masked_paths: list[str] = field(default_factory=lambda: ["/proc/kcore", "/proc/keys", "/sys/firmware"])
+    readonly_paths: list[str] = field(default_factory=lambda: ["/proc/sys", "/proc/sysrq-trigger"])
+
+
+@dataclass
+class Resources:
+    """Limits for UpdateContainer (0 = leave unchanged)."""
+
+    memory_limit: int = 0
+    cpu_shares: int = 0
+    cpu_quota: int = 0
+    cpu_period: int = 0
+    pids_limit: int = 0
+
+
+@dataclass
+class IPAddress:
+    """An address with its prefix length; family 4 or 6."""
+
+    address: str
+    prefix: int
+    family: int = 4
+
+
+@dataclass
+class Interface:
+    """A guest NIC: found by `hw_addr` (or `device`), renamed to `name`."""
+
+    name: str
+    hw_addr: str = ""
+    device: str = ""
+    mtu: int = 0
+    addresses: list[IPAddress] = field(default_factory=list)
+    type: str = ""
+    raw_flags: int = 0
+
+
+@dataclass
+class Route:
+    """A route in the guest's main table; empty `dest` is the default route."""
+
+    dest: str = ""
+    gateway: str = ""
+    device: str = ""
+    source: str = ""
+    scope: int = 0
+    family: int = 4
+
+
+@dataclass
+class ARPNeighbor:
+    """A static neighbour entry."""
+
+    address: str
+    lladdr: str
+    device: str
+    state: int = 0x80
+
+
+@dataclass
+class ContainerStats:
+    """The parts of StatsContainer callers use: memory, CPU and pids."""
+
+    memory_usage: int
+    memory_max_usage: int
+    memory_limit: int
+    memory_cache: int
+    cpu_total_ns: int
+    cpu_user_ns: int
+    cpu_kernel_ns: int
+    pids_current: int
+    pids_limit: int
+    memory_stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class GuestDetails:
+    """GetGuestDetails."""
+
+    mem_block_size_bytes: int
+    support_mem_hotplug_probe: bool
+    agent_version: str
+    init_daemon: bool
+    storage_handlers: list[str]
+
+
+@dataclass
+class AgentVersion:
+    """Health.Version."""
+
+    grpc_version: str
+    agent_version: str

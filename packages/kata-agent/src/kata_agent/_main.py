@@ -1,0 +1,60 @@
+"""`kata-agent`: the in-guest agent's command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import trio
+
+from kata_agent._agent import open_agent
+from kata_agent._listen import AGENT_VSOCK_PORT, LOG_VSOCK_PORT
+from kata_agent._service import AgentConfig
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kata-agent", description="The Kata agent (grpc.AgentService over ttrpc)."
+    )
+    p.add_argument("--listen", default=f"vsock://{AGENT_VSOCK_PORT}", help="vsock://PORT or unix:PATH")
+    p.add_argument(
+        "--log-listen", default=f"vsock://{LOG_VSOCK_PORT}", help="vsock://PORT, unix:PATH or none"
+    )
+    p.add_argument("--runtime", default="/usr/bin/crun", help="OCI runtime binary (crun, runc)")
+    p.add_argument("--runtime-root", default=None, help="the runtime's --root state directory")
+    p.add_argument("--run-dir", default="/run/kata-containers", help="where container bundles go")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    config = AgentConfig(runtime=args.runtime, runtime_root=args.runtime_root, run_dir=args.run_dir)
+    log_listen = None if args.log_listen == "none" else args.log_listen
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_agent(args.listen, config, log_listen=log_listen):
+            async for _ in signals:
+                break
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the agent until SIGTERM/SIGINT."""
+    args = _parser().parse_args(argv)
+    logger = logging.getLogger("kata_agent")
+    logger.setLevel(args.log_level.upper())
+    handler = logging.StreamHandler(sys.stderr)
+    from kata_agent._logs import JsonFormatter
+
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    try:
+        trio.run(_serve, args)
+    except OSError as err:
+        print(f"kata-agent: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""grpc.AgentService and grpc.Health: the rpc handlers, over the agent's sandbox state."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from google.protobuf import empty_pb2
+
+from kata_agent import _cgroups, _guest
+from kata_agent.__about__ import __version__
+from kata_agent._container import Container
+from kata_agent._errors import RuntimeFailed
+from kata_agent._mount import STORAGE_DRIVERS, MountedStorage, mount_storage, release_storages
+from kata_agent._network import Netlink
+from kata_agent._oci import message_to_json, process_to_json, spec_to_config
+from kata_agent._runtime import OciRuntime
+from kata_proto import ttrpc
+from kata_proto.agent import agent_pb2, health_pb2
+
+log = logging.getLogger("kata_agent")
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """prctl(PR_SET_CHILD_SUBREAPER): orphaned container processes are re-parented to us."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+@dataclass
+class AgentConfig:
+    """Where the agent keeps bundles, which runtime it runs, where CopyFile may write."""
+
+    runtime: str = "/usr/bin/crun"
+    runtime_root: str | None = None
+    run_dir: str = "/run/kata-containers"
+    netns: str | None = None
+    oom_poll_interval: float = 0.5
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def _check_id(kind: str, value: str) -> str:
+    if not _ID.match(value):
+        raise ttrpc.InvalidArgument(f"bad {kind} {value!r}")
+    return value
+
+
+class AgentService:
+    """Implementation of grpc.AgentService; rpcs it lacks answer Unimplemented through ttrpc."""
+
+    def __init__(self, config: AgentConfig, nursery: trio.Nursery) -> None:
+        self.config = config
+        self.runtime = OciRuntime(config.runtime, config.runtime_root)
+        self.containers: dict[str, Container] = {}
+        self.sandbox_id = ""
+        self.sandbox_storages: list[MountedStorage] = []
+        self._nursery = nursery
+        self._lock = trio.Lock()
+        self._oom_send, self._oom_recv = trio.open_memory_channel[str](64)
+        self.netlink = Netlink(config.netns)
+        os.makedirs(config.run_dir, exist_ok=True)
+
+    def container(self, container_id: str) -> Container:
+        """The container, or NotFound."""
+        found = self.containers.get(container_id)
+        if found is None:
+            raise ttrpc.NotFound(f"container {container_id!r} not found")
+        return found
+
+    # -- sandbox ----------------------------------------------------------------------------------
+    async def CreateSandbox(self, req: Any, ctx: Any) -> empty_pb2.Empty:
+        if self.sandbox_id:
+            raise ttrpc.AlreadyExists(f"sandbox {self.sandbox_id} already exists")
+        mounted: list[MountedStorage] = []
+        try:
+            for storage in req.storages:
+                mounted.append(mount_storage(storage))
+            if req.hostname:
+                name = req.hostname.encode()
+                if ctypes.CDLL(None, use_errno=True).sethostname(name, len(name)) != 0:
+                    raise ttrpc.InvalidArgument(f"sethostname {req.hostname!r} failed")
+            if req.dns:
+                _guest.write_resolv_conf(list(req.dns))
+        except BaseException:
+            release_storages(mounted)
+            raise
+        self.sandbox_storages = mounted
+        self.sandbox_id = req.sandbox_id or "sandbox"
+        log.info("sandbox created", extra={"sandbox": self.sandbox_id})
+        return empty_pb2.Empty()
+
+    async def DestroySandbox(self, req: Any, ctx: Any) -> empty_pb2.Empty:
+        for container in list(self.containers.values()):
+            await container.destroy()
+            self.containers.pop(container.id, None)
+        release_storages(self.sandbox_storages)
+        self.sandbox_id = ""
+        return empty_pb2.Empty()
+
+    # -- containers -------------------------------------------------------------------------------
+    async def CreateContainer(self, req: Any, ctx: Any) -> empty_pb2.Empty:
+        cid = _check_id("container id", req.container_id)
+        if cid in self.containers:
+            raise ttrpc.AlreadyExists(f"container {cid!r} already exists")
+        config = spec_to_config(req.OCI, cid)
+        if not _guest.is_dir(config["root"]["path"]) and not req.storages:
+            raise ttrpc.InvalidArgument(f"OCI root.path {config['root']['path']!r} is not a directory")
+        bundle = os.path.join(self.config.run_dir, cid)
+        os.makedirs(bundle, exist_ok=False)
+        container = Container(cid, bundle, self.runtime, self._nursery)
+        self.containers[cid] = container
+        try:
+            for storage in req.storages:
+                container.storages.append(mount_storage(storage))
+            if not _guest.is_dir(config["root"]["path"]):
+                raise ttrpc.InvalidArgument(f"OCI root.path {config['root']['path']!r} is not a directory")
+            await container.create(config)
+        except BaseException as err:
+            with trio.CancelScope(shield=True):
+                await container.destroy()
+            self.containers.pop(cid, None)
+            if isinstance(err, RuntimeFailed):
+                raise ttrpc.InvalidArgument(str(err)) from err
+            raise
+        self._nursery.start_soon(self._watch_oom, container)
+        log.info("container created", extra={"container": cid})
+        return empty_pb2.Empty()
+
+    async def StartContainer(self, req: Any, ctx: Any) -> empty_pb2.Empty:
+        container = self.container(req.container_id)
+        try:
+            await container.start()
+        except RuntimeFailed as err:
+            raise ttrpc.FailedPrecondition(str(err)) from err
+        return empty_pb2.Empty()
+
+    async def RemoveContainer(self, req: Any, ctx: Any) -> empty_pb2.Empty:
+        container = self.container(req.container_id)
+        del self.containers[container.id]
+        with trio.CancelScope(shield=True):
+            await container.destroy(grace=float(req.timeout or 10))
+        return empty_pb2.Empty()
+
+    async def ExecProcess(self, req: Any, ctx: Any) -> empty_pb2.Empty:
+        container = self.container(req.container_id)
+        _check_id("exec id", req.exec_id)
+        process = process_to_json(req.process)
+        try:
+            await container.exec(req.exec_id, process)
+        except RuntimeFailed as err:
+            raise ttrpc.InvalidArgument(str(err)) from err
+        return empty_pb2.Empty()
+
+    async def SignalProcess(self, req: Any, ctx: Any) -> empty_pb2.Empty:
+        container = self.container(req.container_id)
+        process = container.process(req.exec_id)
+        if container.status == "paused" and req.signal == signal.SIGKILL:
+            process.signal(req.signal)
+            await container.resume()
+            return empty_pb2.Empty()
+        process.signal(req.signal)
+        return empty_pb2.Empty()
+
+    async def WaitProcess(self, req: Any, ctx: Any) -> agent_pb2.WaitProcessResponse:
+        container = self.container(req.container_id)
+        status = await container.process(req.exec_id).wait()
+        if not req.exec_id:
+            container.status = "stopped"
+        return agent_pb2.WaitProcessResponse(status=status)
+
+    async def _read(self, req: Any, which: int) -> agent_pb2.ReadStreamResponse:
+        process = self.container(req.container_id).process(req.exec_id)
+        return agent_pb2.ReadStreamResponse(data=await process.read(which, req.len))
+
+    async def ReadStdout(self, req: Any, ctx: Any) -> agent_pb2.ReadStreamResponse:
+        return await self._read(req, 1)
+
+    async def ReadStderr(self, req: Any, ctx: Any) -> agent_pb2.ReadStreamResponse:
+        return await self._read(req, 2)
+
+    async def WriteStdin(self, req: Any, ctx: Any) -> agent_pb2.WriteStreamResponse:
+        process = self.container(req.container_id).process(req.exec_id)
+        return agent_pb2.WriteStreamResponse(len=await process.write_stdin(req.data))
+
+    async def CloseStdin(self, req: Any, ctx: Any) -> empty_pb2.Empty:
+        await self.container(req.container_id).process(req.exec_id).close_stdin()
+        return empty_pb2.Empty()
+
+    async def TtyWinResize(self, req: Any, ctx: Any) -> empty_pb2.Empty:
+        self.container(req.container_id).process(req.exec_id).resize(req.row, req.column)
+        return empty_pb2.Empty()
+
+    async def UpdateContainer(self, req: Any, ctx: Any) -> empty_pb2.Empty:
+        container = self.container(req.container_id)
+        try:
+            await container.update(message_to_json(req.resources))
+        except RuntimeFailed as err:
+            raise ttrpc.InvalidArgument(str(err)) from err
+        return empty_pb2.Empty()
+
+    async def StatsContainer(self, req: Any, ctx: Any) -> agent_pb2.StatsContainerResponse:
+        container = self.container(req.container_id)
+        resp = agent_pb2.StatsContainerResponse()
+        _cgroups.fill_stats(container.cgroups, resp.cgroup_stats)
+        return resp
+
+    async def PauseContainer(self, req: Any, ctx: Any) -> empty_pb2.Empty:
+        container = self.container(req.container_id)
+        try:
+            await container.pause()
+        except RuntimeFailed as err:
+            raise ttrpc.FailedPrecondition(str(err)) from err
+        return empty_pb2.Empty()
+
+    async def ResumeContainer(self, req: Any, ctx: Any) -> empty_pb2.Empty:
+        container = self.container(req.container_id)
+        try:
+            await container.resume()
+        except RuntimeFailed as err:
+            raise ttrpc.FailedPrecondition(str(err)) from err
+        return empty_pb2.Empty()
+
+    # -- OOM ----------------------------------------------------------------------------------
+    async def _watch_oom(self, container: Container) -> None:
+        # Poll the cgroup's oom_kill counter: cheap, and the same for cgroup v1 and v2.
+        seen = _cgroups.oom_kills(container.cgroups)
+        while container.status not in ("stopped",) and self.containers.get(container.id) is container:
+            await trio.sleep(self.config.oom_poll_interval)
+            now = _cgroups.oom_kills(container.cgroups)
+            if now > seen:
+                seen = now
+                log.info("oom kill", extra={"container": container.id})
+                with contextlib.suppress(trio.WouldBlock):
+                    self._oom_send.send_nowait(container.id)
+
+    async def GetOOMEvent(self, req: Any, ctx: Any) -> agent_pb2.OOMEvent:
+        return agent_pb2.OOMEvent(container_id=await self._oom_recv.receive())
+
+    # -- network ----------------------------------------------------------------------------------
+    async def UpdateInterface(self, req: Any, ctx: Any) -> Any:
+        return self.netlink.update_interface(req.interface)
+
+    async def ListInterfaces(self, req: Any, ctx: Any) -> agent_pb2.Interfaces:
+        return agent_pb2.Interfaces(Interfaces=self.netlink.list_interfaces())
+
+    async def UpdateRoutes(self, req: Any, ctx: Any) -> agent_pb2.Routes:
+        return agent_pb2.Routes(Routes=self.netlink.update_routes(list(req.routes.Routes)))
+
+    async def ListRoutes(self, req: Any, ctx: Any) -> agent_pb2.Routes:
+        return agent_pb2.Routes(Routes=self.netlink.list_routes())
+
+    async def AddARPNeighbors(self, req: Any, ctx: Any) -> empty_pb2.Empty:
+        self.netlink.add_arp_neighbors(list(req.neighbors.ARPNeighbors))
+        return empty_pb2.Empty()
+
+    # -- guest ------------------------------------------------------------------------------------
+    async def OnlineCPUMem(self, req: Any, ctx: Any) -> empty_pb2.Empty:
+        _guest.online_cpus(req.nb_cpus)
+        if not req.cpu_only:
+            _guest.online_memory()
+        return empty_pb2.Empty()
+
+    async def GetGuestDetails(self, req: Any, ctx: Any) -> agent_pb2.GuestDetailsResponse:
+        resp = agent_pb2.GuestDetailsResponse()
+        if req.mem_block_size:
+            resp.mem_block_size_bytes = _guest.memory_block_size()
+        resp.support_mem_hotplug_probe = _guest.has_memory_probe()
+        details = resp.agent_details
+        details.version = __version__
+        details.init_daemon = os.getpid() == 1
+        details.storage_handlers.extend(STORAGE_DRIVERS)
+        return resp
+
+    async def SetGuestDateTime(self, req: Any, ctx: Any) -> empty_pb2.Empty:
+        time.clock_settime(time.CLOCK_REALTIME, req.Sec + req.Usec / 1e6)
+        return empty_pb2.Empty()
+
+    async def CopyFile(self, req: Any, ctx: Any) -> empty_pb2.Empty:
+        _guest.copy_file(self.config.run_dir, req)
+        return empty_pb2.Empty()
+
+    async def GetMetrics(self, req: Any, ctx: Any) -> agent_pb2.Metrics:
+        lines = [
+            "# HELP kata_agent_process_resident_memory_bytes Resident memory of the agent.",
+            "# TYPE kata_agent_process_resident_memory_bytes gauge",
+            f"kata_agent_process_resident_memory_bytes {_guest.rss_bytes()}",
+            "# HELP kata_agent_containers Containers the agent holds.",
+            "# TYPE kata_agent_containers gauge",
+            f"kata_agent_containers {len(self.containers)}",
+        ]
+        return agent_pb2.Metrics(metrics="\n".join(lines) + "\n")
+
+    async def close(self) -> None:
+        """Destroy every container and the sandbox storages (agent shutdown)."""
+        with trio.CancelScope(shield=True):
+            await self.DestroySandbox(None, None)
+
+
+class HealthService:
+    """grpc.Health: Check answers SERVING while the agent runs; Version names the agent."""
+
+    async def Check(self, req: Any, ctx: Any) -> health_pb2.HealthCheckResponse:
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    async def Version(self, req: Any, ctx: Any) -> health_pb2.VersionCheckResponse:
+        return health_pb2.VersionCheckResponse(grpc_version="ttrpc", agent_version=__version__)
