@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import trio
+from agent_harness import AgentUnderTest, mounts_under, running_agent
 from google.protobuf.empty_pb2 import Empty
 
 from kata_agent_client import ContainerSpec, Process, Resources, Storage
 from kata_proto import ttrpc
 from kata_proto.agent import agent_pb2
-
-from .conftest import AgentUnderTest, mounts_under, running_agent
 
 pytestmark = pytest.mark.root
 

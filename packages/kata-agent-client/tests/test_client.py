@@ -1,0 +1,295 @@
+"""The client against in-process ttrpc servers: addresses, hybrid vsock, retry, timeouts, health, logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+from google.protobuf import empty_pb2
+
+from kata_agent_client import (
+    AgentAddress,
+    AgentTimeout,
+    BadAddress,
+    HandshakeFailed,
+    HealthChecker,
+    forward_line,
+    forward_logs,
+    open_agent_client,
+)
+from kata_proto import ttrpc
+from kata_proto.agent import AGENT_SERVICE, HEALTH_SERVICE, agent_pb2, health_pb2
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    d = tempfile.mkdtemp(prefix="kac-", dir="/tmp")
+    yield d
+    for name in os.listdir(d):
+        os.unlink(os.path.join(d, name))
+    os.rmdir(d)
+
+
+class FakeHealth:
+    def __init__(self) -> None:
+        self.serving = True
+
+    async def Check(self, req: Any, ctx: ttrpc.CallContext) -> health_pb2.HealthCheckResponse:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Version(self, req: Any, ctx: ttrpc.CallContext) -> health_pb2.VersionCheckResponse:
+        return health_pb2.VersionCheckResponse(grpc_version="ttrpc", agent_version="9.9")
+
+
+class FakeAgent:
+    """Records the deadline each call arrived with."""
+
+    def __init__(self) -> None:
+        self.remaining: dict[str, float | None] = {}
+
+    def _note(self, name: str, ctx: ttrpc.CallContext) -> None:
+        left = None if ctx.deadline is None else ctx.time_remaining()
+        self.remaining[name] = None if left is None or math.isinf(left) else left
+
+    async def StartContainer(self, req: Any, ctx: ttrpc.CallContext) -> empty_pb2.Empty:
+        self._note("StartContainer", ctx)
+        return empty_pb2.Empty()
+
+    async def WaitProcess(self, req: Any, ctx: ttrpc.CallContext) -> agent_pb2.WaitProcessResponse:
+        self._note("WaitProcess", ctx)
+        return agent_pb2.WaitProcessResponse(status=42)
+
+    async def ReadStdout(self, req: Any, ctx: ttrpc.CallContext) -> agent_pb2.ReadStreamResponse:
+        self._note("ReadStdout", ctx)
+        return agent_pb2.ReadStreamResponse(data=b"")
+
+
+def _server(health: FakeHealth | None = None, agent: FakeAgent | None = None) -> ttrpc.TtrpcServer:
+    server = ttrpc.TtrpcServer()
+    server.register(HEALTH_SERVICE, health or FakeHealth())
+    server.register(AGENT_SERVICE, agent or FakeAgent())
+    return server
+
+
+async def _fake_muxer(path: str, server: ttrpc.TtrpcServer, *, guest_open: bool = True) -> None:
+    """A hybrid vsock muxer: `CONNECT 1024` then the ttrpc server on the same stream."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        line = b""
+        while not line.endswith(b"\n"):
+            line += await stream.receive_some(1)
+        if not guest_open or line.strip().upper() != b"CONNECT 1024":
+            await stream.aclose()
+            return
+        await stream.send_all(b"OK 1073741824\n")
+        await server.serve_stream(stream)
+
+    listeners = await trio.open_unix_listeners(path) if hasattr(trio, "open_unix_listeners") else None
+    if listeners is None:
+        sock = trio.socket.socket(trio.socket.AF_UNIX)
+        await sock.bind(path)
+        sock.listen(8)
+        listeners = [trio.SocketListener(sock)]
+    await trio.serve_listeners(handle, listeners)
+
+
+def test_address_forms() -> None:
+    assert AgentAddress.parse("unix:/run/a.sock") == AgentAddress("unix", path="/run/a.sock")
+    assert AgentAddress.parse("hvsock:/run/kata.hvsock:1024") == AgentAddress(
+        "hvsock", path="/run/kata.hvsock", port=1024
+    )
+    assert AgentAddress.parse("hvsock:///run/kata.hvsock") == AgentAddress(
+        "hvsock", path="/run/kata.hvsock", port=1024
+    )
+    assert AgentAddress.parse("vsock://3:1024") == AgentAddress("vsock", cid=3, port=1024)
+    assert AgentAddress.parse("hvsock:/x:1024").with_port(1025).port == 1025
+    for bad in ("tcp://1.2.3.4:5", "vsock://x:y", "/plain/path"):
+        with pytest.raises(BadAddress):
+            AgentAddress.parse(bad)
+
+
+def test_hybrid_vsock_handshake_then_typed_calls(sockdir: str) -> None:
+    async def main() -> None:
+        path = os.path.join(sockdir, "kata.hvsock")
+        async with trio.open_nursery() as n:
+            n.start_soon(_fake_muxer, path, _server())
+            async with open_agent_client(f"hvsock:{path}:1024", ready_timeout=5) as client:
+                assert await client.check()
+                assert (await client.version()).agent_version == "9.9"
+                assert await client.wait_process("c") == 42
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_connect_retries_until_the_agent_listens(sockdir: str) -> None:
+    async def main() -> None:
+        path = os.path.join(sockdir, "agent.sock")
+        server = _server()
+        async with trio.open_nursery() as n:
+
+            async def late() -> None:
+                await trio.sleep(0.3)
+                await server.serve_unix(path)
+
+            n.start_soon(late)
+            t0 = trio.current_time()
+            async with open_agent_client(f"unix:{path}", ready_timeout=5) as client:
+                assert trio.current_time() - t0 >= 0.3
+                assert await client.check()
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_connect_gives_up_with_agent_timeout(sockdir: str) -> None:
+    async def main() -> None:
+        path = os.path.join(sockdir, "kata.hvsock")
+        async with trio.open_nursery() as n:
+            # the VMM is there but nothing listens on the guest port: it closes every connection
+            n.start_soon(partial(_fake_muxer, path, _server(), guest_open=False))
+            await trio.sleep(0.05)
+            with pytest.raises(AgentTimeout, match=r"HandshakeFailed|closed"):
+                async with open_agent_client(f"hvsock:{path}", ready_timeout=0.5):
+                    pass
+            n.cancel_scope.cancel()
+        with pytest.raises(AgentTimeout):
+            async with open_agent_client(f"unix:{os.path.join(sockdir, 'none.sock')}", ready_timeout=0.3):
+                pass
+
+    trio.run(main)
+
+
+def test_not_serving_is_retried_too(sockdir: str) -> None:
+    async def main() -> None:
+        path = os.path.join(sockdir, "agent.sock")
+        health = FakeHealth()
+        health.serving = False
+        async with trio.open_nursery() as n:
+            await n.start(_server(health).serve_unix, path)
+            with pytest.raises(AgentTimeout):
+                async with open_agent_client(f"unix:{path}", ready_timeout=0.3):
+                    pass
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_upstream_timeouts_are_sent(sockdir: str) -> None:
+    async def main() -> None:
+        path = os.path.join(sockdir, "agent.sock")
+        agent = FakeAgent()
+        async with trio.open_nursery() as n:
+            await n.start(_server(agent=agent).serve_unix, path)
+            async with open_agent_client(f"unix:{path}") as client:
+                await client.start_container("c")
+                await client.wait_process("c")
+                await client.read_stdout("c")
+            n.cancel_scope.cancel()
+        start = agent.remaining["StartContainer"]
+        assert start is not None and 29 < start <= 30
+        assert agent.remaining["WaitProcess"] is None
+        assert agent.remaining["ReadStdout"] is None
+
+    trio.run(main)
+
+
+def test_health_checker_reports_once_per_failure_streak(sockdir: str) -> None:
+    async def main() -> None:
+        path = os.path.join(sockdir, "agent.sock")
+        health = FakeHealth()
+        calls: list[BaseException | None] = []
+
+        async def unhealthy(err: BaseException | None) -> None:
+            calls.append(err)
+
+        async with trio.open_nursery() as n:
+            await n.start(_server(health).serve_unix, path)
+            async with open_agent_client(f"unix:{path}") as client:
+                checker = HealthChecker(client, unhealthy, interval=0.01)
+                assert await checker.check_once()
+                health.serving = False
+                assert not await checker.check_once()
+                assert not await checker.check_once()
+                assert calls == [None]
+                health.serving = True
+                assert await checker.check_once()
+                assert checker.healthy and checker.failures == 2
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_forward_line_maps_levels_and_fields(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("test.agent")
+    with caplog.at_level(logging.DEBUG, logger="test.agent"):
+        forward_line(json.dumps({"level": "error", "msg": "boom", "container": "c1"}).encode(), logger)
+        forward_line(b"plain text\n", logger)
+        forward_line(b"", logger)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.ERROR, "boom"),
+        (logging.INFO, "plain text"),
+    ]
+    assert caplog.records[0].agent["container"] == "c1"  # type: ignore[attr-defined]
+
+
+def test_log_forwarder_reads_lines_until_eof(sockdir: str, caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        path = os.path.join(sockdir, "agent.sock.log")
+        sock = trio.socket.socket(trio.socket.AF_UNIX)
+        await sock.bind(path)
+        sock.listen(1)
+
+        async def serve() -> None:
+            conn, _ = await sock.accept()
+            with conn:
+                await conn.send(b'{"level":"info","msg":"one"}\n{"level":"warn","ms')
+                await trio.sleep(0.05)
+                await conn.send(b'g":"two"}\ntail-without-newline')
+
+        async with trio.open_nursery() as n:
+            n.start_soon(serve)
+            await forward_logs(f"unix:{path}", logging.getLogger("test.fwd"))
+        sock.close()
+
+    with caplog.at_level(logging.INFO, logger="test.fwd"):
+        trio.run(main)
+    assert [r.getMessage() for r in caplog.records] == ["one", "two", "tail-without-newline"]
+    assert caplog.records[1].levelno == logging.WARNING
+
+
+def test_handshake_failure_is_typed(sockdir: str) -> None:
+    async def main() -> None:
+        from kata_agent_client import connect
+
+        path = os.path.join(sockdir, "kata.hvsock")
+        sock = trio.socket.socket(trio.socket.AF_UNIX)
+        await sock.bind(path)
+        sock.listen(1)
+
+        async def serve() -> None:
+            conn, _ = await sock.accept()
+            with conn:
+                await conn.recv(64)
+                await conn.send(b"ERR no\n")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(serve)
+            with pytest.raises(HandshakeFailed):
+                await connect(AgentAddress("hvsock", path=path))
+        sock.close()
+
+    trio.run(main)
