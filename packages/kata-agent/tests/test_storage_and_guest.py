@@ -1,0 +1,134 @@
+"""Storages (ephemeral, local, shm, blk on a loop device), the sandbox, guest rpcs, the log stream."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from agent_harness import mounts_under, running_agent
+
+from kata_agent_client import ContainerSpec, Mount, Process, Storage, forward_logs
+from kata_proto import ttrpc
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def loop_ext4(tmp_path: Path) -> Iterator[str]:
+    """An ext4 image on a loop device holding hello.txt; the device is detached afterwards."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * (8 << 20))
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    dev = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=False
+    )
+    if dev.returncode != 0:
+        pytest.skip(f"no loop device: {dev.stderr.strip()}")
+    device = dev.stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+
+
+def test_storages_are_mounted_for_the_container_and_released(busybox_rootfs: Path, loop_ext4: str) -> None:
+    async def main() -> None:
+        async with running_agent() as agent:
+            c = agent.client
+            base = os.path.dirname(agent.run_dir)
+            eph, local, blk = (os.path.join(base, n) for n in ("eph", "local", "blk"))
+            storages = [
+                Storage("ephemeral", eph, source="tmpfs", fstype="tmpfs", options=["size=1m"]),
+                Storage("local", local, options=["mode=0750"]),
+                Storage("blk", blk, source=loop_ext4, fstype="ext4"),
+            ]
+            spec = ContainerSpec(
+                root=str(busybox_rootfs),
+                process=Process(
+                    ["sh", "-c", "echo hi > /eph/f && cat /eph/f && ls /blk && df -k /eph | tail -1"]
+                ),
+            )
+            spec.mounts += [Mount("/eph", "bind", eph, ["rbind"]), Mount("/blk", "bind", blk, ["rbind"])]
+            await c.create_container("s", spec, storages=storages)
+            assert sorted(mounts_under(base)) == [blk, eph]
+            assert oct(os.stat(local).st_mode & 0o777) == "0o750"
+            await c.start_container("s")
+            out = await c.read_all("s")
+            assert await c.wait_process("s") == 0
+            lines = out.decode().splitlines()
+            assert lines[0] == "hi" and "lost+found" in lines[1] and " 1024 " in lines[-1]
+            await c.remove_container("s")
+            assert mounts_under(base) == []
+            assert not any(os.path.lexists(p) for p in (eph, local, blk))  # noqa: ASYNC240
+
+    trio.run(main)
+
+
+def test_sandbox_storages_live_until_destroy_sandbox(busybox_rootfs: Path) -> None:
+    async def main() -> None:
+        async with running_agent() as agent:
+            c = agent.client
+            shm = os.path.join(os.path.dirname(agent.run_dir), "sbx-shm")
+            await c.create_sandbox("sbx", storages=[Storage("shm", shm, source="shm", fstype="tmpfs")])
+            with pytest.raises(ttrpc.AlreadyExists):
+                await c.create_sandbox("sbx")
+            assert mounts_under(shm) == [shm]
+            spec = ContainerSpec(root=str(busybox_rootfs), process=Process(["sleep", "100"]))
+            await c.create_container("a", spec)
+            await c.start_container("a")
+            await c.destroy_sandbox()
+            assert mounts_under(shm) == []
+            assert agent.service.containers == {}
+            with pytest.raises(ttrpc.NotFound):
+                await c.wait_process("a")
+
+    trio.run(main)
+
+
+def test_guest_details_copy_file_metrics() -> None:
+    async def main() -> None:
+        async with running_agent() as agent:
+            c = agent.client
+            details = await c.get_guest_details()
+            assert details.agent_version and "virtio-fs" in details.storage_handlers
+            target = os.path.join(agent.run_dir, "shared", "etc", "hosts")
+            data = os.urandom(5 << 20)  # more than one ttrpc frame: sent in chunks
+            await c.copy_file(target, data, file_mode=0o600)
+            assert Path(target).read_bytes() == data  # noqa: ASYNC240
+            assert oct(os.stat(target).st_mode & 0o777) == "0o600"
+            await c.copy_file(target, b"short")
+            assert Path(target).read_bytes() == b"short"  # noqa: ASYNC240
+            with pytest.raises(ttrpc.InvalidArgument):
+                await c.copy_file("/etc/evil", b"x")
+            with pytest.raises(ttrpc.InvalidArgument):
+                await c.copy_file(os.path.join(agent.run_dir, "../../etc/evil"), b"x")
+            metrics = await c.get_metrics()
+            assert "kata_agent_process_resident_memory_bytes" in metrics
+
+    trio.run(main)
+
+
+def test_log_stream_carries_json_lines(busybox_rootfs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with running_agent(log=True) as agent, trio.open_nursery() as n:
+            await n.start(forward_logs, agent.address, logging.getLogger("test.agentlog"))
+            spec = ContainerSpec(root=str(busybox_rootfs), process=Process(["true"]))
+            await agent.client.create_container("logged", spec)
+            await agent.client.remove_container("logged")
+            with trio.fail_after(5):
+                while not any(getattr(r, "agent", {}).get("container") == "logged" for r in caplog.records):  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            n.cancel_scope.cancel()
+
+    with caplog.at_level(logging.INFO, logger="test.agentlog"):
+        trio.run(main)
+    forwarded = [r for r in caplog.records if r.name == "test.agentlog"]
+    entry = next(r.agent for r in forwarded if r.getMessage() == "container created")  # type: ignore[attr-defined]
+    assert entry["level"] == "info" and entry["source"] == "agent"
+    assert json.dumps(entry)
