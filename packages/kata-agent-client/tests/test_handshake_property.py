@@ -1,0 +1,54 @@
+"""The hybrid vsock handshake reader against arbitrary muxer answers (hypothesis)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kata_agent_client import AgentAddress, HandshakeFailed, connect
+
+
+@settings(max_examples=40, deadline=None)
+@given(answer=st.binary(max_size=100), trailer=st.binary(max_size=16))
+def test_any_answer_connects_or_fails_typed(answer: bytes, trailer: bytes) -> None:
+    async def main() -> None:
+        d = tempfile.mkdtemp(prefix="kah-", dir="/tmp")
+        path = os.path.join(d, "hv.sock")
+        sock = trio.socket.socket(trio.socket.AF_UNIX)
+        await sock.bind(path)
+        sock.listen(1)
+
+        async def serve() -> None:
+            conn, _ = await sock.accept()
+            with conn:
+                assert await conn.recv(64) == b"CONNECT 1024\n"
+                await conn.send(answer + trailer)
+
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(serve)
+                first_line = answer.split(b"\n", 1)[0] + b"\n" if b"\n" in answer else None
+                ok = first_line is not None and first_line.startswith(b"OK ") and len(first_line) <= 64
+                with trio.fail_after(5):
+                    try:
+                        stream = await connect(AgentAddress("hvsock", path=path))
+                    except HandshakeFailed:
+                        assert not ok
+                    else:
+                        assert ok
+                        rest = answer.split(b"\n", 1)[1] + trailer
+                        got = b""
+                        async with stream:
+                            while len(got) < len(rest):
+                                got += await stream.receive_some(64)
+                        assert got == rest  # bytes after the OK line belong to the guest
+        finally:
+            sock.close()
+            os.unlink(path)
+            os.rmdir(d)
+
+    trio.run(main)
