@@ -1,6 +1,7 @@
 """``kata-vmm``: boot a kernel from the command line.
 
     kata-vmm run --kernel K [--initrd I] [--cmdline S] [--vcpus N] [--memory MiB] [--timeout S] [--stats]
+                 [--vsock UDS] [--block PATH[,ro]]... [--net TAP[,mac=M]]... [--fs TAG=DIR]... [--rng]
 
 The guest's serial console goes to stdout and stdin is typed into it.  Exit
 status: 0 when the guest powers off or reboots, 1 when it crashes (triple
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from kata_vmm.__about__ import __version__
 from kata_vmm._errors import ConfigError, KernelLoadError, VmmError
+from kata_vmm._virtio import DeviceSpec, RngSpec, parse_block, parse_fs, parse_net, parse_vsock
 from kata_vmm._vmm import DEFAULT_CMDLINE, VmConfig, Vmm
 
 EXIT_OK = 0
@@ -48,6 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--stats", action="store_true", help="print exit statistics as JSON on stderr at the end"
     )
+    dev = run.add_argument_group("virtio devices (each on a virtio-mmio slot the DSDT describes)")
+    dev.add_argument("--vsock", metavar="UDS", help="hybrid vsock; host clients connect to UDS")
+    dev.add_argument(
+        "--block", action="append", default=[], metavar="PATH[,ro]", help="raw image as virtio-blk"
+    )
+    dev.add_argument(
+        "--net", action="append", default=[], metavar="TAP[,mac=M]", help="virtio-net on a tap device"
+    )
+    dev.add_argument("--fs", action="append", default=[], metavar="TAG=DIR", help="share DIR by virtio-fs")
+    dev.add_argument("--rng", action="store_true", help="virtio-rng")
     extract = sub.add_parser(
         "extract-vmlinux", help="write the uncompressed ELF vmlinux of a bzImage (boots faster, through PVH)"
     )
@@ -91,8 +103,25 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def device_specs(args: argparse.Namespace) -> list[DeviceSpec]:
+    """The virtio devices named on the command line (vsock, blocks, nets, filesystems, rng; `ConfigError`)."""
+    specs: list[DeviceSpec] = []
+    if args.vsock:
+        specs.append(parse_vsock(args.vsock))
+    specs += [parse_block(b) for b in args.block]
+    specs += [parse_net(n) for n in args.net]
+    specs += [parse_fs(f) for f in args.fs]
+    if args.rng:
+        specs.append(RngSpec())
+    return specs
+
+
 def run(args: argparse.Namespace, *, startup_seconds: float = 0.0) -> int:
     """The ``run`` command."""
+    try:
+        devices = device_specs(args)
+    except ConfigError as err:
+        return _fail(f"error: {err}", EXIT_BAD_INPUT)
     stdin_fd = sys.stdin.fileno() if sys.stdin is not None else None
     config = VmConfig(
         kernel=args.kernel,
@@ -102,6 +131,7 @@ def run(args: argparse.Namespace, *, startup_seconds: float = 0.0) -> int:
         memory_mib=args.memory,
         console_output=_console_writer(sys.stdout.fileno()),
         console_input=stdin_fd,
+        devices=devices,
     )
     vmm = Vmm()
     interrupted = False

@@ -46,6 +46,14 @@ class EventLoop:
         self._callbacks[fd] = callback
         self._epoll.register(fd, events)
 
+    def watch(self, fd: int, callback: EventCallback, events: int) -> None:
+        """Watch ``fd`` for ``events`` with ``callback``, or change both if it is already watched."""
+        self._callbacks[fd] = callback
+        try:
+            self._epoll.modify(fd, events)
+        except FileNotFoundError:  # not (or no longer: closed and reused) in the epoll set
+            self._epoll.register(fd, events)
+
     def remove_reader(self, fd: int) -> None:
         """Stop watching ``fd``."""
         if self._callbacks.pop(fd, None) is not None:

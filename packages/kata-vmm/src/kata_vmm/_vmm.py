@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from kata_virtio import GuestMemory, InterruptTrigger
+from kata_virtio import GuestMemory, InterruptTrigger, VirtioDevice, VirtioFs
 from kata_vmm import _cpu
 from kata_vmm._acpi import MmioDeviceDescription, build_tables
 from kata_vmm._bindings import kvm as k
@@ -50,6 +50,7 @@ from kata_vmm._layout import (
 from kata_vmm._loader import BootPlan, BootProtocol, load_kernel
 from kata_vmm._memory import GuestAddress, GuestMemoryMmap
 from kata_vmm._vcpu import ExitKind, GuestExit, VcpuState, VcpuThread, install_kick_handler
+from kata_vmm._virtio import DevicePoller, DeviceSpec, VirtioMmioDevice, build_device, raise_nofile_limit
 from kata_vmm.devices import AcpiPowerDevice, I8042Device, Serial
 
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 quiet"
@@ -72,6 +73,8 @@ class VmConfig:
     """A readable fd whose bytes are typed on the serial console (non-blocking reads are used)."""
     shared_memory: bool = False
     """Back RAM with memfds, so another process (vhost-user) can map it."""
+    devices: list[DeviceSpec] = field(default_factory=list)
+    """Virtio devices (vsock, block, net, fs, rng), each on its own virtio-mmio slot, in this order."""
 
     def validate(self, max_vcpus: int) -> None:
         """Raise `ConfigError` for values no VM can have."""
@@ -144,6 +147,8 @@ class Vmm:
         self._vcpus: list[Vcpu] = []
         self._threads: list[VcpuThread] = []
         self._mmio_slots: list[MmioSlot] = []
+        self._virtio: list[VirtioMmioDevice] = []
+        self._poller: DevicePoller | None = None
         self._exit: GuestExit | None = None
         self._exit_event = threading.Event()
         self._lock = threading.Lock()
@@ -180,6 +185,9 @@ class Vmm:
             self.vm.create_irqchip()
             self.vm.create_pit2()
             self._setup_legacy_devices(config)
+            self.event_loop = EventLoop()
+            for spec in config.devices:
+                self._add_virtio(build_device(spec))
         except BaseException:
             self._release()
             raise
@@ -197,9 +205,43 @@ class Vmm:
             AcpiPowerDevice(self._guest_power_off, self._guest_reset), ACPI_SLEEP_CONTROL_PORT, 3
         )
 
+    def add_virtio_device(self, device: VirtioDevice) -> MmioSlot:
+        """Put a kata-virtio device on the next virtio-mmio slot, served on the event thread.
+
+        QueueNotify reaches the event thread through one ioeventfd per queue, interrupts go out through
+        the slot's irqfd, the device's `watched()` fds are polled on the event thread. The VMM owns the
+        device from here on (`close` closes it), also when this raises.
+        """
+        self._require(VmmState.CONFIGURED)
+        return self._add_virtio(device)
+
+    def _add_virtio(self, device: VirtioDevice) -> MmioSlot:
+        assert self.vm is not None and self.event_loop is not None
+        vm, loop = self.vm, self.event_loop
+        if isinstance(device, VirtioFs):
+            raise_nofile_limit()
+        made: list[VirtioMmioDevice] = []
+
+        def factory(memory: GuestMemory, irq: InterruptTrigger, slot: MmioSlot) -> BusDevice:
+            assert isinstance(irq, IrqFd)
+            made.append(VirtioMmioDevice(vm, device, memory, irq, slot.base))
+            return made[0]
+
+        try:
+            slot = self._add_slot(factory)
+        except BaseException:
+            device.close()
+            raise
+        made[0].attach(loop)
+        self._virtio.append(made[0])
+        return slot
+
     def add_device(self, factory: DeviceFactory) -> MmioSlot:
         """Give a device the next virtio-mmio slot (address, GSI, irqfd); the DSDT describes it at start."""
         self._require(VmmState.CONFIGURED)
+        return self._add_slot(factory)
+
+    def _add_slot(self, factory: DeviceFactory) -> MmioSlot:
         assert self.vm is not None and self.memory is not None
         index = len(self._mmio_slots)
         if index >= VIRTIO_MMIO_SLOTS:
@@ -208,7 +250,12 @@ class Vmm:
         slot = MmioSlot(index, base, VIRTIO_MMIO_SLOT_SIZE, gsi)
         irq = IrqFd(self.vm, gsi)
         self._irqfds.append(irq)
-        device = factory(self.memory, irq, slot)
+        try:
+            device = factory(self.memory, irq, slot)
+        except BaseException:
+            self._irqfds.remove(irq)
+            irq.close()
+            raise
         self.mmio_bus.insert(device, base, VIRTIO_MMIO_SLOT_SIZE)
         self._mmio_slots.append(slot)
         return slot
@@ -253,8 +300,10 @@ class Vmm:
 
     def _start_threads(self) -> None:
         assert self.config is not None and self.serial is not None
-        loop = EventLoop()
-        self.event_loop = loop
+        loop = self.event_loop
+        assert loop is not None
+        if self._virtio:
+            self._poller = DevicePoller(loop, [d.device for d in self._virtio])
         loop.add_ticker(self.serial.flush)
         if self.config.console_input is not None:
             self._watch_console_input(loop, self.config.console_input)
@@ -425,14 +474,20 @@ class Vmm:
         self.state = VmmState.CLOSED
 
     def _release(self) -> None:
+        errors: list[BaseException] = []
         if self.event_loop is not None:
             self.event_loop.stop()
+        for dev in self._virtio:
+            try:
+                dev.close()
+            except Exception as err:  # keep releasing the rest
+                errors.append(err)
+        self._virtio = []
         if self._restore_input_blocking is not None:
             fd, blocking = self._restore_input_blocking
             with contextlib.suppress(OSError):
                 os.set_blocking(fd, blocking)
             self._restore_input_blocking = None
-        errors: list[BaseException] = []
         for irq in self._irqfds:
             try:
                 irq.close()
