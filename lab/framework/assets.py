@@ -42,6 +42,12 @@ class GuestAssets:
 
     @property
     def rootfs_sandbox(self) -> Path:
+        """The sandbox root as ext4 (initrd-sandbox.img's default, lab.rootfstype=ext4)."""
+        return self._need("rootfs-sandbox.ext4")
+
+    @property
+    def rootfs_sandbox_erofs(self) -> Path:
+        """The same tree as erofs (boot it with lab.rootfstype=erofs)."""
         return self._need("rootfs-sandbox.erofs")
 
     @property

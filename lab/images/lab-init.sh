@@ -40,7 +40,7 @@ mkdir -p $R/run/netns $R/run/lock $R/lib/modules
 # the guest kernel's modules, where the host's kmod finds them
 mount --bind "/run/host$build/lab/guest/modules/lib/modules" $R/lib/modules
 chroot $R /sbin/modprobe -a kvm kvm_amd irqbypass tun veth sch_ingress cls_u32 act_mirred vhost vhost_iotlb \
-    vhost_net vsock vmw_vsock_virtio_transport_common vhost_vsock br_netfilter 2>&1 | sed 's/^/lab-init: /'
+    vhost_net vsock vmw_vsock_virtio_transport_common vhost_vsock br_netfilter loop erofs 2>&1 | sed 's/^/lab-init: /'
 echo kata-lab > /proc/sys/kernel/hostname
 chroot $R /sbin/ip link set lo up 2>/dev/null
 

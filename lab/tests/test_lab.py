@@ -94,17 +94,19 @@ def test_test_initrd_runs_lab_run_script_with_virtio_drivers_loaded(
     assert MARKER not in console
 
 
-def test_sandbox_guest_mounts_erofs_root_and_runs_python_and_crun(
-    qemu_factory: MicroVMFactory, guest_assets: GuestAssets
+@pytest.mark.parametrize("fstype", ["ext4", "erofs"])
+def test_sandbox_guest_mounts_read_only_root_and_runs_python_and_crun(
+    qemu_factory: MicroVMFactory, guest_assets: GuestAssets, fstype: str
 ) -> None:
+    image = guest_assets.rootfs_sandbox if fstype == "ext4" else guest_assets.rootfs_sandbox_erofs
     config = GuestConfig(
         kernel=guest_assets.kernel,
         initrd=guest_assets.initrd_sandbox,
-        cmdline="console=ttyS0 quiet panic=-1 lab.selfcheck=1",
-        disks=[guest_assets.rootfs_sandbox],
+        cmdline=f"console=ttyS0 quiet panic=-1 lab.selfcheck=1 lab.rootfstype={fstype}",
+        disks=[image],
     )
     vm = qemu_factory.build(config).spawn()
-    vm.wait_for_console("KATA-SANDBOX-READY", timeout=180)
+    vm.wait_for_console("KATA-SANDBOX-READY", timeout=240)
     assert vm.wait_exit(timeout=60) == 0
     assert "KATA-SANDBOX-PYTHON 3.11" in vm.console, vm.console
     assert "crun version" in vm.console, vm.console
