@@ -97,11 +97,14 @@ def test_exec_second_process_and_signals_reach_it(busybox_rootfs: Path) -> None:
             out = await c.read_all("svc", "e1")
             assert out.startswith(b"exec ") and b"sh\0-c\0trap" in out
             assert await c.wait_process("svc", "e1") == 0
+            assert await c.read_stderr("svc", "e1") == b""
+            # status and both streams collected: the exec is forgotten and its fds closed
+            assert "e1" not in agent.service.containers["svc"].execs
             await c.exec_process("svc", "sleeper", Process(["sleep", "100"]))
             await c.signal_process("svc", "sleeper", signal.SIGKILL)
             assert await c.wait_process("svc", "sleeper") == 128 + signal.SIGKILL
-            with pytest.raises(ttrpc.AlreadyExists):
-                await c.exec_process("svc", "e1", Process(["true"]))
+            with pytest.raises(ttrpc.AlreadyExists):  # its output was never read: still known
+                await c.exec_process("svc", "sleeper", Process(["true"]))
             await c.signal_process("svc", "", signal.SIGTERM)
             assert await c.wait_process("svc") == 7
             with pytest.raises(ttrpc.NotFound):

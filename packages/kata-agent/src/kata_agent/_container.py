@@ -115,6 +115,13 @@ class Container:
             raise ttrpc.NotFound(f"process {exec_id!r} not found in container {self.id}")
         return found
 
+    def forget_if_finished(self, exec_id: str) -> None:
+        """Drop an exec whose status and output have all been collected (frees its fds)."""
+        process = self.execs.get(exec_id) if exec_id else None
+        if process is not None and process.finished:
+            del self.execs[exec_id]
+            process.close()
+
     async def pause(self) -> None:
         """Freeze every process of the container."""
         await self.runtime.run(["pause", self.id], log=self._log)

@@ -35,7 +35,17 @@ _FLAGS = {
 _CLEAR = {"rw", "suid", "dev", "exec", "atime", "defaults"}
 
 #: Storage drivers this agent knows (reported in GetGuestDetails).
-STORAGE_DRIVERS = ("virtio-fs", "blk", "virtio-blk", "ephemeral", "local", "shm", "bind")
+STORAGE_DRIVERS = (
+    "virtio-fs",
+    "blk",
+    "mmioblk",
+    "ephemeral",
+    "local",
+    "overlayfs",
+    "watchable-bind",
+    "bind",
+    "shm",
+)
 
 
 @functools.cache
@@ -126,7 +136,7 @@ def mount_storage(storage: Any) -> MountedStorage:
         os.makedirs(target, exist_ok=True)
         if driver == "virtio-fs":
             mount(storage.source, target, storage.fstype or "virtiofs", flags, data)
-        elif driver in ("blk", "virtio-blk"):
+        elif driver in ("blk", "mmioblk"):
             if not storage.fstype:
                 raise ttrpc.InvalidArgument("block storage has no fstype")
             mount(_blk_source(storage.source), target, storage.fstype, flags, data)
@@ -138,7 +148,9 @@ def mount_storage(storage: Any) -> MountedStorage:
                 flags | MS_NOSUID | MS_NODEV,
                 data,
             )
-        else:  # bind: a directory that already exists in the guest (the shared dir, say)
+        elif driver == "overlayfs":
+            mount(storage.source or "overlay", target, "overlay", flags, data)
+        else:  # bind, watchable-bind: a directory already in the guest (the shared dir, say)
             mount(storage.source, target, "", flags | MS_BIND | MS_REC)
             if flags & MS_RDONLY:
                 mount("", target, "", MS_BIND | MS_REMOUNT | MS_RDONLY)

@@ -35,6 +35,8 @@ class Process:
         self._read_locks = (trio.Lock(), trio.Lock())
         self._write_lock = trio.Lock()
         self._stdin_closed = False
+        self.eof = [False, False]
+        self.waited = False
 
     # -- set-up -------------------------------------------------------------------------------
     def open_pipes(self) -> tuple[int, int, int]:
@@ -52,6 +54,7 @@ class Process:
         self._pty_fd = os.dup(master_fd)
         self.stdin = trio.lowlevel.FdStream(master_fd)
         self.stdout = trio.lowlevel.FdStream(os.dup(master_fd))
+        self.eof[1] = True  # a tty has no separate stderr
 
     async def watch(self, pid: int) -> None:
         """Wait for `pid` to exit and record its status (128+N for a signal, as shells report)."""
@@ -92,20 +95,29 @@ class Process:
         """The exit status, waiting as long as it takes."""
         await self._exited.wait()
         assert self.exit_status is not None
+        self.waited = True
         return self.exit_status
 
     # -- stdio ----------------------------------------------------------------------------------
     async def read(self, which: int, length: int) -> bytes:
         """Up to `length` bytes of stdout (1) or stderr (2), waiting for some; b"" means EOF."""
         stream = self.stdout if which == 1 else self.stderr
-        if stream is None:
-            return b""
-        async with self._read_locks[which - 1]:
-            try:
-                return await stream.receive_some(max(1, min(length or 65536, 1 << 20)))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                # A pty master reads EIO once the last slave closes: that is EOF.
-                return b""
+        data = b""
+        if stream is not None:
+            async with self._read_locks[which - 1]:
+                try:
+                    data = await stream.receive_some(max(1, min(length or 65536, 1 << 20)))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    # A pty master reads EIO once the last slave closes: that is EOF.
+                    data = b""
+        if not data:
+            self.eof[which - 1] = True
+        return data
+
+    @property
+    def finished(self) -> bool:
+        """Exited, its status collected by WaitProcess, and both output streams read to EOF."""
+        return self.exited and self.waited and all(self.eof)
 
     async def write_stdin(self, data: bytes) -> int:
         """Write all of `data` to stdin; empty data closes stdin (PROTOCOLS.md)."""

@@ -178,11 +178,15 @@ class AgentService:
         status = await container.process(req.exec_id).wait()
         if not req.exec_id:
             container.status = "stopped"
+        container.forget_if_finished(req.exec_id)
         return agent_pb2.WaitProcessResponse(status=status)
 
     async def _read(self, req: Any, which: int) -> agent_pb2.ReadStreamResponse:
-        process = self.container(req.container_id).process(req.exec_id)
-        return agent_pb2.ReadStreamResponse(data=await process.read(which, req.len))
+        container = self.container(req.container_id)
+        data = await container.process(req.exec_id).read(which, req.len)
+        if not data:
+            container.forget_if_finished(req.exec_id)
+        return agent_pb2.ReadStreamResponse(data=data)
 
     async def ReadStdout(self, req: Any, ctx: Any) -> agent_pb2.ReadStreamResponse:
         return await self._read(req, 1)
