@@ -22,6 +22,7 @@ async def open_listener(address: str) -> tuple[trio.SocketListener, str | None]:
         return trio.SocketListener(sock), None
     if address.startswith("unix:"):
         path = address.removeprefix("unix:").removeprefix("//")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         sock = trio.socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
