@@ -293,3 +293,19 @@ def test_handshake_failure_is_typed(sockdir: str) -> None:
         sock.close()
 
     trio.run(main)
+
+
+def test_errors_from_the_callers_block_come_out_bare(sockdir: str) -> None:
+    async def main() -> None:
+        path = os.path.join(sockdir, "agent.sock")
+        async with trio.open_nursery() as n:
+            await n.start(_server().serve_unix, path)
+            with pytest.raises(ttrpc.Unimplemented):
+                async with open_agent_client(f"unix:{path}") as client:
+                    await client.remove_container("c")  # FakeAgent lacks it
+            with pytest.raises(KeyError):
+                async with open_agent_client(f"unix:{path}"):
+                    raise KeyError("mine")
+            n.cancel_scope.cancel()
+
+    trio.run(main)

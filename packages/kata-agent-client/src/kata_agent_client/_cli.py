@@ -1,8 +1,10 @@
-"""`kata-agent-ctl`: talk to an agent by hand (connect, check, version, run, exec, kill, wait, rm)."""
+"""`kata-agent-ctl`: talk to an agent by hand (connect, check, version, run, exec, kill, wait, rm, ...)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import signal as _signal
 import sys
@@ -12,6 +14,7 @@ import trio
 
 from kata_agent_client._client import AgentClient, open_agent_client
 from kata_agent_client._errors import AgentError
+from kata_agent_client._logs import forward_logs
 from kata_agent_client._types import ContainerSpec, Process
 from kata_proto import ttrpc
 
@@ -47,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     wait.add_argument("id")
     rm = sub.add_parser("rm", help="remove a container")
     rm.add_argument("id")
+    for name, text in (("stats", "memory/CPU/pids of a container"), ("pause", "freeze"), ("resume", "thaw")):
+        sub.add_parser(name, help=text).add_argument("id")
+    sub.add_parser("logs", help="follow the agent's log stream (port 1025) as JSON lines")
     return p
 
 
@@ -128,7 +134,32 @@ async def _main(args: argparse.Namespace) -> int:
             print(await client.wait_process(args.id, args.exec_id))
         elif args.command == "rm":
             await client.remove_container(args.id)
+        elif args.command == "stats":
+            stats = await client.stats_container(args.id)
+            fields = {k: v for k, v in vars(stats).items() if k != "memory_stats"}
+            print(" ".join(f"{k}={v}" for k, v in fields.items()))
+        elif args.command == "pause":
+            await client.pause_container(args.id)
+        elif args.command == "resume":
+            await client.resume_container(args.id)
+        elif args.command == "logs":
+            await forward_logs(args.addr, _stdout_logger())
     return 0
+
+
+def _stdout_logger() -> logging.Logger:
+    logger = logging.getLogger("kata_agent_client.ctl")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_JsonLine())
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    return logger
+
+
+class _JsonLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(getattr(record, "agent", None) or {"msg": record.getMessage()})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -310,22 +310,41 @@ async def open_agent_client(
     addr = AgentAddress.parse(address) if isinstance(address, str) else address
     deadline = trio.current_time() + ready_timeout
     last: BaseException | None = None
-    async with AsyncExitStack() as outer:
-        while True:
-            stack = AsyncExitStack()
+    raised: list[BaseException] = []
+    try:
+        async with AsyncExitStack() as outer:
+            while True:
+                stack = AsyncExitStack()
+                try:
+                    client = await _try_connect(addr, stack, call_timeout, deadline)
+                except trio.TooSlowError as err:
+                    await stack.aclose()
+                    raise AgentTimeout(
+                        f"agent at {address} not ready within {ready_timeout} s: {last}"
+                    ) from err
+                except (OSError, ttrpc.TtrpcError, trio.BrokenResourceError) as err:
+                    await stack.aclose()
+                    last, client = err, None
+                if client is not None:
+                    outer.push_async_exit(stack)
+                    break
+                await stack.aclose()
+                if trio.current_time() + retry_interval >= deadline:
+                    raise AgentTimeout(f"agent at {address} not ready within {ready_timeout} s: {last}")
+                await trio.sleep(retry_interval)
             try:
-                client = await _try_connect(addr, stack, call_timeout, deadline)
-            except trio.TooSlowError as err:
-                await stack.aclose()
-                raise AgentTimeout(f"agent at {address} not ready within {ready_timeout} s: {last}") from err
-            except (OSError, ttrpc.TtrpcError, trio.BrokenResourceError) as err:
-                await stack.aclose()
-                last, client = err, None
-            if client is not None:
-                outer.push_async_exit(stack)
-                break
-            await stack.aclose()
-            if trio.current_time() + retry_interval >= deadline:
-                raise AgentTimeout(f"agent at {address} not ready within {ready_timeout} s: {last}")
-            await trio.sleep(retry_interval)
-        yield client
+                yield client
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+    except BaseExceptionGroup as group:
+        # The ttrpc client's nursery wraps what the caller's block raised: hand it back bare.
+        if raised and _leaves(group) == raised:
+            raise raised[0] from None
+        raise
+
+
+def _leaves(group: BaseException) -> list[BaseException]:
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for exc in group.exceptions for leaf in _leaves(exc)]
+    return [group]
