@@ -52,6 +52,21 @@ poweroff -f
 """
 
 
+VIRTIO_RNG_INIT = """#!/bin/sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs dev /dev
+for m in virtio_ring virtio virtio_mmio virtio-rng; do insmod /lib/$m.ko; done
+for d in /sys/bus/virtio/devices/*; do echo "KATA-VIRTIO $(basename $d) device=$(cat $d/device)"; done
+echo "KATA-RNG-CURRENT=$(cat /sys/class/misc/hw_random/rng_current)"
+echo "KATA-RNG-BYTES=$(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n')"
+echo KATA-LAB-GUEST-OK
+poweroff -f
+"""
+MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio-rng")
+
+
 # --- host side ---------------------------------------------------------------------------------------------
 def in_lab(scenario: str, timeout: float = 900) -> dict[str, object]:
     result = subprocess.run(
@@ -85,6 +100,18 @@ def test_guest_sees_two_cpus_512_mib_and_serial_input() -> None:
     assert 450 * 1024 < mem_kib <= 512 * 1024, out
     assert "KATA-GOT=hello from the host" in out, out
     assert MARKER in out
+
+
+def test_virtio_mmio_device_in_the_dsdt_is_found_and_used_by_the_stock_kernel() -> None:
+    # the DSDT's LNRO0005 slots are how Debian kernels find virtio-mmio devices: a kata-virtio rng proves it
+    r = in_lab("virtio-rng")
+    out = str(r["stdout"])
+    assert r["exit"] == "power-off", r
+    assert "KATA-VIRTIO virtio0 device=0x0004" in out, out
+    assert "KATA-RNG-CURRENT=virtio_rng.0" in out, out
+    random_hex = re.search(r"KATA-RNG-BYTES=([0-9a-f]{32})", out)
+    assert random_hex is not None and random_hex.group(1) != "0" * 32, out
+    assert int(str(r["mmio_exits"])) > 10, r  # probe, feature negotiation, queue set-up and notifies
 
 
 def test_triple_fault_ends_with_exit_one_and_message() -> None:
@@ -158,6 +185,8 @@ def _scenario(name: str) -> dict:
         initrd.write_bytes(tk.busybox_initramfs(INTROSPECT_INIT, Path("/bin/busybox").read_bytes()))
         command = _kata(KERNEL, initrd, "--cmdline", "console=ttyS0 quiet", "--timeout", "300")
         return _drive(command, prompt="KATA-WAITING-INPUT", reply=b"hello from the host\n")
+    if name == "virtio-rng":
+        return _virtio_rng(work)
     if name == "triple-fault":
         kernel = work / "ud2.bzImage"
         kernel.write_bytes(tk.tiny_bzimage(tk.UD2))
@@ -167,6 +196,46 @@ def _scenario(name: str) -> dict:
         kernel.write_bytes(tk.tiny_bzimage(tk.spin_forever()))
         return _drive(_kata(kernel, None, "--timeout", "5"))
     raise SystemExit(f"unknown scenario {name}")
+
+
+def _virtio_rng(work: Path) -> dict:
+    from kata_virtio import MmioTransport, VirtioRng
+    from kata_vmm import VmConfig, Vmm
+    from kata_vmm import testing as tk
+
+    modules = next((GUEST / "modules/lib/modules").iterdir())
+    entries = [
+        (f"lib/{m}.ko", tk.S_IFREG | 0o644, next(modules.rglob(f"{m}.ko")).read_bytes(), (0, 0))
+        for m in MODULES
+    ]
+    base = tk.busybox_initramfs(VIRTIO_RNG_INIT, Path("/bin/busybox").read_bytes())
+    initrd = work / "virtio-rng.cpio"
+    # concatenated cpio archives unpack in order: the base image, then /lib with the modules
+    initrd.write_bytes(base + tk.cpio_newc([("lib", tk.S_IFDIR | 0o755, b"", (0, 0)), *entries]))
+    out: list[bytes] = []
+    vmm = Vmm()
+    try:
+        vmm.configure(
+            VmConfig(
+                kernel=KERNEL,
+                initrd=initrd,
+                vcpus=2,
+                memory_mib=512,
+                cmdline="console=ttyS0 quiet",
+                console_output=out.append,
+            )
+        )
+        vmm.add_device(lambda memory, irq, slot: MmioTransport(VirtioRng(), memory, irq))
+        vmm.start()
+        status = vmm.wait(300)
+        stats = vmm.statistics()
+    finally:
+        vmm.close()
+    return {
+        "exit": status.kind.value if status else "timeout",
+        "stdout": b"".join(out).decode(errors="replace"),
+        "mmio_exits": stats.exits.get("mmio", 0),
+    }
 
 
 if __name__ == "__main__":
