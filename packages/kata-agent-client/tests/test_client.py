@@ -237,10 +237,12 @@ def test_forward_line_maps_levels_and_fields(caplog: pytest.LogCaptureFixture) -
     logger = logging.getLogger("test.agent")
     with caplog.at_level(logging.DEBUG, logger="test.agent"):
         forward_line(json.dumps({"level": "error", "msg": "boom", "container": "c1"}).encode(), logger)
+        forward_line(b'{"msg":"upstream","level":"WARN","ts":"x"}', logger)
         forward_line(b"plain text\n", logger)
         forward_line(b"", logger)
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.ERROR, "boom"),
+        (logging.WARNING, "upstream"),
         (logging.INFO, "plain text"),
     ]
     assert caplog.records[0].agent["container"] == "c1"  # type: ignore[attr-defined]

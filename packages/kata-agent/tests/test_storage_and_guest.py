@@ -130,5 +130,5 @@ def test_log_stream_carries_json_lines(busybox_rootfs: Path, caplog: pytest.LogC
         trio.run(main)
     forwarded = [r for r in caplog.records if r.name == "test.agentlog"]
     entry = next(r.agent for r in forwarded if r.getMessage() == "container created")  # type: ignore[attr-defined]
-    assert entry["level"] == "info" and entry["source"] == "agent"
+    assert entry["level"] == "INFO" and entry["source"] == "agent" and entry["name"] == "kata-agent"
     assert json.dumps(entry)

@@ -9,7 +9,12 @@ import trio
 
 from kata_agent_client._connect import LOG_PORT, AgentAddress, connect
 
+# Upstream's agent writes slog's four-letter levels (TRCE, DEBG, INFO, WARN, ERRO, CRIT).
 _LEVELS = {
+    "trce": logging.DEBUG,
+    "debg": logging.DEBUG,
+    "erro": logging.ERROR,
+    "crit": logging.CRITICAL,
     "trace": logging.DEBUG,
     "debug": logging.DEBUG,
     "info": logging.INFO,

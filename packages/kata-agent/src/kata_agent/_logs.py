@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 
 import trio
@@ -12,17 +13,25 @@ import trio
 _STD = set(vars(logging.makeLogRecord({})))
 
 
+# Upstream's agent logs through slog: its JSON lines name levels with these four letters, and
+# runtime-rs's log forwarder reads them back (log_forwarder.rs parse_agent_log_level).
+_SLOG_LEVELS = {logging.DEBUG: "DEBG", logging.INFO: "INFO", logging.WARNING: "WARN", logging.ERROR: "ERRO"}
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, source, msg and any `extra` fields."""
+    """One JSON object per line as upstream's agent writes them: msg, level, ts, pid, name, source, extras."""
 
     def format(self, record: logging.LogRecord) -> str:
+        level = _SLOG_LEVELS.get(record.levelno, "CRIT" if record.levelno > logging.ERROR else "TRCE")
         entry: dict[str, object] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "source": "agent",
-            "name": record.name,
             "msg": record.getMessage(),
+            "level": level,
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "pid": str(os.getpid()),
+            "name": "kata-agent",
+            "source": "agent",
+            "subsystem": record.name.removeprefix("kata_agent").lstrip(".") or "root",
         }
         for key, value in vars(record).items():
             if key not in _STD and key not in entry:
