@@ -100,6 +100,11 @@ def test_exec_second_process_and_signals_reach_it(busybox_rootfs: Path) -> None:
             assert await c.read_stderr("svc", "e1") == b""
             # status and both streams collected: the exec is forgotten and its fds closed
             assert "e1" not in agent.service.containers["svc"].execs
+            # a child left behind keeps the pipe open: EOF comes once the exec has exited
+            await c.exec_process("svc", "bg", Process(["sh", "-c", "sleep 100 & echo started"]))
+            with trio.fail_after(10):
+                assert await c.read_all("svc", "bg") == b"started\n"
+            assert await c.wait_process("svc", "bg") == 0
             await c.exec_process("svc", "sleeper", Process(["sleep", "100"]))
             await c.signal_process("svc", "sleeper", signal.SIGKILL)
             assert await c.wait_process("svc", "sleeper") == 128 + signal.SIGKILL

@@ -14,6 +14,9 @@ import trio
 
 from kata_proto import ttrpc
 
+#: Seconds a read waits for more output once the process has exited before reporting EOF.
+DRAIN_AFTER_EXIT = 0.5
+
 
 class Process:
     """One container process (the init or an exec): stdio streams, reaping, signals, resize.
@@ -104,15 +107,24 @@ class Process:
         stream = self.stdout if which == 1 else self.stderr
         data = b""
         if stream is not None:
-            async with self._read_locks[which - 1]:
+            async with self._read_locks[which - 1], trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_reading_after_exit, nursery.cancel_scope)
                 try:
                     data = await stream.receive_some(max(1, min(length or 65536, 1 << 20)))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     # A pty master reads EIO once the last slave closes: that is EOF.
                     data = b""
+                nursery.cancel_scope.cancel()
         if not data:
             self.eof[which - 1] = True
         return data
+
+    async def _stop_reading_after_exit(self, scope: trio.CancelScope) -> None:
+        # A child the process left behind (`sleep 100 &`) may hold the pipe open for ever:
+        # once the process has exited and the pipe stays quiet for a while, report EOF.
+        await self._exited.wait()
+        await trio.sleep(DRAIN_AFTER_EXIT)
+        scope.cancel()
 
     @property
     def finished(self) -> bool:
