@@ -188,6 +188,12 @@ def test_oom_event_for_container_over_its_limit(busybox_rootfs: Path) -> None:
             with trio.fail_after(30):
                 assert await c.get_oom_event() == "hog"
             await c.remove_container("hog")
+            # the init itself OOM-killed, its exit collected first: the event still comes
+            await _run(agent, "hog2", _spec(busybox_rootfs, "tail", "/dev/zero", memory=16 << 20))
+            assert await c.wait_process("hog2") == 128 + signal.SIGKILL
+            with trio.fail_after(10):
+                assert await c.get_oom_event() == "hog2"
+            await c.remove_container("hog2")
 
     trio.run(main)
 

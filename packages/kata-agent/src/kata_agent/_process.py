@@ -94,6 +94,10 @@ class Process:
         """True once the process has been reaped."""
         return self._exited.is_set()
 
+    async def wait_exited(self) -> None:
+        """Wait until the process has been reaped (without counting as WaitProcess)."""
+        await self._exited.wait()
+
     async def wait(self) -> int:
         """The exit status, waiting as long as it takes."""
         await self._exited.wait()

@@ -238,16 +238,25 @@ class AgentService:
 
     # -- OOM ----------------------------------------------------------------------------------
     async def _watch_oom(self, container: Container) -> None:
-        # Poll the cgroup's oom_kill counter: cheap, and the same for cgroup v1 and v2.
+        # Poll the cgroup's oom_kill counter (the same for cgroup v1 and v2), and look once
+        # more the moment the init exits: an OOM-killed init must still produce its event
+        # before RemoveContainer deletes the cgroup.
         seen = _cgroups.oom_kills(container.cgroups)
-        while container.status not in ("stopped",) and self.containers.get(container.id) is container:
-            await trio.sleep(self.config.oom_poll_interval)
+        init = container.init
+        while self.containers.get(container.id) is container:
+            exited = init is None or init.exited
+            if not exited:
+                assert init is not None
+                with trio.move_on_after(self.config.oom_poll_interval):
+                    await init.wait_exited()
             now = _cgroups.oom_kills(container.cgroups)
             if now > seen:
                 seen = now
                 log.info("oom kill", extra={"container": container.id})
                 with contextlib.suppress(trio.WouldBlock):
                     self._oom_send.send_nowait(container.id)
+            if exited:
+                return
 
     async def GetOOMEvent(self, req: Any, ctx: Any) -> agent_pb2.OOMEvent:
         return agent_pb2.OOMEvent(container_id=await self._oom_recv.receive())
