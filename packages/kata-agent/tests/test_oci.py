@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kata_agent._mount import MS_BIND, MS_NODEV, MS_RDONLY, MS_REC, parse_options
 from kata_agent._oci import process_to_json, spec_to_config
@@ -96,3 +99,42 @@ def test_empty_spec_and_exec_process() -> None:
 def test_mount_options_split_into_flags_and_data() -> None:
     assert parse_options(["ro", "nodev", "size=1m", "mode=755"]) == (MS_RDONLY | MS_NODEV, "size=1m,mode=755")
     assert parse_options(["rbind", "rw", "defaults"]) == (MS_BIND | MS_REC, "")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_arbitrary_spec_bytes_give_config_or_invalid_argument(data: bytes) -> None:
+    try:
+        spec = oci_pb2.Spec.FromString(data)
+    except DecodeError:
+        return
+    try:
+        config = spec_to_config(spec, "c1")
+    except ttrpc.InvalidArgument:
+        return
+    json.dumps(config)
+    assert config["process"]["args"] and config["root"]["path"].startswith("/")
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    args=st.lists(st.text(max_size=8), max_size=3),
+    root=st.text(max_size=12),
+    cwd=st.text(max_size=6),
+    namespaces=st.lists(st.sampled_from(["pid", "network", "mount", "user", "bogus", ""]), max_size=4),
+)
+def test_structured_specs_give_config_or_invalid_argument(
+    args: list[str], root: str, cwd: str, namespaces: list[str]
+) -> None:
+    spec = oci_pb2.Spec()
+    spec.Process.Args.extend(args)
+    spec.Process.Cwd = cwd
+    spec.Root.Path = root
+    for ns in namespaces:
+        spec.Linux.Namespaces.add(Type=ns)
+    try:
+        config = spec_to_config(spec, "c1")
+    except ttrpc.InvalidArgument:
+        return
+    json.dumps(config)
+    assert {ns["type"] for ns in config["linux"]["namespaces"]} == {"pid", "ipc", "uts", "mount"}

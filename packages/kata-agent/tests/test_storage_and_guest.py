@@ -75,6 +75,14 @@ def test_sandbox_storages_live_until_destroy_sandbox(busybox_rootfs: Path) -> No
         async with running_agent() as agent:
             c = agent.client
             shm = os.path.join(os.path.dirname(agent.run_dir), "sbx-shm")
+            # a module that cannot load fails the sandbox and leaves no mount behind
+            with pytest.raises(ttrpc.InvalidArgument, match="modprobe"):
+                await c.create_sandbox(
+                    "sbx",
+                    storages=[Storage("shm", shm, source="shm", fstype="tmpfs")],
+                    kernel_modules=[("kata_no_such_module", [])],
+                )
+            assert mounts_under(shm) == []
             await c.create_sandbox("sbx", storages=[Storage("shm", shm, source="shm", fstype="tmpfs")])
             with pytest.raises(ttrpc.AlreadyExists):
                 await c.create_sandbox("sbx")

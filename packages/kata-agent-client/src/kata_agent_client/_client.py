@@ -69,14 +69,16 @@ class AgentClient:
         dns: list[str] | None = None,
         storages: list[Storage] | None = None,
         sandbox_pidns: bool = False,
+        kernel_modules: list[tuple[str, list[str]]] | None = None,
     ) -> None:
-        """CreateSandbox."""
+        """CreateSandbox; `kernel_modules` are (name, parameters) pairs the agent modprobes."""
         req = agent_pb2.CreateSandboxRequest(
             hostname=hostname,
             dns=dns or [],
             storages=[cv.storage_pb(s) for s in storages or []],
             sandbox_pidns=sandbox_pidns,
             sandbox_id=sandbox_id,
+            kernel_modules=[agent_pb2.KernelModule(name=n, parameters=p) for n, p in kernel_modules or []],
         )
         await self._call("CreateSandbox", req, empty_pb2.Empty)
 

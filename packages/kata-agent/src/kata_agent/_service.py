@@ -87,6 +87,8 @@ class AgentService:
         try:
             for storage in req.storages:
                 mounted.append(mount_storage(storage))
+            for module in req.kernel_modules:
+                await _modprobe(module.name, list(module.parameters))
             if req.hostname:
                 name = req.hostname.encode()
                 if ctypes.CDLL(None, use_errno=True).sethostname(name, len(name)) != 0:
@@ -319,6 +321,15 @@ class AgentService:
         """Destroy every container and the sandbox storages (agent shutdown)."""
         with trio.CancelScope(shield=True):
             await self.DestroySandbox(None, None)
+
+
+async def _modprobe(name: str, parameters: list[str]) -> None:
+    if not _ID.match(name):
+        raise ttrpc.InvalidArgument(f"bad kernel module name {name!r}")
+    result = await trio.run_process(["modprobe", name, *parameters], capture_stderr=True, check=False)
+    if result.returncode != 0:
+        message = result.stderr.decode(errors="replace").strip()
+        raise ttrpc.InvalidArgument(f"modprobe {name}: {message or result.returncode}")
 
 
 class HealthService:
