@@ -13,7 +13,7 @@ import pytest
 import trio
 from agent_harness import mounts_under, running_agent
 
-from kata_agent_client import ContainerSpec, Mount, Process, Storage, forward_logs
+from kata_agent_client import ContainerSpec, Device, Mount, Process, Storage, forward_logs
 from kata_proto import ttrpc
 
 pytestmark = pytest.mark.root
@@ -66,6 +66,32 @@ def test_storages_are_mounted_for_the_container_and_released(busybox_rootfs: Pat
             await c.remove_container("s")
             assert mounts_under(base) == []
             assert not any(os.path.lexists(p) for p in (eph, local, blk))  # noqa: ASYNC240
+
+    trio.run(main)
+
+
+def test_block_device_appears_in_the_container(busybox_rootfs: Path, loop_ext4: str) -> None:
+    async def main() -> None:
+        async with running_agent() as agent:
+            c = agent.client
+            rdev = os.stat(loop_ext4).st_rdev
+            spec = ContainerSpec(
+                str(busybox_rootfs),
+                Process(["sh", "-c", "ls -l /dev/xvdb; head -c 1082 /dev/xvdb | tail -c 2 | od -An -tx1"]),
+            )
+            await c.create_container("d", spec, devices=[Device(loop_ext4, "/dev/xvdb")])
+            await c.start_container("d")
+            out = (await c.read_all("d")).decode()
+            assert await c.wait_process("d") == 0, out
+            first, magic = out.splitlines()[:2]
+            assert first.startswith("b") and f"{os.major(rdev)}, {os.minor(rdev)}" in " ".join(first.split())
+            assert magic.split() == ["53", "ef"]  # the ext4 superblock magic, read through the device
+            await c.remove_container("d")
+            with pytest.raises(ttrpc.NotFound):
+                await c.create_container("d2", spec, devices=[Device("/dev/no-such-disk", "/dev/xvdb")])
+            with pytest.raises(ttrpc.InvalidArgument):
+                await c.create_container("d3", spec, devices=[Device("/dev/null", "/dev/xvdb")])
+            assert os.listdir(agent.run_dir) == []
 
     trio.run(main)
 

@@ -18,6 +18,7 @@ from kata_agent_client._types import (
     ARPNeighbor,
     ContainerSpec,
     ContainerStats,
+    Device,
     GuestDetails,
     Interface,
     Process,
@@ -88,11 +89,27 @@ class AgentClient:
 
     # -- containers -------------------------------------------------------------------------------
     async def create_container(
-        self, container_id: str, spec: ContainerSpec, *, storages: list[Storage] | None = None
+        self,
+        container_id: str,
+        spec: ContainerSpec,
+        *,
+        storages: list[Storage] | None = None,
+        devices: list[Device] | None = None,
     ) -> None:
         """CreateContainer (the init process is created, not started)."""
         req = agent_pb2.CreateContainerRequest(
-            container_id=container_id, storages=[cv.storage_pb(s) for s in storages or []]
+            container_id=container_id,
+            storages=[cv.storage_pb(s) for s in storages or []],
+            devices=[
+                agent_pb2.Device(
+                    id=d.id,
+                    type=d.type,
+                    vm_path=d.vm_path,
+                    container_path=d.container_path,
+                    options=d.options,
+                )
+                for d in devices or []
+            ],
         )
         req.OCI.CopyFrom(cv.spec_pb(spec))
         await self._call("CreateContainer", req, empty_pb2.Empty)

@@ -62,6 +62,17 @@ class Storage:
 
 
 @dataclass
+class Device:
+    """A guest block device (`vm_path`: a /dev node or PCI/MMIO path) shown at `container_path`."""
+
+    vm_path: str
+    container_path: str
+    type: str = "blk"
+    id: str = ""
+    options: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ContainerSpec:
     """What CreateContainer needs: the rootfs path in the guest and the init process, plus limits."""
 

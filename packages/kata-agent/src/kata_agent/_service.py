@@ -18,6 +18,7 @@ from google.protobuf import empty_pb2
 from kata_agent import _cgroups, _guest
 from kata_agent.__about__ import __version__
 from kata_agent._container import Container
+from kata_agent._devices import add_devices
 from kata_agent._errors import RuntimeFailed
 from kata_agent._mount import STORAGE_DRIVERS, MountedStorage, mount_storage, release_storages
 from kata_agent._network import Netlink
@@ -117,6 +118,7 @@ class AgentService:
         if cid in self.containers:
             raise ttrpc.AlreadyExists(f"container {cid!r} already exists")
         config = spec_to_config(req.OCI, cid)
+        add_devices(config, list(req.devices))
         if not _guest.is_dir(config["root"]["path"]) and not req.storages:
             raise ttrpc.InvalidArgument(f"OCI root.path {config['root']['path']!r} is not a directory")
         bundle = os.path.join(self.config.run_dir, cid)

@@ -1,0 +1,52 @@
+"""CreateContainerRequest.devices: guest device nodes made visible inside the container."""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any
+
+from kata_proto import ttrpc
+
+#: Device types whose `vm_path` is a node (or a /dev/disk/by-path name) in the guest.
+BLOCK_DEVICE_TYPES = ("blk", "mmioblk", "virtio-blk")
+
+
+def _guest_node(vm_path: str) -> str:
+    if vm_path.startswith("/dev/"):
+        return vm_path
+    by_path = os.path.join("/dev/disk/by-path", vm_path)
+    if os.path.exists(by_path):
+        return os.path.realpath(by_path)
+    raise ttrpc.NotFound(f"device {vm_path!r} not found in the guest")
+
+
+def add_devices(config: dict[str, Any], devices: list[Any]) -> None:
+    """Add each device to `linux.devices` (node in the container) and allow it in the device cgroup."""
+    linux = config.setdefault("linux", {})
+    for dev in devices:
+        if dev.type not in BLOCK_DEVICE_TYPES:
+            raise ttrpc.InvalidArgument(f"unsupported device type {dev.type!r}")
+        if not dev.container_path.startswith("/"):
+            raise ttrpc.InvalidArgument(f"device container_path {dev.container_path!r} is not absolute")
+        node = _guest_node(dev.vm_path)
+        try:
+            st = os.stat(node)
+        except FileNotFoundError as err:
+            raise ttrpc.NotFound(f"device {dev.vm_path!r} not found in the guest") from err
+        if not stat.S_ISBLK(st.st_mode):
+            raise ttrpc.InvalidArgument(f"{node} is not a block device")
+        major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        linux.setdefault("devices", []).append(
+            {
+                "path": dev.container_path,
+                "type": "b",
+                "major": major,
+                "minor": minor,
+                "fileMode": stat.S_IMODE(st.st_mode),
+                "uid": 0,
+                "gid": 0,
+            }
+        )
+        rules = linux.setdefault("resources", {}).setdefault("devices", [])
+        rules.append({"allow": True, "type": "b", "major": major, "minor": minor, "access": "rwm"})
