@@ -61,9 +61,9 @@ def _ctl(addr: str, *args: str, stdin: bytes | None = None) -> subprocess.Comple
     )
 
 
-def _rss_kib(pid: int) -> int:
+def _status(pid: int, key: str) -> int:
     with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 
 def test_agent_and_ctl_run_exec_kill_wait(
@@ -79,7 +79,8 @@ def test_agent_and_ctl_run_exec_kill_wait(
     assert keep.returncode == 0 and keep.stdout.strip() == b"bg", keep.stderr
     ex = _ctl(addr, "exec", "bg", "--", "sh", "-c", "cat /proc/1/cmdline; exit 5")
     assert (ex.returncode, ex.stdout) == (5, b"sleep\x00100\x00")
-    rss = _rss_kib(proc.pid)
+    rss = _status(proc.pid, "VmRSS")
+    threads = _status(proc.pid, "Threads")
     stats = _ctl(addr, "stats", "bg")
     assert stats.returncode == 0 and b"memory_usage=" in stats.stdout and b"pids_current=1" in stats.stdout
     assert _ctl(addr, "pause", "bg").returncode == 0
@@ -95,8 +96,10 @@ def test_agent_and_ctl_run_exec_kill_wait(
         if p.isdigit() and _stat_field(p, 3) == str(proc.pid) and _stat_field(p, 2) == "Z"
     ]
     print(
-        f"\nkata-agent: SERVING {ready * 1000:.0f} ms after spawn, RSS {rss // 1024} MiB with one container"
+        f"\nkata-agent: SERVING {ready * 1000:.0f} ms after spawn, RSS {rss // 1024} MiB, "
+        f"{threads} threads with one container"
     )
+    assert threads <= 8  # trio's thread + a few cached worker threads; not one per container
     assert zombies == []
 
 
