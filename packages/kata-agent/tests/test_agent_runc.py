@@ -163,6 +163,8 @@ def test_pause_resume_and_stats_report_memory(busybox_rootfs: Path) -> None:
             assert stats.memory_limit == 64 << 20
             assert stats.pids_current >= 1
             await c.pause_container("p")
+            with pytest.raises(ttrpc.FailedPrecondition):
+                await c.exec_process("p", "frozen", Process(["true"]))
             await trio.sleep(0.1)
             paused = await c.stats_container("p")
             await trio.sleep(0.3)

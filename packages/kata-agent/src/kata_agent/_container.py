@@ -93,8 +93,8 @@ class Container:
         """`runtime exec -d` of another process in the running container."""
         if exec_id in self.execs or not exec_id:
             raise ttrpc.AlreadyExists(f"exec {exec_id!r} already exists in container {self.id}")
-        if self.status not in ("running", "paused") or (self.init is not None and self.init.exited):
-            raise ttrpc.FailedPrecondition(f"container {self.id} is not running")
+        if self.status != "running" or (self.init is not None and self.init.exited):
+            raise ttrpc.FailedPrecondition(f"container {self.id} is {self.status}, not running")
         path = os.path.join(self.bundle, f"exec-{len(self.execs)}.json")
         _guest.write_json(path, process_json)
         process = Process(exec_id, terminal=bool(process_json.get("terminal")))
