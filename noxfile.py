@@ -108,24 +108,39 @@ def build(session: nox.Session) -> None:
         session.error(f"expected {len(PACKAGES)} wheels, got {len(wheels)}")
 
 
-@nox.session
+@nox.session(python=False)
 def bench(session: nox.Session) -> None:
-    """Benchmarks: host-side micro benchmarks, then the lab benchmarks that boot guests."""
-    _install_workspace(session)
-    session.install(*TEST_DEPS)
+    """Benchmarks: host micro benchmarks (pytest-benchmark), then kata-vmm vs QEMU boot inside the lab VM."""
+    session.run("nox", "-s", "tests", "--install-only", external=True)
+    python = str(ROOT / ".nox" / "tests" / "bin" / "python")
     out = ROOT / "build" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     session.run(
+        python,
+        "-m",
         "pytest",
         "lab/bench",
-        "-m",
-        "not lab",
         "-p",
         "no:cacheprovider",
         "--benchmark-only",
         f"--benchmark-json={out / 'host.json'}",
         *session.posargs,
+        external=True,
     )
+    session.run("python3", "lab/images/build.py", external=True)
+    with open(out / "vmm_boot.json", "w") as sink:
+        session.run(
+            "lab/labvm",
+            "exec",
+            "--",
+            python,
+            "lab/bench/vmm_boot.py",
+            "--runs",
+            "5",
+            external=True,
+            stdout=sink,
+        )
+    session.log(f"results in {out}")
 
 
 @nox.session(python=False)

@@ -25,7 +25,11 @@ mkdir -p /run/rw/upper /run/rw/work
 mount -t overlay -o lowerdir=/run/host,upperdir=/run/rw/upper,workdir=/run/rw/work overlay /newroot \
     || fail "cannot mount the overlay root"
 R=/newroot
-mount --bind "/run/host$build" "$R$build" || fail "cannot bind $build"
+# The repository (build/'s parent) may live under a path that gets a tmpfs below (a clone in /tmp, as CI
+# makes): keep the overlay's view of it aside and put it back, then bind build/ over it.
+repo=${build%/build}
+mkdir -p /run/rw/repo
+mount --bind "$R$repo" /run/rw/repo || fail "cannot bind the repository $repo"
 mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup || echo "lab-init: no cgroup2"
@@ -36,7 +40,9 @@ ln -sf pts/ptmx $R/dev/ptmx 2>/dev/null
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
 for d in /tmp /var/tmp; do mount -t tmpfs -o mode=1777 tmpfs "$R$d"; done
 mount -t tmpfs -o mode=0755 tmpfs $R/run
-mkdir -p $R/run/netns $R/run/lock $R/lib/modules
+mkdir -p $R/run/netns $R/run/lock $R/lib/modules "$R$repo"
+mount --bind /run/rw/repo "$R$repo" || fail "cannot restore the repository $repo"
+mount --bind "/run/host$build" "$R$build" || fail "cannot bind $build"
 # the guest kernel's modules, where the host's kmod finds them
 mount --bind "/run/host$build/lab/guest/modules/lib/modules" $R/lib/modules
 chroot $R /sbin/modprobe -a kvm kvm_amd irqbypass tun veth sch_ingress cls_u32 act_mirred vhost vhost_iotlb \
