@@ -73,18 +73,7 @@ class VirtioBlock(VirtioDevice):
 
     def queue_notify(self, index: int) -> None:
         """Serve every available request, then interrupt once (§5.2.6)."""
-        mem, q = self.memory, self.queues[0]
-        assert mem is not None
-        used = False
-        while True:
-            q.disable_notification(mem)
-            while (chain := q.pop(mem)) is not None:
-                q.add_used(mem, chain.head_index, self._serve(chain))
-                used = True
-            if not q.enable_notification(mem):
-                break
-        if used:
-            self.signal_used(0)
+        self.drain_queue(0, self._serve)
 
     def _serve(self, chain: DescriptorChain) -> int:
         """Handle one request; returns the used length (bytes written including the status byte)."""

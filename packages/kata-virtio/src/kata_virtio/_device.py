@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from kata_virtio._memory import GuestMemory, VirtioError
-from kata_virtio._queue import Queue
+from kata_virtio._queue import DescriptorChain, Queue
 from kata_virtio._spec import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
 
 _log = logging.getLogger("kata_virtio")
@@ -136,6 +136,26 @@ class VirtioDevice(abc.ABC):
         _log.warning("%s: needs reset: %s", type(self).__name__, reason)
         if self.interrupt is not None:
             self.interrupt.set_needs_reset(reason)
+
+    def drain_queue(self, index: int, serve: Callable[[DescriptorChain], int]) -> None:
+        """Hand every available chain of queue ``index`` to ``serve``, which returns the used length.
+
+        Notifications stay suppressed while draining and the ring is checked once more after
+        re-enabling them, so a buffer the driver adds in between is not missed (§2.7.10); the
+        driver is interrupted once at the end if anything was used.
+        """
+        mem, q = self.memory, self.queues[index]
+        assert mem is not None
+        used = False
+        while True:
+            q.disable_notification(mem)
+            while (chain := q.pop(mem)) is not None:
+                q.add_used(mem, chain.head_index, serve(chain))
+                used = True
+            if not q.enable_notification(mem):
+                break
+        if used:
+            self.signal_used(index)
 
     def signal_used(self, index: int) -> None:
         """Interrupt the driver for queue ``index`` unless it suppressed notifications (§2.7.7.2)."""

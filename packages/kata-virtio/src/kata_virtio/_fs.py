@@ -7,6 +7,7 @@ import struct
 
 from kata_virtio._device import DeviceError, VirtioDevice
 from kata_virtio._fs_server import MAX_WRITE, FuseServer
+from kata_virtio._queue import DescriptorChain
 from kata_virtio._spec import VIRTIO_ID_FS
 
 #: §5.11.4: the tag is a 36-byte, NUL-padded UTF-8 string.
@@ -54,27 +55,18 @@ class VirtioFs(VirtioDevice):
 
     def queue_notify(self, index: int) -> None:
         """Serve every request on queue ``index``: readable part is the request, writable part the reply."""
-        mem, q = self.memory, self.queues[index]
+        self.drain_queue(index, self._serve)
+
+    def _serve(self, chain: DescriptorChain) -> int:
+        mem = self.memory
         assert mem is not None
-        used = False
-        while True:
-            q.disable_notification(mem)
-            while (chain := q.pop(mem)) is not None:
-                reader = chain.reader(mem)
-                # A request never exceeds max_write plus its headers; a longer chain only gets its header
-                # read (the length check in the server then answers EINVAL) so the guest cannot make us
-                # copy gigabytes.
-                request = reader.read(MAX_REQUEST) if reader.remaining <= MAX_REQUEST else reader.read(40)
-                reply = self.server.handle(request, chain.writable_len)
-                written = 0
-                if reply is not None:
-                    written = chain.writer(mem).write(reply)
-                q.add_used(mem, chain.head_index, written)
-                used = True
-            if not q.enable_notification(mem):
-                break
-        if used:
-            self.signal_used(index)
+        reader = chain.reader(mem)
+        # A request never exceeds max_write plus its headers; a longer chain only gets its header
+        # read (the length check in the server then answers EINVAL) so the guest cannot make us
+        # copy gigabytes.
+        request = reader.read(MAX_REQUEST) if reader.remaining <= MAX_REQUEST else reader.read(40)
+        reply = self.server.handle(request, chain.writable_len)
+        return 0 if reply is None else chain.writer(mem).write(reply)
 
     def on_reset(self) -> None:
         """A reset drops every inode and handle the guest held (as FUSE_DESTROY)."""

@@ -11,6 +11,7 @@ import struct
 
 from kata_virtio._device import DeviceError, VirtioDevice
 from kata_virtio._memory import VirtioError
+from kata_virtio._queue import DescriptorChain
 from kata_virtio._spec import VIRTIO_ID_NET
 
 _log = logging.getLogger("kata_virtio.net")
@@ -134,24 +135,17 @@ class VirtioNet(VirtioDevice):
     # -- data path ---------------------------------------------------------------------------------
 
     def _process_tx(self) -> None:
-        mem, q = self.memory, self.queues[TXQ]
-        assert mem is not None
-        used = False
-        while True:
-            q.disable_notification(mem)
-            while (chain := q.pop(mem)) is not None:
-                frame = chain.reader(mem).read(MAX_FRAME)
-                if len(frame) > VIRTIO_NET_HDR_SIZE:
-                    try:
-                        os.write(self.fd, frame)
-                    except OSError as err:
-                        _log.debug("net: tx frame dropped: %s", err)  # a full tap queue drops, like a wire
-                q.add_used(mem, chain.head_index, 0)
-                used = True
-            if not q.enable_notification(mem):
-                break
-        if used:
-            self.signal_used(TXQ)
+        self.drain_queue(TXQ, self._transmit)
+
+    def _transmit(self, chain: DescriptorChain) -> int:
+        assert self.memory is not None
+        frame = chain.reader(self.memory).read(MAX_FRAME)
+        if len(frame) > VIRTIO_NET_HDR_SIZE:
+            try:
+                os.write(self.fd, frame)
+            except OSError as err:
+                _log.debug("net: tx frame dropped: %s", err)  # a full tap queue drops, like a wire
+        return 0
 
     def _process_rx(self) -> None:
         mem, q = self.memory, self.queues[RXQ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from kata_virtio._device import VirtioDevice
+from kata_virtio._queue import DescriptorChain
 from kata_virtio._spec import VIRTIO_ID_RNG
 
 #: Cap per request so one hostile 4 GiB buffer does not stall the event thread.
@@ -28,17 +29,10 @@ class VirtioRng(VirtioDevice):
 
     def queue_notify(self, index: int) -> None:
         """Fill every available device-writable buffer with random bytes (§5.4.6)."""
-        mem, q = self.memory, self.queues[0]
-        assert mem is not None
-        used = False
-        while True:
-            q.disable_notification(mem)
-            while (chain := q.pop(mem)) is not None:
-                writer = chain.writer(mem)
-                writer.write(os.urandom(min(writer.remaining, MAX_RNG_REQUEST)))
-                q.add_used(mem, chain.head_index, writer.written)
-                used = True
-            if not q.enable_notification(mem):
-                break
-        if used:
-            self.signal_used(0)
+        self.drain_queue(0, self._fill)
+
+    def _fill(self, chain: DescriptorChain) -> int:
+        assert self.memory is not None
+        writer = chain.writer(self.memory)
+        writer.write(os.urandom(min(writer.remaining, MAX_RNG_REQUEST)))
+        return writer.written

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from kata_virtio._device import DeviceError, VirtioDevice
 from kata_virtio._memory import VirtioError
+from kata_virtio._queue import DescriptorChain
 from kata_virtio._spec import VIRTIO_ID_VSOCK
 
 _log = logging.getLogger("kata_virtio.vsock")
@@ -451,27 +452,20 @@ class VirtioVsock(VirtioDevice):
         self._control.append((local, peer, op, flags))
 
     def _process_tx(self) -> None:
-        mem, q = self.memory, self.queues[TXQ]
-        assert mem is not None
-        used = False
-        while True:
-            q.disable_notification(mem)
-            while (chain := q.pop(mem)) is not None:
-                reader = chain.reader(mem)
-                raw = reader.read(VSOCK_HDR.size)
-                if len(raw) == VSOCK_HDR.size:
-                    hdr = VSOCK_HDR.unpack(raw)
-                    length = hdr[4]
-                    if length <= MAX_PKT_PAYLOAD and length <= reader.remaining:
-                        self._on_packet(hdr, reader.read(length) if length else b"")
-                    else:
-                        _log.warning("vsock: dropping tx packet with bad length %d", length)
-                q.add_used(mem, chain.head_index, 0)
-                used = True
-            if not q.enable_notification(mem):
-                break
-        if used:
-            self.signal_used(TXQ)
+        self.drain_queue(TXQ, self._receive_tx)
+
+    def _receive_tx(self, chain: DescriptorChain) -> int:
+        assert self.memory is not None
+        reader = chain.reader(self.memory)
+        raw = reader.read(VSOCK_HDR.size)
+        if len(raw) == VSOCK_HDR.size:
+            hdr = VSOCK_HDR.unpack(raw)
+            length = hdr[4]
+            if length <= MAX_PKT_PAYLOAD and length <= reader.remaining:
+                self._on_packet(hdr, reader.read(length) if length else b"")
+            else:
+                _log.warning("vsock: dropping tx packet with bad length %d", length)
+        return 0
 
     def _on_packet(self, hdr: tuple[int, ...], payload: bytes) -> None:
         src_cid, dst_cid, src_port, dst_port, _, ptype, op, flags, buf_alloc, fwd_cnt = hdr
