@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pathlib
 import shutil
+import sys
 
 import nox
 
@@ -111,7 +112,7 @@ def build(session: nox.Session) -> None:
 @nox.session(python=False)
 def bench(session: nox.Session) -> None:
     """Benchmarks: host micro benchmarks (pytest-benchmark), then kata-vmm vs QEMU boot inside the lab VM."""
-    session.run("nox", "-s", "tests", "--install-only", external=True)
+    session.run(sys.executable, "-m", "nox", "-s", "tests", "--install-only", external=True)
     python = str(ROOT / ".nox" / "tests" / "bin" / "python")
     out = ROOT / "build" / "bench"
     out.mkdir(parents=True, exist_ok=True)
@@ -157,7 +158,9 @@ def lab(session: nox.Session) -> None:
     """
     session.run("python3", "lab/images/build.py", external=True)
     venv = ROOT / ".nox" / "tests"
-    session.run("nox", "-s", "tests", "--install-only", external=True)  # the tests venv, up to date
+    session.run(
+        sys.executable, "-m", "nox", "-s", "tests", "--install-only", external=True
+    )  # the tests venv, up to date
     python = str(venv / "bin" / "python")
     pytest_args = ["-p", "no:cacheprovider", "--benchmark-disable"]
     # host side first: labvm and the image builder, no VM needed (seconds)
