@@ -16,15 +16,19 @@ from kata_vmm._eventfd import EventFd, IoEventFd, IrqFd
 from kata_vmm._kvm import Kvm, Vcpu, Vm
 from kata_vmm._memory import GuestAddress, GuestMemoryMmap
 from kata_vmm._vcpu import ExitKind, GuestExit, VcpuState, install_kick_handler
+from kata_vmm._virtio import BlockSpec, DeviceSpec, FsSpec, NetSpec, RngSpec, VsockSpec
 from kata_vmm._vmm import MmioSlot, VmConfig, Vmm, VmmState, VmmStatistics
 
 __all__ = [
+    "BlockSpec",
     "Bus",
     "BusDevice",
     "ConfigError",
+    "DeviceSpec",
     "EventFd",
     "EventLoop",
     "ExitKind",
+    "FsSpec",
     "GuestAddress",
     "GuestCrashError",
     "GuestExit",
@@ -36,6 +40,8 @@ __all__ = [
     "Kvm",
     "KvmError",
     "MmioSlot",
+    "NetSpec",
+    "RngSpec",
     "Vcpu",
     "VcpuState",
     "Vm",
@@ -45,6 +51,7 @@ __all__ = [
     "VmmError",
     "VmmState",
     "VmmStatistics",
+    "VsockSpec",
     "__version__",
     "install_kick_handler",
 ]
