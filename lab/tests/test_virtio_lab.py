@@ -152,13 +152,11 @@ def test_linux_guest_uses_block_fs_net_vsock_and_rng_on_kata_vmm(
     expected_listing = host_listing(rootfs)
     uds = tmp_path / "v.sock"
     token = uuid.uuid4().hex
-    rng_ko = next((guest_assets.root / "modules").rglob("virtio-rng.ko"))
     initrd = initrd_with_files(
         guest_assets.initrd_test,
         {
             "/lab/run.sh": (SCRIPTS / "virtio_devices.sh").read_text(),
             "/lab/vsock_helper": build_helper(tmp_path / "vsock_helper"),
-            "/lab/virtio-rng.ko": rng_ko.read_bytes(),
         },
         tmp_path / "initrd",
     )
