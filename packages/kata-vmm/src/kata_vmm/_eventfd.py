@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Self
 
 from kata_vmm._errors import KvmError
 from kata_vmm._kvm import Vm
-from kata_vmm._sys import eventfd
+from kata_vmm._sys import FdHandle, eventfd
 
 
-class EventFd:
+class EventFd(FdHandle):
     """A non-blocking, close-on-exec eventfd counter."""
 
     def __init__(self, initval: int = 0) -> None:
         self.fd = eventfd(initval)
-
-    def fileno(self) -> int:
-        """The descriptor (for epoll/select)."""
-        return self.fd
 
     def write(self, value: int = 1) -> None:
         """Add ``value`` to the counter."""
@@ -33,18 +28,6 @@ class EventFd:
             return os.eventfd_read(self.fd)
         except BlockingIOError:
             return 0
-
-    def close(self) -> None:
-        """Close the descriptor."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class IrqFd(EventFd):

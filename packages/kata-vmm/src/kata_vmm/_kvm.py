@@ -10,18 +10,17 @@ import ctypes
 import mmap
 import os
 from ctypes import sizeof
-from typing import Self
 
 from kata_vmm._bindings import kvm as k
 from kata_vmm._errors import KvmError
-from kata_vmm._sys import ioctl
+from kata_vmm._sys import FdHandle, ioctl
 
 MAX_CPUID_ENTRIES = 256
 MAX_MSR_ENTRIES = 256
 
 
-class Kvm:
-    """An open /dev/kvm."""
+class Kvm(FdHandle):
+    """An open /dev/kvm (closing it leaves the VMs created from it valid)."""
 
     def __init__(self, path: str = "/dev/kvm") -> None:
         try:
@@ -70,21 +69,9 @@ class Kvm:
         """KVM_CREATE_VM (default machine type)."""
         return Vm(self, ioctl(self.fd, k.KVM_CREATE_VM, 0, op="KVM_CREATE_VM"))
 
-    def close(self) -> None:
-        """Close /dev/kvm (VMs created from it stay valid)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class Vm:
-    """A KVM virtual machine fd."""
+class Vm(FdHandle):
+    """A KVM virtual machine fd (KVM frees the VM once its vCPU fds are closed too)."""
 
     def __init__(self, kvm: Kvm, fd: int) -> None:
         self.kvm = kvm
@@ -160,14 +147,8 @@ class Vm:
             os.close(fd)
             raise
 
-    def close(self) -> None:
-        """Close the VM fd (KVM frees the VM once its vCPU fds are closed too)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
-
-class Vcpu:
+class Vcpu(FdHandle):
     """A KVM vCPU fd and its shared ``kvm_run`` page."""
 
     def __init__(self, vm: Vm, fd: int, vcpu_id: int) -> None:
@@ -269,8 +250,7 @@ class Vcpu:
             self.run_page_view.release()
             del self.run_page
             self._mmap.close()
-            os.close(self.fd)
-            self.fd = -1
+            super().close()
 
 
 # KVM_RUN is the hot path: a dedicated foreign-function object with no argument conversion work.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Any
+from typing import Any, Self
 
 from kata_vmm._errors import KvmError
 
@@ -52,3 +52,25 @@ def eventfd(initval: int = 0, flags: int = EFD_CLOEXEC | EFD_NONBLOCK) -> int:
         err = ctypes.get_errno()
         raise KvmError("eventfd", err) from OSError(err, os.strerror(err))
     return int(fd)
+
+
+class FdHandle:
+    """Owns one file descriptor: `close` closes it once (then ``fd`` is -1), as does leaving a ``with``."""
+
+    fd: int
+
+    def fileno(self) -> int:
+        """The descriptor (for epoll/select)."""
+        return self.fd
+
+    def close(self) -> None:
+        """Close the descriptor; closing twice is harmless."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
