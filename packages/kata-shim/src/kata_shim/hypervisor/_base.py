@@ -1,0 +1,131 @@
+"""The hypervisor interface every back-end implements (runtime-rs `hypervisor::Hypervisor`, trimmed).
+
+A back-end owns one VM. The sandbox manager drives it in this order::
+
+    hv = HYPERVISORS["dragonball"](config)          # HypervisorConfig from [hypervisor.<name>]
+    await hv.prepare_vm(sandbox_id, netns)           # state dir, vsock socket path; nothing runs yet
+    await hv.add_device(ShareFsDevice(...))          # cold-plugged devices, before start_vm
+    await hv.start_vm(timeout)                       # the guest kernel runs; the agent comes up later
+    address = hv.agent_address()                     # "hvsock:<uds>:1024" for kata_agent_client.connect
+    ...
+    await hv.stop_vm(); await hv.cleanup()
+
+Every method is called from the shim's trio thread. A back-end may start OS threads (vCPUs, the VMM's event
+thread) but never one per container.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+class HypervisorError(Exception):
+    """A hypervisor back-end failed (bad config, missing kernel, VM crashed, device refused)."""
+
+
+@dataclass
+class HypervisorConfig:
+    """`[hypervisor.<name>]` of Kata's configuration.toml (the keys the back-ends read)."""
+
+    path: str = ""
+    """The VMM binary (external back-ends); unused by dragonball."""
+    kernel: Path = Path()
+    image: Path | None = None
+    """Guest root image, attached read-only as the first block device."""
+    initrd: Path | None = None
+    kernel_params: str = ""
+    default_vcpus: int = 1
+    default_maxvcpus: int = 0
+    default_memory: int = 512
+    """MiB."""
+    shared_fs: str = "inline-virtio-fs"
+    block_device_driver: str = "virtio-mmio"
+    enable_debug: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+    """Keys we read but do not act on yet (kept for `kata-shim config` output and errors)."""
+
+
+@dataclass(frozen=True)
+class ShareFsDevice:
+    """A host directory shared into the guest with virtio-fs under ``mount_tag``."""
+
+    host_path: Path
+    mount_tag: str = "kataShared"
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    """A file or block device attached as virtio-blk."""
+
+    path: Path
+    read_only: bool = False
+    device_id: str = ""
+
+
+@dataclass(frozen=True)
+class NetworkDevice:
+    """A tap interface on the host (in the sandbox's netns) offered to the guest as virtio-net."""
+
+    tap: str
+    mac: str
+
+
+Device = ShareFsDevice | BlockDevice | NetworkDevice
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the guest will see for an added device (used to build agent Storage/Device entries)."""
+
+    guest_path: str = ""
+    """e.g. /dev/vdb for a block device; empty when not known in advance."""
+    mmio_address: int = 0
+    """Base address of its virtio-mmio window (the agent's `mmioblk` source is this in hex)."""
+
+
+class Hypervisor(Protocol):
+    """One VM driven by the shim."""
+
+    name: str
+    config: HypervisorConfig
+
+    async def prepare_vm(self, sandbox_id: str, netns: str | None) -> None:
+        """Validate the config (kernel and image exist...), create per-sandbox state; start nothing."""
+
+    async def add_device(self, device: Device) -> DeviceInfo:
+        """Cold-plug a device before `start_vm` (hot-plug after it, where the back-end can)."""
+
+    async def start_vm(self, timeout: float) -> None:  # noqa: ASYNC109 (runtime-rs signature)
+        """Boot the guest; raise `HypervisorError` (with the console tail) if it dies or times out."""
+
+    async def stop_vm(self) -> None:
+        """Stop the guest now; idempotent."""
+
+    async def wait_vm(self) -> int:
+        """Return when the guest has stopped, with 0 for a clean power-off."""
+
+    async def pause_vm(self) -> None:
+        """Freeze every vCPU."""
+
+    async def resume_vm(self) -> None:
+        """Undo `pause_vm`."""
+
+    def agent_address(self) -> str:
+        """Where `kata_agent_client.connect` reaches the agent.
+
+        e.g. ``hvsock:/run/kata/<id>/kata.hvsock:1024``."""
+
+    def pids(self) -> list[int]:
+        """Host processes this VM owns (the shim itself in built-in mode)."""
+
+    def thread_ids(self) -> list[int]:
+        """Native thread ids of the VMM's threads (vCPUs, event thread)."""
+
+    async def cleanup(self) -> None:
+        """Release everything `prepare_vm` and later calls created (idempotent; used after a crash too)."""
+
+
+HypervisorFactory = Callable[[HypervisorConfig], Hypervisor]
