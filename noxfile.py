@@ -143,6 +143,23 @@ def bench(session: nox.Session) -> None:
             external=True,
             stdout=sink,
         )
+    # virtio-blk and virtio-fs throughput, kata-vmm against QEMU in one lab VM
+    with open(out / "virtio_guest.txt", "w") as sink:
+        session.run(
+            "lab/labvm",
+            "exec",
+            "--",
+            python,
+            "-m",
+            "pytest",
+            "-s",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "lab/bench/virtio_guest.py",
+            external=True,
+            stdout=sink,
+        )
     session.log(f"results in {out}")
 
 

@@ -1,5 +1,5 @@
 #!/bin/sh
-# lab.run script of lab/tests/test_virtio_bench.py: one timed sequential read of all of /dev/vda (to
+# lab.run script of lab/bench/virtio_guest.py: one timed sequential read of all of /dev/vda (to
 # /dev/null, so the guest's CPU does not bound it), then a checksum, which reads from the page cache.
 t0=$(cut -d' ' -f1 /proc/uptime)
 dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null

@@ -1,5 +1,5 @@
 #!/bin/sh
-# lab.run script of lab/tests/test_virtio_bench.py: stat and read every small file under the virtio-fs
+# lab.run script of lab/bench/virtio_guest.py: stat and read every small file under the virtio-fs
 # mount once (cold guest caches), timed in the guest.
 d=/mnt/rootfs/files
 t0=$(cut -d' ' -f1 /proc/uptime)

@@ -7,6 +7,9 @@ Both VMMs boot the same kernel and initrd-test.img with the same raw image as /d
 run scripts/blk_read.sh, which reads the whole disk once to /dev/null (1 MiB requests, cold guest page
 cache, warm host page cache) and prints the guest-side seconds. The test checks both read the same
 bytes; it prints MB/s and the ratio and never gates on an absolute time.
+
+A benchmark, not a test: `nox -s bench` runs it inside the lab VM
+(`lab/labvm exec -- .venv/bin/python -m pytest -s lab/bench/virtio_guest.py`); the lab test session does not.
 """
 
 from __future__ import annotations
@@ -15,15 +18,42 @@ import hashlib
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from framework import GuestAssets, GuestConfig, KataVmmBackend, MicroVMFactory, QemuBackend, initrd_with_files
 
-pytestmark = pytest.mark.lab
+LAB = Path(__file__).resolve().parents[1]
+if str(LAB) not in sys.path:
+    sys.path.insert(0, str(LAB))
 
-SCRIPTS = Path(__file__).resolve().parent / "scripts"
+from framework import (  # noqa: E402
+    GuestAssets,
+    GuestConfig,
+    KataVmmBackend,
+    MicroVMFactory,
+    QemuBackend,
+    in_labvm,
+    initrd_with_files,
+)
+
+SCRIPTS = LAB / "tests" / "scripts"
+
+
+@pytest.fixture(autouse=True)
+def _inside_lab() -> None:
+    if not in_labvm():
+        pytest.fail(
+            "run inside the lab VM: lab/labvm exec -- .venv/bin/python -m pytest -s lab/bench/virtio_guest.py"
+        )
+
+
+@pytest.fixture
+def guest_assets() -> GuestAssets:
+    return GuestAssets()
+
+
 IMAGE_MIB = int(os.environ.get("KATA_LAB_BLK_MIB", "128"))
 
 
