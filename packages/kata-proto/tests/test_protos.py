@@ -276,3 +276,25 @@ def test_unpack_event_rejects_corrupt_bytes() -> None:
     corrupt = any_pb2.Any(type_url="containerd.events.TaskExit", value=b"\xff\xff")
     with pytest.raises(ValueError, match=r"corrupt containerd\.events\.TaskExit"):
         containerd.unpack_event(corrupt)
+
+
+def test_cgroups_v1_metrics_name_and_numbers() -> None:
+    # `ctr task metrics` decodes Task.Stats by this exact name.
+    metrics = containerd.cgroups_v1_metrics_pb2
+    assert metrics.Metrics.DESCRIPTOR.full_name == "io.containerd.cgroups.v1.Metrics"
+    assert _numbers(metrics.Metrics) == {
+        "hugetlb": 1,
+        "pids": 2,
+        "cpu": 3,
+        "memory": 4,
+        "blkio": 5,
+        "rdma": 6,
+        "network": 7,
+        "cgroup_stats": 8,
+        "memory_oom_control": 9,
+    }
+    assert _numbers(metrics.CPUUsage) == {"total": 1, "kernel": 2, "user": 3, "per_cpu": 4}
+    assert _numbers(metrics.MemoryStat)["usage"] == 33
+    assert _numbers(metrics.MemoryEntry) == {"limit": 1, "usage": 2, "max": 3, "failcnt": 4}
+    assert _numbers(metrics.BlkIOEntry) == {"op": 1, "device": 2, "major": 3, "minor": 4, "value": 5}
+    assert containerd.pack_event(metrics.Metrics()).type_url == "io.containerd.cgroups.v1.Metrics"

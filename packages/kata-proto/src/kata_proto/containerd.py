@@ -1,5 +1,5 @@
 """containerd's protobuf API as kata-shim speaks it: the task v2 shim service, task events,
-the events ttrpc service, the sandbox API, shared types and runtime options.
+the events ttrpc service, the sandbox API, shared types, runtime options and cgroup v1 metrics.
 
 Modules keep their upstream package names (``containerd.task.v2`` and so on); the
 service descriptors below are what `kata_proto.ttrpc` registers and calls.
@@ -10,6 +10,7 @@ from __future__ import annotations
 from google.protobuf import any_pb2, symbol_database
 from google.protobuf.message import DecodeError, Message
 
+from kata_proto._gen.containerd.cgroups.v1 import metrics_pb2 as cgroups_v1_metrics_pb2
 from kata_proto._gen.containerd.events import task_pb2 as events_pb2
 from kata_proto._gen.containerd.runtime.sandbox.v1 import sandbox_pb2
 from kata_proto._gen.containerd.runtime.task.v2 import shim_pb2 as task_pb2
@@ -22,6 +23,7 @@ __all__ = [
     "EVENTS_SERVICE",
     "SANDBOX_SERVICE",
     "TASK_SERVICE",
+    "cgroups_v1_metrics_pb2",
     "event_pb2",
     "events_pb2",
     "metrics_pb2",
