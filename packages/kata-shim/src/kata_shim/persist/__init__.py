@@ -1,0 +1,27 @@
+"""Sandbox state under /run/kata/<sandbox id> (state.json, written atomically) and cleanup after a crash."""
+
+from kata_shim.persist._cleanup import CleanupReport, cleanup_sandbox, mounts_below
+from kata_shim.persist._state import (
+    DEFAULT_STATE_ROOT,
+    ENV_STATE_ROOT,
+    PersistError,
+    SandboxState,
+    StateStore,
+    process_start_time,
+    sandbox_dir,
+    state_root,
+)
+
+__all__ = [
+    "DEFAULT_STATE_ROOT",
+    "ENV_STATE_ROOT",
+    "CleanupReport",
+    "PersistError",
+    "SandboxState",
+    "StateStore",
+    "cleanup_sandbox",
+    "mounts_below",
+    "process_start_time",
+    "sandbox_dir",
+    "state_root",
+]

@@ -1,0 +1,144 @@
+"""Events to containerd: Events/Forward calls on its ttrpc socket (the TTRPC_ADDRESS the shim was given).
+
+`publish` only queues (it never blocks on containerd and never raises); one task forwards the queue in
+order over one connection, reconnecting and retrying a few times before it drops an event. containerd
+1.6 sends shims no namespace metadata, so the namespace is the shim's -namespace flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+
+import trio
+from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf.message import Message
+
+from kata_proto import ttrpc
+from kata_proto.containerd import EVENTS_SERVICE, event_pb2, pack_event, ttrpc_events_pb2
+
+log = logging.getLogger("kata_shim.events")
+
+Connector = Callable[[str], AbstractAsyncContextManager[ttrpc.TtrpcClient]]
+
+
+@dataclass(frozen=True)
+class PublisherStatistics:
+    """Counts since the publisher was made."""
+
+    queued: int
+    forwarded: int
+    dropped: int
+
+
+class EventPublisher:
+    """Queues events and forwards them to containerd in order; run `run` in a nursery."""
+
+    def __init__(
+        self,
+        ttrpc_address: str,
+        namespace: str,
+        *,
+        attempts: int = 5,
+        call_timeout: float = 5.0,
+        backoff: float = 0.1,
+        max_queued: int = 4096,
+        connect: Connector = ttrpc.open_ttrpc_client,
+    ) -> None:
+        self.address = ttrpc_address.removeprefix("unix://")
+        self.namespace = namespace
+        self._attempts = attempts
+        self._call_timeout = call_timeout
+        self._backoff = backoff
+        self._connect = connect
+        self._send, self._receive = trio.open_memory_channel[event_pb2.Envelope](max_queued)
+        self._queued = self._forwarded = self._dropped = self._rejected = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def statistics(self) -> PublisherStatistics:
+        """Events queued, forwarded and dropped so far."""
+        return PublisherStatistics(self._queued, self._forwarded, self._dropped + self._rejected)
+
+    def envelope(self, topic: str, event: Message) -> event_pb2.Envelope:
+        """The Envelope containerd expects: now, our namespace, the topic, the event as a bare-named Any."""
+        stamp = timestamp_pb2.Timestamp()
+        stamp.GetCurrentTime()
+        return event_pb2.Envelope(
+            timestamp=stamp, namespace=self.namespace, topic=topic, event=pack_event(event)
+        )
+
+    async def publish(self, topic: str, event: Message) -> None:
+        """Queue `event` under `topic` (a `runtime.Publisher`: never raises, never waits on containerd)."""
+        self.publish_nowait(topic, event)
+
+    def publish_nowait(self, topic: str, event: Message) -> None:
+        """`publish` for synchronous callers."""
+        try:
+            self._send.send_nowait(self.envelope(topic, event))
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            self._rejected += 1
+            log.error("event %s dropped: the queue is full or closed", topic)
+            return
+        self._queued += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+
+    async def wait_idle(self) -> None:
+        """Return once every queued event was forwarded or dropped."""
+        while self._queued != self._forwarded + self._dropped:
+            await self._idle.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Forward queued events until cancelled."""
+        task_status.started()
+        pending: event_pb2.Envelope | None = None
+        attempts = 0
+        while True:
+            if pending is None:
+                pending, attempts = await self._receive.receive(), 0
+            if not self.address:
+                log.debug("no TTRPC_ADDRESS: event %s not sent", pending.topic)
+                self._done(ok=False)
+                pending = None
+                continue
+            try:
+                async with self._connect(self.address) as client:
+                    while True:
+                        if pending is None:
+                            pending, attempts = await self._receive.receive(), 0
+                        await self._forward(client, pending)
+                        self._done(ok=True)
+                        pending = None
+            except (ttrpc.TtrpcError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
+                if pending is None:  # the idle connection broke: reconnect for the next event
+                    continue
+                attempts += 1
+                if attempts >= self._attempts:
+                    log.error("event %s dropped after %d attempts: %s", pending.topic, attempts, err)
+                    self._done(ok=False)
+                    pending = None
+                else:
+                    log.warning("event %s: attempt %d failed: %s", pending.topic, attempts, err)
+                    await trio.sleep(self._backoff * attempts)
+
+    async def _forward(self, client: ttrpc.TtrpcClient, envelope: event_pb2.Envelope) -> None:
+        timeout = self._call_timeout if self._call_timeout > 0 else math.inf
+        await client.call(
+            EVENTS_SERVICE.full_name,
+            "Forward",
+            ttrpc_events_pb2.ForwardRequest(envelope=envelope),
+            empty_pb2.Empty,
+            timeout=None if timeout == math.inf else timeout,
+            metadata={ttrpc.NAMESPACE_METADATA_KEY: self.namespace},
+        )
+
+    def _done(self, *, ok: bool) -> None:
+        if ok:
+            self._forwarded += 1
+        else:
+            self._dropped += 1
+        if self._queued == self._forwarded + self._dropped:
+            self._idle.set()

@@ -1,0 +1,50 @@
+"""`containerd-shim-kata-v2 delete`: clean up after a shim that died, print a DeleteResponse.
+
+containerd runs it when it lost a shim (or its start failed). For the pod's sandbox (or a single
+container) the persisted state under /run/kata/<sandbox id> says what to undo: the shim process is
+killed if it still lives, the sandbox's mounts are unmounted, its directories removed. A later
+container of a CRI pod owns nothing on the host of its own: its delete touches nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+from kata_shim.shim._address import can_connect, load_spec, pod_sandbox_id, socket_address, socket_path
+from kata_shim.shim._flags import ShimFlags
+from kata_shim.shim._wire import encode_delete_response
+
+KILLED_STATUS = 128 + signal.SIGKILL
+
+
+def _kill_shim_of(bundle: Path, id: str) -> None:
+    """SIGKILL the pid in the bundle's shim.pid if that process is still this container's shim."""
+    try:
+        pid = int((bundle / "shim.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return
+    ours = any(b"containerd-shim-kata-v2" in a or a == b"kata_shim" for a in cmdline)
+    if ours and id.encode() in cmdline and pid != os.getpid():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def delete(flags: ShimFlags) -> bytes:
+    """Clean up and return the serialized DeleteResponse (exit status 137, exited now)."""
+    bundle = Path(flags.bundle or os.getcwd())
+    if pod_sandbox_id(load_spec(bundle)) is None and flags.id:
+        # Imported here: a pod container's delete needs none of it.
+        from kata_shim.persist import cleanup_sandbox
+
+        _kill_shim_of(bundle, flags.id)
+        cleanup_sandbox(flags.id)
+        if flags.namespace:
+            address = socket_address(flags.address, flags.namespace, flags.id)
+            if not can_connect(address):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(socket_path(address))
+    return encode_delete_response(pid=0, exit_status=KILLED_STATUS)

@@ -1,0 +1,106 @@
+"""Run mode: the long-running shim. Serves containerd.task.v2.Task on its socket, forwards events to
+containerd, and exits on a Shutdown that finds no container left (or on SIGTERM/SIGINT), after
+stopping the sandbox and removing its socket and state."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from kata_proto import ttrpc
+from kata_proto.containerd import TASK_SERVICE
+from kata_shim.message import MessageDispatcher, RuntimeHandlerManager
+from kata_shim.service import EventPublisher, TaskService
+from kata_shim.shim._address import socket_address
+from kata_shim.shim._flags import ShimFlags
+from kata_shim.shim._log import setup_logging
+from kata_shim.shim._start import ENV_LISTEN_FD, ENV_READY_FD, bind_socket
+
+log = logging.getLogger("kata_shim")
+
+EVENT_FLUSH_TIMEOUT = 2.0
+"""Seconds the exiting shim waits for queued events to reach containerd."""
+
+
+def _report_ready(message: str) -> None:
+    fd = os.environ.pop(ENV_READY_FD, None)
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(int(fd), (message.replace("\n", " ") + "\n").encode())
+        os.close(int(fd))
+
+
+async def serve(
+    flags: ShimFlags, sock: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve until Shutdown or a termination signal."""
+    path = sock.getsockname()
+    address = f"unix://{path}"
+    publisher = EventPublisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
+    manager = RuntimeHandlerManager(flags.id, namespace=flags.namespace, shim_address=address)
+    dispatcher = MessageDispatcher(manager, publisher.publish)
+    server = ttrpc.TtrpcServer()
+    server.register(TASK_SERVICE, TaskService(dispatcher))
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(publisher.run)
+            await nursery.start(partial(trio.serve_listeners, server.serve_stream, [listener]))
+            nursery.start_soon(_watch_signals, dispatcher)
+            log.info("shim %s serving %s (namespace %s)", flags.id, address, flags.namespace)
+            task_status.started()
+            await dispatcher.shutdown_requested.wait()
+            log.info("shim %s shutting down", flags.id)
+            # Let the Shutdown reply leave before the connection goes.
+            await trio.sleep(0.05)
+            await manager.shutdown()
+            with trio.move_on_after(EVENT_FLUSH_TIMEOUT):
+                await publisher.wait_idle()
+            nursery.cancel_scope.cancel()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+async def _watch_signals(dispatcher: MessageDispatcher) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("shim: %s received, stopping", signal.Signals(signum).name)
+            dispatcher.shutdown_requested.set()
+
+
+async def _main(flags: ShimFlags, sock: socket.socket) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(serve, flags, sock))
+        _report_ready("ok")
+
+
+def run(flags: ShimFlags) -> int:
+    """Run mode entry point: returns the process exit status."""
+    bundle = Path(flags.bundle or os.getcwd())
+    setup_logging(bundle, flags.debug)
+    try:
+        fd = os.environ.pop(ENV_LISTEN_FD, None)
+        if fd is not None:
+            sock = socket.socket(fileno=int(fd))
+        else:
+            sock = bind_socket(socket_address(flags.address, flags.namespace, flags.id))
+        sock.setblocking(False)
+    except OSError as err:
+        _report_ready(f"cannot listen: {err}")
+        return 1
+    try:
+        trio.run(_main, flags, sock)
+    except BaseException as err:
+        log.exception("shim failed")
+        _report_ready(f"shim failed: {type(err).__name__}: {err}")
+        return 1
+    return 0

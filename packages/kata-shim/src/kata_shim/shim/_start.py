@@ -1,0 +1,147 @@
+"""`containerd-shim-kata-v2 start`: find or launch the pod's shim and print its address.
+
+Runs in a fresh Python process on every container start, so it uses the standard library only.
+The socket is bound here and handed to the new shim (as runtime-rs does), so the address
+accepts connections the moment it is printed and two racing starts cannot both bind it; the new
+shim reports on a pipe once it serves (or why it could not), and `start` fails with that message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kata_shim.shim._address import can_connect, load_spec, pod_sandbox_id, socket_address, socket_path
+from kata_shim.shim._flags import ShimFlags
+
+ENV_LISTEN_FD = "KATA_SHIM_LISTEN_FD"
+"""The run-mode shim serves the listening socket with this fd number (set by `start`)."""
+ENV_READY_FD = "KATA_SHIM_READY_FD"
+"""The run-mode shim writes ``ok`` (or an error line) to this fd once it serves."""
+READY_TIMEOUT = float(os.environ.get("KATA_SHIM_READY_TIMEOUT", "120"))
+"""Seconds `start` waits for the new shim (Python start-up under nested TCG takes seconds)."""
+
+
+class StartError(Exception):
+    """The shim could not be started (the message says why; containerd shows it)."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def shim_command(flags: ShimFlags) -> list[str]:
+    """argv that runs this shim in run mode (the console script when we were started through it)."""
+    script = sys.argv[0] if sys.argv else ""
+    if os.path.basename(script) == "containerd-shim-kata-v2" and os.path.isfile(script):
+        head = [sys.executable, os.path.abspath(script)]
+    else:
+        head = [sys.executable, "-m", "kata_shim"]
+    return [*head, *flags.to_argv()]
+
+
+def bind_socket(address: str) -> socket.socket:
+    """A listening unix socket at `address` (a stale socket file nobody serves is replaced)."""
+    path = socket_path(address)
+    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _wait_ready(child: subprocess.Popen[bytes], ready_fd: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise StartError(f"the shim (pid {child.pid}) did not report ready within {timeout:.0f} s")
+        readable, _, _ = select.select([ready_fd], [], [], min(left, 1.0))
+        if not readable:
+            continue
+        chunk = os.read(ready_fd, 4096)
+        data += chunk
+        if not chunk or b"\n" in data:
+            break
+    line = data.decode(errors="replace").strip()
+    if line == "ok":
+        return
+    child.wait(timeout=5)
+    raise StartError(line or f"the shim exited with status {child.returncode} before serving")
+
+
+def launch(flags: ShimFlags, address: str, bundle: Path) -> int:
+    """Start the run-mode shim serving `address`; return its pid once it serves."""
+    sock = bind_socket(address)
+    ready_r, ready_w = os.pipe()
+    try:
+        env = dict(os.environ)
+        env[ENV_LISTEN_FD] = str(sock.fileno())
+        env[ENV_READY_FD] = str(ready_w)
+        # A fresh interpreter (no fork of this one): new session, cwd the bundle, stdio to /dev/null.
+        child = subprocess.Popen(
+            shim_command(flags),
+            cwd=bundle,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(sock.fileno(), ready_w),
+            start_new_session=True,
+        )
+        os.close(ready_w)
+        ready_w = -1
+        sock.close()  # the child holds the listening socket now
+        try:
+            _wait_ready(child, ready_r, READY_TIMEOUT)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket_path(address))
+            raise
+        return child.pid
+    finally:
+        sock.close()
+        os.close(ready_r)
+        if ready_w >= 0:
+            os.close(ready_w)
+
+
+def start(flags: ShimFlags) -> str:
+    """Return the address of the shim that serves this container, launching one if needed."""
+    if not flags.namespace:
+        raise StartError("shim namespace cannot be empty")
+    if not flags.id:
+        raise StartError("shim id cannot be empty")
+    bundle = Path(flags.bundle or os.getcwd())
+    sandbox_id = pod_sandbox_id(load_spec(bundle))
+    if sandbox_id is not None:
+        # A later container of a CRI pod: its sandbox's shim serves it.
+        address = socket_address(flags.address, flags.namespace, sandbox_id)
+    else:
+        address = socket_address(flags.address, flags.namespace, flags.id)
+        if not can_connect(address):
+            pid = launch(flags, address, bundle)
+            write_atomic(bundle / "shim.pid", str(pid))
+    write_atomic(bundle / "address", address)
+    return address
