@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -259,5 +260,42 @@ def test_pvh_elf_kernel_starts_in_protected_mode_with_start_info_in_ebx(tmp_path
     try:
         assert vmm.exit_status is not None and vmm.exit_status.kind is ExitKind.RESET
         assert out == bytes([0x336EC578 & 0xFF])
+    finally:
+        vmm.close()
+
+
+def _readable(fd: int, timeout: float = 0.0) -> bool:
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def test_exit_fd_becomes_readable_when_the_guest_resets(make_kernel: KernelFactory) -> None:
+    vmm = Vmm()
+    vmm.configure(VmConfig(kernel=make_kernel(tk.I8042_RESET + tk.HALT_FOREVER), memory_mib=32))
+    fd = vmm.exit_fd()
+    assert not _readable(fd)
+    vmm.start()
+    try:
+        assert _readable(fd, 20)
+        # level-triggered and not consumed: a second poll sees it too, and wait() returns at once
+        assert _readable(fd)
+        status = vmm.wait(0)
+        assert status is not None and status.kind is ExitKind.RESET
+    finally:
+        vmm.close()
+    with pytest.raises(VmStateError, match="after close"):
+        vmm.exit_fd()
+
+
+def test_exit_fd_stays_quiet_while_the_guest_runs_and_fires_on_stop(make_kernel: KernelFactory) -> None:
+    vmm = Vmm()
+    vmm.configure(VmConfig(kernel=make_kernel(tk.spin_forever()), memory_mib=32))
+    vmm.start()
+    try:
+        assert not _readable(vmm.exit_fd(), 0.3)
+        vmm.pause()
+        vmm.resume()
+        assert not _readable(vmm.exit_fd())
+        vmm.stop_nowait()
+        assert _readable(vmm.exit_fd(), 10)
     finally:
         vmm.close()

@@ -29,7 +29,7 @@ from kata_vmm._bindings import kvm as k
 from kata_vmm._bus import Bus, BusDevice
 from kata_vmm._errors import ConfigError, KvmError, VmStateError
 from kata_vmm._event_loop import EventLoop
-from kata_vmm._eventfd import IrqFd
+from kata_vmm._eventfd import EventFd, IrqFd
 from kata_vmm._kvm import Kvm, Vcpu, Vm
 from kata_vmm._layout import (
     ACPI_MAX_SIZE,
@@ -151,6 +151,7 @@ class Vmm:
         self._poller: DevicePoller | None = None
         self._exit: GuestExit | None = None
         self._exit_event = threading.Event()
+        self._exit_fd = EventFd()
         self._lock = threading.Lock()
         self._started_at = 0.0
         self._ended_at = 0.0
@@ -366,6 +367,18 @@ class Vmm:
         for t in self._threads:
             t.stop()
         self._exit_event.set()
+        if self._exit_fd.fd >= 0:
+            self._exit_fd.write()
+
+    def exit_fd(self) -> int:
+        """An fd that becomes readable once the guest has stopped, and stays readable (do not read it).
+
+        Lets an event loop (trio's ``wait_readable``, asyncio's ``add_reader``) notice a guest exit without
+        parking a thread in `wait`; after it fires, `wait` returns at once. Valid until `close`.
+        """
+        if self._exit_fd.fd < 0:
+            raise VmStateError("exit_fd() after close()")
+        return self._exit_fd.fd
 
     def wait(self, timeout: float | None = None) -> GuestExit | None:
         """Block until the guest stops (returns how) or ``timeout`` seconds pass (returns None)."""
@@ -471,6 +484,7 @@ class Vmm:
             self._guest_exited(GuestExit(ExitKind.STOPPED, None, "closed by the host"))
             self._join_vcpus()
         self._release()
+        self._exit_fd.close()
         self.state = VmmState.CLOSED
 
     def _release(self) -> None:
