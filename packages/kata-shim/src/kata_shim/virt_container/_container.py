@@ -1,0 +1,429 @@
+"""VirtContainerManager: the pod's containers and processes, run by the agent in the sandbox's VM.
+
+Per process, trio tasks in the sandbox's nursery (never an OS thread): one copies containerd's stdin
+fifo to WriteStdin, one or two copy ReadStdout/ReadStderr to the stdout/stderr fifos (a terminal has only
+stdout), and one waits: WaitProcess, then the output copies' EOF, then the exit is recorded, /tasks/exit
+is published once and every `wait_process` caller wakes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf.message import Message
+
+from kata_agent_client import AgentClient
+from kata_proto import ttrpc
+from kata_proto.agent import agent_pb2
+from kata_proto.containerd import events_pb2
+from kata_resources import ResourceError, mount_rootfs, share_volumes
+from kata_shim.runtime._base import (
+    AlreadyExists,
+    ContainerConfig,
+    ExecConfig,
+    ExitStatus,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ProcessId,
+    ProcessState,
+    ProcessStatus,
+    RuntimeHandlerError,
+    Stdio,
+)
+from kata_shim.virt_container._metrics import metrics_from_stats
+from kata_shim.virt_container._oci import guest_spec, process_to_pb, resources_to_pb, spec_to_pb
+from kata_shim.virt_container._sandbox import VirtSandbox
+from kata_shim.virt_container._stdio import AGENT_GONE, StdinCopy, copy_output, open_output_fifo
+
+log = logging.getLogger("kata_shim.virt_container")
+
+#: Exit code recorded for a process whose VM went away before it reported one.
+LOST_EXIT_CODE = 255
+#: How long `stop` lets processes report their exit after DestroySandbox.
+STOP_GRACE = 5.0
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _translate(err: ttrpc.TtrpcError, what: str) -> RuntimeHandlerError:
+    """An agent status as the error the Task service maps back to the same code."""
+    text = f"{what}: {err}"
+    if isinstance(err, ttrpc.NotFound):
+        return NotFound(text)
+    if isinstance(err, ttrpc.AlreadyExists):
+        return AlreadyExists(text)
+    if isinstance(err, ttrpc.InvalidArgument):
+        return InvalidArgument(text)
+    if isinstance(err, ttrpc.FailedPrecondition):
+        return FailedPrecondition(text)
+    return RuntimeHandlerError(text)
+
+
+@dataclass
+class _Process:
+    id: ProcessId
+    stdio: Stdio
+    spec: dict[str, Any] | None = None
+    """The OCI process JSON of an exec (the init's is in the container spec)."""
+    status: ProcessStatus = ProcessStatus.CREATED
+    exit: ExitStatus | None = None
+    exited: trio.Event = field(default_factory=trio.Event)
+    stdin: StdinCopy | None = None
+    outputs: list[int | None] = field(default_factory=list)
+    """Output fifo fds opened at create, handed to the copy tasks at start."""
+
+    @property
+    def exec_id(self) -> str:
+        return self.id.exec_id
+
+
+@dataclass
+class _Container:
+    id: str
+    bundle: Path
+    init: _Process
+    execs: dict[str, _Process] = field(default_factory=dict)
+    paused: bool = False
+
+
+class VirtContainerManager:
+    """runtime-rs's `VirtContainerManager`: containers in the VM, through the agent."""
+
+    def __init__(self, sandbox: VirtSandbox) -> None:
+        self.sandbox = sandbox
+        self._containers: dict[str, _Container] = {}
+        sandbox.on_stop(self._on_sandbox_stop)
+
+    # -- lookups ----------------------------------------------------------------------------------
+    def _container(self, container_id: str) -> _Container:
+        found = self._containers.get(container_id)
+        if found is None:
+            raise NotFound(f"container {container_id!r} not found")
+        return found
+
+    def _process(self, process: ProcessId) -> _Process:
+        c = self._container(process.container_id)
+        if not process.exec_id:
+            return c.init
+        found = c.execs.get(process.exec_id)
+        if found is None:
+            raise NotFound(f"process {process.exec_id!r} of container {process.container_id!r} not found")
+        return found
+
+    def _agent(self) -> AgentClient:
+        return self.sandbox.agent
+
+    def container_ids(self) -> list[str]:
+        """Containers that exist now."""
+        return list(self._containers)
+
+    # -- create / start ---------------------------------------------------------------------------
+    async def create_container(self, config: ContainerConfig) -> int:
+        """Mount the rootfs and volumes into the shared dir, open the output fifos, CreateContainer."""
+        cid = config.container_id
+        if cid in self._containers:
+            raise AlreadyExists(f"container {cid!r} already exists")
+        agent = self._agent()
+        layout, ledger = self.sandbox.layout, self.sandbox.ledger
+        mark = ledger.mark()
+        process = _Process(ProcessId(cid), config.stdio)
+        try:
+            root = config.spec.get("root") or {}
+            bundle_rootfs = Path(root.get("path") or "rootfs")
+            if not bundle_rootfs.is_absolute():
+                bundle_rootfs = config.bundle / bundle_rootfs
+            mount_rootfs(config.rootfs, layout.rootfs_host_path(cid), ledger, bundle_rootfs=bundle_rootfs)
+            mounts = share_volumes(config.spec.get("mounts") or [], layout, cid, ledger)
+            spec = guest_spec(config.spec, cid, layout.rootfs_guest_path(cid), mounts)
+            self._open_outputs(process)
+            request = agent_pb2.CreateContainerRequest(container_id=cid)
+            request.OCI.CopyFrom(spec_to_pb(spec))
+            await agent.call("CreateContainer", request, empty_pb2.Empty)
+        except BaseException as err:
+            self._close_outputs(process)
+            ledger.undo_since(mark)
+            try:
+                layout.remove_container(cid)
+            except ResourceError as rm_err:
+                log.warning("container %s: %s", cid, rm_err)
+            if isinstance(err, ttrpc.TtrpcError):
+                raise _translate(err, f"CreateContainer {cid}") from err
+            if isinstance(err, (ResourceError, ValueError)):
+                raise InvalidArgument(f"container {cid}: {err}") from err
+            raise
+        self._containers[cid] = _Container(cid, config.bundle, process)
+        return self.sandbox.pid()
+
+    def _open_outputs(self, p: _Process) -> None:
+        paths = [p.stdio.stdout] if p.stdio.terminal else [p.stdio.stdout, p.stdio.stderr]
+        for path in paths:
+            p.outputs.append(open_output_fifo(path) if path else None)
+
+    def _close_outputs(self, p: _Process) -> None:
+        for fd in p.outputs:
+            if fd is not None:
+                os.close(fd)
+        p.outputs.clear()
+
+    async def start_process(self, process: ProcessId) -> int:
+        """StartContainer (init) or ExecProcess (exec), then the stdio copies and the wait task."""
+        c = self._container(process.container_id)
+        p = self._process(process)
+        if p.status is not ProcessStatus.CREATED:
+            raise FailedPrecondition(f"process {process} is {p.status.value}, not created")
+        if process.exec_id and c.init.status is not ProcessStatus.RUNNING:
+            raise FailedPrecondition(f"container {c.id} is not running")
+        agent = self._agent()
+        try:
+            if process.exec_id:
+                assert p.spec is not None
+                request = agent_pb2.ExecProcessRequest(container_id=c.id, exec_id=process.exec_id)
+                request.process.CopyFrom(process_to_pb(p.spec))
+                await agent.call("ExecProcess", request, empty_pb2.Empty)
+            else:
+                await agent.start_container(c.id)
+        except ttrpc.TtrpcError as err:
+            raise _translate(err, f"start {process}") from err
+        p.status = ProcessStatus.RUNNING
+        self._start_io_and_wait(agent, p)
+        return self.sandbox.pid()
+
+    def _start_io_and_wait(self, agent: AgentClient, p: _Process) -> None:
+        nursery = self.sandbox.nursery
+        cid, eid = p.id.container_id, p.exec_id
+        if p.stdio.stdin:
+            try:
+                p.stdin = StdinCopy(p.stdio.stdin, lambda data: agent.write_stdin(cid, eid, data))
+            except OSError as err:
+                log.warning("process %s: stdin fifo %s: %s", p.id, p.stdio.stdin, err)
+            else:
+                nursery.start_soon(p.stdin.run)
+        copies_done: list[trio.Event] = []
+        readers = [lambda: agent.read_stdout(cid, eid), lambda: agent.read_stderr(cid, eid)]
+        for read, fd, name in zip(readers, p.outputs, ("stdout", "stderr"), strict=False):
+            done = trio.Event()
+            copies_done.append(done)
+            nursery.start_soon(self._copy, read, fd, name, done)
+        p.outputs = []  # the copies own the fds now
+        nursery.start_soon(self._wait, agent, p, copies_done)
+
+    @staticmethod
+    async def _copy(read: Any, fd: int | None, name: str, done: trio.Event) -> None:
+        try:
+            await copy_output(read, fd, name=name)
+        finally:
+            done.set()
+
+    async def _wait(self, agent: AgentClient, p: _Process, copies_done: list[trio.Event]) -> None:
+        cid, eid = p.id.container_id, p.exec_id
+        try:
+            code = await agent.wait_process(cid, eid)
+        except AGENT_GONE as err:
+            log.warning("process %s: WaitProcess failed (%r): exit %d", p.id, err, LOST_EXIT_CODE)
+            code = LOST_EXIT_CODE
+        for done in copies_done:
+            await done.wait()
+        await self._record_exit(p, code)
+
+    async def _record_exit(self, p: _Process, code: int) -> None:
+        if p.exit is not None:
+            return
+        p.exit = ExitStatus(code, _now())
+        p.status = ProcessStatus.STOPPED
+        if p.stdin is not None:
+            p.stdin.close()
+        exited_at = timestamp_pb2.Timestamp()
+        exited_at.FromDatetime(p.exit.exited_at)
+        event = events_pb2.TaskExit(
+            container_id=p.id.container_id,
+            id=p.exec_id or p.id.container_id,
+            pid=self.sandbox.pid(),
+            exit_status=code,
+            exited_at=exited_at,
+        )
+        with trio.CancelScope(shield=True):
+            await self.sandbox.publish("/tasks/exit", event)
+        p.exited.set()
+
+    async def _on_sandbox_stop(self) -> None:
+        # After DestroySandbox: let the wait tasks report what the agent killed, then give up on the rest.
+        running = [p for c in self._containers.values() for p in (c.init, *c.execs.values())]
+        with trio.move_on_after(STOP_GRACE):
+            for p in running:
+                if p.status is ProcessStatus.RUNNING or p.status is ProcessStatus.PAUSED:
+                    await p.exited.wait()
+        for p in running:
+            if p.status in (ProcessStatus.RUNNING, ProcessStatus.PAUSED):
+                await self._record_exit(p, LOST_EXIT_CODE)
+
+    # -- exec -------------------------------------------------------------------------------------
+    async def exec_process(self, config: ExecConfig) -> None:
+        """Register an exec'd process; its fifos open now, it runs on `start_process`."""
+        c = self._container(config.process.container_id)
+        eid = config.process.exec_id
+        if not eid:
+            raise InvalidArgument("exec id is empty")
+        if eid in c.execs:
+            raise AlreadyExists(f"exec {eid!r} already exists in container {c.id!r}")
+        if c.init.status is not ProcessStatus.RUNNING:
+            raise FailedPrecondition(f"container {c.id} is {c.init.status.value}, not running")
+        if not config.spec.get("args"):
+            raise InvalidArgument("exec process has no args")
+        p = _Process(config.process, config.stdio, spec=config.spec)
+        try:
+            self._open_outputs(p)
+        except OSError as err:
+            self._close_outputs(p)
+            raise InvalidArgument(f"exec {eid}: stdio fifo: {err}") from err
+        c.execs[eid] = p
+
+    # -- signals, wait, state ---------------------------------------------------------------------
+    async def kill_process(self, process: ProcessId, signal: int, all_processes: bool = False) -> None:
+        """SignalProcess; NotFound once the process has exited (as runc's shim answers)."""
+        p = self._process(process)
+        if p.status is ProcessStatus.STOPPED:
+            raise NotFound(f"process {process} already finished")
+        if p.status is ProcessStatus.CREATED and process.exec_id:
+            raise FailedPrecondition(f"process {process} is not started")
+        try:
+            await self._agent().signal_process(process.container_id, process.exec_id, signal)
+        except ttrpc.TtrpcError as err:
+            raise _translate(err, f"kill {process}") from err
+
+    async def wait_process(self, process: ProcessId) -> ExitStatus:
+        """Return once the process has exited (after /tasks/exit went out)."""
+        p = self._process(process)
+        await p.exited.wait()
+        assert p.exit is not None
+        return p.exit
+
+    async def state_process(self, process: ProcessId) -> ProcessState:
+        """Status, pid and exit of one process."""
+        c = self._container(process.container_id)
+        p = self._process(process)
+        status = p.status
+        if c.paused and status is ProcessStatus.RUNNING:
+            status = ProcessStatus.PAUSED
+        return ProcessState(process, self.sandbox.pid(), status, str(c.bundle), p.stdio, p.exit)
+
+    # -- delete -----------------------------------------------------------------------------------
+    async def delete_process(self, process: ProcessId) -> ExitStatus:
+        """Forget a stopped (or never started) process; the init takes the container with it:
+        RemoveContainer, then its rootfs and volumes are unmounted and its directory removed."""
+        c = self._container(process.container_id)
+        p = self._process(process)
+        if p.status in (ProcessStatus.RUNNING, ProcessStatus.PAUSED):
+            raise FailedPrecondition(f"process {process} is still running")
+        if not process.exec_id and any(
+            e.status in (ProcessStatus.RUNNING, ProcessStatus.PAUSED) for e in c.execs.values()
+        ):
+            raise FailedPrecondition(f"container {c.id} still has running execs")
+        exit_status = p.exit or ExitStatus(0, _now())
+        self._close_outputs(p)
+        if process.exec_id:
+            del c.execs[process.exec_id]
+            return exit_status
+        await self._remove_container(c)
+        return exit_status
+
+    async def _remove_container(self, c: _Container) -> None:
+        errors = []
+        agent = self.sandbox._agent
+        if agent is not None:
+            try:
+                with trio.move_on_after(self.sandbox.destroy_timeout):
+                    await agent.remove_container(c.id)
+            except (*AGENT_GONE,) as err:
+                if not isinstance(err, ttrpc.NotFound):
+                    errors.append(f"RemoveContainer: {err}")
+        layout = self.sandbox.layout
+        try:
+            self.sandbox.ledger.undo(below=layout.container_dir(c.id))
+            layout.remove_container(c.id)
+        except ResourceError as err:
+            errors.append(str(err))
+        del self._containers[c.id]
+        if errors:
+            log.warning("container %s: delete: %s", c.id, "; ".join(errors))
+            if any(not e.startswith("RemoveContainer") for e in errors):
+                raise RuntimeHandlerError(f"container {c.id}: {'; '.join(errors)}")
+
+    # -- io ---------------------------------------------------------------------------------------
+    async def close_process_io(self, process: ProcessId) -> None:
+        """Close stdin once what containerd wrote so far reached the process."""
+        p = self._process(process)
+        if p.stdin is not None:
+            p.stdin.close()
+            await p.stdin.done.wait()
+        elif p.status is ProcessStatus.RUNNING:
+            try:
+                await self._agent().close_stdin(process.container_id, process.exec_id)
+            except ttrpc.TtrpcError as err:
+                raise _translate(err, f"close io of {process}") from err
+
+    async def resize_process_pty(self, process: ProcessId, width: int, height: int) -> None:
+        """TtyWinResize (rows = height, columns = width)."""
+        p = self._process(process)
+        if not p.stdio.terminal:
+            raise FailedPrecondition(f"process {process} has no terminal")
+        if p.status is not ProcessStatus.RUNNING:
+            return  # containerd resizes before start too; the agent has no pty yet
+        try:
+            await self._agent().tty_win_resize(process.container_id, process.exec_id, height, width)
+        except ttrpc.TtrpcError as err:
+            raise _translate(err, f"resize {process}") from err
+
+    # -- container-wide ---------------------------------------------------------------------------
+    async def pause_container(self, container_id: str) -> None:
+        """PauseContainer (the guest freezes the container's cgroup)."""
+        c = self._container(container_id)
+        try:
+            await self._agent().pause_container(container_id)
+        except ttrpc.TtrpcError as err:
+            raise _translate(err, f"pause {container_id}") from err
+        c.paused = True
+
+    async def resume_container(self, container_id: str) -> None:
+        """ResumeContainer."""
+        c = self._container(container_id)
+        try:
+            await self._agent().resume_container(container_id)
+        except ttrpc.TtrpcError as err:
+            raise _translate(err, f"resume {container_id}") from err
+        c.paused = False
+
+    async def stats_container(self, container_id: str) -> Message:
+        """StatsContainer as io.containerd.cgroups.v1.Metrics."""
+        self._container(container_id)
+        request = agent_pb2.StatsContainerRequest(container_id=container_id)
+        try:
+            resp = await self._agent().call("StatsContainer", request, agent_pb2.StatsContainerResponse)
+        except ttrpc.TtrpcError as err:
+            raise _translate(err, f"stats {container_id}") from err
+        return metrics_from_stats(resp)
+
+    async def update_container(self, container_id: str, resources: dict[str, Any]) -> None:
+        """UpdateContainer with OCI LinuxResources JSON."""
+        self._container(container_id)
+        request = agent_pb2.UpdateContainerRequest(container_id=container_id)
+        request.resources.CopyFrom(resources_to_pb(resources))
+        try:
+            await self._agent().call("UpdateContainer", request, empty_pb2.Empty)
+        except ttrpc.TtrpcError as err:
+            raise _translate(err, f"update {container_id}") from err
+
+    async def pids(self, container_id: str) -> list[int]:
+        """The pid containerd knows the container's processes by (the VMM's; the agent API has no
+        process listing in use by runtime-rs either)."""
+        self._container(container_id)
+        return [self.sandbox.pid()]

@@ -1,0 +1,330 @@
+"""VirtSandbox: the pod's VM, its shared directory, and the agent inside it.
+
+`start` prepares the shared directory, boots the VM through a `Hypervisor`, connects the agent and sends
+CreateSandbox. The agent connection and every background task of the pod (log forwarder, OOM long-poll,
+health checker, per-process stdio copies and waits) live in one trio nursery owned by a trio *system
+task*: the Sandbox protocol has no `async with`, and the pod outlives the Task.Create call that starts it.
+`stop` ends that task; nothing here starts an OS thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from kata_agent_client import AgentClient, HealthChecker, Storage, forward_logs, open_agent_client
+from kata_proto import ttrpc
+from kata_proto.containerd import events_pb2
+from kata_resources import (
+    GUEST_SHARED_DIR,
+    HOST_SHARED_ROOT,
+    MountLedger,
+    ResourceError,
+    ShareLayout,
+    StorageSpec,
+)
+from kata_shim.config._types import TomlConfig
+from kata_shim.hypervisor._base import Hypervisor, ShareFsDevice
+from kata_shim.runtime._base import ContainerConfig, FailedPrecondition, Publisher, RuntimeHandlerError
+
+log = logging.getLogger("kata_shim.virt_container")
+agent_log = logging.getLogger("kata_shim.agent")
+
+ENV_STATE_ROOT = "KATA_SHIM_STATE_ROOT"
+"""Same override as kata_shim.persist: the state root for tests (the product uses /run/kata)."""
+DEFAULT_STATE_ROOT = Path("/run/kata")
+MOUNTS_FILE = "mounts.json"
+"""/run/kata/<sid>/mounts.json: JSON list of host mount points, oldest first (delete undoes them newest
+first after a crash)."""
+
+HypervisorBuilder = Callable[[TomlConfig], Hypervisor]
+"""Builds the pod's hypervisor back-end from the whole configuration."""
+
+
+class SandboxError(RuntimeHandlerError):
+    """The sandbox could not start: the VM did not boot, the agent did not answer, CreateSandbox failed."""
+
+
+def default_hypervisor_factory(config: TomlConfig) -> Hypervisor:
+    """The back-end `[runtime] hypervisor_name` names, from kata_shim.hypervisor's registry."""
+    from kata_shim.hypervisor import new_hypervisor
+
+    return new_hypervisor(config.runtime.hypervisor_name, config.hypervisor)
+
+
+def state_root() -> Path:
+    """/run/kata, or $KATA_SHIM_STATE_ROOT."""
+    return Path(os.environ.get(ENV_STATE_ROOT) or DEFAULT_STATE_ROOT)
+
+
+def _storage(spec: StorageSpec) -> Storage:
+    return Storage(
+        spec.driver,
+        spec.mount_point,
+        source=spec.source,
+        fstype=spec.fstype,
+        options=list(spec.options),
+        driver_options=list(spec.driver_options),
+    )
+
+
+def _kernel_modules(entries: list[str]) -> list[tuple[str, list[str]]]:
+    # Kata's `kernel_modules` entries are "name param=value ...".
+    out = []
+    for entry in entries:
+        name, *params = entry.split()
+        if name:
+            out.append((name, params))
+    return out
+
+
+class VirtSandbox:
+    """One VM per pod (runtime-rs `VirtSandbox`)."""
+
+    def __init__(
+        self,
+        sandbox_id: str,
+        config: TomlConfig,
+        publish: Publisher,
+        *,
+        hypervisor_factory: HypervisorBuilder = default_hypervisor_factory,
+        share_root: Path = HOST_SHARED_ROOT,
+        guest_share_dir: str = GUEST_SHARED_DIR,
+        state_dir: Path | None = None,
+        health_interval: float = 30.0,
+        destroy_timeout: float = 10.0,
+    ) -> None:
+        self.sandbox_id = sandbox_id
+        self.config = config
+        self.publish = publish
+        self.layout = ShareLayout(sandbox_id, host_root=share_root, guest_dir=guest_share_dir)
+        self.state_dir = state_dir if state_dir is not None else state_root() / sandbox_id
+        self.ledger = MountLedger.to_file(self.state_dir / MOUNTS_FILE)
+        self.hypervisor: Hypervisor | None = None
+        self.health_interval = health_interval
+        self.destroy_timeout = destroy_timeout
+        self._hypervisor_factory = hypervisor_factory
+        self._agent: AgentClient | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stop_requested = trio.Event()
+        self._service_done = trio.Event()
+        self._started = False
+        self._spawned = False
+        self._stopped = False
+        self._cleaned = False
+        self._on_stop: list[Callable[[], Any]] = []
+        self.health: HealthChecker | None = None
+
+    # -- what the container manager uses ----------------------------------------------------------
+    @property
+    def agent(self) -> AgentClient:
+        """The connected agent; FailedPrecondition before `start` or after `stop`."""
+        if self._agent is None or self._stopped:
+            raise FailedPrecondition(f"sandbox {self.sandbox_id} is not running")
+        return self._agent
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """Where the pod's background tasks run (until `stop`)."""
+        if self._nursery is None or self._stopped:
+            raise FailedPrecondition(f"sandbox {self.sandbox_id} is not running")
+        return self._nursery
+
+    def pid(self) -> int:
+        """The pid containerd sees for every process of the pod: the VMM's (runtime-rs reports the VMM
+        master thread id; in built-in mode that is the shim)."""
+        pids = self.hypervisor.pids() if self.hypervisor is not None else []
+        return pids[0] if pids else os.getpid()
+
+    def on_stop(self, callback: Callable[[], Any]) -> None:
+        """Run `callback` (sync or async) in `stop`, after DestroySandbox, before the VM stops."""
+        self._on_stop.append(callback)
+
+    # -- Sandbox protocol ------------------------------------------------------------------------
+    async def start(self, first: ContainerConfig) -> None:
+        """Shared dir, VM, agent, CreateSandbox; on any failure everything made so far is undone."""
+        if self._started:
+            raise FailedPrecondition(f"sandbox {self.sandbox_id} already started")
+        self._started = True
+        try:
+            await self._start(first)
+        except BaseException as err:
+            with trio.CancelScope(shield=True):
+                await self._teardown()
+            if isinstance(err, (RuntimeHandlerError, trio.Cancelled, KeyboardInterrupt)):
+                raise
+            raise SandboxError(f"sandbox {self.sandbox_id}: {err}") from err
+
+    async def _start(self, first: ContainerConfig) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            shared = self.layout.create()
+        except (OSError, ResourceError) as err:
+            raise SandboxError(f"shared directory for {self.sandbox_id}: {err}") from err
+        hv = self._hypervisor_factory(self.config)
+        self.hypervisor = hv
+        await hv.prepare_vm(self.sandbox_id, None)
+        await hv.add_device(ShareFsDevice(shared, self.layout.mount_tag))
+        agent_cfg = self.config.agent
+        dial_timeout = max(agent_cfg.dial_timeout_ms, 1) / 1000
+        await hv.start_vm(dial_timeout)
+        address = hv.agent_address()
+        log.info("sandbox %s: VM started, agent at %s", self.sandbox_id, address)
+        ready: dict[str, BaseException | None] = {}
+        ready_event = trio.Event()
+        self._spawned = True
+        trio.lowlevel.spawn_system_task(
+            self._serve, address, dial_timeout, ready, ready_event, name=f"kata-sandbox-{self.sandbox_id}"
+        )
+        await ready_event.wait()
+        failure = ready.get("error")
+        if failure is not None:
+            raise SandboxError(f"agent at {address}: {failure}") from failure
+        agent = self.agent
+        hostname = str(first.spec.get("hostname", "") or "")
+        with trio.fail_after(agent_cfg.request_timeout_ms / 1000):
+            await agent.create_sandbox(
+                self.sandbox_id,
+                hostname=hostname,
+                storages=[_storage(self.layout.sandbox_storage())],
+                kernel_modules=_kernel_modules(agent_cfg.kernel_modules),
+            )
+            details = await agent.get_guest_details()
+        log.info("sandbox %s: guest agent %s", self.sandbox_id, details.agent_version)
+        self.nursery.start_soon(self._oom_events)
+        self.health = HealthChecker(
+            agent,
+            self._unhealthy,
+            interval=self.health_interval,
+            timeout=agent_cfg.health_check_request_timeout_ms / 1000,
+        )
+        self.nursery.start_soon(self.health.run)
+
+    async def _serve(
+        self,
+        address: str,
+        dial_timeout: float,
+        ready: dict[str, BaseException | None],
+        ready_event: trio.Event,
+    ) -> None:
+        # A system task: nothing may escape it (an exception here would crash trio.run).
+        try:
+            async with (
+                open_agent_client(
+                    address,
+                    ready_timeout=dial_timeout,
+                    call_timeout=self.config.agent.request_timeout_ms / 1000,
+                ) as agent,
+                trio.open_nursery() as nursery,
+            ):
+                self._agent, self._nursery = agent, nursery
+                nursery.start_soon(self._forward_logs, address)
+                ready["error"] = None
+                ready_event.set()
+                await self._stop_requested.wait()
+                nursery.cancel_scope.cancel()
+        except BaseException as err:  # reported to start() or logged
+            if not ready_event.is_set():
+                ready["error"] = err
+            elif not isinstance(err, trio.Cancelled):
+                log.error("sandbox %s: service task failed: %r", self.sandbox_id, err)
+        finally:
+            self._agent = None
+            self._nursery = None
+            ready_event.set()
+            self._service_done.set()
+
+    async def _forward_logs(self, address: str) -> None:
+        try:
+            await forward_logs(address, agent_log)
+        except Exception as err:  # the log stream is best effort, as upstream's
+            log.debug("sandbox %s: agent log stream ended: %r", self.sandbox_id, err)
+
+    async def _oom_events(self) -> None:
+        while True:
+            try:
+                container_id = await self.agent.get_oom_event()
+            except (ttrpc.TtrpcError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
+                log.debug("sandbox %s: OOM long-poll ends: %r", self.sandbox_id, err)
+                return
+            except FailedPrecondition:
+                return
+            if container_id:
+                await self.publish("/tasks/oom", events_pb2.TaskOOM(container_id=container_id))
+
+    async def _unhealthy(self, error: BaseException | None) -> None:
+        log.warning("sandbox %s: agent health check failed: %r", self.sandbox_id, error)
+
+    async def stop(self) -> None:
+        """DestroySandbox (bounded), end the background tasks, stop the VM; idempotent."""
+        if self._stopped:
+            return
+        with trio.CancelScope(shield=True):
+            agent = self._agent
+            if agent is not None:
+                with trio.move_on_after(self.destroy_timeout):
+                    try:
+                        await agent.destroy_sandbox()
+                    except Exception as err:
+                        log.warning("sandbox %s: DestroySandbox: %r", self.sandbox_id, err)
+            for callback in self._on_stop:
+                try:
+                    result = callback()
+                    if hasattr(result, "__await__"):
+                        with trio.move_on_after(self.destroy_timeout):
+                            await result
+                except Exception as err:
+                    log.warning("sandbox %s: stop callback: %r", self.sandbox_id, err)
+            self._stopped = True
+            self._stop_requested.set()
+            if self._spawned:
+                await self._service_done.wait()
+            if self.hypervisor is not None:
+                try:
+                    await self.hypervisor.stop_vm()
+                except Exception as err:
+                    log.warning("sandbox %s: stop_vm: %r", self.sandbox_id, err)
+
+    async def cleanup(self) -> None:
+        """Release the hypervisor's resources, unmount everything, remove the shared dir; idempotent."""
+        await self.stop()
+        if self._cleaned:
+            return
+        with trio.CancelScope(shield=True):
+            if self.hypervisor is not None:
+                try:
+                    await self.hypervisor.cleanup()
+                except Exception as err:
+                    log.warning("sandbox %s: hypervisor cleanup: %r", self.sandbox_id, err)
+            errors = []
+            try:
+                self.ledger.undo()
+            except ResourceError as err:
+                errors.append(str(err))
+            try:
+                self.layout.remove()
+            except ResourceError as err:
+                errors.append(str(err))
+            if not errors:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.state_dir / MOUNTS_FILE).unlink()
+            self._cleaned = True
+            if errors:
+                raise SandboxError(f"sandbox {self.sandbox_id} cleanup: {'; '.join(errors)}")
+
+    async def _teardown(self) -> None:
+        # After a failed start: same as stop + cleanup, never raising over the original error.
+        try:
+            await self.cleanup()
+        except Exception as err:
+            log.warning("sandbox %s: cleanup after failed start: %r", self.sandbox_id, err)
+
+    def thread_ids(self) -> list[int]:
+        """The hypervisor's threads (vCPUs, event thread); the sandbox itself adds none."""
+        return self.hypervisor.thread_ids() if self.hypervisor is not None else []

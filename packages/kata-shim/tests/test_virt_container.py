@@ -1,0 +1,666 @@
+"""VirtSandbox + VirtContainerManager against the real kata_agent, in-process on a unix socket, with runc.
+
+`AgentVm` is a test-only Hypervisor: "booting" serves the agent; the virtio-fs device is the shared
+directory made a shared-propagation mount, which the agent's virtio-fs storage binds (rec) at the guest
+mount point, so rootfs mounts the shim makes later show up there as they would through virtio-fs.
+Root: runc, overlay and bind mounts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from google.protobuf.message import Message
+
+import kata_agent._mount as agent_mount
+from kata_agent import AgentConfig as GuestAgentConfig
+from kata_agent import open_agent
+from kata_proto.containerd import cgroups_v1_metrics_pb2, events_pb2
+from kata_resources import MS_BIND, MS_REC, MS_SHARED, bind, mount, mounts_below, umount
+from kata_shim.config import AgentConfig, RuntimeConfig, TomlConfig
+from kata_shim.hypervisor import Device, DeviceInfo, HypervisorConfig, HypervisorError, ShareFsDevice
+from kata_shim.runtime import (
+    AlreadyExists,
+    ContainerConfig,
+    ExecConfig,
+    FailedPrecondition,
+    NotFound,
+    ProcessId,
+    ProcessStatus,
+    RootfsMount,
+    RuntimeInstance,
+    Stdio,
+)
+from kata_shim.virt_container import MOUNTS_FILE, SandboxError, VirtContainer, VirtSandbox
+
+pytestmark = pytest.mark.root
+
+BUSYBOX = "/bin/busybox"
+RUNC = shutil.which("runc") or "/usr/sbin/runc"
+
+
+@pytest.fixture(scope="module")
+def busybox_lower() -> Iterator[Path]:
+    """A busybox tree to use as an overlay lower layer."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (runc, mounts)")
+    if not os.path.exists(RUNC) or not os.path.exists(BUSYBOX):
+        pytest.skip("needs runc and Debian's busybox-static")
+    root = Path(tempfile.mkdtemp(prefix="kvc-bb-", dir="/tmp"))
+    try:
+        for d in ("bin", "proc", "dev", "sys", "tmp", "etc", "root", "data"):
+            (root / d).mkdir()
+        shutil.copy2(BUSYBOX, root / "bin/busybox")
+        applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout
+        for applet in applets.split():
+            if applet != "busybox":
+                (root / "bin" / applet).symlink_to("busybox")
+        (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        (root / "etc/hosts").write_text("")
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class AgentVm:
+    """Test-only Hypervisor: the guest agent runs in this process, containers run with runc on the host."""
+
+    name = "agent-vm"
+
+    def __init__(
+        self, config: HypervisorConfig, nursery: trio.Nursery, base: Path, *, fail: str = ""
+    ) -> None:
+        self.config = config
+        self.nursery = nursery
+        self.base = base
+        self.fail = fail
+        self.shared: Path | None = None
+        self.shared_mounted = False
+        self.calls: list[str] = []
+        self._stop = trio.Event()
+        self._stopped = trio.Event()
+        self._running = False
+
+    @property
+    def sock(self) -> str:
+        return str(self.base / "agent.sock")
+
+    async def prepare_vm(self, sandbox_id: str, netns: str | None) -> None:
+        self.calls.append("prepare_vm")
+        (self.base / "run").mkdir(parents=True, exist_ok=True)
+
+    async def add_device(self, device: Device) -> DeviceInfo:
+        self.calls.append(f"add_device:{type(device).__name__}")
+        if isinstance(device, ShareFsDevice):
+            assert device.mount_tag == "kataShared"
+            self.shared = device.host_path
+        return DeviceInfo()
+
+    async def start_vm(self, timeout: float) -> None:  # noqa: ASYNC109 (the protocol's signature)
+        self.calls.append("start_vm")
+        if self.fail == "start_vm":
+            raise HypervisorError("guest kernel panicked")
+        assert self.shared is not None
+        bind(self.shared, self.shared, recursive=False)
+        mount("", self.shared, "", MS_SHARED)
+        self.shared_mounted = True
+        if self.fail != "no_agent":
+            await self.nursery.start(self._serve)
+
+    async def _serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        config = GuestAgentConfig(
+            runtime=RUNC, runtime_root=str(self.base / "runc"), run_dir=str(self.base / "run")
+        )
+        try:
+            async with open_agent(f"unix:{self.sock}", config, log_listen=f"unix:{self.sock}.log"):
+                self._running = True
+                task_status.started()
+                await self._stop.wait()
+        finally:
+            self._stopped.set()
+
+    async def stop_vm(self) -> None:
+        self.calls.append("stop_vm")
+        self._stop.set()
+        if self._running:
+            await self._stopped.wait()
+            self._running = False
+        if self.shared_mounted and self.shared is not None:
+            umount(self.shared)
+            self.shared_mounted = False
+
+    async def wait_vm(self) -> int:
+        await self._stopped.wait()
+        return 0
+
+    async def pause_vm(self) -> None:
+        pass
+
+    async def resume_vm(self) -> None:
+        pass
+
+    def agent_address(self) -> str:
+        return f"unix:{self.sock}"
+
+    def pids(self) -> list[int]:
+        return [os.getpid()]
+
+    def thread_ids(self) -> list[int]:
+        return []
+
+    async def cleanup(self) -> None:
+        self.calls.append("cleanup")
+
+
+@pytest.fixture
+def virtiofs_as_bind(monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """The agent's virtio-fs storage (tag kataShared) becomes a recursive bind of the shared dir."""
+    real_mount = agent_mount.mount
+    shares: dict[str, Path] = {}
+
+    def fake_mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+        if fstype == "virtiofs":
+            assert source == "kataShared"
+            real_mount(str(shares["kataShared"]), target, "", MS_BIND | MS_REC)
+        else:
+            real_mount(source, target, fstype, flags, data)
+
+    monkeypatch.setattr(agent_mount, "mount", fake_mount)
+    return shares
+
+
+@dataclass
+class Pod:
+    """A started pod plus what the test observes."""
+
+    instance: RuntimeInstance
+    vm: AgentVm
+    base: Path
+    events: list[tuple[str, Message]] = field(default_factory=list)
+
+    @property
+    def sandbox(self) -> VirtSandbox:
+        assert isinstance(self.instance.sandbox, VirtSandbox)
+        return self.instance.sandbox
+
+
+def _spec(*args: str, terminal: bool = False, mounts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A config.json as containerd's default spec writes it (host namespaces, hooks, cgroups path)."""
+    return {
+        "ociVersion": "1.1.0",
+        "process": {
+            "terminal": terminal,
+            "user": {"uid": 0, "gid": 0},
+            "args": list(args),
+            "env": ["PATH=/bin", "HOME=/root"],
+            "cwd": "/",
+            "capabilities": {k: ["CAP_KILL", "CAP_CHOWN"] for k in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs"},
+        "hostname": "pod",
+        "mounts": [
+            {
+                "destination": "/proc",
+                "type": "proc",
+                "source": "proc",
+                "options": ["nosuid", "noexec", "nodev"],
+            },
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+            {
+                "destination": "/dev/pts",
+                "type": "devpts",
+                "source": "devpts",
+                "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+            },
+            {
+                "destination": "/dev/shm",
+                "type": "tmpfs",
+                "source": "shm",
+                "options": ["nosuid", "size=65536k"],
+            },
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "ro"]},
+            *(mounts or []),
+        ],
+        "hooks": {"prestart": [{"path": "/usr/bin/false"}]},
+        "linux": {
+            "cgroupsPath": "/default/host-cgroup",
+            "namespaces": [
+                {"type": "pid"},
+                {"type": "ipc"},
+                {"type": "uts"},
+                {"type": "mount"},
+                {"type": "network", "path": "/var/run/netns/cni-1234"},
+            ],
+            "maskedPaths": ["/proc/kcore"],
+            "readonlyPaths": ["/proc/sys"],
+        },
+    }
+
+
+def _container(pod: Pod, lower: Path, cid: str, spec: dict[str, Any], stdio: Stdio) -> ContainerConfig:
+    """A container whose rootfs is an overlay (as containerd's overlayfs snapshotter hands it over)."""
+    layer = pod.base / "snapshots" / cid
+    upper, work = layer / "fs", layer / "work"
+    upper.mkdir(parents=True)
+    work.mkdir()
+    bundle = pod.base / "bundles" / cid
+    bundle.mkdir(parents=True)
+    (bundle / "config.json").write_text(json.dumps(spec))
+    rootfs = RootfsMount(
+        "overlay", "overlay", options=(f"lowerdir={lower}", f"upperdir={upper}", f"workdir={work}")
+    )
+    return ContainerConfig(cid, bundle, spec, [rootfs], stdio)
+
+
+def _fifos(pod: Pod, name: str, *which: str) -> dict[str, str]:
+    paths = {}
+    d = pod.base / "fifos"
+    d.mkdir(exist_ok=True)
+    for w in which:
+        path = d / f"{name}-{w}"
+        os.mkfifo(path)
+        paths[w] = str(path)
+    return paths
+
+
+async def read_fifo(path: str, into: dict[str, bytes], key: str) -> None:
+    """Read a fifo until its writers are gone (as containerd's copy does)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    data = b""
+    try:
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        trio.lowlevel.notify_closing(fd)
+        os.close(fd)
+        into[key] = data
+
+
+def _leftovers(base: Path) -> list[str]:
+    return mounts_below(base)
+
+
+@asynccontextmanager
+async def running_pod(
+    virtiofs: dict[str, Path], *, fail: str = "", dial_timeout_ms: int = 10_000
+) -> AsyncIterator[Pod]:
+    """A VirtContainer instance on AgentVm, started with a throwaway first container config."""
+    base = Path(tempfile.mkdtemp(prefix="kvc-", dir="/tmp"))
+    try:
+        async with trio.open_nursery() as nursery:
+            vm_box: list[AgentVm] = []
+
+            def factory(config: TomlConfig) -> AgentVm:
+                vm = AgentVm(config.hypervisor, nursery, base / "vm", fail=fail)
+                vm_box.append(vm)
+                return vm
+
+            events: list[tuple[str, Message]] = []
+
+            async def publish(topic: str, msg: Message) -> None:
+                events.append((topic, msg))
+
+            handler = VirtContainer(
+                hypervisor_factory=factory,
+                share_root=base / "sandboxes",
+                guest_share_dir=str(base / "guest-shared"),
+                state_root=base / "state",
+                health_interval=0.2,
+            )
+            config = TomlConfig(
+                Path("test.toml"),
+                RuntimeConfig(),
+                HypervisorConfig(),
+                AgentConfig(dial_timeout_ms=dial_timeout_ms),
+            )
+            instance = handler.new_instance("sb1", config, publish)
+            assert isinstance(instance.sandbox, VirtSandbox)
+            virtiofs["kataShared"] = instance.sandbox.layout.shared_dir
+            first = ContainerConfig("sb1", base, _spec("true"), [], Stdio())
+            try:
+                await instance.sandbox.start(first)
+                pod = Pod(instance, vm_box[0], base, events)
+                yield pod
+            finally:
+                with trio.CancelScope(shield=True):
+                    await instance.sandbox.stop()
+                    await instance.sandbox.cleanup()
+            nursery.cancel_scope.cancel()
+    finally:
+        left = _leftovers(base)
+        for point in left:
+            umount(point)
+        shutil.rmtree(base, ignore_errors=True)
+        assert not left, f"left mounted: {left}"
+
+
+def _exits(pod: Pod) -> list[events_pb2.TaskExit]:
+    return [m for t, m in pod.events if t == "/tasks/exit" and isinstance(m, events_pb2.TaskExit)]
+
+
+def test_container_output_through_fifos_exit_code_and_delete_leaves_nothing(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind) as pod:
+            assert pod.vm.calls[:3] == ["prepare_vm", "add_device:ShareFsDevice", "start_vm"]
+            cm = pod.instance.containers
+            fifos = _fifos(pod, "c1", "stdout", "stderr")
+            spec = _spec("sh", "-c", "echo out; hostname; ls /proc/1/ns >/dev/null; echo err >&2; exit 3")
+            cfg = _container(
+                pod, busybox_lower, "c1", spec, Stdio(stdout=fifos["stdout"], stderr=fifos["stderr"])
+            )
+            got: dict[str, bytes] = {}
+            async with trio.open_nursery() as n:
+                n.start_soon(read_fifo, fifos["stdout"], got, "out")
+                n.start_soon(read_fifo, fifos["stderr"], got, "err")
+                pid = await cm.create_container(cfg)
+                assert pid == os.getpid()
+                state = await cm.state_process(ProcessId("c1"))
+                assert state.status is ProcessStatus.CREATED
+                rootfs = pod.sandbox.layout.rootfs_host_path("c1")
+                assert str(rootfs) in mounts_below(pod.base)
+                record = pod.base / "state" / "sb1" / MOUNTS_FILE
+                assert str(rootfs) in json.loads(record.read_text())
+                await cm.start_process(ProcessId("c1"))
+                with trio.fail_after(20):
+                    status = await cm.wait_process(ProcessId("c1"))
+            assert status.code == 3
+            assert got == {"out": b"out\npod\n", "err": b"err\n"}
+            exits = _exits(pod)
+            assert len(exits) == 1
+            assert (exits[0].container_id, exits[0].id, exits[0].exit_status, exits[0].pid) == (
+                "c1",
+                "c1",
+                3,
+                pid,
+            )
+            assert exits[0].exited_at.seconds > 0
+            assert (await cm.state_process(ProcessId("c1"))).status is ProcessStatus.STOPPED
+            assert (await cm.delete_process(ProcessId("c1"))).code == 3
+            assert cm.container_ids() == []
+            assert str(rootfs) not in mounts_below(pod.base)
+            assert not pod.sandbox.layout.container_dir("c1").exists()
+            assert json.loads(record.read_text()) == []
+            with pytest.raises(NotFound):
+                await cm.state_process(ProcessId("c1"))
+        assert not (pod.base / "state" / "sb1" / MOUNTS_FILE).exists()
+        assert not pod.sandbox.layout.sandbox_dir.exists()
+        assert pod.vm.calls[-2:] == ["stop_vm", "cleanup"]
+
+    trio.run(main)
+
+
+def test_exec_with_stdin_kill_and_events(busybox_lower: Path, virtiofs_as_bind: dict[str, Path]) -> None:
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind) as pod:
+            cm = pod.instance.containers
+            cfg = _container(pod, busybox_lower, "c2", _spec("sleep", "1000"), Stdio())
+            await cm.create_container(cfg)
+            await cm.start_process(ProcessId("c2"))
+            fifos = _fifos(pod, "e1", "stdin", "stdout")
+            exec_id = ProcessId("c2", "e1")
+            proc = {
+                "args": ["sh", "-c", "cat; echo done"],
+                "env": ["PATH=/bin"],
+                "cwd": "/",
+                "user": {"uid": 0},
+            }
+            await cm.exec_process(
+                ExecConfig(exec_id, proc, Stdio(stdin=fifos["stdin"], stdout=fifos["stdout"]))
+            )
+            with pytest.raises(AlreadyExists):
+                await cm.exec_process(ExecConfig(exec_id, proc, Stdio()))
+            got: dict[str, bytes] = {}
+            async with trio.open_nursery() as n:
+                n.start_soon(read_fifo, fifos["stdout"], got, "out")
+                await cm.start_process(exec_id)
+                w = os.open(fifos["stdin"], os.O_WRONLY | os.O_NONBLOCK)
+                os.write(w, b"hello from stdin\n")
+                os.close(w)  # EOF: the shim closes the process's stdin
+                with trio.fail_after(20):
+                    assert (await cm.wait_process(exec_id)).code == 0
+            assert got["out"] == b"hello from stdin\ndone\n"
+            assert (await cm.delete_process(exec_id)).code == 0
+            with pytest.raises(FailedPrecondition):
+                await cm.delete_process(ProcessId("c2"))  # still running
+            await cm.kill_process(ProcessId("c2"), signal.SIGKILL)
+            with trio.fail_after(20):
+                assert (await cm.wait_process(ProcessId("c2"))).code == 128 + signal.SIGKILL
+            with pytest.raises(NotFound):
+                await cm.kill_process(ProcessId("c2"), signal.SIGTERM)
+            assert [(e.id, e.exit_status) for e in _exits(pod)] == [("e1", 0), ("c2", 137)]
+            await cm.delete_process(ProcessId("c2"))
+
+    trio.run(main)
+
+
+def test_close_io_delivers_written_bytes_then_eof(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind) as pod:
+            cm = pod.instance.containers
+            fifos = _fifos(pod, "c3", "stdin", "stdout")
+            cfg = _container(
+                pod,
+                busybox_lower,
+                "c3",
+                _spec("wc", "-c"),
+                Stdio(stdin=fifos["stdin"], stdout=fifos["stdout"]),
+            )
+            got: dict[str, bytes] = {}
+            async with trio.open_nursery() as n:
+                n.start_soon(read_fifo, fifos["stdout"], got, "out")
+                await cm.create_container(cfg)
+                await cm.start_process(ProcessId("c3"))
+                w = os.open(fifos["stdin"], os.O_WRONLY | os.O_NONBLOCK)
+                try:
+                    os.write(w, b"x" * 5000)
+                    await trio.sleep(0.2)
+                    os.write(w, b"y" * 123)
+                    with trio.fail_after(20):
+                        await cm.close_process_io(ProcessId("c3"))  # writer still open: CloseIO ends stdin
+                        assert (await cm.wait_process(ProcessId("c3"))).code == 0
+                finally:
+                    os.close(w)
+            assert got["out"].strip() == b"5123"
+            await cm.delete_process(ProcessId("c3"))
+
+    trio.run(main)
+
+
+def test_pause_resume_stats_update_and_terminal(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind) as pod:
+            cm = pod.instance.containers
+            fifos = _fifos(pod, "c4", "stdout")
+            spec = _spec("sh", "-c", "tty; while true; do echo tick; sleep 0.05; done", terminal=True)
+            cfg = _container(pod, busybox_lower, "c4", spec, Stdio(stdout=fifos["stdout"], terminal=True))
+            got: dict[str, bytes] = {}
+            async with trio.open_nursery() as n:
+                n.start_soon(read_fifo, fifos["stdout"], got, "out")
+                await cm.create_container(cfg)
+                await cm.start_process(ProcessId("c4"))
+                await cm.resize_process_pty(ProcessId("c4"), 100, 40)
+                await trio.sleep(0.3)
+                await cm.pause_container("c4")
+                assert (await cm.state_process(ProcessId("c4"))).status is ProcessStatus.PAUSED
+                metrics = await cm.stats_container("c4")
+                assert isinstance(metrics, cgroups_v1_metrics_pb2.Metrics)
+                assert metrics.pids.current >= 1
+                assert metrics.memory.usage.usage > 0
+                assert metrics.cpu.usage.total > 0
+                await cm.resume_container("c4")
+                assert (await cm.state_process(ProcessId("c4"))).status is ProcessStatus.RUNNING
+                await cm.update_container("c4", {"pids": {"limit": 64}, "memory": {"limit": 256 << 20}})
+                assert (await cm.stats_container("c4")).pids.limit == 64  # type: ignore[attr-defined]
+                assert await cm.pids("c4") == [os.getpid()]
+                await cm.kill_process(ProcessId("c4"), signal.SIGKILL)
+                with trio.fail_after(20):
+                    assert (await cm.wait_process(ProcessId("c4"))).code == 137
+            assert got["out"].startswith(b"/dev/pts/")
+            assert b"tick\r\n" in got["out"]  # a pty: only stdout, with the tty's line discipline
+            await cm.delete_process(ProcessId("c4"))
+
+    trio.run(main)
+
+
+def test_host_bind_volume_is_shared_read_only(busybox_lower: Path, virtiofs_as_bind: dict[str, Path]) -> None:
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind) as pod:
+            cm = pod.instance.containers
+            host_file = pod.base / "hosts.txt"
+            host_file.write_text("10.0.0.1 db\n")
+            host_dir = pod.base / "vol"
+            host_dir.mkdir()
+            mounts = [
+                {
+                    "destination": "/etc/hosts",
+                    "type": "bind",
+                    "source": str(host_file),
+                    "options": ["rbind", "ro"],
+                },
+                {"destination": "/data", "type": "bind", "source": str(host_dir), "options": ["rbind", "rw"]},
+            ]
+            script = "cat /etc/hosts; echo w > /data/out; echo x 2>/dev/null > /etc/hosts || echo ro"
+            fifos = _fifos(pod, "c5", "stdout")
+            spec = _spec("sh", "-c", script, mounts=mounts)
+            cfg = _container(pod, busybox_lower, "c5", spec, Stdio(stdout=fifos["stdout"]))
+            got: dict[str, bytes] = {}
+            async with trio.open_nursery() as n:
+                n.start_soon(read_fifo, fifos["stdout"], got, "out")
+                await cm.create_container(cfg)
+                await cm.start_process(ProcessId("c5"))
+                with trio.fail_after(20):
+                    assert (await cm.wait_process(ProcessId("c5"))).code == 0
+            assert got["out"] == b"10.0.0.1 db\nro\n"
+            assert (host_dir / "out").read_text() == "w\n"
+            assert host_file.read_text() == "10.0.0.1 db\n"
+            await cm.delete_process(ProcessId("c5"))
+            assert mounts_below(pod.sandbox.layout.shared_dir) == [str(pod.sandbox.layout.shared_dir)]
+
+    trio.run(main)
+
+
+def test_os_thread_count_does_not_grow_with_containers(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind) as pod:
+            cm = pod.instance.containers
+            counts = []
+            for i in range(6):
+                fifos = _fifos(pod, f"t{i}", "stdin", "stdout", "stderr")
+                stdio = Stdio(fifos["stdin"], fifos["stdout"], fifos["stderr"])
+                cfg = _container(pod, busybox_lower, f"t{i}", _spec("cat"), stdio)
+                await cm.create_container(cfg)
+                await cm.start_process(ProcessId(f"t{i}"))
+                counts.append(threads())
+            assert counts[-1] == counts[0], counts
+            for i in range(6):
+                await cm.kill_process(ProcessId(f"t{i}"), signal.SIGKILL)
+            with trio.fail_after(30):
+                for i in range(6):
+                    await cm.wait_process(ProcessId(f"t{i}"))
+                    await cm.delete_process(ProcessId(f"t{i}"))
+
+    trio.run(main)
+
+
+def test_stop_reports_running_processes_exited_and_unmounts(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind) as pod:
+            cm = pod.instance.containers
+            cfg = _container(pod, busybox_lower, "c6", _spec("sleep", "1000"), Stdio())
+            await cm.create_container(cfg)
+            await cm.start_process(ProcessId("c6"))
+            with trio.fail_after(30):
+                await pod.sandbox.stop()
+                await pod.sandbox.stop()  # idempotent
+                status = await cm.wait_process(ProcessId("c6"))
+            assert status.code in (137, 255)
+            assert [e.id for e in _exits(pod)] == ["c6"]
+            await pod.sandbox.cleanup()
+            assert mounts_below(pod.base) == []
+            with pytest.raises(FailedPrecondition):
+                await cm.create_container(_container(pod, busybox_lower, "c7", _spec("true"), Stdio()))
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("fail", ["start_vm", "no_agent"])
+def test_failed_start_leaves_nothing_behind(
+    fail: str, busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    async def main() -> None:
+        with pytest.raises(BaseExceptionGroup) as info:  # the test's own nursery wraps it
+            async with running_pod(virtiofs_as_bind, fail=fail, dial_timeout_ms=300):
+                raise AssertionError("must not start")
+        (err,) = info.value.exceptions
+        assert isinstance(err, SandboxError)
+        assert ("panicked" if fail == "start_vm" else "not ready") in str(err)
+
+    trio.run(main)
+
+
+def test_create_with_bad_rootfs_undoes_its_mounts(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind) as pod:
+            cm = pod.instance.containers
+            mounts = [{"destination": "/x", "type": "bind", "source": str(pod.base / "missing")}]
+            cfg = _container(pod, busybox_lower, "c8", _spec("true", mounts=mounts), Stdio())
+            with pytest.raises(Exception, match="missing"):
+                await cm.create_container(cfg)
+            assert cm.container_ids() == []
+            assert not pod.sandbox.layout.container_dir("c8").exists()
+            assert mounts_below(pod.sandbox.layout.shared_dir) == [str(pod.sandbox.layout.shared_dir)]
+
+    trio.run(main)
+
+
+def test_fifo_open_error_is_reported(busybox_lower: Path, virtiofs_as_bind: dict[str, Path]) -> None:
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind) as pod:
+            cm = pod.instance.containers
+            cfg = _container(pod, busybox_lower, "c9", _spec("true"), Stdio(stdout=str(pod.base / "no-fifo")))
+            with pytest.raises(OSError) as info:
+                await cm.create_container(cfg)
+            assert info.value.errno == errno.ENOENT
+            assert mounts_below(pod.sandbox.layout.shared_dir) == [str(pod.sandbox.layout.shared_dir)]
+            with contextlib.suppress(NotFound):
+                await cm.state_process(ProcessId("c9"))
+
+    trio.run(main)
