@@ -22,6 +22,16 @@ from kata_proto.containerd import EVENTS_SERVICE, event_pb2, pack_event, ttrpc_e
 
 log = logging.getLogger("kata_shim.events")
 
+_SEND_ERRORS = (ttrpc.TtrpcError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    # The client's nursery wraps what escapes it in a group (trio's strict groups).
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 Connector = Callable[[str], AbstractAsyncContextManager[ttrpc.TtrpcClient]]
 
 
@@ -112,7 +122,10 @@ class EventPublisher:
                         await self._forward(client, pending)
                         self._done(ok=True)
                         pending = None
-            except (ttrpc.TtrpcError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
+            except Exception as exc:
+                err = _unwrap(exc)
+                if not isinstance(err, _SEND_ERRORS):
+                    raise
                 if pending is None:  # the idle connection broke: reconnect for the next event
                     continue
                 attempts += 1

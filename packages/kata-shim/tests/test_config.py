@@ -1,0 +1,201 @@
+"""Configuration lookup order (Kata's) and one clear error per problem, naming file and key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from kata_shim.config import ConfigError, _loader, find_config, load_config, load_config_file, shipped_config
+from kata_shim.runtime import InvalidArgument
+
+
+@pytest.fixture
+def assets(tmp_path: Path) -> dict[str, Path]:
+    files = {}
+    for name in ("vmlinuz", "initrd.img", "rootfs.img"):
+        files[name] = tmp_path / name
+        files[name].write_bytes(b"\0")
+    return files
+
+
+def write_config(path: Path, assets: dict[str, Path], extra: str = "", hv: str = "") -> Path:
+    path.write_text(
+        f"""
+[hypervisor.dragonball]
+kernel = "{assets["vmlinuz"]}"
+initrd = "{assets["initrd.img"]}"
+image = "{assets["rootfs.img"]}"
+default_vcpus = 2
+default_memory = 1024
+kernel_params = "quiet"
+memory_slots = 10
+{hv}
+
+[agent.kata]
+dial_timeout_ms = 5000
+kernel_modules = ["vsock"]
+
+[runtime]
+name = "virt_container"
+hypervisor_name = "dragonball"
+enable_tracing = true
+{extra}
+"""
+    )
+    return path
+
+
+@pytest.fixture
+def no_system_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    path = tmp_path / "etc-configuration.toml"
+    monkeypatch.setattr(_loader, "SYSTEM_CONFIG", path)
+    return path
+
+
+def test_lookup_order_option_env_system_shipped(tmp_path: Path, no_system_config: Path) -> None:
+    env = {"KATA_CONF_FILE": "/from/env.toml"}
+    assert find_config("/from/option.toml", env) == (Path("/from/option.toml"), "runtime options config_path")
+    assert find_config("", env) == (Path("/from/env.toml"), "KATA_CONF_FILE")
+    assert find_config("", {}) == (shipped_config(), "shipped default")
+    no_system_config.write_text("")
+    assert find_config("", {}) == (no_system_config, "system default")
+    assert find_config("", env)[0] == Path("/from/env.toml")
+
+
+def test_load_reads_every_table(tmp_path: Path, assets: dict[str, Path], no_system_config: Path) -> None:
+    path = write_config(tmp_path / "c.toml", assets)
+    config = load_config(str(path), env={})
+    assert config.path == path
+    assert config.runtime.name == "virt_container"
+    assert config.runtime.hypervisor_name == "dragonball"
+    hv = config.hypervisor
+    assert (hv.kernel, hv.initrd, hv.image) == (assets["vmlinuz"], assets["initrd.img"], assets["rootfs.img"])
+    assert (hv.default_vcpus, hv.default_memory, hv.kernel_params) == (2, 1024, "quiet")
+    assert hv.extra == {"memory_slots": 10}
+    assert config.agent.dial_timeout_ms == 5000
+    assert config.agent.kernel_modules == ["vsock"]
+    assert config.agent.request_timeout_ms == 30_000  # default kept
+
+
+def test_env_file_is_used_without_option(
+    tmp_path: Path, assets: dict[str, Path], no_system_config: Path
+) -> None:
+    path = write_config(tmp_path / "env.toml", assets)
+    assert load_config("", env={"KATA_CONF_FILE": str(path)}).path == path
+
+
+def test_shipped_default_has_only_known_keys_and_lab_asset_paths() -> None:
+    doc = tomllib.loads(shipped_config().read_text())
+    hv = doc["hypervisor"]["dragonball"]
+    assert hv["kernel"] == "/usr/share/kata-containers/vmlinuz"
+    assert hv["initrd"] == "/usr/share/kata-containers/kata-containers-initrd.img"
+    assert hv["image"] == "/usr/share/kata-containers/kata-containers.img"
+    assert doc["runtime"]["name"] == "virt_container"
+    parser = _loader._Parser(shipped_config())
+    from kata_shim.config import AgentConfig, RuntimeConfig
+    from kata_shim.hypervisor import HypervisorConfig
+
+    for cls, table in (
+        (HypervisorConfig, hv),
+        (AgentConfig, doc["agent"]["kata"]),
+        (RuntimeConfig, doc["runtime"]),
+    ):
+        _, extra = parser.fill(cls, table, "x")
+        assert extra == {}, cls
+
+
+def test_shipped_default_loads_when_the_assets_exist(
+    monkeypatch: pytest.MonkeyPatch, no_system_config: Path
+) -> None:
+    real_is_file = Path.is_file
+    monkeypatch.setattr(
+        Path,
+        "is_file",
+        lambda self: str(self).startswith("/usr/share/kata-containers/") or real_is_file(self),
+    )
+    config = load_config("", env={})
+    assert config.path == shipped_config()
+    assert config.hypervisor.default_vcpus >= 1
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (
+            'hypervisor_name = "qemu"',
+            "",
+            "runtime.hypervisor_name",
+            "unknown hypervisor 'qemu' (known: dragonball)",
+        ),
+        ('name = "wasm_container"', "", "runtime.name", "unknown runtime handler 'wasm_container'"),
+        ('agent_name = "other"', "", "runtime.agent_name", "unknown agent 'other'"),
+        ("", 'default_vcpus = "two"', "hypervisor.dragonball.default_vcpus", "must be an integer"),
+        ("", "default_vcpus = 0", "hypervisor.dragonball.default_vcpus", "must be at least 1"),
+        ("", "enable_debug = 1", "hypervisor.dragonball.enable_debug", "must be true or false"),
+        ("", "default_memory = 16", "hypervisor.dragonball.default_memory", "at least 64"),
+    ],
+)
+def test_bad_values_name_file_and_key(tmp_path: Path, assets: dict[str, Path], case: tuple[str, ...]) -> None:
+    extra, hv, key, problem = case  # a [runtime] line, a [hypervisor.dragonball] line, the key, the message
+    # TOML forbids duplicate keys: drop the written line of the key under test first.
+    path = write_config(tmp_path / "bad.toml", assets)
+    text = path.read_text()
+    for line in (extra, hv):
+        if line:
+            name = line.split("=")[0].strip()
+            text = "\n".join(t for t in text.splitlines() if not t.startswith(name + " "))
+    text = text.replace("[agent.kata]", f"{hv}\n\n[agent.kata]") + f"\n{extra}\n"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config_file(path)
+    assert str(info.value).startswith(f"{path}: {key}: ")
+    assert problem in str(info.value)
+
+
+def test_missing_kernel_is_named(tmp_path: Path, assets: dict[str, Path]) -> None:
+    assets["vmlinuz"].unlink()
+    path = write_config(tmp_path / "c.toml", assets)
+    with pytest.raises(ConfigError, match=r"hypervisor\.dragonball\.kernel: .*vmlinuz does not exist"):
+        load_config_file(path)
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("[runtime\nname = 1\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: not valid TOML"):
+        load_config_file(path)
+
+
+def test_missing_file_says_where_its_name_came_from(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist") as info:
+        load_config(str(tmp_path / "nope.toml"), env={})
+    assert "runtime options config_path" in str(info.value)
+
+
+def test_missing_hypervisor_table(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[runtime]\nhypervisor_name = "dragonball"\n')
+    with pytest.raises(ConfigError, match=r"hypervisor\.dragonball: table missing"):
+        load_config_file(path)
+
+
+def test_a_table_that_is_not_a_table(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('runtime = "virt_container"\n')
+    with pytest.raises(ConfigError, match=r": runtime: must be a table"):
+        load_config_file(path)
+
+
+def test_sole_hypervisor_table_is_chosen_without_hypervisor_name(
+    tmp_path: Path, assets: dict[str, Path]
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[hypervisor.dragonball]\nkernel = "{assets["vmlinuz"]}"\n')
+    assert load_config_file(path).runtime.hypervisor_name == "dragonball"
+
+
+def test_config_error_is_an_invalid_argument() -> None:
+    # The service maps it to ttrpc InvalidArgument, and its message reaches ctr.
+    assert issubclass(ConfigError, InvalidArgument)

@@ -1,0 +1,106 @@
+"""containerd's command line and socket naming, as containerd's shim helpers define them."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from kata_shim._cli import main
+from kata_shim.shim import ShimFlags, UsageError, go_join, parse_flags, pod_sandbox_id, socket_address
+
+
+def test_parse_flags_reads_containerd_start_argv() -> None:
+    argv = ["-namespace", "k8s.io", "-address", "/run/containerd/containerd.sock"]
+    argv += ["-publish-binary", "/usr/bin/containerd", "-id", "abc", "-debug", "start"]
+    flags = parse_flags(argv)
+    assert flags == ShimFlags(
+        namespace="k8s.io",
+        id="abc",
+        address="/run/containerd/containerd.sock",
+        publish_binary="/usr/bin/containerd",
+        debug=True,
+        action="start",
+    )
+
+
+def test_parse_flags_accepts_go_spellings_and_defaults_to_run() -> None:
+    flags = parse_flags(["--namespace=ns", "-id=x", "-bundle", "/b", "-debug=false"])
+    assert (flags.namespace, flags.id, flags.bundle, flags.debug, flags.action) == (
+        "ns",
+        "x",
+        "/b",
+        False,
+        "run",
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["-nope", "x"], ["-id"], ["-namespace", "n", "frobnicate"], ["-debug=maybe"], ["---id", "x"]],
+)
+def test_parse_flags_rejects_what_go_flag_rejects(argv: list[str]) -> None:
+    with pytest.raises(UsageError):
+        parse_flags(argv)
+
+
+def test_to_argv_round_trips() -> None:
+    flags = ShimFlags(namespace="n", id="i", address="/a", publish_binary="/p", debug=True)
+    again = parse_flags(flags.to_argv())
+    assert again == flags
+
+
+def test_socket_address_is_containerd_sha256_of_joined_path() -> None:
+    # containerd: sha256(filepath.Join(address, namespace, id)) under /run/containerd/s, lower-case hex.
+    expected = hashlib.sha256(b"/run/containerd/containerd.sock/default/t1").hexdigest()
+    assert socket_address("/run/containerd/containerd.sock", "default", "t1") == (
+        f"unix:///run/containerd/s/{expected}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("elements", "joined"),
+    [
+        (("/a//b/", "ns", "id"), "/a/b/ns/id"),
+        (("//a", "ns", "id"), "/a/ns/id"),
+        (("/a/./c/../b", "ns", "id"), "/a/b/ns/id"),
+        (("", "ns", "id"), "ns/id"),
+        (("rel", "", "id"), "rel/id"),
+        (("", "", ""), ""),
+    ],
+)
+def test_go_join_matches_filepath_join(elements: tuple[str, ...], joined: str) -> None:
+    assert go_join(*elements) == joined
+
+
+def test_socket_address_differs_by_namespace_and_id() -> None:
+    addresses = {socket_address("/c.sock", ns, id) for ns in ("default", "k8s.io") for id in ("a", "b")}
+    assert len(addresses) == 4
+
+
+def test_pod_sandbox_id_from_cri_annotations() -> None:
+    cri = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "pod1"}
+    assert pod_sandbox_id({"annotations": cri}) == "pod1"
+    sandbox = {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod1"}
+    assert pod_sandbox_id({"annotations": sandbox}) is None
+    crio = {"io.kubernetes.cri-o.ContainerType": "container", "io.kubernetes.cri-o.SandboxID": "pod2"}
+    assert pod_sandbox_id({"annotations": crio}) == "pod2"
+    assert pod_sandbox_id({}) is None
+    assert pod_sandbox_id(None) is None
+
+
+def test_cli_reports_usage_errors_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-bogus", "1", "start"]) == 2
+    err = capsys.readouterr().err
+    assert "flag provided but not defined: -bogus" in err
+    assert "Traceback" not in err
+
+
+def test_cli_start_needs_a_namespace(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-id", "x", "start"]) == 1
+    assert "namespace cannot be empty" in capsys.readouterr().err
+
+
+def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-v"]) == 0
+    assert "Version: " in capsys.readouterr().out

@@ -1,0 +1,219 @@
+"""`containerd-shim-kata-v2 start` and `delete` as containerd runs them (real processes)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trio
+
+from kata_proto import ttrpc
+from kata_proto.containerd import TASK_SERVICE, task_pb2
+from kata_shim.persist import SandboxState, StateStore, process_start_time, sandbox_dir
+from kata_shim.shim import socket_address
+from kata_shim.shim._address import socket_path
+from kata_shim.shim._wire import encode_delete_response
+
+F = TypeVar("F", bound=Callable[..., Any])
+SHIM = str(Path(sys.executable).parent / "containerd-shim-kata-v2")
+
+
+def root_only(test: F) -> F:
+    """The shim socket lives under /run/containerd/s: root only."""
+    skip = pytest.mark.skipif(
+        os.geteuid() != 0, reason="the shim socket lives under /run/containerd/s (root)"
+    )
+    return pytest.mark.root(skip(test))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("pid", "status", "ns"),
+    [(0, 137, 1_700_000_000_123_456_789), (42, 0, 1_000_000_000), (2**32 - 1, 255, 5), (1, 1, 0)],
+)
+def test_delete_response_bytes_are_protobufs(pid: int, status: int, ns: int) -> None:
+    data = encode_delete_response(pid, status, ns)
+    expected = task_pb2.DeleteResponse(pid=pid, exit_status=status)
+    expected.exited_at.FromNanoseconds(ns)
+    assert task_pb2.DeleteResponse.FromString(data) == expected
+    assert data == expected.SerializeToString()
+
+
+class Shims:
+    """Runs the console script like containerd does and kills what a test leaves."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.address = str(tmp / "containerd.sock")
+        self.namespace = "kata-shim-test"
+        self.state_root = tmp / "run-kata"
+        self.env = {**os.environ, "KATA_SHIM_STATE_ROOT": str(self.state_root), "TTRPC_ADDRESS": ""}
+        self.ids: list[str] = []
+
+    def bundle(self, name: str, annotations: dict[str, str] | None = None) -> Path:
+        bundle = self.tmp / name
+        bundle.mkdir()
+        (bundle / "config.json").write_text(
+            json.dumps({"ociVersion": "1.0.2", "annotations": annotations or {}})
+        )
+        return bundle
+
+    def new_id(self) -> str:
+        id = f"t-{uuid.uuid4().hex[:12]}"
+        self.ids.append(id)
+        return id
+
+    def run(self, id: str, action: str, bundle: Path, *extra: str) -> subprocess.CompletedProcess[bytes]:
+        argv = [SHIM, "-namespace", self.namespace, "-address", self.address, "-publish-binary", "/bin/true"]
+        argv += ["-id", id, *extra, action]
+        return subprocess.run(argv, cwd=bundle, env=self.env, capture_output=True, timeout=60, check=False)
+
+    def shim_pids(self, id: str) -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    argv = (entry / "cmdline").read_bytes().split(b"\0")
+                    if id.encode() in argv and any(b"containerd-shim-kata-v2" in a for a in argv):
+                        pids.append(int(entry.name))
+        return pids
+
+    def cleanup(self) -> None:
+        for id in self.ids:
+            for pid in self.shim_pids(id):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket_path(socket_address(self.address, self.namespace, id)))
+
+
+@pytest.fixture
+def shims(tmp_path: Path) -> Iterator[Shims]:
+    s = Shims(tmp_path)
+    try:
+        yield s
+    finally:
+        s.cleanup()
+
+
+def wait_gone(pid: int, timeout: float = 10) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if process_start_time(pid) is None:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+async def shutdown(address: str) -> None:
+    async with ttrpc.open_ttrpc_client(socket_path(address)) as client:
+        stub = ttrpc.ServiceStub(client, TASK_SERVICE, timeout=5)
+        await stub.Shutdown(task_pb2.ShutdownRequest(id="x"))
+
+
+@root_only
+def test_start_twice_gives_the_same_address_and_one_shim(shims: Shims) -> None:
+    id = shims.new_id()
+    bundle = shims.bundle("b1")
+    t0 = time.monotonic()
+    first = shims.run(id, "start", bundle)
+    elapsed = time.monotonic() - t0
+    assert first.returncode == 0, first.stderr.decode()
+    address = first.stdout.decode()
+    assert address == socket_address(shims.address, shims.namespace, id)
+    assert stat.S_ISSOCK(os.stat(socket_path(address)).st_mode)
+    assert (bundle / "address").read_text() == address
+    pid = int((bundle / "shim.pid").read_text())
+    assert shims.shim_pids(id) == [pid]
+    # A new session, cwd the bundle.
+    assert os.getsid(pid) == pid
+    assert os.readlink(f"/proc/{pid}/cwd") == str(bundle)
+    second = shims.run(id, "start", bundle)
+    assert (second.returncode, second.stdout.decode()) == (0, address)
+    assert shims.shim_pids(id) == [pid]
+    print(f"start launched and confirmed a shim in {elapsed:.2f} s")
+    trio.run(shutdown, address)
+    assert wait_gone(pid)
+    assert not os.path.exists(socket_path(address))
+
+
+@root_only
+def test_pod_container_start_prints_the_sandbox_address(shims: Shims) -> None:
+    id = shims.new_id()
+    bundle = shims.bundle(
+        "c1", {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "pod-x"}
+    )
+    result = shims.run(id, "start", bundle)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode() == socket_address(shims.address, shims.namespace, "pod-x")
+    assert shims.shim_pids(id) == []
+    assert not (bundle / "shim.pid").exists()
+
+
+@root_only
+def test_run_mode_logs_to_the_bundle_log_fifo(shims: Shims) -> None:
+    id = shims.new_id()
+    bundle = shims.bundle("b1")
+    os.mkfifo(bundle / "log")
+    reader = os.open(bundle / "log", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        result = shims.run(id, "start", bundle, "-debug")
+        assert result.returncode == 0, result.stderr.decode()
+        trio.run(shutdown, result.stdout.decode())
+        assert wait_gone(int((bundle / "shim.pid").read_text()))
+        text = os.read(reader, 65536).decode()
+    finally:
+        os.close(reader)
+    assert f"shim {id} serving unix:///run/containerd/s/" in text
+    assert "shutting down" in text
+
+
+@root_only
+def test_delete_cleans_up_after_a_dead_shim_and_prints_a_delete_response(shims: Shims) -> None:
+    id = shims.new_id()
+    bundle = shims.bundle("b1")
+    leftover = subprocess.Popen(["sleep", "60"])
+    try:
+        store = StateStore(shims.state_root)
+        start = process_start_time(leftover.pid)
+        assert start is not None
+        store.save(SandboxState(id, shim_pid=leftover.pid, shim_start_time=start))
+        shared = sandbox_dir(id, shims.state_root) / "shared"
+        shared.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(shared)], check=True)
+        before = time.time()
+        result = shims.run(id, "delete", bundle, "-bundle", str(bundle))
+        assert result.returncode == 0, result.stderr.decode()
+        response = task_pb2.DeleteResponse.FromString(result.stdout)
+        assert response.exit_status == 137
+        assert before - 1 <= response.exited_at.ToNanoseconds() / 1e9 <= time.time() + 1
+        assert leftover.wait(timeout=5) == -signal.SIGKILL
+        assert not sandbox_dir(id, shims.state_root).exists()
+        assert str(shared) not in Path("/proc/self/mounts").read_text()
+    finally:
+        leftover.kill()
+        subprocess.run(["umount", "-l", str(shared)], check=False, capture_output=True)
+
+
+@root_only
+def test_delete_of_a_pod_container_leaves_the_sandbox_alone(shims: Shims) -> None:
+    id = shims.new_id()
+    store = StateStore(shims.state_root)
+    store.save(SandboxState(id))
+    bundle = shims.bundle(
+        "c1", {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": id}
+    )
+    result = shims.run("other-container", "delete", bundle)
+    assert result.returncode == 0
+    assert task_pb2.DeleteResponse.FromString(result.stdout).exit_status == 137
+    assert store.load(id) is not None
