@@ -8,9 +8,11 @@ Root: runc, overlay and bind mounts.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
@@ -191,6 +193,8 @@ class Pod:
     vm: AgentVm
     base: Path
     events: list[tuple[str, Message]] = field(default_factory=list)
+    seen: dict[str, trio.Event] = field(default_factory=dict)
+    """topic -> set once an event of that topic was published."""
 
     @property
     def sandbox(self) -> VirtSandbox:
@@ -319,9 +323,11 @@ async def running_pod(
                 return vm
 
             events: list[tuple[str, Message]] = []
+            seen: dict[str, trio.Event] = collections.defaultdict(trio.Event)
 
             async def publish(topic: str, msg: Message) -> None:
                 events.append((topic, msg))
+                seen[topic].set()
 
             handler = VirtContainer(
                 hypervisor_factory=factory,
@@ -342,7 +348,7 @@ async def running_pod(
             first = ContainerConfig("sb1", base, _spec("true"), [], Stdio())
             try:
                 await instance.sandbox.start(first)
-                pod = Pod(instance, vm_box[0], base, events)
+                pod = Pod(instance, vm_box[0], base, events, seen)
                 yield pod
             finally:
                 with trio.CancelScope(shield=True):
@@ -664,3 +670,33 @@ def test_fifo_open_error_is_reported(busybox_lower: Path, virtiofs_as_bind: dict
                 await cm.state_process(ProcessId("c9"))
 
     trio.run(main)
+
+
+def test_oom_event_published_and_agent_logs_forwarded(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kata_shim.agent")
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind) as pod:
+            cm = pod.instance.containers
+            spec = _spec("sh", "-c", "tail /dev/zero; sleep 100")
+            spec["linux"]["resources"] = {"memory": {"limit": 16 << 20}}
+            await cm.create_container(_container(pod, busybox_lower, "hog", spec, Stdio()))
+            await cm.start_process(ProcessId("hog"))
+            with trio.fail_after(30):
+                await pod.seen["/tasks/oom"].wait()
+            (oom,) = [m for t, m in pod.events if t == "/tasks/oom"]
+            assert isinstance(oom, events_pb2.TaskOOM) and oom.container_id == "hog"
+            await cm.kill_process(ProcessId("hog"), signal.SIGKILL)
+            with trio.fail_after(20):
+                await cm.wait_process(ProcessId("hog"))
+            await cm.delete_process(ProcessId("hog"))
+            assert pod.sandbox.health is not None
+            await trio.sleep(0.5)  # the test's health interval is 0.2 s
+            assert pod.sandbox.health.checks >= 2
+            assert pod.sandbox.health.healthy and pod.sandbox.health.failures == 0
+
+    trio.run(main)
+    forwarded = [r for r in caplog.records if r.name == "kata_shim.agent"]
+    assert any("sandbox created" in r.getMessage() for r in forwarded), [r.getMessage() for r in forwarded]

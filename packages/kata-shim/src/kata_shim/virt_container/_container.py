@@ -145,12 +145,12 @@ class VirtContainerManager:
             mount_rootfs(config.rootfs, layout.rootfs_host_path(cid), ledger, bundle_rootfs=bundle_rootfs)
             mounts = share_volumes(config.spec.get("mounts") or [], layout, cid, ledger)
             spec = guest_spec(config.spec, cid, layout.rootfs_guest_path(cid), mounts)
-            self._open_outputs(process)
+            self._open_stdio(agent, process)
             request = agent_pb2.CreateContainerRequest(container_id=cid)
             request.OCI.CopyFrom(spec_to_pb(spec))
             await agent.call("CreateContainer", request, empty_pb2.Empty)
         except BaseException as err:
-            self._close_outputs(process)
+            self._close_stdio(process)
             ledger.undo_since(mark)
             try:
                 layout.remove_container(cid)
@@ -164,16 +164,28 @@ class VirtContainerManager:
         self._containers[cid] = _Container(cid, config.bundle, process)
         return self.sandbox.pid()
 
-    def _open_outputs(self, p: _Process) -> None:
+    def _open_stdio(self, agent: AgentClient, p: _Process) -> None:
+        """Open the fifos now (as containerd's runc shim does at create), so a bad path fails Create."""
         paths = [p.stdio.stdout] if p.stdio.terminal else [p.stdio.stdout, p.stdio.stderr]
-        for path in paths:
-            p.outputs.append(open_output_fifo(path) if path else None)
+        try:
+            for path in paths:
+                p.outputs.append(open_output_fifo(path) if path else None)
+            if p.stdio.stdin:
+                cid, eid = p.id.container_id, p.exec_id
+                p.stdin = StdinCopy(p.stdio.stdin, lambda data: agent.write_stdin(cid, eid, data))
+        except BaseException:
+            self._close_stdio(p)
+            raise
 
-    def _close_outputs(self, p: _Process) -> None:
+    def _close_stdio(self, p: _Process) -> None:
+        """Close fifos no copy task took over (a process deleted or failed before it started)."""
         for fd in p.outputs:
             if fd is not None:
                 os.close(fd)
         p.outputs.clear()
+        if p.stdin is not None and not p.stdin.started:
+            p.stdin.discard()
+            p.stdin = None
 
     async def start_process(self, process: ProcessId) -> int:
         """StartContainer (init) or ExecProcess (exec), then the stdio copies and the wait task."""
@@ -201,13 +213,8 @@ class VirtContainerManager:
     def _start_io_and_wait(self, agent: AgentClient, p: _Process) -> None:
         nursery = self.sandbox.nursery
         cid, eid = p.id.container_id, p.exec_id
-        if p.stdio.stdin:
-            try:
-                p.stdin = StdinCopy(p.stdio.stdin, lambda data: agent.write_stdin(cid, eid, data))
-            except OSError as err:
-                log.warning("process %s: stdin fifo %s: %s", p.id, p.stdio.stdin, err)
-            else:
-                nursery.start_soon(p.stdin.run)
+        if p.stdin is not None:
+            nursery.start_soon(p.stdin.run)
         copies_done: list[trio.Event] = []
         readers = [lambda: agent.read_stdout(cid, eid), lambda: agent.read_stderr(cid, eid)]
         for read, fd, name in zip(readers, p.outputs, ("stdout", "stderr"), strict=False):
@@ -221,6 +228,8 @@ class VirtContainerManager:
     async def _copy(read: Any, fd: int | None, name: str, done: trio.Event) -> None:
         try:
             await copy_output(read, fd, name=name)
+        except Exception as err:  # one process's copy must not take the pod's tasks down
+            log.error("%s copy failed: %r", name, err)
         finally:
             done.set()
 
@@ -228,7 +237,7 @@ class VirtContainerManager:
         cid, eid = p.id.container_id, p.exec_id
         try:
             code = await agent.wait_process(cid, eid)
-        except AGENT_GONE as err:
+        except Exception as err:  # the agent or the VM is gone (or answered nonsense)
             log.warning("process %s: WaitProcess failed (%r): exit %d", p.id, err, LOST_EXIT_CODE)
             code = LOST_EXIT_CODE
         for done in copies_done:
@@ -263,7 +272,9 @@ class VirtContainerManager:
                 if p.status is ProcessStatus.RUNNING or p.status is ProcessStatus.PAUSED:
                     await p.exited.wait()
         for p in running:
-            if p.status in (ProcessStatus.RUNNING, ProcessStatus.PAUSED):
+            # Never-started processes are ended too, so no Task.Wait on them hangs.
+            if p.status is not ProcessStatus.STOPPED:
+                self._close_stdio(p)
                 await self._record_exit(p, LOST_EXIT_CODE)
 
     # -- exec -------------------------------------------------------------------------------------
@@ -281,9 +292,8 @@ class VirtContainerManager:
             raise InvalidArgument("exec process has no args")
         p = _Process(config.process, config.stdio, spec=config.spec)
         try:
-            self._open_outputs(p)
+            self._open_stdio(self._agent(), p)
         except OSError as err:
-            self._close_outputs(p)
             raise InvalidArgument(f"exec {eid}: stdio fifo: {err}") from err
         c.execs[eid] = p
 
@@ -329,7 +339,7 @@ class VirtContainerManager:
         ):
             raise FailedPrecondition(f"container {c.id} still has running execs")
         exit_status = p.exit or ExitStatus(0, _now())
-        self._close_outputs(p)
+        self._close_stdio(p)
         if process.exec_id:
             del c.execs[process.exec_id]
             return exit_status
@@ -364,7 +374,8 @@ class VirtContainerManager:
         p = self._process(process)
         if p.stdin is not None:
             p.stdin.close()
-            await p.stdin.done.wait()
+            if p.stdin.started:
+                await p.stdin.done.wait()
         elif p.status is ProcessStatus.RUNNING:
             try:
                 await self._agent().close_stdin(process.container_id, process.exec_id)

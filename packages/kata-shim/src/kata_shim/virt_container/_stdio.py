@@ -66,7 +66,16 @@ class StdinCopy:
         self._write = write
         self._wait_scope: trio.CancelScope | None = None
         self._closing = False
+        self.started = False
         self.done = trio.Event()
+
+    def discard(self) -> None:
+        """Close the fifo of a copy that never ran."""
+        if not self.started:
+            self.started = True
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self.done.set()
 
     def close(self) -> None:
         """Finish: forward what is readable now, then close the process's stdin (CloseIO)."""
@@ -76,6 +85,9 @@ class StdinCopy:
 
     async def run(self) -> None:
         """Copy until EOF or `close`; always ends with the empty write and the fd closed."""
+        if self.started:
+            return
+        self.started = True
         fd = self._fd
         try:
             eof = False
