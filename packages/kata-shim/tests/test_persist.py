@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from kata_shim.persist import (
+    DEFAULT_STATE_ROOT,
+    SHARED_ROOT,
     PersistError,
     SandboxState,
     StateStore,
@@ -122,3 +125,38 @@ def test_cleanup_unmounts_everything_below_the_sandbox_dir(tmp_path: Path) -> No
     assert report.unmounted == [str(nested), str(shared)]
     assert mounts_below(tmp_path) == []
     assert not sandbox_dir("sb", store.root).exists()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+def test_cleanup_follows_the_mount_ledger_and_the_shared_directory(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "run", shared_root=tmp_path / "shared")
+    share = tmp_path / "shared" / "sb" / "shared" / "c1" / "rootfs"
+    elsewhere = tmp_path / "elsewhere"
+    share.mkdir(parents=True)
+    elsewhere.mkdir()
+    store.save(SandboxState("sb"))
+    try:
+        for point in (share, elsewhere):
+            subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(point)], check=True)
+        ledger = sandbox_dir("sb", store.root) / "mounts.json"
+        ledger.write_text(json.dumps([str(share), str(elsewhere)]))
+        report = cleanup_sandbox("sb", store)
+    finally:
+        for point in (share, elsewhere):
+            subprocess.run(["umount", "-l", str(point)], check=False, capture_output=True)
+    # The ledger is undone newest first.
+    assert report.unmounted == [str(elsewhere), str(share)]
+    assert mounts_below(tmp_path) == []
+    assert not (tmp_path / "shared" / "sb").exists()
+    assert not sandbox_dir("sb", store.root).exists()
+
+
+def test_a_private_state_root_never_reaches_the_host_shared_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KATA_SHIM_SHARED_ROOT", raising=False)
+    assert StateStore(tmp_path).shared_root is None
+    assert StateStore(DEFAULT_STATE_ROOT).shared_root == SHARED_ROOT
+    monkeypatch.setenv("KATA_SHIM_SHARED_ROOT", str(tmp_path / "s"))
+    assert StateStore(tmp_path).shared_root == tmp_path / "s"

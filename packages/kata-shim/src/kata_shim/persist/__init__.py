@@ -1,9 +1,11 @@
 """Sandbox state under /run/kata/<sandbox id> (state.json, written atomically) and cleanup after a crash."""
 
-from kata_shim.persist._cleanup import CleanupReport, cleanup_sandbox, mounts_below
+from kata_shim.persist._cleanup import MOUNTS_FILE, CleanupReport, cleanup_sandbox, mounts_below
 from kata_shim.persist._state import (
     DEFAULT_STATE_ROOT,
+    ENV_SHARED_ROOT,
     ENV_STATE_ROOT,
+    SHARED_ROOT,
     PersistError,
     SandboxState,
     StateStore,
@@ -14,7 +16,10 @@ from kata_shim.persist._state import (
 
 __all__ = [
     "DEFAULT_STATE_ROOT",
+    "ENV_SHARED_ROOT",
     "ENV_STATE_ROOT",
+    "MOUNTS_FILE",
+    "SHARED_ROOT",
     "CleanupReport",
     "PersistError",
     "SandboxState",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import logging
 import os
 import shutil
@@ -18,6 +19,8 @@ from kata_shim.persist._state import SandboxState, StateStore, process_start_tim
 log = logging.getLogger("kata_shim.persist")
 
 MNT_DETACH = 2
+MOUNTS_FILE = "mounts.json"
+"""<sandbox dir>/mounts.json: the container abstraction's mount ledger (a JSON list, oldest first)."""
 
 
 @dataclass
@@ -70,12 +73,22 @@ def _kill(pid: int, start_time: int | None) -> bool:
     return False
 
 
+def _ledger(directory: Path) -> list[str]:
+    try:
+        entries = json.loads((directory / MOUNTS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return [e for e in reversed(entries) if isinstance(e, str)] if isinstance(entries, list) else []
+
+
 def cleanup_sandbox(
     sandbox_id: str, store: StateStore | None = None, *, kill_shim: bool = True
 ) -> CleanupReport:
     """Kill the sandbox's leftover processes, unmount, remove its files and its state directory.
 
-    Idempotent, never raises for what it finds: problems are listed in the report.
+    Unmounted: the state's `mounts`, the mount ledger (mounts.json, newest first), then anything still
+    mounted below the state directory or below ``<store.shared_root>/<sandbox id>``; both directories
+    are removed. Idempotent, never raises for what it finds: problems are listed in the report.
     """
     store = store or StateStore()
     report = CleanupReport()
@@ -95,8 +108,11 @@ def cleanup_sandbox(
                 report.killed.append(pid)
         if report.killed:
             _wait_gone(report.killed, timeout=5.0)
+    owned = [directory] + ([store.shared_root / sandbox_id] if store.shared_root is not None else [])
     points = list(state.mounts if state else [])
-    points += [p for p in mounts_below(directory) if p not in points]
+    points += [p for p in _ledger(directory) if p not in points]
+    for owned_dir in owned:
+        points += [p for p in mounts_below(owned_dir) if p not in points]
     for point in points:
         # A point may appear twice (stacked mounts): unmount until nothing is mounted there.
         for _ in range(8):
@@ -108,7 +124,7 @@ def cleanup_sandbox(
             except OSError as err:
                 report.errors.append(f"umount {point}: {err.strerror}")
                 break
-    for path in [*(state.paths if state else []), str(directory)]:
+    for path in [*(state.paths if state else []), *map(str, owned)]:
         p = Path(path)
         try:
             if p.is_dir() and not p.is_symlink():

@@ -17,6 +17,10 @@ from pathlib import Path
 ENV_STATE_ROOT = "KATA_SHIM_STATE_ROOT"
 """Overrides the state root (tests); the product uses /run/kata."""
 DEFAULT_STATE_ROOT = Path("/run/kata")
+ENV_SHARED_ROOT = "KATA_SHIM_SHARED_ROOT"
+SHARED_ROOT = Path("/run/kata-containers/shared/sandboxes")
+"""Kata's host root of the shared directories (kata_resources.HOST_SHARED_ROOT): <root>/<sandbox id> is
+the sandbox's, mounts and all. Spelled out here so the delete path does not import kata-resources."""
 STATE_FILE = "state.json"
 STATE_VERSION = 1
 
@@ -75,10 +79,20 @@ class SandboxState:
 
 
 class StateStore:
-    """Reads and writes state.json below a root (default /run/kata)."""
+    """Reads and writes state.json below a root (default /run/kata).
 
-    def __init__(self, root: Path | None = None) -> None:
+    `shared_root` is where the sandboxes' shared directories live, for cleanup: $KATA_SHIM_SHARED_ROOT,
+    else /run/kata-containers/shared/sandboxes when the state root is the product's, else None (a test's
+    private state root never reaches into the host's shared directories).
+    """
+
+    def __init__(self, root: Path | None = None, shared_root: Path | None = None) -> None:
         self.root = root or state_root()
+        if shared_root is None and os.environ.get(ENV_SHARED_ROOT):
+            shared_root = Path(os.environ[ENV_SHARED_ROOT])
+        if shared_root is None and self.root == DEFAULT_STATE_ROOT:
+            shared_root = SHARED_ROOT
+        self.shared_root = shared_root
 
     def path(self, sandbox_id: str) -> Path:
         """Where the sandbox's state.json lives."""
