@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "kata-proto" / "tests"))
-from containerd_fixture import PrivateContainerd, private_containerd, skip_reason  # noqa: E402
+from containerd_fixture import PrivateContainerd, private_containerd, skip_reason  # type: ignore[import-not-found]
 
-from kata_shim.shim import socket_address  # noqa: E402
-from kata_shim.shim._address import socket_path  # noqa: E402
+from kata_shim.shim import socket_address
+from kata_shim.shim._address import socket_path
 
 pytestmark = [
     pytest.mark.containerd,
