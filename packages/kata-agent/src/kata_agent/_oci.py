@@ -27,6 +27,7 @@ _KEYS = {
     "errnoret": "errnoRet",
     "ThrottleReadIOPSDevice": "throttleReadIOPSDevice",
     "ThrottleWriteIOPSDevice": "throttleWriteIOPSDevice",
+    "Pagesize": "pageSize",
 }
 
 #: Namespaces a container gets of its own in the guest; network stays the sandbox's (the VM's).
