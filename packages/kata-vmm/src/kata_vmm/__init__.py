@@ -14,12 +14,14 @@ from kata_vmm._errors import (
 from kata_vmm._event_loop import EventLoop
 from kata_vmm._eventfd import EventFd, IoEventFd, IrqFd
 from kata_vmm._kvm import Kvm, Vcpu, Vm
+from kata_vmm._layout import VIRTIO_MMIO_SLOTS, virtio_mmio_slot
 from kata_vmm._memory import GuestAddress, GuestMemoryMmap
 from kata_vmm._vcpu import ExitKind, GuestExit, VcpuState, install_kick_handler
 from kata_vmm._virtio import BlockSpec, DeviceSpec, FsSpec, NetSpec, RngSpec, VsockSpec
 from kata_vmm._vmm import MmioSlot, VmConfig, Vmm, VmmState, VmmStatistics
 
 __all__ = [
+    "VIRTIO_MMIO_SLOTS",
     "BlockSpec",
     "Bus",
     "BusDevice",
@@ -54,4 +56,5 @@ __all__ = [
     "VsockSpec",
     "__version__",
     "install_kick_handler",
+    "virtio_mmio_slot",
 ]

@@ -1,0 +1,457 @@
+"""The built-in back-end: kata_vmm (our Dragonball) inside the shim process, driven from trio.
+
+Nothing runs in another process: the VM's vCPU threads and its event thread (virtio devices, hybrid vsock,
+inline virtio-fs) live in the shim. Device order on the virtio-mmio slots, which is the guest's probe order:
+
+    0  the guest image (`[hypervisor.dragonball] image`), read-only: /dev/vda
+    1  hybrid vsock, unix socket <state dir>/kata.hvsock (guest CID 3)
+    2  virtio-rng (the guest's entropy at boot)
+    3… the devices `add_device` was given, in that order (block devices become /dev/vdb, /dev/vdc, …)
+
+A guest exit is noticed through `kata_vmm.Vmm.exit_fd()` with `trio.lowlevel.wait_readable`: no thread is
+parked waiting for the VM. The console (serial) goes to this module's logger line by line, and its last
+lines are kept for the error raised when the guest dies.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+import kata_vmm
+from kata_shim.hypervisor._base import (
+    BlockDevice,
+    Device,
+    DeviceInfo,
+    HypervisorConfig,
+    HypervisorError,
+    NetworkDevice,
+    ShareFsDevice,
+)
+from kata_virtio import VirtioError
+from kata_vmm import (
+    VIRTIO_MMIO_SLOTS,
+    BlockSpec,
+    DeviceSpec,
+    FsSpec,
+    NetSpec,
+    RngSpec,
+    VmConfig,
+    Vmm,
+    VmmError,
+    VmStateError,
+    VsockSpec,
+    virtio_mmio_slot,
+)
+
+log = logging.getLogger("kata_shim.hypervisor.dragonball")
+
+BASE_CMDLINE = "console=ttyS0 reboot=k panic=1"
+"""Kernel parameters every guest gets; `quiet` is added unless `enable_debug` (each console byte is a VM
+exit, which costs ~1 ms under nested virtualisation), then `kernel_params` from the config."""
+HVSOCK_NAME = "kata.hvsock"
+AGENT_VSOCK_PORT = 1024
+CONSOLE_TAIL_BYTES = 8192
+STOP_TIMEOUT = 15.0
+_CLONE_NEWNET = 0x40000000
+
+T = TypeVar("T")
+
+
+class ConsoleSink:
+    """Receives serial output on VMM threads: logs whole lines, keeps the last bytes for error messages."""
+
+    def __init__(self, logger: logging.Logger, limit: int = CONSOLE_TAIL_BYTES) -> None:
+        self._log = logger
+        self._limit = limit
+        self._tail: collections.deque[bytes] = collections.deque()
+        self._tail_size = 0
+        self._partial = bytearray()
+        self._lock = threading.Lock()
+
+    def __call__(self, data: bytes) -> None:
+        with self._lock:
+            self._tail.append(bytes(data))
+            self._tail_size += len(data)
+            while self._tail_size > self._limit and len(self._tail) > 1:
+                self._tail_size -= len(self._tail.popleft())
+            self._partial += data
+            *done, rest = self._partial.split(b"\n")
+            lines = [bytes(line) for line in done]
+            self._partial = bytearray(rest)
+            if len(self._partial) > self._limit:  # a guest that never ends a line
+                lines.append(bytes(self._partial))
+                self._partial.clear()
+        for line in lines:
+            self._log.info("guest console: %s", line.rstrip(b"\r").decode(errors="replace"))
+
+    def tail(self, max_lines: int = 40) -> str:
+        """The last console lines (at most ``max_lines``), for an error message."""
+        with self._lock:
+            text = b"".join(self._tail)[-self._limit :].decode(errors="replace")
+        return "\n".join(text.replace("\r", "").splitlines()[-max_lines:])
+
+
+def _netns_path(netns: str) -> Path:
+    return Path(netns) if netns.startswith("/") else Path("/run/netns") / netns
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def run_in_netns(netns: str | None, fn: Callable[[], T]) -> T:
+    """Call ``fn`` on this thread inside network namespace ``netns`` (a path or a /run/netns name), then
+    return the thread to its own namespace; ``netns=None`` just calls it. setns only moves the calling
+    thread, so a tap opened here belongs to the pod's netns while the shim stays where it is."""
+    if netns is None:
+        return fn()
+    try:
+        target = os.open(_netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise HypervisorError(f"network namespace {netns}: {err.strerror}") from err
+    try:
+        own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        os.close(target)
+        raise
+    try:
+        try:
+            _setns(target)
+        except OSError as err:
+            raise HypervisorError(f"cannot enter network namespace {netns}: {err.strerror}") from err
+        try:
+            return fn()
+        finally:
+            _setns(own)
+    finally:
+        os.close(target)
+        os.close(own)
+
+
+class Dragonball:
+    """`Hypervisor` back-end running kata_vmm in this process (runtime-rs `dragonball`)."""
+
+    name = "dragonball"
+
+    def __init__(self, config: HypervisorConfig, *, state_root: Path | None = None) -> None:
+        self.config = config
+        self._state_root = state_root
+        self.sandbox_id = ""
+        self.state_dir: Path | None = None
+        self.netns: str | None = None
+        self._devices: list[Device] = []
+        self._vmm: Vmm | None = None
+        self._console = ConsoleSink(log)
+        self._exited = trio.Event()
+        self._stopped = False
+        self._cleaned = False
+
+    # --- set-up ------------------------------------------------------------------------------------
+    @property
+    def hvsock_path(self) -> Path:
+        """The hybrid vsock's unix socket (valid after `prepare_vm`)."""
+        if self.state_dir is None:
+            raise HypervisorError("prepare_vm() has not run")
+        return self.state_dir / HVSOCK_NAME
+
+    def _check_config(self) -> None:
+        cfg = self.config
+        if not str(cfg.kernel) or cfg.kernel == Path():
+            raise HypervisorError("no guest kernel configured ([hypervisor.dragonball] kernel)")
+        for what, path in (("kernel", cfg.kernel), ("initrd", cfg.initrd), ("image", cfg.image)):
+            if path is None:
+                continue
+            if not Path(path).is_file():
+                raise HypervisorError(f"{what} {path} not found")
+        if cfg.image is None and cfg.initrd is None:
+            raise HypervisorError("neither image nor initrd configured: the guest has no root filesystem")
+        if cfg.default_vcpus < 1:
+            raise HypervisorError(f"default_vcpus must be at least 1, not {cfg.default_vcpus}")
+        if cfg.default_memory < 64:
+            raise HypervisorError(f"default_memory must be at least 64 MiB, not {cfg.default_memory}")
+        if cfg.shared_fs not in ("inline-virtio-fs", "virtio-fs", "none", ""):
+            raise HypervisorError(f"shared_fs {cfg.shared_fs!r} is not supported by dragonball")
+        if cfg.block_device_driver not in ("virtio-mmio", "virtio-blk", "virtio-blk-mmio"):
+            raise HypervisorError(
+                f"block_device_driver {cfg.block_device_driver!r} is not supported by dragonball"
+            )
+
+    async def prepare_vm(self, sandbox_id: str, netns: str | None) -> None:
+        """Check the config (kernel, initrd, image exist) and create /run/kata/<sandbox id>/."""
+        from kata_shim.persist import sandbox_dir
+
+        self._check_config()
+        try:
+            state_dir = sandbox_dir(sandbox_id, self._state_root)
+        except Exception as err:
+            raise HypervisorError(str(err)) from err
+        if len(str(state_dir / HVSOCK_NAME)) + len("_65535") >= 108:
+            raise HypervisorError(f"state directory {state_dir} is too long for a unix socket path")
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise HypervisorError(f"cannot create {state_dir}: {err.strerror}") from err
+        self.sandbox_id = sandbox_id
+        self.state_dir = state_dir
+        self.netns = netns
+        # the vCPU kick handler is a signal handler: install it here, on the shim's main (trio) thread
+        kata_vmm.install_kick_handler()
+
+    def _slot_of_next_device(self) -> int:
+        fixed = (1 if self.config.image is not None else 0) + 2  # image, vsock, rng
+        return fixed + len(self._devices)
+
+    async def add_device(self, device: Device) -> DeviceInfo:
+        """Cold-plug a device (before `start_vm`); says where the guest will see it."""
+        if self.state_dir is None:
+            raise HypervisorError("add_device() before prepare_vm()")
+        if self._vmm is not None:
+            raise HypervisorError("dragonball: hot-plug after start_vm is not supported yet")
+        if not isinstance(device, (ShareFsDevice, BlockDevice, NetworkDevice)):
+            raise HypervisorError(f"dragonball cannot attach a {type(device).__name__}")
+        if isinstance(device, ShareFsDevice):
+            if self.config.shared_fs in ("none", ""):
+                raise HypervisorError("shared_fs is off in the configuration; cannot share a directory")
+            if not device.host_path.is_dir():
+                raise HypervisorError(f"shared directory {device.host_path} not found")
+            if any(isinstance(d, ShareFsDevice) and d.mount_tag == device.mount_tag for d in self._devices):
+                raise HypervisorError(f"virtio-fs tag {device.mount_tag!r} is already in use")
+        if isinstance(device, BlockDevice) and not device.path.exists():
+            raise HypervisorError(f"block device {device.path} not found")
+        index = self._slot_of_next_device()
+        if index >= VIRTIO_MMIO_SLOTS:
+            raise HypervisorError(f"all {VIRTIO_MMIO_SLOTS} virtio-mmio slots are taken")
+        base, _gsi = virtio_mmio_slot(index)
+        guest_path = ""
+        if isinstance(device, BlockDevice):
+            blocks = sum(isinstance(d, BlockDevice) for d in self._devices)
+            guest_path = "/dev/vd" + _disk_letters(blocks + (1 if self.config.image is not None else 0))
+        self._devices.append(device)
+        return DeviceInfo(guest_path=guest_path, mmio_address=int(base))
+
+    def cmdline(self) -> str:
+        """The guest kernel command line."""
+        parts = [BASE_CMDLINE]
+        if not self.config.enable_debug:
+            parts.append("quiet")
+        if self.config.kernel_params.strip():
+            parts.append(self.config.kernel_params.strip())
+        return " ".join(parts)
+
+    def device_specs(self) -> list[DeviceSpec]:
+        """The kata_vmm device specs in slot order (network devices are opened in the netns at start)."""
+        specs: list[DeviceSpec] = []
+        if self.config.image is not None:
+            specs.append(BlockSpec(Path(self.config.image), read_only=True))
+        specs.append(VsockSpec(self.hvsock_path))
+        specs.append(RngSpec())
+        for device in self._devices:
+            if isinstance(device, ShareFsDevice):
+                specs.append(FsSpec(device.mount_tag, device.host_path))
+            elif isinstance(device, BlockDevice):
+                specs.append(BlockSpec(device.path, read_only=device.read_only))
+            else:
+                specs.append(NetSpec(device.tap, device.mac or None))
+        return specs
+
+    # --- running -----------------------------------------------------------------------------------
+    def _boot(self) -> Vmm:
+        """configure + add devices + start (on a worker thread: reading the kernel and images blocks)."""
+        cfg = self.config
+        vmm = Vmm()
+        try:
+            vmm.configure(
+                VmConfig(
+                    kernel=Path(cfg.kernel),
+                    initrd=Path(cfg.initrd) if cfg.initrd is not None else None,
+                    cmdline=self.cmdline(),
+                    vcpus=cfg.default_vcpus,
+                    memory_mib=cfg.default_memory,
+                    console_output=self._console,
+                )
+            )
+            for spec in self.device_specs():
+                try:
+                    device = (
+                        run_in_netns(self.netns, spec.build) if isinstance(spec, NetSpec) else spec.build()
+                    )
+                except (VirtioError, VmmError, OSError) as err:
+                    raise HypervisorError(f"dragonball: {type(spec).__name__}: {err}") from err
+                vmm.add_virtio_device(device)
+            vmm.start()
+        except VmmError as err:
+            vmm.close()
+            raise HypervisorError(f"dragonball: {err}") from err
+        except OSError as err:
+            vmm.close()
+            raise HypervisorError(f"dragonball: {err}") from err
+        except BaseException:
+            vmm.close()
+            raise
+        return vmm
+
+    async def start_vm(self, timeout: float) -> None:  # noqa: ASYNC109 (runtime-rs signature)
+        """Configure and start the VM; the guest kernel then boots on the vCPU threads.
+
+        Returns once the vCPUs run; a guest that dies before that raises `HypervisorError` with the console
+        tail. Waiting for the agent is the caller's (it dials the vsock with its own timeout)."""
+        if self.state_dir is None:
+            raise HypervisorError("start_vm() before prepare_vm()")
+        if self._vmm is not None:
+            raise HypervisorError("start_vm() called twice")
+        # set-up is bounded work (mmap, read the kernel and initrd); `timeout` is the caller's budget for
+        # the agent, which it spends dialling the vsock
+        self._vmm = await trio.to_thread.run_sync(self._boot)
+        # one watcher per VM (trio lets one task wait on an fd); wait_vm and stop_vm wait on its Event
+        trio.lowlevel.spawn_system_task(
+            self._watch_exit, self._vmm, name=f"dragonball-exit-{self.sandbox_id}"
+        )
+        log.info(
+            "sandbox %s: VM started (%d vCPU, %d MiB, cmdline %r)",
+            self.sandbox_id,
+            self.config.default_vcpus,
+            self.config.default_memory,
+            self.cmdline(),
+        )
+        if self._exited_nowait():
+            raise HypervisorError(self._crash_message())
+
+    async def _watch_exit(self, vmm: Vmm) -> None:
+        try:
+            await trio.lowlevel.wait_readable(vmm.exit_fd())
+        except (trio.ClosedResourceError, VmStateError):
+            pass  # closed by cleanup(): the VM is gone either way
+        finally:
+            self._exited.set()
+
+    def _require_vmm(self) -> Vmm:
+        if self._vmm is None:
+            raise HypervisorError("the VM is not running (start_vm() has not run)")
+        return self._vmm
+
+    def _exited_nowait(self) -> bool:
+        import select
+
+        vmm = self._vmm
+        if vmm is None:
+            return False
+        try:
+            fd = vmm.exit_fd()
+        except VmStateError:  # closed
+            return True
+        return bool(select.select([fd], [], [], 0)[0])
+
+    def _crash_message(self) -> str:
+        status = self._vmm.exit_status if self._vmm is not None else None
+        what = (status.detail or status.kind.value) if status is not None else "unknown"
+        tail = self._console.tail()
+        return f"dragonball: the guest stopped ({what})" + (f"; console:\n{tail}" if tail else "")
+
+    async def wait_vm(self) -> int:
+        """Sleep (no thread) until the guest stops; 0 for power-off, reboot or a host stop, else 1."""
+        vmm = self._require_vmm()
+        await self._exited.wait()
+        status = vmm.exit_status
+        if status is None:  # closed under us by cleanup(): treated as a host stop
+            return 0
+        if not status.clean:
+            log.error("%s", self._crash_message())
+            return 1
+        return 0
+
+    def exit_reason(self) -> str:
+        """How the guest ended (empty while it runs)."""
+        status = self._vmm.exit_status if self._vmm is not None else None
+        return f"{status.kind.value}: {status.detail}" if status is not None else ""
+
+    def console_tail(self) -> str:
+        """The last lines the guest printed on its console."""
+        return self._console.tail()
+
+    async def stop_vm(self) -> None:
+        """Pull the plug on the guest and join its vCPU threads; idempotent."""
+        if self._vmm is None or self._stopped:
+            return
+        self._stopped = True
+        vmm = self._vmm
+        vmm.stop_nowait()
+        try:
+            with trio.move_on_after(STOP_TIMEOUT):
+                await self._exited.wait()
+            await trio.to_thread.run_sync(vmm.wait, STOP_TIMEOUT)
+        except VmStateError:  # already closed
+            return
+        except VmmError as err:
+            raise HypervisorError(f"dragonball: stopping the VM: {err}") from err
+
+    async def pause_vm(self) -> None:
+        """Freeze every vCPU (devices keep their state; the event thread idles)."""
+        vmm = self._require_vmm()
+        try:
+            vmm.pause()
+        except VmmError as err:
+            raise HypervisorError(f"dragonball: pause: {err}") from err
+
+    async def resume_vm(self) -> None:
+        """Undo `pause_vm`."""
+        vmm = self._require_vmm()
+        try:
+            vmm.resume()
+        except VmmError as err:
+            raise HypervisorError(f"dragonball: resume: {err}") from err
+
+    def agent_address(self) -> str:
+        """``hvsock:<state dir>/kata.hvsock:1024``."""
+        return f"hvsock:{self.hvsock_path}:{AGENT_VSOCK_PORT}"
+
+    def pids(self) -> list[int]:
+        """The shim itself: the VM has no process of its own."""
+        return [os.getpid()]
+
+    def thread_ids(self) -> list[int]:
+        """Native ids of the vCPU threads and the VMM's event thread (alive ones)."""
+        if self._vmm is None:
+            return []
+        return [t.native_id for t in self._vmm.threads() if t.native_id is not None and t.is_alive()]
+
+    async def cleanup(self) -> None:
+        """Stop the VM, close every fd and mapping, remove the vsock sockets; idempotent."""
+        if self._cleaned:
+            return
+        self._cleaned = True
+        try:
+            await self.stop_vm()
+        finally:
+            vmm = self._vmm
+            if vmm is not None:
+                with contextlib.suppress(VmStateError):
+                    # wake any task still in wait_readable on the exit fd before it is closed
+                    trio.lowlevel.notify_closing(vmm.exit_fd())
+                await trio.to_thread.run_sync(vmm.close)
+            if self.state_dir is not None:
+                for sock in self.state_dir.glob(HVSOCK_NAME + "*"):
+                    with contextlib.suppress(OSError):
+                        sock.unlink()
+
+
+def _disk_letters(index: int) -> str:
+    """0 -> a, 25 -> z, 26 -> aa (the kernel's virtio_blk naming)."""
+    letters = ""
+    index += 1
+    while index > 0:
+        index, rem = divmod(index - 1, 26)
+        letters = chr(ord("a") + rem) + letters
+    return letters
