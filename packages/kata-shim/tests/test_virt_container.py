@@ -700,3 +700,39 @@ def test_oom_event_published_and_agent_logs_forwarded(
     trio.run(main)
     forwarded = [r for r in caplog.records if r.name == "kata_shim.agent"]
     assert any("sandbox created" in r.getMessage() for r in forwarded), [r.getMessage() for r in forwarded]
+
+
+def test_cancelled_start_while_dialling_cleans_up_at_once(virtiofs_as_bind: dict[str, Path]) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (mounts)")
+
+    async def main() -> None:
+        base = Path(tempfile.mkdtemp(prefix="kvc-", dir="/tmp"))
+        try:
+            async with trio.open_nursery() as nursery:
+                handler = VirtContainer(
+                    hypervisor_factory=lambda c: AgentVm(c.hypervisor, nursery, base / "vm", fail="no_agent"),
+                    share_root=base / "sandboxes",
+                    guest_share_dir=str(base / "guest"),
+                    state_root=base / "state",
+                )
+                config = TomlConfig(
+                    Path("t"), RuntimeConfig(), HypervisorConfig(), AgentConfig(dial_timeout_ms=60_000)
+                )
+
+                async def publish(topic: str, msg: Message) -> None:
+                    pass
+
+                instance = handler.new_instance("sb2", config, publish)
+                assert isinstance(instance.sandbox, VirtSandbox)
+                with trio.move_on_after(0.5) as scope:
+                    await instance.sandbox.start(ContainerConfig("sb2", base, _spec("true"), [], Stdio()))
+                assert scope.cancelled_caught
+                with trio.fail_after(5):  # not the 60 s dial timeout
+                    await instance.sandbox.cleanup()
+                assert not instance.sandbox.layout.sandbox_dir.exists()
+                assert mounts_below(base) == []
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+    trio.run(main)

@@ -44,10 +44,15 @@ def mount_rootfs(
         for m in mounts:
             options = list(m.options)
             flags, data = parse_options(options)
+            # containerd 2 mounts may name a target below the rootfs (``Mount.target``).
+            sub = str(getattr(m, "target", "") or "").strip("/")
+            if sub and (sub.startswith("..") or "/../" in f"/{sub}/"):
+                raise ResourceError(f"rootfs mount target {sub!r} leaves the rootfs")
+            point = target / sub if sub else target
             if m.type == "bind" or flags & MS_BIND:
-                ledger.bind(m.source, target, readonly=bool(flags & MS_RDONLY), recursive="rbind" in options)
+                ledger.bind(m.source, point, readonly=bool(flags & MS_RDONLY), recursive="rbind" in options)
             else:
-                ledger.mount(m.source, target, m.type, flags, data)
+                ledger.mount(m.source, point, m.type, flags, data)
     except BaseException:
         ledger.undo_since(made)
         raise

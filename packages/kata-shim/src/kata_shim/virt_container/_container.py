@@ -348,7 +348,7 @@ class VirtContainerManager:
 
     async def _remove_container(self, c: _Container) -> None:
         errors = []
-        agent = self.sandbox._agent
+        agent = self.sandbox.agent_or_none
         if agent is not None:
             try:
                 with trio.move_on_after(self.sandbox.destroy_timeout):

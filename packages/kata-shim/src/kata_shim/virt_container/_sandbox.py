@@ -113,6 +113,7 @@ class VirtSandbox:
         self._agent: AgentClient | None = None
         self._nursery: trio.Nursery | None = None
         self._stop_requested = trio.Event()
+        self._service_scope = trio.CancelScope()
         self._service_done = trio.Event()
         self._started = False
         self._spawned = False
@@ -135,6 +136,11 @@ class VirtSandbox:
         if self._nursery is None or self._stopped:
             raise FailedPrecondition(f"sandbox {self.sandbox_id} is not running")
         return self._nursery
+
+    @property
+    def agent_or_none(self) -> AgentClient | None:
+        """The agent while connected (also during `stop`), else None."""
+        return self._agent
 
     def pid(self) -> int:
         """The pid containerd sees for every process of the pod: the VMM's (runtime-rs reports the VMM
@@ -215,20 +221,23 @@ class VirtSandbox:
     ) -> None:
         # A system task: nothing may escape it (an exception here would crash trio.run).
         try:
-            async with (
-                open_agent_client(
-                    address,
-                    ready_timeout=dial_timeout,
-                    call_timeout=self.config.agent.request_timeout_ms / 1000,
-                ) as agent,
-                trio.open_nursery() as nursery,
-            ):
-                self._agent, self._nursery = agent, nursery
-                nursery.start_soon(self._forward_logs, address)
-                ready["error"] = None
-                ready_event.set()
-                await self._stop_requested.wait()
-                nursery.cancel_scope.cancel()
+            with self._service_scope:
+                async with (
+                    open_agent_client(
+                        address,
+                        ready_timeout=dial_timeout,
+                        call_timeout=self.config.agent.request_timeout_ms / 1000,
+                    ) as agent,
+                    trio.open_nursery() as nursery,
+                ):
+                    self._agent, self._nursery = agent, nursery
+                    nursery.start_soon(self._forward_logs, address)
+                    ready["error"] = None
+                    ready_event.set()
+                    await self._stop_requested.wait()
+                    nursery.cancel_scope.cancel()
+            if not ready_event.is_set():
+                ready["error"] = SandboxError("stopped before the agent answered")
         except BaseException as err:  # reported to start() or logged
             if not ready_event.is_set():
                 ready["error"] = err
@@ -283,6 +292,8 @@ class VirtSandbox:
                     log.warning("sandbox %s: stop callback: %r", self.sandbox_id, err)
             self._stopped = True
             self._stop_requested.set()
+            if self._agent is None:
+                self._service_scope.cancel()  # still dialling the agent: give up now
             if self._spawned:
                 await self._service_done.wait()
             if self.hypervisor is not None:
