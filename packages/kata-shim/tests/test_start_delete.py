@@ -217,3 +217,43 @@ def test_delete_of_a_pod_container_leaves_the_sandbox_alone(shims: Shims) -> Non
     assert result.returncode == 0
     assert task_pb2.DeleteResponse.FromString(result.stdout).exit_status == 137
     assert store.load(id) is not None
+
+
+def test_start_fails_with_the_message_the_new_shim_reports() -> None:
+    from kata_shim.shim._start import StartError, _wait_ready
+
+    r, w = os.pipe()
+    child = subprocess.Popen(
+        [sys.executable, "-c", f"import os; os.write({w}, b'shim failed: cannot listen\\n')"], pass_fds=(w,)
+    )
+    os.close(w)
+    try:
+        with pytest.raises(StartError, match=r"^shim failed: cannot listen$"):
+            _wait_ready(child, r, timeout=10)
+    finally:
+        os.close(r)
+        child.wait()
+
+
+def test_start_fails_when_the_new_shim_dies_silently() -> None:
+    from kata_shim.shim._start import StartError, _wait_ready
+
+    r, w = os.pipe()
+    child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], pass_fds=(w,))
+    os.close(w)
+    try:
+        with pytest.raises(StartError, match="exited with status 3 before serving"):
+            _wait_ready(child, r, timeout=10)
+    finally:
+        os.close(r)
+
+
+def test_run_mode_command_reuses_the_console_script_or_the_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kata_shim.shim import ShimFlags
+    from kata_shim.shim._start import shim_command
+
+    flags = ShimFlags(namespace="n", id="i", address="/a", publish_binary="/p")
+    monkeypatch.setattr(sys, "argv", [SHIM, "start"])
+    assert shim_command(flags)[:2] == [sys.executable, SHIM]
+    monkeypatch.setattr(sys, "argv", ["/somewhere/__main__.py"])
+    assert shim_command(flags) == [sys.executable, "-m", "kata_shim", *flags.to_argv()]
