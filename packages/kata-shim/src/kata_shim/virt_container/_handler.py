@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +11,16 @@ from kata_shim.runtime._base import Publisher, RuntimeInstance
 from kata_shim.virt_container._container import VirtContainerManager
 from kata_shim.virt_container._sandbox import HypervisorBuilder, VirtSandbox, default_hypervisor_factory
 
+ENV_SHARED_ROOT = "KATA_SHIM_SHARED_ROOT"
+"""Overrides the host root of the shared directories (tests; kata_shim.persist reads the same variable)."""
+
 
 class VirtContainer:
     """Registered as `[runtime] name = "virt_container"`; `VirtContainer()` is what the registry builds.
 
-    The keyword arguments exist for tests (a hypervisor factory, private share and state roots)."""
+    The keyword arguments exist for tests (a hypervisor factory, private share and state roots); without
+    them the share root is $KATA_SHIM_SHARED_ROOT or /run/kata-containers/shared/sandboxes and the state
+    root $KATA_SHIM_STATE_ROOT or /run/kata."""
 
     name = "virt_container"
 
@@ -22,13 +28,13 @@ class VirtContainer:
         self,
         *,
         hypervisor_factory: HypervisorBuilder = default_hypervisor_factory,
-        share_root: Path = HOST_SHARED_ROOT,
+        share_root: Path | None = None,
         guest_share_dir: str = GUEST_SHARED_DIR,
         state_root: Path | None = None,
         **sandbox_options: Any,
     ) -> None:
         self.hypervisor_factory = hypervisor_factory
-        self.share_root = share_root
+        self.share_root = share_root or Path(os.environ.get(ENV_SHARED_ROOT) or HOST_SHARED_ROOT)
         self.guest_share_dir = guest_share_dir
         self.state_root = state_root
         self.sandbox_options = sandbox_options
