@@ -1,0 +1,339 @@
+"""A private containerd 1.6 for the shim's lab tests and the demo, with containerd-shim-kata-v2 on its PATH.
+
+    with private_containerd() as ctrd:          # own root/state/sockets under /tmp, CRI off
+        ctrd.import_image(busybox_tar)           # -> docker.io/library/busybox:kata
+        out = ctrd.ctr("run", "--rm", "--runtime", KATA_RUNTIME, IMAGE, "t1", "echo", "hi")
+
+containerd finds the shim as `containerd-shim-kata-v2` on its PATH: the running interpreter's venv bin
+directory comes first. The shim's shipped configuration reads the guest assets from
+/usr/share/kata-containers; `install_guest_assets()` points that directory at build/lab/guest with symlinks.
+It refuses to run outside the lab VM: there the root file system is a tmpfs overlay that vanishes with the
+VM, while on the host it would change the machine.
+
+Teardown kills containerd's process group and every shim started for it (found by this containerd's socket
+path in their argv), unmounts what is left below its directory and removes it, whatever the test did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from framework.assets import REPO, GuestAssets, in_labvm
+
+CONTAINERD = os.environ.get("KATA_TEST_CONTAINERD", "/usr/bin/containerd")
+CTR = os.environ.get("KATA_TEST_CTR", "/usr/bin/ctr")
+KATA_RUNTIME = "io.containerd.kata.v2"
+SHIM_BINARY = "containerd-shim-kata-v2"
+BUSYBOX_IMAGE = "docker.io/library/busybox:kata"
+KATA_ASSET_DIR = Path("/usr/share/kata-containers")
+KATA_STATE_ROOT = Path("/run/kata")
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+_CONFIG = """\
+version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{address}"
+
+[ttrpc]
+  address = "{address}.ttrpc"
+
+[debug]
+  level = "{level}"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+"""
+
+
+class ContainerdError(Exception):
+    """The private containerd did not start, or a ctr command failed (the message has its output)."""
+
+
+def venv_bin() -> Path:
+    """The bin directory of the running interpreter's venv (where containerd-shim-kata-v2 is installed)."""
+    return Path(sys.prefix) / "bin"
+
+
+def install_guest_assets(assets: GuestAssets | None = None, target: Path = KATA_ASSET_DIR) -> dict[str, Path]:
+    """Point the shim's default asset paths at the lab-built guest (symlinks); lab VM only."""
+    if not in_labvm():
+        raise ContainerdError(
+            f"refusing to write {target} outside the lab VM (its root is a throw-away overlay)"
+        )
+    assets = assets or GuestAssets()
+    links = {
+        "vmlinuz": assets.kernel,
+        "kata-containers-initrd.img": assets.initrd_sandbox,
+        "kata-containers.img": assets.rootfs_sandbox,
+    }
+    target.mkdir(parents=True, exist_ok=True)
+    for name, source in links.items():
+        link = target / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(source)
+    return {name: target / name for name in links}
+
+
+@dataclass
+class PrivateContainerd:
+    """A running private containerd and where to reach it."""
+
+    base: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str]
+    address: str = field(init=False)
+    root: Path = field(init=False)
+    state: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.address = str(self.base / "containerd.sock")
+        self.root = self.base / "root"
+        self.state = self.base / "state"
+
+    @property
+    def ttrpc_address(self) -> str:
+        return self.address + ".ttrpc"
+
+    def ctr_argv(self, *args: str, namespace: str = "default") -> list[str]:
+        """argv of `ctr` talking to this containerd."""
+        return [CTR, "--address", self.address, "--namespace", namespace, *args]
+
+    def ctr(
+        self,
+        *args: str,
+        namespace: str = "default",
+        timeout: float = 300,
+        input: bytes | None = None,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run one ctr command; raise `ContainerdError` with its output when it fails and ``check``."""
+        argv = self.ctr_argv(*args, namespace=namespace)
+        done = subprocess.run(
+            argv,
+            input=input.decode() if input is not None else None,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            raise ContainerdError(
+                f"{' '.join(args)} exited {done.returncode}\nstdout: {done.stdout}\nstderr: {done.stderr}"
+                f"\ncontainerd log tail:\n{self.log_tail()}"
+            )
+        return done
+
+    def popen_ctr(
+        self, *args: str, namespace: str = "default", stdout: IO[bytes] | int | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start a long-running ctr command (e.g. `events`)."""
+        return subprocess.Popen(
+            self.ctr_argv(*args, namespace=namespace),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout if stdout is not None else subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+
+    def import_image(self, tarball: Path, namespace: str = "default") -> str:
+        """`ctr images import` the OCI tarball; returns ctr's output."""
+        return self.ctr("images", "import", str(tarball), namespace=namespace).stdout
+
+    def log(self) -> str:
+        """What containerd (and the shims, whose log fifos it drains) wrote so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def shim_pids(self) -> list[int]:
+        """Processes of containerd-shim-kata-v2 started for this containerd."""
+        return [pid for pid, argv in _processes() if SHIM_BINARY in argv and self.address in argv]
+
+    def processes_below(self, pid: int) -> list[tuple[int, str]]:
+        """(pid, comm) of ``pid`` and all its descendants."""
+        children: dict[int, list[int]] = {}
+        comms: dict[int, str] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            comms[int(entry.name)] = comm
+            children.setdefault(ppid, []).append(int(entry.name))
+        out: list[tuple[int, str]] = []
+        todo = [pid]
+        while todo:
+            p = todo.pop()
+            if p in comms:
+                out.append((p, comms[p]))
+            todo.extend(children.get(p, []))
+        return out
+
+
+def thread_names(pid: int) -> list[str]:
+    """Names (comm) of every thread of ``pid``."""
+    names = []
+    for task in sorted(Path(f"/proc/{pid}/task").iterdir(), key=lambda p: int(p.name)):
+        with contextlib.suppress(OSError):
+            names.append((task / "comm").read_text().strip())
+    return names
+
+
+def _processes() -> Iterator[tuple[int, str]]:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        yield int(entry.name), argv
+
+
+def kill_strays(needle: str) -> list[int]:
+    """SIGKILL every process whose argv contains ``needle`` (shims run in their own sessions)."""
+    killed = []
+    for pid, argv in _processes():
+        if needle in argv:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
+
+
+def mounts_below(directory: Path) -> list[str]:
+    """Mount points at or below ``directory`` (from /proc/self/mounts)."""
+    prefix = str(directory).rstrip("/") + "/"
+    try:
+        with open("/proc/self/mounts") as f:
+            points = [line.split()[1].replace("\\040", " ") for line in f]
+    except OSError:
+        return []
+    return [p for p in points if p.startswith(prefix) or p == str(directory)]
+
+
+def unmount_below(directory: Path) -> None:
+    """Lazily unmount everything below ``directory``, deepest first."""
+    for point in sorted(mounts_below(directory), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+
+
+def _can_connect(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def private_containerd(
+    *, ready_timeout: float = 120.0, debug: bool = True, extra_env: dict[str, str] | None = None
+) -> Iterator[PrivateContainerd]:
+    """Start a private containerd (state on /tmp), wait for both sockets, stop and remove it after."""
+    if os.geteuid() != 0:
+        raise ContainerdError("a private containerd needs root")
+    for binary in (CONTAINERD, CTR):
+        if not os.access(binary, os.X_OK):
+            raise ContainerdError(f"{binary} is not installed (./dev installs Debian's containerd)")
+    base = Path(tempfile.mkdtemp(prefix="kata-ctrd-", dir="/tmp"))  # short: unix socket paths <= 108 bytes
+    log_path = base / "containerd.log"
+    env = {
+        "PATH": f"{venv_bin()}:{SYSTEM_PATH}",
+        "HOME": os.environ.get("HOME", "/root"),
+        "LANG": "C.UTF-8",
+        **(extra_env or {}),
+    }
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        for sub in ("root", "state", "opt"):
+            (base / sub).mkdir()
+        config = base / "config.toml"
+        config.write_text(
+            _CONFIG.format(
+                root=base / "root",
+                state=base / "state",
+                address=base / "containerd.sock",
+                opt=base / "opt",
+                level="debug" if debug else "info",
+            )
+        )
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [CONTAINERD, "--config", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+                cwd=base,
+            )
+        instance = PrivateContainerd(base, process, log_path, env)
+        deadline = time.monotonic() + ready_timeout
+        while not (_can_connect(instance.address) and _can_connect(instance.ttrpc_address)):
+            if process.poll() is not None:
+                raise ContainerdError(f"containerd exited with {process.returncode}:\n{instance.log_tail()}")
+            if time.monotonic() > deadline:
+                raise ContainerdError(f"containerd not ready after {ready_timeout} s:\n{instance.log_tail()}")
+            time.sleep(0.1)
+        yield instance
+    finally:
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        kill_strays(str(base))
+        unmount_below(base)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+__all__ = [
+    "BUSYBOX_IMAGE",
+    "KATA_ASSET_DIR",
+    "KATA_RUNTIME",
+    "KATA_STATE_ROOT",
+    "REPO",
+    "ContainerdError",
+    "PrivateContainerd",
+    "install_guest_assets",
+    "kill_strays",
+    "mounts_below",
+    "private_containerd",
+    "thread_names",
+    "unmount_below",
+    "venv_bin",
+]
