@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import signal
+import subprocess
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +110,48 @@ def test_cli_start_needs_a_namespace(capsys: pytest.CaptureFixture[str]) -> None
 def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["-v"]) == 0
     assert "Version: " in capsys.readouterr().out
+
+
+RUNC_SHIM = "/usr/bin/containerd-shim-runc-v2"
+
+
+@pytest.mark.root
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access(RUNC_SHIM, os.X_OK), reason="needs root and runc's shim"
+)
+@pytest.mark.parametrize(
+    ("address", "namespace"), [("/run/containerd/containerd.sock", "k8s.io"), ("/tmp//x.sock/", "ns")]
+)
+def test_socket_address_equals_what_containerds_own_runc_shim_prints(
+    tmp_path: Path, address: str, namespace: str
+) -> None:
+    # containerd-shim-runc-v2 derives its socket with containerd's Go helpers: same inputs, same address.
+    id = f"cmp-{uuid.uuid4().hex[:10]}"
+    (tmp_path / "config.json").write_text('{"ociVersion": "1.0.2"}')
+    argv = [
+        RUNC_SHIM,
+        "-namespace",
+        namespace,
+        "-address",
+        address,
+        "-publish-binary",
+        "/bin/true",
+        "-id",
+        id,
+        "start",
+    ]
+    env = {**os.environ, "TTRPC_ADDRESS": str(tmp_path / "none.ttrpc")}
+    try:
+        result = subprocess.run(
+            argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == socket_address(address, namespace, id)
+    finally:
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, ProcessLookupError):
+                    if id.encode() in (entry / "cmdline").read_bytes():
+                        os.kill(int(entry.name), signal.SIGKILL)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket_address(address, namespace, id).removeprefix("unix://"))
