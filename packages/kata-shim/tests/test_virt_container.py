@@ -736,3 +736,21 @@ def test_cancelled_start_while_dialling_cleans_up_at_once(virtiofs_as_bind: dict
             shutil.rmtree(base, ignore_errors=True)
 
     trio.run(main)
+
+
+def test_kill_before_start_reports_the_exit(busybox_lower: Path, virtiofs_as_bind: dict[str, Path]) -> None:
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind) as pod:
+            cm = pod.instance.containers
+            await cm.create_container(_container(pod, busybox_lower, "k1", _spec("sleep", "1000"), Stdio()))
+            await cm.kill_process(ProcessId("k1"), signal.SIGKILL)
+            with trio.fail_after(20):
+                status = await cm.wait_process(ProcessId("k1"))
+            assert status.code == 128 + signal.SIGKILL
+            assert [(e.id, e.exit_status) for e in _exits(pod)] == [("k1", 137)]
+            with pytest.raises(FailedPrecondition):
+                await cm.start_process(ProcessId("k1"))
+            await cm.delete_process(ProcessId("k1"))
+            assert mounts_below(pod.sandbox.layout.shared_dir) == [str(pod.sandbox.layout.shared_dir)]
+
+    trio.run(main)

@@ -81,6 +81,8 @@ class _Process:
     stdin: StdinCopy | None = None
     outputs: list[int | None] = field(default_factory=list)
     """Output fifo fds opened at create, handed to the copy tasks at start."""
+    waiting: bool = False
+    """The copy and wait tasks run (from start, or from a kill before start)."""
 
     @property
     def exec_id(self) -> str:
@@ -211,6 +213,9 @@ class VirtContainerManager:
         return self.sandbox.pid()
 
     def _start_io_and_wait(self, agent: AgentClient, p: _Process) -> None:
+        if p.waiting:
+            return
+        p.waiting = True
         nursery = self.sandbox.nursery
         cid, eid = p.id.container_id, p.exec_id
         if p.stdin is not None:
@@ -305,10 +310,14 @@ class VirtContainerManager:
             raise NotFound(f"process {process} already finished")
         if p.status is ProcessStatus.CREATED and process.exec_id:
             raise FailedPrecondition(f"process {process} is not started")
+        agent = self._agent()
         try:
-            await self._agent().signal_process(process.container_id, process.exec_id, signal)
+            await agent.signal_process(process.container_id, process.exec_id, signal)
         except ttrpc.TtrpcError as err:
             raise _translate(err, f"kill {process}") from err
+        if p.status is ProcessStatus.CREATED:
+            # A created init killed before start still exits (runc's shim reports it): wait for it.
+            self._start_io_and_wait(agent, p)
 
     async def wait_process(self, process: ProcessId) -> ExitStatus:
         """Return once the process has exited (after /tasks/exit went out)."""
