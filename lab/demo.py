@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""The main job, end to end: `ctr run --runtime io.containerd.kata.v2` of a busybox container in a KVM VM.
+
+`./dev demo` installs the toolchain and runs this with a venv holding every package. On the host it builds
+the guest assets (lab/images/build.py) and the busybox OCI image (lab/images/busybox_oci.py), then runs
+itself again inside ONE lab VM (lab/labvm: nested KVM), where it
+
+1. points /usr/share/kata-containers at the guest assets (the lab VM's root is a throw-away overlay),
+2. starts a private containerd 1.6 (own root and sockets on tmpfs, CRI off) with containerd-shim-kata-v2 on
+   its PATH,
+3. imports the busybox image and runs
+   `ctr run --rm --runtime io.containerd.kata.v2 IMAGE demo sh -c 'uname -r; echo hello from a Kata VM'`,
+4. prints the container's output and how long each step took (the lab VM is emulated: expect minutes).
+
+    python3 lab/demo.py [--command 'CMD'] [--keep-log]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LAB = Path(__file__).resolve().parent
+REPO = LAB.parent
+if str(LAB) not in sys.path:
+    sys.path.insert(0, str(LAB))
+
+DEFAULT_COMMAND = "uname -r; echo hello from a Kata VM"
+IMAGE_TAR = REPO / "build" / "lab" / "busybox-oci.tar"
+
+
+def say(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def on_host(args: argparse.Namespace) -> int:
+    """Build what the lab VM needs, then run the inside part there."""
+    t0 = time.monotonic()
+    say("building the guest assets (python3 lab/images/build.py; cached by input hash)")
+    subprocess.run([sys.executable, str(LAB / "images" / "build.py")], check=True)
+    say("building the busybox OCI image from Debian's busybox-static")
+    subprocess.run(
+        [sys.executable, str(LAB / "images" / "busybox_oci.py"), "--out", str(IMAGE_TAR)], check=True
+    )
+    say("booting the lab VM (QEMU/TCG with nested KVM); everything below runs inside it")
+    argv = [str(LAB / "labvm"), "exec", "--", sys.executable, str(Path(__file__).resolve()), "--inside"]
+    argv += ["--command", args.command]
+    if args.keep_log:
+        argv.append("--keep-log")
+    done = subprocess.run(argv, check=False)
+    say(f"total (host + lab VM): {time.monotonic() - t0:.1f} s")
+    return done.returncode
+
+
+def inside(args: argparse.Namespace) -> int:
+    """In the lab VM: containerd, import, ctr run with the kata runtime."""
+    from framework.containerd import (
+        BUSYBOX_IMAGE,
+        KATA_RUNTIME,
+        install_guest_assets,
+        private_containerd,
+        venv_bin,
+    )
+
+    shim = venv_bin() / "containerd-shim-kata-v2"
+    if not shim.exists():
+        say(f"{shim} is missing: install the packages into this venv (./dev demo does)")
+        return 1
+    links = install_guest_assets()
+    say("guest assets: " + ", ".join(f"{p} -> {os.readlink(p)}" for p in links.values()))
+    t = time.monotonic()
+    with private_containerd() as ctrd:
+        say(f"containerd ready in {time.monotonic() - t:.1f} s ({ctrd.address})")
+        t = time.monotonic()
+        ctrd.import_image(IMAGE_TAR)
+        say(f"imported {BUSYBOX_IMAGE} in {time.monotonic() - t:.1f} s")
+        argv = ["run", "--rm", "--runtime", KATA_RUNTIME, BUSYBOX_IMAGE, "demo", "sh", "-c", args.command]
+        say("ctr " + shlex.join(argv))
+        t = time.monotonic()
+        try:
+            done = ctrd.ctr(*argv, timeout=900, check=False)
+        except subprocess.TimeoutExpired:
+            say("ctr run did not finish within 900 s; containerd log tail:\n" + ctrd.log_tail(80))
+            return 1
+        wall = time.monotonic() - t
+        print(done.stdout, end="", flush=True)
+        if done.stderr:
+            print(done.stderr, end="", file=sys.stderr, flush=True)
+        say(f"ctr run --rm --runtime {KATA_RUNTIME}: exit {done.returncode}, wall time {wall:.1f} s")
+        if done.returncode != 0 or args.keep_log:
+            say("containerd + shim log tail:\n" + ctrd.log_tail(80))
+    return done.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="run a busybox container in a Kata VM through containerd")
+    parser.add_argument("--command", default=DEFAULT_COMMAND, help="what the container's sh -c runs")
+    parser.add_argument("--keep-log", action="store_true", help="print containerd's log even on success")
+    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        say("run as root (containerd, KVM and the lab VM need it)")
+        return 1
+    if args.inside:
+        return inside(args)
+    return on_host(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
