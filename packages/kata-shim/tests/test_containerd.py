@@ -83,6 +83,9 @@ def test_ctr_run_shows_the_config_error_from_kata_conf_file(
     ), result.stderr + ctrd.log()
     assert "Traceback" not in result.stderr
     assert_nothing_left(ctrd, tmp, "k1")
+    # The shim logged through the bundle's log fifo, which containerd copies into its own log.
+    assert "shim k1 serving unix:///run/containerd/s/" in ctrd.log()
+    assert "WARNING kata_shim.service: Create failed: " in ctrd.log()
 
 
 def test_runtime_config_path_option_wins_and_names_the_missing_kernel(

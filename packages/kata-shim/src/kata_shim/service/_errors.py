@@ -40,6 +40,8 @@ def to_ttrpc_error(exc: BaseException, method: str) -> ttrpc.TtrpcError | None:
     message = str(exc) or type(exc).__name__
     for mine, theirs in _CODES:
         if isinstance(exc, mine):
+            # NotFound is routine (containerd probes); the others are worth a line in containerd's log.
+            log.log(logging.DEBUG if mine is NotFound else logging.WARNING, "%s failed: %s", method, message)
             return theirs(message)
     if isinstance(exc, (RuntimeHandlerError, HypervisorError, PersistError)):
         log.warning("%s failed: %s", method, message, exc_info=exc)
