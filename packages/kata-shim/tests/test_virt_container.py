@@ -754,3 +754,30 @@ def test_kill_before_start_reports_the_exit(busybox_lower: Path, virtiofs_as_bin
             assert mounts_below(pod.sandbox.layout.shared_dir) == [str(pod.sandbox.layout.shared_dir)]
 
     trio.run(main)
+
+
+def test_one_mebibyte_through_stdin_and_stdout_is_byte_identical(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    data = os.urandom(1 << 20)
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind) as pod:
+            cm = pod.instance.containers
+            fifos = _fifos(pod, "cat", "stdin", "stdout")
+            stdio = Stdio(stdin=fifos["stdin"], stdout=fifos["stdout"])
+            got: dict[str, bytes] = {}
+            async with trio.open_nursery() as n:
+                n.start_soon(read_fifo, fifos["stdout"], got, "out")
+                await cm.create_container(_container(pod, busybox_lower, "cat", _spec("cat"), stdio))
+                await cm.start_process(ProcessId("cat"))
+                writer = trio.lowlevel.FdStream(os.open(fifos["stdin"], os.O_WRONLY | os.O_NONBLOCK))
+                async with writer:
+                    for i in range(0, len(data), 100_000):
+                        await writer.send_all(data[i : i + 100_000])
+                with trio.fail_after(60):
+                    assert (await cm.wait_process(ProcessId("cat"))).code == 0
+            assert got["out"] == data
+            await cm.delete_process(ProcessId("cat"))
+
+    trio.run(main)
