@@ -94,6 +94,10 @@ def run(flags: ShimFlags) -> int:
         else:
             sock = bind_socket(socket_address(flags.address, flags.namespace, flags.id))
         sock.setblocking(False)
+        sock.set_inheritable(False)  # never leak the listener into a helper process
+        ready = os.environ.get(ENV_READY_FD)
+        if ready is not None:
+            os.set_inheritable(int(ready), False)
     except OSError as err:
         _report_ready(f"cannot listen: {err}")
         return 1
