@@ -7,7 +7,9 @@ linux_container) and its `containers` run the pod's containers and their exec'd 
 The Task service (kata_shim.service) publishes /tasks/create, start, delete, exec-added, exec-started,
 paused and resumed itself. The container abstraction publishes what only it can see happen: /tasks/exit (from
 its wait loop, exactly once per process, before `wait_process` returns to anyone) and /tasks/oom, through the
-`Publisher` it was given.
+`Publisher` it was given. TaskExit.id is the exec id, or the container id for an init process.
+The dispatcher holds a process's /tasks/exit back until its /tasks/start (or /tasks/exec-started) is
+queued, so `start_process` must not wait for its own exit to be published (run the wait loop apart).
 """
 
 from __future__ import annotations
