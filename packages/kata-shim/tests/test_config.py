@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kata_shim.config import ConfigError, _loader, find_config, load_config, load_config_file, shipped_config
 from kata_shim.runtime import InvalidArgument
@@ -199,3 +202,54 @@ def test_sole_hypervisor_table_is_chosen_without_hypervisor_name(
 def test_config_error_is_an_invalid_argument() -> None:
     # The service maps it to ttrpc InvalidArgument, and its message reaches ctr.
     assert issubclass(ConfigError, InvalidArgument)
+
+
+_KEYS = {
+    "runtime": ["name", "hypervisor_name", "agent_name", "enable_debug", "disable_new_netns", "other"],
+    "hypervisor.dragonball": [
+        "kernel",
+        "initrd",
+        "image",
+        "default_vcpus",
+        "default_maxvcpus",
+        "default_memory",
+    ],
+    "agent.kata": ["dial_timeout_ms", "kernel_modules", "enable_debug", "request_timeout_ms"],
+}
+_scalars = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20),
+)
+_values = st.one_of(_scalars, st.lists(_scalars, max_size=3).filter(lambda v: len({type(x) for x in v}) <= 1))
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    assert isinstance(value, list)
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_typed_garbage_is_one_config_error_or_a_config(tmp_path: Path, data: st.DataObject) -> None:
+    lines = []
+    for table, keys in _KEYS.items():
+        if data.draw(st.booleans()):
+            lines.append(f"[{table}]")
+            for key in data.draw(st.lists(st.sampled_from(keys), unique=True)):
+                lines.append(f"{key} = {_toml_value(data.draw(_values))}")
+    path = tmp_path / "fuzz.toml"
+    path.write_text("\n".join(lines) + "\n")
+    try:
+        config = load_config_file(path)
+    except ConfigError as err:
+        assert str(err).startswith(f"{path}: ")
+    else:
+        assert config.hypervisor.kernel.is_file()
