@@ -138,6 +138,9 @@ def test_start_twice_gives_the_same_address_and_one_shim(shims: Shims) -> None:
     # A new session, cwd the bundle.
     assert os.getsid(pid) == pid
     assert os.readlink(f"/proc/{pid}/cwd") == str(bundle)
+    # containerd's score + 1 (here the test process stands in for containerd).
+    parent = int(Path("/proc/self/oom_score_adj").read_text())
+    assert int(Path(f"/proc/{pid}/oom_score_adj").read_text()) == min(parent + 1, 1000)
     second = shims.run(id, "start", bundle)
     assert (second.returncode, second.stdout.decode()) == (0, address)
     assert shims.shim_pids(id) == [pid]

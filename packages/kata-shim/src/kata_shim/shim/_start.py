@@ -68,6 +68,16 @@ def bind_socket(address: str) -> socket.socket:
     return sock
 
 
+def adjust_oom_score(pid: int) -> None:
+    """Give the shim containerd's OOM score adjustment + 1, as containerd's shims do: the kernel then
+    prefers killing the shim (and its VM) over containerd, and spares it before ordinary processes."""
+    try:
+        parent = int(Path(f"/proc/{os.getppid()}/oom_score_adj").read_text())
+        Path(f"/proc/{pid}/oom_score_adj").write_text(str(min(parent + 1, 1000)))
+    except (OSError, ValueError):
+        pass  # not permitted (unprivileged tests): keep the inherited score
+
+
 def _wait_ready(child: subprocess.Popen[bytes], ready_fd: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     data = b""
@@ -111,6 +121,7 @@ def launch(flags: ShimFlags, address: str, bundle: Path) -> int:
         os.close(ready_w)
         ready_w = -1
         sock.close()  # the child holds the listening socket now
+        adjust_oom_score(child.pid)
         try:
             _wait_ready(child, ready_r, READY_TIMEOUT)
         except BaseException:
