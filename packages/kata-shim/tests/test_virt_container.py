@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from kata_shim.runtime import (
     ContainerConfig,
     ExecConfig,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     ProcessId,
     ProcessStatus,
@@ -662,9 +662,8 @@ def test_fifo_open_error_is_reported(busybox_lower: Path, virtiofs_as_bind: dict
         async with running_pod(virtiofs_as_bind) as pod:
             cm = pod.instance.containers
             cfg = _container(pod, busybox_lower, "c9", _spec("true"), Stdio(stdout=str(pod.base / "no-fifo")))
-            with pytest.raises(OSError) as info:
+            with pytest.raises(InvalidArgument, match="No such file"):
                 await cm.create_container(cfg)
-            assert info.value.errno == errno.ENOENT
             assert mounts_below(pod.sandbox.layout.shared_dir) == [str(pod.sandbox.layout.shared_dir)]
             with contextlib.suppress(NotFound):
                 await cm.state_process(ProcessId("c9"))
@@ -779,5 +778,42 @@ def test_one_mebibyte_through_stdin_and_stdout_is_byte_identical(
                     assert (await cm.wait_process(ProcessId("cat"))).code == 0
             assert got["out"] == data
             await cm.delete_process(ProcessId("cat"))
+
+    trio.run(main)
+
+
+def test_concurrent_creates_and_one_failing_keep_the_others_mounted(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind) as pod:
+            cm = pod.instance.containers
+            layout = pod.sandbox.layout
+            # "bad" is started first and fails in the agent (after an await), when the others have
+            # mounted their rootfs meanwhile: its rollback must not touch theirs.
+            bad = _spec("true")
+            bad["linux"]["namespaces"].append({"type": "bogus"})
+            failures: list[BaseException] = []
+            configs = {"bad": _container(pod, busybox_lower, "bad", bad, Stdio())}
+            for cid in ("p1", "p2", "p3"):
+                configs[cid] = _container(pod, busybox_lower, cid, _spec("true"), Stdio())
+
+            async def create(config: ContainerConfig) -> None:
+                try:
+                    await cm.create_container(config)
+                except (InvalidArgument, AlreadyExists) as err:
+                    failures.append(err)
+
+            async with trio.open_nursery() as n:
+                for config in configs.values():
+                    n.start_soon(create, config)
+                n.start_soon(create, configs["p1"])  # the same id twice: one is AlreadyExists
+            assert sorted(cm.container_ids()) == ["p1", "p2", "p3"]
+            assert sorted(type(e).__name__ for e in failures) == ["AlreadyExists", "InvalidArgument"]
+            assert any("bogus" in str(e) for e in failures)
+            for cid in ("p1", "p2", "p3"):
+                assert str(layout.rootfs_host_path(cid)) in mounts_below(layout.shared_dir)
+                await cm.delete_process(ProcessId(cid))
+            assert mounts_below(layout.shared_dir) == [str(layout.shared_dir)]
 
     trio.run(main)

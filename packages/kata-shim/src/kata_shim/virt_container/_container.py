@@ -104,6 +104,7 @@ class VirtContainerManager:
     def __init__(self, sandbox: VirtSandbox) -> None:
         self.sandbox = sandbox
         self._containers: dict[str, _Container] = {}
+        self._creating: set[str] = set()
         sandbox.on_stop(self._on_sandbox_stop)
 
     # -- lookups ----------------------------------------------------------------------------------
@@ -133,12 +134,12 @@ class VirtContainerManager:
     async def create_container(self, config: ContainerConfig) -> int:
         """Mount the rootfs and volumes into the shared dir, open the output fifos, CreateContainer."""
         cid = config.container_id
-        if cid in self._containers:
+        if cid in self._containers or cid in self._creating:
             raise AlreadyExists(f"container {cid!r} already exists")
         agent = self._agent()
         layout, ledger = self.sandbox.layout, self.sandbox.ledger
-        mark = ledger.mark()
         process = _Process(ProcessId(cid), config.stdio)
+        self._creating.add(cid)
         try:
             root = config.spec.get("root") or {}
             bundle_rootfs = Path(root.get("path") or "rootfs")
@@ -153,16 +154,19 @@ class VirtContainerManager:
             await agent.call("CreateContainer", request, empty_pb2.Empty)
         except BaseException as err:
             self._close_stdio(process)
-            ledger.undo_since(mark)
             try:
+                # Only this container's mounts: other Creates may be mounting concurrently.
+                ledger.undo(below=layout.container_dir(cid))
                 layout.remove_container(cid)
             except ResourceError as rm_err:
                 log.warning("container %s: %s", cid, rm_err)
             if isinstance(err, ttrpc.TtrpcError):
                 raise _translate(err, f"CreateContainer {cid}") from err
-            if isinstance(err, (ResourceError, ValueError)):
+            if isinstance(err, (ResourceError, ValueError, OSError)):
                 raise InvalidArgument(f"container {cid}: {err}") from err
             raise
+        finally:
+            self._creating.discard(cid)
         self._containers[cid] = _Container(cid, config.bundle, process)
         return self.sandbox.pid()
 
