@@ -32,6 +32,7 @@ if str(LAB) not in sys.path:
 
 DEFAULT_COMMAND = "uname -r; echo hello from a Kata VM"
 IMAGE_TAR = REPO / "build" / "lab" / "busybox-oci.tar"
+LOG_COPY = REPO / "build" / "lab" / "demo-containerd.log"
 
 
 def say(msg: str) -> None:
@@ -92,8 +93,11 @@ def inside(args: argparse.Namespace) -> int:
         if done.stderr:
             print(done.stderr, end="", file=sys.stderr, flush=True)
         say(f"ctr run --rm --runtime {KATA_RUNTIME}: exit {done.returncode}, wall time {wall:.1f} s")
+        LOG_COPY.write_text(ctrd.log())
         if done.returncode != 0 or args.keep_log:
-            say("containerd + shim log tail:\n" + ctrd.log_tail(80))
+            shim_lines = [line for line in ctrd.log().splitlines() if "kata-shim[" in line]
+            say("shim log (last 40 lines):\n" + "\n".join(shim_lines[-40:]))
+            say(f"containerd's whole log (with the shim's and the guest console): {LOG_COPY}")
     return done.returncode
 
 
