@@ -68,6 +68,52 @@ def test_busybox_image_imports_and_runs_with_runc(tmp_path: Path) -> None:
     assert (done.returncode, done.stdout) == (3, "hello\n"), done.stderr
 
 
+# --- the built-in back-end alone, on the real guest --------------------------------------------------------
+@pytest.mark.lab
+def test_dragonball_boots_the_sandbox_guest_and_notices_its_power_off(tmp_path: Path) -> None:
+    """The sandbox initramfs without an agent prints KATA-SANDBOX-READY and powers off: wait_vm sees it."""
+    import tempfile
+
+    import trio
+
+    from kata_shim.hypervisor import HypervisorConfig, ShareFsDevice
+    from kata_shim.hypervisor._dragonball import Dragonball
+
+    assets = GuestAssets()
+    config = HypervisorConfig(
+        kernel=assets.kernel, initrd=assets.initrd_sandbox, image=assets.rootfs_sandbox, default_memory=512
+    )
+    state_root = Path(tempfile.mkdtemp(prefix="kdb-", dir="/tmp"))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    hv = Dragonball(config, state_root=state_root)
+    timings: dict[str, float] = {}
+
+    async def main() -> int:
+        await hv.prepare_vm("boot1", None)
+        await hv.add_device(ShareFsDevice(shared))
+        t0 = time.monotonic()
+        await hv.start_vm(60)
+        timings["start_vm"] = time.monotonic() - t0
+        threads = hv.thread_ids()
+        assert len(threads) == 2, threads
+        try:
+            with trio.fail_after(400):
+                code = await hv.wait_vm()
+        finally:
+            timings["power_off"] = time.monotonic() - t0
+            await hv.cleanup()
+        return code
+
+    code = trio.run(main)
+    start, off = timings["start_vm"], timings["power_off"]
+    print(f"dragonball sandbox guest: start_vm {start:.1f} s, power-off at {off:.1f} s")
+    print(hv.console_tail())
+    assert code == 0, hv.exit_reason()
+    assert "KATA-SANDBOX-READY" in hv.console_tail()
+    assert not list((state_root / "boot1").glob("kata.hvsock*"))
+
+
 # --- the shim in the lab VM ---------------------------------------------------------------------------------
 class Events:
     """`ctr events` running in the background, lines collected."""
