@@ -220,7 +220,7 @@ _scalars = st.one_of(
     st.booleans(),
     st.integers(min_value=-(2**63), max_value=2**63 - 1),
     st.floats(allow_nan=False, allow_infinity=False),
-    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20),
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=20),
 )
 _values = st.one_of(_scalars, st.lists(_scalars, max_size=3).filter(lambda v: len({type(x) for x in v}) <= 1))
 
