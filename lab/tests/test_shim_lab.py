@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -232,6 +233,50 @@ def test_exit_code_and_stdin_reach_ctr(ctrd: PrivateContainerd) -> None:
     assert_nothing_left(ctrd, "t2")
 
 
+def pane(tmux: list[str]) -> str:
+    return subprocess.run(
+        [*tmux, "capture-pane", "-p", "-t", "kata"], capture_output=True, text=True, check=False
+    ).stdout
+
+
+@pytest.mark.lab
+def test_run_t_is_interactive_through_tmux(ctrd: PrivateContainerd) -> None:
+    tmux = ["tmux", "-L", f"kata-lab-{os.getpid()}"]
+    argv = ctrd.ctr_argv("run", "-t", "--rm", "--runtime", KATA_RUNTIME, BUSYBOX_IMAGE, "tty1", "sh")
+    subprocess.run(
+        [*tmux, "new-session", "-d", "-s", "kata", "-x", "120", "-y", "30", shlex.join(argv)], check=True
+    )
+    try:
+        screen = ""
+        end = time.monotonic() + RUN_TIMEOUT
+        while "#" not in screen and time.monotonic() < end:  # busybox sh's root prompt
+            time.sleep(1)
+            screen = pane(tmux)
+        assert "#" in screen, f"no prompt: {screen!r}\n{ctrd.log_tail(60)}"
+        subprocess.run(
+            [*tmux, "send-keys", "-t", "kata", "echo $((6*7)); tty; stty size", "Enter"], check=True
+        )
+        end = time.monotonic() + 60
+        while "/dev/pts/" not in screen and time.monotonic() < end:
+            time.sleep(0.5)
+            screen = pane(tmux)
+        assert "42" in screen.split() and "/dev/pts/" in screen, screen
+        assert "30 120" in screen, screen  # the window size reached the guest's pty
+        subprocess.run([*tmux, "send-keys", "-t", "kata", "exit", "Enter"], check=True)
+        end = time.monotonic() + 60
+        while (
+            subprocess.run([*tmux, "has-session", "-t", "kata"], capture_output=True, check=False).returncode
+            == 0
+        ):
+            assert time.monotonic() < end, "ctr run -t did not end after exit"
+            time.sleep(0.5)
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True, check=False)
+    ctrd.ctr("task", "kill", "-s", "SIGKILL", "tty1", check=False)
+    ctrd.ctr("container", "delete", "tty1", check=False)
+    assert_nothing_left(ctrd, "tty1")
+
+
 SERVICE = "trap 'echo term >> /tmp/signals' TERM; while true; do sleep 1; done"
 
 
@@ -290,6 +335,41 @@ def test_pause_and_resume(ctrd: PrivateContainerd, service: str, events: Events)
     assert task_status(ctrd, service) == "RUNNING"
     events.wait_for(service, "/tasks/resumed")
     assert "/tasks/paused" in events.topics(service)
+
+
+def settled_threads(pid: int) -> list[str]:
+    """The shim's threads once trio's idle worker threads have expired (they linger 10 s)."""
+    time.sleep(12)
+    return thread_names(pid)
+
+
+@pytest.mark.lab
+def test_thread_count_is_the_same_with_1_and_10_containers_in_the_pod(
+    ctrd: PrivateContainerd, service: str
+) -> None:
+    shims = ctrd.shim_pids()
+    assert len(shims) == 1
+    one = settled_threads(shims[0])
+    pod = [
+        "--annotation", "io.kubernetes.cri.container-type=container",
+        "--annotation", f"io.kubernetes.cri.sandbox-id={service}",
+    ]  # fmt: skip
+    extra = [f"{service}-c{n}" for n in range(2, 11)]
+    try:
+        for cid in extra:
+            t0 = time.monotonic()
+            done = kata_run(ctrd, "-d", *pod, BUSYBOX_IMAGE, cid, "sleep", "1000")
+            assert done.returncode == 0, f"{cid}: {done.stderr}\n{ctrd.log_tail(100)}"
+            print(f"{cid}: ctr run -d into the running pod {time.monotonic() - t0:.1f} s")
+        assert ctrd.shim_pids() == shims, "later containers of the pod must reuse the sandbox's shim"
+        ten = settled_threads(shims[0])
+    finally:
+        for cid in extra:
+            ctrd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
+            ctrd.ctr("task", "delete", cid, check=False, timeout=120)
+            ctrd.ctr("container", "delete", cid, check=False)
+    print(f"shim threads: 1 container {len(one)} {one}; 10 containers {len(ten)} {ten}")
+    assert len(ten) == len(one), (one, ten)
 
 
 @pytest.mark.lab
