@@ -120,8 +120,14 @@ class AgentVm:
         bind(self.shared, self.shared, recursive=False)
         mount("", self.shared, "", MS_SHARED)
         self.shared_mounted = True
-        if self.fail != "no_agent":
+        if self.fail == "vm_dies":
+            self.nursery.start_soon(self._die_soon)
+        elif self.fail != "no_agent":
             await self.nursery.start(self._serve)
+
+    async def _die_soon(self) -> None:
+        await trio.sleep(0.3)
+        self._stopped.set()
 
     async def _serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         config = GuestAgentConfig(
@@ -147,7 +153,10 @@ class AgentVm:
 
     async def wait_vm(self) -> int:
         await self._stopped.wait()
-        return 0
+        return 1 if self.fail == "vm_dies" else 0
+
+    def exit_reason(self) -> str:
+        return "triple fault" if self.fail == "vm_dies" and self._stopped.is_set() else ""
 
     async def pause_vm(self) -> None:
         pass
@@ -625,17 +634,21 @@ def test_stop_reports_running_processes_exited_and_unmounts(
     trio.run(main)
 
 
-@pytest.mark.parametrize("fail", ["start_vm", "no_agent"])
+@pytest.mark.parametrize("fail", ["start_vm", "no_agent", "vm_dies"])
 def test_failed_start_leaves_nothing_behind(
     fail: str, busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
 ) -> None:
     async def main() -> None:
         with pytest.raises(BaseExceptionGroup) as info:  # the test's own nursery wraps it
-            async with running_pod(virtiofs_as_bind, fail=fail, dial_timeout_ms=300):
+            dial = 30_000 if fail == "vm_dies" else 300  # a dying VM must not wait for the dial timeout
+            async with running_pod(virtiofs_as_bind, fail=fail, dial_timeout_ms=dial):
                 raise AssertionError("must not start")
         (err,) = info.value.exceptions
         assert isinstance(err, SandboxError)
-        assert ("panicked" if fail == "start_vm" else "not ready") in str(err)
+        expected = {"start_vm": "panicked", "no_agent": "not ready", "vm_dies": "stopped before its agent"}
+        assert expected[fail] in str(err)
+        if fail == "vm_dies":
+            assert "triple fault" in str(err)
 
     trio.run(main)
 

@@ -163,8 +163,14 @@ class VirtSandbox:
         except BaseException as err:
             with trio.CancelScope(shield=True):
                 await self._teardown()
+            if isinstance(err, BaseExceptionGroup):
+                # From the VM watcher's nursery: cancellation passes through, an error is reported bare.
+                _, rest = err.split((trio.Cancelled, KeyboardInterrupt))
+                if rest is None:
+                    raise
+                err = _first_leaf(rest)
             if isinstance(err, (RuntimeHandlerError, trio.Cancelled, KeyboardInterrupt)):
-                raise
+                raise err
             raise SandboxError(f"sandbox {self.sandbox_id}: {err}") from err
 
     async def _start(self, first: ContainerConfig) -> None:
@@ -188,10 +194,24 @@ class VirtSandbox:
         trio.lowlevel.spawn_system_task(
             self._serve, address, dial_timeout, ready, ready_event, name=f"kata-sandbox-{self.sandbox_id}"
         )
-        await ready_event.wait()
+        vm_exit: list[int] = []
+
+        async def watch_vm() -> None:
+            # A guest that dies while we dial must fail the start now, not after the dial timeout.
+            vm_exit.append(await hv.wait_vm())
+            self._service_scope.cancel()
+
+        async with trio.open_nursery() as watcher:
+            watcher.start_soon(watch_vm)
+            await ready_event.wait()
+            watcher.cancel_scope.cancel()
+        if vm_exit:
+            reason = getattr(hv, "exit_reason", lambda: "")() or f"wait_vm returned {vm_exit[0]}"
+            raise SandboxError(f"the VM of sandbox {self.sandbox_id} stopped before its agent answered: {reason}")
         failure = ready.get("error")
         if failure is not None:
-            raise SandboxError(f"agent at {address}: {failure}") from failure
+            text = str(failure)
+            raise SandboxError(text if address in text else f"agent at {address}: {text}") from failure
         agent = self.agent
         hostname = str(first.spec.get("hostname", "") or "")
         with trio.fail_after(agent_cfg.request_timeout_ms / 1000):
@@ -339,3 +359,9 @@ class VirtSandbox:
     def thread_ids(self) -> list[int]:
         """The hypervisor's threads (vCPUs, event thread); the sandbox itself adds none."""
         return self.hypervisor.thread_ids() if self.hypervisor is not None else []
+
+
+def _first_leaf(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
