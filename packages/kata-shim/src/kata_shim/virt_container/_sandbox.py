@@ -207,7 +207,8 @@ class VirtSandbox:
             watcher.cancel_scope.cancel()
         if vm_exit:
             reason = getattr(hv, "exit_reason", lambda: "")() or f"wait_vm returned {vm_exit[0]}"
-            raise SandboxError(f"the VM of sandbox {self.sandbox_id} stopped before its agent answered: {reason}")
+            message = f"the VM of sandbox {self.sandbox_id} stopped before its agent answered: {reason}"
+            raise SandboxError(message)
         failure = ready.get("error")
         if failure is not None:
             text = str(failure)
