@@ -42,6 +42,7 @@ from images import busybox_oci  # noqa: E402
 
 CAN_RUN_CONTAINERD = os.geteuid() == 0 and os.access("/usr/bin/containerd", os.X_OK)
 RUN_TIMEOUT = 600
+SHARED_ROOT = Path("/run/kata-containers/shared/sandboxes")  # the shim's virtio-fs share roots
 # Threads of a shim besides the VMM's (vCPUs + event thread): the main (trio) thread, and trio's cached
 # worker threads (start_vm/stop_vm/blocking file work use trio.to_thread; idle ones exit after 10 s).
 SHIM_EXTRA_THREADS = 6
@@ -184,7 +185,12 @@ def assert_nothing_left(ctrd: PrivateContainerd, container_id: str, timeout: flo
         left = {
             "shims": ctrd.shim_pids(),
             "state": sorted(p.name for p in KATA_STATE_ROOT.iterdir()) if KATA_STATE_ROOT.exists() else [],
-            "mounts": [m for m in mounts_below(Path("/run")) if container_id in m or "/run/kata" in m],
+            "shared": sorted(p.name for p in SHARED_ROOT.iterdir()) if SHARED_ROOT.exists() else [],
+            "mounts": [
+                m
+                for m in mounts_below(Path("/run")) + mounts_below(ctrd.base)
+                if f"/{container_id}/" in m + "/" or "/run/kata" in m
+            ],
         }
         if not any(left.values()) or time.monotonic() > end:
             break
