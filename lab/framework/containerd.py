@@ -80,7 +80,8 @@ def install_guest_assets(assets: GuestAssets | None = None, target: Path = KATA_
     links = {
         "vmlinuz": assets.kernel,
         "kata-containers-initrd.img": assets.initrd_sandbox,
-        "kata-containers.img": assets.rootfs_sandbox,
+        # KATA_LAB_GUEST_IMAGE: try another sandbox root (e.g. one with a work-in-progress agent)
+        "kata-containers.img": Path(os.environ.get("KATA_LAB_GUEST_IMAGE") or assets.rootfs_sandbox),
     }
     target.mkdir(parents=True, exist_ok=True)
     for name, source in links.items():
