@@ -71,9 +71,18 @@ def test_busybox_image_imports_and_runs_with_runc(tmp_path: Path) -> None:
 
 
 # --- the built-in back-end alone, on the real guest --------------------------------------------------------
+GUEST_CHECK = """\
+echo "vda ro=$(cat /sys/block/vda/ro) size=$(cat /sys/block/vda/size)"
+echo "vsock=$(test -c /dev/vsock && echo yes)"
+echo "rng=$(cat /sys/devices/virtual/misc/hw_random/rng_available)"
+echo "cpus=$(grep -c ^processor /proc/cpuinfo)"
+echo from-the-guest > /mnt/kataShared/written
+"""
+
+
 @pytest.mark.lab
-def test_dragonball_boots_the_sandbox_guest_and_notices_its_power_off(tmp_path: Path) -> None:
-    """The sandbox initramfs without an agent prints KATA-SANDBOX-READY and powers off: wait_vm sees it."""
+def test_dragonball_boots_the_guest_with_its_devices_and_notices_the_power_off(tmp_path: Path) -> None:
+    """The back-end alone on the real kernel: image as read-only vda, vsock, rng, virtio-fs, power-off."""
     import tempfile
 
     import trio
@@ -83,11 +92,16 @@ def test_dragonball_boots_the_sandbox_guest_and_notices_its_power_off(tmp_path: 
 
     assets = GuestAssets()
     config = HypervisorConfig(
-        kernel=assets.kernel, initrd=assets.initrd_sandbox, image=assets.rootfs_sandbox, default_memory=512
+        kernel=assets.kernel,
+        initrd=assets.initrd_test,
+        image=assets.rootfs_sandbox,
+        default_memory=512,
+        kernel_params="lab.virtiofs=kataShared lab.run=/mnt/kataShared/check.sh",
     )
     state_root = Path(tempfile.mkdtemp(prefix="kdb-", dir="/tmp"))
     shared = tmp_path / "shared"
     shared.mkdir()
+    (shared / "check.sh").write_text(GUEST_CHECK)
     hv = Dragonball(config, state_root=state_root)
     timings: dict[str, float] = {}
 
@@ -97,8 +111,7 @@ def test_dragonball_boots_the_sandbox_guest_and_notices_its_power_off(tmp_path: 
         t0 = time.monotonic()
         await hv.start_vm(60)
         timings["start_vm"] = time.monotonic() - t0
-        threads = hv.thread_ids()
-        assert len(threads) == 2, threads
+        assert len(hv.thread_ids()) == 2, hv.thread_ids()
         try:
             with trio.fail_after(400):
                 code = await hv.wait_vm()
@@ -109,10 +122,17 @@ def test_dragonball_boots_the_sandbox_guest_and_notices_its_power_off(tmp_path: 
 
     code = trio.run(main)
     start, off = timings["start_vm"], timings["power_off"]
-    print(f"dragonball sandbox guest: start_vm {start:.1f} s, power-off at {off:.1f} s")
-    print(hv.console_tail())
+    print(f"dragonball test guest: start_vm {start:.1f} s, power-off at {off:.1f} s")
+    console = hv.console_tail()
+    print(console)
     assert code == 0, hv.exit_reason()
-    assert "KATA-SANDBOX-READY" in hv.console_tail()
+    sectors = assets.rootfs_sandbox.stat().st_size // 512
+    assert f"vda ro=1 size={sectors}" in console
+    assert "vsock=yes" in console
+    assert "virtio_rng" in console
+    assert "cpus=1" in console
+    assert "check.sh exited 0" in console
+    assert (shared / "written").read_text() == "from-the-guest\n"
     assert not list((state_root / "boot1").glob("kata.hvsock*"))
 
 
