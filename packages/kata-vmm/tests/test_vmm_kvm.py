@@ -299,3 +299,17 @@ def test_exit_fd_stays_quiet_while_the_guest_runs_and_fires_on_stop(make_kernel:
         assert _readable(vmm.exit_fd(), 10)
     finally:
         vmm.close()
+
+
+def test_vmm_threads_carry_their_names_at_the_os_level(make_kernel: KernelFactory) -> None:
+    vmm = Vmm()
+    vmm.configure(VmConfig(kernel=make_kernel(tk.spin_forever()), vcpus=2, memory_mib=32))
+    # started from a thread with another OS name: the VMM's threads must not inherit it
+    starter = threading.Thread(target=vmm.start, name="some-worker")
+    starter.start()
+    starter.join()
+    try:
+        comms = sorted(Path(f"/proc/self/task/{t.native_id}/comm").read_text().strip() for t in vmm.threads())
+        assert comms == ["kata-vcpu-0", "kata-vcpu-1", "kata-vmm-events"]
+    finally:
+        vmm.close()

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable
 
 from kata_vmm._eventfd import EventFd
+from kata_vmm._sys import set_os_thread_name
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class EventLoop:
         self._wakeup.write(1)
 
     def _run(self) -> None:
+        set_os_thread_name(self._thread.name)
         while not self._stopping:
             try:
                 events = self._epoll.poll(self._tick)

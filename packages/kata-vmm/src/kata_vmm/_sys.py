@@ -24,6 +24,12 @@ _eventfd = _libc.eventfd
 _eventfd.argtypes = [ctypes.c_uint, ctypes.c_int]
 _eventfd.restype = ctypes.c_int
 
+_prctl = _libc.prctl
+_prctl.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_prctl.restype = ctypes.c_int
+PR_SET_NAME = 15
+TASK_COMM_LEN = 16
+
 EFD_CLOEXEC = 0o2000000
 EFD_NONBLOCK = 0o4000
 EFD_SEMAPHORE = 1
@@ -43,6 +49,15 @@ def ioctl(fd: int, request: int, arg: Any = 0, *, op: str) -> int:
     if ret < 0:
         raise KvmError(op, ctypes.get_errno())
     return int(ret)
+
+
+def set_os_thread_name(name: str) -> None:
+    """Name the calling OS thread (what ps, top and /proc/<pid>/task/<tid>/comm show; 15 bytes kept).
+
+    Python's `threading` names stay inside Python; without this a thread shows the name of whichever
+    thread created it (e.g. an asyncio or trio worker).
+    """
+    _prctl(PR_SET_NAME, name.encode()[: TASK_COMM_LEN - 1], 0, 0, 0)
 
 
 def eventfd(initval: int = 0, flags: int = EFD_CLOEXEC | EFD_NONBLOCK) -> int:

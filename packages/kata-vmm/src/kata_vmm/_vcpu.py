@@ -25,6 +25,7 @@ from kata_vmm._bindings import kvm as k
 from kata_vmm._bus import Bus
 from kata_vmm._errors import KvmError, VmmError
 from kata_vmm._kvm import Vcpu
+from kata_vmm._sys import set_os_thread_name
 
 KICK_SIGNAL = signal.SIGRTMIN + 2
 
@@ -198,6 +199,7 @@ class VcpuThread:
             return True
 
     def _main(self) -> None:
+        set_os_thread_name(self._thread.name)
         try:
             self._loop()
         except BaseException as err:
