@@ -49,7 +49,10 @@ def on_host(args: argparse.Namespace) -> int:
         [sys.executable, str(LAB / "images" / "busybox_oci.py"), "--out", str(IMAGE_TAR)], check=True
     )
     say("booting the lab VM (QEMU/TCG with nested KVM); everything below runs inside it")
-    argv = [str(LAB / "labvm"), "exec", "--", sys.executable, str(Path(__file__).resolve()), "--inside"]
+    argv = [str(LAB / "labvm"), "exec"]
+    if os.environ.get("KATA_LAB_GUEST_IMAGE"):  # another sandbox root to try (framework.containerd)
+        argv += ["--env", "KATA_LAB_GUEST_IMAGE"]
+    argv += ["--", sys.executable, str(Path(__file__).resolve()), "--inside"]
     argv += ["--command", args.command]
     if args.keep_log:
         argv.append("--keep-log")
