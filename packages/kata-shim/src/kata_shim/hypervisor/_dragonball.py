@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import select
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,7 @@ from kata_shim.hypervisor._base import (
     NetworkDevice,
     ShareFsDevice,
 )
+from kata_shim.persist import sandbox_dir
 from kata_virtio import VirtioError
 from kata_vmm import (
     VIRTIO_MMIO_SLOTS,
@@ -191,8 +193,6 @@ class Dragonball:
 
     async def prepare_vm(self, sandbox_id: str, netns: str | None) -> None:
         """Check the config (kernel, initrd, image exist) and create /run/kata/<sandbox id>/."""
-        from kata_shim.persist import sandbox_dir
-
         self._check_config()
         try:
             state_dir = sandbox_dir(sandbox_id, self._state_root)
@@ -343,8 +343,6 @@ class Dragonball:
         return self._vmm
 
     def _exited_nowait(self) -> bool:
-        import select
-
         vmm = self._vmm
         if vmm is None:
             return False
