@@ -9,12 +9,37 @@ lists, the busybox binary, the sandbox package versions):
     initrd-test.img      busybox initramfs for test guests: loads the virtio drivers, runs `lab.run=PATH`
                          if given on the kernel command line, else prints KATA-LAB-GUEST-OK and powers off
     rootfs-sandbox.ext4  read-only root of the sandbox guest: Debian's python3 (stdlib byte-compiled), crun,
-                         busybox, an empty /opt/kata-agent for the agent package
+                         busybox, and the agent in /opt/kata-agent: kata_agent + kata_proto from
+                         packages/*/src and the pinned AGENT_WHEELS, byte-compiled, in lib/; the `start`
+                         script that mounts the guest's filesystems and runs the agent
     rootfs-sandbox.erofs the same tree as erofs (boot it with lab.rootfstype=erofs; ext4 measured faster)
     initrd-sandbox.img   mounts /dev/vda (that image) under a tmpfs overlay and runs /opt/kata-agent/start,
                          else prints KATA-SANDBOX-READY and powers off
 
 Run `python3 lab/images/build.py --force` to rebuild regardless of the cache.
+
+Booting the sandbox guest (what lab/tests/test_agent_lab.py and the shim's dragonball back-end boot):
+
+    kernel     build/lab/guest/vmlinuz (Debian bookworm cloud 6.1, bzImage)
+    initrd     build/lab/guest/initrd-sandbox.img
+    cmdline    "console=ttyS0 reboot=k panic=1 quiet"  (nothing else is required; `quiet` matters: every
+               console byte is a VM exit. Optional: lab.rootfstype=erofs with the .erofs image,
+               kata.agent_log=console to copy the agent's own stderr log to the serial console)
+    devices    the FIRST virtio-blk device is the image, read-only: build/lab/guest/rootfs-sandbox.ext4
+               (the initrd mounts /dev/vda; it is the first block device the guest probes, so any other
+               block device must come after it in slot order). Hybrid vsock (guest CID 3): the agent's
+               ttrpc on port 1024 and JSON log lines on port 1025 (it listens; the host connects). virtio-fs:
+               any tag; the agent mounts it when CreateSandbox passes a virtio-fs Storage with that source.
+               virtio-rng and virtio-net (tap) are optional. Slot order otherwise does not matter; both
+               `kata-vmm run --block IMG,ro --vsock UDS --fs TAG=DIR --net TAP` (slots: vsock, block, net,
+               fs, rng) and the dragonball order (block, vsock, rng, fs..., net...) work.
+    memory     512 MiB and 1 vCPU work (256 MiB boots too; leave room for containers).
+
+The guest's init is the initrd's busybox sh: it loads the virtio/vsock/virtio-fs/overlay modules, mounts
+/dev/vda read-only under a tmpfs overlay as /, moves /dev /proc /sys into it and switch_roots to
+/opt/kata-agent/start, which mounts cgroup2, /dev/pts, /dev/shm and /tmp (/, hence /run, is the tmpfs
+overlay), brings lo up and runs the agent (python3 -S, crun as the runtime) as a child subreaper under that
+shell; if the agent exits, the shell prints the tail of its log on the console and powers the guest off.
 """
 
 from __future__ import annotations
@@ -30,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,6 +94,16 @@ SANDBOX_PRUNE = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/
 SANDBOX_PYTHON = "python3.11"
 
 BUSYBOX = Path("/bin/busybox")
+
+# The agent's Python dependencies in the sandbox image: exact pins of cp311 manylinux wheels (pure Python
+# except protobuf's abi3 upb extension), fetched once with `pip download` into build/lab/cache/wheels.
+AGENT_WHEELS = [
+    "trio==0.35.0", "attrs==26.1.0", "idna==3.20", "outcome==1.3.0.post0", "sniffio==1.3.1",
+    "sortedcontainers==2.4.0", "protobuf==7.36.2", "pyroute2==0.9.7",
+]  # fmt: skip
+AGENT_SOURCES = [REPO / "packages" / "kata-agent" / "src" / "kata_agent",
+                 REPO / "packages" / "kata-proto" / "src" / "kata_proto"]  # fmt: skip
+AGENT_DIR = "opt/kata-agent"
 
 
 class BuildError(Exception):
@@ -361,9 +397,7 @@ def build_sandbox_root(stage: Path, versions: dict[str, str]) -> None:
     (root / "etc" / "hostname").write_text("kata-sandbox\n")
     (root / "usr" / "bin" / "sh").unlink(missing_ok=True)
     (root / "usr" / "bin" / "sh").symlink_to("busybox")
-    (root / "opt" / "kata-agent" / "README").write_text(
-        "The kata-agent package goes here; the sandbox initramfs execs ./start when it exists.\n"
-    )
+    install_agent(root / AGENT_DIR)
 
 
 def byte_compile_stdlib(root: Path) -> None:
@@ -379,6 +413,93 @@ def byte_compile_stdlib(root: Path) -> None:
     skip = "lib2to3/tests|test/|idlelib|tkinter|turtledemo"
     run(str(compiler), "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "unchecked-hash",
         "-x", skip, "-s", str(root), "-p", "/", str(stdlib))  # fmt: skip
+
+
+AGENT_START = """#!/bin/sh
+# The sandbox's init after switch_root (pid 1): the guest's filesystems, then the agent as a child subreaper.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup || mount -t tmpfs -o mode=0755 cgroup /sys/fs/cgroup
+mkdir -p /dev/pts /dev/shm /dev/mqueue
+mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /dev/pts
+[ -e /dev/ptmx ] || ln -s pts/ptmx /dev/ptmx
+mount -t tmpfs -o mode=1777,nosuid,nodev shm /dev/shm
+mount -t mqueue mqueue /dev/mqueue 2>/dev/null
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
+hostname kata-sandbox
+ip link set lo up
+# every controller the kernel offers, for the containers' cgroups below the root
+for c in $(cat /sys/fs/cgroup/cgroup.controllers 2>/dev/null); do
+    echo "+$c" > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
+done
+log=/run/kata-agent.log
+case " $(cat /proc/cmdline) " in *" kata.agent_log=console "*) log=/dev/console;; esac
+PYTHONPATH=/opt/kata-agent/lib PYTHONDONTWRITEBYTECODE=1 \\
+    /usr/bin/python3 -S /opt/kata-agent/lib/kata_agent_start.py \\
+    --runtime /usr/bin/crun --runtime-root /run/crun --run-dir /run/kata-containers 2>>"$log"
+echo "kata-agent exited $?"
+[ "$log" = /dev/console ] || tail -n 20 "$log"
+sync
+poweroff -f
+"""
+
+AGENT_ENTRY = """\"\"\"The sandbox image's agent entry point (/opt/kata-agent/start runs it).\"\"\"
+import sys
+
+from kata_agent._main import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def install_agent(dest: Path) -> None:
+    """kata_agent, kata_proto and the pinned wheels into dest/lib, byte-compiled; dest/start runs it."""
+    lib = dest / "lib"
+    lib.mkdir(parents=True, exist_ok=True)
+    for wheel in fetch_wheels():
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extractall(lib)
+    for src in AGENT_SOURCES:
+        shutil.copytree(src, lib / src.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for info in list(lib.glob("*.dist-info")):
+        shutil.rmtree(info)
+    (lib / "kata_agent_start.py").write_text(AGENT_ENTRY)
+    compiler = Path("/usr/bin") / SANDBOX_PYTHON
+    run(str(compiler), "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "unchecked-hash",
+        "-s", str(dest.parent.parent), "-p", "/", str(lib))  # fmt: skip
+    (dest / "start").write_text(AGENT_START)
+    (dest / "start").chmod(0o755)
+
+
+def fetch_wheels() -> list[Path]:
+    """The AGENT_WHEELS files from build/lab/cache/wheels, downloaded with pip when missing."""
+    cache = CACHE / "wheels"
+    cache.mkdir(parents=True, exist_ok=True)
+
+    def find(pin: str) -> Path | None:
+        name, version = pin.split("==")
+        hits = sorted(cache.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+        return hits[0] if hits else None
+
+    missing = [pin for pin in AGENT_WHEELS if find(pin) is None]
+    if missing:
+        log(f"  pip download {' '.join(missing)}")
+        run(sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
+            "3.11", "--implementation", "cp", "--platform", "manylinux2014_x86_64", "--platform",
+            "manylinux_2_17_x86_64", "--platform", "any", "-d", str(cache), *missing)  # fmt: skip
+    found = [find(pin) for pin in AGENT_WHEELS]
+    absent = [pin for pin, path in zip(AGENT_WHEELS, found, strict=True) if path is None]
+    if absent:
+        raise BuildError(f"wheels not downloaded: {absent} (check pip's access to PyPI)")
+    return [p for p in found if p is not None]
+
+
+def agent_sources_digest() -> bytes:
+    h = hashlib.sha256()
+    for src in AGENT_SOURCES:
+        for path in sorted(src.rglob("*.py")):
+            h.update(str(path.relative_to(src.parent)).encode() + b"\0" + path.read_bytes())
+    return h.digest()
 
 
 def make_ext4(src: Path, dest: Path) -> None:
@@ -399,7 +520,8 @@ def inputs_digest(versions: dict[str, str]) -> str:
     h.update(Path(__file__).read_bytes())
     h.update((REPO / "lab" / "images" / "lab-init.sh").read_bytes())
     h.update(hashlib.sha256(BUSYBOX.read_bytes()).digest())
-    h.update(json.dumps([KERNEL_PACKAGE, KERNEL_DEB_VERSION, versions]).encode())
+    h.update(json.dumps([KERNEL_PACKAGE, KERNEL_DEB_VERSION, versions, AGENT_WHEELS]).encode())
+    h.update(agent_sources_digest())
     return h.hexdigest()
 
 
