@@ -26,13 +26,14 @@ if str(LAB) not in sys.path:
     sys.path.insert(0, str(LAB))
 
 from framework.sandbox import (  # noqa: E402
+    SANDBOX_CMDLINE,
     SHARE_TAG,
     make_busybox_rootfs,
     spawn_sandbox,
     wait_for_socket,
 )
 
-from kata_agent_client import ContainerSpec, Process, Storage, open_agent_client  # noqa: E402
+from kata_agent_client import AgentClient, ContainerSpec, Mount, Process, Storage, open_agent_client  # noqa: E402
 
 SHARED_MOUNT = "/run/kata-containers/shared/containers"
 
@@ -42,8 +43,42 @@ def agent_rss(metrics: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-async def one_boot(workdir: Path, index: int) -> dict[str, float]:
-    sandbox = spawn_sandbox(workdir, name=f"boot{index}")
+async def guest_output(agent: AgentClient, cid: str, script: str) -> str:
+    """Run ``script`` in a busybox container that sees the guest's /run at /guest-run; its stdout."""
+    spec = ContainerSpec(root=f"{SHARED_MOUNT}/bb/rootfs", process=Process(["sh", "-c", script]))
+    spec.mounts.append(Mount("/guest-run", "bind", "/run", ["rbind", "ro"]))
+    await agent.create_container(cid, spec)
+    await agent.start_container(cid)
+    out = await agent.read_all(cid)
+    await agent.wait_process(cid)
+    await agent.remove_container(cid)
+    return out.decode()
+
+
+async def trace(agent: AgentClient, ready_host: float) -> None:
+    """Print the guest's boot marks (uptime at each step) and the agent's slowest imports."""
+    t0 = time.monotonic()
+    marks = await guest_output(agent, "trace", "cat /proc/uptime /guest-run/kata-boot.log")
+    lag = time.monotonic() - t0
+    lines = marks.splitlines()
+    uptime_now = float(lines[0].split()[0])
+    print(f"  guest uptime at SERVING ~ {uptime_now - lag:.2f} s (host: {ready_host:.2f} s after spawn)")
+    for line in lines[1:]:
+        print(f"  {line}")
+    imports = await guest_output(agent, "imports", "grep '^import time:' /guest-run/kata-agent.log || true")
+    rows = []
+    for line in imports.splitlines():
+        parts = line.split("|")
+        if len(parts) == 3 and parts[1].strip().isdigit():
+            rows.append((int(parts[1]), parts[2].rstrip()))
+    if rows:
+        print("  slowest imports (cumulative us):")
+        for cumulative, name in sorted(rows, reverse=True)[:25]:
+            print(f"    {cumulative:>9} {name}")
+
+
+async def one_boot(workdir: Path, index: int, cmdline: str, do_trace: bool) -> dict[str, float]:
+    sandbox = spawn_sandbox(workdir, name=f"boot{index}", cmdline=cmdline)
     try:
         make_busybox_rootfs(sandbox.share / "bb" / "rootfs")
         await trio.to_thread.run_sync(wait_for_socket, sandbox.uds)
@@ -62,6 +97,8 @@ async def one_boot(workdir: Path, index: int) -> dict[str, float]:
             status = await agent.wait_process("c")
             await agent.remove_container("c")
             rss = agent_rss(await agent.get_metrics())
+            if do_trace:
+                await trace(agent, ready)
             await agent.destroy_sandbox()
         if status != 0:
             raise RuntimeError(f"`true` exited {status}")
@@ -73,11 +110,11 @@ async def one_boot(workdir: Path, index: int) -> dict[str, float]:
         sandbox.vm.kill()
 
 
-async def bench(boots: int) -> None:
+async def bench(boots: int, cmdline: str, do_trace: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="agent-boot-", dir="/tmp") as tmp:
         rows = []
         for i in range(boots):
-            row = await one_boot(Path(tmp), i)
+            row = await one_boot(Path(tmp), i, cmdline, do_trace)
             rows.append(row)
             print(
                 f"boot {i}: agent ready {row['ready']:.2f} s, create {row['create'] * 1e3:.0f} ms, "
@@ -106,8 +143,14 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--boots", type=int, default=5)
+    parser.add_argument("--cmdline", default=SANDBOX_CMDLINE, help="guest kernel command line")
+    parser.add_argument(
+        "--trace", action="store_true", help="print the guest's boot marks and the agent's slowest imports"
+    )
     args = parser.parse_args()
-    trio.run(bench, args.boots)
+    cmdline = args.cmdline + (" kata.importtime" if args.trace else "")
+    print(f"cmdline: {cmdline}")
+    trio.run(bench, args.boots, cmdline, args.trace)
     return 0
 
 

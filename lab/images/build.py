@@ -314,7 +314,9 @@ poweroff -f
 
 SANDBOX_INIT = (
     INIT_PRELUDE
-    + """{loads}
+    + """read -r t_init _ < /proc/uptime
+{loads}
+read -r t_modules _ < /proc/uptime
 root=$(cmdline_arg lab.root || echo /dev/vda)
 selfcheck=$(cmdline_arg lab.selfcheck > /dev/null && echo yes)
 fstype=$(cmdline_arg lab.rootfstype || echo ext4)
@@ -323,6 +325,7 @@ mount -t "$fstype" -o ro "$root" /run/lower || { echo "lab-init: cannot mount $r
 mount -t tmpfs -o mode=0755 tmpfs /run/rw
 mkdir -p /run/rw/upper /run/rw/work
 mount -t overlay -o lowerdir=/run/lower,upperdir=/run/rw/upper,workdir=/run/rw/work overlay /newroot
+read -r t_root _ < /proc/uptime
 mkdir -p /newroot/run/lower
 mount --move /run/lower /newroot/run/lower
 for fs in dev proc sys; do mount --move "/$fs" "/newroot/$fs"; done
@@ -333,6 +336,9 @@ if [ -n "$selfcheck" ]; then
     chroot /newroot /usr/bin/crun --version | head -n 1
 fi
 if [ -x /newroot/opt/kata-agent/start ]; then
+    # guest uptime at each boot step (lab/bench/agent_boot.py --trace reads them)
+    printf 'initrd-init %s\\nmodules-loaded %s\\nroot-mounted %s\\n' "$t_init" "$t_modules" "$t_root" \\
+        > /newroot/run/kata-boot.log
     exec switch_root /newroot /opt/kata-agent/start
 fi
 echo KATA-SANDBOX-READY
@@ -418,6 +424,8 @@ def byte_compile_stdlib(root: Path) -> None:
 AGENT_START = """#!/bin/sh
 # The sandbox's init after switch_root (pid 1): the guest's filesystems, then the agent as a child subreaper.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+read -r up _ < /proc/uptime
+echo "start-script $up" >> /run/kata-boot.log
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup || mount -t tmpfs -o mode=0755 cgroup /sys/fs/cgroup
 mkdir -p /dev/pts /dev/shm /dev/mqueue
 mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /dev/pts
@@ -433,9 +441,13 @@ for c in $(cat /sys/fs/cgroup/cgroup.controllers 2>/dev/null); do
     echo "+$c" > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
 done
 log=/run/kata-agent.log
+flags=-S
 case " $(cat /proc/cmdline) " in *" kata.agent_log=console "*) log=/dev/console;; esac
+case " $(cat /proc/cmdline) " in *" kata.importtime "*) flags="$flags -X importtime";; esac
+read -r up _ < /proc/uptime
+echo "start-script-done $up" >> /run/kata-boot.log
 PYTHONPATH=/opt/kata-agent/lib PYTHONDONTWRITEBYTECODE=1 \\
-    /usr/bin/python3 -S /opt/kata-agent/lib/kata_agent_start.py \\
+    /usr/bin/python3 $flags /opt/kata-agent/lib/kata_agent_start.py \\
     --runtime /usr/bin/crun --runtime-root /run/crun --run-dir /run/kata-containers 2>>"$log"
 echo "kata-agent exited $?"
 [ "$log" = /dev/console ] || tail -n 20 "$log"
@@ -446,8 +458,20 @@ poweroff -f
 AGENT_ENTRY = """\"\"\"The sandbox image's agent entry point (/opt/kata-agent/start runs it).\"\"\"
 import sys
 
-from kata_agent._main import main
 
+def mark(what):
+    # guest uptime at each start-up step, for lab/bench/agent_boot.py --trace
+    try:
+        with open("/proc/uptime") as up, open("/run/kata-boot.log", "a") as out:
+            out.write(what + " " + up.read().split()[0] + "\\n")
+    except OSError:
+        pass
+
+
+mark("python-main")
+from kata_agent._main import main  # noqa: E402
+
+mark("agent-imported")
 sys.exit(main(sys.argv[1:]))
 """
 
