@@ -77,8 +77,10 @@ async def trace(agent: AgentClient, ready_host: float) -> None:
             print(f"    {cumulative:>9} {name}")
 
 
-async def one_boot(workdir: Path, index: int, cmdline: str, do_trace: bool) -> dict[str, float]:
-    sandbox = spawn_sandbox(workdir, name=f"boot{index}", cmdline=cmdline)
+async def one_boot(
+    workdir: Path, index: int, cmdline: str, do_trace: bool, kernel: Path | None
+) -> dict[str, float]:
+    sandbox = spawn_sandbox(workdir, name=f"boot{index}", cmdline=cmdline, kernel=kernel)
     try:
         make_busybox_rootfs(sandbox.share / "bb" / "rootfs")
         await trio.to_thread.run_sync(wait_for_socket, sandbox.uds)
@@ -110,11 +112,11 @@ async def one_boot(workdir: Path, index: int, cmdline: str, do_trace: bool) -> d
         sandbox.vm.kill()
 
 
-async def bench(boots: int, cmdline: str, do_trace: bool) -> None:
+async def bench(boots: int, cmdline: str, do_trace: bool, kernel: Path | None) -> None:
     with tempfile.TemporaryDirectory(prefix="agent-boot-", dir="/tmp") as tmp:
         rows = []
         for i in range(boots):
-            row = await one_boot(Path(tmp), i, cmdline, do_trace)
+            row = await one_boot(Path(tmp), i, cmdline, do_trace, kernel)
             rows.append(row)
             print(
                 f"boot {i}: agent ready {row['ready']:.2f} s, create {row['create'] * 1e3:.0f} ms, "
@@ -147,10 +149,11 @@ def main() -> int:
     parser.add_argument(
         "--trace", action="store_true", help="print the guest's boot marks and the agent's slowest imports"
     )
+    parser.add_argument("--kernel", type=Path, help="boot this kernel instead of build/lab/guest/vmlinuz")
     args = parser.parse_args()
     cmdline = args.cmdline + (" kata.importtime" if args.trace else "")
     print(f"cmdline: {cmdline}")
-    trio.run(bench, args.boots, cmdline, args.trace)
+    trio.run(bench, args.boots, cmdline, args.trace, args.kernel)
     return 0
 
 

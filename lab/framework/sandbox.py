@@ -110,13 +110,14 @@ def sandbox_config(
     vcpus: int = 1,
     cmdline: str = SANDBOX_CMDLINE,
     timeout_s: float = 3600,
+    kernel: Path | None = None,
 ) -> GuestConfig:
-    """The GuestConfig of the sandbox recipe for `kata-vmm run`."""
+    """The GuestConfig of the sandbox recipe for `kata-vmm run` (``kernel``: another build of vmlinuz)."""
     devices = ["--block", f"{assets.rootfs_sandbox},ro", "--vsock", str(uds), "--fs", f"{SHARE_TAG}={share}"]
     if tap is not None:
         devices += ["--net", f"{tap},mac={mac}"]
     return GuestConfig(
-        kernel=assets.kernel,
+        kernel=kernel or assets.kernel,
         initrd=assets.initrd_sandbox,
         cmdline=cmdline,
         vcpus=vcpus,
