@@ -107,8 +107,13 @@ def shims(tmp_path: Path) -> Iterator[Shims]:
 
 
 def wait_gone(pid: int, timeout: float = 10) -> bool:
+    """True once ``pid`` has exited. The orphaned shim is re-parented to the nearest child subreaper, which
+    is this pytest process when an earlier test ran the agent in-process: reap it then
+    (as a subreaper must)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
         if process_start_time(pid) is None:
             return True
         time.sleep(0.05)
