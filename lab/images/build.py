@@ -36,9 +36,9 @@ Booting the sandbox guest (what lab/tests/test_agent_lab.py and the shim's drago
                rng, fs..., net...) both give /dev/vda = the image.
     memory     512 MiB and 1 vCPU (what the lab test and bench boot; containers need room beyond the agent's
                ~30 MiB RSS).
-    faster?    the same kernel as ELF vmlinux booted by PVH (`kata-vmm extract-vmlinux vmlinuz OUT`), no
-               bzImage decompression: VM start to agent SERVING 26 s against 37 s, one boot each in the lab VM
-               (bench/agent_boot.py --kernel); the host-side part (spawn to guest uptime 0) fell 8.5 -> 5 s.
+    PVH        the same kernel as ELF vmlinux (`kata-vmm extract-vmlinux vmlinuz OUT`) boots too, with no
+               measured gain: VM start to SERVING median of 5 was 33.9 s against 30.5 s for the bzImage in
+               the same lab VM session (boots range 26-38 s on the shared machine: noise dominates).
 
 The guest's init is the initrd's busybox sh: it loads the virtio/vsock/virtio-fs/overlay modules, mounts
 /dev/vda read-only under a tmpfs overlay as /, moves /dev /proc /sys into it and switch_roots to
