@@ -14,7 +14,8 @@ lists, the busybox binary, the sandbox package versions):
                          script that mounts the guest's filesystems and runs the agent
     rootfs-sandbox.erofs the same tree as erofs (boot it with lab.rootfstype=erofs; ext4 measured faster)
     initrd-sandbox.img   mounts /dev/vda (that image) under a tmpfs overlay and runs /opt/kata-agent/start,
-                         else prints KATA-SANDBOX-READY and powers off
+                         (unless lab.noagent=1 is on the command line), else prints KATA-SANDBOX-READY
+                         and powers off
 
 Run `python3 lab/images/build.py --force` to rebuild regardless of the cache.
 
@@ -324,6 +325,7 @@ SANDBOX_INIT = (
 read -r t_modules _ < /proc/uptime
 root=$(cmdline_arg lab.root || echo /dev/vda)
 selfcheck=$(cmdline_arg lab.selfcheck > /dev/null && echo yes)
+noagent=$(cmdline_arg lab.noagent > /dev/null && echo yes)
 fstype=$(cmdline_arg lab.rootfstype || echo ext4)
 mkdir -p /run/lower /run/rw
 mount -t "$fstype" -o ro "$root" /run/lower || { echo "lab-init: cannot mount $root"; poweroff -f; }
@@ -340,7 +342,7 @@ if [ -n "$selfcheck" ]; then
         'import sys, ssl, json, sqlite3, asyncio; print("KATA-SANDBOX-PYTHON", sys.version.split()[0])'
     chroot /newroot /usr/bin/crun --version | head -n 1
 fi
-if [ -x /newroot/opt/kata-agent/start ]; then
+if [ -x /newroot/opt/kata-agent/start ] && [ -z "$noagent" ]; then
     # guest uptime at each boot step (lab/bench/agent_boot.py --trace reads them)
     printf 'initrd-init %s\\nmodules-loaded %s\\nroot-mounted %s\\n' "$t_init" "$t_modules" "$t_root" \\
         > /newroot/run/kata-boot.log

@@ -100,7 +100,7 @@ def test_sandbox_guest_mounts_ext4_root_and_runs_python_and_crun(
     config = GuestConfig(
         kernel=guest_assets.kernel,
         initrd=guest_assets.initrd_sandbox,
-        cmdline="console=ttyS0 quiet panic=-1 lab.selfcheck=1",
+        cmdline="console=ttyS0 quiet panic=-1 lab.selfcheck=1 lab.noagent=1",
         disks=[guest_assets.rootfs_sandbox],
     )
     vm = qemu_factory.build(config).spawn()
@@ -117,7 +117,7 @@ def test_sandbox_guest_also_boots_the_erofs_root(
     config = GuestConfig(
         kernel=guest_assets.kernel,
         initrd=guest_assets.initrd_sandbox,
-        cmdline="console=ttyS0 quiet panic=-1 lab.rootfstype=erofs",
+        cmdline="console=ttyS0 quiet panic=-1 lab.rootfstype=erofs lab.noagent=1",
         disks=[guest_assets.rootfs_sandbox_erofs],
     )
     vm = qemu_factory.build(config).spawn()
