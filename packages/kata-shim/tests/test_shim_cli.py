@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kata_shim._cli import main
 from kata_shim.shim import ShimFlags, UsageError, go_join, parse_flags, pod_sandbox_id, socket_address
+from kata_shim.shim._address import bundle_sandbox_id, load_spec
 
 
 def test_parse_flags_reads_containerd_start_argv() -> None:
@@ -93,6 +98,85 @@ def test_pod_sandbox_id_from_cri_annotations() -> None:
     assert pod_sandbox_id({"annotations": crio}) == "pod2"
     assert pod_sandbox_id({}) is None
     assert pod_sandbox_id(None) is None
+
+
+def test_shim_flags_compare_and_print_by_value() -> None:
+    flags = ShimFlags(namespace="n", id="i")
+    assert flags == ShimFlags("n", "i")
+    assert flags != ShimFlags(namespace="n", id="j")
+    assert flags != ("n", "i")
+    assert repr(flags).startswith("ShimFlags(namespace='n', id='i', address='', publish_binary='containerd'")
+    with pytest.raises(TypeError):
+        hash(flags)
+
+
+_CRI_KEYS = st.sampled_from(
+    [
+        "io.kubernetes.cri.container-type",
+        "io.kubernetes.cri.sandbox-id",
+        "io.kubernetes.cri-o.ContainerType",
+        "io.kubernetes.cri-o.SandboxID",
+        "other",
+    ]
+)
+_ANNOTATIONS = st.dictionaries(_CRI_KEYS, st.sampled_from(["container", "sandbox", "pod-1", "", "<&>"]))
+
+
+@settings(max_examples=150)
+@given(annotations=_ANNOTATIONS, ascii_only=st.booleans(), extra=st.sampled_from(["", "\u00e9", "\u0026"]))
+def test_bundle_sandbox_id_agrees_with_parsing_the_spec(
+    tmp_path_factory: pytest.TempPathFactory, annotations: dict[str, str], ascii_only: bool, extra: str
+) -> None:
+    bundle = tmp_path_factory.mktemp("bundle")
+    text = json.dumps(
+        {"ociVersion": "1.0.2", "annotations": annotations, "x": extra}, ensure_ascii=ascii_only
+    )
+    (bundle / "config.json").write_text(text)
+    assert bundle_sandbox_id(bundle) == pod_sandbox_id(load_spec(bundle))
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        # A key spelled with \u escapes is still the CRI annotation.
+        (
+            rb'{"annotations": {"io.kubernetes.cri.container\u002dtype": "container",'
+            rb' "io.kubernetes.cri.sandbox-id": "pod1"}}',
+            "pod1",
+        ),
+        (
+            rb'{"annotations": {"\u0069o.kubernetes.cri-o.ContainerType": "container",'
+            rb' "io.kubernetes.cri-o.SandboxID": "pod2"}}',
+            "pod2",
+        ),
+        (b'{"annotations": {"io.kubernetes.cri.container-type": "container"}', None),  # not JSON
+        (b"\xff\xfe{}", None),  # not UTF-8
+        (b"[]", None),
+    ],
+)
+def test_bundle_sandbox_id_reads_escaped_keys_and_rejects_bad_specs(
+    tmp_path: Path, raw: bytes, expected: str | None
+) -> None:
+    (tmp_path / "config.json").write_bytes(raw)
+    assert bundle_sandbox_id(tmp_path) == expected == pod_sandbox_id(load_spec(tmp_path))
+
+
+def test_bundle_sandbox_id_without_config_json(tmp_path: Path) -> None:
+    assert bundle_sandbox_id(tmp_path) is None
+    assert bundle_sandbox_id(str(tmp_path)) is None
+
+
+def test_start_path_imports_only_light_standard_modules() -> None:
+    # `start` runs in a fresh interpreter per container; under nested TCG each of these costs it tenths
+    # of a second (pathlib, typing and json for a bundle without CRI annotations).
+    code = (
+        "import sys, kata_shim._cli, kata_shim.shim._start\n"
+        "heavy = ['trio', 'google.protobuf', 'kata_proto', 'dataclasses', 'inspect', 'pathlib', 'typing',"
+        " 'json', 'hashlib', 'kata_shim.persist']\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_cli_reports_usage_errors_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,17 +3,20 @@
 containerd (pkg/shim SocketAddress) names a shim's socket
 ``unix:///run/containerd/s/<hex sha256 of filepath.Join(containerd address, namespace, id)>``;
 for a CRI pod, `id` is the sandbox's, so every container of the pod finds the same shim.
-Standard library only.
+Standard library only, and only its light parts: `start` runs in a fresh interpreter for every
+container, and under nested TCG importing pathlib, typing or json costs it tenths of a second each.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import os
 import posixpath
 import socket
-from pathlib import Path
-from typing import Any
+
+try:  # the built-in sha256: hashlib would first load OpenSSL's libcrypto for the same digest
+    from _sha256 import sha256  # type: ignore[import-not-found]  # no stub: private module
+except ImportError:  # pragma: no cover - interpreters without it (3.12 calls it _sha2)
+    from hashlib import sha256
 
 SOCKET_ROOT = "/run/containerd/s"
 """containerd's default state dir + "s" (used whatever state dir the daemon is configured with)."""
@@ -39,7 +42,7 @@ def go_join(*elements: str) -> str:
 
 def socket_address(containerd_address: str, namespace: str, id: str, root: str = SOCKET_ROOT) -> str:
     """The shim socket address containerd's helpers derive for (address, namespace, id)."""
-    digest = hashlib.sha256(go_join(containerd_address, namespace, id).encode()).hexdigest()
+    digest = sha256(go_join(containerd_address, namespace, id).encode()).hexdigest()
     return f"unix://{root}/{digest}"
 
 
@@ -59,16 +62,31 @@ def can_connect(address: str, timeout: float = 0.5) -> bool:
     return True
 
 
-def load_spec(bundle: Path) -> dict[str, Any] | None:
-    """The bundle's config.json, or None when it is missing or unreadable."""
+def _read_spec(bundle: str | os.PathLike[str]) -> bytes | None:
     try:
-        spec = json.loads((bundle / "config.json").read_text())
-    except (OSError, ValueError):
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _parse_spec(data: bytes) -> dict[str, object] | None:
+    import json  # here: most bundles never need it (see bundle_sandbox_id)
+
+    try:
+        spec = json.loads(data.decode())
+    except ValueError:  # UnicodeDecodeError too
         return None
     return spec if isinstance(spec, dict) else None
 
 
-def pod_sandbox_id(spec: dict[str, Any] | None) -> str | None:
+def load_spec(bundle: str | os.PathLike[str]) -> dict[str, object] | None:
+    """The bundle's config.json, or None when it is missing or unreadable."""
+    data = _read_spec(bundle)
+    return None if data is None else _parse_spec(data)
+
+
+def pod_sandbox_id(spec: dict[str, object] | None) -> str | None:
     """The sandbox id when the spec's annotations say this is a later container of a CRI pod."""
     annotations = (spec or {}).get("annotations") or {}
     if not isinstance(annotations, dict):
@@ -77,3 +95,15 @@ def pod_sandbox_id(spec: dict[str, Any] | None) -> str | None:
         if annotations.get(type_key) == container_value and annotations.get(sandbox_key):
             return str(annotations[sandbox_key])
     return None
+
+
+def bundle_sandbox_id(bundle: str | os.PathLike[str]) -> str | None:
+    """`pod_sandbox_id(load_spec(bundle))`, without parsing the JSON when its bytes cannot hold a CRI
+    annotation: both keys start with io.kubernetes.cri, and UTF-8 JSON can spell that otherwise
+    only with a \\u escape."""
+    data = _read_spec(bundle)
+    if data is None:
+        return None
+    if b"io.kubernetes.cri" not in data and b"\\u" not in data:
+        return None
+    return pod_sandbox_id(_parse_spec(data))

@@ -13,7 +13,7 @@ import os
 import signal
 from pathlib import Path
 
-from kata_shim.shim._address import can_connect, load_spec, pod_sandbox_id, socket_address, socket_path
+from kata_shim.shim._address import bundle_sandbox_id, can_connect, socket_address, socket_path
 from kata_shim.shim._flags import ShimFlags
 from kata_shim.shim._wire import encode_delete_response
 
@@ -36,7 +36,7 @@ def _kill_shim_of(bundle: Path, id: str) -> None:
 def delete(flags: ShimFlags) -> bytes:
     """Clean up and return the serialized DeleteResponse (exit status 137, exited now)."""
     bundle = Path(flags.bundle or os.getcwd())
-    if pod_sandbox_id(load_spec(bundle)) is None and flags.id:
+    if bundle_sandbox_id(bundle) is None and flags.id:
         # Imported here: a pod container's delete needs none of it.
         from kata_shim.persist import cleanup_sandbox
 

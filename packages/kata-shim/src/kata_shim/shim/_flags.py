@@ -6,8 +6,6 @@ containerd runs ``containerd-shim-kata-v2 -namespace NS -address SOCK -publish-b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 _STRING_FLAGS = {
     "namespace": "namespace",
     "id": "id",
@@ -18,27 +16,57 @@ _STRING_FLAGS = {
 }
 _BOOL_FLAGS = {"debug": "debug", "v": "version"}
 ACTIONS = ("start", "delete", "run")
+_FIELDS = ("namespace", "id", "address", "publish_binary", "bundle", "socket", "debug", "version", "action")
 
 
 class UsageError(ValueError):
     """The command line is not one containerd would give (unknown flag, missing value or action)."""
 
 
-@dataclass
 class ShimFlags:
-    """The parsed command line."""
+    """The parsed command line.
 
-    namespace: str = ""
-    id: str = ""
-    address: str = ""
-    """containerd's gRPC socket (the shim socket address is derived from it)."""
-    publish_binary: str = "containerd"
-    bundle: str = ""
-    socket: str = ""
-    debug: bool = False
-    version: bool = False
-    action: str = "run"
-    """start, delete, or run (no action: serve as the long-running shim)."""
+    `address` is containerd's gRPC socket (the shim socket address is derived from it); `action` is
+    start, delete, or run (no action: serve as the long-running shim). A plain class with a dataclass's
+    constructor, equality and repr: `dataclasses` imports `inspect`, which costs `start` (a fresh
+    interpreter per container) a quarter of a second under nested TCG.
+    """
+
+    def __init__(  # noqa: PLR0917 - positional too, as the dataclass it replaces
+        self,
+        namespace: str = "",
+        id: str = "",
+        address: str = "",
+        publish_binary: str = "containerd",
+        bundle: str = "",
+        socket: str = "",
+        debug: bool = False,
+        version: bool = False,
+        action: str = "run",
+    ) -> None:
+        self.namespace = namespace
+        self.id = id
+        self.address = address
+        self.publish_binary = publish_binary
+        self.bundle = bundle
+        self.socket = socket
+        self.debug = debug
+        self.version = version
+        self.action = action
+
+    def _astuple(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in _FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ShimFlags) or other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._astuple() == other._astuple()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value (as a dataclass)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in _FIELDS)
+        return f"{type(self).__name__}({fields})"
 
     def to_argv(self) -> list[str]:
         """Flags that make a copy of this shim run with the same identity (no action)."""

@@ -1,6 +1,7 @@
 """`containerd-shim-kata-v2 start`: find or launch the pod's shim and print its address.
 
-Runs in a fresh Python process on every container start, so it uses the standard library only.
+Runs in a fresh Python process on every container start, so it uses the standard library only
+(and not pathlib: see `kata_shim.shim._address`).
 The socket is bound here and handed to the new shim (as runtime-rs does), so the address
 accepts connections the moment it is printed and two racing starts cannot both bind it; the new
 shim reports on a pipe once it serves (or why it could not), and `start` fails with that message.
@@ -16,9 +17,8 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from kata_shim.shim._address import can_connect, load_spec, pod_sandbox_id, socket_address, socket_path
+from kata_shim.shim._address import bundle_sandbox_id, can_connect, socket_address, socket_path
 from kata_shim.shim._flags import ShimFlags
 
 ENV_LISTEN_FD = "KATA_SHIM_LISTEN_FD"
@@ -33,10 +33,12 @@ class StartError(Exception):
     """The shim could not be started (the message says why; containerd shows it)."""
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
     """Replace `path` with `text` in one rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
+    head, name = os.path.split(path)
+    tmp = os.path.join(head, f".{name}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
     os.replace(tmp, path)
 
 
@@ -72,8 +74,10 @@ def adjust_oom_score(pid: int) -> None:
     """Give the shim containerd's OOM score adjustment + 1, as containerd's shims do: the kernel then
     prefers killing the shim (and its VM) over containerd, and spares it before ordinary processes."""
     try:
-        parent = int(Path(f"/proc/{os.getppid()}/oom_score_adj").read_text())
-        Path(f"/proc/{pid}/oom_score_adj").write_text(str(min(parent + 1, 1000)))
+        with open(f"/proc/{os.getppid()}/oom_score_adj") as f:
+            parent = int(f.read())
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write(str(min(parent + 1, 1000)))
     except (OSError, ValueError):
         pass  # not permitted (unprivileged tests): keep the inherited score
 
@@ -99,7 +103,7 @@ def _wait_ready(child: subprocess.Popen[bytes], ready_fd: int, timeout: float) -
     raise StartError(line or f"the shim exited with status {child.returncode} before serving")
 
 
-def launch(flags: ShimFlags, address: str, bundle: Path) -> int:
+def launch(flags: ShimFlags, address: str, bundle: str) -> int:
     """Start the run-mode shim serving `address`; return its pid once it serves."""
     sock = bind_socket(address)
     ready_r, ready_w = os.pipe()
@@ -144,8 +148,8 @@ def start(flags: ShimFlags) -> str:
         raise StartError("shim namespace cannot be empty")
     if not flags.id:
         raise StartError("shim id cannot be empty")
-    bundle = Path(flags.bundle or os.getcwd())
-    sandbox_id = pod_sandbox_id(load_spec(bundle))
+    bundle = flags.bundle or os.getcwd()
+    sandbox_id = bundle_sandbox_id(bundle)
     if sandbox_id is not None:
         # A later container of a CRI pod: its sandbox's shim serves it.
         address = socket_address(flags.address, flags.namespace, sandbox_id)
@@ -153,6 +157,6 @@ def start(flags: ShimFlags) -> str:
         address = socket_address(flags.address, flags.namespace, flags.id)
         if not can_connect(address):
             pid = launch(flags, address, bundle)
-            write_atomic(bundle / "shim.pid", str(pid))
-    write_atomic(bundle / "address", address)
+            write_atomic(os.path.join(bundle, "shim.pid"), str(pid))
+    write_atomic(os.path.join(bundle, "address"), address)
     return address
