@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 from pathlib import Path
 
@@ -18,19 +19,29 @@ from kata_shim.shim._flags import ShimFlags
 from kata_shim.shim._wire import encode_delete_response
 
 KILLED_STATUS = 128 + signal.SIGKILL
+KILL_WAIT = 5.0
+"""Seconds `delete` waits for the shim it killed to exit (its socket and mounts go with it)."""
 
 
 def _kill_shim_of(bundle: Path, id: str) -> None:
-    """SIGKILL the pid in the bundle's shim.pid if that process is still this container's shim."""
+    """SIGKILL the pid in the bundle's shim.pid if that process is still this container's shim, and
+    wait until it has exited: the socket check and the cleanup that follow must not race a dying
+    shim (containerd runs `delete` as soon as the connection drops, often while the shim shuts down)."""
     try:
         pid = int((bundle / "shim.pid").read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        pidfd = os.pidfd_open(pid)  # from here on the pid cannot name another process
     except (OSError, ValueError):
         return
-    ours = any(b"containerd-shim-kata-v2" in a or a == b"kata_shim" for a in cmdline)
-    if ours and id.encode() in cmdline and pid != os.getpid():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        ours = any(b"containerd-shim-kata-v2" in a or a == b"kata_shim" for a in cmdline)
+        if ours and id.encode() in cmdline and pid != os.getpid():
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            select.select([pidfd], [], [], KILL_WAIT)  # readable once the process has exited
+    except OSError:
+        pass  # it exited meanwhile
+    finally:
+        os.close(pidfd)
 
 
 def delete(flags: ShimFlags) -> bytes:
