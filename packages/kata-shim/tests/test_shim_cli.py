@@ -166,14 +166,19 @@ def test_bundle_sandbox_id_without_config_json(tmp_path: Path) -> None:
     assert bundle_sandbox_id(str(tmp_path)) is None
 
 
-def test_start_path_imports_only_light_standard_modules() -> None:
+def test_start_path_imports_only_light_standard_modules(tmp_path: Path) -> None:
     # `start` runs in a fresh interpreter per container; under nested TCG each of these costs it tenths
     # of a second (pathlib, typing and json for a bundle without CRI annotations).
+    (tmp_path / "config.json").write_text('{"ociVersion": "1.0.2", "annotations": {"a": "b"}}')
     code = (
-        "import sys, kata_shim._cli, kata_shim.shim._start\n"
+        "import sys\n"
+        "at_startup = set(sys.modules)\n"
+        "import kata_shim._cli, kata_shim.shim._start\n"
+        "from kata_shim.shim._address import bundle_sandbox_id\n"
+        f"assert bundle_sandbox_id({str(tmp_path)!r}) is None\n"
         "heavy = ['trio', 'google.protobuf', 'kata_proto', 'dataclasses', 'inspect', 'pathlib', 'typing',"
         " 'json', 'hashlib', 'kata_shim.persist']\n"
-        "print(sorted(m for m in heavy if m in sys.modules))"
+        "print(sorted(m for m in heavy if m in sys.modules and m not in at_startup))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
