@@ -298,3 +298,13 @@ def test_cgroups_v1_metrics_name_and_numbers() -> None:
     assert _numbers(metrics.MemoryEntry) == {"limit": 1, "usage": 2, "max": 3, "failcnt": 4}
     assert _numbers(metrics.BlkIOEntry) == {"op": 1, "device": 2, "major": 3, "minor": 4, "value": 5}
     assert containerd.pack_event(metrics.Metrics()).type_url == "io.containerd.cgroups.v1.Metrics"
+
+
+def test_oci_json_tag_maps_go_field_names_to_runtime_spec_keys() -> None:
+    from kata_proto.agent import oci_json_tag
+
+    assert oci_json_tag("Version") == "ociVersion"
+    assert oci_json_tag("UIDMappings") == "uidMappings"
+    assert oci_json_tag("OOMScoreAdj") == "oomScoreAdj"
+    assert oci_json_tag("Pagesize") == "pageSize"
+    assert oci_json_tag("CgroupsPath") == "cgroupsPath"

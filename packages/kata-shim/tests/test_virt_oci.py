@@ -111,7 +111,7 @@ def _set_fields(value: Any) -> Any:
 def test_spec_survives_the_trip_to_the_agent_and_back() -> None:
     spec = guest_spec(FULL, "c1", "/guest/rootfs", FULL["mounts"])
     back = message_to_json(spec_to_pb(spec))  # the agent's own protobuf -> config.json conversion
-    assert back.pop("version") == spec.pop("ociVersion")
+    assert back.pop("ociVersion") == spec.pop("ociVersion")
     assert back == _set_fields(spec)
     assert back["linux"]["seccomp"]["syscalls"][0]["errnoRet"] == 1
     assert back["linux"]["resources"]["hugepageLimits"] == [{"pageSize": "2MB"}]

@@ -8,35 +8,11 @@ from typing import Any
 from google.protobuf.message import Message
 
 from kata_proto import ttrpc
-
-# oci.proto capitalises Go field names; config.json uses the runtime-spec JSON tags. The
-# first letter is lowered, except for these names whose JSON tag differs further.
-_KEYS = {
-    "UID": "uid",
-    "GID": "gid",
-    "UIDMappings": "uidMappings",
-    "GIDMappings": "gidMappings",
-    "HostID": "hostID",
-    "ContainerID": "containerID",
-    "OOMScoreAdj": "oomScoreAdj",
-    "CPU": "cpu",
-    "KernelTCP": "kernelTCP",
-    "DisableOOMKiller": "disableOOMKiller",
-    "BlockIO": "blockIO",
-    "ClassID": "classID",
-    "errnoret": "errnoRet",
-    "ThrottleReadIOPSDevice": "throttleReadIOPSDevice",
-    "ThrottleWriteIOPSDevice": "throttleWriteIOPSDevice",
-    "Pagesize": "pageSize",
-}
+from kata_proto.agent import oci_json_tag
 
 #: Namespaces a container gets of its own in the guest; network stays the sandbox's (the VM's).
 _OWN_NAMESPACES = ("pid", "ipc", "uts", "mount")
 _KNOWN_NAMESPACES = {"pid", "ipc", "uts", "mount", "network", "user", "cgroup", "time"}
-
-
-def _key(name: str) -> str:
-    return _KEYS.get(name) or name[:1].lower() + name[1:]
 
 
 def message_to_json(msg: Message) -> dict[str, Any]:
@@ -45,7 +21,7 @@ def message_to_json(msg: Message) -> dict[str, Any]:
     for field, value in msg.ListFields():
         if field.name in ("Solaris", "Windows", "Hooks"):
             continue
-        key = _key(field.name)
+        key = oci_json_tag(field.name)
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             out[key] = dict(value)
         elif field.is_repeated:
@@ -81,7 +57,7 @@ def spec_to_config(spec: Message, container_id: str) -> dict[str, Any]:
     if not spec.ByteSize():
         raise ttrpc.InvalidArgument("CreateContainer carries no OCI spec")
     config = message_to_json(spec)
-    config["ociVersion"] = config.pop("version", "") or "1.0.2"
+    config["ociVersion"] = config.get("ociVersion") or "1.0.2"
     config["process"] = process_to_json(spec.Process)  # type: ignore[attr-defined]
     root = config.get("root") or {}
     path = root.get("path", "")

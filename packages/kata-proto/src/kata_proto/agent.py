@@ -9,9 +9,45 @@ from __future__ import annotations
 
 from kata_proto._gen.kata import agent_pb2, csi_pb2, health_pb2, oci_pb2, types_pb2
 
-__all__ = ["AGENT_SERVICE", "HEALTH_SERVICE", "agent_pb2", "csi_pb2", "health_pb2", "oci_pb2", "types_pb2"]
+__all__ = [
+    "AGENT_SERVICE",
+    "HEALTH_SERVICE",
+    "agent_pb2",
+    "csi_pb2",
+    "health_pb2",
+    "oci_json_tag",
+    "oci_pb2",
+    "types_pb2",
+]
 
 #: ``grpc.AgentService``: the agent's main service on vsock port 1024.
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
 #: ``grpc.Health``: Check and Version.
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
+
+# oci.proto names fields as Go does (``UIDMappings``); config.json uses the runtime-spec JSON tags. A tag is
+# the field name with its first letter lowered, except for these.
+_OCI_JSON_TAGS = {
+    "Version": "ociVersion",
+    "UID": "uid",
+    "GID": "gid",
+    "UIDMappings": "uidMappings",
+    "GIDMappings": "gidMappings",
+    "HostID": "hostID",
+    "ContainerID": "containerID",
+    "OOMScoreAdj": "oomScoreAdj",
+    "CPU": "cpu",
+    "KernelTCP": "kernelTCP",
+    "DisableOOMKiller": "disableOOMKiller",
+    "BlockIO": "blockIO",
+    "ClassID": "classID",
+    "errnoret": "errnoRet",
+    "ThrottleReadIOPSDevice": "throttleReadIOPSDevice",
+    "ThrottleWriteIOPSDevice": "throttleWriteIOPSDevice",
+    "Pagesize": "pageSize",
+}
+
+
+def oci_json_tag(field_name: str) -> str:
+    """The runtime-spec (config.json) key of an oci.proto field, e.g. ``UIDMappings`` -> ``uidMappings``."""
+    return _OCI_JSON_TAGS.get(field_name) or field_name[:1].lower() + field_name[1:]

@@ -1,8 +1,7 @@
 """The OCI spec as the guest needs it: host-only parts dropped, paths rewritten, then as protobuf.
 
 oci.proto (package grpc) names fields as Go does (``UIDMappings``, ``CgroupsPath``); config.json uses
-the runtime-spec JSON tags. A JSON key maps to the field whose name, first letter lowered, equals it,
-except for the tags listed in `_JSON_TAGS`.
+the runtime-spec JSON tags; `kata_proto.agent.oci_json_tag` maps one to the other.
 """
 
 from __future__ import annotations
@@ -14,42 +13,16 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from kata_proto.agent import oci_pb2
+from kata_proto.agent import oci_json_tag, oci_pb2
 from kata_shim.runtime._base import InvalidArgument
-
-# oci.proto field name -> runtime-spec JSON tag, where lowering the first letter is not enough.
-_JSON_TAGS = {
-    "Version": "ociVersion",
-    "UID": "uid",
-    "GID": "gid",
-    "UIDMappings": "uidMappings",
-    "GIDMappings": "gidMappings",
-    "HostID": "hostID",
-    "ContainerID": "containerID",
-    "OOMScoreAdj": "oomScoreAdj",
-    "CPU": "cpu",
-    "KernelTCP": "kernelTCP",
-    "DisableOOMKiller": "disableOOMKiller",
-    "BlockIO": "blockIO",
-    "ClassID": "classID",
-    "errnoret": "errnoRet",
-    "ThrottleReadIOPSDevice": "throttleReadIOPSDevice",
-    "ThrottleWriteIOPSDevice": "throttleWriteIOPSDevice",
-    "Pagesize": "pageSize",
-    "L3CacheSchema": "l3CacheSchema",
-}
 
 #: Namespaces whose host paths mean nothing in the guest (the VM is the network namespace).
 _HOST_NAMESPACE_TYPES = {"network"}
 
 
-def _tag(name: str) -> str:
-    return _JSON_TAGS.get(name) or name[:1].lower() + name[1:]
-
-
 @functools.cache
 def _fields(descriptor: Descriptor) -> dict[str, FieldDescriptor]:
-    return {_tag(f.name): f for f in descriptor.fields}
+    return {oci_json_tag(f.name): f for f in descriptor.fields}
 
 
 def _is_map(field: FieldDescriptor) -> bool:
