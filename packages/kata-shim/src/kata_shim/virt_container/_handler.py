@@ -7,12 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from kata_resources import GUEST_SHARED_DIR, HOST_SHARED_ROOT
+from kata_shim.persist import ENV_SHARED_ROOT
 from kata_shim.runtime._base import Publisher, RuntimeInstance
 from kata_shim.virt_container._container import VirtContainerManager
 from kata_shim.virt_container._sandbox import HypervisorBuilder, VirtSandbox, default_hypervisor_factory
-
-ENV_SHARED_ROOT = "KATA_SHIM_SHARED_ROOT"
-"""Overrides the host root of the shared directories (tests; kata_shim.persist reads the same variable)."""
 
 
 class VirtContainer:

@@ -31,17 +31,12 @@ from kata_resources import (
 )
 from kata_shim.config._types import TomlConfig
 from kata_shim.hypervisor._base import Hypervisor, ShareFsDevice
+from kata_shim.persist import MOUNTS_FILE, state_root
 from kata_shim.runtime._base import ContainerConfig, FailedPrecondition, Publisher, RuntimeHandlerError
 
 log = logging.getLogger("kata_shim.virt_container")
 agent_log = logging.getLogger("kata_shim.agent")
 
-ENV_STATE_ROOT = "KATA_SHIM_STATE_ROOT"
-"""Same override as kata_shim.persist: the state root for tests (the product uses /run/kata)."""
-DEFAULT_STATE_ROOT = Path("/run/kata")
-MOUNTS_FILE = "mounts.json"
-"""/run/kata/<sid>/mounts.json: JSON list of host mount points, oldest first (delete undoes them newest
-first after a crash)."""
 
 HypervisorBuilder = Callable[[TomlConfig], Hypervisor]
 """Builds the pod's hypervisor back-end from the whole configuration."""
@@ -56,11 +51,6 @@ def default_hypervisor_factory(config: TomlConfig) -> Hypervisor:
     from kata_shim.hypervisor import new_hypervisor
 
     return new_hypervisor(config.runtime.hypervisor_name, config.hypervisor)
-
-
-def state_root() -> Path:
-    """/run/kata, or $KATA_SHIM_STATE_ROOT."""
-    return Path(os.environ.get(ENV_STATE_ROOT) or DEFAULT_STATE_ROOT)
 
 
 def _storage(spec: StorageSpec) -> Storage:
