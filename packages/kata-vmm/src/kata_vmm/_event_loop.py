@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 
 from kata_vmm._eventfd import EventFd
-from kata_vmm._sys import set_os_thread_name
+from kata_vmm._sys import NamedThread
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class EventLoop:
         self._tickers: list[Callable[[], None]] = []
         self._tick = tick
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = NamedThread(self._run, name=name)
         self._epoll.register(self._wakeup.fd, select.EPOLLIN)
         self.errors: list[BaseException] = []
 
@@ -71,7 +71,6 @@ class EventLoop:
         self._wakeup.write(1)
 
     def _run(self) -> None:
-        set_os_thread_name(self._thread.name)
         while not self._stopping:
             try:
                 events = self._epoll.poll(self._tick)

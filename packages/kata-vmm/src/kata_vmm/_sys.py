@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
+from collections.abc import Callable
 from typing import Any, Self
 
 from kata_vmm._errors import KvmError
@@ -58,6 +60,30 @@ def set_os_thread_name(name: str) -> None:
     thread created it (e.g. an asyncio or trio worker).
     """
     _prctl(PR_SET_NAME, name.encode()[: TASK_COMM_LEN - 1], 0, 0, 0)
+
+
+class NamedThread(threading.Thread):
+    """A daemon thread whose OS name is its Python name by the time `start` returns.
+
+    The thread names itself first thing, and `start` waits for that, so nobody listing
+    /proc/<pid>/task right after start sees the creator's name on it.
+    """
+
+    def __init__(self, target: Callable[[], None], name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._body = target
+        self._named = threading.Event()
+
+    def start(self) -> None:
+        super().start()
+        self._named.wait()
+
+    def run(self) -> None:
+        try:
+            set_os_thread_name(self.name)
+        finally:
+            self._named.set()
+        self._body()
 
 
 def eventfd(initval: int = 0, flags: int = EFD_CLOEXEC | EFD_NONBLOCK) -> int:

@@ -25,7 +25,7 @@ from kata_vmm._bindings import kvm as k
 from kata_vmm._bus import Bus
 from kata_vmm._errors import KvmError, VmmError
 from kata_vmm._kvm import Vcpu
-from kata_vmm._sys import set_os_thread_name
+from kata_vmm._sys import NamedThread
 
 KICK_SIGNAL = signal.SIGRTMIN + 2
 
@@ -113,7 +113,7 @@ class VcpuThread:
         self._cond = threading.Condition()
         self._state = VcpuState.CREATED
         self._requested = VcpuState.RUNNING
-        self._thread = threading.Thread(target=self._main, name=f"kata-vcpu-{vcpu.id}", daemon=True)
+        self._thread = NamedThread(self._main, name=f"kata-vcpu-{vcpu.id}")
         self.stats = VcpuStatistics()
         self.error: BaseException | None = None
 
@@ -199,7 +199,6 @@ class VcpuThread:
             return True
 
     def _main(self) -> None:
-        set_os_thread_name(self._thread.name)
         try:
             self._loop()
         except BaseException as err:
