@@ -48,6 +48,9 @@ def on_host(args: argparse.Namespace) -> int:
     subprocess.run(
         [sys.executable, str(LAB / "images" / "busybox_oci.py"), "--out", str(IMAGE_TAR)], check=True
     )
+    # the lab VM's root is a throw-away overlay: compile here, or the shim's first start compiles under TCG
+    sources = [str(p) for p in sorted((REPO / "packages").glob("*/src"))]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *sources], check=True)
     say("booting the lab VM (QEMU/TCG with nested KVM); everything below runs inside it")
     argv = [str(LAB / "labvm"), "exec"]
     if os.environ.get("KATA_LAB_GUEST_IMAGE"):  # another sandbox root to try (framework.containerd)

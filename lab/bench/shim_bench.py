@@ -1,0 +1,224 @@
+"""containerd-shim-kata-v2 against runc on one containerd: `ctr run --rm` time, threads and memory per pod.
+
+Run inside the lab VM (`nox -s bench` does):
+    lab/labvm exec -- /work/main/.venv/bin/python lab/bench/shim_bench.py [--runs 10] [--pod 1,10,50]
+        [--json build/bench/shim.json]
+
+One private containerd 1.6 (lab/framework/containerd.py) with both runtimes and the busybox OCI image:
+
+1. `ctr run --rm IMAGE id true`, alternating runc and io.containerd.kata.v2 (`--runs` each; which runtime
+   goes first alternates too), after one unmeasured warm-up run of each. Wall time of the whole `ctr`
+   command: for kata that is shim start, VM boot, agent, container, exit, VM stop and cleanup.
+2. One pod per runtime: `ctr run -d` of a `sleep` container, then more containers into the same pod (CRI
+   sandbox annotations, so both runtimes put them in one shim) up to each `--pod` size. At each size: the
+   shim's OS thread count (kata: after trio's idle worker threads expired) and names, VmRSS and VmHWM, and
+   how long each added container took. The kata shim's RSS includes the guest memory the VM touched (the
+   VMM is in-process), so it is a VM's footprint, not a shim's.
+
+Prints a report and writes everything as JSON; no pass/fail threshold (numbers go in the issue note).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+LAB = Path(__file__).resolve().parents[1]
+if str(LAB) not in sys.path:
+    sys.path.insert(0, str(LAB))
+
+from framework import in_labvm  # noqa: E402
+from framework.containerd import (  # noqa: E402
+    BUSYBOX_IMAGE,
+    KATA_RUNTIME,
+    PrivateContainerd,
+    install_guest_assets,
+    private_containerd,
+    thread_names,
+)
+from images import busybox_oci  # noqa: E402
+
+RUNC_RUNTIME = "io.containerd.runc.v2"
+SHIM_BINARIES = {KATA_RUNTIME: "containerd-shim-kata-v2", RUNC_RUNTIME: "containerd-shim-runc-v2"}
+SHORT = {KATA_RUNTIME: "kata", RUNC_RUNTIME: "runc"}
+TRIO_IDLE_WORKER_S = 12  # trio's cached worker threads exit after 10 s idle
+
+
+def log(msg: str) -> None:
+    print(f"[shim-bench] {msg}", file=sys.stderr, flush=True)
+
+
+def shim_pids(ctrd: PrivateContainerd, runtime: str) -> list[int]:
+    """Shims of ``runtime`` started for this containerd (their argv names its socket)."""
+    binary = SHIM_BINARIES[runtime]
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if argv and argv[0].decode(errors="replace").endswith(binary) and ctrd.address.encode() in argv:
+                pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of ``pid`` in KiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    return {
+        "min": min(samples),
+        "median": statistics.median(samples),
+        "max": max(samples),
+        "mean": statistics.fmean(samples),
+    }
+
+
+def ctr_run(ctrd: PrivateContainerd, runtime: str, *args: str) -> float:
+    """Run `ctr run --runtime RUNTIME ARGS`; its wall time, raising with the output if it failed."""
+    t0 = time.perf_counter()
+    ctrd.ctr("run", "--runtime", runtime, *args, timeout=900)
+    return time.perf_counter() - t0
+
+
+def run_rm_series(ctrd: PrivateContainerd, runs: int) -> dict[str, Any]:
+    order = [RUNC_RUNTIME, KATA_RUNTIME]
+    for runtime in order:
+        wall = ctr_run(ctrd, runtime, "--rm", BUSYBOX_IMAGE, f"warm-{SHORT[runtime]}", "true")
+        log(f"warm-up {SHORT[runtime]}: {wall:.2f} s")
+    times: dict[str, list[float]] = {SHORT[r]: [] for r in order}
+    for i in range(runs):
+        for runtime in order if i % 2 == 0 else order[::-1]:
+            wall = ctr_run(ctrd, runtime, "--rm", BUSYBOX_IMAGE, f"rm-{SHORT[runtime]}-{i}", "true")
+            times[SHORT[runtime]].append(wall)
+            log(f"run {i + 1}/{runs} {SHORT[runtime]}: {wall:.2f} s")
+    stats = {name: summary(samples) for name, samples in times.items()}
+    return {
+        "runs": runs,
+        "seconds": times,
+        "stats": stats,
+        "median_ratio_kata_over_runc": stats["kata"]["median"] / stats["runc"]["median"],
+    }
+
+
+def pod_series(ctrd: PrivateContainerd, runtime: str, sizes: list[int]) -> dict[str, Any]:
+    """Grow one pod of ``runtime`` to each size in ``sizes``; the shim's threads and memory at each."""
+    name = SHORT[runtime]
+    sandbox = f"pod-{name}"
+    members = [sandbox]
+    add_times: list[float] = []
+    points = []
+    pod_args = [
+        "--annotation", "io.kubernetes.cri.container-type=container",
+        "--annotation", f"io.kubernetes.cri.sandbox-id={sandbox}",
+    ]  # fmt: skip
+    try:
+        first = ctr_run(ctrd, runtime, "-d", BUSYBOX_IMAGE, sandbox, "sleep", "100000")
+        log(f"{name} pod: first container {first:.2f} s")
+        shims = shim_pids(ctrd, runtime)
+        if len(shims) != 1:
+            raise RuntimeError(f"expected one {name} shim, found {shims}")
+        pid = shims[0]
+        for size in sizes:
+            while len(members) < size:
+                cid = f"{sandbox}-c{len(members) + 1}"
+                add_times.append(
+                    ctr_run(ctrd, runtime, "-d", *pod_args, BUSYBOX_IMAGE, cid, "sleep", "100000")
+                )
+                members.append(cid)
+            if shim_pids(ctrd, runtime) != [pid]:
+                raise RuntimeError(f"{name}: later containers did not reuse the pod's shim")
+            if runtime == KATA_RUNTIME:
+                time.sleep(TRIO_IDLE_WORKER_S)
+            names = thread_names(pid)
+            mem = memory_kib(pid)
+            points.append({"containers": size, "threads": len(names), "thread_names": names, **mem})
+            log(
+                f"{name} pod with {size} containers: {len(names)} threads,"
+                f" VmRSS {mem['VmRSS'] / 1024:.1f} MiB"
+            )
+    finally:
+        for cid in reversed(members):
+            ctrd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
+            ctrd.ctr("task", "delete", cid, check=False, timeout=300)
+            ctrd.ctr("container", "delete", cid, check=False)
+    return {
+        "first_container_s": first,
+        "add_container_s": summary(add_times) if add_times else None,
+        "points": points,
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    rm = result["run_rm"]
+    lines = [f"ctr run --rm {BUSYBOX_IMAGE} id true, {rm['runs']} alternating runs each (wall seconds):"]
+    for name, st in rm["stats"].items():
+        lines.append(
+            f"  {name:5} min {st['min']:7.2f}  median {st['median']:7.2f}  max {st['max']:7.2f}"
+            f"  all {' '.join(f'{s:.2f}' for s in rm['seconds'][name])}"
+        )
+    lines.append(f"  median ratio kata/runc: {rm['median_ratio_kata_over_runc']:.1f}x")
+    for name in ("kata", "runc"):
+        pod = result["pods"][name]
+        add = pod["add_container_s"]
+        added = f", later containers median {add['median']:.2f} s (max {add['max']:.2f})" if add else ""
+        lines.append(f"{name} pod: first container {pod['first_container_s']:.2f} s{added}")
+        for point in pod["points"]:
+            lines.append(
+                f"  {point['containers']:3} containers: {point['threads']:3} threads,"
+                f" VmRSS {point['VmRSS'] / 1024:7.1f} MiB, VmHWM {point['VmHWM'] / 1024:7.1f} MiB"
+            )
+        if name == "kata" and pod["points"]:
+            last = pod["points"][-1]
+            lines.append(f"  kata shim threads at {last['containers']}: {last['thread_names']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=10, help="measured `ctr run --rm` per runtime")
+    p.add_argument("--pod", default="1,10,50", help="pod sizes to measure threads and memory at")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if not in_labvm():
+        print("shim_bench runs inside the lab VM (lab/labvm exec -- ...)", file=sys.stderr)
+        return 2
+    sizes = sorted({int(s) for s in args.pod.split(",")})
+    install_guest_assets()
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="shim-bench-") as tmp:
+        tar = busybox_oci.build(Path(tmp) / "busybox.tar")
+        with private_containerd(debug=False) as ctrd:
+            ctrd.import_image(tar)
+            result: dict[str, Any] = {
+                "host": {"cpus": os.cpu_count(), "kernel": os.uname().release},
+                "run_rm": run_rm_series(ctrd, args.runs),
+                "pods": {SHORT[r]: pod_series(ctrd, r, sizes) for r in (KATA_RUNTIME, RUNC_RUNTIME)},
+            }
+    result["total_s"] = time.monotonic() - t0
+    text = report(result)
+    print(text, flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"done in {result['total_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
