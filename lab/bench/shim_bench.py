@@ -21,7 +21,6 @@ Prints a report and writes everything as JSON; no pass/fail threshold (numbers g
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -54,20 +53,6 @@ TRIO_IDLE_WORKER_S = 12  # trio's cached worker threads exit after 10 s idle
 
 def log(msg: str) -> None:
     print(f"[shim-bench] {msg}", file=sys.stderr, flush=True)
-
-
-def shim_pids(ctrd: PrivateContainerd, runtime: str) -> list[int]:
-    """Shims of ``runtime`` started for this containerd (their argv names its socket)."""
-    binary = SHIM_BINARIES[runtime]
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if argv and argv[0].decode(errors="replace").endswith(binary) and ctrd.address.encode() in argv:
-                pids.append(int(entry.name))
-    return sorted(pids)
 
 
 def memory_kib(pid: int) -> dict[str, int]:
@@ -130,7 +115,7 @@ def pod_series(ctrd: PrivateContainerd, runtime: str, sizes: list[int]) -> dict[
     try:
         first = ctr_run(ctrd, runtime, "-d", BUSYBOX_IMAGE, sandbox, "sleep", "100000")
         log(f"{name} pod: first container {first:.2f} s")
-        shims = shim_pids(ctrd, runtime)
+        shims = ctrd.shim_pids(SHIM_BINARIES[runtime])
         if len(shims) != 1:
             raise RuntimeError(f"expected one {name} shim, found {shims}")
         pid = shims[0]
@@ -141,7 +126,7 @@ def pod_series(ctrd: PrivateContainerd, runtime: str, sizes: list[int]) -> dict[
                     ctr_run(ctrd, runtime, "-d", *pod_args, BUSYBOX_IMAGE, cid, "sleep", "100000")
                 )
                 members.append(cid)
-            if shim_pids(ctrd, runtime) != [pid]:
+            if ctrd.shim_pids(SHIM_BINARIES[runtime]) != [pid]:
                 raise RuntimeError(f"{name}: later containers did not reuse the pod's shim")
             if runtime == KATA_RUNTIME:
                 time.sleep(TRIO_IDLE_WORKER_S)

@@ -170,9 +170,9 @@ class PrivateContainerd:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log().splitlines()[-lines:])
 
-    def shim_pids(self) -> list[int]:
-        """Processes of containerd-shim-kata-v2 started for this containerd."""
-        return [pid for pid, argv in _processes() if SHIM_BINARY in argv and self.address in argv]
+    def shim_pids(self, binary: str = SHIM_BINARY) -> list[int]:
+        """Processes of ``binary`` (by default containerd-shim-kata-v2) started for this containerd."""
+        return sorted(pid for pid, argv in _processes() if binary in argv and self.address in argv)
 
     def processes_below(self, pid: int) -> list[tuple[int, str]]:
         """(pid, comm) of ``pid`` and all its descendants."""
