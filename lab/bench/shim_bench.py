@@ -13,7 +13,7 @@ One private containerd 1.6 (lab/framework/containerd.py) with both runtimes and 
    sandbox annotations, so both runtimes put them in one shim) up to each `--pod` size. At each size: the
    shim's OS thread count (kata: after trio's idle worker threads expired) and names, VmRSS and VmHWM, and
    how long each added container took. The kata shim's RSS includes the guest memory the VM touched (the
-   VMM is in-process), so it is a VM's footprint, not a shim's.
+   VMM is in-process); the report splits out the resident guest RAM (from /proc/PID/smaps).
 
 Prints a report and writes everything as JSON; no pass/fail threshold (numbers go in the issue note).
 """
@@ -49,6 +49,7 @@ RUNC_RUNTIME = "io.containerd.runc.v2"
 SHIM_BINARIES = {KATA_RUNTIME: "containerd-shim-kata-v2", RUNC_RUNTIME: "containerd-shim-runc-v2"}
 SHORT = {KATA_RUNTIME: "kata", RUNC_RUNTIME: "runc"}
 TRIO_IDLE_WORKER_S = 12  # trio's cached worker threads exit after 10 s idle
+GUEST_RAM_MIN_KIB = 64 * 1024
 
 
 def log(msg: str) -> None:
@@ -56,12 +57,28 @@ def log(msg: str) -> None:
 
 
 def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of ``pid`` in KiB."""
+    """VmRSS and VmHWM of ``pid``, and the resident part of its guest RAM mappings (``GuestRSS``), in KiB.
+
+    Guest RAM is what kata-vmm maps for the VM: memfd regions named ``kata-vmm-ram-*`` or anonymous
+    mappings of at least GUEST_RAM_MIN_KIB (nothing else in the shim maps that much in one piece).
+    """
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM"):
             out[key] = int(value.split()[0])
+    guest = 0
+    is_guest = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+            start, _, end = fields[0].partition("-")
+            size_kib = (int(end, 16) - int(start, 16)) // 1024
+            path = fields[5] if len(fields) > 5 else ""
+            is_guest = "kata-vmm-ram-" in path or (not path and size_kib >= GUEST_RAM_MIN_KIB)
+        elif fields[0] == "Rss:" and is_guest:
+            guest += int(fields[1])
+    out["GuestRSS"] = guest
     return out
 
 
@@ -166,7 +183,8 @@ def report(result: dict[str, Any]) -> str:
         for point in pod["points"]:
             lines.append(
                 f"  {point['containers']:3} containers: {point['threads']:3} threads,"
-                f" VmRSS {point['VmRSS'] / 1024:7.1f} MiB, VmHWM {point['VmHWM'] / 1024:7.1f} MiB"
+                f" VmRSS {point['VmRSS'] / 1024:7.1f} MiB, VmHWM {point['VmHWM'] / 1024:7.1f} MiB,"
+                f" of which guest RAM {point['GuestRSS'] / 1024:7.1f} MiB"
             )
         if name == "kata" and pod["points"]:
             last = pod["points"][-1]
