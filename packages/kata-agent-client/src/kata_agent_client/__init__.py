@@ -25,6 +25,7 @@ from kata_agent_client._types import (
     Process,
     Resources,
     Route,
+    StdioPorts,
     Storage,
     default_mounts,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "Process",
     "Resources",
     "Route",
+    "StdioPorts",
     "Storage",
     "__version__",
     "connect",

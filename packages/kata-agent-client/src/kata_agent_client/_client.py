@@ -24,6 +24,7 @@ from kata_agent_client._types import (
     Process,
     Resources,
     Route,
+    StdioPorts,
     Storage,
 )
 from kata_proto import ttrpc
@@ -95,10 +96,18 @@ class AgentClient:
         *,
         storages: list[Storage] | None = None,
         devices: list[Device] | None = None,
+        stdio_ports: StdioPorts | None = None,
     ) -> None:
-        """CreateContainer (the init process is created, not started)."""
+        """CreateContainer (the init process is created, not started).
+
+        `stdio_ports`: the passfd streams (their host ports) that carry the init's stdio.
+        """
+        ports = stdio_ports or StdioPorts()
         req = agent_pb2.CreateContainerRequest(
             container_id=container_id,
+            stdin_port=ports.stdin,
+            stdout_port=ports.stdout,
+            stderr_port=ports.stderr,
             storages=[cv.storage_pb(s) for s in storages or []],
             devices=[
                 agent_pb2.Device(
@@ -128,9 +137,18 @@ class AgentClient:
         req = agent_pb2.RemoveContainerRequest(container_id=container_id, timeout=grace)
         await self._call("RemoveContainer", req, empty_pb2.Empty)
 
-    async def exec_process(self, container_id: str, exec_id: str, process: Process) -> None:
-        """ExecProcess: start another process in a running container."""
-        req = agent_pb2.ExecProcessRequest(container_id=container_id, exec_id=exec_id)
+    async def exec_process(
+        self, container_id: str, exec_id: str, process: Process, *, stdio_ports: StdioPorts | None = None
+    ) -> None:
+        """ExecProcess: start another process in a running container (stdio through passfd ports)."""
+        ports = stdio_ports or StdioPorts()
+        req = agent_pb2.ExecProcessRequest(
+            container_id=container_id,
+            exec_id=exec_id,
+            stdin_port=ports.stdin,
+            stdout_port=ports.stdout,
+            stderr_port=ports.stderr,
+        )
         req.process.CopyFrom(cv.process_pb(process))
         await self._call("ExecProcess", req, empty_pb2.Empty)
 

@@ -5,6 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class StdioPorts:
+    """Passfd stdio: the host ports of the streams the VMM bridged from the shim's fds (0 = none)."""
+
+    stdin: int = 0
+    stdout: int = 0
+    stderr: int = 0
+
+
 @dataclass
 class Process:
     """A process to run: the container's init or an exec."""

@@ -12,6 +12,7 @@ import trio
 
 from kata_agent._listen import open_listener
 from kata_agent._logs import LogBroadcaster
+from kata_agent._passfd import open_passfd_listener
 from kata_agent._service import AgentConfig, AgentService, HealthService, become_subreaper
 from kata_proto import ttrpc
 from kata_proto.agent import AGENT_SERVICE, HEALTH_SERVICE
@@ -46,6 +47,9 @@ async def open_agent(
             await nursery.start(partial(trio.serve_listeners, server.serve_stream, [listener]))
             if log_listener is not None and broadcaster is not None:
                 await nursery.start(partial(trio.serve_listeners, broadcaster.serve_stream, [log_listener]))
+            if config.passfd_port:
+                passfd_listener = await open_passfd_listener(config.passfd_port)
+                await nursery.start(service.passfd.serve, passfd_listener)
             logger.info("agent ready", extra={"listen": listen})
             try:
                 yield service

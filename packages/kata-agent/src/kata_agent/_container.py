@@ -13,6 +13,7 @@ import trio
 
 from kata_agent import _cgroups, _guest
 from kata_agent._mount import MountedStorage, release_storages
+from kata_agent._passfd import PassfdStdio
 from kata_agent._process import Process
 from kata_agent._runtime import ConsoleSocket, OciRuntime
 from kata_proto import ttrpc
@@ -34,14 +35,24 @@ class Container:
         self._log = os.path.join(bundle, "runtime.log")
 
     # -- lifecycle ------------------------------------------------------------------------------
-    async def create(self, config: dict[str, Any]) -> None:
-        """Write config.json and `runtime create`; the init waits for StartContainer."""
+    async def create(self, config: dict[str, Any], passfd: PassfdStdio | None = None) -> None:
+        """Write config.json and `runtime create`; the init waits for StartContainer.
+
+        With `passfd`, the init's stdio is pumped through those streams (closed if the create fails).
+        """
         _guest.write_json(os.path.join(self.bundle, "config.json"), config)
         process = Process("", terminal=bool(config["process"].get("terminal")))
         self.init = process
         pid_file = os.path.join(self.bundle, "init.pid")
         args = ["create", "--bundle", self.bundle, "--pid-file", pid_file]
-        await self._spawn(process, args, pid_file)
+        try:
+            await self._spawn(process, args, pid_file)
+        except BaseException:
+            if passfd is not None:
+                passfd.close()
+            raise
+        if passfd is not None:
+            process.attach_passfd(passfd, self._nursery)
         try:
             self.cgroups = _cgroups.cgroup_paths(process.pid)
         except OSError:
@@ -89,12 +100,19 @@ class Container:
         await self.runtime.run(["start", self.id], log=self._log)
         self.status = "running"
 
-    async def exec(self, exec_id: str, process_json: dict[str, Any]) -> Process:
-        """`runtime exec -d` of another process in the running container."""
-        if exec_id in self.execs or not exec_id:
-            raise ttrpc.AlreadyExists(f"exec {exec_id!r} already exists in container {self.id}")
-        if self.status != "running" or (self.init is not None and self.init.exited):
-            raise ttrpc.FailedPrecondition(f"container {self.id} is {self.status}, not running")
+    async def exec(
+        self, exec_id: str, process_json: dict[str, Any], passfd: PassfdStdio | None = None
+    ) -> Process:
+        """`runtime exec -d` of another process in the running container (stdio through `passfd`)."""
+        try:
+            if exec_id in self.execs or not exec_id:
+                raise ttrpc.AlreadyExists(f"exec {exec_id!r} already exists in container {self.id}")
+            if self.status != "running" or (self.init is not None and self.init.exited):
+                raise ttrpc.FailedPrecondition(f"container {self.id} is {self.status}, not running")
+        except BaseException:
+            if passfd is not None:
+                passfd.close()
+            raise
         path = os.path.join(self.bundle, f"exec-{len(self.execs)}.json")
         _guest.write_json(path, process_json)
         process = Process(exec_id, terminal=bool(process_json.get("terminal")))
@@ -105,7 +123,11 @@ class Container:
         except BaseException:
             del self.execs[exec_id]
             process.close()
+            if passfd is not None:
+                passfd.close()
             raise
+        if passfd is not None:
+            process.attach_passfd(passfd, self._nursery)
         return process
 
     def process(self, exec_id: str) -> Process:

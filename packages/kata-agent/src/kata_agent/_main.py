@@ -11,6 +11,7 @@ import trio
 
 from kata_agent._agent import open_agent
 from kata_agent._listen import AGENT_VSOCK_PORT, LOG_VSOCK_PORT
+from kata_agent._passfd import PASSFD_CMDLINE_PARAM, passfd_port_from_cmdline
 from kata_agent._service import AgentConfig
 
 
@@ -25,12 +26,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="/usr/bin/crun", help="OCI runtime binary (crun, runc)")
     p.add_argument("--runtime-root", default=None, help="the runtime's --root state directory")
     p.add_argument("--run-dir", default="/run/kata-containers", help="where container bundles go")
+    p.add_argument(
+        "--passfd-port",
+        type=int,
+        default=None,
+        help=f"vsock port of the passfd stdio listener (0 = off; default: {PASSFD_CMDLINE_PARAM}=N "
+        "in /proc/cmdline)",
+    )
     p.add_argument("--log-level", default="info")
     return p
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    config = AgentConfig(runtime=args.runtime, runtime_root=args.runtime_root, run_dir=args.run_dir)
+    config = AgentConfig(
+        runtime=args.runtime,
+        runtime_root=args.runtime_root,
+        run_dir=args.run_dir,
+        passfd_port=args.passfd_port,
+    )
     log_listen = None if args.log_listen == "none" else args.log_listen
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with open_agent(args.listen, config, log_listen=log_listen):
@@ -41,6 +54,12 @@ async def _serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the agent until SIGTERM/SIGINT."""
     args = _parser().parse_args(argv)
+    if args.passfd_port is None:
+        try:
+            with open("/proc/cmdline") as f:
+                args.passfd_port = passfd_port_from_cmdline(f.read())
+        except OSError:
+            args.passfd_port = 0
     logger = logging.getLogger("kata_agent")
     logger.setLevel(args.log_level.upper())
     handler = logging.StreamHandler(sys.stderr)

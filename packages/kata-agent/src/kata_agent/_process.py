@@ -12,6 +12,7 @@ import termios
 
 import trio
 
+from kata_agent._passfd import PassfdStdio
 from kata_proto import ttrpc
 
 #: Seconds a read waits for more output once the process has exited before reporting EOF.
@@ -40,6 +41,10 @@ class Process:
         self._stdin_closed = False
         self.eof = [False, False]
         self.waited = False
+        self.passfd: PassfdStdio | None = None
+        self._copied = trio.Event()
+        self._copied.set()
+        self._stdin_scope = trio.CancelScope()
 
     # -- set-up -------------------------------------------------------------------------------
     def open_pipes(self) -> tuple[int, int, int]:
@@ -58,6 +63,66 @@ class Process:
         self.stdin = trio.lowlevel.FdStream(master_fd)
         self.stdout = trio.lowlevel.FdStream(os.dup(master_fd))
         self.eof[1] = True  # a tty has no separate stderr
+
+    def attach_passfd(self, stdio: PassfdStdio, nursery: trio.Nursery) -> None:
+        """Pump stdio through the passfd streams (the process's output, then EOF; stdin until EOF).
+
+        WaitProcess answers only once every output stream got all the output and was closed.
+        """
+        self.passfd = stdio
+        outputs = [(1, stdio.stdout), (2, None if self.terminal else stdio.stderr)]
+        pending = [(which, stream) for which, stream in outputs if stream is not None]
+        if pending:
+            self._copied = trio.Event()
+            left = [len(pending)]
+
+            async def pump_out(which: int, stream: trio.SocketStream) -> None:
+                try:
+                    await self._pump_output(which, stream)
+                finally:
+                    left[0] -= 1
+                    if not left[0]:
+                        self._copied.set()
+
+            for which, stream in pending:
+                nursery.start_soon(pump_out, which, stream)
+        if stdio.stdin is not None:
+            nursery.start_soon(self._pump_stdin, stdio.stdin)
+
+    async def _pump_output(self, which: int, stream: trio.SocketStream) -> None:
+        peer_gone = False
+        try:
+            while True:
+                data = await self.read(which, 65536)
+                if not data:
+                    break
+                if peer_gone:
+                    continue  # keep draining so the process never blocks on a full pipe
+                try:
+                    await stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    peer_gone = True
+        finally:
+            with contextlib.suppress(OSError):
+                stream.socket.close()
+
+    async def _pump_stdin(self, stream: trio.SocketStream) -> None:
+        with self._stdin_scope:
+            try:
+                while True:
+                    try:
+                        data = await stream.receive_some(65536)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
+                    if not data:
+                        break
+                    await self.write_stdin(data)
+            except ttrpc.FailedPrecondition:
+                pass  # the process closed its stdin or went: the rest is dropped
+            finally:
+                with contextlib.suppress(OSError):
+                    stream.socket.close()
+            await self.close_stdin()
 
     async def watch(self, pid: int) -> None:
         """Wait for `pid` to exit and record its status (128+N for a signal, as shells report)."""
@@ -101,6 +166,7 @@ class Process:
     async def wait(self) -> int:
         """The exit status, waiting as long as it takes."""
         await self._exited.wait()
+        await self._copied.wait()  # passfd: the output reached the streams first
         assert self.exit_status is not None
         self.waited = True
         return self.exit_status
@@ -181,6 +247,9 @@ class Process:
 
     def close(self) -> None:
         """Close every stdio fd (the agent is done with this process)."""
+        self._stdin_scope.cancel()
+        if self.passfd is not None:
+            self.passfd.close()
         for stream in (self.stdin, self.stdout, self.stderr):
             if stream is not None:
                 with contextlib.suppress(OSError):

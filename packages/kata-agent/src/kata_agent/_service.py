@@ -23,6 +23,7 @@ from kata_agent._errors import RuntimeFailed
 from kata_agent._mount import STORAGE_DRIVERS, MountedStorage, mount_storage, release_storages
 from kata_agent._network import Netlink
 from kata_agent._oci import message_to_json, process_to_json, spec_to_config
+from kata_agent._passfd import PassfdStdio, PassfdStreams
 from kata_agent._runtime import OciRuntime
 from kata_proto import ttrpc
 from kata_proto.agent import agent_pb2, health_pb2
@@ -48,6 +49,7 @@ class AgentConfig:
     runtime_root: str | None = None
     run_dir: str = "/run/kata-containers"
     netns: str | None = None
+    passfd_port: int = 0  # vsock port of the passfd listener; 0 = off
     oom_poll_interval: float = 0.5
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -71,6 +73,7 @@ class AgentService:
         self._lock = trio.Lock()
         self._oom_send, self._oom_recv = trio.open_memory_channel[str](64)
         self.netlink = Netlink(config.netns)
+        self.passfd = PassfdStreams()
         os.makedirs(config.run_dir, exist_ok=True)
 
     def container(self, container_id: str) -> Container:
@@ -121,8 +124,17 @@ class AgentService:
         add_devices(config, list(req.devices))
         if not _guest.is_dir(config["root"]["path"]) and not req.storages:
             raise ttrpc.InvalidArgument(f"OCI root.path {config['root']['path']!r} is not a directory")
+        terminal = bool(config["process"].get("terminal"))
+        passfd = await PassfdStdio.take(
+            self.passfd, req.stdin_port, req.stdout_port, req.stderr_port, terminal=terminal
+        )
         bundle = os.path.join(self.config.run_dir, cid)
-        os.makedirs(bundle, exist_ok=False)
+        try:
+            os.makedirs(bundle, exist_ok=False)
+        except BaseException:
+            if passfd is not None:
+                passfd.close()
+            raise
         container = Container(cid, bundle, self.runtime, self._nursery)
         self.containers[cid] = container
         try:
@@ -130,8 +142,11 @@ class AgentService:
                 container.storages.append(mount_storage(storage))
             if not _guest.is_dir(config["root"]["path"]):
                 raise ttrpc.InvalidArgument(f"OCI root.path {config['root']['path']!r} is not a directory")
-            await container.create(config)
+            await container.create(config, passfd)
+            passfd = None
         except BaseException as err:
+            if passfd is not None:
+                passfd.close()
             with trio.CancelScope(shield=True):
                 await container.destroy()
             self.containers.pop(cid, None)
@@ -161,8 +176,15 @@ class AgentService:
         container = self.container(req.container_id)
         _check_id("exec id", req.exec_id)
         process = process_to_json(req.process)
+        passfd = await PassfdStdio.take(
+            self.passfd,
+            req.stdin_port,
+            req.stdout_port,
+            req.stderr_port,
+            terminal=bool(process.get("terminal")),
+        )
         try:
-            await container.exec(req.exec_id, process)
+            await container.exec(req.exec_id, process, passfd)
         except RuntimeFailed as err:
             raise ttrpc.InvalidArgument(str(err)) from err
         return empty_pb2.Empty()
@@ -323,6 +345,7 @@ class AgentService:
         """Destroy every container and the sandbox storages (agent shutdown)."""
         with trio.CancelScope(shield=True):
             await self.DestroySandbox(None, None)
+        self.passfd.close()
 
 
 async def _modprobe(name: str, parameters: list[str]) -> None:
