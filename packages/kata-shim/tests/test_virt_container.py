@@ -167,6 +167,12 @@ class AgentVm:
     def agent_address(self) -> str:
         return f"unix:{self.sock}"
 
+    def set_passfd_listener_port(self, port: int) -> None:
+        self.calls.append(f"passfd:{port}")
+
+    def passfd_listener(self) -> tuple[Path, int] | None:
+        return None  # no fd passing here: the shim falls back to copying stdio over ttrpc
+
     def pids(self) -> list[int]:
         return [os.getpid()]
 

@@ -100,6 +100,8 @@ class _Parser:
             raise self.error(
                 "runtime.hypervisor_name", self.unknown("hypervisor", runtime.hypervisor_name, HYPERVISORS)
             )
+        if not 0 < runtime.passfd_listener_port <= 0xFFFFFFFF:
+            raise self.error("runtime.passfd_listener_port", "must be a vsock port (1 to 4294967295)")
         if runtime.agent_name not in AGENTS:
             raise self.error("runtime.agent_name", self.unknown("agent", runtime.agent_name, AGENTS))
         hv_key = f"hypervisor.{runtime.hypervisor_name}"

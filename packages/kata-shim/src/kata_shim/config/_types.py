@@ -38,6 +38,10 @@ class RuntimeConfig:
     sandbox_cgroup_only: bool = False
     static_sandbox_resource_mgmt: bool = False
     enable_pprof: bool = False
+    use_passfd_io: bool = False
+    """Hand containerd's stdio fifos to the VMM (Dragonball passfd) instead of copying over ttrpc."""
+    passfd_listener_port: int = 1027
+    """The agent's passfd vsock port (the VMM adds `agent.passfd_listener_port=` to the kernel cmdline)."""
 
 
 @dataclass

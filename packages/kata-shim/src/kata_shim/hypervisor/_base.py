@@ -118,6 +118,14 @@ class Hypervisor(Protocol):
 
         e.g. ``hvsock:/run/kata/<id>/kata.hvsock:1024``."""
 
+    def set_passfd_listener_port(self, port: int) -> None:
+        """Before `start_vm`: turn on passfd stdio with the agent listening on guest vsock `port` (0 = off).
+
+        A back-end that cannot pass fds ignores it (its `passfd_listener` stays None)."""
+
+    def passfd_listener(self) -> tuple[Path, int] | None:
+        """Where passfd fds go: (hybrid vsock socket, guest port), or None when passfd stdio is off."""
+
     def pids(self) -> list[int]:
         """Host processes this VM owns (the shim itself in built-in mode)."""
 

@@ -61,6 +61,8 @@ BASE_CMDLINE = "console=ttyS0 reboot=k panic=1"
 """Kernel parameters every guest gets; `quiet` is added unless `enable_debug` (each console byte is a VM
 exit, which costs ~1 ms under nested virtualisation), then `kernel_params` from the config."""
 HVSOCK_NAME = "kata.hvsock"
+#: Kernel parameter naming the agent's passfd listener port (Kata's agent config).
+PASSFD_CMDLINE_PARAM = "agent.passfd_listener_port"
 AGENT_VSOCK_PORT = 1024
 CONSOLE_TAIL_BYTES = 8192
 STOP_TIMEOUT = 15.0
@@ -160,6 +162,7 @@ class Dragonball:
         self._exited = trio.Event()
         self._stopped = False
         self._cleaned = False
+        self._passfd_port = 0
 
     # --- set-up ------------------------------------------------------------------------------------
     @property
@@ -249,6 +252,8 @@ class Dragonball:
             parts.append("quiet")
         if self.config.kernel_params.strip():
             parts.append(self.config.kernel_params.strip())
+        if self._passfd_port:
+            parts.append(f"{PASSFD_CMDLINE_PARAM}={self._passfd_port}")
         return " ".join(parts)
 
     def device_specs(self) -> list[DeviceSpec]:
@@ -414,6 +419,18 @@ class Dragonball:
     def agent_address(self) -> str:
         """``hvsock:<state dir>/kata.hvsock:1024``."""
         return f"hvsock:{self.hvsock_path}:{AGENT_VSOCK_PORT}"
+
+    def set_passfd_listener_port(self, port: int) -> None:
+        """Passfd stdio on `port` (0 = off): the guest kernel command line tells the agent."""
+        if self._vmm is not None:
+            raise HypervisorError("the passfd port must be set before start_vm()")
+        self._passfd_port = port
+
+    def passfd_listener(self) -> tuple[Path, int] | None:
+        """(hybrid vsock socket, agent passfd port) when passfd stdio is on, else None."""
+        if not self._passfd_port or self.state_dir is None:
+            return None
+        return self.hvsock_path, self._passfd_port
 
     def pids(self) -> list[int]:
         """The shim itself: the VM has no process of its own."""

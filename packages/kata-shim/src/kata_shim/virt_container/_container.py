@@ -19,7 +19,7 @@ import trio
 from google.protobuf import empty_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
-from kata_agent_client import AgentClient
+from kata_agent_client import AgentClient, StdioPorts
 from kata_proto import ttrpc
 from kata_proto.agent import agent_pb2
 from kata_proto.containerd import events_pb2
@@ -40,6 +40,7 @@ from kata_shim.runtime._base import (
 )
 from kata_shim.virt_container._metrics import metrics_from_stats
 from kata_shim.virt_container._oci import guest_spec, process_to_pb, resources_to_pb, spec_to_pb
+from kata_shim.virt_container._passfd import passfd_stdio
 from kata_shim.virt_container._sandbox import VirtSandbox
 from kata_shim.virt_container._stdio import AGENT_GONE, StdinCopy, copy_output, open_output_fifo
 
@@ -82,6 +83,8 @@ class _Process:
     outputs: list[int | None] = field(default_factory=list)
     """Output fifo fds opened at create, handed to the copy tasks at start."""
     waiting: bool = False
+    ports: StdioPorts | None = None
+    """Passfd stdio: the VMM holds the fifos and these stream ports carry them to the agent."""
     """The copy and wait tasks run (from start, or from a kill before start)."""
 
     @property
@@ -148,8 +151,11 @@ class VirtContainerManager:
             mount_rootfs(config.rootfs, layout.rootfs_host_path(cid), ledger, bundle_rootfs=bundle_rootfs)
             mounts = share_volumes(config.spec.get("mounts") or [], layout, cid, ledger)
             spec = guest_spec(config.spec, cid, layout.rootfs_guest_path(cid), mounts)
-            self._open_stdio(agent, process)
-            request = agent_pb2.CreateContainerRequest(container_id=cid)
+            await self._open_stdio(agent, process)
+            ports = process.ports or StdioPorts()
+            request = agent_pb2.CreateContainerRequest(
+                container_id=cid, stdin_port=ports.stdin, stdout_port=ports.stdout, stderr_port=ports.stderr
+            )
             request.OCI.CopyFrom(spec_to_pb(spec))
             await agent.call("CreateContainer", request, empty_pb2.Empty)
         except BaseException as err:
@@ -170,8 +176,16 @@ class VirtContainerManager:
         self._containers[cid] = _Container(cid, config.bundle, process)
         return self.sandbox.pid()
 
-    def _open_stdio(self, agent: AgentClient, p: _Process) -> None:
-        """Open the fifos now (as containerd's runc shim does at create), so a bad path fails Create."""
+    async def _open_stdio(self, agent: AgentClient, p: _Process) -> None:
+        """Open the fifos now (as containerd's runc shim does at create), so a bad path fails Create.
+
+        With passfd I/O the fifos go to the VMM at once and only their stream ports are kept."""
+        listener = self.sandbox.passfd_listener()
+        if listener is not None:
+            p.ports = await passfd_stdio(
+                listener, p.stdio.stdin, p.stdio.stdout, p.stdio.stderr, terminal=p.stdio.terminal
+            )
+            return
         paths = [p.stdio.stdout] if p.stdio.terminal else [p.stdio.stdout, p.stdio.stderr]
         try:
             for path in paths:
@@ -205,7 +219,14 @@ class VirtContainerManager:
         try:
             if process.exec_id:
                 assert p.spec is not None
-                request = agent_pb2.ExecProcessRequest(container_id=c.id, exec_id=process.exec_id)
+                ports = p.ports or StdioPorts()
+                request = agent_pb2.ExecProcessRequest(
+                    container_id=c.id,
+                    exec_id=process.exec_id,
+                    stdin_port=ports.stdin,
+                    stdout_port=ports.stdout,
+                    stderr_port=ports.stderr,
+                )
                 request.process.CopyFrom(process_to_pb(p.spec))
                 await agent.call("ExecProcess", request, empty_pb2.Empty)
             else:
@@ -301,7 +322,7 @@ class VirtContainerManager:
             raise InvalidArgument("exec process has no args")
         p = _Process(config.process, config.stdio, spec=config.spec)
         try:
-            self._open_stdio(self._agent(), p)
+            await self._open_stdio(self._agent(), p)
         except OSError as err:
             raise InvalidArgument(f"exec {eid}: stdio fifo: {err}") from err
         c.execs[eid] = p
@@ -385,6 +406,10 @@ class VirtContainerManager:
     async def close_process_io(self, process: ProcessId) -> None:
         """Close stdin once what containerd wrote so far reached the process."""
         p = self._process(process)
+        if p.ports is not None:
+            # Passfd: the VMM holds the stdin fifo's only read end; containerd closing its write end is
+            # the EOF the VMM forwards (after every byte written before it) as the stream's shutdown.
+            return
         if p.stdin is not None:
             p.stdin.close()
             if p.stdin.started:

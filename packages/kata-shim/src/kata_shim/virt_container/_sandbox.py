@@ -33,6 +33,7 @@ from kata_shim.config._types import TomlConfig
 from kata_shim.hypervisor._base import Hypervisor, ShareFsDevice
 from kata_shim.persist import MOUNTS_FILE, state_root
 from kata_shim.runtime._base import ContainerConfig, FailedPrecondition, Publisher, RuntimeHandlerError
+from kata_shim.virt_container._passfd import PassfdListener
 
 log = logging.getLogger("kata_shim.virt_container")
 agent_log = logging.getLogger("kata_shim.agent")
@@ -163,6 +164,13 @@ class VirtSandbox:
                 raise err
             raise SandboxError(f"sandbox {self.sandbox_id}: {err}") from err
 
+    def passfd_listener(self) -> PassfdListener | None:
+        """Where stdio fifos go for passfd I/O; None: copy stdio over ttrpc (off, or the VMM cannot)."""
+        if not self.config.runtime.use_passfd_io or self.hypervisor is None:
+            return None
+        found = self.hypervisor.passfd_listener()
+        return PassfdListener(*found) if found is not None else None
+
     async def _start(self, first: ContainerConfig) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -172,6 +180,8 @@ class VirtSandbox:
         hv = self._hypervisor_factory(self.config)
         self.hypervisor = hv
         await hv.prepare_vm(self.sandbox_id, None)
+        if self.config.runtime.use_passfd_io:
+            hv.set_passfd_listener_port(self.config.runtime.passfd_listener_port)
         await hv.add_device(ShareFsDevice(shared, self.layout.mount_tag))
         agent_cfg = self.config.agent
         dial_timeout = max(agent_cfg.dial_timeout_ms, 1) / 1000
