@@ -27,6 +27,8 @@ from kata_virtio._vsock import (
     VIRTIO_VSOCK_OP_RST,
     VIRTIO_VSOCK_OP_RW,
     VIRTIO_VSOCK_OP_SHUTDOWN,
+    VIRTIO_VSOCK_SHUTDOWN_RCV,
+    VIRTIO_VSOCK_SHUTDOWN_SEND,
     VSOCK_HDR,
 )
 from kata_virtio.testing import FakeDeviceInterrupt, FakeGuestMemory, activate
@@ -520,6 +522,39 @@ def test_passfd_stdin_pipe_feeds_the_guest(vsock: VirtioVsock) -> None:
     packets = guest.recv()
     assert packets[0][1] == b"stdin data"
     assert packets[-1][0][6] == VIRTIO_VSOCK_OP_SHUTDOWN
+
+
+def test_passfd_full_shutdown_flushes_pending_output_before_closing(vsock: VirtioVsock) -> None:
+    """The agent closes a stdout stream while the fifo is full: every byte still arrives, then EOF."""
+    guest = Guest(vsock)
+    r, w = os.pipe()
+    control = _passfd(vsock, w, b"1027")
+    os.close(w)
+    pump(vsock)
+    [(hdr, _)] = guest.recv()
+    guest.send(1027, hdr[2], VIRTIO_VSOCK_OP_RESPONSE)
+    pump(vsock)
+    assert control.recv(64).startswith(b"OK ")
+    payload = os.urandom(200_000)  # more than a pipe holds (64 KiB)
+    for off in range(0, len(payload), 4096):
+        guest.send(1027, hdr[2], VIRTIO_VSOCK_OP_RW, payload[off : off + 4096])
+    guest.send(
+        1027, hdr[2], VIRTIO_VSOCK_OP_SHUTDOWN, flags=VIRTIO_VSOCK_SHUTDOWN_RCV | VIRTIO_VSOCK_SHUTDOWN_SEND
+    )
+    got = b""
+    os.set_blocking(r, False)
+    for _ in range(2000):
+        pump(vsock, timeout=0.001, rounds=5)
+        try:
+            chunk = os.read(r, 1 << 16)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        got += chunk
+    os.close(r)
+    assert got == payload
+    assert VIRTIO_VSOCK_OP_RST in [h[6] for h, _ in guest.recv()]
 
 
 @pytest.mark.parametrize("text", [b"notaport", b""])

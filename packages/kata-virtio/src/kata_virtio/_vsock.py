@@ -417,6 +417,9 @@ class VirtioVsock(VirtioDevice):
             del conn.pending[:n]
             conn.fwd_cnt = (conn.fwd_cnt + n) & 0xFFFFFFFF
         if not conn.pending and conn.guest_shut_send:
+            if conn.guest_shut_rcv:
+                self._reset(conn)  # the full shutdown that waited for this flush
+                return
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_WR)
         if (conn.fwd_cnt - conn.last_fwd_sent) & 0xFFFFFFFF >= CREDIT_UPDATE_THRESHOLD:
@@ -519,8 +522,10 @@ class VirtioVsock(VirtioDevice):
             conn.guest_shut_rcv |= bool(flags & VIRTIO_VSOCK_SHUTDOWN_RCV)
             conn.guest_shut_send |= bool(flags & VIRTIO_VSOCK_SHUTDOWN_SEND)
             if conn.guest_shut_rcv and conn.guest_shut_send:
-                # §5.10.6.6: a full shutdown is answered with RST; data still pending is lost.
-                self._reset(conn)
+                # §5.10.6.6: a full shutdown is answered with RST, once the data the guest sent before
+                # it reached the host side (a passfd stdout fifo must get every byte, then EOF).
+                if not conn.pending:
+                    self._reset(conn)
             elif conn.guest_shut_send and not conn.pending:
                 with contextlib.suppress(OSError):
                     conn.sock.shutdown(socket.SHUT_WR)
