@@ -19,6 +19,7 @@ import pytest
 import trio
 from framework import GuestAssets
 from framework.sandbox import (
+    SANDBOX_CMDLINE,
     SHARE_TAG,
     SandboxVM,
     TapNetns,
@@ -39,6 +40,7 @@ from kata_agent_client import (
     open_agent_client,
 )
 from kata_proto import ttrpc
+from kata_shim.virt_container._passfd import PassfdListener, passfd_stdio
 
 pytestmark = pytest.mark.lab
 
@@ -46,6 +48,7 @@ SHARED_MOUNT = "/run/kata-containers/shared/containers"
 ROOTFS = f"{SHARED_MOUNT}/bb/rootfs"
 GUEST_MAC = "52:54:00:78:00:02"
 GUEST_IP = "10.78.0.2"
+PASSFD_PORT = 1027
 
 
 class Sandbox:
@@ -75,7 +78,14 @@ class Sandbox:
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     workdir = tmp_path_factory.mktemp("agent")
     with tap_netns() as net:
-        vm = spawn_sandbox(workdir, GuestAssets(), netns=net.netns, tap=net.tap, mac=GUEST_MAC)
+        vm = spawn_sandbox(
+            workdir,
+            GuestAssets(),
+            netns=net.netns,
+            tap=net.tap,
+            mac=GUEST_MAC,
+            cmdline=f"{SANDBOX_CMDLINE} agent.passfd_listener_port={PASSFD_PORT}",
+        )
         try:
             make_busybox_rootfs(vm.share / "bb" / "rootfs")
             wait_for_socket(vm.uds)
@@ -300,3 +310,55 @@ def test_share_is_the_busybox_root(sandbox: Sandbox) -> None:
 
     sandbox.run(case)
     assert Path(marker).exists()
+
+
+def test_passfd_stdio_out_err_split_and_stdin_round_trip(sandbox: Sandbox, tmp_path: Path) -> None:
+    """Dragonball passfd: host fifos handed to kata-vmm, bridged to the agent's port 1027 (no ttrpc stdio)."""
+    fifos = {name: tmp_path / name for name in ("stdin", "stdout", "stderr")}
+    for f in fifos.values():
+        os.mkfifo(f)
+
+    async def read_fifo(fd: int) -> bytes:
+        got = b""
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                return got
+            got += chunk
+
+    async def case(c: AgentClient) -> None:
+        # containerd's side opens its ends first: readers of stdout/stderr (and the stdin writer after).
+        out_r = os.open(fifos["stdout"], os.O_RDONLY | os.O_NONBLOCK)
+        err_r = os.open(fifos["stderr"], os.O_RDONLY | os.O_NONBLOCK)
+        listener = PassfdListener(sandbox.vm.uds, PASSFD_PORT)
+        ports = await passfd_stdio(
+            listener, str(fifos["stdin"]), str(fifos["stdout"]), str(fifos["stderr"]), terminal=False
+        )
+        assert ports.stdin and ports.stdout and ports.stderr
+        in_w = os.open(fifos["stdin"], os.O_WRONLY | os.O_NONBLOCK)
+        script = "read x; echo out-$x; echo err-$x >&2; exit 5"
+        await c.create_container("pf1", spec("sh", "-c", script), stdio_ports=ports)
+        await c.start_container("pf1")
+        os.write(in_w, b"passfd\n")
+        os.close(in_w)  # stdin EOF through the VMM's stream shutdown
+        got: dict[str, bytes] = {}
+        try:
+            async with trio.open_nursery() as n:
+
+                async def collect(name: str, fd: int) -> None:
+                    got[name] = await read_fifo(fd)
+
+                n.start_soon(collect, "out", out_r)
+                n.start_soon(collect, "err", err_r)
+                assert await c.wait_process("pf1") == 5
+        finally:
+            os.close(out_r)
+            os.close(err_r)
+        assert got == {"out": b"out-passfd\n", "err": b"err-passfd\n"}
+        await c.remove_container("pf1")
+
+    sandbox.run(case, timeout=300)
