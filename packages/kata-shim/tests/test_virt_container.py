@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -96,6 +98,9 @@ class AgentVm:
         self._stop = trio.Event()
         self._stopped = trio.Event()
         self._running = False
+        self.passfd_port = 0
+        self.service: Any = None
+        self._next_port = 5000
 
     @property
     def sock(self) -> str:
@@ -134,7 +139,11 @@ class AgentVm:
             runtime=RUNC, runtime_root=str(self.base / "runc"), run_dir=str(self.base / "run")
         )
         try:
-            async with open_agent(f"unix:{self.sock}", config, log_listen=f"unix:{self.sock}.log"):
+            async with open_agent(f"unix:{self.sock}", config, log_listen=f"unix:{self.sock}.log") as service:
+                self.service = service
+                if self.passfd_port:
+                    listener = trio.SocketListener(await _unix_listener(self.base / "passfd.sock"))
+                    self.nursery.start_soon(trio.serve_listeners, self._serve_passfd, [listener])
                 self._running = True
                 task_status.started()
                 await self._stop.wait()
@@ -169,9 +178,34 @@ class AgentVm:
 
     def set_passfd_listener_port(self, port: int) -> None:
         self.calls.append(f"passfd:{port}")
+        if self.fail == "passfd":
+            self.passfd_port = port
 
     def passfd_listener(self) -> tuple[Path, int] | None:
-        return None  # no fd passing here: the shim falls back to copying stdio over ttrpc
+        # Only the passfd pods bridge fds; the others show the fallback to copying over ttrpc.
+        return (self.base / "passfd.sock", self.passfd_port) if self.passfd_port else None
+
+    async def _serve_passfd(self, control: trio.SocketStream) -> None:
+        """A tiny stand-in for the VMM's passfd: `passfd\\n`, `<port>` + fd; bridge fd <-> agent stream."""
+        sock = control.socket
+        line = b""
+        while not line.endswith(b"\n"):
+            line += await sock.recv(1)
+        assert line == b"passfd\n"
+        msg, fds, _, _ = await trio.to_thread.run_sync(socket.recv_fds, _blocking(sock), 32, 1)
+        assert int(msg.split()[0]) == self.passfd_port and len(fds) == 1
+        host_port, self._next_port = self._next_port, self._next_port + 1
+        ours, theirs = socket.socketpair()
+        self.service.passfd.add(host_port, trio.SocketStream(trio.socket.from_stdlib_socket(theirs)))
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        fd = fds[0]
+        os.set_blocking(fd, False)
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            self.nursery.start_soon(_fd_to_stream, fd, stream)
+        else:
+            self.nursery.start_soon(_stream_to_fd, stream, fd)
+        await control.send_all(f"OK {host_port}\n".encode())
+        await control.aclose()
 
     def pids(self) -> list[int]:
         return [os.getpid()]
@@ -181,6 +215,46 @@ class AgentVm:
 
     async def cleanup(self) -> None:
         self.calls.append("cleanup")
+
+
+async def _unix_listener(path: Path) -> trio.socket.SocketType:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen(16)
+    return sock
+
+
+def _blocking(sock: trio.socket.SocketType) -> socket.socket:
+    raw = socket.socket(fileno=os.dup(sock.fileno()))
+    raw.setblocking(True)
+    return raw
+
+
+async def _fd_to_stream(fd: int, stream: trio.SocketStream) -> None:
+    # stdin: wait for a writer's bytes (a fifo that never had a writer does not poll readable), EOF = shutdown
+    try:
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if not data:
+                break
+            await stream.send_all(data)
+        await stream.send_eof()
+    finally:
+        os.close(fd)
+
+
+async def _stream_to_fd(stream: trio.SocketStream, fd: int) -> None:
+    out = trio.lowlevel.FdStream(fd)
+    try:
+        while data := await stream.receive_some(65536):
+            await out.send_all(data)
+    finally:
+        await out.aclose()
+        await stream.aclose()
 
 
 @pytest.fixture
@@ -353,7 +427,7 @@ async def running_pod(
             )
             config = TomlConfig(
                 Path("test.toml"),
-                RuntimeConfig(),
+                RuntimeConfig(use_passfd_io=fail == "passfd"),
                 HypervisorConfig(),
                 AgentConfig(dial_timeout_ms=dial_timeout_ms),
             )
@@ -834,5 +908,60 @@ def test_concurrent_creates_and_one_failing_keep_the_others_mounted(
                 assert str(layout.rootfs_host_path(cid)) in mounts_below(layout.shared_dir)
                 await cm.delete_process(ProcessId(cid))
             assert mounts_below(layout.shared_dir) == [str(layout.shared_dir)]
+
+    trio.run(main)
+
+
+def test_passfd_stdio_output_split_stdin_close_io_and_exec(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    """use_passfd_io: fifos go to the (stand-in) VMM, the agent gets the ports, no ttrpc stdio copy."""
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind, fail="passfd") as pod:
+            assert "passfd:1027" in pod.vm.calls
+            cm = pod.instance.containers
+            fifos = _fifos(pod, "p1", "stdin", "stdout", "stderr")
+            spec = _spec("sh", "-c", "read x; echo out-$x; echo err-$x >&2; exit 7")
+            cfg = _container(
+                pod,
+                busybox_lower,
+                "p1",
+                spec,
+                Stdio(stdin=fifos["stdin"], stdout=fifos["stdout"], stderr=fifos["stderr"]),
+            )
+            got: dict[str, bytes] = {}
+            async with trio.open_nursery() as n:
+                n.start_soon(read_fifo, fifos["stdout"], got, "out")
+                n.start_soon(read_fifo, fifos["stderr"], got, "err")
+                await cm.create_container(cfg)
+                assert pod.vm.service.containers["p1"].init.passfd is not None  # stdio by passfd streams
+                await cm.start_process(ProcessId("p1"))
+                w = os.open(fifos["stdin"], os.O_WRONLY | os.O_NONBLOCK)
+                os.write(w, b"hi\n")
+                os.close(w)  # containerd's CloseIO: its write end goes; EOF reaches the process
+                await cm.close_process_io(ProcessId("p1"))  # a no-op in passfd mode
+                with trio.fail_after(20):
+                    assert (await cm.wait_process(ProcessId("p1"))).code == 7
+            assert got == {"out": b"out-hi\n", "err": b"err-hi\n"}
+            assert len(pod.vm.service.passfd) == 0  # every stream was taken
+
+            await cm.create_container(_container(pod, busybox_lower, "p2", _spec("sleep", "100"), Stdio()))
+            await cm.start_process(ProcessId("p2"))
+            efifos = _fifos(pod, "e1", "stdout")
+            proc = {"args": ["sh", "-c", "seq 1 20000"], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0}}
+            async with trio.open_nursery() as n:
+                n.start_soon(read_fifo, efifos["stdout"], got, "exec")
+                await cm.exec_process(ExecConfig(ProcessId("p2", "e1"), proc, Stdio(stdout=efifos["stdout"])))
+                await cm.start_process(ProcessId("p2", "e1"))
+                with trio.fail_after(20):
+                    assert (await cm.wait_process(ProcessId("p2", "e1"))).code == 0
+            assert got["exec"] == "".join(f"{i}\n" for i in range(1, 20001)).encode()
+            for pid in (ProcessId("p1"), ProcessId("p2", "e1")):
+                await cm.delete_process(pid)
+            await cm.kill_process(ProcessId("p2"), signal.SIGKILL)
+            with trio.fail_after(20):
+                await cm.wait_process(ProcessId("p2"))
+            await cm.delete_process(ProcessId("p2"))
 
     trio.run(main)
