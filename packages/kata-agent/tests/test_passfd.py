@@ -44,6 +44,24 @@ def test_take_waits_for_the_stream_then_fails_clearly() -> None:
     trio.run(main)
 
 
+def test_streams_nobody_took_are_closed_by_a_later_arrival() -> None:
+    async def main() -> None:
+        streams = PassfdStreams(stale=0.05)
+        ends = []
+        for port in (1, 2):
+            a, b = socket.socketpair()
+            ends.append(b)
+            streams.add(port, trio.SocketStream(trio.socket.from_stdlib_socket(a)))
+            await trio.sleep(0.1)
+        assert len(streams) == 1 and ends[0].recv(1) == b""  # port 1's stream was closed
+        streams.close()
+        assert ends[1].recv(1) == b""
+        for b in ends:
+            b.close()
+
+    trio.run(main)
+
+
 def test_serve_keys_streams_by_peer_port() -> None:
     # A TCP listener on loopback stands in for AF_VSOCK: both report the connecting port.
     async def main() -> None:

@@ -23,6 +23,8 @@ log = logging.getLogger("kata_agent")
 PASSFD_CMDLINE_PARAM = "agent.passfd_listener_port"
 #: Seconds CreateContainer/ExecProcess wait for a named stream that has not been accepted yet.
 STREAM_WAIT = 5.0
+#: Seconds an accepted stream waits to be taken before the next arrival closes it (its request failed).
+STREAM_STALE = 120.0
 
 
 def passfd_port_from_cmdline(cmdline: str) -> int:
@@ -45,17 +47,25 @@ class PassfdStreams:
     The vsock accept loop (`serve`) feeds it in the guest; tests feed it with socketpair ends (`add`).
     """
 
-    def __init__(self, *, wait: float = STREAM_WAIT) -> None:
+    def __init__(self, *, wait: float = STREAM_WAIT, stale: float = STREAM_STALE) -> None:
         self._streams: dict[int, trio.SocketStream] = {}
+        self._added: dict[int, float] = {}
         self._arrived = trio.Event()
         self.wait = wait
+        self.stale = stale
 
     def add(self, port: int, stream: trio.SocketStream) -> None:
-        """Keep `stream` for the process that names `port` (a second stream for one port replaces it)."""
-        old = self._streams.pop(port, None)
-        if old is not None:
-            old.socket.close()
+        """Keep `stream` for the process that names `port` (a second stream for one port replaces it).
+
+        Streams nobody took for `stale` seconds (the shim's request failed) are closed now."""
+        now = trio.current_time()
+        for old_port in [p for p, t in self._added.items() if now - t > self.stale or p == port]:
+            self._added.pop(old_port, None)
+            old = self._streams.pop(old_port, None)
+            if old is not None:
+                old.socket.close()
         self._streams[port] = stream
+        self._added[port] = now
         self._arrived.set()
         self._arrived = trio.Event()
 
@@ -64,6 +74,7 @@ class PassfdStreams:
         with trio.move_on_after(self.wait):
             while port not in self._streams:
                 await self._arrived.wait()
+            self._added.pop(port, None)
             return self._streams.pop(port)
         raise ttrpc.FailedPrecondition(f"no passfd stream from port {port} within {self.wait:g} s")
 
@@ -84,6 +95,7 @@ class PassfdStreams:
         for stream in self._streams.values():
             stream.socket.close()
         self._streams.clear()
+        self._added.clear()
 
     def __len__(self) -> int:
         return len(self._streams)
