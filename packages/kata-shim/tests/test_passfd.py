@@ -177,8 +177,13 @@ def test_passfd_stdio_bridges_fifos_and_keeps_no_fd(
         try:
             # The shim kept nothing: only the VMM's copy (and containerd's) remain.
             assert _fd_count(fifos["stdout"]) == 2 and _fd_count(fifos["stderr"]) == 1
+            # More than the fifo holds, before containerd reads: the VMM must only ever write into it.
+            big = os.urandom(150_000)
             with guest.lock:
-                guest.outbox.append((ports.stdout, VIRTIO_VSOCK_OP_RW, b"container output"))
+                for off in range(0, len(big), 4096):
+                    guest.outbox.append((ports.stdout, VIRTIO_VSOCK_OP_RW, big[off : off + 4096]))
+            await trio.sleep(0.3)  # the stream stays open while the fifo is full
+            with guest.lock:
                 guest.outbox.append((ports.stdout, VIRTIO_VSOCK_OP_SHUTDOWN, b""))
             got = b""
             with trio.fail_after(5):
@@ -191,7 +196,7 @@ def test_passfd_stdio_bridges_fifos_and_keeps_no_fd(
                     if not chunk:
                         break  # EOF: the VMM closed its end when the guest shut the stream
                     got += chunk
-            assert got == b"container output"
+            assert got == big
             os.write(in_w, b"typed")
             os.close(in_w)  # CloseIO: containerd closes its write end
             in_w = -1

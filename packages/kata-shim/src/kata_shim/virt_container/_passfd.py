@@ -5,10 +5,11 @@ For each fifo the shim connects to the hybrid vsock socket, writes ``passfd\\n``
 agent's passfd listener and answers ``OK <host_port>\\n``. The host ports go into CreateContainer /
 ExecProcess, so stdio bytes never cross ttrpc.
 
-Fifos are opened non-blocking (no open(2) blocks the trio thread): output fifos O_RDWR (never ENXIO when
-containerd's reader is not there yet, and never EPIPE/SIGPIPE later), stdin O_RDONLY. The shim closes its
-own descriptors as soon as the VMM holds them: the VMM's copy of an output fifo is then its only writer
-besides containerd's, so containerd sees EOF when the VMM closes it at the end of the stream, and
+Fifos are opened non-blocking (no open(2) blocks the trio thread): an output fifo first O_RDWR (so it has a
+reader and the write-only open that follows never fails with ENXIO), and the VMM gets the O_WRONLY fd
+(passed with ``keep``: a reader gone later drops bytes, and Python ignores SIGPIPE); stdin O_RDONLY.
+The shim closes its own descriptors as soon as the VMM holds them: the VMM's copy of an output fifo is
+then its only writer, so containerd sees EOF when the VMM closes it at the end of the stream, and
 containerd's close of the stdin fifo (CloseIO) is the EOF the VMM turns into a stream shutdown.
 """
 
@@ -86,6 +87,11 @@ async def passfd_stdio(
                 continue
             fd = os.open(path, mode | os.O_NONBLOCK | os.O_CLOEXEC)
             opened.append(fd)
+            if mode == os.O_RDWR:
+                # The O_RDWR fd is a reader, so a write-only open cannot fail with ENXIO; the VMM gets the
+                # write-only one: with a read end it would poll its own unread output and take it back.
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                opened.append(fd)
             # Output: `keep`, so a reader containerd closed early never ends the process's output stream.
             ports[name] = await passfd_connect(listener, fd, keep=name != "stdin")
     finally:
