@@ -524,6 +524,27 @@ def test_passfd_stdin_pipe_feeds_the_guest(vsock: VirtioVsock) -> None:
     assert packets[-1][0][6] == VIRTIO_VSOCK_OP_SHUTDOWN
 
 
+def test_passfd_stdin_written_and_closed_before_the_guest_answers_still_arrives(vsock: VirtioVsock) -> None:
+    """`ctr run` with piped stdin: containerd writes and closes the stdin fifo before the agent accepts."""
+    guest = Guest(vsock)
+    r, w = os.pipe()
+    control = _passfd(vsock, r, b"1027")
+    os.close(r)
+    os.write(w, b"piped in\n")
+    os.close(w)  # the writer is gone: the fd polls POLLIN|POLLHUP while the REQUEST is in flight
+    pump(vsock)
+    [(hdr, _)] = guest.recv()
+    assert hdr[6] == VIRTIO_VSOCK_OP_REQUEST
+    pump(vsock)
+    assert vsock.connection_count == 1 and guest.recv() == []  # no RST: still waiting for the guest
+    guest.send(1027, hdr[2], VIRTIO_VSOCK_OP_RESPONSE)
+    pump(vsock)
+    assert control.recv(64).startswith(b"OK ")
+    packets = guest.recv()
+    assert packets[0][1] == b"piped in\n"
+    assert packets[-1][0][6] == VIRTIO_VSOCK_OP_SHUTDOWN
+
+
 def test_passfd_full_shutdown_flushes_pending_output_before_closing(vsock: VirtioVsock) -> None:
     """The agent closes a stdout stream while the fifo is full: every byte still arrives, then EOF."""
     guest = Guest(vsock)

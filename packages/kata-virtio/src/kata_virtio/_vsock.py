@@ -252,8 +252,10 @@ class VirtioVsock(VirtioDevice):
                 events |= select.POLLIN
             if conn.pending:
                 events |= select.POLLOUT
-            if events or conn.state == _State.CONNECTING:
-                # A CONNECTING client is watched for hang-up only (poll reports POLLHUP unasked).
+            if events or (conn.state == _State.CONNECTING and not isinstance(conn.sock, _FdStream)):
+                # A CONNECTING client is watched for hang-up only (poll reports POLLHUP unasked). Not a
+                # passed fd: a stdin fifo whose writer already wrote and left polls POLLHUP, yet its bytes
+                # and EOF are for the guest once it answers.
                 fds[conn.sock.fileno()] = events
         return fds
 
@@ -290,8 +292,9 @@ class VirtioVsock(VirtioDevice):
         conn = self._by_fd.get(fd)
         if conn is None:
             return
-        if conn.state == _State.CONNECTING and events & (select.POLLHUP | select.POLLERR):
-            self._reset(conn)  # the client gave up before the guest answered
+        if conn.state == _State.CONNECTING:
+            if events & (select.POLLHUP | select.POLLERR) and not isinstance(conn.sock, _FdStream):
+                self._reset(conn)  # the client gave up before the guest answered
             return
         if conn.pending and events & (select.POLLOUT | select.POLLERR | select.POLLHUP):
             self._flush(conn)
