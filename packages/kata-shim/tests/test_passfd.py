@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,6 +211,36 @@ def test_passfd_stdio_bridges_fifos_and_keeps_no_fd(
                 os.close(in_w)
 
     trio.run(main)
+
+
+def test_a_vmm_that_closes_without_answering_is_a_clear_error(tmp_path: Path) -> None:
+    """The muxer resets a passfd connection the guest refused: the shim says so."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "hv.sock"))
+    server.listen(1)
+    server.settimeout(10)
+
+    def refuse() -> None:  # read `passfd\n`, then the port with its fd, and hang up without `OK`
+        conn, _ = server.accept()
+        with conn:
+            got = b""
+            while not got.endswith(b"1027"):
+                msg, fds, _, _ = socket.recv_fds(conn, 64, 1)
+                got += msg
+                for fd in fds:
+                    os.close(fd)
+
+    thread = threading.Thread(target=refuse)
+    thread.start()
+    r, w = os.pipe()
+    try:
+        with pytest.raises(PassfdError, match="closed the connection without an answer"):
+            trio.run(passfd_connect, PassfdListener(tmp_path / "hv.sock", 1027), w)
+    finally:
+        thread.join(10)
+        server.close()
+        os.close(r)
+        os.close(w)
 
 
 def test_terminal_has_no_stderr_and_refusal_is_an_error(

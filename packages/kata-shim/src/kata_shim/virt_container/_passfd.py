@@ -64,8 +64,13 @@ async def passfd_connect(listener: PassfdListener, fd: int, *, keep: bool = Fals
         except OSError as err:
             raise PassfdError(err.errno or 0, f"passfd to {listener.uds}: {err.strerror or err}") from err
     parts = line.split()
+    if not line:
+        raise PassfdError(
+            f"passfd to {listener.uds} port {listener.port}: the VMM closed the connection without an answer"
+            " (no guest listener on that port?)"
+        )
     if len(parts) != 2 or parts[0] != b"OK" or not parts[1].isdigit():
-        raise PassfdError(0, f"passfd to {listener.uds} port {listener.port}: bad reply {line[:32]!r}")
+        raise PassfdError(f"passfd to {listener.uds} port {listener.port}: bad reply {line[:32]!r}")
     return int(parts[1])
 
 
