@@ -38,6 +38,7 @@ from framework import in_labvm  # noqa: E402
 from framework.containerd import (  # noqa: E402
     BUSYBOX_IMAGE,
     KATA_RUNTIME,
+    ContainerdError,
     PrivateContainerd,
     install_guest_assets,
     private_containerd,
@@ -99,20 +100,30 @@ def ctr_run(ctrd: PrivateContainerd, runtime: str, *args: str) -> float:
 
 
 def run_rm_series(ctrd: PrivateContainerd, runs: int) -> dict[str, Any]:
+    """Alternating `ctr run --rm ... true`; a failed run is recorded with its error and the series goes on."""
     order = [RUNC_RUNTIME, KATA_RUNTIME]
     for runtime in order:
         wall = ctr_run(ctrd, runtime, "--rm", BUSYBOX_IMAGE, f"warm-{SHORT[runtime]}", "true")
         log(f"warm-up {SHORT[runtime]}: {wall:.2f} s")
     times: dict[str, list[float]] = {SHORT[r]: [] for r in order}
+    failures: dict[str, list[str]] = {SHORT[r]: [] for r in order}
     for i in range(runs):
         for runtime in order if i % 2 == 0 else order[::-1]:
-            wall = ctr_run(ctrd, runtime, "--rm", BUSYBOX_IMAGE, f"rm-{SHORT[runtime]}-{i}", "true")
-            times[SHORT[runtime]].append(wall)
-            log(f"run {i + 1}/{runs} {SHORT[runtime]}: {wall:.2f} s")
-    stats = {name: summary(samples) for name, samples in times.items()}
+            name = SHORT[runtime]
+            try:
+                wall = ctr_run(ctrd, runtime, "--rm", BUSYBOX_IMAGE, f"rm-{name}-{i}", "true")
+            except ContainerdError as err:
+                first = str(err).splitlines()
+                failures[name].append(next((line for line in first if line.startswith("stderr:")), first[0]))
+                log(f"run {i + 1}/{runs} {name}: FAILED {failures[name][-1]}")
+                continue
+            times[name].append(wall)
+            log(f"run {i + 1}/{runs} {name}: {wall:.2f} s")
+    stats = {name: summary(samples) for name, samples in times.items() if samples}
     return {
         "runs": runs,
         "seconds": times,
+        "failures": failures,
         "stats": stats,
         "median_ratio_kata_over_runc": stats["kata"]["median"] / stats["runc"]["median"],
     }
@@ -175,6 +186,8 @@ def report(result: dict[str, Any]) -> str:
             f"  all {' '.join(f'{s:.2f}' for s in rm['seconds'][name])}"
         )
     lines.append(f"  median ratio kata/runc: {rm['median_ratio_kata_over_runc']:.1f}x")
+    for name, errors in rm["failures"].items():
+        lines.extend(f"  {name} run FAILED: {error}" for error in errors)
     for name in ("kata", "runc"):
         pod = result["pods"][name]
         add = pod["add_container_s"]
