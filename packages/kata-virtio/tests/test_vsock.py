@@ -469,6 +469,19 @@ def _passfd(dev: VirtioVsock, fd: int, text: bytes) -> socket.socket:
     return control
 
 
+def _passfd_accepted(dev: VirtioVsock, guest: Guest, fd: int) -> tuple[socket.socket, tuple[int, ...]]:
+    """passfd ``fd`` to guest port 1027 (closed here: the VMM holds its own copy), the guest accepts;
+    returns the control socket (`OK` read) and the REQUEST's header."""
+    control = _passfd(dev, fd, b"1027")
+    os.close(fd)
+    pump(dev)
+    [(hdr, _)] = guest.recv()
+    guest.send(1027, hdr[2], VIRTIO_VSOCK_OP_RESPONSE)
+    pump(dev)
+    assert control.recv(64).startswith(b"OK ")
+    return control, hdr
+
+
 def test_passfd_bridges_a_pipe_to_a_guest_port(vsock: VirtioVsock) -> None:
     """Dragonball passfd: stdout bytes from the guest go straight into the passed pipe."""
     guest = Guest(vsock)
@@ -509,13 +522,7 @@ def test_passfd_keep_survives_a_closed_reader(vsock: VirtioVsock) -> None:
 def test_passfd_stdin_pipe_feeds_the_guest(vsock: VirtioVsock) -> None:
     guest = Guest(vsock)
     r, w = os.pipe()
-    control = _passfd(vsock, r, b"1027")
-    os.close(r)
-    pump(vsock)
-    [(hdr, _)] = guest.recv()
-    guest.send(1027, hdr[2], VIRTIO_VSOCK_OP_RESPONSE)
-    pump(vsock)
-    assert control.recv(64).startswith(b"OK ")
+    _control, _hdr = _passfd_accepted(vsock, guest, r)
     os.write(w, b"stdin data")
     os.close(w)
     pump(vsock)
@@ -549,13 +556,7 @@ def test_passfd_full_shutdown_flushes_pending_output_before_closing(vsock: Virti
     """The agent closes a stdout stream while the fifo is full: every byte still arrives, then EOF."""
     guest = Guest(vsock)
     r, w = os.pipe()
-    control = _passfd(vsock, w, b"1027")
-    os.close(w)
-    pump(vsock)
-    [(hdr, _)] = guest.recv()
-    guest.send(1027, hdr[2], VIRTIO_VSOCK_OP_RESPONSE)
-    pump(vsock)
-    assert control.recv(64).startswith(b"OK ")
+    _control, hdr = _passfd_accepted(vsock, guest, w)
     payload = os.urandom(200_000)  # more than a pipe holds (64 KiB)
     for off in range(0, len(payload), 4096):
         guest.send(1027, hdr[2], VIRTIO_VSOCK_OP_RW, payload[off : off + 4096])
