@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import pytest
@@ -203,5 +205,29 @@ def test_exec_and_terminal_use_stdout_only(busybox_rootfs: Path) -> None:
             await agent.client.remove_container("p4")
             for s in (inp, out, err):
                 await s.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.root
+def test_a_failed_exec_closes_the_streams_it_took(busybox_rootfs: Path) -> None:
+    async def main() -> None:
+        async with running_agent() as agent:
+            await agent.client.create_container("p5", _spec(busybox_rootfs, "sleep", "30"))  # not started
+            out = _feed(agent, 7401)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ResourceWarning)
+                with pytest.raises(ttrpc.FailedPrecondition, match="not running"):
+                    await agent.client.exec_process(
+                        "p5", "e1", Process(["true"]), stdio_ports=StdioPorts(0, 7401, 0)
+                    )
+                gc.collect()
+            # closed by the agent, not left to the garbage collector (which warns of an unclosed socket)
+            assert not [w for w in caught if issubclass(w.category, ResourceWarning)], caught
+            assert len(agent.service.passfd) == 0  # taken, then closed: not left for a later request
+            with trio.fail_after(5):
+                assert await out.receive_some(10) == b""
+            await out.aclose()
+            await agent.client.remove_container("p5")
 
     trio.run(main)

@@ -38,19 +38,15 @@ class Container:
     async def create(self, config: dict[str, Any], passfd: PassfdStdio | None = None) -> None:
         """Write config.json and `runtime create`; the init waits for StartContainer.
 
-        With `passfd`, the init's stdio is pumped through those streams (closed if the create fails).
+        With `passfd`, the init's stdio is pumped through those streams (the caller closes them if this
+        fails).
         """
         _guest.write_json(os.path.join(self.bundle, "config.json"), config)
         process = Process("", terminal=bool(config["process"].get("terminal")))
         self.init = process
         pid_file = os.path.join(self.bundle, "init.pid")
         args = ["create", "--bundle", self.bundle, "--pid-file", pid_file]
-        try:
-            await self._spawn(process, args, pid_file)
-        except BaseException:
-            if passfd is not None:
-                passfd.close()
-            raise
+        await self._spawn(process, args, pid_file)
         if passfd is not None:
             process.attach_passfd(passfd, self._nursery)
         try:
@@ -103,16 +99,12 @@ class Container:
     async def exec(
         self, exec_id: str, process_json: dict[str, Any], passfd: PassfdStdio | None = None
     ) -> Process:
-        """`runtime exec -d` of another process in the running container (stdio through `passfd`)."""
-        try:
-            if exec_id in self.execs or not exec_id:
-                raise ttrpc.AlreadyExists(f"exec {exec_id!r} already exists in container {self.id}")
-            if self.status != "running" or (self.init is not None and self.init.exited):
-                raise ttrpc.FailedPrecondition(f"container {self.id} is {self.status}, not running")
-        except BaseException:
-            if passfd is not None:
-                passfd.close()
-            raise
+        """`runtime exec -d` of another process in the running container (stdio through `passfd`, which
+        the caller closes if this fails)."""
+        if exec_id in self.execs or not exec_id:
+            raise ttrpc.AlreadyExists(f"exec {exec_id!r} already exists in container {self.id}")
+        if self.status != "running" or (self.init is not None and self.init.exited):
+            raise ttrpc.FailedPrecondition(f"container {self.id} is {self.status}, not running")
         path = os.path.join(self.bundle, f"exec-{len(self.execs)}.json")
         _guest.write_json(path, process_json)
         process = Process(exec_id, terminal=bool(process_json.get("terminal")))
@@ -123,8 +115,6 @@ class Container:
         except BaseException:
             del self.execs[exec_id]
             process.close()
-            if passfd is not None:
-                passfd.close()
             raise
         if passfd is not None:
             process.attach_passfd(passfd, self._nursery)

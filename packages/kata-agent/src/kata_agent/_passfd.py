@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket as _socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import trio
@@ -149,3 +150,15 @@ class PassfdStdio:
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.socket.close()
+
+
+@contextlib.contextmanager
+def closed_on_error(stdio: PassfdStdio | None) -> Iterator[None]:
+    """Close the taken streams if the request that took them fails (once a process attached them, its
+    own close does it too; closing twice is harmless)."""
+    try:
+        yield
+    except BaseException:
+        if stdio is not None:
+            stdio.close()
+        raise

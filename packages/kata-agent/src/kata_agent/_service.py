@@ -23,7 +23,7 @@ from kata_agent._errors import RuntimeFailed
 from kata_agent._mount import STORAGE_DRIVERS, MountedStorage, mount_storage, release_storages
 from kata_agent._network import Netlink
 from kata_agent._oci import message_to_json, process_to_json, spec_to_config
-from kata_agent._passfd import PassfdStdio, PassfdStreams
+from kata_agent._passfd import PassfdStdio, PassfdStreams, closed_on_error
 from kata_agent._runtime import OciRuntime
 from kata_proto import ttrpc
 from kata_proto.agent import agent_pb2, health_pb2
@@ -128,25 +128,24 @@ class AgentService:
         passfd = await PassfdStdio.take(
             self.passfd, req.stdin_port, req.stdout_port, req.stderr_port, terminal=terminal
         )
+        with closed_on_error(passfd):
+            await self._create_container(cid, config, req.storages, passfd)
+        return empty_pb2.Empty()
+
+    async def _create_container(
+        self, cid: str, config: dict[str, Any], storages: Any, passfd: PassfdStdio | None
+    ) -> None:
         bundle = os.path.join(self.config.run_dir, cid)
-        try:
-            os.makedirs(bundle, exist_ok=False)
-        except BaseException:
-            if passfd is not None:
-                passfd.close()
-            raise
+        os.makedirs(bundle, exist_ok=False)
         container = Container(cid, bundle, self.runtime, self._nursery)
         self.containers[cid] = container
         try:
-            for storage in req.storages:
+            for storage in storages:
                 container.storages.append(mount_storage(storage))
             if not _guest.is_dir(config["root"]["path"]):
                 raise ttrpc.InvalidArgument(f"OCI root.path {config['root']['path']!r} is not a directory")
             await container.create(config, passfd)
-            passfd = None
         except BaseException as err:
-            if passfd is not None:
-                passfd.close()
             with trio.CancelScope(shield=True):
                 await container.destroy()
             self.containers.pop(cid, None)
@@ -155,7 +154,6 @@ class AgentService:
             raise
         self._nursery.start_soon(self._watch_oom, container)
         log.info("container created", extra={"container": cid})
-        return empty_pb2.Empty()
 
     async def StartContainer(self, req: Any, ctx: Any) -> empty_pb2.Empty:
         container = self.container(req.container_id)
@@ -184,7 +182,8 @@ class AgentService:
             terminal=bool(process.get("terminal")),
         )
         try:
-            await container.exec(req.exec_id, process, passfd)
+            with closed_on_error(passfd):
+                await container.exec(req.exec_id, process, passfd)
         except RuntimeFailed as err:
             raise ttrpc.InvalidArgument(str(err)) from err
         return empty_pb2.Empty()
