@@ -73,19 +73,17 @@ class Process:
         outputs = [(1, stdio.stdout), (2, None if self.terminal else stdio.stderr)]
         pending = [(which, stream) for which, stream in outputs if stream is not None]
         if pending:
-            self._copied = trio.Event()
-            left = [len(pending)]
+            copied = self._copied = trio.Event()
 
-            async def pump_out(which: int, stream: trio.SocketStream) -> None:
+            async def pump_outputs() -> None:
                 try:
-                    await self._pump_output(which, stream)
+                    async with trio.open_nursery() as pumps:
+                        for which, stream in pending:
+                            pumps.start_soon(self._pump_output, which, stream)
                 finally:
-                    left[0] -= 1
-                    if not left[0]:
-                        self._copied.set()
+                    copied.set()
 
-            for which, stream in pending:
-                nursery.start_soon(pump_out, which, stream)
+            nursery.start_soon(pump_outputs)
         if stdio.stdin is not None:
             nursery.start_soon(self._pump_stdin, stdio.stdin)
 
