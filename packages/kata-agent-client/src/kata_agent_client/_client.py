@@ -102,12 +102,8 @@ class AgentClient:
 
         `stdio_ports`: the passfd streams (their host ports) that carry the init's stdio.
         """
-        ports = stdio_ports or StdioPorts()
         req = agent_pb2.CreateContainerRequest(
             container_id=container_id,
-            stdin_port=ports.stdin,
-            stdout_port=ports.stdout,
-            stderr_port=ports.stderr,
             storages=[cv.storage_pb(s) for s in storages or []],
             devices=[
                 agent_pb2.Device(
@@ -120,6 +116,7 @@ class AgentClient:
                 for d in devices or []
             ],
         )
+        (stdio_ports or StdioPorts()).set_on(req)
         req.OCI.CopyFrom(cv.spec_pb(spec))
         await self._call("CreateContainer", req, empty_pb2.Empty)
 
@@ -141,14 +138,8 @@ class AgentClient:
         self, container_id: str, exec_id: str, process: Process, *, stdio_ports: StdioPorts | None = None
     ) -> None:
         """ExecProcess: start another process in a running container (stdio through passfd ports)."""
-        ports = stdio_ports or StdioPorts()
-        req = agent_pb2.ExecProcessRequest(
-            container_id=container_id,
-            exec_id=exec_id,
-            stdin_port=ports.stdin,
-            stdout_port=ports.stdout,
-            stderr_port=ports.stderr,
-        )
+        req = agent_pb2.ExecProcessRequest(container_id=container_id, exec_id=exec_id)
+        (stdio_ports or StdioPorts()).set_on(req)
         req.process.CopyFrom(cv.process_pb(process))
         await self._call("ExecProcess", req, empty_pb2.Empty)
 

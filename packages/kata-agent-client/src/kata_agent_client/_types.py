@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+
+class _StdioPortFields(Protocol):
+    stdin_port: int
+    stdout_port: int
+    stderr_port: int
+
+
+_R = TypeVar("_R", bound=_StdioPortFields)
 
 
 @dataclass(frozen=True)
@@ -12,6 +22,11 @@ class StdioPorts:
     stdin: int = 0
     stdout: int = 0
     stderr: int = 0
+
+    def set_on(self, request: _R) -> _R:
+        """Set a CreateContainerRequest's or ExecProcessRequest's stdin/stdout/stderr_port; returns it."""
+        request.stdin_port, request.stdout_port, request.stderr_port = self.stdin, self.stdout, self.stderr
+        return request
 
 
 @dataclass

@@ -152,9 +152,8 @@ class VirtContainerManager:
             mounts = share_volumes(config.spec.get("mounts") or [], layout, cid, ledger)
             spec = guest_spec(config.spec, cid, layout.rootfs_guest_path(cid), mounts)
             await self._open_stdio(agent, process)
-            ports = process.ports or StdioPorts()
-            request = agent_pb2.CreateContainerRequest(
-                container_id=cid, stdin_port=ports.stdin, stdout_port=ports.stdout, stderr_port=ports.stderr
+            request = (process.ports or StdioPorts()).set_on(
+                agent_pb2.CreateContainerRequest(container_id=cid)
             )
             request.OCI.CopyFrom(spec_to_pb(spec))
             await agent.call("CreateContainer", request, empty_pb2.Empty)
@@ -219,13 +218,8 @@ class VirtContainerManager:
         try:
             if process.exec_id:
                 assert p.spec is not None
-                ports = p.ports or StdioPorts()
-                request = agent_pb2.ExecProcessRequest(
-                    container_id=c.id,
-                    exec_id=process.exec_id,
-                    stdin_port=ports.stdin,
-                    stdout_port=ports.stdout,
-                    stderr_port=ports.stderr,
+                request = (p.ports or StdioPorts()).set_on(
+                    agent_pb2.ExecProcessRequest(container_id=c.id, exec_id=process.exec_id)
                 )
                 request.process.CopyFrom(process_to_pb(p.spec))
                 await agent.call("ExecProcess", request, empty_pb2.Empty)
