@@ -131,6 +131,11 @@ class _Conn:
     write_only: bool = False  # a passed fd not open for reading (a stdout pipe): never poll it for input
 
     @property
+    def passed_fd(self) -> bool:
+        """The host side is an fd handed over by passfd, not a client socket."""
+        return isinstance(self.sock, _FdStream)
+
+    @property
     def key(self) -> tuple[int, int]:
         return (self.local_port, self.peer_port)
 
@@ -252,7 +257,7 @@ class VirtioVsock(VirtioDevice):
                 events |= select.POLLIN
             if conn.pending:
                 events |= select.POLLOUT
-            if events or (conn.state == _State.CONNECTING and not isinstance(conn.sock, _FdStream)):
+            if events or (conn.state == _State.CONNECTING and not conn.passed_fd):
                 # A CONNECTING client is watched for hang-up only (poll reports POLLHUP unasked). Not a
                 # passed fd: a stdin fifo whose writer already wrote and left polls POLLHUP, yet its bytes
                 # and EOF are for the guest once it answers.
@@ -293,7 +298,7 @@ class VirtioVsock(VirtioDevice):
         if conn is None:
             return
         if conn.state == _State.CONNECTING:
-            if events & (select.POLLHUP | select.POLLERR) and not isinstance(conn.sock, _FdStream):
+            if events & (select.POLLHUP | select.POLLERR) and not conn.passed_fd:
                 self._reset(conn)  # the client gave up before the guest answered
             return
         if conn.pending and events & (select.POLLOUT | select.POLLERR | select.POLLHUP):
