@@ -11,8 +11,9 @@ import trio
 
 from kata_agent._agent import open_agent
 from kata_agent._listen import AGENT_VSOCK_PORT, LOG_VSOCK_PORT
-from kata_agent._passfd import PASSFD_CMDLINE_PARAM, passfd_port_from_cmdline
+from kata_agent._passfd import passfd_port_from_cmdline
 from kata_agent._service import AgentConfig
+from kata_proto.agent import PASSFD_CMDLINE_PARAM
 
 
 def _parser() -> argparse.ArgumentParser:

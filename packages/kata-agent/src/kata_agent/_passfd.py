@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import trio
 
 from kata_proto import ttrpc
+from kata_proto.agent import PASSFD_CMDLINE_PARAM
 
 log = logging.getLogger("kata_agent")
 
-#: The kernel command line parameter that turns the listener on (Kata's agent config name).
-PASSFD_CMDLINE_PARAM = "agent.passfd_listener_port"
 #: Seconds CreateContainer/ExecProcess wait for a named stream that has not been accepted yet.
 STREAM_WAIT = 5.0
 #: Seconds an accepted stream waits to be taken before the next arrival closes it (its request failed).

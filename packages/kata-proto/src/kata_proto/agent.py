@@ -12,6 +12,7 @@ from kata_proto._gen.kata import agent_pb2, csi_pb2, health_pb2, oci_pb2, types_
 __all__ = [
     "AGENT_SERVICE",
     "HEALTH_SERVICE",
+    "PASSFD_CMDLINE_PARAM",
     "agent_pb2",
     "csi_pb2",
     "health_pb2",
@@ -24,6 +25,10 @@ __all__ = [
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
 #: ``grpc.Health``: Check and Version.
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
+
+#: The guest kernel parameter naming the agent's passfd stdio listener port (Kata's agent config key):
+#: the shim's VMM back-end writes it, the agent reads it from /proc/cmdline.
+PASSFD_CMDLINE_PARAM = "agent.passfd_listener_port"
 
 # oci.proto names fields as Go does (``UIDMappings``); config.json uses the runtime-spec JSON tags. A tag is
 # the field name with its first letter lowered, except for these.

@@ -29,6 +29,7 @@ from typing import TypeVar
 import trio
 
 import kata_vmm
+from kata_proto.agent import PASSFD_CMDLINE_PARAM
 from kata_shim.hypervisor._base import (
     BlockDevice,
     Device,
@@ -61,8 +62,6 @@ BASE_CMDLINE = "console=ttyS0 reboot=k panic=1"
 """Kernel parameters every guest gets; `quiet` is added unless `enable_debug` (each console byte is a VM
 exit, which costs ~1 ms under nested virtualisation), then `kernel_params` from the config."""
 HVSOCK_NAME = "kata.hvsock"
-#: Kernel parameter naming the agent's passfd listener port (Kata's agent config).
-PASSFD_CMDLINE_PARAM = "agent.passfd_listener_port"
 AGENT_VSOCK_PORT = 1024
 CONSOLE_TAIL_BYTES = 8192
 STOP_TIMEOUT = 15.0
