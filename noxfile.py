@@ -30,8 +30,19 @@ PACKAGES = [
 ]
 # Pinned tool versions: generated code and lint results must not drift with the registry.
 GRPCIO_TOOLS = "grpcio-tools==1.85.1"
-TEST_DEPS = [GRPCIO_TOOLS, "pytest==9.0.3", "pytest-benchmark==5.2.3", "hypothesis==6.155.2", "trio==0.35.0"]
+TEST_DEPS = [
+    GRPCIO_TOOLS,
+    "pytest==9.0.3",
+    "pytest-timeout==2.4.0",
+    "pytest-benchmark==5.2.3",
+    "hypothesis==6.155.2",
+    "trio==0.35.0",
+]
 LINT_DEPS = ["ruff==0.17.6", "mypy==2.4.1", "import-linter==2.16", "types-protobuf"]
+
+# A guest-booting test that hangs fails after this long with every thread's stack instead of eating CI's time
+# (the slowest lab test, the shim's 10-container thread count under TCG, takes about 3 minutes).
+LAB_TEST_TIMEOUT = 900
 
 nox.options.default_venv_backend = "uv|venv"
 nox.options.reuse_existing_virtualenvs = True
@@ -134,6 +145,8 @@ def bench(session: nox.Session) -> None:
         "-p",
         "no:cacheprovider",
         "--benchmark-only",
+        "-o",
+        f"timeout={LAB_TEST_TIMEOUT}",
         f"--benchmark-json={out / 'host.json'}",
         *session.posargs,
         external=True,
@@ -166,6 +179,8 @@ def bench(session: nox.Session) -> None:
             "-q",
             "-p",
             "no:cacheprovider",
+            "-o",
+            f"timeout={LAB_TEST_TIMEOUT}",
             "lab/bench/virtio_guest.py",
             external=True,
             stdout=sink,
@@ -205,7 +220,7 @@ def lab(session: nox.Session) -> None:
     )  # the tests venv, up to date
     python = str(venv / "bin" / "python")
     _compile_for_labvm(session, python)
-    pytest_args = ["-p", "no:cacheprovider", "--benchmark-disable"]
+    pytest_args = ["-p", "no:cacheprovider", "--benchmark-disable", "-o", f"timeout={LAB_TEST_TIMEOUT}"]
     # host side first: labvm and the image builder, no VM needed (seconds)
     session.run(python, "-m", "pytest", "lab/tests", "-m", "not lab", "-q", *pytest_args, external=True)
     path = f"{venv / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
