@@ -311,3 +311,103 @@ def test_errors_from_the_callers_block_come_out_bare(sockdir: str) -> None:
             n.cancel_scope.cancel()
 
     trio.run(main)
+
+
+async def _serve_for_a_while(path: str, server: ttrpc.TtrpcServer, stop: trio.Event) -> None:
+    """Serve `path` until `stop`: the connections the server held are cut when it returns."""
+    async with trio.open_nursery() as n:
+        await n.start(server.serve_unix, path)
+        await stop.wait()
+        n.cancel_scope.cancel()
+
+
+def test_a_lost_connection_without_reconnect_makes_the_client_lost(sockdir: str) -> None:
+    async def main() -> None:
+        path = os.path.join(sockdir, "agent.sock")
+        stop = trio.Event()
+        async with trio.open_nursery() as n:
+            n.start_soon(_serve_for_a_while, path, _server(), stop)
+            async with open_agent_client(f"unix:{path}", ready_timeout=5) as client:
+                assert await client.check() and client.generation == 1 and client.lost is None
+                stop.set()
+                with trio.fail_after(10):
+                    reason = await client.wait_lost()
+                assert reason and client.lost == reason
+                assert not await client.wait_reconnected(1)
+                with pytest.raises(ttrpc.ConnectionClosed, match="lost"):
+                    await client.check()
+
+    trio.run(main)
+
+
+def test_the_client_reconnects_within_its_budget_and_calls_go_to_the_new_connection(sockdir: str) -> None:
+    async def main() -> None:
+        path = os.path.join(sockdir, "agent.sock")
+        first, second = trio.Event(), trio.Event()
+        agent = FakeAgent()
+        async with trio.open_nursery() as n:
+            n.start_soon(_serve_for_a_while, path, _server(), first)
+            async with open_agent_client(
+                f"unix:{path}", ready_timeout=5, reconnect_timeout=10, retry_interval=0.01
+            ) as client:
+                assert client.generation == 1
+                first.set()  # the agent goes away ...
+                await trio.sleep(0.2)
+                assert client.lost is None  # ... the client keeps dialling within its budget
+                n.start_soon(_serve_for_a_while, path, _server(agent=agent), second)  # ... and comes back
+                with trio.fail_after(10):
+                    assert await client.wait_reconnected(1)
+                assert client.generation == 2 and client.lost is None
+                assert await client.wait_process("c") == 42
+                assert "WaitProcess" in agent.remaining
+                second.set()
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_reconnect_that_runs_out_of_budget_makes_the_client_lost(sockdir: str) -> None:
+    async def main() -> None:
+        path = os.path.join(sockdir, "agent.sock")
+        stop = trio.Event()
+        async with trio.open_nursery() as n:
+            n.start_soon(_serve_for_a_while, path, _server(), stop)
+            async with open_agent_client(
+                f"unix:{path}", ready_timeout=5, reconnect_timeout=0.3, retry_interval=0.01
+            ) as client:
+                stop.set()
+                with trio.fail_after(10):
+                    reason = await client.wait_lost()
+                assert "reconnect failed" in reason and "not ready within 0.3 s" in reason
+                assert client.generation == 1
+
+    trio.run(main)
+
+
+def test_health_checker_with_a_budget_returns_after_that_many_failures_in_a_row(sockdir: str) -> None:
+    async def main() -> None:
+        path = os.path.join(sockdir, "agent.sock")
+        health = FakeHealth()
+        reported: list[BaseException | None] = []
+
+        async def unhealthy(err: BaseException | None) -> None:
+            reported.append(err)
+            health.serving = True  # one recovery in between: the streak starts over
+
+        async with trio.open_nursery() as n:
+            await n.start(_server(health).serve_unix, path)
+            async with open_agent_client(f"unix:{path}") as client:
+                checker = HealthChecker(client, unhealthy, interval=0.001, max_failures=3)
+                health.serving = False
+                assert not await checker.check_once()
+                assert checker.streak == 1
+                assert await checker.check_once()
+                assert checker.streak == 0
+                checker.on_unhealthy = lambda err: trio.sleep(0)
+                health.serving = False
+                with trio.fail_after(10):
+                    await checker.run()
+                assert checker.streak == 3 and checker.failures == 4 and len(reported) == 1
+            n.cancel_scope.cancel()
+
+    trio.run(main)

@@ -113,3 +113,40 @@ def test_publisher_without_address_drops_quietly() -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_an_oom_flood_never_crowds_out_exits_and_is_coalesced_per_container(tmp_path: Path) -> None:
+    """Finding 7 of the VM-boundary issue: a guest answering GetOOMEvent in a loop filled the bounded queue
+    and later TaskExit events were dropped. Lifecycle events go first; OOM events keep one pending per
+    container and one per `oom_interval` for the same container."""
+    sink = Sink()
+
+    async def main() -> None:
+        server = ttrpc.TtrpcServer()
+        server.register(EVENTS_SERVICE, sink)
+        async with trio.open_nursery() as nursery:
+            path = await nursery.start(server.serve_unix, str(tmp_path / "ev.sock"))
+            publisher = EventPublisher(path, "ns", max_queued=64, oom_interval=3600)
+            for _ in range(10_000):  # the guest floods before the forwarder even runs
+                publisher.publish_nowait("/tasks/oom", events_pb2.TaskOOM(container_id="c1"))
+                publisher.publish_nowait("/tasks/oom", events_pb2.TaskOOM(container_id="c2"))
+            for n in range(3):
+                publisher.publish_nowait("/tasks/exit", exit_event(n))
+            await nursery.start(publisher.run)
+            with trio.fail_after(10):
+                await publisher.wait_idle()
+            for _ in range(100):  # within oom_interval of the one just sent: folded
+                publisher.publish_nowait("/tasks/oom", events_pb2.TaskOOM(container_id="c1"))
+            publisher.publish_nowait("/tasks/exit", exit_event(3))
+            with trio.fail_after(10):
+                await publisher.wait_idle()
+            stats = publisher.statistics()
+            assert stats.dropped == 0 and stats.forwarded == 6
+            assert stats.coalesced == 2 * 10_000 - 2 + 100
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    topics = [e.topic for e in sink.received]
+    assert topics == ["/tasks/exit"] * 3 + ["/tasks/oom"] * 2 + ["/tasks/exit"]
+    ooms: list[Any] = [unpack_event(e.event) for e in sink.received if e.topic == "/tasks/oom"]
+    assert [o.container_id for o in ooms] == ["c1", "c2"]

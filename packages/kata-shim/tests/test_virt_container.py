@@ -101,6 +101,15 @@ class AgentVm:
         self.passfd_port = 0
         self.service: Any = None
         self._next_port = 5000
+        self.crashed = ""
+        self.hung = False
+        """A hung guest: its agent answers nothing, not even when stop_vm takes it down."""
+
+    def crash(self, reason: str = "guest kernel panic") -> None:
+        """The guest dies: wait_vm returns (as on a VMM's exit) and the agent never answers again (it is only
+        taken down, killing what it ran, when the test's nursery ends)."""
+        self.crashed = reason
+        self._stopped.set()
 
     @property
     def sock(self) -> str:
@@ -152,7 +161,10 @@ class AgentVm:
 
     async def stop_vm(self) -> None:
         self.calls.append("stop_vm")
-        self._stop.set()
+        if self.crashed or self.hung:
+            self._running = False  # a dead guest's agent answers nothing, not even with its shutdown
+        else:
+            self._stop.set()
         if self._running:
             await self._stopped.wait()
             self._running = False
@@ -162,10 +174,12 @@ class AgentVm:
 
     async def wait_vm(self) -> int:
         await self._stopped.wait()
-        return 1 if self.fail == "vm_dies" else 0
+        return 1 if self.fail == "vm_dies" or self.crashed else 0
 
     def exit_reason(self) -> str:
-        return "triple fault" if self.fail == "vm_dies" and self._stopped.is_set() else ""
+        if not self._stopped.is_set():
+            return ""
+        return "triple fault" if self.fail == "vm_dies" else self.crashed
 
     async def pause_vm(self) -> None:
         pass
@@ -398,7 +412,11 @@ def _leftovers(base: Path) -> list[str]:
 
 @asynccontextmanager
 async def running_pod(
-    virtiofs: dict[str, Path], *, fail: str = "", dial_timeout_ms: int = 10_000
+    virtiofs: dict[str, Path],
+    *,
+    fail: str = "",
+    dial_timeout_ms: int = 10_000,
+    reconnect_timeout_ms: int = 3_000,
 ) -> AsyncIterator[Pod]:
     """A VirtContainer instance on AgentVm, started with a throwaway first container config."""
     base = Path(tempfile.mkdtemp(prefix="kvc-", dir="/tmp"))
@@ -429,7 +447,7 @@ async def running_pod(
                 Path("test.toml"),
                 RuntimeConfig(use_passfd_io=fail == "passfd"),
                 HypervisorConfig(),
-                AgentConfig(dial_timeout_ms=dial_timeout_ms),
+                AgentConfig(dial_timeout_ms=dial_timeout_ms, reconnect_timeout_ms=reconnect_timeout_ms),
             )
             instance = handler.new_instance("sb1", config, publish)
             assert isinstance(instance.sandbox, VirtSandbox)
@@ -712,6 +730,90 @@ def test_stop_reports_running_processes_exited_and_unmounts(
             assert mounts_below(pod.base) == []
             with pytest.raises(FailedPrecondition):
                 await cm.create_container(_container(pod, busybox_lower, "c7", _spec("true"), Stdio()))
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("how", ["vm_crash", "agent_gone", "health"])
+def test_a_sandbox_whose_vm_dies_ends_every_process_with_255_and_cleans_up(
+    how: str, busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    """Finding 4 of the VM-boundary issue: a VM that dies after boot is noticed (VMM exit, agent connection
+    lost past the reconnect budget, health checks failing past their budget): each running process gets
+    its TaskExit with 255, Task.Wait returns, delete and cleanup work and leave nothing."""
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind, reconnect_timeout_ms=300) as pod:
+            cm = pod.instance.containers
+            await cm.create_container(_container(pod, busybox_lower, "c1", _spec("sleep", "1000"), Stdio()))
+            await cm.start_process(ProcessId("c1"))
+            await cm.exec_process(
+                ExecConfig(ProcessId("c1", "e1"), _spec("sleep", "999")["process"], Stdio())
+            )
+            await cm.start_process(ProcessId("c1", "e1"))
+            await cm.create_container(_container(pod, busybox_lower, "c2", _spec("true"), Stdio()))
+            if how == "vm_crash":
+                pod.vm.crash("guest kernel panic")
+            elif how == "agent_gone":
+                # The guest resets the agent's connection and never accepts another one.
+                os.rename(pod.vm.sock, pod.vm.sock + ".gone")
+                raw = pod.sandbox.agent._client
+                assert raw is not None
+                raw._break("test: the guest reset the agent connection")
+            else:
+
+                async def not_serving() -> bool:
+                    return False
+
+                pod.vm.hung = True
+                pod.sandbox.agent.check = not_serving  # type: ignore[method-assign]
+            with trio.fail_after(60):
+                for pid in (ProcessId("c1"), ProcessId("c1", "e1"), ProcessId("c2")):
+                    assert (await cm.wait_process(pid)).code == 255
+            reason = pod.sandbox.dead
+            expected = {
+                "vm_crash": "guest kernel panic",
+                "agent_gone": "reconnect failed",
+                "health": "3 agent",
+            }
+            assert reason is not None and expected[how] in reason, reason
+            exits = sorted((e.container_id, e.id, e.exit_status) for e in _exits(pod))
+            assert exits == [("c1", "c1", 255), ("c1", "e1", 255), ("c2", "c2", 255)]
+            assert "stop_vm" in pod.vm.calls
+            with trio.fail_after(30):
+                await cm.delete_process(ProcessId("c1", "e1"))
+                await cm.delete_process(ProcessId("c1"))
+                await cm.delete_process(ProcessId("c2"))
+                await pod.sandbox.stop()
+                await pod.sandbox.cleanup()
+            assert cm.container_ids() == []
+
+    trio.run(main)
+
+
+def test_the_agent_reconnecting_within_its_budget_keeps_the_processes_running(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    """A dropped agent connection that comes back within reconnect_timeout_ms is not a death: WaitProcess is
+    asked again on the new connection and reports the real exit code."""
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind, reconnect_timeout_ms=20_000) as pod:
+            cm = pod.instance.containers
+            await cm.create_container(
+                _container(pod, busybox_lower, "c1", _spec("sh", "-c", "sleep 2; exit 7"), Stdio())
+            )
+            await cm.start_process(ProcessId("c1"))
+            agent = pod.sandbox.agent
+            generation = agent.generation
+            raw = agent._client
+            assert raw is not None
+            raw._break("test: the hybrid vsock connection was reset")  # the guest side hung up
+            with trio.fail_after(30):
+                assert await agent.wait_reconnected(generation)
+                assert (await cm.wait_process(ProcessId("c1"))).code == 7
+            assert pod.sandbox.dead is None
+            assert [(e.id, e.exit_status) for e in _exits(pod)] == [("c1", 7)]
 
     trio.run(main)
 

@@ -43,13 +43,51 @@ READ_CHUNK = 64 * 1024
 class AgentClient:
     """A connected agent; make one with `open_agent_client`."""
 
-    def __init__(self, ttrpc_client: ttrpc.TtrpcClient, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, ttrpc_client: ttrpc.TtrpcClient | None, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self._client = ttrpc_client
         self.timeout = timeout
+        self.generation = 0 if ttrpc_client is None else 1
+        """How many connections the client has had (reconnects add one each)."""
+        self.lost: str | None = None
+        """Why the agent is gone for good (set once; every later call fails), None while it is reachable."""
+        self.closing = False
+        self._changed = trio.Event()
+
+    # -- the connection -------------------------------------------------------------------------
+    def _attach(self, raw: ttrpc.TtrpcClient) -> None:
+        self._client = raw
+        self.generation += 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _lose(self, reason: str) -> None:
+        if self.lost is None:
+            self.lost = reason or "connection lost"
+        self._changed.set()
+
+    async def wait_lost(self) -> str:
+        """Wait until the agent is gone for good (no reconnect, or the reconnect budget ran out)."""
+        while self.lost is None:
+            await self._changed.wait()
+        return self.lost
+
+    async def wait_reconnected(self, generation: int) -> bool:
+        """After a call on connection `generation` failed: True once a newer connection is up, False
+        when the agent is lost instead."""
+        while self.generation <= generation and self.lost is None:
+            await self._changed.wait()
+        return self.generation > generation
 
     async def _call(self, method: str, request: Any, response_type: type[Any], service: str = AGENT) -> Any:
         timeout = None if method in NO_TIMEOUT else self.timeout
-        return await self._client.call(service, method, request, response_type, timeout=timeout)
+        if self.lost is not None:
+            raise ttrpc.ConnectionClosed(f"agent connection lost: {self.lost}")
+        raw = self._client
+        if raw is None or self.closing:
+            raise trio.ClosedResourceError("agent client is closed")
+        if raw.broken is not None:  # between a lost connection and the next (or the verdict)
+            raise ttrpc.ConnectionClosed(f"agent connection: {raw.broken}")
+        return await raw.call(service, method, request, response_type, timeout=timeout)
 
     # -- health -----------------------------------------------------------------------------------
     async def check(self) -> bool:
@@ -311,14 +349,83 @@ class AgentClient:
 
 async def _try_connect(
     addr: AgentAddress, stack: AsyncExitStack, call_timeout: float, deadline: float
-) -> AgentClient | None:
+) -> ttrpc.TtrpcClient | None:
     # Each deadline scope closes before the ttrpc client's nursery does (trio's nesting rule).
     with trio.fail_at(deadline):
         stream = await connect(addr)
     raw = await stack.enter_async_context(ttrpc.open_ttrpc_client(stream))
-    client = AgentClient(raw, timeout=call_timeout)
     with trio.fail_at(deadline):
-        return client if await client.check() else None
+        return raw if await AgentClient(raw, timeout=call_timeout).check() else None
+
+
+class _Link:
+    """Owns the agent's ttrpc connection for the client's whole life, in one task (`run`).
+
+    The first dial has `ready_timeout`; when an established connection breaks and `reconnect_timeout`
+    is positive, the link dials again within that budget and hands the new connection to the client
+    (its `generation` goes up); otherwise, or when the budget runs out, the client is `lost`.
+    """
+
+    def __init__(
+        self,
+        addr: AgentAddress,
+        label: str,
+        client: AgentClient,
+        *,
+        ready_timeout: float,
+        reconnect_timeout: float,
+        retry_interval: float,
+        call_timeout: float,
+    ) -> None:
+        self.addr = addr
+        self.label = label
+        self.client = client
+        self.ready_timeout = ready_timeout
+        self.reconnect_timeout = reconnect_timeout
+        self.retry_interval = retry_interval
+        self.call_timeout = call_timeout
+
+    async def _dial(self, stack: AsyncExitStack, budget: float) -> ttrpc.TtrpcClient:
+        deadline = trio.current_time() + budget
+        last: BaseException | None = None
+        while True:
+            attempt = AsyncExitStack()
+            raw: ttrpc.TtrpcClient | None = None
+            try:
+                raw = await _try_connect(self.addr, attempt, self.call_timeout, deadline)
+            except trio.TooSlowError as err:
+                await attempt.aclose()
+                raise AgentTimeout(f"agent at {self.label} not ready within {budget} s: {last}") from err
+            except (OSError, ttrpc.TtrpcError, trio.BrokenResourceError) as err:
+                last = err
+            if raw is not None:
+                stack.push_async_exit(attempt)
+                return raw
+            await attempt.aclose()
+            if trio.current_time() + self.retry_interval >= deadline:
+                raise AgentTimeout(f"agent at {self.label} not ready within {budget} s: {last}")
+            await trio.sleep(self.retry_interval)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        budget = self.ready_timeout
+        while True:
+            async with AsyncExitStack() as stack:
+                try:
+                    raw = await self._dial(stack, budget)
+                except AgentTimeout as err:
+                    if not self.client.generation:
+                        raise  # the first dial: open_agent_client raises it
+                    self.client._lose(f"reconnect failed: {err}")
+                    return
+                first = not self.client.generation
+                self.client._attach(raw)
+                if first:
+                    task_status.started()
+                reason = await raw.wait_broken()
+            if self.reconnect_timeout <= 0 or self.client.closing:
+                self.client._lose(reason)
+                return
+            budget = self.reconnect_timeout
 
 
 @asynccontextmanager
@@ -328,47 +435,47 @@ async def open_agent_client(
     ready_timeout: float = 30.0,
     retry_interval: float = 0.05,
     call_timeout: float = DEFAULT_TIMEOUT,
+    reconnect_timeout: float = 0.0,
 ) -> AsyncIterator[AgentClient]:
     """Connect to the agent, retrying until Health.Check says SERVING or `ready_timeout` passes.
 
     Every connection error (nothing listening yet, the hybrid vsock muxer closing because the
     guest port is not open) is retried; AgentTimeout when the deadline passes. `call_timeout`
-    is the per-call timeout (upstream's 30 s; long polls have none).
+    is the per-call timeout (upstream's 30 s; long polls have none). When the connection breaks
+    later, calls in flight fail (`ttrpc.ConnectionClosed`); with `reconnect_timeout` > 0 the client
+    dials again within that many seconds (`generation` counts connections, `wait_reconnected`),
+    otherwise or after that the client is `lost` (`wait_lost`).
     """
     addr = AgentAddress.parse(address) if isinstance(address, str) else address
-    deadline = trio.current_time() + ready_timeout
-    last: BaseException | None = None
+    client = AgentClient(None, timeout=call_timeout)
+    link = _Link(
+        addr,
+        str(address) if isinstance(address, str) else f"{addr.kind}:{addr.path or addr.cid}:{addr.port}",
+        client,
+        ready_timeout=ready_timeout,
+        reconnect_timeout=reconnect_timeout,
+        retry_interval=retry_interval,
+        call_timeout=call_timeout,
+    )
     raised: list[BaseException] = []
     try:
-        async with AsyncExitStack() as outer:
-            while True:
-                stack = AsyncExitStack()
-                try:
-                    client = await _try_connect(addr, stack, call_timeout, deadline)
-                except trio.TooSlowError as err:
-                    await stack.aclose()
-                    raise AgentTimeout(
-                        f"agent at {address} not ready within {ready_timeout} s: {last}"
-                    ) from err
-                except (OSError, ttrpc.TtrpcError, trio.BrokenResourceError) as err:
-                    await stack.aclose()
-                    last, client = err, None
-                if client is not None:
-                    outer.push_async_exit(stack)
-                    break
-                await stack.aclose()
-                if trio.current_time() + retry_interval >= deadline:
-                    raise AgentTimeout(f"agent at {address} not ready within {ready_timeout} s: {last}")
-                await trio.sleep(retry_interval)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(link.run)
             try:
                 yield client
             except BaseException as exc:
                 raised.append(exc)
                 raise
+            finally:
+                client.closing = True
+                nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        # The ttrpc client's nursery wraps what the caller's block raised: hand it back bare.
-        if raised and _leaves(group) == raised:
+        # The nurseries wrap what the caller's block (or the first dial) raised: hand it back bare.
+        leaves = _leaves(group)
+        if raised and leaves == raised:
             raise raised[0] from None
+        if len(leaves) == 1 and isinstance(leaves[0], AgentTimeout):
+            raise leaves[0] from None
         raise
 
 

@@ -14,7 +14,11 @@ CHECK_INTERVAL = 30.0
 
 
 class HealthChecker:
-    """Run `await checker.run()` in a nursery; `on_unhealthy(error)` is awaited once per failure streak."""
+    """Run `await checker.run()` in a nursery; `on_unhealthy(error)` is awaited once per failure streak.
+
+    With `max_failures` > 0, `run` returns once that many checks in a row failed (the agent is taken for
+    dead: the caller decides what that means); `streak` and `last_error` say how it got there.
+    """
 
     def __init__(
         self,
@@ -23,6 +27,7 @@ class HealthChecker:
         *,
         interval: float = CHECK_INTERVAL,
         timeout: float = 5.0,
+        max_failures: int = 0,
     ) -> None:
         self.client = client
         self.on_unhealthy = on_unhealthy
@@ -30,6 +35,9 @@ class HealthChecker:
         self.timeout = timeout
         self.checks = 0
         self.failures = 0
+        self.streak = 0
+        self.max_failures = max_failures
+        self.last_error: BaseException | None = None
         self.healthy = True
 
     async def check_once(self) -> bool:
@@ -44,21 +52,27 @@ class HealthChecker:
             ttrpc.TtrpcError,
             trio.BrokenResourceError,
             trio.ClosedResourceError,
+            OSError,
         ) as err:
             error = err
         self.checks += 1
         if not ok:
             self.failures += 1
+            self.streak += 1
+            self.last_error = error
             if self.healthy:
                 self.healthy = False
                 await self.on_unhealthy(error)
         else:
             self.healthy = True
+            self.streak = 0
         return ok
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Check forever, every `interval` seconds."""
+        """Check every `interval` seconds: forever, or until `max_failures` checks in a row failed."""
         task_status.started()
         while True:
             await self.check_once()
+            if 0 < self.max_failures <= self.streak:
+                return
             await trio.sleep(self.interval)

@@ -59,12 +59,23 @@ class TtrpcClient:
         self._next_stream_id = 1
         self._pending: dict[int, _Pending] = {}
         self._broken: str | None = None
+        self._broken_event = trio.Event()
         self._closed = False
 
     @property
     def pending_calls(self) -> int:
         """Calls sent and not yet answered."""
         return len(self._pending)
+
+    @property
+    def broken(self) -> str | None:
+        """Why the connection is unusable (lost, protocol error, closed), or None while it works."""
+        return self._broken
+
+    async def wait_broken(self) -> str:
+        """Wait until the connection is unusable; return why (the reason every later call reports)."""
+        await self._broken_event.wait()
+        return self._broken or ""
 
     async def call(
         self,
@@ -145,6 +156,7 @@ class TtrpcClient:
         """Mark the connection dead and fail every pending call with ConnectionClosed."""
         if self._broken is None:
             self._broken = reason
+        self._broken_event.set()
         for sid, pending in list(self._pending.items()):
             pending.error = ConnectionClosed(f"{reason} (stream {sid} pending)")
             pending.done.set()

@@ -107,6 +107,9 @@ class Hypervisor(Protocol):
     async def wait_vm(self) -> int:
         """Return when the guest has stopped, with 0 for a clean power-off."""
 
+    def exit_reason(self) -> str:
+        """How the guest ended, for the log and the error a dead sandbox reports (empty while it runs)."""
+
     async def pause_vm(self) -> None:
         """Freeze every vCPU."""
 

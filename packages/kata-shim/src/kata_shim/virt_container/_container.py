@@ -109,6 +109,8 @@ class VirtContainerManager:
         self._containers: dict[str, _Container] = {}
         self._creating: set[str] = set()
         sandbox.on_stop(self._on_sandbox_stop)
+        sandbox.on_death(self._on_sandbox_death)
+        sandbox.container_known = self._containers.__contains__
 
     # -- lookups ----------------------------------------------------------------------------------
     def _container(self, container_id: str) -> _Container:
@@ -258,15 +260,28 @@ class VirtContainerManager:
             done.set()
 
     async def _wait(self, agent: AgentClient, p: _Process, copies_done: list[trio.Event]) -> None:
-        cid, eid = p.id.container_id, p.exec_id
-        try:
-            code = await agent.wait_process(cid, eid)
-        except Exception as err:  # the agent or the VM is gone (or answered nonsense)
-            log.warning("process %s: WaitProcess failed (%r): exit %d", p.id, err, LOST_EXIT_CODE)
-            code = LOST_EXIT_CODE
+        code = await self._exit_code(agent, p)
         for done in copies_done:
             await done.wait()
         await self._record_exit(p, code)
+
+    @staticmethod
+    async def _exit_code(agent: AgentClient, p: _Process) -> int:
+        # WaitProcess, asked again on the new connection when the agent connection was re-established.
+        cid, eid = p.id.container_id, p.exec_id
+        while True:
+            generation = agent.generation
+            try:
+                return await agent.wait_process(cid, eid)
+            except ttrpc.ConnectionClosed as err:
+                if await agent.wait_reconnected(generation):
+                    log.info("process %s: agent reconnected, asking WaitProcess again", p.id)
+                    continue
+                failure: BaseException = err
+            except Exception as err:  # the agent or the VM is gone (or answered nonsense)
+                failure = err
+            log.warning("process %s: WaitProcess failed (%r): exit %d", p.id, failure, LOST_EXIT_CODE)
+            return LOST_EXIT_CODE
 
     async def _record_exit(self, p: _Process, code: int) -> None:
         if p.exit is not None:
@@ -295,7 +310,18 @@ class VirtContainerManager:
             for p in running:
                 if p.status is ProcessStatus.RUNNING or p.status is ProcessStatus.PAUSED:
                     await p.exited.wait()
+        await self._end_all(running)
+
+    async def _on_sandbox_death(self, reason: str) -> None:
+        # The VM is gone: nothing will report an exit; every process ends now with LOST_EXIT_CODE.
+        running = [p for c in self._containers.values() for p in (c.init, *c.execs.values())]
         for p in running:
+            if p.status is not ProcessStatus.STOPPED:
+                log.error("process %s: exit %d, %s", p.id, LOST_EXIT_CODE, reason)
+        await self._end_all(running)
+
+    async def _end_all(self, processes: list[_Process]) -> None:
+        for p in processes:
             # Never-started processes are ended too, so no Task.Wait on them hangs.
             if p.status is not ProcessStatus.STOPPED:
                 self._close_stdio(p)

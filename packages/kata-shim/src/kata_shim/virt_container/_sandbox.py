@@ -5,6 +5,12 @@ CreateSandbox. The agent connection and every background task of the pod (log fo
 health checker, per-process stdio copies and waits) live in one trio nursery owned by a trio *system
 task*: the Sandbox protocol has no `async with`, and the pod outlives the Task.Create call that starts it.
 `stop` ends that task; nothing here starts an OS thread.
+
+The sandbox watches its VM for the VM's whole life: the VMM exiting (guest power-off, reboot, crash), the
+agent connection lost past `reconnect_timeout_ms`, or `HEALTH_MAX_FAILURES` health checks in a row failing
+make the sandbox *dead*: the VM is stopped, every `on_death` callback runs (the container manager ends
+every process with exit code 255, so containerd gets a TaskExit for each), and the reason is logged.
+Nothing that talks to the guest waits for it after that.
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ from kata_shim.virt_container._passfd import PassfdListener
 log = logging.getLogger("kata_shim.virt_container")
 agent_log = logging.getLogger("kata_shim.agent")
 
+
+#: Health checks in a row that may fail before the agent is taken for dead.
+HEALTH_MAX_FAILURES = 3
+#: The least time between two GetOOMEvent answers taken from the guest (a guest answering in a loop is
+#: read at this pace, not as fast as it can talk).
+OOM_EVENT_MIN_INTERVAL = 0.1
 
 HypervisorBuilder = Callable[[TomlConfig], Hypervisor]
 """Builds the pod's hypervisor back-end from the whole configuration."""
@@ -108,9 +120,15 @@ class VirtSandbox:
         self._service_done = trio.Event()
         self._started = False
         self._spawned = False
+        self._stopping = False
         self._stopped = False
         self._cleaned = False
         self._on_stop: list[Callable[[], Any]] = []
+        self._on_death: list[Callable[[str], Any]] = []
+        self.dead: str | None = None
+        """Why the VM died under the sandbox (None while it lives or after a requested stop)."""
+        self.container_known: Callable[[str], bool] = lambda _cid: True
+        """Whether a container id the guest names (OOM events) is ours; set by the container manager."""
         self.health: HealthChecker | None = None
 
     # -- what the container manager uses ----------------------------------------------------------
@@ -142,6 +160,10 @@ class VirtSandbox:
     def on_stop(self, callback: Callable[[], Any]) -> None:
         """Run `callback` (sync or async) in `stop`, after DestroySandbox, before the VM stops."""
         self._on_stop.append(callback)
+
+    def on_death(self, callback: Callable[[str], Any]) -> None:
+        """Run `callback(reason)` (sync or async) when the VM dies under the sandbox, after it is stopped."""
+        self._on_death.append(callback)
 
     # -- Sandbox protocol ------------------------------------------------------------------------
     async def start(self, first: ContainerConfig) -> None:
@@ -206,7 +228,7 @@ class VirtSandbox:
             await ready_event.wait()
             watcher.cancel_scope.cancel()
         if vm_exit:
-            reason = getattr(hv, "exit_reason", lambda: "")() or f"wait_vm returned {vm_exit[0]}"
+            reason = hv.exit_reason() or f"wait_vm returned {vm_exit[0]}"
             message = f"the VM of sandbox {self.sandbox_id} stopped before its agent answered: {reason}"
             raise SandboxError(message)
         failure = ready.get("error")
@@ -230,8 +252,11 @@ class VirtSandbox:
             self._unhealthy,
             interval=self.health_interval,
             timeout=agent_cfg.health_check_request_timeout_ms / 1000,
+            max_failures=HEALTH_MAX_FAILURES,
         )
-        self.nursery.start_soon(self.health.run)
+        self.nursery.start_soon(self._watch_health, self.health)
+        self.nursery.start_soon(self._watch_vm, hv)
+        self.nursery.start_soon(self._watch_agent, agent)
 
     async def _serve(
         self,
@@ -248,6 +273,7 @@ class VirtSandbox:
                         address,
                         ready_timeout=dial_timeout,
                         call_timeout=self.config.agent.request_timeout_ms / 1000,
+                        reconnect_timeout=self.config.agent.reconnect_timeout_ms / 1000,
                     ) as agent,
                     trio.open_nursery() as nursery,
                 ):
@@ -285,19 +311,57 @@ class VirtSandbox:
                 return
             except FailedPrecondition:
                 return
-            if container_id:
+            if container_id and self.container_known(container_id):
                 await self.publish("/tasks/oom", events_pb2.TaskOOM(container_id=container_id))
+            elif container_id:
+                log.debug("sandbox %s: OOM event for unknown container %.64r", self.sandbox_id, container_id)
+            await trio.sleep(OOM_EVENT_MIN_INTERVAL)
 
     async def _unhealthy(self, error: BaseException | None) -> None:
         log.warning("sandbox %s: agent health check failed: %r", self.sandbox_id, error)
+
+    # -- liveness ---------------------------------------------------------------------------------
+    async def _watch_vm(self, hv: Hypervisor) -> None:
+        code = await hv.wait_vm()
+        await self._die(f"the VM stopped ({hv.exit_reason() or f'exit {code}'})")
+
+    async def _watch_agent(self, agent: AgentClient) -> None:
+        reason = await agent.wait_lost()
+        await self._die(f"the agent connection was lost ({reason})")
+
+    async def _watch_health(self, checker: HealthChecker) -> None:
+        await checker.run()
+        await self._die(f"{checker.streak} agent health checks failed in a row ({checker.last_error!r})")
+
+    async def _die(self, reason: str) -> None:
+        """The VM is gone or unusable: stop it, end everything that waits on it, tell the callbacks."""
+        if self._stopping or self.dead is not None:
+            return  # a stop we asked for, or already handled
+        self.dead = reason
+        log.error("sandbox %s is dead: %s", self.sandbox_id, reason)
+        with trio.CancelScope(shield=True):
+            if self.hypervisor is not None:
+                try:
+                    await self.hypervisor.stop_vm()  # closes every connection into the guest
+                except Exception as err:
+                    log.warning("sandbox %s: stop_vm: %r", self.sandbox_id, err)
+            for callback in self._on_death:
+                try:
+                    result = callback(reason)
+                    if hasattr(result, "__await__"):
+                        with trio.move_on_after(self.destroy_timeout):
+                            await result
+                except Exception as err:
+                    log.warning("sandbox %s: death callback: %r", self.sandbox_id, err)
 
     async def stop(self) -> None:
         """DestroySandbox (bounded), end the background tasks, stop the VM; idempotent."""
         if self._stopped:
             return
+        self._stopping = True
         with trio.CancelScope(shield=True):
             agent = self._agent
-            if agent is not None:
+            if agent is not None and self.dead is None:
                 with trio.move_on_after(self.destroy_timeout):
                     try:
                         await agent.destroy_sandbox()
