@@ -443,6 +443,30 @@ def test_kill_9_of_the_shim_is_cleaned_up_by_containerd(ctrd: PrivateContainerd)
 
 @pytest.mark.lab
 @pytest.mark.parametrize(
+    "sysrq", ["c", "o", "b"], ids=["guest-kernel-crash", "guest-power-off", "guest-reboot"]
+)
+def test_a_dying_guest_ends_ctr_run_and_leaves_nothing(ctrd: PrivateContainerd, sysrq: str) -> None:
+    """VM liveness (issue 11, finding 4): the guest dies under a running `ctr run` (sysrq c: kernel crash,
+    then panic=1 reboots; o: power off; b: reboot, which the VMM takes as the end of the VM): ctr returns
+    non-zero within 60 s, the task is gone, nothing is left on the host."""
+    name = f"die-{sysrq}"
+    t0 = time.monotonic()
+    script = f"sleep 2; echo {sysrq} > /proc/sysrq-trigger; sleep 1000"
+    done = ctrd.ctr(
+        "run", "--runtime", KATA_RUNTIME, "--rm", "--privileged", BUSYBOX_IMAGE, name, "sh", "-c", script,
+        timeout=RUN_TIMEOUT, check=False,
+    )  # fmt: skip
+    wall = time.monotonic() - t0
+    log_tail = ctrd.log_tail(60)
+    print(f"sysrq {sysrq}: ctr run returned {done.returncode} after {wall:.1f} s")
+    assert done.returncode != 0, f"{done.stdout}\n{done.stderr}\n{log_tail}"
+    assert task_status(ctrd, name) == ""
+    ctrd.ctr("container", "delete", name, check=False)
+    assert_nothing_left(ctrd, name)
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize(
     ("config", "message"),
     [
         ("[hypervisor.dragonball\n", "configuration.toml: not valid TOML"),
