@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import trio
 
 from kata_agent_client._errors import BadAddress, HandshakeFailed
+from kata_proto.agent import AGENT_VSOCK_PORT, LOG_VSOCK_PORT
 
-AGENT_PORT = 1024
-LOG_PORT = 1025
+AGENT_PORT = AGENT_VSOCK_PORT
+LOG_PORT = LOG_VSOCK_PORT
 _MAX_LINE = 64
 
 

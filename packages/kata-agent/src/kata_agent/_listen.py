@@ -8,8 +8,9 @@ import socket as _socket
 
 import trio
 
-AGENT_VSOCK_PORT = 1024
-LOG_VSOCK_PORT = 1025
+from kata_proto.agent import AGENT_VSOCK_PORT, LOG_VSOCK_PORT
+
+__all__ = ["AGENT_VSOCK_PORT", "LOG_VSOCK_PORT", "open_listener"]
 
 
 async def open_listener(address: str) -> tuple[trio.SocketListener, str | None]:

@@ -11,7 +11,9 @@ from kata_proto._gen.kata import agent_pb2, csi_pb2, health_pb2, oci_pb2, types_
 
 __all__ = [
     "AGENT_SERVICE",
+    "AGENT_VSOCK_PORT",
     "HEALTH_SERVICE",
+    "LOG_VSOCK_PORT",
     "PASSFD_CMDLINE_PARAM",
     "agent_pb2",
     "csi_pb2",
@@ -25,6 +27,10 @@ __all__ = [
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
 #: ``grpc.Health``: Check and Version.
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
+
+#: The vsock port the agent serves ttrpc on, and the one it streams its JSON log lines on (Kata's defaults).
+AGENT_VSOCK_PORT = 1024
+LOG_VSOCK_PORT = 1025
 
 #: The guest kernel parameter naming the agent's passfd stdio listener port (Kata's agent config key):
 #: the shim's VMM back-end writes it, the agent reads it from /proc/cmdline.

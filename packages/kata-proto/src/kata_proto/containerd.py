@@ -23,6 +23,15 @@ __all__ = [
     "EVENTS_SERVICE",
     "SANDBOX_SERVICE",
     "TASK_SERVICE",
+    "TOPIC_CREATE",
+    "TOPIC_DELETE",
+    "TOPIC_EXEC_ADDED",
+    "TOPIC_EXEC_STARTED",
+    "TOPIC_EXIT",
+    "TOPIC_OOM",
+    "TOPIC_PAUSED",
+    "TOPIC_RESUMED",
+    "TOPIC_START",
     "cgroups_v1_metrics_pb2",
     "event_pb2",
     "events_pb2",
@@ -44,6 +53,17 @@ TASK_SERVICE = task_pb2.DESCRIPTOR.services_by_name["Task"]
 EVENTS_SERVICE = ttrpc_events_pb2.DESCRIPTOR.services_by_name["Events"]
 #: ``containerd.runtime.sandbox.v1.Sandbox``: the sandbox API a shim may serve.
 SANDBOX_SERVICE = sandbox_pb2.DESCRIPTOR.services_by_name["Sandbox"]
+
+# The topics a shim publishes its task events under (containerd's runtime.Task*EventTopic).
+TOPIC_CREATE = "/tasks/create"
+TOPIC_START = "/tasks/start"
+TOPIC_DELETE = "/tasks/delete"
+TOPIC_EXIT = "/tasks/exit"
+TOPIC_OOM = "/tasks/oom"
+TOPIC_EXEC_ADDED = "/tasks/exec-added"
+TOPIC_EXEC_STARTED = "/tasks/exec-started"
+TOPIC_PAUSED = "/tasks/paused"
+TOPIC_RESUMED = "/tasks/resumed"
 
 
 def pack_event(msg: Message) -> any_pb2.Any:

@@ -29,7 +29,7 @@ from typing import TypeVar
 import trio
 
 import kata_vmm
-from kata_proto.agent import PASSFD_CMDLINE_PARAM
+from kata_proto.agent import AGENT_VSOCK_PORT, PASSFD_CMDLINE_PARAM
 from kata_shim.hypervisor._base import (
     BlockDevice,
     Device,
@@ -62,7 +62,6 @@ BASE_CMDLINE = "console=ttyS0 reboot=k panic=1"
 """Kernel parameters every guest gets; `quiet` is added unless `enable_debug` (each console byte is a VM
 exit, which costs ~1 ms under nested virtualisation), then `kernel_params` from the config."""
 HVSOCK_NAME = "kata.hvsock"
-AGENT_VSOCK_PORT = 1024
 CONSOLE_TAIL_BYTES = 8192
 STOP_TIMEOUT = 15.0
 _CLONE_NEWNET = 0x40000000

@@ -15,10 +15,20 @@ import logging
 import os
 
 import trio
-from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
-from kata_proto.containerd import events_pb2, mount_pb2
+from kata_proto.containerd import (
+    TOPIC_CREATE,
+    TOPIC_DELETE,
+    TOPIC_EXEC_ADDED,
+    TOPIC_EXEC_STARTED,
+    TOPIC_EXIT,
+    TOPIC_PAUSED,
+    TOPIC_RESUMED,
+    TOPIC_START,
+    events_pb2,
+    mount_pb2,
+)
 from kata_shim.runtime._base import (
     ContainerConfig,
     ContainerManager,
@@ -32,23 +42,6 @@ from kata_shim.runtime._base import (
 from kata_shim.runtime._manager import RuntimeHandlerManager
 
 log = logging.getLogger("kata_shim.dispatcher")
-
-TOPIC_CREATE = "/tasks/create"
-TOPIC_START = "/tasks/start"
-TOPIC_DELETE = "/tasks/delete"
-TOPIC_EXIT = "/tasks/exit"
-TOPIC_OOM = "/tasks/oom"
-TOPIC_EXEC_ADDED = "/tasks/exec-added"
-TOPIC_EXEC_STARTED = "/tasks/exec-started"
-TOPIC_PAUSED = "/tasks/paused"
-TOPIC_RESUMED = "/tasks/resumed"
-
-
-def timestamp(status: ExitStatus) -> timestamp_pb2.Timestamp:
-    """The exit time as a protobuf Timestamp."""
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(status.exited_at)
-    return stamp
 
 
 class MessageDispatcher:
@@ -128,7 +121,7 @@ class MessageDispatcher:
                 container_id=process.container_id,
                 pid=pid,
                 exit_status=status.code,
-                exited_at=timestamp(status),
+                exited_at=status.timestamp(),
             )
             await self._publish(TOPIC_DELETE, event)
         return pid, status

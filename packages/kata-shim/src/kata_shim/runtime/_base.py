@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
 
@@ -117,6 +118,12 @@ class ExitStatus:
 
     code: int
     exited_at: dt.datetime
+
+    def timestamp(self) -> timestamp_pb2.Timestamp:
+        """`exited_at` as the protobuf Timestamp of containerd's TaskExit, Wait and Delete answers."""
+        stamp = timestamp_pb2.Timestamp()
+        stamp.FromDatetime(self.exited_at)
+        return stamp
 
 
 @dataclass

@@ -12,7 +12,6 @@ from google.protobuf.message import DecodeError
 from kata_proto import ttrpc
 from kata_proto.containerd import pack_event, runtimeoptions_pb2, task_pb2, types_task_pb2
 from kata_shim.message import MessageDispatcher
-from kata_shim.message._dispatcher import timestamp
 from kata_shim.runtime._base import (
     ContainerConfig,
     ExecConfig,
@@ -110,7 +109,7 @@ class TaskService:
     async def Delete(self, req: task_pb2.DeleteRequest, ctx: ttrpc.CallContext) -> task_pb2.DeleteResponse:
         with status_for("Delete"):
             pid, status = await self.dispatcher.delete(ProcessId(req.id, req.exec_id))
-        return task_pb2.DeleteResponse(pid=pid, exit_status=status.code, exited_at=timestamp(status))
+        return task_pb2.DeleteResponse(pid=pid, exit_status=status.code, exited_at=status.timestamp())
 
     async def State(self, req: task_pb2.StateRequest, ctx: ttrpc.CallContext) -> task_pb2.StateResponse:
         with status_for("State"):
@@ -128,7 +127,7 @@ class TaskService:
         )
         if st.exit_status is not None:
             resp.exit_status = st.exit_status.code
-            resp.exited_at.CopyFrom(timestamp(st.exit_status))
+            resp.exited_at.CopyFrom(st.exit_status.timestamp())
         return resp
 
     async def Pids(self, req: task_pb2.PidsRequest, ctx: ttrpc.CallContext) -> task_pb2.PidsResponse:
@@ -187,7 +186,7 @@ class TaskService:
     async def Wait(self, req: task_pb2.WaitRequest, ctx: ttrpc.CallContext) -> task_pb2.WaitResponse:
         with status_for("Wait"):
             status = await self.dispatcher.wait(ProcessId(req.id, req.exec_id))
-        return task_pb2.WaitResponse(exit_status=status.code, exited_at=timestamp(status))
+        return task_pb2.WaitResponse(exit_status=status.code, exited_at=status.timestamp())
 
     async def Stats(self, req: task_pb2.StatsRequest, ctx: ttrpc.CallContext) -> task_pb2.StatsResponse:
         with status_for("Stats"):

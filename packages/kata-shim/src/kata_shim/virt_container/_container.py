@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
 from kata_agent_client import AgentClient, StdioPorts
 from kata_proto import ttrpc
 from kata_proto.agent import agent_pb2
-from kata_proto.containerd import events_pb2
+from kata_proto.containerd import TOPIC_EXIT, events_pb2
 from kata_resources import ResourceError, mount_rootfs, share_volumes
 from kata_shim.runtime._base import (
     AlreadyExists,
@@ -290,17 +290,15 @@ class VirtContainerManager:
         p.status = ProcessStatus.STOPPED
         if p.stdin is not None:
             p.stdin.close()
-        exited_at = timestamp_pb2.Timestamp()
-        exited_at.FromDatetime(p.exit.exited_at)
         event = events_pb2.TaskExit(
             container_id=p.id.container_id,
             id=p.exec_id or p.id.container_id,
             pid=self.sandbox.pid(),
             exit_status=code,
-            exited_at=exited_at,
+            exited_at=p.exit.timestamp(),
         )
         with trio.CancelScope(shield=True):
-            await self.sandbox.publish("/tasks/exit", event)
+            await self.sandbox.publish(TOPIC_EXIT, event)
         p.exited.set()
 
     async def _on_sandbox_stop(self) -> None:

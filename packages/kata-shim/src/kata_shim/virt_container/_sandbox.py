@@ -26,7 +26,7 @@ import trio
 
 from kata_agent_client import AgentClient, HealthChecker, Storage, forward_logs, open_agent_client
 from kata_proto import ttrpc
-from kata_proto.containerd import events_pb2
+from kata_proto.containerd import TOPIC_OOM, events_pb2
 from kata_resources import (
     GUEST_SHARED_DIR,
     HOST_SHARED_ROOT,
@@ -312,7 +312,7 @@ class VirtSandbox:
             except FailedPrecondition:
                 return
             if container_id and self.container_known(container_id):
-                await self.publish("/tasks/oom", events_pb2.TaskOOM(container_id=container_id))
+                await self.publish(TOPIC_OOM, events_pb2.TaskOOM(container_id=container_id))
             elif container_id:
                 log.debug("sandbox %s: OOM event for unknown container %.64r", self.sandbox_id, container_id)
             await trio.sleep(OOM_EVENT_MIN_INTERVAL)
