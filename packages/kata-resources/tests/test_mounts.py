@@ -67,21 +67,30 @@ def test_mount_error_names_target_and_errno(scratch: Path) -> None:
 
 def test_overlay_rootfs_writes_go_to_upper_and_ledger_undo_leaves_nothing(scratch: Path) -> None:
     record = scratch / "state" / "mounts.json"
-    ledger = MountLedger.to_file(record)
     rootfs_mount, lower, upper = _overlay(scratch)
     layout = ShareLayout("sb", host_root=scratch / "sandboxes")
-    layout.create()
+    ledger = layout.ledger(record)
+    assert layout.create(ledger) == layout.shared_dir
     target = layout.rootfs_host_path("c1")
     mount_rootfs([rootfs_mount], target, ledger)
     assert (target / "hello").read_text() == "from lower\n"
     (target / "new").write_text("x")
     assert (upper / "new").exists() and not (lower / "new").exists()
-    assert json.loads(record.read_text()) == [str(target)]
+    # The guest's view (shared/) gets the rootfs by propagation, writable where the rootfs is...
+    assert (layout.shared_dir / "c1" / "rootfs" / "new").read_text() == "x"
+    # ...but nothing else in it is: no symlink can be planted where the host mounts.
+    with pytest.raises(OSError):
+        (layout.shared_dir / "c2").mkdir()
+    saved = json.loads(record.read_text())
+    assert saved["root"] == str(layout.sandbox_dir)
+    assert [m["path"] for m in saved["mounts"]] == ["mounts", "shared", "mounts/c1/rootfs"]
+    assert all(isinstance(m["mount_id"], int) for m in saved["mounts"])
     with pytest.raises(Exception, match="still mounted"):
         layout.remove()
-    assert ledger.undo() == [str(target)]
+    assert ledger.undo() == [str(target), str(layout.shared_dir), str(layout.mounts_dir)]
     assert mounts_below(scratch) == []
-    assert read_mount_record(record) == []
+    saved_record = read_mount_record(record)
+    assert saved_record is not None and saved_record.entries == []
     layout.remove()
     assert not layout.sandbox_dir.exists()
 
@@ -146,7 +155,9 @@ def test_crash_record_is_undone_newest_first(scratch: Path) -> None:
     (outer / "inner").mkdir()
     ledger.bind(src, outer / "inner")
     del ledger  # the shim "crashed": only the file is left
-    assert read_mount_record(record) == [str(outer), str(outer / "inner")]
+    saved = read_mount_record(record)
+    assert saved is not None
+    assert [str(saved.root / e.path) for e in saved.entries] == [str(outer), str(outer / "inner")]
     assert undo_mount_record(record) == [str(outer / "inner"), str(outer)]
     assert mounts_below(scratch) == []
     assert not record.exists()

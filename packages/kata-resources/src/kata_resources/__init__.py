@@ -1,17 +1,20 @@
 """Host resources for a sandbox: the shared directory, container rootfs mounts and volumes.
 
-layout = ShareLayout("sb1"); layout.create()
-ledger = MountLedger.to_file(Path("/run/kata/sb1/mounts.json"))
+layout = ShareLayout("sb1")
+ledger = layout.ledger(Path("/run/kata/sb1/mounts.json"))   # records what it mounts, with mount ids
+exported = layout.create(ledger)      # mounts/ (host only) and shared/ (its read-only slave view)
 mount_rootfs(containerd_mounts, layout.rootfs_host_path("c1"), ledger)
 guest_mounts = share_volumes(spec["mounts"], layout, "c1", ledger)
 ...
-ledger.undo(); layout.remove()
+ledger.undo(); layout.remove()        # never unmounts or deletes anything the ledger did not make
 """
 
 from kata_resources.__about__ import __version__
 from kata_resources._errors import MountError, ResourceError, VolumeError
 from kata_resources._ledger import (
+    LedgerEntry,
     MountLedger,
+    MountRecord,
     Recorder,
     read_mount_record,
     undo_mount_record,
@@ -20,6 +23,8 @@ from kata_resources._ledger import (
 from kata_resources._mount import (
     MNT_DETACH,
     MS_BIND,
+    MS_NODEV,
+    MS_NOSUID,
     MS_PRIVATE,
     MS_RDONLY,
     MS_REC,
@@ -49,15 +54,19 @@ __all__ = [
     "KATA_SHARED_TAG",
     "MNT_DETACH",
     "MS_BIND",
+    "MS_NODEV",
+    "MS_NOSUID",
     "MS_PRIVATE",
     "MS_RDONLY",
     "MS_REC",
     "MS_REMOUNT",
     "MS_SHARED",
     "MS_SLAVE",
+    "LedgerEntry",
     "MountError",
     "MountLedger",
     "MountLike",
+    "MountRecord",
     "Recorder",
     "ResourceError",
     "ShareLayout",
