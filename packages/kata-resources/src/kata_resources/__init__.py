@@ -18,6 +18,7 @@ from kata_resources._ledger import (
     Recorder,
     read_mount_record,
     undo_mount_record,
+    unmount_below,
     write_mount_record,
 )
 from kata_resources._mount import (
@@ -45,6 +46,7 @@ from kata_resources._share_fs import (
     KATA_SHARED_TAG,
     ShareLayout,
     StorageSpec,
+    remove_tree,
 )
 from kata_resources._volumes import VolumeKind, VolumePlan, classify, share_volumes
 
@@ -83,8 +85,10 @@ __all__ = [
     "mounts_below",
     "parse_options",
     "read_mount_record",
+    "remove_tree",
     "share_volumes",
     "umount",
     "undo_mount_record",
+    "unmount_below",
     "write_mount_record",
 ]

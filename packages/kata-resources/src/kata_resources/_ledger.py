@@ -337,3 +337,50 @@ class MountLedger:
         if failed:
             raise MountError(errno.EBUSY, f"{len(failed)} mounts could not be undone: {'; '.join(failed)}")
         return done
+
+
+def unmount_below(directory: Path) -> list[str]:
+    """Unmount every mount at or below `directory` (a trusted host path), newest first; returns them.
+
+    For leftovers no ledger recorded. Each mount is unmounted only through a path that opens beneath
+    `directory` without symlinks to the root of the very mount mountinfo lists (by id); any other is left
+    alone and `MountError` lists those at the end.
+    """
+    top = os.fsencode(directory).rstrip(b"/")
+    found = [m for m in sys_util.mountinfo() if m.mount_point == top or m.mount_point.startswith(top + b"/")]
+    done: list[str] = []
+    failed: list[str] = []
+    try:
+        root = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return []
+    try:
+        # mountinfo lists parents first, and a stacked mount after the one it covers.
+        for m in reversed(found):
+            if sys_util.find_mount(m.mount_id) is None:
+                continue  # went with a parent (MNT_DETACH takes the subtree)
+            rel = os.fsdecode(m.mount_point[len(top) + 1 :])
+            try:
+                fd = (
+                    sys_util.open_beneath(root, rel)
+                    if rel
+                    else os.open(directory, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+                )
+            except OSError as err:
+                failed.append(f"{m.path}: {err.strerror}")
+                continue
+            try:
+                if sys_util.mount_id(fd) != m.mount_id:
+                    failed.append(f"{m.path}: mount {m.mount_id} is not what the path opens to; left alone")
+                    continue
+                sys_util.umount_fd(fd)
+                done.append(m.path)
+            except OSError as err:
+                failed.append(f"{m.path}: {err.strerror}")
+            finally:
+                os.close(fd)
+    finally:
+        os.close(root)
+    if failed:
+        raise MountError(errno.EBUSY, f"mounts below {directory} left alone: {'; '.join(failed)}")
+    return done

@@ -178,18 +178,31 @@ class ShareLayout:
 
     @staticmethod
     def _remove_beneath(parent: Path, rel: str) -> None:
-        try:
-            fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return
-        try:
-            refused = sys_util.remove_beneath(fd, rel)
-        except OSError as err:
-            raise ResourceError(f"remove {parent / rel}: {err.strerror}") from err
-        finally:
-            os.close(fd)
-        if refused:
-            raise ResourceError(f"not removed, mounts below {parent}: {', '.join(refused)}")
+        remove_tree(parent / rel, parent)
+
+
+def remove_tree(path: Path, parent: Path | None = None) -> None:
+    """Delete `path` (a file, a symlink itself or a tree) without following symlinks or crossing a mount.
+
+    Everything is opened beneath `parent` (default: `path`'s parent, a trusted host directory).
+    `ResourceError` naming what was left: a mount below `path` is never deleted through.
+    """
+    parent = parent if parent is not None else path.parent
+    try:
+        rel = str(path.relative_to(parent))
+        fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except ValueError as err:
+        raise ResourceError(f"{path} is not below {parent}") from err
+    try:
+        refused = sys_util.remove_beneath(fd, rel)
+    except OSError as err:
+        raise ResourceError(f"remove {path}: {err.strerror}") from err
+    finally:
+        os.close(fd)
+    if refused:
+        raise ResourceError(f"not removed, mounts below {parent}: {', '.join(refused)}")
 
 
 def _umount_own(root: int, name: str) -> None:

@@ -1,7 +1,7 @@
 """/run/kata/<sandbox id>/state.json: what `containerd-shim-kata-v2 delete` needs after a crash.
 
 Written atomically (temporary file, fsync, rename), so a reader sees the old or the new state, never half.
-Standard library only: the delete path must start fast.
+Standard library and kata-resources only (its cleanup helpers): the delete path must start fast.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kata_resources import HOST_SHARED_ROOT
+
 ENV_STATE_ROOT = "KATA_SHIM_STATE_ROOT"
 """Overrides the state root (tests); the product uses /run/kata."""
 DEFAULT_STATE_ROOT = Path("/run/kata")
 ENV_SHARED_ROOT = "KATA_SHIM_SHARED_ROOT"
-SHARED_ROOT = Path("/run/kata-containers/shared/sandboxes")
-"""Kata's host root of the shared directories (kata_resources.HOST_SHARED_ROOT): <root>/<sandbox id> is
-the sandbox's, mounts and all. Spelled out here so the delete path does not import kata-resources."""
+SHARED_ROOT = HOST_SHARED_ROOT
+"""Kata's host root of the shared directories: <root>/<sandbox id> is the sandbox's, mounts and all."""
 STATE_FILE = "state.json"
 STATE_VERSION = 1
 
