@@ -283,16 +283,24 @@ class MountLedger:
                     return True
             finally:
                 os.close(fd)
-        if entry.mount_id is not None:
-            alive = sys_util.find_mount(entry.mount_id)
-            below = os.fsencode(self.root).rstrip(b"/") + b"/"
-            if alive is not None and (alive.mount_point + b"/").startswith(below):
-                raise MountError(
-                    errno.EBUSY,
-                    f"mount {entry.mount_id} recorded at {self.root / entry.path} is now at {alive.path}: "
-                    "left alone",
-                )
+        alive = self._alive_below_root(entry)
+        if alive is not None:
+            raise MountError(
+                errno.EBUSY,
+                f"mount {entry.mount_id} recorded at {self.root / entry.path} is now at {alive.path}: "
+                "left alone",
+            )
         return False
+
+    def _alive_below_root(self, entry: LedgerEntry) -> sys_util.MountInfo | None:
+        """The recorded mount if it still exists below the root (an id reused elsewhere is not it)."""
+        if entry.mount_id is None:
+            return None
+        alive = sys_util.find_mount(entry.mount_id)
+        below = os.fsencode(self.root).rstrip(b"/") + b"/"
+        if alive is not None and (alive.mount_point + b"/").startswith(below):
+            return alive
+        return None
 
     def undo_since(self, mark: int) -> list[str]:
         """Lazily unmount what was recorded after `mark`, newest first (best effort, never raises)."""
@@ -315,7 +323,7 @@ class MountLedger:
         """
         prefix = self.relative(below) if below is not None else None
         if not os.path.isdir(self.root):
-            if any(e.mount_id is not None and sys_util.find_mount(e.mount_id) for e in self._entries):
+            if any(self._alive_below_root(e) for e in self._entries):
                 raise MountError(errno.ENOENT, f"{self.root} is gone but recorded mounts are alive")
             self._entries.clear()
             self._save()

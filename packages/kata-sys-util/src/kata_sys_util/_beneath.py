@@ -114,7 +114,10 @@ def opened_beneath(root: int, rel: str | os.PathLike[str], flags: int = os.O_PAT
 def mount_id(fd: int) -> int:
     """The id of the mount `fd` is on (mountinfo's first field): statx STATX_MNT_ID, else fdinfo."""
     buf = statx()
-    rc = libc().statx(fd, b"", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_MNT_ID, ctypes.byref(buf))
+    try:
+        rc = libc().statx(fd, b"", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_MNT_ID, ctypes.byref(buf))
+    except AttributeError:  # glibc before 2.28 has no statx wrapper
+        rc = -1
     if rc == 0 and buf.stx_mask & STATX_MNT_ID:
         return int(buf.stx_mnt_id)
     with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
