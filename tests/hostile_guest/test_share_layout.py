@@ -37,11 +37,12 @@ Isolated = Callable[[Callable[[Path], None]], None]
 
 @dataclass(frozen=True)
 class M:
-    """A containerd rootfs mount."""
+    """A containerd rootfs mount (`target`: containerd 2's sub-path below the rootfs)."""
 
     type: str
     source: str
     options: tuple[str, ...] = ()
+    target: str = ""
 
 
 def _raw_mount_points() -> list[bytes]:
@@ -129,6 +130,26 @@ def test_rootfs_mount_does_not_follow_a_guest_symlink(isolated: Isolated) -> Non
             mount_rootfs([M("bind", str(attacker), ("rbind",))], target, ledger)
         assert not _mounted_at(victim)
         assert (victim / "passwd").read_text() == "root:x:0:0"
+
+    isolated(scenario)
+
+
+def test_rootfs_sub_mount_does_not_follow_a_symlink_inside_the_rootfs(isolated: Isolated) -> None:
+    """Finding 1: the rootfs stays guest-writable, so a containerd 2 mount with a `target` below it must not
+    follow a symlink the guest left there (e.g. in a reused writable layer)."""
+
+    def scenario(base: Path) -> None:
+        layout, ledger, _ = _sandbox(base)
+        victim = _host_dir(base / "host-lib", keep="host data")
+        layer = _host_dir(base / "layer")
+        (layer / "sub").symlink_to(victim)  # written by the guest through the writable rootfs
+        extra = _host_dir(base / "extra", evil="x")
+        mounts = [M("bind", str(layer), ("rbind",)), M("bind", str(extra), ("rbind",), target="sub")]
+        with pytest.raises((OSError, ResourceError)):
+            mount_rootfs(mounts, layout.rootfs_host_path("c1"), ledger)
+        assert not _mounted_at(victim)
+        assert sorted(p.name for p in victim.iterdir()) == ["keep"]
+        assert _mounted_below(layout.rootfs_host_path("c1")) == []  # the first mount was rolled back
 
     isolated(scenario)
 
