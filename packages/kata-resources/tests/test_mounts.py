@@ -11,6 +11,7 @@ import pytest
 from kata_resources import (
     MountError,
     MountLedger,
+    ResourceError,
     ShareLayout,
     bind,
     is_mountpoint,
@@ -167,3 +168,34 @@ def test_parse_options_splits_flags_from_data() -> None:
     flags, data = parse_options(["ro", "nosuid", "rprivate", "lowerdir=/a", "rw", "size=1k"])
     assert flags == 0x1 | 0x2
     assert data == "lowerdir=/a,size=1k"
+
+
+def test_undo_leaves_a_recorded_mount_that_moved_and_reports_it(scratch: Path) -> None:
+    root = scratch / "sb"
+    (root / "a" / "inner").mkdir(parents=True)
+    ledger = MountLedger(root=root)
+    ledger.mount("tmpfs", root / "a" / "inner", "tmpfs")
+    (root / "a").rename(root / "b")  # the recorded path now names nothing; the mount lives on elsewhere
+    (root / "a").symlink_to(root / "b")
+    try:
+        with pytest.raises(MountError, match="left alone"):
+            ledger.undo()
+        assert is_mountpoint(root / "b" / "inner")
+        assert ledger.mounts == [str(root / "a" / "inner")]  # kept, for a later look
+    finally:
+        umount(root / "b" / "inner")
+
+
+def test_ledger_refuses_targets_outside_its_root(scratch: Path) -> None:
+    ledger = MountLedger(root=scratch / "sb")
+    (scratch / "sb").mkdir()
+    (scratch / "sb" / "out").symlink_to(scratch)
+    for target in (Path("/etc/x"), "../x", scratch / "sb" / ".." / "x"):
+        with pytest.raises(ResourceError):
+            ledger.mkdir(target)
+    with pytest.raises(ResourceError):
+        ledger.mkdir(scratch / "sb" / "out" / "x")  # a symlink on the way
+    with pytest.raises(MountError):
+        ledger.mount("tmpfs", scratch / "sb" / "out", "tmpfs")
+    assert not (scratch / "x").exists()
+    assert ledger.mounts == []
