@@ -128,3 +128,26 @@ def test_write_atomic_replaces_the_file(tmp_path: Path) -> None:
     assert target.read_bytes() == b"two"
     assert target.stat().st_mode & 0o777 == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_mount_id_agrees_with_fdinfo_and_mountinfo(monkeypatch: pytest.MonkeyPatch) -> None:
+    fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY)
+    try:
+        mid = mount_id(fd)
+        info = find_mount(mid)
+        assert info is not None and info.path == "/proc"
+
+        class NoStatx:  # glibc before 2.28
+            pass
+
+        monkeypatch.setattr(beneath, "libc", NoStatx)
+        assert mount_id(fd) == mid  # from /proc/self/fdinfo
+    finally:
+        os.close(fd)
+
+
+def test_umount_of_a_missing_path_raises_instead_of_saying_not_mounted(tmp_path: Path) -> None:
+    with pytest.raises(OSError) as info:
+        umount(tmp_path / "missing")
+    assert info.value.errno in (errno.ENOENT, errno.EPERM)
+    assert info.value.filename == str(tmp_path / "missing")
