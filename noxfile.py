@@ -19,6 +19,7 @@ import nox
 
 ROOT = pathlib.Path(__file__).resolve().parent
 PACKAGES = [
+    "kata-sys-util",
     "kata-proto",
     "kata-virtio",
     "kata-upcall",

@@ -11,6 +11,7 @@ import pytest
 from kata_resources import (
     MountError,
     MountLedger,
+    ResourceError,
     ShareLayout,
     bind,
     is_mountpoint,
@@ -67,21 +68,30 @@ def test_mount_error_names_target_and_errno(scratch: Path) -> None:
 
 def test_overlay_rootfs_writes_go_to_upper_and_ledger_undo_leaves_nothing(scratch: Path) -> None:
     record = scratch / "state" / "mounts.json"
-    ledger = MountLedger.to_file(record)
     rootfs_mount, lower, upper = _overlay(scratch)
     layout = ShareLayout("sb", host_root=scratch / "sandboxes")
-    layout.create()
+    ledger = layout.ledger(record)
+    assert layout.create(ledger) == layout.shared_dir
     target = layout.rootfs_host_path("c1")
     mount_rootfs([rootfs_mount], target, ledger)
     assert (target / "hello").read_text() == "from lower\n"
     (target / "new").write_text("x")
     assert (upper / "new").exists() and not (lower / "new").exists()
-    assert json.loads(record.read_text()) == [str(target)]
+    # The guest's view (shared/) gets the rootfs by propagation, writable where the rootfs is...
+    assert (layout.shared_dir / "c1" / "rootfs" / "new").read_text() == "x"
+    # ...but nothing else in it is: no symlink can be planted where the host mounts.
+    with pytest.raises(OSError):
+        (layout.shared_dir / "c2").mkdir()
+    saved = json.loads(record.read_text())
+    assert saved["root"] == str(layout.sandbox_dir)
+    assert [m["path"] for m in saved["mounts"]] == ["mounts", "shared", "mounts/c1/rootfs"]
+    assert all(isinstance(m["mount_id"], int) for m in saved["mounts"])
     with pytest.raises(Exception, match="still mounted"):
         layout.remove()
-    assert ledger.undo() == [str(target)]
+    assert ledger.undo() == [str(target), str(layout.shared_dir), str(layout.mounts_dir)]
     assert mounts_below(scratch) == []
-    assert read_mount_record(record) == []
+    saved_record = read_mount_record(record)
+    assert saved_record is not None and saved_record.entries == []
     layout.remove()
     assert not layout.sandbox_dir.exists()
 
@@ -146,7 +156,9 @@ def test_crash_record_is_undone_newest_first(scratch: Path) -> None:
     (outer / "inner").mkdir()
     ledger.bind(src, outer / "inner")
     del ledger  # the shim "crashed": only the file is left
-    assert read_mount_record(record) == [str(outer), str(outer / "inner")]
+    saved = read_mount_record(record)
+    assert saved is not None
+    assert [str(saved.root / e.path) for e in saved.entries] == [str(outer), str(outer / "inner")]
     assert undo_mount_record(record) == [str(outer / "inner"), str(outer)]
     assert mounts_below(scratch) == []
     assert not record.exists()
@@ -156,3 +168,34 @@ def test_parse_options_splits_flags_from_data() -> None:
     flags, data = parse_options(["ro", "nosuid", "rprivate", "lowerdir=/a", "rw", "size=1k"])
     assert flags == 0x1 | 0x2
     assert data == "lowerdir=/a,size=1k"
+
+
+def test_undo_leaves_a_recorded_mount_that_moved_and_reports_it(scratch: Path) -> None:
+    root = scratch / "sb"
+    (root / "a" / "inner").mkdir(parents=True)
+    ledger = MountLedger(root=root)
+    ledger.mount("tmpfs", root / "a" / "inner", "tmpfs")
+    (root / "a").rename(root / "b")  # the recorded path now names nothing; the mount lives on elsewhere
+    (root / "a").symlink_to(root / "b")
+    try:
+        with pytest.raises(MountError, match="left alone"):
+            ledger.undo()
+        assert is_mountpoint(root / "b" / "inner")
+        assert ledger.mounts == [str(root / "a" / "inner")]  # kept, for a later look
+    finally:
+        umount(root / "b" / "inner")
+
+
+def test_ledger_refuses_targets_outside_its_root(scratch: Path) -> None:
+    ledger = MountLedger(root=scratch / "sb")
+    (scratch / "sb").mkdir()
+    (scratch / "sb" / "out").symlink_to(scratch)
+    for target in (Path("/etc/x"), "../x", scratch / "sb" / ".." / "x"):
+        with pytest.raises(ResourceError):
+            ledger.mkdir(target)
+    with pytest.raises(ResourceError):
+        ledger.mkdir(scratch / "sb" / "out" / "x")  # a symlink on the way
+    with pytest.raises(MountError):
+        ledger.mount("tmpfs", scratch / "sb" / "out", "tmpfs")
+    assert not (scratch / "x").exists()
+    assert ledger.mounts == []

@@ -98,8 +98,8 @@ def test_share_volumes_binds_files_and_dirs_read_only_where_asked(scratch: Path)
     assert len(ledger.mounts) == 2
     ledger.undo(below=layout.container_dir("c1"))
     layout.remove_container("c1")
-    assert mounts_below(scratch) == []
     layout.remove()
+    assert mounts_below(scratch) == []
 
 
 @pytest.mark.root
@@ -117,4 +117,5 @@ def test_share_volumes_missing_source_fails_and_undoes(scratch: Path) -> None:
     with pytest.raises(VolumeError, match="nope"):
         share_volumes(mounts, layout, "c1", ledger)
     assert ledger.mounts == []
+    layout.remove()
     assert mounts_below(scratch) == []

@@ -33,7 +33,7 @@ import kata_agent._mount as agent_mount
 from kata_agent import AgentConfig as GuestAgentConfig
 from kata_agent import open_agent
 from kata_proto.containerd import cgroups_v1_metrics_pb2, events_pb2
-from kata_resources import MS_BIND, MS_REC, MS_SHARED, bind, mount, mounts_below, umount
+from kata_resources import MS_BIND, MS_REC, MS_SHARED, bind, mount, mounts_below, read_mount_record, umount
 from kata_shim.config import AgentConfig, RuntimeConfig, TomlConfig
 from kata_shim.hypervisor import Device, DeviceInfo, HypervisorConfig, HypervisorError, ShareFsDevice
 from kata_shim.runtime import (
@@ -406,6 +406,12 @@ async def read_fifo(path: str, into: dict[str, bytes], key: str) -> None:
         into[key] = data
 
 
+def _recorded(record: Path) -> list[str]:
+    """The mount points a ledger file records, oldest first."""
+    saved = read_mount_record(record)
+    return [str(saved.root / e.path) for e in saved.entries] if saved is not None else []
+
+
 def _leftovers(base: Path) -> list[str]:
     return mounts_below(base)
 
@@ -497,7 +503,7 @@ def test_container_output_through_fifos_exit_code_and_delete_leaves_nothing(
                 rootfs = pod.sandbox.layout.rootfs_host_path("c1")
                 assert str(rootfs) in mounts_below(pod.base)
                 record = pod.base / "state" / "sb1" / MOUNTS_FILE
-                assert str(rootfs) in json.loads(record.read_text())
+                assert str(rootfs) in _recorded(record)
                 await cm.start_process(ProcessId("c1"))
                 with trio.fail_after(20):
                     status = await cm.wait_process(ProcessId("c1"))
@@ -517,7 +523,8 @@ def test_container_output_through_fifos_exit_code_and_delete_leaves_nothing(
             assert cm.container_ids() == []
             assert str(rootfs) not in mounts_below(pod.base)
             assert not pod.sandbox.layout.container_dir("c1").exists()
-            assert json.loads(record.read_text()) == []
+            layout = pod.sandbox.layout
+            assert _recorded(record) == [str(layout.mounts_dir), str(layout.shared_dir)]
             with pytest.raises(NotFound):
                 await cm.state_process(ProcessId("c1"))
         assert not (pod.base / "state" / "sb1" / MOUNTS_FILE).exists()
@@ -1009,7 +1016,7 @@ def test_concurrent_creates_and_one_failing_keep_the_others_mounted(
             assert sorted(type(e).__name__ for e in failures) == ["AlreadyExists", "InvalidArgument"]
             assert any("bogus" in str(e) for e in failures)
             for cid in ("p1", "p2", "p3"):
-                assert str(layout.rootfs_host_path(cid)) in mounts_below(layout.shared_dir)
+                assert str(layout.rootfs_host_path(cid)) in mounts_below(layout.mounts_dir)
                 await cm.delete_process(ProcessId(cid))
             assert mounts_below(layout.shared_dir) == [str(layout.shared_dir)]
 

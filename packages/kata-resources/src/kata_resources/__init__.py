@@ -1,25 +1,31 @@
 """Host resources for a sandbox: the shared directory, container rootfs mounts and volumes.
 
-layout = ShareLayout("sb1"); layout.create()
-ledger = MountLedger.to_file(Path("/run/kata/sb1/mounts.json"))
+layout = ShareLayout("sb1")
+ledger = layout.ledger(Path("/run/kata/sb1/mounts.json"))   # records what it mounts, with mount ids
+exported = layout.create(ledger)      # mounts/ (host only) and shared/ (its read-only slave view)
 mount_rootfs(containerd_mounts, layout.rootfs_host_path("c1"), ledger)
 guest_mounts = share_volumes(spec["mounts"], layout, "c1", ledger)
 ...
-ledger.undo(); layout.remove()
+ledger.undo(); layout.remove()        # never unmounts or deletes anything the ledger did not make
 """
 
 from kata_resources.__about__ import __version__
 from kata_resources._errors import MountError, ResourceError, VolumeError
 from kata_resources._ledger import (
+    LedgerEntry,
     MountLedger,
+    MountRecord,
     Recorder,
     read_mount_record,
     undo_mount_record,
+    unmount_below,
     write_mount_record,
 )
 from kata_resources._mount import (
     MNT_DETACH,
     MS_BIND,
+    MS_NODEV,
+    MS_NOSUID,
     MS_PRIVATE,
     MS_RDONLY,
     MS_REC,
@@ -40,6 +46,7 @@ from kata_resources._share_fs import (
     KATA_SHARED_TAG,
     ShareLayout,
     StorageSpec,
+    remove_tree,
 )
 from kata_resources._volumes import VolumeKind, VolumePlan, classify, share_volumes
 
@@ -49,15 +56,19 @@ __all__ = [
     "KATA_SHARED_TAG",
     "MNT_DETACH",
     "MS_BIND",
+    "MS_NODEV",
+    "MS_NOSUID",
     "MS_PRIVATE",
     "MS_RDONLY",
     "MS_REC",
     "MS_REMOUNT",
     "MS_SHARED",
     "MS_SLAVE",
+    "LedgerEntry",
     "MountError",
     "MountLedger",
     "MountLike",
+    "MountRecord",
     "Recorder",
     "ResourceError",
     "ShareLayout",
@@ -74,8 +85,10 @@ __all__ = [
     "mounts_below",
     "parse_options",
     "read_mount_record",
+    "remove_tree",
     "share_volumes",
     "umount",
     "undo_mount_record",
+    "unmount_below",
     "write_mount_record",
 ]

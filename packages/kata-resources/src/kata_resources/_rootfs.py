@@ -29,11 +29,12 @@ def mount_rootfs(
 ) -> None:
     """Mount containerd's rootfs mounts on `target` (created if missing), in order, as mount.All does.
 
-    With no mounts the rootfs is a directory that already exists (`bundle_rootfs`, e.g. the bundle's
-    rootfs, which containerd mounted itself): it is bind-mounted. On failure the mounts made so far
-    are undone.
+    `target` is below the ledger's root; it and every sub-target (containerd 2's ``Mount.target``, inside
+    a rootfs the guest writes) are opened beneath the root without following symlinks. With no mounts
+    the rootfs is a directory that already exists (`bundle_rootfs`, e.g. the bundle's rootfs, which
+    containerd mounted itself): it is bind-mounted. On failure the mounts made so far are undone.
     """
-    target.mkdir(parents=True, exist_ok=True)
+    ledger.mkdir(target)
     made = ledger.mark()
     try:
         if not mounts:
@@ -49,6 +50,8 @@ def mount_rootfs(
             if sub and (sub.startswith("..") or "/../" in f"/{sub}/"):
                 raise ResourceError(f"rootfs mount target {sub!r} leaves the rootfs")
             point = target / sub if sub else target
+            if sub:
+                ledger.mkdir(point)
             if m.type == "bind" or flags & MS_BIND:
                 ledger.bind(m.source, point, readonly=bool(flags & MS_RDONLY), recursive="rbind" in options)
             else:

@@ -76,7 +76,8 @@ def share_volumes(
 ) -> list[dict[str, Any]]:
     """Make the host side of every mount and return the guest's OCI mount list, in the same order.
 
-    Host bind sources are mounted under ``shared/<cid>/volumes/``; on failure what was mounted is undone.
+    Host bind sources are mounted (nosuid, nodev) under ``mounts/<cid>/volumes/`` through fds opened
+    beneath the sandbox directory; on failure what was mounted is undone.
     """
     volumes = layout.container_dir(container_id) / "volumes"
     made = ledger.mark()
@@ -116,11 +117,10 @@ def _share_bind(m: dict[str, Any], volumes: Path, layout: ShareLayout, ledger: M
     options = [str(o) for o in m.get("options") or []]
     readonly = "ro" in options
     target = volumes / _share_name(source, str(m["destination"]))
-    volumes.mkdir(parents=True, exist_ok=True)
     if stat.S_ISDIR(st.st_mode):
-        target.mkdir(exist_ok=True)
+        ledger.mkdir(target)
     else:
-        target.touch(exist_ok=True)
+        ledger.touch(target)
     ledger.bind(source, target, readonly=readonly, recursive="rbind" in options or m.get("type") == "bind")
     # The guest binds a directory it already has: keep bind/ro, drop host propagation settings.
     guest_options = [o for o in options if o not in PROPAGATION]

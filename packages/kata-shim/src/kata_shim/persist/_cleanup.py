@@ -1,26 +1,38 @@
-"""Undo what a sandbox left on the host, from its state.json and its directory (after a crash too)."""
+"""Undo what a sandbox left on the host, from its state.json and its directory (after a crash too).
+
+Nothing here follows a path the guest could have written: the mount ledger is undone by mount id
+(kata_resources.undo_mount_record), leftovers below the sandbox's directories are unmounted only through
+fds opened beneath them (unmount_below), and directories are removed without following symlinks or
+deleting through a mount (remove_tree): what cannot be proven safe is left and reported.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import json
 import logging
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kata_resources import (
+    MountError,
+    ResourceError,
+    remove_tree,
+    umount,
+    undo_mount_record,
+    unmount_below,
+)
 from kata_shim.persist._state import SandboxState, StateStore, process_start_time, sandbox_dir
+from kata_sys_util import mounts_below
 
 log = logging.getLogger("kata_shim.persist")
 
-MNT_DETACH = 2
 MOUNTS_FILE = "mounts.json"
-"""<sandbox dir>/mounts.json: the container abstraction's mount ledger (a JSON list, oldest first)."""
+"""<sandbox dir>/mounts.json: the container abstraction's mount ledger (kata_resources.MountLedger)."""
+
+__all__ = ["MOUNTS_FILE", "CleanupReport", "cleanup_sandbox", "mounts_below"]
 
 
 @dataclass
@@ -31,33 +43,6 @@ class CleanupReport:
     unmounted: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-
-
-def mounts_below(directory: Path) -> list[str]:
-    """Mount points at or below `directory`, deepest first (from /proc/self/mountinfo)."""
-    prefix = str(directory).rstrip("/")
-    points: list[str] = []
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                point = _unescape(line.split()[4])
-                if point == prefix or point.startswith(prefix + "/"):
-                    points.append(point)
-    except OSError:
-        return []
-    return sorted(set(points), key=lambda p: (p.count("/"), len(p)), reverse=True)
-
-
-def _unescape(field_: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo.
-    return field_.encode().decode("unicode_escape") if "\\" in field_ else field_
-
-
-def _umount(point: str) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.umount2(point.encode(), MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), point)
 
 
 def _kill(pid: int, start_time: int | None) -> bool:
@@ -73,22 +58,16 @@ def _kill(pid: int, start_time: int | None) -> bool:
     return False
 
 
-def _ledger(directory: Path) -> list[str]:
-    try:
-        entries = json.loads((directory / MOUNTS_FILE).read_text())
-    except (OSError, ValueError):
-        return []
-    return [e for e in reversed(entries) if isinstance(e, str)] if isinstance(entries, list) else []
-
-
 def cleanup_sandbox(
     sandbox_id: str, store: StateStore | None = None, *, kill_shim: bool = True
 ) -> CleanupReport:
     """Kill the sandbox's leftover processes, unmount, remove its files and its state directory.
 
-    Unmounted: the state's `mounts`, the mount ledger (mounts.json, newest first), then anything still
-    mounted below the state directory or below ``<store.shared_root>/<sandbox id>``; both directories
-    are removed. Idempotent, never raises for what it finds: problems are listed in the report.
+    Unmounted: the state's `mounts`, the mount ledger (mounts.json, newest first, each only if it is still
+    the mount recorded), then anything still mounted below the state directory or below
+    ``<store.shared_root>/<sandbox id>`` (by mount id, through fds that follow no symlink); both
+    directories are then removed, never through a mount. Idempotent, never raises for what it finds:
+    problems (and whatever was left for safety) are listed in the report.
     """
     store = store or StateStore()
     report = CleanupReport()
@@ -109,33 +88,34 @@ def cleanup_sandbox(
         if report.killed:
             _wait_gone(report.killed, timeout=5.0)
     owned = [directory] + ([store.shared_root / sandbox_id] if store.shared_root is not None else [])
-    points = list(state.mounts if state else [])
-    points += [p for p in _ledger(directory) if p not in points]
-    for owned_dir in owned:
-        points += [p for p in mounts_below(owned_dir) if p not in points]
-    for point in points:
-        # A point may appear twice (stacked mounts): unmount until nothing is mounted there.
+    for point in state.mounts if state else []:
+        # Recorded by the shim itself (trusted host paths): unmount every stacked mount there.
         for _ in range(8):
-            if point not in mounts_below(Path(point)):
-                break
             try:
-                _umount(point)
+                if not umount(point):
+                    break
                 report.unmounted.append(point)
-            except OSError as err:
-                report.errors.append(f"umount {point}: {err.strerror}")
+            except MountError as err:
+                report.errors.append(f"umount {point}: {err}")
                 break
+    try:
+        report.unmounted += undo_mount_record(directory / MOUNTS_FILE)
+    except (MountError, ResourceError) as err:
+        report.errors.append(f"mount ledger: {err}")
+    for owned_dir in owned:
+        try:
+            report.unmounted += unmount_below(owned_dir)
+        except MountError as err:
+            report.errors.append(str(err))
     for path in [*(state.paths if state else []), *map(str, owned)]:
         p = Path(path)
+        if not os.path.lexists(p):
+            continue
         try:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+            remove_tree(p)
             report.removed.append(path)
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            report.errors.append(f"remove {path}: {err.strerror}")
+        except ResourceError as err:
+            report.errors.append(f"remove {path}: {err}")
     for line in report.errors:
         log.warning("cleanup of sandbox %s: %s", sandbox_id, line)
     return report

@@ -1,26 +1,26 @@
 """/run/kata/<sandbox id>/state.json: what `containerd-shim-kata-v2 delete` needs after a crash.
 
 Written atomically (temporary file, fsync, rename), so a reader sees the old or the new state, never half.
-Standard library only: the delete path must start fast.
+Standard library and kata-resources only (its cleanup helpers): the delete path must start fast.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from kata_resources import HOST_SHARED_ROOT
+from kata_sys_util import write_atomic
 
 ENV_STATE_ROOT = "KATA_SHIM_STATE_ROOT"
 """Overrides the state root (tests); the product uses /run/kata."""
 DEFAULT_STATE_ROOT = Path("/run/kata")
 ENV_SHARED_ROOT = "KATA_SHIM_SHARED_ROOT"
-SHARED_ROOT = Path("/run/kata-containers/shared/sandboxes")
-"""Kata's host root of the shared directories (kata_resources.HOST_SHARED_ROOT): <root>/<sandbox id> is
-the sandbox's, mounts and all. Spelled out here so the delete path does not import kata-resources."""
+SHARED_ROOT = HOST_SHARED_ROOT
+"""Kata's host root of the shared directories: <root>/<sandbox id> is the sandbox's, mounts and all."""
 STATE_FILE = "state.json"
 STATE_VERSION = 1
 
@@ -103,17 +103,8 @@ class StateStore:
         target = self.path(state.sandbox_id)
         try:
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".state-", dir=target.parent)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(dataclasses.asdict(state), f, indent=1, sort_keys=True)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
+            data = json.dumps(dataclasses.asdict(state), indent=1, sort_keys=True).encode()
+            write_atomic(target, data)
         except OSError as err:
             raise PersistError(f"cannot write {target}: {err}") from err
 

@@ -30,7 +30,6 @@ from kata_proto.containerd import TOPIC_OOM, events_pb2
 from kata_resources import (
     GUEST_SHARED_DIR,
     HOST_SHARED_ROOT,
-    MountLedger,
     ResourceError,
     ShareLayout,
     StorageSpec,
@@ -108,7 +107,7 @@ class VirtSandbox:
         self.publish = publish
         self.layout = ShareLayout(sandbox_id, host_root=share_root, guest_dir=guest_share_dir)
         self.state_dir = state_dir if state_dir is not None else state_root() / sandbox_id
-        self.ledger = MountLedger.to_file(self.state_dir / MOUNTS_FILE)
+        self.ledger = self.layout.ledger(self.state_dir / MOUNTS_FILE)
         self.hypervisor: Hypervisor | None = None
         self.health_interval = health_interval
         self.destroy_timeout = destroy_timeout
@@ -196,7 +195,7 @@ class VirtSandbox:
     async def _start(self, first: ContainerConfig) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         try:
-            shared = self.layout.create()
+            shared = self.layout.create(self.ledger)
         except (OSError, ResourceError) as err:
             raise SandboxError(f"shared directory for {self.sandbox_id}: {err}") from err
         hv = self._hypervisor_factory(self.config)
