@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from kata_virtio._memory import GuestMemory, VirtioError
 from kata_virtio._queue import DescriptorChain, Queue
@@ -34,10 +34,13 @@ class DeviceInterrupt(Protocol):
         ...
 
 
+@runtime_checkable
 class EventSource(Protocol):
     """A device back-end with host fds the VMM event loop watches (vsock, net).
 
     `watched()` is re-read after every `handle_event`; events are ``select.POLLIN``/``POLLOUT`` masks.
+    ``select.POLLNVAL`` in `handle_event` means the loop cannot poll that fd (closed, a regular file, an
+    O_PATH fd): the source drops whatever owns it and stops listing it; the other fds are unaffected.
     """
 
     def watched(self) -> dict[int, int]:
@@ -45,7 +48,16 @@ class EventSource(Protocol):
         ...
 
     def handle_event(self, fd: int, events: int) -> None:
-        """Serve readiness ``events`` on ``fd``; never raises."""
+        """Serve readiness ``events`` on ``fd`` (``POLLNVAL``: drop it); never raises."""
+        ...
+
+
+@runtime_checkable
+class Ticking(Protocol):
+    """A device back-end with timeouts: the event loop calls `tick` about once a second."""
+
+    def tick(self) -> None:
+        """Expire what is overdue; never raises."""
         ...
 
 

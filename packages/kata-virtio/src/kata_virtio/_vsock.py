@@ -311,6 +311,9 @@ class VirtioVsock(VirtioDevice):
             self.fail(f"vsock: internal error {err!r}")
 
     def _handle_event(self, fd: int, events: int) -> None:
+        if events & select.POLLNVAL:
+            self._drop_unpollable(fd)
+            return
         if fd == self._listener.fileno():
             self._accept()
             return
@@ -358,6 +361,19 @@ class VirtioVsock(VirtioDevice):
                 self._process_rx()
             except VirtioError as err:
                 self.fail(f"vsock: {err}")
+
+    def _drop_unpollable(self, fd: int) -> None:
+        """The event loop cannot poll ``fd``: drop its connection (RST to the guest), nothing else."""
+        if (waiting := self._handshakes.pop(fd, None)) is not None:
+            self._close_streams(waiting)
+        elif (conn := self._by_fd.get(fd)) is not None:
+            _log.warning(
+                "vsock: host fd %d of port %d cannot be polled: connection dropped", fd, conn.peer_port
+            )
+            self._refuse(conn.control, "host fd cannot be polled")
+            self._reset(conn)
+        elif fd in (self._listener.fileno(), self._wake_r):
+            _log.error("vsock: the event loop cannot poll the device's own fd %d", fd)
 
     # -- host side ---------------------------------------------------------------------------------
 
