@@ -13,6 +13,7 @@ import contextlib
 import logging
 import resource
 import select
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -179,6 +180,7 @@ class VirtioMmioDevice:
             memory,
             irq,
             on_queue_notify=self._forward_notify,
+            run_on_owner=self._run_on_owner,
         )
         self.doorbells: list[IoEventFd] = []
         try:
@@ -204,6 +206,10 @@ class VirtioMmioDevice:
         else:
             loop.call_soon(lambda: self.transport.notify(index))
 
+    def _run_on_owner(self, fn: Callable[[], None]) -> None:
+        # activation and reset run where the device's queues and host fds are served, never beside them
+        run_on_loop(self._loop, fn)
+
     def attach(self, loop: EventLoop) -> None:
         """Serve this device's doorbells on ``loop`` (before the loop starts)."""
         self._loop = loop
@@ -228,6 +234,38 @@ class VirtioMmioDevice:
         """Release the ioeventfds and the device's host resources."""
         self.close_doorbells()
         self.device.close()
+
+
+def run_on_loop(loop: EventLoop | None, fn: Callable[[], None]) -> None:
+    """Run ``fn`` on ``loop``'s thread and return once it ran (from any thread; exceptions stay there).
+
+    In place when there is no running loop, or when called on the loop's own thread. If the loop stops
+    before it ran ``fn`` (the VM is going away), ``fn`` runs here once the loop thread is gone: a vCPU
+    waiting on a reset never waits for a dead thread.
+    """
+    if loop is None or threading.current_thread() is loop.thread or not loop.thread.is_alive():
+        fn()
+        return
+    done = threading.Event()
+    claim = threading.Lock()  # whoever takes it runs fn: exactly once
+
+    def job() -> None:
+        if claim.acquire(blocking=False):
+            try:
+                fn()
+            finally:
+                done.set()
+
+    try:
+        loop.call_soon(job)
+    except (OSError, ValueError):  # the loop closed its wake-up fd meanwhile: it is gone
+        job()
+        return
+    while not done.wait(0.5):
+        if not loop.thread.is_alive():
+            job()
+            done.wait()
+            return
 
 
 # --- host fds of all devices on the event thread ----------------------------------------------------------
