@@ -338,8 +338,11 @@ class MmioTransport:
 
     # -- notifications -----------------------------------------------------------------------------
 
-    def notify(self, index: int) -> None:
-        """A queue notification (QueueNotify write or ioeventfd) for queue ``index``."""
+    def notify(self, index: int) -> bool:
+        """A queue notification (QueueNotify write or ioeventfd) for queue ``index``.
+
+        True when the device stopped at its per-notification budget: notify again after other work.
+        """
         if not self.activated or self.status & VIRTIO_CONFIG_S_NEEDS_RESET:
-            return
-        self.device.notify(index)
+            return False
+        return self.device.notify(index)
