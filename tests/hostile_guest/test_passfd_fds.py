@@ -24,6 +24,7 @@ from kata_shim.virt_container._passfd import PassfdError, PassfdListener, passfd
 from kata_virtio import VirtioVsock
 from kata_virtio._vsock import VIRTIO_VSOCK_OP_REQUEST, VIRTIO_VSOCK_OP_RESPONSE, VSOCK_HDR
 from kata_virtio.testing import FakeGuestMemory, activate
+from kata_vmm import VsockSpec
 
 
 def _pump(dev: VirtioVsock, timeout: float = 0.05) -> None:
@@ -254,3 +255,11 @@ def test_shim_passfd_connect_reports_the_vmm_refusal(vsock: VirtioVsock, tmp_pat
         os.close(fd)
         stop.set()
         thread.join()
+
+
+def test_connect_timeout_is_configurable_from_the_vmm_spec(tmp_path: Path) -> None:
+    dev = VsockSpec(tmp_path / "v.sock", connect_timeout=3.0).build()
+    try:
+        assert isinstance(dev, VirtioVsock) and dev.connect_timeout == 3.0
+    finally:
+        dev.close()

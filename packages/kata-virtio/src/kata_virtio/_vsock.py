@@ -458,7 +458,7 @@ class VirtioVsock(VirtioDevice):
 
     @staticmethod
     def _refuse(control: socket.socket | None, reason: str) -> None:
-        """Best effort ``ERR <reason>\n`` to a passfd client (never blocks: the socket is non-blocking)."""
+        """Best effort ``ERR <reason>\\n`` to a passfd client (never blocks: the socket is non-blocking)."""
         if control is not None:
             with contextlib.suppress(OSError):
                 control.send(f"ERR {reason}\n".encode())

@@ -47,14 +47,18 @@ _log = logging.getLogger(__name__)
 # --- device specs (what `VmConfig.devices` and the CLI name) -------------------------------------------
 @dataclass(frozen=True)
 class VsockSpec:
-    """Hybrid vsock: host clients connect to ``uds``; guest connections to port P go to ``<uds>_P``."""
+    """Hybrid vsock: host clients connect to ``uds``; guest connections to port P go to ``<uds>_P``.
+
+    ``connect_timeout``: seconds a host connection may wait for the guest to accept it (then it is closed).
+    """
 
     uds: Path
     guest_cid: int = 3
+    connect_timeout: float = 10.0
 
     def build(self) -> VirtioDevice:
         """Open the device (binds ``uds``)."""
-        return VirtioVsock(self.uds, self.guest_cid)
+        return VirtioVsock(self.uds, self.guest_cid, connect_timeout=self.connect_timeout)
 
 
 @dataclass(frozen=True)
