@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kata_virtio import MmioTransport, VirtioVsock
+from kata_virtio import MmioTransport, VirtioRng, VirtioVsock
 from kata_virtio._spec import VIRTIO_F_VERSION_1
 from kata_virtio.testing import FakeGuestMemory, FakeInterrupt, mmio_bring_up
 from kata_vmm._event_loop import EventLoop
@@ -107,3 +107,18 @@ def test_run_on_loop_runs_in_place_once_the_loop_is_gone(tmp_path: Path) -> None
     run_on_loop(ev, lambda: ran.append(threading.current_thread().name))  # stopped: in place
     me = threading.current_thread().name
     assert ran == [me, ev.thread.name, me]
+
+
+def test_a_device_whose_reset_fails_still_reads_back_status_0(loop: EventLoop) -> None:
+    class Broken(VirtioRng):
+        def on_reset(self) -> None:
+            raise RuntimeError("bug")
+
+    dev = Broken()
+    transport = MmioTransport(
+        dev, FakeGuestMemory(1 << 20), FakeInterrupt(), run_on_owner=lambda fn: run_on_loop(loop, fn)
+    )
+    run_on_loop(loop, lambda: mmio_bring_up(transport, [16], features=1 << VIRTIO_F_VERSION_1))
+    assert transport.activated
+    transport.write_u32(STATUS, 0)
+    assert transport.read_u32(STATUS) == 0 and not transport.activated

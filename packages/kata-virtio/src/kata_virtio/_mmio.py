@@ -331,8 +331,11 @@ class MmioTransport:
     def _reset(self) -> None:
         # §2.4: writing 0 to status resets the device; afterwards every register is as at power-on.
         # On the owner thread (see the class docstring): nothing processes the queues meanwhile.
-        if self.activated or self.device.memory is not None:
-            self.device.reset()
+        try:
+            if self.activated or self.device.memory is not None:
+                self.device.reset()
+        except Exception:  # a device bug must not leave the registers half reset
+            _log.exception("device %d reset failed", self.device.device_type)
         with self._lock:
             self._reset_state()
 
