@@ -1,8 +1,9 @@
 """A hypothesis state machine for the hybrid vsock muxer with interleaved host and guest events.
 
 Host side: CONNECT clients, passfd with odd fd types (pipe, fifo, socket, regular file, O_PATH, /dev/null),
-hang-ups, slow readers that never read, writes. Guest side: accepts, refusals, data, shutdowns, RSTs,
-bogus packets, withheld receive buffers, device resets. Time: ticks far into the future.
+fds the VMM cannot poll (POLLNVAL), hang-ups, slow readers that never read, writes. Guest side: accepts,
+refusals, data, shutdowns, RSTs, bogus packets, withheld receive buffers, device resets. Time: ticks far
+into the future.
 
 After every step: no exception escaped (nothing logged by the device's catch-all), the device is not in
 NEEDS_RESET, and a canary connection set up first still carries bytes both ways unless the guest reset the
@@ -198,6 +199,17 @@ class VsockMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 1000))
     def host_closes_a_pipe_end(self, i: int) -> None:
         os.close(self.own_fds.pop(i % len(self.own_fds)))
+        self._pump()
+
+    @rule(i=st.integers(0, 1000))
+    def host_fd_turns_unpollable(self, i: int) -> None:
+        """The VMM's poller could not poll one connection's fd (as for a file or closed fd): POLLNVAL."""
+        fds = [fd for fd in self.dev.watched() if fd != self.canary.fileno()]
+        canary_side = [c.sock.fileno() for c in self.dev._conns.values() if c.local_port == self.canary_port]
+        own = [self.dev._listener.fileno(), self.dev._wake_r]  # the device's own fds are always pollable
+        fds = [fd for fd in fds if fd not in canary_side + own]
+        if fds:
+            self.dev.handle_event(fds[i % len(fds)], select.POLLNVAL)
         self._pump()
 
     @rule(seconds=st.sampled_from([0.5, 3.0, 30.0]))
