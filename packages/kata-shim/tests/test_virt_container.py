@@ -49,7 +49,7 @@ from kata_shim.runtime import (
     RuntimeInstance,
     Stdio,
 )
-from kata_shim.virt_container import MOUNTS_FILE, SandboxError, VirtContainer, VirtSandbox
+from kata_shim.virt_container import MOUNTS_FILE, SandboxError, VirtContainer, VirtSandbox, _passfd
 
 pytestmark = pytest.mark.root
 
@@ -192,7 +192,7 @@ class AgentVm:
 
     def set_passfd_listener_port(self, port: int) -> None:
         self.calls.append(f"passfd:{port}")
-        if self.fail == "passfd":
+        if self.fail in ("passfd", "passfd_silent"):
             self.passfd_port = port
 
     def passfd_listener(self) -> tuple[Path, int] | None:
@@ -208,6 +208,9 @@ class AgentVm:
         assert line == b"passfd\n"
         msg, fds, _, _ = await trio.to_thread.run_sync(socket.recv_fds, _blocking(sock), 32, 1)
         assert int(msg.split()[0]) == self.passfd_port and len(fds) == 1
+        if self.fail == "passfd_silent":  # a guest that never answers the REQUEST: no OK, ever
+            os.close(fds[0])
+            await trio.sleep_forever()
         host_port, self._next_port = self._next_port, self._next_port + 1
         ours, theirs = socket.socketpair()
         self.service.passfd.add(host_port, trio.SocketStream(trio.socket.from_stdlib_socket(theirs)))
@@ -451,7 +454,7 @@ async def running_pod(
             )
             config = TomlConfig(
                 Path("test.toml"),
-                RuntimeConfig(use_passfd_io=fail == "passfd"),
+                RuntimeConfig(use_passfd_io=fail in ("passfd", "passfd_silent")),
                 HypervisorConfig(),
                 AgentConfig(dial_timeout_ms=dial_timeout_ms, reconnect_timeout_ms=reconnect_timeout_ms),
             )
@@ -1074,5 +1077,35 @@ def test_passfd_stdio_output_split_stdin_close_io_and_exec(
             with trio.fail_after(20):
                 await cm.wait_process(ProcessId("p2"))
             await cm.delete_process(ProcessId("p2"))
+
+    trio.run(main)
+
+
+def test_create_and_exec_fail_within_the_passfd_budget_when_the_guest_never_answers(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11, finding 8: a passfd REQUEST the guest never answers fails Create/Exec with a clear error."""
+    monkeypatch.setattr(_passfd, "PASSFD_TIMEOUT", 0.5)
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind, fail="passfd_silent") as pod:
+            cm = pod.instance.containers
+            fifos = _fifos(pod, "q1", "stdout")
+            cfg = _container(pod, busybox_lower, "q1", _spec("true"), Stdio(stdout=fifos["stdout"]))
+            with trio.fail_after(60):  # an outer guard only: the passfd budget is what ends it
+                with pytest.raises(InvalidArgument, match=r"stdout: .*no answer within 0\.5 s"):
+                    await cm.create_container(cfg)
+            await cm.create_container(_container(pod, busybox_lower, "q2", _spec("sleep", "100"), Stdio()))
+            await cm.start_process(ProcessId("q2"))
+            efifos = _fifos(pod, "e1", "stdout")
+            proc = {"args": ["true"], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0}}
+            with trio.fail_after(60):
+                with pytest.raises(InvalidArgument, match=r"stdout: .*no answer within 0\.5 s"):
+                    await cm.exec_process(
+                        ExecConfig(ProcessId("q2", "e1"), proc, Stdio(stdout=efifos["stdout"]))
+                    )
+            await cm.kill_process(ProcessId("q2"), signal.SIGKILL)
+            with trio.fail_after(20):
+                await cm.wait_process(ProcessId("q2"))
 
     trio.run(main)

@@ -2,7 +2,7 @@
 
 from kata_virtio.__about__ import __version__
 from kata_virtio._block import VirtioBlock
-from kata_virtio._device import DeviceError, DeviceInterrupt, EventSource, VirtioDevice
+from kata_virtio._device import DeviceError, DeviceInterrupt, EventSource, Ticking, VirtioDevice
 from kata_virtio._fs import VirtioFs
 from kata_virtio._fs_server import FsServerError, FuseServer
 from kata_virtio._memory import GuestAddressError, GuestMemory, InterruptTrigger, VirtioError
@@ -48,6 +48,7 @@ __all__ = [
     "Queue",
     "QueueConfigError",
     "QueueError",
+    "Ticking",
     "VirtioBlock",
     "VirtioDevice",
     "VirtioError",

@@ -8,7 +8,7 @@ import struct
 
 from kata_virtio._device import DeviceError, VirtioDevice
 from kata_virtio._memory import GuestAddressError
-from kata_virtio._queue import ChainWriter, DescriptorChain
+from kata_virtio._queue import ChainReader, ChainWriter, DescriptorChain
 from kata_virtio._spec import VIRTIO_ID_BLOCK
 
 _log = logging.getLogger("kata_virtio.block")
@@ -32,6 +32,8 @@ SECTOR_SIZE = 512
 #: §5.2.4 seg_max we advertise: the data descriptors one request may carry.
 SEG_MAX = 126
 QUEUE_SIZE = 256
+#: Bytes of one request copied at a time (a bounce piece): a request up to 4 GiB is never held whole.
+IO_CHUNK = 1 << 20
 _REQ_HDR = struct.Struct("<IIQ")  # struct virtio_blk_req header: type, reserved, sector
 
 
@@ -99,7 +101,7 @@ class VirtioBlock(VirtioDevice):
                 if self.read_only or not self._in_bounds(sector, reader.remaining):
                     status = VIRTIO_BLK_S_IOERR
                 else:
-                    status = self._write(sector, reader.read_all())
+                    status = self._write(sector, reader)
             elif rtype == VIRTIO_BLK_T_FLUSH:
                 if not self.read_only:
                     os.fsync(self._fd)
@@ -127,19 +129,28 @@ class VirtioBlock(VirtioDevice):
             try:
                 target = mem.view(addr, n)
             except GuestAddressError:
-                # A buffer spanning two memory regions: go through a bounce buffer.
-                mem.write(addr, os.pread(self._fd, n, offset))
+                # A buffer spanning two memory regions: go through a bounce buffer, a piece at a time.
+                for done in range(0, n, IO_CHUNK):
+                    piece = os.pread(self._fd, min(IO_CHUNK, n - done), offset + done)
+                    if len(piece) != min(IO_CHUNK, n - done):
+                        return VIRTIO_BLK_S_IOERR, 0
+                    mem.write(addr + done, piece)
             else:
                 if os.preadv(self._fd, [target], offset) != n:
                     return VIRTIO_BLK_S_IOERR, 0
             offset += n
         return VIRTIO_BLK_S_OK, total
 
-    def _write(self, sector: int, data: bytes) -> int:
+    def _write(self, sector: int, reader: ChainReader) -> int:
+        """Write the rest of ``reader`` at ``sector``, `IO_CHUNK` bytes at a time (never buffered whole)."""
         if self.read_only:
             return VIRTIO_BLK_S_IOERR  # §5.2.6.2: writes to a VIRTIO_BLK_F_RO device fail
-        if not self._in_bounds(sector, len(data)):
+        if not self._in_bounds(sector, reader.remaining):
             return VIRTIO_BLK_S_IOERR
-        if os.pwrite(self._fd, data, sector * SECTOR_SIZE) != len(data):
-            return VIRTIO_BLK_S_IOERR
+        offset = sector * SECTOR_SIZE
+        while reader.remaining:
+            piece = reader.read(min(IO_CHUNK, reader.remaining))
+            if os.pwrite(self._fd, piece, offset) != len(piece):
+                return VIRTIO_BLK_S_IOERR
+            offset += len(piece)
         return VIRTIO_BLK_S_OK

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from kata_virtio._memory import GuestMemory, VirtioError
 from kata_virtio._queue import DescriptorChain, Queue
@@ -34,10 +34,13 @@ class DeviceInterrupt(Protocol):
         ...
 
 
+@runtime_checkable
 class EventSource(Protocol):
     """A device back-end with host fds the VMM event loop watches (vsock, net).
 
     `watched()` is re-read after every `handle_event`; events are ``select.POLLIN``/``POLLOUT`` masks.
+    ``select.POLLNVAL`` in `handle_event` means the loop cannot poll that fd (closed, a regular file, an
+    O_PATH fd): the source drops whatever owns it and stops listing it; the other fds are unaffected.
     """
 
     def watched(self) -> dict[int, int]:
@@ -45,7 +48,16 @@ class EventSource(Protocol):
         ...
 
     def handle_event(self, fd: int, events: int) -> None:
-        """Serve readiness ``events`` on ``fd``; never raises."""
+        """Serve readiness ``events`` on ``fd`` (``POLLNVAL``: drop it); never raises."""
+        ...
+
+
+@runtime_checkable
+class Ticking(Protocol):
+    """A device back-end with timeouts: the event loop calls `tick` about once a second."""
+
+    def tick(self) -> None:
+        """Expire what is overdue; never raises."""
         ...
 
 
@@ -63,6 +75,7 @@ class VirtioDevice(abc.ABC):
         self.queues: list[Queue] = []
         self.interrupt: DeviceInterrupt | None = None
         self.broken = False
+        self._more: set[int] = set()  # queues drain_queue left with chains at its budget
 
     @property
     @abc.abstractmethod
@@ -112,10 +125,15 @@ class VirtioDevice(abc.ABC):
         """Whether the device is activated and not broken."""
         return self.memory is not None and not self.broken
 
-    def notify(self, index: int) -> None:
-        """Transport entry point for a queue notification: never raises, breaks the device instead."""
+    def notify(self, index: int) -> bool:
+        """Transport entry point for a queue notification: never raises, breaks the device instead.
+
+        Returns True when `drain_queue` stopped at its budget with chains left: the caller must notify
+        again soon (after serving other work), as if the driver had kicked once more.
+        """
         if not self.active or not 0 <= index < len(self.queues):
-            return
+            return False
+        self._more.discard(index)
         try:
             self.queue_notify(index)
         except VirtioError as err:
@@ -123,6 +141,7 @@ class VirtioDevice(abc.ABC):
         except Exception as err:  # a bug must not kill the VMM event thread
             _log.exception("%s: queue %d handler failed", type(self).__name__, index)
             self.fail(f"queue {index}: internal error {err!r}")
+        return index in self._more and self.active
 
     @abc.abstractmethod
     def queue_notify(self, index: int) -> None:
@@ -137,21 +156,29 @@ class VirtioDevice(abc.ABC):
         if self.interrupt is not None:
             self.interrupt.set_needs_reset(reason)
 
-    def drain_queue(self, index: int, serve: Callable[[DescriptorChain], int]) -> None:
-        """Hand every available chain of queue ``index`` to ``serve``, which returns the used length.
+    def drain_queue(self, index: int, serve: Callable[[DescriptorChain], int], budget: int = 0) -> None:
+        """Hand available chains of queue ``index`` to ``serve``, which returns the used length.
 
         Notifications stay suppressed while draining and the ring is checked once more after
         re-enabling them, so a buffer the driver adds in between is not missed (§2.7.10); the
         driver is interrupted once at the end if anything was used.
+
+        At most ``budget`` chains per call (default: the queue size, one ring's worth): a driver that
+        keeps refilling the ring cannot hold the event thread. Chains left over are recorded and
+        `notify` returns True, so the transport notifies again after other work.
         """
         mem, q = self.memory, self.queues[index]
         assert mem is not None
-        used = False
+        budget = budget or q.size
+        used = 0
         while True:
             q.disable_notification(mem)
-            while (chain := q.pop(mem)) is not None:
+            while used < budget and (chain := q.pop(mem)) is not None:
                 q.add_used(mem, chain.head_index, serve(chain))
-                used = True
+                used += 1
+            if used >= budget and q.pending(mem):
+                self._more.add(index)  # notifications stay off: we come back without a kick
+                break
             if not q.enable_notification(mem):
                 break
         if used:
@@ -170,6 +197,7 @@ class VirtioDevice(abc.ABC):
         self.interrupt = None
         self.acked_features = 0
         self.broken = False
+        self._more.clear()
         self.on_reset()
 
     def on_reset(self) -> None:  # noqa: B027 - optional hook

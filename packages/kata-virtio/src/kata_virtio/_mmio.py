@@ -70,6 +70,14 @@ class MmioTransport:
     queue notifications either here (QueueNotify) or, with an ioeventfd, to `notify`.
     Interrupts go out through ``interrupt`` (an irqfd in kata-vmm). Thread-safe: vCPU
     threads and the event thread may call in concurrently.
+
+    Device state has one owner thread (the VMM's event thread): queue processing and host-fd events
+    run there, and so do the two device-state changes a vCPU's register write asks for, activation
+    (DRIVER_OK) and reset (status 0). ``run_on_owner(fn)`` runs ``fn`` on that thread and returns
+    once it ran, so the writing vCPU reads status 0 right after a reset (virtio 1.2 §2.4.1) and no
+    kick can reach a device that is not activated yet. Without it they run in the caller (one thread).
+    The transport's own lock guards registers only and is never held while device code runs: device
+    code may take it (interrupts, NEEDS_RESET), never the other way round.
     """
 
     def __init__(
@@ -79,10 +87,13 @@ class MmioTransport:
         interrupt: InterruptTrigger,
         *,
         on_queue_notify: Callable[[int], None] | None = None,
+        run_on_owner: Callable[[Callable[[], None]], None] | None = None,
     ) -> None:
         self.device = device
         #: Where QueueNotify writes go (e.g. a hop to the event thread); default: `notify` right here.
         self.on_queue_notify = on_queue_notify
+        #: Runs activation and reset on the device's owner thread and waits; default: right here.
+        self.run_on_owner = run_on_owner
         self.memory = memory
         self.interrupt = interrupt
         self.queues = [Queue(n) for n in device.queue_max_sizes]
@@ -217,11 +228,20 @@ class MmioTransport:
         if offset == VIRTIO_MMIO_QUEUE_NOTIFY:
             (self.on_queue_notify or self.notify)(value & 0xFFFF)
             return
+        if offset == VIRTIO_MMIO_STATUS and value == 0:
+            self._on_owner(self._reset)  # §2.4: the device drops its state on the thread that owns it
+            return
         activate = False
         with self._lock:
             activate = self._write_register(offset, value)
         if activate:
-            self._activate()
+            self._on_owner(self._activate)
+
+    def _on_owner(self, fn: Callable[[], None]) -> None:
+        if self.run_on_owner is None:
+            fn()
+        else:
+            self.run_on_owner(fn)
 
     def write_u32(self, offset: int, value: int) -> None:
         """A 32-bit register write (convenience for tests and the VMM)."""
@@ -277,9 +297,7 @@ class MmioTransport:
         return False
 
     def _write_status(self, value: int) -> bool:
-        if value == 0:
-            self._reset()
-            return False
+        # Status 0 (reset) never gets here: `write` hands it to the owner thread.
         # §2.1.1: the driver only sets bits; it never clears one except by writing 0.
         new_bits = value & ~self.status
         value |= self.status & VIRTIO_CONFIG_S_NEEDS_RESET
@@ -312,14 +330,22 @@ class MmioTransport:
 
     def _reset(self) -> None:
         # §2.4: writing 0 to status resets the device; afterwards every register is as at power-on.
-        if self.activated or self.device.memory is not None:
-            self.device.reset()
-        self._reset_state()
+        # On the owner thread (see the class docstring): nothing processes the queues meanwhile.
+        try:
+            if self.activated or self.device.memory is not None:
+                self.device.reset()
+        except Exception:  # a device bug must not leave the registers half reset
+            _log.exception("device %d reset failed", self.device.device_type)
+        with self._lock:
+            self._reset_state()
 
     # -- notifications -----------------------------------------------------------------------------
 
-    def notify(self, index: int) -> None:
-        """A queue notification (QueueNotify write or ioeventfd) for queue ``index``."""
+    def notify(self, index: int) -> bool:
+        """A queue notification (QueueNotify write or ioeventfd) for queue ``index``.
+
+        True when the device stopped at its per-notification budget: notify again after other work.
+        """
         if not self.activated or self.status & VIRTIO_CONFIG_S_NEEDS_RESET:
-            return
-        self.device.notify(index)
+            return False
+        return self.device.notify(index)

@@ -19,8 +19,6 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")  # virtio 1.2 §2.7.8: struct virtq_used_elem
 #: virtio 1.2 §2.7: the largest queue size a split ring may have.
 MAX_QUEUE_SIZE = 32768
-#: Limit on the entries of one indirect table: Linux may exceed the queue size there, never 2^16.
-MAX_INDIRECT_ENTRIES = 65536
 
 
 class QueueError(VirtioError):
@@ -230,12 +228,16 @@ class Queue:
 
     def _walk(self, memory: GuestMemory, head: int) -> DescriptorChain:
         # virtio 1.2 §2.7.5.2-§2.7.5.3: follow `next` within the table; one indirect table may end the chain.
+        # §2.7.5.3.1: no chain is longer than the queue size, indirect entries included, so the work one
+        # chain costs the device is bounded by the queue size (Linux's virtio-fs and virtio-blk size their
+        # requests to fit), whatever table length the guest claims.
         if head >= self.size:
             raise DescriptorIndexError(f"head index {head} >= queue size {self.size}")
         chain = DescriptorChain(head)
         table, table_len, idx = self.desc_table, self.size, head
         in_indirect = False
-        count = 0
+        count = 0  # descriptors walked in the current table (loop detection)
+        descriptors = 0  # buffers in the whole chain
         total = 0
         while True:
             addr, length, flags, nxt = _DESC.unpack(memory.read(table + 16 * idx, 16))
@@ -246,15 +248,22 @@ class Queue:
                     raise IndirectDescriptorError("nested indirect descriptor table")
                 if flags & VIRTQ_DESC_F_NEXT:
                     raise IndirectDescriptorError("indirect descriptor with VIRTQ_DESC_F_NEXT")
-                if length == 0 or length % 16 or length // 16 > MAX_INDIRECT_ENTRIES:
+                if length == 0 or length % 16:
                     raise IndirectDescriptorError(f"indirect table length {length} is invalid")
+                if length // 16 > self.size:
+                    raise IndirectDescriptorError(
+                        f"indirect table of {length // 16} entries exceeds queue size {self.size}"
+                    )
                 table, table_len, idx = addr, length // 16, 0
                 in_indirect = True
                 count = 0
                 continue
             count += 1
+            descriptors += 1
             if count > table_len:
                 raise DescriptorChainTooLong(f"chain {head} exceeds {table_len} descriptors (a loop?)")
+            if descriptors > self.size:
+                raise DescriptorChainTooLong(f"chain {head} is longer than queue size {self.size}")
             if flags & VIRTQ_DESC_F_WRITE:
                 chain.writable.append((addr, length))
             elif chain.writable:

@@ -7,7 +7,9 @@ The host side of every guest stream is an AF_UNIX socket:
 - passfd (Dragonball): a client writes ``passfd\n`` then ``<port>[ keep]`` with one fd (SCM_RIGHTS);
   that fd (pipe, FIFO or socket) becomes the host side of a stream to guest ``<port>`` and the client
   socket gets ``OK <host_port>\n``; with ``keep``, a closed reader of the fd drops bytes instead of
-  ending the stream;
+  ending the stream. Any other fd (O_PATH, regular file, directory, device) is refused: that client
+  alone gets ``ERR <reason>\n`` and its socket and fd are closed. A client (CONNECT or passfd) whose
+  REQUEST the guest does not answer within ``connect_timeout`` is closed (passfd: after ``ERR``);
 - in-process: `VirtioVsock.connect_local` returns one end of a socketpair that behaves like a
   client that already sent ``CONNECT`` (it reads ``OK <host_port>\\n`` first).
 
@@ -20,10 +22,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import select
 import socket
+import stat
 import struct
 import time
 from dataclasses import dataclass, field
@@ -65,15 +69,36 @@ _HANDSHAKE_MAX = 64
 CLOSE_TIMEOUT = 2.0
 #: How long a host-initiated REQUEST the guest has received may stay unanswered.
 REQUEST_TIMEOUT = 2.0
+#: How long a host-initiated connection may stay CONNECTING at all, delivered to the guest or not (a guest
+#: that posts no receive buffers never gets the REQUEST); the default of `VirtioVsock`'s ``connect_timeout``.
+CONNECT_TIMEOUT = 10.0
 _LOCAL_PORT_BASE = 1 << 30
+
+
+def _passfd_refusal(fd: int) -> str | None:
+    """Why ``fd`` cannot be a passfd stream, or None for a pipe, FIFO or socket open for I/O.
+
+    An O_PATH fd cannot be read, written or made non-blocking; a regular file, directory or device
+    cannot be polled (epoll refuses it) and would let the guest read or write host data.
+    """
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        mode = os.fstat(fd).st_mode
+    except OSError as err:
+        return f"unusable fd ({errno.errorcode.get(err.errno or 0, '?')})"
+    if flags & os.O_PATH:
+        return "O_PATH fd"
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        return "not a pipe, fifo or socket"
+    return None
 
 
 class _FdStream:
     """A host stream that is a bare fd passed by ``passfd`` (pipe, FIFO or socket): socket-like calls."""
 
     def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)  # may raise: the caller still owns fd then
         self._fd = fd
-        os.set_blocking(fd, False)
 
     def fileno(self) -> int:
         return self._fd
@@ -122,6 +147,7 @@ class _Conn:
     guest_shut_rcv: bool = False  # guest reads no more: stop reading the socket
     host_eof: bool = False
     closing_since: float = 0.0
+    connecting_since: float = 0.0  # when the REQUEST was queued for the guest
     request_sent: float = 0.0  # when the guest got our REQUEST (0: not yet delivered)
     # passfd: the unix socket that gets `OK <port>` (then closes), and whether a closed reader
     # of the fd keeps the connection (its bytes are dropped) instead of ending it.
@@ -149,12 +175,20 @@ class VirtioVsock(VirtioDevice):
     device_type = VIRTIO_ID_VSOCK
     queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE)
 
-    def __init__(self, uds_path: str | os.PathLike[str], guest_cid: int = DEFAULT_GUEST_CID) -> None:
+    def __init__(
+        self,
+        uds_path: str | os.PathLike[str],
+        guest_cid: int = DEFAULT_GUEST_CID,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
         super().__init__()
         if guest_cid <= VSOCK_HOST_CID or guest_cid >= 0xFFFFFFFF:
             raise DeviceError(f"guest CID {guest_cid} is reserved")
         self.uds_path = os.fspath(uds_path)
         self.guest_cid = guest_cid
+        #: Seconds a host-initiated connection may wait for the guest's RESPONSE (delivered or not).
+        self.connect_timeout = connect_timeout
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with contextlib.suppress(FileNotFoundError):
@@ -277,6 +311,9 @@ class VirtioVsock(VirtioDevice):
             self.fail(f"vsock: internal error {err!r}")
 
     def _handle_event(self, fd: int, events: int) -> None:
+        if events & select.POLLNVAL:
+            self._drop_unpollable(fd)
+            return
         if fd == self._listener.fileno():
             self._accept()
             return
@@ -312,17 +349,31 @@ class VirtioVsock(VirtioDevice):
         for conn in list(self._conns.values()):
             if conn.state == _State.CLOSING and now - conn.closing_since > CLOSE_TIMEOUT:
                 self._reset(conn)
-            elif (
-                conn.state == _State.CONNECTING
-                and conn.request_sent
-                and now - conn.request_sent > REQUEST_TIMEOUT
+            elif conn.state == _State.CONNECTING and (
+                (conn.request_sent and now - conn.request_sent > REQUEST_TIMEOUT)
+                or now - conn.connecting_since > self.connect_timeout
             ):
-                self._reset(conn)  # the guest never answered: the client sees its socket close
+                # The guest never answered: a CONNECT client sees its socket close, passfd gets ERR.
+                self._refuse(conn.control, "guest did not answer")
+                self._reset(conn)
         if self.active:
             try:
                 self._process_rx()
             except VirtioError as err:
                 self.fail(f"vsock: {err}")
+
+    def _drop_unpollable(self, fd: int) -> None:
+        """The event loop cannot poll ``fd``: drop its connection (RST to the guest), nothing else."""
+        if (waiting := self._handshakes.pop(fd, None)) is not None:
+            self._close_streams(waiting)
+        elif (conn := self._by_fd.get(fd)) is not None:
+            _log.warning(
+                "vsock: host fd %d of port %d cannot be polled: connection dropped", fd, conn.peer_port
+            )
+            self._refuse(conn.control, "host fd cannot be polled")
+            self._reset(conn)
+        elif fd in (self._listener.fileno(), self._wake_r):
+            _log.error("vsock: the event loop cannot poll the device's own fd %d", fd)
 
     # -- host side ---------------------------------------------------------------------------------
 
@@ -388,15 +439,38 @@ class VirtioVsock(VirtioDevice):
                 os.close(extra)
             sock.close()
             return
-        conn = _Conn(_FdStream(fds[0]), _State.HANDSHAKE, control=sock, keep=parts[1:2] == [b"keep"])
+        reason = _passfd_refusal(fds[0])
+        stream = None
+        if reason is None:
+            try:
+                stream = _FdStream(fds[0])
+            except OSError as err:
+                reason = f"unusable fd ({errno.errorcode.get(err.errno or 0, '?')})"
+        if stream is None:
+            # Only this client hears of it; the device and its other streams carry on.
+            _log.info("vsock: passfd refused: %s", reason)
+            os.close(fds[0])
+            self._refuse(sock, reason or "refused")
+            sock.close()
+            return
+        conn = _Conn(stream, _State.HANDSHAKE, control=sock, keep=parts[1:2] == [b"keep"])
         self._start_host_connection(conn, int(parts[0]))
+
+    @staticmethod
+    def _refuse(control: socket.socket | None, reason: str) -> None:
+        """Best effort ``ERR <reason>\\n`` to a passfd client (never blocks: the socket is non-blocking)."""
+        if control is not None:
+            with contextlib.suppress(OSError):
+                control.send(f"ERR {reason}\n".encode())
 
     def _start_host_connection(self, conn: _Conn, port: int) -> None:
         if len(self._conns) >= MAX_CONNECTIONS:
+            self._refuse(conn.control, "too many connections")
             self._close_streams(conn)
             return
         local = self._alloc_local_port(port)
         conn.local_port, conn.peer_port, conn.state = local, port, _State.CONNECTING
+        conn.connecting_since = time.monotonic()
         self._add(conn)
         self._queue_control(conn.local_port, conn.peer_port, VIRTIO_VSOCK_OP_REQUEST)
 

@@ -10,16 +10,20 @@ from `watched()` after every round, as kata-virtio's contract asks.
 from __future__ import annotations
 
 import contextlib
+import logging
 import resource
 import select
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from kata_virtio import (
+    EventSource,
     GuestMemory,
     MmioTransport,
+    Ticking,
     VirtioBlock,
     VirtioDevice,
     VirtioError,
@@ -37,18 +41,24 @@ from kata_vmm._kvm import Vm
 VIRTIO_MMIO_QUEUE_NOTIFY = 0x050
 TICK_SECONDS = 1.0
 
+_log = logging.getLogger(__name__)
+
 
 # --- device specs (what `VmConfig.devices` and the CLI name) -------------------------------------------
 @dataclass(frozen=True)
 class VsockSpec:
-    """Hybrid vsock: host clients connect to ``uds``; guest connections to port P go to ``<uds>_P``."""
+    """Hybrid vsock: host clients connect to ``uds``; guest connections to port P go to ``<uds>_P``.
+
+    ``connect_timeout``: seconds a host connection may wait for the guest to accept it (then it is closed).
+    """
 
     uds: Path
     guest_cid: int = 3
+    connect_timeout: float = 10.0
 
     def build(self) -> VirtioDevice:
         """Open the device (binds ``uds``)."""
-        return VirtioVsock(self.uds, self.guest_cid)
+        return VirtioVsock(self.uds, self.guest_cid, connect_timeout=self.connect_timeout)
 
 
 @dataclass(frozen=True)
@@ -174,6 +184,7 @@ class VirtioMmioDevice:
             memory,
             irq,
             on_queue_notify=self._forward_notify,
+            run_on_owner=self._run_on_owner,
         )
         self.doorbells: list[IoEventFd] = []
         try:
@@ -197,7 +208,17 @@ class VirtioMmioDevice:
         if loop is None:
             self.transport.notify(index)
         else:
-            loop.call_soon(lambda: self.transport.notify(index))
+            loop.call_soon(lambda: self._serve(index))
+
+    def _serve(self, index: int) -> None:
+        # A device that stopped at its per-notification budget is kicked again through its own doorbell,
+        # so the event loop serves every other fd before it comes back to this queue.
+        if self.transport.notify(index) and index < len(self.doorbells):
+            self.doorbells[index].write(1)
+
+    def _run_on_owner(self, fn: Callable[[], None]) -> None:
+        # activation and reset run where the device's queues and host fds are served, never beside them
+        run_on_loop(self._loop, fn)
 
     def attach(self, loop: EventLoop) -> None:
         """Serve this device's doorbells on ``loop`` (before the loop starts)."""
@@ -208,7 +229,7 @@ class VirtioMmioDevice:
     def _doorbell(self, bell: IoEventFd, index: int) -> Callable[[int], None]:
         def ring(_mask: int) -> None:
             if bell.read():
-                self.transport.notify(index)
+                self._serve(index)
 
         return ring
 
@@ -225,6 +246,38 @@ class VirtioMmioDevice:
         self.device.close()
 
 
+def run_on_loop(loop: EventLoop | None, fn: Callable[[], None]) -> None:
+    """Run ``fn`` on ``loop``'s thread and return once it ran (from any thread; exceptions stay there).
+
+    In place when there is no running loop, or when called on the loop's own thread. If the loop stops
+    before it ran ``fn`` (the VM is going away), ``fn`` runs here once the loop thread is gone: a vCPU
+    waiting on a reset never waits for a dead thread.
+    """
+    if loop is None or threading.current_thread() is loop.thread or not loop.thread.is_alive():
+        fn()
+        return
+    done = threading.Event()
+    claim = threading.Lock()  # whoever takes it runs fn: exactly once
+
+    def job() -> None:
+        if claim.acquire(blocking=False):
+            try:
+                fn()
+            finally:
+                done.set()
+
+    try:
+        loop.call_soon(job)
+    except (OSError, ValueError):  # the loop closed its wake-up fd meanwhile: it is gone
+        job()
+        return
+    while not done.wait(0.5):
+        if not loop.thread.is_alive():
+            job()
+            done.wait()
+            return
+
+
 # --- host fds of all devices on the event thread ----------------------------------------------------------
 class DevicePoller:
     """Keeps the event loop's epoll set equal to the union of every device's `watched()`.
@@ -232,13 +285,21 @@ class DevicePoller:
     One map for all devices, so an fd number one device closes and another reuses in the same round
     goes to its new owner. Runs as an event-loop ticker: after each round of events, and at least
     every loop tick; calls `tick()` of devices that have one about once a second.
+
+    Devices are served through kata_virtio's `EventSource` and `Ticking` protocols. Errors stay with
+    the fd (or device) they belong to: an fd epoll refuses (closed, a regular file, O_PATH) is logged
+    once, handed back to its device as ``POLLNVAL`` (which drops that connection), and every other fd
+    of every device is still watched; a device whose `watched()` or `tick()` raises is logged and
+    skipped for that round.
     """
 
-    def __init__(self, loop: EventLoop, devices: list[VirtioDevice]) -> None:
+    def __init__(self, loop: EventLoop, devices: Sequence[object]) -> None:
         self.loop = loop
-        self.devices = devices
-        self._owner: dict[int, VirtioDevice] = {}
+        self.sources = [d for d in devices if isinstance(d, EventSource)]
+        self.tickers = [d for d in devices if isinstance(d, Ticking)]
+        self._owner: dict[int, EventSource] = {}
         self._events: dict[int, int] = {}
+        self._unpollable: dict[int, EventSource] = {}  # fds epoll refused, reported once while listed
         self._next_tick = time.monotonic() + TICK_SECONDS
         loop.add_ticker(self.sync)
 
@@ -247,32 +308,54 @@ class DevicePoller:
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + TICK_SECONDS
-            for dev in self.devices:
-                tick = getattr(dev, "tick", None)
-                if tick is not None:
-                    tick()
-        wanted: dict[int, tuple[VirtioDevice, int]] = {}
-        for dev in self.devices:
-            watched = getattr(dev, "watched", None)
-            if watched is None:
+            for ticker in self.tickers:
+                try:
+                    ticker.tick()
+                except Exception:
+                    _log.exception("%s.tick failed", type(ticker).__name__)
+        wanted: dict[int, tuple[EventSource, int]] = {}
+        for src in self.sources:
+            try:
+                interest = src.watched()
+            except Exception:
+                _log.exception("%s.watched failed; its fds are skipped this round", type(src).__name__)
                 continue
-            for fd, events in watched().items():
-                wanted[fd] = (dev, _epoll_mask(events))
+            for fd, events in interest.items():
+                wanted[fd] = (src, _epoll_mask(events))
         for fd in [fd for fd in self._owner if fd not in wanted]:
             self.loop.remove_reader(fd)
             del self._owner[fd], self._events[fd]
-        for fd, (dev, mask) in wanted.items():
-            if self._owner.get(fd) is dev and self._events[fd] == mask:
+        for fd in [fd for fd in self._unpollable if fd not in wanted]:
+            del self._unpollable[fd]  # its device let it go: a later fd with this number is new
+        for fd, (src, mask) in wanted.items():
+            if self._owner.get(fd) is src and self._events[fd] == mask:
                 continue
-            self.loop.watch(fd, self._dispatch(fd), mask)
-            self._owner[fd], self._events[fd] = dev, mask
+            try:
+                self.loop.watch(fd, self._dispatch(fd), mask)
+            except (OSError, ValueError) as err:
+                self._refused(fd, src, err)
+                continue
+            self._owner[fd], self._events[fd] = src, mask
+            self._unpollable.pop(fd, None)
+
+    def _refused(self, fd: int, src: EventSource, err: Exception) -> None:
+        """epoll will not take ``fd``: forget it, say so once, and let its device drop it."""
+        self.loop.remove_reader(fd)
+        self._owner.pop(fd, None)
+        self._events.pop(fd, None)
+        if self._unpollable.get(fd) is not src:
+            _log.warning("%s: fd %d cannot be polled (%s); dropping it", type(src).__name__, fd, err)
+            self._unpollable[fd] = src
+        try:
+            src.handle_event(fd, select.POLLNVAL)
+        except Exception:
+            _log.exception("%s.handle_event(POLLNVAL) failed", type(src).__name__)
 
     def _dispatch(self, fd: int) -> Callable[[int], None]:
         def ready(mask: int) -> None:
-            dev = self._owner.get(fd)
-            handle = getattr(dev, "handle_event", None)
-            if handle is not None:
-                handle(fd, _poll_mask(mask))
+            src = self._owner.get(fd)
+            if src is not None:
+                src.handle_event(fd, _poll_mask(mask))
 
         return ready
 
@@ -282,6 +365,7 @@ class DevicePoller:
             self.loop.remove_reader(fd)
         self._owner.clear()
         self._events.clear()
+        self._unpollable.clear()
 
 
 # poll(2) and epoll(7) share the values of IN/OUT/ERR/HUP; map explicitly so that stays checked

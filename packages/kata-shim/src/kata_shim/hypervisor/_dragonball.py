@@ -30,6 +30,7 @@ import trio
 
 import kata_vmm
 from kata_proto.agent import AGENT_VSOCK_PORT, PASSFD_CMDLINE_PARAM
+from kata_shim._ratelimit import LineRateLimit
 from kata_shim.hypervisor._base import (
     BlockDevice,
     Device,
@@ -70,11 +71,18 @@ T = TypeVar("T")
 
 
 class ConsoleSink:
-    """Receives serial output on VMM threads: logs whole lines, keeps the last bytes for error messages."""
+    """Receives serial output on VMM threads: logs whole lines, keeps the last bytes for error messages.
 
-    def __init__(self, logger: logging.Logger, limit: int = CONSOLE_TAIL_BYTES) -> None:
+    Lines are logged at most at `LineRateLimit`'s rate (the guest decides how much it prints); dropped
+    lines are counted (``rate_limit.dropped``) and still reach the tail kept for error messages.
+    """
+
+    def __init__(
+        self, logger: logging.Logger, limit: int = CONSOLE_TAIL_BYTES, rate_limit: LineRateLimit | None = None
+    ) -> None:
         self._log = logger
         self._limit = limit
+        self.rate_limit = rate_limit or LineRateLimit("guest console")
         self._tail: collections.deque[bytes] = collections.deque()
         self._tail_size = 0
         self._partial = bytearray()
@@ -94,7 +102,8 @@ class ConsoleSink:
                 lines.append(bytes(self._partial))
                 self._partial.clear()
         for line in lines:
-            self._log.info("guest console: %s", line.rstrip(b"\r").decode(errors="replace"))
+            if self.rate_limit.allow():
+                self._log.info("guest console: %s", line.rstrip(b"\r").decode(errors="replace"))
 
     def tail(self, max_lines: int = 40) -> str:
         """The last console lines (at most ``max_lines``), for an error message."""

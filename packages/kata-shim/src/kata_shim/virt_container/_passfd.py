@@ -11,12 +11,18 @@ reader and the write-only open that follows never fails with ENXIO), and the VMM
 The shim closes its own descriptors as soon as the VMM holds them: the VMM's copy of an output fifo is
 then its only writer, so containerd sees EOF when the VMM closes it at the end of the stream, and
 containerd's close of the stdin fifo (CloseIO) is the EOF the VMM turns into a stream shutdown.
+
+Nothing here waits on the guest without a budget: each handshake (connect, send, the VMM's ``OK``, which
+needs the guest's answer) has `PASSFD_TIMEOUT` seconds, then `PassfdError` names the stream that did not
+get through. The VMM also expires a REQUEST the guest never
+answers (kata-virtio's ``connect_timeout``) and says ``ERR <reason>``, which becomes the error message.
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import os
 import socket
 from dataclasses import dataclass
@@ -28,6 +34,9 @@ from kata_agent_client import StdioPorts
 
 #: The longest reply line we accept from the VMM (`OK 4294967295\n` is 14 bytes).
 _REPLY_MAX = 64
+#: Seconds for one process's passfd handshakes (longer than the VMM's own 10 s REQUEST expiry, so its
+#: ERR reason normally arrives first).
+PASSFD_TIMEOUT = 15.0
 
 
 class PassfdError(OSError):
@@ -45,8 +54,31 @@ class PassfdListener:
 async def passfd_connect(listener: PassfdListener, fd: int, *, keep: bool = False) -> int:
     """Hand `fd` to the VMM for a stream to the guest's passfd port; returns the stream's host port.
 
-    The VMM gets its own copy of `fd` (the caller still owns and closes `fd`).
+    The VMM gets its own copy of `fd` (the caller still owns and closes `fd`). Raises `PassfdError` when
+    the VMM refuses (``ERR``), hangs up, or no ``OK`` arrives within `PASSFD_TIMEOUT` seconds.
     """
+    where = f"passfd to {listener.uds} port {listener.port}"
+    line = b""
+    timeout = PASSFD_TIMEOUT
+    with trio.move_on_after(timeout) as budget:
+        line = await _handshake(listener, fd, keep)
+    if budget.cancelled_caught:
+        why = f"no answer within {timeout:.3g} s (the guest did not accept the stream)"
+        raise PassfdError(errno.ETIMEDOUT, f"{where}: {why}")
+    parts = line.split()
+    if not line:
+        raise PassfdError(
+            f"{where}: the VMM closed the connection without an answer (no guest listener on that port?)"
+        )
+    if parts[:1] == [b"ERR"]:
+        reason = line[4:].strip().decode("ascii", "replace")
+        raise PassfdError(f"{where}: the VMM refused: {reason}")
+    if len(parts) != 2 or parts[0] != b"OK" or not parts[1].isdigit():
+        raise PassfdError(f"{where}: bad reply {line[:32]!r}")
+    return int(parts[1])
+
+
+async def _handshake(listener: PassfdListener, fd: int, keep: bool) -> bytes:
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with sock:
         try:
@@ -63,23 +95,21 @@ async def passfd_connect(listener: PassfdListener, fd: int, *, keep: bool = Fals
                 line += chunk
         except OSError as err:
             raise PassfdError(err.errno or 0, f"passfd to {listener.uds}: {err.strerror or err}") from err
-    parts = line.split()
-    if not line:
-        raise PassfdError(
-            f"passfd to {listener.uds} port {listener.port}: the VMM closed the connection without an answer"
-            " (no guest listener on that port?)"
-        )
-    if len(parts) != 2 or parts[0] != b"OK" or not parts[1].isdigit():
-        raise PassfdError(f"passfd to {listener.uds} port {listener.port}: bad reply {line[:32]!r}")
-    return int(parts[1])
+    return line
 
 
 async def passfd_stdio(
-    listener: PassfdListener, stdin: str, stdout: str, stderr: str, *, terminal: bool
+    listener: PassfdListener,
+    stdin: str,
+    stdout: str,
+    stderr: str,
+    *,
+    terminal: bool,
 ) -> StdioPorts:
     """Open the process's fifos, hand each to the VMM and return the ports (a terminal has no stderr).
 
-    Every fd the shim opened is closed before this returns, whether it succeeds or not.
+    Each handshake has `PASSFD_TIMEOUT` seconds. Every fd the shim opened is closed before this
+    returns, whether it succeeds or not.
     """
     opened: list[int] = []
     ports = {"stdin": 0, "stdout": 0, "stderr": 0}
@@ -98,7 +128,12 @@ async def passfd_stdio(
                 fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
                 opened.append(fd)
             # Output: `keep`, so a reader containerd closed early never ends the process's output stream.
-            ports[name] = await passfd_connect(listener, fd, keep=name != "stdin")
+            try:
+                ports[name] = await passfd_connect(listener, fd, keep=name != "stdin")
+            except PassfdError as err:
+                if err.errno:
+                    raise PassfdError(err.errno, f"{name}: {err.strerror}") from err
+                raise PassfdError(f"{name}: {err}") from err
     finally:
         for fd in opened:
             with contextlib.suppress(OSError):

@@ -34,6 +34,7 @@ from kata_resources import (
     ShareLayout,
     StorageSpec,
 )
+from kata_shim._ratelimit import LineRateLimit
 from kata_shim.config._types import TomlConfig
 from kata_shim.hypervisor._base import Hypervisor, ShareFsDevice
 from kata_shim.persist import MOUNTS_FILE, state_root
@@ -42,6 +43,7 @@ from kata_shim.virt_container._passfd import PassfdListener
 
 log = logging.getLogger("kata_shim.virt_container")
 agent_log = logging.getLogger("kata_shim.agent")
+agent_log.addFilter(LineRateLimit("agent log"))  # the guest's agent decides how much it logs
 
 
 #: Health checks in a row that may fail before the agent is taken for dead.
