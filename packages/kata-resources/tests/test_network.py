@@ -1,0 +1,205 @@
+"""The pod network (tcfilter model) in a throw-away netns with a veth pair, as root."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from kata_resources import (
+    IPAddressSpec,
+    NetnsError,
+    Network,
+    NetworkError,
+    NetworkModel,
+    RouteSpec,
+    run_in_netns,
+    setup_network,
+    setup_network_sync,
+    teardown_network,
+    teardown_network_sync,
+    to_thread_in_netns,
+)
+
+pytestmark = pytest.mark.root
+
+POD_MAC = "02:00:0a:58:00:02"
+
+
+def _ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+def _tc(ns: str, *args: str) -> str:
+    return subprocess.run(["tc", "-n", ns, *args], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def pod_netns() -> Iterator[str]:
+    """A pod netns as the CNI bridge plugin leaves it: eth0 (veth, peer in a second netns), an address,
+    a default route and a permanent neighbour. Both namespaces are deleted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (ip netns, tc)")
+    tag = uuid.uuid4().hex[:8]
+    pod, peer = f"kres-pod-{tag}", f"kres-peer-{tag}"
+    _ip("netns", "add", pod)
+    _ip("netns", "add", peer)
+    try:
+        _ip("link", "add", "eth0", "netns", pod, "address", POD_MAC, "mtu", "1400", "type", "veth",
+            "peer", "name", "br0", "netns", peer)  # fmt: skip
+        _ip("-n", pod, "addr", "add", "10.88.0.2/24", "dev", "eth0")
+        _ip("-n", peer, "addr", "add", "10.88.0.1/24", "dev", "br0")
+        for ns, dev in ((pod, "eth0"), (peer, "br0"), (pod, "lo")):
+            _ip("-n", ns, "link", "set", dev, "up")
+        _ip("-n", pod, "route", "add", "default", "via", "10.88.0.1", "dev", "eth0")
+        neigh = ["10.88.0.9", "lladdr", "02:00:00:00:00:09", "dev", "eth0", "nud", "permanent"]
+        _ip("-n", pod, "neigh", "add", *neigh)
+        yield f"/run/netns/{pod}"
+    finally:
+        _ip("netns", "del", pod)
+        _ip("netns", "del", peer)
+
+
+def _name(netns: str) -> str:
+    return Path(netns).name
+
+
+def _assert_nothing_left(netns: str) -> None:
+    ns = _name(netns)
+    assert "tap0_kata" not in _ip("-n", ns, "link", "show")
+    assert "ingress" not in _tc(ns, "qdisc", "show", "dev", "eth0")
+    assert _tc(ns, "filter", "show", "dev", "eth0", "ingress").strip() == ""
+
+
+def test_setup_redirects_veth_and_tap_both_ways(pod_netns: str) -> None:
+    network = setup_network_sync(pod_netns)
+    try:
+        ns = _name(pod_netns)
+        assert [(e.veth, e.tap, e.hw_addr, e.mtu) for e in network.endpoints] == [
+            ("eth0", "tap0_kata", POD_MAC, 1400)
+        ]
+        assert "mtu 1400" in _ip("-n", ns, "link", "show", "tap0_kata")
+        to_tap = _tc(ns, "filter", "show", "dev", "eth0", "ingress")
+        to_veth = _tc(ns, "filter", "show", "dev", "tap0_kata", "ingress")
+        assert "Egress Redirect to device tap0_kata" in to_tap
+        assert "Egress Redirect to device eth0" in to_veth
+        assert "ingress ffff:" in _tc(ns, "qdisc", "show", "dev", "eth0")
+    finally:
+        teardown_network_sync(network)
+    _assert_nothing_left(pod_netns)
+
+
+def test_scan_reports_addresses_routes_and_permanent_neighbours(pod_netns: str) -> None:
+    network = setup_network_sync(pod_netns, "none")
+    (iface,) = network.interfaces
+    assert (iface.name, iface.hw_addr, iface.mtu) == ("eth0", POD_MAC, 1400)
+    assert IPAddressSpec("10.88.0.2", 24, 4) in iface.addresses
+    assert RouteSpec(dest="", gateway="10.88.0.1", device="eth0", family=4) in network.routes
+    assert any(r.dest == "10.88.0.0/24" and r.device == "eth0" for r in network.routes)
+    assert [(n.address, n.lladdr, n.device) for n in network.neighbors] == [
+        ("10.88.0.9", "02:00:00:00:00:09", "eth0")
+    ]
+
+
+def test_model_none_creates_nothing(pod_netns: str) -> None:
+    network = setup_network_sync(pod_netns, NetworkModel.NONE)
+    assert [e.tap for e in network.endpoints] == [""]
+    _assert_nothing_left(pod_netns)
+    teardown_network_sync(network)
+
+
+def test_frames_from_the_peer_arrive_on_the_tap(pod_netns: str) -> None:
+    """A ping from the bridge side enters eth0 and, redirected, is read from the tap (as the VMM would)."""
+    network = setup_network_sync(pod_netns)
+    try:
+
+        def read_one_frame() -> bytes:
+            import fcntl
+            import struct
+
+            fd = os.open("/dev/net/tun", os.O_RDWR)
+            try:  # attach to the persistent tap with the flags it was made with
+                fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH22x", b"tap0_kata", 0x0002 | 0x1000 | 0x4000))
+                peer = _name(pod_netns).replace("kres-pod-", "kres-peer-")
+                cmd = ["ip", "netns", "exec", peer, "ping", "-c", "3", "-W", "1", "10.88.0.2"]
+                ping = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    ready, _, _ = select.select([fd], [], [], 60)
+                    return os.read(fd, 65536) if ready else b""
+                finally:
+                    ping.wait()
+            finally:
+                os.close(fd)
+
+        frame = run_in_netns(pod_netns, read_one_frame)
+        assert frame, "no frame reached the tap"
+    finally:
+        teardown_network_sync(network)
+    _assert_nothing_left(pod_netns)
+
+
+def test_restore_from_dict_tears_down_after_a_crash(pod_netns: str) -> None:
+    record = json.dumps(setup_network_sync(pod_netns).to_dict())
+    teardown_network_sync(Network.from_dict(json.loads(record)))
+    _assert_nothing_left(pod_netns)
+    teardown_network_sync(Network.from_dict(json.loads(record)))  # twice: already gone is fine
+
+
+def test_existing_tap_name_is_refused_and_left_alone(pod_netns: str) -> None:
+    ns = _name(pod_netns)
+    _ip("-n", ns, "link", "add", "tap0_kata", "type", "bridge")
+    with pytest.raises(NetworkError, match="already exists"):
+        setup_network_sync(pod_netns)
+    assert "bridge" in _ip("-d", "-n", ns, "link", "show", "tap0_kata")
+    assert "ingress" not in _tc(ns, "qdisc", "show", "dev", "eth0")
+
+
+def test_bad_record_is_a_network_error() -> None:
+    with pytest.raises(NetworkError):
+        Network.from_dict({"netns": "/x", "model": "bogus", "endpoints": []})
+
+
+def test_missing_netns_is_a_netns_error() -> None:
+    with pytest.raises(NetnsError):
+        run_in_netns("/run/netns/kres-does-not-exist", lambda: None)
+
+
+def test_teardown_of_a_deleted_netns_is_a_no_op() -> None:
+    teardown_network_sync(Network("/run/netns/kres-does-not-exist", NetworkModel.TCFILTER, []))
+
+
+def test_async_setup_runs_in_the_netns_and_leaves_the_loop_thread_home(pod_netns: str) -> None:
+    def net_ns() -> str:
+        return os.readlink("/proc/thread-self/ns/net")
+
+    async def main() -> None:
+        home = net_ns()
+        inside = await to_thread_in_netns(pod_netns, net_ns)
+        assert inside != home
+        assert inside == f"net:[{os.stat(pod_netns).st_ino}]"
+        network = await setup_network(pod_netns)
+        assert [e.tap for e in network.endpoints] == ["tap0_kata"]
+        await teardown_network(network)
+        assert net_ns() == home
+        # a trio worker thread is still in the shim's namespace
+        assert await trio.to_thread.run_sync(net_ns) == home
+
+    trio.run(main)
+    _assert_nothing_left(pod_netns)
+
+
+def test_errors_of_the_function_reach_the_caller(pod_netns: str) -> None:
+    def boom() -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        run_in_netns(pod_netns, boom)
+    with pytest.raises(ValueError, match="boom"):
+        trio.run(to_thread_in_netns, pod_netns, boom)
