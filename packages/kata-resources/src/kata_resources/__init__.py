@@ -9,6 +9,14 @@ ledger.undo(); layout.remove()
 """
 
 from kata_resources.__about__ import __version__
+from kata_resources._cgroups import (
+    CGROUP_ROOT,
+    CgroupError,
+    CgroupLimits,
+    SandboxCgroup,
+    cgroup_relative_path,
+    cgroup_version,
+)
 from kata_resources._errors import MountError, ResourceError, VolumeError
 from kata_resources._ledger import (
     MountLedger,
@@ -60,6 +68,7 @@ from kata_resources._share_fs import (
 from kata_resources._volumes import VolumeKind, VolumePlan, classify, share_volumes
 
 __all__ = [
+    "CGROUP_ROOT",
     "GUEST_SHARED_DIR",
     "HOST_SHARED_ROOT",
     "KATA_SHARED_TAG",
@@ -71,6 +80,8 @@ __all__ = [
     "MS_REMOUNT",
     "MS_SHARED",
     "MS_SLAVE",
+    "CgroupError",
+    "CgroupLimits",
     "Endpoint",
     "IPAddressSpec",
     "InterfaceSpec",
@@ -85,6 +96,7 @@ __all__ = [
     "Recorder",
     "ResourceError",
     "RouteSpec",
+    "SandboxCgroup",
     "ShareLayout",
     "StorageSpec",
     "VolumeError",
@@ -92,6 +104,8 @@ __all__ = [
     "VolumePlan",
     "__version__",
     "bind",
+    "cgroup_relative_path",
+    "cgroup_version",
     "classify",
     "is_mountpoint",
     "mount",
