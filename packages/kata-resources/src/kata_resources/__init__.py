@@ -57,6 +57,13 @@ from kata_resources._network import (
     teardown_network,
     teardown_network_sync,
 )
+from kata_resources._pod_shm import (
+    DEFAULT_SHM_SIZE,
+    GUEST_SANDBOX_SHM,
+    pod_shm_mount,
+    pod_shm_size,
+    pod_shm_storage,
+)
 from kata_resources._rootfs import MountLike, mount_rootfs
 from kata_resources._share_fs import (
     GUEST_SHARED_DIR,
@@ -69,6 +76,8 @@ from kata_resources._volumes import VolumeKind, VolumePlan, classify, share_volu
 
 __all__ = [
     "CGROUP_ROOT",
+    "DEFAULT_SHM_SIZE",
+    "GUEST_SANDBOX_SHM",
     "GUEST_SHARED_DIR",
     "HOST_SHARED_ROOT",
     "KATA_SHARED_TAG",
@@ -112,6 +121,9 @@ __all__ = [
     "mount_rootfs",
     "mounts_below",
     "parse_options",
+    "pod_shm_mount",
+    "pod_shm_size",
+    "pod_shm_storage",
     "read_mount_record",
     "run_in_netns",
     "setup_network",
