@@ -41,6 +41,12 @@ _FILTER_CLASSID = 0x10001
 #: "ffff:", the ingress qdisc's handle.
 _INGRESS_HANDLE = 0xFFFF0000
 _RT_TABLE_MAIN = 254
+_RT_TABLE_LOCAL = 255
+#: Route model: the routing table of endpoint N is 10 + N (upstream uses table 10 for its one endpoint).
+_ROUTE_TABLE_BASE = 10
+#: Route model: the local table's rule moves from preference 0 to 10, below the per-veth rules at 5.
+_LOCAL_RULE_PREF = 10
+_VETH_RULE_PREF = 5
 
 
 class NetworkError(ResourceError):
@@ -51,6 +57,7 @@ class NetworkModel(StrEnum):
     """How guest frames reach the pod's veth (runtime-rs ``internetworking_model``)."""
 
     TCFILTER = "tcfilter"
+    ROUTE = "route"
     NONE = "none"
 
 
@@ -238,31 +245,104 @@ def _redirect(ipr: IPRoute, src: int, dst: int) -> None:
     )
 
 
-def _teardown_endpoint(ipr: IPRoute, endpoint: Endpoint) -> None:
-    if endpoint.tap:
+def _sysctl(dev: str, name: str, value: int) -> None:
+    # /proc/sys/net shows the network namespace of the thread that opens it: ours is in the pod's.
+    path = f"/proc/sys/net/ipv4/conf/{dev}/{name}"
+    try:
+        with open(path, "w") as f:
+            f.write(str(value))
+    except FileNotFoundError:
+        pass  # the device is gone
+    except OSError as err:
+        raise NetworkError(f"cannot write {value} to {path}: {err.strerror}") from err
+
+
+def _rules(ipr: IPRoute, priority: int, table: int) -> list[Any]:
+    return [
+        r
+        for r in ipr.get_rules(family=socket.AF_INET)
+        if r.get_attr("FRA_PRIORITY", 0) == priority and _attr(r, "FRA_TABLE", r["table"]) == table
+    ]
+
+
+def _route_connect(ipr: IPRoute, tap: int, endpoint: Endpoint, address: str) -> None:
+    """The route model: what enters the veth is routed to the tap (a table of its own, chosen by a
+    rule ahead of the local table), the guest's address answers on the tap with the veth's MAC."""
+    if not _rules(ipr, _LOCAL_RULE_PREF, _RT_TABLE_LOCAL):
+        ipr.rule("add", priority=_LOCAL_RULE_PREF, table=_RT_TABLE_LOCAL)
+    if _rules(ipr, 0, _RT_TABLE_LOCAL):
+        ipr.rule("del", priority=0, table=_RT_TABLE_LOCAL)
+    table = _ROUTE_TABLE_BASE + endpoint.index
+    ipr.rule("add", priority=_VETH_RULE_PREF, iifname=endpoint.veth, table=table)
+    ipr.route("replace", dst="0.0.0.0/0", oif=tap, table=table)
+    ipr.neigh("replace", dst=address, lladdr=endpoint.hw_addr, ifindex=tap, state=NUD_PERMANENT)
+    _sysctl(endpoint.tap, "accept_local", 1)
+    _sysctl(endpoint.veth, "proxy_arp", 1)
+    for dev in (endpoint.veth, endpoint.tap):
+        _sysctl(dev, "forwarding", 1)
+
+
+def _route_teardown(ipr: IPRoute, endpoint: Endpoint) -> None:
+    table = _ROUTE_TABLE_BASE + endpoint.index
+    for _ in _rules(ipr, _VETH_RULE_PREF, table):
+        try:
+            ipr.rule("del", priority=_VETH_RULE_PREF, iifname=endpoint.veth, table=table)
+        except NetlinkError as err:
+            _ignore(err, errno.ENOENT)
+    for name in ("proxy_arp", "forwarding"):
+        _sysctl(endpoint.veth, name, 0)
+
+
+def _restore_local_rule(ipr: IPRoute) -> None:
+    """Put the local table's rule back at preference 0 (route model, after the last endpoint)."""
+    if _rules(ipr, _LOCAL_RULE_PREF, _RT_TABLE_LOCAL):
+        if not _rules(ipr, 0, _RT_TABLE_LOCAL):
+            ipr.rule("add", priority=0, table=_RT_TABLE_LOCAL)
+        ipr.rule("del", priority=_LOCAL_RULE_PREF, table=_RT_TABLE_LOCAL)
+
+
+def _teardown_endpoint(ipr: IPRoute, endpoint: Endpoint, model: NetworkModel) -> None:
+    if model is NetworkModel.ROUTE:
+        _route_teardown(ipr, endpoint)
+    if endpoint.tap:  # its routes, neighbours, qdisc and filter go with it
         for index in ipr.link_lookup(ifname=endpoint.tap):
             try:
                 ipr.link("del", index=index)
             except NetlinkError as err:
                 _ignore(err, errno.ENODEV)
-    for index in ipr.link_lookup(ifname=endpoint.veth):
-        try:
-            ipr.tc("del", "ingress", index, _INGRESS_HANDLE)
-        except NetlinkError as err:  # no ingress qdisc (never added, or already gone)
-            _ignore(err, errno.ENOENT, errno.EINVAL)
+    if model is NetworkModel.TCFILTER:
+        for index in ipr.link_lookup(ifname=endpoint.veth):
+            try:
+                ipr.tc("del", "ingress", index, _INGRESS_HANDLE)
+            except NetlinkError as err:  # no ingress qdisc (never added, or already gone)
+                _ignore(err, errno.ENOENT, errno.EINVAL)
 
 
-def _connect(ipr: IPRoute, link: Any, endpoint: Endpoint, created: list[Endpoint]) -> None:
-    """Create the tap (appended to ``created`` once it exists) and the redirects both ways."""
+def _connect(
+    ipr: IPRoute,
+    link: Any,
+    spec: InterfaceSpec,
+    *,
+    endpoint: Endpoint,
+    model: NetworkModel,
+    created: list[Endpoint],
+) -> None:
+    """Create the tap (appended to ``created`` once it exists) and tie it to the veth as ``model`` says."""
     if ipr.link_lookup(ifname=endpoint.tap):
         raise NetworkError(f"{endpoint.tap} already exists")  # not ours: never touched, never deleted
+    address = next((a.address for a in spec.addresses if a.family == 4), "")
+    if model is NetworkModel.ROUTE and not address:
+        raise NetworkError(f"{endpoint.veth} has no IPv4 address (the route model needs one)")
     ipr.link("add", ifname=endpoint.tap, kind="tuntap", mode="tap", ifr={"no_pi": 1, "vnet_hdr": 1})
     created.append(endpoint)
     (tap,) = ipr.link_lookup(ifname=endpoint.tap)
     ipr.link("set", index=tap, mtu=endpoint.mtu, state="up")
     ipr.link("set", index=link["index"], state="up")
-    _redirect(ipr, link["index"], tap)
-    _redirect(ipr, tap, link["index"])
+    if model is NetworkModel.TCFILTER:
+        _redirect(ipr, link["index"], tap)
+        _redirect(ipr, tap, link["index"])
+    else:
+        _route_connect(ipr, tap, endpoint, address)
 
 
 def _setup(netns: str, model: NetworkModel) -> Network:
@@ -274,15 +354,17 @@ def _setup(netns: str, model: NetworkModel) -> Network:
         network = Network(netns, model, interfaces=interfaces, routes=routes, neighbors=neighbors)
         created: list[Endpoint] = []
         for i, (link, spec) in enumerate(zip(veths, interfaces, strict=True)):
-            tap = tap_name(i) if model is NetworkModel.TCFILTER else ""
+            tap = "" if model is NetworkModel.NONE else tap_name(i)
             endpoint = Endpoint(i, spec.name, spec.hw_addr, spec.mtu, tap)
             network.endpoints.append(endpoint)
-            if model is NetworkModel.TCFILTER:
+            if model is not NetworkModel.NONE:
                 try:
-                    _connect(ipr, link, endpoint, created)
+                    _connect(ipr, link, spec, endpoint=endpoint, model=model, created=created)
                 except (NetlinkError, OSError, ValueError, NetworkError) as err:
                     for done in reversed(created):
-                        _teardown_endpoint(ipr, done)
+                        _teardown_endpoint(ipr, done, model)
+                    if model is NetworkModel.ROUTE:
+                        _restore_local_rule(ipr)
                     raise NetworkError(f"cannot connect {spec.name} to {tap} in {netns}: {err}") from err
         return network
 
@@ -290,7 +372,9 @@ def _setup(netns: str, model: NetworkModel) -> Network:
 def _teardown(network: Network) -> None:
     with IPRoute() as ipr:
         for endpoint in reversed(network.endpoints):
-            _teardown_endpoint(ipr, endpoint)
+            _teardown_endpoint(ipr, endpoint, network.model)
+        if network.model is NetworkModel.ROUTE:
+            _restore_local_rule(ipr)
 
 
 def setup_network_sync(netns: str | Path, model: NetworkModel | str = NetworkModel.TCFILTER) -> Network:
