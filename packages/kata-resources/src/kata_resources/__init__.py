@@ -72,10 +72,20 @@ from kata_resources._share_fs import (
     ShareLayout,
     StorageSpec,
 )
+from kata_resources._sizing import (
+    CONTAINER_TYPE,
+    SANDBOX_CPU_PERIOD,
+    SANDBOX_CPU_QUOTA,
+    SANDBOX_MEMORY,
+    VmSize,
+    static_vm_size,
+    workload_size,
+)
 from kata_resources._volumes import VolumeKind, VolumePlan, classify, share_volumes
 
 __all__ = [
     "CGROUP_ROOT",
+    "CONTAINER_TYPE",
     "DEFAULT_SHM_SIZE",
     "GUEST_SANDBOX_SHM",
     "GUEST_SHARED_DIR",
@@ -89,6 +99,9 @@ __all__ = [
     "MS_REMOUNT",
     "MS_SHARED",
     "MS_SLAVE",
+    "SANDBOX_CPU_PERIOD",
+    "SANDBOX_CPU_QUOTA",
+    "SANDBOX_MEMORY",
     "CgroupError",
     "CgroupLimits",
     "Endpoint",
@@ -108,6 +121,7 @@ __all__ = [
     "SandboxCgroup",
     "ShareLayout",
     "StorageSpec",
+    "VmSize",
     "VolumeError",
     "VolumeKind",
     "VolumePlan",
@@ -129,11 +143,13 @@ __all__ = [
     "setup_network",
     "setup_network_sync",
     "share_volumes",
+    "static_vm_size",
     "tap_name",
     "teardown_network",
     "teardown_network_sync",
     "to_thread_in_netns",
     "umount",
     "undo_mount_record",
+    "workload_size",
     "write_mount_record",
 ]
