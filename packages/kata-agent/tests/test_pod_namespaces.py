@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ import trio
 from agent_harness import mounts_under, running_agent
 
 from kata_agent._namespaces import CLONE_NEWUTS, PodNamespaces
-from kata_agent_client import ContainerSpec, Process
+from kata_agent_client import ContainerSpec, Mount, Process, Storage
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -155,3 +157,41 @@ def test_containers_of_a_sandbox_share_ipc_and_uts(
             assert socket.gethostname() == private_uts
 
     trio.run(main)
+
+
+@pytest.mark.root
+def test_containers_of_a_sandbox_see_one_hostname_and_one_dev_shm(
+    busybox_rootfs: Path, private_uts: str
+) -> None:
+    """The pod's shm storage (as kata_resources.pod_shm_storage plans it) bound on each /dev/shm."""
+
+    def spec(*args: str) -> ContainerSpec:
+        out = ContainerSpec(root=str(busybox_rootfs), process=Process(list(args)))
+        out.mounts = [m for m in out.mounts if m.destination != "/dev/shm"]
+        out.mounts.append(Mount("/dev/shm", "bind", shm, ["rbind"]))
+        return out
+
+    async def main() -> None:
+        async with running_agent() as agent:
+            c = agent.client
+            pod_shm = Storage(
+                "ephemeral", shm, source="shm", fstype="tmpfs", options=["mode=1777", "size=1m"]
+            )
+            await c.create_sandbox("sbx", hostname="podname", storages=[pod_shm])
+            await c.create_container("writer", spec("sh", "-c", "echo shared > /dev/shm/f"))
+            await c.start_container("writer")
+            assert await c.wait_process("writer") == 0
+            await c.create_container("reader", spec("sh", "-c", "hostname; cat /dev/shm/f"))
+            await c.start_container("reader")
+            assert await c.read_all("reader") == b"podname\nshared\n"
+            assert await c.wait_process("reader") == 0
+            await c.destroy_sandbox()
+            assert mounts_under(agent.run_dir) == []
+            assert mounts_under(shm) == []
+            assert socket.gethostname() == private_uts
+
+    shm = tempfile.mkdtemp(prefix="ka-shm-", dir="/tmp")
+    try:
+        trio.run(main)
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
