@@ -7,6 +7,7 @@ import os
 import select
 import socket
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -245,3 +246,17 @@ def test_route_model_routes_the_veth_to_the_tap_and_teardown_restores_the_rules(
     assert _ip("-n", ns, "rule", "show") == rules_before
     assert _ip("-n", ns, "route", "show", "table", "10") == ""
     assert _sysctl_in(ns, "eth0", "proxy_arp") == "0"
+
+
+def test_no_thread_is_left_in_the_netns(pod_netns: str) -> None:
+    """Setup and teardown run on threads that end with them (pyroute2 starts none that outlive them)."""
+    before = set(threading.enumerate())
+    teardown_network_sync(setup_network_sync(pod_netns))
+    trio.run(teardown_network, trio.run(setup_network, pod_netns))
+    left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert not [t for t in left if t.name == "kata-netns" or "pyroute" in t.name.lower()], left
+    inode = f"net:[{os.stat(pod_netns).st_ino}]"
+    in_netns = [
+        tid for tid in os.listdir("/proc/self/task") if os.readlink(f"/proc/self/task/{tid}/ns/net") == inode
+    ]
+    assert in_netns == []

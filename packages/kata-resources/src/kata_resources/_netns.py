@@ -71,6 +71,18 @@ class _Call:
         return self.result
 
 
+def _start(call: _Call, *, join: bool = True) -> threading.Thread:
+    thread = threading.Thread(target=call.run, name="kata-netns", daemon=True)
+    try:
+        thread.start()
+    except BaseException:
+        os.close(call.fd)  # the thread that would have closed it never ran
+        raise
+    if join:
+        thread.join()
+    return thread
+
+
 def run_in_netns(path: str | Path, fn: Callable[..., T], *args: Any) -> T:
     """Call ``fn(*args)`` on a fresh thread inside the network namespace at ``path``; block until done.
 
@@ -78,9 +90,7 @@ def run_in_netns(path: str | Path, fn: Callable[..., T], *args: Any) -> T:
     when the namespace cannot be opened or entered, or whatever ``fn`` raised.
     """
     call = _Call(_open_netns(path), path, fn, args)
-    thread = threading.Thread(target=call.run, name="kata-netns", daemon=True)
-    thread.start()
-    thread.join()
+    _start(call)
     return call.outcome()  # type: ignore[no-any-return]
 
 
@@ -99,8 +109,7 @@ async def to_thread_in_netns(path: str | Path, fn: Callable[..., T], *args: Any)
             token.run_sync_soon(done.set)
 
     call.on_done = wake
-    thread = threading.Thread(target=call.run, name="kata-netns", daemon=True)
-    thread.start()
+    thread = _start(call, join=False)
     with trio.CancelScope(shield=True):
         await done.wait()
     thread.join()
