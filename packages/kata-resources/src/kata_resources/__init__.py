@@ -17,6 +17,7 @@ from kata_resources._cgroups import (
     cgroup_relative_path,
     cgroup_version,
 )
+from kata_resources._dns import MAX_RESOLV_CONF, RESOLV_CONF, dns_from_mounts
 from kata_resources._errors import MountError, ResourceError, VolumeError
 from kata_resources._ledger import (
     MountLedger,
@@ -91,6 +92,7 @@ __all__ = [
     "GUEST_SHARED_DIR",
     "HOST_SHARED_ROOT",
     "KATA_SHARED_TAG",
+    "MAX_RESOLV_CONF",
     "MNT_DETACH",
     "MS_BIND",
     "MS_PRIVATE",
@@ -99,6 +101,7 @@ __all__ = [
     "MS_REMOUNT",
     "MS_SHARED",
     "MS_SLAVE",
+    "RESOLV_CONF",
     "SANDBOX_CPU_PERIOD",
     "SANDBOX_CPU_QUOTA",
     "SANDBOX_MEMORY",
@@ -130,6 +133,7 @@ __all__ = [
     "cgroup_relative_path",
     "cgroup_version",
     "classify",
+    "dns_from_mounts",
     "is_mountpoint",
     "mount",
     "mount_rootfs",
