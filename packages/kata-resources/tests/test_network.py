@@ -22,6 +22,7 @@ from kata_resources import (
     NetworkError,
     NetworkModel,
     RouteSpec,
+    rescan_network_sync,
     run_in_netns,
     setup_network,
     setup_network_sync,
@@ -260,3 +261,27 @@ def test_no_thread_is_left_in_the_netns(pod_netns: str) -> None:
         tid for tid in os.listdir("/proc/self/task") if os.readlink(f"/proc/self/task/{tid}/ns/net") == inode
     ]
     assert in_netns == []
+
+
+def test_rescan_connects_a_veth_that_appeared_later(pod_netns: str) -> None:
+    ns = _name(pod_netns)
+    network = setup_network_sync(pod_netns)
+    try:
+        assert rescan_network_sync(network) == []  # nothing new
+        _ip("-n", ns, "link", "add", "eth1", "type", "veth", "peer", "name", "peer1")
+        _ip("-n", ns, "addr", "add", "10.99.0.2/24", "dev", "eth1")
+        new = rescan_network_sync(network)
+        # both ends of the new pair are in the pod netns here: each becomes an endpoint
+        assert sorted(e.veth for e in new) == ["eth1", "peer1"]
+        assert sorted(e.tap for e in new) == ["tap1_kata", "tap2_kata"]
+        assert [e.index for e in network.endpoints] == [0, 1, 2]
+        assert any(i.name == "eth1" for i in network.interfaces)
+        assert "Egress Redirect to device eth1" in _tc(
+            ns, "filter", "show", "dev", "tap1_kata", "ingress"
+        ) + _tc(ns, "filter", "show", "dev", "tap2_kata", "ingress")
+    finally:
+        teardown_network_sync(network)
+    _assert_nothing_left(pod_netns)
+    links = _ip("-n", ns, "link", "show")
+    assert "tap1_kata" not in links and "tap2_kata" not in links
+    assert "ingress" not in _tc(ns, "qdisc", "show", "dev", "eth1")

@@ -345,28 +345,49 @@ def _connect(
         _route_connect(ipr, tap, endpoint, address)
 
 
+def _connect_new(ipr: IPRoute, network: Network) -> list[Endpoint]:
+    """Scan, refresh the guest specs, and connect every veth not yet an endpoint; returns the new ones.
+    On failure what this call created is removed and `NetworkError` raised."""
+    try:
+        veths, interfaces, routes, neighbors = _scan(ipr)
+    except NetlinkError as err:
+        raise NetworkError(f"cannot scan the network namespace {network.netns}: {err}") from err
+    network.interfaces, network.routes, network.neighbors = interfaces, routes, neighbors
+    known = {e.veth for e in network.endpoints}
+    index = max((e.index for e in network.endpoints), default=-1) + 1
+    model = network.model
+    new: list[Endpoint] = []
+    created: list[Endpoint] = []
+    for link, spec in zip(veths, interfaces, strict=True):
+        if spec.name in known:
+            continue
+        tap = "" if model is NetworkModel.NONE else tap_name(index)
+        endpoint = Endpoint(index, spec.name, spec.hw_addr, spec.mtu, tap)
+        index += 1
+        if model is not NetworkModel.NONE:
+            try:
+                _connect(ipr, link, spec, endpoint=endpoint, model=model, created=created)
+            except (NetlinkError, OSError, ValueError, NetworkError) as err:
+                for done in reversed(created):
+                    _teardown_endpoint(ipr, done, model)
+                if model is NetworkModel.ROUTE and not network.endpoints:
+                    _restore_local_rule(ipr)
+                raise NetworkError(f"cannot connect {spec.name} to {tap} in {network.netns}: {err}") from err
+        new.append(endpoint)
+    network.endpoints.extend(new)
+    return new
+
+
 def _setup(netns: str, model: NetworkModel) -> Network:
     with IPRoute() as ipr:
-        try:
-            veths, interfaces, routes, neighbors = _scan(ipr)
-        except NetlinkError as err:
-            raise NetworkError(f"cannot scan the network namespace {netns}: {err}") from err
-        network = Network(netns, model, interfaces=interfaces, routes=routes, neighbors=neighbors)
-        created: list[Endpoint] = []
-        for i, (link, spec) in enumerate(zip(veths, interfaces, strict=True)):
-            tap = "" if model is NetworkModel.NONE else tap_name(i)
-            endpoint = Endpoint(i, spec.name, spec.hw_addr, spec.mtu, tap)
-            network.endpoints.append(endpoint)
-            if model is not NetworkModel.NONE:
-                try:
-                    _connect(ipr, link, spec, endpoint=endpoint, model=model, created=created)
-                except (NetlinkError, OSError, ValueError, NetworkError) as err:
-                    for done in reversed(created):
-                        _teardown_endpoint(ipr, done, model)
-                    if model is NetworkModel.ROUTE:
-                        _restore_local_rule(ipr)
-                    raise NetworkError(f"cannot connect {spec.name} to {tap} in {netns}: {err}") from err
+        network = Network(netns, model)
+        _connect_new(ipr, network)
         return network
+
+
+def _rescan(network: Network) -> list[Endpoint]:
+    with IPRoute() as ipr:
+        return _connect_new(ipr, network)
 
 
 def _teardown(network: Network) -> None:
@@ -390,6 +411,17 @@ async def setup_network(netns: str | Path, model: NetworkModel | str = NetworkMo
     """`setup_network_sync` from trio, on a thread of its own inside the namespace."""
     model = NetworkModel(model)
     return await to_thread_in_netns(netns, _setup, str(netns), model)
+
+
+def rescan_network_sync(network: Network) -> list[Endpoint]:
+    """Scan ``network``'s netns again (as upstream does on Start): veths that appeared since are
+    connected like the first ones and returned; interfaces, routes and neighbours are refreshed."""
+    return run_in_netns(network.netns, _rescan, network)
+
+
+async def rescan_network(network: Network) -> list[Endpoint]:
+    """`rescan_network_sync` from trio."""
+    return await to_thread_in_netns(network.netns, _rescan, network)
 
 
 def teardown_network_sync(network: Network) -> None:
