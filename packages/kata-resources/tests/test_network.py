@@ -285,3 +285,15 @@ def test_rescan_connects_a_veth_that_appeared_later(pod_netns: str) -> None:
     links = _ip("-n", ns, "link", "show")
     assert "tap1_kata" not in links and "tap2_kata" not in links
     assert "ingress" not in _tc(ns, "qdisc", "show", "dev", "eth1")
+
+
+def test_the_event_loop_runs_while_a_netns_call_waits(pod_netns: str) -> None:
+    """The call waits for an event only a trio task sets: it returns True only if the loop kept running."""
+    go = threading.Event()
+
+    async def main() -> bool:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, go.set)  # any loop progress gets here
+            return await to_thread_in_netns(pod_netns, go.wait, 120)
+
+    assert trio.run(main) is True
