@@ -58,6 +58,7 @@ def pod_netns() -> Iterator[str]:
         _ip("link", "add", "eth0", "netns", pod, "address", POD_MAC, "mtu", "1400", "type", "veth",
             "peer", "name", "br0", "netns", peer)  # fmt: skip
         _ip("-n", pod, "addr", "add", "10.88.0.2/24", "dev", "eth0")
+        _ip("-n", pod, "addr", "add", "fd00:88::2/64", "dev", "eth0", "nodad")
         _ip("-n", peer, "addr", "add", "10.88.0.1/24", "dev", "br0")
         for ns, dev in ((pod, "eth0"), (peer, "br0"), (pod, "lo")):
             _ip("-n", ns, "link", "set", dev, "up")
@@ -110,6 +111,9 @@ def test_scan_reports_addresses_routes_and_permanent_neighbours(pod_netns: str) 
     (iface,) = network.interfaces
     assert (iface.name, iface.hw_addr, iface.mtu) == ("eth0", POD_MAC, 1400)
     assert IPAddressSpec("10.88.0.2", 24, 4) in iface.addresses
+    assert IPAddressSpec("fd00:88::2", 64, 6) in iface.addresses
+    assert not [a for a in iface.addresses if a.address.startswith("fe80")]  # the guest makes its own
+    assert any(r.dest == "fd00:88::/64" and r.family == 6 for r in network.routes)
     assert RouteSpec(dest="", gateway="10.88.0.1", device="eth0", family=4) in network.routes
     assert any(r.dest == "10.88.0.0/24" and r.device == "eth0" for r in network.routes)
     assert [(n.address, n.lladdr, n.device) for n in network.neighbors] == [

@@ -183,7 +183,7 @@ def _scan(ipr: IPRoute) -> tuple[list[Any], list[InterfaceSpec], list[RouteSpec]
     for link in veths:
         addrs = []
         for msg in ipr.get_addr(index=link["index"]):
-            addr = _attr(msg, "IFA_ADDRESS", "")
+            addr = _attr(msg, "IFA_LOCAL", "") or _attr(msg, "IFA_ADDRESS", "")  # LOCAL: ours on p2p links
             if addr and not _is_link_local_v6(addr):
                 addrs.append(IPAddressSpec(addr, msg["prefixlen"], _family(msg["family"])))
         interfaces.append(
