@@ -6,6 +6,7 @@ v1 leave out the memory controller, so no task leaves the memory cgroup it was s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -173,15 +174,28 @@ def test_v1_restored_record_deletes_after_a_crash(sid: str, child: int) -> None:
 
 
 @pytest.mark.root
-def test_v1_existing_parent_is_kept(sid: str) -> None:
+def test_v1_existing_parent_is_kept_and_takes_the_tasks_back(sid: str, child: int) -> None:
+    """As kubelet's pod cgroup: made by someone else, it outlives the sandbox and gets its tasks."""
     _v1_here()
     (CGROUP_ROOT / "cpu" / sid).mkdir()
     try:
-        SandboxCgroup.create(sid, f"/{sid}/pod", controllers=("cpu",)).delete()
+        cg = SandboxCgroup.create(sid, f"/{sid}/pod/kata", controllers=("cpu",))
+        cg.add_processes([child])
+        assert _cgroup_of(child, "cpu") == f"/{sid}/pod/kata"
+        cg.delete()
+        assert _cgroup_of(child, "cpu") == f"/{sid}"
         assert (CGROUP_ROOT / "cpu" / sid).is_dir()
         assert not (CGROUP_ROOT / "cpu" / sid / "pod").exists()
     finally:
+        _evict_all(CGROUP_ROOT / "cpu" / sid)
         (CGROUP_ROOT / "cpu" / sid).rmdir()
+
+
+def _evict_all(cgroup: Path) -> None:
+    root = CGROUP_ROOT / cgroup.relative_to(CGROUP_ROOT).parts[0]
+    for tid in (cgroup / "tasks").read_text().split():
+        with contextlib.suppress(ProcessLookupError):
+            (root / "tasks").write_text(tid)
 
 
 # -- cgroup v2 ------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ Two layouts, as runtime-rs's cgroups resource lays them out:
 ``cgroupsPath`` is either a cgroupfs path (``/kubepods/pod1``) or the systemd form ``slice:prefix:name``
 (``kubepods-besteffort.slice:cri-containerd:abc`` -> ``kubepods.slice/kubepods-besteffort.slice/
 cri-containerd-abc.scope``); the cgroup is made directly in the filesystem either way (no systemd unit).
-`SandboxCgroup.delete` moves whatever is still inside to the hierarchy's root, then removes the cgroups
-it created, deepest first. `to_dict`/`from_dict` persist it for cleanup after a crash.
+`SandboxCgroup.delete` moves whatever is still inside out (v1: to the nearest ancestor it did not
+make), then removes the cgroups it created, deepest first. `to_dict`/`from_dict` persist it for
+cleanup after a crash.
 """
 
 from __future__ import annotations
@@ -367,15 +368,19 @@ class SandboxCgroup:
         return sorted(found)
 
     def delete(self) -> None:
-        """Move every task left to the hierarchy's root, then remove the cgroups we made, deepest first.
-        What is already gone is skipped; a parent we made that another sandbox now uses too (v1's
-        ``kata_overhead``, a slice) is left."""
+        """Move every task left out (v1: to the nearest ancestor we did not make, as cgroups-rs moves
+        them to the parent; v2: to the root, the one cgroup with controllers that may hold processes),
+        then remove the cgroups we made, deepest first. What is already gone is skipped; a parent we
+        made that another sandbox now uses too (v1's ``kata_overhead``, a slice) is left."""
+        made = set(self.created)
         for rel in self._leaves():
             for d in self.dirs(rel):
                 if self.version == 1:
-                    top = self.root / d.relative_to(self.root).parts[0] / "tasks"
+                    target = d.parent
+                    while str(target.relative_to(self.root)) in made:
+                        target = target.parent
                     for tid in _read_ids(d / "tasks"):
-                        self._evict(top, tid)
+                        self._evict(target / "tasks", tid)
                 else:  # a thread id written to cgroup.procs moves its whole process
                     for tid in _read_ids(d / "cgroup.threads"):
                         self._evict(self.root / "cgroup.procs", tid)
