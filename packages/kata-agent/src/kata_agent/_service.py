@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ from kata_agent._container import Container
 from kata_agent._devices import add_devices
 from kata_agent._errors import RuntimeFailed
 from kata_agent._mount import STORAGE_DRIVERS, MountedStorage, mount_storage, release_storages
+from kata_agent._namespaces import PodNamespaces
 from kata_agent._network import Netlink
 from kata_agent._oci import message_to_json, process_to_json, spec_to_config
 from kata_agent._passfd import PassfdStdio, PassfdStreams, closed_on_error
@@ -69,6 +71,7 @@ class AgentService:
         self.containers: dict[str, Container] = {}
         self.sandbox_id = ""
         self.sandbox_storages: list[MountedStorage] = []
+        self.pod_namespaces: PodNamespaces | None = None
         self._nursery = nursery
         self._lock = trio.Lock()
         self._oom_send, self._oom_recv = trio.open_memory_channel[str](64)
@@ -93,16 +96,24 @@ class AgentService:
                 mounted.append(mount_storage(storage))
             for module in req.kernel_modules:
                 await _modprobe(module.name, list(module.parameters))
-            if req.hostname:
-                name = req.hostname.encode()
-                if ctypes.CDLL(None, use_errno=True).sethostname(name, len(name)) != 0:
-                    raise ttrpc.InvalidArgument(f"sethostname {req.hostname!r} failed")
             if req.dns:
                 _guest.write_resolv_conf(list(req.dns))
+            # The hostname goes into the pod's UTS namespace only: the guest's own stays as it is.
+            try:
+                pod_ns = PodNamespaces.create(
+                    os.path.join(self.config.run_dir, "sandbox", "ns"),
+                    req.hostname,
+                    share_pid=bool(req.sandbox_pidns),
+                )
+            except OSError as err:
+                if err.errno == errno.EINVAL:
+                    raise ttrpc.InvalidArgument(str(err)) from err
+                raise
         except BaseException:
             release_storages(mounted)
             raise
         self.sandbox_storages = mounted
+        self.pod_namespaces = pod_ns
         self.sandbox_id = req.sandbox_id or "sandbox"
         log.info("sandbox created", extra={"sandbox": self.sandbox_id})
         return empty_pb2.Empty()
@@ -112,6 +123,9 @@ class AgentService:
             await container.destroy()
             self.containers.pop(container.id, None)
         release_storages(self.sandbox_storages)
+        if self.pod_namespaces is not None:
+            self.pod_namespaces.release()
+            self.pod_namespaces = None
         self.sandbox_id = ""
         return empty_pb2.Empty()
 
@@ -121,6 +135,8 @@ class AgentService:
         if cid in self.containers:
             raise ttrpc.AlreadyExists(f"container {cid!r} already exists")
         config = spec_to_config(req.OCI, cid)
+        if self.pod_namespaces is not None:
+            self.pod_namespaces.apply(config)
         add_devices(config, list(req.devices))
         if not _guest.is_dir(config["root"]["path"]) and not req.storages:
             raise ttrpc.InvalidArgument(f"OCI root.path {config['root']['path']!r} is not a directory")
@@ -145,6 +161,8 @@ class AgentService:
             if not _guest.is_dir(config["root"]["path"]):
                 raise ttrpc.InvalidArgument(f"OCI root.path {config['root']['path']!r} is not a directory")
             await container.create(config, passfd)
+            if self.pod_namespaces is not None and container.init is not None:
+                self.pod_namespaces.container_created(container.init.pid)
         except BaseException as err:
             with trio.CancelScope(shield=True):
                 await container.destroy()
