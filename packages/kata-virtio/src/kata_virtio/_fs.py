@@ -6,7 +6,7 @@ import os
 import struct
 
 from kata_virtio._device import DeviceError, VirtioDevice
-from kata_virtio._fs_server import MAX_WRITE, FuseServer
+from kata_virtio._fs_server import MAX_WRITE, FsPolicy, FuseServer
 from kata_virtio._queue import DescriptorChain
 from kata_virtio._spec import VIRTIO_ID_FS
 
@@ -17,7 +17,10 @@ MAX_REQUEST = MAX_WRITE + 4096
 
 
 class VirtioFs(VirtioDevice):
-    """A virtio-fs device sharing ``shared_dir`` under ``tag``: queue 0 is hiprio, then request queues."""
+    """A virtio-fs device sharing ``shared_dir`` under ``tag``: queue 0 is hiprio, then request queues.
+
+    ``policy`` says what the guest may do to host objects (default: the safe `FsPolicy()`).
+    """
 
     device_type = VIRTIO_ID_FS
 
@@ -28,6 +31,7 @@ class VirtioFs(VirtioDevice):
         *,
         num_request_queues: int = 1,
         queue_size: int = QUEUE_SIZE,
+        policy: FsPolicy | None = None,
     ) -> None:
         super().__init__()
         raw = tag.encode()
@@ -38,7 +42,7 @@ class VirtioFs(VirtioDevice):
         self.tag = tag
         self.num_request_queues = num_request_queues
         self.queue_max_sizes = (queue_size,) * (1 + num_request_queues)
-        self.server = FuseServer(shared_dir)
+        self.server = FuseServer(shared_dir, policy=policy)
 
     def close(self) -> None:
         """Close the server's fds."""
@@ -69,5 +73,9 @@ class VirtioFs(VirtioDevice):
         return 0 if reply is None else chain.writer(mem).write(reply)
 
     def on_reset(self) -> None:
-        """A reset drops every inode and handle the guest held (as FUSE_DESTROY)."""
-        self.server._release_all()
+        """A reset drops every inode and handle the guest held (as FUSE_DESTROY).
+
+        It runs on the thread that wrote the status register (a vCPU); the server's lock
+        serialises it with requests on the event thread.
+        """
+        self.server.reset()
