@@ -19,7 +19,15 @@ import pytest
 
 from kata_virtio import FsPolicy, FuseServer, VirtioFs
 from kata_virtio import _fuse as F
-from kata_virtio.testing import FakeGuestMemory, FuseClient, FuseError, activate, fuse_reply, fuse_request
+from kata_virtio.testing import (
+    FakeGuestMemory,
+    FuseClient,
+    FuseError,
+    activate,
+    fuse_reply,
+    fuse_request,
+    run_events,
+)
 
 ROOT = F.FUSE_ROOT_ID
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the server makes these host objects only as root")
@@ -31,7 +39,7 @@ class GuestFs:
     def __init__(self, shared: Path, policy: FsPolicy | None = None) -> None:
         self.dev = VirtioFs("kataShared", shared, policy=policy)
         self.mem = FakeGuestMemory(4 << 20)
-        (self.hiprio, self.req), _ = activate(self.dev, self.mem, [64, 64])
+        (self.hiprio, self.req), _ = activate(self.dev, self.mem, [64, 256])
         self.unique = 0
         self.call(F.FUSE_INIT, 0, F.FUSE_INIT_IN.pack(7, 31, 65536, 0) + bytes(48))
 
@@ -41,6 +49,7 @@ class GuestFs:
             [(fuse_request(opcode, nodeid, body, unique=self.unique, uid=uid, gid=gid), False), (4096, True)]
         )
         self.dev.notify(1)
+        run_events(self.dev)  # READ, WRITE, FSYNC... are answered by a worker
         used = dict(self.req.get_used())
         err, payload = fuse_reply(self.req.written(head, used[head]))
         if err:
@@ -251,6 +260,7 @@ def test_reset_during_a_write_never_redirects_it_to_another_file(
     (tmp_path / "guest-file").write_bytes(b"")
     victim = tmp_path / "victim"
     victim.write_bytes(b"host data")
+    fds_at_start = len(os.listdir("/proc/self/fd"))
     g = GuestFs(tmp_path)
     node = F.FUSE_ENTRY_OUT_HEAD.unpack_from(g.call(F.FUSE_LOOKUP, ROOT, b"guest-file\0"))[0]
     fh = F.FUSE_OPEN_OUT.unpack(g.call(F.FUSE_OPEN, node, F.FUSE_OPEN_IN.pack(os.O_RDWR, 0)))[0]
@@ -291,6 +301,93 @@ def test_reset_during_a_write_never_redirects_it_to_another_file(
         os.close(fd)
     assert victim.read_bytes() == b"host data"
     assert g.dev.server.open_handles == 0
-    fds_before = len(os.listdir("/proc/self/fd"))
     g.close()
-    assert len(os.listdir("/proc/self/fd")) == fds_before - 1  # only the root fd was left: no leak
+    assert len(os.listdir("/proc/self/fd")) == fds_at_start  # no fd leaked
+
+
+# -- finding 10 (FUSE half): bounded work per request and per round; slow disks off the event thread ------
+
+
+def test_a_slow_fsync_does_not_stall_the_event_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The event thread serves GETATTR (and would serve vsock) while a host fsync hangs."""
+    g = GuestFs(tmp_path)
+    node, fh = g.create("data")
+    fsync_started, disk_done = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        fsync_started.set()
+        assert disk_done.wait(120)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    fsync = g.req.add_chain(
+        [(fuse_request(F.FUSE_FSYNC, node, F.FUSE_FSYNC_IN.pack(fh, 0, 0)), False), (16, True)]
+    )
+    getattr_ = g.req.add_chain(
+        [(fuse_request(F.FUSE_GETATTR, node, F.FUSE_GETATTR_IN.pack(0, 0, 0), unique=99), False), (120, True)]
+    )
+    event_thread = threading.Thread(target=g.dev.notify, args=(1,), name="kata-vmm-events")
+    try:
+        event_thread.start()
+        event_thread.join(60)
+        assert not event_thread.is_alive(), "the event thread is stuck in fsync"
+        assert fsync_started.wait(60)
+        used = dict(g.req.get_used())
+        assert getattr_ in used and fsync not in used
+    finally:
+        disk_done.set()
+        event_thread.join(60)
+    run_events(g.dev)
+    assert dict(g.req.get_used()) == {fsync: 16}
+    assert fuse_reply(g.req.written(fsync, 16))[0] == 0
+    g.close()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("kata-fs-")]
+
+
+def test_a_request_chain_longer_than_1024_descriptors_is_refused_unwalked(tmp_path: Path) -> None:
+    g = GuestFs(tmp_path)
+    request = fuse_request(F.FUSE_GETATTR, ROOT, F.FUSE_GETATTR_IN.pack(0, 0, 0))
+    # 1 request descriptor, then 4,000 one-byte reply descriptors in an indirect table (the cap was 65,536).
+    head = g.req.add_chain([(request, False)] + [(1, True)] * 4000, indirect=True)
+    g.dev.notify(1)
+    assert g.dev.broken and g.dev.interrupt is not None
+    assert head not in dict(g.req.get_used())
+    g.close()
+
+
+def test_one_notification_serves_a_bounded_round_and_the_rest_follows(tmp_path: Path) -> None:
+    g = GuestFs(tmp_path)
+    getattr_ = F.FUSE_GETATTR_IN.pack(0, 0, 0)
+    for i in range(1, 201):
+        g.req.add_chain(
+            [(fuse_request(F.FUSE_GETATTR, ROOT, getattr_, unique=2 * i), False), (120, True)], indirect=True
+        )
+    g.dev.notify(1)
+    first = len(g.req.get_used())
+    assert 0 < first < 200, "one notification served the whole queue"
+    assert g.dev.busy and g.dev.watched()  # the rest is due on the next event-loop round
+    run_events(g.dev)
+    assert first + len(g.req.get_used()) == 200
+    g.close()
+
+
+def test_an_answer_that_comes_after_a_reset_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker finishing an fsync after the guest reset the device writes nothing to the old rings."""
+    g = GuestFs(tmp_path)
+    node, fh = g.create("data")
+    disk_done = threading.Event()
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (disk_done.wait(120), real_fsync(fd))[1])
+    g.req.add_chain([(fuse_request(F.FUSE_FSYNC, node, F.FUSE_FSYNC_IN.pack(fh, 0, 0)), False), (16, True)])
+    g.dev.notify(1)
+    assert g.dev.busy
+    g.dev.reset()  # from a vCPU: the handle goes, the worker still holds its fd
+    disk_done.set()
+    run_events(g.dev)
+    assert g.req.get_used() == [] and g.dev.server.open_handles == 0
+    g.close()

@@ -319,7 +319,7 @@ class FuseServer:
             handler = self._handlers.get(opcode)
             if handler is None:
                 raise _Reply(errno.ENOSYS)
-            if opcode in _UNLOCKED:
+            if opcode in UNLOCKED_OPCODES:
                 payload = handler(self, nodeid, body, (uid, gid), room)  # takes the lock itself
             else:
                 with self._lock:
@@ -861,8 +861,9 @@ class FuseServer:
     }
 
 
-#: Opcodes whose handler takes the server lock itself and runs its syscall outside it.
-_UNLOCKED = frozenset(
+#: Opcodes whose handler takes the server lock itself and runs its syscall outside it: the ones that may
+#: block on the host disk, which `VirtioFs` hands to its worker threads.
+UNLOCKED_OPCODES = frozenset(
     {F.FUSE_READ, F.FUSE_WRITE, F.FUSE_FSYNC, F.FUSE_FSYNCDIR, F.FUSE_FALLOCATE, F.FUSE_LSEEK}
 )
 

@@ -174,6 +174,9 @@ class Queue:
         if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
             raise ValueError(f"queue max size {max_size} is not a power of two <= {MAX_QUEUE_SIZE}")
         self.max_size = max_size
+        #: Most descriptors one chain (or one indirect table) may have; a device lowers it to bound the
+        #: work one request costs. A property of the device, so `reset` keeps it.
+        self.max_chain = MAX_INDIRECT_ENTRIES
         self.reset()
 
     def reset(self) -> None:
@@ -246,14 +249,14 @@ class Queue:
                     raise IndirectDescriptorError("nested indirect descriptor table")
                 if flags & VIRTQ_DESC_F_NEXT:
                     raise IndirectDescriptorError("indirect descriptor with VIRTQ_DESC_F_NEXT")
-                if length == 0 or length % 16 or length // 16 > MAX_INDIRECT_ENTRIES:
+                if length == 0 or length % 16 or length // 16 > min(MAX_INDIRECT_ENTRIES, self.max_chain):
                     raise IndirectDescriptorError(f"indirect table length {length} is invalid")
                 table, table_len, idx = addr, length // 16, 0
                 in_indirect = True
                 count = 0
                 continue
             count += 1
-            if count > table_len:
+            if count > table_len or count > self.max_chain:
                 raise DescriptorChainTooLong(f"chain {head} exceeds {table_len} descriptors (a loop?)")
             if flags & VIRTQ_DESC_F_WRITE:
                 chain.writable.append((addr, length))
