@@ -1,10 +1,11 @@
 """virtio-fs (virtio 1.2 §5.11): FUSE requests from the guest served by an inline passthrough server.
 
 The event thread pops chains and serves most requests at once; requests that may block on the host
-disk (READ, WRITE, FSYNC, FSYNCDIR, FALLOCATE, LSEEK) go to a small pool of worker threads so a slow
-fsync never stalls vsock or the other devices. Workers only run `FuseServer.handle`; they hand the
-reply back through a queue and an eventfd (`watched`/`handle_event`, the `EventSource` contract), and
-the event thread writes it to guest memory and the used ring: the rings have one writer.
+disk (READ, WRITE, FSYNC, FSYNCDIR, FALLOCATE, LSEEK, READDIR, READDIRPLUS) go to a small pool of
+worker threads so a slow fsync never stalls vsock or the other devices. Workers only run
+`FuseServer.handle`; they hand the reply back through a queue and an eventfd (`watched`/`handle_event`,
+the `EventSource` contract), and the event thread writes it to guest memory and the used ring: the
+rings have one writer.
 """
 
 from __future__ import annotations

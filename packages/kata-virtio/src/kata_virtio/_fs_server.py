@@ -119,6 +119,18 @@ def getdents64(fd: int, size: int) -> list[tuple[bytes, int, int, int]]:
     return entries
 
 
+def _dirents(batch: list[tuple[bytes, int, int, int]], size: int) -> bytes:
+    """fuse_dirent records for a getdents64 batch, as many as fit in ``size`` bytes."""
+    out = bytearray()
+    for raw, ino, off, dtype in batch:
+        reclen = F.FUSE_DIRENT_HEAD.size + len(raw)
+        if len(out) + F.dirent_align(reclen) > size:
+            break
+        out += F.FUSE_DIRENT_HEAD.pack(0 if raw == b".." else ino, off, len(raw), dtype) + raw
+        out += bytes(F.dirent_align(reclen) - reclen)
+    return bytes(out)
+
+
 def _proc(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
@@ -138,13 +150,15 @@ class _Handle:
     syscall without the lock; RELEASE, DESTROY and a device reset only mark the handle closed and
     drop the table's reference. So the fd number cannot be reused for another file while a
     request still holds it: a WRITE in flight during a reset lands in its own file or nowhere.
+    A directory handle also has a lock for its position (lseek + getdents64 go together).
     """
 
-    __slots__ = ("fd", "refs")
+    __slots__ = ("fd", "position", "refs")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, directory: bool = False) -> None:
         self.fd = fd
         self.refs = 1  # the handle table's reference
+        self.position = threading.Lock() if directory else None
 
     def unref(self) -> None:
         """Drop one reference (caller holds the server lock); the last one closes the fd."""
@@ -634,24 +648,25 @@ class FuseServer:
         return handle.fd
 
     @contextlib.contextmanager
-    def _use(self, fh: int, table: dict[int, _Handle] | None = None) -> Iterator[int]:
-        """The fd of handle ``fh``, kept open (a reference) until the block ends; called without the lock."""
+    def _use(self, fh: int, table: dict[int, _Handle] | None = None) -> Iterator[_Handle]:
+        """Handle ``fh``, its fd kept open (a reference) until the block ends; called without the lock."""
         with self._lock:
             handle = (self._files if table is None else table).get(fh)
             if handle is None:
                 raise _Reply(errno.EBADF)
             handle.refs += 1
         try:
-            yield handle.fd
+            yield handle
         finally:
             with self._lock:
                 handle.unref()
 
-    # READ, WRITE, FSYNC, FSYNCDIR, FALLOCATE and LSEEK run without the server lock (see `_use`).
+    # READ, WRITE, FSYNC, FSYNCDIR, FALLOCATE, LSEEK and READDIR(PLUS) run without the server lock (`_use`).
 
     def _read(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
         fh, offset, size, *_ = F.FUSE_READ_IN.unpack_from(body)
-        with self._use(fh) as fd:
+        with self._use(fh) as handle:
+            fd = handle.fd
             return os.pread(fd, min(size, room, MAX_WRITE * 8), offset)
 
     def _write(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
@@ -659,7 +674,8 @@ class FuseServer:
         data = body[F.FUSE_WRITE_IN.size : F.FUSE_WRITE_IN.size + size]
         if len(data) != size:
             raise _Reply(errno.EINVAL)
-        with self._use(fh) as fd:
+        with self._use(fh) as handle:
+            fd = handle.fd
             written = os.pwrite(fd, data, offset)
             if not self.policy.allow_setid:
                 _kill_priv(fd)
@@ -684,7 +700,8 @@ class FuseServer:
 
     def _fsync(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
         fh, flags, _ = F.FUSE_FSYNC_IN.unpack_from(body)
-        with self._use(fh) as fd:
+        with self._use(fh) as handle:
+            fd = handle.fd
             (os.fdatasync if flags & F.FUSE_FSYNC_FDATASYNC else os.fsync)(fd)
         return b""
 
@@ -738,37 +755,43 @@ class FuseServer:
         inode = self._dir(nodeid)
         fh = self._new_fh()
         fd = os.open(_proc(inode.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._dirs[fh] = _Handle(fd)
+        self._dirs[fh] = _Handle(fd, directory=True)
         return F.FUSE_OPEN_OUT.pack(fh, 0, 0)
 
     def _readdir_common(self, nodeid: int, body: bytes, room: int, plus: bool) -> bytes:
         # Streamed: each request seeks the directory fd to the guest's offset (a d_off cookie we
-        # returned) and reads one bounded getdents64 batch; nothing is kept between requests.
+        # returned) and reads one bounded getdents64 batch; nothing is kept between requests. Runs on
+        # a worker: the server lock is taken only to check the node and, for READDIRPLUS, to look
+        # entries up. Lock order: handle.position -> server lock.
         fh, offset, size, *_ = F.FUSE_READ_IN.unpack_from(body)
-        handle = self._dirs.get(fh)
-        if handle is None:
-            raise _Reply(errno.EBADF)
-        parent = self._dir(nodeid)
-        size = min(size, room)
         if offset >= 1 << 63:
             raise _Reply(errno.EINVAL)
-        os.lseek(handle.fd, offset, os.SEEK_SET)
+        size = min(size, room)
+        with self._lock:
+            self._dir(nodeid)
+        with self._use(fh, self._dirs) as handle:
+            assert handle.position is not None
+            with handle.position:
+                os.lseek(handle.fd, offset, os.SEEK_SET)
+                batch = getdents64(handle.fd, max(READDIR_MIN_BUFFER, min(size, READDIR_BUFFER)))
+        if not plus:
+            return _dirents(batch, size)
+        with self._lock:
+            return self._dirents_plus(self._dir(nodeid), batch, size)
+
+    def _dirents_plus(self, parent: _Inode, batch: list[tuple[bytes, int, int, int]], size: int) -> bytes:
         out = bytearray()
-        for raw, ino, off, dtype in getdents64(handle.fd, max(READDIR_MIN_BUFFER, min(size, READDIR_BUFFER))):
+        for raw, ino, off, dtype in batch:
             reclen = F.FUSE_DIRENT_HEAD.size + len(raw)
-            padded = F.dirent_align(reclen) + (F.FUSE_ENTRY_OUT_SIZE if plus else 0)
-            if len(out) + padded > size:
+            if len(out) + F.dirent_align(reclen) + F.FUSE_ENTRY_OUT_SIZE > size:
                 break
-            dot = raw in (b".", b"..")
-            entry = b""
-            if plus:
-                if dot:
-                    entry = bytes(F.FUSE_ENTRY_OUT_SIZE)  # nodeid 0: the kernel skips these
-                else:
-                    try:
-                        entry = self._entry(parent, os.fsdecode(raw))
-                    except OSError:
-                        continue  # gone since getdents
+            if raw in (b".", b".."):
+                entry = bytes(F.FUSE_ENTRY_OUT_SIZE)  # nodeid 0: the kernel skips these
+            else:
+                try:
+                    entry = self._entry(parent, os.fsdecode(raw))
+                except OSError:
+                    continue  # gone since getdents
             out += entry + F.FUSE_DIRENT_HEAD.pack(0 if raw == b".." else ino, off, len(raw), dtype) + raw
             out += bytes(F.dirent_align(reclen) - reclen)
         return bytes(out)
@@ -787,7 +810,8 @@ class FuseServer:
 
     def _fsyncdir(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
         fh, flags, _ = F.FUSE_FSYNC_IN.unpack_from(body)
-        with self._use(fh, self._dirs) as fd:
+        with self._use(fh, self._dirs) as handle:
+            fd = handle.fd
             (os.fdatasync if flags & F.FUSE_FSYNC_FDATASYNC else os.fsync)(fd)
         return b""
 
@@ -810,7 +834,8 @@ class FuseServer:
         fh, offset, length, mode, _ = F.FUSE_FALLOCATE_IN.unpack_from(body)
         if offset >= 1 << 63 or length >= 1 << 63:
             raise _Reply(errno.EINVAL)
-        with self._use(fh) as fd:
+        with self._use(fh) as handle:
+            fd = handle.fd
             fallocate(fd, mode, offset, length)
         return b""
 
@@ -820,7 +845,8 @@ class FuseServer:
             raise _Reply(errno.EINVAL)
         if offset >= 1 << 63:
             raise _Reply(errno.EINVAL)
-        with self._use(fh) as fd:
+        with self._use(fh) as handle:
+            fd = handle.fd
             return F.FUSE_LSEEK_OUT.pack(os.lseek(fd, offset, whence))
 
     _handlers = {
@@ -864,7 +890,16 @@ class FuseServer:
 #: Opcodes whose handler takes the server lock itself and runs its syscall outside it: the ones that may
 #: block on the host disk, which `VirtioFs` hands to its worker threads.
 UNLOCKED_OPCODES = frozenset(
-    {F.FUSE_READ, F.FUSE_WRITE, F.FUSE_FSYNC, F.FUSE_FSYNCDIR, F.FUSE_FALLOCATE, F.FUSE_LSEEK}
+    {
+        F.FUSE_READ,
+        F.FUSE_WRITE,
+        F.FUSE_FSYNC,
+        F.FUSE_FSYNCDIR,
+        F.FUSE_FALLOCATE,
+        F.FUSE_LSEEK,
+        F.FUSE_READDIR,
+        F.FUSE_READDIRPLUS,
+    }
 )
 
 
