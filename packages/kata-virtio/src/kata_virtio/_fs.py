@@ -42,7 +42,7 @@ CHAINS_PER_ROUND = 64
 #: Worker threads for blocking host calls (named kata-fs-N, started at the first such request).
 WORKERS = 2
 #: Requests handed to the workers and not yet answered; past it the queue waits (bounds memory:
-#: each holds at most MAX_REQUEST bytes of request and its reply).
+#: each holds at most MAX_REQUEST bytes of request and MAX_WRITE of reply, so about 8 MiB in all).
 MAX_IN_FLIGHT = 32
 _OPCODE = struct.Struct("<I")
 _PR_SET_NAME = 15
@@ -124,6 +124,7 @@ class VirtioFs(VirtioDevice):
 
     def on_activate(self) -> None:
         """Bound the chains the driver may hand us."""
+        self._more = set()
         for q in self.queues:
             q.max_chain = MAX_CHAIN_DESCRIPTORS
 
@@ -245,4 +246,5 @@ class VirtioFs(VirtioDevice):
         """
         with self._done_lock:
             self._generation += 1
+        self._more = set()  # rebound, not cleared: the event thread may be iterating the old one
         self.server.reset()

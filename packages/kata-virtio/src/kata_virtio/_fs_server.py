@@ -667,7 +667,8 @@ class FuseServer:
         fh, offset, size, *_ = F.FUSE_READ_IN.unpack_from(body)
         with self._use(fh) as handle:
             fd = handle.fd
-            return os.pread(fd, min(size, room, MAX_WRITE * 8), offset)
+            # max_pages (MAX_PAGES) bounds the kernel's reads too: a bigger READ is the guest's problem
+            return os.pread(fd, min(size, room, MAX_WRITE), offset)
 
     def _write(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
         fh, offset, size, *_ = F.FUSE_WRITE_IN.unpack_from(body)
