@@ -121,7 +121,7 @@ def test_guest_cannot_make_setuid_or_setgid_files(guest: tuple[Path, GuestFs]) -
 
 
 @root_only
-def test_write_clears_setuid_left_on_a_host_file(guest: tuple[Path, GuestFs]) -> None:
+def test_write_and_truncate_clear_setuid_left_on_a_host_file(guest: tuple[Path, GuestFs]) -> None:
     shared, g = guest
     (shared / "tool").write_bytes(b"#!/bin/sh\n")
     os.chmod(shared / "tool", 0o6755)
@@ -129,6 +129,13 @@ def test_write_clears_setuid_left_on_a_host_file(guest: tuple[Path, GuestFs]) ->
     fh = F.FUSE_OPEN_OUT.unpack(g.call(F.FUSE_OPEN, node, F.FUSE_OPEN_IN.pack(os.O_RDWR, 0)))[0]
     g.call(F.FUSE_WRITE, node, F.FUSE_WRITE_IN.pack(fh, 0, 4, 0, 0, 0, 0) + b"evil", uid=1000)
     assert stat.S_IMODE(os.stat(shared / "tool").st_mode) == 0o755
+    os.chmod(shared / "tool", 0o6755)
+    g.call(
+        F.FUSE_SETATTR,
+        node,
+        F.FUSE_SETATTR_IN.pack(F.FATTR_SIZE, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+    )
+    assert stat.S_IMODE(os.stat(shared / "tool").st_mode) == 0o755  # truncate too
 
 
 @root_only

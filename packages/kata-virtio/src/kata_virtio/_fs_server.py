@@ -147,8 +147,8 @@ class _Handle:
     """An open file or directory fd, closed when it is released *and* no request still uses it.
 
     A request takes a reference (`FuseServer._use`) under the server lock and may then run its
-    syscall without the lock; RELEASE, DESTROY and a device reset only mark the handle closed and
-    drop the table's reference. So the fd number cannot be reused for another file while a
+    syscall without the lock; RELEASE, DESTROY and a device reset only remove the handle from its
+    table and drop the table's reference. So the fd number cannot be reused for another file while a
     request still holds it: a WRITE in flight during a reset lands in its own file or nowhere.
     A directory handle also has a lock for its position (lseek + getdents64 go together).
     """
@@ -172,7 +172,7 @@ class _Handle:
 class FsPolicy:
     """What the guest may do to host objects through one share; the default is the safe one.
 
-    By default (as a ``nodev,nosuid`` mount would, and virtiofsd's ``--xattr`` filtering): MKNOD of
+    By default (much as a ``nodev,nosuid`` mount would): MKNOD of
     a character or block device is refused with EPERM (FIFOs, sockets and overlayfs whiteouts, a
     0:0 character device, are allowed); setuid/setgid bits are stripped from SETATTR, CREATE,
     MKDIR and MKNOD modes, and a WRITE clears them from the file it writes (killpriv); SETXATTR
@@ -516,12 +516,16 @@ class FuseServer:
         if valid & F.FATTR_SIZE:
             if valid & F.FATTR_FH and fh in self._files:
                 os.ftruncate(self._files[fh].fd, size)
+                if not self.policy.allow_setid:
+                    _kill_priv(self._files[fh].fd)
             else:
                 if not stat.S_ISREG(inode.mode):
                     raise _Reply(errno.EINVAL if not stat.S_ISDIR(inode.mode) else errno.EISDIR)
                 fd = self._reopen(inode, os.O_WRONLY)
                 try:
                     os.ftruncate(fd, size)
+                    if not self.policy.allow_setid:
+                        _kill_priv(fd)
                 finally:
                     os.close(fd)
         if valid & (F.FATTR_ATIME | F.FATTR_MTIME) and not is_link:
