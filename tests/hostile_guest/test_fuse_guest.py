@@ -398,3 +398,19 @@ def test_an_answer_that_comes_after_a_reset_is_dropped(
     run_events(g.dev)
     assert g.req.get_used() == [] and g.dev.server.open_handles == 0
     g.close()
+
+
+def test_a_worker_answer_for_a_bad_reply_buffer_breaks_the_device_and_drops_the_rest(tmp_path: Path) -> None:
+    """A reply buffer outside guest memory: NEEDS_RESET, and every other answer is taken off (none stuck)."""
+    g = GuestFs(tmp_path)
+    node, fh = g.create("data")
+    fsync = fuse_request(F.FUSE_FSYNC, node, F.FUSE_FSYNC_IN.pack(fh, 0, 0))
+    bad = g.req.add_chain([(fsync, False), (16, True)], publish=False)
+    g.req.write_desc(g.req._ids_of[bad][1], 1 << 40, 16, 2)  # VIRTQ_DESC_F_WRITE, beyond guest RAM
+    g.req.publish(bad)
+    for _ in range(5):
+        g.req.add_chain([(fsync, False), (16, True)])
+    g.dev.notify(1)
+    run_events(g.dev)
+    assert g.dev.broken and not g.dev.busy
+    g.close()

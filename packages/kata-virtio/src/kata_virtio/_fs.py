@@ -191,32 +191,37 @@ class VirtioFs(VirtioDevice):
         """Put the workers' answers in the used rings and go on with queues left over; never raises."""
         with contextlib.suppress(OSError):  # EAGAIN: nothing new since the last read
             os.eventfd_read(self._efd)
-        try:
-            self._complete()
-        except VirtioError as err:
-            self.fail(f"completing requests: {err}")
-        except Exception as err:  # a bug must not kill the VMM event thread
-            _log.exception("virtio-fs: completing requests failed")
-            self.fail(f"completing requests: internal error {err!r}")
-        for index in sorted(self._more):
-            self.notify(index)
-
-    def _complete(self) -> None:
         used: set[int] = set()
         while True:
             with self._done_lock:
                 if not self._done:
                     break
                 job = self._done.popleft()
-            self._in_flight -= 1
-            mem, queues = self.memory, self.queues
-            if job.generation != self._generation or mem is None or not self.active:
-                continue  # answered after a reset: the chain belongs to a ring that is gone
-            length = 0 if job.reply is None else job.chain.writer(mem).write(job.reply)
-            queues[job.index].add_used(mem, job.chain.head_index, length)
-            used.add(job.index)
-        for index in sorted(used):
-            self.signal_used(index)
+            self._in_flight -= 1  # every answer is taken off, even when the device broke meanwhile
+            try:
+                if self._complete(job):
+                    used.add(job.index)
+            except VirtioError as err:
+                self.fail(f"completing a request: {err}")
+            except Exception as err:  # a bug must not kill the VMM event thread
+                _log.exception("virtio-fs: completing a request failed")
+                self.fail(f"completing a request: internal error {err!r}")
+        try:
+            if self.active:
+                for index in sorted(used):
+                    self.signal_used(index)
+        except Exception:  # a reset from a vCPU thread raced us: there is nobody left to interrupt
+            _log.debug("virtio-fs: device reset while signalling", exc_info=True)
+        for index in sorted(self._more):
+            self.notify(index)
+
+    def _complete(self, job: _Job) -> bool:
+        mem, queues = self.memory, self.queues
+        if job.generation != self._generation or mem is None or not self.active:
+            return False  # answered after a reset (or the device broke): its ring is gone
+        length = 0 if job.reply is None else job.chain.writer(mem).write(job.reply)
+        queues[job.index].add_used(mem, job.chain.head_index, length)
+        return True
 
     # -- workers -----------------------------------------------------------------------------------
 
