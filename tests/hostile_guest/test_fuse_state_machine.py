@@ -117,6 +117,23 @@ class FuseGuest(RuleBasedStateMachine):
             pos += F.dirent_align(24 + namelen)
         self.dirs[i] = (fh, offset)
 
+    @precondition(lambda self: self.dirs and "dir" in self.nlookup)
+    @rule(data=st.data(), offset=st.integers(0, 2**64 - 1), plus=st.booleans())
+    def readdir_at_a_made_up_offset(self, data: st.DataObject, offset: int, plus: bool) -> None:
+        fh, _ = data.draw(st.sampled_from(self.dirs))
+        opcode = F.FUSE_READDIRPLUS if plus else F.FUSE_READDIR
+        request = fuse_request(opcode, self.node["dir"], F.FUSE_READ_IN.pack(fh, offset, 4096, 0, 0, 0, 0))
+        reply = self.server.handle(request, 4096 + 16)
+        assert reply is not None and len(reply) <= 4096 + 16
+        if plus and len(reply) > 16:  # whatever it listed is a lookup reference the guest holds now
+            pos = 16
+            while pos < len(reply):
+                child = F.FUSE_ENTRY_OUT_HEAD.unpack_from(reply, pos)[0]
+                if child:
+                    self.server.handle(fuse_request(F.FUSE_FORGET, child, F.FUSE_FORGET_IN.pack(1)))
+                namelen = F.FUSE_DIRENT_HEAD.unpack_from(reply, pos + F.FUSE_ENTRY_OUT_SIZE)[2]
+                pos += F.FUSE_ENTRY_OUT_SIZE + F.dirent_align(24 + namelen)
+
     @precondition(lambda self: self.dirs)
     @rule(data=st.data())
     def releasedir(self, data: st.DataObject) -> None:
