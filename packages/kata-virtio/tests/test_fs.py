@@ -9,7 +9,7 @@ import pytest
 
 from kata_virtio import DeviceError, VirtioFs
 from kata_virtio import _fuse as F
-from kata_virtio.testing import FakeGuestMemory, activate, fuse_reply, fuse_request
+from kata_virtio.testing import FakeGuestMemory, activate, fuse_reply, fuse_request, run_events
 
 
 def test_config_space_holds_tag_and_queue_count(tmp_path: Path) -> None:
@@ -73,6 +73,7 @@ def test_oversized_request_chain_is_refused_without_copying(tmp_path: Path) -> N
     req.write_desc(3, out, 64, 2, 0)
     req.publish(0)
     dev.notify(1)
+    run_events(dev)  # a WRITE is a worker's job
     [(head, n)] = req.get_used()
     err, _ = fuse_reply(mem.read(out, n))
     assert head == 0 and err < 0 and irq.needs_reset == []

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kata_virtio import _fuse as F
-from kata_virtio._fs_server import FsServerError, FuseServer
+from kata_virtio._fs_server import FsPolicy, FsServerError, FuseServer
 from kata_virtio.testing import FuseClient as Client
 from kata_virtio.testing import FuseError, fuse_reply, fuse_request
 
@@ -94,7 +94,11 @@ def test_create_write_fsync_setattr_truncate(tree: tuple[Path, Path, FuseServer,
     st_ = (shared / "new.txt").stat()
     assert (st_.st_atime_ns, st_.st_mtime_ns) == (5 * 10**9 + 1, 7 * 10**9 + 2)
     body = F.FUSE_SETATTR_IN.pack(F.FATTR_UID | F.FATTR_GID, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1234, 99, 0)
+    with pytest.raises(FuseError) as e:
+        c.call(F.FUSE_SETATTR, node, body)  # the default FsPolicy refuses ownership changes
+    assert e.value.errno == errno.EPERM
     if os.geteuid() == 0:
+        tree[2].policy = FsPolicy(allow_chown=True)
         c.call(F.FUSE_SETATTR, node, body)
         assert ((shared / "new.txt").stat().st_uid, (shared / "new.txt").stat().st_gid) == (1234, 99)
     c.release(node, fh)
@@ -354,7 +358,8 @@ def test_special_files_are_never_opened_on_the_host(tree: tuple[Path, Path, Fuse
     _, _, server, c = tree
     c.call(F.FUSE_MKNOD, ROOT, F.FUSE_MKNOD_IN.pack(stat.S_IFIFO | 0o666, 0, 0, 0) + b"pipe\0")
     nodes = [c.lookup(ROOT, "pipe")[0]]
-    if server.set_owner:  # root: a guest-made node for the host's /dev/null (1:3)
+    if server.set_owner:  # root, on a share that allows devices: a guest-made node for /dev/null (1:3)
+        server.policy = FsPolicy(allow_device_nodes=True)
         c.call(
             F.FUSE_MKNOD, ROOT, F.FUSE_MKNOD_IN.pack(stat.S_IFCHR | 0o666, os.makedev(1, 3), 0, 0) + b"dev\0"
         )

@@ -7,7 +7,11 @@ import os
 import select
 import threading
 import time
+from pathlib import Path
 
+from kata_virtio import VirtioFs
+from kata_virtio import _fuse as F
+from kata_virtio.testing import FakeGuestMemory, activate, fuse_reply, fuse_request
 from kata_vmm._event_loop import EventLoop
 from kata_vmm._virtio import DevicePoller
 
@@ -99,3 +103,41 @@ def test_poller_hands_a_reused_fd_number_to_its_new_owner_and_ticks_each_second(
     finally:
         loop.stop()
         second.close()
+
+
+def test_poller_brings_virtio_fs_worker_answers_back_to_the_event_thread(tmp_path: Path) -> None:
+    """An FSYNC served by a kata-fs worker reaches the used ring through the eventfd the poller watches."""
+    (tmp_path / "f").write_bytes(b"x")
+    dev = VirtioFs("tag", tmp_path)
+    mem = FakeGuestMemory(1 << 20)
+    (_, req), irq = activate(dev, mem, [16, 16])
+    loop = EventLoop(tick=0.01)
+    DevicePoller(loop, [dev])
+    loop.start()
+    try:
+        look = fuse_request(F.FUSE_LOOKUP, 1, b"f\0", unique=2)
+        head = req.add_chain([(look, False), (144, True)])
+        loop.call_soon(lambda: dev.notify(1))
+        wait_for(lambda: irq.used, timeout=60)
+        node = F.FUSE_ENTRY_OUT_HEAD.unpack_from(fuse_reply(req.written(head))[1])[0]
+        req.get_used()
+        opened = req.add_chain(
+            [
+                (fuse_request(F.FUSE_OPEN, node, F.FUSE_OPEN_IN.pack(os.O_RDWR, 0), unique=4), False),
+                (32, True),
+            ]
+        )
+        loop.call_soon(lambda: dev.notify(1))
+        wait_for(lambda: len(irq.used) >= 2, timeout=60)
+        fh = F.FUSE_OPEN_OUT.unpack_from(fuse_reply(req.written(opened))[1])[0]
+        req.get_used()
+        body = F.FUSE_FSYNC_IN.pack(fh, 0, 0)
+        fsync = req.add_chain([(fuse_request(F.FUSE_FSYNC, node, body, unique=6), False), (16, True)])
+        loop.call_soon(lambda: dev.notify(1))
+        wait_for(lambda: len(irq.used) >= 3, timeout=60)
+        assert req.get_used() == [(fsync, 16)]
+        assert any(t.name == "kata-fs-0" for t in threading.enumerate())
+    finally:
+        loop.stop()
+        dev.close()
+    assert not any(t.name.startswith("kata-fs-") for t in threading.enumerate())

@@ -4,7 +4,7 @@ from kata_virtio.__about__ import __version__
 from kata_virtio._block import VirtioBlock
 from kata_virtio._device import DeviceError, DeviceInterrupt, EventSource, Ticking, VirtioDevice
 from kata_virtio._fs import VirtioFs
-from kata_virtio._fs_server import FsServerError, FuseServer
+from kata_virtio._fs_server import FsPolicy, FsServerError, FuseServer
 from kata_virtio._memory import GuestAddressError, GuestMemory, InterruptTrigger, VirtioError
 from kata_virtio._mmio import MMIO_WINDOW_SIZE, MmioTransport
 from kata_virtio._net import VirtioNet
@@ -38,6 +38,7 @@ __all__ = [
     "DeviceError",
     "DeviceInterrupt",
     "EventSource",
+    "FsPolicy",
     "FsServerError",
     "FuseServer",
     "GuestAddressError",

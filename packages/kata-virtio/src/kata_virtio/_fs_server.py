@@ -17,7 +17,8 @@ import stat
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 from kata_virtio import _fuse as F
 from kata_virtio._memory import VirtioError
@@ -93,6 +94,43 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     _check(_libc.fallocate(fd, mode, offset, length), "fallocate")
 
 
+#: getdents64 batch size of one READDIR (bytes): a fuse_dirent is never smaller than a linux_dirent64,
+#: so a batch of the reply's size fills it; READDIRPLUS stops early and the guest asks again.
+READDIR_BUFFER = 32768
+#: The smallest batch: one linux_dirent64 with a 255-byte name is 280 bytes.
+READDIR_MIN_BUFFER = 1024
+_SYS_getdents64 = 217  # x86-64
+_DIRENT64 = struct.Struct("<QqHB")  # d_ino d_off d_reclen d_type, then the NUL-terminated name
+
+
+def getdents64(fd: int, size: int) -> list[tuple[bytes, int, int, int]]:
+    """One getdents64(2) batch from the directory fd's position: (name, ino, d_off, d_type) tuples."""
+    buf = ctypes.create_string_buffer(size)
+    n = _libc.syscall(_SYS_getdents64, fd, buf, size)
+    _check(n, "getdents64")
+    data = buf.raw[:n]
+    entries = []
+    pos = 0
+    while pos < n:
+        ino, off, reclen, dtype = _DIRENT64.unpack_from(data, pos)
+        name_end = data.index(b"\0", pos + _DIRENT64.size, pos + reclen)
+        entries.append((data[pos + _DIRENT64.size : name_end], ino, off & 0xFFFFFFFFFFFFFFFF, dtype))
+        pos += reclen
+    return entries
+
+
+def _dirents(batch: list[tuple[bytes, int, int, int]], size: int) -> bytes:
+    """fuse_dirent records for a getdents64 batch, as many as fit in ``size`` bytes."""
+    out = bytearray()
+    for raw, ino, off, dtype in batch:
+        reclen = F.FUSE_DIRENT_HEAD.size + len(raw)
+        if len(out) + F.dirent_align(reclen) > size:
+            break
+        out += F.FUSE_DIRENT_HEAD.pack(0 if raw == b".." else ino, off, len(raw), dtype) + raw
+        out += bytes(F.dirent_align(reclen) - reclen)
+    return bytes(out)
+
+
 def _proc(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
@@ -105,10 +143,70 @@ class _Inode:
     nlookup: int = 0
 
 
-@dataclass(slots=True)
-class _DirHandle:
-    fd: int
-    entries: list[tuple[str, int, int]] | None = field(default=None)  # name, ino, DT type
+class _Handle:
+    """An open file or directory fd, closed when it is released *and* no request still uses it.
+
+    A request takes a reference (`FuseServer._use`) under the server lock and may then run its
+    syscall without the lock; RELEASE, DESTROY and a device reset only remove the handle from its
+    table and drop the table's reference. So the fd number cannot be reused for another file while a
+    request still holds it: a WRITE in flight during a reset lands in its own file or nowhere.
+    A directory handle also has a lock for its position (lseek + getdents64 go together).
+    """
+
+    __slots__ = ("fd", "position", "refs")
+
+    def __init__(self, fd: int, *, directory: bool = False) -> None:
+        self.fd = fd
+        self.refs = 1  # the handle table's reference
+        self.position = threading.Lock() if directory else None
+
+    def unref(self) -> None:
+        """Drop one reference (caller holds the server lock); the last one closes the fd."""
+        self.refs -= 1
+        if self.refs == 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass(frozen=True, slots=True)
+class FsPolicy:
+    """What the guest may do to host objects through one share; the default is the safe one.
+
+    By default (much as a ``nodev,nosuid`` mount would): MKNOD of
+    a character or block device is refused with EPERM (FIFOs, sockets and overlayfs whiteouts, a
+    0:0 character device, are allowed); setuid/setgid bits are stripped from SETATTR, CREATE,
+    MKDIR and MKNOD modes, and a WRITE clears them from the file it writes (killpriv); SETXATTR
+    and REMOVEXATTR of ``security.*``, ``trusted.*`` and ``system.*`` (POSIX ACLs included) are
+    refused with EPERM; SETATTR may not change a file's owner or group (EPERM), only repeat them.
+    """
+
+    #: Allow MKNOD of character and block devices.
+    allow_device_nodes: bool = False
+    #: Keep setuid/setgid bits the guest asks for.
+    allow_setid: bool = False
+    #: Allow writing and removing security.*, trusted.* and system.* xattrs.
+    allow_privileged_xattrs: bool = False
+    #: Allow SETATTR to change owner and group to any id.
+    allow_chown: bool = False
+
+    def mode(self, mode: int) -> int:
+        """``mode`` with setuid/setgid stripped unless the share allows them."""
+        return mode if self.allow_setid else mode & ~(stat.S_ISUID | stat.S_ISGID)
+
+    def check_xattr_write(self, name: bytes) -> None:
+        """Refuse (EPERM) a write or removal of a privileged xattr."""
+        if not self.allow_privileged_xattrs and name.startswith(_PRIVILEGED_XATTRS):
+            raise _Reply(errno.EPERM)
+
+    def check_mknod(self, mode: int, rdev: int) -> None:
+        """Refuse (EPERM) a device node; a 0:0 character device is an overlayfs whiteout and allowed."""
+        if self.allow_device_nodes:
+            return
+        if stat.S_ISBLK(mode) or (stat.S_ISCHR(mode) and rdev != 0):
+            raise _Reply(errno.EPERM)
+
+
+_PRIVILEGED_XATTRS = (b"security.", b"trusted.", b"system.")
 
 
 def _name(raw: bytes) -> str:
@@ -161,8 +259,11 @@ class FuseServer:
         set_owner: bool | None = None,
         max_inodes: int = 65536,
         max_handles: int = 16384,
+        policy: FsPolicy | None = None,
     ) -> None:
         self.shared_dir = os.fspath(shared_dir)
+        #: What the guest may do to host objects (device nodes, setuid, privileged xattrs, chown).
+        self.policy = FsPolicy() if policy is None else policy
         #: Each inode and handle holds an fd: the VMM should raise RLIMIT_NOFILE above their sum.
         self.max_inodes = max_inodes
         self.max_handles = max_handles
@@ -172,12 +273,15 @@ class FuseServer:
             raise FsServerError(f"cannot share {self.shared_dir}: {err.strerror}") from err
         st = os.fstat(root)
         self._root = _Inode(root, (st.st_dev, st.st_ino), st.st_mode, 1 << 62)
+        # Lock order: the transport's lock (a reset from a vCPU thread) -> FuseServer._lock. The server
+        # lock is a leaf: nothing else is taken while it is held. It guards the inode and handle
+        # tables and every fd in them; blocking I/O on a handle runs outside it, holding a reference.
         self._lock = threading.Lock()
         self._inodes: dict[int, _Inode] = {F.FUSE_ROOT_ID: self._root}
         self._by_key: dict[tuple[int, int], int] = {self._root.key: F.FUSE_ROOT_ID}
         self._next_node = 2
-        self._files: dict[int, int] = {}
-        self._dirs: dict[int, _DirHandle] = {}
+        self._files: dict[int, _Handle] = {}
+        self._dirs: dict[int, _Handle] = {}
         self._next_fh = 1
         self.minor = F.FUSE_KERNEL_MINOR_VERSION
         # Root runs chown new nodes to the caller's uid/gid, as virtiofsd does with fsuid/fsgid.
@@ -185,8 +289,19 @@ class FuseServer:
 
     def close(self) -> None:
         """Close every fd the server holds (FUSE_DESTROY does the same but keeps the root)."""
-        self._release_all()
-        os.close(self._root.fd)
+        with self._lock:
+            self._release_all()
+            if self._root.fd >= 0:
+                os.close(self._root.fd)
+                self._root.fd = -1
+
+    def reset(self) -> None:
+        """Drop every inode and handle the guest held (a device reset); safe from any thread.
+
+        A request still running keeps its handle's fd open until it finishes (see `_Handle`).
+        """
+        with self._lock:
+            self._release_all()
 
     @property
     def inode_count(self) -> int:
@@ -218,8 +333,11 @@ class FuseServer:
             handler = self._handlers.get(opcode)
             if handler is None:
                 raise _Reply(errno.ENOSYS)
-            with self._lock:
-                payload = handler(self, nodeid, body, (uid, gid), room)
+            if opcode in UNLOCKED_OPCODES:
+                payload = handler(self, nodeid, body, (uid, gid), room)  # takes the lock itself
+            else:
+                with self._lock:
+                    payload = handler(self, nodeid, body, (uid, gid), room)
             if len(payload) > room:
                 raise _Reply(errno.ERANGE)
             error = 0
@@ -360,10 +478,9 @@ class FuseServer:
         return b""
 
     def _release_all(self) -> None:
-        for fd in self._files.values():
-            os.close(fd)
-        for d in self._dirs.values():
-            os.close(d.fd)
+        # Caller holds the lock.
+        for handle in (*self._files.values(), *self._dirs.values()):
+            handle.unref()
         self._files.clear()
         self._dirs.clear()
         for node, inode in list(self._inodes.items()):
@@ -384,8 +501,12 @@ class FuseServer:
             F.FUSE_SETATTR_IN.unpack_from(body)
         )
         is_link = stat.S_ISLNK(inode.mode)
+        if valid & (F.FATTR_UID | F.FATTR_GID) and not self.policy.allow_chown:
+            st = os.fstat(inode.fd)
+            if (valid & F.FATTR_UID and uid != st.st_uid) or (valid & F.FATTR_GID and gid != st.st_gid):
+                raise _Reply(errno.EPERM)  # checked before anything changes: no half-applied SETATTR
         if valid & F.FATTR_MODE and not is_link:
-            os.chmod(_proc(inode.fd), stat.S_IMODE(mode))
+            os.chmod(_proc(inode.fd), self.policy.mode(stat.S_IMODE(mode)))
         if valid & (F.FATTR_UID | F.FATTR_GID):
             fchownat_empty(
                 inode.fd,
@@ -394,13 +515,17 @@ class FuseServer:
             )
         if valid & F.FATTR_SIZE:
             if valid & F.FATTR_FH and fh in self._files:
-                os.ftruncate(self._files[fh], size)
+                os.ftruncate(self._files[fh].fd, size)
+                if not self.policy.allow_setid:
+                    _kill_priv(self._files[fh].fd)
             else:
                 if not stat.S_ISREG(inode.mode):
                     raise _Reply(errno.EINVAL if not stat.S_ISDIR(inode.mode) else errno.EISDIR)
                 fd = self._reopen(inode, os.O_WRONLY)
                 try:
                     os.ftruncate(fd, size)
+                    if not self.policy.allow_setid:
+                        _kill_priv(fd)
                 finally:
                     os.close(fd)
         if valid & (F.FATTR_ATIME | F.FATTR_MTIME) and not is_link:
@@ -433,7 +558,8 @@ class FuseServer:
         parent = self._dir(nodeid)
         mode, rdev, umask, _ = F.FUSE_MKNOD_IN.unpack_from(body)
         name = _name(body[F.FUSE_MKNOD_IN.size :].split(b"\0")[0])
-        os.mknod(name, mode & ~umask & 0o177777, rdev, dir_fd=parent.fd)
+        self.policy.check_mknod(mode, rdev)
+        os.mknod(name, self.policy.mode(mode & ~umask & 0o177777), rdev, dir_fd=parent.fd)
         self._set_owner(parent, name, cred)
         return self._entry(parent, name)
 
@@ -441,12 +567,13 @@ class FuseServer:
         parent = self._dir(nodeid)
         mode, umask = F.FUSE_MKDIR_IN.unpack_from(body)
         name = _name(body[F.FUSE_MKDIR_IN.size :].split(b"\0")[0])
-        os.mkdir(name, stat.S_IMODE(mode & ~umask), dir_fd=parent.fd)
+        perm = self.policy.mode(stat.S_IMODE(mode & ~umask))
+        os.mkdir(name, perm, dir_fd=parent.fd)
         self._set_owner(parent, name, cred)
         entry = self._entry(parent, name)
         # mkdirat applied the VMM's umask too: set the mode the guest asked for, through the new inode's fd.
         nodeid = F.FUSE_ENTRY_OUT_HEAD.unpack_from(entry)[0]
-        os.chmod(_proc(self._inodes[nodeid].fd), stat.S_IMODE(mode & ~umask))
+        os.chmod(_proc(self._inodes[nodeid].fd), perm)
         return entry
 
     def _unlink(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
@@ -486,7 +613,7 @@ class FuseServer:
         if stat.S_ISDIR(inode.mode) and flags & os.O_ACCMODE != os.O_RDONLY:
             raise _Reply(errno.EISDIR)
         fh = self._new_fh()
-        self._files[fh] = self._reopen(inode, flags)
+        self._files[fh] = _Handle(self._reopen(inode, flags))
         return F.FUSE_OPEN_OUT.pack(fh, 0, 0)
 
     def _create(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
@@ -501,7 +628,7 @@ class FuseServer:
         if existing is not None and not stat.S_ISREG(existing.st_mode) and not flags & os.O_EXCL:
             raise _Reply(errno.EPERM)  # never open an existing FIFO or device node on the host
         wanted = (flags & (_OPEN_FLAGS | os.O_EXCL) & ~os.O_DIRECTORY) | os.O_CREAT | os.O_NOFOLLOW
-        perm = stat.S_IMODE(mode & ~umask)
+        perm = self.policy.mode(stat.S_IMODE(mode & ~umask))
         # O_NONBLOCK until we know it is a regular file: something swapped in meanwhile must not block us.
         fd = openat2(parent.fd, name, wanted | os.O_NONBLOCK, perm, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
         try:
@@ -515,25 +642,49 @@ class FuseServer:
         except BaseException:
             os.close(fd)
             raise
-        self._files[fh] = fd
+        self._files[fh] = _Handle(fd)
         return entry + F.FUSE_OPEN_OUT.pack(fh, 0, 0)
 
     def _file(self, fh: int) -> int:
-        fd = self._files.get(fh)
-        if fd is None:
+        handle = self._files.get(fh)
+        if handle is None:
             raise _Reply(errno.EBADF)
-        return fd
+        return handle.fd
+
+    @contextlib.contextmanager
+    def _use(self, fh: int, table: dict[int, _Handle] | None = None) -> Iterator[_Handle]:
+        """Handle ``fh``, its fd kept open (a reference) until the block ends; called without the lock."""
+        with self._lock:
+            handle = (self._files if table is None else table).get(fh)
+            if handle is None:
+                raise _Reply(errno.EBADF)
+            handle.refs += 1
+        try:
+            yield handle
+        finally:
+            with self._lock:
+                handle.unref()
+
+    # READ, WRITE, FSYNC, FSYNCDIR, FALLOCATE, LSEEK and READDIR(PLUS) run without the server lock (`_use`).
 
     def _read(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
         fh, offset, size, *_ = F.FUSE_READ_IN.unpack_from(body)
-        return os.pread(self._file(fh), min(size, room, MAX_WRITE * 8), offset)
+        with self._use(fh) as handle:
+            fd = handle.fd
+            # max_pages (MAX_PAGES) bounds the kernel's reads too: a bigger READ is the guest's problem
+            return os.pread(fd, min(size, room, MAX_WRITE), offset)
 
     def _write(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
         fh, offset, size, *_ = F.FUSE_WRITE_IN.unpack_from(body)
         data = body[F.FUSE_WRITE_IN.size : F.FUSE_WRITE_IN.size + size]
         if len(data) != size:
             raise _Reply(errno.EINVAL)
-        return F.FUSE_WRITE_OUT.pack(os.pwrite(self._file(fh), data, offset), 0)
+        with self._use(fh) as handle:
+            fd = handle.fd
+            written = os.pwrite(fd, data, offset)
+            if not self.policy.allow_setid:
+                _kill_priv(fd)
+        return F.FUSE_WRITE_OUT.pack(written, 0)
 
     def _statfs(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
         s = os.statvfs(self._inode(nodeid).fd)
@@ -543,10 +694,9 @@ class FuseServer:
         )  # fmt: skip
 
     def _release(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
-        fh = F.FUSE_RELEASE_IN.unpack_from(body)[0]
-        fd = self._files.pop(fh, None)
-        if fd is not None:
-            os.close(fd)
+        handle = self._files.pop(F.FUSE_RELEASE_IN.unpack_from(body)[0], None)
+        if handle is not None:
+            handle.unref()
         return b""
 
     def _flush(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
@@ -555,8 +705,9 @@ class FuseServer:
 
     def _fsync(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
         fh, flags, _ = F.FUSE_FSYNC_IN.unpack_from(body)
-        fd = self._file(fh)
-        (os.fdatasync if flags & F.FUSE_FSYNC_FDATASYNC else os.fsync)(fd)
+        with self._use(fh) as handle:
+            fd = handle.fd
+            (os.fdatasync if flags & F.FUSE_FSYNC_FDATASYNC else os.fsync)(fd)
         return b""
 
     def _xattr_path(self, nodeid: int) -> str:
@@ -572,6 +723,7 @@ class FuseServer:
         if nul <= 0 or len(rest) - nul - 1 < size:
             raise _Reply(errno.EINVAL)
         value = rest[nul + 1 : nul + 1 + size]
+        self.policy.check_xattr_write(rest[:nul])
         os.setxattr(self._xattr_path(nodeid), os.fsdecode(rest[:nul]), value, flags)
         return b""
 
@@ -600,54 +752,52 @@ class FuseServer:
         name = body.split(b"\0")[0]
         if not name:
             raise _Reply(errno.EINVAL)
+        self.policy.check_xattr_write(name)
         os.removexattr(self._xattr_path(nodeid), os.fsdecode(name))
         return b""
 
     def _opendir(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
         inode = self._dir(nodeid)
         fh = self._new_fh()
-        self._dirs[fh] = _DirHandle(os.open(_proc(inode.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        fd = os.open(_proc(inode.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dirs[fh] = _Handle(fd, directory=True)
         return F.FUSE_OPEN_OUT.pack(fh, 0, 0)
 
-    def _dir_entries(self, fh: int) -> list[tuple[str, int, int]]:
-        handle = self._dirs.get(fh)
-        if handle is None:
-            raise _Reply(errno.EBADF)
-        if handle.entries is None:
-            st = os.fstat(handle.fd)
-            entries = [(".", st.st_ino, stat.S_IFDIR >> 12), ("..", 0, stat.S_IFDIR >> 12)]
-            with os.scandir(handle.fd) as it:
-                for e in it:
-                    mode = e.stat(follow_symlinks=False).st_mode
-                    entries.append((e.name, e.inode(), stat.S_IFMT(mode) >> 12))
-            handle.entries = entries
-        return handle.entries
-
     def _readdir_common(self, nodeid: int, body: bytes, room: int, plus: bool) -> bytes:
+        # Streamed: each request seeks the directory fd to the guest's offset (a d_off cookie we
+        # returned) and reads one bounded getdents64 batch; nothing is kept between requests. Runs on
+        # a worker: the server lock is taken only to check the node and, for READDIRPLUS, to look
+        # entries up. Lock order: handle.position -> server lock.
         fh, offset, size, *_ = F.FUSE_READ_IN.unpack_from(body)
-        entries = self._dir_entries(fh)
-        parent = self._dir(nodeid)
+        if offset >= 1 << 63:
+            raise _Reply(errno.EINVAL)
         size = min(size, room)
+        with self._lock:
+            self._dir(nodeid)
+        with self._use(fh, self._dirs) as handle:
+            assert handle.position is not None
+            with handle.position:
+                os.lseek(handle.fd, offset, os.SEEK_SET)
+                batch = getdents64(handle.fd, max(READDIR_MIN_BUFFER, min(size, READDIR_BUFFER)))
+        if not plus:
+            return _dirents(batch, size)
+        with self._lock:
+            return self._dirents_plus(self._dir(nodeid), batch, size)
+
+    def _dirents_plus(self, parent: _Inode, batch: list[tuple[bytes, int, int, int]], size: int) -> bytes:
         out = bytearray()
-        for index in range(offset, len(entries)):
-            name, ino, dtype = entries[index]
-            raw = os.fsencode(name)
+        for raw, ino, off, dtype in batch:
             reclen = F.FUSE_DIRENT_HEAD.size + len(raw)
-            padded = F.dirent_align(reclen)
-            entry = b""
-            if plus:
-                padded += F.FUSE_ENTRY_OUT_SIZE
-            if len(out) + padded > size:
+            if len(out) + F.dirent_align(reclen) + F.FUSE_ENTRY_OUT_SIZE > size:
                 break
-            if plus:
-                if name in (".", ".."):
-                    entry = bytes(F.FUSE_ENTRY_OUT_SIZE)  # nodeid 0: the kernel skips these
-                else:
-                    try:
-                        entry = self._entry(parent, name)
-                    except OSError:
-                        continue  # gone since opendir
-            out += entry + F.FUSE_DIRENT_HEAD.pack(ino, index + 1, len(raw), dtype) + raw
+            if raw in (b".", b".."):
+                entry = bytes(F.FUSE_ENTRY_OUT_SIZE)  # nodeid 0: the kernel skips these
+            else:
+                try:
+                    entry = self._entry(parent, os.fsdecode(raw))
+                except OSError:
+                    continue  # gone since getdents
+            out += entry + F.FUSE_DIRENT_HEAD.pack(0 if raw == b".." else ino, off, len(raw), dtype) + raw
             out += bytes(F.dirent_align(reclen) - reclen)
         return bytes(out)
 
@@ -660,15 +810,14 @@ class FuseServer:
     def _releasedir(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
         handle = self._dirs.pop(F.FUSE_RELEASE_IN.unpack_from(body)[0], None)
         if handle is not None:
-            os.close(handle.fd)
+            handle.unref()
         return b""
 
     def _fsyncdir(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
         fh, flags, _ = F.FUSE_FSYNC_IN.unpack_from(body)
-        handle = self._dirs.get(fh)
-        if handle is None:
-            raise _Reply(errno.EBADF)
-        (os.fdatasync if flags & F.FUSE_FSYNC_FDATASYNC else os.fsync)(handle.fd)
+        with self._use(fh, self._dirs) as handle:
+            fd = handle.fd
+            (os.fdatasync if flags & F.FUSE_FSYNC_FDATASYNC else os.fsync)(fd)
         return b""
 
     def _access(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
@@ -690,7 +839,9 @@ class FuseServer:
         fh, offset, length, mode, _ = F.FUSE_FALLOCATE_IN.unpack_from(body)
         if offset >= 1 << 63 or length >= 1 << 63:
             raise _Reply(errno.EINVAL)
-        fallocate(self._file(fh), mode, offset, length)
+        with self._use(fh) as handle:
+            fd = handle.fd
+            fallocate(fd, mode, offset, length)
         return b""
 
     def _lseek(self, nodeid: int, body: bytes, cred: tuple[int, int], room: int) -> bytes:
@@ -699,7 +850,9 @@ class FuseServer:
             raise _Reply(errno.EINVAL)
         if offset >= 1 << 63:
             raise _Reply(errno.EINVAL)
-        return F.FUSE_LSEEK_OUT.pack(os.lseek(self._file(fh), offset, whence))
+        with self._use(fh) as handle:
+            fd = handle.fd
+            return F.FUSE_LSEEK_OUT.pack(os.lseek(fd, offset, whence))
 
     _handlers = {
         F.FUSE_INIT: _init,
@@ -737,3 +890,27 @@ class FuseServer:
         F.FUSE_FALLOCATE: _fallocate,
         F.FUSE_LSEEK: _lseek,
     }
+
+
+#: Opcodes whose handler takes the server lock itself and runs its syscall outside it: the ones that may
+#: block on the host disk, which `VirtioFs` hands to its worker threads.
+UNLOCKED_OPCODES = frozenset(
+    {
+        F.FUSE_READ,
+        F.FUSE_WRITE,
+        F.FUSE_FSYNC,
+        F.FUSE_FSYNCDIR,
+        F.FUSE_FALLOCATE,
+        F.FUSE_LSEEK,
+        F.FUSE_READDIR,
+        F.FUSE_READDIRPLUS,
+    }
+)
+
+
+def _kill_priv(fd: int) -> None:
+    """Clear setuid, and setgid with group-exec, after a write (the server's CAP_FSETID kept them)."""
+    mode = os.fstat(fd).st_mode
+    kill = mode & stat.S_ISUID | (mode & stat.S_ISGID if mode & stat.S_IXGRP else 0)
+    if kill:
+        os.fchmod(fd, stat.S_IMODE(mode) & ~kill)

@@ -172,6 +172,9 @@ class Queue:
         if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
             raise ValueError(f"queue max size {max_size} is not a power of two <= {MAX_QUEUE_SIZE}")
         self.max_size = max_size
+        #: Most descriptors one chain (or one indirect table) may have; a device lowers it to bound the
+        #: work one request costs. A property of the device, so `reset` keeps it.
+        self.max_chain = 1 << 16  # a device may ask for less than the queue size (virtio-fs: 1,024)
         self.reset()
 
     def reset(self) -> None:
@@ -262,8 +265,9 @@ class Queue:
             descriptors += 1
             if count > table_len:
                 raise DescriptorChainTooLong(f"chain {head} exceeds {table_len} descriptors (a loop?)")
-            if descriptors > self.size:
-                raise DescriptorChainTooLong(f"chain {head} is longer than queue size {self.size}")
+            if descriptors > min(self.size, self.max_chain):
+                limit = min(self.size, self.max_chain)
+                raise DescriptorChainTooLong(f"chain {head} is longer than {limit} descriptors")
             if flags & VIRTQ_DESC_F_WRITE:
                 chain.writable.append((addr, length))
             elif chain.writable:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import errno
+import select
 import struct
+import time
 from collections.abc import Sequence
 
 from kata_virtio import _fuse as F
 from kata_virtio._device import VirtioDevice
+from kata_virtio._fs import VirtioFs
 from kata_virtio._fs_server import FuseServer
 from kata_virtio._memory import GuestAddressError
 from kata_virtio._mmio import MmioTransport
@@ -429,3 +432,18 @@ def mmio_bring_up(
         dq.heap = heap
     t.write_u32(0x070, 0xF)
     return dqs
+
+
+def run_events(device: VirtioFs, timeout: float = 60.0) -> None:
+    """Be the VMM's event loop for ``device`` until it is no longer `busy`: poll its `watched()` fds and
+    call `handle_event` (worker answers, queues left over for the next round)."""
+    deadline = time.monotonic() + timeout
+    while device.busy:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"{type(device).__name__} still busy after {timeout} s")
+        poller = select.poll()
+        for fd, events in device.watched().items():
+            poller.register(fd, events)
+        for fd, events in poller.poll(remaining * 1000):
+            device.handle_event(fd, events)

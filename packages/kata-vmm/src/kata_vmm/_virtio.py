@@ -16,11 +16,12 @@ import select
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kata_virtio import (
     EventSource,
+    FsPolicy,
     GuestMemory,
     MmioTransport,
     Ticking,
@@ -87,16 +88,18 @@ class NetSpec:
 
 @dataclass(frozen=True)
 class FsSpec:
-    """Inline virtio-fs sharing ``shared_dir`` under ``tag``."""
+    """Inline virtio-fs sharing ``shared_dir`` under ``tag``; ``policy`` limits what the guest may create
+    there (default: no device nodes, no setuid/setgid, no privileged xattrs, no chown)."""
 
     tag: str
     shared_dir: Path
+    policy: FsPolicy = field(default_factory=FsPolicy)
 
     def build(self) -> VirtioDevice:
         """Open the shared directory."""
         if not self.shared_dir.is_dir():
             raise ConfigError(f"virtio-fs: {self.shared_dir} is not a directory")
-        return VirtioFs(self.tag, self.shared_dir)
+        return VirtioFs(self.tag, self.shared_dir, policy=self.policy)
 
 
 @dataclass(frozen=True)
