@@ -26,7 +26,8 @@ def test_every_test_the_readme_names_exists() -> None:
         path, _, rest = node.partition("::")
         name = re.split(r"[\[:]", rest)[0]
         source = (ROOT / path).read_text() if (ROOT / path).exists() else ""
-        if not re.search(rf"^\s*(async )?(def|class) {re.escape(name)}\b", source, re.M):
+        defined = rf"^\s*((async )?(def|class) {re.escape(name)}\b|{re.escape(name)} = )"
+        if not re.search(defined, source, re.M):
             missing.append(node)
     assert not missing, f"README rows naming no test: {missing}"
 

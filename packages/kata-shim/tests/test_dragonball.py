@@ -23,7 +23,7 @@ from kata_shim.hypervisor import (
     ShareFsDevice,
     hypervisor_factory,
 )
-from kata_shim.hypervisor._dragonball import ConsoleSink, Dragonball, run_in_netns
+from kata_shim.hypervisor._dragonball import SANDBOX_SHARE_POLICY, ConsoleSink, Dragonball, run_in_netns
 from kata_vmm import BlockSpec, FsSpec, RngSpec, VsockSpec
 from kata_vmm import testing as tk
 
@@ -137,7 +137,7 @@ def test_devices_map_to_slots_and_specs_in_order(
         BlockSpec(assets.image, read_only=True),  # type: ignore[arg-type]
         VsockSpec(root / "sb1" / "kata.hvsock"),
         RngSpec(),
-        FsSpec("kataShared", shared),
+        FsSpec("kataShared", shared, policy=SANDBOX_SHARE_POLICY),
         BlockSpec(disk, read_only=False),
     ]
     assert type(specs[6]).__name__ == "NetSpec"

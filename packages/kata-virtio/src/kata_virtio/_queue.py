@@ -265,9 +265,10 @@ class Queue:
             descriptors += 1
             if count > table_len:
                 raise DescriptorChainTooLong(f"chain {head} exceeds {table_len} descriptors (a loop?)")
-            if descriptors > min(self.size, self.max_chain):
-                limit = min(self.size, self.max_chain)
-                raise DescriptorChainTooLong(f"chain {head} is longer than {limit} descriptors")
+            if descriptors > self.size:
+                raise DescriptorChainTooLong(f"chain {head} is longer than queue size {self.size}")
+            if descriptors > self.max_chain:
+                raise DescriptorChainTooLong(f"chain {head} is longer than the device's {self.max_chain}")
             if flags & VIRTQ_DESC_F_WRITE:
                 chain.writable.append((addr, length))
             elif chain.writable:

@@ -1,5 +1,6 @@
 """A pure-Python KVM VMM (our Dragonball): KVM bindings, guest memory, vCPUs, boot, ACPI, legacy devices."""
 
+from kata_virtio import FsPolicy
 from kata_vmm.__about__ import __version__
 from kata_vmm._bus import Bus, BusDevice
 from kata_vmm._errors import (
@@ -30,6 +31,7 @@ __all__ = [
     "EventFd",
     "EventLoop",
     "ExitKind",
+    "FsPolicy",
     "FsSpec",
     "GuestAddress",
     "GuestCrashError",

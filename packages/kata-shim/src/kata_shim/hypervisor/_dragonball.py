@@ -46,6 +46,7 @@ from kata_vmm import (
     VIRTIO_MMIO_SLOTS,
     BlockSpec,
     DeviceSpec,
+    FsPolicy,
     FsSpec,
     NetSpec,
     RngSpec,
@@ -63,6 +64,11 @@ BASE_CMDLINE = "console=ttyS0 reboot=k panic=1"
 """Kernel parameters every guest gets; `quiet` is added unless `enable_debug` (each console byte is a VM
 exit, which costs ~1 ms under nested virtualisation), then `kernel_params` from the config."""
 HVSOCK_NAME = "kata.hvsock"
+SANDBOX_SHARE_POLICY = FsPolicy(allow_chown=True)
+"""What the guest may do through the sandbox's virtio-fs share: containers own their rootfs, so chown is
+theirs to do (files created through FUSE start as root's, the container's user takes them over); device
+nodes, setuid/setgid bits and security./trusted./system. xattrs stay refused, and the host side of the
+share is nosuid,nodev."""
 CONSOLE_TAIL_BYTES = 8192
 STOP_TIMEOUT = 15.0
 _CLONE_NEWNET = 0x40000000
@@ -272,7 +278,7 @@ class Dragonball:
         specs.append(RngSpec())
         for device in self._devices:
             if isinstance(device, ShareFsDevice):
-                specs.append(FsSpec(device.mount_tag, device.host_path))
+                specs.append(FsSpec(device.mount_tag, device.host_path, policy=SANDBOX_SHARE_POLICY))
             elif isinstance(device, BlockDevice):
                 specs.append(BlockSpec(device.path, read_only=device.read_only))
             else:
