@@ -30,7 +30,10 @@ from framework.sandbox import (
 )
 
 from kata_agent_client import (
+    AgentAlreadyExists,
     AgentClient,
+    AgentFailedPrecondition,
+    AgentNotFound,
     ContainerSpec,
     Interface,
     IPAddress,
@@ -39,7 +42,6 @@ from kata_agent_client import (
     Storage,
     open_agent_client,
 )
-from kata_proto import ttrpc
 from kata_shim.virt_container._passfd import PassfdListener, passfd_stdio
 
 pytestmark = pytest.mark.lab
@@ -234,7 +236,7 @@ def test_pause_resume_update_and_stats_report_memory(sandbox: Sandbox) -> None:
         assert stats.memory_limit == 64 << 20
         assert stats.pids_current >= 1
         await c.pause_container("p")
-        with pytest.raises(ttrpc.FailedPrecondition):
+        with pytest.raises(AgentFailedPrecondition):
             await c.exec_process("p", "frozen", Process(["true"]))
         await trio.sleep(0.5)
         paused = await c.stats_container("p")
@@ -287,10 +289,10 @@ def test_container_over_memory_limit_gives_oom_event(sandbox: Sandbox) -> None:
 
 def test_unknown_container_and_duplicate_id_get_status_codes(sandbox: Sandbox) -> None:
     async def case(c: AgentClient) -> None:
-        with pytest.raises(ttrpc.NotFound):
+        with pytest.raises(AgentNotFound):
             await c.start_container("nope")
         await c.create_container("dup", spec("sleep", "100"))
-        with pytest.raises(ttrpc.AlreadyExists):
+        with pytest.raises(AgentAlreadyExists):
             await c.create_container("dup", spec("true"))
         await c.remove_container("dup")
 

@@ -17,8 +17,13 @@ from google.protobuf import empty_pb2
 
 from kata_agent_client import (
     AgentAddress,
+    AgentCallError,
+    AgentConnectionLost,
+    AgentDisconnected,
     AgentTimeout,
+    AgentUnimplemented,
     BadAddress,
+    BadSpec,
     HandshakeFailed,
     HealthChecker,
     forward_line,
@@ -59,6 +64,7 @@ class FakeAgent:
 
     def __init__(self) -> None:
         self.remaining: dict[str, float | None] = {}
+        self.requests: list[Any] = []
 
     def _note(self, name: str, ctx: ttrpc.CallContext) -> None:
         left = None if ctx.deadline is None else ctx.time_remaining()
@@ -71,6 +77,11 @@ class FakeAgent:
     async def WaitProcess(self, req: Any, ctx: ttrpc.CallContext) -> agent_pb2.WaitProcessResponse:
         self._note("WaitProcess", ctx)
         return agent_pb2.WaitProcessResponse(status=42)
+
+    async def CreateContainer(self, req: Any, ctx: ttrpc.CallContext) -> empty_pb2.Empty:
+        self._note("CreateContainer", ctx)
+        self.requests.append(req)
+        return empty_pb2.Empty()
 
     async def ReadStdout(self, req: Any, ctx: ttrpc.CallContext) -> agent_pb2.ReadStreamResponse:
         self._note("ReadStdout", ctx)
@@ -302,7 +313,7 @@ def test_errors_from_the_callers_block_come_out_bare(sockdir: str) -> None:
         path = os.path.join(sockdir, "agent.sock")
         async with trio.open_nursery() as n:
             await n.start(_server().serve_unix, path)
-            with pytest.raises(ttrpc.Unimplemented):
+            with pytest.raises(AgentUnimplemented):
                 async with open_agent_client(f"unix:{path}") as client:
                     await client.remove_container("c")  # FakeAgent lacks it
             with pytest.raises(KeyError):
@@ -334,7 +345,7 @@ def test_a_lost_connection_without_reconnect_makes_the_client_lost(sockdir: str)
                     reason = await client.wait_lost()
                 assert reason and client.lost == reason
                 assert not await client.wait_reconnected(1)
-                with pytest.raises(ttrpc.ConnectionClosed, match="lost"):
+                with pytest.raises(AgentConnectionLost, match="lost"):
                     await client.check()
 
     trio.run(main)
@@ -409,5 +420,36 @@ def test_health_checker_with_a_budget_returns_after_that_many_failures_in_a_row(
                     await checker.run()
                 assert checker.streak == 3 and checker.failures == 4 and len(reported) == 2
             n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_calls_raise_the_clients_typed_errors_and_take_oci_json(sockdir: str) -> None:
+    """Issue 13: the client raises its own errors (code and method kept), never ttrpc's; a whole config.json
+    goes in as it is, a value that does not fit oci.proto is BadSpec before anything is sent."""
+
+    async def main() -> None:
+        path = os.path.join(sockdir, "agent.sock")
+        agent = FakeAgent()
+        async with trio.open_nursery() as n:
+            await n.start(_server(agent=agent).serve_unix, path)
+            async with open_agent_client(f"unix:{path}") as client:
+                with pytest.raises(AgentUnimplemented) as info:
+                    await client.pause_container("c")
+                assert isinstance(info.value, AgentCallError) and not isinstance(info.value, ttrpc.TtrpcError)
+                assert (info.value.method, info.value.code) == ("PauseContainer", ttrpc.Code.UNIMPLEMENTED)
+                spec = {"process": {"args": ["sh"], "user": {"uid": 7}}, "linux": {"cgroupsPath": "/x"}}
+                await client.create_container("c", spec)
+                (sent,) = agent.requests
+                assert list(sent.OCI.Process.Args) == ["sh"] and sent.OCI.Process.User.UID == 7
+                assert sent.OCI.Linux.CgroupsPath == "/x"
+                with pytest.raises(BadSpec, match=r"process\.user\.uid"):
+                    await client.create_container("c", {"process": {"args": ["sh"], "user": {"uid": "root"}}})
+                with pytest.raises(BadSpec, match="no args"):
+                    await client.exec_process("c", "e", {"args": []})
+                assert len(agent.requests) == 1
+            n.cancel_scope.cancel()
+        with pytest.raises(AgentDisconnected):
+            await client.check()  # closed with its block
 
     trio.run(main)

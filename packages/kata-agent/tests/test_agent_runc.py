@@ -11,7 +11,18 @@ import trio
 from agent_harness import AgentUnderTest, mounts_under, running_agent
 from google.protobuf.empty_pb2 import Empty
 
-from kata_agent_client import ContainerSpec, Process, Resources, Storage
+from kata_agent_client import (
+    AgentAlreadyExists,
+    AgentCallError,
+    AgentFailedPrecondition,
+    AgentInvalidArgument,
+    AgentNotFound,
+    AgentUnimplemented,
+    ContainerSpec,
+    Process,
+    Resources,
+    Storage,
+)
 from kata_proto import ttrpc
 from kata_proto.agent import agent_pb2
 
@@ -108,11 +119,11 @@ def test_exec_second_process_and_signals_reach_it(busybox_rootfs: Path) -> None:
             await c.exec_process("svc", "sleeper", Process(["sleep", "100"]))
             await c.signal_process("svc", "sleeper", signal.SIGKILL)
             assert await c.wait_process("svc", "sleeper") == 128 + signal.SIGKILL
-            with pytest.raises(ttrpc.AlreadyExists):  # its output was never read: still known
+            with pytest.raises(AgentAlreadyExists):  # its output was never read: still known
                 await c.exec_process("svc", "sleeper", Process(["true"]))
             await c.signal_process("svc", "", signal.SIGTERM)
             assert await c.wait_process("svc") == 7
-            with pytest.raises(ttrpc.NotFound):
+            with pytest.raises(AgentNotFound):
                 await c.signal_process("svc", "", signal.SIGTERM)
             await c.remove_container("svc")
 
@@ -145,7 +156,7 @@ def test_terminal_process_sees_resize(busybox_rootfs: Path) -> None:
                     text += chunk
             assert b"33 101" in text
             assert await c.wait_process("tty") == 0
-            with pytest.raises(ttrpc.FailedPrecondition):
+            with pytest.raises(AgentFailedPrecondition):
                 await c.exec_process("tty", "x", Process(["true"]))
 
     trio.run(main)
@@ -163,7 +174,7 @@ def test_pause_resume_and_stats_report_memory(busybox_rootfs: Path) -> None:
             assert stats.memory_limit == 64 << 20
             assert stats.pids_current >= 1
             await c.pause_container("p")
-            with pytest.raises(ttrpc.FailedPrecondition):
+            with pytest.raises(AgentFailedPrecondition):
                 await c.exec_process("p", "frozen", Process(["true"]))
             await trio.sleep(0.1)
             paused = await c.stats_container("p")
@@ -204,23 +215,23 @@ def test_unknown_container_duplicate_id_and_bad_spec(busybox_rootfs: Path) -> No
     async def main() -> None:
         async with running_agent() as agent:
             c = agent.client
-            with pytest.raises(ttrpc.NotFound):
+            with pytest.raises(AgentNotFound):
                 await c.start_container("nope")
-            with pytest.raises(ttrpc.NotFound):
+            with pytest.raises(AgentNotFound):
                 await c.wait_process("nope")
-            with pytest.raises(ttrpc.NotFound):
+            with pytest.raises(AgentNotFound):
                 await c.read_stdout("nope")
             await agent.client.create_container("dup", _spec(busybox_rootfs, "true"))
-            with pytest.raises(ttrpc.AlreadyExists):
+            with pytest.raises(AgentAlreadyExists):
                 await agent.client.create_container("dup", _spec(busybox_rootfs, "true"))
-            with pytest.raises(ttrpc.NotFound):
+            with pytest.raises(AgentNotFound):
                 await c.wait_process("dup", "no-such-exec")
             await c.remove_container("dup")
-            with pytest.raises(ttrpc.InvalidArgument):
+            with pytest.raises(AgentInvalidArgument):
                 await c.create_container("empty", _spec(busybox_rootfs))  # no args
-            with pytest.raises(ttrpc.InvalidArgument):
+            with pytest.raises(AgentInvalidArgument):
                 await c.call("CreateContainer", agent_pb2.CreateContainerRequest(container_id="x"), Empty)
-            with pytest.raises(ttrpc.InvalidArgument):
+            with pytest.raises(AgentInvalidArgument):
                 await c.create_container("../evil", _spec(busybox_rootfs, "true"))
             assert not agent.service.containers
             assert os.listdir(agent.run_dir) == []
@@ -238,7 +249,7 @@ def test_failed_create_leaves_no_mount_process_or_bundle(busybox_rootfs: Path) -
             spec = _spec(busybox_rootfs, "/no/such/binary")
             spec.mounts.append(type(spec.mounts[0])("/scratch", "bind", scratch, ["rbind"]))
             before = set(os.listdir("/proc"))
-            with pytest.raises(ttrpc.TtrpcError) as info:
+            with pytest.raises(AgentCallError) as info:
                 await c.create_container("bad", spec, storages=storages)
                 await c.start_container("bad")
             assert info.value.code in (ttrpc.Code.INVALID_ARGUMENT, ttrpc.Code.FAILED_PRECONDITION)
@@ -248,7 +259,7 @@ def test_failed_create_leaves_no_mount_process_or_bundle(busybox_rootfs: Path) -
             assert not os.path.lexists(scratch)  # noqa: ASYNC240
             assert os.listdir(agent.run_dir) == []
             # a bad storage driver fails before anything is mounted
-            with pytest.raises(ttrpc.InvalidArgument):
+            with pytest.raises(AgentInvalidArgument):
                 await c.create_container(
                     "bad2", _spec(busybox_rootfs, "true"), storages=[Storage("nfs", scratch)]
                 )
@@ -271,7 +282,7 @@ def _is_runc(pid: str) -> bool:
 def test_unimplemented_rpc_answers_status_12() -> None:
     async def main() -> None:
         async with running_agent() as agent:
-            with pytest.raises(ttrpc.Unimplemented):
+            with pytest.raises(AgentUnimplemented):
                 await agent.client.call("ReseedRandomDev", agent_pb2.ReseedRandomDevRequest(data=b"x"), Empty)
 
     trio.run(main)

@@ -89,7 +89,7 @@ def test_agent_and_ctl_run_exec_kill_wait(
     assert _ctl(addr, "wait", "bg").stdout.strip() == b"137"
     assert _ctl(addr, "rm", "bg").returncode == 0
     missing = _ctl(addr, "wait", "bg")
-    assert missing.returncode == 1 and missing.stderr.startswith(b"kata-agent-ctl: NotFound: ")
+    assert missing.returncode == 1 and missing.stderr.startswith(b"kata-agent-ctl: WaitProcess: NOT_FOUND: ")
     zombies = [
         p
         for p in os.listdir("/proc")

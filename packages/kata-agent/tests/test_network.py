@@ -10,8 +10,7 @@ import pytest
 import trio
 from agent_harness import running_agent
 
-from kata_agent_client import ARPNeighbor, Interface, IPAddress, Route
-from kata_proto import ttrpc
+from kata_agent_client import AgentNotFound, ARPNeighbor, Interface, IPAddress, Route
 
 pytestmark = pytest.mark.root
 
@@ -64,9 +63,9 @@ def test_update_interface_routes_and_neighbours(netns: str) -> None:
             show = ["ip", "-n", netns, "neigh", "show", "dev", "eth0"]
             neigh = (await trio.run_process(show, capture_stdout=True)).stdout.decode()
             assert "192.0.2.1 lladdr 02:42:ac:11:00:01 PERMANENT" in neigh
-            with pytest.raises(ttrpc.NotFound):
+            with pytest.raises(AgentNotFound):
                 await c.update_interface(Interface(name="eth9", hw_addr="02:00:00:00:00:09"))
-            with pytest.raises(ttrpc.NotFound):
+            with pytest.raises(AgentNotFound):
                 await c.update_routes([Route(gateway="192.0.2.1", device="nope0")])
 
     trio.run(main)

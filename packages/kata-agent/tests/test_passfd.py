@@ -13,7 +13,7 @@ import trio
 from agent_harness import AgentUnderTest, running_agent
 
 from kata_agent._passfd import PassfdStreams, passfd_port_from_cmdline
-from kata_agent_client import ContainerSpec, Process, StdioPorts
+from kata_agent_client import AgentFailedPrecondition, ContainerSpec, Process, StdioPorts
 from kata_proto import ttrpc
 
 
@@ -176,7 +176,7 @@ def test_missing_port_is_a_clear_error_and_leaves_nothing(busybox_rootfs: Path) 
             agent.service.passfd.wait = 0.2
             out = _feed(agent, 7201)
             spec = _spec(busybox_rootfs, "true")
-            with pytest.raises(ttrpc.FailedPrecondition, match="7202"):
+            with pytest.raises(AgentFailedPrecondition, match="7202"):
                 await agent.client.create_container("p3", spec, stdio_ports=StdioPorts(0, 7201, 7202))
             assert agent.service.containers == {}
             assert os.listdir(agent.run_dir) == []
@@ -217,7 +217,7 @@ def test_a_failed_exec_closes_the_streams_it_took(busybox_rootfs: Path) -> None:
             out = _feed(agent, 7401)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ResourceWarning)
-                with pytest.raises(ttrpc.FailedPrecondition, match="not running"):
+                with pytest.raises(AgentFailedPrecondition, match="not running"):
                     await agent.client.exec_process(
                         "p5", "e1", Process(["true"]), stdio_ports=StdioPorts(0, 7401, 0)
                     )

@@ -22,7 +22,7 @@ import trio
 from agent_harness import mounts_under, running_agent
 
 from kata_agent._namespaces import CLONE_NEWUTS, PodNamespaces
-from kata_agent_client import ContainerSpec, Mount, Process, Storage
+from kata_agent_client import AgentInvalidArgument, ContainerSpec, Mount, Process, Storage
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -114,11 +114,10 @@ def test_sandbox_hostname_is_set_in_the_pod_namespace_only(private_uts: str) -> 
 
 @pytest.mark.root
 def test_bad_hostname_fails_create_sandbox_and_leaves_nothing(private_uts: str) -> None:
-    from kata_proto import ttrpc
 
     async def main() -> None:
         async with running_agent() as agent:
-            with pytest.raises(ttrpc.InvalidArgument, match="sethostname"):
+            with pytest.raises(AgentInvalidArgument, match="sethostname"):
                 await agent.client.create_sandbox("sbx", hostname="h" * 100)
             assert mounts_under(agent.run_dir) == []
             assert agent.service.pod_namespaces is None

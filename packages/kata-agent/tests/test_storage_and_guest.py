@@ -13,8 +13,17 @@ import pytest
 import trio
 from agent_harness import mounts_under, running_agent
 
-from kata_agent_client import ContainerSpec, Device, Mount, Process, Storage, forward_logs
-from kata_proto import ttrpc
+from kata_agent_client import (
+    AgentAlreadyExists,
+    AgentInvalidArgument,
+    AgentNotFound,
+    ContainerSpec,
+    Device,
+    Mount,
+    Process,
+    Storage,
+    forward_logs,
+)
 
 pytestmark = pytest.mark.root
 
@@ -87,9 +96,9 @@ def test_block_device_appears_in_the_container(busybox_rootfs: Path, loop_ext4: 
             assert first.startswith("b") and f"{os.major(rdev)}, {os.minor(rdev)}" in " ".join(first.split())
             assert magic.split() == ["53", "ef"]  # the ext4 superblock magic, read through the device
             await c.remove_container("d")
-            with pytest.raises(ttrpc.NotFound):
+            with pytest.raises(AgentNotFound):
                 await c.create_container("d2", spec, devices=[Device("/dev/no-such-disk", "/dev/xvdb")])
-            with pytest.raises(ttrpc.InvalidArgument):
+            with pytest.raises(AgentInvalidArgument):
                 await c.create_container("d3", spec, devices=[Device("/dev/null", "/dev/xvdb")])
             assert os.listdir(agent.run_dir) == []
 
@@ -102,7 +111,7 @@ def test_sandbox_storages_live_until_destroy_sandbox(busybox_rootfs: Path) -> No
             c = agent.client
             shm = os.path.join(os.path.dirname(agent.run_dir), "sbx-shm")
             # a module that cannot load fails the sandbox and leaves no mount behind
-            with pytest.raises(ttrpc.InvalidArgument, match="modprobe"):
+            with pytest.raises(AgentInvalidArgument, match="modprobe"):
                 await c.create_sandbox(
                     "sbx",
                     storages=[Storage("shm", shm, source="shm", fstype="tmpfs")],
@@ -110,7 +119,7 @@ def test_sandbox_storages_live_until_destroy_sandbox(busybox_rootfs: Path) -> No
                 )
             assert mounts_under(shm) == []
             await c.create_sandbox("sbx", storages=[Storage("shm", shm, source="shm", fstype="tmpfs")])
-            with pytest.raises(ttrpc.AlreadyExists):
+            with pytest.raises(AgentAlreadyExists):
                 await c.create_sandbox("sbx")
             assert mounts_under(shm) == [shm]
             spec = ContainerSpec(root=str(busybox_rootfs), process=Process(["sleep", "100"]))
@@ -119,7 +128,7 @@ def test_sandbox_storages_live_until_destroy_sandbox(busybox_rootfs: Path) -> No
             await c.destroy_sandbox()
             assert mounts_under(shm) == []
             assert agent.service.containers == {}
-            with pytest.raises(ttrpc.NotFound):
+            with pytest.raises(AgentNotFound):
                 await c.wait_process("a")
 
     trio.run(main)
@@ -138,9 +147,9 @@ def test_guest_details_copy_file_metrics() -> None:
             assert oct(os.stat(target).st_mode & 0o777) == "0o600"
             await c.copy_file(target, b"short")
             assert Path(target).read_bytes() == b"short"  # noqa: ASYNC240
-            with pytest.raises(ttrpc.InvalidArgument):
+            with pytest.raises(AgentInvalidArgument):
                 await c.copy_file("/etc/evil", b"x")
-            with pytest.raises(ttrpc.InvalidArgument):
+            with pytest.raises(AgentInvalidArgument):
                 await c.copy_file(os.path.join(agent.run_dir, "../../etc/evil"), b"x")
             metrics = await c.get_metrics()
             assert "kata_agent_process_resident_memory_bytes" in metrics

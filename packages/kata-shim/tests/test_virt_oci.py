@@ -1,4 +1,5 @@
-"""The guest's OCI spec (pure): rewriting, JSON -> oci.proto, and stats -> containerd metrics."""
+"""The guest's OCI spec (pure): rewriting, JSON -> oci.proto -> JSON through the agent's converter, and the
+client's stats -> containerd metrics."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from typing import Any
 import pytest
 
 from kata_agent._oci import message_to_json
-from kata_proto.agent import agent_pb2
+from kata_agent_client._convert import stats_from_pb
+from kata_proto.agent import OciJsonError, agent_pb2, oci_from_json, oci_pb2
 from kata_shim.runtime import InvalidArgument
-from kata_shim.virt_container import guest_spec, metrics_from_stats, process_to_pb, spec_to_pb
-from kata_shim.virt_container._oci import resources_to_pb
+from kata_shim.virt_container import guest_spec, metrics_from_stats
 
 FULL: dict[str, Any] = {
     "ociVersion": "1.1.0",
@@ -110,7 +111,7 @@ def _set_fields(value: Any) -> Any:
 
 def test_spec_survives_the_trip_to_the_agent_and_back() -> None:
     spec = guest_spec(FULL, "c1", "/guest/rootfs", FULL["mounts"])
-    back = message_to_json(spec_to_pb(spec))  # the agent's own protobuf -> config.json conversion
+    back = message_to_json(oci_from_json(spec, oci_pb2.Spec()))  # the agent's protobuf -> config.json
     assert back.pop("ociVersion") == spec.pop("ociVersion")
     assert back == _set_fields(spec)
     assert back["linux"]["seccomp"]["syscalls"][0]["errnoRet"] == 1
@@ -118,12 +119,10 @@ def test_spec_survives_the_trip_to_the_agent_and_back() -> None:
 
 
 def test_wrong_types_name_the_json_path() -> None:
-    with pytest.raises(InvalidArgument, match=r"process\.user\.uid"):
-        process_to_pb({"args": ["x"], "user": {"uid": "root"}})
-    with pytest.raises(InvalidArgument, match=r"resources\.pids\.limit"):
-        resources_to_pb({"pids": {"limit": "many"}})
-    with pytest.raises(InvalidArgument):
-        process_to_pb({"args": []})
+    with pytest.raises(OciJsonError, match=r"process\.user\.uid"):
+        oci_from_json({"args": ["x"], "user": {"uid": "root"}}, oci_pb2.Process(), "process")
+    with pytest.raises(OciJsonError, match=r"resources\.pids\.limit"):
+        oci_from_json({"pids": {"limit": "many"}}, oci_pb2.LinuxResources(), "resources")
 
 
 def test_stats_become_cgroups_v1_metrics() -> None:
@@ -147,7 +146,7 @@ def test_stats_become_cgroups_v1_metrics() -> None:
     c.hugetlb_stats["2MB"].usage = 0
     c.hugetlb_stats["2MB"].failcnt = 1
     resp.network_stats.add(name="eth0", rx_bytes=10, tx_bytes=20)
-    m = metrics_from_stats(resp)
+    m = metrics_from_stats(stats_from_pb(resp))  # the agent's answer as the client hands it over
     assert (m.cpu.usage.total, m.cpu.usage.kernel, m.cpu.usage.user) == (1000, 300, 700)
     assert list(m.cpu.usage.per_cpu) == [600, 400] and m.cpu.throttling.throttled_periods == 3
     assert (m.memory.usage.usage, m.memory.usage.max, m.memory.usage.limit, m.memory.usage.failcnt) == (

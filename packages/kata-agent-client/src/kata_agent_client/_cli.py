@@ -13,10 +13,9 @@ import uuid
 import trio
 
 from kata_agent_client._client import AgentClient, open_agent_client
-from kata_agent_client._errors import AgentError
+from kata_agent_client._errors import AgentCallError, AgentError
 from kata_agent_client._logs import forward_logs
 from kata_agent_client._types import ContainerSpec, Process
-from kata_proto import ttrpc
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -169,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         args.rootfs = os.path.abspath(args.rootfs)
     try:
         return trio.run(_main, args)
-    except (AgentError, ttrpc.TtrpcError, OSError, KeyError) as err:
+    except AgentCallError as err:  # "WaitProcess: NOT_FOUND: container 'x' not found"
+        print(f"kata-agent-ctl: {err}", file=sys.stderr)
+        return 1
+    except (AgentError, OSError, KeyError) as err:
         print(f"kata-agent-ctl: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -12,7 +12,14 @@ from google.protobuf import empty_pb2
 
 from kata_agent_client import _convert as cv
 from kata_agent_client._connect import AgentAddress, connect
-from kata_agent_client._errors import AgentTimeout
+from kata_agent_client._errors import (
+    AgentConnectionLost,
+    AgentDisconnected,
+    AgentError,
+    AgentTimeout,
+    BadSpec,
+    agent_error,
+)
 from kata_agent_client._types import (
     AgentVersion,
     ARPNeighbor,
@@ -28,7 +35,7 @@ from kata_agent_client._types import (
     Storage,
 )
 from kata_proto import ttrpc
-from kata_proto.agent import agent_pb2, health_pb2
+from kata_proto.agent import OciJsonError, agent_pb2, health_pb2, oci_from_json
 
 AGENT = "grpc.AgentService"
 HEALTH = "grpc.Health"
@@ -81,13 +88,19 @@ class AgentClient:
     async def _call(self, method: str, request: Any, response_type: type[Any], service: str = AGENT) -> Any:
         timeout = None if method in NO_TIMEOUT else self.timeout
         if self.lost is not None:
-            raise ttrpc.ConnectionClosed(f"agent connection lost: {self.lost}")
+            raise AgentConnectionLost(f"{method}: agent connection lost: {self.lost}")
         raw = self._client
         if raw is None or self.closing:
-            raise trio.ClosedResourceError("agent client is closed")
+            raise AgentDisconnected(f"{method}: the agent client is closed")
         if raw.broken is not None:  # between a lost connection and the next (or the verdict)
-            raise ttrpc.ConnectionClosed(f"agent connection: {raw.broken}")
-        return await raw.call(service, method, request, response_type, timeout=timeout)
+            raise AgentDisconnected(f"{method}: agent connection: {raw.broken}")
+        try:
+            return await raw.call(service, method, request, response_type, timeout=timeout)
+        except Exception as err:
+            mapped = agent_error(err, method)
+            if mapped is None:
+                raise
+            raise mapped from err
 
     # -- health -----------------------------------------------------------------------------------
     async def check(self) -> bool:
@@ -130,13 +143,16 @@ class AgentClient:
     async def create_container(
         self,
         container_id: str,
-        spec: ContainerSpec,
+        spec: ContainerSpec | Mapping[str, Any],
         *,
         storages: list[Storage] | None = None,
         devices: list[Device] | None = None,
         stdio_ports: StdioPorts | None = None,
     ) -> None:
         """CreateContainer (the init process is created, not started).
+
+        `spec`: a `ContainerSpec`, or a whole OCI config.json (as a runtime has it; BadSpec if a value does
+        not fit oci.proto).
 
         `stdio_ports`: the passfd streams (their host ports) that carry the init's stdio.
         """
@@ -155,7 +171,10 @@ class AgentClient:
             ],
         )
         (stdio_ports or StdioPorts()).set_on(req)
-        req.OCI.CopyFrom(cv.spec_pb(spec))
+        if isinstance(spec, ContainerSpec):
+            req.OCI.CopyFrom(cv.spec_pb(spec))
+        else:
+            _from_json(spec, req.OCI)
         await self._call("CreateContainer", req, empty_pb2.Empty)
 
     async def start_container(self, container_id: str) -> None:
@@ -173,12 +192,24 @@ class AgentClient:
         await self._call("RemoveContainer", req, empty_pb2.Empty)
 
     async def exec_process(
-        self, container_id: str, exec_id: str, process: Process, *, stdio_ports: StdioPorts | None = None
+        self,
+        container_id: str,
+        exec_id: str,
+        process: Process | Mapping[str, Any],
+        *,
+        stdio_ports: StdioPorts | None = None,
     ) -> None:
-        """ExecProcess: start another process in a running container (stdio through passfd ports)."""
+        """ExecProcess: start another process in a running container (stdio through passfd ports).
+
+        `process`: a `Process`, or an OCI process object (Task.Exec's spec)."""
         req = agent_pb2.ExecProcessRequest(container_id=container_id, exec_id=exec_id)
         (stdio_ports or StdioPorts()).set_on(req)
-        req.process.CopyFrom(cv.process_pb(process))
+        if isinstance(process, Process):
+            req.process.CopyFrom(cv.process_pb(process))
+        else:
+            if not process.get("args"):
+                raise BadSpec("OCI process has no args")
+            _from_json(process, req.process, "process")
         await self._call("ExecProcess", req, empty_pb2.Empty)
 
     async def signal_process(self, container_id: str, exec_id: str, signal: int) -> None:
@@ -227,10 +258,13 @@ class AgentClient:
         )
         await self._call("TtyWinResize", req, empty_pb2.Empty)
 
-    async def update_container(self, container_id: str, resources: Resources) -> None:
-        """UpdateContainer."""
+    async def update_container(self, container_id: str, resources: Resources | Mapping[str, Any]) -> None:
+        """UpdateContainer with `Resources` or OCI LinuxResources JSON (Task.Update's)."""
         req = agent_pb2.UpdateContainerRequest(container_id=container_id)
-        req.resources.CopyFrom(cv.resources_pb(resources))
+        if isinstance(resources, Resources):
+            req.resources.CopyFrom(cv.resources_pb(resources))
+        else:
+            _from_json(resources, req.resources, "resources")
         await self._call("UpdateContainer", req, empty_pb2.Empty)
 
     async def stats_container(self, container_id: str) -> ContainerStats:
@@ -347,6 +381,13 @@ class AgentClient:
         return await self._call(method, request, response_type)
 
 
+def _from_json(data: Mapping[str, Any], msg: Any, where: str = "") -> None:
+    try:
+        oci_from_json(data, msg, where)
+    except OciJsonError as err:
+        raise BadSpec(str(err)) from err
+
+
 async def _try_connect(
     addr: AgentAddress, stack: AsyncExitStack, call_timeout: float, deadline: float
 ) -> ttrpc.TtrpcClient | None:
@@ -396,7 +437,7 @@ class _Link:
             except trio.TooSlowError as err:
                 await attempt.aclose()
                 raise AgentTimeout(f"agent at {self.label} not ready within {budget} s: {last}") from err
-            except (OSError, ttrpc.TtrpcError, trio.BrokenResourceError) as err:
+            except (OSError, ttrpc.TtrpcError, trio.BrokenResourceError, AgentError) as err:
                 last = err
             if raw is not None:
                 stack.push_async_exit(attempt)
@@ -442,7 +483,7 @@ async def open_agent_client(
     Every connection error (nothing listening yet, the hybrid vsock muxer closing because the
     guest port is not open) is retried; AgentTimeout when the deadline passes. `call_timeout`
     is the per-call timeout (upstream's 30 s; long polls have none). When the connection breaks
-    later, calls in flight fail (`ttrpc.ConnectionClosed`); with `reconnect_timeout` > 0 the client
+    later, calls in flight fail (`AgentDisconnected`); with `reconnect_timeout` > 0 the client
     dials again within that many seconds (`generation` counts connections, `wait_reconnected`),
     otherwise or after that the client is `lost` (`wait_lost`).
     """

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from kata_agent_client._types import (
+    BLKIO_LISTS,
     ARPNeighbor,
+    BlkioEntry,
     ContainerSpec,
     ContainerStats,
+    HugetlbStats,
     Interface,
     IPAddress,
+    MemoryEntry,
+    NetworkStats,
     Process,
     Resources,
     Route,
@@ -138,6 +143,7 @@ def stats_from_pb(msg: agent_pb2.StatsContainerResponse) -> ContainerStats:
     c = msg.cgroup_stats
     mem = c.memory_stats
     cpu = c.cpu_stats.cpu_usage
+    throttling = c.cpu_stats.throttling_data
     return ContainerStats(
         memory_usage=mem.usage.usage,
         memory_max_usage=mem.usage.max_usage,
@@ -149,4 +155,36 @@ def stats_from_pb(msg: agent_pb2.StatsContainerResponse) -> ContainerStats:
         pids_current=c.pids_stats.current,
         pids_limit=c.pids_stats.limit,
         memory_stats=dict(mem.stats),
+        memory_failcnt=mem.usage.failcnt,
+        memory_swap=_memory_entry(mem.swap_usage),
+        memory_kernel=_memory_entry(mem.kernel_usage),
+        cpu_per_cpu_ns=list(cpu.percpu_usage),
+        throttling_periods=throttling.periods,
+        throttled_periods=throttling.throttled_periods,
+        throttled_time_ns=throttling.throttled_time,
+        hugetlb={
+            size: HugetlbStats(h.usage, h.max_usage, h.failcnt) for size, h in sorted(c.hugetlb_stats.items())
+        },
+        blkio={
+            name: [BlkioEntry(e.op, e.major, e.minor, e.value) for e in getattr(c.blkio_stats, name)]
+            for name in BLKIO_LISTS
+        },
+        network=[
+            NetworkStats(
+                n.name,
+                n.rx_bytes,
+                n.rx_packets,
+                n.rx_errors,
+                n.rx_dropped,
+                n.tx_bytes,
+                n.tx_packets,
+                n.tx_errors,
+                n.tx_dropped,
+            )
+            for n in msg.network_stats
+        ],
     )
+
+
+def _memory_entry(m: agent_pb2.MemoryData) -> MemoryEntry:
+    return MemoryEntry(m.usage, m.max_usage, m.limit, m.failcnt)

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from kata_agent_client._client import AgentClient
-from kata_proto import ttrpc
+from kata_agent_client._errors import AgentError
 
 #: runtime-rs checks the agent every 30 s.
 CHECK_INTERVAL = 30.0
@@ -47,13 +47,7 @@ class HealthChecker:
         try:
             with trio.fail_after(self.timeout):
                 ok = await self.client.check()
-        except (
-            trio.TooSlowError,
-            ttrpc.TtrpcError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            OSError,
-        ) as err:
+        except (trio.TooSlowError, AgentError) as err:
             error = err
         self.checks += 1
         if not ok:

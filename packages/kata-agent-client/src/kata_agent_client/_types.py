@@ -172,9 +172,67 @@ class ARPNeighbor:
     state: int = 0x80
 
 
+@dataclass(frozen=True)
+class MemoryEntry:
+    """One memory counter of a cgroup (usage, swap or kernel)."""
+
+    usage: int = 0
+    max_usage: int = 0
+    limit: int = 0
+    failcnt: int = 0
+
+
+@dataclass(frozen=True)
+class BlkioEntry:
+    """One line of a blkio list (`op` is Read, Write, Sync, Async, Total...)."""
+
+    op: str
+    major: int
+    minor: int
+    value: int
+
+
+@dataclass(frozen=True)
+class HugetlbStats:
+    """Hugetlb usage of one page size."""
+
+    usage: int
+    max_usage: int
+    failcnt: int
+
+
+@dataclass(frozen=True)
+class NetworkStats:
+    """Counters of one guest network interface."""
+
+    name: str
+    rx_bytes: int = 0
+    rx_packets: int = 0
+    rx_errors: int = 0
+    rx_dropped: int = 0
+    tx_bytes: int = 0
+    tx_packets: int = 0
+    tx_errors: int = 0
+    tx_dropped: int = 0
+
+
+#: The blkio lists of StatsContainer, by their agent.proto names.
+BLKIO_LISTS = (
+    "io_service_bytes_recursive",
+    "io_serviced_recursive",
+    "io_queued_recursive",
+    "io_service_time_recursive",
+    "io_wait_time_recursive",
+    "io_merged_recursive",
+    "io_time_recursive",
+    "sectors_recursive",
+)
+
+
 @dataclass
 class ContainerStats:
-    """The parts of StatsContainer callers use: memory, CPU and pids."""
+    """Everything StatsContainer answers: the container's cgroup (memory, CPU, pids, blkio, hugetlb) and
+    the guest's network interfaces."""
 
     memory_usage: int
     memory_max_usage: int
@@ -186,6 +244,18 @@ class ContainerStats:
     pids_current: int
     pids_limit: int
     memory_stats: dict[str, int] = field(default_factory=dict)
+    memory_failcnt: int = 0
+    memory_swap: MemoryEntry = field(default_factory=MemoryEntry)
+    memory_kernel: MemoryEntry = field(default_factory=MemoryEntry)
+    cpu_per_cpu_ns: list[int] = field(default_factory=list)
+    throttling_periods: int = 0
+    throttled_periods: int = 0
+    throttled_time_ns: int = 0
+    hugetlb: dict[str, HugetlbStats] = field(default_factory=dict)
+    """page size (e.g. "2MB") -> usage"""
+    blkio: dict[str, list[BlkioEntry]] = field(default_factory=dict)
+    """one of BLKIO_LISTS -> its entries"""
+    network: list[NetworkStats] = field(default_factory=list)
 
 
 @dataclass

@@ -12,7 +12,7 @@ await pod.sandbox.stop(); await pod.sandbox.cleanup()
 from kata_shim.virt_container._container import LOST_EXIT_CODE, VirtContainerManager
 from kata_shim.virt_container._handler import VirtContainer
 from kata_shim.virt_container._metrics import metrics_from_stats
-from kata_shim.virt_container._oci import guest_spec, json_to_message, process_to_pb, spec_to_pb
+from kata_shim.virt_container._oci import guest_spec
 from kata_shim.virt_container._sandbox import (
     MOUNTS_FILE,
     HypervisorBuilder,
@@ -31,8 +31,5 @@ __all__ = [
     "VirtSandbox",
     "default_hypervisor_factory",
     "guest_spec",
-    "json_to_message",
     "metrics_from_stats",
-    "process_to_pb",
-    "spec_to_pb",
 ]

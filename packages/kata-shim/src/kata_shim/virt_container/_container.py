@@ -16,12 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
-from kata_agent_client import AgentClient, StdioPorts
-from kata_proto import ttrpc
-from kata_proto.agent import agent_pb2
+from kata_agent_client import (
+    AgentAlreadyExists,
+    AgentClient,
+    AgentDisconnected,
+    AgentError,
+    AgentFailedPrecondition,
+    AgentInvalidArgument,
+    AgentNotFound,
+    BadSpec,
+    StdioPorts,
+)
 from kata_proto.containerd import TOPIC_EXIT, events_pb2
 from kata_resources import ResourceError, mount_rootfs, share_volumes
 from kata_shim.runtime._base import (
@@ -39,10 +46,10 @@ from kata_shim.runtime._base import (
     Stdio,
 )
 from kata_shim.virt_container._metrics import metrics_from_stats
-from kata_shim.virt_container._oci import guest_spec, process_to_pb, resources_to_pb, spec_to_pb
+from kata_shim.virt_container._oci import guest_spec
 from kata_shim.virt_container._passfd import passfd_stdio
 from kata_shim.virt_container._sandbox import VirtSandbox
-from kata_shim.virt_container._stdio import AGENT_GONE, StdinCopy, copy_output, open_output_fifo
+from kata_shim.virt_container._stdio import StdinCopy, copy_output, open_output_fifo
 
 log = logging.getLogger("kata_shim.virt_container")
 
@@ -56,16 +63,16 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _translate(err: ttrpc.TtrpcError, what: str) -> RuntimeHandlerError:
-    """An agent status as the error the Task service maps back to the same code."""
+def _translate(err: AgentError, what: str) -> RuntimeHandlerError:
+    """An agent client error as the error the Task service maps back to the same code."""
     text = f"{what}: {err}"
-    if isinstance(err, ttrpc.NotFound):
+    if isinstance(err, AgentNotFound):
         return NotFound(text)
-    if isinstance(err, ttrpc.AlreadyExists):
+    if isinstance(err, AgentAlreadyExists):
         return AlreadyExists(text)
-    if isinstance(err, ttrpc.InvalidArgument):
+    if isinstance(err, AgentInvalidArgument | BadSpec):
         return InvalidArgument(text)
-    if isinstance(err, ttrpc.FailedPrecondition):
+    if isinstance(err, AgentFailedPrecondition):
         return FailedPrecondition(text)
     return RuntimeHandlerError(text)
 
@@ -154,11 +161,7 @@ class VirtContainerManager:
             mounts = share_volumes(config.spec.get("mounts") or [], layout, cid, ledger)
             spec = guest_spec(config.spec, cid, layout.rootfs_guest_path(cid), mounts)
             await self._open_stdio(agent, process)
-            request = (process.ports or StdioPorts()).set_on(
-                agent_pb2.CreateContainerRequest(container_id=cid)
-            )
-            request.OCI.CopyFrom(spec_to_pb(spec))
-            await agent.call("CreateContainer", request, empty_pb2.Empty)
+            await agent.create_container(cid, spec, stdio_ports=process.ports)
         except BaseException as err:
             self._close_stdio(process)
             try:
@@ -167,7 +170,7 @@ class VirtContainerManager:
                 layout.remove_container(cid)
             except ResourceError as rm_err:
                 log.warning("container %s: %s", cid, rm_err)
-            if isinstance(err, ttrpc.TtrpcError):
+            if isinstance(err, AgentError):
                 raise _translate(err, f"CreateContainer {cid}") from err
             if isinstance(err, (ResourceError, ValueError, OSError)):
                 raise InvalidArgument(f"container {cid}: {err}") from err
@@ -220,14 +223,10 @@ class VirtContainerManager:
         try:
             if process.exec_id:
                 assert p.spec is not None
-                request = (p.ports or StdioPorts()).set_on(
-                    agent_pb2.ExecProcessRequest(container_id=c.id, exec_id=process.exec_id)
-                )
-                request.process.CopyFrom(process_to_pb(p.spec))
-                await agent.call("ExecProcess", request, empty_pb2.Empty)
+                await agent.exec_process(c.id, process.exec_id, p.spec, stdio_ports=p.ports)
             else:
                 await agent.start_container(c.id)
-        except ttrpc.TtrpcError as err:
+        except AgentError as err:
             raise _translate(err, f"start {process}") from err
         p.status = ProcessStatus.RUNNING
         self._start_io_and_wait(agent, p)
@@ -273,7 +272,7 @@ class VirtContainerManager:
             generation = agent.generation
             try:
                 return await agent.wait_process(cid, eid)
-            except ttrpc.ConnectionClosed as err:
+            except AgentDisconnected as err:
                 if await agent.wait_reconnected(generation):
                     log.info("process %s: agent reconnected, asking WaitProcess again", p.id)
                     continue
@@ -356,7 +355,7 @@ class VirtContainerManager:
         agent = self._agent()
         try:
             await agent.signal_process(process.container_id, process.exec_id, signal)
-        except ttrpc.TtrpcError as err:
+        except AgentError as err:
             raise _translate(err, f"kill {process}") from err
         if p.status is ProcessStatus.CREATED:
             # A created init killed before start still exits (runc's shim reports it): wait for it.
@@ -405,8 +404,8 @@ class VirtContainerManager:
             try:
                 with trio.move_on_after(self.sandbox.destroy_timeout):
                     await agent.remove_container(c.id)
-            except (*AGENT_GONE,) as err:
-                if not isinstance(err, ttrpc.NotFound):
+            except AgentError as err:
+                if not isinstance(err, AgentNotFound):
                     errors.append(f"RemoveContainer: {err}")
         layout = self.sandbox.layout
         try:
@@ -435,7 +434,7 @@ class VirtContainerManager:
         elif p.status is ProcessStatus.RUNNING:
             try:
                 await self._agent().close_stdin(process.container_id, process.exec_id)
-            except ttrpc.TtrpcError as err:
+            except AgentError as err:
                 raise _translate(err, f"close io of {process}") from err
 
     async def resize_process_pty(self, process: ProcessId, width: int, height: int) -> None:
@@ -447,7 +446,7 @@ class VirtContainerManager:
             return  # containerd resizes before start too; the agent has no pty yet
         try:
             await self._agent().tty_win_resize(process.container_id, process.exec_id, height, width)
-        except ttrpc.TtrpcError as err:
+        except AgentError as err:
             raise _translate(err, f"resize {process}") from err
 
     # -- container-wide ---------------------------------------------------------------------------
@@ -456,7 +455,7 @@ class VirtContainerManager:
         c = self._container(container_id)
         try:
             await self._agent().pause_container(container_id)
-        except ttrpc.TtrpcError as err:
+        except AgentError as err:
             raise _translate(err, f"pause {container_id}") from err
         c.paused = True
 
@@ -465,28 +464,25 @@ class VirtContainerManager:
         c = self._container(container_id)
         try:
             await self._agent().resume_container(container_id)
-        except ttrpc.TtrpcError as err:
+        except AgentError as err:
             raise _translate(err, f"resume {container_id}") from err
         c.paused = False
 
     async def stats_container(self, container_id: str) -> Message:
         """StatsContainer as io.containerd.cgroups.v1.Metrics."""
         self._container(container_id)
-        request = agent_pb2.StatsContainerRequest(container_id=container_id)
         try:
-            resp = await self._agent().call("StatsContainer", request, agent_pb2.StatsContainerResponse)
-        except ttrpc.TtrpcError as err:
+            stats = await self._agent().stats_container(container_id)
+        except AgentError as err:
             raise _translate(err, f"stats {container_id}") from err
-        return metrics_from_stats(resp)
+        return metrics_from_stats(stats)
 
     async def update_container(self, container_id: str, resources: dict[str, Any]) -> None:
         """UpdateContainer with OCI LinuxResources JSON."""
         self._container(container_id)
-        request = agent_pb2.UpdateContainerRequest(container_id=container_id)
-        request.resources.CopyFrom(resources_to_pb(resources))
         try:
-            await self._agent().call("UpdateContainer", request, empty_pb2.Empty)
-        except ttrpc.TtrpcError as err:
+            await self._agent().update_container(container_id, resources)
+        except AgentError as err:
             raise _translate(err, f"update {container_id}") from err
 
     async def pids(self, container_id: str) -> list[int]:

@@ -1,9 +1,10 @@
-"""The agent's StatsContainerResponse as containerd's cgroups v1 Metrics (what `ctr task metrics` shows)."""
+"""The agent's container stats as containerd's cgroups v1 Metrics (what `ctr task metrics` shows)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from kata_agent_client import BLKIO_LISTS, ContainerStats, MemoryEntry
 from kata_proto.containerd import cgroups_v1_metrics_pb2 as metrics_pb2
 
 # memory.stat keys (cgroup v1) whose Metrics field is spelled differently; the rest keep their name.
@@ -14,16 +15,6 @@ _MEMORY_STAT_FIELDS = {
     "pgmajfault": "pg_maj_fault",
     "hierarchical_memsw_limit": "hierarchical_swap_limit",
 }
-_BLKIO_LISTS = (
-    "io_service_bytes_recursive",
-    "io_serviced_recursive",
-    "io_queued_recursive",
-    "io_service_time_recursive",
-    "io_wait_time_recursive",
-    "io_merged_recursive",
-    "io_time_recursive",
-    "sectors_recursive",
-)
 
 
 def _memory_field(key: str) -> str:
@@ -32,44 +23,42 @@ def _memory_field(key: str) -> str:
     return _MEMORY_STAT_FIELDS.get(key, key)
 
 
-def _entry(dst: Any, src: Any) -> None:
+def _entry(dst: Any, src: MemoryEntry) -> None:
     dst.limit = src.limit
     dst.usage = src.usage
     dst.max = src.max_usage
     dst.failcnt = src.failcnt
 
 
-def metrics_from_stats(resp: Any) -> metrics_pb2.Metrics:
-    """Translate a grpc.StatsContainerResponse into io.containerd.cgroups.v1.Metrics."""
+def metrics_from_stats(stats: ContainerStats) -> metrics_pb2.Metrics:
+    """The agent's ContainerStats as io.containerd.cgroups.v1.Metrics."""
     out = metrics_pb2.Metrics()
-    c = resp.cgroup_stats
-    for pagesize, h in sorted(c.hugetlb_stats.items()):
+    for pagesize, h in sorted(stats.hugetlb.items()):
         out.hugetlb.add(usage=h.usage, max=h.max_usage, failcnt=h.failcnt, pagesize=pagesize)
-    out.pids.current = c.pids_stats.current
-    out.pids.limit = c.pids_stats.limit
-    cpu = c.cpu_stats
-    out.cpu.usage.total = cpu.cpu_usage.total_usage
-    out.cpu.usage.kernel = cpu.cpu_usage.usage_in_kernelmode
-    out.cpu.usage.user = cpu.cpu_usage.usage_in_usermode
-    out.cpu.usage.per_cpu.extend(cpu.cpu_usage.percpu_usage)
-    out.cpu.throttling.periods = cpu.throttling_data.periods
-    out.cpu.throttling.throttled_periods = cpu.throttling_data.throttled_periods
-    out.cpu.throttling.throttled_time = cpu.throttling_data.throttled_time
-    mem = c.memory_stats
-    out.memory.cache = mem.cache
-    _entry(out.memory.usage, mem.usage)
-    _entry(out.memory.swap, mem.swap_usage)
-    _entry(out.memory.kernel, mem.kernel_usage)
+    out.pids.current = stats.pids_current
+    out.pids.limit = stats.pids_limit
+    out.cpu.usage.total = stats.cpu_total_ns
+    out.cpu.usage.kernel = stats.cpu_kernel_ns
+    out.cpu.usage.user = stats.cpu_user_ns
+    out.cpu.usage.per_cpu.extend(stats.cpu_per_cpu_ns)
+    out.cpu.throttling.periods = stats.throttling_periods
+    out.cpu.throttling.throttled_periods = stats.throttled_periods
+    out.cpu.throttling.throttled_time = stats.throttled_time_ns
+    out.memory.cache = stats.memory_cache
+    usage = MemoryEntry(stats.memory_usage, stats.memory_max_usage, stats.memory_limit, stats.memory_failcnt)
+    _entry(out.memory.usage, usage)
+    _entry(out.memory.swap, stats.memory_swap)
+    _entry(out.memory.kernel, stats.memory_kernel)
     known = {f.name for f in metrics_pb2.MemoryStat.DESCRIPTOR.fields}
-    for key, value in mem.stats.items():
+    for key, value in stats.memory_stats.items():
         name = _memory_field(key)
         if name in known and name not in {"usage", "swap", "kernel", "kernel_tcp"}:
             setattr(out.memory, name, value)
-    for name in _BLKIO_LISTS:
+    for name in BLKIO_LISTS:
         target = getattr(out.blkio, name)
-        for e in getattr(c.blkio_stats, name):
+        for e in stats.blkio.get(name, []):
             target.add(op=e.op, major=e.major, minor=e.minor, value=e.value)
-    for n in resp.network_stats:
+    for n in stats.network:
         out.network.add(
             name=n.name,
             rx_bytes=n.rx_bytes,

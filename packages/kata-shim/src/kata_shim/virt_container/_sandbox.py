@@ -24,8 +24,14 @@ from typing import Any
 
 import trio
 
-from kata_agent_client import AgentClient, HealthChecker, Storage, forward_logs, open_agent_client
-from kata_proto import ttrpc
+from kata_agent_client import (
+    AgentClient,
+    AgentError,
+    HealthChecker,
+    Storage,
+    forward_logs,
+    open_agent_client,
+)
 from kata_proto.containerd import TOPIC_OOM, events_pb2
 from kata_resources import (
     GUEST_SHARED_DIR,
@@ -307,7 +313,7 @@ class VirtSandbox:
         while True:
             try:
                 container_id = await self.agent.get_oom_event()
-            except (ttrpc.TtrpcError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
+            except (AgentError, OSError) as err:
                 log.debug("sandbox %s: OOM long-poll ends: %r", self.sandbox_id, err)
                 return
             except FailedPrecondition:

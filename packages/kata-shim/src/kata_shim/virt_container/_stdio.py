@@ -16,13 +16,14 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from kata_proto import ttrpc
+from kata_agent_client import AgentError
 
 log = logging.getLogger("kata_shim.virt_container")
 
 CHUNK = 64 * 1024
 #: Errors that mean the agent (or the VM) is gone: a copy ends as if at EOF.
-AGENT_GONE = (ttrpc.TtrpcError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+AGENT_GONE = (AgentError, OSError)
+"""What ends a stdio copy: the agent refused or went away, or the fifo did."""
 
 
 def open_output_fifo(path: str) -> int:
