@@ -184,6 +184,20 @@ def test_start_path_imports_only_light_standard_modules(tmp_path: Path) -> None:
     assert result.stdout.strip() == "[]"
 
 
+def test_delete_path_leaves_network_cgroup_and_async_modules_unimported() -> None:
+    # containerd gives `delete` a few seconds; under nested TCG pyroute2 + trio + cgroupspy alone took
+    # longer (containerd killed the delete, and the dead shim's mounts stayed).
+    code = (
+        "import sys\n"
+        "import kata_shim.shim._delete, kata_shim.persist\n"
+        "from kata_shim.persist import cleanup_sandbox\n"
+        "heavy = ['trio', 'pyroute2', 'cgroupspy', 'kata_resources._network', 'kata_resources._cgroups']\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_cli_reports_usage_errors_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["-bogus", "1", "start"]) == 2
     err = capsys.readouterr().err

@@ -9,15 +9,9 @@ guest_mounts = share_volumes(spec["mounts"], layout, "c1", ledger)
 ledger.undo(); layout.remove()        # never unmounts or deletes anything the ledger did not make
 """
 
+from typing import TYPE_CHECKING, Any
+
 from kata_resources.__about__ import __version__
-from kata_resources._cgroups import (
-    CGROUP_ROOT,
-    CgroupError,
-    CgroupLimits,
-    SandboxCgroup,
-    cgroup_relative_path,
-    cgroup_version,
-)
 from kata_resources._dns import MAX_RESOLV_CONF, RESOLV_CONF, dns_from_mounts
 from kata_resources._errors import MountError, ResourceError, VolumeError
 from kata_resources._ledger import (
@@ -48,24 +42,6 @@ from kata_resources._mount import (
     parse_options,
     umount,
 )
-from kata_resources._netns import NetnsError, run_in_netns, to_thread_in_netns
-from kata_resources._network import (
-    Endpoint,
-    InterfaceSpec,
-    IPAddressSpec,
-    NeighborSpec,
-    Network,
-    NetworkError,
-    NetworkModel,
-    RouteSpec,
-    rescan_network,
-    rescan_network_sync,
-    setup_network,
-    setup_network_sync,
-    tap_name,
-    teardown_network,
-    teardown_network_sync,
-)
 from kata_resources._pod_shm import (
     DEFAULT_SHM_SIZE,
     GUEST_SANDBOX_SHM,
@@ -92,6 +68,76 @@ from kata_resources._sizing import (
     workload_size,
 )
 from kata_resources._volumes import VolumeKind, VolumePlan, classify, share_volumes
+
+if TYPE_CHECKING:
+    from kata_resources._cgroups import (
+        CGROUP_ROOT,
+        CgroupError,
+        CgroupLimits,
+        SandboxCgroup,
+        cgroup_relative_path,
+        cgroup_version,
+    )
+    from kata_resources._netns import NetnsError, run_in_netns, to_thread_in_netns
+    from kata_resources._network import (
+        Endpoint,
+        InterfaceSpec,
+        IPAddressSpec,
+        NeighborSpec,
+        Network,
+        NetworkError,
+        NetworkModel,
+        RouteSpec,
+        rescan_network,
+        rescan_network_sync,
+        setup_network,
+        setup_network_sync,
+        tap_name,
+        teardown_network,
+        teardown_network_sync,
+    )
+
+# Network, netns and cgroup support pull in pyroute2, trio and cgroupspy (~0.4 s of imports on the host,
+# seconds under emulation): imported on first use, so `containerd-shim-kata-v2 delete`, which only cleans up
+# mounts, stays light enough for containerd's timeout.
+_LAZY = {
+    "CGROUP_ROOT": "_cgroups",
+    "CgroupError": "_cgroups",
+    "CgroupLimits": "_cgroups",
+    "SandboxCgroup": "_cgroups",
+    "cgroup_relative_path": "_cgroups",
+    "cgroup_version": "_cgroups",
+    "NetnsError": "_netns",
+    "run_in_netns": "_netns",
+    "to_thread_in_netns": "_netns",
+    "Endpoint": "_network",
+    "InterfaceSpec": "_network",
+    "IPAddressSpec": "_network",
+    "NeighborSpec": "_network",
+    "Network": "_network",
+    "NetworkError": "_network",
+    "NetworkModel": "_network",
+    "RouteSpec": "_network",
+    "rescan_network": "_network",
+    "rescan_network_sync": "_network",
+    "setup_network": "_network",
+    "setup_network_sync": "_network",
+    "tap_name": "_network",
+    "teardown_network": "_network",
+    "teardown_network_sync": "_network",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kata_resources' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"kata_resources.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CGROUP_ROOT",
