@@ -9,8 +9,8 @@ lists, the busybox binary, the sandbox package versions):
     initrd-test.img      busybox initramfs for test guests: loads the virtio drivers, runs `lab.run=PATH`
                          if given on the kernel command line, else prints KATA-LAB-GUEST-OK and powers off
     rootfs-sandbox.ext4  read-only root of the sandbox guest: Debian's python3 (stdlib byte-compiled), crun,
-                         busybox, and the agent in /opt/kata-agent: kata_agent + kata_proto from
-                         packages/*/src and the pinned AGENT_WHEELS, byte-compiled, in lib/; the `start`
+                         busybox, and the agent in /opt/kata-agent: kata_agent, kata_proto, kata_sys_util
+                         from packages/*/src and the pinned AGENT_WHEELS, byte-compiled, in lib/; the `start`
                          script that mounts the guest's filesystems and runs the agent
     rootfs-sandbox.erofs the same tree as erofs (boot it with lab.rootfstype=erofs; ext4 measured faster)
     initrd-sandbox.img   mounts /dev/vda (that image) under a tmpfs overlay and runs /opt/kata-agent/start,
@@ -108,7 +108,8 @@ AGENT_WHEELS = [
     "sortedcontainers==2.4.0", "protobuf==7.36.2", "pyroute2==0.9.7",
 ]  # fmt: skip
 AGENT_SOURCES = [REPO / "packages" / "kata-agent" / "src" / "kata_agent",
-                 REPO / "packages" / "kata-proto" / "src" / "kata_proto"]  # fmt: skip
+                 REPO / "packages" / "kata-proto" / "src" / "kata_proto",
+                 REPO / "packages" / "kata-sys-util" / "src" / "kata_sys_util"]  # fmt: skip
 AGENT_DIR = "opt/kata-agent"
 
 
@@ -484,7 +485,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def install_agent(dest: Path) -> None:
-    """kata_agent, kata_proto and the pinned wheels into dest/lib, byte-compiled; dest/start runs it."""
+    """AGENT_SOURCES and the pinned wheels into dest/lib, byte-compiled; dest/start runs the agent."""
     lib = dest / "lib"
     lib.mkdir(parents=True, exist_ok=True)
     for wheel in fetch_wheels():

@@ -1,38 +1,41 @@
-"""mount(2)/umount2(2) through libc and the storage handlers of CreateSandbox/CreateContainer."""
+"""The storage handlers of CreateSandbox/CreateContainer (mount(2), option parsing: kata-sys-util)."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
-import functools
 import os
 from dataclasses import dataclass
 from typing import Any
 
+import kata_sys_util as sys_util
 from kata_proto import ttrpc
+from kata_sys_util import (
+    MNT_DETACH,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOSUID,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+    is_mountpoint,
+    parse_options,
+)
 
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REMOUNT = 0x20
-MS_NOATIME = 0x400
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MNT_DETACH = 0x2
-
-_FLAGS = {
-    "ro": MS_RDONLY,
-    "nosuid": MS_NOSUID,
-    "nodev": MS_NODEV,
-    "noexec": MS_NOEXEC,
-    "noatime": MS_NOATIME,
-    "bind": MS_BIND,
-    "rbind": MS_BIND | MS_REC,
-}
-_CLEAR = {"rw", "suid", "dev", "exec", "atime", "defaults"}
+__all__ = [
+    "MS_BIND",
+    "MS_NODEV",
+    "MS_RDONLY",
+    "MS_REC",
+    "STORAGE_DRIVERS",
+    "MountedStorage",
+    "is_mountpoint",
+    "mount",
+    "mount_storage",
+    "parse_options",
+    "release_storages",
+    "umount",
+]
 
 #: Storage drivers this agent knows (reported in GetGuestDetails).
 STORAGE_DRIVERS = (
@@ -48,49 +51,18 @@ STORAGE_DRIVERS = (
 )
 
 
-@functools.cache
-def _c() -> Any:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def parse_options(options: list[str]) -> tuple[int, str]:
-    """Split mount options into MS_* flags and the filesystem's data string."""
-    flags = 0
-    data = []
-    for opt in options:
-        if opt in _FLAGS:
-            flags |= _FLAGS[opt]
-        elif opt in _CLEAR or not opt:
-            continue
-        else:
-            data.append(opt)
-    return flags, ",".join(data)
-
-
 def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
     """mount(2); raises OSError with the errno."""
-    rc = _c().mount(source.encode(), target.encode(), fstype.encode() or None, flags, data.encode() or None)
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {source} on {target} ({fstype or 'bind'}): {os.strerror(err)}")
+    sys_util.mount(source or None, target, fstype, flags, data)
 
 
 def umount(target: str) -> None:
-    """Lazy umount2(2); a target that is not mounted (EINVAL, ENOENT) is fine."""
-    rc = _c().umount2(target.encode(), MNT_DETACH)
-    if rc != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOENT):
-            raise OSError(err, f"umount {target}: {os.strerror(err)}")
-
-
-def is_mountpoint(path: str) -> bool:
-    """True when `path` appears in /proc/self/mountinfo as a mount point."""
+    """Lazy umount2(2); a target that is not mounted (EINVAL, ENOENT) is fine (in the guest, its own)."""
     try:
-        with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == path for line in f)
-    except OSError:
-        return False
+        sys_util.umount(target, MNT_DETACH)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOENT):
+            raise
 
 
 @dataclass

@@ -24,15 +24,12 @@ from kata_sys_util import (
     MS_REMOUNT,
     MS_SHARED,
     MS_SLAVE,
+    PROPAGATION,
     UMOUNT_NOFOLLOW,
     is_mountpoint,
     mounts_below,
+    parse_options,
 )
-
-MS_NOATIME = 0x400
-MS_NODIRATIME = 0x800
-MS_RELATIME = 0x200000
-MS_STRICTATIME = 0x1000000
 
 __all__ = [
     "MNT_DETACH",
@@ -54,38 +51,6 @@ __all__ = [
     "parse_options",
     "umount",
 ]
-
-_SET_FLAGS = {
-    "ro": MS_RDONLY,
-    "nosuid": MS_NOSUID,
-    "nodev": MS_NODEV,
-    "noexec": MS_NOEXEC,
-    "noatime": MS_NOATIME,
-    "nodiratime": MS_NODIRATIME,
-    "relatime": MS_RELATIME,
-    "strictatime": MS_STRICTATIME,
-    "bind": MS_BIND,
-    "rbind": MS_BIND | MS_REC,
-}
-_NO_OP = {"rw", "suid", "dev", "exec", "atime", "diratime", "defaults", "async", "auto"}
-PROPAGATION = {"private", "rprivate", "shared", "rshared", "slave", "rslave", "unbindable", "runbindable"}
-
-
-def parse_options(options: list[str] | tuple[str, ...]) -> tuple[int, str]:
-    """Split fstab-style options into MS_* flags and the filesystem's data string.
-
-    Propagation options (rprivate...) are dropped: they are not data and apply after the mount.
-    """
-    flags = 0
-    data: list[str] = []
-    for opt in options:
-        if opt in _SET_FLAGS:
-            flags |= _SET_FLAGS[opt]
-        elif opt in _NO_OP or opt in PROPAGATION or not opt:
-            continue
-        else:
-            data.append(opt)
-    return flags, ",".join(data)
 
 
 def _wrap(err: OSError) -> MountError:

@@ -7,6 +7,7 @@ A host path the guest could have written is never passed here as a path: open it
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from kata_sys_util._libc import check, fspath_bytes, libc
 
@@ -33,6 +34,38 @@ MNT_EXPIRE = 0x4
 UMOUNT_NOFOLLOW = 0x8
 
 Path_ = str | os.PathLike[str] | bytes
+
+_SET_FLAGS = {
+    "ro": MS_RDONLY,
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": MS_NOATIME,
+    "nodiratime": MS_NODIRATIME,
+    "relatime": MS_RELATIME,
+    "strictatime": MS_STRICTATIME,
+    "bind": MS_BIND,
+    "rbind": MS_BIND | MS_REC,
+}
+_NO_OP = {"rw", "suid", "dev", "exec", "atime", "diratime", "defaults", "async", "auto"}
+PROPAGATION = {"private", "rprivate", "shared", "rshared", "slave", "rslave", "unbindable", "runbindable"}
+
+
+def parse_options(options: Iterable[str]) -> tuple[int, str]:
+    """Split fstab-style options into MS_* flags and the filesystem's data string.
+
+    Propagation options (rprivate...) are dropped: they are not data and apply after the mount.
+    """
+    flags = 0
+    data: list[str] = []
+    for opt in options:
+        if opt in _SET_FLAGS:
+            flags |= _SET_FLAGS[opt]
+        elif opt in _NO_OP or opt in PROPAGATION or not opt:
+            continue
+        else:
+            data.append(opt)
+    return flags, ",".join(data)
 
 
 def proc_fd_path(fd: int) -> str:
