@@ -12,23 +12,12 @@ it through ``/proc/<its init pid>/ns/pid`` (Kubernetes ``shareProcessNamespace``
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import threading
 from typing import Any
 
 from kata_agent._mount import MS_BIND, mount, umount
-
-#: <linux/sched.h>
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _oserror(what: str) -> OSError:
-    errno = ctypes.get_errno()
-    return OSError(errno, f"{what}: {os.strerror(errno)}")
+from kata_sys_util import CLONE_NEWIPC, CLONE_NEWUTS, sethostname, unshare
 
 
 class PodNamespaces:
@@ -55,12 +44,9 @@ class PodNamespaces:
 
         def persist() -> None:
             try:
-                if _libc.unshare(CLONE_NEWIPC | CLONE_NEWUTS) != 0:
-                    raise _oserror("unshare(CLONE_NEWIPC|CLONE_NEWUTS)")
+                unshare(CLONE_NEWIPC | CLONE_NEWUTS)
                 if hostname:
-                    name = hostname.encode()
-                    if _libc.sethostname(name, len(name)) != 0:
-                        raise _oserror(f"sethostname {hostname!r}")
+                    sethostname(hostname)
                 for kind, target in (("ipc", ns.ipc), ("uts", ns.uts)):
                     mount(f"/proc/thread-self/ns/{kind}", target, "", MS_BIND)
             except BaseException as err:

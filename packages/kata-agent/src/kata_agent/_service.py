@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -29,18 +28,16 @@ from kata_agent._passfd import PassfdStdio, PassfdStreams, closed_on_error
 from kata_agent._runtime import OciRuntime
 from kata_proto import ttrpc
 from kata_proto.agent import agent_pb2, health_pb2
+from kata_sys_util import set_child_subreaper
 
 log = logging.getLogger("kata_agent")
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-PR_SET_CHILD_SUBREAPER = 36
 
 
 def become_subreaper() -> None:
     """prctl(PR_SET_CHILD_SUBREAPER): orphaned container processes are re-parented to us."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    set_child_subreaper()
 
 
 @dataclass

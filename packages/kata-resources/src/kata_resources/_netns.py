@@ -10,7 +10,6 @@ sandbox's namespace by accident, and the event loop's threads stay in the shim's
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import threading
 from collections.abc import Callable
@@ -20,13 +19,9 @@ from typing import Any, TypeVar
 import trio
 
 from kata_resources._errors import ResourceError
+from kata_sys_util import CLONE_NEWNET, setns
 
 T = TypeVar("T")
-
-#: <linux/sched.h>
-CLONE_NEWNET = 0x40000000
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class NetnsError(ResourceError, OSError):
@@ -41,9 +36,10 @@ def _open_netns(path: str | Path) -> int:
 
 
 def _enter(fd: int, path: str | Path) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        errno = ctypes.get_errno()
-        raise NetnsError(errno, f"setns({path}, CLONE_NEWNET): {os.strerror(errno)}")
+    try:
+        setns(fd, CLONE_NEWNET, str(path))
+    except OSError as err:
+        raise NetnsError(err.errno, f"setns({path}, CLONE_NEWNET): {os.strerror(err.errno or 0)}") from err
 
 
 class _Call:

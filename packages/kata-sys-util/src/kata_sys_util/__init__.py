@@ -12,10 +12,6 @@ refused = remove_beneath(root, "mounts/c1")             # never deletes through 
 
 from kata_sys_util.__about__ import __version__
 from kata_sys_util._beneath import (
-    RESOLVE_BENEATH,
-    RESOLVE_NO_MAGICLINKS,
-    RESOLVE_NO_SYMLINKS,
-    RESOLVE_NO_XDEV,
     bind_beneath,
     create_file_beneath,
     mkdir_beneath,
@@ -25,6 +21,19 @@ from kata_sys_util._beneath import (
     opened_beneath,
     remove_beneath,
     write_atomic,
+)
+from kata_sys_util._fsops import (
+    AT_EMPTY_PATH,
+    AT_SYMLINK_NOFOLLOW,
+    RESOLVE_BENEATH,
+    RESOLVE_NO_MAGICLINKS,
+    RESOLVE_NO_SYMLINKS,
+    RESOLVE_NO_XDEV,
+    fallocate,
+    fchownat_empty,
+    getdents64,
+    openat2,
+    renameat2,
 )
 from kata_sys_util._libc import libc
 from kata_sys_util._mount import (
@@ -60,8 +69,27 @@ from kata_sys_util._mountinfo import (
     parse_mountinfo,
     unescape,
 )
+from kata_sys_util._proc import (
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    CLONE_NEWUTS,
+    set_child_subreaper,
+    set_thread_name,
+    sethostname,
+    setns,
+    unshare,
+)
 
 __all__ = [
+    "AT_EMPTY_PATH",
+    "AT_SYMLINK_NOFOLLOW",
+    "CLONE_NEWIPC",
+    "CLONE_NEWNET",
+    "CLONE_NEWNS",
+    "CLONE_NEWPID",
+    "CLONE_NEWUTS",
     "MNT_DETACH",
     "MNT_FORCE",
     "MS_BIND",
@@ -86,7 +114,10 @@ __all__ = [
     "bind_beneath",
     "create_file_beneath",
     "escape",
+    "fallocate",
+    "fchownat_empty",
     "find_mount",
+    "getdents64",
     "is_mountpoint",
     "libc",
     "mkdir_beneath",
@@ -96,14 +127,21 @@ __all__ = [
     "mountinfo",
     "mounts_below",
     "open_beneath",
+    "openat2",
     "opened_beneath",
     "parse_line",
     "parse_mountinfo",
     "parse_options",
     "proc_fd_path",
     "remove_beneath",
+    "renameat2",
+    "set_child_subreaper",
+    "set_thread_name",
+    "sethostname",
+    "setns",
     "umount",
     "umount_fd",
     "unescape",
+    "unshare",
     "write_atomic",
 ]

@@ -17,29 +17,23 @@ import stat
 import tempfile
 from collections.abc import Iterator
 
+from kata_sys_util._fsops import (
+    AT_EMPTY_PATH,
+    AT_SYMLINK_NOFOLLOW,
+    RESOLVE_BENEATH,
+    RESOLVE_NO_MAGICLINKS,
+    RESOLVE_NO_SYMLINKS,
+    openat2,
+)
 from kata_sys_util._libc import check, libc
 from kata_sys_util._mount import MS_BIND, MS_REC, MS_REMOUNT, mount, proc_fd_path, umount_fd
 
-# <linux/openat2.h>, Linux 6.1
-RESOLVE_NO_XDEV = 0x01
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
-SYS_openat2 = 437  # same number on every architecture (asm-generic/unistd.h)
 # <linux/stat.h>
 STATX_MNT_ID = 0x1000
-AT_SYMLINK_NOFOLLOW = 0x100
-AT_EMPTY_PATH = 0x1000
 
 _RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 _openat2 = {"missing": False}
 """Set once the kernel answered ENOSYS: the walk is used from then on."""
-
-
-class open_how(ctypes.Structure):
-    """struct open_how, <linux/openat2.h>."""
-
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
 class statx(ctypes.Structure):
@@ -64,9 +58,7 @@ def _components(rel: str | os.PathLike[str]) -> list[str]:
 
 
 def _openat2_call(root: int, rel: str, flags: int, mode: int) -> int:
-    how = open_how(flags | os.O_CLOEXEC, mode, _RESOLVE)
-    fd = libc().syscall(SYS_openat2, root, os.fsencode(rel or "."), ctypes.byref(how), ctypes.sizeof(how))
-    return int(check(fd, "openat2", rel))
+    return openat2(root, rel or ".", flags, mode, _RESOLVE)
 
 
 def _walk(root: int, parts: list[str], flags: int, mode: int) -> int:

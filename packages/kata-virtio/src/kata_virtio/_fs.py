@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import logging
 import os
 import queue
@@ -21,6 +20,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
+from kata_sys_util import set_thread_name
 from kata_virtio._device import DeviceError, VirtioDevice
 from kata_virtio._fs_server import MAX_WRITE, UNLOCKED_OPCODES, FsPolicy, FuseServer
 from kata_virtio._memory import VirtioError
@@ -45,8 +45,6 @@ WORKERS = 2
 #: each holds at most MAX_REQUEST bytes of request and MAX_WRITE of reply, so about 8 MiB in all).
 MAX_IN_FLIGHT = 32
 _OPCODE = struct.Struct("<I")
-_PR_SET_NAME = 15
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(slots=True)
@@ -233,7 +231,7 @@ class VirtioFs(VirtioDevice):
 
     def _work(self) -> None:
         # The OS thread name too, so /proc/<pid>/task (and the shim's thread budget) shows who it is.
-        _libc.prctl(_PR_SET_NAME, threading.current_thread().name.encode()[:15], 0, 0, 0)
+        set_thread_name(threading.current_thread().name)
         while (job := self._jobs.get()) is not None:
             job.reply = self.server.handle(job.request, job.space)  # never raises
             with self._done_lock:

@@ -9,7 +9,6 @@ symlinks and a symlink swapped in after lookup cannot lead outside it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -20,19 +19,20 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from kata_sys_util import (
+    RESOLVE_BENEATH,
+    RESOLVE_NO_MAGICLINKS,
+    RESOLVE_NO_SYMLINKS,
+    fallocate,
+    fchownat_empty,
+    getdents64,
+    openat2,
+    renameat2,
+)
 from kata_virtio import _fuse as F
 from kata_virtio._memory import VirtioError
 
 _log = logging.getLogger("kata_virtio.fs")
-_libc = ctypes.CDLL(None, use_errno=True)
-
-# openat2(2) (include/uapi/linux/openat2.h)
-_SYS_openat2 = 437  # x86-64
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
-AT_EMPTY_PATH = 0x1000
-AT_SYMLINK_NOFOLLOW = 0x100
 
 #: How long the guest may cache entries and attributes (seconds).
 TIMEOUT = 1
@@ -58,65 +58,11 @@ class _Reply(Exception):
         self.errno = err
 
 
-class _open_how(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-def openat2(dirfd: int, name: str, flags: int, mode: int = 0, resolve: int = RESOLVE_BENEATH) -> int:
-    """openat2(2) with ``resolve`` flags; raises OSError."""
-    how = _open_how(flags | os.O_CLOEXEC, mode, resolve)
-    fd = _libc.syscall(_SYS_openat2, dirfd, os.fsencode(name), ctypes.byref(how), ctypes.sizeof(how))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), name)
-    return int(fd)
-
-
-def _check(ret: int, what: str) -> None:
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), what)
-
-
-def fchownat_empty(fd: int, uid: int, gid: int) -> None:
-    """fchownat(fd, "", uid, gid, AT_EMPTY_PATH|AT_SYMLINK_NOFOLLOW): chown the inode behind an O_PATH fd."""
-    _check(_libc.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "fchownat")
-
-
-def renameat2(olddir: int, old: str, newdir: int, new: str, flags: int) -> None:
-    """renameat2(2) (RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT)."""
-    _check(_libc.renameat2(olddir, os.fsencode(old), newdir, os.fsencode(new), flags), "renameat2")
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with any mode."""
-    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    _check(_libc.fallocate(fd, mode, offset, length), "fallocate")
-
-
 #: getdents64 batch size of one READDIR (bytes): a fuse_dirent is never smaller than a linux_dirent64,
 #: so a batch of the reply's size fills it; READDIRPLUS stops early and the guest asks again.
 READDIR_BUFFER = 32768
 #: The smallest batch: one linux_dirent64 with a 255-byte name is 280 bytes.
 READDIR_MIN_BUFFER = 1024
-_SYS_getdents64 = 217  # x86-64
-_DIRENT64 = struct.Struct("<QqHB")  # d_ino d_off d_reclen d_type, then the NUL-terminated name
-
-
-def getdents64(fd: int, size: int) -> list[tuple[bytes, int, int, int]]:
-    """One getdents64(2) batch from the directory fd's position: (name, ino, d_off, d_type) tuples."""
-    buf = ctypes.create_string_buffer(size)
-    n = _libc.syscall(_SYS_getdents64, fd, buf, size)
-    _check(n, "getdents64")
-    data = buf.raw[:n]
-    entries = []
-    pos = 0
-    while pos < n:
-        ino, off, reclen, dtype = _DIRENT64.unpack_from(data, pos)
-        name_end = data.index(b"\0", pos + _DIRENT64.size, pos + reclen)
-        entries.append((data[pos + _DIRENT64.size : name_end], ino, off & 0xFFFFFFFFFFFFFFFF, dtype))
-        pos += reclen
-    return entries
 
 
 def _dirents(batch: list[tuple[bytes, int, int, int]], size: int) -> bytes:
