@@ -6,7 +6,7 @@ from kata_virtio._device import DeviceError, DeviceInterrupt, EventSource, Ticki
 from kata_virtio._fs import VirtioFs
 from kata_virtio._fs_server import FsPolicy, FsServerError, FuseServer
 from kata_virtio._memory import GuestAddressError, GuestMemory, InterruptTrigger, VirtioError
-from kata_virtio._mmio import MMIO_WINDOW_SIZE, MmioTransport
+from kata_virtio._mmio import MMIO_WINDOW_SIZE, VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
 from kata_virtio._net import VirtioNet
 from kata_virtio._queue import (
     AvailRingError,
@@ -27,6 +27,7 @@ from kata_virtio._vsock import VirtioVsock
 
 __all__ = [
     "MMIO_WINDOW_SIZE",
+    "VIRTIO_MMIO_QUEUE_NOTIFY",
     "AvailRingError",
     "ChainReader",
     "ChainWriter",

@@ -7,6 +7,7 @@ RAM larger than the window start continues above 4 GiB.
 
 from __future__ import annotations
 
+from kata_virtio import MMIO_WINDOW_SIZE
 from kata_vmm._memory import GuestAddress
 
 KiB = 1 << 10
@@ -40,7 +41,7 @@ INITRD_ALIGN = 2 * MiB
 MMIO_GAP_START = GuestAddress(0xD000_0000)
 MMIO_GAP_END = GuestAddress(0x1_0000_0000)
 VIRTIO_MMIO_START = GuestAddress(0xD000_0000)
-VIRTIO_MMIO_SLOT_SIZE = 0x1000
+VIRTIO_MMIO_SLOT_SIZE = MMIO_WINDOW_SIZE  # one virtio-mmio register window per slot
 VIRTIO_MMIO_SLOTS = 32
 IOAPIC_START = GuestAddress(0xFEC0_0000)
 LAPIC_START = GuestAddress(0xFEE0_0000)

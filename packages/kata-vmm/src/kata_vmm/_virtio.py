@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kata_virtio import (
+    VIRTIO_MMIO_QUEUE_NOTIFY,
     EventSource,
     FsPolicy,
     GuestMemory,
@@ -39,7 +40,6 @@ from kata_vmm._eventfd import IoEventFd, IrqFd
 from kata_vmm._kvm import Vm
 
 #: virtio 1.2 §4.2.2: QueueNotify register offset in the window.
-VIRTIO_MMIO_QUEUE_NOTIFY = 0x050
 TICK_SECONDS = 1.0
 
 _log = logging.getLogger(__name__)
