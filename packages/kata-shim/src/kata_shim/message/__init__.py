@@ -2,6 +2,6 @@
 runtime handler manager it routes to."""
 
 from kata_shim.message._dispatcher import MessageDispatcher
-from kata_shim.runtime._manager import RuntimeHandlerManager
+from kata_shim.message._manager import RuntimeHandlerManager
 
 __all__ = ["MessageDispatcher", "RuntimeHandlerManager"]

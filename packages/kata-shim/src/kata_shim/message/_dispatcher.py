@@ -29,6 +29,7 @@ from kata_proto.containerd import (
     events_pb2,
     mount_pb2,
 )
+from kata_shim.message._manager import RuntimeHandlerManager
 from kata_shim.runtime._base import (
     ContainerConfig,
     ContainerManager,
@@ -39,7 +40,6 @@ from kata_shim.runtime._base import (
     ProcessState,
     Publisher,
 )
-from kata_shim.runtime._manager import RuntimeHandlerManager
 
 log = logging.getLogger("kata_shim.dispatcher")
 

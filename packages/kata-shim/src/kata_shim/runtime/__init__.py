@@ -1,6 +1,7 @@
-"""Container abstractions: the contract (`RuntimeHandler`, `RuntimeInstance`, `Sandbox`,
-`ContainerManager`, their dataclasses and errors), the registry by `[runtime] name`, and the manager
-that builds the pod's instance."""
+"""Container abstractions, the bottom layer of the shim (runtime-rs's `common` crate): the contract
+(`RuntimeHandler`, `RuntimeInstance`, `Sandbox`, `ContainerManager`, their dataclasses and errors) and the
+registry by `[runtime] name`. The manager that builds the pod's instance is the message layer's
+(`kata_shim.message.RuntimeHandlerManager`)."""
 
 from kata_shim.runtime._base import (
     AlreadyExists,
