@@ -44,6 +44,8 @@ LINT_DEPS = ["ruff==0.17.6", "mypy==2.4.1", "import-linter==2.16", "types-protob
 # A guest-booting test that hangs fails after this long with every thread's stack instead of eating CI's time
 # (the slowest lab test, the shim's 10-container thread count under TCG, takes about 3 minutes).
 LAB_TEST_TIMEOUT = 900
+# The whole lab run (about 20 minutes today): a lab VM whose own kernel locks up ends the run after this long.
+LAB_RUN_TIMEOUT = 3000
 
 nox.options.default_venv_backend = "uv|venv"
 nox.options.reuse_existing_virtualenvs = True
@@ -228,6 +230,8 @@ def lab(session: nox.Session) -> None:
     session.run(
         "lab/labvm",
         "exec",
+        "--timeout",
+        str(LAB_RUN_TIMEOUT),
         "--env",
         f"PATH={path}",
         "--env",

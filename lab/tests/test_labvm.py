@@ -91,3 +91,38 @@ def test_cpio_archive_holds_files_symlinks_and_device_nodes(tmp_path: Path) -> N
     assert names["bin/sh"].startswith("l") and names["bin/sh"].endswith("-> busybox")
     assert names["dev/console"].startswith("crw-------")
     assert len(archive.read_bytes()) % 512 == 0
+
+
+class _HungVm:
+    """What run_in_vm sees of a lab VM whose command started and then never ended (a locked-up kernel)."""
+
+    interactive = False
+    boot_timeout = 60.0
+    console = None
+
+    def __init__(self) -> None:
+        import socket
+
+        self.peers = {}
+        self.conns = {}
+        for name in ("ctl", "stdout", "stderr"):
+            ours, theirs = socket.socketpair()
+            self.conns[name], self.peers[name] = ours, theirs
+        self.peers["ctl"].sendall(b"started\n")
+
+        class _Qemu:
+            def poll(self) -> None:
+                return None
+
+        self.qemu = _Qemu()
+
+    def start(self) -> dict[str, object]:
+        return self.conns
+
+
+def test_a_command_past_its_timeout_ends_the_run_with_a_clear_error() -> None:
+    vm = _HungVm()
+    with pytest.raises(labvm.LabError, match=r"did not finish within 1 s"):
+        labvm.run_in_vm(vm, "sleep 600", timeout=1)
+    for sock in (*vm.conns.values(), *vm.peers.values()):
+        sock.close()
