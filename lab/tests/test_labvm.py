@@ -126,3 +126,11 @@ def test_a_command_past_its_timeout_ends_the_run_with_a_clear_error() -> None:
         labvm.run_in_vm(vm, "sleep 600", timeout=1)
     for sock in (*vm.conns.values(), *vm.peers.values()):
         sock.close()
+
+
+def test_a_command_silent_past_its_idle_timeout_ends_the_run() -> None:
+    vm = _HungVm()
+    with pytest.raises(labvm.LabError, match=r"printed nothing for 1 s"):
+        labvm.run_in_vm(vm, "sleep 600", timeout=600, idle_timeout=1)
+    for sock in (*vm.conns.values(), *vm.peers.values()):
+        sock.close()
