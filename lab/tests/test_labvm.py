@@ -70,6 +70,14 @@ def test_request_script_keeps_arguments_cwd_and_only_the_given_environment(
     assert done.stdout.split("|")[:-1] == expected
 
 
+def test_lab_cpu_has_no_xsave_unless_overridden(monkeypatch: pytest.MonkeyPatch) -> None:
+    # nested guests stalled after "Booting from ROM..." while the lab VM offered XSAVE (lab/README.md)
+    monkeypatch.delenv("LAB_CPU", raising=False)
+    assert labvm.lab_cpu() == "max,-xsave"
+    monkeypatch.setenv("LAB_CPU", "max")
+    assert labvm.lab_cpu() == "max"
+
+
 def test_memory_sizes_parse_to_mib() -> None:
     assert [labvm.parse_size_mib(s) for s in ("4G", "2048M", "512", "1.5G", "4GiB")] == [
         4096, 2048, 512, 1536, 4096
