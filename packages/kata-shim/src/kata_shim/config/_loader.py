@@ -237,7 +237,9 @@ class _Parser:
         for name in ("kernel", "image", "initrd"):
             value: Path | None = getattr(hv, name)
             if value is not None and not value.is_file():
-                raise self.error(f"{key}.{name}", f"{value} does not exist")
+                raise self.error(
+                    f"{key}.{name}", f"{value} does not exist (install the guest assets: ./dev install)"
+                )
         if hv.default_vcpus < 1:
             raise self.error(f"{key}.default_vcpus", "must be at least 1")
         if hv.default_maxvcpus and hv.default_maxvcpus < hv.default_vcpus:
