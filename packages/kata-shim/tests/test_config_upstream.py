@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,46 @@ def test_bad_value_in_a_drop_in_names_the_drop_in(tmp_path: Path) -> None:
     bad.write_text("[hypervisor.dragonball\n")
     with pytest.raises(ConfigError, match=rf"^{bad}: not valid TOML"):
         load_config_file(path)
+
+
+def test_annotations_enabled_upstream_apply_and_others_are_refused(tmp_path: Path) -> None:
+    from kata_shim.config import apply_annotations
+
+    config = load_config_file(upstream_config(tmp_path))
+    # upstream's default enable_annotations: enable_iommu, kernel_params, kernel_verity_params,
+    # default_vcpus, default_memory
+    assert "default_memory" in config.enable_annotations
+    assert "hypervisor.dragonball.enable_annotations" not in config.unused_keys
+    pod = {
+        "io.katacontainers.config.hypervisor.default_memory": "1024",
+        "io.katacontainers.config.hypervisor.kernel_params": "quiet",
+        "io.kubernetes.cri.sandbox-id": "x",  # not ours: ignored
+    }
+    applied = apply_annotations(config, pod)
+    assert applied.hypervisor.default_memory == 1024 and applied.hypervisor.kernel_params == "quiet"
+    assert config.hypervisor.default_memory == 2048  # the loaded configuration is not changed
+    refused = {
+        "io.katacontainers.config.hypervisor.default_maxvcpus": "not enabled",
+        "io.katacontainers.config.hypervisor.enable_iommu": "not supported by this shim",
+        "io.katacontainers.config.agent.enable_tracing": "not supported by this shim",
+    }
+    for name, problem in refused.items():
+        with pytest.raises(ConfigError, match=rf"^annotation {re.escape(name)}: {problem}"):
+            apply_annotations(config, {name: "true"})
+    with pytest.raises(ConfigError, match=r"default_vcpus: 'many' is not a positive integer"):
+        apply_annotations(config, {"io.katacontainers.config.hypervisor.default_vcpus": "many"})
+
+
+def test_without_enable_annotations_every_kata_annotation_is_refused(tmp_path: Path) -> None:
+    from kata_shim.config import apply_annotations, shipped_config
+
+    text = shipped_config().read_text().replace("/usr/share/kata-containers/", f"{tmp_path}/")
+    for name in ("vmlinuz", "kata-containers-initrd.img", "kata-containers.img"):
+        (tmp_path / name).write_bytes(b"\0")
+    (tmp_path / "c.toml").write_text(text)
+    config = load_config_file(tmp_path / "c.toml")
+    with pytest.raises(
+        ConfigError, match=r"not enabled \(hypervisor.dragonball.enable_annotations allows nothing\)"
+    ):
+        apply_annotations(config, {"io.katacontainers.config.hypervisor.default_memory": "1024"})
+    assert apply_annotations(config, {"other.annotation": "1"}) is config

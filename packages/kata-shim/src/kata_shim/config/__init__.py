@@ -1,5 +1,6 @@
 """Kata's configuration.toml (`[runtime]`, `[agent.kata]`, `[hypervisor.<name>]`): lookup, loading, types."""
 
+from kata_shim.config._annotations import ANNOTATION_PREFIX, apply_annotations
 from kata_shim.config._loader import (
     DROP_IN_DIR,
     ENV_CONFIG_FILE,
@@ -15,6 +16,7 @@ from kata_shim.config._loader import (
 from kata_shim.config._types import AgentConfig, RuntimeConfig, TomlConfig
 
 __all__ = [
+    "ANNOTATION_PREFIX",
     "DROP_IN_DIR",
     "ENV_CONFIG_FILE",
     "SYSTEM_CONFIG",
@@ -23,6 +25,7 @@ __all__ = [
     "ConfigError",
     "RuntimeConfig",
     "TomlConfig",
+    "apply_annotations",
     "drop_ins",
     "find_config",
     "load_config",

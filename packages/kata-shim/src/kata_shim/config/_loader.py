@@ -190,7 +190,11 @@ class _Parser:
         hv_key = f"hypervisor.{runtime.hypervisor_name}"
         if runtime.hypervisor_name not in hypervisors:
             raise self.error(hv_key, "table missing (runtime.hypervisor_name selects it)")
-        hypervisor, extra = self.fill(HypervisorConfig, self.table(doc, hv_key), hv_key)
+        hv_table = dict(self.table(doc, hv_key))
+        enable_annotations = self.convert(
+            hv_table.pop("enable_annotations", []), list[str], f"{hv_key}.enable_annotations"
+        )
+        hypervisor, extra = self.fill(HypervisorConfig, hv_table, hv_key)
         hypervisor.extra = extra
         self.unused += [f"{hv_key}.{key}" for key in extra]
         self.block_driver(hypervisor, runtime.hypervisor_name, hv_key)
@@ -209,7 +213,12 @@ class _Parser:
             if getattr(agent, key) <= 0:
                 raise self.error(f"{agent_key}.{key}", "must be positive")
         return TomlConfig(
-            path=self.path, runtime=runtime, hypervisor=hypervisor, agent=agent, unused_keys=self.unused
+            path=self.path,
+            runtime=runtime,
+            hypervisor=hypervisor,
+            agent=agent,
+            enable_annotations=typing.cast(list[str], enable_annotations),
+            unused_keys=self.unused,
         )
 
     def block_driver(self, hv: HypervisorConfig, name: str, key: str) -> None:

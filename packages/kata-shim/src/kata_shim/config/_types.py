@@ -68,6 +68,9 @@ class TomlConfig:
     runtime: RuntimeConfig
     hypervisor: HypervisorConfig
     agent: AgentConfig
+    enable_annotations: list[str] = field(default_factory=list)
+    """`[hypervisor.<name>] enable_annotations`: patterns of the hypervisor keys a pod's
+    `io.katacontainers.config.hypervisor.<key>` annotations may set (see `apply_annotations`)."""
     unused_keys: list[str] = field(default_factory=list)
     """Dotted keys this shim does not use (logged once as a warning when loaded)."""
     sources: list[Path] = field(default_factory=list)
