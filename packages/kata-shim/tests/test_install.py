@@ -44,6 +44,15 @@ def test_install_puts_shim_assets_and_a_configuration_that_loads(assets: Path, t
     shim = layout.bin_dir / "containerd-shim-kata-v2"
     done = subprocess.run([str(shim), "-v"], capture_output=True, text=True, check=False, timeout=120)
     assert done.returncode == 0 and "containerd-shim-kata-v2" in done.stdout, done.stderr
+    done = subprocess.run(
+        [str(layout.bin_dir / "kata-ctl"), "env"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env={"KATA_CONF_FILE": str(layout.config), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0 and f"# configuration: {layout.config}" in done.stdout, done.stderr
 
 
 def test_default_layout_is_katas_and_matches_the_shipped_configuration() -> None:
@@ -72,7 +81,7 @@ def test_uninstall_removes_exactly_what_install_created(assets: Path, tmp_path: 
     install(assets, layout)
     assert tree(prefix) > before
     report = uninstall(layout)
-    assert len([line for line in report if line.startswith("removed ")]) == len(ASSETS) + 2
+    assert len([line for line in report if line.startswith("removed ")]) == len(ASSETS) + 3
     assert tree(prefix) == before
     assert uninstall(layout) == [f"nothing to remove: no {layout.manifest}"]
 

@@ -8,7 +8,7 @@ Without `--prefix` (Kata's distribution layout, which the shipped configuration 
 | what | where |
 |---|---|
 | guest kernel, initrd, root image | /usr/share/kata-containers/{vmlinuz,kata-containers-{initrd.img,img}} |
-| `containerd-shim-kata-v2` | /usr/local/bin (a wrapper that runs this Python environment's shim) |
+| `containerd-shim-kata-v2`, `kata-ctl` | /usr/local/bin (wrappers into this Python environment) |
 | configuration | /etc/kata-containers/runtime-rs/configuration.toml (the shipped one, asset paths set) |
 | manifest | /var/lib/kata-shim/install.json (every file and directory the install created) |
 
@@ -40,6 +40,7 @@ ASSETS = {
     "kata-containers.img": "rootfs-sandbox.ext4",
 }
 SHIM = "containerd-shim-kata-v2"
+KATA_CTL_MAIN = "import sys; from kata_shim._kata_ctl import main; sys.exit(main())"
 ASSETS_HINT = "build them with `./dev nox -s images` (or use `./dev install`)"
 
 
@@ -147,9 +148,13 @@ def install(assets: Path, layout: Layout, force: bool = False) -> list[str]:
     manifest = _load_manifest(layout)
     owned = {entry["path"]: entry for entry in manifest["files"]}
     wrapper = "#!/bin/sh\n# installed by kata-shim install\nexec " + " ".join(shim_command()) + ' "$@"\n'
+    kata_ctl = (
+        f'#!/bin/sh\n# installed by kata-shim install\nexec {sys.executable} -c {KATA_CTL_MAIN!r} "$@"\n'
+    )
     plan: list[tuple[Path, bytes | Path, int]] = [
         *[(layout.assets_dir / name, assets / source, 0o644) for name, source in ASSETS.items()],
         (layout.bin_dir / SHIM, wrapper.encode(), 0o755),
+        (layout.bin_dir / "kata-ctl", kata_ctl.encode(), 0o755),
         (layout.config, configuration_text(layout).encode(), 0o644),
     ]
     for target, _, _ in plan:
