@@ -496,3 +496,46 @@ def test_unmodified_upstream_configuration_runs_a_container(ctrd: PrivateContain
     assert "block_device_driver 'virtio-blk-pci': dragonball devices are virtio-mmio" in log
     assert "keys this shim does not use, ignored: hypervisor.dragonball.ctlpath" in log
     assert_nothing_left(ctrd, "up1")
+
+
+@pytest.mark.lab
+def test_kata_shim_install_runs_a_container_and_uninstall_leaves_nothing(ctrd: PrivateContainerd) -> None:
+    # --prefix /opt/kata: upstream's third configuration location, so the shim finds it with no option;
+    # the lab VM's root is a throw-away overlay, and the module's /usr/share/kata-containers stays as it is
+    prefix = Path("/opt/kata")
+    assert not prefix.exists()
+    admin = "import sys; from kata_shim._cli import admin_main; sys.exit(admin_main())"
+    assets = GuestAssets().kernel.parent
+    install = [sys.executable, "-c", admin, "install", "--assets", str(assets), "--prefix", str(prefix)]
+    done = subprocess.run(install, capture_output=True, text=True, check=False, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert 'runtime_type = "io.containerd.kata.v2"' in done.stdout
+    check = subprocess.run(
+        [str(prefix / "bin" / "kata-ctl"), "check"], capture_output=True, text=True, check=False
+    )
+    assert (
+        "PASS configuration: /opt/kata/share/defaults/kata-containers/runtime-rs/configuration.toml"
+        in check.stdout
+    )
+    shim = str(prefix / "bin" / "containerd-shim-kata-v2")
+    run = ctrd.ctr(
+        "run",
+        "--rm",
+        "--runtime",
+        shim,
+        BUSYBOX_IMAGE,
+        "inst1",
+        "echo",
+        "installed",
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert run.returncode == 0, f"{run.stderr}\n{ctrd.log_tail(100)}"
+    assert run.stdout.splitlines() == ["installed"]
+    assert "config /opt/kata/share/defaults/kata-containers/runtime-rs/configuration.toml" in ctrd.log()
+    assert_nothing_left(ctrd, "inst1")
+    done = subprocess.run(
+        [*install[:3], "uninstall", "--prefix", str(prefix)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert not prefix.exists()
