@@ -23,6 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 LAB = Path(__file__).resolve().parent
@@ -33,24 +34,49 @@ if str(LAB) not in sys.path:
 DEFAULT_COMMAND = "uname -r; echo hello from a Kata VM"
 IMAGE_TAR = REPO / "build" / "lab" / "busybox-oci.tar"
 LOG_COPY = REPO / "build" / "lab" / "demo-containerd.log"
+ERROR_LOG = REPO / "build" / "lab" / "demo-error.log"
 
 
 def say(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
+class StepFailed(Exception):
+    """A step of the demo failed; the message is one line: what failed and what to do."""
+
+
+def step(what: str, argv: list[str], hint: str) -> None:
+    """Run one build step; its own output shows, a failure becomes StepFailed (no traceback)."""
+    try:
+        done = subprocess.run(argv, check=False)
+    except OSError as err:
+        raise StepFailed(f"{what}: {err}; {hint}") from err
+    if done.returncode != 0:
+        raise StepFailed(f"{what} failed (exit {done.returncode}); {hint}")
+
+
 def on_host(args: argparse.Namespace) -> int:
     """Build what the lab VM needs, then run the inside part there."""
     t0 = time.monotonic()
     say("building the guest assets (python3 lab/images/build.py; cached by input hash)")
-    subprocess.run([sys.executable, str(LAB / "images" / "build.py")], check=True)
+    step(
+        "building the guest assets",
+        [sys.executable, str(LAB / "images" / "build.py")],
+        "fix what the [images] line above says, then rerun ./dev demo",
+    )
     say("building the busybox OCI image from Debian's busybox-static")
-    subprocess.run(
-        [sys.executable, str(LAB / "images" / "busybox_oci.py"), "--out", str(IMAGE_TAR)], check=True
+    step(
+        "building the busybox OCI image",
+        [sys.executable, str(LAB / "images" / "busybox_oci.py"), "--out", str(IMAGE_TAR)],
+        "install busybox-static (./dev installs it), then rerun ./dev demo",
     )
     # the lab VM's root is a throw-away overlay: compile here, or the shim's first start compiles under TCG
     sources = [str(p) for p in sorted((REPO / "packages").glob("*/src"))]
-    subprocess.run([sys.executable, "-m", "compileall", "-q", *sources], check=True)
+    step(
+        "byte-compiling the packages",
+        [sys.executable, "-m", "compileall", "-q", *sources],
+        "fix the syntax error shown above",
+    )
     say("booting the lab VM (QEMU/TCG with nested KVM); everything below runs inside it")
     argv = [str(LAB / "labvm"), "exec"]
     if os.environ.get("KATA_LAB_GUEST_IMAGE"):  # another sandbox root to try (framework.containerd)
@@ -116,9 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         say("run as root (containerd, KVM and the lab VM need it)")
         return 1
-    if args.inside:
-        return inside(args)
-    return on_host(args)
+    try:
+        return inside(args) if args.inside else on_host(args)
+    except StepFailed as err:
+        say(f"FAILED: {err}")
+    except Exception as err:  # the edge of the program: one line, the details in a file
+        where = "in the lab VM" if args.inside else "on the host"
+        text = str(err).strip() or type(err).__name__
+        ERROR_LOG.parent.mkdir(parents=True, exist_ok=True)
+        ERROR_LOG.write_text("".join(traceback.format_exception(err)))
+        say(f"FAILED {where}: {text.splitlines()[0]} (details: {ERROR_LOG}); fix that, then rerun ./dev demo")
+    return 1
 
 
 if __name__ == "__main__":

@@ -102,7 +102,8 @@ SANDBOX_PYTHON = "python3.11"
 BUSYBOX = Path("/bin/busybox")
 
 # The agent's Python dependencies in the sandbox image: exact pins of cp311 manylinux wheels (pure Python
-# except protobuf's abi3 upb extension), fetched once with `pip download` into build/lab/cache/wheels.
+# except protobuf's abi3 upb extension), fetched once with `pip download` into build/lab/cache/wheels
+# (with a pip of its own in build/lab/cache/pip-venv when the interpreter has none).
 AGENT_WHEELS = [
     "trio==0.35.0", "attrs==26.1.0", "idna==3.20", "outcome==1.3.0.post0", "sniffio==1.3.1",
     "sortedcontainers==2.4.0", "protobuf==7.36.2", "pyroute2==0.9.7",
@@ -127,7 +128,8 @@ def run(*cmd: str, cwd: Path | None = None) -> str:
     except FileNotFoundError as err:
         raise BuildError(f"{cmd[0]} is not installed (./dev installs the lab's Debian packages)") from err
     if done.returncode != 0:
-        raise BuildError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[-800:]}")
+        last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
+        raise BuildError(f"{' '.join(cmd)} failed ({done.returncode}): {last[0].strip()[-400:]}")
     return done.stdout
 
 
@@ -503,6 +505,32 @@ def install_agent(dest: Path) -> None:
     (dest / "start").chmod(0o755)
 
 
+def _has_pip(python: str) -> bool:
+    if not os.access(python, os.X_OK):
+        return False
+    probe = subprocess.run([python, "-m", "pip", "--version"], capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+def pip_command(venv: Path) -> list[str]:
+    """A command that runs pip: this interpreter's own, else that of a venv made for it (offline, with
+    ensurepip, or `uv venv --seed`). nox's uv-made venvs and a stock Debian python3 have no pip."""
+    if _has_pip(sys.executable):
+        return [sys.executable, "-m", "pip"]
+    python = venv / "bin" / "python"
+    if not _has_pip(str(python)):
+        shutil.rmtree(venv, ignore_errors=True)
+        uv = shutil.which("uv")
+        probe = [sys.executable, "-c", "import ensurepip"]
+        if subprocess.run(probe, capture_output=True, check=False).returncode == 0:
+            run(sys.executable, "-m", "venv", str(venv))
+        elif uv is not None:
+            run(uv, "venv", "-q", "--seed", "--python", sys.executable, str(venv))
+        else:
+            raise BuildError("no pip and no way to make one: install python3-venv (./dev installs it)")
+    return [str(python), "-m", "pip"]
+
+
 def fetch_wheels() -> list[Path]:
     """The AGENT_WHEELS files from build/lab/cache/wheels, downloaded with pip when missing."""
     cache = CACHE / "wheels"
@@ -516,9 +544,10 @@ def fetch_wheels() -> list[Path]:
     missing = [pin for pin in AGENT_WHEELS if find(pin) is None]
     if missing:
         log(f"  pip download {' '.join(missing)}")
-        run(sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
-            "3.11", "--implementation", "cp", "--platform", "manylinux2014_x86_64", "--platform",
-            "manylinux_2_17_x86_64", "--platform", "any", "-d", str(cache), *missing)  # fmt: skip
+        run(*pip_command(CACHE / "pip-venv"), "download", "--no-deps", "--only-binary=:all:",
+            "--python-version", "3.11", "--implementation", "cp", "--platform", "manylinux2014_x86_64",
+            "--platform", "manylinux_2_17_x86_64", "--platform", "any",
+            "-d", str(cache), *missing)  # fmt: skip
     found = [find(pin) for pin in AGENT_WHEELS]
     absent = [pin for pin, path in zip(AGENT_WHEELS, found, strict=True) if path is None]
     if absent:

@@ -70,6 +70,25 @@ def test_request_script_keeps_arguments_cwd_and_only_the_given_environment(
     assert done.stdout.split("|")[:-1] == expected
 
 
+def test_lab_cpu_is_max_unless_overridden(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LAB_CPU", raising=False)
+    assert labvm.lab_cpu() == "max"
+    monkeypatch.setenv("LAB_CPU", "max,-xsave")  # the candidate fix for the nested-boot stall (lab/README.md)
+    assert labvm.lab_cpu() == "max,-xsave"
+
+
+def test_wheel_download_gets_a_pip_when_the_interpreter_has_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # nox's uv-made venvs and Debian's python3 have no pip; `./dev demo` died with "No module named pip"
+    has_pip = images._has_pip
+    monkeypatch.setattr(images, "_has_pip", lambda python: python != sys.executable and has_pip(python))
+    pip = images.pip_command(tmp_path / "pip-venv")
+    assert pip[0] == str(tmp_path / "pip-venv" / "bin" / "python")
+    assert subprocess.run([*pip, "--version"], capture_output=True, check=False).returncode == 0
+    assert images.pip_command(tmp_path / "pip-venv") == pip  # made once
+
+
 def test_memory_sizes_parse_to_mib() -> None:
     assert [labvm.parse_size_mib(s) for s in ("4G", "2048M", "512", "1.5G", "4GiB")] == [
         4096, 2048, 512, 1536, 4096

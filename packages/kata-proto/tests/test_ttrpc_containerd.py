@@ -168,8 +168,13 @@ def test_containerd_drives_our_server_as_a_shim(containerd: PrivateContainerd) -
     assert run.returncode == 7, f"{run.stderr}\n{containerd.log()}"  # the fake task's exit status
     calls = [line.split() for line in log.read_text().splitlines()]
     methods = [c[0] for c in calls]
-    order = ["Create", "Start", "Wait", "Delete", "Shutdown"]
-    assert [methods.index(m) for m in order] == sorted(methods.index(m) for m in order), methods
+    # Only the order containerd guarantees: Create comes first, Delete after the task was started and
+    # waited for, Shutdown after Delete. Wait and Start race (`ctr run` issues Wait before Start, from
+    # another goroutine), and Connect may come anywhere after Create.
+    first = {m: methods.index(m) for m in ("Create", "Start", "Wait", "Delete", "Shutdown")}
+    assert methods[0] == "Create", methods
+    assert first["Start"] < first["Delete"] and first["Wait"] < first["Delete"], methods
+    assert first["Delete"] < first["Shutdown"], methods
     assert all(c[1] == "fake1" for c in calls)
     # containerd sends its call timeouts as timeout_nano (State: 2 s, Shutdown: 3 s in 1.6).
     deadlines = {c[0]: c[2] for c in calls}

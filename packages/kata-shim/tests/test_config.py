@@ -52,19 +52,40 @@ enable_tracing = true
 
 @pytest.fixture
 def no_system_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    path = tmp_path / "etc-configuration.toml"
-    monkeypatch.setattr(_loader, "SYSTEM_CONFIG", path)
-    return path
+    """The first of the system configuration files, moved under tmp_path (none of them exists)."""
+    paths = tuple(tmp_path / "system" / str(i) / "configuration.toml" for i in range(3))
+    monkeypatch.setattr(_loader, "SYSTEM_CONFIGS", paths)
+    return paths[0]
 
 
-def test_lookup_order_option_env_system_shipped(tmp_path: Path, no_system_config: Path) -> None:
+def test_lookup_order_env_option_system_shipped(tmp_path: Path, no_system_config: Path) -> None:
+    # upstream runtime-rs (runtimes/src/manager.rs load_config): KATA_CONF_FILE, then the option
     env = {"KATA_CONF_FILE": "/from/env.toml"}
-    assert find_config("/from/option.toml", env) == (Path("/from/option.toml"), "runtime options config_path")
-    assert find_config("", env) == (Path("/from/env.toml"), "KATA_CONF_FILE")
+    assert find_config("/from/option.toml", env) == (Path("/from/env.toml"), "KATA_CONF_FILE")
+    option = (Path("/from/option.toml"), "runtime options config_path")
+    assert find_config("/from/option.toml", {}) == option
     assert find_config("", {}) == (shipped_config(), "shipped default")
+    no_system_config.parent.mkdir(parents=True)
     no_system_config.write_text("")
     assert find_config("", {}) == (no_system_config, "system default")
     assert find_config("", env)[0] == Path("/from/env.toml")
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_each_system_location_is_found_in_upstream_order(tmp_path: Path, index: int) -> None:
+    defaults = [tmp_path / name / "configuration.toml" for name in ("etc", "usr-share-defaults", "opt-kata")]
+    for path in defaults[index:]:
+        path.parent.mkdir(parents=True)
+        path.write_text("")
+    assert find_config("", {}, defaults) == (defaults[index], "system default")
+
+
+def test_system_locations_are_upstreams() -> None:
+    assert [str(p) for p in _loader.SYSTEM_CONFIGS] == [
+        "/etc/kata-containers/runtime-rs/configuration.toml",
+        "/usr/share/defaults/kata-containers/runtime-rs/configuration.toml",
+        "/opt/kata/share/defaults/kata-containers/runtime-rs/configuration.toml",
+    ]
 
 
 def test_load_reads_every_table(tmp_path: Path, assets: dict[str, Path], no_system_config: Path) -> None:

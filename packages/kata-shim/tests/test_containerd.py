@@ -88,14 +88,31 @@ def test_ctr_run_shows_the_config_error_from_kata_conf_file(
     assert "WARNING kata_shim.service: Create failed: " in ctrd.log()
 
 
-def test_runtime_config_path_option_wins_and_names_the_missing_kernel(
+def test_kata_conf_file_wins_over_the_config_path_option(
     env_containerd: tuple[PrivateContainerd, Path],
 ) -> None:
+    # upstream runtime-rs (runtimes/src/manager.rs load_config) reads KATA_CONF_FILE before the option
     ctrd, tmp = env_containerd
     config = tmp / "option-config.toml"
     config.write_text(f'[hypervisor.dragonball]\nkernel = "{tmp}/no-such-vmlinuz"\n')
     result = ctr_run(ctrd, tmp, "k2", "--runtime-config-path", str(config))
     assert result.returncode != 0
-    expected = f"{config}: hypervisor.dragonball.kernel: {tmp}/no-such-vmlinuz does not exist"
+    expected = f"{tmp / 'env-config.toml'}: runtime.hypervisor_name: unknown hypervisor 'qemu'"
     assert expected in result.stderr, result.stderr + ctrd.log()
     assert_nothing_left(ctrd, tmp, "k2")
+
+
+def test_runtime_config_path_option_names_the_missing_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KATA_SHIM_STATE_ROOT", str(tmp_path / "run-kata"))
+    monkeypatch.setenv("KATA_SHIM_SHARED_ROOT", str(tmp_path / "shared"))
+    monkeypatch.delenv("KATA_CONF_FILE", raising=False)
+    config = tmp_path / "option-config.toml"
+    config.write_text(f'[hypervisor.dragonball]\nkernel = "{tmp_path}/no-such-vmlinuz"\n')
+    with private_containerd() as ctrd:
+        result = ctr_run(ctrd, tmp_path, "k3", "--runtime-config-path", str(config))
+        assert result.returncode != 0
+        expected = f"{config}: hypervisor.dragonball.kernel: {tmp_path}/no-such-vmlinuz does not exist"
+        assert expected in result.stderr, result.stderr + ctrd.log()
+        assert_nothing_left(ctrd, tmp_path, "k3")

@@ -576,3 +576,18 @@ def test_shutdown_exits_only_when_no_container_is_left(tmp_path: Path) -> None:
         assert not h.store.path("sb1").parent.exists()
 
     run(tmp_path, body)
+
+
+def test_create_applies_enabled_kata_annotations_and_refuses_the_others(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        memory = {"io.katacontainers.config.hypervisor.default_memory": "1024"}
+        with pytest.raises(ttrpc.InvalidArgument, match="default_memory: not enabled"):
+            await h.task.Create(h.create_request("c1", annotations=memory))
+        text = h.config_path.read_text().replace(
+            "[hypervisor.dragonball]\n", '[hypervisor.dragonball]\nenable_annotations = ["default_memory"]\n'
+        )
+        h.config_path.write_text(text)
+        await h.task.Create(h.create_request("c2", annotations=memory))
+        assert h.handler.configs[0].hypervisor.default_memory == 1024
+
+    run(tmp_path, body)

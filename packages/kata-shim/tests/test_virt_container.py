@@ -421,11 +421,7 @@ def _leftovers(base: Path) -> list[str]:
 
 @asynccontextmanager
 async def running_pod(
-    virtiofs: dict[str, Path],
-    *,
-    fail: str = "",
-    dial_timeout_ms: int = 10_000,
-    reconnect_timeout_ms: int = 3_000,
+    virtiofs: dict[str, Path], *, fail: str = "", reconnect_timeout_ms: int = 10_000
 ) -> AsyncIterator[Pod]:
     """A VirtContainer instance on AgentVm, started with a throwaway first container config."""
     base = Path(tempfile.mkdtemp(prefix="kvc-", dir="/tmp"))
@@ -456,7 +452,7 @@ async def running_pod(
                 Path("test.toml"),
                 RuntimeConfig(use_passfd_io=fail in ("passfd", "passfd_silent")),
                 HypervisorConfig(),
-                AgentConfig(dial_timeout_ms=dial_timeout_ms, reconnect_timeout_ms=reconnect_timeout_ms),
+                AgentConfig(reconnect_timeout_ms=reconnect_timeout_ms),
             )
             instance = handler.new_instance("sb1", config, publish)
             assert isinstance(instance.sandbox, VirtSandbox)
@@ -834,8 +830,9 @@ def test_failed_start_leaves_nothing_behind(
 ) -> None:
     async def main() -> None:
         with pytest.raises(BaseExceptionGroup) as info:  # the test's own nursery wraps it
-            dial = 30_000 if fail == "vm_dies" else 300  # a dying VM must not wait for the dial timeout
-            async with running_pod(virtiofs_as_bind, fail=fail, dial_timeout_ms=dial):
+            # a dying VM must not wait for the agent budget (upstream's floor: 10 s)
+            budget = 30_000 if fail == "vm_dies" else 10_000
+            async with running_pod(virtiofs_as_bind, fail=fail, reconnect_timeout_ms=budget):
                 raise AssertionError("must not start")
         (err,) = info.value.exceptions
         assert isinstance(err, SandboxError)
@@ -923,7 +920,7 @@ def test_cancelled_start_while_dialling_cleans_up_at_once(virtiofs_as_bind: dict
                     state_root=base / "state",
                 )
                 config = TomlConfig(
-                    Path("t"), RuntimeConfig(), HypervisorConfig(), AgentConfig(dial_timeout_ms=60_000)
+                    Path("t"), RuntimeConfig(), HypervisorConfig(), AgentConfig(reconnect_timeout_ms=60_000)
                 )
 
                 async def publish(topic: str, msg: Message) -> None:

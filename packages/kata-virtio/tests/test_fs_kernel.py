@@ -10,6 +10,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import shlex
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -65,10 +66,17 @@ def fuse_mount(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
         server.close()
 
 
+def _in_mount(mnt: Path, script: str) -> list[str]:
+    """`sh -ec` running SCRIPT in MNT. The shell cds there itself: a child must never start with its cwd on
+    the mount. CPython before 3.11.6 (Debian 12 has 3.11.2) holds the GIL across vfork() until the child
+    execs, and a child whose chdir() needs a FUSE reply (attributes past their 1 s validity, a new name)
+    waits for this process's serving thread, which waits for the GIL: a deadlock whenever the machine is
+    slow enough for the attributes to expire (the child sits in request_wait_answer under fuse_permission)."""
+    return ["sh", "-ec", f"cd {shlex.quote(str(mnt))}\n{script}"]
+
+
 def _sh(script: str, cwd: Path) -> str:
-    out = subprocess.run(
-        ["sh", "-ec", script], check=False, cwd=cwd, capture_output=True, text=True, timeout=60
-    )
+    out = subprocess.run(_in_mount(cwd, script), check=False, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -127,7 +135,7 @@ def test_swapped_symlink_under_an_open_directory_stays_inside(
         f"cd sub; cat inner; touch {ready}; while [ ! -e {go} ]; do sleep 0.02; done; "
         "cat secret 2>/dev/null || echo refused; echo planted > planted"
     )
-    proc = subprocess.Popen(["sh", "-ec", script], cwd=mnt, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_in_mount(mnt, script), stdout=subprocess.PIPE, text=True)
     try:
         for _ in range(500):
             if ready.exists():

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from kata_agent_client._client import AgentClient
-from kata_agent_client._errors import AgentError
+from kata_agent_client._errors import AgentConnectionLost, AgentDisconnected, AgentError
 
 #: runtime-rs checks the agent every 30 s.
 CHECK_INTERVAL = 30.0
@@ -47,6 +47,12 @@ class HealthChecker:
         try:
             with trio.fail_after(self.timeout):
                 ok = await self.client.check()
+        except AgentDisconnected as err:
+            if not isinstance(err, AgentConnectionLost):
+                # Between a lost connection and the client's next one: the reconnect budget decides, not
+                # this check (it is neither a success nor a failure).
+                return False
+            error = err
         except (trio.TooSlowError, AgentError) as err:
             error = err
         self.checks += 1

@@ -49,3 +49,43 @@ def main(argv: list[str] | None = None) -> int:
     from kata_shim.shim._run import run
 
     return run(flags)
+
+
+def admin_main(argv: list[str] | None = None) -> int:
+    """`kata-shim install | uninstall`: put the shim, guest assets and configuration into a host."""
+    import argparse  # here: containerd's `start` path imports this module and must stay light
+    from pathlib import Path
+
+    from kata_shim._install import InstallError, Layout, containerd_snippet, install, uninstall
+
+    parser = argparse.ArgumentParser(prog="kata-shim", description="install the shim for a host's containerd")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = sub.add_parser(
+        "install", help="shim on PATH, guest assets, configuration; prints containerd's snippet"
+    )
+    add.add_argument(
+        "--assets", type=Path, required=True, help="guest assets (`nox -s images`: build/lab/guest)"
+    )
+    add.add_argument(
+        "--prefix", type=Path, help="self-contained layout under this directory (e.g. /opt/kata)"
+    )
+    add.add_argument("--force", action="store_true", help="replace files that kata-shim did not install")
+    remove = sub.add_parser("uninstall", help="remove exactly what install created")
+    remove.add_argument("--prefix", type=Path, help="the --prefix given to install")
+    args = parser.parse_args(argv)
+    layout = Layout.for_prefix(args.prefix)
+    try:
+        if args.command == "install":
+            lines = install(args.assets, layout, force=args.force)
+        else:
+            lines = uninstall(layout)
+    except (InstallError, OSError) as err:
+        print(f"kata-shim {args.command}: {err}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    if args.command == "install":
+        print(f"\n{NAME} is in {layout.bin_dir}; with that directory on containerd's PATH")
+        print("(/usr/local/bin is), `ctr run --runtime io.containerd.kata.v2 IMAGE ID` runs in a VM.")
+        print("For CRI (Kubernetes), add this to /etc/containerd/config.toml and restart containerd:\n")
+        print(containerd_snippet(layout), end="")
+    return 0

@@ -1,9 +1,13 @@
 """Kata's configuration.toml (`[runtime]`, `[agent.kata]`, `[hypervisor.<name>]`): lookup, loading, types."""
 
+from kata_shim.config._annotations import ANNOTATION_PREFIX, apply_annotations
 from kata_shim.config._loader import (
+    DROP_IN_DIR,
     ENV_CONFIG_FILE,
     SYSTEM_CONFIG,
+    SYSTEM_CONFIGS,
     ConfigError,
+    drop_ins,
     find_config,
     load_config,
     load_config_file,
@@ -12,12 +16,17 @@ from kata_shim.config._loader import (
 from kata_shim.config._types import AgentConfig, RuntimeConfig, TomlConfig
 
 __all__ = [
+    "ANNOTATION_PREFIX",
+    "DROP_IN_DIR",
     "ENV_CONFIG_FILE",
     "SYSTEM_CONFIG",
+    "SYSTEM_CONFIGS",
     "AgentConfig",
     "ConfigError",
     "RuntimeConfig",
     "TomlConfig",
+    "apply_annotations",
+    "drop_ins",
     "find_config",
     "load_config",
     "load_config_file",

@@ -9,20 +9,36 @@ from pathlib import Path
 
 from kata_shim.hypervisor._base import HypervisorConfig
 
+MIN_RECONNECT_TIMEOUT_MS = 10_000
+"""Upstream runtime-rs's floor under `reconnect_timeout_ms` (agent/src/sock/mod.rs)."""
+
 
 @dataclass
 class AgentConfig:
     """`[agent.kata]`."""
 
-    dial_timeout_ms: int = 90_000
-    """How long the shim keeps retrying the agent's vsock port after the VM started (nested KVM is slow)."""
+    dial_timeout_ms: int = 10
+    """The pause between two attempts to reach the agent's vsock port (upstream runtime-rs)."""
     reconnect_timeout_ms: int = 3_000
+    """The whole budget for reaching the agent after the VM started; upstream raises it to at least
+    `MIN_RECONNECT_TIMEOUT_MS` (see `connect_budget_s`)."""
     request_timeout_ms: int = 30_000
+    """Per-call budget of agent requests (upstream's key is `create_container_timeout`, in seconds)."""
     health_check_request_timeout_ms: int = 90_000
     kernel_modules: list[str] = field(default_factory=list)
     container_pipe_size: int = 0
     enable_debug: bool = False
     debug_console_enabled: bool = False
+
+    @property
+    def connect_budget_s(self) -> float:
+        """Seconds to keep dialling the agent: `reconnect_timeout_ms`, at least 10 s, as upstream."""
+        return max(self.reconnect_timeout_ms, MIN_RECONNECT_TIMEOUT_MS) / 1000
+
+    @property
+    def dial_interval_s(self) -> float:
+        """Seconds between two dial attempts (`dial_timeout_ms`)."""
+        return max(self.dial_timeout_ms, 1) / 1000
 
 
 @dataclass
@@ -52,3 +68,12 @@ class TomlConfig:
     runtime: RuntimeConfig
     hypervisor: HypervisorConfig
     agent: AgentConfig
+    enable_annotations: list[str] = field(default_factory=list)
+    """`[hypervisor.<name>] enable_annotations`: patterns of the hypervisor keys a pod's
+    `io.katacontainers.config.hypervisor.<key>` annotations may set (see `apply_annotations`)."""
+    unused_keys: list[str] = field(default_factory=list)
+    """Dotted keys this shim does not use (logged once as a warning when loaded)."""
+    sources: list[Path] = field(default_factory=list)
+    """`path` then its `config.d` drop-ins, in merge order."""
+    origins: dict[str, Path] = field(default_factory=dict)
+    """Dotted key -> the file that set its value (the last drop-in that did, else `path`)."""

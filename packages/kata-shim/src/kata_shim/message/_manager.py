@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import trio
 
-from kata_shim.config import TomlConfig, load_config
+from kata_shim.config import TomlConfig, apply_annotations, load_config
 from kata_shim.persist import SandboxState, StateStore, cleanup_sandbox, process_start_time
 from kata_shim.runtime._base import ContainerConfig, NotFound, Publisher, RuntimeHandler, RuntimeInstance
 from kata_shim.runtime._registry import runtime_handler
@@ -69,6 +69,7 @@ class RuntimeHandlerManager:
 
     async def _start_sandbox(self, first: ContainerConfig, publish: Publisher) -> RuntimeInstance:
         config = self._load(str(first.options.get("config_path") or ""))
+        config = apply_annotations(config, first.spec.get("annotations") or {})
         handler = self._new_handler(config.runtime.name)
         state = SandboxState(
             sandbox_id=self.sandbox_id,

@@ -213,7 +213,8 @@ class VirtSandbox:
             hv.set_passfd_listener_port(self.config.runtime.passfd_listener_port)
         await hv.add_device(ShareFsDevice(shared, self.layout.mount_tag))
         agent_cfg = self.config.agent
-        dial_timeout = max(agent_cfg.dial_timeout_ms, 1) / 1000
+        # as upstream: reconnect_timeout_ms (at least 10 s) is the budget, dial_timeout_ms the retry pause
+        dial_timeout = agent_cfg.connect_budget_s
         await hv.start_vm(dial_timeout)
         address = hv.agent_address()
         log.info("sandbox %s: VM started, agent at %s", self.sandbox_id, address)
@@ -279,8 +280,9 @@ class VirtSandbox:
                     open_agent_client(
                         address,
                         ready_timeout=dial_timeout,
+                        retry_interval=self.config.agent.dial_interval_s,
                         call_timeout=self.config.agent.request_timeout_ms / 1000,
-                        reconnect_timeout=self.config.agent.reconnect_timeout_ms / 1000,
+                        reconnect_timeout=self.config.agent.connect_budget_s,
                     ) as agent,
                     trio.open_nursery() as nursery,
                 ):

@@ -1,0 +1,40 @@
+"""./dev and lab/demo.py on the host: a failing step prints one line saying what failed and what to do."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_failing_dev_step_prints_one_line_naming_it_and_the_fix() -> None:
+    if not (REPO / ".venv" / "bin" / "nox").exists():
+        pytest.skip("needs the .venv that ./dev creates")
+    done = subprocess.run(
+        [str(REPO / "dev"), "nox", "-s", "no-such-session"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert done.returncode != 0
+    failed = [line for line in done.stderr.splitlines() if line.startswith("[dev] FAILED")]
+    rc = done.returncode
+    assert failed == [f"[dev] FAILED: nox -s no-such-session (exit {rc}); see nox's output above"]
+    assert "Traceback" not in done.stderr
+
+
+def test_failing_demo_step_prints_one_line_without_a_traceback(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "lab"))
+    try:
+        import demo
+    finally:
+        sys.path.remove(str(REPO / "lab"))
+    with pytest.raises(demo.StepFailed, match=r"^building x failed \(exit 3\); do y$"):
+        demo.step("building x", [sys.executable, "-c", "raise SystemExit(3)"], "do y")
+    with pytest.raises(demo.StepFailed, match=r"^building x: .*No such file.*; do y$"):
+        demo.step("building x", [str(tmp_path / "missing")], "do y")
