@@ -447,6 +447,16 @@ class Dragonball:
             return []
         return [t.native_id for t in self._vmm.threads() if t.native_id is not None and t.is_alive()]
 
+    def vcpu_thread_ids(self) -> list[int]:
+        """Native ids of the alive vCPU threads (``kata-vcpu-N``)."""
+        if self._vmm is None:
+            return []
+        return [
+            t.native_id
+            for t in self._vmm.threads()
+            if t.native_id is not None and t.is_alive() and t.name.startswith("kata-vcpu")
+        ]
+
     async def cleanup(self) -> None:
         """Stop the VM, close every fd and mapping, remove the vsock sockets; idempotent."""
         if self._cleaned:

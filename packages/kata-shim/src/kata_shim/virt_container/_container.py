@@ -152,6 +152,7 @@ class VirtContainerManager:
                 bundle_rootfs = config.bundle / bundle_rootfs
             mount_rootfs(config.rootfs, layout.rootfs_host_path(cid), ledger, bundle_rootfs=bundle_rootfs)
             mounts = share_volumes(config.spec.get("mounts") or [], layout, cid, ledger)
+            mounts = self.sandbox.guest_mounts(mounts)  # the pod's one /dev/shm
             spec = guest_spec(config.spec, cid, layout.rootfs_guest_path(cid), mounts)
             await self._open_stdio(agent, process)
             request = (process.ports or StdioPorts()).set_on(
@@ -175,6 +176,8 @@ class VirtContainerManager:
         finally:
             self._creating.discard(cid)
         self._containers[cid] = _Container(cid, config.bundle, process)
+        # Pod resources (issue 14): the sandbox cgroup's limits now count this container too.
+        await self.sandbox.container_resources(cid, _oci_resources(config.spec))
         return self.sandbox.pid()
 
     async def _open_stdio(self, agent: AgentClient, p: _Process) -> None:
@@ -231,6 +234,8 @@ class VirtContainerManager:
             raise _translate(err, f"start {process}") from err
         p.status = ProcessStatus.RUNNING
         self._start_io_and_wait(agent, p)
+        if not process.exec_id and c.id == self.sandbox.sandbox_id:
+            await self.sandbox.rescan_network()  # as upstream does on the sandbox container's Start
         return self.sandbox.pid()
 
     def _start_io_and_wait(self, agent: AgentClient, p: _Process) -> None:
@@ -415,6 +420,7 @@ class VirtContainerManager:
         except ResourceError as err:
             errors.append(str(err))
         del self._containers[c.id]
+        await self.sandbox.container_resources(c.id, None)  # pod resources (issue 14)
         if errors:
             log.warning("container %s: delete: %s", c.id, "; ".join(errors))
             if any(not e.startswith("RemoveContainer") for e in errors):
@@ -488,9 +494,16 @@ class VirtContainerManager:
             await self._agent().call("UpdateContainer", request, empty_pb2.Empty)
         except ttrpc.TtrpcError as err:
             raise _translate(err, f"update {container_id}") from err
+        await self.sandbox.container_resources(container_id, resources)  # pod resources (issue 14)
 
     async def pids(self, container_id: str) -> list[int]:
         """The pid containerd knows the container's processes by (the VMM's; the agent API has no
         process listing in use by runtime-rs either)."""
         self._container(container_id)
         return [self.sandbox.pid()]
+
+
+def _oci_resources(spec: dict[str, Any]) -> dict[str, Any]:
+    """``linux.resources`` of an OCI spec ({} when absent)."""
+    resources = (spec.get("linux") or {}).get("resources")
+    return resources if isinstance(resources, dict) else {}
