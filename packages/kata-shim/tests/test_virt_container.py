@@ -134,7 +134,7 @@ class AgentVm:
         self.crashed = ""
         self.hung = False
         self.vmm_pids: list[int] = []
-        """Stand-ins for the VMM's process and vCPU thread (a test's helper processes)."""
+        """Stand-ins for the VMM's process, then its vCPU threads (a test's helper processes)."""
         """A hung guest: its agent answers nothing, not even when stop_vm takes it down."""
 
     def crash(self, reason: str = "guest kernel panic") -> None:
@@ -281,13 +281,13 @@ class AgentVm:
 
     def pids(self) -> list[int]:
         # the "VMM" processes go into the sandbox's host cgroup: pytest itself must not
-        return list(self.vmm_pids)
+        return list(self.vmm_pids[:1])
 
     def thread_ids(self) -> list[int]:
         return list(self.vmm_pids)
 
     def vcpu_thread_ids(self) -> list[int]:
-        return list(self.vmm_pids[:1])
+        return list(self.vmm_pids[1:])
 
     async def cleanup(self) -> None:
         self.calls.append("cleanup")
@@ -1295,5 +1295,107 @@ def test_pod_network_reaches_the_guest_and_is_torn_down(
             assert "network" not in state["extra"]
             assert "tap0_kata" not in await _aip("-o", "link", "show", netns=pod_ns)
             assert "ingress" not in await _out("tc", "-n", pod_ns, "qdisc", "show", "dev", "eth0")
+
+    trio.run(main)
+
+
+@contextlib.contextmanager
+def _helpers(n: int) -> Iterator[list[int]]:
+    """``n`` sleeping processes standing in for the VMM's process and its vCPU thread."""
+    procs = [subprocess.Popen(["sleep", "600"]) for _ in range(n)]
+    try:
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def _v1_tasks(controller: str, rel: str) -> set[int]:
+    return {int(x) for x in (Path("/sys/fs/cgroup") / controller / rel / "tasks").read_text().split()}
+
+
+@pytest.mark.parametrize("sandbox_cgroup_only", [False, True])
+def test_host_cgroup_holds_the_vcpu_thread_sums_cpu_limits_and_goes_at_cleanup(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], sandbox_cgroup_only: bool
+) -> None:
+    """The sandbox cgroup at the sandbox container's cgroupsPath (v1 here): vCPU threads in it, the VMM
+    process in the overhead cgroup (or in the sandbox cgroup with sandbox_cgroup_only); CPU limits are the
+    containers' sum, updated on Create, Update and delete; everything removed and unrecorded at cleanup."""
+    from kata_resources import cgroup_version
+
+    if cgroup_version() != 1 or not Path("/sys/fs/cgroup/cpu/tasks").exists():
+        pytest.skip("this host test is for cgroup v1 (the lab VM covers v2)")
+    rel = f"kvc-test-{os.getpid()}/pod"
+    cpu = Path("/sys/fs/cgroup/cpu") / rel
+
+    async def main(vmm: int, vcpu: int) -> None:
+        first = _spec("true", cgroups_path=f"/{rel}")
+        runtime = RuntimeConfig(sandbox_cgroup_only=sandbox_cgroup_only)
+        async with running_pod(
+            virtiofs_as_bind,
+            first_spec=first,
+            runtime=runtime,
+            cgroup_root=Path("/sys/fs/cgroup"),
+            vmm_pids=[vmm, vcpu],
+        ) as pod:
+            assert vcpu in _v1_tasks("cpu", rel)
+            if sandbox_cgroup_only:
+                assert vmm in _v1_tasks("cpu", rel)
+            else:
+                assert vmm in _v1_tasks("cpu", "kata_overhead/sb1")
+                assert vmm not in _v1_tasks("cpu", rel)
+            state_file = pod.base / "state" / "sb1" / "state.json"
+            assert json.loads(state_file.read_text())["extra"]["cgroup"]["path"] == rel
+            assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "-1"
+            cm = pod.instance.containers
+            spec = _spec("sleep", "100")
+            spec["linux"]["resources"] = {"cpu": {"quota": 50_000, "period": 100_000}}
+            await cm.create_container(_container(pod, busybox_lower, "c1", spec, Stdio()))
+            assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "50000"
+            await cm.start_process(ProcessId("c1"))
+            await cm.update_container("c1", {"cpu": {"quota": 150_000, "period": 100_000}})
+            assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "150000"
+            await cm.kill_process(ProcessId("c1"), signal.SIGKILL)
+            with trio.fail_after(20):
+                await cm.wait_process(ProcessId("c1"))
+            await cm.delete_process(ProcessId("c1"))
+            assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "-1"
+            await pod.sandbox.cleanup()
+            assert "cgroup" not in json.loads(state_file.read_text())["extra"]
+
+    with _helpers(2) as (vmm, vcpu):
+        trio.run(main, vmm, vcpu)
+        assert not cpu.exists() and not cpu.parent.exists()
+        assert not Path("/sys/fs/cgroup/cpu/kata_overhead/sb1").exists()
+        assert vmm in _v1_tasks("cpu", "") and vcpu in _v1_tasks("cpu", "")
+
+
+def test_vm_is_sized_from_the_sandbox_spec_and_the_pod_gets_one_shm(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    """default_vcpus/default_memory plus the sandbox container's limits (static sizing) before boot; the
+    sandbox's /dev/shm size goes to CreateSandbox as the pod's tmpfs and each container binds it."""
+
+    async def main() -> None:
+        first = _spec("true")
+        first["linux"]["resources"] = {
+            "cpu": {"quota": 100_000, "period": 100_000},
+            "memory": {"limit": 256 << 20},
+        }
+        async with running_pod(virtiofs_as_bind, first_spec=first) as pod:
+            assert (pod.vm.config.default_vcpus, pod.vm.config.default_memory) == (2, 512 + 256)
+            assert pod.sandbox.shm_size == 64 << 20  # the spec's size=65536k
+            storages = pod.vm.service.sandbox_storages
+            assert any(s.mount_point == "/run/kata-containers/sandbox/shm" for s in storages), storages
+            mounts = pod.sandbox.guest_mounts([{"destination": "/dev/shm", "type": "tmpfs", "source": "shm"}])
+            assert mounts == [
+                {
+                    "destination": "/dev/shm",
+                    "type": "bind",
+                    "source": "/run/kata-containers/sandbox/shm",
+                    "options": ["rbind"],
+                }
+            ]
 
     trio.run(main)
