@@ -41,6 +41,7 @@ from kata_shim.runtime._base import (
 from kata_shim.virt_container._metrics import metrics_from_stats
 from kata_shim.virt_container._oci import guest_spec, process_to_pb, resources_to_pb, spec_to_pb
 from kata_shim.virt_container._passfd import passfd_stdio
+from kata_shim.virt_container._pod import shares_sandbox_pidns
 from kata_shim.virt_container._sandbox import VirtSandbox
 from kata_shim.virt_container._stdio import AGENT_GONE, StdinCopy, copy_output, open_output_fifo
 
@@ -159,6 +160,7 @@ class VirtContainerManager:
                 agent_pb2.CreateContainerRequest(container_id=cid)
             )
             request.OCI.CopyFrom(spec_to_pb(spec))
+            request.sandbox_pidns = shares_sandbox_pidns(config.spec)  # pod namespaces (issue 14)
             await agent.call("CreateContainer", request, empty_pb2.Empty)
         except BaseException as err:
             self._close_stdio(process)

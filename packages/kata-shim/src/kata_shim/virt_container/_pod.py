@@ -39,6 +39,13 @@ def pod_netns(spec: dict[str, Any]) -> str | None:
     return None
 
 
+def shares_sandbox_pidns(spec: dict[str, Any]) -> bool:
+    """Whether a container joins the pod's PID namespace: CRI gives a container of a pod with
+    ``shareProcessNamespace`` the sandbox's ``/proc/<pid>/ns/pid`` as its PID namespace path (a host
+    path the guest cannot use: CreateContainer's ``sandbox_pidns`` says it instead, as runtime-rs does)."""
+    return any(ns.get("type") == "pid" and ns.get("path") for ns in _namespaces(spec))
+
+
 def cgroups_path(spec: dict[str, Any]) -> str:
     """``linux.cgroupsPath`` of the sandbox container (empty: the sandbox's default)."""
     return str((spec.get("linux") or {}).get("cgroupsPath") or "")
