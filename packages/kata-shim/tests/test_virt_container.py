@@ -1399,3 +1399,30 @@ def test_vm_is_sized_from_the_sandbox_spec_and_the_pod_gets_one_shm(
             ]
 
     trio.run(main)
+
+
+def test_a_failed_boot_leaves_no_tap_and_no_cgroup(
+    virtiofs_as_bind: dict[str, Path], pod_network: dict[str, str]
+) -> None:
+    """The network and the cgroup are made before the VM boots: a boot that fails undoes both."""
+    pod_ns = pod_network["pod"]
+    rel = f"kvc-fail-{os.getpid()}"
+
+    async def main() -> None:
+        first = _spec("true", netns=f"/run/netns/{pod_ns}", cgroups_path=f"/{rel}")
+        with pytest.raises(BaseExceptionGroup) as info:  # the fixture's nursery wraps the SandboxError
+            async with running_pod(
+                virtiofs_as_bind,
+                fail="start_vm",
+                first_spec=first,
+                agent_netns=pod_network["guest"],
+                cgroup_root=Path("/sys/fs/cgroup"),
+            ):
+                pass
+        assert info.group_contains(SandboxError, match="guest kernel panicked")
+        assert "_kata" not in await _aip("-o", "link", "show", netns=pod_ns)
+        assert "ingress" not in await _out("tc", "-n", pod_ns, "qdisc", "show", "dev", "eth0")
+        assert not await trio.Path("/sys/fs/cgroup/cpu", rel).exists()
+        assert not await trio.Path("/sys/fs/cgroup", rel).exists()
+
+    trio.run(main)
