@@ -323,6 +323,7 @@ def test_running_guest_threads_stop_and_idempotent_cleanup(assets: HypervisorCon
         seen["ids"] = ids
         names = {t.native_id: t.name for t in threading.enumerate()}
         seen["names"] = sorted(names[i] for i in ids)
+        seen["vcpus"] = sorted(names[i] for i in hv.vcpu_thread_ids())
         # wait_vm parks no thread: the count stays the same while it waits
         before = threading.active_count()
         async with trio.open_nursery() as nursery:
@@ -345,6 +346,7 @@ def test_running_guest_threads_stop_and_idempotent_cleanup(assets: HypervisorCon
 
     trio.run(main)
     assert seen["names"] == ["kata-vcpu-0", "kata-vcpu-1", "kata-vmm-events"]
+    assert seen["vcpus"] == ["kata-vcpu-0", "kata-vcpu-1"]  # what goes into the sandbox cgroup
     assert len(seen["ids"]) == 3  # type: ignore[arg-type]
     assert seen["during_wait"] == 0
     assert seen["code"] == 0
