@@ -1426,3 +1426,36 @@ def test_a_failed_boot_leaves_no_tap_and_no_cgroup(
         assert not await trio.Path("/sys/fs/cgroup", rel).exists()
 
     trio.run(main)
+
+
+def test_two_containers_of_the_pod_share_one_dev_shm_and_one_hostname(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    """What one container puts in /dev/shm the other reads: both bind the pod's one tmpfs."""
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind) as pod:
+            cm = pod.instance.containers
+            writer = _spec("sh", "-c", "echo from-c1 > /dev/shm/note; hostname")
+            await cm.create_container(_container(pod, busybox_lower, "c1", writer, Stdio()))
+            await cm.start_process(ProcessId("c1"))
+            with trio.fail_after(20):
+                assert (await cm.wait_process(ProcessId("c1"))).code == 0
+            fifos = _fifos(pod, "c2", "stdout")
+            reader = _spec("sh", "-c", "cat /dev/shm/note; hostname; grep ' /dev/shm ' /proc/mounts")
+            got: dict[str, bytes] = {}
+            async with trio.open_nursery() as n:
+                n.start_soon(read_fifo, fifos["stdout"], got, "out")
+                await cm.create_container(
+                    _container(pod, busybox_lower, "c2", reader, Stdio(stdout=fifos["stdout"]))
+                )
+                await cm.start_process(ProcessId("c2"))
+                with trio.fail_after(20):
+                    assert (await cm.wait_process(ProcessId("c2"))).code == 0
+            lines = got["out"].decode().splitlines()
+            assert lines[:2] == ["from-c1", "pod"], lines
+            assert "size=65536k" in lines[2], lines  # the sandbox spec's size, one tmpfs for the pod
+            for cid in ("c1", "c2"):
+                await cm.delete_process(ProcessId(cid))
+
+    trio.run(main)
