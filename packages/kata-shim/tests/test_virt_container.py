@@ -1459,3 +1459,39 @@ def test_two_containers_of_the_pod_share_one_dev_shm_and_one_hostname(
                 await cm.delete_process(ProcessId(cid))
 
     trio.run(main)
+
+
+def test_the_sandbox_resolv_conf_reaches_create_sandbox_and_the_container(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """DNS: the file bound on the sandbox's /etc/resolv.conf gives CreateSandbox's dns lines (the agent
+    writes the guest's), and the bind itself reaches the container through the share."""
+    import kata_agent._guest as agent_guest
+
+    written: list[list[str]] = []
+    monkeypatch.setattr(agent_guest, "write_resolv_conf", written.append)  # never the host's file
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("# CNI\nnameserver 10.96.0.10\nsearch default.svc.cluster.local\n")
+    bound = [
+        {"destination": "/etc/resolv.conf", "type": "bind", "source": str(resolv), "options": ["rbind", "ro"]}
+    ]
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind, first_spec=_spec("true", mounts=bound)) as pod:
+            assert written == [["nameserver 10.96.0.10", "search default.svc.cluster.local"]]
+            cm = pod.instance.containers
+            fifos = _fifos(pod, "c1", "stdout")
+            got: dict[str, bytes] = {}
+            spec = _spec("cat", "/etc/resolv.conf", mounts=bound)
+            async with trio.open_nursery() as n:
+                n.start_soon(read_fifo, fifos["stdout"], got, "out")
+                await cm.create_container(
+                    _container(pod, busybox_lower, "c1", spec, Stdio(stdout=fifos["stdout"]))
+                )
+                await cm.start_process(ProcessId("c1"))
+                with trio.fail_after(20):
+                    assert (await cm.wait_process(ProcessId("c1"))).code == 0
+            assert got["out"] == resolv.read_bytes()
+            await cm.delete_process(ProcessId("c1"))
+
+    trio.run(main)
