@@ -155,6 +155,12 @@ def test_shipped_default_loads_when_the_assets_exist(
         ),
         ('name = "wasm_container"', "", "runtime.name", "unknown runtime handler 'wasm_container'"),
         ('agent_name = "other"', "", "runtime.agent_name", "unknown agent 'other'"),
+        (
+            'internetworking_model = "macvtap"',
+            "",
+            "runtime.internetworking_model",
+            "unknown internetworking model 'macvtap' (known: none, route, tcfilter)",
+        ),
         ("", 'default_vcpus = "two"', "hypervisor.dragonball.default_vcpus", "must be an integer"),
         ("", "default_vcpus = 0", "hypervisor.dragonball.default_vcpus", "must be at least 1"),
         ("", "enable_debug = 1", "hypervisor.dragonball.enable_debug", "must be true or false"),

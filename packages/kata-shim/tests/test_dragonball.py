@@ -23,7 +23,7 @@ from kata_shim.hypervisor import (
     ShareFsDevice,
     hypervisor_factory,
 )
-from kata_shim.hypervisor._dragonball import SANDBOX_SHARE_POLICY, ConsoleSink, Dragonball, run_in_netns
+from kata_shim.hypervisor._dragonball import SANDBOX_SHARE_POLICY, ConsoleSink, Dragonball
 from kata_vmm import BlockSpec, FsSpec, RngSpec, VsockSpec
 from kata_vmm import testing as tk
 
@@ -227,24 +227,56 @@ def test_console_sink_flushes_a_line_that_never_ends(caplog: pytest.LogCaptureFi
     assert caplog.records[0].getMessage() == "guest console: " + "x" * 40
 
 
-def test_run_in_netns_without_netns_just_calls_and_names_a_missing_one() -> None:
-    assert run_in_netns(None, lambda: 42) == 42
-    with pytest.raises(HypervisorError, match="network namespace kata-no-such-netns"):
-        run_in_netns("kata-no-such-netns", lambda: 42)
+def test_a_tap_in_a_missing_netns_fails_with_its_name(assets: HypervisorConfig, root: Path) -> None:
+    hv = Dragonball(assets, state_root=root)
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", "kata-no-such-netns")
+        await hv.add_device(NetworkDevice("tap0_kata", "02:00:00:00:00:01"))
+        await hv._open_taps()
+
+    with pytest.raises(Exception, match="kata-no-such-netns"):
+        trio.run(main)
 
 
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2")
-def test_run_in_netns_enters_the_namespace_and_returns() -> None:
+def test_taps_are_opened_inside_the_pod_netns_and_the_shim_stays_out(
+    assets: HypervisorConfig, root: Path
+) -> None:
     import subprocess
 
     name = f"kata-dbtest-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", name], check=True)
+    hv = Dragonball(assets, state_root=root)
+    own = os.readlink("/proc/thread-self/ns/net")
+
+    async def main() -> dict[int, int]:
+        await hv.prepare_vm("sb1", name)
+        await hv.add_device(NetworkDevice("tap0_kata", "02:00:00:00:00:01"))
+        return await hv._open_taps()
+
     try:
-        own = os.readlink("/proc/thread-self/ns/net")
-        inside = run_in_netns(name, lambda: os.readlink("/proc/thread-self/ns/net"))
-        assert inside != own
-        assert os.readlink("/proc/thread-self/ns/net") == own
+        fds = trio.run(main)
+        try:
+            assert list(fds) == [0]
+            links = subprocess.run(
+                ["ip", "-n", name, "-o", "link", "show", "tap0_kata"],
+                check=False,
+                capture_output=True,
+                text=True,
+            )
+            assert links.returncode == 0, links.stderr  # made in the pod's netns...
+            host = subprocess.run(
+                ["ip", "-o", "link", "show", "tap0_kata"], check=False, capture_output=True, text=True
+            )
+            assert host.returncode != 0  # ...not in the shim's
+            assert os.readlink("/proc/thread-self/ns/net") == own
+            spec = hv.device_specs(fds)[-1]
+            assert (spec.tap, spec.mac, spec.fd) == ("tap0_kata", "02:00:00:00:00:01", fds[0])  # type: ignore[union-attr]
+        finally:
+            for fd in fds.values():
+                os.close(fd)
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=True)
 
@@ -291,6 +323,7 @@ def test_running_guest_threads_stop_and_idempotent_cleanup(assets: HypervisorCon
         seen["ids"] = ids
         names = {t.native_id: t.name for t in threading.enumerate()}
         seen["names"] = sorted(names[i] for i in ids)
+        seen["vcpus"] = sorted(names[i] for i in hv.vcpu_thread_ids())
         # wait_vm parks no thread: the count stays the same while it waits
         before = threading.active_count()
         async with trio.open_nursery() as nursery:
@@ -313,6 +346,7 @@ def test_running_guest_threads_stop_and_idempotent_cleanup(assets: HypervisorCon
 
     trio.run(main)
     assert seen["names"] == ["kata-vcpu-0", "kata-vcpu-1", "kata-vmm-events"]
+    assert seen["vcpus"] == ["kata-vcpu-0", "kata-vcpu-1"]  # what goes into the sandbox cgroup
     assert len(seen["ids"]) == 3  # type: ignore[arg-type]
     assert seen["during_wait"] == 0
     assert seen["code"] == 0

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from kata_shim.persist import (
+    CGROUP_KEY,
     DEFAULT_STATE_ROOT,
+    NETWORK_KEY,
     SHARED_ROOT,
     PersistError,
     SandboxState,
@@ -160,3 +162,52 @@ def test_a_private_state_root_never_reaches_the_host_shared_root(
     assert StateStore(DEFAULT_STATE_ROOT).shared_root == SHARED_ROOT
     monkeypatch.setenv("KATA_SHIM_SHARED_ROOT", str(tmp_path / "s"))
     assert StateStore(tmp_path).shared_root == tmp_path / "s"
+
+
+def test_forget_drops_extra_keys(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.update("sb1", extra={"network": {"netns": "/x"}, "cgroup": {"path": "p"}})
+    store.forget("sb1", "network")
+    state = store.load("sb1")
+    assert state is not None and state.extra == {"cgroup": {"path": "p"}}
+    store.forget("sb2", "network")  # nothing saved: nothing to do
+    assert store.load("sb2") is None
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, tc, cgroups)")
+def test_cleanup_after_a_crash_tears_down_the_recorded_network_and_cgroup(tmp_path: Path) -> None:
+    """A shim killed mid-pod leaves taps, tc redirects and its host cgroup; `cleanup_sandbox` (the
+    `delete` path) finds them in state.json and removes them."""
+    from kata_resources import SandboxCgroup, cgroup_version, setup_network_sync
+
+    name = f"kvp-pod-{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    rel = f"kvp-test-{os.getpid()}"
+    cg = None
+    try:
+        ip = ["ip", "-n", name]
+        subprocess.run([*ip, "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"], check=True)
+        subprocess.run([*ip, "link", "set", "eth0", "up"], check=True)
+        network = setup_network_sync(f"/run/netns/{name}")
+        assert [e.tap for e in network.endpoints] == ["tap0_kata", "tap1_kata"]  # both ends are here
+        cg = SandboxCgroup.create("sb1", f"/{rel}", sandbox_cgroup_only=True)
+        store = StateStore(tmp_path)
+        store.update("sb1", extra={NETWORK_KEY: network.to_dict(), CGROUP_KEY: cg.to_dict()})
+
+        report = cleanup_sandbox("sb1", store, kill_shim=False)
+
+        assert not report.errors, report.errors
+        links = subprocess.run([*ip, "-o", "link", "show"], check=True, capture_output=True, text=True).stdout
+        assert "_kata" not in links
+        qdiscs = subprocess.run(
+            ["tc", "-n", name, "qdisc", "show", "dev", "eth0"], check=True, capture_output=True, text=True
+        ).stdout
+        assert "ingress" not in qdiscs
+        assert not any(d.exists() for d in cg.dirs(rel)), cg.dirs(rel)
+        assert cgroup_version() in (1, 2)
+        cg = None
+    finally:
+        if cg is not None:
+            cg.delete()
+        subprocess.run(["ip", "netns", "delete", name], check=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -33,9 +34,26 @@ import kata_agent._mount as agent_mount
 from kata_agent import AgentConfig as GuestAgentConfig
 from kata_agent import open_agent
 from kata_proto.containerd import cgroups_v1_metrics_pb2, events_pb2
-from kata_resources import MS_BIND, MS_REC, MS_SHARED, bind, mount, mounts_below, read_mount_record, umount
+from kata_resources import (
+    MS_BIND,
+    MS_REC,
+    MS_SHARED,
+    bind,
+    mount,
+    mounts_below,
+    read_mount_record,
+    to_thread_in_netns,
+    umount,
+)
 from kata_shim.config import AgentConfig, RuntimeConfig, TomlConfig
-from kata_shim.hypervisor import Device, DeviceInfo, HypervisorConfig, HypervisorError, ShareFsDevice
+from kata_shim.hypervisor import (
+    Device,
+    DeviceInfo,
+    HypervisorConfig,
+    HypervisorError,
+    NetworkDevice,
+    ShareFsDevice,
+)
 from kata_shim.runtime import (
     AlreadyExists,
     ContainerConfig,
@@ -50,6 +68,7 @@ from kata_shim.runtime import (
     Stdio,
 )
 from kata_shim.virt_container import MOUNTS_FILE, SandboxError, VirtContainer, VirtSandbox, _passfd
+from kata_vmm import open_tap
 
 pytestmark = pytest.mark.root
 
@@ -86,9 +105,20 @@ class AgentVm:
     name = "agent-vm"
 
     def __init__(
-        self, config: HypervisorConfig, nursery: trio.Nursery, base: Path, *, fail: str = ""
+        self,
+        config: HypervisorConfig,
+        nursery: trio.Nursery,
+        base: Path,
+        *,
+        fail: str = "",
+        netns: str | None = None,
     ) -> None:
         self.config = config
+        self.netns = netns
+        """The "guest" network namespace (a /run/netns name) where the agent's netlink acts."""
+        self.devices: list[Device] = []
+        self.pod_netns: str | None = None
+        self.nic_fds: list[int] = []
         self.nursery = nursery
         self.base = base
         self.fail = fail
@@ -103,6 +133,8 @@ class AgentVm:
         self._next_port = 5000
         self.crashed = ""
         self.hung = False
+        self.vmm_pids: list[int] = []
+        """Stand-ins for the VMM's process, then its vCPU threads (a test's helper processes)."""
         """A hung guest: its agent answers nothing, not even when stop_vm takes it down."""
 
     def crash(self, reason: str = "guest kernel panic") -> None:
@@ -117,10 +149,12 @@ class AgentVm:
 
     async def prepare_vm(self, sandbox_id: str, netns: str | None) -> None:
         self.calls.append("prepare_vm")
+        self.pod_netns = netns
         (self.base / "run").mkdir(parents=True, exist_ok=True)
 
     async def add_device(self, device: Device) -> DeviceInfo:
         self.calls.append(f"add_device:{type(device).__name__}")
+        self.devices.append(device)
         if isinstance(device, ShareFsDevice):
             assert device.mount_tag == "kataShared"
             self.shared = device.host_path
@@ -131,6 +165,8 @@ class AgentVm:
         if self.fail == "start_vm":
             raise HypervisorError("guest kernel panicked")
         assert self.shared is not None
+        for index, device in enumerate(d for d in self.devices if isinstance(d, NetworkDevice)):
+            await self._plug_nic(index, device)
         bind(self.shared, self.shared, recursive=False)
         mount("", self.shared, "", MS_SHARED)
         self.shared_mounted = True
@@ -145,7 +181,10 @@ class AgentVm:
 
     async def _serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         config = GuestAgentConfig(
-            runtime=RUNC, runtime_root=str(self.base / "runc"), run_dir=str(self.base / "run")
+            runtime=RUNC,
+            runtime_root=str(self.base / "runc"),
+            run_dir=str(self.base / "run"),
+            netns=self.netns,
         )
         try:
             async with open_agent(f"unix:{self.sock}", config, log_listen=f"unix:{self.sock}.log") as service:
@@ -159,8 +198,24 @@ class AgentVm:
         finally:
             self._stopped.set()
 
+    async def _plug_nic(self, index: int, device: NetworkDevice) -> None:
+        """The guest's virtio-net: a tap in the guest netns with the device's MAC, its frames pumped to and
+        from the pod's tap (opened in the pod netns, as the VMM does); both carry virtio-net headers."""
+        assert self.netns is not None and self.pod_netns is not None
+        pod_fd = await to_thread_in_netns(self.pod_netns, open_tap, device.tap)
+        nic = f"gnic{index}"
+        guest_fd = await to_thread_in_netns(f"/run/netns/{self.netns}", open_tap, nic)
+        await trio.run_process(["ip", "-n", self.netns, "link", "set", nic, "address", device.mac])
+        self.nic_fds += [pod_fd, guest_fd]
+        self.nursery.start_soon(_pump, pod_fd, guest_fd)
+        self.nursery.start_soon(_pump, guest_fd, pod_fd)
+
     async def stop_vm(self) -> None:
         self.calls.append("stop_vm")
+        for fd in self.nic_fds:
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+        self.nic_fds.clear()
         if self.crashed or self.hung:
             self._running = False  # a dead guest's agent answers nothing, not even with its shutdown
         else:
@@ -225,13 +280,36 @@ class AgentVm:
         await control.aclose()
 
     def pids(self) -> list[int]:
-        return [os.getpid()]
+        # the "VMM" processes go into the sandbox's host cgroup: pytest itself must not
+        return list(self.vmm_pids[:1])
 
     def thread_ids(self) -> list[int]:
-        return []
+        return list(self.vmm_pids)
+
+    def vcpu_thread_ids(self) -> list[int]:
+        return list(self.vmm_pids[1:])
 
     async def cleanup(self) -> None:
         self.calls.append("cleanup")
+
+
+async def _pump(src: int, dst: int) -> None:
+    """Copy frames from one tap fd to another until either is closed."""
+    try:
+        while True:
+            await trio.lowlevel.wait_readable(src)
+            try:
+                frame = os.read(src, 65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                try:
+                    os.write(dst, frame)
+                except OSError as err:
+                    if err.errno != errno.EIO:  # EIO: that side is not up yet, the frame is lost
+                        raise
+    except (trio.ClosedResourceError, OSError):
+        return
 
 
 async def _unix_listener(path: Path) -> trio.socket.SocketType:
@@ -308,8 +386,15 @@ class Pod:
         return self.instance.sandbox
 
 
-def _spec(*args: str, terminal: bool = False, mounts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """A config.json as containerd's default spec writes it (host namespaces, hooks, cgroups path)."""
+def _spec(
+    *args: str,
+    terminal: bool = False,
+    mounts: list[dict[str, Any]] | None = None,
+    netns: str | None = None,
+    cgroups_path: str = "/default/host-cgroup",
+) -> dict[str, Any]:
+    """A config.json as containerd's default spec writes it (host namespaces, hooks, cgroups path);
+    ``netns`` is the pod's network namespace path (`ctr run --with-ns network:...`), else a new one."""
     return {
         "ociVersion": "1.1.0",
         "process": {
@@ -349,13 +434,13 @@ def _spec(*args: str, terminal: bool = False, mounts: list[dict[str, Any]] | Non
         ],
         "hooks": {"prestart": [{"path": "/usr/bin/false"}]},
         "linux": {
-            "cgroupsPath": "/default/host-cgroup",
+            "cgroupsPath": cgroups_path,
             "namespaces": [
                 {"type": "pid"},
                 {"type": "ipc"},
                 {"type": "uts"},
                 {"type": "mount"},
-                {"type": "network", "path": "/var/run/netns/cni-1234"},
+                {"type": "network", **({"path": netns} if netns else {})},
             ],
             "maskedPaths": ["/proc/kcore"],
             "readonlyPaths": ["/proc/sys"],
@@ -421,16 +506,26 @@ def _leftovers(base: Path) -> list[str]:
 
 @asynccontextmanager
 async def running_pod(
-    virtiofs: dict[str, Path], *, fail: str = "", reconnect_timeout_ms: int = 10_000
+    virtiofs: dict[str, Path],
+    *,
+    fail: str = "",
+    reconnect_timeout_ms: int = 10_000,
+    first_spec: dict[str, Any] | None = None,
+    runtime: RuntimeConfig | None = None,
+    cgroup_root: Path | None = None,
+    agent_netns: str | None = None,
+    vmm_pids: list[int] | None = None,
 ) -> AsyncIterator[Pod]:
-    """A VirtContainer instance on AgentVm, started with a throwaway first container config."""
+    """A VirtContainer instance on AgentVm, started with a throwaway first container config (or
+    ``first_spec``); no host cgroup unless ``cgroup_root``; the agent's netlink acts in ``agent_netns``."""
     base = Path(tempfile.mkdtemp(prefix="kvc-", dir="/tmp"))
     try:
         async with trio.open_nursery() as nursery:
             vm_box: list[AgentVm] = []
 
             def factory(config: TomlConfig) -> AgentVm:
-                vm = AgentVm(config.hypervisor, nursery, base / "vm", fail=fail)
+                vm = AgentVm(config.hypervisor, nursery, base / "vm", fail=fail, netns=agent_netns)
+                vm.vmm_pids = list(vmm_pids or [])
                 vm_box.append(vm)
                 return vm
 
@@ -447,17 +542,18 @@ async def running_pod(
                 guest_share_dir=str(base / "guest-shared"),
                 state_root=base / "state",
                 health_interval=0.2,
+                cgroup_root=cgroup_root,
             )
             config = TomlConfig(
                 Path("test.toml"),
-                RuntimeConfig(use_passfd_io=fail in ("passfd", "passfd_silent")),
+                runtime or RuntimeConfig(use_passfd_io=fail in ("passfd", "passfd_silent")),
                 HypervisorConfig(),
                 AgentConfig(reconnect_timeout_ms=reconnect_timeout_ms),
             )
             instance = handler.new_instance("sb1", config, publish)
             assert isinstance(instance.sandbox, VirtSandbox)
             virtiofs["kataShared"] = instance.sandbox.layout.shared_dir
-            first = ContainerConfig("sb1", base, _spec("true"), [], Stdio())
+            first = ContainerConfig("sb1", base, first_spec or _spec("true"), [], Stdio())
             try:
                 await instance.sandbox.start(first)
                 pod = Pod(instance, vm_box[0], base, events, seen)
@@ -1104,5 +1200,298 @@ def test_create_and_exec_fail_within_the_passfd_budget_when_the_guest_never_answ
             await cm.kill_process(ProcessId("q2"), signal.SIGKILL)
             with trio.fail_after(20):
                 await cm.wait_process(ProcessId("q2"))
+
+    trio.run(main)
+
+
+# --- the pod (issue 14): network, host cgroup, VM size, shared /dev/shm ---------------------------------
+def _ip(*args: str, netns: str | None = None) -> str:
+    cmd = ["ip", *(["-n", netns] if netns else []), *args]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+async def _out(*cmd: str) -> str:
+    return (await trio.run_process(list(cmd), capture_stdout=True)).stdout.decode()  # type: ignore[no-any-return]
+
+
+async def _aip(*args: str, netns: str | None = None) -> str:
+    return await _out("ip", *(["-n", netns] if netns else []), *args)
+
+
+@pytest.fixture
+def pod_network() -> Iterator[dict[str, str]]:
+    """A pod netns as CNI leaves it (veth eth0 10.88.0.2/24, default route via 10.88.0.1, a static
+    neighbour), the veth's peer in a "host" netns at 10.88.0.1, and an empty "guest" netns for the agent."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2")
+    tag = f"{os.getpid() % 100000}"
+    names = {"pod": f"kvc-pod-{tag}", "host": f"kvc-host-{tag}", "guest": f"kvc-guest-{tag}"}
+    for name in names.values():
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        pod, host = names["pod"], names["host"]
+        _ip("link", "add", "eth0", "netns", pod, "type", "veth", "peer", "name", "hostend", "netns", host)
+        _ip("addr", "add", "10.88.0.2/24", "dev", "eth0", netns=pod)
+        _ip("link", "set", "eth0", "up", netns=pod)
+        _ip("link", "set", "lo", "up", netns=pod)
+        _ip("route", "add", "default", "via", "10.88.0.1", netns=pod)
+        _ip(
+            "neigh",
+            "add",
+            "10.88.0.9",
+            "lladdr",
+            "02:00:00:00:00:09",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+            netns=pod,
+        )
+        _ip("addr", "add", "10.88.0.1/24", "dev", "hostend", netns=host)
+        _ip("link", "set", "hostend", "up", netns=host)
+        names["mac"] = _ip("-j", "link", "show", "eth0", netns=pod).split('"address":"')[1].split('"')[0]
+        yield names
+    finally:
+        for key in ("pod", "host", "guest"):
+            subprocess.run(["ip", "netns", "delete", names[key]], check=False)
+
+
+def test_pod_network_reaches_the_guest_and_is_torn_down(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], pod_network: dict[str, str]
+) -> None:
+    """A pod netns with a veth: a tap joined to it by tc redirect, the guest NIC (by the veth's MAC) named
+    and addressed as the veth with its routes and neighbours, traffic both ways; after cleanup no tap, no
+    qdisc, nothing recorded."""
+    pod_ns, guest_ns = pod_network["pod"], pod_network["guest"]
+    netns_path = f"/run/netns/{pod_ns}"
+
+    async def main() -> None:
+        first = _spec("true", netns=netns_path)
+        async with running_pod(virtiofs_as_bind, first_spec=first, agent_netns=guest_ns) as pod:
+            nics = [d for d in pod.vm.devices if isinstance(d, NetworkDevice)]
+            assert [(d.tap, d.mac) for d in nics] == [("tap0_kata", pod_network["mac"])]
+            assert "tap0_kata" in await _aip("-o", "link", "show", netns=pod_ns)
+            assert "tap0_kata" not in await _aip(
+                "-o", "link", "show"
+            )  # made in the pod netns, not the shim's
+            assert "ingress" in await _out("tc", "-n", pod_ns, "qdisc", "show", "dev", "eth0")
+            guest = await _aip("-o", "addr", "show", "dev", "eth0", netns=guest_ns)
+            assert "10.88.0.2/24" in guest
+            assert pod_network["mac"] in await _aip("-o", "link", "show", "dev", "eth0", netns=guest_ns)
+            assert "default via 10.88.0.1 dev eth0" in await _aip("route", "show", netns=guest_ns)
+            assert "10.88.0.9 dev eth0 lladdr 02:00:00:00:00:09 PERMANENT" in _ip(
+                "neigh", "show", netns=guest_ns
+            )
+            state = json.loads((pod.base / "state" / "sb1" / "state.json").read_text())
+            assert state["extra"]["network"]["netns"] == netns_path
+            ping = await trio.run_process(
+                ["ip", "netns", "exec", guest_ns, BUSYBOX, "ping", "-c", "2", "-W", "10", "10.88.0.1"],
+                capture_stdout=True,
+                check=False,
+            )
+            assert ping.returncode == 0, ping.stdout
+            await pod.sandbox.cleanup()  # what the fixture does at the end, here to look at the state file
+            state = json.loads((pod.base / "state" / "sb1" / "state.json").read_text())
+            assert "network" not in state["extra"]
+            assert "tap0_kata" not in await _aip("-o", "link", "show", netns=pod_ns)
+            assert "ingress" not in await _out("tc", "-n", pod_ns, "qdisc", "show", "dev", "eth0")
+
+    trio.run(main)
+
+
+@contextlib.contextmanager
+def _helpers(n: int) -> Iterator[list[int]]:
+    """``n`` sleeping processes standing in for the VMM's process and its vCPU thread."""
+    procs = [subprocess.Popen(["sleep", "600"]) for _ in range(n)]
+    try:
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def _v1_tasks(controller: str, rel: str) -> set[int]:
+    return {int(x) for x in (Path("/sys/fs/cgroup") / controller / rel / "tasks").read_text().split()}
+
+
+@pytest.mark.parametrize("sandbox_cgroup_only", [False, True])
+def test_host_cgroup_holds_the_vcpu_thread_sums_cpu_limits_and_goes_at_cleanup(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], sandbox_cgroup_only: bool
+) -> None:
+    """The sandbox cgroup at the sandbox container's cgroupsPath (v1 here): vCPU threads in it, the VMM
+    process in the overhead cgroup (or in the sandbox cgroup with sandbox_cgroup_only); CPU limits are the
+    containers' sum, updated on Create, Update and delete; everything removed and unrecorded at cleanup."""
+    from kata_resources import cgroup_version
+
+    if cgroup_version() != 1 or not Path("/sys/fs/cgroup/cpu/tasks").exists():
+        pytest.skip("this host test is for cgroup v1 (the lab VM covers v2)")
+    rel = f"kvc-test-{os.getpid()}/pod"
+    cpu = Path("/sys/fs/cgroup/cpu") / rel
+
+    async def main(vmm: int, vcpu: int) -> None:
+        first = _spec("true", cgroups_path=f"/{rel}")
+        runtime = RuntimeConfig(sandbox_cgroup_only=sandbox_cgroup_only)
+        async with running_pod(
+            virtiofs_as_bind,
+            first_spec=first,
+            runtime=runtime,
+            cgroup_root=Path("/sys/fs/cgroup"),
+            vmm_pids=[vmm, vcpu],
+        ) as pod:
+            assert vcpu in _v1_tasks("cpu", rel)
+            if sandbox_cgroup_only:
+                assert vmm in _v1_tasks("cpu", rel)
+            else:
+                assert vmm in _v1_tasks("cpu", "kata_overhead/sb1")
+                assert vmm not in _v1_tasks("cpu", rel)
+            state_file = pod.base / "state" / "sb1" / "state.json"
+            assert json.loads(state_file.read_text())["extra"]["cgroup"]["path"] == rel
+            assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "-1"
+            cm = pod.instance.containers
+            spec = _spec("sleep", "100")
+            spec["linux"]["resources"] = {"cpu": {"quota": 50_000, "period": 100_000}}
+            await cm.create_container(_container(pod, busybox_lower, "c1", spec, Stdio()))
+            assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "50000"
+            await cm.start_process(ProcessId("c1"))
+            await cm.update_container("c1", {"cpu": {"quota": 150_000, "period": 100_000}})
+            assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "150000"
+            await cm.kill_process(ProcessId("c1"), signal.SIGKILL)
+            with trio.fail_after(20):
+                await cm.wait_process(ProcessId("c1"))
+            await cm.delete_process(ProcessId("c1"))
+            assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "-1"
+            await pod.sandbox.cleanup()
+            assert "cgroup" not in json.loads(state_file.read_text())["extra"]
+
+    with _helpers(2) as (vmm, vcpu):
+        trio.run(main, vmm, vcpu)
+        assert not cpu.exists() and not cpu.parent.exists()
+        assert not Path("/sys/fs/cgroup/cpu/kata_overhead/sb1").exists()
+        assert vmm in _v1_tasks("cpu", "") and vcpu in _v1_tasks("cpu", "")
+
+
+def test_vm_is_sized_from_the_sandbox_spec_and_the_pod_gets_one_shm(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    """default_vcpus/default_memory plus the sandbox container's limits (static sizing) before boot; the
+    sandbox's /dev/shm size goes to CreateSandbox as the pod's tmpfs and each container binds it."""
+
+    async def main() -> None:
+        first = _spec("true")
+        first["linux"]["resources"] = {
+            "cpu": {"quota": 100_000, "period": 100_000},
+            "memory": {"limit": 256 << 20},
+        }
+        async with running_pod(virtiofs_as_bind, first_spec=first) as pod:
+            assert (pod.vm.config.default_vcpus, pod.vm.config.default_memory) == (2, 512 + 256)
+            assert pod.sandbox.shm_size == 64 << 20  # the spec's size=65536k
+            storages = pod.vm.service.sandbox_storages
+            assert any(s.mount_point == "/run/kata-containers/sandbox/shm" for s in storages), storages
+            mounts = pod.sandbox.guest_mounts([{"destination": "/dev/shm", "type": "tmpfs", "source": "shm"}])
+            assert mounts == [
+                {
+                    "destination": "/dev/shm",
+                    "type": "bind",
+                    "source": "/run/kata-containers/sandbox/shm",
+                    "options": ["rbind"],
+                }
+            ]
+
+    trio.run(main)
+
+
+def test_a_failed_boot_leaves_no_tap_and_no_cgroup(
+    virtiofs_as_bind: dict[str, Path], pod_network: dict[str, str]
+) -> None:
+    """The network and the cgroup are made before the VM boots: a boot that fails undoes both."""
+    pod_ns = pod_network["pod"]
+    rel = f"kvc-fail-{os.getpid()}"
+
+    async def main() -> None:
+        first = _spec("true", netns=f"/run/netns/{pod_ns}", cgroups_path=f"/{rel}")
+        with pytest.raises(BaseExceptionGroup) as info:  # the fixture's nursery wraps the SandboxError
+            async with running_pod(
+                virtiofs_as_bind,
+                fail="start_vm",
+                first_spec=first,
+                agent_netns=pod_network["guest"],
+                cgroup_root=Path("/sys/fs/cgroup"),
+            ):
+                pass
+        assert info.group_contains(SandboxError, match="guest kernel panicked")
+        assert "_kata" not in await _aip("-o", "link", "show", netns=pod_ns)
+        assert "ingress" not in await _out("tc", "-n", pod_ns, "qdisc", "show", "dev", "eth0")
+        assert not await trio.Path("/sys/fs/cgroup/cpu", rel).exists()
+        assert not await trio.Path("/sys/fs/cgroup", rel).exists()
+
+    trio.run(main)
+
+
+def test_two_containers_of_the_pod_share_one_dev_shm_and_one_hostname(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    """What one container puts in /dev/shm the other reads: both bind the pod's one tmpfs."""
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind) as pod:
+            cm = pod.instance.containers
+            writer = _spec("sh", "-c", "echo from-c1 > /dev/shm/note; hostname")
+            await cm.create_container(_container(pod, busybox_lower, "c1", writer, Stdio()))
+            await cm.start_process(ProcessId("c1"))
+            with trio.fail_after(20):
+                assert (await cm.wait_process(ProcessId("c1"))).code == 0
+            fifos = _fifos(pod, "c2", "stdout")
+            reader = _spec("sh", "-c", "cat /dev/shm/note; hostname; grep ' /dev/shm ' /proc/mounts")
+            got: dict[str, bytes] = {}
+            async with trio.open_nursery() as n:
+                n.start_soon(read_fifo, fifos["stdout"], got, "out")
+                await cm.create_container(
+                    _container(pod, busybox_lower, "c2", reader, Stdio(stdout=fifos["stdout"]))
+                )
+                await cm.start_process(ProcessId("c2"))
+                with trio.fail_after(20):
+                    assert (await cm.wait_process(ProcessId("c2"))).code == 0
+            lines = got["out"].decode().splitlines()
+            assert lines[:2] == ["from-c1", "pod"], lines
+            assert "size=65536k" in lines[2], lines  # the sandbox spec's size, one tmpfs for the pod
+            for cid in ("c1", "c2"):
+                await cm.delete_process(ProcessId(cid))
+
+    trio.run(main)
+
+
+def test_the_sandbox_resolv_conf_reaches_create_sandbox_and_the_container(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """DNS: the file bound on the sandbox's /etc/resolv.conf gives CreateSandbox's dns lines (the agent
+    writes the guest's), and the bind itself reaches the container through the share."""
+    import kata_agent._guest as agent_guest
+
+    written: list[list[str]] = []
+    monkeypatch.setattr(agent_guest, "write_resolv_conf", written.append)  # never the host's file
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("# CNI\nnameserver 10.96.0.10\nsearch default.svc.cluster.local\n")
+    bound = [
+        {"destination": "/etc/resolv.conf", "type": "bind", "source": str(resolv), "options": ["rbind", "ro"]}
+    ]
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind, first_spec=_spec("true", mounts=bound)) as pod:
+            assert written == [["nameserver 10.96.0.10", "search default.svc.cluster.local"]]
+            cm = pod.instance.containers
+            fifos = _fifos(pod, "c1", "stdout")
+            got: dict[str, bytes] = {}
+            spec = _spec("cat", "/etc/resolv.conf", mounts=bound)
+            async with trio.open_nursery() as n:
+                n.start_soon(read_fifo, fifos["stdout"], got, "out")
+                await cm.create_container(
+                    _container(pod, busybox_lower, "c1", spec, Stdio(stdout=fifos["stdout"]))
+                )
+                await cm.start_process(ProcessId("c1"))
+                with trio.fail_after(20):
+                    assert (await cm.wait_process(ProcessId("c1"))).code == 0
+            assert got["out"] == resolv.read_bytes()
+            await cm.delete_process(ProcessId("c1"))
 
     trio.run(main)

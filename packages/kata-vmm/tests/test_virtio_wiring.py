@@ -46,6 +46,20 @@ def test_net_spec_parses_tap_and_mac() -> None:
             parse_net(bad)
 
 
+def test_net_spec_with_an_open_fd_wraps_it_and_opens_no_tap() -> None:
+    # A tap opened in another netns arrives as an fd; build() must not open /dev/net/tun here.
+    left, right = os.pipe()
+    device = NetSpec("tap0_kata", "52:54:00:12:34:56", fd=left).build()
+    try:
+        assert device.fd == left  # type: ignore[attr-defined]
+        assert device.mac == bytes.fromhex("525400123456")  # type: ignore[attr-defined]
+    finally:
+        device.close()  # type: ignore[attr-defined]
+        os.close(right)
+    with pytest.raises(OSError):
+        os.fstat(left)  # the device owned the fd
+
+
 def test_fs_spec_needs_tag_and_directory() -> None:
     assert parse_fs("shared=/srv/x") == FsSpec("shared", Path("/srv/x"))
     for bad in ("shared", "=/srv/x", "shared="):

@@ -148,8 +148,11 @@ class AgentClient:
         storages: list[Storage] | None = None,
         devices: list[Device] | None = None,
         stdio_ports: StdioPorts | None = None,
+        sandbox_pidns: bool = False,
     ) -> None:
         """CreateContainer (the init process is created, not started).
+
+        `sandbox_pidns`: the container joins the sandbox's PID namespace (CRI's shareProcessNamespace).
 
         `spec`: a `ContainerSpec`, or a whole OCI config.json (as a runtime has it; BadSpec if a value does
         not fit oci.proto).
@@ -171,6 +174,7 @@ class AgentClient:
             ],
         )
         (stdio_ports or StdioPorts()).set_on(req)
+        req.sandbox_pidns = sandbox_pidns
         if isinstance(spec, ContainerSpec):
             req.OCI.CopyFrom(cv.spec_pb(spec))
         else:

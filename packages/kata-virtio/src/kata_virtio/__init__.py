@@ -7,7 +7,7 @@ from kata_virtio._fs import VirtioFs
 from kata_virtio._fs_server import FsPolicy, FsServerError, FuseServer
 from kata_virtio._memory import GuestAddressError, GuestMemory, InterruptTrigger, VirtioError
 from kata_virtio._mmio import MMIO_WINDOW_SIZE, VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
-from kata_virtio._net import VirtioNet
+from kata_virtio._net import VirtioNet, open_tap
 from kata_virtio._queue import (
     AvailRingError,
     ChainReader,
@@ -59,4 +59,5 @@ __all__ = [
     "VirtioRng",
     "VirtioVsock",
     "__version__",
+    "open_tap",
 ]

@@ -1,6 +1,6 @@
 """A pure-Python KVM VMM (our Dragonball): KVM bindings, guest memory, vCPUs, boot, ACPI, legacy devices."""
 
-from kata_virtio import FsPolicy
+from kata_virtio import FsPolicy, VirtioError, open_tap
 from kata_vmm.__about__ import __version__
 from kata_vmm._bus import Bus, BusDevice
 from kata_vmm._errors import (
@@ -48,6 +48,7 @@ __all__ = [
     "RngSpec",
     "Vcpu",
     "VcpuState",
+    "VirtioError",
     "Vm",
     "VmConfig",
     "VmStateError",
@@ -58,5 +59,6 @@ __all__ = [
     "VsockSpec",
     "__version__",
     "install_kick_handler",
+    "open_tap",
     "virtio_mmio_slot",
 ]

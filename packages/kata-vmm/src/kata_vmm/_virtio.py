@@ -76,13 +76,19 @@ class BlockSpec:
 
 @dataclass(frozen=True)
 class NetSpec:
-    """virtio-net on tap ``tap`` (created if absent), optionally with a fixed MAC."""
+    """virtio-net on tap ``tap`` (created if absent), optionally with a fixed MAC.
+
+    With ``fd`` the tap is already open (e.g. opened inside another network namespace) and ``tap`` only
+    names it; the device built takes the fd over (closing the device closes it)."""
 
     tap: str
     mac: str | None = None
+    fd: int | None = None
 
     def build(self) -> VirtioDevice:
-        """Open the tap."""
+        """Open the tap (or wrap the open ``fd``)."""
+        if self.fd is not None:
+            return VirtioNet(self.fd, self.mac)
         return VirtioNet.with_tap(self.tap, self.mac)
 
 

@@ -43,6 +43,8 @@ AGENTS = ("kata",)
 # Block drivers upstream names for the PCI machines, and what a back-end without PCI uses instead.
 _MMIO_BLOCK_DRIVERS = {"virtio-blk-pci": "virtio-mmio", "virtio-blk": "virtio-mmio"}
 _MMIO_HYPERVISORS = ("dragonball",)
+INTERNETWORKING_MODELS = ("tcfilter", "route", "none")
+"""`[runtime] internetworking_model`: how guest frames reach the pod's veth (kata_resources.NetworkModel)."""
 
 
 class ConfigError(InvalidArgument):
@@ -185,6 +187,11 @@ class _Parser:
             )
         if not 0 < runtime.passfd_listener_port <= 0xFFFFFFFF:
             raise self.error("runtime.passfd_listener_port", "must be a vsock port (1 to 4294967295)")
+        if runtime.internetworking_model not in INTERNETWORKING_MODELS:
+            raise self.error(
+                "runtime.internetworking_model",
+                self.unknown("internetworking model", runtime.internetworking_model, INTERNETWORKING_MODELS),
+            )
         if runtime.agent_name not in AGENTS:
             raise self.error("runtime.agent_name", self.unknown("agent", runtime.agent_name, AGENTS))
         hv_key = f"hypervisor.{runtime.hypervisor_name}"

@@ -135,6 +135,9 @@ class Hypervisor(Protocol):
     def thread_ids(self) -> list[int]:
         """Native thread ids of the VMM's threads (vCPUs, event thread)."""
 
+    def vcpu_thread_ids(self) -> list[int]:
+        """Native thread ids of the vCPU threads only (they go into the sandbox cgroup)."""
+
     async def cleanup(self) -> None:
         """Release everything `prepare_vm` and later calls created (idempotent; used after a crash too)."""
 

@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import logging
 import os
 import select
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import trio
 
 import kata_vmm
 from kata_proto.agent import AGENT_VSOCK_PORT, PASSFD_CMDLINE_PARAM
+from kata_resources import to_thread_in_netns
 from kata_shim._ratelimit import LineRateLimit
 from kata_shim.hypervisor._base import (
     BlockDevice,
@@ -41,7 +39,6 @@ from kata_shim.hypervisor._base import (
     ShareFsDevice,
 )
 from kata_shim.persist import sandbox_dir
-from kata_virtio import VirtioError
 from kata_vmm import (
     VIRTIO_MMIO_SLOTS,
     BlockSpec,
@@ -50,11 +47,13 @@ from kata_vmm import (
     FsSpec,
     NetSpec,
     RngSpec,
+    VirtioError,
     VmConfig,
     Vmm,
     VmmError,
     VmStateError,
     VsockSpec,
+    open_tap,
     virtio_mmio_slot,
 )
 
@@ -71,9 +70,6 @@ nodes, setuid/setgid bits and security./trusted./system. xattrs stay refused, an
 share is nosuid,nodev."""
 CONSOLE_TAIL_BYTES = 8192
 STOP_TIMEOUT = 15.0
-_CLONE_NEWNET = 0x40000000
-
-T = TypeVar("T")
 
 
 class ConsoleSink:
@@ -120,42 +116,6 @@ class ConsoleSink:
 
 def _netns_path(netns: str) -> Path:
     return Path(netns) if netns.startswith("/") else Path("/run/netns") / netns
-
-
-def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def run_in_netns(netns: str | None, fn: Callable[[], T]) -> T:
-    """Call ``fn`` on this thread inside network namespace ``netns`` (a path or a /run/netns name), then
-    return the thread to its own namespace; ``netns=None`` just calls it. setns only moves the calling
-    thread, so a tap opened here belongs to the pod's netns while the shim stays where it is."""
-    if netns is None:
-        return fn()
-    try:
-        target = os.open(_netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        raise HypervisorError(f"network namespace {netns}: {err.strerror}") from err
-    try:
-        own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        os.close(target)
-        raise
-    try:
-        try:
-            _setns(target)
-        except OSError as err:
-            raise HypervisorError(f"cannot enter network namespace {netns}: {err.strerror}") from err
-        try:
-            return fn()
-        finally:
-            _setns(own)
-    finally:
-        os.close(target)
-        os.close(own)
 
 
 class Dragonball:
@@ -269,27 +229,54 @@ class Dragonball:
             parts.append(f"{PASSFD_CMDLINE_PARAM}={self._passfd_port}")
         return " ".join(parts)
 
-    def device_specs(self) -> list[DeviceSpec]:
-        """The kata_vmm device specs in slot order (network devices are opened in the netns at start)."""
+    def device_specs(self, tap_fds: dict[int, int] | None = None) -> list[DeviceSpec]:
+        """The kata_vmm device specs in slot order; ``tap_fds`` maps a network device's index in the added
+        devices to its tap, already opened in the pod's netns (`start_vm` opens them)."""
+        tap_fds = tap_fds or {}
         specs: list[DeviceSpec] = []
         if self.config.image is not None:
             specs.append(BlockSpec(Path(self.config.image), read_only=True))
         specs.append(VsockSpec(self.hvsock_path))
         specs.append(RngSpec())
-        for device in self._devices:
+        for index, device in enumerate(self._devices):
             if isinstance(device, ShareFsDevice):
                 specs.append(FsSpec(device.mount_tag, device.host_path, policy=SANDBOX_SHARE_POLICY))
             elif isinstance(device, BlockDevice):
                 specs.append(BlockSpec(device.path, read_only=device.read_only))
             else:
-                specs.append(NetSpec(device.tap, device.mac or None))
+                specs.append(NetSpec(device.tap, device.mac or None, fd=tap_fds.get(index)))
         return specs
 
     # --- running -----------------------------------------------------------------------------------
-    def _boot(self) -> Vmm:
-        """configure + add devices + start (on a worker thread: reading the kernel and images blocks)."""
+    async def _open_taps(self) -> dict[int, int]:
+        """Open each network device's tap inside the pod's netns (a thread of its own enters it, so no
+        trio worker ever runs there); on failure the taps opened so far are closed."""
+        fds: dict[int, int] = {}
+        try:
+            for index, device in enumerate(self._devices):
+                if not isinstance(device, NetworkDevice):
+                    continue
+                try:
+                    if self.netns is None:
+                        fds[index] = await trio.to_thread.run_sync(open_tap, device.tap)
+                    else:
+                        fds[index] = await to_thread_in_netns(_netns_path(self.netns), open_tap, device.tap)
+                except (VirtioError, OSError) as err:
+                    where = f" in network namespace {self.netns}" if self.netns else ""
+                    raise HypervisorError(f"dragonball: tap {device.tap}{where}: {err}") from err
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        return fds
+
+    def _boot(self, tap_fds: dict[int, int]) -> Vmm:
+        """configure + add devices + start (on a worker thread: reading the kernel and images blocks).
+
+        Takes ``tap_fds`` over: each goes to its device, or is closed if boot fails before that."""
         cfg = self.config
         vmm = Vmm()
+        owned = dict(tap_fds)
         try:
             vmm.configure(
                 VmConfig(
@@ -301,13 +288,13 @@ class Dragonball:
                     console_output=self._console,
                 )
             )
-            for spec in self.device_specs():
+            for spec in self.device_specs(tap_fds):
                 try:
-                    device = (
-                        run_in_netns(self.netns, spec.build) if isinstance(spec, NetSpec) else spec.build()
-                    )
+                    device = spec.build()
                 except (VirtioError, VmmError, OSError) as err:
                     raise HypervisorError(f"dragonball: {type(spec).__name__}: {err}") from err
+                if isinstance(spec, NetSpec) and spec.fd is not None:
+                    owned = {i: fd for i, fd in owned.items() if fd != spec.fd}  # the device has it now
                 vmm.add_virtio_device(device)
             vmm.start()
         except VmmError as err:
@@ -319,6 +306,10 @@ class Dragonball:
         except BaseException:
             vmm.close()
             raise
+        finally:
+            for fd in owned.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         return vmm
 
     async def start_vm(self, timeout: float) -> None:  # noqa: ASYNC109 (runtime-rs signature)
@@ -332,7 +323,8 @@ class Dragonball:
             raise HypervisorError("start_vm() called twice")
         # set-up is bounded work (mmap, read the kernel and initrd); `timeout` is the caller's budget for
         # the agent, which it spends dialling the vsock
-        self._vmm = await trio.to_thread.run_sync(self._boot)
+        tap_fds = await self._open_taps()
+        self._vmm = await trio.to_thread.run_sync(self._boot, tap_fds)
         # one watcher per VM (trio lets one task wait on an fd); wait_vm and stop_vm wait on its Event
         trio.lowlevel.spawn_system_task(
             self._watch_exit, self._vmm, name=f"dragonball-exit-{self.sandbox_id}"
@@ -454,6 +446,16 @@ class Dragonball:
         if self._vmm is None:
             return []
         return [t.native_id for t in self._vmm.threads() if t.native_id is not None and t.is_alive()]
+
+    def vcpu_thread_ids(self) -> list[int]:
+        """Native ids of the alive vCPU threads (``kata-vcpu-N``)."""
+        if self._vmm is None:
+            return []
+        return [
+            t.native_id
+            for t in self._vmm.threads()
+            if t.native_id is not None and t.is_alive() and t.name.startswith("kata-vcpu")
+        ]
 
     async def cleanup(self) -> None:
         """Stop the VM, close every fd and mapping, remove the vsock sockets; idempotent."""

@@ -1,6 +1,13 @@
 """Sandbox state under /run/kata/<sandbox id> (state.json, written atomically) and cleanup after a crash."""
 
-from kata_shim.persist._cleanup import MOUNTS_FILE, CleanupReport, cleanup_sandbox, mounts_below
+from kata_shim.persist._cleanup import (
+    CGROUP_KEY,
+    MOUNTS_FILE,
+    NETWORK_KEY,
+    CleanupReport,
+    cleanup_sandbox,
+    mounts_below,
+)
 from kata_shim.persist._state import (
     DEFAULT_STATE_ROOT,
     ENV_SHARED_ROOT,
@@ -15,10 +22,12 @@ from kata_shim.persist._state import (
 )
 
 __all__ = [
+    "CGROUP_KEY",
     "DEFAULT_STATE_ROOT",
     "ENV_SHARED_ROOT",
     "ENV_STATE_ROOT",
     "MOUNTS_FILE",
+    "NETWORK_KEY",
     "SHARED_ROOT",
     "CleanupReport",
     "PersistError",

@@ -31,8 +31,12 @@ log = logging.getLogger("kata_shim.persist")
 
 MOUNTS_FILE = "mounts.json"
 """<sandbox dir>/mounts.json: the container abstraction's mount ledger (kata_resources.MountLedger)."""
+NETWORK_KEY = "network"
+"""state.json ``extra[NETWORK_KEY]``: the pod's network (`kata_resources.Network.to_dict`), torn down here."""
+CGROUP_KEY = "cgroup"
+"""state.json ``extra[CGROUP_KEY]``: the sandbox's host cgroup (`SandboxCgroup.to_dict`), removed here."""
 
-__all__ = ["MOUNTS_FILE", "CleanupReport", "cleanup_sandbox", "mounts_below"]
+__all__ = ["CGROUP_KEY", "MOUNTS_FILE", "NETWORK_KEY", "CleanupReport", "cleanup_sandbox", "mounts_below"]
 
 
 @dataclass
@@ -87,6 +91,8 @@ def cleanup_sandbox(
                 report.killed.append(pid)
         if report.killed:
             _wait_gone(report.killed, timeout=5.0)
+    if state is not None:
+        _release_host_resources(state, report)
     owned = [directory] + ([store.shared_root / sandbox_id] if store.shared_root is not None else [])
     for point in state.mounts if state else []:
         # Recorded by the shim itself (trusted host paths): unmount every stacked mount there.
@@ -119,6 +125,31 @@ def cleanup_sandbox(
     for line in report.errors:
         log.warning("cleanup of sandbox %s: %s", sandbox_id, line)
     return report
+
+
+def _release_host_resources(state: SandboxState, report: CleanupReport) -> None:
+    """Tear down the pod's taps, qdiscs and filters and remove its host cgroup, as recorded.
+
+    The network and cgroup code (pyroute2, cgroupspy) is imported only for a pod that had them: `delete`
+    must stay within containerd's few seconds under emulation."""
+    network = state.extra.get(NETWORK_KEY)
+    if isinstance(network, dict):
+        from kata_resources import Network, teardown_network_sync
+
+        try:
+            teardown_network_sync(Network.from_dict(network))
+            report.removed.append(f"network {network.get('netns', '')}")
+        except (ResourceError, OSError) as err:
+            report.errors.append(f"network: {err}")
+    cgroup = state.extra.get(CGROUP_KEY)
+    if isinstance(cgroup, dict):
+        from kata_resources import SandboxCgroup
+
+        try:
+            SandboxCgroup.from_dict(cgroup).delete()
+            report.removed.append(f"cgroup {cgroup.get('path', '')}")
+        except (ResourceError, OSError) as err:
+            report.errors.append(f"cgroup: {err}")
 
 
 def _wait_gone(pids: list[int], timeout: float) -> None:

@@ -142,3 +142,12 @@ class StateStore:
         state.extra.update(extra or {})
         self.save(state)
         return state
+
+    def forget(self, sandbox_id: str, *keys: str) -> None:
+        """Drop ``keys`` from the saved state's ``extra`` (what they recorded has been undone)."""
+        state = self.load(sandbox_id)
+        if state is None or not any(k in state.extra for k in keys):
+            return
+        for key in keys:
+            state.extra.pop(key, None)
+        self.save(state)

@@ -48,6 +48,7 @@ from kata_shim.runtime._base import (
 from kata_shim.virt_container._metrics import metrics_from_stats
 from kata_shim.virt_container._oci import guest_spec
 from kata_shim.virt_container._passfd import passfd_stdio
+from kata_shim.virt_container._pod import shares_sandbox_pidns
 from kata_shim.virt_container._sandbox import VirtSandbox
 from kata_shim.virt_container._stdio import StdinCopy, copy_output, open_output_fifo
 
@@ -159,9 +160,15 @@ class VirtContainerManager:
                 bundle_rootfs = config.bundle / bundle_rootfs
             mount_rootfs(config.rootfs, layout.rootfs_host_path(cid), ledger, bundle_rootfs=bundle_rootfs)
             mounts = share_volumes(config.spec.get("mounts") or [], layout, cid, ledger)
+            mounts = self.sandbox.guest_mounts(mounts)  # the pod's one /dev/shm
             spec = guest_spec(config.spec, cid, layout.rootfs_guest_path(cid), mounts)
             await self._open_stdio(agent, process)
-            await agent.create_container(cid, spec, stdio_ports=process.ports)
+            await agent.create_container(
+                cid,
+                spec,
+                stdio_ports=process.ports,
+                sandbox_pidns=shares_sandbox_pidns(config.spec),  # pod namespaces (issue 14)
+            )
         except BaseException as err:
             self._close_stdio(process)
             try:
@@ -178,6 +185,8 @@ class VirtContainerManager:
         finally:
             self._creating.discard(cid)
         self._containers[cid] = _Container(cid, config.bundle, process)
+        # Pod resources (issue 14): the sandbox cgroup's limits now count this container too.
+        await self.sandbox.container_resources(cid, _oci_resources(config.spec))
         return self.sandbox.pid()
 
     async def _open_stdio(self, agent: AgentClient, p: _Process) -> None:
@@ -230,6 +239,8 @@ class VirtContainerManager:
             raise _translate(err, f"start {process}") from err
         p.status = ProcessStatus.RUNNING
         self._start_io_and_wait(agent, p)
+        if not process.exec_id and c.id == self.sandbox.sandbox_id:
+            await self.sandbox.rescan_network()  # as upstream does on the sandbox container's Start
         return self.sandbox.pid()
 
     def _start_io_and_wait(self, agent: AgentClient, p: _Process) -> None:
@@ -414,6 +425,7 @@ class VirtContainerManager:
         except ResourceError as err:
             errors.append(str(err))
         del self._containers[c.id]
+        await self.sandbox.container_resources(c.id, None)  # pod resources (issue 14)
         if errors:
             log.warning("container %s: delete: %s", c.id, "; ".join(errors))
             if any(not e.startswith("RemoveContainer") for e in errors):
@@ -484,9 +496,16 @@ class VirtContainerManager:
             await self._agent().update_container(container_id, resources)
         except AgentError as err:
             raise _translate(err, f"update {container_id}") from err
+        await self.sandbox.container_resources(container_id, resources)  # pod resources (issue 14)
 
     async def pids(self, container_id: str) -> list[int]:
         """The pid containerd knows the container's processes by (the VMM's; the agent API has no
         process listing in use by runtime-rs either)."""
         self._container(container_id)
         return [self.sandbox.pid()]
+
+
+def _oci_resources(spec: dict[str, Any]) -> dict[str, Any]:
+    """``linux.resources`` of an OCI spec ({} when absent)."""
+    resources = (spec.get("linux") or {}).get("resources")
+    return resources if isinstance(resources, dict) else {}

@@ -16,6 +16,8 @@ Nothing that talks to the guest waits for it after that.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -34,18 +36,37 @@ from kata_agent_client import (
 )
 from kata_proto.containerd import TOPIC_OOM, events_pb2
 from kata_resources import (
+    CGROUP_ROOT,
     GUEST_SHARED_DIR,
     HOST_SHARED_ROOT,
+    CgroupLimits,
+    Network,
+    NetworkModel,
     ResourceError,
+    SandboxCgroup,
     ShareLayout,
     StorageSpec,
+    dns_from_mounts,
+    pod_shm_mount,
+    pod_shm_size,
+    pod_shm_storage,
+    rescan_network,
+    setup_network,
+    teardown_network,
 )
 from kata_shim._ratelimit import LineRateLimit
 from kata_shim.config._types import TomlConfig
-from kata_shim.hypervisor._base import Hypervisor, ShareFsDevice
-from kata_shim.persist import MOUNTS_FILE, state_root
+from kata_shim.hypervisor._base import Hypervisor, NetworkDevice, ShareFsDevice
+from kata_shim.persist import CGROUP_KEY, MOUNTS_FILE, NETWORK_KEY, StateStore, state_root
 from kata_shim.runtime._base import ContainerConfig, FailedPrecondition, Publisher, RuntimeHandlerError
 from kata_shim.virt_container._passfd import PassfdListener
+from kata_shim.virt_container._pod import (
+    cgroups_path,
+    container_limits,
+    guest_network,
+    pod_netns,
+    vm_size,
+)
 
 log = logging.getLogger("kata_shim.virt_container")
 agent_log = logging.getLogger("kata_shim.agent")
@@ -109,6 +130,7 @@ class VirtSandbox:
         state_dir: Path | None = None,
         health_interval: float = 30.0,
         destroy_timeout: float = 10.0,
+        cgroup_root: Path | None = Path(CGROUP_ROOT),
     ) -> None:
         self.sandbox_id = sandbox_id
         self.config = config
@@ -137,6 +159,16 @@ class VirtSandbox:
         self.container_known: Callable[[str], bool] = lambda _cid: True
         """Whether a container id the guest names (OOM events) is ours; set by the container manager."""
         self.health: HealthChecker | None = None
+        self.cgroup_root = cgroup_root
+        """Where the host cgroup hierarchies are mounted; None: no host cgroup (tests)."""
+        self.network: Network | None = None
+        """The pod's network (veths, taps and what the guest was told), None when the pod has none."""
+        self.cgroup: SandboxCgroup | None = None
+        """The sandbox's host cgroup (vCPU threads, and the shim as `sandbox_cgroup_only` says)."""
+        self.shm_size = 0
+        """Bytes of the pod's one /dev/shm (0: the sandbox spec mounts none, containers keep their own)."""
+        self._limits: dict[str, CgroupLimits] = {}
+        self._store = StateStore(self.state_dir.parent)
 
     # -- what the container manager uses ----------------------------------------------------------
     @property
@@ -206,16 +238,32 @@ class VirtSandbox:
             shared = self.layout.create(self.ledger)
         except (OSError, ResourceError) as err:
             raise SandboxError(f"shared directory for {self.sandbox_id}: {err}") from err
+        netns = pod_netns(first.spec)
+        if netns is not None:
+            await self._setup_network(netns)
+        if self.cgroup_root is not None:
+            await self._setup_cgroup(cgroups_path(first.spec))
+        self._limits[first.container_id] = container_limits(first.spec)
         hv = self._hypervisor_factory(self.config)
         self.hypervisor = hv
-        await hv.prepare_vm(self.sandbox_id, None)
+        size = vm_size(hv.config, first.spec)
+        hv.config = dataclasses.replace(hv.config, default_vcpus=size.vcpus, default_memory=size.memory_mib)
+        await hv.prepare_vm(self.sandbox_id, netns)
         if self.config.runtime.use_passfd_io:
             hv.set_passfd_listener_port(self.config.runtime.passfd_listener_port)
         await hv.add_device(ShareFsDevice(shared, self.layout.mount_tag))
+        for endpoint in self.network.endpoints if self.network is not None else []:
+            if endpoint.tap:
+                await hv.add_device(NetworkDevice(endpoint.tap, endpoint.hw_addr))
         agent_cfg = self.config.agent
         # as upstream: reconnect_timeout_ms (at least 10 s) is the budget, dial_timeout_ms the retry pause
         dial_timeout = agent_cfg.connect_budget_s
+        if self.cgroup is not None:
+            await self._join_cgroup(hv, vcpus=False)  # the shim first: the VM's threads start there
         await hv.start_vm(dial_timeout)
+        if self.cgroup is not None:
+            await self._join_cgroup(hv, vcpus=True)
+            await self._apply_limits()
         address = hv.agent_address()
         log.info("sandbox %s: VM started, agent at %s", self.sandbox_id, address)
         ready: dict[str, BaseException | None] = {}
@@ -245,11 +293,18 @@ class VirtSandbox:
             raise SandboxError(text if address in text else f"agent at {address}: {text}") from failure
         agent = self.agent
         hostname = str(first.spec.get("hostname", "") or "")
+        mounts = [m for m in first.spec.get("mounts") or [] if isinstance(m, dict)]
+        storages = [_storage(self.layout.sandbox_storage())]
+        if any(m.get("destination") == "/dev/shm" for m in mounts):
+            self.shm_size = pod_shm_size(mounts)
+            storages.append(_storage(pod_shm_storage(self.shm_size)))
         with trio.fail_after(agent_cfg.request_timeout_ms / 1000):
+            await self._configure_guest_network(agent)
             await agent.create_sandbox(
                 self.sandbox_id,
                 hostname=hostname,
-                storages=[_storage(self.layout.sandbox_storage())],
+                dns=dns_from_mounts(mounts),
+                storages=storages,
                 kernel_modules=_kernel_modules(agent_cfg.kernel_modules),
             )
             details = await agent.get_guest_details()
@@ -265,6 +320,141 @@ class VirtSandbox:
         self.nursery.start_soon(self._watch_health, self.health)
         self.nursery.start_soon(self._watch_vm, hv)
         self.nursery.start_soon(self._watch_agent, agent)
+
+    # -- the pod's host resources ----------------------------------------------------------------
+    def _persist(self, key: str, value: dict[str, Any]) -> None:
+        try:
+            self._store.update(self.sandbox_id, extra={key: value})
+        except Exception as err:  # the state file is for crash cleanup: never a reason to fail the pod
+            log.warning("sandbox %s: cannot record %s for cleanup: %s", self.sandbox_id, key, err)
+
+    def _forget(self, key: str) -> None:
+        with contextlib.suppress(Exception):
+            self._store.forget(self.sandbox_id, key)
+
+    async def _setup_network(self, netns: str) -> None:
+        """Connect a tap to each veth of the pod's netns (the model `internetworking_model` names)."""
+        try:
+            model = NetworkModel(self.config.runtime.internetworking_model or "tcfilter")
+        except ValueError as err:
+            raise SandboxError(f"internetworking_model: {err}") from err
+        try:
+            self.network = await setup_network(netns, model)
+        except (ResourceError, OSError) as err:
+            raise SandboxError(f"network of sandbox {self.sandbox_id} in {netns}: {err}") from err
+        self._persist(NETWORK_KEY, self.network.to_dict())
+        log.info(
+            "sandbox %s: network %s (%s): %s",
+            self.sandbox_id,
+            netns,
+            model.value,
+            ", ".join(f"{e.veth}<->{e.tap or '-'}" for e in self.network.endpoints) or "no veth",
+        )
+
+    async def _configure_guest_network(self, agent: AgentClient) -> None:
+        """UpdateInterface for each NIC, then UpdateRoutes and AddARPNeighbors (as runtime-rs does)."""
+        if self.network is None:
+            return
+        interfaces, routes, neighbors = guest_network(self.network)
+        for interface in interfaces:
+            await agent.update_interface(interface)
+        if routes:
+            await agent.update_routes(routes)
+        if neighbors:
+            await agent.add_arp_neighbors(neighbors)
+
+    async def rescan_network(self) -> None:
+        """Look at the pod's netns again (upstream does on Start): veths that appeared since the VM booted
+        are connected and recorded, but cannot reach the guest until NIC hot-plug exists (logged)."""
+        if self.network is None:
+            return
+        try:
+            added = await rescan_network(self.network)
+        except (ResourceError, OSError) as err:
+            log.warning("sandbox %s: network rescan: %s", self.sandbox_id, err)
+            return
+        if added:
+            self._persist(NETWORK_KEY, self.network.to_dict())
+            log.warning(
+                "sandbox %s: %s appeared after boot; NIC hot-plug is not supported yet",
+                self.sandbox_id,
+                ", ".join(e.veth for e in added),
+            )
+
+    async def _setup_cgroup(self, path: str) -> None:
+        assert self.cgroup_root is not None
+        create = functools.partial(
+            SandboxCgroup.create,
+            self.sandbox_id,
+            path,
+            sandbox_cgroup_only=self.config.runtime.sandbox_cgroup_only,
+            root=self.cgroup_root,
+        )
+        try:
+            self.cgroup = await trio.to_thread.run_sync(create)
+        except (ResourceError, OSError) as err:
+            raise SandboxError(f"host cgroup of sandbox {self.sandbox_id}: {err}") from err
+        self._persist(CGROUP_KEY, self.cgroup.to_dict())
+
+    async def _join_cgroup(self, hv: Hypervisor, *, vcpus: bool) -> None:
+        """Before boot: the VMM's processes (the shim itself when built in) into the sandbox cgroup with
+        ``sandbox_cgroup_only``, else into the overhead one. After boot: the vCPU threads into the
+        sandbox cgroup (upstream's split: only vCPUs count against the pod's CPU limits)."""
+        cg = self.cgroup
+        assert cg is not None
+        try:
+            if vcpus:
+                await trio.to_thread.run_sync(cg.add_threads, hv.vcpu_thread_ids())
+            else:
+                await trio.to_thread.run_sync(cg.add_processes, hv.pids())
+        except (ResourceError, OSError) as err:
+            raise SandboxError(f"host cgroup of sandbox {self.sandbox_id}: {err}") from err
+
+    async def _apply_limits(self) -> None:
+        if self.cgroup is None:
+            return
+        limits = CgroupLimits.sandbox(self._limits.values())
+        try:
+            await trio.to_thread.run_sync(self.cgroup.set_limits, limits)
+        except (ResourceError, OSError) as err:
+            raise SandboxError(f"host cgroup limits of sandbox {self.sandbox_id}: {err}") from err
+
+    async def container_resources(self, container_id: str, resources: dict[str, Any] | None) -> None:
+        """A container's OCI ``linux.resources`` (Create or Update; None: the container is gone): the
+        sandbox cgroup's CPU limits become the sum over the containers."""
+        if resources is None:
+            self._limits.pop(container_id, None)
+        else:
+            self._limits[container_id] = container_limits(resources, resources=True)
+        try:
+            await self._apply_limits()
+        except SandboxError as err:  # the guest's cgroups still hold the container: logged, not fatal
+            log.warning("%s", err)
+
+    def guest_mounts(self, mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A container's guest mounts with its /dev/shm on the pod's one (when the pod has one)."""
+        if not self.shm_size:
+            return mounts
+        return [pod_shm_mount() if m.get("destination") == "/dev/shm" else m for m in mounts]
+
+    async def _release_host_resources(self) -> list[str]:
+        """Tear down the network and remove the cgroup (after the VM is gone); the errors, as text."""
+        errors = []
+        if self.network is not None:
+            try:
+                await teardown_network(self.network)
+                self.network = None
+                self._forget(NETWORK_KEY)
+            except (ResourceError, OSError) as err:
+                errors.append(f"network: {err}")
+        if self.cgroup is not None:
+            try:
+                await trio.to_thread.run_sync(self.cgroup.delete)
+                self.cgroup = None
+                self._forget(CGROUP_KEY)
+            except (ResourceError, OSError) as err:
+                errors.append(f"cgroup: {err}")
+        return errors
 
     async def _serve(
         self,
@@ -407,7 +597,7 @@ class VirtSandbox:
                     await self.hypervisor.cleanup()
                 except Exception as err:
                     log.warning("sandbox %s: hypervisor cleanup: %r", self.sandbox_id, err)
-            errors = []
+            errors = await self._release_host_resources()
             try:
                 self.ledger.undo()
             except ResourceError as err:
