@@ -8,6 +8,7 @@ import select
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,10 +259,29 @@ def test_no_thread_is_left_in_the_netns(pod_netns: str) -> None:
     before = set(threading.enumerate())
     teardown_network_sync(setup_network_sync(pod_netns))
     trio.run(teardown_network, trio.run(setup_network, pod_netns))
-    left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-    assert not [t for t in left if t.name == "kata-netns" or "pyroute" in t.name.lower()], left
     inode = f"net:[{os.stat(pod_netns).st_ino}]"
-    assert [tid for tid in os.listdir("/proc/self/task") if _thread_netns(tid) == inode] == []
+    # Thread.join() returns once the Python thread is done; the OS thread (comm "python") still exits a moment
+    # later: it was seen in /proc/self/task, in the netns, right after the call in 66 of 200 tries (and failed
+    # this test twice in loaded full runs). What must hold is that none stays, so look until they are gone
+    # (bounded), then name any that did not go.
+    deadline = time.monotonic() + 10
+    while True:
+        left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        ours = [t for t in left if t.name == "kata-netns" or "pyroute" in t.name.lower()]
+        inside = [tid for tid in os.listdir("/proc/self/task") if _thread_netns(tid) == inode]
+        if (not ours and not inside) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not ours, ours
+    named = {t.native_id: t.name for t in threading.enumerate()}
+    assert inside == [], [(tid, _comm(tid), named.get(int(tid))) for tid in inside]
+
+
+def _comm(tid: str) -> str:
+    try:
+        return open(f"/proc/self/task/{tid}/comm").read().strip()
+    except OSError:
+        return "?"
 
 
 def _thread_netns(tid: str) -> str:
