@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import socket
 import stat
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,20 +21,8 @@ from kata_shim.virt_container import _passfd
 from kata_shim.virt_container._passfd import PassfdError, PassfdListener, passfd_connect, passfd_stdio
 from kata_virtio import VirtioVsock
 from kata_virtio._vsock import VIRTIO_VSOCK_OP_REQUEST, VIRTIO_VSOCK_OP_RESPONSE, VSOCK_HDR
-from kata_virtio.testing import FakeGuestMemory, activate
+from kata_virtio.testing import FakeGuestMemory, activate, event_thread, pump
 from kata_vmm import VsockSpec
-
-
-def _pump(dev: VirtioVsock, timeout: float = 0.05) -> None:
-    for _ in range(200):
-        poller = select.poll()
-        for fd, ev in dev.watched().items():
-            poller.register(fd, ev)
-        ready = poller.poll(timeout * 1000)
-        if not ready:
-            return
-        for fd, ev in ready:
-            dev.handle_event(fd, ev)
 
 
 class _Guest:
@@ -115,22 +101,22 @@ def test_passfd_refuses_a_non_stream_fd_with_an_error_to_that_connection_alone(
     r, w = os.pipe()
     try:
         good = _send_passfd(vsock, w)  # a live passfd stream on the same device
-        _pump(vsock)
+        pump(vsock)
         [hdr] = guest.requests()
         guest.accept(hdr)
-        _pump(vsock)
+        pump(vsock)
         assert good.recv(64) == f"OK {hdr[2]}\n".encode()
         before = _open_fds()
         odd = _odd_fd(kind, tmp_path)
         control = _send_passfd(vsock, odd)
         os.close(odd)
-        _pump(vsock)
+        pump(vsock)
         reply = _reply(control)
         assert reply.startswith(b"ERR ") and reply.endswith(b"\n") and b"\n" not in reply[:-1]
         assert not vsock.broken and guest.irq.needs_reset == []
         assert guest.requests() == []  # the guest never heard of it
         control.close()
-        _pump(vsock)
+        pump(vsock)
         assert _open_fds() <= before  # the VMM's copy of the odd fd is closed, nothing leaked
         assert vsock.connection_count == 1  # the good stream lives on
         good.close()
@@ -148,10 +134,10 @@ def test_passfd_accepts_fifo_and_socket_fds(vsock: VirtioVsock, tmp_path: Path) 
         for fd in (fifo, a.fileno()):
             assert stat.S_ISFIFO(os.fstat(fd).st_mode) or stat.S_ISSOCK(os.fstat(fd).st_mode)
             control = _send_passfd(vsock, fd)
-            _pump(vsock)
+            pump(vsock)
             [hdr] = guest.requests()
             guest.accept(hdr)
-            _pump(vsock)
+            pump(vsock)
             assert control.recv(64) == f"OK {hdr[2]}\n".encode()
             control.close()
         assert vsock.connection_count == 2
@@ -169,7 +155,7 @@ def test_passfd_request_the_guest_never_answers_expires(vsock: VirtioVsock, rx_b
     try:
         before = _open_fds()
         control = _send_passfd(vsock, w)
-        _pump(vsock)
+        pump(vsock)
         assert vsock.connection_count == 1
         vsock.tick()
         assert vsock.connection_count == 1  # not yet
@@ -193,33 +179,20 @@ def test_shim_passfd_stdio_fails_within_its_budget_when_the_guest_never_answers(
     monkeypatch.setattr(_passfd, "PASSFD_TIMEOUT", 0.5)
     dev = VirtioVsock(tmp_path / "kata.hvsock", connect_timeout=1e9)  # only the shim's budget can end it
     _Guest(dev, rx_buffers=16)  # a guest that takes REQUESTs and never answers
-    stop = threading.Event()
-
-    def run() -> None:
-        while not stop.is_set():
-            poller = select.poll()
-            for fd, ev in dev.watched().items():
-                poller.register(fd, ev)
-            for fd, ev in poller.poll(10):
-                dev.handle_event(fd, ev)
-
-    thread = threading.Thread(target=run, name="test-vsock")
-    thread.start()
     out = tmp_path / "stdout"
     os.mkfifo(out)
     try:
+        with event_thread(dev):
 
-        async def main() -> None:
-            listener = PassfdListener(Path(dev.uds_path), 1027)
-            with trio.fail_after(60):  # a generous outer guard: the budget below is what ends it
-                with pytest.raises(PassfdError, match=r"stdout: .*no answer within 0\.5 s"):
-                    await passfd_stdio(listener, "", str(out), "", terminal=True)
+            async def main() -> None:
+                listener = PassfdListener(Path(dev.uds_path), 1027)
+                with trio.fail_after(60):  # a generous outer guard: the budget below is what ends it
+                    with pytest.raises(PassfdError, match=r"stdout: .*no answer within 0\.5 s"):
+                        await passfd_stdio(listener, "", str(out), "", terminal=True)
 
-        trio.run(main)
-        assert _fds_on(out) <= 1  # the shim closed both of its fds; only the VMM's copy may remain
+            trio.run(main)
+            assert _fds_on(out) <= 1  # the shim closed both of its fds; only the VMM's copy may remain
     finally:
-        stop.set()
-        thread.join()
         dev.close()
     assert _fds_on(out) == 0
 
@@ -234,27 +207,16 @@ def _fds_on(path: Path) -> int:
 
 def test_shim_passfd_connect_reports_the_vmm_refusal(vsock: VirtioVsock, tmp_path: Path) -> None:
     """Finding 9 (shim): a refused fd is an error that names the VMM's reason."""
-    stop = threading.Event()
-
-    def run() -> None:
-        while not stop.is_set():
-            poller = select.poll()
-            for fd, ev in vsock.watched().items():
-                poller.register(fd, ev)
-            for fd, ev in poller.poll(10):
-                vsock.handle_event(fd, ev)
-
-    thread = threading.Thread(target=run, name="test-vsock")
-    thread.start()
     (tmp_path / "f").write_bytes(b"x")
     fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        with pytest.raises(PassfdError, match="the VMM refused: not a pipe, fifo or socket"):
+        with (
+            event_thread(vsock),
+            pytest.raises(PassfdError, match="the VMM refused: not a pipe, fifo or socket"),
+        ):
             trio.run(passfd_connect, PassfdListener(Path(vsock.uds_path), 1027), fd)
     finally:
         os.close(fd)
-        stop.set()
-        thread.join()
 
 
 def test_connect_timeout_is_configurable_from_the_vmm_spec(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from kata_virtio._vsock import (
     VIRTIO_VSOCK_OP_SHUTDOWN,
     VSOCK_HDR,
 )
-from kata_virtio.testing import FakeGuestMemory, activate
+from kata_virtio.testing import FakeGuestMemory, activate, pump
 
 CANARY_PORT = 7
 
@@ -114,15 +114,7 @@ class VsockMachine(RuleBasedStateMachine):
         return out
 
     def _pump(self) -> None:
-        for _ in range(50):
-            poller = select.poll()
-            for fd, ev in self.dev.watched().items():
-                poller.register(fd, ev)
-            ready = poller.poll(0)
-            if not ready:
-                break
-            for fd, ev in ready:
-                self.dev.handle_event(fd, ev)
+        pump(self.dev, timeout=0, rounds=50)
 
     def _canary(self) -> None:
         self.canary = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import socket
 import threading
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from kata_virtio._vsock import (
     VIRTIO_VSOCK_OP_SHUTDOWN,
     VSOCK_HDR,
 )
-from kata_virtio.testing import FakeGuestMemory, activate
+from kata_virtio.testing import FakeGuestMemory, activate, event_thread
 
 
 # -- config -----------------------------------------------------------------------------------------
@@ -127,24 +126,10 @@ def muxer(tmp_path: Path) -> Iterator[tuple[VirtioVsock, _Guest]]:
     """The real muxer on its own thread (as the VMM's event thread runs it), with an accepting guest."""
     dev = VirtioVsock(tmp_path / "kata.hvsock")
     guest = _Guest(dev)
-    stop = threading.Event()
-
-    def run() -> None:
-        while not stop.is_set():
-            poller = select.poll()
-            for fd, ev in dev.watched().items():
-                poller.register(fd, ev)
-            for fd, ev in poller.poll(10):
-                dev.handle_event(fd, ev)
-            guest.step()
-
-    thread = threading.Thread(target=run, name="test-vsock")
-    thread.start()
     try:
-        yield dev, guest
+        with event_thread(dev, guest.step):
+            yield dev, guest
     finally:
-        stop.set()
-        thread.join()
         dev.close()
 
 

@@ -31,22 +31,9 @@ from kata_virtio._vsock import (
     VIRTIO_VSOCK_SHUTDOWN_SEND,
     VSOCK_HDR,
 )
-from kata_virtio.testing import FakeDeviceInterrupt, FakeGuestMemory, activate
+from kata_virtio.testing import FakeDeviceInterrupt, FakeGuestMemory, activate, pump
 
 Packet = tuple[tuple[int, ...], bytes]
-
-
-def pump(dev: VirtioVsock, timeout: float = 0.05, rounds: int = 200) -> None:
-    """Run the device's events until nothing happens for ``timeout`` seconds."""
-    for _ in range(rounds):
-        poller = select.poll()
-        for fd, ev in dev.watched().items():
-            poller.register(fd, ev)
-        ready = poller.poll(timeout * 1000)
-        if not ready:
-            return
-        for fd, ev in ready:
-            dev.handle_event(fd, ev)
 
 
 class Guest:

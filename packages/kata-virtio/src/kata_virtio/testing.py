@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import select
 import struct
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from kata_virtio import _fuse as F
-from kata_virtio._device import VirtioDevice
+from kata_virtio._device import EventSource, VirtioDevice
 from kata_virtio._fs import VirtioFs
 from kata_virtio._fs_server import FuseServer
 from kata_virtio._memory import GuestAddressError
@@ -434,16 +436,52 @@ def mmio_bring_up(
     return dqs
 
 
+def poll_once(device: EventSource, timeout: float) -> bool:
+    """One round of the VMM's event loop for ``device``: poll its `watched()` fds for up to ``timeout``
+    seconds and hand each ready one to `handle_event`; False when none became ready."""
+    poller = select.poll()
+    for fd, events in device.watched().items():
+        poller.register(fd, events)
+    ready = poller.poll(timeout * 1000)
+    for fd, events in ready:
+        device.handle_event(fd, events)
+    return bool(ready)
+
+
+def pump(device: EventSource, timeout: float = 0.05, rounds: int = 200) -> None:
+    """Rounds of `poll_once` until one finds nothing ready within ``timeout`` (at most ``rounds``)."""
+    for _ in range(rounds):
+        if not poll_once(device, timeout):
+            return
+
+
+@contextlib.contextmanager
+def event_thread(device: EventSource, each_round: Callable[[], None] | None = None) -> Iterator[None]:
+    """Be the VMM's event thread for ``device`` while the block runs: `poll_once` every 10 ms, then
+    ``each_round`` (a fake guest's step, say); joined when the block ends."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            poll_once(device, 0.01)
+            if each_round is not None:
+                each_round()
+
+    thread = threading.Thread(target=run, name="test-events")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def run_events(device: VirtioFs, timeout: float = 60.0) -> None:
-    """Be the VMM's event loop for ``device`` until it is no longer `busy`: poll its `watched()` fds and
-    call `handle_event` (worker answers, queues left over for the next round)."""
+    """Be the VMM's event loop for ``device`` until it is no longer `busy` (worker answers, queues left
+    over for the next round)."""
     deadline = time.monotonic() + timeout
     while device.busy:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"{type(device).__name__} still busy after {timeout} s")
-        poller = select.poll()
-        for fd, events in device.watched().items():
-            poller.register(fd, events)
-        for fd, events in poller.poll(remaining * 1000):
-            device.handle_event(fd, events)
+        poll_once(device, remaining)
