@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -46,6 +48,14 @@ class Backend(Protocol):
         """The VMM's argv for this guest; raise ValueError for what this VMM cannot offer."""
         ...
 
+    def monitor_args(self, path: Path) -> list[str]:
+        """Extra argv that opens a monitor socket at ``path`` for `probe` ([] when the VMM has none)."""
+        ...
+
+    def probe(self, path: Path) -> str:
+        """What the VMM says about its guest through the monitor at ``path`` ("" when it has none)."""
+        ...
+
 
 class QemuBackend:
     """qemu-system-x86_64 with KVM (inside the lab VM: the nested /dev/kvm), no firmware extras, no reboot."""
@@ -65,6 +75,25 @@ class QemuBackend:
         for disk in config.disks:
             argv += ["-drive", f"file={disk},if=virtio,format=raw,readonly=on"]
         return argv + config.extra_args.get(self.name, [])
+
+    def monitor_args(self, path: Path) -> list[str]:
+        # named threads ("CPU 0/KVM") make the thread report of `MicroVM.diagnosis` readable
+        return ["-qmp", f"unix:{path},server=on,wait=off", "-name", "guest,debug-threads=on"]
+
+    def probe(self, path: Path) -> str:
+        """The run state and vCPU 0's registers, sampled twice a second apart: a guest that spins (RIP
+        moves), one halted or stuck on one instruction, and a paused or crashed VM look different."""
+        try:
+            with QmpClient(path) as qmp:
+                status = qmp.execute("query-status")
+                first = _registers(qmp.hmp("info registers"))
+                time.sleep(1)
+                second = _registers(qmp.hmp("info registers"))
+        except (OSError, ValueError) as err:
+            return f"qemu monitor: unavailable ({err})"
+        moved = "moved" if first != second else "did not move"
+        regs = " ".join(f"{k}={v}" for k, v in second.items())
+        return f"qemu: status {status.get('status', '?')}; vCPU 0 {regs}; registers {moved} in 1 s"
 
 
 class KataVmmBackend:
@@ -87,6 +116,12 @@ class KataVmmBackend:
             argv += ["--initrd", str(config.initrd)]
         return argv + config.extra_args.get(self.name, [])
 
+    def monitor_args(self, path: Path) -> list[str]:
+        return []
+
+    def probe(self, path: Path) -> str:
+        return ""
+
 
 BACKENDS: dict[str, type[Backend]] = {"qemu": QemuBackend, "kata-vmm": KataVmmBackend}
 
@@ -102,6 +137,7 @@ class MicroVM:
         self.workdir = workdir
         self.name = name
         self.console_path = workdir / f"{name}.console"
+        self.monitor_path = workdir / f"{name}.monitor"
         self.stderr_path = workdir / f"{name}.stderr"
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
@@ -111,8 +147,9 @@ class MicroVM:
         """Start the VMM; its stdout (the serial console) goes to ``console_path``."""
         if self.proc is not None:
             raise RuntimeError(f"{self.name} already spawned")
-        argv = self.backend.command(self.config)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.monitor_path.unlink(missing_ok=True)
+        argv = self.backend.command(self.config) + self.backend.monitor_args(self.monitor_path)
         out = open(self.console_path, "wb")  # noqa: SIM115 - closed in kill()
         err = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in kill()
         self._files = [out, err]
@@ -153,7 +190,8 @@ class MicroVM:
                     f"{self.backend.name} exited ({self.proc.returncode}) before {pattern!r}:\n{self._tail()}"
                 )
             if time.monotonic() > deadline:
-                raise MicroVMTimeout(f"no {pattern!r} within {timeout:.0f} s on {self.name}:\n{self._tail()}")
+                late = f"no {pattern!r} within {timeout:.0f} s on {self.name}"
+                raise MicroVMTimeout(f"{late}:\n{self.diagnosis()}\n{self._tail()}")
             time.sleep(0.05)
 
     def wait_exit(self, timeout: float = 60) -> int:
@@ -163,8 +201,24 @@ class MicroVM:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             raise MicroVMTimeout(
-                f"{self.name} still running after {timeout:.0f} s:\n{self._tail()}"
+                f"{self.name} still running after {timeout:.0f} s:\n{self.diagnosis()}\n{self._tail()}"
             ) from None
+
+    def diagnosis(self) -> str:
+        """Why a guest may be late: the host's load, the CPU time each VMM thread used since spawn (a vCPU
+        that used little was starved or blocked, one that used all its time is running the guest), and what
+        the VMM's monitor says (QEMU: run state and whether RIP moves)."""
+        assert self.proc is not None, "spawn() first"
+        lines = [
+            f"diagnosis: {time.monotonic() - self.started_at:.0f} s since spawn; "
+            f"host load {load_average()}; {os.cpu_count()} CPUs",
+            f"threads of {self.backend.name} (pid {self.proc.pid}): {thread_report(self.proc.pid)}",
+        ]
+        if self.proc.poll() is None:
+            probed = self.backend.probe(self.monitor_path)
+            if probed:
+                lines.append(probed)
+        return "\n".join(lines)
 
     def kill(self) -> None:
         """Kill the VMM (and anything it started in its session) and reap it. Idempotent."""
@@ -175,6 +229,95 @@ class MicroVM:
         for f in self._files:
             f.close()
         self._files = []
+
+
+def load_average() -> str:
+    """/proc/loadavg's 1, 5 and 15 minute averages."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def thread_report(pid: int) -> str:
+    """Each thread of ``pid``: name, state (R running, S sleeping, D uninterruptible) and CPU seconds used."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parts = []
+    try:
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError as err:
+        return f"unreadable ({err.strerror})"
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime (stat fields 14 and 15)
+        parts.append(f"{name} {fields[0]} {cpu:.1f} s")
+    return ", ".join(parts)
+
+
+class QmpClient:
+    """A minimal QMP client (QEMU's JSON monitor protocol) over a unix socket, for diagnostics only."""
+
+    def __init__(self, path: Path, timeout: float = 3.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.buffer = b""
+        try:
+            self.sock.connect(str(path))
+            self._read()  # the greeting
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def __enter__(self) -> QmpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def _read(self) -> dict[str, object]:
+        while True:
+            line, sep, rest = self.buffer.partition(b"\n")
+            if sep:
+                self.buffer = rest
+                message = json.loads(line)
+                if "event" not in message:
+                    return message
+                continue
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ValueError("monitor closed")
+            self.buffer += chunk
+
+    def execute(self, command: str, **arguments: object) -> dict[str, object]:
+        request: dict[str, object] = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        self.sock.sendall(json.dumps(request).encode() + b"\n")
+        reply = self._read()
+        if "error" in reply:
+            raise ValueError(f"{command}: {reply['error']}")
+        result = reply.get("return")
+        return result if isinstance(result, dict) else {"return": result}
+
+    def hmp(self, command_line: str) -> str:
+        return str(self.execute("human-monitor-command", **{"command-line": command_line})["return"])
+
+
+def _registers(info: str) -> dict[str, str]:
+    """The instruction pointer, flags, CR0 and the CPU's halted flag from HMP ``info registers`` output
+    (RIP/RFL in long mode, EIP/EFL before it)."""
+    found = {}
+    for key in ("[RE]IP", "[RE]FL", "CR0", "HLT"):
+        match = re.search(rf"\b({key})=(\S+)", info)
+        if match:
+            found[match.group(1)] = match.group(2)
+    return found
 
 
 class MicroVMFactory:
