@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from kata_virtio import GuestMemory, InterruptTrigger, VirtioDevice, VirtioFs
+from kata_virtio import GuestMemory, InterruptTrigger, VirtioDevice
 from kata_vmm import _cpu
 from kata_vmm._acpi import MmioDeviceDescription, build_tables
 from kata_vmm._bindings import kvm as k
@@ -49,8 +49,10 @@ from kata_vmm._layout import (
 )
 from kata_vmm._loader import BootPlan, BootProtocol, load_kernel
 from kata_vmm._memory import GuestAddress, GuestMemoryMmap
+from kata_vmm._poller import DevicePoller
+from kata_vmm._specs import DeviceSpec, build_device
 from kata_vmm._vcpu import ExitKind, GuestExit, VcpuState, VcpuThread, install_kick_handler
-from kata_vmm._virtio import DevicePoller, DeviceSpec, VirtioMmioDevice, build_device, raise_nofile_limit
+from kata_vmm._virtio import VirtioMmioDevice
 from kata_vmm.devices import AcpiPowerDevice, I8042Device, Serial
 
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 quiet"
@@ -105,6 +107,14 @@ class MmioSlot:
     base: GuestAddress
     size: int
     gsi: int
+
+    @classmethod
+    def at(cls, index: int) -> MmioSlot:
+        """Slot ``index`` of the layout (`ConfigError` past the last one): the one place slots are made."""
+        if not 0 <= index < VIRTIO_MMIO_SLOTS:
+            raise ConfigError(f"all {VIRTIO_MMIO_SLOTS} virtio-mmio slots are taken")
+        base, gsi = virtio_mmio_slot(index)
+        return cls(index, base, VIRTIO_MMIO_SLOT_SIZE, gsi)
 
 
 DeviceFactory = Callable[[GuestMemory, InterruptTrigger, MmioSlot], BusDevice]
@@ -206,21 +216,20 @@ class Vmm:
             AcpiPowerDevice(self._guest_power_off, self._guest_reset), ACPI_SLEEP_CONTROL_PORT, 3
         )
 
-    def add_virtio_device(self, device: VirtioDevice) -> MmioSlot:
-        """Put a kata-virtio device on the next virtio-mmio slot, served on the event thread.
+    def add_virtio_device(self, device: VirtioDevice, slot: MmioSlot | None = None) -> MmioSlot:
+        """Put a kata-virtio device on ``slot`` (a `VmmBuilder` assigned it) or the next virtio-mmio slot,
+        served on the event thread.
 
         QueueNotify reaches the event thread through one ioeventfd per queue, interrupts go out through
         the slot's irqfd, the device's `watched()` fds are polled on the event thread. The VMM owns the
         device from here on (`close` closes it), also when this raises.
         """
         self._require(VmmState.CONFIGURED)
-        return self._add_virtio(device)
+        return self._add_virtio(device, slot)
 
-    def _add_virtio(self, device: VirtioDevice) -> MmioSlot:
+    def _add_virtio(self, device: VirtioDevice, slot: MmioSlot | None = None) -> MmioSlot:
         assert self.vm is not None and self.event_loop is not None
         vm, loop = self.vm, self.event_loop
-        if isinstance(device, VirtioFs):
-            raise_nofile_limit()
         made: list[VirtioMmioDevice] = []
 
         def factory(memory: GuestMemory, irq: InterruptTrigger, slot: MmioSlot) -> BusDevice:
@@ -229,7 +238,7 @@ class Vmm:
             return made[0]
 
         try:
-            slot = self._add_slot(factory)
+            slot = self._add_slot(factory, slot)
         except BaseException:
             device.close()
             raise
@@ -242,13 +251,14 @@ class Vmm:
         self._require(VmmState.CONFIGURED)
         return self._add_slot(factory)
 
-    def _add_slot(self, factory: DeviceFactory) -> MmioSlot:
+    def _add_slot(self, factory: DeviceFactory, slot: MmioSlot | None = None) -> MmioSlot:
+        """Put the device ``factory`` makes on ``slot`` (a `VmmBuilder` assigned it) or the next free one."""
         assert self.vm is not None and self.memory is not None
-        index = len(self._mmio_slots)
-        if index >= VIRTIO_MMIO_SLOTS:
-            raise ConfigError(f"all {VIRTIO_MMIO_SLOTS} virtio-mmio slots are taken")
-        base, gsi = virtio_mmio_slot(index)
-        slot = MmioSlot(index, base, VIRTIO_MMIO_SLOT_SIZE, gsi)
+        if slot is None:
+            slot = MmioSlot.at(len(self._mmio_slots))
+        elif slot != MmioSlot.at(slot.index) or any(s.index == slot.index for s in self._mmio_slots):
+            raise ConfigError(f"virtio-mmio slot {slot.index} is taken or not a slot of this layout")
+        base, gsi = slot.base, slot.gsi
         irq = IrqFd(self.vm, gsi)
         self._irqfds.append(irq)
         try:
