@@ -12,6 +12,7 @@ from kata_vmm import (
     VIRTIO_MMIO_SLOTS,
     BlockSpec,
     ConfigError,
+    FsSpec,
     MmioSlot,
     NetSpec,
     RngSpec,
@@ -51,6 +52,17 @@ def test_add_device_refuses_past_the_last_slot(tmp_path: Path) -> None:
         builder.add_device(RngSpec())
     with pytest.raises(ConfigError, match=f"all {VIRTIO_MMIO_SLOTS} virtio-mmio slots are taken"):
         builder.add_device(RngSpec())
+
+
+def test_add_device_refuses_a_second_vsock_and_a_reused_fs_tag(tmp_path: Path) -> None:
+    builder = VmmBuilder(VmConfig(kernel=tmp_path / "k", devices=[VsockSpec(tmp_path / "a.sock")]))
+    with pytest.raises(ConfigError, match="one vsock device"):
+        builder.add_device(VsockSpec(tmp_path / "b.sock"))
+    builder.add_device(FsSpec("shared", tmp_path))
+    with pytest.raises(ConfigError, match="tag 'shared' is already in use"):
+        builder.add_device(FsSpec("shared", tmp_path / "other"))
+    builder.add_device(FsSpec("other", tmp_path))
+    assert len(builder.devices) == 3
 
 
 def test_replace_device_keeps_the_slot_and_the_kind(tmp_path: Path) -> None:

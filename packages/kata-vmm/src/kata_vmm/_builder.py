@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from kata_vmm._errors import ConfigError, VmStateError
-from kata_vmm._specs import DeviceSpec, build_device
+from kata_vmm._specs import DeviceSpec, FsSpec, VsockSpec, build_device
 from kata_vmm._vmm import MmioSlot, VmConfig, Vmm
 
 
@@ -44,8 +44,12 @@ class VmmBuilder:
         return list(self._devices)
 
     def add_device(self, spec: DeviceSpec) -> MmioSlot:
-        """Give ``spec`` the next virtio-mmio slot and return it; `ConfigError` when none is left."""
+        """Give ``spec`` the next virtio-mmio slot and return it.
+
+        `ConfigError` when no slot is left, or the VM cannot have both it and a device it already has
+        (a second vsock: a guest has one CID; a virtio-fs tag in use: the guest mounts by tag)."""
         self._require_open()
+        self._check_fits(spec, [s for _slot, s in self._devices])
         slot = MmioSlot.at(len(self._devices))
         self._devices.append((slot, spec))
         return slot
@@ -62,7 +66,15 @@ class VmmBuilder:
             raise ConfigError(
                 f"slot {index} holds a {type(old).__name__}; it cannot become a {type(spec).__name__}"
             )
+        self._check_fits(spec, [s for s_slot, s in self._devices if s_slot != slot])
         self._devices[index] = (slot, spec)
+
+    @staticmethod
+    def _check_fits(spec: DeviceSpec, others: list[DeviceSpec]) -> None:
+        if isinstance(spec, VsockSpec) and any(isinstance(o, VsockSpec) for o in others):
+            raise ConfigError("a VM has one vsock device (one guest CID); this one has it already")
+        if isinstance(spec, FsSpec) and any(isinstance(o, FsSpec) and o.tag == spec.tag for o in others):
+            raise ConfigError(f"virtio-fs tag {spec.tag!r} is already in use")
 
     def build(self) -> Vmm:
         """Create the VM (KVM, RAM, irqchip, legacy devices) and open every device on its slot.

@@ -35,13 +35,19 @@ EXIT_INTERRUPTED = 130
 
 
 # --- device flags -> specs ---------------------------------------------------------------------------------
+def _head_and_options(flag: str, text: str, usage: str) -> tuple[str, list[str]]:
+    """``HEAD[,opt]...`` -> (HEAD, [opt, ...]); an empty HEAD is a `ConfigError` naming ``usage``."""
+    head, _, opts = text.partition(",")
+    if not head:
+        raise ConfigError(f"{flag} {text!r}: expected {usage}")
+    return head, [opt for opt in opts.split(",") if opt]
+
+
 def parse_block(text: str) -> BlockSpec:
     """``PATH[,ro]`` -> `BlockSpec`."""
-    path, _, opts = text.partition(",")
-    if not path:
-        raise ConfigError(f"--block {text!r}: expected PATH[,ro]")
+    path, opts = _head_and_options("--block", text, "PATH[,ro]")
     read_only = False
-    for opt in filter(None, opts.split(",")):
+    for opt in opts:
         if opt in ("ro", "readonly"):
             read_only = True
         elif opt != "rw":
@@ -51,11 +57,9 @@ def parse_block(text: str) -> BlockSpec:
 
 def parse_net(text: str) -> NetSpec:
     """``TAP[,mac=aa:bb:cc:dd:ee:ff]`` -> `NetSpec`."""
-    tap, _, opts = text.partition(",")
-    if not tap:
-        raise ConfigError(f"--net {text!r}: expected TAP[,mac=..]")
+    tap, opts = _head_and_options("--net", text, "TAP[,mac=..]")
     mac = None
-    for opt in filter(None, opts.split(",")):
+    for opt in opts:
         key, _, value = opt.partition("=")
         if key != "mac" or not value:
             raise ConfigError(f"--net {text!r}: unknown option {opt!r} (expected mac=..)")
