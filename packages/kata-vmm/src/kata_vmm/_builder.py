@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 
 from kata_vmm._errors import ConfigError, VmStateError
+from kata_vmm._machine import MmioSlot, VmConfig
 from kata_vmm._specs import DeviceSpec, FsSpec, VsockSpec, build_device
-from kata_vmm._vmm import MmioSlot, VmConfig, Vmm
+from kata_vmm._vmm import Vmm
 
 
 class VmmBuilder:

@@ -24,8 +24,9 @@ from pathlib import Path
 
 from kata_vmm.__about__ import __version__
 from kata_vmm._errors import ConfigError, KernelLoadError, VmmError
+from kata_vmm._machine import DEFAULT_CMDLINE, VmConfig
 from kata_vmm._specs import BlockSpec, DeviceSpec, FsSpec, NetSpec, RngSpec, VsockSpec
-from kata_vmm._vmm import DEFAULT_CMDLINE, VmConfig, Vmm
+from kata_vmm._vmm import Vmm
 
 EXIT_OK = 0
 EXIT_GUEST_ERROR = 1
