@@ -361,6 +361,34 @@ def test_guest_reset_is_noticed_by_wait_vm_without_a_waiting_thread(
 
 @pytest.mark.kvm
 @KVM
+def test_device_info_is_where_the_started_vm_put_the_device(
+    assets: HypervisorConfig, root: Path, tmp_path: Path
+) -> None:
+    """DeviceInfo comes from the VMM builder's assignment, and the running VM serves each device there."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * 4096)
+    hv = Dragonball(with_kernel(assets, tk.spin_forever()), state_root=root)
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", None)
+        infos = [await hv.add_device(ShareFsDevice(shared)), await hv.add_device(BlockDevice(disk))]
+        await hv.start_vm(10)
+        try:
+            assert hv._vmm is not None
+            served = {r.base: type(r.device.device).__name__ for r in hv._vmm.mmio_bus.devices()}  # type: ignore[attr-defined]
+            seen["served"] = [served[i.mmio_address] for i in infos]
+        finally:
+            await hv.cleanup()
+
+    trio.run(main)
+    assert seen["served"] == ["VirtioFs", "VirtioBlock"]
+
+
+@pytest.mark.kvm
+@KVM
 def test_running_guest_threads_stop_and_idempotent_cleanup(assets: HypervisorConfig, root: Path) -> None:
     config = with_kernel(assets, tk.spin_forever())
     config.default_vcpus = 2
