@@ -17,6 +17,8 @@ import trio
 
 from kata_shim.hypervisor import (
     BlockDevice,
+    Capabilities,
+    DeviceInfo,
     HypervisorConfig,
     HypervisorError,
     NetworkDevice,
@@ -24,7 +26,7 @@ from kata_shim.hypervisor import (
     hypervisor_factory,
 )
 from kata_shim.hypervisor._dragonball import SANDBOX_SHARE_POLICY, ConsoleSink, Dragonball
-from kata_vmm import BlockSpec, FsSpec, RngSpec, VsockSpec
+from kata_vmm import BlockSpec, FsSpec, MmioSlot, NetSpec, RngSpec, VsockSpec
 from kata_vmm import testing as tk
 
 KVM = pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm")
@@ -57,6 +59,16 @@ def with_kernel(config: HypervisorConfig, code: bytes) -> HypervisorConfig:
 
 def test_registry_resolves_dragonball_to_this_class() -> None:
     assert hypervisor_factory("dragonball") is Dragonball
+
+
+def test_dragonball_capabilities_say_what_the_built_in_vmm_can_do(assets: HypervisorConfig) -> None:
+    caps = Dragonball(assets).capabilities()
+    assert isinstance(caps, Capabilities)
+    assert caps.passfd and caps.block_device and caps.hybrid_vsock  # hvsock + passfd stdio, virtio-blk
+    assert caps.agent_transport == "hvsock" and caps.device_addressing == "mmio"
+    assert {"inline-virtio-fs", "virtio-fs"} <= caps.shared_fs and caps.fs_sharing
+    assert not caps.hotplug and not caps.block_device_hotplug  # no upcall hot-plug yet
+    assert not caps.multi_queue and not caps.guest_memory_probe
 
 
 @pytest.mark.parametrize(
@@ -129,19 +141,55 @@ def test_devices_map_to_slots_and_specs_in_order(
         ]
 
     infos = trio.run(main)
-    # slots 0-2: image, vsock, rng; then the added devices
+    # slots 0-2: image, vsock, rng; then the added devices, where the VMM builder put them
+    builder = hv._builder
+    assert builder is not None
+    slots = [slot for slot, _spec in builder.devices]
+    assert slots == [MmioSlot.at(n) for n in range(7)]
+    assert infos == [
+        DeviceInfo("", int(slots[3].base)),
+        DeviceInfo("/dev/vdb", int(slots[4].base)),
+        DeviceInfo("/dev/vdc", int(slots[5].base)),
+        DeviceInfo("", int(slots[6].base)),
+    ]
     assert [i.mmio_address for i in infos] == [0xD000_0000 + n * 0x1000 for n in (3, 4, 5, 6)]  # type: ignore[attr-defined]
-    assert [i.guest_path for i in infos] == ["", "/dev/vdb", "/dev/vdc", ""]  # type: ignore[attr-defined]
-    specs = hv.device_specs()
-    assert specs[:5] == [
+    assert all(i.pci_path == "" for i in infos)  # type: ignore[attr-defined]
+    assert hv.device_specs() == [
         BlockSpec(assets.image, read_only=True),  # type: ignore[arg-type]
         VsockSpec(root / "sb1" / "kata.hvsock"),
         RngSpec(),
         FsSpec("kataShared", shared, policy=SANDBOX_SHARE_POLICY),
         BlockSpec(disk, read_only=False),
+        BlockSpec(disk, read_only=True),
+        NetSpec("tap0_kata", "02:00:00:00:00:01"),
     ]
-    assert type(specs[6]).__name__ == "NetSpec"
-    assert (specs[6].tap, specs[6].mac) == ("tap0_kata", "02:00:00:00:00:01")  # type: ignore[union-attr]
+
+
+def test_add_device_reports_the_slots_running_out_as_the_vmm_does(
+    assets: HypervisorConfig, root: Path, tmp_path: Path
+) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * 4096)
+    hv = Dragonball(assets, state_root=root)
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", None)
+        while True:
+            await hv.add_device(BlockDevice(disk))
+
+    with pytest.raises(HypervisorError, match="virtio-mmio slots are taken"):
+        trio.run(main)
+
+
+def test_add_device_refuses_what_dragonball_cannot_attach(assets: HypervisorConfig, root: Path) -> None:
+    hv = Dragonball(assets, state_root=root)
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", None)
+        await hv.add_device(object())  # type: ignore[arg-type]
+
+    with pytest.raises(HypervisorError, match="dragonball cannot attach a object"):
+        trio.run(main)
 
 
 def test_without_image_the_first_added_block_device_is_vda(
@@ -251,7 +299,7 @@ def test_taps_are_opened_inside_the_pod_netns_and_the_shim_stays_out(
     hv = Dragonball(assets, state_root=root)
     own = os.readlink("/proc/thread-self/ns/net")
 
-    async def main() -> dict[int, int]:
+    async def main() -> dict[MmioSlot, int]:
         await hv.prepare_vm("sb1", name)
         await hv.add_device(NetworkDevice("tap0_kata", "02:00:00:00:00:01"))
         return await hv._open_taps()
@@ -259,7 +307,7 @@ def test_taps_are_opened_inside_the_pod_netns_and_the_shim_stays_out(
     try:
         fds = trio.run(main)
         try:
-            assert list(fds) == [0]
+            assert list(fds) == [MmioSlot.at(3)]  # image, vsock, rng, then the NIC
             links = subprocess.run(
                 ["ip", "-n", name, "-o", "link", "show", "tap0_kata"],
                 check=False,
@@ -272,11 +320,15 @@ def test_taps_are_opened_inside_the_pod_netns_and_the_shim_stays_out(
             )
             assert host.returncode != 0  # ...not in the shim's
             assert os.readlink("/proc/thread-self/ns/net") == own
-            spec = hv.device_specs(fds)[-1]
-            assert (spec.tap, spec.mac, spec.fd) == ("tap0_kata", "02:00:00:00:00:01", fds[0])  # type: ignore[union-attr]
+            assert hv._builder is not None
+            hv._give_taps(hv._builder, fds)
+            spec = hv.device_specs()[-1]
+            assert spec == NetSpec("tap0_kata", "02:00:00:00:00:01", fd=fds[MmioSlot.at(3)])
         finally:
+            trio.run(hv.cleanup)  # the builder owns the fd now: cleanup closes it
             for fd in fds.values():
-                os.close(fd)
+                with pytest.raises(OSError):
+                    os.fstat(fd)
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=True)
 
@@ -305,6 +357,34 @@ def test_guest_reset_is_noticed_by_wait_vm_without_a_waiting_thread(
     assert hv.console_tail().endswith("booted\nbye")
     assert hv.exit_reason().startswith("reset")
     assert not (root / "sb1" / "kata.hvsock").exists()
+
+
+@pytest.mark.kvm
+@KVM
+def test_device_info_is_where_the_started_vm_put_the_device(
+    assets: HypervisorConfig, root: Path, tmp_path: Path
+) -> None:
+    """DeviceInfo comes from the VMM builder's assignment, and the running VM serves each device there."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * 4096)
+    hv = Dragonball(with_kernel(assets, tk.spin_forever()), state_root=root)
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", None)
+        infos = [await hv.add_device(ShareFsDevice(shared)), await hv.add_device(BlockDevice(disk))]
+        await hv.start_vm(10)
+        try:
+            assert hv._vmm is not None
+            served = {r.base: type(r.device.device).__name__ for r in hv._vmm.mmio_bus.devices()}  # type: ignore[attr-defined]
+            seen["served"] = [served[i.mmio_address] for i in infos]
+        finally:
+            await hv.cleanup()
+
+    trio.run(main)
+    assert seen["served"] == ["VirtioFs", "VirtioBlock"]
 
 
 @pytest.mark.kvm

@@ -47,6 +47,7 @@ from kata_resources import (
 )
 from kata_shim.config import AgentConfig, RuntimeConfig, TomlConfig
 from kata_shim.hypervisor import (
+    Capabilities,
     Device,
     DeviceInfo,
     HypervisorConfig,
@@ -146,6 +147,10 @@ class AgentVm:
     @property
     def sock(self) -> str:
         return str(self.base / "agent.sock")
+
+    def capabilities(self) -> Capabilities:
+        # "no_passfd": a back-end that cannot pass fds (the shim must copy stdio over ttrpc instead)
+        return Capabilities(shared_fs=frozenset({"virtio-fs"}), passfd=self.fail != "no_passfd")
 
     async def prepare_vm(self, sandbox_id: str, netns: str | None) -> None:
         self.calls.append("prepare_vm")
@@ -546,7 +551,7 @@ async def running_pod(
             )
             config = TomlConfig(
                 Path("test.toml"),
-                runtime or RuntimeConfig(use_passfd_io=fail in ("passfd", "passfd_silent")),
+                runtime or RuntimeConfig(use_passfd_io=fail in ("passfd", "passfd_silent", "no_passfd")),
                 HypervisorConfig(),
                 AgentConfig(reconnect_timeout_ms=reconnect_timeout_ms),
             )
@@ -1170,6 +1175,35 @@ def test_passfd_stdio_output_split_stdin_close_io_and_exec(
             with trio.fail_after(20):
                 await cm.wait_process(ProcessId("p2"))
             await cm.delete_process(ProcessId("p2"))
+
+    trio.run(main)
+
+
+def test_use_passfd_io_on_a_back_end_without_passfd_copies_stdio_over_ttrpc(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    """The shim asks the back-end's capabilities: no passfd means no passfd port and stdio over ttrpc."""
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind, fail="no_passfd") as pod:
+            assert pod.sandbox.config.runtime.use_passfd_io
+            assert not any(c.startswith("passfd:") for c in pod.vm.calls)
+            assert pod.sandbox.passfd_listener() is None
+            cm = pod.instance.containers
+            fifos = _fifos(pod, "n1", "stdout")
+            spec = _spec("sh", "-c", "echo over-ttrpc")
+            got: dict[str, bytes] = {}
+            async with trio.open_nursery() as n:
+                n.start_soon(read_fifo, fifos["stdout"], got, "out")
+                await cm.create_container(
+                    _container(pod, busybox_lower, "n1", spec, Stdio(stdout=fifos["stdout"]))
+                )
+                assert pod.vm.service.containers["n1"].init.passfd is None
+                await cm.start_process(ProcessId("n1"))
+                with trio.fail_after(20):
+                    assert (await cm.wait_process(ProcessId("n1"))).code == 0
+            assert got == {"out": b"over-ttrpc\n"}
+            await cm.delete_process(ProcessId("n1"))
 
     trio.run(main)
 

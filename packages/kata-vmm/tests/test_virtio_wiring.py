@@ -10,22 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from kata_vmm import VmConfig, Vmm
-from kata_vmm import testing as tk
-from kata_vmm._cli import main
-from kata_vmm._errors import ConfigError
-from kata_vmm._layout import VIRTIO_MMIO_START
-from kata_vmm._memory import GuestAddress
-from kata_vmm._virtio import (
+from kata_vmm import (
     BlockSpec,
     FsSpec,
     NetSpec,
     RngSpec,
+    VmConfig,
+    Vmm,
     VsockSpec,
-    parse_block,
-    parse_fs,
-    parse_net,
 )
+from kata_vmm import testing as tk
+from kata_vmm._cli import main, parse_block, parse_fs, parse_net
+from kata_vmm._errors import ConfigError
+from kata_vmm._layout import VIRTIO_MMIO_START
+from kata_vmm._memory import GuestAddress
 
 KernelFactory = Callable[[bytes], Path]
 needs_kvm = pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm")

@@ -1,6 +1,8 @@
-"""Process and thread state: namespaces (setns, unshare), the hostname, prctl names and subreaping."""
+"""Process and thread state: namespaces (setns, unshare), the hostname, prctl names, subreaping, fd limit."""
 
 from __future__ import annotations
+
+import resource
 
 from kata_sys_util._libc import check, libc
 
@@ -39,3 +41,19 @@ def set_thread_name(name: str) -> None:
 def set_child_subreaper() -> None:
     """prctl(PR_SET_CHILD_SUBREAPER): orphaned descendants are re-parented to this process."""
     check(libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def raise_nofile() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one and return the soft limit now in force.
+
+    For a process that holds an fd per object a guest knows (virtio-fs keeps one per inode and handle);
+    the hard limit is the administrator's and is left alone. A refusal keeps the old limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+        return hard
+    return soft

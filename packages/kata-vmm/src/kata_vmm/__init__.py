@@ -2,6 +2,7 @@
 
 from kata_virtio import FsPolicy, VirtioError, open_tap
 from kata_vmm.__about__ import __version__
+from kata_vmm._builder import VmmBuilder
 from kata_vmm._bus import Bus, BusDevice
 from kata_vmm._errors import (
     ConfigError,
@@ -16,10 +17,11 @@ from kata_vmm._event_loop import EventLoop
 from kata_vmm._eventfd import EventFd, IoEventFd, IrqFd
 from kata_vmm._kvm import Kvm, Vcpu, Vm
 from kata_vmm._layout import VIRTIO_MMIO_SLOTS, virtio_mmio_slot
+from kata_vmm._machine import MmioSlot, VmConfig
 from kata_vmm._memory import GuestAddress, GuestMemoryMmap
+from kata_vmm._specs import BlockSpec, DeviceSpec, FsSpec, NetSpec, RngSpec, VsockSpec
 from kata_vmm._vcpu import ExitKind, GuestExit, VcpuState, install_kick_handler
-from kata_vmm._virtio import BlockSpec, DeviceSpec, FsSpec, NetSpec, RngSpec, VsockSpec
-from kata_vmm._vmm import MmioSlot, VmConfig, Vmm, VmmState, VmmStatistics
+from kata_vmm._vmm import Vmm, VmmState, VmmStatistics
 
 __all__ = [
     "VIRTIO_MMIO_SLOTS",
@@ -53,6 +55,7 @@ __all__ = [
     "VmConfig",
     "VmStateError",
     "Vmm",
+    "VmmBuilder",
     "VmmError",
     "VmmState",
     "VmmStatistics",

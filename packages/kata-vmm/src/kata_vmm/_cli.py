@@ -24,14 +24,70 @@ from pathlib import Path
 
 from kata_vmm.__about__ import __version__
 from kata_vmm._errors import ConfigError, KernelLoadError, VmmError
-from kata_vmm._virtio import DeviceSpec, RngSpec, parse_block, parse_fs, parse_net, parse_vsock
-from kata_vmm._vmm import DEFAULT_CMDLINE, VmConfig, Vmm
+from kata_vmm._machine import DEFAULT_CMDLINE, VmConfig
+from kata_vmm._specs import BlockSpec, DeviceSpec, FsSpec, NetSpec, RngSpec, VsockSpec
+from kata_vmm._vmm import Vmm
 
 EXIT_OK = 0
 EXIT_GUEST_ERROR = 1
 EXIT_BAD_INPUT = 2
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
+
+
+# --- device flags -> specs ---------------------------------------------------------------------------------
+def _head_and_options(flag: str, text: str, usage: str) -> tuple[str, list[str]]:
+    """``HEAD[,opt]...`` -> (HEAD, [opt, ...]); an empty HEAD is a `ConfigError` naming ``usage``."""
+    head, _, opts = text.partition(",")
+    if not head:
+        raise ConfigError(f"{flag} {text!r}: expected {usage}")
+    return head, [opt for opt in opts.split(",") if opt]
+
+
+def parse_block(text: str) -> BlockSpec:
+    """``PATH[,ro]`` -> `BlockSpec`."""
+    path, opts = _head_and_options("--block", text, "PATH[,ro]")
+    read_only = False
+    for opt in opts:
+        if opt in ("ro", "readonly"):
+            read_only = True
+        elif opt != "rw":
+            raise ConfigError(f"--block {text!r}: unknown option {opt!r} (expected ro)")
+    return BlockSpec(Path(path), read_only)
+
+
+def parse_net(text: str) -> NetSpec:
+    """``TAP[,mac=aa:bb:cc:dd:ee:ff]`` -> `NetSpec`."""
+    tap, opts = _head_and_options("--net", text, "TAP[,mac=..]")
+    mac = None
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key != "mac" or not value:
+            raise ConfigError(f"--net {text!r}: unknown option {opt!r} (expected mac=..)")
+        parts = value.split(":")
+        if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+            raise ConfigError(f"--net {text!r}: bad MAC {value!r}")
+        try:
+            bytes.fromhex("".join(parts))
+        except ValueError:
+            raise ConfigError(f"--net {text!r}: bad MAC {value!r}") from None
+        mac = value
+    return NetSpec(tap, mac)
+
+
+def parse_fs(text: str) -> FsSpec:
+    """``TAG=DIR`` -> `FsSpec`."""
+    tag, sep, directory = text.partition("=")
+    if not sep or not tag or not directory:
+        raise ConfigError(f"--fs {text!r}: expected TAG=DIR")
+    return FsSpec(tag, Path(directory))
+
+
+def parse_vsock(text: str) -> VsockSpec:
+    """``UDS`` -> `VsockSpec`."""
+    if not text:
+        raise ConfigError("--vsock needs a unix socket path")
+    return VsockSpec(Path(text))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,10 +1,10 @@
-"""The in-process VMM: build a VM from a `VmConfig`, boot it on vCPU threads, report how it ended.
+"""The running VM: its vCPU threads and event thread, how the guest ended, statistics, teardown.
 
-Life cycle (each step raises `VmStateError` when called out of order)::
+What the VM is made of is its `Machine` (``_machine.py``); `VmmBuilder` (``_builder.py``) decides which
+devices go on which slot and builds it. The life cycle (each step raises `VmStateError` out of order)::
 
-    vmm = Vmm()
-    vmm.configure(VmConfig(kernel=..., initrd=..., vcpus=2, memory_mib=512))
-    vmm.add_device(make_virtio_device)   # optional, before start
+    vmm = VmmBuilder(VmConfig(kernel=..., vcpus=2, memory_mib=512)).build()   # or, step by step:
+    vmm = Vmm(); vmm.configure(VmConfig(...)); vmm.add_device(make_device)     # (lower level, kept)
     vmm.start()
     status = vmm.wait(timeout=60)        # GuestExit, or None on timeout
     vmm.close()                          # stops what still runs; frees every fd and thread
@@ -17,73 +17,43 @@ import enum
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Self
 
-from kata_virtio import GuestMemory, InterruptTrigger, VirtioDevice, VirtioFs
-from kata_vmm import _cpu
-from kata_vmm._acpi import MmioDeviceDescription, build_tables
-from kata_vmm._bindings import kvm as k
-from kata_vmm._bus import Bus, BusDevice
-from kata_vmm._errors import ConfigError, KvmError, VmStateError
+from kata_virtio import VirtioDevice
+from kata_vmm._bus import Bus
+from kata_vmm._errors import VmStateError
 from kata_vmm._event_loop import EventLoop
 from kata_vmm._eventfd import EventFd, IrqFd
 from kata_vmm._kvm import Kvm, Vcpu, Vm
-from kata_vmm._layout import (
-    ACPI_MAX_SIZE,
-    ACPI_SLEEP_CONTROL_PORT,
-    ACPI_START,
-    I8042_DATA_PORT,
-    KVM_IDENTITY_MAP_START,
-    KVM_TSS_START,
-    SERIAL_IRQ,
-    SERIAL_PORT_BASE,
-    SERIAL_PORT_SIZE,
-    VIRTIO_MMIO_SLOT_SIZE,
-    VIRTIO_MMIO_SLOTS,
-    MiB,
-    ram_ranges,
-    virtio_mmio_slot,
+from kata_vmm._loader import BootPlan
+from kata_vmm._machine import (
+    DEFAULT_CMDLINE,
+    MAX_MEMORY_MIB,
+    MIN_MEMORY_MIB,
+    DeviceFactory,
+    Machine,
+    MmioSlot,
+    VmConfig,
 )
-from kata_vmm._loader import BootPlan, BootProtocol, load_kernel
-from kata_vmm._memory import GuestAddress, GuestMemoryMmap
+from kata_vmm._memory import GuestMemoryMmap
+from kata_vmm._poller import DevicePoller
+from kata_vmm._specs import build_device
 from kata_vmm._vcpu import ExitKind, GuestExit, VcpuState, VcpuThread, install_kick_handler
-from kata_vmm._virtio import DevicePoller, DeviceSpec, VirtioMmioDevice, build_device, raise_nofile_limit
-from kata_vmm.devices import AcpiPowerDevice, I8042Device, Serial
+from kata_vmm._virtio import VirtioMmioDevice
+from kata_vmm.devices import Serial
 
-DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 quiet"
-MIN_MEMORY_MIB = 32
-MAX_MEMORY_MIB = 1 << 20
-
-
-@dataclass
-class VmConfig:
-    """What to boot and with how much."""
-
-    kernel: Path
-    initrd: Path | None = None
-    cmdline: str = DEFAULT_CMDLINE
-    vcpus: int = 1
-    memory_mib: int = 128
-    console_output: Callable[[bytes], None] | None = None
-    """Receives the guest's serial console output (on a vCPU or the event thread)."""
-    console_input: int | None = None
-    """A readable fd whose bytes are typed on the serial console (non-blocking reads are used)."""
-    shared_memory: bool = False
-    """Back RAM with memfds, so another process (vhost-user) can map it."""
-    devices: list[DeviceSpec] = field(default_factory=list)
-    """Virtio devices (vsock, block, net, fs, rng), each on its own virtio-mmio slot, in this order."""
-
-    def validate(self, max_vcpus: int) -> None:
-        """Raise `ConfigError` for values no VM can have."""
-        if not 1 <= self.vcpus <= min(max_vcpus, 255):
-            raise ConfigError(
-                f"vcpus must be between 1 and {min(max_vcpus, 255)} on this host, not {self.vcpus}"
-            )
-        if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
-            raise ConfigError(f"memory must be at least {MIN_MEMORY_MIB} MiB, not {self.memory_mib} MiB")
+__all__ = [  # the configuration names kept importable from here (their home is _machine.py)
+    "DEFAULT_CMDLINE",
+    "MAX_MEMORY_MIB",
+    "MIN_MEMORY_MIB",
+    "DeviceFactory",
+    "MmioSlot",
+    "VmConfig",
+    "Vmm",
+    "VmmState",
+    "VmmStatistics",
+]
 
 
 class VmmState(enum.Enum):
@@ -95,20 +65,6 @@ class VmmState(enum.Enum):
     PAUSED = "paused"
     EXITED = "exited"
     CLOSED = "closed"
-
-
-@dataclass(frozen=True)
-class MmioSlot:
-    """A virtio-mmio slot handed to `Vmm.add_device`'s factory."""
-
-    index: int
-    base: GuestAddress
-    size: int
-    gsi: int
-
-
-DeviceFactory = Callable[[GuestMemory, InterruptTrigger, MmioSlot], BusDevice]
-"""Builds an MMIO device given guest memory, its interrupt line and its slot."""
 
 
 @dataclass(frozen=True)
@@ -135,19 +91,8 @@ class Vmm:
     def __init__(self) -> None:
         self.state = VmmState.NEW
         self.config: VmConfig | None = None
-        self.kvm: Kvm | None = None
-        self.vm: Vm | None = None
-        self.memory: GuestMemoryMmap | None = None
-        self.pio_bus = Bus("pio")
-        self.mmio_bus = Bus("mmio")
-        self.event_loop: EventLoop | None = None
-        self.serial: Serial | None = None
-        self.boot_plan: BootPlan | None = None
-        self._irqfds: list[IrqFd] = []
-        self._vcpus: list[Vcpu] = []
+        self.machine = Machine()
         self._threads: list[VcpuThread] = []
-        self._mmio_slots: list[MmioSlot] = []
-        self._virtio: list[VirtioMmioDevice] = []
         self._poller: DevicePoller | None = None
         self._exit: GuestExit | None = None
         self._exit_event = threading.Event()
@@ -158,145 +103,104 @@ class Vmm:
         self._restore_input_blocking: tuple[int, bool] | None = None
         self._setup: dict[str, float] = {}
 
+    # the machine's parts, under the names callers have always used
+    @property
+    def kvm(self) -> Kvm | None:
+        """The /dev/kvm handle (after `configure`)."""
+        return self.machine.kvm
+
+    @property
+    def vm(self) -> Vm | None:
+        """The VM fd (after `configure`)."""
+        return self.machine.vm
+
+    @property
+    def memory(self) -> GuestMemoryMmap | None:
+        """Guest RAM (after `configure`)."""
+        return self.machine.memory
+
+    @property
+    def pio_bus(self) -> Bus:
+        """The port-I/O bus."""
+        return self.machine.pio_bus
+
+    @property
+    def mmio_bus(self) -> Bus:
+        """The MMIO bus."""
+        return self.machine.mmio_bus
+
+    @property
+    def event_loop(self) -> EventLoop | None:
+        """The event thread's loop (after `configure`)."""
+        return self.machine.event_loop
+
+    @property
+    def serial(self) -> Serial | None:
+        """The 16550 console (after `configure`)."""
+        return self.machine.serial
+
+    @property
+    def boot_plan(self) -> BootPlan | None:
+        """Where the kernel was loaded and how it is entered (after `start`)."""
+        return self.machine.boot_plan
+
+    @property
+    def _virtio(self) -> list[VirtioMmioDevice]:
+        return self.machine.virtio
+
+    @property
+    def _vcpus(self) -> list[Vcpu]:
+        return self.machine.vcpus
+
+    @property
+    def _mmio_slots(self) -> list[MmioSlot]:
+        return self.machine.mmio_slots
+
+    @property
+    def _irqfds(self) -> list[IrqFd]:
+        return self.machine.irqfds
+
     # --- configuration ---------------------------------------------------------------------------
     def configure(self, config: VmConfig) -> None:
-        """Open KVM, create the VM, its RAM, irqchip, PIT and legacy devices (nothing runs yet)."""
+        """Open KVM, create the VM, its RAM, irqchip, PIT and legacy devices (nothing runs yet).
+
+        `VmmBuilder.build` calls this; ``config.devices`` go on the next slots, in order."""
         self._require(VmmState.NEW)
         t0 = time.monotonic()
         try:
-            self.kvm = Kvm()
-            config.validate(self.kvm.max_vcpus())
-            for cap, name in (
-                (k.KVM_CAP_IRQCHIP, "IRQCHIP"),
-                (k.KVM_CAP_IRQFD, "IRQFD"),
-                (k.KVM_CAP_IOEVENTFD, "IOEVENTFD"),
-                (k.KVM_CAP_IMMEDIATE_EXIT, "IMMEDIATE_EXIT"),
-                (k.KVM_CAP_PIT2, "PIT2"),
-                (k.KVM_CAP_USER_MEMORY, "USER_MEMORY"),
-            ):
-                if not self.kvm.check_extension(cap):
-                    raise ConfigError(f"this host's KVM lacks KVM_CAP_{name}")
             self.config = config
-            self.vm = self.kvm.create_vm()
-            self.memory = GuestMemoryMmap(ram_ranges(config.memory_mib * MiB), shared=config.shared_memory)
-            for slot, region in enumerate(self.memory.regions):
-                self.vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
-            self.vm.set_identity_map_addr(KVM_IDENTITY_MAP_START)
-            self.vm.set_tss_addr(KVM_TSS_START)
-            self.vm.create_irqchip()
-            self.vm.create_pit2()
-            self._setup_legacy_devices(config)
-            self.event_loop = EventLoop()
+            self.machine.create(config, on_reset=self._guest_reset, on_power_off=self._guest_power_off)
             for spec in config.devices:
-                self._add_virtio(build_device(spec))
+                self.machine.add_virtio(build_device(spec))
         except BaseException:
             self._release()
             raise
         self._setup["configure"] = time.monotonic() - t0
         self.state = VmmState.CONFIGURED
 
-    def _setup_legacy_devices(self, config: VmConfig) -> None:
-        assert self.vm is not None
-        irq = IrqFd(self.vm, SERIAL_IRQ)
-        self._irqfds.append(irq)
-        self.serial = Serial(irq, config.console_output)
-        self.pio_bus.insert(self.serial, SERIAL_PORT_BASE, SERIAL_PORT_SIZE)
-        self.pio_bus.insert(I8042Device(self._guest_reset), I8042_DATA_PORT, 5)
-        self.pio_bus.insert(
-            AcpiPowerDevice(self._guest_power_off, self._guest_reset), ACPI_SLEEP_CONTROL_PORT, 3
-        )
-
-    def add_virtio_device(self, device: VirtioDevice) -> MmioSlot:
-        """Put a kata-virtio device on the next virtio-mmio slot, served on the event thread.
+    def add_virtio_device(self, device: VirtioDevice, slot: MmioSlot | None = None) -> MmioSlot:
+        """Put a kata-virtio device on ``slot`` (a `VmmBuilder` assigned it) or the next virtio-mmio slot,
+        served on the event thread.
 
         QueueNotify reaches the event thread through one ioeventfd per queue, interrupts go out through
         the slot's irqfd, the device's `watched()` fds are polled on the event thread. The VMM owns the
         device from here on (`close` closes it), also when this raises.
         """
         self._require(VmmState.CONFIGURED)
-        return self._add_virtio(device)
-
-    def _add_virtio(self, device: VirtioDevice) -> MmioSlot:
-        assert self.vm is not None and self.event_loop is not None
-        vm, loop = self.vm, self.event_loop
-        if isinstance(device, VirtioFs):
-            raise_nofile_limit()
-        made: list[VirtioMmioDevice] = []
-
-        def factory(memory: GuestMemory, irq: InterruptTrigger, slot: MmioSlot) -> BusDevice:
-            assert isinstance(irq, IrqFd)
-            made.append(VirtioMmioDevice(vm, device, memory, irq, slot.base))
-            return made[0]
-
-        try:
-            slot = self._add_slot(factory)
-        except BaseException:
-            device.close()
-            raise
-        made[0].attach(loop)
-        self._virtio.append(made[0])
-        return slot
+        return self.machine.add_virtio(device, slot)
 
     def add_device(self, factory: DeviceFactory) -> MmioSlot:
         """Give a device the next virtio-mmio slot (address, GSI, irqfd); the DSDT describes it at start."""
         self._require(VmmState.CONFIGURED)
-        return self._add_slot(factory)
-
-    def _add_slot(self, factory: DeviceFactory) -> MmioSlot:
-        assert self.vm is not None and self.memory is not None
-        index = len(self._mmio_slots)
-        if index >= VIRTIO_MMIO_SLOTS:
-            raise ConfigError(f"all {VIRTIO_MMIO_SLOTS} virtio-mmio slots are taken")
-        base, gsi = virtio_mmio_slot(index)
-        slot = MmioSlot(index, base, VIRTIO_MMIO_SLOT_SIZE, gsi)
-        irq = IrqFd(self.vm, gsi)
-        self._irqfds.append(irq)
-        try:
-            device = factory(self.memory, irq, slot)
-        except BaseException:
-            self._irqfds.remove(irq)
-            irq.close()
-            raise
-        self.mmio_bus.insert(device, base, VIRTIO_MMIO_SLOT_SIZE)
-        self._mmio_slots.append(slot)
-        return slot
+        return self.machine.add_slot(factory)
 
     # --- running -----------------------------------------------------------------------------------
     def start(self) -> None:
         """Load the kernel, write the ACPI tables, create the vCPUs and start all threads."""
         self._require(VmmState.CONFIGURED)
-        assert self.kvm is not None and self.vm is not None and self.memory is not None and self.config
-        config = self.config
+        assert self.config is not None
         install_kick_handler()
-        t0 = time.monotonic()
-        descriptions = [MmioDeviceDescription(s.base, s.size, s.gsi) for s in self._mmio_slots]
-        tables = build_tables(ACPI_START, config.vcpus, descriptions)
-        if tables.size > ACPI_MAX_SIZE:
-            raise ConfigError("ACPI tables do not fit their reserved area")
-        for addr, blob in tables.blobs:
-            self.memory.write(addr, blob)
-        t1 = time.monotonic()
-        self.boot_plan = load_kernel(
-            self.memory, config.kernel, config.cmdline, config.initrd, tables.rsdp_addr
-        )
-        t2 = time.monotonic()
-        supported = self.kvm.supported_cpuid()
-        tsc_deadline = bool(self.kvm.check_extension(k.KVM_CAP_TSC_DEADLINE_TIMER))
-        msrs = _cpu.boot_msrs()
-        for vcpu_id in range(config.vcpus):
-            vcpu = self.vm.create_vcpu(vcpu_id)
-            self._vcpus.append(vcpu)
-            vcpu.set_cpuid2(_cpu.cpuid_for_vcpu(supported, vcpu_id, config.vcpus, tsc_deadline=tsc_deadline))
-            vcpu.set_msrs(msrs)
-            _cpu.setup_fpu(vcpu)
-            _cpu.setup_lapic(vcpu)
-        bsp = self._vcpus[0]
-        if self.boot_plan.protocol is BootProtocol.LINUX_64:
-            _cpu.setup_long_mode(bsp, self.memory, self.boot_plan.entry, self.boot_plan.boot_info)
-        else:
-            _cpu.setup_protected_mode(bsp, self.memory, self.boot_plan.entry, self.boot_plan.boot_info)
-        t3 = time.monotonic()
-        self._setup.update(acpi=t1 - t0, load_kernel=t2 - t1, create_vcpus=t3 - t2)
+        self._setup.update(self.machine.prepare_boot(self.config))
         self._start_threads()
 
     def _start_threads(self) -> None:
@@ -488,35 +392,14 @@ class Vmm:
         self.state = VmmState.CLOSED
 
     def _release(self) -> None:
-        errors: list[BaseException] = []
-        if self.event_loop is not None:
-            self.event_loop.stop()
-        for dev in self._virtio:
-            try:
-                dev.close()
-            except Exception as err:  # keep releasing the rest
-                errors.append(err)
-        self._virtio = []
+        errors: list[BaseException] = []  # collected so one failure does not stop the rest
+        self.machine.stop_devices(errors)
         if self._restore_input_blocking is not None:
             fd, blocking = self._restore_input_blocking
             with contextlib.suppress(OSError):
                 os.set_blocking(fd, blocking)
             self._restore_input_blocking = None
-        for irq in self._irqfds:
-            try:
-                irq.close()
-            except KvmError as err:
-                errors.append(err)
-        self._irqfds = []
-        for vcpu in self._vcpus:
-            vcpu.close()
-        self._vcpus = []
-        if self.vm is not None:
-            self.vm.close()
-        if self.memory is not None:
-            self.memory.close()
-        if self.kvm is not None:
-            self.kvm.close()
+        self.machine.release(errors)
 
     def _require(self, state: VmmState) -> None:
         if self.state is not state:

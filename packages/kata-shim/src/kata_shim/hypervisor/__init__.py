@@ -1,9 +1,14 @@
-"""The hypervisor interface (`Hypervisor`, `HypervisorConfig`, device specs) and the back-end registry."""
+"""The hypervisor interface (`Hypervisor`, `Capabilities`, `HypervisorConfig`, device specs) and the back-end
+registry."""
 
 from kata_shim.hypervisor._base import (
+    AgentTransport,
     BlockDevice,
+    Capabilities,
     Device,
+    DeviceAddressing,
     DeviceInfo,
+    HotplugKind,
     Hypervisor,
     HypervisorConfig,
     HypervisorError,
@@ -15,9 +20,13 @@ from kata_shim.hypervisor._registry import HYPERVISORS, hypervisor_factory, new_
 
 __all__ = [
     "HYPERVISORS",
+    "AgentTransport",
     "BlockDevice",
+    "Capabilities",
     "Device",
+    "DeviceAddressing",
     "DeviceInfo",
+    "HotplugKind",
     "Hypervisor",
     "HypervisorConfig",
     "HypervisorError",

@@ -4,6 +4,7 @@ A back-end owns one VM. The sandbox manager drives it in this order::
 
     hv = HYPERVISORS["dragonball"](config)          # HypervisorConfig from [hypervisor.<name>]
     await hv.prepare_vm(sandbox_id, netns)           # state dir, vsock socket path; nothing runs yet
+    caps = hv.capabilities()                         # what it can do: passfd, hot-plug kinds, addressing...
     await hv.add_device(ShareFsDevice(...))          # cold-plugged devices, before start_vm
     await hv.start_vm(timeout)                       # the guest kernel runs; the agent comes up later
     address = hv.agent_address()                     # "hvsock:<uds>:1024" for kata_agent_client.connect
@@ -19,7 +20,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
+
+HotplugKind = Literal["block", "net", "vcpu", "memory"]
+AgentTransport = Literal["hvsock", "vsock"]
+DeviceAddressing = Literal["mmio", "pci"]
 
 
 class HypervisorError(Exception):
@@ -78,12 +83,59 @@ Device = ShareFsDevice | BlockDevice | NetworkDevice
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """What the guest will see for an added device (used to build agent Storage/Device entries)."""
+    """Where the guest sees an added device, as the back-end's VMM assigned it (used to build agent
+    Storage/Device entries). A back-end fills the address form its `Capabilities.device_addressing` names."""
 
     guest_path: str = ""
     """e.g. /dev/vdb for a block device; empty when not known in advance."""
     mmio_address: int = 0
-    """Base address of its virtio-mmio window (the agent's `mmioblk` source is this in hex)."""
+    """Base address of its virtio-mmio window (the agent's `mmioblk` source is this in hex); 0 on PCI."""
+    pci_path: str = ""
+    """Its PCI path as upstream writes it ("bb/dd": bridge slot / device slot, hex); empty on virtio-mmio."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a back-end can do (runtime-rs `Hypervisor::capabilities`, kata-types `CapabilityBits`).
+
+    Callers ask this instead of checking a back-end's name. Upstream's bits map to: `block_device`
+    (BlockDeviceSupport), `block_device_hotplug` (BlockDeviceHotplugSupport: "block" in `hotplug`),
+    `multi_queue` (MultiQueueSupport), `fs_sharing` (FsSharingSupport: `shared_fs` not empty),
+    `hybrid_vsock` (HybridVsockSupport: `agent_transport` "hvsock"), `guest_memory_probe` (GuestMemoryProbe).
+    `passfd` and `device_addressing` have no upstream bit: runtime-rs decides them by back-end.
+    """
+
+    block_device: bool = False
+    """Block devices can be attached."""
+    hotplug: frozenset[HotplugKind] = frozenset()
+    """What `add_device` (or a resize) accepts after `start_vm`."""
+    multi_queue: bool = False
+    """Devices (virtio-net, virtio-blk) can have several queue pairs."""
+    shared_fs: frozenset[str] = frozenset()
+    """The `shared_fs` values it serves ("inline-virtio-fs", "virtio-fs", ...)."""
+    guest_memory_probe: bool = False
+    """Hot-added memory is announced through the guest's memory probe interface."""
+    agent_transport: AgentTransport = "vsock"
+    """How `agent_address` reaches the agent: "hvsock" (a host unix socket, `CONNECT <port>`) or "vsock"."""
+    passfd: bool = False
+    """Host fds (stdio fifos) can be handed to the guest over the hybrid vsock (passfd stdio)."""
+    device_addressing: DeviceAddressing = "mmio"
+    """How an added device shows up in the guest: a virtio-mmio window or a PCI path (`DeviceInfo`)."""
+
+    @property
+    def block_device_hotplug(self) -> bool:
+        """Block devices can be added after `start_vm`."""
+        return "block" in self.hotplug
+
+    @property
+    def fs_sharing(self) -> bool:
+        """A host directory can be shared into the guest."""
+        return bool(self.shared_fs)
+
+    @property
+    def hybrid_vsock(self) -> bool:
+        """The agent is reached through a hybrid vsock."""
+        return self.agent_transport == "hvsock"
 
 
 class Hypervisor(Protocol):
@@ -92,11 +144,15 @@ class Hypervisor(Protocol):
     name: str
     config: HypervisorConfig
 
+    def capabilities(self) -> Capabilities:
+        """What this back-end can do (constant for its life; callable before `prepare_vm`)."""
+
     async def prepare_vm(self, sandbox_id: str, netns: str | None) -> None:
         """Validate the config (kernel and image exist...), create per-sandbox state; start nothing."""
 
     async def add_device(self, device: Device) -> DeviceInfo:
-        """Cold-plug a device before `start_vm` (hot-plug after it, where the back-end can)."""
+        """Cold-plug a device before `start_vm` (hot-plug after it, for the kinds `capabilities().hotplug`
+        names); returns where the guest sees it, from what the VMM assigned."""
 
     async def start_vm(self, timeout: float) -> None:  # noqa: ASYNC109 (runtime-rs signature)
         """Boot the guest; raise `HypervisorError` (with the console tail) if it dies or times out."""
@@ -124,7 +180,8 @@ class Hypervisor(Protocol):
     def set_passfd_listener_port(self, port: int) -> None:
         """Before `start_vm`: turn on passfd stdio with the agent listening on guest vsock `port` (0 = off).
 
-        A back-end that cannot pass fds ignores it (its `passfd_listener` stays None)."""
+        Only called when `capabilities().passfd`; a back-end that cannot pass fds ignores it (its
+        `passfd_listener` stays None)."""
 
     def passfd_listener(self) -> tuple[Path, int] | None:
         """Where passfd fds go: (hybrid vsock socket, guest port), or None when passfd stdio is off."""

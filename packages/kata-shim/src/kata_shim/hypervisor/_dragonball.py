@@ -8,6 +8,10 @@ inline virtio-fs) live in the shim. Device order on the virtio-mmio slots, which
     2  virtio-rng (the guest's entropy at boot)
     3… the devices `add_device` was given, in that order (block devices become /dev/vdb, /dev/vdc, …)
 
+`prepare_vm` opens a `kata_vmm.VmmBuilder`; `add_device` hands it the device's spec and answers with the slot
+the builder assigned (its window is the `DeviceInfo.mmio_address`), and `start_vm` builds the VM with every
+device on exactly that slot: the back-end never predicts where the VMM puts a device.
+
 A guest exit is noticed through `kata_vmm.Vmm.exit_fd()` with `trio.lowlevel.wait_readable`: no thread is
 parked waiting for the VM. The console (serial) goes to this module's logger line by line, and its last
 lines are kept for the error raised when the guest dies.
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
 import select
@@ -31,6 +37,7 @@ from kata_resources import to_thread_in_netns
 from kata_shim._ratelimit import LineRateLimit
 from kata_shim.hypervisor._base import (
     BlockDevice,
+    Capabilities,
     Device,
     DeviceInfo,
     HypervisorConfig,
@@ -40,21 +47,21 @@ from kata_shim.hypervisor._base import (
 )
 from kata_shim.persist import sandbox_dir
 from kata_vmm import (
-    VIRTIO_MMIO_SLOTS,
     BlockSpec,
     DeviceSpec,
     FsPolicy,
     FsSpec,
+    MmioSlot,
     NetSpec,
     RngSpec,
     VirtioError,
     VmConfig,
     Vmm,
+    VmmBuilder,
     VmmError,
     VmStateError,
     VsockSpec,
     open_tap,
-    virtio_mmio_slot,
 )
 
 log = logging.getLogger("kata_shim.hypervisor.dragonball")
@@ -70,6 +77,17 @@ nodes, setuid/setgid bits and security./trusted./system. xattrs stay refused, an
 share is nosuid,nodev."""
 CONSOLE_TAIL_BYTES = 8192
 STOP_TIMEOUT = 15.0
+CAPABILITIES = Capabilities(
+    block_device=True,
+    hotplug=frozenset(),  # upcall hot-plug (block, net, vcpu, memory) is not built yet
+    multi_queue=False,
+    shared_fs=frozenset({"inline-virtio-fs", "virtio-fs"}),
+    guest_memory_probe=False,
+    agent_transport="hvsock",
+    passfd=True,
+    device_addressing="mmio",
+)
+"""What the built-in VMM can do today (upstream's dragonball adds block hot-plug and multi-queue)."""
 
 
 class ConsoleSink:
@@ -129,7 +147,8 @@ class Dragonball:
         self.sandbox_id = ""
         self.state_dir: Path | None = None
         self.netns: str | None = None
-        self._devices: list[Device] = []
+        self._devices: list[tuple[Device, MmioSlot]] = []
+        self._builder: VmmBuilder | None = None
         self._vmm: Vmm | None = None
         self._console = ConsoleSink(log)
         self._exited = trio.Event()
@@ -160,7 +179,7 @@ class Dragonball:
             raise HypervisorError(f"default_vcpus must be at least 1, not {cfg.default_vcpus}")
         if cfg.default_memory < 64:
             raise HypervisorError(f"default_memory must be at least 64 MiB, not {cfg.default_memory}")
-        if cfg.shared_fs not in ("inline-virtio-fs", "virtio-fs", "none", ""):
+        if cfg.shared_fs not in CAPABILITIES.shared_fs | {"none", ""}:
             raise HypervisorError(f"shared_fs {cfg.shared_fs!r} is not supported by dragonball")
         if cfg.block_device_driver not in ("virtio-mmio", "virtio-blk", "virtio-blk-mmio"):
             raise HypervisorError(
@@ -183,40 +202,77 @@ class Dragonball:
         self.sandbox_id = sandbox_id
         self.state_dir = state_dir
         self.netns = netns
+        self._builder = VmmBuilder(self._vm_config())
+        if cfg_image := self.config.image:
+            self._builder.add_device(BlockSpec(Path(cfg_image), read_only=True))
+        self._builder.add_device(VsockSpec(self.hvsock_path))
+        self._builder.add_device(RngSpec())
         # the vCPU kick handler is a signal handler: install it here, on the shim's main (trio) thread
         kata_vmm.install_kick_handler()
 
-    def _slot_of_next_device(self) -> int:
-        fixed = (1 if self.config.image is not None else 0) + 2  # image, vsock, rng
-        return fixed + len(self._devices)
+    def capabilities(self) -> Capabilities:
+        """Block devices, virtio-fs, hybrid vsock with passfd, virtio-mmio addressing; no hot-plug yet."""
+        return CAPABILITIES
+
+    def _vm_config(self) -> VmConfig:
+        cfg = self.config
+        return VmConfig(
+            kernel=Path(cfg.kernel),
+            initrd=Path(cfg.initrd) if cfg.initrd is not None else None,
+            cmdline=self.cmdline(),
+            vcpus=cfg.default_vcpus,
+            memory_mib=cfg.default_memory,
+            console_output=self._console,
+        )
 
     async def add_device(self, device: Device) -> DeviceInfo:
-        """Cold-plug a device (before `start_vm`); says where the guest will see it."""
-        if self.state_dir is None:
+        """Cold-plug a device (before `start_vm`); says where the guest will see it, from the slot the VMM
+        builder assigned."""
+        if self.state_dir is None or self._builder is None:
             raise HypervisorError("add_device() before prepare_vm()")
         if self._vmm is not None:
-            raise HypervisorError("dragonball: hot-plug after start_vm is not supported yet")
-        if not isinstance(device, (ShareFsDevice, BlockDevice, NetworkDevice)):
-            raise HypervisorError(f"dragonball cannot attach a {type(device).__name__}")
-        if isinstance(device, ShareFsDevice):
-            if self.config.shared_fs in ("none", ""):
-                raise HypervisorError("shared_fs is off in the configuration; cannot share a directory")
-            if not device.host_path.is_dir():
-                raise HypervisorError(f"shared directory {device.host_path} not found")
-            if any(isinstance(d, ShareFsDevice) and d.mount_tag == device.mount_tag for d in self._devices):
-                raise HypervisorError(f"virtio-fs tag {device.mount_tag!r} is already in use")
-        if isinstance(device, BlockDevice) and not device.path.exists():
-            raise HypervisorError(f"block device {device.path} not found")
-        index = self._slot_of_next_device()
-        if index >= VIRTIO_MMIO_SLOTS:
-            raise HypervisorError(f"all {VIRTIO_MMIO_SLOTS} virtio-mmio slots are taken")
-        base, _gsi = virtio_mmio_slot(index)
+            raise HypervisorError(f"dragonball cannot hot-plug a {type(device).__name__} (no hot-plug yet)")
+        spec = self._spec_for(device)
+        try:
+            slot = self._builder.add_device(spec)
+        except VmmError as err:
+            raise HypervisorError(f"dragonball: {err}") from err
+        self._devices.append((device, slot))
         guest_path = ""
-        if isinstance(device, BlockDevice):
-            blocks = sum(isinstance(d, BlockDevice) for d in self._devices)
-            guest_path = "/dev/vd" + _disk_letters(blocks + (1 if self.config.image is not None else 0))
-        self._devices.append(device)
-        return DeviceInfo(guest_path=guest_path, mmio_address=int(base))
+        if isinstance(spec, BlockSpec):
+            guest_path = "/dev/vd" + _disk_letters(self._block_index(slot))
+        return DeviceInfo(guest_path=guest_path, mmio_address=int(slot.base))
+
+    def _block_index(self, slot: MmioSlot) -> int:
+        """The kernel names virtio-blk disks in probe (slot) order: count the ones before ``slot``."""
+        assert self._builder is not None
+        return sum(isinstance(spec, BlockSpec) for s, spec in self._builder.devices if s.index < slot.index)
+
+    # one function per device kind: checks it, and says which kata_vmm spec serves it
+    @functools.singledispatchmethod
+    def _spec_for(self, device: object) -> DeviceSpec:
+        raise HypervisorError(f"dragonball cannot attach a {type(device).__name__}")
+
+    @_spec_for.register
+    def _share_fs_spec(self, device: ShareFsDevice) -> DeviceSpec:
+        if self.config.shared_fs in ("none", ""):
+            raise HypervisorError("shared_fs is off in the configuration; cannot share a directory")
+        if not device.host_path.is_dir():
+            raise HypervisorError(f"shared directory {device.host_path} not found")
+        if any(isinstance(d, ShareFsDevice) and d.mount_tag == device.mount_tag for d, _ in self._devices):
+            raise HypervisorError(f"virtio-fs tag {device.mount_tag!r} is already in use")
+        return FsSpec(device.mount_tag, device.host_path, policy=SANDBOX_SHARE_POLICY)
+
+    @_spec_for.register
+    def _block_spec(self, device: BlockDevice) -> DeviceSpec:
+        if not device.path.exists():
+            raise HypervisorError(f"block device {device.path} not found")
+        return BlockSpec(device.path, read_only=device.read_only)
+
+    @_spec_for.register
+    def _network_spec(self, device: NetworkDevice) -> DeviceSpec:
+        # the tap is opened in the pod's netns by start_vm, which puts the open fd in this slot's spec
+        return NetSpec(device.tap, device.mac or None)
 
     def cmdline(self) -> str:
         """The guest kernel command line."""
@@ -229,38 +285,24 @@ class Dragonball:
             parts.append(f"{PASSFD_CMDLINE_PARAM}={self._passfd_port}")
         return " ".join(parts)
 
-    def device_specs(self, tap_fds: dict[int, int] | None = None) -> list[DeviceSpec]:
-        """The kata_vmm device specs in slot order; ``tap_fds`` maps a network device's index in the added
-        devices to its tap, already opened in the pod's netns (`start_vm` opens them)."""
-        tap_fds = tap_fds or {}
-        specs: list[DeviceSpec] = []
-        if self.config.image is not None:
-            specs.append(BlockSpec(Path(self.config.image), read_only=True))
-        specs.append(VsockSpec(self.hvsock_path))
-        specs.append(RngSpec())
-        for index, device in enumerate(self._devices):
-            if isinstance(device, ShareFsDevice):
-                specs.append(FsSpec(device.mount_tag, device.host_path, policy=SANDBOX_SHARE_POLICY))
-            elif isinstance(device, BlockDevice):
-                specs.append(BlockSpec(device.path, read_only=device.read_only))
-            else:
-                specs.append(NetSpec(device.tap, device.mac or None, fd=tap_fds.get(index)))
-        return specs
+    def device_specs(self) -> list[DeviceSpec]:
+        """The kata_vmm device specs in slot order, as the VMM builder holds them."""
+        return [spec for _slot, spec in self._builder.devices] if self._builder is not None else []
 
     # --- running -----------------------------------------------------------------------------------
-    async def _open_taps(self) -> dict[int, int]:
+    async def _open_taps(self) -> dict[MmioSlot, int]:
         """Open each network device's tap inside the pod's netns (a thread of its own enters it, so no
-        trio worker ever runs there); on failure the taps opened so far are closed."""
-        fds: dict[int, int] = {}
+        trio worker ever runs there), by slot; on failure the taps opened so far are closed."""
+        fds: dict[MmioSlot, int] = {}
         try:
-            for index, device in enumerate(self._devices):
+            for device, slot in self._devices:
                 if not isinstance(device, NetworkDevice):
                     continue
                 try:
                     if self.netns is None:
-                        fds[index] = await trio.to_thread.run_sync(open_tap, device.tap)
+                        fds[slot] = await trio.to_thread.run_sync(open_tap, device.tap)
                     else:
-                        fds[index] = await to_thread_in_netns(_netns_path(self.netns), open_tap, device.tap)
+                        fds[slot] = await to_thread_in_netns(_netns_path(self.netns), open_tap, device.tap)
                 except (VirtioError, OSError) as err:
                     where = f" in network namespace {self.netns}" if self.netns else ""
                     raise HypervisorError(f"dragonball: tap {device.tap}{where}: {err}") from err
@@ -270,47 +312,24 @@ class Dragonball:
             raise
         return fds
 
-    def _boot(self, tap_fds: dict[int, int]) -> Vmm:
-        """configure + add devices + start (on a worker thread: reading the kernel and images blocks).
+    def _give_taps(self, builder: VmmBuilder, tap_fds: dict[MmioSlot, int]) -> None:
+        """Put each open tap in its slot's spec: from here the builder (then the device) owns the fd."""
+        specs = dict(builder.devices)
+        for slot, fd in tap_fds.items():
+            spec = specs[slot]
+            assert isinstance(spec, NetSpec)
+            builder.replace_device(slot, dataclasses.replace(spec, fd=fd))
 
-        Takes ``tap_fds`` over: each goes to its device, or is closed if boot fails before that."""
-        cfg = self.config
-        vmm = Vmm()
-        owned = dict(tap_fds)
+    def _boot(self, builder: VmmBuilder) -> Vmm:
+        """Build the VM (every device on the slot `add_device` reported) and start it, on a worker thread:
+        reading the kernel and images blocks."""
+        builder.config = self._vm_config()  # the command line (passfd port) and size as they are now
         try:
-            vmm.configure(
-                VmConfig(
-                    kernel=Path(cfg.kernel),
-                    initrd=Path(cfg.initrd) if cfg.initrd is not None else None,
-                    cmdline=self.cmdline(),
-                    vcpus=cfg.default_vcpus,
-                    memory_mib=cfg.default_memory,
-                    console_output=self._console,
-                )
-            )
-            for spec in self.device_specs(tap_fds):
-                try:
-                    device = spec.build()
-                except (VirtioError, VmmError, OSError) as err:
-                    raise HypervisorError(f"dragonball: {type(spec).__name__}: {err}") from err
-                if isinstance(spec, NetSpec) and spec.fd is not None:
-                    owned = {i: fd for i, fd in owned.items() if fd != spec.fd}  # the device has it now
-                vmm.add_virtio_device(device)
-            vmm.start()
+            return builder.start()
         except VmmError as err:
-            vmm.close()
             raise HypervisorError(f"dragonball: {err}") from err
         except OSError as err:
-            vmm.close()
             raise HypervisorError(f"dragonball: {err}") from err
-        except BaseException:
-            vmm.close()
-            raise
-        finally:
-            for fd in owned.values():
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        return vmm
 
     async def start_vm(self, timeout: float) -> None:  # noqa: ASYNC109 (runtime-rs signature)
         """Configure and start the VM; the guest kernel then boots on the vCPU threads.
@@ -323,8 +342,11 @@ class Dragonball:
             raise HypervisorError("start_vm() called twice")
         # set-up is bounded work (mmap, read the kernel and initrd); `timeout` is the caller's budget for
         # the agent, which it spends dialling the vsock
+        builder = self._builder
+        assert builder is not None
         tap_fds = await self._open_taps()
-        self._vmm = await trio.to_thread.run_sync(self._boot, tap_fds)
+        self._give_taps(builder, tap_fds)
+        self._vmm = await trio.to_thread.run_sync(self._boot, builder)
         # one watcher per VM (trio lets one task wait on an fd); wait_vm and stop_vm wait on its Event
         trio.lowlevel.spawn_system_task(
             self._watch_exit, self._vmm, name=f"dragonball-exit-{self.sandbox_id}"
@@ -465,6 +487,8 @@ class Dragonball:
         try:
             await self.stop_vm()
         finally:
+            if self._builder is not None:
+                self._builder.close()  # a VM never built: its specs' fds (taps) go back
             vmm = self._vmm
             if vmm is not None:
                 with contextlib.suppress(VmStateError):

@@ -225,9 +225,13 @@ class VirtSandbox:
                 raise err
             raise SandboxError(f"sandbox {self.sandbox_id}: {err}") from err
 
+    def _passfd_wanted(self, hv: Hypervisor) -> bool:
+        """use_passfd_io and a back-end that can pass fds (its `capabilities().passfd`)."""
+        return self.config.runtime.use_passfd_io and hv.capabilities().passfd
+
     def passfd_listener(self) -> PassfdListener | None:
         """Where stdio fifos go for passfd I/O; None: copy stdio over ttrpc (off, or the VMM cannot)."""
-        if not self.config.runtime.use_passfd_io or self.hypervisor is None:
+        if self.hypervisor is None or not self._passfd_wanted(self.hypervisor):
             return None
         found = self.hypervisor.passfd_listener()
         return PassfdListener(*found) if found is not None else None
@@ -249,8 +253,14 @@ class VirtSandbox:
         size = vm_size(hv.config, first.spec)
         hv.config = dataclasses.replace(hv.config, default_vcpus=size.vcpus, default_memory=size.memory_mib)
         await hv.prepare_vm(self.sandbox_id, netns)
-        if self.config.runtime.use_passfd_io:
+        if self._passfd_wanted(hv):
             hv.set_passfd_listener_port(self.config.runtime.passfd_listener_port)
+        elif self.config.runtime.use_passfd_io:
+            log.info(
+                "sandbox %s: use_passfd_io is set but hypervisor %s cannot pass fds; stdio goes over ttrpc",
+                self.sandbox_id,
+                hv.name,
+            )
         await hv.add_device(ShareFsDevice(shared, self.layout.mount_tag))
         for endpoint in self.network.endpoints if self.network is not None else []:
             if endpoint.tap:
@@ -375,10 +385,15 @@ class VirtSandbox:
             return
         if added:
             self._persist(NETWORK_KEY, self.network.to_dict())
+            hv = self.hypervisor
+            why = "NIC hot-plug is not supported yet"
+            if hv is not None and "net" not in hv.capabilities().hotplug:
+                why = f"hypervisor {hv.name} cannot hot-plug a NIC"
             log.warning(
-                "sandbox %s: %s appeared after boot; NIC hot-plug is not supported yet",
+                "sandbox %s: %s appeared after boot; %s",
                 self.sandbox_id,
                 ", ".join(e.veth for e in added),
+                why,
             )
 
     async def _setup_cgroup(self, path: str) -> None:

@@ -1,0 +1,259 @@
+"""What a VM is made of, built before anything runs (Firecracker's ``vstate`` + ``device_manager``).
+
+`VmConfig` says what to boot; `Machine` holds the parts created for it: the KVM and VM fds, guest RAM,
+the in-kernel irqchip and PIT, the PIO/MMIO buses with the legacy devices (serial, i8042, ACPI power),
+the event loop, the virtio devices on their `MmioSlot`s and, once the boot is prepared, the vCPU fds
+with their registers set. It creates and releases them and nothing else: threads, exits and
+statistics belong to the running `Vmm`, and `VmmBuilder` decides which devices go where.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kata_virtio import GuestMemory, InterruptTrigger, VirtioDevice
+from kata_vmm import _cpu
+from kata_vmm._acpi import MmioDeviceDescription, build_tables
+from kata_vmm._bindings import kvm as k
+from kata_vmm._bus import Bus, BusDevice
+from kata_vmm._errors import ConfigError, KvmError
+from kata_vmm._event_loop import EventLoop
+from kata_vmm._eventfd import IrqFd
+from kata_vmm._kvm import Kvm, Vcpu, Vm
+from kata_vmm._layout import (
+    ACPI_MAX_SIZE,
+    ACPI_SLEEP_CONTROL_PORT,
+    ACPI_START,
+    I8042_DATA_PORT,
+    KVM_IDENTITY_MAP_START,
+    KVM_TSS_START,
+    SERIAL_IRQ,
+    SERIAL_PORT_BASE,
+    SERIAL_PORT_SIZE,
+    VIRTIO_MMIO_SLOT_SIZE,
+    VIRTIO_MMIO_SLOTS,
+    MiB,
+    ram_ranges,
+    virtio_mmio_slot,
+)
+from kata_vmm._loader import BootPlan, BootProtocol, load_kernel
+from kata_vmm._memory import GuestAddress, GuestMemoryMmap
+from kata_vmm._specs import DeviceSpec
+from kata_vmm._virtio import VirtioMmioDevice
+from kata_vmm.devices import AcpiPowerDevice, I8042Device, Serial
+
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 quiet"
+MIN_MEMORY_MIB = 32
+MAX_MEMORY_MIB = 1 << 20
+
+
+@dataclass
+class VmConfig:
+    """What to boot and with how much."""
+
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = DEFAULT_CMDLINE
+    vcpus: int = 1
+    memory_mib: int = 128
+    console_output: Callable[[bytes], None] | None = None
+    """Receives the guest's serial console output (on a vCPU or the event thread)."""
+    console_input: int | None = None
+    """A readable fd whose bytes are typed on the serial console (non-blocking reads are used)."""
+    shared_memory: bool = False
+    """Back RAM with memfds, so another process (vhost-user) can map it."""
+    devices: list[DeviceSpec] = field(default_factory=list)
+    """Virtio devices (vsock, block, net, fs, rng), each on its own virtio-mmio slot, in this order."""
+
+    def validate(self, max_vcpus: int) -> None:
+        """Raise `ConfigError` for values no VM can have."""
+        if not 1 <= self.vcpus <= min(max_vcpus, 255):
+            raise ConfigError(
+                f"vcpus must be between 1 and {min(max_vcpus, 255)} on this host, not {self.vcpus}"
+            )
+        if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
+            raise ConfigError(f"memory must be at least {MIN_MEMORY_MIB} MiB, not {self.memory_mib} MiB")
+
+
+@dataclass(frozen=True)
+class MmioSlot:
+    """A virtio-mmio slot handed to `Vmm.add_device`'s factory."""
+
+    index: int
+    base: GuestAddress
+    size: int
+    gsi: int
+
+    @classmethod
+    def at(cls, index: int) -> MmioSlot:
+        """Slot ``index`` of the layout (`ConfigError` past the last one): the one place slots are made."""
+        if not 0 <= index < VIRTIO_MMIO_SLOTS:
+            raise ConfigError(f"all {VIRTIO_MMIO_SLOTS} virtio-mmio slots are taken")
+        base, gsi = virtio_mmio_slot(index)
+        return cls(index, base, VIRTIO_MMIO_SLOT_SIZE, gsi)
+
+
+DeviceFactory = Callable[[GuestMemory, InterruptTrigger, MmioSlot], BusDevice]
+"""Builds an MMIO device given guest memory, its interrupt line and its slot."""
+
+REQUIRED_KVM_CAPS = (
+    (k.KVM_CAP_IRQCHIP, "IRQCHIP"),
+    (k.KVM_CAP_IRQFD, "IRQFD"),
+    (k.KVM_CAP_IOEVENTFD, "IOEVENTFD"),
+    (k.KVM_CAP_IMMEDIATE_EXIT, "IMMEDIATE_EXIT"),
+    (k.KVM_CAP_PIT2, "PIT2"),
+    (k.KVM_CAP_USER_MEMORY, "USER_MEMORY"),
+)
+"""What the host's KVM must offer (checked before anything is created)."""
+
+
+class Machine:
+    """The built parts of one VM; each list holds what was created so far, so `release` frees exactly that
+    (also after a failure half-way)."""
+
+    def __init__(self) -> None:
+        self.kvm: Kvm | None = None
+        self.vm: Vm | None = None
+        self.memory: GuestMemoryMmap | None = None
+        self.pio_bus = Bus("pio")
+        self.mmio_bus = Bus("mmio")
+        self.event_loop: EventLoop | None = None
+        self.serial: Serial | None = None
+        self.boot_plan: BootPlan | None = None
+        self.irqfds: list[IrqFd] = []
+        self.vcpus: list[Vcpu] = []
+        self.mmio_slots: list[MmioSlot] = []
+        self.virtio: list[VirtioMmioDevice] = []
+
+    def create(
+        self, config: VmConfig, *, on_reset: Callable[[], None], on_power_off: Callable[[], None]
+    ) -> None:
+        """Open KVM, create the VM, its RAM, irqchip, PIT, legacy devices and the event loop.
+
+        ``on_reset``/``on_power_off`` are what the guest's i8042 pulse and ACPI registers call."""
+        self.kvm = Kvm()
+        config.validate(self.kvm.max_vcpus())
+        for cap, name in REQUIRED_KVM_CAPS:
+            if not self.kvm.check_extension(cap):
+                raise ConfigError(f"this host's KVM lacks KVM_CAP_{name}")
+        self.vm = self.kvm.create_vm()
+        self.memory = GuestMemoryMmap(ram_ranges(config.memory_mib * MiB), shared=config.shared_memory)
+        for slot, region in enumerate(self.memory.regions):
+            self.vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
+        self.vm.set_identity_map_addr(KVM_IDENTITY_MAP_START)
+        self.vm.set_tss_addr(KVM_TSS_START)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+        irq = IrqFd(self.vm, SERIAL_IRQ)
+        self.irqfds.append(irq)
+        self.serial = Serial(irq, config.console_output)
+        self.pio_bus.insert(self.serial, SERIAL_PORT_BASE, SERIAL_PORT_SIZE)
+        self.pio_bus.insert(I8042Device(on_reset), I8042_DATA_PORT, 5)
+        self.pio_bus.insert(AcpiPowerDevice(on_power_off, on_reset), ACPI_SLEEP_CONTROL_PORT, 3)
+        self.event_loop = EventLoop()
+
+    def add_virtio(self, device: VirtioDevice, slot: MmioSlot | None = None) -> MmioSlot:
+        """Put a kata-virtio device behind its MMIO adapter on ``slot`` (or the next one), its doorbells
+        on the event loop. The machine owns the device from here on, also when this raises."""
+        assert self.vm is not None and self.event_loop is not None
+        vm, loop = self.vm, self.event_loop
+        made: list[VirtioMmioDevice] = []
+
+        def factory(memory: GuestMemory, irq: InterruptTrigger, slot: MmioSlot) -> BusDevice:
+            assert isinstance(irq, IrqFd)
+            made.append(VirtioMmioDevice(vm, device, memory, irq, slot.base))
+            return made[0]
+
+        try:
+            slot = self.add_slot(factory, slot)
+        except BaseException:
+            device.close()
+            raise
+        made[0].attach(loop)
+        self.virtio.append(made[0])
+        return slot
+
+    def add_slot(self, factory: DeviceFactory, slot: MmioSlot | None = None) -> MmioSlot:
+        """Put the device ``factory`` makes on ``slot`` (a `VmmBuilder` assigned it) or the next free one."""
+        assert self.vm is not None and self.memory is not None
+        if slot is None:
+            slot = MmioSlot.at(len(self.mmio_slots))
+        elif slot != MmioSlot.at(slot.index) or any(s.index == slot.index for s in self.mmio_slots):
+            raise ConfigError(f"virtio-mmio slot {slot.index} is taken or not a slot of this layout")
+        irq = IrqFd(self.vm, slot.gsi)
+        self.irqfds.append(irq)
+        try:
+            device = factory(self.memory, irq, slot)
+        except BaseException:
+            self.irqfds.remove(irq)
+            irq.close()
+            raise
+        self.mmio_bus.insert(device, slot.base, VIRTIO_MMIO_SLOT_SIZE)
+        self.mmio_slots.append(slot)
+        return slot
+
+    def prepare_boot(self, config: VmConfig) -> dict[str, float]:
+        """Write the ACPI tables, load the kernel, create the vCPUs with their boot registers; returns the
+        seconds each phase took (``acpi``, ``load_kernel``, ``create_vcpus``)."""
+        assert self.kvm is not None and self.vm is not None and self.memory is not None
+        t0 = time.monotonic()
+        descriptions = [MmioDeviceDescription(s.base, s.size, s.gsi) for s in self.mmio_slots]
+        tables = build_tables(ACPI_START, config.vcpus, descriptions)
+        if tables.size > ACPI_MAX_SIZE:
+            raise ConfigError("ACPI tables do not fit their reserved area")
+        for addr, blob in tables.blobs:
+            self.memory.write(addr, blob)
+        t1 = time.monotonic()
+        self.boot_plan = load_kernel(
+            self.memory, config.kernel, config.cmdline, config.initrd, tables.rsdp_addr
+        )
+        t2 = time.monotonic()
+        supported = self.kvm.supported_cpuid()
+        tsc_deadline = bool(self.kvm.check_extension(k.KVM_CAP_TSC_DEADLINE_TIMER))
+        msrs = _cpu.boot_msrs()
+        for vcpu_id in range(config.vcpus):
+            vcpu = self.vm.create_vcpu(vcpu_id)
+            self.vcpus.append(vcpu)
+            vcpu.set_cpuid2(_cpu.cpuid_for_vcpu(supported, vcpu_id, config.vcpus, tsc_deadline=tsc_deadline))
+            vcpu.set_msrs(msrs)
+            _cpu.setup_fpu(vcpu)
+            _cpu.setup_lapic(vcpu)
+        bsp = self.vcpus[0]
+        if self.boot_plan.protocol is BootProtocol.LINUX_64:
+            _cpu.setup_long_mode(bsp, self.memory, self.boot_plan.entry, self.boot_plan.boot_info)
+        else:
+            _cpu.setup_protected_mode(bsp, self.memory, self.boot_plan.entry, self.boot_plan.boot_info)
+        t3 = time.monotonic()
+        return {"acpi": t1 - t0, "load_kernel": t2 - t1, "create_vcpus": t3 - t2}
+
+    def stop_devices(self, errors: list[BaseException]) -> None:
+        """Stop the event loop and close every virtio device (errors are collected, the rest still runs)."""
+        if self.event_loop is not None:
+            self.event_loop.stop()
+        for dev in self.virtio:
+            try:
+                dev.close()
+            except Exception as err:  # keep releasing the rest
+                errors.append(err)
+        self.virtio = []
+
+    def release(self, errors: list[BaseException]) -> None:
+        """Close the irqfds, vCPUs, VM, RAM and KVM (after `stop_devices`)."""
+        for irq in self.irqfds:
+            try:
+                irq.close()
+            except KvmError as err:
+                errors.append(err)
+        self.irqfds = []
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus = []
+        if self.vm is not None:
+            self.vm.close()
+        if self.memory is not None:
+            self.memory.close()
+        if self.kvm is not None:
+            self.kvm.close()
