@@ -23,7 +23,7 @@ from kata_virtio._queue import (
     QueueError,
 )
 from kata_virtio._rng import VirtioRng
-from kata_virtio._vsock import VirtioVsock
+from kata_virtio.vsock import VirtioVsock
 
 __all__ = [
     "MMIO_WINDOW_SIZE",
