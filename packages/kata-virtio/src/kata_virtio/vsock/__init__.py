@@ -2,23 +2,21 @@
 
 - `packet`: the virtio_vsock_hdr codec and the spec constants (virtio 1.2 §5.10.6);
 - `connection`: one stream's state, credit and host fd;
+- `muxer`: `VsockMuxer`, the host side (AF_UNIX listener, CONNECT and passfd handshakes, guest-initiated
+  connections, the per-connection state machine and credit); it never touches guest memory;
 - `device`: `VirtioVsock`, the virtio device (queues, config space, the event-loop interface).
 """
 
-from kata_virtio.vsock.device import (
+from kata_virtio.vsock.device import DEFAULT_GUEST_CID, EVQ, QUEUE_SIZE, RXQ, TXQ, VirtioVsock
+from kata_virtio.vsock.muxer import (
     CLOSE_TIMEOUT,
     CONN_BUF_ALLOC,
     CONNECT_TIMEOUT,
     CREDIT_UPDATE_THRESHOLD,
-    DEFAULT_GUEST_CID,
-    EVQ,
     MAX_CONNECTIONS,
     MAX_PENDING_CONTROL,
-    QUEUE_SIZE,
     REQUEST_TIMEOUT,
-    RXQ,
-    TXQ,
-    VirtioVsock,
+    VsockMuxer,
 )
 from kata_virtio.vsock.packet import (
     MAX_PKT_PAYLOAD,
@@ -34,6 +32,10 @@ from kata_virtio.vsock.packet import (
     VIRTIO_VSOCK_TYPE_STREAM,
     VSOCK_HDR,
     VSOCK_HOST_CID,
+    VsockHeader,
+    VsockPacketError,
+    host_packet,
+    read_packet,
 )
 
 __all__ = [
@@ -63,4 +65,9 @@ __all__ = [
     "VSOCK_HDR",
     "VSOCK_HOST_CID",
     "VirtioVsock",
+    "VsockHeader",
+    "VsockMuxer",
+    "VsockPacketError",
+    "host_packet",
+    "read_packet",
 ]
