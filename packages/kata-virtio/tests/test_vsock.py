@@ -506,6 +506,13 @@ def test_passfd_keep_survives_a_closed_reader(vsock: VirtioVsock) -> None:
         assert ((hdr[2], 1027) in vsock._conns) is alive
 
 
+def _assert_stream_then_eof(guest: Guest, data: bytes) -> None:
+    """The guest got ``data`` in its first packet, then the SHUTDOWN that ends the stream."""
+    packets = guest.recv()
+    assert packets[0][1] == data
+    assert packets[-1][0][6] == VIRTIO_VSOCK_OP_SHUTDOWN
+
+
 def test_passfd_stdin_pipe_feeds_the_guest(vsock: VirtioVsock) -> None:
     guest = Guest(vsock)
     r, w = os.pipe()
@@ -513,9 +520,7 @@ def test_passfd_stdin_pipe_feeds_the_guest(vsock: VirtioVsock) -> None:
     os.write(w, b"stdin data")
     os.close(w)
     pump(vsock)
-    packets = guest.recv()
-    assert packets[0][1] == b"stdin data"
-    assert packets[-1][0][6] == VIRTIO_VSOCK_OP_SHUTDOWN
+    _assert_stream_then_eof(guest, b"stdin data")
 
 
 def test_passfd_stdin_written_and_closed_before_the_guest_answers_still_arrives(vsock: VirtioVsock) -> None:
@@ -534,9 +539,7 @@ def test_passfd_stdin_written_and_closed_before_the_guest_answers_still_arrives(
     guest.send(1027, hdr[2], VIRTIO_VSOCK_OP_RESPONSE)
     pump(vsock)
     assert control.recv(64).startswith(b"OK ")
-    packets = guest.recv()
-    assert packets[0][1] == b"piped in\n"
-    assert packets[-1][0][6] == VIRTIO_VSOCK_OP_SHUTDOWN
+    _assert_stream_then_eof(guest, b"piped in\n")
 
 
 def test_passfd_full_shutdown_flushes_pending_output_before_closing(vsock: VirtioVsock) -> None:

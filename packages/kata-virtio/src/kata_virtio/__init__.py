@@ -3,8 +3,6 @@
 from kata_virtio.__about__ import __version__
 from kata_virtio._block import VirtioBlock
 from kata_virtio._device import DeviceError, DeviceInterrupt, EventSource, Ticking, VirtioDevice
-from kata_virtio._fs import VirtioFs
-from kata_virtio._fs_server import FsPolicy, FsServerError, FuseServer
 from kata_virtio._memory import GuestAddressError, GuestMemory, InterruptTrigger, VirtioError
 from kata_virtio._mmio import MMIO_WINDOW_SIZE, VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
 from kata_virtio._net import VirtioNet, open_tap
@@ -23,7 +21,8 @@ from kata_virtio._queue import (
     QueueError,
 )
 from kata_virtio._rng import VirtioRng
-from kata_virtio._vsock import VirtioVsock
+from kata_virtio.fs import FsPolicy, FsServerError, FuseServer, VirtioFs
+from kata_virtio.vsock import VirtioVsock
 
 __all__ = [
     "MMIO_WINDOW_SIZE",

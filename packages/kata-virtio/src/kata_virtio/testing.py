@@ -12,8 +12,6 @@ from collections.abc import Callable, Iterator, Sequence
 
 from kata_virtio import _fuse as F
 from kata_virtio._device import EventSource, VirtioDevice
-from kata_virtio._fs import VirtioFs
-from kata_virtio._fs_server import FuseServer
 from kata_virtio._memory import GuestAddressError
 from kata_virtio._mmio import MmioTransport
 from kata_virtio._queue import Queue
@@ -25,6 +23,7 @@ from kata_virtio._spec import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 )
+from kata_virtio.fs import FuseServer, VirtioFs
 
 __all__ = [
     "BumpAllocator",
