@@ -319,7 +319,25 @@ def private_containerd(
                 process.wait()
         kill_strays(str(base))
         unmount_below(base)
+        keep_log(log_path)
         shutil.rmtree(base, ignore_errors=True)
+
+
+LOG_DIR = REPO / "build" / "lab" / "logs"
+LOGS_KEPT = 20
+
+
+def keep_log(log_path: Path) -> None:
+    """Copy a private containerd's log (with every shim's log lines in it) to build/lab/logs, the newest
+    `LOGS_KEPT` only: the lab VM's /tmp is gone after the run, and a failure's log tail is often too short."""
+    if not log_path.exists():
+        return
+    with contextlib.suppress(OSError):
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        shutil.copyfile(log_path, LOG_DIR / f"containerd-{stamp}-{log_path.parent.name}.log")
+        for old in sorted(LOG_DIR.glob("containerd-*.log"))[:-LOGS_KEPT]:
+            old.unlink()
 
 
 __all__ = [
