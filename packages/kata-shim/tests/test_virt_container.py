@@ -35,9 +35,6 @@ from kata_agent import AgentConfig as GuestAgentConfig
 from kata_agent import open_agent
 from kata_proto.containerd import cgroups_v1_metrics_pb2, events_pb2
 from kata_resources import (
-    MS_BIND,
-    MS_REC,
-    MS_SHARED,
     bind,
     mount,
     mounts_below,
@@ -68,6 +65,7 @@ from kata_shim.runtime import (
     Stdio,
 )
 from kata_shim.virt_container import MOUNTS_FILE, SandboxError, VirtContainer, VirtSandbox, _passfd
+from kata_sys_util import MS_BIND, MS_REC, MS_SHARED
 from kata_vmm import open_tap
 
 pytestmark = pytest.mark.root
