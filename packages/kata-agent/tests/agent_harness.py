@@ -20,7 +20,8 @@ BUSYBOX = "/bin/busybox"
 RUNC = shutil.which("runc") or "/usr/bin/runc"
 
 
-def _needs_runc() -> str | None:
+def runc_skip_reason() -> str | None:
+    """Why containers cannot run here with runc and busybox (None: they can)."""
     if os.geteuid() != 0:
         return "needs root"
     if not os.path.exists(RUNC):
@@ -30,25 +31,34 @@ def _needs_runc() -> str | None:
     return None
 
 
+def make_busybox_rootfs(
+    root: Path, *, extra_dirs: tuple[str, ...] = (), files: dict[str, str] | None = None
+) -> Path:
+    """Fill the empty directory `root` with a minimal rootfs: the static busybox, a symlink per applet, empty
+    mount points (plus `extra_dirs`), a root-only /etc/passwd, and `files` (relative path -> text).
+    Also used by kata-shim's tests (this directory on sys.path)."""
+    for d in ("bin", "proc", "dev", "sys", "tmp", "etc", "root", *extra_dirs):
+        (root / d).mkdir()
+    shutil.copy2(BUSYBOX, root / "bin/busybox")
+    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in applets:
+        if applet != "busybox":
+            (root / "bin" / applet).symlink_to("busybox")
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    for rel, text in (files or {}).items():
+        (root / rel).write_text(text)
+    return root
+
+
 @pytest.fixture(scope="session")
 def busybox_rootfs() -> Iterator[Path]:
-    """A minimal rootfs: the static busybox, a symlink per applet, and empty mount points."""
-    reason = _needs_runc()
+    """A minimal rootfs (`make_busybox_rootfs`) for the whole session."""
+    reason = runc_skip_reason()
     if reason:
         pytest.skip(reason)
     root = Path(tempfile.mkdtemp(prefix="kata-bb-", dir="/tmp"))
     try:
-        for d in ("bin", "proc", "dev", "sys", "tmp", "etc", "root"):
-            (root / d).mkdir()
-        shutil.copy2(BUSYBOX, root / "bin/busybox")
-        applets = subprocess.run(
-            [BUSYBOX, "--list"], capture_output=True, text=True, check=True
-        ).stdout.split()
-        for applet in applets:
-            if applet != "busybox":
-                (root / "bin" / applet).symlink_to("busybox")
-        (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-        yield root
+        yield make_busybox_rootfs(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -29,6 +30,9 @@ from typing import Any
 import pytest
 import trio
 from google.protobuf.message import Message
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "kata-agent" / "tests"))
+from agent_harness import BUSYBOX, RUNC, make_busybox_rootfs, runc_skip_reason  # type: ignore[import-not-found]
 
 import kata_agent._mount as agent_mount
 from kata_agent import AgentConfig as GuestAgentConfig
@@ -70,29 +74,16 @@ from kata_vmm import open_tap
 
 pytestmark = pytest.mark.root
 
-BUSYBOX = "/bin/busybox"
-RUNC = shutil.which("runc") or "/usr/sbin/runc"
-
 
 @pytest.fixture(scope="module")
 def busybox_lower() -> Iterator[Path]:
-    """A busybox tree to use as an overlay lower layer."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root (runc, mounts)")
-    if not os.path.exists(RUNC) or not os.path.exists(BUSYBOX):
-        pytest.skip("needs runc and Debian's busybox-static")
+    """A busybox tree for an overlay lower layer: kata-agent's test rootfs plus /data and /etc/hosts."""
+    reason = runc_skip_reason()
+    if reason:
+        pytest.skip(reason)
     root = Path(tempfile.mkdtemp(prefix="kvc-bb-", dir="/tmp"))
     try:
-        for d in ("bin", "proc", "dev", "sys", "tmp", "etc", "root", "data"):
-            (root / d).mkdir()
-        shutil.copy2(BUSYBOX, root / "bin/busybox")
-        applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout
-        for applet in applets.split():
-            if applet != "busybox":
-                (root / "bin" / applet).symlink_to("busybox")
-        (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-        (root / "etc/hosts").write_text("")
-        yield root
+        yield make_busybox_rootfs(root, extra_dirs=("data",), files={"etc/hosts": ""})
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
