@@ -22,14 +22,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from framework import GuestAssets, in_labvm
+from framework import GuestAssets
 from framework.containerd import (
     BUSYBOX_IMAGE,
     KATA_RUNTIME,
     KATA_STATE_ROOT,
     REPO,
     PrivateContainerd,
-    install_guest_assets,
     mounts_below,
     private_containerd,
     thread_names,
@@ -166,18 +165,6 @@ class Events:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def ctrd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateContainerd]:
-    """The module's containerd, with the busybox image imported and the guest assets installed."""
-    if not in_labvm():
-        pytest.fail("the shim's lab tests run inside the lab VM", pytrace=False)
-    install_guest_assets()
-    tar = busybox_oci.build(tmp_path_factory.mktemp("image") / "busybox.tar")
-    with private_containerd() as instance:
-        instance.import_image(tar)
-        yield instance
 
 
 @pytest.fixture(scope="module")
