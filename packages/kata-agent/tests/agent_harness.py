@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,36 +31,41 @@ def runc_skip_reason() -> str | None:
     return None
 
 
-def make_busybox_rootfs(
-    root: Path, *, extra_dirs: tuple[str, ...] = (), files: dict[str, str] | None = None
-) -> Path:
-    """Fill the empty directory `root` with a minimal rootfs: the static busybox, a symlink per applet, empty
-    mount points (plus `extra_dirs`), a root-only /etc/passwd, and `files` (relative path -> text).
-    Also used by kata-shim's tests (this directory on sys.path)."""
-    for d in ("bin", "proc", "dev", "sys", "tmp", "etc", "root", *extra_dirs):
-        (root / d).mkdir()
-    shutil.copy2(BUSYBOX, root / "bin/busybox")
-    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout.split()
-    for applet in applets:
-        if applet != "busybox":
-            (root / "bin" / applet).symlink_to("busybox")
-    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    for rel, text in (files or {}).items():
-        (root / rel).write_text(text)
-    return root
+@contextmanager
+def busybox_tree(
+    prefix: str, *, extra_dirs: tuple[str, ...] = (), files: dict[str, str] | None = None
+) -> Iterator[Path]:
+    """A minimal rootfs in a new /tmp directory, removed after (the test is skipped where runc cannot run):
+    the static busybox, a symlink per applet, empty mount points (plus `extra_dirs`), a root-only
+    /etc/passwd, and `files` (relative path -> text). Also used by kata-shim's tests (this directory on
+    sys.path)."""
+    reason = runc_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        for d in ("bin", "proc", "dev", "sys", "tmp", "etc", "root", *extra_dirs):
+            (root / d).mkdir()
+        shutil.copy2(BUSYBOX, root / "bin/busybox")
+        applets = subprocess.run(
+            [BUSYBOX, "--list"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        for applet in applets:
+            if applet != "busybox":
+                (root / "bin" / applet).symlink_to("busybox")
+        (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        for rel, text in (files or {}).items():
+            (root / rel).write_text(text)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def busybox_rootfs() -> Iterator[Path]:
-    """A minimal rootfs (`make_busybox_rootfs`) for the whole session."""
-    reason = runc_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    root = Path(tempfile.mkdtemp(prefix="kata-bb-", dir="/tmp"))
-    try:
-        yield make_busybox_rootfs(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    """A minimal rootfs (`busybox_tree`) for the whole session."""
+    with busybox_tree("kata-bb-") as root:
+        yield root
 
 
 @dataclass

@@ -32,7 +32,7 @@ import trio
 from google.protobuf.message import Message
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "kata-agent" / "tests"))
-from agent_harness import BUSYBOX, RUNC, make_busybox_rootfs, runc_skip_reason  # type: ignore[import-not-found]
+from agent_harness import BUSYBOX, RUNC, busybox_tree  # type: ignore[import-not-found]
 
 import kata_agent._mount as agent_mount
 from kata_agent import AgentConfig as GuestAgentConfig
@@ -78,14 +78,8 @@ pytestmark = pytest.mark.root
 @pytest.fixture(scope="module")
 def busybox_lower() -> Iterator[Path]:
     """A busybox tree for an overlay lower layer: kata-agent's test rootfs plus /data and /etc/hosts."""
-    reason = runc_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    root = Path(tempfile.mkdtemp(prefix="kvc-bb-", dir="/tmp"))
-    try:
-        yield make_busybox_rootfs(root, extra_dirs=("data",), files={"etc/hosts": ""})
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with busybox_tree("kvc-bb-", extra_dirs=("data",), files={"etc/hosts": ""}) as root:
+        yield root
 
 
 class AgentVm:
