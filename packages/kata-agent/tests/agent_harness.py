@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 
 from kata_agent import AgentConfig, AgentService, open_agent
 from kata_agent_client import AgentClient, open_agent_client
@@ -94,6 +95,20 @@ async def running_agent(*, netns: str | None = None, log: bool = False) -> Async
             yield AgentUnderTest(service, client, f"unix:{sock}", config.run_dir)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def fd_chunks(fd: int, size: int = 65536) -> AsyncIterator[bytes]:
+    """What a process's stdio gives on the non-blocking `fd` (a fifo, a pipe), chunk by chunk until EOF;
+    waits with trio. Also used by kata-shim's tests and the lab's agent tests (this directory on sys.path)."""
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            chunk = os.read(fd, size)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            return
+        yield chunk
 
 
 def mounts_under(prefix: str) -> list[str]:

@@ -32,7 +32,7 @@ import trio
 from google.protobuf.message import Message
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "kata-agent" / "tests"))
-from agent_harness import BUSYBOX, RUNC, busybox_tree  # type: ignore[import-not-found]
+from agent_harness import BUSYBOX, RUNC, busybox_tree, fd_chunks  # type: ignore[import-not-found]
 
 import kata_agent._mount as agent_mount
 from kata_agent import AgentConfig as GuestAgentConfig
@@ -311,14 +311,7 @@ def _blocking(sock: trio.socket.SocketType) -> socket.socket:
 async def _fd_to_stream(fd: int, stream: trio.SocketStream) -> None:
     # stdin: wait for a writer's bytes (a fifo that never had a writer does not poll readable), EOF = shutdown
     try:
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                continue
-            if not data:
-                break
+        async for data in fd_chunks(fd):
             await stream.send_all(data)
         await stream.send_eof()
     finally:
@@ -462,14 +455,7 @@ async def read_fifo(path: str, into: dict[str, bytes], key: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     data = b""
     try:
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                break
+        async for chunk in fd_chunks(fd):
             data += chunk
     finally:
         trio.lowlevel.notify_closing(fd)
