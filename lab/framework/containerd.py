@@ -18,13 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,33 +27,18 @@ from typing import IO
 
 from framework.assets import REPO, GuestAssets, in_labvm
 
-CONTAINERD = os.environ.get("KATA_TEST_CONTAINERD", "/usr/bin/containerd")
-CTR = os.environ.get("KATA_TEST_CTR", "/usr/bin/ctr")
+# The private containerd's lifecycle (config, start, readiness, teardown of the group, stray shims and mounts)
+# is kata-proto's host-test fixture; this module adds the lab's PATH, guest assets and ctr conveniences.
+sys.path.insert(0, str(REPO / "packages" / "kata-proto" / "tests"))
+import containerd_fixture as _fixture
+from containerd_fixture import CTR, kill_strays, mounts_below, processes, unmount_below
+
 KATA_RUNTIME = "io.containerd.kata.v2"
 SHIM_BINARY = "containerd-shim-kata-v2"
 BUSYBOX_IMAGE = "docker.io/library/busybox:kata"
 KATA_ASSET_DIR = Path("/usr/share/kata-containers")
 KATA_STATE_ROOT = Path("/run/kata")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-_CONFIG = """\
-version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-
-[grpc]
-  address = "{address}"
-
-[ttrpc]
-  address = "{address}.ttrpc"
-
-[debug]
-  level = "{level}"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{opt}"
-"""
 
 
 class ContainerdError(Exception):
@@ -93,7 +73,7 @@ def install_guest_assets(assets: GuestAssets | None = None, target: Path = KATA_
 
 
 @dataclass
-class PrivateContainerd:
+class PrivateContainerd(_fixture.ContainerdLog):
     """A running private containerd and where to reach it."""
 
     base: Path
@@ -160,19 +140,9 @@ class PrivateContainerd:
         """`ctr images import` the OCI tarball; returns ctr's output."""
         return self.ctr("images", "import", str(tarball), namespace=namespace).stdout
 
-    def log(self) -> str:
-        """What containerd (and the shims, whose log fifos it drains) wrote so far."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
-
     def shim_pids(self, binary: str = SHIM_BINARY) -> list[int]:
         """Processes of ``binary`` (by default containerd-shim-kata-v2) started for this containerd."""
-        return sorted(pid for pid, argv in _processes() if binary in argv and self.address in argv)
+        return sorted(pid for pid, argv in processes() if binary in argv and self.address in argv)
 
     def processes_below(self, pid: int) -> list[tuple[int, str]]:
         """(pid, comm) of ``pid`` and all its descendants."""
@@ -208,119 +178,22 @@ def thread_names(pid: int) -> list[str]:
     return names
 
 
-def _processes() -> Iterator[tuple[int, str]]:
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        yield int(entry.name), argv
-
-
-def kill_strays(needle: str) -> list[int]:
-    """SIGKILL every process whose argv contains ``needle`` (shims run in their own sessions)."""
-    killed = []
-    for pid, argv in _processes():
-        if needle in argv:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-    return killed
-
-
-def mounts_below(directory: Path) -> list[str]:
-    """Mount points at or below ``directory`` (from /proc/self/mounts)."""
-    prefix = str(directory).rstrip("/") + "/"
-    try:
-        with open("/proc/self/mounts") as f:
-            points = [line.split()[1].replace("\\040", " ") for line in f]
-    except OSError:
-        return []
-    return [p for p in points if p.startswith(prefix) or p == str(directory)]
-
-
-def unmount_below(directory: Path) -> None:
-    """Lazily unmount everything below ``directory``, deepest first."""
-    for point in sorted(mounts_below(directory), key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
-
-
-def _can_connect(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-    return True
-
-
 @contextlib.contextmanager
 def private_containerd(
     *, ready_timeout: float = 120.0, debug: bool = True, extra_env: dict[str, str] | None = None
 ) -> Iterator[PrivateContainerd]:
-    """Start a private containerd (state on /tmp), wait for both sockets, stop and remove it after."""
-    if os.geteuid() != 0:
-        raise ContainerdError("a private containerd needs root")
-    for binary in (CONTAINERD, CTR):
-        if not os.access(binary, os.X_OK):
-            raise ContainerdError(f"{binary} is not installed (./dev installs Debian's containerd)")
-    base = Path(tempfile.mkdtemp(prefix="kata-ctrd-", dir="/tmp"))  # short: unix socket paths <= 108 bytes
-    log_path = base / "containerd.log"
+    """Start a private containerd (state on /tmp), wait for both sockets, stop and remove it after:
+    kata-proto's test fixture (one copy of the lifecycle), with the venv's bin directory first on its PATH."""
     env = {
         "PATH": f"{venv_bin()}:{SYSTEM_PATH}",
         "HOME": os.environ.get("HOME", "/root"),
         "LANG": "C.UTF-8",
         **(extra_env or {}),
     }
-    process: subprocess.Popen[bytes] | None = None
-    try:
-        for sub in ("root", "state", "opt"):
-            (base / sub).mkdir()
-        config = base / "config.toml"
-        config.write_text(
-            _CONFIG.format(
-                root=base / "root",
-                state=base / "state",
-                address=base / "containerd.sock",
-                opt=base / "opt",
-                level="debug" if debug else "info",
-            )
-        )
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [CONTAINERD, "--config", str(config)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=env,
-                cwd=base,
-            )
-        instance = PrivateContainerd(base, process, log_path, env)
-        deadline = time.monotonic() + ready_timeout
-        while not (_can_connect(instance.address) and _can_connect(instance.ttrpc_address)):
-            if process.poll() is not None:
-                raise ContainerdError(f"containerd exited with {process.returncode}:\n{instance.log_tail()}")
-            if time.monotonic() > deadline:
-                raise ContainerdError(f"containerd not ready after {ready_timeout} s:\n{instance.log_tail()}")
-            time.sleep(0.1)
-        yield instance
-    finally:
-        if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        kill_strays(str(base))
-        unmount_below(base)
-        keep_log(log_path)
-        shutil.rmtree(base, ignore_errors=True)
+    with _fixture.private_containerd(
+        ready_timeout=ready_timeout, debug=debug, env=env, error=ContainerdError, keep_log=keep_log
+    ) as ctrd:
+        yield PrivateContainerd(ctrd.base, ctrd.process, ctrd.log_path, env)
 
 
 LOG_DIR = REPO / "build" / "lab" / "logs"
@@ -330,8 +203,6 @@ LOGS_KEPT = 20
 def keep_log(log_path: Path) -> None:
     """Copy a private containerd's log (with every shim's log lines in it) to build/lab/logs, the newest
     `LOGS_KEPT` only: the lab VM's /tmp is gone after the run, and a failure's log tail is often too short."""
-    if not log_path.exists():
-        return
     with contextlib.suppress(OSError):
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")

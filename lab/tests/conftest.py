@@ -22,6 +22,8 @@ if str(LAB) not in sys.path:
     sys.path.insert(0, str(LAB))
 
 from framework import BACKENDS, Backend, GuestAssets, MicroVMFactory, QemuBackend, in_labvm  # noqa: E402
+from framework.containerd import PrivateContainerd, install_guest_assets, private_containerd  # noqa: E402
+from images import busybox_oci  # noqa: E402
 
 OUTSIDE_LAB = (
     "tests marked `lab` boot guests inside the nested-KVM lab VM: run them with `./dev nox -s lab` "
@@ -75,3 +77,16 @@ def qemu_factory(tmp_path: Path) -> Iterator[MicroVMFactory]:
     factory = MicroVMFactory(tmp_path, QemuBackend())
     yield factory
     factory.kill_all()
+
+
+@pytest.fixture(scope="module")
+def ctrd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateContainerd]:
+    """The module's containerd 1.6 for the shim's lab tests, with the busybox image imported and the guest
+    assets installed (containerd start and image import cost tens of seconds under TCG: once a module)."""
+    if not in_labvm():
+        pytest.fail("the containerd lab tests run inside the lab VM", pytrace=False)
+    install_guest_assets()
+    tar = busybox_oci.build(tmp_path_factory.mktemp("image") / "busybox.tar")
+    with private_containerd() as instance:
+        instance.import_image(tar)
+        yield instance

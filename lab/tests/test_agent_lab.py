@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 from framework import GuestAssets
+from framework.assets import REPO
 from framework.sandbox import (
     SANDBOX_CMDLINE,
     SHARE_TAG,
@@ -43,6 +45,9 @@ from kata_agent_client import (
     open_agent_client,
 )
 from kata_shim.virt_container._passfd import PassfdListener, passfd_stdio
+
+sys.path.insert(0, str(REPO / "packages" / "kata-agent" / "tests"))
+from agent_harness import fd_chunks  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.lab
 
@@ -320,18 +325,6 @@ def test_passfd_stdio_out_err_split_and_stdin_round_trip(sandbox: Sandbox, tmp_p
     for f in fifos.values():
         os.mkfifo(f)
 
-    async def read_fifo(fd: int) -> bytes:
-        got = b""
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                return got
-            got += chunk
-
     async def case(c: AgentClient) -> None:
         # containerd's side opens its ends first: readers of stdout/stderr (and the stdin writer after).
         out_r = os.open(fifos["stdout"], os.O_RDONLY | os.O_NONBLOCK)
@@ -352,7 +345,7 @@ def test_passfd_stdio_out_err_split_and_stdin_round_trip(sandbox: Sandbox, tmp_p
             async with trio.open_nursery() as n:
 
                 async def collect(name: str, fd: int) -> None:
-                    got[name] = await read_fifo(fd)
+                    got[name] = b"".join([chunk async for chunk in fd_chunks(fd)])
 
                 n.start_soon(collect, "out", out_r)
                 n.start_soon(collect, "err", err_r)

@@ -14,19 +14,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-LAB = Path(__file__).resolve().parents[1]
-if str(LAB) not in sys.path:
-    sys.path.insert(0, str(LAB))
-
-from framework import in_labvm  # noqa: E402
-from framework.containerd import (  # noqa: E402
+from framework import in_labvm
+from framework.containerd import (
     BUSYBOX_IMAGE,
     KATA_RUNTIME,
     PrivateContainerd,
@@ -34,7 +28,7 @@ from framework.containerd import (  # noqa: E402
     private_containerd,
     thread_names,
 )
-from images import busybox_oci  # noqa: E402
+from images import busybox_oci
 
 RUN_TIMEOUT = 600
 NETNS = "kata-pod-lab"

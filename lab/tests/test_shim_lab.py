@@ -22,23 +22,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-LAB = Path(__file__).resolve().parents[1]
-if str(LAB) not in sys.path:
-    sys.path.insert(0, str(LAB))
-
-from framework import GuestAssets, in_labvm  # noqa: E402
-from framework.containerd import (  # noqa: E402
+from framework import GuestAssets
+from framework.containerd import (
     BUSYBOX_IMAGE,
     KATA_RUNTIME,
     KATA_STATE_ROOT,
+    REPO,
     PrivateContainerd,
-    install_guest_assets,
     mounts_below,
     private_containerd,
     thread_names,
 )
-from images import busybox_oci  # noqa: E402
+from images import busybox_oci
 
 CAN_RUN_CONTAINERD = os.geteuid() == 0 and os.access("/usr/bin/containerd", os.X_OK)
 RUN_TIMEOUT = 600
@@ -170,18 +165,6 @@ class Events:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def ctrd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateContainerd]:
-    """The module's containerd, with the busybox image imported and the guest assets installed."""
-    if not in_labvm():
-        pytest.fail("the shim's lab tests run inside the lab VM", pytrace=False)
-    install_guest_assets()
-    tar = busybox_oci.build(tmp_path_factory.mktemp("image") / "busybox.tar")
-    with private_containerd() as instance:
-        instance.import_image(tar)
-        yield instance
 
 
 @pytest.fixture(scope="module")
@@ -489,7 +472,7 @@ def test_bad_config_fails_ctr_run_with_its_message(
 
 
 UPSTREAM_CONFIG = (
-    LAB.parent / "packages" / "kata-shim" / "tests" / "fixtures" / "configuration-dragonball-4.0.0.toml"
+    REPO / "packages" / "kata-shim" / "tests" / "fixtures" / "configuration-dragonball-4.0.0.toml"
 )
 
 

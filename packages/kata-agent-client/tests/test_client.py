@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+from client_harness import one_connection  # type: ignore[import-not-found]
 from google.protobuf import empty_pb2
 
 from kata_agent_client import (
@@ -262,21 +263,14 @@ def test_forward_line_maps_levels_and_fields(caplog: pytest.LogCaptureFixture) -
 def test_log_forwarder_reads_lines_until_eof(sockdir: str, caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         path = os.path.join(sockdir, "agent.sock.log")
-        sock = trio.socket.socket(trio.socket.AF_UNIX)
-        await sock.bind(path)
-        sock.listen(1)
 
-        async def serve() -> None:
-            conn, _ = await sock.accept()
-            with conn:
-                await conn.send(b'{"level":"info","msg":"one"}\n{"level":"warn","ms')
-                await trio.sleep(0.05)
-                await conn.send(b'g":"two"}\ntail-without-newline')
+        async def lines(conn: trio.socket.SocketType) -> None:
+            await conn.send(b'{"level":"info","msg":"one"}\n{"level":"warn","ms')
+            await trio.sleep(0.05)
+            await conn.send(b'g":"two"}\ntail-without-newline')
 
-        async with trio.open_nursery() as n:
-            n.start_soon(serve)
+        async with one_connection(path, lines):
             await forward_logs(f"unix:{path}", logging.getLogger("test.fwd"))
-        sock.close()
 
     with caplog.at_level(logging.INFO, logger="test.fwd"):
         trio.run(main)
@@ -289,21 +283,14 @@ def test_handshake_failure_is_typed(sockdir: str) -> None:
         from kata_agent_client import connect
 
         path = os.path.join(sockdir, "kata.hvsock")
-        sock = trio.socket.socket(trio.socket.AF_UNIX)
-        await sock.bind(path)
-        sock.listen(1)
 
-        async def serve() -> None:
-            conn, _ = await sock.accept()
-            with conn:
-                await conn.recv(64)
-                await conn.send(b"ERR no\n")
+        async def refuse(conn: trio.socket.SocketType) -> None:
+            await conn.recv(64)
+            await conn.send(b"ERR no\n")
 
-        async with trio.open_nursery() as n:
-            n.start_soon(serve)
+        async with one_connection(path, refuse):
             with pytest.raises(HandshakeFailed):
                 await connect(AgentAddress("hvsock", path=path))
-        sock.close()
 
     trio.run(main)
 

@@ -6,6 +6,7 @@ import os
 import tempfile
 
 import trio
+from client_harness import one_connection  # type: ignore[import-not-found]
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,19 +19,13 @@ def test_any_answer_connects_or_fails_typed(answer: bytes, trailer: bytes) -> No
     async def main() -> None:
         d = tempfile.mkdtemp(prefix="kah-", dir="/tmp")
         path = os.path.join(d, "hv.sock")
-        sock = trio.socket.socket(trio.socket.AF_UNIX)
-        await sock.bind(path)
-        sock.listen(1)
 
-        async def serve() -> None:
-            conn, _ = await sock.accept()
-            with conn:
-                assert await conn.recv(64) == b"CONNECT 1024\n"
-                await conn.send(answer + trailer)
+        async def muxer(conn: trio.socket.SocketType) -> None:
+            assert await conn.recv(64) == b"CONNECT 1024\n"
+            await conn.send(answer + trailer)
 
         try:
-            async with trio.open_nursery() as n:
-                n.start_soon(serve)
+            async with one_connection(path, muxer):
                 first_line = answer.split(b"\n", 1)[0] + b"\n" if b"\n" in answer else None
                 ok = first_line is not None and first_line.startswith(b"OK ") and len(first_line) <= 64
                 with trio.fail_after(5):
@@ -47,7 +42,6 @@ def test_any_answer_connects_or_fails_typed(answer: bytes, trailer: bytes) -> No
                                 got += await stream.receive_some(64)
                         assert got == rest  # bytes after the OK line belong to the guest
         finally:
-            sock.close()
             os.unlink(path)
             os.rmdir(d)
 

@@ -7,11 +7,12 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 
 from kata_agent import AgentConfig, AgentService, open_agent
 from kata_agent_client import AgentClient, open_agent_client
@@ -20,7 +21,8 @@ BUSYBOX = "/bin/busybox"
 RUNC = shutil.which("runc") or "/usr/bin/runc"
 
 
-def _needs_runc() -> str | None:
+def runc_skip_reason() -> str | None:
+    """Why containers cannot run here with runc and busybox (None: they can)."""
     if os.geteuid() != 0:
         return "needs root"
     if not os.path.exists(RUNC):
@@ -30,15 +32,20 @@ def _needs_runc() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def busybox_rootfs() -> Iterator[Path]:
-    """A minimal rootfs: the static busybox, a symlink per applet, and empty mount points."""
-    reason = _needs_runc()
+@contextmanager
+def busybox_tree(
+    prefix: str, *, extra_dirs: tuple[str, ...] = (), files: dict[str, str] | None = None
+) -> Iterator[Path]:
+    """A minimal rootfs in a new /tmp directory, removed after (the test is skipped where runc cannot run):
+    the static busybox, a symlink per applet, empty mount points (plus `extra_dirs`), a root-only
+    /etc/passwd, and `files` (relative path -> text). Also used by kata-shim's tests (this directory on
+    sys.path)."""
+    reason = runc_skip_reason()
     if reason:
         pytest.skip(reason)
-    root = Path(tempfile.mkdtemp(prefix="kata-bb-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     try:
-        for d in ("bin", "proc", "dev", "sys", "tmp", "etc", "root"):
+        for d in ("bin", "proc", "dev", "sys", "tmp", "etc", "root", *extra_dirs):
             (root / d).mkdir()
         shutil.copy2(BUSYBOX, root / "bin/busybox")
         applets = subprocess.run(
@@ -48,9 +55,18 @@ def busybox_rootfs() -> Iterator[Path]:
             if applet != "busybox":
                 (root / "bin" / applet).symlink_to("busybox")
         (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        for rel, text in (files or {}).items():
+            (root / rel).write_text(text)
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def busybox_rootfs() -> Iterator[Path]:
+    """A minimal rootfs (`busybox_tree`) for the whole session."""
+    with busybox_tree("kata-bb-") as root:
+        yield root
 
 
 @dataclass
@@ -79,6 +95,20 @@ async def running_agent(*, netns: str | None = None, log: bool = False) -> Async
             yield AgentUnderTest(service, client, f"unix:{sock}", config.run_dir)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def fd_chunks(fd: int, size: int = 65536) -> AsyncIterator[bytes]:
+    """What a process's stdio gives on the non-blocking `fd` (a fifo, a pipe), chunk by chunk until EOF;
+    waits with trio. Also used by kata-shim's tests and the lab's agent tests (this directory on sys.path)."""
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            chunk = os.read(fd, size)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            return
+        yield chunk
 
 
 def mounts_under(prefix: str) -> list[str]:

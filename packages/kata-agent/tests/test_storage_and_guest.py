@@ -175,3 +175,47 @@ def test_log_stream_carries_json_lines(busybox_rootfs: Path, caplog: pytest.LogC
     entry = next(r.agent for r in forwarded if r.getMessage() == "container created")  # type: ignore[attr-defined]
     assert entry["level"] == "INFO" and entry["source"] == "agent" and entry["name"] == "kata-agent"
     assert json.dumps(entry)
+
+
+def _sysfs(base: Path, entries: dict[str, tuple[str, str]]) -> None:
+    for name, (attr, value) in entries.items():
+        (base / name).mkdir(parents=True)
+        (base / name / attr).write_text(value + "\n")
+
+
+def test_online_cpus_switches_offline_cpus_on_up_to_the_limit(tmp_path: Path) -> None:
+    from kata_agent._guest import online_cpus
+
+    _sysfs(
+        tmp_path,
+        {
+            "cpu1": ("online", "1"),
+            "cpu2": ("online", "0"),
+            "cpu3": ("online", "0"),
+            "cpufreq": ("online", "0"),
+        },
+    )
+    (tmp_path / "cpu0").mkdir()  # the boot CPU has no online switch
+    assert online_cpus(1, base=str(tmp_path)) == 1
+    assert [(tmp_path / f"cpu{n}" / "online").read_text().strip() for n in (1, 2, 3)] == ["1", "1", "0"]
+    assert online_cpus(0, base=str(tmp_path)) == 1
+    assert (tmp_path / "cpu3" / "online").read_text() == "1"
+    assert (tmp_path / "cpufreq" / "online").read_text() == "0\n"  # not a CPU
+
+
+def test_online_memory_switches_every_offline_block_on(tmp_path: Path) -> None:
+    from kata_agent._guest import online_memory
+
+    _sysfs(
+        tmp_path,
+        {
+            "memory0": ("state", "online"),
+            "memory8": ("state", "offline"),
+            "memory9": ("state", "going-offline"),
+        },
+    )
+    (tmp_path / "block_size_bytes").write_text("8000000\n")
+    assert online_memory(base=str(tmp_path)) == 1
+    assert (tmp_path / "memory8" / "state").read_text() == "online"
+    assert (tmp_path / "memory9" / "state").read_text() == "going-offline\n"
+    assert online_memory(base=str(tmp_path / "absent")) == 0  # no memory hotplug in this guest

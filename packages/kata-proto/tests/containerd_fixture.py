@@ -21,7 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +41,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   address = "{ttrpc_address}"
 
 [debug]
-  level = "info"
+  level = "{level}"
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{opt}"
@@ -58,8 +58,25 @@ def skip_reason() -> str | None:
     return None
 
 
+class ContainerdLog:
+    """containerd's log file (`log_path`), read for assertion messages; lab/framework's class shares it."""
+
+    log_path: Path
+
+    def log(self) -> str:
+        """What containerd (and the shims, whose log fifos it drains) wrote so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The last `lines` lines of `log()`."""
+        return "\n".join(self.log().splitlines()[-lines:])
+
+
 @dataclass
-class PrivateContainerd:
+class PrivateContainerd(ContainerdLog):
     """A running private containerd and where to reach it."""
 
     base: Path
@@ -85,13 +102,6 @@ class PrivateContainerd:
             argv += ["--namespace", namespace]
         return argv
 
-    def log(self) -> str:
-        """What containerd wrote to its log so far (for assertion messages)."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
 
 def _can_connect(path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -102,40 +112,65 @@ def _can_connect(path: str) -> bool:
     return True
 
 
-def _kill_strays(base: Path) -> None:
-    # Shims containerd started (runc, ours) run in their own sessions, so killing containerd's
-    # group misses them; they carry this containerd's socket path in their argv.
-    needle = str(base).encode()
+def processes() -> Iterator[tuple[int, str]]:
+    """(pid, argv joined by spaces) of every process but this one."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes()
+            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if needle in cmdline:
+        yield int(entry.name), argv
+
+
+def kill_strays(needle: str) -> list[int]:
+    """SIGKILL every process whose argv contains `needle`: the shims containerd started (runc's, ours) run
+    in their own sessions, so killing containerd's group misses them; their argv has its socket path."""
+    killed = []
+    for pid, argv in processes():
+        if needle in argv:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(entry.name), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
 
 
-def _unmount_below(base: Path) -> None:
-    prefix = str(base) + "/"
+def mounts_below(directory: Path) -> list[str]:
+    """Mount points at or below `directory` (from /proc/self/mounts; `\\040` read back as a space)."""
+    prefix = str(directory).rstrip("/") + "/"
     try:
         with open("/proc/self/mounts") as f:
-            points = [line.split()[1] for line in f]
+            points = [line.split()[1].replace("\\040", " ") for line in f]
     except OSError:
-        return
-    # Deepest first, lazily: a test that was killed may have left a busy container mount.
-    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        return []
+    return [p for p in points if p.startswith(prefix) or p == str(directory)]
+
+
+def unmount_below(directory: Path) -> None:
+    """Lazily unmount everything at or below `directory`, deepest first (a killed test may have left a busy
+    container mount)."""
+    for point in sorted(mounts_below(directory), key=len, reverse=True):
         subprocess.run(["umount", "-l", point], check=False, capture_output=True)
 
 
 @contextlib.contextmanager
-def private_containerd(*, ready_timeout: float = 30.0) -> Iterator[PrivateContainerd]:
-    """Start a private containerd, wait until both its sockets answer, stop and remove it after."""
+def private_containerd(
+    *,
+    ready_timeout: float = 30.0,
+    debug: bool = False,
+    env: dict[str, str] | None = None,
+    error: type[Exception] = RuntimeError,
+    keep_log: Callable[[Path], None] | None = None,
+) -> Iterator[PrivateContainerd]:
+    """Start a private containerd, wait until both its sockets answer, stop and remove it after.
+
+    `debug` sets containerd's log level; `env` is its whole environment (None: this process's); `error` is
+    what a failure to start raises (lab/framework/containerd.py builds on this with its own); `keep_log` is
+    called with the log's path after containerd stopped, before its directory is removed."""
     reason = skip_reason()
     if reason is not None:
-        raise RuntimeError(reason)
+        raise error(reason)
     # Short path under /tmp: unix socket paths are limited to 108 bytes.
     base = Path(tempfile.mkdtemp(prefix="kata-ctrd-", dir="/tmp"))
     log_path = base / "containerd.log"
@@ -152,6 +187,7 @@ def private_containerd(*, ready_timeout: float = 30.0) -> Iterator[PrivateContai
                 address=sock,
                 ttrpc_address=f"{sock}.ttrpc",
                 opt=base / "opt",
+                level="debug" if debug else "info",
             )
         )
         with open(log_path, "wb") as log:
@@ -161,14 +197,16 @@ def private_containerd(*, ready_timeout: float = 30.0) -> Iterator[PrivateContai
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=env,
+                cwd=base,
             )
         instance = PrivateContainerd(base, process, log_path)
         deadline = time.monotonic() + ready_timeout
         while not (_can_connect(instance.address) and _can_connect(instance.ttrpc_address)):
             if process.poll() is not None:
-                raise RuntimeError(f"containerd exited with {process.returncode}:\n{instance.log()}")
+                raise error(f"containerd exited with {process.returncode}:\n{instance.log_tail()}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"containerd not ready after {ready_timeout} s:\n{instance.log()}")
+                raise error(f"containerd not ready after {ready_timeout} s:\n{instance.log_tail()}")
             time.sleep(0.05)
         yield instance
     finally:
@@ -176,11 +214,13 @@ def private_containerd(*, ready_timeout: float = 30.0) -> Iterator[PrivateContai
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
             try:
-                process.wait(timeout=10)
+                process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-        _kill_strays(base)
-        _unmount_below(base)
+        kill_strays(str(base))
+        unmount_below(base)
+        if keep_log is not None and log_path.exists():
+            keep_log(log_path)
         shutil.rmtree(base, ignore_errors=True)

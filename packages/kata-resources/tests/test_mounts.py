@@ -199,3 +199,17 @@ def test_ledger_refuses_targets_outside_its_root(scratch: Path) -> None:
         ledger.mount("tmpfs", scratch / "sb" / "out", "tmpfs")
     assert not (scratch / "x").exists()
     assert ledger.mounts == []
+
+
+def test_mount_flag_names_still_import_from_their_old_home() -> None:
+    import kata_resources
+    import kata_sys_util
+    from kata_resources import MS_BIND, MS_SLAVE  # type: ignore[attr-defined]
+
+    assert (MS_BIND, MS_SLAVE, kata_resources.MNT_DETACH) == (
+        kata_sys_util.MS_BIND,
+        kata_sys_util.MS_SLAVE,
+        kata_sys_util.MNT_DETACH,
+    )
+    with pytest.raises(AttributeError):
+        kata_resources.MS_NOT_A_FLAG  # noqa: B018

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 
@@ -191,30 +192,30 @@ def test_missing_kernel_is_named(tmp_path: Path, assets: dict[str, Path]) -> Non
         load_config_file(path)
 
 
-def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
-    path = tmp_path / "broken.toml"
-    path.write_text("[runtime\nname = 1\n")
-    with pytest.raises(ConfigError, match=rf"^{path}: not valid TOML"):
-        load_config_file(path)
-
-
 def test_missing_file_says_where_its_name_came_from(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist") as info:
         load_config(str(tmp_path / "nope.toml"), env={})
     assert "runtime options config_path" in str(info.value)
 
 
-def test_missing_hypervisor_table(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param("[runtime\nname = 1\n", "{path}: not valid TOML", id="invalid-toml-names-the-file"),
+        pytest.param(
+            '[runtime]\nhypervisor_name = "dragonball"\n',
+            "{path}: hypervisor.dragonball: table missing",
+            id="missing-hypervisor-table",
+        ),
+        pytest.param('runtime = "virt_container"\n', "{path}: runtime: must be a table", id="not-a-table"),
+    ],
+)
+def test_a_malformed_file_is_one_config_error_naming_file_and_table(
+    tmp_path: Path, text: str, message: str
+) -> None:
     path = tmp_path / "c.toml"
-    path.write_text('[runtime]\nhypervisor_name = "dragonball"\n')
-    with pytest.raises(ConfigError, match=r"hypervisor\.dragonball: table missing"):
-        load_config_file(path)
-
-
-def test_a_table_that_is_not_a_table(tmp_path: Path) -> None:
-    path = tmp_path / "c.toml"
-    path.write_text('runtime = "virt_container"\n')
-    with pytest.raises(ConfigError, match=r": runtime: must be a table"):
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="^" + re.escape(message.format(path=path))):
         load_config_file(path)
 
 

@@ -28,6 +28,13 @@ class Sink:
         return empty_pb2.Empty()
 
 
+async def serve_sink(nursery: trio.Nursery, sink: Sink, path: str) -> str:
+    """containerd's Events service, forwarding to `sink`, on a unix socket at `path` (returned)."""
+    server = ttrpc.TtrpcServer()
+    server.register(EVENTS_SERVICE, sink)
+    return str(await nursery.start(server.serve_unix, path))
+
+
 def _pid(envelope: Any) -> int:
     event: Any = unpack_event(envelope.event)
     return int(event.pid)
@@ -41,10 +48,8 @@ def test_events_arrive_in_order_with_namespace_and_bare_type_url(tmp_path: Path)
     sink = Sink()
 
     async def main() -> None:
-        server = ttrpc.TtrpcServer()
-        server.register(EVENTS_SERVICE, sink)
         async with trio.open_nursery() as nursery:
-            path = await nursery.start(server.serve_unix, str(tmp_path / "ev.sock"))
+            path = await serve_sink(nursery, sink, str(tmp_path / "ev.sock"))
             publisher = EventPublisher(f"unix://{path}", "ns1")
             await nursery.start(publisher.run)
             for n in range(50):
@@ -73,9 +78,7 @@ def test_publisher_retries_until_containerd_listens(tmp_path: Path) -> None:
             publisher.publish_nowait("/tasks/exit", exit_event(1))
             publisher.publish_nowait("/tasks/exit", exit_event(2))
             await trio.sleep(0.2)  # nobody listens yet: connection refused, retried
-            server = ttrpc.TtrpcServer()
-            server.register(EVENTS_SERVICE, sink)
-            await nursery.start(server.serve_unix, path)
+            await serve_sink(nursery, sink, path)
             with trio.fail_after(5):
                 await publisher.wait_idle()
             nursery.cancel_scope.cancel()
@@ -122,10 +125,8 @@ def test_an_oom_flood_never_crowds_out_exits_and_is_coalesced_per_container(tmp_
     sink = Sink()
 
     async def main() -> None:
-        server = ttrpc.TtrpcServer()
-        server.register(EVENTS_SERVICE, sink)
         async with trio.open_nursery() as nursery:
-            path = await nursery.start(server.serve_unix, str(tmp_path / "ev.sock"))
+            path = await serve_sink(nursery, sink, str(tmp_path / "ev.sock"))
             publisher = EventPublisher(path, "ns", max_queued=64, oom_interval=3600)
             for _ in range(10_000):  # the guest floods before the forwarder even runs
                 publisher.publish_nowait("/tasks/oom", events_pb2.TaskOOM(container_id="c1"))

@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -30,14 +31,14 @@ import pytest
 import trio
 from google.protobuf.message import Message
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "kata-agent" / "tests"))
+from agent_harness import BUSYBOX, RUNC, busybox_tree, fd_chunks  # type: ignore[import-not-found]
+
 import kata_agent._mount as agent_mount
 from kata_agent import AgentConfig as GuestAgentConfig
 from kata_agent import open_agent
 from kata_proto.containerd import cgroups_v1_metrics_pb2, events_pb2
 from kata_resources import (
-    MS_BIND,
-    MS_REC,
-    MS_SHARED,
     bind,
     mount,
     mounts_below,
@@ -69,35 +70,17 @@ from kata_shim.runtime import (
     Stdio,
 )
 from kata_shim.virt_container import MOUNTS_FILE, SandboxError, VirtContainer, VirtSandbox, _passfd
+from kata_sys_util import MS_BIND, MS_REC, MS_SHARED
 from kata_vmm import open_tap
 
 pytestmark = pytest.mark.root
 
-BUSYBOX = "/bin/busybox"
-RUNC = shutil.which("runc") or "/usr/sbin/runc"
-
 
 @pytest.fixture(scope="module")
 def busybox_lower() -> Iterator[Path]:
-    """A busybox tree to use as an overlay lower layer."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root (runc, mounts)")
-    if not os.path.exists(RUNC) or not os.path.exists(BUSYBOX):
-        pytest.skip("needs runc and Debian's busybox-static")
-    root = Path(tempfile.mkdtemp(prefix="kvc-bb-", dir="/tmp"))
-    try:
-        for d in ("bin", "proc", "dev", "sys", "tmp", "etc", "root", "data"):
-            (root / d).mkdir()
-        shutil.copy2(BUSYBOX, root / "bin/busybox")
-        applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout
-        for applet in applets.split():
-            if applet != "busybox":
-                (root / "bin" / applet).symlink_to("busybox")
-        (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-        (root / "etc/hosts").write_text("")
+    """A busybox tree for an overlay lower layer: kata-agent's test rootfs plus /data and /etc/hosts."""
+    with busybox_tree("kvc-bb-", extra_dirs=("data",), files={"etc/hosts": ""}) as root:
         yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 class AgentVm:
@@ -333,14 +316,7 @@ def _blocking(sock: trio.socket.SocketType) -> socket.socket:
 async def _fd_to_stream(fd: int, stream: trio.SocketStream) -> None:
     # stdin: wait for a writer's bytes (a fifo that never had a writer does not poll readable), EOF = shutdown
     try:
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                continue
-            if not data:
-                break
+        async for data in fd_chunks(fd):
             await stream.send_all(data)
         await stream.send_eof()
     finally:
@@ -484,14 +460,7 @@ async def read_fifo(path: str, into: dict[str, bytes], key: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     data = b""
     try:
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                break
+        async for chunk in fd_chunks(fd):
             data += chunk
     finally:
         trio.lowlevel.notify_closing(fd)

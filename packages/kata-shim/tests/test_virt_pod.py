@@ -86,7 +86,7 @@ def test_guest_network_tells_the_agent_about_connected_endpoints_only() -> None:
             Endpoint(1, "eth1", "m", 1500),
         ],
         interfaces=[
-            InterfaceSpec("eth0", "02:00:00:00:00:01", 1500, (IPAddressSpec("10.0.0.2", 24),)),
+            InterfaceSpec("eth0", "02:00:00:00:00:01", 1500, [IPAddressSpec("10.0.0.2", 24)]),
             InterfaceSpec("eth1", "m", 1500),
         ],
         routes=[RouteSpec("", "10.0.0.1", "eth0"), RouteSpec("10.1.0.0/16", "", "eth1")],
@@ -98,3 +98,14 @@ def test_guest_network_tells_the_agent_about_connected_endpoints_only() -> None:
     ]
     assert routes == [Route("", "10.0.0.1", "eth0")]
     assert neighbors == [ARPNeighbor("10.0.0.9", "02:00:00:00:00:09", "eth0")]
+
+
+def test_the_network_specs_are_the_agent_clients_types() -> None:
+    # One home (kata_proto.network): what kata-resources scans is what the client sends, no mapping between.
+    import kata_agent_client
+    import kata_resources
+
+    assert kata_resources.InterfaceSpec is kata_agent_client.Interface
+    assert kata_resources.IPAddressSpec is kata_agent_client.IPAddress
+    assert kata_resources.RouteSpec is kata_agent_client.Route
+    assert kata_resources.NeighborSpec is kata_agent_client.ARPNeighbor

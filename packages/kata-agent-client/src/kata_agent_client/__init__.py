@@ -31,25 +31,22 @@ from kata_agent_client._logs import forward_line, forward_logs
 from kata_agent_client._types import (
     BLKIO_LISTS,
     AgentVersion,
-    ARPNeighbor,
     BlkioEntry,
     ContainerSpec,
     ContainerStats,
     Device,
     GuestDetails,
     HugetlbStats,
-    Interface,
-    IPAddress,
     MemoryEntry,
     Mount,
     NetworkStats,
     Process,
     Resources,
-    Route,
     StdioPorts,
     Storage,
     default_mounts,
 )
+from kata_proto.network import ARPNeighbor, Interface, IPAddress, Route
 
 __all__ = [
     "AGENT_PORT",

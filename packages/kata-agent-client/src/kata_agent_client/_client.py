@@ -22,20 +22,18 @@ from kata_agent_client._errors import (
 )
 from kata_agent_client._types import (
     AgentVersion,
-    ARPNeighbor,
     ContainerSpec,
     ContainerStats,
     Device,
     GuestDetails,
-    Interface,
     Process,
     Resources,
-    Route,
     StdioPorts,
     Storage,
 )
 from kata_proto import ttrpc
 from kata_proto.agent import OciJsonError, agent_pb2, health_pb2, oci_from_json
+from kata_proto.network import ARPNeighbor, Interface, Route
 
 AGENT = "grpc.AgentService"
 HEALTH = "grpc.Health"

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 from kata_agent_client._types import (
     BLKIO_LISTS,
-    ARPNeighbor,
     BlkioEntry,
     ContainerSpec,
     ContainerStats,
     HugetlbStats,
-    Interface,
-    IPAddress,
     MemoryEntry,
     NetworkStats,
     Process,
     Resources,
-    Route,
     Storage,
 )
 from kata_proto.agent import agent_pb2, oci_pb2, types_pb2
+from kata_proto.network import ARPNeighbor, Interface, IPAddress, Route
 
 
 def _family(v: int) -> types_pb2.IPFamily:

@@ -128,50 +128,6 @@ class Resources:
     pids_limit: int = 0
 
 
-@dataclass
-class IPAddress:
-    """An address with its prefix length; family 4 or 6."""
-
-    address: str
-    prefix: int
-    family: int = 4
-
-
-@dataclass
-class Interface:
-    """A guest NIC: found by `hw_addr` (or `device`), renamed to `name`."""
-
-    name: str
-    hw_addr: str = ""
-    device: str = ""
-    mtu: int = 0
-    addresses: list[IPAddress] = field(default_factory=list)
-    type: str = ""
-    raw_flags: int = 0
-
-
-@dataclass
-class Route:
-    """A route in the guest's main table; empty `dest` is the default route."""
-
-    dest: str = ""
-    gateway: str = ""
-    device: str = ""
-    source: str = ""
-    scope: int = 0
-    family: int = 4
-
-
-@dataclass
-class ARPNeighbor:
-    """A static neighbour entry."""
-
-    address: str
-    lladdr: str
-    device: str
-    state: int = 0x80
-
-
 @dataclass(frozen=True)
 class MemoryEntry:
     """One memory counter of a cgroup (usage, swap or kernel)."""

@@ -12,13 +12,15 @@ from kata_proto import ttrpc
 BLOCK_DEVICE_TYPES = ("blk", "mmioblk", "virtio-blk")
 
 
-def _guest_node(vm_path: str) -> str:
-    if vm_path.startswith("/dev/"):
-        return vm_path
-    by_path = os.path.join("/dev/disk/by-path", vm_path)
+def guest_block_node(name: str) -> str:
+    """The guest node a block device's name means: a /dev path, or a PCI path/virtio-mmio address that names
+    one under /dev/disk/by-path (how kata-agent's device handlers find it); NotFound otherwise."""
+    if name.startswith("/dev/"):
+        return name
+    by_path = os.path.join("/dev/disk/by-path", name)
     if os.path.exists(by_path):
         return os.path.realpath(by_path)
-    raise ttrpc.NotFound(f"device {vm_path!r} not found in the guest")
+    raise ttrpc.NotFound(f"block device {name!r} not found in the guest")
 
 
 def add_devices(config: dict[str, Any], devices: list[Any]) -> None:
@@ -29,7 +31,7 @@ def add_devices(config: dict[str, Any], devices: list[Any]) -> None:
             raise ttrpc.InvalidArgument(f"unsupported device type {dev.type!r}")
         if not dev.container_path.startswith("/"):
             raise ttrpc.InvalidArgument(f"device container_path {dev.container_path!r} is not absolute")
-        node = _guest_node(dev.vm_path)
+        node = guest_block_node(dev.vm_path)
         try:
             st = os.stat(node)
         except FileNotFoundError as err:

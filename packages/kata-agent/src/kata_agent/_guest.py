@@ -33,38 +33,32 @@ def write_resolv_conf(lines: list[str]) -> None:
         f.writelines(f"{line}\n" for line in lines)
 
 
-def online_cpus(limit: int) -> int:
+def online_cpus(limit: int, base: str = "/sys/devices/system/cpu") -> int:
     """Bring offline CPUs online (at most `limit`, 0 = all); returns how many."""
-    onlined = 0
-    base = "/sys/devices/system/cpu"
-    for name in sorted(os.listdir(base)):
-        if limit and onlined >= limit:
+    return _online_all(base, r"cpu\d+", "online", ("0", "1"), limit)
+
+
+def online_memory(base: str = "/sys/devices/system/memory") -> int:
+    """Online every offline memory block; returns how many."""
+    return _online_all(base, r"memory\d+", "state", ("offline", "online"))
+
+
+def _online_all(base: str, pattern: str, attr: str, off_on: tuple[str, str], limit: int = 0) -> int:
+    """Write `on` to `<base>/<entry>/<attr>` of each entry named `pattern` whose attr reads `off`, in name
+    order, at most `limit` (0 = all); returns how many (the sysfs hotplug switches of CPUs and memory)."""
+    off, on = off_on
+    count = 0
+    for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        if limit and count >= limit:
             break
-        path = os.path.join(base, name, "online")
-        if not re.fullmatch(r"cpu\d+", name) or not os.path.exists(path):
+        path = os.path.join(base, name, attr)
+        if not re.fullmatch(pattern, name) or not os.path.exists(path):
             continue
         with open(path) as f:
-            if f.read().strip() == "1":
+            if f.read().strip() != off:
                 continue
         with open(path, "w") as f:
-            f.write("1")
-        onlined += 1
-    return onlined
-
-
-def online_memory() -> int:
-    """Online every offline memory block; returns how many."""
-    base = "/sys/devices/system/memory"
-    count = 0
-    for name in os.listdir(base) if os.path.isdir(base) else []:
-        state = os.path.join(base, name, "state")
-        if not name.startswith("memory") or not os.path.exists(state):
-            continue
-        with open(state) as f:
-            if f.read().strip() != "offline":
-                continue
-        with open(state, "w") as f:
-            f.write("online")
+            f.write(on)
         count += 1
     return count
 

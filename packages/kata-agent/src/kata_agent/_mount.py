@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import kata_sys_util as sys_util
+from kata_agent._devices import guest_block_node
 from kata_proto import ttrpc
 from kata_sys_util import (
     MNT_DETACH,
@@ -74,17 +75,6 @@ class MountedStorage:
     created_dir: bool
 
 
-def _blk_source(source: str) -> str:
-    # A block storage's source is a device node, or a PCI path/virtio-mmio address that
-    # names one: accept a node directly and otherwise look it up under /dev/disk/by-path.
-    if source.startswith("/dev/"):
-        return source
-    candidate = os.path.join("/dev/disk/by-path", source)
-    if os.path.exists(candidate):
-        return os.path.realpath(candidate)
-    raise ttrpc.NotFound(f"block device for {source!r} not found")
-
-
 def mount_storage(storage: Any) -> MountedStorage:
     """Set up one `grpc.Storage`; InvalidArgument for an unknown driver or missing mount point."""
     driver = storage.driver
@@ -111,7 +101,7 @@ def mount_storage(storage: Any) -> MountedStorage:
         elif driver in ("blk", "mmioblk"):
             if not storage.fstype:
                 raise ttrpc.InvalidArgument("block storage has no fstype")
-            mount(_blk_source(storage.source), target, storage.fstype, flags, data)
+            mount(guest_block_node(storage.source), target, storage.fstype, flags, data)
         elif driver in ("ephemeral", "shm"):
             mount(
                 storage.source or "tmpfs",

@@ -8,6 +8,7 @@ from typing import Any
 
 from kata_proto import ttrpc
 from kata_proto.agent import types_pb2
+from kata_proto.network import NUD_PERMANENT
 
 _FAMILY = {types_pb2.IPFamily.v4: socket.AF_INET, types_pb2.IPFamily.v6: socket.AF_INET6}
 
@@ -151,7 +152,7 @@ class Netlink:
                         dst=n.toIPAddress.address,
                         lladdr=n.lladdr,
                         ifindex=found[0],
-                        state=n.state or 0x80,
+                        state=n.state or NUD_PERMANENT,  # a neighbour without a state is static
                     )
                 except Exception as err:
                     raise ttrpc.InvalidArgument(f"neighbour {n.toIPAddress.address}: {err}") from err

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,15 @@ class AgentConfig:
     passfd_port: int = 0  # vsock port of the passfd listener; 0 = off
     oom_poll_interval: float = 0.5
     extra: dict[str, str] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def runtime_failure_as(error: type[ttrpc.TtrpcError]) -> Iterator[None]:
+    """The OCI runtime's failure (RuntimeFailed) becomes the ttrpc `error` the caller gets, same message."""
+    try:
+        yield
+    except RuntimeFailed as err:
+        raise error(str(err)) from err
 
 
 def _check_id(kind: str, value: str) -> str:
@@ -172,10 +182,8 @@ class AgentService:
 
     async def StartContainer(self, req: Any, ctx: Any) -> empty_pb2.Empty:
         container = self.container(req.container_id)
-        try:
+        with runtime_failure_as(ttrpc.FailedPrecondition):
             await container.start()
-        except RuntimeFailed as err:
-            raise ttrpc.FailedPrecondition(str(err)) from err
         return empty_pb2.Empty()
 
     async def RemoveContainer(self, req: Any, ctx: Any) -> empty_pb2.Empty:
@@ -196,11 +204,8 @@ class AgentService:
             req.stderr_port,
             terminal=bool(process.get("terminal")),
         )
-        try:
-            with closed_on_error(passfd):
-                await container.exec(req.exec_id, process, passfd)
-        except RuntimeFailed as err:
-            raise ttrpc.InvalidArgument(str(err)) from err
+        with runtime_failure_as(ttrpc.InvalidArgument), closed_on_error(passfd):
+            await container.exec(req.exec_id, process, passfd)
         return empty_pb2.Empty()
 
     async def SignalProcess(self, req: Any, ctx: Any) -> empty_pb2.Empty:
@@ -248,10 +253,8 @@ class AgentService:
 
     async def UpdateContainer(self, req: Any, ctx: Any) -> empty_pb2.Empty:
         container = self.container(req.container_id)
-        try:
+        with runtime_failure_as(ttrpc.InvalidArgument):
             await container.update(message_to_json(req.resources))
-        except RuntimeFailed as err:
-            raise ttrpc.InvalidArgument(str(err)) from err
         return empty_pb2.Empty()
 
     async def StatsContainer(self, req: Any, ctx: Any) -> agent_pb2.StatsContainerResponse:
@@ -262,18 +265,14 @@ class AgentService:
 
     async def PauseContainer(self, req: Any, ctx: Any) -> empty_pb2.Empty:
         container = self.container(req.container_id)
-        try:
+        with runtime_failure_as(ttrpc.FailedPrecondition):
             await container.pause()
-        except RuntimeFailed as err:
-            raise ttrpc.FailedPrecondition(str(err)) from err
         return empty_pb2.Empty()
 
     async def ResumeContainer(self, req: Any, ctx: Any) -> empty_pb2.Empty:
         container = self.container(req.container_id)
-        try:
+        with runtime_failure_as(ttrpc.FailedPrecondition):
             await container.resume()
-        except RuntimeFailed as err:
-            raise ttrpc.FailedPrecondition(str(err)) from err
         return empty_pb2.Empty()
 
     # -- OOM ----------------------------------------------------------------------------------

@@ -24,24 +24,7 @@ from kata_resources._ledger import (
     unmount_below,
     write_mount_record,
 )
-from kata_resources._mount import (
-    MNT_DETACH,
-    MS_BIND,
-    MS_NODEV,
-    MS_NOSUID,
-    MS_PRIVATE,
-    MS_RDONLY,
-    MS_REC,
-    MS_REMOUNT,
-    MS_SHARED,
-    MS_SLAVE,
-    bind,
-    is_mountpoint,
-    mount,
-    mounts_below,
-    parse_options,
-    umount,
-)
+from kata_resources._mount import bind, mount, umount
 from kata_resources._pod_shm import (
     DEFAULT_SHM_SIZE,
     GUEST_SANDBOX_SHM,
@@ -68,6 +51,7 @@ from kata_resources._sizing import (
     workload_size,
 )
 from kata_resources._volumes import VolumeKind, VolumePlan, classify, share_volumes
+from kata_sys_util import is_mountpoint, mounts_below, parse_options
 
 if TYPE_CHECKING:
     from kata_resources._cgroups import (
@@ -130,6 +114,12 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
+    if module is None and name.startswith(("MS_", "MNT_")):
+        # The mount flags live in kata-sys-util (one home); their old names here still import.
+        import kata_sys_util
+
+        if name in kata_sys_util.__all__:
+            return getattr(kata_sys_util, name)
     if module is None:
         raise AttributeError(f"module 'kata_resources' has no attribute {name!r}")
     import importlib
@@ -148,16 +138,6 @@ __all__ = [
     "HOST_SHARED_ROOT",
     "KATA_SHARED_TAG",
     "MAX_RESOLV_CONF",
-    "MNT_DETACH",
-    "MS_BIND",
-    "MS_NODEV",
-    "MS_NOSUID",
-    "MS_PRIVATE",
-    "MS_RDONLY",
-    "MS_REC",
-    "MS_REMOUNT",
-    "MS_SHARED",
-    "MS_SLAVE",
     "RESOLV_CONF",
     "SANDBOX_CPU_PERIOD",
     "SANDBOX_CPU_QUOTA",

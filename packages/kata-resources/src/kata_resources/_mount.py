@@ -1,4 +1,4 @@
-"""mount(2)/umount2(2) for trusted host paths (from kata-sys-util), MountError, and mount option parsing.
+"""mount(2)/umount2(2) for trusted host paths: kata-sys-util's calls, failing with this package's MountError.
 
 Paths the guest could have written never go through `bind`/`mount`/`umount` here: `MountLedger` mounts and
 unmounts through fds opened beneath the sandbox directory (kata_sys_util.open_beneath).
@@ -12,45 +12,9 @@ from pathlib import Path
 
 import kata_sys_util as sys_util
 from kata_resources._errors import MountError
-from kata_sys_util import (
-    MNT_DETACH,
-    MS_BIND,
-    MS_NODEV,
-    MS_NOEXEC,
-    MS_NOSUID,
-    MS_PRIVATE,
-    MS_RDONLY,
-    MS_REC,
-    MS_REMOUNT,
-    MS_SHARED,
-    MS_SLAVE,
-    PROPAGATION,
-    UMOUNT_NOFOLLOW,
-    is_mountpoint,
-    mounts_below,
-    parse_options,
-)
+from kata_sys_util import MNT_DETACH, MS_BIND, MS_RDONLY, MS_REC, MS_REMOUNT, UMOUNT_NOFOLLOW, is_mountpoint
 
-__all__ = [
-    "MNT_DETACH",
-    "MS_BIND",
-    "MS_NODEV",
-    "MS_NOEXEC",
-    "MS_NOSUID",
-    "MS_PRIVATE",
-    "MS_RDONLY",
-    "MS_REC",
-    "MS_REMOUNT",
-    "MS_SHARED",
-    "MS_SLAVE",
-    "PROPAGATION",
-    "bind",
-    "is_mountpoint",
-    "mount",
-    "mounts_below",
-    "parse_options",
-    "umount",
-]
+__all__ = ["bind", "mount", "umount"]
 
 
 def _wrap(err: OSError) -> MountError:

@@ -6,8 +6,8 @@ does with its default ``tcfilter`` internetworking model, for endpoint N we crea
 that namespace and join tap and veth with an ingress qdisc on each plus a u32 match-all filter whose
 action is ``mirred egress redirect`` to the other (every frame arriving on one leaves through the other).
 The VMM opens the tap *inside the namespace* (`to_thread_in_netns(netns, open_tap, tap)`) and gives the
-guest NIC the veth's MAC; the agent then gets the veth's addresses, routes and neighbours
-(`InterfaceSpec`, `RouteSpec`, `NeighborSpec`, plain data mapped to the agent client's types by the shim).
+guest NIC the veth's MAC; the agent then gets the veth's addresses, routes and neighbours (`InterfaceSpec`,
+`RouteSpec`, `NeighborSpec`: kata_proto.network's plain types, which the agent client sends as they are).
 Model ``none`` scans but connects nothing (the guest has no network).
 
 The veth itself is left as CNI made it. Teardown deletes the taps (their qdiscs and filters go with them)
@@ -29,13 +29,12 @@ import trio
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from kata_proto.network import NUD_PERMANENT, ARPNeighbor, Interface, IPAddress, Route
 from kata_resources._errors import ResourceError
 from kata_resources._netns import run_in_netns, to_thread_in_netns
 
 #: <linux/if_ether.h> ETH_P_ALL: the filters match every protocol.
 ETH_P_ALL = 0x0003
-#: <linux/neighbour.h> NUD_PERMANENT: only static neighbours are copied to the guest, as upstream does.
-NUD_PERMANENT = 0x80
 #: Flow id of the redirect filters (1:1), as upstream's tcfilter model sets it.
 _FILTER_CLASSID = 0x10001
 #: "ffff:", the ingress qdisc's handle.
@@ -66,45 +65,12 @@ def tap_name(index: int) -> str:
     return f"tap{index}_kata"
 
 
-@dataclass(frozen=True)
-class IPAddressSpec:
-    """An address of an interface with its prefix length; family 4 or 6."""
-
-    address: str
-    prefix: int
-    family: int = 4
-
-
-@dataclass(frozen=True)
-class InterfaceSpec:
-    """A guest NIC as the agent's UpdateInterface wants it: found by MAC, named as the veth."""
-
-    name: str
-    hw_addr: str
-    mtu: int
-    addresses: tuple[IPAddressSpec, ...] = ()
-
-
-@dataclass(frozen=True)
-class RouteSpec:
-    """A route of the main table through an endpoint; empty ``dest`` is the default route."""
-
-    dest: str = ""
-    gateway: str = ""
-    device: str = ""
-    source: str = ""
-    scope: int = 0
-    family: int = 4
-
-
-@dataclass(frozen=True)
-class NeighborSpec:
-    """A static (permanent) neighbour on an endpoint."""
-
-    address: str
-    lladdr: str
-    device: str
-    state: int = NUD_PERMANENT
+# The guest's view of the pod network is the agent's own plain types (one home, kata_proto.network, below
+# both this package and kata-agent-client): the shim hands them to the client unchanged. Old names kept.
+IPAddressSpec = IPAddress
+InterfaceSpec = Interface
+RouteSpec = Route
+NeighborSpec = ARPNeighbor
 
 
 @dataclass(frozen=True)
@@ -191,7 +157,7 @@ def _scan(ipr: IPRoute) -> tuple[list[Any], list[InterfaceSpec], list[RouteSpec]
                 names[link["index"]],
                 str(link.get_attr("IFLA_ADDRESS")),
                 int(link.get_attr("IFLA_MTU")),
-                tuple(addrs),
+                addrs,
             )
         )
     routes = []

@@ -8,7 +8,7 @@ from typing import Protocol
 
 from kata_resources._errors import ResourceError
 from kata_resources._ledger import MountLedger
-from kata_resources._mount import MS_BIND, MS_RDONLY, parse_options
+from kata_sys_util import MS_BIND, MS_RDONLY, parse_options
 
 
 class MountLike(Protocol):

@@ -19,8 +19,8 @@ from typing import Any
 
 from kata_resources._errors import VolumeError
 from kata_resources._ledger import MountLedger
-from kata_resources._mount import PROPAGATION
 from kata_resources._share_fs import ShareLayout
+from kata_sys_util import PROPAGATION
 
 SHM_SIZE = "size=65536k"
 """Size of the guest's /dev/shm tmpfs when the host offered its own (containerd's default)."""

@@ -15,7 +15,7 @@ import errno
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from kata_sys_util._fsops import (
     AT_EMPTY_PATH,
@@ -286,14 +286,7 @@ def _remove_entry(parent: int, parent_mnt: int, name: str, shown: str, refused: 
     except FileNotFoundError:
         return
     if not stat.S_ISDIR(st.st_mode):
-        try:
-            os.unlink(name, dir_fd=parent)
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            if err.errno != errno.EBUSY:
-                raise
-            refused.append(shown)  # a file bind-mounted over
+        _remove_or_refuse(os.unlink, parent, name, shown, refused)  # EBUSY: a file bind-mounted over
         return
     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
     try:
@@ -307,8 +300,15 @@ def _remove_entry(parent: int, parent_mnt: int, name: str, shown: str, refused: 
             return
     finally:
         os.close(fd)
+    _remove_or_refuse(os.rmdir, parent, name, shown, refused)
+
+
+def _remove_or_refuse(
+    remove: Callable[..., None], parent: int, name: str, shown: str, refused: list[str]
+) -> None:
+    """`remove(name, dir_fd=parent)`: gone already is fine; EBUSY (a mount point) is refused and reported."""
     try:
-        os.rmdir(name, dir_fd=parent)
+        remove(name, dir_fd=parent)
     except FileNotFoundError:
         pass
     except OSError as err:

@@ -8,9 +8,11 @@ is published once and every `wait_process` caller wakes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,15 @@ def _translate(err: AgentError, what: str) -> RuntimeHandlerError:
     if isinstance(err, AgentFailedPrecondition):
         return FailedPrecondition(text)
     return RuntimeHandlerError(text)
+
+
+@contextlib.contextmanager
+def _agent_errors(what: str) -> Iterator[None]:
+    """An agent call's error, raised as `_translate(err, what)` (the Task service maps it to its code)."""
+    try:
+        yield
+    except AgentError as err:
+        raise _translate(err, what) from err
 
 
 @dataclass
@@ -229,14 +240,12 @@ class VirtContainerManager:
         if process.exec_id and c.init.status is not ProcessStatus.RUNNING:
             raise FailedPrecondition(f"container {c.id} is not running")
         agent = self._agent()
-        try:
+        with _agent_errors(f"start {process}"):
             if process.exec_id:
                 assert p.spec is not None
                 await agent.exec_process(c.id, process.exec_id, p.spec, stdio_ports=p.ports)
             else:
                 await agent.start_container(c.id)
-        except AgentError as err:
-            raise _translate(err, f"start {process}") from err
         p.status = ProcessStatus.RUNNING
         self._start_io_and_wait(agent, p)
         if not process.exec_id and c.id == self.sandbox.sandbox_id:
@@ -364,10 +373,8 @@ class VirtContainerManager:
         if p.status is ProcessStatus.CREATED and process.exec_id:
             raise FailedPrecondition(f"process {process} is not started")
         agent = self._agent()
-        try:
+        with _agent_errors(f"kill {process}"):
             await agent.signal_process(process.container_id, process.exec_id, signal)
-        except AgentError as err:
-            raise _translate(err, f"kill {process}") from err
         if p.status is ProcessStatus.CREATED:
             # A created init killed before start still exits (runc's shim reports it): wait for it.
             self._start_io_and_wait(agent, p)
@@ -444,10 +451,8 @@ class VirtContainerManager:
             if p.stdin.started:
                 await p.stdin.done.wait()
         elif p.status is ProcessStatus.RUNNING:
-            try:
+            with _agent_errors(f"close io of {process}"):
                 await self._agent().close_stdin(process.container_id, process.exec_id)
-            except AgentError as err:
-                raise _translate(err, f"close io of {process}") from err
 
     async def resize_process_pty(self, process: ProcessId, width: int, height: int) -> None:
         """TtyWinResize (rows = height, columns = width)."""
@@ -456,46 +461,36 @@ class VirtContainerManager:
             raise FailedPrecondition(f"process {process} has no terminal")
         if p.status is not ProcessStatus.RUNNING:
             return  # containerd resizes before start too; the agent has no pty yet
-        try:
+        with _agent_errors(f"resize {process}"):
             await self._agent().tty_win_resize(process.container_id, process.exec_id, height, width)
-        except AgentError as err:
-            raise _translate(err, f"resize {process}") from err
 
     # -- container-wide ---------------------------------------------------------------------------
     async def pause_container(self, container_id: str) -> None:
         """PauseContainer (the guest freezes the container's cgroup)."""
         c = self._container(container_id)
-        try:
+        with _agent_errors(f"pause {container_id}"):
             await self._agent().pause_container(container_id)
-        except AgentError as err:
-            raise _translate(err, f"pause {container_id}") from err
         c.paused = True
 
     async def resume_container(self, container_id: str) -> None:
         """ResumeContainer."""
         c = self._container(container_id)
-        try:
+        with _agent_errors(f"resume {container_id}"):
             await self._agent().resume_container(container_id)
-        except AgentError as err:
-            raise _translate(err, f"resume {container_id}") from err
         c.paused = False
 
     async def stats_container(self, container_id: str) -> Message:
         """StatsContainer as io.containerd.cgroups.v1.Metrics."""
         self._container(container_id)
-        try:
+        with _agent_errors(f"stats {container_id}"):
             stats = await self._agent().stats_container(container_id)
-        except AgentError as err:
-            raise _translate(err, f"stats {container_id}") from err
         return metrics_from_stats(stats)
 
     async def update_container(self, container_id: str, resources: dict[str, Any]) -> None:
         """UpdateContainer with OCI LinuxResources JSON."""
         self._container(container_id)
-        try:
+        with _agent_errors(f"update {container_id}"):
             await self._agent().update_container(container_id, resources)
-        except AgentError as err:
-            raise _translate(err, f"update {container_id}") from err
         await self.sandbox.container_resources(container_id, resources)  # pod resources (issue 14)
 
     async def pids(self, container_id: str) -> list[int]:

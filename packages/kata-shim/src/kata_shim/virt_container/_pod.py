@@ -10,16 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from kata_agent_client import ARPNeighbor, Interface, IPAddress, Route
-from kata_resources import (
-    CgroupLimits,
-    InterfaceSpec,
-    NeighborSpec,
-    Network,
-    RouteSpec,
-    VmSize,
-    static_vm_size,
-)
+from kata_agent_client import ARPNeighbor, Interface, Route
+from kata_resources import CgroupLimits, Network, VmSize, static_vm_size
 from kata_shim.hypervisor._base import HypervisorConfig
 
 
@@ -75,31 +67,11 @@ def vm_size(config: HypervisorConfig, spec: dict[str, Any]) -> VmSize:
     return VmSize(max(1, min(size.vcpus, max(cap, config.default_vcpus))), size.memory_mib)
 
 
-def agent_interface(spec: InterfaceSpec) -> Interface:
-    """UpdateInterface's argument for one endpoint: the guest NIC with the veth's MAC, renamed as the veth."""
-    return Interface(
-        name=spec.name,
-        hw_addr=spec.hw_addr,
-        mtu=spec.mtu,
-        addresses=[IPAddress(a.address, a.prefix, a.family) for a in spec.addresses],
-    )
-
-
-def agent_route(spec: RouteSpec) -> Route:
-    """One route for UpdateRoutes."""
-    return Route(spec.dest, spec.gateway, spec.device, spec.source, spec.scope, spec.family)
-
-
-def agent_neighbor(spec: NeighborSpec) -> ARPNeighbor:
-    """One static neighbour for AddARPNeighbors."""
-    return ARPNeighbor(spec.address, spec.lladdr, spec.device, spec.state)
-
-
 def guest_network(network: Network) -> tuple[list[Interface], list[Route], list[ARPNeighbor]]:
     """What the agent is told about ``network``: interfaces with a tap (model none has no guest NIC),
-    and the routes and neighbours of those interfaces."""
+    and the routes and neighbours of those interfaces (kata-resources scans them as the client's types)."""
     connected = {e.veth for e in network.endpoints if e.tap}
-    interfaces = [agent_interface(i) for i in network.interfaces if i.name in connected]
-    routes = [agent_route(r) for r in network.routes if r.device in connected]
-    neighbors = [agent_neighbor(n) for n in network.neighbors if n.device in connected]
+    interfaces = [i for i in network.interfaces if i.name in connected]
+    routes = [r for r in network.routes if r.device in connected]
+    neighbors = [n for n in network.neighbors if n.device in connected]
     return interfaces, routes, neighbors
