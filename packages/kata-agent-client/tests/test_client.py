@@ -260,6 +260,22 @@ def test_forward_line_maps_levels_and_fields(caplog: pytest.LogCaptureFixture) -
     assert caplog.records[0].agent["container"] == "c1"  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("depth", [100_000, 400_000])
+def test_a_deeply_nested_agent_log_line_is_logged_as_text(
+    caplog: pytest.LogCaptureFixture, depth: int
+) -> None:
+    """The guest writes the log port: JSON nested past the recursion limit makes json.loads raise
+    RecursionError, which must not escape (it would end the shim's log task, and with it the shim)."""
+    logger = logging.getLogger("test.agent")
+    line = b"[" * depth + b"]" * depth
+    with caplog.at_level(logging.DEBUG, logger="test.agent"):
+        forward_line(line, logger)
+        forward_line(b'{"msg":"after","level":"info"}', logger)
+    assert [r.levelno for r in caplog.records] == [logging.INFO, logging.INFO]
+    assert caplog.records[0].getMessage() == line.decode()
+    assert caplog.records[1].getMessage() == "after"
+
+
 def test_log_forwarder_reads_lines_until_eof(sockdir: str, caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         path = os.path.join(sockdir, "agent.sock.log")
