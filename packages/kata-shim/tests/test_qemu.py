@@ -156,7 +156,8 @@ def test_prepare_creates_the_state_dir_and_starts_nothing(config: HypervisorConf
     hv = Qemu(config, state_root=root)
     trio.run(hv.prepare_vm, "sb1", None)
     assert hv.state_dir == root / "sb1" and hv.state_dir.is_dir()
-    assert hv.pids() == [] and hv.thread_ids() == [] and hv.vcpu_thread_ids() == []
+    # before start: the shim, whose cgroup QEMU and virtiofsd inherit
+    assert hv.pids() == [os.getpid()] and hv.thread_ids() == [] and hv.vcpu_thread_ids() == []
     assert hv.passfd_listener() is None
 
 

@@ -698,7 +698,11 @@ class Qemu:
         return None
 
     def pids(self) -> list[int]:
-        """QEMU's pid, then virtiofsd's (those still running)."""
+        """QEMU's pid, then virtiofsd's (those still running). Before `start_vm`: the shim itself, which
+        forks both, so the sandbox cgroup the caller puts it in is theirs from their first instruction
+        (on cgroup v2 QEMU's vCPU threads can then move to the vCPU cgroup of that domain)."""
+        if self._qemu is None:
+            return [os.getpid()]
         return [c.pid for c in (self._qemu, self._virtiofsd) if c is not None and not c.exited.is_set()]
 
     def thread_ids(self) -> list[int]:
