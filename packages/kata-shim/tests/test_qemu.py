@@ -405,7 +405,10 @@ def test_qemu_dying_at_start_raises_with_its_output_and_leaves_nothing(
             await hv.start_vm(30)
         seen.extend(p for p in (hv._qemu, hv._virtiofsd) if p is not None for p in [p.pid])
         assert "qemu exited with code 1" in str(caught.value)
-        assert "could not open vhost device" in str(caught.value)
+        assert "could not open vhost device" in str(caught.value)  # QEMU's last words
+        state = StateStore(root).load("sb1")
+        assert state is not None  # both recorded for crash cleanup until the back-end's cleanup
+        assert [p["name"] for p in state.extra[PROCESSES_KEY]] == ["qemu", "virtiofsd"]
 
     run_vm(hv, share, body, start=False)
     assert len(seen) == 2 and not any(alive(p) for p in seen)

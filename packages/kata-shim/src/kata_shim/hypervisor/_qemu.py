@@ -76,6 +76,8 @@ LAST_SLOT = 0x1F
 QMP_TIMEOUT = 10.0
 STOP_GRACE = 10.0
 """Seconds QEMU gets to leave after QMP ``quit`` before SIGKILL."""
+DRAIN_GRACE = 1.0
+"""Seconds a child's output may still come after it exited (its last words before a start failure)."""
 SOCKET_WAIT = 30.0
 """Budget for QEMU's QMP socket and virtiofsd's vhost-user socket to appear."""
 CLEAN_SHUTDOWN_REASONS = frozenset(
@@ -138,7 +140,8 @@ class _Slot:
 
 
 class _Child:
-    """A supervised child process: its pid, start time and exit, watched from a trio system task."""
+    """A supervised child process: its pid, start time and exit (`exited`, set by the back-end's
+    supervising system task)."""
 
     def __init__(self, name: str, process: trio.Process) -> None:
         self.name = name
@@ -150,13 +153,6 @@ class _Child:
     @property
     def returncode(self) -> int | None:
         return self.process.returncode
-
-    async def watch(self, on_exit: Callable[[_Child], None]) -> None:
-        try:
-            await self.process.wait()
-        finally:
-            self.exited.set()
-            on_exit(self)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.process.returncode is None:
@@ -436,18 +432,35 @@ class Qemu:
         return child
 
     async def _supervise(self, child: _Child) -> None:
-        """Log the child's output (QEMU's is the guest console) and notice its exit."""
+        """Log the child's output (QEMU's is the guest console) and notice its exit. The exit is watched
+        apart from the output (a grandchild holding the pipe, e.g. virtiofsd's sandbox child, must not
+        hide it); the output gets `DRAIN_GRACE` seconds after the exit, so a start failure can quote it."""
         sink = self._console if child.name == "qemu" else ConsoleSink(log)
         stdout = child.process.stdout
+        drained = trio.Event()
+
+        async def drain() -> None:
+            try:
+                if stdout is not None:
+                    with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+                        while data := await stdout.receive_some(65536):
+                            sink(bytes(data))
+            finally:
+                drained.set()
+
         try:
-            if stdout is not None:
-                with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError, OSError):
-                    while data := await stdout.receive_some(65536):
-                        sink(bytes(data))
-            await child.watch(self._on_exit)
-        except BaseException:  # a system task must not raise
-            child.exited.set()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain)
+                await child.process.wait()
+                with trio.move_on_after(DRAIN_GRACE):
+                    await drained.wait()
+                nursery.cancel_scope.cancel()
+        except Exception:  # a system task must not raise
             log.exception("sandbox %s: supervising %s failed", self.sandbox_id, child.name)
+        finally:
+            child.exited.set()
+            if child.returncode is not None:
+                self._on_exit(child)
 
     def _on_exit(self, child: _Child) -> None:
         level = logging.INFO if self._stopping else logging.ERROR
@@ -484,6 +497,7 @@ class Qemu:
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
         self._virtiofsd = await self._spawn("virtiofsd", self.virtiofsd_argv(share), [])
+        self._persist()  # before QEMU exists: a shim crash from here on must not leave virtiofsd
         with trio.move_on_after(SOCKET_WAIT):
             while not sock.exists():
                 if self._virtiofsd.exited.is_set():
@@ -735,7 +749,7 @@ class Qemu:
                 for name in (QMP_NAME, VIRTIOFSD_NAME):
                     with contextlib.suppress(OSError):
                         (self.state_dir / name).unlink()
-                if self._qemu is not None:
+                if self._qemu is not None or self._virtiofsd is not None:
                     with contextlib.suppress(Exception):
                         StateStore(self._state_root).forget(self.sandbox_id, PROCESSES_KEY)
 
