@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -150,6 +152,58 @@ def test_ctr_run_rm_with_qemu_runs_busybox_and_leaves_nothing(
             break
         time.sleep(0.5)
     assert not any(left.values()), f"left behind {left}\n{ctrd.log_tail()}"
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("victim", ["qemu-system-x86_64", "virtiofsd"])
+def test_killing_qemu_or_virtiofsd_ends_ctr_run_and_leaves_nothing(
+    ctrd: PrivateContainerd, tmp_path: Path, victim: str
+) -> None:
+    """Issue 15's acceptance: SIGKILL to QEMU (or to virtiofsd) while a container runs: ctr returns with an
+    error within 60 s, and neither the other process nor the shim is left after containerd's cleanup."""
+    path = qemu_config(tmp_path)
+    name = f"qkill-{victim[:4]}"
+    ctr = ctrd.popen_ctr(
+        "run", "--rm", "--runtime", KATA_RUNTIME, "--runtime-config-path", str(path),
+        BUSYBOX_IMAGE, name, "sh", "-c", "echo running; sleep 1000",
+    )  # fmt: skip
+    try:
+        assert ctr.stdout is not None
+        line = ctr.stdout.readline()  # the container runs once it printed
+        assert line == b"running\n", line + (ctr.stdout.read() if ctr.poll() is not None else b"")
+        pids = _processes(victim)
+        # the one the shim started (virtiofsd's sandbox mode forks a child of its own)
+        started = [p for p in pids if _ppid(p) not in pids]
+        assert len(started) == 1, pids
+        os.kill(started[0], signal.SIGKILL)
+        t0 = time.monotonic()
+        code = ctr.wait(timeout=120)
+        wall = time.monotonic() - t0
+        print(f"SIGKILL {victim}: ctr run returned {code} after {wall:.1f} s")
+        assert code != 0 and wall < 60, (code, wall, ctrd.log_tail(100))
+    finally:
+        if ctr.poll() is None:
+            ctr.kill()
+            ctr.wait()
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        left = {
+            "shims": ctrd.shim_pids(),
+            "state": sorted(p.name for p in KATA_STATE_ROOT.iterdir()) if KATA_STATE_ROOT.exists() else [],
+            "qemu": _processes("qemu-system-x86_64") + _processes("virtiofsd"),
+        }
+        if not any(left.values()):
+            break
+        time.sleep(0.5)
+    assert not any(left.values()), f"left behind {left}\n{ctrd.log_tail()}"
+
+
+def _ppid(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
 
 
 def _processes(name: str) -> list[int]:
