@@ -316,6 +316,28 @@ def test_answers_for_unknown_ids_and_a_failing_event_handler_are_survived(sock: 
     run_with_server(sock, server, client)
 
 
+def test_deeply_nested_json_is_a_protocol_error_not_a_recursion_error(sock: Path) -> None:
+    """json.loads raises RecursionError (not ValueError) on deep nesting: it must not end the reader task
+    (a system task in the shim: an escaping exception would crash the shim)."""
+
+    async def server(peer: Peer) -> None:
+        await peer.negotiate()
+        await peer.recv()
+        await peer.send_raw(b"[" * 200_000 + b"\n")
+        await trio.sleep_forever()
+
+    async def client() -> None:
+        qmp = await QmpClient.connect(sock, timeout=10)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(qmp.run)
+            with pytest.raises(QmpProtocolError, match="not JSON"), trio.fail_after(10):
+                await qmp.execute("query-status", timeout=60)
+
+    run_with_server(sock, server, client)
+    with pytest.raises(QmpProtocolError):
+        _decode(b'{"a": ' * 100_000)
+
+
 @given(st.binary(max_size=200))
 def test_decode_accepts_objects_and_refuses_everything_else_with_a_protocol_error(data: bytes) -> None:
     try:

@@ -92,7 +92,7 @@ class _LineReader:
 def _decode(line: bytes) -> dict[str, Any]:
     try:
         message = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # deep nesting raises RecursionError, not ValueError
         raise QmpProtocolError(f"QMP sent a line that is not JSON: {line[:80]!r}") from err
     if not isinstance(message, dict):
         raise QmpProtocolError(f"QMP sent a JSON {type(message).__name__}, not an object")
