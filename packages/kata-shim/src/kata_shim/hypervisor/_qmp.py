@@ -191,6 +191,9 @@ class QmpClient:
                 self._waiting.pop(ident).send_nowait(message)
         except QmpError as err:
             self._failure = err
+        except Exception as err:  # never out of the reader: the back-end runs it as a system task
+            log.exception("QMP reader failed")
+            self._failure = QmpProtocolError(f"QMP reader failed: {err!r}")
         finally:
             failure = self._failure or QmpClosed("QMP connection closed")
             self._failure = failure
