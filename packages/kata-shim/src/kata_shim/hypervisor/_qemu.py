@@ -76,6 +76,8 @@ LAST_SLOT = 0x1F
 QMP_TIMEOUT = 10.0
 STOP_GRACE = 10.0
 """Seconds QEMU gets to leave after QMP ``quit`` before SIGKILL."""
+VIRTIOFSD_GRACE = 2.0
+"""Seconds QEMU has to exit after virtiofsd did, before virtiofsd's exit counts as the VM's death."""
 DRAIN_GRACE = 1.0
 """Seconds a child's output may still come after it exited (its last words before a start failure)."""
 SOCKET_WAIT = 30.0
@@ -460,16 +462,26 @@ class Qemu:
         finally:
             child.exited.set()
             if child.returncode is not None:
-                self._on_exit(child)
+                await self._on_exit(child)
 
-    def _on_exit(self, child: _Child) -> None:
-        level = logging.INFO if self._stopping else logging.ERROR
-        log.log(level, "sandbox %s: %s", self.sandbox_id, child.describe_exit())
-        if child is self._virtiofsd and not self._stopping:
+    async def _on_exit(self, child: _Child) -> None:
+        qemu = self._qemu
+        if child is self._virtiofsd and not self._stopping and not self._shutdown_reason and qemu is not None:
+            # virtiofsd also leaves when QEMU closes the vhost-user connection (a power-off, a crash):
+            # give QEMU a moment to be the one that ended before calling the share lost
+            with trio.move_on_after(VIRTIOFSD_GRACE):
+                await qemu.exited.wait()
+        quiet = self._stopping or bool(self._shutdown_reason) or (qemu is not None and qemu.exited.is_set())
+        if child is self._qemu:
+            quiet = self._stopping or self._clean_exit()
+        log.log(
+            logging.INFO if quiet else logging.ERROR, "sandbox %s: %s", self.sandbox_id, child.describe_exit()
+        )
+        if child is self._virtiofsd and not quiet:
             # the guest's root share is gone: the VM cannot go on; stop QEMU so wait_vm returns
             self._death = self._death or f"{child.describe_exit()} (the shared directory is gone)"
-            if self._qemu is not None:
-                self._qemu.kill()
+            if qemu is not None:
+                qemu.kill()
             else:
                 self._exited.set()
         if child is self._qemu:
