@@ -119,3 +119,59 @@ def test_real_qemu_with_real_virtiofsd_starts_and_leaves_nothing(tmp_path: Path,
     facts = life_cycle(hv, share)
     assert facts["share"].pci_path == "05"
     check_life_cycle(facts, hv, root, processes=2)
+
+
+GUEST = Path(__file__).resolve().parents[3] / "build" / "lab" / "guest"
+GUEST_CHECK = """\
+echo "vda ro=$(cat /sys/block/vda/ro)"
+echo "pci=$(ls /sys/bus/pci/devices | wc -l)"
+echo from-the-guest > /mnt/kataShared/written
+"""
+
+
+@ROOT
+@pytest.mark.skipif(
+    not (GUEST / "vmlinuz").is_file(), reason="needs the lab's guest assets (python3 lab/images/build.py)"
+)
+def test_real_guest_under_tcg_mounts_the_image_writes_through_virtiofsd_and_powers_off(
+    tmp_path: Path, root: Path
+) -> None:
+    """The Debian guest kernel and the lab's test initrd under TCG (a few seconds): the image as a read-only
+    /dev/vda, the share through the real virtiofsd, and a guest power-off that is a clean end (virtiofsd
+    leaving as QEMU closes its connection is not the VM's death)."""
+    share = tmp_path / "shared"
+    share.mkdir()
+    (share / "check.sh").write_text(GUEST_CHECK)
+    config = HypervisorConfig(
+        path=str(QEMU),
+        kernel=GUEST / "vmlinuz",
+        initrd=GUEST / "initrd-test.img",
+        image=GUEST / "rootfs-sandbox.ext4",
+        default_memory=512,
+        machine_accelerators="accel=tcg",
+        shared_fs="virtio-fs",
+        virtio_fs_daemon=VIRTIOFSD,
+        kernel_params="lab.virtiofs=kataShared lab.run=/mnt/kataShared/check.sh",
+    )
+    hv = Qemu(config, state_root=root, open_vsock=None)
+    seen: list[int] = []
+
+    async def main() -> int:
+        try:
+            await hv.prepare_vm("sb1", None)
+            await hv.add_device(ShareFsDevice(share))
+            await hv.start_vm(60)
+            seen.extend(hv.pids())
+            with trio.fail_after(240):
+                return await hv.wait_vm()
+        finally:
+            with trio.CancelScope(shield=True):
+                await hv.cleanup()
+
+    code = trio.run(main)
+    console = hv.console_tail()
+    assert code == 0, f"{hv.exit_reason()}\n{console}"
+    assert hv.exit_reason() == "shutdown: guest-shutdown; qemu exited with code 0"
+    assert "vda ro=1" in console and "check.sh exited 0" in console
+    assert (share / "written").read_text() == "from-the-guest\n"
+    assert len(seen) == 2 and not any(alive(p) for p in seen)
