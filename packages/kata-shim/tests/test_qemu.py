@@ -28,6 +28,7 @@ from kata_shim.hypervisor import (
     NetworkDevice,
     ShareFsDevice,
     _qemu,
+    _vhost,
     hypervisor_factory,
 )
 from kata_shim.hypervisor._qemu import Qemu
@@ -482,38 +483,38 @@ def test_crash_cleanup_leaves_a_reused_pid_alone(root: Path) -> None:
 # --- the guest CID ----------------------------------------------------------------------------------
 def test_vhost_vsock_set_guest_cid_number_is_linux_s() -> None:
     # <linux/vhost.h>: #define VHOST_VSOCK_SET_GUEST_CID _IOW(VHOST_VIRTIO, 0x60, __u64)
-    assert _qemu.VHOST_VSOCK_SET_GUEST_CID == 0x4008AF60
+    assert _vhost.VHOST_VSOCK_SET_GUEST_CID == 0x4008AF60
 
 
 def test_cid_in_use_is_retried_and_other_errors_are_typed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_qemu, "VHOST_VSOCK_DEVICE", "/dev/null")
+    monkeypatch.setattr(_vhost, "VHOST_VSOCK_DEVICE", "/dev/null")
     tried: list[int] = []
 
     def ioctl(fd: int, request: int, arg: bytes) -> bytes:
-        assert request == _qemu.VHOST_VSOCK_SET_GUEST_CID and len(arg) == 8
+        assert request == _vhost.VHOST_VSOCK_SET_GUEST_CID and len(arg) == 8
         tried.append(int.from_bytes(arg, "little"))
         if len(tried) < 3:
             raise OSError(errno.EADDRINUSE, "in use")
         return arg
 
-    monkeypatch.setattr(_qemu.fcntl, "ioctl", ioctl)
-    cid, fd = _qemu.open_vhost_vsock()
+    monkeypatch.setattr(_vhost.fcntl, "ioctl", ioctl)
+    cid, fd = _vhost.open_vhost_vsock()
     os.close(fd)
     assert len(tried) == 3 and cid == tried[-1] and all(3 <= c < 0xFFFFFFFF for c in tried)
 
     def always_busy(fd: int, request: int, arg: bytes) -> bytes:
         raise OSError(errno.EADDRINUSE, "in use")
 
-    monkeypatch.setattr(_qemu.fcntl, "ioctl", always_busy)
+    monkeypatch.setattr(_vhost.fcntl, "ioctl", always_busy)
     with pytest.raises(HypervisorError, match="no free vsock CID after 50 tries"):
-        _qemu.open_vhost_vsock()
+        _vhost.open_vhost_vsock()
 
     def refused(fd: int, request: int, arg: bytes) -> bytes:
         raise OSError(errno.ENOTTY, "not a vhost device")
 
-    monkeypatch.setattr(_qemu.fcntl, "ioctl", refused)
+    monkeypatch.setattr(_vhost.fcntl, "ioctl", refused)
     with pytest.raises(HypervisorError, match="VHOST_VSOCK_SET_GUEST_CID"):
-        _qemu.open_vhost_vsock()
-    monkeypatch.setattr(_qemu, "VHOST_VSOCK_DEVICE", "/nonexistent/vhost-vsock")
+        _vhost.open_vhost_vsock()
+    monkeypatch.setattr(_vhost, "VHOST_VSOCK_DEVICE", "/nonexistent/vhost-vsock")
     with pytest.raises(HypervisorError, match="modprobe vhost_vsock"):
-        _qemu.open_vhost_vsock()
+        _vhost.open_vhost_vsock()

@@ -25,14 +25,10 @@ recorded.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import fnmatch
 import logging
 import os
-import random
 import signal
-import struct
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,19 +48,16 @@ from kata_shim.hypervisor._base import (
     NetworkDevice,
     ShareFsDevice,
 )
+from kata_shim.hypervisor._child import Child
 from kata_shim.hypervisor._dragonball import BASE_CMDLINE, ConsoleSink, _netns_path
 from kata_shim.hypervisor._qmp import QmpClient, QmpError, QmpEvent
-from kata_shim.persist import PROCESSES_KEY, StateStore, process_start_time, sandbox_dir
+from kata_shim.hypervisor._vhost import open_vhost_net, open_vhost_vsock
+from kata_shim.persist import PROCESSES_KEY, StateStore, sandbox_dir
 
 log = logging.getLogger("kata_shim.hypervisor.qemu")
 
 QMP_NAME = "qmp.sock"
 VIRTIOFSD_NAME = "vhost-fs.sock"
-VHOST_VSOCK_DEVICE = "/dev/vhost-vsock"
-VHOST_NET_DEVICE = "/dev/vhost-net"
-# <linux/vhost.h>: _IOW(VHOST_VIRTIO, 0x60, __u64)
-VHOST_VSOCK_SET_GUEST_CID = (1 << 30) | (8 << 16) | (0xAF << 8) | 0x60
-CID_RETRY_COUNT = 50
 FIRST_SLOT = 5
 """First PCI slot of an `add_device` device (02-04 are the image, vsock and rng)."""
 IMAGE_SLOT, VSOCK_SLOT, RNG_SLOT = 2, 3, 4
@@ -101,31 +94,6 @@ VsockOpener = Callable[[], tuple[int, int]]
 """Returns (guest CID, vhost-vsock fd with that CID set); the fd goes to QEMU as ``vhostfd``."""
 
 
-def open_vhost_vsock() -> tuple[int, int]:
-    """Open /dev/vhost-vsock and claim a free guest CID on it (random, retried on EADDRINUSE, as runtime-rs
-    does)."""
-    try:
-        fd = os.open(VHOST_VSOCK_DEVICE, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as err:
-        raise HypervisorError(
-            f"qemu: cannot open {VHOST_VSOCK_DEVICE}: {err.strerror} (modprobe vhost_vsock)"
-        ) from err
-    try:
-        for _ in range(CID_RETRY_COUNT):
-            cid = random.randint(3, 0xFFFFFFFE)  # a free number, not a secret
-            try:
-                fcntl.ioctl(fd, VHOST_VSOCK_SET_GUEST_CID, struct.pack("=Q", cid))
-            except OSError as err:
-                if err.errno == errno.EADDRINUSE:
-                    continue
-                raise HypervisorError(f"qemu: VHOST_VSOCK_SET_GUEST_CID: {err.strerror}") from err
-            return cid, fd
-        raise HypervisorError(f"qemu: no free vsock CID after {CID_RETRY_COUNT} tries")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def _escape(value: str | Path) -> str:
     """A value inside a QEMU option list: commas are doubled."""
     return str(value).replace(",", ",,")
@@ -139,37 +107,6 @@ def _matches(path: str, globs: list[str]) -> bool:
 class _Slot:
     device: Device
     slot: int
-
-
-class _Child:
-    """A supervised child process: its pid, start time and exit (`exited`, set by the back-end's
-    supervising system task)."""
-
-    def __init__(self, name: str, process: trio.Process) -> None:
-        self.name = name
-        self.process = process
-        self.pid = process.pid
-        self.start_time = process_start_time(process.pid) or 0
-        self.exited = trio.Event()
-
-    @property
-    def returncode(self) -> int | None:
-        return self.process.returncode
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(sig)
-
-    def describe_exit(self) -> str:
-        code = self.process.returncode
-        if code is None:
-            return f"{self.name} is running"
-        if code < 0:
-            with contextlib.suppress(ValueError):
-                return f"{self.name} killed by {signal.Signals(-code).name}"
-            return f"{self.name} killed by signal {-code}"
-        return f"{self.name} exited with code {code}"
 
 
 class Qemu:
@@ -195,8 +132,8 @@ class Qemu:
         self._next_slot = FIRST_SLOT
         self.cid = 0
         self._console = ConsoleSink(log)
-        self._qemu: _Child | None = None
-        self._virtiofsd: _Child | None = None
+        self._qemu: Child | None = None
+        self._virtiofsd: Child | None = None
         self._qmp: QmpClient | None = None
         self._vcpu_tids: list[int] = []
         self._events: list[QmpEvent] = []
@@ -416,7 +353,7 @@ class Qemu:
         ]  # fmt: skip
 
     # --- running -----------------------------------------------------------------------------------
-    async def _spawn(self, name: str, argv: list[str], pass_fds: list[int]) -> _Child:
+    async def _spawn(self, name: str, argv: list[str], pass_fds: list[int]) -> Child:
         log.info("sandbox %s: starting %s: %s", self.sandbox_id, name, " ".join(argv))
         try:
             process = await trio.lowlevel.open_process(
@@ -429,11 +366,11 @@ class Qemu:
             )
         except OSError as err:
             raise HypervisorError(f"cannot start {name} ({argv[0]}): {err.strerror or err}") from err
-        child = _Child(name, process)
+        child = Child(name, process)
         trio.lowlevel.spawn_system_task(self._supervise, child, name=f"qemu-{name}-{self.sandbox_id}")
         return child
 
-    async def _supervise(self, child: _Child) -> None:
+    async def _supervise(self, child: Child) -> None:
         """Log the child's output (QEMU's is the guest console) and notice its exit. The exit is watched
         apart from the output (a grandchild holding the pipe, e.g. virtiofsd's sandbox child, must not
         hide it); the output gets `DRAIN_GRACE` seconds after the exit, so a start failure can quote it."""
@@ -464,7 +401,7 @@ class Qemu:
             if child.returncode is not None:
                 await self._on_exit(child)
 
-    async def _on_exit(self, child: _Child) -> None:
+    async def _on_exit(self, child: Child) -> None:
         qemu = self._qemu
         if child is self._virtiofsd and not self._stopping and not self._shutdown_reason and qemu is not None:
             # virtiofsd also leaves when QEMU closes the vhost-user connection (a power-off, a crash):
@@ -542,7 +479,7 @@ class Qemu:
             vhost_fd: int | None = None
             if not self.config.disable_vhost_net:
                 try:
-                    vhost_fd = os.open(VHOST_NET_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+                    vhost_fd = open_vhost_net()
                     self._pass_fds.append(vhost_fd)
                 except OSError as err:
                     log.warning("sandbox %s: no vhost-net (%s): virtio-net without it", self.sandbox_id, err)
