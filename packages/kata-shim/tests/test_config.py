@@ -149,10 +149,10 @@ def test_shipped_default_loads_when_the_assets_exist(
     "case",
     [
         (
-            'hypervisor_name = "qemu"',
+            'hypervisor_name = "nosuchvmm"',
             "",
             "runtime.hypervisor_name",
-            "unknown hypervisor 'qemu' (known: dragonball)",
+            "unknown hypervisor 'nosuchvmm' (known: dragonball, qemu)",
         ),
         ('name = "wasm_container"', "", "runtime.name", "unknown runtime handler 'wasm_container'"),
         ('agent_name = "other"', "", "runtime.agent_name", "unknown agent 'other'"),

@@ -37,7 +37,7 @@ def env_containerd(
     monkeypatch.setenv("KATA_SHIM_STATE_ROOT", str(tmp_path / "run-kata"))
     monkeypatch.setenv("KATA_SHIM_SHARED_ROOT", str(tmp_path / "shared"))
     bad = tmp_path / "env-config.toml"
-    bad.write_text('[hypervisor.dragonball]\nkernel = "/bin/sh"\n[runtime]\nhypervisor_name = "qemu"\n')
+    bad.write_text('[hypervisor.dragonball]\nkernel = "/bin/sh"\n[runtime]\nhypervisor_name = "nosuchvmm"\n')
     monkeypatch.setenv("KATA_CONF_FILE", str(bad))
     with private_containerd() as ctrd:
         yield ctrd, tmp_path
@@ -79,7 +79,7 @@ def test_ctr_run_shows_the_config_error_from_kata_conf_file(
     result = ctr_run(ctrd, tmp, "k1")
     assert result.returncode != 0
     assert (
-        f"{tmp / 'env-config.toml'}: runtime.hypervisor_name: unknown hypervisor 'qemu'" in result.stderr
+        f"{tmp / 'env-config.toml'}: runtime.hypervisor_name: unknown hypervisor 'nosuchvmm'" in result.stderr
     ), result.stderr + ctrd.log()
     assert "Traceback" not in result.stderr
     assert_nothing_left(ctrd, tmp, "k1")
@@ -97,7 +97,7 @@ def test_kata_conf_file_wins_over_the_config_path_option(
     config.write_text(f'[hypervisor.dragonball]\nkernel = "{tmp}/no-such-vmlinuz"\n')
     result = ctr_run(ctrd, tmp, "k2", "--runtime-config-path", str(config))
     assert result.returncode != 0
-    expected = f"{tmp / 'env-config.toml'}: runtime.hypervisor_name: unknown hypervisor 'qemu'"
+    expected = f"{tmp / 'env-config.toml'}: runtime.hypervisor_name: unknown hypervisor 'nosuchvmm'"
     assert expected in result.stderr, result.stderr + ctrd.log()
     assert_nothing_left(ctrd, tmp, "k2")
 

@@ -537,10 +537,10 @@ def test_rpcs_before_the_first_create_are_not_found(tmp_path: Path) -> None:
 
 def test_config_error_reaches_the_caller_and_leaves_nothing(tmp_path: Path) -> None:
     async def body(h: Harness) -> None:
-        h.config_path.write_text('[runtime]\nhypervisor_name = "qemu"\n')
+        h.config_path.write_text('[runtime]\nhypervisor_name = "nosuchvmm"\n')
         with pytest.raises(ttrpc.InvalidArgument) as info:
             await h.task.Create(h.create_request("c1"))
-        assert f"{h.config_path}: runtime.hypervisor_name: unknown hypervisor 'qemu'" in str(info.value)
+        assert f"{h.config_path}: runtime.hypervisor_name: unknown hypervisor 'nosuchvmm'" in str(info.value)
         assert h.handler.log == []
         assert not h.store.path("sb1").parent.exists()
         assert h.sink.topics() == []

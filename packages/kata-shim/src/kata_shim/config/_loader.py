@@ -43,6 +43,9 @@ AGENTS = ("kata",)
 # Block drivers upstream names for the PCI machines, and what a back-end without PCI uses instead.
 _MMIO_BLOCK_DRIVERS = {"virtio-blk-pci": "virtio-mmio", "virtio-blk": "virtio-mmio"}
 _MMIO_HYPERVISORS = ("dragonball",)
+# Block drivers upstream names that the qemu back-end serves as virtio-blk-pci (it has no virtio-scsi).
+_PCI_BLOCK_DRIVERS = {"virtio-scsi": "virtio-blk-pci", "virtio-blk": "virtio-blk-pci"}
+_PCI_HYPERVISORS = ("qemu",)
 INTERNETWORKING_MODELS = ("tcfilter", "route", "none")
 """`[runtime] internetworking_model`: how guest frames reach the pod's veth (kata_resources.NetworkModel)."""
 
@@ -229,19 +232,27 @@ class _Parser:
         )
 
     def block_driver(self, hv: HypervisorConfig, name: str, key: str) -> None:
-        """Upstream's default `virtio-blk-pci` on a back-end whose devices are virtio-mmio: use that."""
+        """Upstream's default block driver on a back-end that serves another: say so and use that
+        (`virtio-blk-pci` on dragonball's virtio-mmio; `virtio-scsi` on qemu, which attaches
+        virtio-blk-pci)."""
         if name in _MMIO_HYPERVISORS and hv.block_device_driver in _MMIO_BLOCK_DRIVERS:
             mapped = _MMIO_BLOCK_DRIVERS[hv.block_device_driver]
-            log.info(
-                "configuration %s: %s.block_device_driver %r: %s devices are %s, using %s",
-                self.origins.get(f"{key}.block_device_driver", self.path),
-                key,
-                hv.block_device_driver,
-                name,
-                mapped,
-                mapped,
-            )
-            hv.block_device_driver = mapped
+            kind = "virtio-mmio"
+        elif name in _PCI_HYPERVISORS and hv.block_device_driver in _PCI_BLOCK_DRIVERS:
+            mapped = _PCI_BLOCK_DRIVERS[hv.block_device_driver]
+            kind = "virtio-blk-pci"
+        else:
+            return
+        log.info(
+            "configuration %s: %s.block_device_driver %r: %s devices are %s, using %s",
+            self.origins.get(f"{key}.block_device_driver", self.path),
+            key,
+            hv.block_device_driver,
+            name,
+            kind,
+            mapped,
+        )
+        hv.block_device_driver = mapped
 
     @staticmethod
     def unknown(what: str, name: str, known: typing.Iterable[str]) -> str:

@@ -49,6 +49,23 @@ class HypervisorConfig:
     shared_fs: str = "inline-virtio-fs"
     block_device_driver: str = "virtio-mmio"
     enable_debug: bool = False
+    # --- external VMMs (qemu); upstream configuration-qemu-runtime-rs.toml's names and meanings ---
+    valid_hypervisor_paths: list[str] = field(default_factory=list)
+    """Globs `path` must match (empty: any)."""
+    machine_type: str = "q35"
+    machine_accelerators: str = ""
+    """Extra ``-machine`` options, comma-separated; an ``accel=`` here replaces the default ``accel=kvm``."""
+    cpu_features: str = ""
+    """Appended to ``-cpu host`` (``-cpu max`` without KVM), e.g. ``pmu=off``."""
+    virtio_fs_daemon: str = ""
+    """The virtiofsd binary (`shared_fs` = "virtio-fs")."""
+    valid_virtio_fs_daemon_paths: list[str] = field(default_factory=list)
+    """Globs `virtio_fs_daemon` must match (empty: any)."""
+    virtio_fs_cache: str = "auto"
+    virtio_fs_extra_args: list[str] = field(default_factory=list)
+    virtio_fs_queue_size: int = 1024
+    disable_vhost_net: bool = False
+    entropy_source: str = "/dev/urandom"
     extra: dict[str, object] = field(default_factory=dict)
     """Keys we read but do not act on yet (kept for `kata-shim config` output and errors)."""
 

@@ -9,6 +9,7 @@ from kata_shim.hypervisor._base import Hypervisor, HypervisorConfig, HypervisorF
 
 HYPERVISORS: dict[str, str] = {
     "dragonball": "kata_shim.hypervisor._dragonball:Dragonball",
+    "qemu": "kata_shim.hypervisor._qemu:Qemu",
 }
 """`hypervisor_name` -> import string of a `HypervisorFactory` (a class taking a `HypervisorConfig`)."""
 

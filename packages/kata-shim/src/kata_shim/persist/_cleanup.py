@@ -35,8 +35,19 @@ NETWORK_KEY = "network"
 """state.json ``extra[NETWORK_KEY]``: the pod's network (`kata_resources.Network.to_dict`), torn down here."""
 CGROUP_KEY = "cgroup"
 """state.json ``extra[CGROUP_KEY]``: the sandbox's host cgroup (`SandboxCgroup.to_dict`), removed here."""
+PROCESSES_KEY = "processes"
+"""state.json ``extra[PROCESSES_KEY]``: an external VMM's processes (``[{"name", "pid", "start_time"}]``),
+killed here only while each pid still has the start time recorded (a reused pid is left alone)."""
 
-__all__ = ["CGROUP_KEY", "MOUNTS_FILE", "NETWORK_KEY", "CleanupReport", "cleanup_sandbox", "mounts_below"]
+__all__ = [
+    "CGROUP_KEY",
+    "MOUNTS_FILE",
+    "NETWORK_KEY",
+    "PROCESSES_KEY",
+    "CleanupReport",
+    "cleanup_sandbox",
+    "mounts_below",
+]
 
 
 @dataclass
@@ -84,6 +95,7 @@ def cleanup_sandbox(
         state = None
     if state is not None:
         victims: list[tuple[int, int | None]] = [(p, None) for p in state.pids]
+        victims += _recorded_processes(state.extra.get(PROCESSES_KEY))
         if kill_shim and state.shim_pid:
             victims.append((state.shim_pid, state.shim_start_time or None))
         for pid, start in victims:
@@ -150,6 +162,19 @@ def _release_host_resources(state: SandboxState, report: CleanupReport) -> None:
             report.removed.append(f"cgroup {cgroup.get('path', '')}")
         except (ResourceError, OSError) as err:
             report.errors.append(f"cgroup: {err}")
+
+
+def _recorded_processes(value: object) -> list[tuple[int, int | None]]:
+    """(pid, start time) of each well-formed `PROCESSES_KEY` entry; one without a start time is skipped
+    (it could be any process by now)."""
+    found: list[tuple[int, int | None]] = []
+    for entry in value if isinstance(value, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        pid, start = entry.get("pid"), entry.get("start_time")
+        if isinstance(pid, int) and isinstance(start, int) and start > 0 and not isinstance(pid, bool):
+            found.append((pid, start))
+    return found
 
 
 def _wait_gone(pids: list[int], timeout: float) -> None:

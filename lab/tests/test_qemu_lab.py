@@ -1,0 +1,219 @@
+"""The external back-end (hypervisor_name = "qemu") on the real guest inside the lab VM: QEMU with KVM
+(nested), Debian's virtiofsd, vhost-vsock with a CID from /dev/vhost-vsock, the agent over AF_VSOCK.
+
+1. The back-end alone: the test initrd runs a script from the share and powers off.
+2. `ctr run --rm` busybox through containerd with upstream's configuration-qemu-runtime-rs.toml (asset
+   paths substituted; the lab's needs in a config.d drop-in), and nothing left afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+LAB = Path(__file__).resolve().parents[1]
+if str(LAB) not in sys.path:
+    sys.path.insert(0, str(LAB))
+
+from framework import GuestAssets, in_labvm  # noqa: E402
+from framework.containerd import (  # noqa: E402
+    BUSYBOX_IMAGE,
+    KATA_RUNTIME,
+    KATA_STATE_ROOT,
+    PrivateContainerd,
+    install_guest_assets,
+    private_containerd,
+)
+from images import busybox_oci  # noqa: E402
+
+RUN_TIMEOUT = 600
+UPSTREAM_CONFIG = (
+    LAB.parent / "packages" / "kata-shim" / "tests" / "fixtures" / "configuration-qemu-runtime-rs-4.0.0.toml"
+)
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+GUEST_CHECK = """\
+echo "vda ro=$(cat /sys/block/vda/ro)"
+echo "vsock=$(test -c /dev/vsock && echo yes)"
+echo "pci=$(ls /sys/bus/pci/devices | wc -l)"
+echo from-the-guest > /mnt/kataShared/written
+"""
+
+
+@pytest.mark.lab
+def test_qemu_boots_the_guest_with_virtiofsd_and_vsock_and_notices_the_power_off(tmp_path: Path) -> None:
+    import trio
+
+    from kata_shim.hypervisor import HypervisorConfig, ShareFsDevice
+    from kata_shim.hypervisor._qemu import Qemu
+
+    assets = GuestAssets()
+    config = HypervisorConfig(
+        path="/usr/bin/qemu-system-x86_64",
+        kernel=assets.kernel,
+        initrd=assets.initrd_test,
+        image=assets.rootfs_sandbox,
+        default_memory=512,
+        shared_fs="virtio-fs",
+        virtio_fs_daemon=VIRTIOFSD,
+        kernel_params="lab.virtiofs=kataShared lab.run=/mnt/kataShared/check.sh",
+    )
+    state_root = Path(tempfile.mkdtemp(prefix="kqm-", dir="/tmp"))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "check.sh").write_text(GUEST_CHECK)
+    hv = Qemu(config, state_root=state_root)
+    facts: dict[str, object] = {}
+
+    async def main() -> int:
+        await hv.prepare_vm("qboot1", None)
+        await hv.add_device(ShareFsDevice(shared))
+        t0 = time.monotonic()
+        try:
+            await hv.start_vm(60)
+            facts["start_vm"] = time.monotonic() - t0
+            facts["pids"] = hv.pids()
+            facts["cid"] = hv.cid
+            with trio.fail_after(400):
+                return await hv.wait_vm()
+        finally:
+            facts["power_off"] = time.monotonic() - t0
+            await hv.cleanup()
+
+    code = trio.run(main)
+    console = hv.console_tail()
+    print(f"qemu test guest: {facts}\n{console}")
+    assert code == 0, hv.exit_reason()
+    assert len(facts["pids"]) == 2  # type: ignore[arg-type]
+    assert "vda ro=1" in console
+    assert "vsock=yes" in console
+    assert "check.sh exited 0" in console
+    assert (shared / "written").read_text() == "from-the-guest\n"
+    assert sorted(p.name for p in (state_root / "qboot1").iterdir()) == ["state.json"]
+
+
+@pytest.fixture(scope="module")
+def ctrd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateContainerd]:
+    if not in_labvm():
+        pytest.fail("the shim's lab tests run inside the lab VM", pytrace=False)
+    install_guest_assets()
+    tar = busybox_oci.build(tmp_path_factory.mktemp("image") / "busybox.tar")
+    with private_containerd() as instance:
+        instance.import_image(tar)
+        yield instance
+
+
+def qemu_config(directory: Path) -> Path:
+    """Upstream's configuration-qemu-runtime-rs.toml, asset paths substituted; the lab's needs in a
+    drop-in: the stock kernel loads its drivers from an initrd, a smaller VM, a longer agent budget."""
+    assets = GuestAssets()
+    text = UPSTREAM_CONFIG.read_text()
+    text = text.replace("/usr/share/kata-containers/vmlinux.container", str(assets.kernel))
+    text = text.replace("/usr/share/kata-containers/kata-containers.img", str(assets.rootfs_sandbox))
+    text = text.replace("/usr/libexec/virtiofsd", VIRTIOFSD)
+    path = directory / "configuration.toml"
+    path.write_text(text)
+    (directory / "config.d").mkdir()
+    (directory / "config.d" / "50-lab.toml").write_text(
+        f'[hypervisor.qemu]\ninitrd = "{assets.initrd_sandbox}"\ndefault_memory = 1024\n'
+        "[agent.kata]\nreconnect_timeout_ms = 90000\n"
+    )
+    return path
+
+
+@pytest.mark.lab
+def test_ctr_run_rm_with_qemu_runs_busybox_and_leaves_nothing(
+    ctrd: PrivateContainerd, tmp_path: Path
+) -> None:
+    path = qemu_config(tmp_path)
+    t0 = time.monotonic()
+    done = ctrd.ctr(
+        "run", "--rm", "--runtime", KATA_RUNTIME, "--runtime-config-path", str(path),
+        BUSYBOX_IMAGE, "q1", "sh", "-c", "echo hello from qemu; exit 3",
+        timeout=RUN_TIMEOUT, check=False,
+    )  # fmt: skip
+    wall = time.monotonic() - t0
+    print(f"ctr run --rm (kata qemu, busybox): {wall:.1f} s wall, exit {done.returncode}")
+    assert (done.returncode, done.stdout) == (3, "hello from qemu\n"), f"{done.stderr}\n{ctrd.log_tail(150)}"
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        left = {
+            "shims": ctrd.shim_pids(),
+            "state": sorted(p.name for p in KATA_STATE_ROOT.iterdir()) if KATA_STATE_ROOT.exists() else [],
+            "qemu": _processes("qemu-system-x86_64") + _processes("virtiofsd"),
+        }
+        if not any(left.values()):
+            break
+        time.sleep(0.5)
+    assert not any(left.values()), f"left behind {left}\n{ctrd.log_tail()}"
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("victim", ["qemu-system-x86_64", "virtiofsd"])
+def test_killing_qemu_or_virtiofsd_ends_ctr_run_and_leaves_nothing(
+    ctrd: PrivateContainerd, tmp_path: Path, victim: str
+) -> None:
+    """Issue 15's acceptance: SIGKILL to QEMU (or to virtiofsd) while a container runs: ctr returns with an
+    error within 60 s, and neither the other process nor the shim is left after containerd's cleanup."""
+    path = qemu_config(tmp_path)
+    name = f"qkill-{victim[:4]}"
+    ctr = ctrd.popen_ctr(
+        "run", "--rm", "--runtime", KATA_RUNTIME, "--runtime-config-path", str(path),
+        BUSYBOX_IMAGE, name, "sh", "-c", "echo running; sleep 1000",
+    )  # fmt: skip
+    try:
+        assert ctr.stdout is not None
+        line = ctr.stdout.readline()  # the container runs once it printed
+        assert line == b"running\n", line + (ctr.stdout.read() if ctr.poll() is not None else b"")
+        pids = _processes(victim)
+        # the one the shim started (virtiofsd's sandbox mode forks a child of its own)
+        started = [p for p in pids if _ppid(p) not in pids]
+        assert len(started) == 1, pids
+        os.kill(started[0], signal.SIGKILL)
+        t0 = time.monotonic()
+        code = ctr.wait(timeout=120)
+        wall = time.monotonic() - t0
+        print(f"SIGKILL {victim}: ctr run returned {code} after {wall:.1f} s")
+        assert code != 0 and wall < 60, (code, wall, ctrd.log_tail(100))
+    finally:
+        if ctr.poll() is None:
+            ctr.kill()
+            ctr.wait()
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        left = {
+            "shims": ctrd.shim_pids(),
+            "state": sorted(p.name for p in KATA_STATE_ROOT.iterdir()) if KATA_STATE_ROOT.exists() else [],
+            "qemu": _processes("qemu-system-x86_64") + _processes("virtiofsd"),
+        }
+        if not any(left.values()):
+            break
+        time.sleep(0.5)
+    assert not any(left.values()), f"left behind {left}\n{ctrd.log_tail()}"
+
+
+def _ppid(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+
+
+def _processes(name: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv0 = (entry / "cmdline").read_bytes().split(b"\0")[0]
+            except OSError:
+                continue
+            if argv0.endswith(name.encode()):
+                found.append(int(entry.name))
+    return found
