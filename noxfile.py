@@ -73,10 +73,13 @@ def _compile_for_labvm(session: nox.Session, python: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Unit tests of every package; tests marked lab are left to `nox -s lab`."""
+    """Unit tests of every package; tests marked lab or guest_assets are left to `nox -s lab`."""
     _install_workspace(session)
     session.install(*TEST_DEPS)
-    session.run("pytest", "-m", "not lab", "-p", "no:cacheprovider", "--benchmark-disable", *session.posargs)
+    session.run(
+        "pytest", "-m", "not lab and not guest_assets", "-p", "no:cacheprovider", "--benchmark-disable",
+        *session.posargs,
+    )  # fmt: skip
 
 
 @nox.session
@@ -230,6 +233,8 @@ def lab(session: nox.Session) -> None:
     pytest_args = ["-p", "no:cacheprovider", "--benchmark-disable", "-o", f"timeout={LAB_TEST_TIMEOUT}"]
     # host side first: labvm and the image builder, no VM needed (seconds)
     session.run(python, "-m", "pytest", "lab/tests", "-m", "not lab", "-q", *pytest_args, external=True)
+    # then the package tests that boot the guest assets just built on the host itself (QEMU under TCG)
+    session.run(python, "-m", "pytest", "packages", "-m", "guest_assets", "-q", *pytest_args, external=True)
     path = f"{venv / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     command = [
         "lab/labvm", "exec",

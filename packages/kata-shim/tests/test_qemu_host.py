@@ -130,15 +130,15 @@ echo from-the-guest > /mnt/kataShared/written
 
 
 @ROOT
-@pytest.mark.skipif(
-    not (GUEST / "vmlinuz").is_file(), reason="needs the lab's guest assets (python3 lab/images/build.py)"
-)
+@pytest.mark.guest_assets
 def test_real_guest_under_tcg_mounts_the_image_writes_through_virtiofsd_and_powers_off(
     tmp_path: Path, root: Path
 ) -> None:
     """The Debian guest kernel and the lab's test initrd under TCG (a few seconds): the image as a read-only
     /dev/vda, the share through the real virtiofsd, and a guest power-off that is a clean end (virtiofsd
     leaving as QEMU closes its connection is not the VM's death)."""
+    if not (GUEST / "vmlinuz").is_file():
+        pytest.fail(f"{GUEST}/vmlinuz missing: build the guest assets (./dev nox -s images)", pytrace=False)
     share = tmp_path / "shared"
     share.mkdir()
     (share / "check.sh").write_text(GUEST_CHECK)

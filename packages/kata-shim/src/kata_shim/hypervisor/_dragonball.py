@@ -19,14 +19,12 @@ lines are kept for the error raised when the guest dies.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import functools
 import logging
 import os
 import select
-import threading
 from pathlib import Path
 
 import trio
@@ -34,7 +32,6 @@ import trio
 import kata_vmm
 from kata_proto.agent import AGENT_VSOCK_PORT, PASSFD_CMDLINE_PARAM
 from kata_resources import to_thread_in_netns
-from kata_shim._ratelimit import LineRateLimit
 from kata_shim.hypervisor._base import (
     BlockDevice,
     Capabilities,
@@ -45,6 +42,7 @@ from kata_shim.hypervisor._base import (
     NetworkDevice,
     ShareFsDevice,
 )
+from kata_shim.hypervisor._console import BASE_CMDLINE, ConsoleSink, netns_path
 from kata_shim.persist import sandbox_dir
 from kata_vmm import (
     BlockSpec,
@@ -66,16 +64,12 @@ from kata_vmm import (
 
 log = logging.getLogger("kata_shim.hypervisor.dragonball")
 
-BASE_CMDLINE = "console=ttyS0 reboot=k panic=1"
-"""Kernel parameters every guest gets; `quiet` is added unless `enable_debug` (each console byte is a VM
-exit, which costs ~1 ms under nested virtualisation), then `kernel_params` from the config."""
 HVSOCK_NAME = "kata.hvsock"
 SANDBOX_SHARE_POLICY = FsPolicy(allow_chown=True)
 """What the guest may do through the sandbox's virtio-fs share: containers own their rootfs, so chown is
 theirs to do (files created through FUSE start as root's, the container's user takes them over); device
 nodes, setuid/setgid bits and security./trusted./system. xattrs stay refused, and the host side of the
 share is nosuid,nodev."""
-CONSOLE_TAIL_BYTES = 8192
 STOP_TIMEOUT = 15.0
 CAPABILITIES = Capabilities(
     block_device=True,
@@ -88,52 +82,6 @@ CAPABILITIES = Capabilities(
     device_addressing="mmio",
 )
 """What the built-in VMM can do today (upstream's dragonball adds block hot-plug and multi-queue)."""
-
-
-class ConsoleSink:
-    """Receives serial output on VMM threads: logs whole lines, keeps the last bytes for error messages.
-
-    Lines are logged at most at `LineRateLimit`'s rate (the guest decides how much it prints); dropped
-    lines are counted (``rate_limit.dropped``) and still reach the tail kept for error messages.
-    """
-
-    def __init__(
-        self, logger: logging.Logger, limit: int = CONSOLE_TAIL_BYTES, rate_limit: LineRateLimit | None = None
-    ) -> None:
-        self._log = logger
-        self._limit = limit
-        self.rate_limit = rate_limit or LineRateLimit("guest console")
-        self._tail: collections.deque[bytes] = collections.deque()
-        self._tail_size = 0
-        self._partial = bytearray()
-        self._lock = threading.Lock()
-
-    def __call__(self, data: bytes) -> None:
-        with self._lock:
-            self._tail.append(bytes(data))
-            self._tail_size += len(data)
-            while self._tail_size > self._limit and len(self._tail) > 1:
-                self._tail_size -= len(self._tail.popleft())
-            self._partial += data
-            *done, rest = self._partial.split(b"\n")
-            lines = [bytes(line) for line in done]
-            self._partial = bytearray(rest)
-            if len(self._partial) > self._limit:  # a guest that never ends a line
-                lines.append(bytes(self._partial))
-                self._partial.clear()
-        for line in lines:
-            if self.rate_limit.allow():
-                self._log.info("guest console: %s", line.rstrip(b"\r").decode(errors="replace"))
-
-    def tail(self, max_lines: int = 40) -> str:
-        """The last console lines (at most ``max_lines``), for an error message."""
-        with self._lock:
-            text = b"".join(self._tail)[-self._limit :].decode(errors="replace")
-        return "\n".join(text.replace("\r", "").splitlines()[-max_lines:])
-
-
-def _netns_path(netns: str) -> Path:
-    return Path(netns) if netns.startswith("/") else Path("/run/netns") / netns
 
 
 class Dragonball:
@@ -302,7 +250,7 @@ class Dragonball:
                     if self.netns is None:
                         fds[slot] = await trio.to_thread.run_sync(open_tap, device.tap)
                     else:
-                        fds[slot] = await to_thread_in_netns(_netns_path(self.netns), open_tap, device.tap)
+                        fds[slot] = await to_thread_in_netns(netns_path(self.netns), open_tap, device.tap)
                 except (VirtioError, OSError) as err:
                     where = f" in network namespace {self.netns}" if self.netns else ""
                     raise HypervisorError(f"dragonball: tap {device.tap}{where}: {err}") from err

@@ -49,7 +49,7 @@ from kata_shim.hypervisor._base import (
     ShareFsDevice,
 )
 from kata_shim.hypervisor._child import Child
-from kata_shim.hypervisor._dragonball import BASE_CMDLINE, ConsoleSink, _netns_path
+from kata_shim.hypervisor._console import BASE_CMDLINE, ConsoleSink, netns_path
 from kata_shim.hypervisor._qmp import QmpClient, QmpError, QmpEvent
 from kata_shim.hypervisor._vhost import open_vhost_net, open_vhost_vsock
 from kata_shim.persist import PROCESSES_KEY, StateStore, sandbox_dir
@@ -471,7 +471,7 @@ class Qemu:
                 if self.netns is None:
                     tap_fd = await trio.to_thread.run_sync(open_tap, tap)
                 else:
-                    tap_fd = await to_thread_in_netns(_netns_path(self.netns), open_tap, tap)
+                    tap_fd = await to_thread_in_netns(netns_path(self.netns), open_tap, tap)
             except (VirtioError, OSError) as err:
                 where = f" in network namespace {self.netns}" if self.netns else ""
                 raise HypervisorError(f"qemu: tap {tap}{where}: {err}") from err
