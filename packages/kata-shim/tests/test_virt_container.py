@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -218,6 +219,9 @@ class AgentVm:
     async def wait_vm(self) -> int:
         await self._stopped.wait()
         return 1 if self.fail == "vm_dies" or self.crashed else 0
+
+    def console_tail(self) -> str:
+        return "fake guest: booting"
 
     def exit_reason(self) -> str:
         if not self._stopped.is_set():
@@ -910,6 +914,11 @@ def test_failed_start_leaves_nothing_behind(
         assert expected[fail] in str(err)
         if fail == "vm_dies":
             assert "triple fault" in str(err)
+        if fail != "start_vm":  # a late or dead guest says why: load, vCPU time and the console
+            assert re.search(
+                r"s since the VM started; host load [0-9. ]+ on \d+ CPUs; vCPU threads", str(err)
+            )
+            assert "guest console (last lines):\nfake guest: booting" in str(err), str(err)
 
     trio.run(main)
 

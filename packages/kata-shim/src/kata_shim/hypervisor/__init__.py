@@ -16,6 +16,7 @@ from kata_shim.hypervisor._base import (
     NetworkDevice,
     ShareFsDevice,
 )
+from kata_shim.hypervisor._console import boot_report
 from kata_shim.hypervisor._registry import HYPERVISORS, hypervisor_factory, new_hypervisor
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "HypervisorFactory",
     "NetworkDevice",
     "ShareFsDevice",
+    "boot_report",
     "hypervisor_factory",
     "new_hypervisor",
 ]

@@ -183,6 +183,9 @@ class Hypervisor(Protocol):
     def exit_reason(self) -> str:
         """How the guest ended, for the log and the error a dead sandbox reports (empty while it runs)."""
 
+    def console_tail(self) -> str:
+        """The guest's last console lines (empty when it printed none), for errors about the guest."""
+
     async def pause_vm(self) -> None:
         """Freeze every vCPU."""
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
+import time
 from pathlib import Path
 
 from kata_shim._ratelimit import LineRateLimit
@@ -60,3 +62,29 @@ class ConsoleSink:
 def netns_path(netns: str) -> Path:
     """A netns given by name (as ``ip netns`` names them, under /run/netns) or by path."""
     return Path(netns) if netns.startswith("/") else Path("/run/netns") / netns
+
+
+def boot_report(vcpu_tids: list[int], console_tail: str, started: float) -> str:
+    """Why a guest may be late, for the error when its agent does not answer: the seconds since start, the
+    host's load, the CPU seconds each vCPU thread used (near the wall time: the guest ran and is slow or
+    stuck; near zero: it was starved or blocked), and the console's last lines."""
+    tick = os.sysconf("SC_CLK_TCK")
+    cpus = []
+    for tid in vcpu_tids:
+        try:
+            fields = Path(f"/proc/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            cpus.append(f"{tid} gone")
+            continue
+        cpus.append(f"{tid} {(int(fields[11]) + int(fields[12])) / tick:.1f} s")
+    try:
+        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        load = "?"
+    since = time.monotonic() - started
+    lines = [
+        f"{since:.0f} s since the VM started; host load {load} on {os.cpu_count()} CPUs; "
+        f"vCPU threads' CPU time: {', '.join(cpus) or 'none known'}",
+        f"guest console (last lines):\n{console_tail}" if console_tail else "the guest console is empty",
+    ]
+    return "\n".join(lines)

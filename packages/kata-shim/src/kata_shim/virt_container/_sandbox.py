@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from kata_resources import (
 )
 from kata_shim._ratelimit import LineRateLimit
 from kata_shim.config._types import TomlConfig
+from kata_shim.hypervisor import boot_report
 from kata_shim.hypervisor._base import Hypervisor, NetworkDevice, ShareFsDevice
 from kata_shim.persist import CGROUP_KEY, MOUNTS_FILE, NETWORK_KEY, StateStore, state_root
 from kata_shim.runtime._base import ContainerConfig, FailedPrecondition, Publisher, RuntimeHandlerError
@@ -270,6 +272,7 @@ class VirtSandbox:
         dial_timeout = agent_cfg.connect_budget_s
         if self.cgroup is not None:
             await self._join_cgroup(hv, vcpus=False)  # the shim first: the VM's threads start there
+        started = time.monotonic()
         await hv.start_vm(dial_timeout)
         if self.cgroup is not None:
             await self._join_cgroup(hv, vcpus=True)
@@ -296,11 +299,13 @@ class VirtSandbox:
         if vm_exit:
             reason = hv.exit_reason() or f"wait_vm returned {vm_exit[0]}"
             message = f"the VM of sandbox {self.sandbox_id} stopped before its agent answered: {reason}"
-            raise SandboxError(message)
+            raise SandboxError(f"{message}\n{boot_report(hv.vcpu_thread_ids(), hv.console_tail(), started)}")
         failure = ready.get("error")
         if failure is not None:
             text = str(failure)
-            raise SandboxError(text if address in text else f"agent at {address}: {text}") from failure
+            text = text if address in text else f"agent at {address}: {text}"
+            report = boot_report(hv.vcpu_thread_ids(), hv.console_tail(), started)
+            raise SandboxError(f"{text}\n{report}") from failure
         agent = self.agent
         hostname = str(first.spec.get("hostname", "") or "")
         mounts = [m for m in first.spec.get("mounts") or [] if isinstance(m, dict)]
