@@ -372,6 +372,10 @@ def test_thread_count_is_the_same_with_1_and_10_containers_in_the_pod(
             print(f"{cid}: ctr run -d into the running pod {time.monotonic() - t0:.1f} s")
         assert ctrd.shim_pids() == shims, "later containers of the pod must reuse the sandbox's shim"
         ten = settled_threads(shims[0])
+        # the guest's memory with 11 containers (a run where the pod's containers died and the agent stalled
+        # after this test was seen twice; this line and build/lab/logs tell the next one apart)
+        meminfo = ctrd.ctr("task", "exec", "--exec-id", "mem", service, "cat", "/proc/meminfo", check=False)
+        print("guest memory, 11 containers:", " ".join(meminfo.stdout.split("\n")[:3]).replace("  ", ""))
     finally:
         for cid in extra:
             ctrd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
