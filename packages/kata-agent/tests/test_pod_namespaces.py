@@ -93,6 +93,19 @@ def test_pid_namespace_is_not_shared_unless_asked() -> None:
     assert config["linux"]["namespaces"][0] == {"type": "pid"}
 
 
+def test_a_container_that_asks_joins_the_first_containers_pid_namespace() -> None:
+    """CreateContainerRequest.sandbox_pidns (CRI's shareProcessNamespace) shares it for that container even
+    when CreateSandbox did not ask for the whole pod (the shim cannot see shareProcessNamespace there)."""
+    ns = PodNamespaces("/x")
+    ns.container_created(42)
+    mine: dict = {"linux": {"namespaces": [{"type": "pid"}]}}
+    ns.apply(mine, share_pid=True)
+    assert mine["linux"]["namespaces"][0] == {"type": "pid", "path": "/proc/42/ns/pid"}
+    other: dict = {"linux": {"namespaces": [{"type": "pid"}]}}
+    ns.apply(other)
+    assert other["linux"]["namespaces"][0] == {"type": "pid"}
+
+
 @pytest.mark.root
 def test_sandbox_hostname_is_set_in_the_pod_namespace_only(private_uts: str) -> None:
     async def main() -> None:
@@ -154,6 +167,33 @@ def test_containers_of_a_sandbox_share_ipc_and_uts(
             await c.destroy_sandbox()
             assert mounts_under(agent.run_dir) == []
             assert socket.gethostname() == private_uts
+
+    trio.run(main)
+
+
+@pytest.mark.root
+def test_a_container_created_with_sandbox_pidns_joins_the_pause_containers_pid_namespace(
+    busybox_rootfs: Path, private_uts: str
+) -> None:
+    """End to end through the client: CreateSandbox without sandbox_pidns, then "app" created with it shares
+    "pause"'s PID namespace and "other", created without, does not (the shim sends it per container)."""
+
+    async def main() -> None:
+        async with running_agent() as agent:
+            c = agent.client
+            await c.create_sandbox("sbx", hostname="pod")
+            pids = {}
+            for cid, share in (("pause", False), ("app", True), ("other", False)):
+                spec = ContainerSpec(root=str(busybox_rootfs), process=Process(["sleep", "100"]))
+                await c.create_container(cid, spec, sandbox_pidns=share)
+                await c.start_container(cid)
+                init = agent.service.containers[cid].init
+                assert init is not None
+                pids[cid] = init.pid
+            assert _ns(pids["app"], "pid") == _ns(pids["pause"], "pid")
+            assert _ns(pids["other"], "pid") != _ns(pids["pause"], "pid")
+            await c.destroy_sandbox()
+            assert mounts_under(agent.run_dir) == []
 
     trio.run(main)
 

@@ -5,8 +5,9 @@ As the Rust agent does at CreateSandbox, we make a new IPC and UTS namespace on 
 namespace, and keep both alive by bind-mounting the thread's ``/proc/thread-self/ns/{ipc,uts}`` on files
 in ``<run_dir>/sandbox/ns``. Containers then join them by path (OCI ``linux.namespaces[].path``), so they
 share SysV IPC and a hostname while the agent's own namespaces (and the guest's hostname) stay as they
-were. With ``sandbox_pidns`` the first container's PID namespace is the pod's and later containers join
-it through ``/proc/<its init pid>/ns/pid`` (Kubernetes ``shareProcessNamespace``).
+were. The first container's PID namespace is the pod's: with ``sandbox_pidns`` at CreateSandbox every later
+container joins it, and with CreateContainer's ``sandbox_pidns`` that one container does (Kubernetes
+``shareProcessNamespace``), through ``/proc/<its init pid>/ns/pid``.
 """
 
 from __future__ import annotations
@@ -61,10 +62,13 @@ class PodNamespaces:
             raise error[0]
         return ns
 
-    def apply(self, config: dict[str, Any]) -> None:
-        """Make the container of OCI ``config`` join the pod's IPC, UTS (and shared PID) namespaces."""
+    def apply(self, config: dict[str, Any], *, share_pid: bool = False) -> None:
+        """Make the container of OCI ``config`` join the pod's IPC, UTS (and shared PID) namespaces.
+
+        The PID namespace is shared when the sandbox asked for it at CreateSandbox or this container asks
+        (CreateContainerRequest.sandbox_pidns, as CRI sends for shareProcessNamespace)."""
         paths = {"ipc": self.ipc, "uts": self.uts}
-        if self.share_pid and self.pid:
+        if (self.share_pid or share_pid) and self.pid:
             paths["pid"] = self.pid
         namespaces = config.setdefault("linux", {}).setdefault("namespaces", [])
         for ns in namespaces:
@@ -75,8 +79,9 @@ class PodNamespaces:
                 namespaces.append({"type": kind, "path": path})
 
     def container_created(self, init_pid: int) -> None:
-        """Record the first container's PID namespace as the pod's (with share_pid)."""
-        if self.share_pid and self.pid is None and init_pid > 0:
+        """Record the first container's PID namespace (the pause container's) as the pod's, for the
+        containers that share it."""
+        if self.pid is None and init_pid > 0:
             self.pid = f"/proc/{init_pid}/ns/pid"
 
     def release(self) -> None:

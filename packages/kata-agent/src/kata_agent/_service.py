@@ -143,7 +143,7 @@ class AgentService:
             raise ttrpc.AlreadyExists(f"container {cid!r} already exists")
         config = spec_to_config(req.OCI, cid)
         if self.pod_namespaces is not None:
-            self.pod_namespaces.apply(config)
+            self.pod_namespaces.apply(config, share_pid=bool(req.sandbox_pidns))
         add_devices(config, list(req.devices))
         if not _guest.is_dir(config["root"]["path"]) and not req.storages:
             raise ttrpc.InvalidArgument(f"OCI root.path {config['root']['path']!r} is not a directory")
