@@ -1,9 +1,12 @@
 """dbs-upcall message codec and client state machine (VMM -> guest kernel hotplug channel).
 
-The codec and the sans-I/O core need only the standard library.
+The codec and the sans-I/O core need only the standard library; the trio driver (`open_upcall_client`,
+`UpcallClient`) is imported on first use, so codec users never import trio.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from kata_upcall.__about__ import __version__
 from kata_upcall._client import (
@@ -56,10 +59,43 @@ from kata_upcall._errors import (
     UpcallTimeout,
 )
 
+if TYPE_CHECKING:
+    from kata_upcall._trio_client import (
+        DEFAULT_HANDSHAKE_TIMEOUT,
+        DEFAULT_REQUEST_TIMEOUT,
+        StreamConnector,
+        UpcallClient,
+        UpcallStatistics,
+        open_upcall_client,
+    )
+
+_TRIO_NAMES = frozenset(
+    {
+        "DEFAULT_HANDSHAKE_TIMEOUT",
+        "DEFAULT_REQUEST_TIMEOUT",
+        "StreamConnector",
+        "UpcallClient",
+        "UpcallStatistics",
+        "open_upcall_client",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    # The trio driver on first use: importing the codec must not import trio.
+    if name in _TRIO_NAMES:
+        from kata_upcall import _trio_client
+
+        return getattr(_trio_client, name)
+    raise AttributeError(f"module 'kata_upcall' has no attribute {name!r}")
+
+
 __all__ = [
     "APIC_IDS_LEN",
     "CPU_PAYLOAD_SIZE",
     "CPU_REPLY_PAYLOAD_SIZE",
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_REQUEST_TIMEOUT",
     "DEV_MGR_MAGIC_VERSION",
     "DEV_MGR_MSG_SIZE",
     "DEV_MGR_SERVICE_BYTE",
@@ -86,7 +122,9 @@ __all__ = [
     "ReplyReceived",
     "Request",
     "ServiceConnected",
+    "StreamConnector",
     "UpcallBusy",
+    "UpcallClient",
     "UpcallClientCore",
     "UpcallConnectionLost",
     "UpcallError",
@@ -94,6 +132,7 @@ __all__ = [
     "UpcallProtocolError",
     "UpcallRequestFailed",
     "UpcallState",
+    "UpcallStatistics",
     "UpcallTimeout",
     "__version__",
     "decode_accept_line",
@@ -101,4 +140,5 @@ __all__ = [
     "decode_reply",
     "decode_request",
     "encode_hybrid_connect",
+    "open_upcall_client",
 ]
