@@ -185,6 +185,17 @@ def test_failed_connections_are_retried_until_the_service_answers(behaviour: str
     run(lambda: with_client(guest, body, handshake_timeout=10, request_timeout=300))
 
 
+@pytest.mark.parametrize("behaviour", ["close", "bad-ok", "unsolicited"])
+def test_a_guest_that_churns_connections_gets_at_most_one_attempt_a_second(behaviour: str) -> None:
+    guest = FakeGuest(connection_script=[behaviour] * 10_000)
+
+    async def body(client: UpcallClient) -> None:
+        await trio.sleep(60)
+        assert 10 < client.statistics().connect_attempts < 70
+
+    run(lambda: with_client(guest, body))
+
+
 def test_request_waits_for_a_slow_service_within_its_budget() -> None:
     guest = FakeGuest(connection_script=["slow-service"])
 

@@ -4,8 +4,14 @@
 vsock connector; tests pass one end of a `trio.testing.memory_stream_pair` or a socketpair). The task
 connects, hands the bytes to the core and reconnects after every failure (the factory raising, EOF, a
 transport error, garbage from the guest, a handshake past its budget) with a backoff from ``retry_delay``
-doubling to ``max_retry_delay``. Upstream retries every 10 ms and gives up after 500 tries; here the
-retries never stop (one a second at worst) and every request has its own budget instead.
+doubling to ``max_retry_delay`` (back to ``retry_delay`` only after a connection that answered a request,
+so a guest that churns connections gets one attempt a second). Upstream retries every 10 ms and gives up
+after 500 tries; here the retries never stop (one a second at worst) and every request has its own budget.
+
+The protocol has no request ids: a reply is paired with the one request in flight by order and type only.
+A guest that sends an extra frame can therefore have it taken for the next request's answer when it
+arrives after that request went out; the guest only misleads the host about its own devices (it can lie
+in any reply anyway), and the real answer then arrives with nothing in flight and resets the connection.
 
 One request in flight: the core refuses a second one (`UpcallBusy`, as upstream); this driver queues
 callers on a FIFO lock instead, so concurrent hot-plug callers (a container's volumes, Task.Update) need no
@@ -98,6 +104,7 @@ class UpcallClient:
         self._attempts = 0
         self._services = 0
         self._sent = 0
+        self._replies = 0
         self._waiting = 0
         self._last_error: str | None = None
 
@@ -197,13 +204,15 @@ class UpcallClient:
         delay = self._retry_delay
         while True:
             self._attempts += 1
-            reached_service = await self._one_connection()
-            delay = self._retry_delay if reached_service else min(delay * 2, self._max_retry_delay)
+            served = await self._one_connection()
+            # Only a connection that answered a request earns a quick reconnect: a guest that accepts and then
+            # drops or babbles, over and over, gets the growing delay (at most one attempt a second).
+            delay = self._retry_delay if served else min(delay * 2, self._max_retry_delay)
             await trio.sleep(delay)
 
     async def _one_connection(self) -> bool:
-        """Connect, serve until the connection ends; True if the service connected on it."""
-        services_before = self._services
+        """Connect, serve until the connection ends; True if the guest answered a request on it."""
+        replies_before = self._replies
         try:
             stream = await self._connect()
         except Exception as err:  # any connector failure means: not yet, try again
@@ -234,7 +243,7 @@ class UpcallClient:
                     await trio.aclose_forcefully(stream)
         if not scope.cancelled_caught:
             self._last_error = str(error)
-        return self._services > services_before
+        return self._replies > replies_before
 
     async def _serve(self, stream: trio.abc.Stream) -> None:
         out = self._core.connect()
@@ -253,8 +262,10 @@ class UpcallClient:
                         handshake.deadline = math.inf
                         self._services += 1
                         self._connected.set()
-                    elif isinstance(event, ReplyReceived) and self._pending is not None:
-                        self._pending.finish(reply=event.reply)
+                    elif isinstance(event, ReplyReceived):
+                        self._replies += 1
+                        if self._pending is not None:
+                            self._pending.finish(reply=event.reply)
         if handshake.cancelled_caught:
             raise UpcallTimeout(f"upcall handshake took more than {self._handshake_timeout} s")
 
