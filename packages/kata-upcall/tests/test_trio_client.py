@@ -35,6 +35,7 @@ from kata_upcall import (
     UpcallState,
     UpcallTimeout,
     open_upcall_client,
+    socket_connector,
 )
 
 MMIO = AddMmio(0xD000_0000, 0x1000, 5)
@@ -260,11 +261,14 @@ def test_socketpair_transport_with_the_in_process_accept_line() -> None:
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
 
-                async def connect() -> trio.abc.Stream:
+                def connect_local() -> (
+                    socket.socket
+                ):  # as kata-virtio's: a blocking socket, guest on the far end
                     ours, theirs = socket.socketpair()
                     nursery.start_soon(guest.serve, trio.SocketStream(trio.socket.from_stdlib_socket(theirs)))
-                    return trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+                    return ours
 
+                connect = socket_connector(connect_local)
                 async with open_upcall_client(connect, handshake=Handshake.ACCEPT_LINE) as client:
                     assert await client.request(AddCpu((2, 3), apic_ver=0x14)) == CpuReply(
                         MsgType.ADD_CPU, 0, 2

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
         UpcallClient,
         UpcallStatistics,
         open_upcall_client,
+        socket_connector,
     )
 
 _TRIO_NAMES = frozenset(
@@ -77,6 +78,7 @@ _TRIO_NAMES = frozenset(
         "UpcallClient",
         "UpcallStatistics",
         "open_upcall_client",
+        "socket_connector",
     }
 )
 
@@ -141,4 +143,5 @@ __all__ = [
     "decode_request",
     "encode_hybrid_connect",
     "open_upcall_client",
+    "socket_connector",
 ]

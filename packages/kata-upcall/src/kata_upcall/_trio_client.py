@@ -24,6 +24,7 @@ next request's.
 from __future__ import annotations
 
 import math
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -48,6 +49,17 @@ DEFAULT_REQUEST_TIMEOUT = 60.0
 #: From a fresh stream to the service's Connect frame.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 _RECEIVE_SIZE = 4096
+
+
+def socket_connector(open_socket: Callable[[], socket.socket]) -> StreamConnector:
+    """A `StreamConnector` from a plain function returning a connected stdlib socket, e.g. kata-virtio's
+    ``lambda: vsock.connect_local(UPCALL_PORT)`` (with `Handshake.ACCEPT_LINE`); the socket is made
+    non-blocking and owned by the returned stream."""
+
+    async def connect() -> trio.abc.Stream:
+        return trio.SocketStream(trio.socket.from_stdlib_socket(open_socket()))
+
+    return connect
 
 
 @dataclass(frozen=True)
