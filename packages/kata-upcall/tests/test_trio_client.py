@@ -174,7 +174,7 @@ def test_cancelled_request_resets_the_connection() -> None:
     assert guest.connections == 2
 
 
-@pytest.mark.parametrize("behaviour", ["refuse", "close", "bad-ok", "no-service"])
+@pytest.mark.parametrize("behaviour", ["refuse", "hang", "close", "bad-ok", "no-service"])
 def test_failed_connections_are_retried_until_the_service_answers(behaviour: str) -> None:
     guest = FakeGuest(connection_script=[behaviour] * 3)
 

@@ -29,7 +29,16 @@ from kata_upcall import (
 #: What the guest does with one request.
 REQUEST_BEHAVIOURS = ("ok", "fail", "slow", "drop", "garbage", "wrong", "extra", "short", "silent")
 #: What the guest does with one connection before any request.
-CONNECTION_BEHAVIOURS = ("serve", "refuse", "close", "bad-ok", "no-service", "unsolicited", "slow-service")
+CONNECTION_BEHAVIOURS = (
+    "serve",
+    "refuse",
+    "hang",
+    "close",
+    "bad-ok",
+    "no-service",
+    "unsolicited",
+    "slow-service",
+)
 
 
 def reply_for(request: Request, result: int = 0) -> Reply:
@@ -75,6 +84,8 @@ class FakeGuest:
         behaviour = next(self._conn_iter, "serve")
         if behaviour == "refuse":
             raise ConnectionRefusedError("nothing listens on the guest port")
+        if behaviour == "hang":
+            await trio.sleep(math.inf)  # a connector that never returns
         self.connections += 1
         client_end, guest_end = trio.testing.memory_stream_pair()
         assert self.nursery is not None

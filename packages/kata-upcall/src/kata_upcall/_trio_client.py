@@ -225,10 +225,15 @@ class UpcallClient:
     async def _one_connection(self) -> bool:
         """Connect, serve until the connection ends; True if the guest answered a request on it."""
         replies_before = self._replies
+        stream = None
         try:
-            stream = await self._connect()
+            with trio.move_on_after(self._handshake_timeout):
+                stream = await self._connect()
         except Exception as err:  # any connector failure means: not yet, try again
             self._last_error = f"connect failed: {err!r}"
+            return False
+        if stream is None:
+            self._last_error = f"connect took more than {self._handshake_timeout} s"
             return False
         error: UpcallError = UpcallConnectionLost("upcall connection reset")
         with trio.CancelScope() as scope:
