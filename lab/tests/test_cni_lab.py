@@ -3,10 +3,11 @@
 The test plays the CRI: `framework.cni` makes each pod's netns and runs the loopback and bridge plugins ADD in
 it (veth eth0 with an address from host-local, the bridge as gateway), then `ctr run --with-ns
 network:<netns>` starts a busybox container in our runtime on it. HTTP both ways: the container fetches a page
-from a server this test runs on the bridge's address, and this test fetches a page from `busybox httpd` in
-the container by its CNI address; a second pod on the same bridge fetches the first pod's page and pings it.
-After the containers are deleted nothing of ours is left in the netns (no tap, no ingress qdisc, no filter)
-and no shim runs; after CNI DEL the netns and the bridge ports are gone.
+(and 8 MiB, more than its receive ring holds) from a server this test runs on the bridge's address, and this
+test fetches a page from `busybox httpd` in the container by its CNI address; a second pod on the same bridge
+fetches the first pod's page and pings it. After the containers are deleted nothing of ours is left in the
+netns (no tap, no ingress qdisc, no filter) and no shim runs; after CNI DEL the netns and the bridge ports
+are gone.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ RUN_TIMEOUT = 600
 EVENTUALLY = 180
 POD_PAGE = "served-by-pod-a"
 HOST_PAGE = "served-by-the-host"
+# host->guest bulk: more than the guest's receive ring holds (256 x 1.5 KiB), so the ring runs empty
+BIG = 8 << 20
 
 
 def sh(*argv: str, check: bool = True) -> str:
@@ -75,6 +78,7 @@ def cni(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CniNetwork]:
 def host_http(tmp_path: Path, cni: CniNetwork) -> Iterator[Callable[[str], int]]:
     """An HTTP server on the bridge's (gateway's) address; needs the bridge, so a pod must exist first."""
     (tmp_path / "page").write_text(HOST_PAGE + "\n")
+    (tmp_path / "big").write_bytes(bytes(BIG))
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
     servers: list[http.server.ThreadingHTTPServer] = []
 
@@ -149,10 +153,10 @@ def test_two_pods_on_a_cni_bridge_talk_http_both_ways_and_leave_nothing(
         )  # fmt: skip
         assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{ctrd.log_tail(100)}"
         try:
-            # inside pod A: eth0 has the CNI address and MAC, and the host's server answers
-            probe = (
-                f"ip -o addr show eth0; ip -o link show eth0; wget -q -O - http://{pod_a.gateway}:{port}/page"
-            )
+            # inside pod A: eth0 has the CNI address and MAC, and the host's server answers (bulk too)
+            url = f"http://{pod_a.gateway}:{port}"
+            probe = "ip -o addr show eth0; ip -o link show eth0; "
+            probe += f"wget -q -O - {url}/page; wget -q -O - {url}/big | wc -c"
             inside = ctrd.ctr(
                 "task",
                 "exec",
@@ -169,6 +173,7 @@ def test_two_pods_on_a_cni_bridge_talk_http_both_ways_and_leave_nothing(
             assert f"inet {pod_a.ip.with_prefixlen}" in inside.stdout, (pod_a, inside.stdout)
             assert pod_a.mac in inside.stdout, (pod_a, inside.stdout)
             assert HOST_PAGE in inside.stdout, inside.stdout
+            assert inside.stdout.split()[-1] == str(BIG), inside.stdout  # all of it: no stalled receive ring
             # the host side of the bridge reaches the pod's httpd by its CNI address
             assert POD_PAGE in fetch(f"http://{pod_a.ip.ip}:8080/"), pod_a
             # a second pod on the bridge reaches the first
