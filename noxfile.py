@@ -4,7 +4,7 @@ nox -s tests      unit tests of all packages (+ root/kvm/containerd-marked host 
 nox -s lint       ruff, mypy and the import-linter dependency contract
 nox -s protos     regenerate kata_proto/_gen from the .proto files; fails if the committed code drifted
 nox -s build      one wheel per package into build/dist
-nox -s bench      benchmarks (pytest-benchmark), reported as distributions
+nox -s bench      benchmarks (pytest-benchmark), reported as distributions (bench-net: the network one)
 nox -s images     guest assets for the lab VM into build/lab/guest
 nox -s lab        integration tests that boot guests, inside the lab VM
 """
@@ -141,7 +141,8 @@ def build(session: nox.Session) -> None:
 @nox.session(python=False)
 def bench(session: nox.Session) -> None:
     """Benchmarks: host micro benchmarks (pytest-benchmark), then in the lab VM kata-vmm vs QEMU (boot, virtio
-    throughput) and containerd-shim-kata-v2 vs runc (ctr run --rm, threads and memory per pod)."""
+    throughput), containerd-shim-kata-v2 vs runc (ctr run --rm, threads and memory per pod) and the pod
+    network, our tap+tc path vs QEMU virtio-net with vhost-net (TCP throughput, round-trip latency)."""
     session.run(sys.executable, "-m", "nox", "-s", "tests", "--install-only", external=True)
     python = str(ROOT / ".nox" / "tests" / "bin" / "python")
     _compile_for_labvm(session, python)
@@ -208,7 +209,40 @@ def bench(session: nox.Session) -> None:
             external=True,
             stdout=sink,
         )
+    _net_bench(session, python, out)
     session.log(f"results in {out}")
+
+
+def _net_bench(session: nox.Session, python: str, out: pathlib.Path, *options: str) -> None:
+    """Our tap+tc path against QEMU's virtio-net-pci with vhost-net, both guests on one CNI bridge."""
+    with open(out / "net.txt", "w") as sink:
+        session.run(
+            "lab/labvm",
+            "exec",
+            "--",
+            python,
+            "lab/bench/net_bench.py",
+            "--json",
+            str(out / "net.json"),
+            "--markdown",
+            str(out / "net.md"),
+            *options,
+            external=True,
+            stdout=sink,
+        )
+
+
+@nox.session(python=False, name="bench-net")
+def bench_net(session: nox.Session) -> None:
+    """Only the network bench of `bench` (`nox -s bench-net -- --mib 8` passes net_bench.py options)."""
+    session.run(sys.executable, "-m", "nox", "-s", "tests", "--install-only", external=True)
+    python = str(ROOT / ".nox" / "tests" / "bin" / "python")
+    _compile_for_labvm(session, python)
+    session.run("python3", "lab/images/build.py", external=True)
+    out = ROOT / "build" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    _net_bench(session, python, out, *session.posargs)
+    session.log(f"results in {out / 'net.md'}")
 
 
 @nox.session(python=False)

@@ -6,7 +6,8 @@ network:<path>` hands that netns to the shim, which joins a tap to the veth (tc 
 guest a virtio-net NIC with the veth's MAC; the agent names and addresses it as the veth. The lab VM is
 cgroup v2: the sandbox cgroup is at the container's cgroupsPath (ctr: /<namespace>/<id>), the vCPU
 thread in it while the pod runs. After the container is gone nothing is left: no tap, no qdisc, no
-filter, no cgroup.
+filter, no cgroup. The systemd form of cgroupsPath (`slice:prefix:name`, `ctr run --cgroup`) is checked
+too; the lab VM's init is not systemd, so the shim makes the slice and scope directories itself.
 """
 
 from __future__ import annotations
@@ -176,3 +177,33 @@ def test_vm_is_sized_from_the_containers_limits_plus_the_defaults(ctrd: PrivateC
     assert lines[0] == "2", done.stdout
     mem_kib = int(lines[2])
     assert 900 * 1024 < mem_kib <= 1024 * 1024, done.stdout  # 1 GiB less what the guest kernel keeps
+
+
+@pytest.mark.lab
+def test_systemd_form_cgroups_path_makes_the_scope_below_its_slices_and_removes_them(
+    ctrd: PrivateContainerd,
+) -> None:
+    # the lab VM's init is not systemd: the shim makes slice and scope directories itself (no systemd unit,
+    # as kata-resources documents), and removes every one it made
+    cid = "sd1"
+    slices = CGROUP_ROOT / "kata.slice"
+    scope = slices / "kata-lab.slice" / f"kata-{cid}.scope"
+    assert not slices.exists()
+    done = kata_run(ctrd, "-d", "--cgroup", f"kata-lab.slice:kata:{cid}", BUSYBOX_IMAGE, cid, "sleep", "600")
+    assert done.returncode == 0, f"{done.stderr}\n{ctrd.log_tail(100)}"
+    try:
+        shims = ctrd.shim_pids()
+        assert len(shims) == 1, shims
+        assert scope.is_dir(), sorted(str(p.relative_to(CGROUP_ROOT)) for p in slices.rglob("*.s*"))
+        assert shims[0] in {int(x) for x in (scope / "cgroup.procs").read_text().split()}
+    finally:
+        ctrd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
+        end = time.monotonic() + 120
+        while time.monotonic() < end and ctrd.ctr("task", "delete", cid, check=False).returncode != 0:
+            time.sleep(1)
+        ctrd.ctr("container", "delete", cid, check=False)
+    end = time.monotonic() + 60
+    while slices.exists() and time.monotonic() < end:
+        time.sleep(0.5)
+    assert not slices.exists(), sorted(str(p.relative_to(CGROUP_ROOT)) for p in slices.rglob("*"))
+    assert not ctrd.shim_pids()

@@ -13,6 +13,7 @@ import pytest
 
 from kata_virtio import DeviceError, VirtioNet
 from kata_virtio._net import VIRTIO_NET_F_MAC, VIRTIO_NET_HDR_SIZE
+from kata_virtio._spec import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
 from kata_virtio.testing import DriverQueue, FakeDeviceInterrupt, FakeGuestMemory, activate
 
 HDR = bytes(VIRTIO_NET_HDR_SIZE)
@@ -76,6 +77,62 @@ def test_rx_frames_fill_guest_buffers_with_num_buffers_1(pair: tuple[VirtioNet, 
     dev.notify(0)
     [(head, n)] = rx.get_used()
     assert rx.written(head, n)[12:] == b"frame-2" * 3
+
+
+def test_starved_rx_asks_for_a_kick_on_the_next_buffer_with_event_idx(
+    pair: tuple[VirtioNet, socket.socket],
+) -> None:
+    # With VIRTIO_F_EVENT_IDX the driver kicks only when its avail idx passes the device's avail_event
+    # (vring_need_event, virtio 1.2 §2.7.10). A device that stops polling its tap when the receive ring is
+    # empty must publish avail_event first, or the guest's refill never kicks it: host->guest TCP stalled
+    # for good in the lab's network bench once the ring filled.
+    dev, host = pair
+    features = dev.avail_features | 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_EVENT_IDX
+    (rx, _), _ = activate(dev, FakeGuestMemory(4 << 20), [64, 64], features=features)
+    for _ in range(2):
+        rx.add_chain([(1526, True)])
+    dev.notify(0)
+    for n in range(3):
+        host.send(HDR + b"frame-%d" % n)
+    serve(dev)
+    assert len(rx.get_used()) == 2 and dev.watched() == {}  # starved, holding frame-2
+    old = 2
+    rx.add_chain([(1526, True)])
+    new = 3
+    event = rx.avail_event()
+    assert (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF, f"avail_event {event}: the refill never kicks"
+    dev.notify(0)
+    [(head, n)] = rx.get_used()
+    assert rx.written(head, n)[12:] == b"frame-2"
+
+
+def test_rx_buffer_added_while_the_device_starves_is_used_without_a_kick(
+    pair: tuple[VirtioNet, socket.socket],
+) -> None:
+    # the driver may add a buffer before it sees the new avail_event (so it does not kick): the device
+    # checks the ring once more after publishing avail_event (§2.7.10) instead of waiting for that kick
+    dev, host = pair
+    features = dev.avail_features | 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_EVENT_IDX
+    (rx, _), _ = activate(dev, FakeGuestMemory(4 << 20), [64, 64], features=features)
+    rx.add_chain([(1526, True)])
+    dev.notify(0)
+    host.send(HDR + b"first")
+    host.send(HDR + b"second")
+    mem, q = dev.memory, dev.queues[0]
+    assert mem is not None
+    real_enable = q.enable_notification
+    refilled: list[bool] = []
+
+    def enable_then_driver_adds(memory: object) -> bool:
+        if not refilled:  # the driver refills "concurrently", once
+            refilled.append(True)
+            rx.add_chain([(1526, True)])
+        return real_enable(mem)
+
+    q.enable_notification = enable_then_driver_adds  # type: ignore[method-assign]
+    serve(dev)
+    payloads = [rx.written(h, n)[12:] for h, n in rx.get_used()]
+    assert b"second" in payloads, payloads
 
 
 def test_oversized_frame_is_dropped(pair: tuple[VirtioNet, socket.socket]) -> None:

@@ -162,7 +162,14 @@ class VirtioNet(VirtioDevice):
                     continue
             chain = q.pop(mem)
             if chain is None:
-                self._pending, self._rx_starved = frame, True
+                self._pending = frame
+                # We stop polling the tap until the driver posts buffers, so ask for that kick: with
+                # VIRTIO_F_EVENT_IDX the driver kicks only once its avail idx passes avail_event, which the
+                # rx path otherwise never writes (§2.7.10). Then look once more: a buffer posted before
+                # the driver saw the new avail_event comes with no kick.
+                if q.enable_notification(mem):
+                    continue
+                self._rx_starved = True
                 break
             self._pending = None
             if chain.writable_len < len(frame):
