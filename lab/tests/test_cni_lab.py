@@ -28,16 +28,12 @@ LAB = Path(__file__).resolve().parents[1]
 if str(LAB) not in sys.path:
     sys.path.insert(0, str(LAB))
 
-from framework import in_labvm  # noqa: E402
 from framework.cni import CniNetwork, CniPod  # noqa: E402
 from framework.containerd import (  # noqa: E402
     BUSYBOX_IMAGE,
     KATA_RUNTIME,
     PrivateContainerd,
-    install_guest_assets,
-    private_containerd,
 )
-from images import busybox_oci  # noqa: E402
 
 RUN_TIMEOUT = 600
 # eventually-waits (an httpd starting in a guest under nested TCG): generous, never a timed assert
@@ -50,18 +46,6 @@ BIG = 8 << 20
 
 def sh(*argv: str, check: bool = True) -> str:
     return subprocess.run(list(argv), check=check, capture_output=True, text=True).stdout
-
-
-@pytest.fixture(scope="module")
-def ctrd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateContainerd]:
-    """The module's containerd, with the busybox image imported and the guest assets installed."""
-    if not in_labvm():
-        pytest.fail("the CNI lab tests run inside the lab VM", pytrace=False)
-    install_guest_assets()
-    tar = busybox_oci.build(tmp_path_factory.mktemp("image") / "busybox.tar")
-    with private_containerd() as instance:
-        instance.import_image(tar)
-        yield instance
 
 
 @pytest.fixture(scope="module")

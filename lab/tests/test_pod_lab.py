@@ -20,16 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from framework import in_labvm
 from framework.containerd import (
     BUSYBOX_IMAGE,
     KATA_RUNTIME,
     PrivateContainerd,
-    install_guest_assets,
-    private_containerd,
     thread_names,
 )
-from images import busybox_oci
 
 RUN_TIMEOUT = 600
 NETNS = "kata-pod-lab"
@@ -41,18 +37,6 @@ PING = [shutil.which("ping")] if shutil.which("ping") else ["/bin/busybox", "pin
 
 def sh(*argv: str, check: bool = True) -> str:
     return subprocess.run(list(argv), check=check, capture_output=True, text=True).stdout
-
-
-@pytest.fixture(scope="module")
-def ctrd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateContainerd]:
-    """The module's containerd, with the busybox image imported and the guest assets installed."""
-    if not in_labvm():
-        pytest.fail("the pod lab tests run inside the lab VM", pytrace=False)
-    install_guest_assets()
-    tar = busybox_oci.build(tmp_path_factory.mktemp("image") / "busybox.tar")
-    with private_containerd() as instance:
-        instance.import_image(tar)
-        yield instance
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,13 @@ LAB = Path(__file__).resolve().parents[1]
 if str(LAB) not in sys.path:
     sys.path.insert(0, str(LAB))
 
-from framework import GuestAssets, in_labvm  # noqa: E402
+from framework import GuestAssets  # noqa: E402
 from framework.containerd import (  # noqa: E402
     BUSYBOX_IMAGE,
     KATA_RUNTIME,
     KATA_STATE_ROOT,
     PrivateContainerd,
-    install_guest_assets,
-    private_containerd,
 )
-from images import busybox_oci  # noqa: E402
 
 RUN_TIMEOUT = 600
 UPSTREAM_CONFIG = (
@@ -96,17 +92,6 @@ def test_qemu_boots_the_guest_with_virtiofsd_and_vsock_and_notices_the_power_off
     assert "check.sh exited 0" in console
     assert (shared / "written").read_text() == "from-the-guest\n"
     assert sorted(p.name for p in (state_root / "qboot1").iterdir()) == ["state.json"]
-
-
-@pytest.fixture(scope="module")
-def ctrd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateContainerd]:
-    if not in_labvm():
-        pytest.fail("the shim's lab tests run inside the lab VM", pytrace=False)
-    install_guest_assets()
-    tar = busybox_oci.build(tmp_path_factory.mktemp("image") / "busybox.tar")
-    with private_containerd() as instance:
-        instance.import_image(tar)
-        yield instance
 
 
 def qemu_config(directory: Path) -> Path:
