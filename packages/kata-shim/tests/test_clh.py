@@ -1,0 +1,236 @@
+"""The Cloud Hypervisor back-end without cloud-hypervisor: its argv, its VmConfig and every request of a full
+life cycle (create, boot, info, pause, resume, hot-plug of disk and net, resize, shutdown) validated against
+the upstream OpenAPI spec (fixtures/cloud-hypervisor.yaml, v45.0), run against a fake "cloud-hypervisor"
+serving the API on --api-socket; a VMM that dies at start or refuses to boot is a HypervisorError with its
+output; malformed answers are typed errors; nothing is left afterwards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from restvmm_harness import ApiSpec, fake_vmm, recorded, validate_all  # type: ignore[import-not-found]
+
+from kata_shim.hypervisor import (
+    BlockDevice,
+    HypervisorConfig,
+    HypervisorError,
+    NetworkDevice,
+    ShareFsDevice,
+    hypervisor_factory,
+)
+from kata_shim.hypervisor._clh import CloudHypervisor, pci_path_of
+from kata_shim.persist import PROCESSES_KEY, StateStore
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="kch-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> HypervisorConfig:
+    (tmp_path / "vmlinux").write_bytes(b"\0")
+    (tmp_path / "rootfs.img").write_bytes(b"\0" * 4096)
+    return HypervisorConfig(
+        path=str(fake_vmm(tmp_path, "cloud-hypervisor")),
+        kernel=tmp_path / "vmlinux",
+        image=tmp_path / "rootfs.img",
+        kernel_params="root=/dev/vda1",
+        default_memory=256,
+        default_vcpus=1,
+        default_maxvcpus=4,
+        shared_fs="none",
+    )
+
+
+@pytest.fixture
+def record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "requests.jsonl"
+    monkeypatch.setenv("FAKE_VMM_RECORD", str(path))
+    monkeypatch.delenv("FAKE_VMM_MODE", raising=False)
+    return path
+
+
+def test_registered() -> None:
+    assert hypervisor_factory("clh") is CloudHypervisor
+
+
+def test_capabilities_declare_only_what_the_api_has() -> None:
+    caps = CloudHypervisor(HypervisorConfig()).capabilities()
+    assert caps.hotplug == frozenset({"block", "net", "vcpu"})
+    assert caps.shared_fs == frozenset({"virtio-fs"}) and caps.hybrid_vsock and not caps.passfd
+    assert caps.device_addressing == "pci"
+
+
+def test_argv_and_netns(config: HypervisorConfig, root: Path) -> None:
+    hv = CloudHypervisor(config, state_root=root)
+    trio.run(hv.prepare_vm, "sb1", "pod-ns")
+    assert hv.vmm_argv() == [config.path, "--api-socket", str(root / "sb1" / "api.sock")]
+    assert hv.spawn_argv() == ["nsenter", "--net=/run/netns/pod-ns", "--", *hv.vmm_argv()]
+    assert hv.agent_address() == f"hvsock:{root / 'sb1' / 'kata.hvsock'}:1024"
+
+
+def test_vm_config_validates(config: HypervisorConfig, root: Path, tmp_path: Path) -> None:
+    fsd = tmp_path / "virtiofsd"
+    fsd.write_text("#!/bin/sh\n")
+    fsd.chmod(0o755)
+    config.shared_fs, config.virtio_fs_daemon = "virtio-fs", str(fsd)
+    config.initrd = config.image
+    share = tmp_path / "share"
+    share.mkdir()
+    hv = CloudHypervisor(config, state_root=root)
+
+    async def main() -> dict[str, Any]:
+        await hv.prepare_vm("sb1", None)
+        await hv.add_device(ShareFsDevice(share, "kataShared"))
+        info = await hv.add_device(BlockDevice(config.image or Path(), read_only=False, device_id="c1"))
+        assert info.guest_path == "/dev/vdb" and info.pci_path == ""
+        await hv.add_device(NetworkDevice("tap0_kata", "02:00:00:00:00:01"))
+        return hv.vm_config()
+
+    vm = trio.run(main)
+    ApiSpec("clh").validate("PUT", "/vm.create", vm)
+    assert vm["memory"] == {"size": 256 << 20, "shared": True}
+    assert vm["cpus"] == {"boot_vcpus": 1, "max_vcpus": 4}
+    assert vm["disks"][0] == {"path": str(config.image), "readonly": True, "id": "image"}
+    assert vm["net"] == [{"tap": "tap0_kata", "id": "net0", "mac": "02:00:00:00:00:01"}]
+    assert vm["fs"][0]["socket"] == str(root / "sb1" / "vhost-fs.sock")
+    assert vm["vsock"] == {"cid": 3, "socket": str(root / "sb1" / "kata.hvsock"), "id": "vsock0"}
+    assert vm["payload"]["cmdline"].endswith("root=/dev/vda1")
+    assert vm["serial"] == {"mode": "Tty"} and vm["rng"] == {"src": "/dev/urandom"}
+
+
+def test_spec_validator_catches_mistakes() -> None:
+    spec = ApiSpec("clh")
+    with pytest.raises(AssertionError, match="not in the spec"):
+        spec.validate("PUT", "/vm.start", None)
+    with pytest.raises(AssertionError, match="Additional properties"):
+        spec.validate("PUT", "/vm.add-disk", {"path": "/x", "read_only": True})
+    with pytest.raises(AssertionError, match="minimum"):
+        spec.validate("PUT", "/vm.resize", {"desired_vcpus": 0})
+
+
+def test_pci_path_of() -> None:
+    assert pci_path_of("0000:00:05.0") == "05"
+    assert pci_path_of("0000:01:05.0") == ""
+    with pytest.raises(HypervisorError, match="malformed PCI BDF"):
+        pci_path_of("../../etc")
+
+
+def test_full_life_cycle_validates(
+    config: HypervisorConfig, root: Path, record: Path, tmp_path: Path
+) -> None:
+    hv = CloudHypervisor(config, state_root=root)
+    disk = tmp_path / "c1.img"
+    disk.write_bytes(b"\0" * 4096)
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", None)
+        await hv.add_device(NetworkDevice("tap0_kata", "02:00:00:00:00:01"))
+        await hv.start_vm(60)
+        state = StateStore(root).load("sb1")
+        assert state is not None and [p["name"] for p in state.extra[PROCESSES_KEY]] == ["cloud-hypervisor"]
+        assert hv.pids() != [os.getpid()]
+        await hv.pause_vm()
+        assert await hv.vm_state() == "Paused"
+        await hv.resume_vm()
+        info = await hv.add_device(BlockDevice(disk, device_id="c1"))
+        assert info.pci_path == "06" and info.guest_path == "/dev/vdb"
+        info = await hv.add_device(NetworkDevice("tap1_kata", ""))
+        assert info.pci_path == "07"
+        await hv.resize_vcpus(2)
+        with pytest.raises(HypervisorError, match="cannot resize to 5"):
+            await hv.resize_vcpus(5)
+        await hv.stop_vm()
+        assert await hv.wait_vm() == 0
+        await hv.cleanup()
+
+    trio.run(main)
+    seen = validate_all("clh", record)
+    assert seen == [
+        ("PUT", "/vm.create"),
+        ("PUT", "/vm.boot"),
+        ("GET", "/vm.info"),
+        ("PUT", "/vm.pause"),
+        ("GET", "/vm.info"),
+        ("PUT", "/vm.resume"),
+        ("PUT", "/vm.add-disk"),
+        ("PUT", "/vm.add-net"),
+        ("PUT", "/vm.resize"),
+        ("PUT", "/vm.shutdown"),
+        ("PUT", "/vmm.shutdown"),
+    ]
+    assert "Linux version" in hv.console_tail()
+    assert not (root / "sb1" / "api.sock").exists()
+    state = StateStore(root).load("sb1")
+    assert state is None or PROCESSES_KEY not in state.extra
+
+
+@pytest.mark.parametrize(
+    ("mode", "match"), [("die", "cannot open /dev/kvm"), ("bad-boot", "HTTP 500.*KVM says no")]
+)
+def test_start_failure_is_a_hypervisor_error_with_output(
+    config: HypervisorConfig,
+    root: Path,
+    record: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    mode: str,
+    match: str,
+) -> None:
+    monkeypatch.setenv("FAKE_VMM_MODE", mode)
+    hv = CloudHypervisor(config, state_root=root)
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", None)
+        try:
+            with pytest.raises(HypervisorError, match=match):
+                await hv.start_vm(60)
+        finally:
+            await hv.cleanup()
+
+    trio.run(main)
+    validate_all("clh", record)
+
+
+def test_vmm_ignoring_shutdown_is_killed(
+    config: HypervisorConfig, root: Path, record: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_VMM_MODE", "ignore-shutdown")
+    monkeypatch.setattr("kata_shim.hypervisor._restvmm.STOP_GRACE", 0.5)
+    hv = CloudHypervisor(config, state_root=root)
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", None)
+        await hv.start_vm(60)
+        await hv.cleanup()
+        assert "SIGKILL" in hv.exit_reason()
+
+    trio.run(main)
+    assert recorded(record)[-1]["path"] == "/vmm.shutdown"
+
+
+def test_bad_vm_info_is_a_typed_error(config: HypervisorConfig, root: Path) -> None:
+    hv = CloudHypervisor(config, state_root=root)
+
+    async def fake_api(*args: Any, **kw: Any) -> Any:
+        from kata_shim.hypervisor._rest import RestResponse
+
+        return RestResponse(200, "OK", {}, b'{"state": "Exploded", "config": {}}')
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", None)
+        hv.api = fake_api  # type: ignore[method-assign]
+        with pytest.raises(HypervisorError, match="unknown state 'Exploded'"):
+            await hv.info()
+
+    trio.run(main)
