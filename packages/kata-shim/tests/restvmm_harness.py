@@ -106,3 +106,74 @@ def validate_all(kind: str, record: Path) -> list[tuple[str, str]]:
         spec.validate(req["method"], req["path"], req["body"])
         seen.append((req["method"], req["path"]))
     return seen
+
+
+Answer = tuple[bytes, float]
+"""Raw bytes to send back, then seconds to keep the connection open (a slow or hung VMM)."""
+
+
+async def serve_api(
+    kind: str,
+    sock: Path,
+    answers: dict[tuple[str, str], Answer],
+    seen: list[tuple[str, str]],
+    *,
+    task_status: Any,
+) -> None:
+    """An in-process fake API (trio, one request per connection) on ``sock``: validates each request against
+    the ``kind`` spec (an invalid one is answered 400 and recorded as ("INVALID", message)), then sends the
+    raw answer given for (method, path), or ``204 No Content``."""
+    import trio
+
+    spec = ApiSpec(kind)
+    raw_sock = trio.socket.socket(trio.socket.AF_UNIX)
+    await raw_sock.bind(str(sock))
+    raw_sock.listen(8)
+    listener = trio.SocketListener(raw_sock)
+    task_status.started()
+
+    async def one(stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            lines = head.decode().split("\r\n")
+            method, path, _ = lines[0].split(" ", 2)
+            length = next(
+                (
+                    int(v)
+                    for k, _, v in (x.partition(":") for x in lines[1:])
+                    if k.lower() == "content-length"
+                ),
+                0,
+            )
+            while len(body) < length:
+                body += await stream.receive_some(65536)
+            try:
+                spec.validate(method, path, json.loads(body) if body else None)
+            except AssertionError as err:
+                seen.append(("INVALID", str(err)))
+                await stream.send_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                return
+            seen.append((method, path))
+            raw, linger = answers.get((method, path), (b"HTTP/1.1 204 No Content\r\n\r\n", 0.0))
+            await stream.send_all(raw)
+            if linger and raw:  # an empty answer: close at once
+                await trio.sleep(linger)
+
+    async with listener, trio.open_nursery() as nursery:
+        while True:
+            stream = await listener.accept()
+            nursery.start_soon(one, stream)
+
+
+def json_answer(value: Any, status: str = "200 OK") -> bytes:
+    body = json.dumps(value).encode()
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )

@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from restvmm_harness import ApiSpec, fake_vmm, recorded, validate_all  # type: ignore[import-not-found]
+from restvmm_harness import (  # type: ignore[import-not-found]
+    FIXTURES,
+    ApiSpec,
+    fake_vmm,
+    json_answer,
+    recorded,
+    serve_api,
+    validate_all,
+)
 
 from kata_shim.hypervisor import (
     BlockDevice,
@@ -26,7 +35,7 @@ from kata_shim.hypervisor import (
     hypervisor_factory,
 )
 from kata_shim.hypervisor._clh import CloudHypervisor, pci_path_of
-from kata_shim.persist import PROCESSES_KEY, StateStore
+from kata_shim.persist import PROCESSES_KEY, StateStore, cleanup_sandbox
 
 
 @pytest.fixture
@@ -232,5 +241,166 @@ def test_bad_vm_info_is_a_typed_error(config: HypervisorConfig, root: Path) -> N
         hv.api = fake_api  # type: ignore[method-assign]
         with pytest.raises(HypervisorError, match="unknown state 'Exploded'"):
             await hv.info()
+
+    trio.run(main)
+
+
+# --- against an in-process fake API that validates each request ----------------------------------------
+_RUNNING = json_answer({"config": {"payload": {}}, "state": "Running"})
+
+
+def _in_process(
+    config: HypervisorConfig,
+    root: Path,
+    answers: dict[tuple[str, str], Any],
+    body: Callable[[CloudHypervisor], Awaitable[None]],
+) -> list[tuple[str, str]]:
+    """Run ``body`` with a CloudHypervisor whose API socket is served in-process (no VMM process)."""
+    hv = CloudHypervisor(config, state_root=root)
+    seen: list[tuple[str, str]] = []
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", None)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_api, "clh", hv.api_socket, answers, seen)
+            await body(hv)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return seen
+
+
+def test_boot_requests_validate_in_process(config: HypervisorConfig, root: Path) -> None:
+    async def body(hv: CloudHypervisor) -> None:
+        await hv._boot()
+
+    seen = _in_process(config, root, {("GET", "/vm.info"): (_RUNNING, 0.0)}, body)
+    assert seen == [("PUT", "/vm.create"), ("PUT", "/vm.boot"), ("GET", "/vm.info")]
+
+
+@pytest.mark.parametrize(
+    ("answer", "match"),
+    [
+        (b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 9\r\n\r\nVM is off", "HTTP 500.*VM is off"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n{{{", "not JSON"),
+        (json_answer([1, 2]), "expected a JSON object, got list"),
+        (json_answer({"state": "Running"}), "expected a JSON object, got NoneType"),
+        (json_answer({"state": 7, "config": {}}), "unknown state"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n", "over the"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{", "no complete answer within"),
+        (b"", "no answer"),
+    ],
+    ids=["status-500", "bad-json", "array", "no-config", "bad-state", "huge", "slow", "closed"],
+)
+def test_malformed_vm_info_is_a_typed_error(
+    config: HypervisorConfig, root: Path, monkeypatch: pytest.MonkeyPatch, answer: bytes, match: str
+) -> None:
+    monkeypatch.setattr("kata_shim.hypervisor._restvmm.REST_TIMEOUT", 0.5)
+
+    async def body(hv: CloudHypervisor) -> None:
+        with pytest.raises(HypervisorError, match=match):
+            await hv.info()
+
+    _in_process(config, root, {("GET", "/vm.info"): (answer, 30.0)}, body)
+
+
+@pytest.mark.parametrize(
+    ("answer", "match"),
+    [
+        (json_answer({"id": "disk0", "bdf": "0000:00:zz.0"}), "malformed PCI BDF"),
+        (json_answer({"id": 5, "bdf": "0000:00:05.0"}), "without string id and bdf"),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", "HTTP 204"),
+    ],
+    ids=["bad-bdf", "bad-id", "no-info"],
+)
+def test_malformed_hotplug_answer_is_a_typed_error(
+    config: HypervisorConfig, root: Path, tmp_path: Path, answer: bytes, match: str
+) -> None:
+    disk = tmp_path / "c1.img"
+    disk.write_bytes(b"\0")
+
+    async def body(hv: CloudHypervisor) -> None:
+        await hv._boot()
+        hv._vmm, hv._booted = _StubChild(), True  # type: ignore[assignment]
+        with pytest.raises(HypervisorError, match=match):
+            await hv.add_device(BlockDevice(disk))
+        assert not any(isinstance(d, BlockDevice) for d in hv.devices)
+
+    answers = {("GET", "/vm.info"): (_RUNNING, 0.0), ("PUT", "/vm.add-disk"): (answer, 0.0)}
+    seen = _in_process(config, root, answers, body)
+    assert ("PUT", "/vm.add-disk") in seen
+
+
+class _StubChild:
+    """A running VMM as far as `_require_running` asks."""
+
+    exited = trio.Event()
+
+
+# --- virtiofsd, crash cleanup ---------------------------------------------------------------------------
+@pytest.fixture
+def fs_config(config: HypervisorConfig, tmp_path: Path) -> HypervisorConfig:
+    fsd = tmp_path / "virtiofsd"
+    fsd.write_text(f"#!{sys.executable}\n" + (FIXTURES / "fake_virtiofsd.py").read_text())
+    fsd.chmod(0o755)
+    config.shared_fs, config.virtio_fs_daemon = "virtio-fs", str(fsd)
+    return config
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_shim_crash_cleanup_kills_vmm_and_virtiofsd(
+    fs_config: HypervisorConfig, root: Path, record: Path, tmp_path: Path
+) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    hv = CloudHypervisor(fs_config, state_root=root)
+
+    async def main() -> tuple[list[int], list[int]]:
+        await hv.prepare_vm("sb1", None)
+        await hv.add_device(ShareFsDevice(share))
+        await hv.start_vm(60)
+        pids = hv.pids()
+        state = StateStore(root).load("sb1")
+        assert state is not None
+        assert [p["name"] for p in state.extra[PROCESSES_KEY]] == ["cloud-hypervisor", "virtiofsd"]
+        # as `containerd-shim-kata-v2 delete` after a shim crash: only the recorded processes
+        report = await trio.to_thread.run_sync(
+            lambda: cleanup_sandbox("sb1", StateStore(root, shared_root=root / "none"), kill_shim=False)
+        )
+        with trio.fail_after(60):
+            assert await hv.wait_vm() == 1
+        await hv.cleanup()
+        return pids, report.killed
+
+    pids, killed = trio.run(main)
+    assert len(pids) == 2 and sorted(killed) == sorted(pids)
+    assert not any(_alive(p) for p in pids)
+    validate_all("clh", record)
+
+
+def test_virtiofsd_death_ends_the_vm(
+    fs_config: HypervisorConfig, root: Path, record: Path, tmp_path: Path
+) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    hv = CloudHypervisor(fs_config, state_root=root)
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", None)
+        await hv.add_device(ShareFsDevice(share))
+        await hv.start_vm(60)
+        assert hv._virtiofsd is not None
+        hv._virtiofsd.kill()
+        with trio.fail_after(60):
+            assert await hv.wait_vm() == 1
+        assert "the shared directory is gone" in hv.exit_reason()
+        await hv.cleanup()
 
     trio.run(main)

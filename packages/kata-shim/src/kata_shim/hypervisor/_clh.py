@@ -195,6 +195,7 @@ class CloudHypervisor(RestVmm):
         bdf, dev_id = info.get("bdf"), info.get("id")
         if not isinstance(bdf, str) or not isinstance(dev_id, str):
             raise HypervisorError(f"cloud-hypervisor {path}: answer without string id and bdf")
+        pci_path = pci_path_of(bdf)  # checked before the device counts as added
         self.devices.append(device)
         guest_path = self._block_guest_path() if isinstance(device, BlockDevice) else ""
-        return DeviceInfo(guest_path=guest_path, pci_path=pci_path_of(bdf))
+        return DeviceInfo(guest_path=guest_path, pci_path=pci_path)
