@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 import trio
-from restvmm_harness import ApiSpec, fake_vmm, validate_all  # type: ignore[import-not-found]
+from restvmm_harness import (  # type: ignore[import-not-found]
+    ApiSpec,
+    fake_vmm,
+    json_answer,
+    serve_api,
+    validate_all,
+)
 
 from kata_shim.hypervisor import (
     BlockDevice,
@@ -156,6 +162,54 @@ def test_refused_instance_start_quotes_fault_message(
                 await hv.start_vm(60)
         finally:
             await hv.cleanup()
+
+    trio.run(main)
+    validate_all("firecracker", record)
+
+
+@pytest.mark.parametrize(
+    ("answer", "match"),
+    [
+        (json_answer({"fault_message": "boom"}, "400 Bad Request"), "HTTP 400 Bad Request: boom"),
+        (
+            json_answer({"app_name": "Firecracker", "id": "x", "state": "Exploded", "vmm_version": "1"}),
+            "unknown state",
+        ),
+        (json_answer("Running"), "expected a JSON object"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "chunked"),
+    ],
+    ids=["fault", "bad-state", "string", "chunked"],
+)
+def test_malformed_instance_info_is_a_typed_error(
+    config: HypervisorConfig, root: Path, answer: bytes, match: str
+) -> None:
+    hv = Firecracker(config, state_root=root)
+    seen: list[tuple[str, str]] = []
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", None)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_api, "firecracker", hv.api_socket, {("GET", "/"): (answer, 0.0)}, seen)
+            with pytest.raises(HypervisorError, match=match):
+                await hv._boot()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert ("PUT", "/actions") in seen and not any(m == "INVALID" for m, _ in seen)
+
+
+def test_firecracker_ignoring_ctrl_alt_del_is_killed(
+    config: HypervisorConfig, root: Path, record: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_VMM_MODE", "ignore-shutdown")
+    monkeypatch.setattr("kata_shim.hypervisor._restvmm.STOP_GRACE", 0.5)
+    hv = Firecracker(config, state_root=root)
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", None)
+        await hv.start_vm(60)
+        await hv.cleanup()
+        assert "SIGKILL" in hv.exit_reason()
 
     trio.run(main)
     validate_all("firecracker", record)
