@@ -404,3 +404,32 @@ def test_virtiofsd_death_ends_the_vm(
         await hv.cleanup()
 
     trio.run(main)
+
+
+def test_share_hot_plugged_after_boot(
+    fs_config: HypervisorConfig, root: Path, record: Path, tmp_path: Path
+) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    hv = CloudHypervisor(fs_config, state_root=root)
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", None)
+        await hv.start_vm(60)
+        assert hv.vm_config()["memory"]["shared"] is True  # so that a later vhost-user share can map it
+        info = await hv.add_device(ShareFsDevice(share, "late"))
+        assert info.pci_path == "06"
+        assert len(hv.pids()) == 2
+        state = StateStore(root).load("sb1")
+        assert state is not None
+        assert [p["name"] for p in state.extra[PROCESSES_KEY]] == ["cloud-hypervisor", "virtiofsd"]
+        with pytest.raises(HypervisorError, match="one shared directory per VM"):
+            await hv.add_device(ShareFsDevice(share, "again"))
+        await hv.cleanup()
+        assert hv.pids() == []
+
+    trio.run(main)
+    seen = validate_all("clh", record)
+    assert ("PUT", "/vm.add-fs") in seen
+    body = next(r["body"] for r in recorded(record) if r["path"] == "/vm.add-fs")
+    assert body["tag"] == "late" and body["socket"] == str(root / "sb1" / "vhost-fs.sock")

@@ -7,7 +7,8 @@ Start: virtiofsd (for the shared directory), then cloud-hypervisor in the pod's 
 with the whole `vm_config` (cpus, memory shared for virtio-fs, payload, the image read-only as the first disk,
 the cold-plugged disks, nets by tap name, fs, a hybrid vsock, rng, the serial console on stdout),
 ``vm.boot``, and ``vm.info`` to see it running. After boot, `add_device` hot-plugs with ``vm.add-disk``,
-``vm.add-net`` and ``vm.add-fs`` (the answer's PCI BDF becomes `DeviceInfo.pci_path`), `resize_vcpus` is
+``vm.add-net`` and ``vm.add-fs`` (virtiofsd started first; guest memory is shared whenever shared_fs is
+virtio-fs, so a later share works); the answer's PCI BDF becomes `DeviceInfo.pci_path`. `resize_vcpus` is
 ``vm.resize``. Stop: ``vm.shutdown``, ``vmm.shutdown``, SIGKILL after a grace. The agent is reached through
 the hybrid vsock (``hvsock:<state dir>/kata.hvsock:1024``); no passfd.
 """
@@ -96,13 +97,13 @@ class CloudHypervisor(RestVmm):
         payload: dict[str, Any] = {"kernel": str(cfg.kernel), "cmdline": self.cmdline()}
         if cfg.initrd is not None:
             payload["initramfs"] = str(cfg.initrd)
-        has_fs = any(isinstance(d, ShareFsDevice) for d in self.devices)
+        # vhost-user (virtiofsd) maps guest memory: it must be shared, also for a share hot-plugged later
+        has_fs = cfg.shared_fs == "virtio-fs" or any(isinstance(d, ShareFsDevice) for d in self.devices)
         config: dict[str, Any] = {
             "cpus": {
                 "boot_vcpus": cfg.default_vcpus,
                 "max_vcpus": max(cfg.default_maxvcpus, cfg.default_vcpus),
             },
-            # vhost-user (virtiofsd) maps guest memory: it must be shared
             "memory": {"size": cfg.default_memory << 20, "shared": has_fs},
             "payload": payload,
             "serial": {"mode": "Tty"},  # the guest's ttyS0 on cloud-hypervisor's stdout, which we log
@@ -187,9 +188,9 @@ class CloudHypervisor(RestVmm):
             path, body = "/vm.add-net", self._net(n, device)
         else:
             assert isinstance(device, ShareFsDevice)
-            raise HypervisorError(
-                "cloud-hypervisor: the shared directory is cold-plugged only (one virtiofsd)"
-            )
+            # a virtiofsd for it first (left to stop_vm if vm.add-fs then fails)
+            await self._start_virtiofsd(device)
+            path, body = "/vm.add-fs", self._fs(device)
         answer = await self.api("PUT", path, body, ok=(200,))
         info = json_object(answer.json(), f"cloud-hypervisor {path}")
         bdf, dev_id = info.get("bdf"), info.get("id")

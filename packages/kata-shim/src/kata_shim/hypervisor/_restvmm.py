@@ -337,6 +337,14 @@ class RestVmm:
             await trio.sleep(0.1)  # its last output reaches the log
             raise HypervisorError(f"{child.name} did not create {sock} ({child.describe_exit()})")
 
+    async def _start_virtiofsd(self, share: ShareFsDevice) -> None:
+        """Start virtiofsd for ``share``, record it for crash cleanup, wait for its socket."""
+        with contextlib.suppress(FileNotFoundError):
+            self.virtiofsd_socket.unlink()
+        self._virtiofsd = await self._spawn("virtiofsd", self.virtiofsd_argv(share))
+        self._persist()
+        await self._wait_socket(self._virtiofsd, self.virtiofsd_socket)
+
     async def start_vm(self, timeout: float) -> None:  # noqa: ASYNC109 (runtime-rs signature)
         """Start virtiofsd (for a shared directory) and the VMM, then create and boot the VM over the API.
 
@@ -349,11 +357,7 @@ class RestVmm:
             with trio.fail_after(max(timeout, 1.0)):
                 share = next((d for d in self.devices if isinstance(d, ShareFsDevice)), None)
                 if share is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        self.virtiofsd_socket.unlink()
-                    self._virtiofsd = await self._spawn("virtiofsd", self.virtiofsd_argv(share))
-                    self._persist()
-                    await self._wait_socket(self._virtiofsd, self.virtiofsd_socket)
+                    await self._start_virtiofsd(share)
                 for stale in (self.api_socket, self.hvsock_path):
                     with contextlib.suppress(FileNotFoundError):
                         stale.unlink()
