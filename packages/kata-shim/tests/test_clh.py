@@ -433,3 +433,57 @@ def test_share_hot_plugged_after_boot(
     assert ("PUT", "/vm.add-fs") in seen
     body = next(r["body"] for r in recorded(record) if r["path"] == "/vm.add-fs")
     assert body["tag"] == "late" and body["socket"] == str(root / "sb1" / "vhost-fs.sock")
+
+
+def test_vcpu_threads_are_found_by_name(config: HypervisorConfig, root: Path, record: Path) -> None:
+    hv = CloudHypervisor(config, state_root=root)
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", None)
+        await hv.start_vm(60)
+        try:
+            with trio.fail_after(30):
+                while True:
+                    if len(hv.vcpu_thread_ids()) == 2:
+                        break
+                    await trio.sleep(0.05)
+            assert set(hv.vcpu_thread_ids()) < set(hv.thread_ids())
+        finally:
+            await hv.cleanup()
+        assert hv.vcpu_thread_ids() == []
+
+    trio.run(main)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2")
+def test_vmm_runs_in_the_pod_netns(
+    config: HypervisorConfig, root: Path, record: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VMM opens taps by name: it must run in the pod's netns (nsenter), the shim staying out."""
+    import json
+    import subprocess
+
+    info = tmp_path / "info.json"
+    monkeypatch.setenv("FAKE_VMM_INFO", str(info))
+    name = f"kata-chtest-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    own = os.readlink("/proc/thread-self/ns/net")
+    hv = CloudHypervisor(config, state_root=root)
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", name)
+        try:
+            await hv.start_vm(60)
+        finally:
+            await hv.cleanup()
+
+    try:
+        trio.run(main)
+        seen = json.loads(info.read_text())
+        assert seen["argv"][1:3] == ["--api-socket", str(root / "sb1" / "api.sock")]
+        assert seen["netns"] == f"net:[{os.stat(f'/run/netns/{name}').st_ino}]"  # the pod's
+        assert os.readlink("/proc/thread-self/ns/net") == own != seen["netns"]  # not the shim's
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+    validate_all("clh", record)
