@@ -487,3 +487,48 @@ def test_vmm_runs_in_the_pod_netns(
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False)
     validate_all("clh", record)
+
+
+@pytest.mark.parametrize(
+    ("trigger", "reason"),
+    [("/vm.reboot", "guest reset"), ("/vm.power-button", "guest panicked")],
+    ids=["reset", "panic"],
+)
+def test_guest_reset_or_panic_ends_the_vm(
+    config: HypervisorConfig, root: Path, record: Path, trigger: str, reason: str
+) -> None:
+    """cloud-hypervisor reboots a guest that resets; the event monitor tells, and the VM ends instead."""
+    hv = CloudHypervisor(config, state_root=root)
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", None)
+        await hv.start_vm(60)
+        await hv.api("PUT", trigger)
+        with trio.fail_after(60):
+            assert await hv.wait_vm() == 1
+        assert reason in hv.exit_reason() and "SIGKILL" in hv.exit_reason()
+        await hv.cleanup()
+
+    trio.run(main)
+    assert ("vm", "booted") in hv.events
+    validate_all("clh", record)
+    assert recorded(record)[0]["body"]["pvpanic"] is True
+
+
+def test_garbage_on_the_event_monitor_stops_watching_only(config: HypervisorConfig, root: Path) -> None:
+    hv = CloudHypervisor(config, state_root=root)
+
+    async def main() -> None:
+        read_fd, write_fd = os.pipe()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hv._watch_events, read_fd)
+            data = b'{"source": "vm", "event": "booted"}\n\n' + b"[" * 70000
+
+            def writer() -> None:  # more than a pipe holds: from a thread while the watcher reads
+                with os.fdopen(write_fd, "wb") as pipe:
+                    pipe.write(data)
+
+            await trio.to_thread.run_sync(writer)
+        assert hv.events == [("vm", "booted")] and hv.exit_reason() == ""
+
+    trio.run(main)

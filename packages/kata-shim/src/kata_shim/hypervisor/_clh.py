@@ -9,20 +9,30 @@ the cold-plugged disks, nets by tap name, fs, a hybrid vsock, rng, the serial co
 ``vm.boot``, and ``vm.info`` to see it running. After boot, `add_device` hot-plugs with ``vm.add-disk``,
 ``vm.add-net`` and ``vm.add-fs`` (virtiofsd started first; guest memory is shared whenever shared_fs is
 virtio-fs, so a later share works); the answer's PCI BDF becomes `DeviceInfo.pci_path`. `resize_vcpus` is
-``vm.resize``. Stop: ``vm.shutdown``, ``vmm.shutdown``, SIGKILL after a grace. The agent is reached through
+``vm.resize``. Stop: ``vm.shutdown``, ``vmm.shutdown``, SIGKILL after a grace.
+
+cloud-hypervisor reboots a guest that resets (``reboot=k``, ``panic=1``) instead of exiting, so its event
+monitor (``--event-monitor fd=``, a pipe) is watched: "rebooting" or a pvpanic "panic" ends the VM (SIGKILL),
+with the reason in `exit_reason`. The agent is reached through
 the hybrid vsock (``hvsock:<state dir>/kata.hvsock:1024``); no passfd.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from pathlib import Path
 from typing import Any
+
+import trio
 
 from kata_shim.hypervisor._base import (
     BlockDevice,
     Capabilities,
     Device,
     DeviceInfo,
+    HypervisorConfig,
     HypervisorError,
     NetworkDevice,
     ShareFsDevice,
@@ -42,6 +52,8 @@ CAPABILITIES = Capabilities(
 """Cold- and hot-plugged PCI devices, virtio-fs through virtiofsd, hybrid vsock; memory resize not built."""
 VM_STATES = ("Created", "Running", "Shutdown", "Paused")
 """VmInfo.state's values in the spec."""
+EVENT_MAX = 64 * 1024
+"""Bytes of one event-monitor object (they are a few hundred)."""
 _BDF = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
 
 
@@ -63,12 +75,75 @@ class CloudHypervisor(RestVmm):
     vcpu_thread_prefix = "vcpu"
     CAPABILITIES = CAPABILITIES
 
+    def __init__(self, config: HypervisorConfig, *, state_root: Path | None = None) -> None:
+        super().__init__(config, state_root=state_root)
+        self._events_w: int | None = None
+        self.events: list[tuple[str, str]] = []
+        """The first (source, event) pairs of the event monitor (at most 64), for tests and diagnosis."""
+
+    def _vmm_pass_fds(self) -> list[int]:
+        """A pipe for ``--event-monitor fd=``: its read end is watched, its write end goes to the VMM."""
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        self._events_w = write_fd
+        trio.lowlevel.spawn_system_task(self._watch_events, read_fd, name=f"clh-events-{self.sandbox_id}")
+        return [write_fd]
+
     def vmm_argv(self) -> list[str]:
-        """``<path> --api-socket <state dir>/api.sock`` (the VM itself comes over the API)."""
+        """``<path> --api-socket <state dir>/api.sock [--event-monitor fd=<n>]`` (the VM itself comes over
+        the API)."""
         argv = [self.config.path, "--api-socket", str(self.api_socket)]
+        if self._events_w is not None:
+            argv += ["--event-monitor", f"fd={self._events_w}"]
         if self.config.enable_debug:
             argv.append("-v")
         return argv
+
+    async def _watch_events(self, read_fd: int) -> None:
+        """Read the event monitor (pretty-printed JSON objects, each followed by a blank line) until the VMM
+        closes it. A guest reset ("vm" "rebooting": cloud-hypervisor would boot the guest again, e.g. after a
+        panic with panic=1) or a pvpanic ("guest" "panic") ends the VM: the shim's sandbox does not survive a
+        guest reboot. An object over `EVENT_MAX` bytes or malformed JSON stops the watching (logged;
+        cloud-hypervisor writes events non-blocking and ignores a full pipe, so it does not stall)."""
+        decoder = json.JSONDecoder()
+        buf = ""
+        try:
+            async with trio.lowlevel.FdStream(read_fd) as stream:
+                while data := await stream.receive_some(65536):
+                    buf += data.decode(errors="replace")
+                    while buf.strip():
+                        text = buf.lstrip()
+                        try:
+                            event, end = decoder.raw_decode(text)
+                        except ValueError:
+                            if len(text) > EVENT_MAX:
+                                raise
+                            break  # incomplete: wait for more
+                        buf = text[end:]
+                        self._on_event(event)
+        except (
+            ValueError,
+            RecursionError,
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+        ) as err:
+            self.log.warning("sandbox %s: cloud-hypervisor event monitor: %s", self.sandbox_id, err)
+
+    def _on_event(self, event: object) -> None:
+        if not isinstance(event, dict):
+            return
+        source, name = str(event.get("source", ""))[:40], str(event.get("event", ""))[:40]
+        if len(self.events) < 64:
+            self.events.append((source, name))
+        death = ""
+        if (source, name) == ("vm", "rebooting"):
+            death = "guest reset (cloud-hypervisor would reboot it; the sandbox ends instead)"
+        elif (source, name) == ("guest", "panic"):
+            death = "guest panicked"
+        if death and not self._stopping and self._vmm is not None:
+            self.log.error("sandbox %s: %s", self.sandbox_id, death)
+            self._death = self._death or death
+            self._vmm.kill()
 
     def _disk(self, n: int, device: BlockDevice) -> dict[str, Any]:
         disk: dict[str, Any] = {"path": str(device.path), "readonly": device.read_only, "id": f"disk{n}"}
@@ -109,6 +184,7 @@ class CloudHypervisor(RestVmm):
             "serial": {"mode": "Tty"},  # the guest's ttyS0 on cloud-hypervisor's stdout, which we log
             "console": {"mode": "Off"},
             "vsock": {"cid": GUEST_CID, "socket": str(self.hvsock_path), "id": "vsock0"},
+            "pvpanic": True,  # a guest panic is an event ("guest" "panic") even before panic=1 resets it
         }
         disks = []
         if cfg.image is not None:

@@ -253,7 +253,11 @@ class RestVmm:
         return [NSENTER, f"--net={netns_path(self.netns)}", "--", *argv]
 
     # --- running ------------------------------------------------------------------------------------
-    async def _spawn(self, name: str, argv: list[str]) -> Child:
+    def _vmm_pass_fds(self) -> list[int]:
+        """Fds the VMM inherits (created before `vmm_argv`, which may name them); closed here after spawn."""
+        return []
+
+    async def _spawn(self, name: str, argv: list[str], pass_fds: list[int] | None = None) -> Child:
         self.log.info("sandbox %s: starting %s: %s", self.sandbox_id, name, " ".join(argv))
         try:
             process = await trio.lowlevel.open_process(
@@ -261,6 +265,7 @@ class RestVmm:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
+                pass_fds=pass_fds or [],
                 start_new_session=True,
             )
         except OSError as err:
@@ -361,7 +366,13 @@ class RestVmm:
                 for stale in (self.api_socket, self.hvsock_path):
                     with contextlib.suppress(FileNotFoundError):
                         stale.unlink()
-                self._vmm = await self._spawn(self.vmm_name, self.spawn_argv())
+                pass_fds = self._vmm_pass_fds()
+                try:
+                    self._vmm = await self._spawn(self.vmm_name, self.spawn_argv(), pass_fds)
+                finally:
+                    for fd in pass_fds:  # the VMM has its own copies
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
                 self._persist()
                 await self._wait_socket(self._vmm, self.api_socket)
                 await self._boot()
