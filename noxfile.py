@@ -39,6 +39,9 @@ TEST_DEPS = [
     "pytest-benchmark==5.2.3",
     "hypothesis==6.155.2",
     "trio==0.35.0",
+    # the clh and firecracker back-ends' requests are validated against their upstream API specs
+    "jsonschema==4.26.0",
+    "PyYAML==6.0.3",
 ]
 LINT_DEPS = ["ruff==0.17.6", "mypy==2.4.1", "import-linter==2.16", "types-protobuf"]
 

@@ -152,7 +152,7 @@ def test_shipped_default_loads_when_the_assets_exist(
             'hypervisor_name = "nosuchvmm"',
             "",
             "runtime.hypervisor_name",
-            "unknown hypervisor 'nosuchvmm' (known: dragonball, qemu)",
+            "unknown hypervisor 'nosuchvmm' (known: clh, dragonball, firecracker, qemu)",
         ),
         ('name = "wasm_container"', "", "runtime.name", "unknown runtime handler 'wasm_container'"),
         ('agent_name = "other"', "", "runtime.agent_name", "unknown agent 'other'"),

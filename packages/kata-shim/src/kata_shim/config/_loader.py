@@ -42,10 +42,10 @@ DROP_IN_DIR = "config.d"
 AGENTS = ("kata",)
 # Block drivers upstream names for the PCI machines, and what a back-end without PCI uses instead.
 _MMIO_BLOCK_DRIVERS = {"virtio-blk-pci": "virtio-mmio", "virtio-blk": "virtio-mmio"}
-_MMIO_HYPERVISORS = ("dragonball",)
-# Block drivers upstream names that the qemu back-end serves as virtio-blk-pci (it has no virtio-scsi).
+_MMIO_HYPERVISORS = ("dragonball", "firecracker")
+# Block drivers upstream names that the qemu and clh back-ends serve as virtio-blk-pci (no virtio-scsi).
 _PCI_BLOCK_DRIVERS = {"virtio-scsi": "virtio-blk-pci", "virtio-blk": "virtio-blk-pci"}
-_PCI_HYPERVISORS = ("qemu",)
+_PCI_HYPERVISORS = ("qemu", "clh")
 INTERNETWORKING_MODELS = ("tcfilter", "route", "none")
 """`[runtime] internetworking_model`: how guest frames reach the pod's veth (kata_resources.NetworkModel)."""
 

@@ -10,6 +10,8 @@ from kata_shim.hypervisor._base import Hypervisor, HypervisorConfig, HypervisorF
 HYPERVISORS: dict[str, str] = {
     "dragonball": "kata_shim.hypervisor._dragonball:Dragonball",
     "qemu": "kata_shim.hypervisor._qemu:Qemu",
+    "clh": "kata_shim.hypervisor._clh:CloudHypervisor",
+    "firecracker": "kata_shim.hypervisor._firecracker:Firecracker",
 }
 """`hypervisor_name` -> import string of a `HypervisorFactory` (a class taking a `HypervisorConfig`)."""
 
