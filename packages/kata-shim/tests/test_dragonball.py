@@ -25,7 +25,7 @@ from kata_shim.hypervisor import (
     ShareFsDevice,
     hypervisor_factory,
 )
-from kata_shim.hypervisor._console import ConsoleSink
+from kata_shim.hypervisor._common import ConsoleSink
 from kata_shim.hypervisor._dragonball import SANDBOX_SHARE_POLICY, Dragonball
 from kata_vmm import BlockSpec, FsSpec, MmioSlot, NetSpec, RngSpec, VsockSpec
 from kata_vmm import testing as tk

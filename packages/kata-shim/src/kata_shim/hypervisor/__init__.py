@@ -16,7 +16,7 @@ from kata_shim.hypervisor._base import (
     NetworkDevice,
     ShareFsDevice,
 )
-from kata_shim.hypervisor._console import boot_report
+from kata_shim.hypervisor._common import boot_report
 from kata_shim.hypervisor._registry import HYPERVISORS, hypervisor_factory, new_hypervisor
 
 __all__ = [

@@ -42,7 +42,7 @@ from kata_shim.hypervisor._base import (
     NetworkDevice,
     ShareFsDevice,
 )
-from kata_shim.hypervisor._console import BASE_CMDLINE, ConsoleSink, netns_path
+from kata_shim.hypervisor._common import BASE_CMDLINE, ConsoleSink, check_guest, disk_letters, netns_path
 from kata_shim.persist import sandbox_dir
 from kata_vmm import (
     BlockSpec,
@@ -114,21 +114,7 @@ class Dragonball:
 
     def _check_config(self) -> None:
         cfg = self.config
-        if not str(cfg.kernel) or cfg.kernel == Path():
-            raise HypervisorError("no guest kernel configured ([hypervisor.dragonball] kernel)")
-        for what, path in (("kernel", cfg.kernel), ("initrd", cfg.initrd), ("image", cfg.image)):
-            if path is None:
-                continue
-            if not Path(path).is_file():
-                raise HypervisorError(f"{what} {path} not found")
-        if cfg.image is None and cfg.initrd is None:
-            raise HypervisorError("neither image nor initrd configured: the guest has no root filesystem")
-        if cfg.default_vcpus < 1:
-            raise HypervisorError(f"default_vcpus must be at least 1, not {cfg.default_vcpus}")
-        if cfg.default_memory < 64:
-            raise HypervisorError(f"default_memory must be at least 64 MiB, not {cfg.default_memory}")
-        if cfg.shared_fs not in CAPABILITIES.shared_fs | {"none", ""}:
-            raise HypervisorError(f"shared_fs {cfg.shared_fs!r} is not supported by dragonball")
+        check_guest(cfg, self.name, CAPABILITIES)
         if cfg.block_device_driver not in ("virtio-mmio", "virtio-blk", "virtio-blk-mmio"):
             raise HypervisorError(
                 f"block_device_driver {cfg.block_device_driver!r} is not supported by dragonball"
@@ -188,7 +174,7 @@ class Dragonball:
         self._devices.append((device, slot))
         guest_path = ""
         if isinstance(spec, BlockSpec):
-            guest_path = "/dev/vd" + _disk_letters(self._block_index(slot))
+            guest_path = "/dev/vd" + disk_letters(self._block_index(slot))
         return DeviceInfo(guest_path=guest_path, mmio_address=int(slot.base))
 
     def _block_index(self, slot: MmioSlot) -> int:
@@ -447,13 +433,3 @@ class Dragonball:
                 for sock in self.state_dir.glob(HVSOCK_NAME + "*"):
                     with contextlib.suppress(OSError):
                         sock.unlink()
-
-
-def _disk_letters(index: int) -> str:
-    """0 -> a, 25 -> z, 26 -> aa (the kernel's virtio_blk naming)."""
-    letters = ""
-    index += 1
-    while index > 0:
-        index, rem = divmod(index - 1, 26)
-        letters = chr(ord("a") + rem) + letters
-    return letters

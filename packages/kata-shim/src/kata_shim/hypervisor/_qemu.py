@@ -25,7 +25,6 @@ recorded.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import os
 import signal
@@ -49,7 +48,14 @@ from kata_shim.hypervisor._base import (
     ShareFsDevice,
 )
 from kata_shim.hypervisor._child import Child
-from kata_shim.hypervisor._console import BASE_CMDLINE, ConsoleSink, netns_path
+from kata_shim.hypervisor._common import (
+    BASE_CMDLINE,
+    ConsoleSink,
+    check_guest,
+    check_vmm_binary,
+    disk_letters,
+    netns_path,
+)
 from kata_shim.hypervisor._qmp import QmpClient, QmpError, QmpEvent
 from kata_shim.hypervisor._vhost import open_vhost_net, open_vhost_vsock
 from kata_shim.persist import PROCESSES_KEY, StateStore, sandbox_dir
@@ -97,10 +103,6 @@ VsockOpener = Callable[[], tuple[int, int]]
 def _escape(value: str | Path) -> str:
     """A value inside a QEMU option list: commas are doubled."""
     return str(value).replace(",", ",,")
-
-
-def _matches(path: str, globs: list[str]) -> bool:
-    return not globs or any(fnmatch.fnmatchcase(path, g) for g in globs)
 
 
 @dataclass
@@ -163,34 +165,8 @@ class Qemu:
         return self.state_dir
 
     def _check_config(self) -> None:
-        cfg = self.config
-        if not cfg.path:
-            raise HypervisorError("no QEMU binary configured ([hypervisor.qemu] path)")
-        if not _matches(cfg.path, cfg.valid_hypervisor_paths):
-            raise HypervisorError(f"qemu path {cfg.path} is not in valid_hypervisor_paths")
-        if not os.access(cfg.path, os.X_OK):
-            raise HypervisorError(f"qemu binary {cfg.path} not found or not executable")
-        if cfg.kernel == Path() or not Path(cfg.kernel).is_file():
-            raise HypervisorError(f"kernel {cfg.kernel} not found")
-        for what, path in (("initrd", cfg.initrd), ("image", cfg.image)):
-            if path is not None and not Path(path).is_file():
-                raise HypervisorError(f"{what} {path} not found")
-        if cfg.image is None and cfg.initrd is None:
-            raise HypervisorError("neither image nor initrd configured: the guest has no root filesystem")
-        if cfg.default_vcpus < 1:
-            raise HypervisorError(f"default_vcpus must be at least 1, not {cfg.default_vcpus}")
-        if cfg.default_memory < 64:
-            raise HypervisorError(f"default_memory must be at least 64 MiB, not {cfg.default_memory}")
-        if cfg.shared_fs not in CAPABILITIES.shared_fs | {"none", ""}:
-            raise HypervisorError(f"shared_fs {cfg.shared_fs!r} is not supported by qemu (use virtio-fs)")
-        if cfg.shared_fs == "virtio-fs":
-            daemon = cfg.virtio_fs_daemon
-            if not daemon:
-                raise HypervisorError("shared_fs is virtio-fs but virtio_fs_daemon is not set")
-            if not _matches(daemon, cfg.valid_virtio_fs_daemon_paths):
-                raise HypervisorError(f"virtio_fs_daemon {daemon} is not in valid_virtio_fs_daemon_paths")
-            if not os.access(daemon, os.X_OK):
-                raise HypervisorError(f"virtio_fs_daemon {daemon} not found or not executable")
+        check_vmm_binary(self.config, self.name, "QEMU")
+        check_guest(self.config, self.name, CAPABILITIES)
 
     async def prepare_vm(self, sandbox_id: str, netns: str | None) -> None:
         """Check the config (binaries, kernel, image) and create /run/kata/<sandbox id>/; start nothing."""
@@ -240,7 +216,7 @@ class Qemu:
         guest_path = ""
         if isinstance(device, BlockDevice):
             index = sum(isinstance(s.device, BlockDevice) for s in self._devices) - 1
-            guest_path = "/dev/vd" + _disk_letters(index + (1 if self.config.image is not None else 0))
+            guest_path = "/dev/vd" + disk_letters(index + (1 if self.config.image is not None else 0))
         return DeviceInfo(guest_path=guest_path, pci_path=f"{slot:02x}")
 
     def cmdline(self) -> str:
@@ -701,13 +677,3 @@ class Qemu:
                 if self._qemu is not None or self._virtiofsd is not None:
                     with contextlib.suppress(Exception):
                         StateStore(self._state_root).forget(self.sandbox_id, PROCESSES_KEY)
-
-
-def _disk_letters(index: int) -> str:
-    """0 -> a, 25 -> z, 26 -> aa (the kernel's virtio_blk naming)."""
-    letters = ""
-    index += 1
-    while index > 0:
-        index, rem = divmod(index - 1, 26)
-        letters = chr(ord("a") + rem) + letters
-    return letters

@@ -10,7 +10,6 @@ off (`_shutdown`), and its capabilities.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import os
 import signal
@@ -32,7 +31,14 @@ from kata_shim.hypervisor._base import (
     ShareFsDevice,
 )
 from kata_shim.hypervisor._child import Child
-from kata_shim.hypervisor._console import BASE_CMDLINE, ConsoleSink, netns_path
+from kata_shim.hypervisor._common import (
+    BASE_CMDLINE,
+    ConsoleSink,
+    check_guest,
+    check_vmm_binary,
+    disk_letters,
+    netns_path,
+)
 from kata_shim.hypervisor._rest import REST_TIMEOUT, RestResponse, expect, request
 from kata_shim.persist import PROCESSES_KEY, StateStore, sandbox_dir
 
@@ -48,20 +54,6 @@ STOP_GRACE = 10.0
 DRAIN_GRACE = 1.0
 NSENTER = "nsenter"
 """util-linux's nsenter: runs the VMM in the pod's netns (it execs, so the pid is the VMM's)."""
-
-
-def matches(path: str, globs: list[str]) -> bool:
-    return not globs or any(fnmatch.fnmatchcase(path, g) for g in globs)
-
-
-def disk_letters(index: int) -> str:
-    """0 -> a, 25 -> z, 26 -> aa (the kernel's virtio_blk naming)."""
-    letters = ""
-    index += 1
-    while index > 0:
-        index, rem = divmod(index - 1, 26)
-        letters = chr(ord("a") + rem) + letters
-    return letters
 
 
 class RestVmm:
@@ -117,37 +109,8 @@ class RestVmm:
 
     # --- set-up -------------------------------------------------------------------------------------
     def _check_config(self) -> None:
-        cfg = self.config
-        if not cfg.path:
-            raise HypervisorError(f"no {self.vmm_name} binary configured ([hypervisor.{self.name}] path)")
-        if not matches(cfg.path, cfg.valid_hypervisor_paths):
-            raise HypervisorError(f"{self.name} path {cfg.path} is not in valid_hypervisor_paths")
-        if not os.access(cfg.path, os.X_OK):
-            raise HypervisorError(f"{self.vmm_name} binary {cfg.path} not found or not executable")
-        if cfg.kernel == Path() or not Path(cfg.kernel).is_file():
-            raise HypervisorError(f"kernel {cfg.kernel} not found")
-        for what, path in (("initrd", cfg.initrd), ("image", cfg.image)):
-            if path is not None and not Path(path).is_file():
-                raise HypervisorError(f"{what} {path} not found")
-        if cfg.image is None and cfg.initrd is None:
-            raise HypervisorError("neither image nor initrd configured: the guest has no root filesystem")
-        if cfg.default_vcpus < 1:
-            raise HypervisorError(f"default_vcpus must be at least 1, not {cfg.default_vcpus}")
-        if cfg.default_memory < 64:
-            raise HypervisorError(f"default_memory must be at least 64 MiB, not {cfg.default_memory}")
-        if cfg.shared_fs not in self.CAPABILITIES.shared_fs | {"none", ""}:
-            offered = (
-                ", ".join(sorted(self.CAPABILITIES.shared_fs)) or "none: capabilities().shared_fs is empty"
-            )
-            raise HypervisorError(f"shared_fs {cfg.shared_fs!r} is not supported by {self.name} ({offered})")
-        if cfg.shared_fs == "virtio-fs":
-            daemon = cfg.virtio_fs_daemon
-            if not daemon:
-                raise HypervisorError("shared_fs is virtio-fs but virtio_fs_daemon is not set")
-            if not matches(daemon, cfg.valid_virtio_fs_daemon_paths):
-                raise HypervisorError(f"virtio_fs_daemon {daemon} is not in valid_virtio_fs_daemon_paths")
-            if not os.access(daemon, os.X_OK):
-                raise HypervisorError(f"virtio_fs_daemon {daemon} not found or not executable")
+        check_vmm_binary(self.config, self.name, self.vmm_name)
+        check_guest(self.config, self.name, self.CAPABILITIES)
 
     async def prepare_vm(self, sandbox_id: str, netns: str | None) -> None:
         """Check the config (binaries, kernel, image) and create /run/kata/<sandbox id>/; start nothing."""
@@ -332,15 +295,22 @@ class RestVmm:
                 "sandbox %s: cannot record the %s processes: %s", self.sandbox_id, self.name, err
             )
 
-    async def _wait_socket(self, child: Child, sock: Path) -> None:
+    async def _wait_socket(self, child: Child, sock: Path, *, listening: bool = False) -> None:
+        """Until ``child`` created ``sock`` (and, with ``listening``, accepts on it: a VMM binds its API
+        socket before it listens, and a request in between is refused). Never probe a vhost-user socket
+        with ``listening``: virtiofsd serves the first connection only."""
+        ready = False
         with trio.move_on_after(SOCKET_WAIT):
-            while True:
-                if os.path.exists(sock) or child.exited.is_set():  # noqa: ASYNC240 (a stat of a local path)
-                    break
+            while not child.exited.is_set():
+                if os.path.exists(sock):  # noqa: ASYNC240 (a stat of a local path)
+                    ready = not listening or await _accepts(sock)
+                    if ready:
+                        break
                 await trio.sleep(0.02)
-        if not os.path.exists(sock):  # noqa: ASYNC240
+        if not ready:
             await trio.sleep(0.1)  # its last output reaches the log
-            raise HypervisorError(f"{child.name} did not create {sock} ({child.describe_exit()})")
+            state = "did not listen on" if os.path.exists(sock) else "did not create"  # noqa: ASYNC240
+            raise HypervisorError(f"{child.name} {state} {sock} ({child.describe_exit()})")
 
     async def _start_virtiofsd(self, share: ShareFsDevice) -> None:
         """Start virtiofsd for ``share``, record it for crash cleanup, wait for its socket."""
@@ -374,7 +344,7 @@ class RestVmm:
                         with contextlib.suppress(OSError):
                             os.close(fd)
                 self._persist()
-                await self._wait_socket(self._vmm, self.api_socket)
+                await self._wait_socket(self._vmm, self.api_socket, listening=True)
                 await self._boot()
                 self._booted = True
         except (HypervisorError, OSError, trio.TooSlowError) as err:
@@ -514,3 +484,13 @@ def json_object(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise HypervisorError(f"{what}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+async def _accepts(sock: Path) -> bool:
+    """Whether a unix socket accepts a connection now (refused or gone: not yet)."""
+    try:
+        stream = await trio.open_unix_socket(str(sock))
+    except OSError:
+        return False
+    await stream.aclose()
+    return True

@@ -1,8 +1,10 @@
-"""What the back-ends share: the kernel parameters every guest gets, the serial console sink, netns paths."""
+"""What the back-ends share: the kernel parameters every guest gets, the checks of their configuration, the
+serial console sink, netns paths, virtio-blk names and the report on a late guest."""
 
 from __future__ import annotations
 
 import collections
+import fnmatch
 import logging
 import os
 import threading
@@ -10,6 +12,7 @@ import time
 from pathlib import Path
 
 from kata_shim._ratelimit import LineRateLimit
+from kata_shim.hypervisor._base import Capabilities, HypervisorConfig, HypervisorError
 
 BASE_CMDLINE = "console=ttyS0 reboot=k panic=1"
 """Kernel parameters every guest gets; `quiet` is added unless `enable_debug` (each console byte is a VM
@@ -88,3 +91,57 @@ def boot_report(vcpu_tids: list[int], console_tail: str, started: float) -> str:
         f"guest console (last lines):\n{console_tail}" if console_tail else "the guest console is empty",
     ]
     return "\n".join(lines)
+
+
+def matches(path: str, globs: list[str]) -> bool:
+    """Whether ``path`` is allowed by upstream's ``valid_*_paths`` globs (an empty list allows any)."""
+    return not globs or any(fnmatch.fnmatchcase(path, g) for g in globs)
+
+
+def disk_letters(index: int) -> str:
+    """0 -> a, 25 -> z, 26 -> aa (the kernel's virtio_blk naming)."""
+    letters = ""
+    index += 1
+    while index > 0:
+        index, rem = divmod(index - 1, 26)
+        letters = chr(ord("a") + rem) + letters
+    return letters
+
+
+def check_vmm_binary(cfg: HypervisorConfig, name: str, binary: str) -> None:
+    """An external back-end's VMM: configured, allowed by ``valid_hypervisor_paths``, executable."""
+    if not cfg.path:
+        raise HypervisorError(f"no {binary} binary configured ([hypervisor.{name}] path)")
+    if not matches(cfg.path, cfg.valid_hypervisor_paths):
+        raise HypervisorError(f"{name} path {cfg.path} is not in valid_hypervisor_paths")
+    if not os.access(cfg.path, os.X_OK):
+        raise HypervisorError(f"{binary} binary {cfg.path} not found or not executable")
+
+
+def check_guest(cfg: HypervisorConfig, name: str, capabilities: Capabilities) -> None:
+    """What every back-end needs of the guest: a kernel, a root filesystem (image or initrd) that exist, at
+    least one vCPU and 64 MiB, a ``shared_fs`` the back-end serves and, for virtio-fs, an allowed daemon."""
+    if cfg.kernel == Path():
+        raise HypervisorError(f"no guest kernel configured ([hypervisor.{name}] kernel)")
+    if not Path(cfg.kernel).is_file():
+        raise HypervisorError(f"kernel {cfg.kernel} not found")
+    for what, path in (("initrd", cfg.initrd), ("image", cfg.image)):
+        if path is not None and not Path(path).is_file():
+            raise HypervisorError(f"{what} {path} not found")
+    if cfg.image is None and cfg.initrd is None:
+        raise HypervisorError("neither image nor initrd configured: the guest has no root filesystem")
+    if cfg.default_vcpus < 1:
+        raise HypervisorError(f"default_vcpus must be at least 1, not {cfg.default_vcpus}")
+    if cfg.default_memory < 64:
+        raise HypervisorError(f"default_memory must be at least 64 MiB, not {cfg.default_memory}")
+    if cfg.shared_fs not in capabilities.shared_fs | {"none", ""}:
+        offered = ", ".join(sorted(capabilities.shared_fs)) or "none: capabilities().shared_fs is empty"
+        raise HypervisorError(f"shared_fs {cfg.shared_fs!r} is not supported by {name} ({offered})")
+    if cfg.shared_fs == "virtio-fs" and "inline-virtio-fs" not in capabilities.shared_fs:
+        daemon = cfg.virtio_fs_daemon
+        if not daemon:
+            raise HypervisorError("shared_fs is virtio-fs but virtio_fs_daemon is not set")
+        if not matches(daemon, cfg.valid_virtio_fs_daemon_paths):
+            raise HypervisorError(f"virtio_fs_daemon {daemon} is not in valid_virtio_fs_daemon_paths")
+        if not os.access(daemon, os.X_OK):
+            raise HypervisorError(f"virtio_fs_daemon {daemon} not found or not executable")
