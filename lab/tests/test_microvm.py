@@ -6,6 +6,8 @@ import os
 import re
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,15 @@ LAB = Path(__file__).resolve().parents[1]
 if str(LAB) not in sys.path:
     sys.path.insert(0, str(LAB))
 
-from framework.microvm import GuestConfig, MicroVM, MicroVMTimeout, QemuBackend  # noqa: E402
+from framework.microvm import (  # noqa: E402
+    FIRMWARE_HANDOVER,
+    GuestConfig,
+    LabPlatformWarning,
+    MicroVM,
+    MicroVMTimeout,
+    QemuBackend,
+    QmpClient,
+)
 
 
 class TcgFirmwareOnly(QemuBackend):
@@ -35,7 +45,7 @@ class SleepBackend(TcgFirmwareOnly):
     def command(self, config: GuestConfig) -> list[str]:
         return ["sleep", "600"]
 
-    def monitor_args(self, path: Path) -> list[str]:
+    def monitor_args(self, path: Path, log: Path) -> list[str]:
         return []
 
     def probe(self, path: Path) -> str:
@@ -74,3 +84,58 @@ def test_a_late_guest_without_monitor_still_reports_threads(tmp_path: Path) -> N
     assert f"threads of sleep (pid {vm.proc.pid if vm.proc else 0}): sleep S 0.0 s" in message, message
     assert "qemu:" not in message
     assert os.cpu_count() is not None and f"{os.cpu_count()} CPUs" in message
+
+
+class TcgTinyKernel(QemuBackend):
+    """QEMU under TCG booting a tiny bzImage that prints nothing: the console stops at the firmware's
+    "Booting from ROM..."."""
+
+    def command(self, config: GuestConfig) -> list[str]:
+        return [
+            "qemu-system-x86_64", "-accel", "tcg", "-M", "q35", "-m", "64", "-nographic", "-nodefaults",
+            "-no-user-config", "-serial", "stdio", "-no-reboot", "-kernel", str(config.kernel),
+        ]  # fmt: skip
+
+
+def _reset_each_boot(vm: MicroVM, boots: int, stop: threading.Event) -> None:
+    """Reset the guest (QMP system_reset: QEMU -no-reboot then exits 0) once the firmware handed over."""
+    done = 0
+    while done < boots and not stop.is_set():
+        running = vm.proc is not None and vm.proc.poll() is None
+        if running and FIRMWARE_HANDOVER.search(vm.console):
+            try:
+                with QmpClient(vm.monitor_path) as qmp:
+                    qmp.execute("system_reset")
+                done += 1
+                while vm.proc is not None and vm.proc.poll() is None and not stop.is_set():
+                    time.sleep(0.05)
+            except (OSError, ValueError):
+                pass
+        time.sleep(0.05)
+
+
+def test_a_guest_reset_before_its_kernel_printed_is_booted_once_more_then_reported(tmp_path: Path) -> None:
+    """The lab's emulated nested SVM sometimes resets a QEMU guest before its kernel prints a byte: the
+    guest is booted once more with a LabPlatformWarning; a second early reset fails with the CPU state."""
+    from kata_vmm import testing as tk
+
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(tk.tiny_bzimage(tk.HALT_FOREVER))
+    vm = MicroVM(TcgTinyKernel(), GuestConfig(kernel=kernel), tmp_path, "early")
+    stop = threading.Event()
+    resetter = threading.Thread(target=_reset_each_boot, args=(vm, 2, stop))
+    vm.spawn()
+    resetter.start()
+    try:
+        warned = pytest.warns(LabPlatformWarning, match="reset before its kernel printed anything")
+        with warned, pytest.raises(MicroVMTimeout) as caught:
+            vm.wait_for_console("NEVER-PRINTED", timeout=120)
+    finally:
+        stop.set()
+        resetter.join()
+        vm.kill()
+    assert vm.early_resets == 1
+    assert "qemu exited (0) before 'NEVER-PRINTED'" in str(caught.value)
+    assert "--- CPU state at the last reset ---" in str(caught.value)
+    assert re.search(r"[RE]IP=[0-9a-f]+", str(caught.value)), str(caught.value)
+    assert FIRMWARE_HANDOVER.search((tmp_path / "early.console.1").read_text())
