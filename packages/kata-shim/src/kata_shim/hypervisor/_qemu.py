@@ -77,7 +77,6 @@ STOP_GRACE = 10.0
 """Seconds QEMU gets to leave after QMP ``quit`` before SIGKILL."""
 VIRTIOFSD_GRACE = 2.0
 """Seconds QEMU has to exit after virtiofsd did, before virtiofsd's exit counts as the VM's death."""
-DRAIN_GRACE = 1.0
 """Seconds a child's output may still come after it exited (its last words before a start failure)."""
 SOCKET_WAIT = 30.0
 """Budget for QEMU's QMP socket and virtiofsd's vhost-user socket to appear."""
@@ -347,29 +346,10 @@ class Qemu:
         return child
 
     async def _supervise(self, child: Child) -> None:
-        """Log the child's output (QEMU's is the guest console) and notice its exit. The exit is watched
-        apart from the output (a grandchild holding the pipe, e.g. virtiofsd's sandbox child, must not
-        hide it); the output gets `DRAIN_GRACE` seconds after the exit, so a start failure can quote it."""
+        """Log the child's output (the guest console for QEMU); notice its exit (`Child.wait_draining`)."""
         sink = self._console if child.name == "qemu" else ConsoleSink(log)
-        stdout = child.process.stdout
-        drained = trio.Event()
-
-        async def drain() -> None:
-            try:
-                if stdout is not None:
-                    with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError, OSError):
-                        while data := await stdout.receive_some(65536):
-                            sink(bytes(data))
-            finally:
-                drained.set()
-
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(drain)
-                await child.process.wait()
-                with trio.move_on_after(DRAIN_GRACE):
-                    await drained.wait()
-                nursery.cancel_scope.cancel()
+            await child.wait_draining(sink)
         except Exception:  # a system task must not raise
             log.exception("sandbox %s: supervising %s failed", self.sandbox_id, child.name)
         finally:

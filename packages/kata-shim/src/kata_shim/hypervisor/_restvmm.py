@@ -51,7 +51,6 @@ SOCKET_WAIT = 30.0
 """Budget for the API socket and virtiofsd's socket to appear."""
 STOP_GRACE = 10.0
 """Seconds the VMM gets to leave after its shutdown request before SIGKILL."""
-DRAIN_GRACE = 1.0
 NSENTER = "nsenter"
 """util-linux's nsenter: runs the VMM in the pod's netns (it execs, so the pid is the VMM's)."""
 
@@ -240,25 +239,8 @@ class RestVmm:
     async def _supervise(self, child: Child) -> None:
         """Log the child's output (the VMM's is the guest serial console) and notice its exit."""
         sink = self._console if child is self._vmm or child.name == self.vmm_name else ConsoleSink(self.log)
-        stdout = child.process.stdout
-        drained = trio.Event()
-
-        async def drain() -> None:
-            try:
-                if stdout is not None:
-                    with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError, OSError):
-                        while data := await stdout.receive_some(65536):
-                            sink(bytes(data))
-            finally:
-                drained.set()
-
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(drain)
-                await child.process.wait()
-                with trio.move_on_after(DRAIN_GRACE):
-                    await drained.wait()
-                nursery.cancel_scope.cancel()
+            await child.wait_draining(sink)
         except Exception:  # a system task must not raise
             self.log.exception("sandbox %s: supervising %s failed", self.sandbox_id, child.name)
         finally:
