@@ -1,9 +1,32 @@
 """Makes restvmm_harness (this directory's helpers) importable: with --import-mode=importlib test directories
-are not on sys.path."""
+are not on sys.path. The REST back-ends' tests share their fixtures here."""
 
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    """A short state root under /tmp (unix socket paths are limited to 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="krv-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the fake REST VMM records every request it gets (JSON lines); the fake's normal mode."""
+    path = tmp_path / "requests.jsonl"
+    monkeypatch.setenv("FAKE_VMM_RECORD", str(path))
+    monkeypatch.delenv("FAKE_VMM_MODE", raising=False)
+    return path

@@ -10,8 +10,7 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +39,6 @@ from kata_shim.persist import PROCESSES_KEY, StateStore, cleanup_sandbox
 
 
 @pytest.fixture
-def root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="kch-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def config(tmp_path: Path) -> HypervisorConfig:
     (tmp_path / "vmlinux").write_bytes(b"\0")
     (tmp_path / "rootfs.img").write_bytes(b"\0" * 4096)
@@ -60,14 +52,6 @@ def config(tmp_path: Path) -> HypervisorConfig:
         default_maxvcpus=4,
         shared_fs="none",
     )
-
-
-@pytest.fixture
-def record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "requests.jsonl"
-    monkeypatch.setenv("FAKE_VMM_RECORD", str(path))
-    monkeypatch.delenv("FAKE_VMM_MODE", raising=False)
-    return path
 
 
 def test_registered() -> None:

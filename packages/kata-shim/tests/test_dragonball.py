@@ -7,9 +7,7 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,14 +29,6 @@ from kata_vmm import BlockSpec, FsSpec, MmioSlot, NetSpec, RngSpec, VsockSpec
 from kata_vmm import testing as tk
 
 KVM = pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm")
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    """A short state root (unix socket paths are limited to 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="kdb-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

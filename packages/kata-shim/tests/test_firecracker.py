@@ -6,9 +6,6 @@ an error naming the capability; a refused InstanceStart is a HypervisorError quo
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,13 +30,6 @@ from kata_shim.hypervisor._firecracker import Firecracker
 
 
 @pytest.fixture
-def root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="kfc-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def config(tmp_path: Path) -> HypervisorConfig:
     (tmp_path / "vmlinux").write_bytes(b"\0")
     (tmp_path / "rootfs.img").write_bytes(b"\0" * 4096)
@@ -52,14 +42,6 @@ def config(tmp_path: Path) -> HypervisorConfig:
         default_vcpus=2,
         shared_fs="none",
     )
-
-
-@pytest.fixture
-def record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "requests.jsonl"
-    monkeypatch.setenv("FAKE_VMM_RECORD", str(path))
-    monkeypatch.delenv("FAKE_VMM_MODE", raising=False)
-    return path
 
 
 def test_registered_and_capabilities() -> None:

@@ -8,12 +8,10 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +34,6 @@ from kata_shim.persist import PROCESSES_KEY, StateStore, cleanup_sandbox, proces
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VSOCK_CID = 42
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    """A short state root (unix socket paths are limited to 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="kqm-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _script(directory: Path, name: str) -> Path:

@@ -3,12 +3,8 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import trio
 
 from kata_shim.config import load_config_file
@@ -34,13 +30,6 @@ READ_KEYS = (
     "disable_vhost_net",
     "entropy_source",
 )
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="kqc-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def upstream_config(tmp_path: Path) -> Path:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +24,6 @@ pytestmark = pytest.mark.skipif(QEMU is None, reason="needs qemu-system-x86_64 (
 ROOT = pytest.mark.skipif(
     os.geteuid() != 0 or not os.access(VIRTIOFSD, os.X_OK), reason="needs root and /usr/lib/qemu/virtiofsd"
 )
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="kqh-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def tcg_config(tmp_path: Path, *, virtiofs: bool) -> HypervisorConfig:
