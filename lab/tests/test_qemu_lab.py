@@ -127,6 +127,21 @@ def qemu_config(directory: Path) -> Path:
     return path
 
 
+def _assert_nothing_left(ctrd: PrivateContainerd, timeout: float = 60) -> None:
+    """No shim, no /run/kata state, no qemu and no virtiofsd (containerd cleans up asynchronously)."""
+    end = time.monotonic() + timeout
+    while True:
+        left = {
+            "shims": ctrd.shim_pids(),
+            "state": sorted(p.name for p in KATA_STATE_ROOT.iterdir()) if KATA_STATE_ROOT.exists() else [],
+            "qemu": _processes("qemu-system-x86_64") + _processes("virtiofsd"),
+        }
+        if not any(left.values()) or time.monotonic() > end:
+            break
+        time.sleep(0.5)
+    assert not any(left.values()), f"left behind {left}\n{ctrd.log_tail()}"
+
+
 @pytest.mark.lab
 def test_ctr_run_rm_with_qemu_runs_busybox_and_leaves_nothing(
     ctrd: PrivateContainerd, tmp_path: Path
@@ -141,17 +156,7 @@ def test_ctr_run_rm_with_qemu_runs_busybox_and_leaves_nothing(
     wall = time.monotonic() - t0
     print(f"ctr run --rm (kata qemu, busybox): {wall:.1f} s wall, exit {done.returncode}")
     assert (done.returncode, done.stdout) == (3, "hello from qemu\n"), f"{done.stderr}\n{ctrd.log_tail(150)}"
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        left = {
-            "shims": ctrd.shim_pids(),
-            "state": sorted(p.name for p in KATA_STATE_ROOT.iterdir()) if KATA_STATE_ROOT.exists() else [],
-            "qemu": _processes("qemu-system-x86_64") + _processes("virtiofsd"),
-        }
-        if not any(left.values()):
-            break
-        time.sleep(0.5)
-    assert not any(left.values()), f"left behind {left}\n{ctrd.log_tail()}"
+    _assert_nothing_left(ctrd)
 
 
 @pytest.mark.lab
@@ -185,17 +190,7 @@ def test_killing_qemu_or_virtiofsd_ends_ctr_run_and_leaves_nothing(
         if ctr.poll() is None:
             ctr.kill()
             ctr.wait()
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        left = {
-            "shims": ctrd.shim_pids(),
-            "state": sorted(p.name for p in KATA_STATE_ROOT.iterdir()) if KATA_STATE_ROOT.exists() else [],
-            "qemu": _processes("qemu-system-x86_64") + _processes("virtiofsd"),
-        }
-        if not any(left.values()):
-            break
-        time.sleep(0.5)
-    assert not any(left.values()), f"left behind {left}\n{ctrd.log_tail()}"
+    _assert_nothing_left(ctrd)
 
 
 def _ppid(pid: int) -> int:
