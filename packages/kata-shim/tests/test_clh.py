@@ -200,7 +200,7 @@ def test_vmm_ignoring_shutdown_is_killed(
     config: HypervisorConfig, root: Path, record: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKE_VMM_MODE", "ignore-shutdown")
-    monkeypatch.setattr("kata_shim.hypervisor._restvmm.STOP_GRACE", 0.5)
+    monkeypatch.setattr("kata_shim.hypervisor._external.STOP_GRACE", 0.5)
     hv = CloudHypervisor(config, state_root=root)
 
     async def main() -> None:

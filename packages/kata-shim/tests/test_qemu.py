@@ -25,6 +25,7 @@ from kata_shim.hypervisor import (
     HypervisorError,
     NetworkDevice,
     ShareFsDevice,
+    _external,
     _qemu,
     _vhost,
     hypervisor_factory,
@@ -374,7 +375,7 @@ def test_qemu_that_ignores_quit_is_killed_after_the_grace(
     config: HypervisorConfig, root: Path, share: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKE_QEMU_MODE", "ignore-quit")
-    monkeypatch.setattr(_qemu, "STOP_GRACE", 0.5)
+    monkeypatch.setattr(_external, "STOP_GRACE", 0.5)
 
     async def body(hv: Qemu) -> str:
         await hv.stop_vm()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kata_shim._ratelimit import LineRateLimit
 from kata_shim.hypervisor._base import Capabilities, HypervisorConfig, HypervisorError
+from kata_shim.persist import sandbox_dir
 
 BASE_CMDLINE = "console=ttyS0 reboot=k panic=1"
 """Kernel parameters every guest gets; `quiet` is added unless `enable_debug` (each console byte is a VM
@@ -145,3 +146,32 @@ def check_guest(cfg: HypervisorConfig, name: str, capabilities: Capabilities) ->
             raise HypervisorError(f"virtio_fs_daemon {daemon} is not in valid_virtio_fs_daemon_paths")
         if not os.access(daemon, os.X_OK):
             raise HypervisorError(f"virtio_fs_daemon {daemon} not found or not executable")
+
+
+def guest_cmdline(cfg: HypervisorConfig, *extra: str) -> str:
+    """The guest kernel command line: `BASE_CMDLINE`, ``quiet`` unless debugging, the configured
+    ``kernel_params``, then ``extra``."""
+    parts = [BASE_CMDLINE]
+    if not cfg.enable_debug:
+        parts.append("quiet")
+    if cfg.kernel_params.strip():
+        parts.append(cfg.kernel_params.strip())
+    return " ".join([*parts, *extra])
+
+
+def make_state_dir(
+    sandbox_id: str, state_root: Path | None, sockets: tuple[str, ...], *, room: int = 0, mode: int = 0o700
+) -> Path:
+    """Create the sandbox's state directory (/run/kata/<sandbox id>/) for the back-end's unix ``sockets``,
+    which must fit in a socket path with ``room`` bytes to spare; `HypervisorError` otherwise."""
+    try:
+        state_dir = sandbox_dir(sandbox_id, state_root)
+    except Exception as err:
+        raise HypervisorError(str(err)) from err
+    if max(len(str(state_dir / name)) for name in sockets) + room >= 108:
+        raise HypervisorError(f"state directory {state_dir} is too long for a unix socket path")
+    try:
+        state_dir.mkdir(mode=mode, parents=True, exist_ok=True)
+    except OSError as err:
+        raise HypervisorError(f"cannot create {state_dir}: {err.strerror}") from err
+    return state_dir

@@ -42,8 +42,14 @@ from kata_shim.hypervisor._base import (
     NetworkDevice,
     ShareFsDevice,
 )
-from kata_shim.hypervisor._common import BASE_CMDLINE, ConsoleSink, check_guest, disk_letters, netns_path
-from kata_shim.persist import sandbox_dir
+from kata_shim.hypervisor._common import (
+    ConsoleSink,
+    check_guest,
+    disk_letters,
+    guest_cmdline,
+    make_state_dir,
+    netns_path,
+)
 from kata_vmm import (
     BlockSpec,
     DeviceSpec,
@@ -123,16 +129,10 @@ class Dragonball:
     async def prepare_vm(self, sandbox_id: str, netns: str | None) -> None:
         """Check the config (kernel, initrd, image exist) and create /run/kata/<sandbox id>/."""
         self._check_config()
-        try:
-            state_dir = sandbox_dir(sandbox_id, self._state_root)
-        except Exception as err:
-            raise HypervisorError(str(err)) from err
-        if len(str(state_dir / HVSOCK_NAME)) + len("_65535") >= 108:
-            raise HypervisorError(f"state directory {state_dir} is too long for a unix socket path")
-        try:
-            state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise HypervisorError(f"cannot create {state_dir}: {err.strerror}") from err
+        # the hybrid vsock's guest-initiated sockets are <path>_<port>
+        state_dir = make_state_dir(
+            sandbox_id, self._state_root, (HVSOCK_NAME,), room=len("_65535"), mode=0o777
+        )
         self.sandbox_id = sandbox_id
         self.state_dir = state_dir
         self.netns = netns
@@ -210,14 +210,8 @@ class Dragonball:
 
     def cmdline(self) -> str:
         """The guest kernel command line."""
-        parts = [BASE_CMDLINE]
-        if not self.config.enable_debug:
-            parts.append("quiet")
-        if self.config.kernel_params.strip():
-            parts.append(self.config.kernel_params.strip())
-        if self._passfd_port:
-            parts.append(f"{PASSFD_CMDLINE_PARAM}={self._passfd_port}")
-        return " ".join(parts)
+        passfd = [f"{PASSFD_CMDLINE_PARAM}={self._passfd_port}"] if self._passfd_port else []
+        return guest_cmdline(self.config, *passfd)
 
     def device_specs(self) -> list[DeviceSpec]:
         """The kata_vmm device specs in slot order, as the VMM builder holds them."""

@@ -27,10 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,22 +45,14 @@ from kata_shim.hypervisor._base import (
     ShareFsDevice,
 )
 from kata_shim.hypervisor._child import Child
-from kata_shim.hypervisor._common import (
-    BASE_CMDLINE,
-    ConsoleSink,
-    check_guest,
-    check_vmm_binary,
-    disk_letters,
-    netns_path,
-)
+from kata_shim.hypervisor._common import netns_path
+from kata_shim.hypervisor._external import SOCKET_WAIT, VIRTIOFSD_NAME, ExternalVmm
 from kata_shim.hypervisor._qmp import QmpClient, QmpError, QmpEvent
 from kata_shim.hypervisor._vhost import open_vhost_net, open_vhost_vsock
-from kata_shim.persist import PROCESSES_KEY, StateStore, sandbox_dir
 
 log = logging.getLogger("kata_shim.hypervisor.qemu")
 
 QMP_NAME = "qmp.sock"
-VIRTIOFSD_NAME = "vhost-fs.sock"
 FIRST_SLOT = 5
 """First PCI slot of an `add_device` device (02-04 are the image, vsock and rng)."""
 IMAGE_SLOT, VSOCK_SLOT, RNG_SLOT = 2, 3, 4
@@ -73,13 +62,6 @@ BLOCK_OPTS = "cache=none,aio=threads"
 """Container block devices bypass the host page cache (the guest has its own)."""
 LAST_SLOT = 0x1F
 QMP_TIMEOUT = 10.0
-STOP_GRACE = 10.0
-"""Seconds QEMU gets to leave after QMP ``quit`` before SIGKILL."""
-VIRTIOFSD_GRACE = 2.0
-"""Seconds QEMU has to exit after virtiofsd did, before virtiofsd's exit counts as the VM's death."""
-"""Seconds a child's output may still come after it exited (its last words before a start failure)."""
-SOCKET_WAIT = 30.0
-"""Budget for QEMU's QMP socket and virtiofsd's vhost-user socket to appear."""
 CLEAN_SHUTDOWN_REASONS = frozenset(
     {"guest-shutdown", "host-qmp-quit", "host-signal", "guest-reset", "host-qmp-system-reset"}
 )
@@ -104,16 +86,14 @@ def _escape(value: str | Path) -> str:
     return str(value).replace(",", ",,")
 
 
-@dataclass
-class _Slot:
-    device: Device
-    slot: int
-
-
-class Qemu:
+class Qemu(ExternalVmm):
     """`Hypervisor` back-end running QEMU as a child process (runtime-rs `qemu`)."""
 
     name = "qemu"
+    vmm_name = "qemu"
+    binary_name = "QEMU"
+    CAPABILITIES = CAPABILITIES
+    SOCKET_NAMES = (QMP_NAME, VIRTIOFSD_NAME)
 
     def __init__(
         self,
@@ -123,67 +103,29 @@ class Qemu:
         open_vsock: VsockOpener | None = open_vhost_vsock,
     ) -> None:
         """``open_vsock=None`` leaves the vsock device out (tests that run QEMU without /dev/vhost-vsock)."""
-        self.config = config
-        self._state_root = state_root
+        super().__init__(config, state_root=state_root)
         self._open_vsock = open_vsock
-        self.sandbox_id = ""
-        self.state_dir: Path | None = None
-        self.netns: str | None = None
-        self._devices: list[_Slot] = []
+        self._slots: list[int] = []
+        """The PCI slot of each of `devices`."""
         self._next_slot = FIRST_SLOT
         self.cid = 0
-        self._console = ConsoleSink(log)
-        self._qemu: Child | None = None
-        self._virtiofsd: Child | None = None
         self._qmp: QmpClient | None = None
         self._vcpu_tids: list[int] = []
         self._events: list[QmpEvent] = []
         self._shutdown_reason = ""
         self._panicked = False
-        self._death = ""
-        """Why the VM ended when the back-end saw it first (virtiofsd gone, start failure)."""
-        self._exited = trio.Event()
-        self._stopping = False
-        self._cleaned = False
         self._pass_fds: list[int] = []
+
+    @property
+    def _qemu(self) -> Child | None:
+        """The QEMU child (`_vmm`)."""
+        return self._vmm
 
     # --- set-up ------------------------------------------------------------------------------------
     @property
     def qmp_path(self) -> Path:
         """QEMU's QMP socket (valid after `prepare_vm`)."""
         return self._state() / QMP_NAME
-
-    @property
-    def virtiofsd_socket(self) -> Path:
-        """virtiofsd's vhost-user socket (valid after `prepare_vm`)."""
-        return self._state() / VIRTIOFSD_NAME
-
-    def _state(self) -> Path:
-        if self.state_dir is None:
-            raise HypervisorError("prepare_vm() has not run")
-        return self.state_dir
-
-    def _check_config(self) -> None:
-        check_vmm_binary(self.config, self.name, "QEMU")
-        check_guest(self.config, self.name, CAPABILITIES)
-
-    async def prepare_vm(self, sandbox_id: str, netns: str | None) -> None:
-        """Check the config (binaries, kernel, image) and create /run/kata/<sandbox id>/; start nothing."""
-        self._check_config()
-        try:
-            state_dir = sandbox_dir(sandbox_id, self._state_root)
-        except Exception as err:
-            raise HypervisorError(str(err)) from err
-        longest = max(len(str(state_dir / name)) for name in (QMP_NAME, VIRTIOFSD_NAME))
-        if longest >= 108:
-            raise HypervisorError(f"state directory {state_dir} is too long for a unix socket path")
-        try:
-            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as err:
-            raise HypervisorError(f"cannot create {state_dir}: {err.strerror}") from err
-        self.sandbox_id = sandbox_id
-        self.state_dir = state_dir
-        self.netns = netns
 
     def capabilities(self) -> Capabilities:
         """Block devices, virtio-fs through virtiofsd, vsock, PCI addressing; no passfd, no hot-plug yet."""
@@ -193,39 +135,17 @@ class Qemu:
         """Cold-plug a device (before `start_vm`) on the next free root-bus slot; its PCI path says where."""
         if self.state_dir is None:
             raise HypervisorError("add_device() before prepare_vm()")
-        if self._qemu is not None:
+        if self._vmm is not None:
             raise HypervisorError(f"qemu cannot hot-plug a {type(device).__name__} (no hot-plug yet)")
-        if isinstance(device, ShareFsDevice):
-            if self.config.shared_fs in ("none", ""):
-                raise HypervisorError("shared_fs is off in the configuration; cannot share a directory")
-            if any(isinstance(s.device, ShareFsDevice) for s in self._devices):
-                raise HypervisorError("qemu: one shared directory per VM (one virtiofsd)")
-            if not device.host_path.is_dir():
-                raise HypervisorError(f"shared directory {device.host_path} not found")
-        elif isinstance(device, BlockDevice):
-            if not device.path.exists():
-                raise HypervisorError(f"block device {device.path} not found")
-        elif not isinstance(device, NetworkDevice):
-            raise HypervisorError(f"qemu cannot attach a {type(device).__name__}")
+        self._check_cold_device(device)
         if self._next_slot > LAST_SLOT:
             raise HypervisorError("qemu: no free PCI slot on the root bus")
         slot = self._next_slot
         self._next_slot += 1
-        self._devices.append(_Slot(device, slot))
-        guest_path = ""
-        if isinstance(device, BlockDevice):
-            index = sum(isinstance(s.device, BlockDevice) for s in self._devices) - 1
-            guest_path = "/dev/vd" + disk_letters(index + (1 if self.config.image is not None else 0))
+        self.devices.append(device)
+        self._slots.append(slot)
+        guest_path = self._block_guest_path() if isinstance(device, BlockDevice) else ""
         return DeviceInfo(guest_path=guest_path, pci_path=f"{slot:02x}")
-
-    def cmdline(self) -> str:
-        """The guest kernel command line."""
-        parts = [BASE_CMDLINE]
-        if not self.config.enable_debug:
-            parts.append("quiet")
-        if self.config.kernel_params.strip():
-            parts.append(self.config.kernel_params.strip())
-        return " ".join(parts)
 
     def _accel(self) -> tuple[str, list[str]]:
         """(accelerator, other -machine options) from `machine_accelerators`."""
@@ -283,12 +203,14 @@ class Qemu:
                 "-object", f"rng-random,id=rng,filename={_escape(cfg.entropy_source)}",
                 "-device", f"virtio-rng-pci,rng=rng,bus=pcie.0,addr={RNG_SLOT:#x}",
             ]  # fmt: skip
-        for n, entry in enumerate(self._devices):
-            argv += self._device_args(n, entry, (net_fds or {}).get(entry.slot))
+        for n, (device, slot) in enumerate(zip(self.devices, self._slots, strict=True)):
+            argv += self._device_args(n, device, slot, (net_fds or {}).get(slot))
         return argv
 
-    def _device_args(self, n: int, entry: _Slot, net: tuple[int, int | None] | None) -> list[str]:
-        device, addr = entry.device, f"bus=pcie.0,addr={entry.slot:#x}"
+    def _device_args(
+        self, n: int, device: Device, slot: int, net: tuple[int, int | None] | None
+    ) -> list[str]:
+        addr = f"bus=pcie.0,addr={slot:#x}"
         if isinstance(device, BlockDevice):
             drive = f"if=none,id=blk{n},file={_escape(device.path)},format=raw"
             ro = "on" if device.read_only else "off"
@@ -316,69 +238,9 @@ class Qemu:
             "-device", f"virtio-net-pci,netdev=net{n}{mac},{addr}",
         ]  # fmt: skip
 
-    def virtiofsd_argv(self, share: ShareFsDevice) -> list[str]:
-        """virtiofsd's command line (Debian's C virtiofsd and the Rust one take these)."""
-        cfg = self.config
-        return [
-            cfg.virtio_fs_daemon,
-            f"--socket-path={self.virtiofsd_socket}",
-            "-o", f"source={_escape(share.host_path)}",
-            "-o", f"cache={cfg.virtio_fs_cache or 'auto'}",
-            *cfg.virtio_fs_extra_args,
-        ]  # fmt: skip
-
     # --- running -----------------------------------------------------------------------------------
-    async def _spawn(self, name: str, argv: list[str], pass_fds: list[int]) -> Child:
-        log.info("sandbox %s: starting %s: %s", self.sandbox_id, name, " ".join(argv))
-        try:
-            process = await trio.lowlevel.open_process(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                pass_fds=pass_fds,
-                start_new_session=True,  # containerd's signals to the shim's group are not QEMU's
-            )
-        except OSError as err:
-            raise HypervisorError(f"cannot start {name} ({argv[0]}): {err.strerror or err}") from err
-        child = Child(name, process)
-        trio.lowlevel.spawn_system_task(self._supervise, child, name=f"qemu-{name}-{self.sandbox_id}")
-        return child
-
-    async def _supervise(self, child: Child) -> None:
-        """Log the child's output (the guest console for QEMU); notice its exit (`Child.wait_draining`)."""
-        sink = self._console if child.name == "qemu" else ConsoleSink(log)
-        try:
-            await child.wait_draining(sink)
-        except Exception:  # a system task must not raise
-            log.exception("sandbox %s: supervising %s failed", self.sandbox_id, child.name)
-        finally:
-            child.exited.set()
-            if child.returncode is not None:
-                await self._on_exit(child)
-
-    async def _on_exit(self, child: Child) -> None:
-        qemu = self._qemu
-        if child is self._virtiofsd and not self._stopping and not self._shutdown_reason and qemu is not None:
-            # virtiofsd also leaves when QEMU closes the vhost-user connection (a power-off, a crash):
-            # give QEMU a moment to be the one that ended before calling the share lost
-            with trio.move_on_after(VIRTIOFSD_GRACE):
-                await qemu.exited.wait()
-        quiet = self._stopping or bool(self._shutdown_reason) or (qemu is not None and qemu.exited.is_set())
-        if child is self._qemu:
-            quiet = self._stopping or self._clean_exit()
-        log.log(
-            logging.INFO if quiet else logging.ERROR, "sandbox %s: %s", self.sandbox_id, child.describe_exit()
-        )
-        if child is self._virtiofsd and not quiet:
-            # the guest's root share is gone: the VM cannot go on; stop QEMU so wait_vm returns
-            self._death = self._death or f"{child.describe_exit()} (the shared directory is gone)"
-            if qemu is not None:
-                qemu.kill()
-            else:
-                self._exited.set()
-        if child is self._qemu:
-            self._exited.set()
+    def _vm_ending(self) -> bool:
+        return bool(self._shutdown_reason)
 
     def _on_event(self, event: QmpEvent) -> None:
         name = event.get("event")
@@ -391,26 +253,11 @@ class Qemu:
         elif name == "GUEST_PANICKED":
             self._panicked = True
             action = data.get("action", "")
-            log.error("sandbox %s: the guest panicked (%s)", self.sandbox_id, action)
-            if self._qemu is not None and action != "poweroff":
-                self._qemu.kill()  # a paused panicked guest would never end on its own
+            self.log.error("sandbox %s: the guest panicked (%s)", self.sandbox_id, action)
+            if self._vmm is not None and action != "poweroff":
+                self._vmm.kill()  # a paused panicked guest would never end on its own
         elif name in ("RESET", "STOP", "RESUME"):
-            log.info("sandbox %s: QMP event %s", self.sandbox_id, name)
-
-    async def _start_virtiofsd(self, share: ShareFsDevice) -> None:
-        sock = self.virtiofsd_socket
-        with contextlib.suppress(FileNotFoundError):
-            sock.unlink()
-        self._virtiofsd = await self._spawn("virtiofsd", self.virtiofsd_argv(share), [])
-        self._persist()  # before QEMU exists: a shim crash from here on must not leave virtiofsd
-        with trio.move_on_after(SOCKET_WAIT):
-            while not sock.exists():
-                if self._virtiofsd.exited.is_set():
-                    break
-                await trio.sleep(0.02)
-        if not sock.exists():
-            await trio.sleep(0.1)  # let its last output reach the log
-            raise HypervisorError(f"virtiofsd did not create {sock} ({self._virtiofsd.describe_exit()})")
+            self.log.info("sandbox %s: QMP event %s", self.sandbox_id, name)
 
     async def _open_taps(self) -> dict[int, tuple[int, int | None]]:
         """Open each network device's tap inside the pod's netns (a thread of its own enters it) and a
@@ -419,10 +266,10 @@ class Qemu:
         from kata_vmm import VirtioError, open_tap
 
         fds: dict[int, tuple[int, int | None]] = {}
-        for entry in self._devices:
-            if not isinstance(entry.device, NetworkDevice):
+        for device, slot in zip(self.devices, self._slots, strict=True):
+            if not isinstance(device, NetworkDevice):
                 continue
-            tap = entry.device.tap
+            tap = device.tap
             try:
                 if self.netns is None:
                     tap_fd = await trio.to_thread.run_sync(open_tap, tap)
@@ -438,8 +285,10 @@ class Qemu:
                     vhost_fd = open_vhost_net()
                     self._pass_fds.append(vhost_fd)
                 except OSError as err:
-                    log.warning("sandbox %s: no vhost-net (%s): virtio-net without it", self.sandbox_id, err)
-            fds[entry.slot] = (tap_fd, vhost_fd)
+                    self.log.warning(
+                        "sandbox %s: no vhost-net (%s): virtio-net without it", self.sandbox_id, err
+                    )
+            fds[slot] = (tap_fd, vhost_fd)
         return fds
 
     def _close_passed_fds(self) -> None:
@@ -448,58 +297,29 @@ class Qemu:
                 os.close(fd)
         self._pass_fds.clear()
 
-    def _persist(self) -> None:
-        processes = [
-            {"name": c.name, "pid": c.pid, "start_time": c.start_time}
-            for c in (self._qemu, self._virtiofsd)
-            if c is not None
-        ]
-        try:
-            StateStore(self._state_root).update(self.sandbox_id, extra={PROCESSES_KEY: processes})
-        except Exception as err:  # the state file is for crash cleanup: never a reason to fail the VM
-            log.warning("sandbox %s: cannot record the qemu processes for cleanup: %s", self.sandbox_id, err)
-
-    async def start_vm(self, timeout: float) -> None:  # noqa: ASYNC109 (runtime-rs signature)
-        """Start virtiofsd and QEMU (paused), negotiate QMP, read the vCPU thread ids, then ``cont``.
-
-        A QEMU that exits or a QMP that fails during start raises `HypervisorError` with QEMU's output."""
-        self._state()
-        if self._qemu is not None:
-            raise HypervisorError("start_vm() called twice")
-        try:
-            share = next((s.device for s in self._devices if isinstance(s.device, ShareFsDevice)), None)
-            if share is not None:
-                assert isinstance(share, ShareFsDevice)
-                await self._start_virtiofsd(share)
-            vsock = None
-            if self._open_vsock is not None:
-                vsock = await trio.to_thread.run_sync(self._open_vsock)
-                self.cid = vsock[0]
-                self._pass_fds.append(vsock[1])
-            net_fds = await self._open_taps()
-            with contextlib.suppress(FileNotFoundError):
-                self.qmp_path.unlink()
-            argv = self.qemu_argv(vsock=vsock, net_fds=net_fds)
-            self._qemu = await self._spawn("qemu", argv, list(self._pass_fds))
-            self._close_passed_fds()  # QEMU has its own copies
-            self._persist()
-            await self._connect_qmp()
-            assert self._qmp is not None
-            cpus = await self._qmp.execute("query-cpus-fast", timeout=QMP_TIMEOUT)
-            self._vcpu_tids = [int(c["thread-id"]) for c in cpus if isinstance(c, dict) and "thread-id" in c]
-            await self._qmp.execute("cont", timeout=QMP_TIMEOUT)
-        except (HypervisorError, OSError, KeyError, TypeError, ValueError) as err:
-            self._close_passed_fds()
-            message = f"qemu: start failed: {err}"
-            if self._qemu is not None and self._qemu.exited.is_set():
-                message = f"qemu: start failed: {self._qemu.describe_exit()}"
-            await trio.lowlevel.checkpoint()
-            tail = self._console.tail()
-            raise HypervisorError(message + (f"; output:\n{tail}" if tail else "")) from err
-        log.info(
+    async def _start_vmm(self) -> None:
+        """QEMU (paused, with the vsock and tap fds it inherits), QMP, the vCPU thread ids, then ``cont``."""
+        vsock = None
+        if self._open_vsock is not None:
+            vsock = await trio.to_thread.run_sync(self._open_vsock)
+            self.cid = vsock[0]
+            self._pass_fds.append(vsock[1])
+        net_fds = await self._open_taps()
+        with contextlib.suppress(FileNotFoundError):
+            self.qmp_path.unlink()
+        argv = self.qemu_argv(vsock=vsock, net_fds=net_fds)
+        self._vmm = await self._spawn(self.vmm_name, argv, list(self._pass_fds))
+        self._close_passed_fds()  # QEMU has its own copies
+        self._persist()
+        await self._connect_qmp()
+        assert self._qmp is not None
+        cpus = await self._qmp.execute("query-cpus-fast", timeout=QMP_TIMEOUT)
+        self._vcpu_tids = [int(c["thread-id"]) for c in cpus if isinstance(c, dict) and "thread-id" in c]
+        await self._qmp.execute("cont", timeout=QMP_TIMEOUT)
+        self.log.info(
             "sandbox %s: QEMU %d started (%d vCPU, %d MiB, vsock CID %d)",
             self.sandbox_id,
-            self._qemu.pid,
+            self._vmm.pid,
             self.config.default_vcpus,
             self.config.default_memory,
             self.cid,
@@ -507,11 +327,11 @@ class Qemu:
 
     async def _connect_qmp(self) -> None:
         """Dial QMP until QEMU listens (it creates the socket early) or exits."""
-        assert self._qemu is not None
+        assert self._vmm is not None
         with trio.move_on_after(SOCKET_WAIT):
             while True:
-                if self._qemu.exited.is_set():
-                    raise HypervisorError(self._qemu.describe_exit())
+                if self._vmm.exited.is_set():
+                    raise HypervisorError(self._vmm.describe_exit())
                 if self.qmp_path.exists():
                     try:
                         self._qmp = await QmpClient.connect(self.qmp_path, self._on_event, QMP_TIMEOUT)
@@ -525,7 +345,7 @@ class Qemu:
         trio.lowlevel.spawn_system_task(self._qmp.run, name=f"qemu-qmp-{self.sandbox_id}")
 
     def _require_qmp(self) -> QmpClient:
-        if self._qmp is None or self._qemu is None:
+        if self._qmp is None or self._vmm is None:
             raise HypervisorError("the VM is not running (start_vm() has not run)")
         return self._qmp
 
@@ -536,61 +356,34 @@ class Qemu:
     async def wait_vm(self) -> int:
         """Sleep until QEMU exits; 0 for a guest power-off, reboot or a host stop, else 1."""
         self._require_qmp()
-        await self._exited.wait()
-        return 0 if self._clean_exit() else 1
+        return await super().wait_vm()
 
     def _clean_exit(self) -> bool:
-        if self._panicked or self._death:
-            return False
-        if self._stopping:
-            return True
-        code = self._qemu.returncode if self._qemu is not None else None
-        return code == 0 and self._shutdown_reason in CLEAN_SHUTDOWN_REASONS
-
-    def exit_reason(self) -> str:
-        """How the guest ended (empty while QEMU runs)."""
-        if not self._exited.is_set() or self._qemu is None:
-            return self._death
-        parts = []
-        if self._death:
-            parts.append(self._death)
         if self._panicked:
-            parts.append("guest panicked")
+            return False
+        clean = super()._clean_exit()
+        return clean and (self._stopping or self._shutdown_reason in CLEAN_SHUTDOWN_REASONS)
+
+    def _exit_details(self) -> list[str]:
+        parts = ["guest panicked"] if self._panicked else []
         if self._shutdown_reason:
             parts.append(f"shutdown: {self._shutdown_reason}")
-        parts.append(self._qemu.describe_exit())
-        return "; ".join(parts)
-
-    def console_tail(self) -> str:
-        """The last lines QEMU and the guest console printed."""
-        return self._console.tail()
+        return parts
 
     def events(self) -> list[QmpEvent]:
         """The first QMP events of this VM (name and data; at most 64), for tests and diagnosis."""
         return list(self._events)
 
-    async def stop_vm(self) -> None:
-        """QMP ``quit``, then SIGKILL after `STOP_GRACE` seconds; virtiofsd after QEMU. Idempotent."""
-        self._stopping = True
-        qemu, fsd = self._qemu, self._virtiofsd
-        if qemu is not None and not qemu.exited.is_set():
-            if self._qmp is not None:
-                with contextlib.suppress(QmpError):
-                    await self._qmp.execute("quit", timeout=QMP_TIMEOUT / 2)
-            with trio.move_on_after(STOP_GRACE):
-                await qemu.exited.wait()
-            if not qemu.exited.is_set():
-                log.warning("sandbox %s: QEMU did not quit within %g s: SIGKILL", self.sandbox_id, STOP_GRACE)
-                qemu.kill()
-                await qemu.exited.wait()
-        if fsd is not None and not fsd.exited.is_set():
-            fsd.kill(signal.SIGTERM)
-            with trio.move_on_after(STOP_GRACE):
-                await fsd.exited.wait()
-            if not fsd.exited.is_set():
-                fsd.kill()
-                await fsd.exited.wait()
-        self._exited.set()
+    async def _shutdown(self) -> None:
+        """QMP ``quit`` (nothing to ask before QMP is up)."""
+        if self._qmp is not None:
+            await self._qmp.execute("quit", timeout=QMP_TIMEOUT / 2)
+
+    async def _release(self) -> None:
+        """Close the fds meant for QEMU and the QMP connection."""
+        self._close_passed_fds()
+        if self._qmp is not None:
+            await self._qmp.aclose()
 
     async def pause_vm(self) -> None:
         """QMP ``stop``: every vCPU halts."""
@@ -609,51 +402,6 @@ class Qemu:
         """``vsock://<guest CID>:1024``."""
         return f"vsock://{self.cid}:{AGENT_VSOCK_PORT}"
 
-    def set_passfd_listener_port(self, port: int) -> None:
-        """QEMU has no hybrid vsock: passfd stays off (`capabilities().passfd` is False)."""
-
-    def passfd_listener(self) -> tuple[Path, int] | None:
-        """Always None: stdio goes over ttrpc."""
-        return None
-
-    def pids(self) -> list[int]:
-        """QEMU's pid, then virtiofsd's (those still running). Before `start_vm`: the shim itself, which
-        forks both, so the sandbox cgroup the caller puts it in is theirs from their first instruction
-        (on cgroup v2 QEMU's vCPU threads can then move to the vCPU cgroup of that domain)."""
-        if self._qemu is None:
-            return [os.getpid()]
-        return [c.pid for c in (self._qemu, self._virtiofsd) if c is not None and not c.exited.is_set()]
-
-    def thread_ids(self) -> list[int]:
-        """Every thread of the QEMU process."""
-        if self._qemu is None or self._qemu.exited.is_set():
-            return []
-        try:
-            return sorted(int(t) for t in os.listdir(f"/proc/{self._qemu.pid}/task"))
-        except OSError:
-            return []
-
     def vcpu_thread_ids(self) -> list[int]:
         """The vCPU threads, as QMP ``query-cpus-fast`` named them at start."""
-        return [] if self._qemu is None or self._qemu.exited.is_set() else list(self._vcpu_tids)
-
-    async def cleanup(self) -> None:
-        """Stop QEMU and virtiofsd (both reaped), close the QMP connection, remove the sockets and the
-        processes' record in state.json; idempotent."""
-        if self._cleaned:
-            return
-        self._cleaned = True
-        try:
-            with trio.CancelScope(shield=True):
-                await self.stop_vm()
-        finally:
-            self._close_passed_fds()
-            if self._qmp is not None:
-                await self._qmp.aclose()
-            if self.state_dir is not None:
-                for name in (QMP_NAME, VIRTIOFSD_NAME):
-                    with contextlib.suppress(OSError):
-                        (self.state_dir / name).unlink()
-                if self._qemu is not None or self._virtiofsd is not None:
-                    with contextlib.suppress(Exception):
-                        StateStore(self._state_root).forget(self.sandbox_id, PROCESSES_KEY)
+        return [] if self._vmm is None or self._vmm.exited.is_set() else list(self._vcpu_tids)
