@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -106,6 +107,32 @@ def validate_all(kind: str, record: Path) -> list[tuple[str, str]]:
         spec.validate(req["method"], req["path"], req["body"])
         seen.append((req["method"], req["path"]))
     return seen
+
+
+def processes_running(directory: Path) -> list[int]:
+    """Pids of the processes (zombies too) whose argv names a file under ``directory`` (a fake VMM or
+    virtiofsd copied there), by a scan of /proc."""
+    prefix = str(directory) + "/"
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(arg.decode(errors="replace").startswith(prefix) for arg in argv):
+            found.append(int(entry))
+    return found
+
+
+def reaped(pid: int) -> bool:
+    """Whether our child ``pid`` is gone and waited for (no process, or only another's under that pid)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return True
+    return int(stat[stat.rfind(b")") + 2 :].split()[1]) != os.getpid()
 
 
 Answer = tuple[bytes, float]

@@ -21,6 +21,8 @@ from restvmm_harness import (  # type: ignore[import-not-found]
     ApiSpec,
     fake_vmm,
     json_answer,
+    processes_running,
+    reaped,
     recorded,
     serve_api,
     validate_all,
@@ -36,6 +38,8 @@ from kata_shim.hypervisor import (
 )
 from kata_shim.hypervisor._clh import CloudHypervisor, pci_path_of
 from kata_shim.persist import PROCESSES_KEY, StateStore, cleanup_sandbox
+
+pytestmark = pytest.mark.usefixtures("reap_fakes")  # no fake VMM outlives its test
 
 
 @pytest.fixture
@@ -338,6 +342,45 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.mark.parametrize(
+    ("mode", "timeout", "match"),
+    [("die", 60, "cannot open /dev/kvm"), ("bad-boot", 60, "KVM says no"), ("hang", 5, "timed out")],
+)
+def test_failed_start_kills_and_reaps_every_child_before_raising(
+    fs_config: HypervisorConfig,
+    root: Path,
+    record: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    mode: str,
+    timeout: float,
+    match: str,
+) -> None:
+    """A VMM that dies, refuses to boot or never listens: cloud-hypervisor and virtiofsd are both killed and
+    reaped, and their sockets removed (the record stays for cleanup), by the time start_vm raises."""
+    monkeypatch.setenv("FAKE_VMM_MODE", mode)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    hv = CloudHypervisor(fs_config, state_root=root)
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", None)
+        await hv.add_device(ShareFsDevice(shared))
+        try:
+            with pytest.raises(HypervisorError, match=match):
+                await hv.start_vm(timeout)
+            children = [c.pid for c in (hv._vmm, hv._virtiofsd) if c is not None]
+            assert len(children) == 2
+            assert all(reaped(pid) for pid in children)
+            assert processes_running(tmp_path) == []
+            assert hv.state_dir is not None and {p.name for p in hv.state_dir.iterdir()} <= {"state.json"}
+        finally:
+            await hv.cleanup()
+
+    trio.run(main)
 
 
 def test_shim_crash_cleanup_kills_vmm_and_virtiofsd(

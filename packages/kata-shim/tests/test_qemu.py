@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+from restvmm_harness import processes_running, reaped  # type: ignore[import-not-found]
 
 from kata_shim.hypervisor import (
     BlockDevice,
@@ -35,6 +36,7 @@ from kata_shim.persist import PROCESSES_KEY, StateStore, cleanup_sandbox, proces
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VSOCK_CID = 42
+pytestmark = pytest.mark.usefixtures("reap_fakes")  # no fake QEMU or virtiofsd outlives its test
 
 
 def _script(directory: Path, name: str) -> Path:
@@ -406,6 +408,36 @@ def test_qemu_dying_at_start_raises_with_its_output_and_leaves_nothing(
     run_vm(hv, share, body, start=False)
     assert len(seen) == 2 and not any(alive(p) for p in seen)
     assert hv.pids() == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "timeout", "match"), [("die", 30, "exited with code 1"), ("hang", 5, "timed out")]
+)
+def test_failed_start_kills_and_reaps_qemu_and_virtiofsd_before_raising(
+    config: HypervisorConfig,
+    root: Path,
+    share: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    mode: str,
+    timeout: float,
+    match: str,
+) -> None:
+    """QEMU dying or never serving QMP: QEMU and virtiofsd are both killed and reaped, and their sockets
+    removed, by the time start_vm raises (not only at cleanup)."""
+    monkeypatch.setenv("FAKE_QEMU_MODE", mode)
+
+    async def body(hv: Qemu) -> None:
+        with pytest.raises(HypervisorError, match=match):
+            await hv.start_vm(timeout)
+        children = [c.pid for c in (hv._qemu, hv._virtiofsd) if c is not None]
+        assert len(children) == 2
+        assert all(reaped(pid) for pid in children)
+        assert processes_running(tmp_path) == []
+        assert hv.state_dir is not None and {p.name for p in hv.state_dir.iterdir()} <= {"state.json"}
+
+    run_vm(Qemu(config, state_root=root, open_vsock=fake_vsock), share, body, start=False)
 
 
 def test_add_device_after_start_is_refused_no_hotplug(

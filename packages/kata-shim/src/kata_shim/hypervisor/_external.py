@@ -302,7 +302,8 @@ class ExternalVmm:
                 await self._start_vmm()
         except START_ERRORS as err:
             vmm = self._vmm
-            message = f"{self.name}: start failed: {err or 'timed out'}"
+            budget = max(timeout, 1.0)
+            message = f"{self.name}: start failed: {str(err) or f'timed out after {budget:g} s'}"
             if vmm is not None and vmm.exited.is_set() and vmm.describe_exit() not in message:
                 message += f" ({vmm.describe_exit()})"
             await self._abort_start(message)
