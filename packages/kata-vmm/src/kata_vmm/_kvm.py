@@ -13,7 +13,7 @@ from ctypes import sizeof
 
 from kata_vmm._bindings import kvm as k
 from kata_vmm._errors import KvmError
-from kata_vmm._sys import FdHandle, ioctl
+from kata_vmm._sys import FdHandle, _libc, ioctl
 
 MAX_CPUID_ENTRIES = 256
 MAX_MSR_ENTRIES = 256
@@ -253,8 +253,9 @@ class Vcpu(FdHandle):
             super().close()
 
 
-# KVM_RUN is the hot path: a dedicated foreign-function object with no argument conversion work.
-_ioctl_run = ctypes.CDLL(None, use_errno=True).ioctl
+# KVM_RUN is the hot path: a dedicated foreign-function object with no argument conversion work (indexing
+# the library gives a fresh one, not the `ioctl` helper's cached attribute).
+_ioctl_run = _libc["ioctl"]
 _ioctl_run.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _ioctl_run.restype = ctypes.c_int
 

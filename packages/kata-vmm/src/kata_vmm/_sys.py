@@ -8,12 +8,14 @@ unsigned request and argument values (KVM_SET_TSS_ADDR's 0xfffbd000 overflows
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
 from collections.abc import Callable
 from typing import Any, Self
 
+from kata_sys_util import set_thread_name
 from kata_vmm._errors import KvmError
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -25,12 +27,6 @@ _ioctl.restype = ctypes.c_int
 _eventfd = _libc.eventfd
 _eventfd.argtypes = [ctypes.c_uint, ctypes.c_int]
 _eventfd.restype = ctypes.c_int
-
-_prctl = _libc.prctl
-_prctl.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-_prctl.restype = ctypes.c_int
-PR_SET_NAME = 15
-TASK_COMM_LEN = 16
 
 EFD_CLOEXEC = 0o2000000
 EFD_NONBLOCK = 0o4000
@@ -53,15 +49,6 @@ def ioctl(fd: int, request: int, arg: Any = 0, *, op: str) -> int:
     return int(ret)
 
 
-def set_os_thread_name(name: str) -> None:
-    """Name the calling OS thread (what ps, top and /proc/<pid>/task/<tid>/comm show; 15 bytes kept).
-
-    Python's `threading` names stay inside Python; without this a thread shows the name of whichever
-    thread created it (e.g. an asyncio or trio worker).
-    """
-    _prctl(PR_SET_NAME, name.encode()[: TASK_COMM_LEN - 1], 0, 0, 0)
-
-
 class NamedThread(threading.Thread):
     """A daemon thread whose OS name is its Python name by the time `start` returns.
 
@@ -80,7 +67,10 @@ class NamedThread(threading.Thread):
 
     def run(self) -> None:
         try:
-            set_os_thread_name(self.name)
+            # Python's `threading` names stay inside Python; without this the thread shows the name of
+            # whichever thread created it (an asyncio or trio worker) in ps, top and /proc
+            with contextlib.suppress(OSError):
+                set_thread_name(self.name)
         finally:
             self._named.set()
         self._body()
