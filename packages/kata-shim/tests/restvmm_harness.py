@@ -135,6 +135,32 @@ def reaped(pid: int) -> bool:
     return int(stat[stat.rfind(b")") + 2 :].split()[1]) != os.getpid()
 
 
+FailedStart = tuple[str, float, str]
+"""(the fake's mode, start_vm's timeout, what the error must match)."""
+
+
+async def start_fails_leaving_nothing(
+    hv: Any, env: str, case: FailedStart, directory: Path, children: int
+) -> None:
+    """With the fake VMM in mode ``case[0]`` (set through ``env``), ``hv.start_vm`` raises a `HypervisorError`
+    matching ``case[2]``, and by then its ``children`` processes are killed and reaped, no fake from
+    ``directory`` runs (a /proc scan) and only state.json is left in the state directory (the processes'
+    record stays for cleanup)."""
+    import pytest
+
+    from kata_shim.hypervisor import HypervisorError
+
+    mode, timeout, match = case
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(env, mode)
+        with pytest.raises(HypervisorError, match=match):
+            await hv.start_vm(timeout)
+    pids = [c.pid for c in (hv._vmm, hv._virtiofsd) if c is not None]
+    assert len(pids) == children and all(reaped(pid) for pid in pids)
+    assert processes_running(directory) == []
+    assert hv.state_dir is not None and {p.name for p in hv.state_dir.iterdir()} <= {"state.json"}
+
+
 Answer = tuple[bytes, float]
 """Raw bytes to send back, then seconds to keep the connection open (a slow or hung VMM)."""
 

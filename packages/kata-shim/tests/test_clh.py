@@ -19,12 +19,12 @@ import trio
 from restvmm_harness import (  # type: ignore[import-not-found]
     FIXTURES,
     ApiSpec,
+    FailedStart,
     fake_vmm,
     json_answer,
-    processes_running,
-    reaped,
     recorded,
     serve_api,
+    start_fails_leaving_nothing,
     validate_all,
 )
 
@@ -345,38 +345,21 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("mode", "timeout", "match"),
-    [("die", 60, "cannot open /dev/kvm"), ("bad-boot", 60, "KVM says no"), ("hang", 5, "timed out")],
+    "case", [("die", 60, "cannot open /dev/kvm"), ("bad-boot", 60, "KVM says no"), ("hang", 5, "timed out")]
 )
 def test_failed_start_kills_and_reaps_every_child_before_raising(
-    fs_config: HypervisorConfig,
-    root: Path,
-    record: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    *,
-    mode: str,
-    timeout: float,
-    match: str,
+    fs_config: HypervisorConfig, root: Path, tmp_path: Path, case: FailedStart
 ) -> None:
     """A VMM that dies, refuses to boot or never listens: cloud-hypervisor and virtiofsd are both killed and
-    reaped, and their sockets removed (the record stays for cleanup), by the time start_vm raises."""
-    monkeypatch.setenv("FAKE_VMM_MODE", mode)
-    shared = tmp_path / "shared"
-    shared.mkdir()
+    reaped, and their sockets removed, by the time start_vm raises (not only at cleanup)."""
     hv = CloudHypervisor(fs_config, state_root=root)
+    (tmp_path / "shared").mkdir()
 
     async def main() -> None:
         await hv.prepare_vm("sb1", None)
-        await hv.add_device(ShareFsDevice(shared))
+        await hv.add_device(ShareFsDevice(tmp_path / "shared"))
         try:
-            with pytest.raises(HypervisorError, match=match):
-                await hv.start_vm(timeout)
-            children = [c.pid for c in (hv._vmm, hv._virtiofsd) if c is not None]
-            assert len(children) == 2
-            assert all(reaped(pid) for pid in children)
-            assert processes_running(tmp_path) == []
-            assert hv.state_dir is not None and {p.name for p in hv.state_dir.iterdir()} <= {"state.json"}
+            await start_fails_leaving_nothing(hv, "FAKE_VMM_MODE", case, tmp_path, children=2)
         finally:
             await hv.cleanup()
 

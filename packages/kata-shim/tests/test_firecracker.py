@@ -12,11 +12,11 @@ import pytest
 import trio
 from restvmm_harness import (  # type: ignore[import-not-found]
     ApiSpec,
+    FailedStart,
     fake_vmm,
     json_answer,
-    processes_running,
-    reaped,
     serve_api,
+    start_fails_leaving_nothing,
     validate_all,
 )
 
@@ -135,33 +135,18 @@ def test_requests_validate_one_by_one(config: HypervisorConfig, root: Path) -> N
     assert ("PUT", "/vsock", {"guest_cid": 3, "uds_path": str(root / "sb1" / "kata.hvsock")}) in hv.requests()
 
 
-@pytest.mark.parametrize(
-    ("mode", "timeout", "match"), [("bad-boot", 60, "KVM says no"), ("hang", 5, "timed out")]
-)
+@pytest.mark.parametrize("case", [("bad-boot", 60, "KVM says no"), ("hang", 5, "timed out")])
 def test_failed_start_kills_and_reaps_the_vmm_before_raising(
-    config: HypervisorConfig,
-    root: Path,
-    record: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    *,
-    mode: str,
-    timeout: float,
-    match: str,
+    config: HypervisorConfig, root: Path, tmp_path: Path, case: FailedStart
 ) -> None:
     """A refused InstanceStart or a firecracker that never listens: it is killed and reaped, and its
-    sockets removed (the record stays for cleanup), by the time start_vm raises."""
-    monkeypatch.setenv("FAKE_VMM_MODE", mode)
+    sockets removed, by the time start_vm raises."""
     hv = Firecracker(config, state_root=root)
 
     async def main() -> None:
         await hv.prepare_vm("sb1", None)
         try:
-            with pytest.raises(HypervisorError, match=match):
-                await hv.start_vm(timeout)
-            assert hv._vmm is not None and reaped(hv._vmm.pid)
-            assert processes_running(tmp_path) == []
-            assert hv.state_dir is not None and {p.name for p in hv.state_dir.iterdir()} <= {"state.json"}
+            await start_fails_leaving_nothing(hv, "FAKE_VMM_MODE", case, tmp_path, children=1)
         finally:
             await hv.cleanup()
 

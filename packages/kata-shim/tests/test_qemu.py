@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import trio
-from restvmm_harness import processes_running, reaped  # type: ignore[import-not-found]
+from restvmm_harness import FailedStart, start_fails_leaving_nothing  # type: ignore[import-not-found]
 
 from kata_shim.hypervisor import (
     BlockDevice,
@@ -410,32 +410,15 @@ def test_qemu_dying_at_start_raises_with_its_output_and_leaves_nothing(
     assert hv.pids() == []
 
 
-@pytest.mark.parametrize(
-    ("mode", "timeout", "match"), [("die", 30, "exited with code 1"), ("hang", 5, "timed out")]
-)
+@pytest.mark.parametrize("case", [("die", 30, "exited with code 1"), ("hang", 5, "timed out")])
 def test_failed_start_kills_and_reaps_qemu_and_virtiofsd_before_raising(
-    config: HypervisorConfig,
-    root: Path,
-    share: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    *,
-    mode: str,
-    timeout: float,
-    match: str,
+    config: HypervisorConfig, root: Path, share: Path, tmp_path: Path, case: FailedStart
 ) -> None:
     """QEMU dying or never serving QMP: QEMU and virtiofsd are both killed and reaped, and their sockets
     removed, by the time start_vm raises (not only at cleanup)."""
-    monkeypatch.setenv("FAKE_QEMU_MODE", mode)
 
     async def body(hv: Qemu) -> None:
-        with pytest.raises(HypervisorError, match=match):
-            await hv.start_vm(timeout)
-        children = [c.pid for c in (hv._qemu, hv._virtiofsd) if c is not None]
-        assert len(children) == 2
-        assert all(reaped(pid) for pid in children)
-        assert processes_running(tmp_path) == []
-        assert hv.state_dir is not None and {p.name for p in hv.state_dir.iterdir()} <= {"state.json"}
+        await start_fails_leaving_nothing(hv, "FAKE_QEMU_MODE", case, tmp_path, children=2)
 
     run_vm(Qemu(config, state_root=root, open_vsock=fake_vsock), share, body, start=False)
 
