@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import http.server
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -23,13 +22,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-LAB = Path(__file__).resolve().parents[1]
-if str(LAB) not in sys.path:
-    sys.path.insert(0, str(LAB))
-
-from framework.cni import CniNetwork, CniPod  # noqa: E402
-from framework.containerd import (  # noqa: E402
+from framework.cni import CniNetwork, CniPod
+from framework.containerd import (
     BUSYBOX_IMAGE,
     KATA_RUNTIME,
     PrivateContainerd,

@@ -5,18 +5,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-
-LAB = Path(__file__).resolve().parents[1]
-if str(LAB) not in sys.path:
-    sys.path.insert(0, str(LAB))
-
-from framework.microvm import (  # noqa: E402
+from framework.microvm import (
     FIRMWARE_HANDOVER,
     GuestConfig,
     LabPlatformWarning,

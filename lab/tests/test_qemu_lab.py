@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-
-LAB = Path(__file__).resolve().parents[1]
-if str(LAB) not in sys.path:
-    sys.path.insert(0, str(LAB))
-
-from framework import GuestAssets  # noqa: E402
-from framework.containerd import (  # noqa: E402
+from framework import GuestAssets
+from framework.containerd import (
     BUSYBOX_IMAGE,
     KATA_RUNTIME,
     KATA_STATE_ROOT,
@@ -30,9 +24,8 @@ from framework.containerd import (  # noqa: E402
 )
 
 RUN_TIMEOUT = 600
-UPSTREAM_CONFIG = (
-    LAB.parent / "packages" / "kata-shim" / "tests" / "fixtures" / "configuration-qemu-runtime-rs-4.0.0.toml"
-)
+SHIM_FIXTURES = Path(__file__).resolve().parents[2] / "packages" / "kata-shim" / "tests" / "fixtures"
+UPSTREAM_CONFIG = SHIM_FIXTURES / "configuration-qemu-runtime-rs-4.0.0.toml"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 GUEST_CHECK = """\
 echo "vda ro=$(cat /sys/block/vda/ro)"
