@@ -20,6 +20,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from kata_shim.hypervisor import HypervisorConfig
+
 FIXTURES = Path(__file__).parent / "fixtures"
 SPECS = {"clh": FIXTURES / "cloud-hypervisor.yaml", "firecracker": FIXTURES / "firecracker.yaml"}
 
@@ -91,6 +93,34 @@ def fake_vmm(directory: Path, name: str) -> Path:
     target.write_text(f"#!{sys.executable}\n" + (FIXTURES / "fake_restvmm.py").read_text())
     target.chmod(0o755)
     return target
+
+
+def guest_config(directory: Path, vmm: str, **overrides: Any) -> HypervisorConfig:
+    """A `HypervisorConfig` for the fake ``vmm`` (copied into ``directory``) with a kernel and an image that
+    exist there, 256 MiB, no shared fs; ``overrides`` set other fields."""
+    (directory / "vmlinux").write_bytes(b"\0")
+    (directory / "rootfs.img").write_bytes(b"\0" * 4096)
+    fields: dict[str, Any] = {
+        "path": str(fake_vmm(directory, vmm)),
+        "kernel": directory / "vmlinux",
+        "image": directory / "rootfs.img",
+        "kernel_params": "root=/dev/vda1",
+        "default_memory": 256,
+        "shared_fs": "none",
+    }
+    return HypervisorConfig(**{**fields, **overrides})
+
+
+async def read_head(stream: Any) -> bytes | None:
+    """An HTTP request's bytes up to and including its blank line (and what came with them); None when the
+    peer closes first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return None
+        data += chunk
+    return data
 
 
 def recorded(record: Path) -> list[dict[str, Any]]:
@@ -187,12 +217,9 @@ async def serve_api(
 
     async def one(stream: trio.SocketStream) -> None:
         async with stream:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    return
-                data += chunk
+            data = await read_head(stream)
+            if data is None:
+                return
             head, _, body = data.partition(b"\r\n\r\n")
             lines = head.decode().split("\r\n")
             method, path, _ = lines[0].split(" ", 2)

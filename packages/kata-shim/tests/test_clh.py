@@ -20,7 +20,7 @@ from restvmm_harness import (  # type: ignore[import-not-found]
     FIXTURES,
     ApiSpec,
     FailedStart,
-    fake_vmm,
+    guest_config,
     json_answer,
     recorded,
     serve_api,
@@ -44,18 +44,7 @@ pytestmark = pytest.mark.usefixtures("reap_fakes")  # no fake VMM outlives its t
 
 @pytest.fixture
 def config(tmp_path: Path) -> HypervisorConfig:
-    (tmp_path / "vmlinux").write_bytes(b"\0")
-    (tmp_path / "rootfs.img").write_bytes(b"\0" * 4096)
-    return HypervisorConfig(
-        path=str(fake_vmm(tmp_path, "cloud-hypervisor")),
-        kernel=tmp_path / "vmlinux",
-        image=tmp_path / "rootfs.img",
-        kernel_params="root=/dev/vda1",
-        default_memory=256,
-        default_vcpus=1,
-        default_maxvcpus=4,
-        shared_fs="none",
-    )
+    return guest_config(tmp_path, "cloud-hypervisor", default_vcpus=1, default_maxvcpus=4)
 
 
 def test_registered() -> None:

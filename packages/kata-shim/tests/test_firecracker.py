@@ -13,7 +13,7 @@ import trio
 from restvmm_harness import (  # type: ignore[import-not-found]
     ApiSpec,
     FailedStart,
-    fake_vmm,
+    guest_config,
     json_answer,
     serve_api,
     start_fails_leaving_nothing,
@@ -35,17 +35,7 @@ pytestmark = pytest.mark.usefixtures("reap_fakes")  # no fake VMM outlives its t
 
 @pytest.fixture
 def config(tmp_path: Path) -> HypervisorConfig:
-    (tmp_path / "vmlinux").write_bytes(b"\0")
-    (tmp_path / "rootfs.img").write_bytes(b"\0" * 4096)
-    return HypervisorConfig(
-        path=str(fake_vmm(tmp_path, "firecracker")),
-        kernel=tmp_path / "vmlinux",
-        image=tmp_path / "rootfs.img",
-        kernel_params="root=/dev/vda1",
-        default_memory=256,
-        default_vcpus=2,
-        shared_fs="none",
-    )
+    return guest_config(tmp_path, "firecracker", default_vcpus=2)
 
 
 def test_registered_and_capabilities() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import trio
+from restvmm_harness import read_head  # type: ignore[import-not-found]
 
 from kata_shim.hypervisor import HypervisorError
 from kata_shim.hypervisor._rest import MAX_HEADER, RestError, RestResponse, expect, request
@@ -37,12 +38,9 @@ async def _serve(sock: Path) -> trio.SocketListener:
 
 def _canned(raw: bytes, seen: list[bytes] | None = None, *, then_sleep: float = 0.0) -> Handler:
     async def handler(stream: trio.SocketStream) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                return
-            data += chunk
+        data = await read_head(stream)
+        if data is None:
+            return
         if seen is not None:
             seen.append(data)
         await stream.send_all(raw)
