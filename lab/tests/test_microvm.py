@@ -95,13 +95,16 @@ def _reset_each_boot(vm: MicroVM, boots: int, stop: threading.Event) -> None:
     """Reset the guest (QMP system_reset: QEMU -no-reboot then exits 0) once the firmware handed over."""
     done = 0
     while done < boots and not stop.is_set():
-        running = vm.proc is not None and vm.proc.poll() is None
+        proc = vm.proc  # this boot's QEMU: MicroVM replaces vm.proc when it boots the guest again
+        running = proc is not None and proc.poll() is None
         if running and FIRMWARE_HANDOVER.search(vm.console):
             try:
                 with QmpClient(vm.monitor_path) as qmp:
                     qmp.execute("system_reset")
                 done += 1
-                while vm.proc is not None and vm.proc.poll() is None and not stop.is_set():
+                # wait for THIS QEMU to exit: re-reading vm.proc here would wait on the next boot's QEMU
+                # when MicroVM boots the guest again before this loop sees the exit
+                while proc.poll() is None and not stop.is_set():
                     time.sleep(0.05)
             except (OSError, ValueError):
                 pass
