@@ -10,6 +10,7 @@ from kata_vmm._errors import (
     GuestMemoryError,
     KernelLoadError,
     KvmError,
+    SnapshotError,
     VmmError,
     VmStateError,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "MmioSlot",
     "NetSpec",
     "RngSpec",
+    "SnapshotError",
     "Vcpu",
     "VcpuState",
     "VirtioError",
