@@ -1,0 +1,242 @@
+"""Snapshot and restore of a whole Vmm on the host's /dev/kvm with a tiny guest that counts.
+
+The guest counts in %rbx, stores the count in memory and makes a port-I/O exit on every round, so a
+pause lands after an exit KVM completes only on the next KVM_RUN as often as not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kata_vmm import (
+    SNAPSHOT_VERSION,
+    RngSpec,
+    SnapshotError,
+    VmConfig,
+    Vmm,
+    VmmState,
+    VmStateError,
+    VsockSpec,
+    snapshot_config,
+)
+
+KernelFactory = Callable[[bytes], Path]
+
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm"),
+]
+
+COUNTER = 0x200000
+# loop: inc rbx; mov [COUNTER], rbx; out 0x80, al; jmp loop
+COUNTING_GUEST = (
+    bytes.fromhex("48ffc3")
+    + bytes.fromhex("48891c25")
+    + struct.pack("<I", COUNTER)
+    + bytes.fromhex("e680")
+    + bytes.fromhex("ebf1")
+)
+
+
+def _config(kernel: Path, tmp_path: Path, name: str) -> VmConfig:
+    return VmConfig(
+        kernel=kernel,
+        vcpus=1,
+        memory_mib=32,
+        devices=[RngSpec(), VsockSpec(tmp_path / f"{name}.sock")],
+    )
+
+
+def _count(vmm: Vmm) -> int:
+    assert vmm.memory is not None
+    return int.from_bytes(vmm.memory.read(COUNTER, 8), "little")
+
+
+def _run_until(vmm: Vmm, above: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while _count(vmm) <= above:
+        assert vmm.exit_status is None, vmm.exit_status
+        assert time.monotonic() < deadline, f"the guest did not count past {above} within {timeout} s"
+        time.sleep(0.01)
+
+
+def _rbx_rip(vmm: Vmm) -> tuple[int, int]:
+    regs = vmm.machine.vcpus[0].get_regs()
+    return int(regs.rbx), int(regs.rip)
+
+
+@pytest.fixture
+def snapshot(make_kernel: KernelFactory, tmp_path: Path) -> tuple[Path, Path, int, int, int]:
+    """A counting guest snapshotted after it counted past 20: (directory, kernel, rbx, rip, count)."""
+    kernel = make_kernel(COUNTING_GUEST)
+    vmm = Vmm()
+    try:
+        vmm.configure(_config(kernel, tmp_path, "origin"))
+        vmm.start()
+        _run_until(vmm, 20)
+        vmm.pause()
+        rbx, rip = _rbx_rip(vmm)
+        count = _count(vmm)
+        vmm.snapshot(tmp_path / "snap")
+        assert vmm.state is VmmState.PAUSED
+        vmm.resume()  # the original goes on as if nothing happened
+        _run_until(vmm, count + 5)
+    finally:
+        vmm.close()
+    return tmp_path / "snap", kernel, rbx, rip, count
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_paused_guest_restores_twice_from_the_same_state(
+    snapshot: tuple[Path, Path, int, int, int], tmp_path: Path
+) -> None:
+    directory, kernel, rbx, rip, count = snapshot
+    assert count in (rbx, rbx - 1)  # paused after the store, or between the inc and the store
+    clones = []
+    try:
+        for name in ("clone-a", "clone-b"):
+            clone = Vmm.restore(directory, _config(kernel, tmp_path, name))
+            clones.append(clone)
+            assert clone.state is VmmState.PAUSED
+            assert _rbx_rip(clone) == (rbx, rip)
+            assert _count(clone) == count
+        for clone in clones:  # both run at once, each on its own copy-on-write memory
+            clone.resume()
+        for clone in clones:
+            _run_until(clone, count + 20)
+            clone.pause()
+            assert _rbx_rip(clone)[0] > rbx + 20
+            assert clone.exit_status is None
+        saved = (directory / "memory-0.bin").read_bytes()[COUNTER : COUNTER + 8]
+        assert int.from_bytes(saved, "little") == count  # the clones' writes never reach the file
+    finally:
+        for clone in clones:
+            clone.close()
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_restore_without_a_config_uses_the_saved_one(snapshot: tuple[Path, Path, int, int, int]) -> None:
+    directory, kernel, rbx, rip, _ = snapshot
+    config = snapshot_config(directory)
+    assert (config.kernel, config.vcpus, config.memory_mib) == (kernel, 1, 32)
+    assert [type(d) for d in config.devices] == [RngSpec, VsockSpec]
+    clone = Vmm.restore(directory)
+    try:
+        assert _rbx_rip(clone) == (rbx, rip)
+    finally:
+        clone.close()
+
+
+def test_snapshot_files_are_versioned_and_say_what_they_hold(
+    snapshot: tuple[Path, Path, int, int, int],
+) -> None:
+    directory = snapshot[0]
+    manifest = json.loads((directory / "snapshot.json").read_text())
+    assert manifest["format"] == "kata-vmm-snapshot" and manifest["version"] == SNAPSHOT_VERSION
+    [vcpu] = manifest["vcpus"]
+    assert vcpu["regs"]["struct"] == "kvm_regs" and vcpu["regs"]["size"] == 144
+    assert {"xsave", "xcrs", "lapic", "vcpu_events", "cpuid", "debugregs", "fpu", "sregs"} <= set(vcpu)
+    assert len(vcpu["msrs"]) > 10
+    assert set(manifest["vm"]) == {"pic_master", "pic_slave", "ioapic", "pit2", "clock"}
+    assert [d["spec"]["kind"] for d in manifest["devices"]] == ["rng", "vsock"]
+    assert sorted(p.name for p in directory.iterdir()) == ["memory-0.bin", "snapshot.json"]
+    assert (directory / "memory-0.bin").stat().st_blocks * 512 < 8 << 20  # sparse: 32 MiB, mostly holes
+
+
+def _edit(directory: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    manifest = json.loads((directory / "snapshot.json").read_text())
+    change(manifest)
+    (directory / "snapshot.json").write_text(json.dumps(manifest))
+
+
+CORRUPTIONS: list[tuple[str, Callable[[Path], None], str]] = [
+    ("version", lambda d: _edit(d, lambda m: m.update(version=SNAPSHOT_VERSION + 1)), "version 2"),
+    ("format", lambda d: _edit(d, lambda m: m.update(format="firecracker")), "not a kata-vmm snapshot"),
+    ("garbage", lambda d: (d / "snapshot.json").write_bytes(b"\x00{garbage"), "corrupt"),
+    ("no manifest", lambda d: (d / "snapshot.json").unlink(), "no snapshot.json"),
+    ("short memory", lambda d: os.truncate(d / "memory-0.bin", 4096), "holds 4096 bytes"),
+    ("no memory", lambda d: (d / "memory-0.bin").unlink(), "cannot open memory file"),
+    (
+        "memory elsewhere",
+        lambda d: _edit(d, lambda m: m["memory"][0].update(file="../../etc/passwd")),
+        "names no file",
+    ),
+    (
+        "regs size",
+        lambda d: _edit(d, lambda m: m["vcpus"][0]["regs"].update(size=100)),
+        "kvm_regs is 100 bytes",
+    ),
+    (
+        "regs struct",
+        lambda d: _edit(d, lambda m: m["vcpus"][0].update(regs=m["vcpus"][0]["sregs"])),
+        "expected a kvm_regs",
+    ),
+    ("msrs", lambda d: _edit(d, lambda m: m["vcpus"][0].update(msrs=[[1, -1]])), "not a u64"),
+    ("irqchip", lambda d: _edit(d, lambda m: m["vm"].update(ioapic=m["vm"]["pic_master"])), "irqchip 0"),
+    (
+        "queue",
+        lambda d: _edit(d, lambda m: m["devices"][0]["transport"].update(device_type=2)),
+        "device type",
+    ),
+    ("no devices", lambda d: _edit(d, lambda m: m.pop("devices")), "devices"),
+]
+
+
+@pytest.mark.usefixtures("no_leaks")
+@pytest.mark.parametrize(("what", "corrupt", "match"), CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
+def test_corrupt_or_other_version_snapshot_is_refused_and_leaks_nothing(
+    snapshot: tuple[Path, Path, int, int, int],
+    tmp_path: Path,
+    what: str,
+    corrupt: Callable[[Path], None],
+    match: str,
+) -> None:
+    directory, kernel = snapshot[:2]
+    corrupt(directory)
+    with pytest.raises(SnapshotError, match=match):
+        Vmm.restore(directory, _config(kernel, tmp_path, "clone"))
+    assert not (tmp_path / "clone.sock").exists()  # the clone's vsock listener was closed and unlinked
+
+
+@pytest.mark.usefixtures("no_leaks")
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda c: c.__setattr__("vcpus", 2), "1 vCPUs and 32 MiB, the config 2 and 32"),
+        (lambda c: c.__setattr__("memory_mib", 64), "the config 1 and 64"),
+        (lambda c: c.devices.pop(), "devices"),
+    ],
+)
+def test_config_that_does_not_fit_the_snapshot_is_refused(
+    snapshot: tuple[Path, Path, int, int, int], tmp_path: Path, change: Callable[[VmConfig], None], match: str
+) -> None:
+    directory, kernel = snapshot[:2]
+    config = _config(kernel, tmp_path, "clone")
+    change(config)
+    with pytest.raises(SnapshotError, match=match):
+        Vmm.restore(directory, config)
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_snapshot_needs_a_paused_vm_and_a_new_directory(make_kernel: KernelFactory, tmp_path: Path) -> None:
+    vmm = Vmm()
+    try:
+        vmm.configure(_config(make_kernel(COUNTING_GUEST), tmp_path, "v"))
+        vmm.start()
+        with pytest.raises(VmStateError):
+            vmm.snapshot(tmp_path / "s")
+        vmm.pause()
+        (tmp_path / "exists").mkdir()
+        with pytest.raises(SnapshotError, match="cannot create snapshot directory"):
+            vmm.snapshot(tmp_path / "exists")
+        assert not (tmp_path / "s").exists()
+    finally:
+        vmm.close()
