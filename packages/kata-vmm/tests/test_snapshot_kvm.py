@@ -240,3 +240,79 @@ def test_snapshot_needs_a_paused_vm_and_a_new_directory(make_kernel: KernelFacto
         assert not (tmp_path / "s").exists()
     finally:
         vmm.close()
+
+
+# A host-side stand-in for the guest's virtio-rng driver: registers through the MMIO bus (as a vCPU's
+# accesses arrive), rings in guest RAM well away from the counting guest's code and counter.
+DESC, AVAIL, USED, BUFFERS = 0x300000, 0x301000, 0x302000, 0x310000
+
+
+def _mmio(vmm: Vmm, offset: int, value: int) -> None:
+    vmm.mmio_bus.write(vmm.machine.mmio_slots[0].base + offset, struct.pack("<I", value))
+
+
+def _rng_bring_up(vmm: Vmm) -> None:
+    for status in (0, 1, 3):
+        _mmio(vmm, 0x70, status)
+    _mmio(vmm, 0x24, 1)
+    _mmio(vmm, 0x20, 1)  # VIRTIO_F_VERSION_1 (bit 32)
+    _mmio(vmm, 0x70, 0xB)
+    _mmio(vmm, 0x30, 0)
+    _mmio(vmm, 0x38, 8)
+    for reg, addr in ((0x80, DESC), (0x90, AVAIL), (0xA0, USED)):
+        _mmio(vmm, reg, addr)
+        _mmio(vmm, reg + 4, 0)
+    _mmio(vmm, 0x44, 1)
+    _mmio(vmm, 0x70, 0xF)
+
+
+def _rng_offer(vmm: Vmm, index: int) -> None:
+    """Make buffer ``index`` (16 device-writable bytes) available, without a kick."""
+    assert vmm.memory is not None
+    vmm.memory.write(DESC + 16 * index, struct.pack("<QIHH", BUFFERS + 16 * index, 16, 2, 0))
+    vmm.memory.write(AVAIL + 4 + 2 * (index % 8), struct.pack("<H", index))
+    vmm.memory.write(AVAIL + 2, struct.pack("<H", index + 1))
+
+
+def _rng_used(vmm: Vmm) -> int:
+    assert vmm.memory is not None
+    return int(struct.unpack("<H", vmm.memory.read(USED + 2, 2))[0])
+
+
+def _until(check: Callable[[], bool], timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_restored_device_serves_the_driver_queue_where_it_was(
+    make_kernel: KernelFactory, tmp_path: Path
+) -> None:
+    kernel = make_kernel(COUNTING_GUEST)
+    vmm = Vmm()
+    try:
+        vmm.configure(_config(kernel, tmp_path, "origin"))
+        vmm.start()
+        _rng_bring_up(vmm)
+        _rng_offer(vmm, 0)
+        _mmio(vmm, 0x50, 0)  # QueueNotify
+        assert _until(lambda: _rng_used(vmm) == 1)
+        _rng_offer(vmm, 1)  # made available, its kick not yet served when the VM is paused
+        vmm.pause()
+        vmm.snapshot(tmp_path / "snap")
+    finally:
+        vmm.close()
+    clone = Vmm.restore(tmp_path / "snap", _config(kernel, tmp_path, "clone"))
+    try:
+        assert clone.machine.virtio[0].transport.read_u32(0x70) == 0xF
+        assert _until(lambda: _rng_used(clone) == 2)  # served after the restore, without a new kick
+        _rng_offer(clone, 2)
+        _mmio(clone, 0x50, 0)
+        assert _until(lambda: _rng_used(clone) == 3)
+        assert clone.memory is not None and clone.memory.read(BUFFERS + 32, 16) != bytes(16)
+    finally:
+        clone.close()

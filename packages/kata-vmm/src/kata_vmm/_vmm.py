@@ -487,6 +487,12 @@ class Vmm:
         self._setup["restore"] = time.monotonic() - t0
         install_kick_handler()
         self._start_threads(paused=True)
+        for dev in self._virtio:
+            # a kick the guest made just before the pause may not have reached the saved device: ring
+            # every doorbell once (a spurious notification only makes a device look at its rings)
+            if dev.transport.activated:
+                for bell in dev.doorbells:
+                    bell.write(1)
 
     @staticmethod
     def _open_memory_file(path: Path, region: dict[str, Any]) -> int:
