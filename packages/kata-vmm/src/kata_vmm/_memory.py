@@ -141,9 +141,10 @@ class GuestMemoryMmap:
                 try:
                     for start, end in _data_ranges(region.fd, region.size):
                         for off in range(start, end, SAVE_CHUNK):
-                            chunk = view[off : min(end, off + SAVE_CHUNK)]
+                            # a copy compares with memcmp (a memoryview compares item by item: 10x slower)
+                            chunk = bytes(view[off : min(end, off + SAVE_CHUNK)])
                             if chunk != _ZERO_CHUNK[: len(chunk)]:
-                                _pwrite_all(fd, chunk, off)
+                                _pwrite_all(fd, memoryview(chunk), off)
                 finally:
                     view.release()
             except OSError as err:
