@@ -123,6 +123,46 @@ def test_paused_guest_restores_twice_from_the_same_state(
 
 
 @pytest.mark.usefixtures("no_leaks")
+def test_a_clone_snapshots_and_its_clone_continues_from_there(
+    snapshot: tuple[Path, Path, int, int, int], tmp_path: Path
+) -> None:
+    directory, kernel, rbx, _, count = snapshot
+    clone = Vmm.restore(directory, _config(kernel, tmp_path, "clone"))
+    try:
+        clone.resume()
+        _run_until(clone, count + 10)
+        clone.pause()
+        rbx2, rip2 = _rbx_rip(clone)
+        count2 = _count(clone)
+        clone.snapshot(tmp_path / "snap2")  # RAM is a private mapping of the first snapshot's file here
+    finally:
+        clone.close()
+    grandchild = Vmm.restore(tmp_path / "snap2", _config(kernel, tmp_path, "grandchild"))
+    try:
+        assert _rbx_rip(grandchild) == (rbx2, rip2) and rbx2 > rbx + 10
+        assert _count(grandchild) == count2
+    finally:
+        grandchild.close()
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_shared_memory_restore_runs_on_a_copy_of_the_file(
+    snapshot: tuple[Path, Path, int, int, int], tmp_path: Path
+) -> None:
+    directory, kernel, rbx, rip, count = snapshot
+    config = _config(kernel, tmp_path, "clone")
+    config.shared_memory = True
+    clone = Vmm.restore(directory, config)
+    try:
+        assert clone.memory is not None and clone.memory.regions[0].fd >= 0  # a memfd a daemon could map
+        assert _rbx_rip(clone) == (rbx, rip) and _count(clone) == count
+        clone.resume()
+        _run_until(clone, count + 10)
+    finally:
+        clone.close()
+
+
+@pytest.mark.usefixtures("no_leaks")
 def test_restore_without_a_config_uses_the_saved_one(snapshot: tuple[Path, Path, int, int, int]) -> None:
     directory, kernel, rbx, rip, _ = snapshot
     config = snapshot_config(directory)

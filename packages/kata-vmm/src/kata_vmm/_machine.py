@@ -64,7 +64,9 @@ class VmConfig:
     console_input: int | None = None
     """A readable fd whose bytes are typed on the serial console (non-blocking reads are used)."""
     shared_memory: bool = False
-    """Back RAM with memfds, so another process (vhost-user) can map it."""
+    """RAM another process (vhost-user) can map. RAM is a memfd mapped MAP_SHARED anyway; what this changes
+    is a restore, which then copies the snapshot's memory into a fresh memfd instead of mapping the file
+    copy-on-write (a private mapping would hide the guest's writes from the other process)."""
     devices: list[DeviceSpec] = field(default_factory=list)
     """Virtio devices (vsock, block, net, fs, rng), each on its own virtio-mmio slot, in this order."""
 
