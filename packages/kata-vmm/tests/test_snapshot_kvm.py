@@ -36,13 +36,15 @@ pytestmark = [
 ]
 
 COUNTER = 0x200000
-# loop: inc rbx; mov [COUNTER], rbx; out 0x80, al; jmp loop
+PORT = 0x80
+# loop: inc rbx; mov [COUNTER], rbx; mov al, bl; out PORT, al; jmp loop
 COUNTING_GUEST = (
     bytes.fromhex("48ffc3")
     + bytes.fromhex("48891c25")
     + struct.pack("<I", COUNTER)
-    + bytes.fromhex("e680")
-    + bytes.fromhex("ebf1")
+    + bytes.fromhex("88d8")
+    + bytes([0xE6, PORT])
+    + bytes.fromhex("ebef")
 )
 
 
@@ -92,6 +94,65 @@ def snapshot(make_kernel: KernelFactory, tmp_path: Path) -> tuple[Path, Path, in
     finally:
         vmm.close()
     return tmp_path / "snap", kernel, rbx, rip, count
+
+
+# loop: xor eax, eax; in al, PORT; inc rbx; mov [COUNTER], rbx; jmp loop
+READING_GUEST = (
+    bytes.fromhex("31c0")
+    + bytes([0xE4, PORT])
+    + bytes.fromhex("48ffc3")
+    + bytes.fromhex("48891c25")
+    + struct.pack("<I", COUNTER)
+    + bytes.fromhex("ebef")
+)
+AFTER_IN = 4  # offset of the instruction after `in al, PORT`
+
+
+class SlowPort:
+    """A port that reads as 0x5a, counts its reads and takes a while to answer, so a pause nearly always
+    finds the vCPU handling the IN exit rather than inside KVM_RUN."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def read(self, offset: int, size: int) -> bytes:
+        self.reads += 1
+        time.sleep(0.002)
+        return b"\x5a" * size
+
+    def write(self, offset: int, data: bytes) -> None:
+        pass
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_an_io_exit_in_flight_at_the_pause_is_completed_before_the_state_is_read(
+    make_kernel: KernelFactory, tmp_path: Path
+) -> None:
+    # KVM retires an IN (its data into %al, %rip past it) only on the next KVM_RUN: a vCPU parked right
+    # after the exit must complete it first, or a snapshot holds an IN the device already answered and a
+    # restored guest executes it again (a second read: a console byte or an ISR read consumed twice).
+    port = SlowPort()
+    vmm = Vmm()
+    try:
+        vmm.configure(_config(make_kernel(READING_GUEST), tmp_path, "v"))
+        vmm.pio_bus.insert(port, PORT, 1)
+        vmm.start()
+        assert vmm.boot_plan is not None
+        for _ in range(5):
+            _run_until(vmm, _count(vmm) + 2)
+            vmm.pause()
+            regs = vmm.machine.vcpus[0].get_regs()
+            retired = regs.rip - vmm.boot_plan.entry == AFTER_IN
+            # every read the device answered is an IN the saved state has retired
+            assert port.reads == regs.rbx + retired, (
+                port.reads,
+                regs.rbx,
+                hex(regs.rip - vmm.boot_plan.entry),
+            )
+            assert not retired or regs.rax & 0xFF == 0x5A
+            vmm.resume()
+    finally:
+        vmm.close()
 
 
 @pytest.mark.usefixtures("no_leaks")
