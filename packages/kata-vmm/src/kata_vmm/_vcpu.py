@@ -185,22 +185,16 @@ class VcpuThread:
                     raise VmmError(f"vCPU {self.id} thread did not exit")
 
     # --- the thread -----------------------------------------------------------------------------
-    def _complete_pending_exit(self) -> None:
-        # KVM finishes an I/O or MMIO instruction only on the next KVM_RUN (Documentation/virt/kvm/
-        # api.rst, immediate_exit): run once with immediate_exit set so the state a snapshot reads is
-        # consistent; KVM completes the instruction and returns EINTR without running the guest.
-        if self._exit_pending:
-            self._exit_pending = False
-            self.vcpu.run_page.immediate_exit = 1
-            try:
-                self.vcpu.run()
-            finally:
-                self.vcpu.run_page.immediate_exit = 0
-
     def _wait_until_runnable(self) -> bool:
         with self._cond:
-            if self._requested is VcpuState.PAUSED:
-                self._complete_pending_exit()
+            if self._requested is VcpuState.PAUSED and self._exit_pending:
+                # KVM retires an I/O or MMIO instruction only on the next KVM_RUN (Documentation/virt/kvm/
+                # api.rst, immediate_exit): one more KVM_RUN with immediate_exit set completes it and
+                # returns EINTR without running the guest, so the state a snapshot reads is consistent.
+                # (A string instruction may come back with its next exit instead: handled as usual, then
+                # here again.)
+                self.vcpu.run_page.immediate_exit = 1
+                return True
             while self._requested is VcpuState.PAUSED:
                 if self._state is not VcpuState.PAUSED:
                     self._state = VcpuState.PAUSED
