@@ -44,7 +44,8 @@ MANIFEST_NAME = "snapshot.json"
 MAX_MANIFEST_BYTES = 16 << 20
 
 MSR_IA32_TSC = 0x10
-MSR_IA32_MCG_CTL = 0x17B  # listed by KVM, refused on write unless MCG_CTL_P: Firecracker leaves it out
+MSR_IA32_FEATURE_CONTROL = 0x3A  # not exported by Linux: Firecracker's denylist
+MSR_IA32_MCG_CTL = 0x17B  # listed by KVM, refused on write unless MCG_CTL_P: Firecracker's denylist
 MSR_IA32_TSC_DEADLINE = 0x6E0  # only meaningful after the TSC it is compared with
 
 _S = TypeVar("_S", bound=ctypes.Structure)
@@ -112,8 +113,10 @@ def _describe(blob: Any) -> str:
 
 
 def msrs_to_save(kvm: Kvm) -> list[int]:
-    """The MSRs a snapshot carries: KVM_GET_MSR_INDEX_LIST less those it cannot give back."""
-    return [i for i in kvm.msr_index_list() if i != MSR_IA32_MCG_CTL]
+    """The MSRs a snapshot carries: KVM_GET_MSR_INDEX_LIST less Firecracker's denylist (IA32_FEATURE_CONTROL,
+    IA32_MCG_CTL); `save_vcpu` also leaves out any KVM refuses to read for this vCPU's CPUID (the PMU's
+    when the CPUID hides the PMU), so what is saved can be set again on a vCPU given the same CPUID."""
+    return [i for i in kvm.msr_index_list() if i not in (MSR_IA32_FEATURE_CONTROL, MSR_IA32_MCG_CTL)]
 
 
 def save_vcpu(vcpu: Vcpu, msr_indices: list[int]) -> dict[str, Any]:
