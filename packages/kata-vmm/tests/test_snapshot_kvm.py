@@ -18,6 +18,8 @@ import pytest
 
 from kata_vmm import (
     SNAPSHOT_VERSION,
+    BlockSpec,
+    FsSpec,
     RngSpec,
     SnapshotError,
     VmConfig,
@@ -415,5 +417,37 @@ def test_restored_device_serves_the_driver_queue_where_it_was(
         _mmio(clone, 0x50, 0)
         assert _until(lambda: _rng_used(clone) == 3)
         assert clone.memory is not None and clone.memory.read(BUFFERS + 32, 16) != bytes(16)
+    finally:
+        clone.close()
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_every_device_kind_is_recorded_and_rebuilt(make_kernel: KernelFactory, tmp_path: Path) -> None:
+    kernel = make_kernel(COUNTING_GUEST)
+    (tmp_path / "share").mkdir()
+    (tmp_path / "disk.img").write_bytes(bytes(1 << 16))
+    devices = [
+        VsockSpec(tmp_path / "v.sock", guest_cid=7),
+        BlockSpec(tmp_path / "disk.img", read_only=True),
+        FsSpec("share", tmp_path / "share"),
+        RngSpec(),
+    ]
+    vmm = Vmm()
+    try:
+        vmm.configure(VmConfig(kernel=kernel, vcpus=1, memory_mib=32, devices=devices))
+        vmm.start()
+        _run_until(vmm, 5)
+        vmm.pause()
+        vmm.snapshot(tmp_path / "snap")
+    finally:
+        vmm.close()
+    config = snapshot_config(tmp_path / "snap")
+    assert config.devices == devices
+    clone = Vmm.restore(tmp_path / "snap")
+    try:
+        assert [s.index for s in clone.machine.mmio_slots] == [0, 1, 2, 3]
+        assert [d.device.device_type for d in clone.machine.virtio] == [19, 2, 26, 4]
+        clone.resume()
+        _run_until(clone, _count(clone) + 5)
     finally:
         clone.close()
