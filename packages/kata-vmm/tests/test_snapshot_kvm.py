@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from kata_virtio import MmioTransport, VirtioBlock, VirtioRng
 from kata_vmm import (
     SNAPSHOT_VERSION,
     BlockSpec,
@@ -24,6 +25,7 @@ from kata_vmm import (
     SnapshotError,
     VmConfig,
     Vmm,
+    VmmBuilder,
     VmmState,
     VmStateError,
     VsockSpec,
@@ -451,3 +453,54 @@ def test_every_device_kind_is_recorded_and_rebuilt(make_kernel: KernelFactory, t
         _run_until(clone, _count(clone) + 5)
     finally:
         clone.close()
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_a_builder_built_vm_snapshots_with_its_specs(make_kernel: KernelFactory, tmp_path: Path) -> None:
+    kernel = make_kernel(COUNTING_GUEST)
+    builder = VmmBuilder(VmConfig(kernel=kernel, vcpus=1, memory_mib=32))
+    builder.add_device(VsockSpec(tmp_path / "v.sock"))
+    builder.add_device(RngSpec())
+    vmm = builder.start()
+    try:
+        _run_until(vmm, 5)
+        vmm.pause()
+        vmm.snapshot(tmp_path / "snap")
+    finally:
+        vmm.close()
+    assert snapshot_config(tmp_path / "snap").devices == [VsockSpec(tmp_path / "v.sock"), RngSpec()]
+    Vmm.restore(tmp_path / "snap").close()
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_devices_without_specs_need_a_config_and_factories_cannot_be_saved(
+    make_kernel: KernelFactory, tmp_path: Path
+) -> None:
+    kernel = make_kernel(COUNTING_GUEST)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    vmm = Vmm()
+    try:
+        vmm.configure(VmConfig(kernel=kernel, vcpus=1, memory_mib=32))
+        vmm.add_virtio_device(VirtioBlock(disk))  # no spec: the snapshot records its kind only
+        vmm.start()
+        vmm.pause()
+        vmm.snapshot(tmp_path / "snap")
+    finally:
+        vmm.close()
+    with pytest.raises(SnapshotError, match="not one kata-vmm records"):
+        Vmm.restore(tmp_path / "snap")
+    config = VmConfig(kernel=kernel, vcpus=1, memory_mib=32, devices=[BlockSpec(disk)])
+    Vmm.restore(tmp_path / "snap", config).close()
+
+    vmm = Vmm()
+    try:
+        vmm.configure(VmConfig(kernel=kernel, vcpus=1, memory_mib=32))
+        vmm.add_device(lambda memory, irq, slot: MmioTransport(VirtioRng(), memory, irq))
+        vmm.start()
+        vmm.pause()
+        with pytest.raises(SnapshotError, match="cannot be saved"):
+            vmm.snapshot(tmp_path / "snap2")
+        assert not (tmp_path / "snap2").exists()
+    finally:
+        vmm.close()

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kata_virtio import VirtioDevice
 from kata_vmm._bindings import kvm as k
 from kata_vmm._errors import KvmError, SnapshotError
 from kata_vmm._kvm import Kvm, Vcpu, Vm
@@ -233,6 +234,14 @@ _SPEC_KINDS: dict[str, Callable[[dict[str, Any]], DeviceSpec]] = {
 def spec_kind(spec: DeviceSpec) -> str:
     """The name a snapshot gives a spec's device kind."""
     return {VsockSpec: "vsock", BlockSpec: "block", NetSpec: "net", FsSpec: "fs", RngSpec: "rng"}[type(spec)]
+
+
+_KIND_OF_TYPE = {19: "vsock", 2: "block", 1: "net", 26: "fs", 4: "rng"}  # virtio 1.2 §5 device ids
+
+
+def device_kind(device: VirtioDevice) -> str:
+    """The kind a snapshot records for a device added without its spec (`spec_kind`'s names)."""
+    return _KIND_OF_TYPE.get(device.device_type, f"virtio-{device.device_type}")
 
 
 def spec_to_json(spec: DeviceSpec) -> dict[str, Any]:

@@ -113,7 +113,8 @@ class Vmm:
         self._ended_at = 0.0
         self._restore_input_blocking: tuple[int, bool] | None = None
         self._setup: dict[str, float] = {}
-        self._specs: list[DeviceSpec] = []  # what each virtio device (in machine.virtio order) was built from
+        # what each virtio device (in machine.virtio order) was built from, if the caller said
+        self._specs: list[DeviceSpec | None] = []
 
     # the machine's parts, under the names callers have always used
     @property
@@ -191,16 +192,21 @@ class Vmm:
         self._setup["configure"] = time.monotonic() - t0
         self.state = VmmState.CONFIGURED
 
-    def add_virtio_device(self, device: VirtioDevice, slot: MmioSlot | None = None) -> MmioSlot:
+    def add_virtio_device(
+        self, device: VirtioDevice, slot: MmioSlot | None = None, *, spec: DeviceSpec | None = None
+    ) -> MmioSlot:
         """Put a kata-virtio device on ``slot`` (a `VmmBuilder` assigned it) or the next virtio-mmio slot,
-        served on the event thread.
+        served on the event thread. ``spec``, the spec it was built from, goes into a snapshot (so
+        `snapshot_config` can rebuild it); without it a restore needs a config naming the device.
 
         QueueNotify reaches the event thread through one ioeventfd per queue, interrupts go out through
         the slot's irqfd, the device's `watched()` fds are polled on the event thread. The VMM owns the
         device from here on (`close` closes it), also when this raises.
         """
         self._require(VmmState.CONFIGURED)
-        return self.machine.add_virtio(device, slot)
+        placed = self.machine.add_virtio(device, slot)
+        self._specs.append(spec)
+        return placed
 
     def add_device(self, factory: DeviceFactory) -> MmioSlot:
         """Give a device the next virtio-mmio slot (address, GSI, irqfd); the DSDT describes it at start."""
@@ -356,6 +362,10 @@ class Vmm:
         behind) or `VmStateError` unless paused."""
         self._require(VmmState.PAUSED)
         assert self.config is not None and self.memory is not None and self.vm is not None
+        if len(self._mmio_slots) != len(self._virtio):
+            raise SnapshotError(
+                "a device added with add_device (a factory, not a kata-virtio device) cannot be saved"
+            )
         path = Path(directory)
         try:
             path.mkdir(mode=0o700)
@@ -381,7 +391,11 @@ class Vmm:
             # on the event thread (or in place without one): no device runs while memory is copied
             memory.save(fds)
             captured["devices"] = [
-                {"slot": slot.index, "spec": snap.spec_to_json(spec), "transport": dev.transport.save()}
+                {
+                    "slot": slot.index,
+                    "spec": snap.spec_to_json(spec) if spec else {"kind": snap.device_kind(dev.device)},
+                    "transport": dev.transport.save(),
+                }
                 for slot, spec, dev in zip(self._virtio_slots(), self._specs, self._virtio, strict=True)
             ]
             captured["serial"] = self.serial.save_state() if self.serial else {}
