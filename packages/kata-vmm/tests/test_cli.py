@@ -140,16 +140,21 @@ def test_snapshot_on_marker_then_restore_twice_continues_the_guest(
 ) -> None:
     kernel = make_kernel(_waits_then_prints_done())
     snap = tmp_path / "snap"
-    result = kata_vmm(
-        "run", "--kernel", kernel, "--memory", "32", "--snapshot-on", "SNAP", "--snapshot-dir", snap
-    )
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    run = ["run", "--kernel", kernel, "--memory", "32", "--block", disk]
+    result = kata_vmm(*run, "--snapshot-on", "SNAP", "--snapshot-dir", snap)
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"SNAP\n"  # stopped before DONE
     assert result.stderr.decode() == f"kata-vmm: snapshot written to {snap}\n"
-    for _ in range(2):
-        restored = kata_vmm("restore", snap, "--timeout", "120", timeout=180)
+    copy = tmp_path / "copy.img"
+    copy.write_bytes(disk.read_bytes())
+    for devices in ([], ["--block", copy]):  # the saved disk, then a clone's own copy in its place
+        restored = kata_vmm("restore", snap, "--timeout", "120", *devices, timeout=180)
         assert restored.returncode == 0, restored.stderr
         assert restored.stdout == b"DONE\n"
+    wrong = kata_vmm("restore", snap, "--rng")
+    assert_one_line_error(wrong, 2, "the snapshot has devices ['block'], the config ['rng']")
 
 
 def test_restore_of_something_else_is_one_line_and_exit_two(tmp_path: Path) -> None:
