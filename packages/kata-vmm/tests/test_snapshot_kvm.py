@@ -254,6 +254,7 @@ def test_snapshot_files_are_versioned_and_say_what_they_hold(
     assert [d["spec"]["kind"] for d in manifest["devices"]] == ["rng", "vsock"]
     assert sorted(p.name for p in directory.iterdir()) == ["memory-0.bin", "snapshot.json"]
     assert (directory / "memory-0.bin").stat().st_blocks * 512 < 8 << 20  # sparse: 32 MiB, mostly holes
+    assert (directory / "memory-0.bin").stat().st_mode & 0o777 == 0o400  # clones map it: never rewritten
 
 
 def _edit(directory: Path, change: Callable[[dict[str, Any]], None]) -> None:
@@ -273,6 +274,11 @@ CORRUPTIONS: list[tuple[str, Callable[[Path], None], str]] = [
         "memory elsewhere",
         lambda d: _edit(d, lambda m: m["memory"][0].update(file="../../etc/passwd")),
         "names no file",
+    ),
+    (
+        "memory layout",
+        lambda d: _edit(d, lambda m: m["memory"].append(dict(m["memory"][0], guest_addr=1 << 32))),
+        "not this VM's layout",
     ),
     (
         "regs size",

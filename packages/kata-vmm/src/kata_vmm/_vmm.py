@@ -36,6 +36,7 @@ from kata_vmm._errors import KvmError, SnapshotError, VmmError, VmStateError
 from kata_vmm._event_loop import EventLoop
 from kata_vmm._eventfd import EventFd, IrqFd
 from kata_vmm._kvm import Kvm, Vcpu, Vm
+from kata_vmm._layout import MiB, ram_ranges
 from kata_vmm._loader import BootPlan
 from kata_vmm._machine import (
     DEFAULT_CMDLINE,
@@ -404,6 +405,7 @@ class Vmm:
             run_on_loop(self.event_loop, capture)
             for fd in fds:
                 os.fsync(fd)
+                os.fchmod(fd, 0o400)  # clones map it: a page no clone wrote yet is the file's
         finally:
             for fd in fds:
                 os.close(fd)
@@ -474,10 +476,19 @@ class Vmm:
             )
         if not isinstance(manifest["vcpus"], list) or len(manifest["vcpus"]) != config.vcpus:
             raise SnapshotError("the snapshot's vCPU states do not match its vCPU count")
-        fds = [self._open_memory_file(path, region) for region in manifest["memory"]]
+        regions = manifest["memory"]
+        layout = ram_ranges(config.memory_mib * MiB)
+        if (
+            not isinstance(regions, list)
+            or [(m.get("guest_addr"), m.get("size")) if isinstance(m, dict) else m for m in regions] != layout
+        ):
+            raise SnapshotError("the snapshot's memory regions are not this VM's layout")
+        fds: list[int] = []
         self.state = VmmState.CONFIGURED  # what close() releases from here on
         self.config = config
         try:
+            for region in regions:
+                fds.append(self._open_memory_file(path, region))
             self.machine.create(
                 config, on_reset=self._guest_reset, on_power_off=self._guest_power_off, memory_files=fds
             )
@@ -485,9 +496,6 @@ class Vmm:
             for fd in fds:
                 os.close(fd)
         assert self.memory is not None and self.vm is not None
-        layout = [(r.guest_addr, r.size) for r in self.memory.regions]
-        if layout != [(m["guest_addr"], m["size"]) for m in manifest["memory"]]:
-            raise SnapshotError("the snapshot's memory regions are not this VM's layout")
         for spec, saved_dev in zip(config.devices, devices, strict=True):
             self.machine.add_virtio(build_device(spec), MmioSlot.at(snap._uint(saved_dev["slot"], 8, "slot")))
             self._specs.append(spec)
