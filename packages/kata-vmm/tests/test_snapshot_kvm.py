@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from kata_vmm import (
     SNAPSHOT_VERSION,
     BlockSpec,
     FsSpec,
+    NetSpec,
     RngSpec,
     SnapshotError,
     VmConfig,
@@ -298,6 +300,7 @@ CORRUPTIONS: list[tuple[str, Callable[[Path], None], str]] = [
         "device type",
     ),
     ("no devices", lambda d: _edit(d, lambda m: m.pop("devices")), "devices"),
+    ("config a list", lambda d: _edit(d, lambda m: m.update(config=[1])), "cannot restore"),
 ]
 
 
@@ -510,3 +513,19 @@ def test_devices_without_specs_need_a_config_and_factories_cannot_be_saved(
         assert not (tmp_path / "snap2").exists()
     finally:
         vmm.close()
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_a_failed_restore_gives_back_what_unbuilt_specs_hold(
+    snapshot: tuple[Path, Path, int, int, int], tmp_path: Path
+) -> None:
+    directory, kernel = snapshot[:2]
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    config = _config(kernel, tmp_path, "clone")
+    config.devices.append(NetSpec("tap0", fd=ours.detach()))  # an open tap, as the shim hands one over
+    try:
+        with pytest.raises(SnapshotError, match="devices"):
+            Vmm.restore(directory, config)
+        assert theirs.recv(1, socket.MSG_DONTWAIT) == b""  # the spec's end was closed
+    finally:
+        theirs.close()

@@ -453,9 +453,14 @@ class Vmm:
             vmm._restore(path, manifest, config)
         except BaseException as err:
             vmm.close()
+            for spec in config.devices[len(vmm._specs) :]:
+                spec.release()  # what the specs not built hold (a NetSpec's open tap), as VmmBuilder does
             if isinstance(err, SnapshotError):
                 raise
-            if isinstance(err, (VmmError, VirtioError, OSError, KeyError, TypeError, ValueError)):
+            # AttributeError: a manifest member of the wrong JSON type (a list where an object belongs)
+            wrapped = (VmmError, VirtioError, OSError, LookupError, TypeError, ValueError, AttributeError)
+            if isinstance(err, wrapped):
+                raise SnapshotError(f"cannot restore {path}: {err}") from err
                 raise SnapshotError(f"cannot restore {path}: {err}") from err
             raise
         return vmm
