@@ -122,3 +122,48 @@ def test_extract_vmlinux_of_a_non_kernel_is_one_line_and_exit_two(tmp_path: Path
     result = kata_vmm("extract-vmlinux", junk, tmp_path / "vmlinux")
     assert_one_line_error(result, 2, "not a bzImage")
     assert not (tmp_path / "vmlinux").exists()
+
+
+def _waits_then_prints_done() -> bytes:
+    """Prints SNAP, makes 30,000 port-I/O exits (long enough for the host to snapshot it meanwhile),
+    prints DONE and powers off."""
+    loop = bytes.fromhex("b930750000") + bytes.fromhex("e680ffc975fa")  # mov ecx, 30000; out; dec; jnz
+    return (
+        tk.print_serial(b"SNAP\n") + loop + tk.print_serial(b"DONE\n") + tk.ACPI_POWER_OFF + tk.HALT_FOREVER
+    )
+
+
+@pytest.mark.kvm
+@needs_kvm
+def test_snapshot_on_marker_then_restore_twice_continues_the_guest(
+    make_kernel: KernelFactory, tmp_path: Path
+) -> None:
+    kernel = make_kernel(_waits_then_prints_done())
+    snap = tmp_path / "snap"
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    run = ["run", "--kernel", kernel, "--memory", "32", "--block", disk]
+    result = kata_vmm(*run, "--snapshot-on", "SNAP", "--snapshot-dir", snap)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"SNAP\n"  # stopped before DONE
+    assert result.stderr.decode() == f"kata-vmm: snapshot written to {snap}\n"
+    copy = tmp_path / "copy.img"
+    copy.write_bytes(disk.read_bytes())
+    for devices in ([], ["--block", copy]):  # the saved disk, then a clone's own copy in its place
+        restored = kata_vmm("restore", snap, "--timeout", "120", *devices, timeout=180)
+        assert restored.returncode == 0, restored.stderr
+        assert restored.stdout == b"DONE\n"
+    wrong = kata_vmm("restore", snap, "--rng")
+    assert_one_line_error(wrong, 2, "the snapshot has devices ['block'], the config ['rng']")
+
+
+def test_restore_of_something_else_is_one_line_and_exit_two(tmp_path: Path) -> None:
+    result = kata_vmm("restore", tmp_path)
+    assert_one_line_error(result, 2, "is not a kata-vmm snapshot")
+
+
+@pytest.mark.kvm
+@needs_kvm
+def test_snapshot_on_without_a_directory_is_bad_input(make_kernel: KernelFactory) -> None:
+    result = kata_vmm("run", "--kernel", make_kernel(tk.HALT_FOREVER), "--snapshot-on", "X")
+    assert_one_line_error(result, 2, "--snapshot-on and --snapshot-dir go together")

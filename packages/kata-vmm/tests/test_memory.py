@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kata_virtio import GuestAddressError, GuestMemory
-from kata_vmm._errors import ConfigError, GuestMemoryError, VmmError
+from kata_vmm._errors import ConfigError, GuestMemoryError, SnapshotError, VmmError
 from kata_vmm._layout import HIGH_RAM_START, MMIO_GAP_START, MiB, ram_ranges, virtio_mmio_slot
 from kata_vmm._memory import GuestAddress, GuestMemoryMmap
 
@@ -87,6 +89,86 @@ def test_shared_memory_is_backed_by_a_memfd() -> None:
         assert m.read_u32(8) == 0xDEADBEEF
     finally:
         m.close()
+
+
+def test_ram_is_memfd_backed_from_the_start() -> None:
+    m = GuestMemoryMmap([(GuestAddress(0), PAGE)])
+    try:
+        assert m.regions[0].fd >= 0  # a snapshot of memory is writing that file out
+    finally:
+        m.close()
+
+
+def _saved(tmp_path: Path, m: GuestMemoryMmap) -> list[Path]:
+    paths = [tmp_path / f"mem-{i}" for i in range(len(m.regions))]
+    fds = [os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600) for p in paths]
+    try:
+        m.save(fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return paths
+
+
+def test_saved_memory_is_sparse_and_restores_copy_on_write(tmp_path: Path) -> None:
+    size = 64 * MiB
+    m = GuestMemoryMmap([(GuestAddress(0), size), (GuestAddress(size + PAGE), 4 * PAGE)])
+    try:
+        m.write(5 * MiB, b"hello")
+        m.write(size + PAGE, b"high")
+        paths = _saved(tmp_path, m)
+    finally:
+        m.close()
+    assert paths[0].stat().st_size == size
+    assert paths[0].stat().st_blocks * 512 <= 2 * MiB  # the untouched 63 MiB stay holes
+    fds = [os.open(p, os.O_RDONLY) for p in paths]
+    try:
+        clones = [GuestMemoryMmap.from_files([(0, size), (size + PAGE, 4 * PAGE)], fds) for _ in range(2)]
+    finally:
+        for fd in fds:
+            os.close(fd)
+    try:
+        for clone in clones:
+            assert clone.read(5 * MiB, 5) == b"hello" and clone.read(size + PAGE, 4) == b"high"
+            assert clone.regions[0].fd == -1  # a private mapping of the file
+        clones[0].write(5 * MiB, b"HELLO")  # copy-on-write: neither the file nor the sibling sees it
+        assert clones[1].read(5 * MiB, 5) == b"hello"
+        assert paths[0].read_bytes()[5 * MiB : 5 * MiB + 5] == b"hello"
+        (tmp_path / "again").mkdir()
+        again = _saved(tmp_path / "again", clones[0])
+        assert again[0].read_bytes()[5 * MiB : 5 * MiB + 5] == b"HELLO"
+    finally:
+        for clone in clones:
+            clone.close()
+
+
+def test_shared_restore_copies_the_file_into_a_memfd(tmp_path: Path) -> None:
+    m = GuestMemoryMmap([(GuestAddress(0), 4 * PAGE)])
+    try:
+        m.write(PAGE, b"data")
+        [path] = _saved(tmp_path, m)
+    finally:
+        m.close()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        clone = GuestMemoryMmap.from_files([(0, 4 * PAGE)], [fd], shared=True)
+    finally:
+        os.close(fd)
+    try:
+        assert clone.regions[0].fd >= 0 and clone.read(PAGE, 4) == b"data"
+    finally:
+        clone.close()
+
+
+def test_memory_file_of_another_size_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "short"
+    path.write_bytes(bytes(PAGE))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(SnapshotError, match="holds 4096 bytes"):
+            GuestMemoryMmap.from_files([(0, 2 * PAGE)], [fd])
+    finally:
+        os.close(fd)
 
 
 @settings(max_examples=60, deadline=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from typing import Any
 
 from kata_virtio._device import DeviceError, VirtioDevice
 from kata_virtio._memory import GuestAddressError
@@ -72,6 +73,19 @@ class VirtioBlock(VirtioDevice):
     def config_bytes(self) -> bytes:
         """struct virtio_blk_config up to num_queues (§5.2.4): capacity, seg_max, blk_size."""
         return struct.pack("<QII4sI8sBBH", self.capacity, 0, SEG_MAX, b"", SECTOR_SIZE, b"", 0, 0, 1)
+
+    def save_state(self) -> dict[str, Any]:
+        """The backing image's path, size and mode (the image's content is the caller's to keep)."""
+        return {"path": self.path, "capacity": self.capacity, "read_only": self.read_only}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Refuse an image of another size or mode: the driver knows the saved capacity and RO bit.
+        Another path is fine (a clone's copy of the image)."""
+        if state.get("capacity") != self.capacity or state.get("read_only") != self.read_only:
+            raise DeviceError(
+                f"block image {self.path} ({self.capacity} sectors, read_only={self.read_only}) is not the "
+                f"saved one ({state.get('capacity')} sectors, read_only={state.get('read_only')})"
+            )
 
     def queue_notify(self, index: int) -> None:
         """Serve every available request, then interrupt once (§5.2.6)."""

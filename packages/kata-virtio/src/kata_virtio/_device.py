@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from kata_virtio._memory import GuestMemory, VirtioError
 from kata_virtio._queue import DescriptorChain, Queue
@@ -202,6 +202,19 @@ class VirtioDevice(abc.ABC):
 
     def on_reset(self) -> None:  # noqa: B027 - optional hook
         """Hook run by `reset` for back-end state."""
+
+    # -- snapshot ----------------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, Any]:
+        """Device-specific state for a snapshot, as JSON-able values (the transport saves the rest:
+        features, queues, activation). Default: nothing beyond the transport's."""
+        return {}
+
+    def restore_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Take back `save_state`'s values after the transport re-activated the device in a restored VM
+        (with the snapshot's features and queues); raises `DeviceError` when this device cannot be the
+        one that was saved (another disk size, a live FUSE session). Host connections are not carried:
+        a device that had some tells the driver they are gone."""
 
     def close(self) -> None:  # noqa: B027 - devices with host resources override it
         """Release host resources (files, sockets, fds); the device is unusable afterwards."""

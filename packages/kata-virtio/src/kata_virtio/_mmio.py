@@ -6,8 +6,9 @@ import logging
 import struct
 import threading
 from collections.abc import Callable
+from typing import Any
 
-from kata_virtio._device import VirtioDevice
+from kata_virtio._device import DeviceError, VirtioDevice
 from kata_virtio._memory import GuestMemory, InterruptTrigger, VirtioError
 from kata_virtio._queue import Queue
 from kata_virtio._spec import (
@@ -339,6 +340,85 @@ class MmioTransport:
         with self._lock:
             self._reset_state()
 
+    # -- snapshot ----------------------------------------------------------------------------------
+
+    def save(self) -> dict[str, Any]:
+        """The transport's registers, every queue's layout and indices, and the device's own state
+        (`VirtioDevice.save_state`), as JSON-able values. Call on the owner thread, or with nothing
+        running (every vCPU paused, the event thread not serving this device)."""
+        with self._lock:
+            return {
+                "device_type": self.device.device_type,
+                "status": self.status,
+                "interrupt_status": self.interrupt_status,
+                "device_features_sel": self.device_features_sel,
+                "driver_features_sel": self.driver_features_sel,
+                "driver_features": self.driver_features,
+                "queue_sel": self.queue_sel,
+                "shm_sel": self.shm_sel,
+                "config_generation": self.config_generation,
+                "activated": self.activated,
+                "queues": [_save_queue(q) for q in self.queues],
+                "device": self.device.save_state(),
+            }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Put a fresh transport (and its fresh device) in the state `save` recorded: registers, queues,
+        then, if the device was activated, activate it on those queues and hand it its own state.
+
+        Raises `DeviceError` for a state that does not fit this device (another type or queue count,
+        values out of range, rings outside guest memory, features not offered) and leaves the
+        transport reset. Call before anything runs (no vCPU, no event thread)."""
+        try:
+            self._restore(state)
+        except DeviceError:
+            self._reset()
+            raise
+        except (KeyError, TypeError, ValueError, VirtioError) as err:
+            self._reset()
+            raise DeviceError(f"virtio-mmio state does not fit this device: {err!r}") from err
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if _u32(state, "device_type") != self.device.device_type:
+            raise DeviceError(
+                f"saved device type {state['device_type']} is not this device's {self.device.device_type}"
+            )
+        queues = state["queues"]
+        if not isinstance(queues, list) or len(queues) != len(self.queues):
+            raise DeviceError(f"saved state has {len(queues)} queues, the device {len(self.queues)}")
+        driver_features = int(state["driver_features"])
+        if not 0 <= driver_features < 1 << 64 or driver_features & ~self.device_features:
+            raise DeviceError(f"saved driver features {driver_features:#x} were not offered")
+        with self._lock:
+            self.status = _u32(state, "status")
+            self.interrupt_status = _u32(state, "interrupt_status")
+            self.device_features_sel = _u32(state, "device_features_sel")
+            self.driver_features_sel = _u32(state, "driver_features_sel")
+            self.driver_features = driver_features
+            self.queue_sel = _u32(state, "queue_sel")
+            self.shm_sel = _u32(state, "shm_sel")
+            self.config_generation = _u32(state, "config_generation")
+            for q, saved in zip(self.queues, queues, strict=True):
+                _restore_queue(q, saved)
+        if self.status & VIRTIO_CONFIG_S_FEATURES_OK:
+            self.device.ack_features(driver_features)
+        if not state["activated"]:
+            return
+        for i, q in enumerate(self.queues):
+            if not q.ready:
+                raise DeviceError(f"queue {i} of an activated device is not ready")
+            q.validate(self.memory)
+        # activate sets the ring options from the features; the indices saved are kept
+        indices = [(q.next_avail, q.next_used) for q in self.queues]
+        self.device.activate(self.memory, self.queues, self)
+        for q, (next_avail, next_used) in zip(self.queues, indices, strict=True):
+            q.next_avail, q.next_used = next_avail, next_used
+        self.activated = True
+        device_state = state.get("device", {})
+        if not isinstance(device_state, dict):
+            raise DeviceError("saved device state is not an object")
+        self.device.restore_state(device_state)
+
     # -- notifications -----------------------------------------------------------------------------
 
     def notify(self, index: int) -> bool:
@@ -349,3 +429,38 @@ class MmioTransport:
         if not self.activated or self.status & VIRTIO_CONFIG_S_NEEDS_RESET:
             return False
         return self.device.notify(index)
+
+
+_QUEUE_FIELDS = ("size", "desc_table", "avail_ring", "used_ring", "next_avail", "next_used")
+
+
+def _save_queue(q: Queue) -> dict[str, Any]:
+    saved: dict[str, Any] = {name: getattr(q, name) for name in _QUEUE_FIELDS}
+    saved["ready"] = q.ready
+    return saved
+
+
+def _restore_queue(q: Queue, saved: dict[str, Any]) -> None:
+    q.reset()
+    size = int(saved["size"])
+    if not 1 <= size <= q.max_size or size & (size - 1):
+        raise DeviceError(f"saved queue size {size} is not a power of two <= {q.max_size}")
+    q.size = size
+    for name in ("desc_table", "avail_ring", "used_ring"):
+        value = int(saved[name])
+        if not 0 <= value < 1 << 64:
+            raise DeviceError(f"saved queue {name} {value:#x} is out of range")
+        setattr(q, name, value)
+    for name in ("next_avail", "next_used"):
+        value = int(saved[name])
+        if not 0 <= value <= 0xFFFF:
+            raise DeviceError(f"saved queue {name} {value} is out of range")
+        setattr(q, name, value)
+    q.ready = bool(saved["ready"])
+
+
+def _u32(state: dict[str, Any], name: str) -> int:
+    value = state[name]
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFFFFFFFF:
+        raise DeviceError(f"saved {name} {value!r} is not a u32")
+    return value

@@ -8,6 +8,7 @@ import logging
 import os
 import select
 import struct
+from typing import Any
 
 from kata_virtio._device import DeviceError, VirtioDevice
 from kata_virtio._memory import VirtioError
@@ -104,6 +105,10 @@ class VirtioNet(VirtioDevice):
         """Drop the frame held for the guest."""
         self._pending = None
         self._rx_starved = False
+
+    def save_state(self) -> dict[str, Any]:
+        """The MAC the driver read (frames in flight on the tap are not saved)."""
+        return {"mac": self.mac.hex(":") if self.mac is not None else None}
 
     def queue_notify(self, index: int) -> None:
         """TX: write frames to the tap; RX: new buffers, deliver held frames (§5.1.6)."""

@@ -10,6 +10,7 @@ from kata_vmm._errors import (
     GuestMemoryError,
     KernelLoadError,
     KvmError,
+    SnapshotError,
     VmmError,
     VmStateError,
 )
@@ -19,11 +20,13 @@ from kata_vmm._kvm import Kvm, Vcpu, Vm
 from kata_vmm._layout import VIRTIO_MMIO_SLOTS, virtio_mmio_slot
 from kata_vmm._machine import MmioSlot, VmConfig
 from kata_vmm._memory import GuestAddress, GuestMemoryMmap
+from kata_vmm._snapshot import SNAPSHOT_VERSION
 from kata_vmm._specs import BlockSpec, DeviceSpec, FsSpec, NetSpec, RngSpec, VsockSpec
 from kata_vmm._vcpu import ExitKind, GuestExit, VcpuState, install_kick_handler
-from kata_vmm._vmm import Vmm, VmmState, VmmStatistics
+from kata_vmm._vmm import Vmm, VmmState, VmmStatistics, snapshot_config
 
 __all__ = [
+    "SNAPSHOT_VERSION",
     "VIRTIO_MMIO_SLOTS",
     "BlockSpec",
     "Bus",
@@ -48,6 +51,7 @@ __all__ = [
     "MmioSlot",
     "NetSpec",
     "RngSpec",
+    "SnapshotError",
     "Vcpu",
     "VcpuState",
     "VirtioError",
@@ -63,5 +67,6 @@ __all__ = [
     "__version__",
     "install_kick_handler",
     "open_tap",
+    "snapshot_config",
     "virtio_mmio_slot",
 ]

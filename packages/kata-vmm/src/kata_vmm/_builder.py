@@ -92,7 +92,7 @@ class VmmBuilder:
                 slot, spec = pending[0]
                 device = build_device(spec)  # a failed build leaves what the spec holds with the spec
                 pending.pop(0)  # the device owns it now; the VM closes it, also if attaching fails
-                vmm.add_virtio_device(device, slot)
+                vmm.add_virtio_device(device, slot, spec=spec)
         except BaseException:
             vmm.close()
             for _slot, spec in pending:

@@ -2,6 +2,11 @@
 
     kata-vmm run --kernel K [--initrd I] [--cmdline S] [--vcpus N] [--memory MiB] [--timeout S] [--stats]
                  [--vsock UDS] [--block PATH[,ro]]... [--net TAP[,mac=M]]... [--fs TAG=DIR]... [--rng]
+                 [--snapshot-on TEXT --snapshot-dir DIR]
+    kata-vmm restore DIR [--timeout S] [--stats] [device flags, replacing the saved ones]
+
+``--snapshot-on``: once the console has printed TEXT, the VM is paused, written to DIR and stopped (exit 0);
+``restore`` runs a VM from such a directory as ``run`` runs a fresh one.
 
 The guest's serial console goes to stdout and stdin is typed into it.  Exit
 status: 0 when the guest powers off or reboots, 1 when it crashes (triple
@@ -13,20 +18,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
 import sys
 import termios
+import threading
+import time
 import tty
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kata_vmm.__about__ import __version__
-from kata_vmm._errors import ConfigError, KernelLoadError, VmmError
+from kata_vmm._errors import ConfigError, KernelLoadError, SnapshotError, VmmError
 from kata_vmm._machine import DEFAULT_CMDLINE, VmConfig
 from kata_vmm._specs import BlockSpec, DeviceSpec, FsSpec, NetSpec, RngSpec, VsockSpec
-from kata_vmm._vmm import Vmm
+from kata_vmm._vcpu import GuestExit
+from kata_vmm._vmm import Vmm, snapshot_config
 
 EXIT_OK = 0
 EXIT_GUEST_ERROR = 1
@@ -116,6 +125,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     dev.add_argument("--fs", action="append", default=[], metavar="TAG=DIR", help="share DIR by virtio-fs")
     dev.add_argument("--rng", action="store_true", help="virtio-rng")
+    snap = run.add_argument_group("snapshot")
+    snap.add_argument("--snapshot-on", metavar="TEXT", help="once the console printed TEXT: snapshot, stop")
+    snap.add_argument("--snapshot-dir", type=Path, metavar="DIR", help="where --snapshot-on writes (new)")
+    restore = sub.add_parser("restore", help="run a VM from a snapshot directory (run --snapshot-on)")
+    restore.add_argument("snapshot", type=Path, metavar="DIR")
+    restore.add_argument("--timeout", type=float, help="stop the guest and fail after this many seconds")
+    restore.add_argument("--stats", action="store_true", help="print exit statistics as JSON on stderr")
+    rdev = restore.add_argument_group(
+        "virtio devices (default: the saved ones; else the saved kinds in order)"
+    )
+    rdev.add_argument("--vsock", metavar="UDS")
+    rdev.add_argument("--block", action="append", default=[], metavar="PATH[,ro]")
+    rdev.add_argument("--net", action="append", default=[], metavar="TAP[,mac=M]")
+    rdev.add_argument("--fs", action="append", default=[], metavar="TAG=DIR")
+    rdev.add_argument("--rng", action="store_true")
     extract = sub.add_parser(
         "extract-vmlinux", help="write the uncompressed ELF vmlinux of a bzImage (boots faster, through PVH)"
     )
@@ -172,23 +196,39 @@ def device_specs(args: argparse.Namespace) -> list[DeviceSpec]:
     return specs
 
 
+class _MarkerWatch:
+    """Passes console output on and sets `seen` once ``marker`` went by (also split across writes)."""
+
+    def __init__(self, sink: Callable[[bytes], None], marker: bytes) -> None:
+        self._sink = sink
+        self._marker = marker
+        self._tail = b""
+        self.seen = threading.Event()
+
+    def __call__(self, data: bytes) -> None:
+        self._sink(data)
+        if not self.seen.is_set():
+            window = self._tail + data
+            if self._marker in window:
+                self.seen.set()
+            self._tail = window[-len(self._marker) :]
+
+
 def run(args: argparse.Namespace, *, startup_seconds: float = 0.0) -> int:
-    """The ``run`` command."""
+    """The ``run`` and ``restore`` commands."""
+    restoring = args.command == "restore"
     try:
         devices = device_specs(args)
+        if not restoring and bool(args.snapshot_on) != bool(args.snapshot_dir):
+            raise ConfigError("--snapshot-on and --snapshot-dir go together")
     except ConfigError as err:
         return _fail(f"error: {err}", EXIT_BAD_INPUT)
     stdin_fd = sys.stdin.fileno() if sys.stdin is not None else None
-    config = VmConfig(
-        kernel=args.kernel,
-        initrd=args.initrd,
-        cmdline=args.cmdline,
-        vcpus=args.vcpus,
-        memory_mib=args.memory,
-        console_output=_console_writer(sys.stdout.fileno()),
-        console_input=stdin_fd,
-        devices=devices,
-    )
+    output: Callable[[bytes], None] = _console_writer(sys.stdout.fileno())
+    watch = None
+    if not restoring and args.snapshot_on:
+        watch = _MarkerWatch(output, args.snapshot_on.encode())
+        output = watch
     vmm = Vmm()
     interrupted = False
 
@@ -200,10 +240,39 @@ def run(args: argparse.Namespace, *, startup_seconds: float = 0.0) -> int:
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with _raw_terminal(stdin_fd) if stdin_fd is not None else contextlib.nullcontext():
-            vmm.configure(config)
-            vmm.start()
+            if restoring:
+                saved = snapshot_config(args.snapshot)
+                config = dataclasses.replace(
+                    saved,
+                    console_output=output,
+                    console_input=stdin_fd,
+                    devices=devices or saved.devices,
+                )
+                vmm.close()  # the empty one made above
+                vmm = Vmm.restore(args.snapshot, config)
+                vmm.resume()
+            else:
+                vmm.configure(
+                    VmConfig(
+                        kernel=args.kernel,
+                        initrd=args.initrd,
+                        cmdline=args.cmdline,
+                        vcpus=args.vcpus,
+                        memory_mib=args.memory,
+                        console_output=output,
+                        console_input=stdin_fd,
+                        devices=devices,
+                    )
+                )
+                vmm.start()
             try:
-                status = vmm.wait(args.timeout)
+                status = _wait(vmm, args.timeout, watch)
+                if status is None and watch is not None and watch.seen.is_set():
+                    vmm.pause()
+                    vmm.snapshot(args.snapshot_dir)
+                    vmm.stop()
+                    sys.stderr.write(f"kata-vmm: snapshot written to {args.snapshot_dir}\n")
+                    return EXIT_OK
             except KeyboardInterrupt:
                 vmm.stop()
                 return _fail("interrupted", EXIT_INTERRUPTED)
@@ -216,7 +285,7 @@ def run(args: argparse.Namespace, *, startup_seconds: float = 0.0) -> int:
                 where = f" on vCPU {status.vcpu}" if status.vcpu is not None else ""
                 return _fail(f"guest stopped: {status.kind.value}{where}: {status.detail}", EXIT_GUEST_ERROR)
             return EXIT_OK
-    except (ConfigError, KernelLoadError) as err:
+    except (ConfigError, KernelLoadError, SnapshotError) as err:
         return _fail(f"error: {err}", EXIT_BAD_INPUT)
     except VmmError as err:
         return _fail(f"error: {err}", EXIT_GUEST_ERROR)
@@ -229,6 +298,19 @@ def run(args: argparse.Namespace, *, startup_seconds: float = 0.0) -> int:
             sys.stderr.write(json.dumps(stats.__dict__, default=str) + "\n")
         vmm.close()
         signal.signal(signal.SIGTERM, previous)
+
+
+def _wait(vmm: Vmm, timeout: float | None, watch: _MarkerWatch | None) -> GuestExit | None:
+    """`Vmm.wait`, or, with a marker to watch, until the guest stops or printed it (then None)."""
+    if watch is None:
+        return vmm.wait(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        status = vmm.wait(0.05)
+        if status is not None or watch.seen.is_set():
+            return status
+        if deadline is not None and time.monotonic() > deadline:
+            return None
 
 
 def _process_age() -> float:
@@ -247,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kata-vmm`` script."""
     startup = _process_age()
     args = _parser().parse_args(argv)
-    if args.command == "run":
+    if args.command in ("run", "restore"):
         return run(args, startup_seconds=startup)
     if args.command == "extract-vmlinux":
         from kata_vmm._vmlinux import write_vmlinux

@@ -41,3 +41,8 @@ class VmStateError(VmmError):
 
 class GuestCrashError(VmmError):
     """Raised (or reported) when the guest stops abnormally: triple fault, failed entry, internal error."""
+
+
+class SnapshotError(VmmError):
+    """Raised when a snapshot cannot be written, or a snapshot directory is missing, corrupt, of another
+    format version, or does not fit the VM it is restored into."""

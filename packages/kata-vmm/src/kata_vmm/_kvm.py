@@ -137,6 +137,36 @@ class Vm(FdHandle):
         arg = k.kvm_ioeventfd(datamatch=datamatch or 0, addr=addr, len=length, fd=fd, flags=flags)
         ioctl(self.fd, k.KVM_IOEVENTFD, arg, op="KVM_IOEVENTFD")
 
+    def get_irqchip(self, chip_id: int) -> k.kvm_irqchip:
+        """KVM_GET_IRQCHIP: the state of one in-kernel interrupt controller (``KVM_IRQCHIP_*``)."""
+        chip = k.kvm_irqchip(chip_id=chip_id)
+        ioctl(self.fd, k.KVM_GET_IRQCHIP, chip, op="KVM_GET_IRQCHIP")
+        return chip
+
+    def set_irqchip(self, chip: k.kvm_irqchip) -> None:
+        """KVM_SET_IRQCHIP."""
+        ioctl(self.fd, k.KVM_SET_IRQCHIP, chip, op="KVM_SET_IRQCHIP")
+
+    def get_pit2(self) -> k.kvm_pit_state2:
+        """KVM_GET_PIT2: the in-kernel PIT's counters."""
+        state = k.kvm_pit_state2()
+        ioctl(self.fd, k.KVM_GET_PIT2, state, op="KVM_GET_PIT2")
+        return state
+
+    def set_pit2(self, state: k.kvm_pit_state2) -> None:
+        """KVM_SET_PIT2."""
+        ioctl(self.fd, k.KVM_SET_PIT2, state, op="KVM_SET_PIT2")
+
+    def get_clock(self) -> k.kvm_clock_data:
+        """KVM_GET_CLOCK: the VM's kvmclock in nanoseconds."""
+        clock = k.kvm_clock_data()
+        ioctl(self.fd, k.KVM_GET_CLOCK, clock, op="KVM_GET_CLOCK")
+        return clock
+
+    def set_clock(self, clock: k.kvm_clock_data) -> None:
+        """KVM_SET_CLOCK."""
+        ioctl(self.fd, k.KVM_SET_CLOCK, clock, op="KVM_SET_CLOCK")
+
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         """KVM_CREATE_VCPU and map its ``kvm_run`` page."""
         fd = ioctl(self.fd, k.KVM_CREATE_VCPU, vcpu_id, op="KVM_CREATE_VCPU")
@@ -220,13 +250,23 @@ class Vcpu(FdHandle):
             raise KvmError("KVM_SET_MSRS", 22, f"MSR {bad:#x} rejected")
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
-        """KVM_GET_MSRS for the given indices (those KVM does not know are left out)."""
+        """KVM_GET_MSRS for the given indices, in order, up to the first one KVM refuses."""
         buf = k.kvm_msrs_with(len(indices))()
         buf.nmsrs = len(indices)
         for i, index in enumerate(indices):
             buf.entries[i].index = index
         done = ioctl(self.fd, k.KVM_GET_MSRS, buf, op="KVM_GET_MSRS")
         return {buf.entries[i].index: buf.entries[i].data for i in range(done)}
+
+    def get_all_msrs(self, indices: list[int]) -> dict[int, int]:
+        """KVM_GET_MSRS for every index KVM accepts: a refused one (KVM stops there) is skipped."""
+        out: dict[int, int] = {}
+        rest = list(indices)
+        while rest:
+            got = self.get_msrs(rest)
+            out.update(got)
+            rest = rest[len(got) + 1 :]
+        return out
 
     def get_lapic(self) -> k.kvm_lapic_state:
         """KVM_GET_LAPIC."""
@@ -237,6 +277,69 @@ class Vcpu(FdHandle):
     def set_lapic(self, lapic: k.kvm_lapic_state) -> None:
         """KVM_SET_LAPIC."""
         ioctl(self.fd, k.KVM_SET_LAPIC, lapic, op="KVM_SET_LAPIC")
+
+    def get_cpuid2(self) -> list[k.kvm_cpuid_entry2]:
+        """KVM_GET_CPUID2: the CPUID table this vCPU was given."""
+        buf = k.kvm_cpuid2_with(MAX_CPUID_ENTRIES)()
+        buf.nent = MAX_CPUID_ENTRIES
+        ioctl(self.fd, k.KVM_GET_CPUID2, buf, op="KVM_GET_CPUID2")
+        return [k.kvm_cpuid_entry2.from_buffer_copy(buf.entries[i]) for i in range(buf.nent)]
+
+    def get_xsave(self) -> k.kvm_xsave:
+        """KVM_GET_XSAVE."""
+        xsave = k.kvm_xsave()
+        ioctl(self.fd, k.KVM_GET_XSAVE, xsave, op="KVM_GET_XSAVE")
+        return xsave
+
+    def set_xsave(self, xsave: k.kvm_xsave) -> None:
+        """KVM_SET_XSAVE."""
+        ioctl(self.fd, k.KVM_SET_XSAVE, xsave, op="KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> k.kvm_xcrs:
+        """KVM_GET_XCRS."""
+        xcrs = k.kvm_xcrs()
+        ioctl(self.fd, k.KVM_GET_XCRS, xcrs, op="KVM_GET_XCRS")
+        return xcrs
+
+    def set_xcrs(self, xcrs: k.kvm_xcrs) -> None:
+        """KVM_SET_XCRS."""
+        ioctl(self.fd, k.KVM_SET_XCRS, xcrs, op="KVM_SET_XCRS")
+
+    def get_vcpu_events(self) -> k.kvm_vcpu_events:
+        """KVM_GET_VCPU_EVENTS."""
+        events = k.kvm_vcpu_events()
+        ioctl(self.fd, k.KVM_GET_VCPU_EVENTS, events, op="KVM_GET_VCPU_EVENTS")
+        return events
+
+    def set_vcpu_events(self, events: k.kvm_vcpu_events) -> None:
+        """KVM_SET_VCPU_EVENTS."""
+        ioctl(self.fd, k.KVM_SET_VCPU_EVENTS, events, op="KVM_SET_VCPU_EVENTS")
+
+    def get_debugregs(self) -> k.kvm_debugregs:
+        """KVM_GET_DEBUGREGS."""
+        regs = k.kvm_debugregs()
+        ioctl(self.fd, k.KVM_GET_DEBUGREGS, regs, op="KVM_GET_DEBUGREGS")
+        return regs
+
+    def set_debugregs(self, regs: k.kvm_debugregs) -> None:
+        """KVM_SET_DEBUGREGS."""
+        ioctl(self.fd, k.KVM_SET_DEBUGREGS, regs, op="KVM_SET_DEBUGREGS")
+
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: the guest TSC frequency."""
+        return ioctl(self.fd, k.KVM_GET_TSC_KHZ, op="KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ: scale the guest TSC to ``khz`` (a restored guest keeps its frequency)."""
+        ioctl(self.fd, k.KVM_SET_TSC_KHZ, khz, op="KVM_SET_TSC_KHZ")
+
+    def kvmclock_ctrl(self) -> None:
+        """KVM_KVMCLOCK_CTRL: tell the guest it was paused (no soft-lockup warning on resume)."""
+        ioctl(self.fd, k.KVM_KVMCLOCK_CTRL, op="KVM_KVMCLOCK_CTRL")
+
+    def set_mp_state(self, mp_state: int) -> None:
+        """KVM_SET_MP_STATE."""
+        ioctl(self.fd, k.KVM_SET_MP_STATE, k.kvm_mp_state(mp_state=mp_state), op="KVM_SET_MP_STATE")
 
     def get_mp_state(self) -> int:
         """KVM_GET_MP_STATE."""

@@ -64,7 +64,9 @@ class VmConfig:
     console_input: int | None = None
     """A readable fd whose bytes are typed on the serial console (non-blocking reads are used)."""
     shared_memory: bool = False
-    """Back RAM with memfds, so another process (vhost-user) can map it."""
+    """RAM another process (vhost-user) can map. RAM is a memfd mapped MAP_SHARED anyway; what this changes
+    is a restore, which then copies the snapshot's memory into a fresh memfd instead of mapping the file
+    copy-on-write (a private mapping would hide the guest's writes from the other process)."""
     devices: list[DeviceSpec] = field(default_factory=list)
     """Virtio devices (vsock, block, net, fs, rng), each on its own virtio-mmio slot, in this order."""
 
@@ -129,18 +131,26 @@ class Machine:
         self.virtio: list[VirtioMmioDevice] = []
 
     def create(
-        self, config: VmConfig, *, on_reset: Callable[[], None], on_power_off: Callable[[], None]
+        self,
+        config: VmConfig,
+        *,
+        on_reset: Callable[[], None],
+        on_power_off: Callable[[], None],
+        memory_files: list[int] | None = None,
     ) -> None:
         """Open KVM, create the VM, its RAM, irqchip, PIT, legacy devices and the event loop.
 
-        ``on_reset``/``on_power_off`` are what the guest's i8042 pulse and ACPI registers call."""
+        ``on_reset``/``on_power_off`` are what the guest's i8042 pulse and ACPI registers call. With
+        ``memory_files`` (a snapshot's, one fd per RAM region) RAM maps them copy-on-write."""
         self.kvm = Kvm()
         config.validate(self.kvm.max_vcpus())
         for cap, name in REQUIRED_KVM_CAPS:
             if not self.kvm.check_extension(cap):
                 raise ConfigError(f"this host's KVM lacks KVM_CAP_{name}")
         self.vm = self.kvm.create_vm()
-        self.memory = GuestMemoryMmap(ram_ranges(config.memory_mib * MiB), shared=config.shared_memory)
+        self.memory = GuestMemoryMmap(
+            ram_ranges(config.memory_mib * MiB), shared=config.shared_memory, files=memory_files
+        )
         for slot, region in enumerate(self.memory.regions):
             self.vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
         self.vm.set_identity_map_addr(KVM_IDENTITY_MAP_START)
@@ -214,10 +224,8 @@ class Machine:
         supported = self.kvm.supported_cpuid()
         tsc_deadline = bool(self.kvm.check_extension(k.KVM_CAP_TSC_DEADLINE_TIMER))
         msrs = _cpu.boot_msrs()
-        for vcpu_id in range(config.vcpus):
-            vcpu = self.vm.create_vcpu(vcpu_id)
-            self.vcpus.append(vcpu)
-            vcpu.set_cpuid2(_cpu.cpuid_for_vcpu(supported, vcpu_id, config.vcpus, tsc_deadline=tsc_deadline))
+        for vcpu in self.create_vcpus(config.vcpus):
+            vcpu.set_cpuid2(_cpu.cpuid_for_vcpu(supported, vcpu.id, config.vcpus, tsc_deadline=tsc_deadline))
             vcpu.set_msrs(msrs)
             _cpu.setup_fpu(vcpu)
             _cpu.setup_lapic(vcpu)
@@ -228,6 +236,13 @@ class Machine:
             _cpu.setup_protected_mode(bsp, self.memory, self.boot_plan.entry, self.boot_plan.boot_info)
         t3 = time.monotonic()
         return {"acpi": t1 - t0, "load_kernel": t2 - t1, "create_vcpus": t3 - t2}
+
+    def create_vcpus(self, count: int) -> list[Vcpu]:
+        """Create ``count`` vCPU fds (ids 0..count-1), nothing set in them yet."""
+        assert self.vm is not None
+        for vcpu_id in range(count):
+            self.vcpus.append(self.vm.create_vcpu(vcpu_id))
+        return self.vcpus
 
     def stop_devices(self, errors: list[BaseException]) -> None:
         """Stop the event loop and close every virtio device (errors are collected, the rest still runs)."""

@@ -116,6 +116,7 @@ class VcpuThread:
         self._thread = NamedThread(self._main, name=f"kata-vcpu-{vcpu.id}")
         self.stats = VcpuStatistics()
         self.error: BaseException | None = None
+        self._exit_pending = False  # the last exit was I/O or MMIO: KVM completes it on the next KVM_RUN
 
     @property
     def state(self) -> VcpuState:
@@ -186,6 +187,14 @@ class VcpuThread:
     # --- the thread -----------------------------------------------------------------------------
     def _wait_until_runnable(self) -> bool:
         with self._cond:
+            if self._requested is VcpuState.PAUSED and self._exit_pending:
+                # KVM retires an I/O or MMIO instruction only on the next KVM_RUN (Documentation/virt/kvm/
+                # api.rst, immediate_exit): one more KVM_RUN with immediate_exit set completes it and
+                # returns EINTR without running the guest, so the state a snapshot reads is consistent.
+                # (A string instruction may come back with its next exit instead: handled as usual, then
+                # here again.)
+                self.vcpu.run_page.immediate_exit = 1
+                return True
             while self._requested is VcpuState.PAUSED:
                 if self._state is not VcpuState.PAUSED:
                     self._state = VcpuState.PAUSED
@@ -223,6 +232,7 @@ class VcpuThread:
             stats.run_ns += t1 - t0
             name = names.get(reason, str(reason))
             if reason == k.KVM_EXIT_IO:
+                self._exit_pending = True
                 io = run.io
                 port, size, count, offset = io.port, io.size, io.count, io.data_offset
                 ports[port] = ports.get(port, 0) + 1
@@ -235,6 +245,7 @@ class VcpuThread:
                         start = offset + i * size
                         view[start : start + size] = pio.read(port, size)
             elif reason == k.KVM_EXIT_MMIO:
+                self._exit_pending = True
                 m = run.mmio
                 if m.is_write:
                     mmio.write(m.phys_addr, bytes(m.data[: m.len]))
@@ -243,6 +254,7 @@ class VcpuThread:
                     ctypes_memmove(m, data)
             elif reason == k.KVM_EXIT_INTR:
                 run.immediate_exit = 0
+                self._exit_pending = False
             elif reason == k.KVM_EXIT_HLT:
                 pass  # only without an in-kernel LAPIC: the tiny test guests end this way
             elif not self._guest_stopped(reason):

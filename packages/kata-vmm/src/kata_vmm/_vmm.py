@@ -8,6 +8,13 @@ devices go on which slot and builds it. The life cycle (each step raises `VmStat
     vmm.start()
     status = vmm.wait(timeout=60)        # GuestExit, or None on timeout
     vmm.close()                          # stops what still runs; frees every fd and thread
+
+A running VM pauses, is snapshotted into a directory and resumes (or closes); `Vmm.restore` recreates a VM
+from that directory, paused, as it was at the snapshot (``_snapshot.py`` describes the files)::
+
+    vmm.pause(); vmm.snapshot(directory); vmm.resume()
+    clone = Vmm.restore(directory, config)   # PAUSED: same registers, memory (copy-on-write), devices
+    clone.resume()
 """
 
 from __future__ import annotations
@@ -15,17 +22,21 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Self
+from pathlib import Path
+from typing import Any, Self
 
-from kata_virtio import VirtioDevice
+from kata_virtio import VirtioDevice, VirtioError
+from kata_vmm import _snapshot as snap
 from kata_vmm._bus import Bus
-from kata_vmm._errors import VmStateError
+from kata_vmm._errors import KvmError, SnapshotError, VmmError, VmStateError
 from kata_vmm._event_loop import EventLoop
 from kata_vmm._eventfd import EventFd, IrqFd
 from kata_vmm._kvm import Kvm, Vcpu, Vm
+from kata_vmm._layout import MiB, ram_ranges
 from kata_vmm._loader import BootPlan
 from kata_vmm._machine import (
     DEFAULT_CMDLINE,
@@ -38,9 +49,9 @@ from kata_vmm._machine import (
 )
 from kata_vmm._memory import GuestMemoryMmap
 from kata_vmm._poller import DevicePoller
-from kata_vmm._specs import build_device
+from kata_vmm._specs import DeviceSpec, build_device
 from kata_vmm._vcpu import ExitKind, GuestExit, VcpuState, VcpuThread, install_kick_handler
-from kata_vmm._virtio import VirtioMmioDevice
+from kata_vmm._virtio import VirtioMmioDevice, run_on_loop
 from kata_vmm.devices import Serial
 
 __all__ = [  # the configuration names kept importable from here (their home is _machine.py)
@@ -53,6 +64,7 @@ __all__ = [  # the configuration names kept importable from here (their home is 
     "Vmm",
     "VmmState",
     "VmmStatistics",
+    "snapshot_config",
 ]
 
 
@@ -102,6 +114,8 @@ class Vmm:
         self._ended_at = 0.0
         self._restore_input_blocking: tuple[int, bool] | None = None
         self._setup: dict[str, float] = {}
+        # what each virtio device (in machine.virtio order) was built from, if the caller said
+        self._specs: list[DeviceSpec | None] = []
 
     # the machine's parts, under the names callers have always used
     @property
@@ -172,22 +186,28 @@ class Vmm:
             self.machine.create(config, on_reset=self._guest_reset, on_power_off=self._guest_power_off)
             for spec in config.devices:
                 self.machine.add_virtio(build_device(spec))
+                self._specs.append(spec)
         except BaseException:
             self._release()
             raise
         self._setup["configure"] = time.monotonic() - t0
         self.state = VmmState.CONFIGURED
 
-    def add_virtio_device(self, device: VirtioDevice, slot: MmioSlot | None = None) -> MmioSlot:
+    def add_virtio_device(
+        self, device: VirtioDevice, slot: MmioSlot | None = None, *, spec: DeviceSpec | None = None
+    ) -> MmioSlot:
         """Put a kata-virtio device on ``slot`` (a `VmmBuilder` assigned it) or the next virtio-mmio slot,
-        served on the event thread.
+        served on the event thread. ``spec``, the spec it was built from, goes into a snapshot (so
+        `snapshot_config` can rebuild it); without it a restore needs a config naming the device.
 
         QueueNotify reaches the event thread through one ioeventfd per queue, interrupts go out through
         the slot's irqfd, the device's `watched()` fds are polled on the event thread. The VMM owns the
         device from here on (`close` closes it), also when this raises.
         """
         self._require(VmmState.CONFIGURED)
-        return self.machine.add_virtio(device, slot)
+        placed = self.machine.add_virtio(device, slot)
+        self._specs.append(spec)
+        return placed
 
     def add_device(self, factory: DeviceFactory) -> MmioSlot:
         """Give a device the next virtio-mmio slot (address, GSI, irqfd); the DSDT describes it at start."""
@@ -203,7 +223,7 @@ class Vmm:
         self._setup.update(self.machine.prepare_boot(self.config))
         self._start_threads()
 
-    def _start_threads(self) -> None:
+    def _start_threads(self, *, paused: bool = False) -> None:
         assert self.config is not None and self.serial is not None
         loop = self.event_loop
         assert loop is not None
@@ -214,10 +234,10 @@ class Vmm:
             self._watch_console_input(loop, self.config.console_input)
         self._threads = [VcpuThread(v, self.pio_bus, self.mmio_bus, self._guest_exited) for v in self._vcpus]
         self._started_at = time.monotonic()
-        self.state = VmmState.RUNNING
+        self.state = VmmState.PAUSED if paused else VmmState.RUNNING
         loop.start()
         for t in self._threads:
-            t.start()
+            t.start(paused=paused)
 
     def _watch_console_input(self, loop: EventLoop, fd: int) -> None:
         serial = self.serial
@@ -323,6 +343,9 @@ class Vmm:
         for t in self._threads:
             t.pause()
         self.state = VmmState.PAUSED
+        for vcpu in self._vcpus:  # the guest's kvmclock then knows it was stopped (no soft-lockup report)
+            with contextlib.suppress(KvmError):  # EINVAL until the guest enabled kvmclock
+                vcpu.kvmclock_ctrl()
 
     def resume(self) -> None:
         """Resume after `pause`."""
@@ -330,6 +353,183 @@ class Vmm:
         for t in self._threads:
             t.resume()
         self.state = VmmState.RUNNING
+
+    # --- snapshot and restore ------------------------------------------------------------------------
+    def snapshot(self, directory: str | os.PathLike[str]) -> None:
+        """Write this paused VM into ``directory`` (created; it must not exist): guest RAM (sparse
+        files), every vCPU's and the VM's KVM state, the serial console's and each virtio device's
+        registers and queues. The event thread serves no device meanwhile, so memory and device state
+        agree. The VM stays paused (`resume` or `close` it). Raises `SnapshotError` (nothing is left
+        behind) or `VmStateError` unless paused."""
+        self._require(VmmState.PAUSED)
+        assert self.config is not None and self.memory is not None and self.vm is not None
+        if len(self._mmio_slots) != len(self._virtio):
+            raise SnapshotError(
+                "a device added with add_device (a factory, not a kata-virtio device) cannot be saved"
+            )
+        path = Path(directory)
+        try:
+            path.mkdir(mode=0o700)
+        except OSError as err:
+            raise SnapshotError(f"cannot create snapshot directory {path}: {err.strerror}") from err
+        try:
+            self._write_snapshot(path)
+        except BaseException as err:
+            shutil.rmtree(path, ignore_errors=True)
+            if isinstance(err, (KvmError, OSError, ValueError)):
+                raise SnapshotError(f"snapshot failed: {err}") from err
+            raise
+
+    def _write_snapshot(self, path: Path) -> None:
+        assert self.config is not None and self.memory is not None and self.vm is not None
+        assert self.kvm is not None and self.serial is not None
+        memory = self.memory
+        names = [snap.memory_file_name(i) for i in range(len(memory.regions))]
+        fds = [os.open(path / n, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600) for n in names]
+        captured: dict[str, Any] = {}
+
+        def capture() -> None:
+            # on the event thread (or in place without one): no device runs while memory is copied
+            memory.save(fds)
+            captured["devices"] = [
+                {
+                    "slot": slot.index,
+                    "spec": snap.spec_to_json(spec) if spec else {"kind": snap.device_kind(dev.device)},
+                    "transport": dev.transport.save(),
+                }
+                for slot, spec, dev in zip(self._virtio_slots(), self._specs, self._virtio, strict=True)
+            ]
+            captured["serial"] = self.serial.save_state() if self.serial else {}
+
+        try:
+            run_on_loop(self.event_loop, capture)
+            for fd in fds:
+                os.fsync(fd)
+                os.fchmod(fd, 0o400)  # clones map it: a page no clone wrote yet is the file's
+        finally:
+            for fd in fds:
+                os.close(fd)
+        msr_indices = snap.msrs_to_save(self.kvm)
+        manifest = {
+            "config": {
+                "vcpus": self.config.vcpus,
+                "memory_mib": self.config.memory_mib,
+                "kernel": str(self.config.kernel),
+                "initrd": str(self.config.initrd) if self.config.initrd else None,
+                "cmdline": self.config.cmdline,
+            },
+            "memory": [
+                {"guest_addr": r.guest_addr, "size": r.size, "file": n}
+                for r, n in zip(memory.regions, names, strict=True)
+            ],
+            "vm": snap.save_vm(self.vm),
+            "vcpus": [snap.save_vcpu(v, msr_indices) for v in self._vcpus],
+            **captured,
+        }
+        snap.write_manifest(path, manifest)
+
+    def _virtio_slots(self) -> list[MmioSlot]:
+        by_base: dict[int, MmioSlot] = {s.base: s for s in self._mmio_slots}
+        return [by_base[d.base] for d in self._virtio]
+
+    @classmethod
+    def restore(cls, directory: str | os.PathLike[str], config: VmConfig | None = None) -> Vmm:
+        """A new VM made from the snapshot in ``directory``, PAUSED as the snapshot was taken: RAM maps
+        the memory files copy-on-write, vCPUs, irqchip, PIT, clock, console and virtio devices are as
+        saved. `resume` runs it.
+
+        ``config`` gives what is the restoring process's own: console output/input and the device specs
+        (e.g. another vsock socket path per clone, a copy of a disk), which must be of the saved kinds in
+        the saved order; its vCPU count and memory size must be the snapshot's (kernel, initrd and command
+        line are ignored). Without it, `snapshot_config` (the saved values, no console). A snapshot of
+        another format version, a corrupt one, or one that does not fit raises `SnapshotError`, and
+        nothing (fd, thread, mapping, socket) is left behind."""
+        path = Path(directory)
+        manifest = snap.read_manifest(path)
+        if config is None:
+            config = snapshot_config(path, manifest)
+        vmm = cls()
+        try:
+            vmm._restore(path, manifest, config)
+        except BaseException as err:
+            vmm.close()
+            for spec in config.devices[len(vmm._specs) :]:
+                spec.release()  # what the specs not built hold (a NetSpec's open tap), as VmmBuilder does
+            if isinstance(err, SnapshotError):
+                raise
+            # AttributeError: a manifest member of the wrong JSON type (a list where an object belongs)
+            wrapped = (VmmError, VirtioError, OSError, LookupError, TypeError, ValueError, AttributeError)
+            if isinstance(err, wrapped):
+                raise SnapshotError(f"cannot restore {path}: {err}") from err
+                raise SnapshotError(f"cannot restore {path}: {err}") from err
+            raise
+        return vmm
+
+    def _restore(self, path: Path, manifest: dict[str, Any], config: VmConfig) -> None:
+        t0 = time.monotonic()
+        saved = manifest.get("config", {})
+        if (config.vcpus, config.memory_mib) != (saved.get("vcpus"), saved.get("memory_mib")):
+            raise SnapshotError(
+                f"the snapshot has {saved.get('vcpus')} vCPUs and {saved.get('memory_mib')} MiB, "
+                f"the config {config.vcpus} and {config.memory_mib}"
+            )
+        devices = manifest["devices"]
+        kinds = [d["spec"]["kind"] for d in devices]
+        if kinds != [snap.spec_kind(s) for s in config.devices]:
+            raise SnapshotError(
+                f"the snapshot has devices {kinds}, the config {[snap.spec_kind(s) for s in config.devices]}"
+            )
+        if not isinstance(manifest["vcpus"], list) or len(manifest["vcpus"]) != config.vcpus:
+            raise SnapshotError("the snapshot's vCPU states do not match its vCPU count")
+        regions = manifest["memory"]
+        layout = ram_ranges(config.memory_mib * MiB)
+        if (
+            not isinstance(regions, list)
+            or [(m.get("guest_addr"), m.get("size")) if isinstance(m, dict) else m for m in regions] != layout
+        ):
+            raise SnapshotError("the snapshot's memory regions are not this VM's layout")
+        fds: list[int] = []
+        self.state = VmmState.CONFIGURED  # what close() releases from here on
+        self.config = config
+        try:
+            for region in regions:
+                fds.append(self._open_memory_file(path, region))
+            self.machine.create(
+                config, on_reset=self._guest_reset, on_power_off=self._guest_power_off, memory_files=fds
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
+        assert self.memory is not None and self.vm is not None
+        for spec, saved_dev in zip(config.devices, devices, strict=True):
+            self.machine.add_virtio(build_device(spec), MmioSlot.at(snap._uint(saved_dev["slot"], 8, "slot")))
+            self._specs.append(spec)
+        snap.restore_vm(self.vm, manifest["vm"])
+        for vcpu, state in zip(self.machine.create_vcpus(config.vcpus), manifest["vcpus"], strict=True):
+            snap.restore_vcpu(vcpu, state)
+        for dev, saved_dev in zip(self._virtio, devices, strict=True):
+            dev.transport.restore(saved_dev["transport"])
+        assert self.serial is not None
+        self.serial.restore_state(manifest["serial"])
+        self._setup["restore"] = time.monotonic() - t0
+        install_kick_handler()
+        self._start_threads(paused=True)
+        for dev in self._virtio:
+            # a kick the guest made just before the pause may not have reached the saved device: ring
+            # every doorbell once (a spurious notification only makes a device look at its rings)
+            if dev.transport.activated:
+                for bell in dev.doorbells:
+                    bell.write(1)
+
+    @staticmethod
+    def _open_memory_file(path: Path, region: dict[str, Any]) -> int:
+        name = region.get("file") if isinstance(region, dict) else None
+        if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+            raise SnapshotError(f"memory region entry {region!r} names no file of the snapshot")
+        try:
+            return os.open(path / name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as err:
+            raise SnapshotError(f"cannot open memory file {path / name}: {err.strerror}") from err
 
     @property
     def exit_status(self) -> GuestExit | None:
@@ -410,3 +610,22 @@ class Vmm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def snapshot_config(directory: str | os.PathLike[str], manifest: dict[str, Any] | None = None) -> VmConfig:
+    """The `VmConfig` a snapshot was taken with (no console; device specs as recorded), for
+    `Vmm.restore`; change what a clone needs with `dataclasses.replace`."""
+    if manifest is None:
+        manifest = snap.read_manifest(Path(directory))
+    try:
+        saved = manifest["config"]
+        return VmConfig(
+            kernel=Path(saved["kernel"]),
+            initrd=Path(saved["initrd"]) if saved.get("initrd") else None,
+            cmdline=str(saved["cmdline"]),
+            vcpus=snap._uint(saved["vcpus"], 8, "vcpus"),
+            memory_mib=snap._uint(saved["memory_mib"], 32, "memory_mib"),
+            devices=[snap.spec_from_json(d["spec"]) for d in manifest["devices"]],
+        )
+    except (KeyError, TypeError) as err:
+        raise SnapshotError(f"snapshot config is incomplete: {err!r}") from err

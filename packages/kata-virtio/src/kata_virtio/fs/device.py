@@ -19,6 +19,7 @@ import select
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from kata_sys_util import set_thread_name
 from kata_virtio._device import DeviceError, VirtioDevice
@@ -119,6 +120,21 @@ class VirtioFs(VirtioDevice):
     def config_bytes(self) -> bytes:
         """struct virtio_fs_config: tag[36], num_request_queues (§5.11.4)."""
         return struct.pack("<36sI", self.tag.encode(), self.num_request_queues)
+
+    def save_state(self) -> dict[str, Any]:
+        """The tag, and whether the guest started a FUSE session (mounted the share)."""
+        return {"tag": self.tag, "fuse_session": self.server.initialized}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """A device whose guest never mounted it restores; a live FUSE session (node ids, open files the
+        guest holds) lives in the saved process only and cannot be carried: `DeviceError`."""
+        if state.get("fuse_session"):
+            raise DeviceError(
+                f"virtio-fs {self.tag!r}: the guest had mounted the share; its FUSE session (inodes, "
+                "open files) cannot be carried into a restored VM"
+            )
+        if state.get("tag") != self.tag:
+            raise DeviceError(f"virtio-fs tag {self.tag!r} is not the saved {state.get('tag')!r}")
 
     def on_activate(self) -> None:
         """Bound the chains the driver may hand us."""

@@ -127,6 +127,8 @@ class FuseServer:
             shared_dir, set_owner=set_owner, max_inodes=max_inodes, max_handles=max_handles, policy=policy
         )
         self.minor = F.FUSE_KERNEL_MINOR_VERSION
+        #: Whether a guest sent FUSE_INIT (mounted the share): its session cannot be snapshotted.
+        self.initialized = False
 
     @property
     def shared_dir(self) -> str:
@@ -239,6 +241,7 @@ class FuseServer:
             # The kernel retries INIT with our major when it sees a bare major in the reply.
             return F.FUSE_INIT_OUT.pack(F.FUSE_KERNEL_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, *[0] * 7)
         self.minor = min(minor, F.FUSE_KERNEL_MINOR_VERSION)
+        self.initialized = True
         wanted = (
             F.FUSE_ASYNC_READ
             | F.FUSE_ATOMIC_O_TRUNC

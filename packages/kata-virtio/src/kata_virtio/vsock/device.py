@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import struct
+from typing import Any
 
 from kata_virtio._device import DeviceError, VirtioDevice
 from kata_virtio._memory import VirtioError
@@ -27,6 +28,8 @@ _log = logging.getLogger("kata_virtio.vsock")
 
 DEFAULT_GUEST_CID = 3
 RXQ, TXQ, EVQ = 0, 1, 2
+#: virtio 1.2 §5.10.6.7: struct virtio_vsock_event's id for "the transport was reset".
+VIRTIO_VSOCK_EVENT_TRANSPORT_RESET = 0
 QUEUE_SIZE = 256
 
 
@@ -74,6 +77,32 @@ class VirtioVsock(VirtioDevice):
         """Deliver whatever was queued (REQUESTs from clients that connected before the driver)."""
         self.muxer.rx_space = True
         self._process_rx()
+
+    def save_state(self) -> dict[str, Any]:
+        """The guest CID and the host socket path. Connections are not saved: a restored VM has none."""
+        return {"guest_cid": self.guest_cid, "uds_path": self.uds_path}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Tell the driver its transport was reset (virtio 1.2 §5.10.6.7), as Firecracker does after a
+        restore: the guest drops the connections it had (their host ends are gone), keeps its listening
+        sockets and re-reads its CID, so host clients connect again through ``uds_path`` (`CONNECT`)."""
+        self.send_transport_reset()
+
+    def send_transport_reset(self) -> bool:
+        """Put a TRANSPORT_RESET event in the event queue; False when the driver gave no buffer for it."""
+        if not self.active:
+            return False
+        mem, q = self.memory, self.queues[EVQ]
+        assert mem is not None
+        chain = q.pop(mem)
+        if chain is None:
+            _log.warning("vsock: no event buffer for the transport reset")
+            return False
+        writer = chain.writer(mem)
+        writer.write(struct.pack("<I", VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
+        q.add_used(mem, chain.head_index, writer.written)
+        self.signal_used(EVQ)
+        return True
 
     def queue_notify(self, index: int) -> None:
         """TX: packets from the guest; RX: fresh receive buffers; event queue: nothing to do (§5.10.6)."""

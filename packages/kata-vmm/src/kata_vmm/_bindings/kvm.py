@@ -71,6 +71,13 @@ KVM_CAP_PIT2 = 33
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_TSC_DEADLINE_TIMER = 72
+KVM_CAP_ADJUST_CLOCK = 39
+KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_PIT_STATE2 = 35
+KVM_CAP_DEBUGREGS = 50
+KVM_CAP_XSAVE = 55
+KVM_CAP_XCRS = 56
+KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_IMMEDIATE_EXIT = 136
 
 # --- exit reasons (kvm_run.exit_reason) ---------------------------------------------------------------
@@ -325,6 +332,180 @@ class kvm_lapic_state(Structure):
     _fields_ = [("regs", ctypes.c_char * 1024)]
 
 
+class kvm_xsave(Structure):
+    """The XSAVE area of a vCPU: x87, SSE, AVX and further state (KVM_GET_XSAVE/KVM_SET_XSAVE)."""
+
+    _fields_ = [("region", c_uint32 * 1024)]
+
+
+class kvm_xcr(Structure):
+    """One extended control register (XCR0 is the one KVM knows)."""
+
+    _fields_ = [("xcr", c_uint32), ("reserved", c_uint32), ("value", c_uint64)]
+
+
+KVM_MAX_XCRS = 16
+
+
+class kvm_xcrs(Structure):
+    """The extended control registers (KVM_GET_XCRS/KVM_SET_XCRS)."""
+
+    _fields_ = [
+        ("nr_xcrs", c_uint32),  # 0x00
+        ("flags", c_uint32),
+        ("xcrs", kvm_xcr * KVM_MAX_XCRS),  # 0x08
+        ("padding", c_uint64 * 16),
+    ]
+
+
+class _kvm_vcpu_events_exception(Structure):
+    _fields_ = [
+        ("injected", c_uint8),
+        ("nr", c_uint8),
+        ("has_error_code", c_uint8),
+        ("pending", c_uint8),
+        ("error_code", c_uint32),
+    ]
+
+
+class _kvm_vcpu_events_interrupt(Structure):
+    _fields_ = [("injected", c_uint8), ("nr", c_uint8), ("soft", c_uint8), ("shadow", c_uint8)]
+
+
+class _kvm_vcpu_events_nmi(Structure):
+    _fields_ = [("injected", c_uint8), ("pending", c_uint8), ("masked", c_uint8), ("pad", c_uint8)]
+
+
+class _kvm_vcpu_events_smi(Structure):
+    _fields_ = [
+        ("smm", c_uint8),
+        ("pending", c_uint8),
+        ("smm_inside_nmi", c_uint8),
+        ("latched_init", c_uint8),
+    ]
+
+
+class kvm_vcpu_events(Structure):
+    """Pending and injected exceptions, interrupts, NMIs and SMIs (KVM_GET/SET_VCPU_EVENTS)."""
+
+    _fields_ = [
+        ("exception", _kvm_vcpu_events_exception),  # 0x00
+        ("interrupt", _kvm_vcpu_events_interrupt),  # 0x08
+        ("nmi", _kvm_vcpu_events_nmi),  # 0x0c
+        ("sipi_vector", c_uint32),  # 0x10
+        ("flags", c_uint32),  # 0x14
+        ("smi", _kvm_vcpu_events_smi),  # 0x18
+        ("triple_fault_pending", c_uint8),  # 0x1c: struct { __u8 pending; } triple_fault
+        ("reserved", c_uint8 * 26),
+        ("exception_has_payload", c_uint8),  # 0x37
+        ("exception_payload", c_uint64),  # 0x38
+    ]
+
+
+class kvm_debugregs(Structure):
+    """Debug registers DR0-3, DR6, DR7 (KVM_GET/SET_DEBUGREGS)."""
+
+    _fields_ = [
+        ("db", c_uint64 * 4),  # 0x00
+        ("dr6", c_uint64),  # 0x20
+        ("dr7", c_uint64),  # 0x28
+        ("flags", c_uint64),
+        ("reserved", c_uint64 * 9),
+    ]
+
+
+class kvm_pic_state(Structure):
+    """One i8259 PIC (master or slave)."""
+
+    _fields_ = [
+        (name, c_uint8)
+        for name in (
+            *("last_irr", "irr", "imr", "isr", "priority_add", "irq_base", "read_reg_select", "poll"),
+            *("special_mask", "init_state", "auto_eoi", "rotate_on_auto_eoi", "special_fully_nested_mode"),
+            *("init4", "elcr", "elcr_mask"),
+        )
+    ]
+
+
+KVM_IOAPIC_NUM_PINS = 24
+
+
+class kvm_ioapic_state(Structure):
+    """The IOAPIC: its registers and redirection table (each entry as its 64 raw ``bits``)."""
+
+    _fields_ = [
+        ("base_address", c_uint64),  # 0x00
+        ("ioregsel", c_uint32),  # 0x08
+        ("id", c_uint32),
+        ("irr", c_uint32),  # 0x10
+        ("pad", c_uint32),
+        ("redirtbl", c_uint64 * KVM_IOAPIC_NUM_PINS),  # 0x18
+    ]
+
+
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+
+
+class _kvm_irqchip_chip(Union):
+    _fields_ = [("dummy", ctypes.c_char * 512), ("pic", kvm_pic_state), ("ioapic", kvm_ioapic_state)]
+
+
+class kvm_irqchip(Structure):
+    """One in-kernel interrupt controller's state, chosen by ``chip_id`` (KVM_GET/SET_IRQCHIP)."""
+
+    _fields_ = [("chip_id", c_uint32), ("pad", c_uint32), ("chip", _kvm_irqchip_chip)]  # chip at 0x08
+
+
+class kvm_pit_channel_state(Structure):
+    """One i8254 counter."""
+
+    _fields_ = [
+        ("count", c_uint32),  # 0x00
+        ("latched_count", c_uint16),
+        ("count_latched", c_uint8),
+        ("status_latched", c_uint8),
+        ("status", c_uint8),  # 0x08
+        ("read_state", c_uint8),
+        ("write_state", c_uint8),
+        ("write_latch", c_uint8),
+        ("rw_mode", c_uint8),
+        ("mode", c_uint8),
+        ("bcd", c_uint8),
+        ("gate", c_uint8),
+        ("count_load_time", ctypes.c_int64),  # 0x10
+    ]
+
+
+class kvm_pit_state2(Structure):
+    """The in-kernel PIT's three counters and flags (KVM_GET_PIT2/KVM_SET_PIT2)."""
+
+    _fields_ = [
+        ("channels", kvm_pit_channel_state * 3),  # 0x00
+        ("flags", c_uint32),  # 0x48
+        ("reserved", c_uint32 * 9),
+    ]
+
+
+KVM_CLOCK_TSC_STABLE = 2
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3
+
+
+class kvm_clock_data(Structure):
+    """The VM's kvmclock (KVM_GET_CLOCK/KVM_SET_CLOCK)."""
+
+    _fields_ = [
+        ("clock", c_uint64),  # 0x00
+        ("flags", c_uint32),  # 0x08
+        ("pad0", c_uint32),
+        ("realtime", c_uint64),  # 0x10
+        ("host_tsc", c_uint64),  # 0x18
+        ("pad", c_uint32 * 4),
+    ]
+
+
 # kvm_run: the shared page KVM fills on every exit.  Only the union members this VMM reads.
 class _kvm_run_io(Structure):
     _fields_ = [
@@ -407,6 +588,12 @@ KVM_IRQ_LINE = _IOW(KVMIO, 0x61, kvm_irq_level)
 KVM_IRQFD = _IOW(KVMIO, 0x76, kvm_irqfd)
 KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, kvm_pit_config)
 KVM_IOEVENTFD = _IOW(KVMIO, 0x79, kvm_ioeventfd)
+KVM_GET_IRQCHIP = _IOWR(KVMIO, 0x62, kvm_irqchip)
+KVM_SET_IRQCHIP = _IOR(KVMIO, 0x63, kvm_irqchip)  # sic: _IOR in the kernel header
+KVM_SET_CLOCK = _IOW(KVMIO, 0x7B, kvm_clock_data)
+KVM_GET_CLOCK = _IOR(KVMIO, 0x7C, kvm_clock_data)
+KVM_GET_PIT2 = _IOR(KVMIO, 0x9F, kvm_pit_state2)
+KVM_SET_PIT2 = _IOW(KVMIO, 0xA0, kvm_pit_state2)
 
 # --- ioctls on a vCPU fd --------------------------------------------------------------------------------
 KVM_RUN = _IO(KVMIO, 0x80)
@@ -423,3 +610,15 @@ KVM_SET_LAPIC = _IOW(KVMIO, 0x8F, kvm_lapic_state)
 KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, kvm_cpuid2)
 KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, kvm_mp_state)
 KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, kvm_mp_state)
+KVM_GET_CPUID2 = _IOWR(KVMIO, 0x91, kvm_cpuid2)
+KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, kvm_vcpu_events)
+KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, kvm_vcpu_events)
+KVM_GET_DEBUGREGS = _IOR(KVMIO, 0xA1, kvm_debugregs)
+KVM_SET_DEBUGREGS = _IOW(KVMIO, 0xA2, kvm_debugregs)
+KVM_SET_TSC_KHZ = _IO(KVMIO, 0xA2)
+KVM_GET_TSC_KHZ = _IO(KVMIO, 0xA3)
+KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, kvm_xsave)
+KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, kvm_xsave)
+KVM_GET_XCRS = _IOR(KVMIO, 0xA6, kvm_xcrs)
+KVM_SET_XCRS = _IOW(KVMIO, 0xA7, kvm_xcrs)
+KVM_KVMCLOCK_CTRL = _IO(KVMIO, 0xAD)

@@ -153,6 +153,26 @@ class Serial:
         if fire:
             self._interrupt.trigger()
 
+    # --- snapshot ---------------------------------------------------------------------------------
+    _SAVED = ("_ier", "_lcr", "_mcr", "_scr", "_dll", "_dlm", "_fcr", "_thre_pending")
+
+    def save_state(self) -> dict[str, int]:
+        """The registers the guest's driver programmed (input not yet read is not kept)."""
+        with self._lock:
+            return {name.lstrip("_"): int(getattr(self, name)) for name in self._SAVED}
+
+    def restore_state(self, state: dict[str, int]) -> None:
+        """Take back `save_state`'s registers (each a byte; a bad value raises ValueError)."""
+        values = {}
+        for name in self._SAVED:
+            value = state[name.lstrip("_")]
+            if not isinstance(value, int) or not 0 <= value <= 0xFF:
+                raise ValueError(f"serial register {name.lstrip('_')} {value!r} is not a byte")
+            values[name] = value
+        with self._lock:
+            for name, value in values.items():
+                setattr(self, name, bool(value) if name == "_thre_pending" else value)
+
     # --- host side (event thread) --------------------------------------------------------------
     def _push_rx(self, data: bytes) -> int:
         room = RX_CAPACITY - len(self._rx)
