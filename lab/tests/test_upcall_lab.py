@@ -1,0 +1,308 @@
+"""The guest's upcall server (packages/kata-upcall/guest, kata_upcall_srv.ko) in the Debian guest.
+
+On the host under QEMU TCG (marked ``guest_assets``; seconds): the module loads, starts its thread, refuses
+a guest process that reaches port 219 over vsock loopback, and unloads. In the lab VM on kata-vmm (marked
+``lab``): one boot of initrd-test.img with the module and lab/tests/scripts/upcall_guest.sh: the guest
+loads the module and waits; the host talks to vsock port 219 through kata-vmm's hybrid vsock socket as a
+hostile client would (garbage frames, wrong sizes, bad magic, flags and types, short frames, unknown services,
+random frames) and checks every answer, then that a well-formed session still works; it releases the guest
+with a connection to port 1024, and the guest reports the module still loaded, no device left behind, no
+oops in dmesg, and a clean rmmod. A second boot checks the sandbox initramfs loads the module before the
+agent would start.
+
+    ./dev nox -s lab -- lab/tests/test_upcall_lab.py -v
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from framework import (
+    GuestAssets,
+    GuestConfig,
+    KataVmmBackend,
+    MicroVMFactory,
+    build_vsock_helper,
+    initrd_with_files,
+    vsock_echo,
+)
+
+from kata_upcall import (
+    DEV_MGR_MAGIC_VERSION,
+    DEV_MGR_MSG_SIZE,
+    AddCpu,
+    AddMmio,
+    AddPci,
+    CpuReply,
+    DelCpu,
+    DelMmio,
+    MmioReply,
+    MsgType,
+    PciReply,
+    Reply,
+    decode_accept_line,
+    decode_connect,
+    decode_reply,
+    encode_hybrid_connect,
+)
+from kata_vmm import MmioSlot
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+MODULE = "kata_upcall_srv.ko"
+EINVAL, ENODEV, EPERM, EOPNOTSUPP = 22, 19, 1, 95
+# kata-vmm's slot 0 is the vsock device (the only one this guest has): slot 5 is free
+FREE_SLOT = MmioSlot.at(5)
+
+
+def _read_exact(s: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _connect(uds: Path) -> socket.socket:
+    """A hybrid vsock connection to guest port 219 (``CONNECT 219`` answered ``OK <port>``)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(120)
+    s.connect(str(uds))
+    s.sendall(encode_hybrid_connect())
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = s.recv(1)
+        assert chunk, f"kata-vmm closed CONNECT 219 after {line!r}: nothing listens on port 219"
+        line += chunk
+    decode_accept_line(line)
+    return s
+
+
+@contextmanager
+def _session(uds: Path) -> Iterator[socket.socket]:
+    """A device-manager session: service byte ``d``, then the module's Connect frame."""
+    s = _connect(uds)
+    try:
+        s.sendall(b"d")
+        decode_connect(_read_exact(s, DEV_MGR_MSG_SIZE))
+        yield s
+    finally:
+        s.close()
+
+
+def _ask(s: socket.socket, frame: bytes) -> Reply:
+    s.sendall(frame)
+    return decode_reply(_read_exact(s, DEV_MGR_MSG_SIZE))
+
+
+def _closed(s: socket.socket) -> bool:
+    """The module closed the connection (EOF, or a reset), rather than answering."""
+    try:
+        return s.recv(DEV_MGR_MSG_SIZE) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _with_header(frame: bytes, **fields: int) -> bytes:
+    magic, size, msg_type, flags = struct.unpack_from("<IIII", frame)
+    values = {"magic": magic, "size": size, "msg_type": msg_type, "flags": flags, **fields}
+    head = struct.pack("<IIII", values["magic"], values["size"], values["msg_type"], values["flags"])
+    return head + frame[16:]
+
+
+def _hostile_client(uds: Path) -> None:
+    slot = FREE_SLOT
+    with _session(uds) as s:
+        # error replies: the connection stays usable after each
+        bad_size = _with_header(AddMmio(slot.base, slot.size, slot.gsi).encode(), size=7)
+        assert _ask(s, bad_size) == MmioReply(MsgType.ADD_MMIO, -EINVAL)
+        assert _ask(s, AddMmio(slot.base, 0x10, slot.gsi).encode()) == MmioReply(MsgType.ADD_MMIO, -EINVAL)
+        assert _ask(s, AddMmio(slot.base + 1, slot.size, slot.gsi).encode()) == MmioReply(
+            MsgType.ADD_MMIO, -EINVAL
+        )
+        assert _ask(s, AddMmio(2**64 - 4096, 4096, slot.gsi).encode()) == MmioReply(MsgType.ADD_MMIO, -EINVAL)
+        assert _ask(s, AddMmio(slot.base, slot.size, 0).encode()) == MmioReply(MsgType.ADD_MMIO, -EINVAL)
+        assert _ask(s, DelMmio(slot.base, slot.size, slot.gsi).encode()) == MmioReply(
+            MsgType.DEL_MMIO, -ENODEV
+        )
+        # nothing answers at a free slot (reads 0xff): the device is registered, not bound, removed again
+        assert _ask(s, AddMmio(slot.base, slot.size, slot.gsi).encode()) == MmioReply(
+            MsgType.ADD_MMIO, -ENODEV
+        )
+        assert _ask(s, AddPci(0, 8).encode()) == PciReply(MsgType.ADD_PCI, -EOPNOTSUPP)
+        assert _ask(s, DelCpu((0,)).encode()) == CpuReply(MsgType.DEL_CPU, -EPERM, 0)  # the boot CPU
+        assert _ask(s, AddCpu((0,)).encode()) == CpuReply(MsgType.ADD_CPU, 0, 1)  # online already
+        assert _ask(s, AddCpu((0xFF,)).encode()) == CpuReply(MsgType.ADD_CPU, -EINVAL, 0)  # broadcast
+        assert _ask(s, _with_header(AddCpu(()).encode(), size=4)) == CpuReply(MsgType.ADD_CPU, -EINVAL, 0)
+        # garbage closes the connection
+        s.sendall(os.urandom(DEV_MGR_MSG_SIZE))
+        assert _closed(s)
+    for fields in ({"msg_type": MsgType.CONNECT}, {"msg_type": 0x77}, {"flags": 1}, {"magic": 0x444D0200}):
+        with _session(uds) as s:
+            s.sendall(_with_header(AddPci(0, 8).encode(), **fields))
+            assert _closed(s), fields
+    with _session(uds) as s:  # a short frame, then the host goes away
+        s.sendall(AddPci(0, 8).encode()[:500])
+    with _connect(uds) as s:  # an unknown service
+        s.sendall(b"x")
+        assert _closed(s)
+    with _connect(uds):  # no service byte at all
+        pass
+    # random frames with the right magic (no CPU requests: those would start vCPUs that do not exist)
+    rng = random.Random(219)
+    types = [0, 3, 4, 5, 6, 7, 8, 9, 0xFFFF_FFFF]
+    for _ in range(40):
+        head = struct.pack("<IIII", DEV_MGR_MAGIC_VERSION, rng.choice([0, 2, 24, rng.getrandbits(32)]),
+                           rng.choice(types), 0)  # fmt: skip
+        frame = head + rng.randbytes(DEV_MGR_MSG_SIZE - 16)
+        with _session(uds) as s:
+            s.sendall(frame)
+            answer = _read_exact(s, DEV_MGR_MSG_SIZE)
+            if answer:
+                reply = decode_reply(answer)
+                assert reply.result < 0, (frame[:40].hex(), reply)
+    # and after all that, a well-formed session is still served
+    with _session(uds) as s:
+        assert _ask(s, AddCpu((0,)).encode()) == CpuReply(MsgType.ADD_CPU, 0, 1)
+        assert _ask(s, DelMmio(slot.base, slot.size, slot.gsi).encode()) == MmioReply(
+            MsgType.DEL_MMIO, -ENODEV
+        )
+
+
+def _field(console: str, name: str) -> str:
+    # not anchored at the line start: a console's first line may begin with terminal escapes
+    match = re.search(rf"(?<![\w-]){name} (.*)$", console, re.MULTILINE)
+    assert match, f"no {name} line on the console:\n{console[-3000:]}"
+    return match.group(1).strip()
+
+
+@pytest.mark.lab
+def test_upcall_module_survives_a_hostile_client_on_kata_vmm(
+    guest_assets: GuestAssets, tmp_path: Path
+) -> None:
+    uds = tmp_path / "v.sock"
+    initrd = initrd_with_files(
+        guest_assets.initrd_test,
+        {
+            "/lab/run.sh": (SCRIPTS / "upcall_guest.sh").read_text(),
+            f"/lab/{MODULE}": guest_assets.upcall_module.read_bytes(),
+            "/lab/vsock_helper": build_vsock_helper(tmp_path / "vsock_helper"),
+        },
+        tmp_path / "initrd",
+    )
+    config = GuestConfig(
+        kernel=guest_assets.kernel,
+        initrd=initrd,
+        cmdline="console=ttyS0 quiet panic=-1 lab.run=/lab/run.sh",
+        memory_mib=512,
+        extra_args={"kata-vmm": ["--timeout", "600", "--vsock", str(uds)]},
+    )
+    factory = MicroVMFactory(tmp_path, KataVmmBackend(), guest_assets)
+    try:
+        vm = factory.build(config).spawn()
+        vm.wait_for_console("UPCALL-READY", timeout=300)
+        _hostile_client(uds)
+        vsock_echo(uds, b"done")  # releases the guest script
+        vm.wait_for_console("UPCALL-SCRIPT-DONE", timeout=300)
+        assert vm.wait_exit(timeout=60) == 0, vm.stderr
+    finally:
+        factory.kill_all()
+    console = vm.console
+    print(console[-4000:])
+    assert _field(console, "UPCALL-INSMOD") == "0"
+    assert _field(console, "UPCALL-LSMOD") == "1"
+    assert _field(console, "UPCALL-THREAD") == "1"
+    assert _field(console, "UPCALL-LSMOD-AFTER") == "1"
+    assert _field(console, "UPCALL-MMIO-LEFT") == "0"
+    assert _field(console, "UPCALL-OOPS") == "0"
+    assert _field(console, "UPCALL-RMMOD") == "0"
+
+
+@pytest.mark.lab
+def test_sandbox_initramfs_loads_the_upcall_module_before_the_agent(
+    guest_assets: GuestAssets, tmp_path: Path
+) -> None:
+    sandbox_root, uds = guest_assets.rootfs_sandbox, tmp_path / "v.sock"
+    config = GuestConfig(
+        kernel=guest_assets.kernel,
+        initrd=guest_assets.initrd_sandbox,
+        cmdline="console=ttyS0 reboot=k panic=1 lab.noagent=1",  # not quiet: the module's line shows
+        memory_mib=512,
+        extra_args={"kata-vmm": ["--timeout", "600", "--block", f"{sandbox_root},ro", "--vsock", str(uds)]},
+    )
+    factory = MicroVMFactory(tmp_path, KataVmmBackend(), guest_assets)
+    try:
+        vm = factory.build(config).spawn()
+        vm.wait_for_console("KATA-SANDBOX-READY", timeout=300)
+        vm.wait_exit(timeout=60)
+    finally:
+        factory.kill_all()
+    console = vm.console
+    assert "kata_upcall_srv: listening on vsock port 219" in console, console[-3000:]
+    assert "insmod kata_upcall_srv.ko failed" not in console
+
+
+TCG_SCRIPT = """#!/bin/sh
+insmod /lab/kata_upcall_srv.ko
+echo "TCG-INSMOD $?"
+echo "TCG-THREAD $(cat /proc/[0-9]*/comm 2>/dev/null | grep -c '^kata-upcall$')"
+insmod /lab/vsock_loopback.ko
+echo d | /lab/vsock_helper send 1 219 > /tmp/answer 2>/dev/null
+echo "TCG-LOOPBACK-ANSWER $(wc -c < /tmp/answer)"
+echo "TCG-REFUSED $(dmesg | grep -c 'connection from cid 1 refused')"
+rmmod kata_upcall_srv
+echo "TCG-RMMOD $?"
+echo "TCG-THREAD-AFTER $(cat /proc/[0-9]*/comm 2>/dev/null | grep -c '^kata-upcall$')"
+echo "TCG-OOPS $(dmesg | grep -c -E 'BUG:|Oops|WARNING:|general protection|Call Trace')"
+dmesg | grep kata_upcall_srv | sed 's/^/TCG-DMESG /'
+"""
+
+
+@pytest.mark.guest_assets
+def test_upcall_module_loads_refuses_guest_peers_and_unloads_under_tcg(tmp_path: Path) -> None:
+    assets = GuestAssets()
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        pytest.fail("qemu-system-x86_64 missing (./dev installs qemu-system-x86)", pytrace=False)
+    loopback = assets.root / "modules/lib/modules" / assets.kernel_release / "kernel/net/vmw_vsock"
+    initrd = initrd_with_files(
+        assets.initrd_test,
+        {
+            "/lab/run.sh": TCG_SCRIPT,
+            f"/lab/{MODULE}": assets.upcall_module.read_bytes(),
+            "/lab/vsock_loopback.ko": (loopback / "vsock_loopback.ko").read_bytes(),
+            "/lab/vsock_helper": build_vsock_helper(tmp_path / "vsock_helper"),
+        },
+        tmp_path / "initrd",
+    )
+    command = [
+        qemu, "-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "2", "-nodefaults",
+        "-display", "none", "-serial", "stdio", "-no-reboot", "-kernel", str(assets.kernel),
+        "-initrd", str(initrd), "-append", "console=ttyS0 quiet panic=-1 lab.run=/lab/run.sh",
+    ]  # fmt: skip
+    for _ in range(3):  # a reset before the kernel's first byte is TCG's, not the guest's (lab/README.md)
+        done = subprocess.run(
+            command, capture_output=True, text=True, errors="replace", timeout=280, check=False
+        )
+        console = done.stdout
+        if "Linux version" in console or "TCG-" in console or not console.rstrip().endswith("ROM..."):
+            break
+    print(console[-3000:])
+    assert _field(console, "TCG-INSMOD") == "0"
+    assert _field(console, "TCG-THREAD") == "1"
+    assert _field(console, "TCG-LOOPBACK-ANSWER") == "0"  # closed without a Connect frame
+    assert _field(console, "TCG-REFUSED") == "1"
+    assert _field(console, "TCG-RMMOD") == "0"
+    assert _field(console, "TCG-THREAD-AFTER") == "0"
+    assert _field(console, "TCG-OOPS") == "0"
