@@ -302,15 +302,19 @@ def ensure_kernel_headers() -> Path:
     return KERNEL_HEADERS
 
 
-def build_upcall_module(dest: Path) -> Path:
+def build_upcall_module(dest: Path, kcflags: str = "") -> Path:
     """UPCALL_SOURCE built against the pinned kernel's headers (W=1, warnings are errors), debug info
-    stripped, written to dest/UPCALL_MODULE; the sources are built in a scratch copy, never in the tree."""
+    stripped, written to dest/UPCALL_MODULE; the sources are built in a scratch copy, never in the tree.
+    ``kcflags`` is for tests only (lab/tests/test_upcall_lab.py's loopback build)."""
     kdir = ensure_kernel_headers()
     with tempfile.TemporaryDirectory(prefix="kata-upcall-") as tmp:
         src = Path(tmp) / "guest"
         shutil.copytree(UPCALL_SOURCE, src, ignore=shutil.ignore_patterns("*.ko", "*.o", ".*.cmd", "*.mod*"))
         done = subprocess.run(
-            ["make", "-C", str(src), f"KDIR={kdir}"], capture_output=True, text=True, check=False
+            ["make", "-C", str(src), f"KDIR={kdir}", f"KCFLAGS={kcflags}"],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         out = done.stdout + done.stderr
         if done.returncode != 0 or "warning:" in out.lower():

@@ -36,6 +36,7 @@ from framework import (
     initrd_with_files,
     vsock_echo,
 )
+from images import build as images
 
 from kata_upcall import (
     DEV_MGR_MAGIC_VERSION,
@@ -253,39 +254,13 @@ def test_sandbox_initramfs_loads_the_upcall_module_before_the_agent(
     assert "insmod kata_upcall_srv.ko failed" not in console
 
 
-TCG_SCRIPT = """#!/bin/sh
-insmod /lab/kata_upcall_srv.ko
-echo "TCG-INSMOD $?"
-echo "TCG-THREAD $(cat /proc/[0-9]*/comm 2>/dev/null | grep -c '^kata-upcall$')"
-insmod /lab/vsock_loopback.ko
-echo d | /lab/vsock_helper send 1 219 > /tmp/answer 2>/dev/null
-echo "TCG-LOOPBACK-ANSWER $(wc -c < /tmp/answer)"
-echo "TCG-REFUSED $(dmesg | grep -c 'connection from cid 1 refused')"
-rmmod kata_upcall_srv
-echo "TCG-RMMOD $?"
-echo "TCG-THREAD-AFTER $(cat /proc/[0-9]*/comm 2>/dev/null | grep -c '^kata-upcall$')"
-echo "TCG-OOPS $(dmesg | grep -c -E 'BUG:|Oops|WARNING:|general protection|Call Trace')"
-dmesg | grep kata_upcall_srv | sed 's/^/TCG-DMESG /'
-"""
-
-
-@pytest.mark.guest_assets
-def test_upcall_module_loads_refuses_guest_peers_and_unloads_under_tcg(tmp_path: Path) -> None:
+def _boot_under_tcg(tmp_path: Path, files: dict[str, bytes | str]) -> str:
+    """initrd-test.img plus ``files`` (``/lab/run.sh`` runs) under QEMU TCG on the host; the console."""
     assets = GuestAssets()
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         pytest.fail("qemu-system-x86_64 missing (./dev installs qemu-system-x86)", pytrace=False)
-    loopback = assets.root / "modules/lib/modules" / assets.kernel_release / "kernel/net/vmw_vsock"
-    initrd = initrd_with_files(
-        assets.initrd_test,
-        {
-            "/lab/run.sh": TCG_SCRIPT,
-            f"/lab/{MODULE}": assets.upcall_module.read_bytes(),
-            "/lab/vsock_loopback.ko": (loopback / "vsock_loopback.ko").read_bytes(),
-            "/lab/vsock_helper": build_vsock_helper(tmp_path / "vsock_helper"),
-        },
-        tmp_path / "initrd",
-    )
+    initrd = initrd_with_files(assets.initrd_test, files, tmp_path / "initrd")
     command = [
         qemu, "-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "2", "-nodefaults",
         "-display", "none", "-serial", "stdio", "-no-reboot", "-kernel", str(assets.kernel),
@@ -299,6 +274,44 @@ def test_upcall_module_loads_refuses_guest_peers_and_unloads_under_tcg(tmp_path:
         if "Linux version" in console or "TCG-" in console or not console.rstrip().endswith("ROM..."):
             break
     print(console[-3000:])
+    return console
+
+
+def _vsock_loopback() -> bytes:
+    assets = GuestAssets()
+    moddir = assets.root / "modules/lib/modules" / assets.kernel_release
+    return (moddir / "kernel/net/vmw_vsock/vsock_loopback.ko").read_bytes()
+
+
+TCG_OOPS = "$(dmesg | grep -c -E 'BUG:|Oops|WARNING:|general protection|Call Trace')"
+
+TCG_SCRIPT = f"""#!/bin/sh
+insmod /lab/kata_upcall_srv.ko
+echo "TCG-INSMOD $?"
+echo "TCG-THREAD $(cat /proc/[0-9]*/comm 2>/dev/null | grep -c '^kata-upcall$')"
+insmod /lab/vsock_loopback.ko
+echo d | /lab/vsock_helper send 1 219 > /tmp/answer 2>/dev/null
+echo "TCG-LOOPBACK-ANSWER $(wc -c < /tmp/answer)"
+echo "TCG-REFUSED $(dmesg | grep -c 'connection from cid 1 refused')"
+rmmod kata_upcall_srv
+echo "TCG-RMMOD $?"
+echo "TCG-THREAD-AFTER $(cat /proc/[0-9]*/comm 2>/dev/null | grep -c '^kata-upcall$')"
+echo "TCG-OOPS {TCG_OOPS}"
+dmesg | grep kata_upcall_srv | sed 's/^/TCG-DMESG /'
+"""
+
+
+@pytest.mark.guest_assets
+def test_upcall_module_loads_refuses_guest_peers_and_unloads_under_tcg(tmp_path: Path) -> None:
+    console = _boot_under_tcg(
+        tmp_path,
+        {
+            "/lab/run.sh": TCG_SCRIPT,
+            f"/lab/{MODULE}": GuestAssets().upcall_module.read_bytes(),
+            "/lab/vsock_loopback.ko": _vsock_loopback(),
+            "/lab/vsock_helper": build_vsock_helper(tmp_path / "vsock_helper"),
+        },
+    )
     assert _field(console, "TCG-INSMOD") == "0"
     assert _field(console, "TCG-THREAD") == "1"
     assert _field(console, "TCG-LOOPBACK-ANSWER") == "0"  # closed without a Connect frame
@@ -306,3 +319,68 @@ def test_upcall_module_loads_refuses_guest_peers_and_unloads_under_tcg(tmp_path:
     assert _field(console, "TCG-RMMOD") == "0"
     assert _field(console, "TCG-THREAD-AFTER") == "0"
     assert _field(console, "TCG-OOPS") == "0"
+
+
+PROBE_SCRIPT = f"""#!/bin/sh
+insmod /lab/vsock_loopback.ko
+insmod /lab/kata_upcall_srv.ko
+/lab/upcall_probe /lab/frames.bin
+echo "TCG-CPUS-AFTER $(cat /sys/devices/system/cpu/online) $(cat /sys/devices/system/cpu/present)"
+echo "TCG-MMIO-LEFT $(ls /sys/bus/platform/devices | grep -c '^virtio-mmio\\..*auto$')"
+echo "TCG-OOPS {TCG_OOPS}"
+rmmod kata_upcall_srv
+echo "TCG-RMMOD $?"
+dmesg | grep -E 'kata_upcall_srv|virtio-mmio|smpboot|APIC' | sed 's/^/TCG-DMESG /'
+"""
+
+
+@pytest.mark.guest_assets
+def test_upcall_service_hot_removes_and_adds_a_vcpu_and_rejects_bad_requests_under_tcg(
+    tmp_path: Path,
+) -> None:
+    """The device-manager service driven from inside a 2-vCPU TCG guest through vsock loopback, by a copy of
+    the module built to answer CID 1 (the shipped one answers the host only): vCPU 1 goes offline and
+    away, and comes back through acpi_map_cpu; every bad request gets its errno and the last, garbage,
+    closes the connection."""
+    module = images.build_upcall_module(tmp_path / "loopback", kcflags="-DKATA_UPCALL_PEER_CID=1")
+    probe = tmp_path / "upcall_probe"
+    subprocess.run(
+        ["gcc", "-static", "-O2", "-o", str(probe), str(SCRIPTS / "upcall_probe.c")],
+        check=True,
+        capture_output=True,
+    )
+    empty = (0xD000_5000, 0x1000, 10)  # nothing there: reads 0 on q35, so virtio_mmio's probe fails
+    bad_size = _with_header(AddMmio(*empty).encode(), size=7)
+    requests: list[tuple[bytes, str]] = [
+        (AddMmio(*empty).encode(), "type=5 size=0 ret=-19"),
+        (DelMmio(*empty).encode(), "type=6 size=0 ret=-19"),
+        (AddMmio(0x1000, 0x1000, 10).encode(), "type=5 size=0 ret=-19"),  # RAM: the window is taken
+        (bad_size, "type=5 size=0 ret=-22"),
+        (DelCpu((1,)).encode(), "type=2 size=4 ret=0 index=1"),
+        (AddCpu((1,)).encode(), "type=1 size=4 ret=0 index=1"),
+        (AddCpu((1,)).encode(), "type=1 size=4 ret=0 index=1"),  # online already
+        (AddCpu((5,)).encode(), "type=1 size=4 ret=-22 index=0"),  # past possible_cpus (2)
+        (DelCpu((0,)).encode(), "type=2 size=4 ret=-1 index=0"),  # the boot CPU stays
+        (AddCpu((0xFF,)).encode(), "type=1 size=4 ret=-22 index=0"),
+        (AddPci(0, 8).encode(), "type=7 size=0 ret=-95"),
+        (os.urandom(DEV_MGR_MSG_SIZE), "n=0"),  # garbage: closed
+    ]
+    console = _boot_under_tcg(
+        tmp_path,
+        {
+            "/lab/run.sh": PROBE_SCRIPT,
+            f"/lab/{MODULE}": module.read_bytes(),
+            "/lab/vsock_loopback.ko": _vsock_loopback(),
+            "/lab/upcall_probe": probe.read_bytes(),
+            "/lab/frames.bin": b"".join(frame for frame, _ in requests),
+        },
+    )
+    assert (
+        _field(console, "PROBE-CONNECT") == f"n=1024 magic={DEV_MGR_MAGIC_VERSION:#x} size=0 type=0 flags=0"
+    )
+    for i, (_, want) in enumerate(requests):
+        assert want in _field(console, f"PROBE-REPLY {i}"), (i, want)
+    assert _field(console, "TCG-CPUS-AFTER") == "0-1 0-1"
+    assert _field(console, "TCG-MMIO-LEFT") == "0"
+    assert _field(console, "TCG-OOPS") == "0"
+    assert _field(console, "TCG-RMMOD") == "0"

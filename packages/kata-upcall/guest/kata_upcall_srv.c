@@ -61,6 +61,13 @@
 #define SERVICE_BYTE_TIMEOUT	(10 * HZ)	/* the VMM sends it right after connecting */
 #define SEND_TIMEOUT_SECS	10		/* a VMM that stops reading does not wedge the server */
 
+/* The one peer the server answers: the host. lab/tests/test_upcall_lab.py builds a test copy with
+ * KCFLAGS=-DKATA_UPCALL_PEER_CID=1 (vsock loopback) to drive the service from inside a TCG guest; the
+ * module the images ship is built without it, and no parameter changes it at run time. */
+#ifndef KATA_UPCALL_PEER_CID
+#define KATA_UPCALL_PEER_CID	VMADDR_CID_HOST
+#endif
+
 #define MMIO_MIN_SIZE		0x200		/* virtio 1.2 §4.2.2: registers, then config space at 0x100 */
 #define MMIO_MAX_SIZE		SZ_1M
 #define MAX_GSI			1023
@@ -504,7 +511,7 @@ static void serve_connection(struct socket *conn, struct upcall_buffers *buf)
 	int n;
 
 	n = kernel_getpeername(conn, (struct sockaddr *)&peer);
-	if (n < 0 || peer.svm_family != AF_VSOCK || peer.svm_cid != VMADDR_CID_HOST) {
+	if (n < 0 || peer.svm_family != AF_VSOCK || peer.svm_cid != KATA_UPCALL_PEER_CID) {
 		pr_warn_ratelimited("connection from cid %u refused: only the host may ask\n", peer.svm_cid);
 		return;
 	}
