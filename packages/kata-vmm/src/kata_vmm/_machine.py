@@ -41,8 +41,9 @@ from kata_vmm._layout import (
 )
 from kata_vmm._loader import BootPlan, BootProtocol, load_kernel
 from kata_vmm._memory import GuestAddress, GuestMemoryMmap
+from kata_vmm._poller import DevicePoller
 from kata_vmm._specs import DeviceSpec
-from kata_vmm._virtio import VirtioMmioDevice
+from kata_vmm._virtio import VirtioMmioDevice, run_on_loop
 from kata_vmm.devices import AcpiPowerDevice, I8042Device, Serial
 
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 quiet"
@@ -126,6 +127,7 @@ class Machine:
         self.irqfds: list[IrqFd] = []
         self.vcpus: list[Vcpu] = []
         self.mmio_slots: list[MmioSlot] = []
+        self.slot_irqs: dict[int, IrqFd] = {}  # slot index -> its irqfd (hot-unplug closes it)
         self.virtio: list[VirtioMmioDevice] = []
 
     def create(
@@ -193,7 +195,68 @@ class Machine:
             raise
         self.mmio_bus.insert(device, slot.base, VIRTIO_MMIO_SLOT_SIZE)
         self.mmio_slots.append(slot)
+        self.slot_irqs[slot.index] = irq
         return slot
+
+    def free_slot(self) -> MmioSlot:
+        """The lowest virtio-mmio slot no device holds (`ConfigError` when all are taken)."""
+        taken = {s.index for s in self.mmio_slots}
+        free = next((i for i in range(VIRTIO_MMIO_SLOTS) if i not in taken), VIRTIO_MMIO_SLOTS)
+        return MmioSlot.at(free)
+
+    def plug_virtio(self, device: VirtioDevice, poller: DevicePoller) -> MmioSlot:
+        """`add_virtio` while the VM runs: the device takes the lowest free slot (window on the MMIO bus,
+        irqfd on its GSI, ioeventfd doorbells), and its doorbells and host fds join the running event
+        loop on the loop's own thread. The guest is not told (that is the upcall's AddMmio)."""
+        assert self.vm is not None and self.event_loop is not None
+        vm, loop = self.vm, self.event_loop
+        made: list[VirtioMmioDevice] = []
+
+        def factory(memory: GuestMemory, irq: InterruptTrigger, slot: MmioSlot) -> BusDevice:
+            assert isinstance(irq, IrqFd)
+            made.append(VirtioMmioDevice(vm, device, memory, irq, slot.base))
+            return made[0]
+
+        try:
+            slot = self.add_slot(factory, self.free_slot())
+        except BaseException:
+            device.close()
+            raise
+        mmio = made[0]
+
+        def attach() -> None:
+            mmio.attach(loop)
+            poller.add_device(device)
+
+        run_on_loop(loop, attach)
+        self.virtio.append(mmio)
+        return slot
+
+    def unplug_virtio(self, slot: MmioSlot, poller: DevicePoller | None) -> None:
+        """Undo `plug_virtio` (after the guest let the device go): off the event loop (on its thread),
+        off the MMIO bus, doorbells and irqfd released, the device closed, the slot free again."""
+        assert self.event_loop is not None
+        loop = self.event_loop
+        mmio = next((d for d in self.virtio if d.base == slot.base), None)
+        if mmio is None or slot not in self.mmio_slots:
+            raise ConfigError(f"no virtio device on slot {slot.index}")
+
+        def detach() -> None:
+            for bell in mmio.doorbells:
+                loop.remove_reader(bell.fd)
+            if poller is not None:
+                poller.remove_device(mmio.device)
+
+        run_on_loop(loop, detach)
+        self.mmio_bus.remove(slot.base)
+        self.virtio.remove(mmio)
+        self.mmio_slots.remove(slot)
+        irq = self.slot_irqs.pop(slot.index)
+        self.irqfds.remove(irq)
+        try:
+            mmio.close()
+        finally:
+            irq.close()
 
     def prepare_boot(self, config: VmConfig) -> dict[str, float]:
         """Write the ACPI tables, load the kernel, create the vCPUs with their boot registers; returns the
@@ -248,6 +311,7 @@ class Machine:
             except KvmError as err:
                 errors.append(err)
         self.irqfds = []
+        self.slot_irqs = {}
         for vcpu in self.vcpus:
             vcpu.close()
         self.vcpus = []

@@ -15,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Self
 
-from kata_virtio import VirtioDevice
+from kata_upcall import UPCALL_PORT
+from kata_virtio import VirtioDevice, VirtioVsock
 from kata_vmm._bus import Bus
 from kata_vmm._errors import VmStateError
 from kata_vmm._event_loop import EventLoop
@@ -40,7 +42,7 @@ from kata_vmm._memory import GuestMemoryMmap
 from kata_vmm._poller import DevicePoller
 from kata_vmm._specs import build_device
 from kata_vmm._vcpu import ExitKind, GuestExit, VcpuState, VcpuThread, install_kick_handler
-from kata_vmm._virtio import VirtioMmioDevice
+from kata_vmm._virtio import VirtioMmioDevice, run_on_loop
 from kata_vmm.devices import Serial
 
 __all__ = [  # the configuration names kept importable from here (their home is _machine.py)
@@ -98,6 +100,7 @@ class Vmm:
         self._exit_event = threading.Event()
         self._exit_fd = EventFd()
         self._lock = threading.Lock()
+        self._plug_lock = threading.Lock()  # one hot-plug change at a time (never held by the event thread)
         self._started_at = 0.0
         self._ended_at = 0.0
         self._restore_input_blocking: tuple[int, bool] | None = None
@@ -193,6 +196,41 @@ class Vmm:
         """Give a device the next virtio-mmio slot (address, GSI, irqfd); the DSDT describes it at start."""
         self._require(VmmState.CONFIGURED)
         return self.machine.add_slot(factory)
+
+    # --- hot-plug (the host side; kata_vmm.hot_add_virtio tells the guest through upcall) -------------
+    def plug_virtio(self, device: VirtioDevice) -> MmioSlot:
+        """Put a kata-virtio device on the lowest free virtio-mmio slot of the running VM (any thread but
+        the event thread): MMIO window, irqfd, doorbells and host fds served like a boot-time device.
+        The guest does not see it until it is told (upcall AddMmio: `kata_vmm.hot_add_virtio`). The VMM
+        owns the device from here on, also when this raises (`ConfigError` when every slot is taken)."""
+        if self.state not in (VmmState.RUNNING, VmmState.PAUSED):
+            device.close()
+            raise VmStateError(f"plug_virtio() needs a running VM, not {self.state.value}")
+        loop = self.event_loop
+        assert loop is not None
+        with self._plug_lock:
+            if self._poller is None:  # no virtio device at boot: the poller starts with this one
+                made: list[DevicePoller] = []
+                run_on_loop(loop, lambda: made.append(DevicePoller(loop, [])))
+                self._poller = made[0]
+            return self.machine.plug_virtio(device, self._poller)
+
+    def unplug_virtio(self, slot: MmioSlot) -> None:
+        """Take the device on ``slot`` out of the running VM and close it (after the guest let it go:
+        upcall DelMmio, `kata_vmm.hot_remove_virtio`); the slot is free again."""
+        if self.state not in (VmmState.RUNNING, VmmState.PAUSED, VmmState.EXITED):
+            raise VmStateError(f"unplug_virtio() needs a started VM, not {self.state.value}")
+        with self._plug_lock:
+            self.machine.unplug_virtio(slot, self._poller)
+
+    def upcall_socket(self) -> socket.socket:
+        """A new in-process stream to the guest's upcall server (vsock port 219) through this VM's vsock
+        device: the blocking socket `VirtioVsock.connect_local` returns (first ``OK <port>\\n``, so
+        `Handshake.ACCEPT_LINE`). `VmStateError` without a vsock device."""
+        for mmio in self._virtio:
+            if isinstance(mmio.device, VirtioVsock):
+                return mmio.device.connect_local(UPCALL_PORT)
+        raise VmStateError("this VM has no vsock device: upcall needs one")
 
     # --- running -----------------------------------------------------------------------------------
     def start(self) -> None:

@@ -1,0 +1,82 @@
+"""Hot-plug of virtio-mmio devices into a running VM: the host side on the `Vmm`, then upcall to the guest.
+
+Adding (Dragonball's order)::
+
+    slot = vmm.plug_virtio(device)                               # window, irqfd, doorbells, host fds
+    await upcall.request(AddMmio(slot.base, slot.size, slot.gsi)) # the guest module registers the device
+
+Removing runs the other way: DelMmio first (the guest's driver lets the device go), then
+`Vmm.unplug_virtio`. The upcall client is the caller's (one per VM, kata-upcall's trio driver); in built-in
+mode it runs over the VM's own vsock device::
+
+    async with open_upcall_client(upcall_connector(vmm), handshake=Handshake.ACCEPT_LINE) as upcall:
+        slot = await hot_add_virtio(vmm, BlockSpec(image).build(), upcall)
+
+The host-side steps wait for the event thread, so they run in a worker thread (`trio.to_thread`). trio is
+imported here only: ``import kata_vmm`` does not need it (kata-upcall's ``trio`` extra does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+
+import trio
+
+from kata_upcall import (
+    AddMmio,
+    DelMmio,
+    StreamConnector,
+    UpcallClient,
+    UpcallError,
+    UpcallRequestFailed,
+    socket_connector,
+)
+from kata_virtio import VirtioDevice
+from kata_vmm._machine import MmioSlot
+from kata_vmm._vmm import Vmm
+
+__all__ = ["UNDO_BUDGET", "hot_add_virtio", "hot_remove_virtio", "upcall_connector"]
+
+#: Seconds the clean-up DelMmio after an AddMmio without an answer may take.
+UNDO_BUDGET = 10.0
+
+
+def upcall_connector(vmm: Vmm) -> StreamConnector:
+    """The stream factory for ``open_upcall_client(..., handshake=Handshake.ACCEPT_LINE)``: a fresh
+    in-process connection to the guest's port 219 through ``vmm``'s vsock device per attempt."""
+    return socket_connector(vmm.upcall_socket)
+
+
+async def hot_add_virtio(vmm: Vmm, device: VirtioDevice, upcall: UpcallClient) -> MmioSlot:
+    """Plug ``device`` into the lowest free slot of the running ``vmm`` and have the guest register it
+    (AddMmio); returns the slot. The VMM owns ``device`` from the call on.
+
+    If the guest refuses (`UpcallRequestFailed`), the slot is unplugged again and the error raised. If
+    the answer never came (connection lost, timeout, cancellation) the guest may have registered the
+    device: a DelMmio is tried once before the unplug, so no guest driver is left on a window that reads
+    all-ones; the original error is raised.
+    """
+    slot = await trio.to_thread.run_sync(vmm.plug_virtio, device)
+    try:
+        await upcall.request(AddMmio(slot.base, slot.size, slot.gsi))
+    except BaseException as err:
+        with trio.CancelScope(shield=True):
+            if not isinstance(err, UpcallRequestFailed):
+                with contextlib.suppress(UpcallError), trio.move_on_after(UNDO_BUDGET):
+                    await upcall.request(DelMmio(slot.base, slot.size, slot.gsi))
+            await trio.to_thread.run_sync(vmm.unplug_virtio, slot)
+        raise
+    return slot
+
+
+async def hot_remove_virtio(vmm: Vmm, slot: MmioSlot, upcall: UpcallClient) -> None:
+    """Have the guest unregister the device on ``slot`` (DelMmio), then take it out of ``vmm`` and close
+    it. A guest that answers ``-ENODEV`` no longer has it: the host side goes too. Any other failure
+    leaves the device plugged (the guest may still drive it) and raises."""
+    try:
+        await upcall.request(DelMmio(slot.base, slot.size, slot.gsi))
+    except UpcallRequestFailed as err:
+        if err.reply.result != -errno.ENODEV:
+            raise
+    await trio.to_thread.run_sync(vmm.unplug_virtio, slot)
