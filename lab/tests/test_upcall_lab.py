@@ -15,6 +15,7 @@ agent would start.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -22,11 +23,14 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import trio
 from framework import (
     GuestAssets,
     GuestConfig,
@@ -47,6 +51,7 @@ from kata_upcall import (
     CpuReply,
     DelCpu,
     DelMmio,
+    Handshake,
     MmioReply,
     MsgType,
     PciReply,
@@ -55,8 +60,19 @@ from kata_upcall import (
     decode_connect,
     decode_reply,
     encode_hybrid_connect,
+    open_upcall_client,
 )
-from kata_vmm import MmioSlot
+from kata_vmm import (
+    BlockSpec,
+    ExitKind,
+    MmioSlot,
+    VmConfig,
+    Vmm,
+    VsockSpec,
+    hot_add_virtio,
+    hot_remove_virtio,
+    upcall_connector,
+)
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 MODULE = "kata_upcall_srv.ko"
@@ -252,6 +268,88 @@ def test_sandbox_initramfs_loads_the_upcall_module_before_the_agent(
     console = vm.console
     assert "kata_upcall_srv: listening on vsock port 219" in console, console[-3000:]
     assert "insmod kata_upcall_srv.ko failed" not in console
+
+
+class _Console:
+    """A kata-vmm guest's serial console, collected from the VMM's threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            self._data += data
+
+    @property
+    def text(self) -> str:
+        with self._lock:
+            return self._data.decode(errors="replace")
+
+    def wait_for(self, pattern: str, vmm: Vmm, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while re.search(pattern, self.text, re.MULTILINE) is None:
+            ended = vmm.wait(timeout=0)
+            assert ended is None, f"guest ended ({ended}) before {pattern!r}:\n{self.text[-3000:]}"
+            assert time.monotonic() < deadline, f"no {pattern!r} within {timeout} s:\n{self.text[-3000:]}"
+            time.sleep(0.2)
+
+
+@pytest.mark.lab
+def test_hot_added_disk_appears_in_the_guest_and_goes_away_on_removal(
+    guest_assets: GuestAssets, tmp_path: Path
+) -> None:
+    """kata-vmm in process (the way the shim's dragonball back-end runs it): the guest boots with only a
+    vsock device and the module; the host hot-adds a read-only virtio-blk disk through upcall over the
+    VM's own vsock device (built-in mode), the guest sees /dev/vda with the disk's bytes, the host removes
+    it and the guest sees it go."""
+    disk = tmp_path / "hot.img"
+    payload = os.urandom(1 << 20)
+    disk.write_bytes(payload)
+    initrd = initrd_with_files(
+        guest_assets.initrd_test,
+        {
+            "/lab/run.sh": (SCRIPTS / "hotplug_guest.sh").read_text(),
+            f"/lab/{MODULE}": guest_assets.upcall_module.read_bytes(),
+        },
+        tmp_path / "initrd",
+    )
+    console = _Console()
+    config = VmConfig(
+        kernel=guest_assets.kernel,
+        initrd=initrd,
+        cmdline="console=ttyS0 quiet panic=-1 lab.run=/lab/run.sh",
+        memory_mib=512,
+        console_output=console.write,
+        devices=[VsockSpec(tmp_path / "v.sock")],
+    )
+    vmm = Vmm()
+    try:
+        vmm.configure(config)
+        vmm.start()
+        console.wait_for("^HOT-READY", vmm, timeout=300)
+
+        async def plug_and_unplug() -> None:
+            connector = upcall_connector(vmm)
+            async with open_upcall_client(connector, handshake=Handshake.ACCEPT_LINE) as upcall:
+                slot = await hot_add_virtio(vmm, BlockSpec(disk, read_only=True).build(), upcall)
+                assert slot.index == 1  # the vsock device holds slot 0
+                await trio.to_thread.run_sync(console.wait_for, "^HOT-VDA ", vmm, 300)
+                await hot_remove_virtio(vmm, slot, upcall)
+
+        trio.run(plug_and_unplug)
+        console.wait_for("^HOT-DMESG|^lab-init:", vmm, timeout=300)
+        ended = vmm.wait(timeout=120)
+        assert ended is not None and ended.kind is ExitKind.POWER_OFF, (ended, console.text[-3000:])
+    finally:
+        vmm.close()
+    text = console.text
+    print(text[-4000:])
+    assert _field(text, "HOT-INSMOD") == "0"
+    assert _field(text, "HOT-VDA") == f"{hashlib.sha256(payload[:65536]).hexdigest()} ro=1"
+    assert _field(text, "HOT-GONE") == "yes"
+    assert _field(text, "HOT-MMIO-LEFT") == "0"
+    assert _field(text, "HOT-OOPS") == "0"
 
 
 def _boot_under_tcg(tmp_path: Path, files: dict[str, bytes | str]) -> str:
