@@ -439,7 +439,7 @@ def test_upcall_service_hot_removes_and_adds_a_vcpu_and_rejects_bad_requests_und
     """The device-manager service driven from inside a 2-vCPU TCG guest through vsock loopback, by a copy of
     the module built to answer CID 1 (the shipped one answers the host only): vCPU 1 goes offline and
     away, and comes back through acpi_map_cpu; every bad request gets its errno and the last, garbage,
-    closes the connection."""
+    closes the connection; a frame cut short is closed after the module's 10 s."""
     module = images.build_upcall_module(tmp_path / "loopback", kcflags="-DKATA_UPCALL_PEER_CID=1")
     probe = tmp_path / "upcall_probe"
     subprocess.run(
@@ -478,6 +478,7 @@ def test_upcall_service_hot_removes_and_adds_a_vcpu_and_rejects_bad_requests_und
     )
     for i, (_, want) in enumerate(requests):
         assert want in _field(console, f"PROBE-REPLY {i}"), (i, want)
+    assert _field(console, "PROBE-PARTIAL") == "n=0"  # a frame cut short: closed, no reply
     assert _field(console, "TCG-CPUS-AFTER") == "0-1 0-1"
     assert _field(console, "TCG-MMIO-LEFT") == "0"
     assert _field(console, "TCG-OOPS") == "0"

@@ -2,7 +2,9 @@
  *
  *   upcall_probe FRAMES   connect to vsock CID 1 (loopback) port 219, send the service byte 'd', print the
  *                         Connect frame's header, then send each 1024-byte frame of FRAMES and print the
- *                         reply's header, ret and CPU index, one PROBE-REPLY line each
+ *                         reply's header, ret and CPU index, one PROBE-REPLY line each; then, on a
+ *                         second connection, send the first 100 bytes of a frame and report how many
+ *                         bytes came back before the server closed it (PROBE-PARTIAL)
  *
  * Only a module built with -DKATA_UPCALL_PEER_CID=1 answers it (the shipped one answers the host only).
  * Built by the test with `gcc -static -O2`.
@@ -27,6 +29,16 @@ static int read_full(int fd, unsigned char *buf, int len) {
     return done;
 }
 
+static int connect_service(void) {
+    struct sockaddr_vm addr = { .svm_family = AF_VSOCK, .svm_cid = 1, .svm_port = 219 };
+    int sock = socket(AF_VSOCK, SOCK_STREAM, 0);
+    if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof addr) || write(sock, "d", 1) != 1) {
+        perror("upcall_probe");
+        return -1;
+    }
+    return sock;
+}
+
 static uint32_t u32_at(const unsigned char *buf, int offset) {
     uint32_t value;
     memcpy(&value, buf + offset, sizeof value);
@@ -34,18 +46,13 @@ static uint32_t u32_at(const unsigned char *buf, int offset) {
 }
 
 int main(int argc, char **argv) {
-    unsigned char req[FRAME], rep[FRAME];
-    struct sockaddr_vm addr = { .svm_family = AF_VSOCK, .svm_cid = 1, .svm_port = 219 };
+    unsigned char req[FRAME] = { 0 }, rep[FRAME];
     int frames, sock, n, i = 0;
 
     if (argc != 2) { fprintf(stderr, "usage: upcall_probe FRAMES\n"); return 2; }
     frames = open(argv[1], O_RDONLY);
-    sock = socket(AF_VSOCK, SOCK_STREAM, 0);
-    if (frames < 0 || sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof addr)) {
-        perror("upcall_probe");
-        return 1;
-    }
-    if (write(sock, "d", 1) != 1) { perror("write"); return 1; }
+    sock = connect_service();
+    if (frames < 0 || sock < 0) { perror("upcall_probe"); return 1; }
     n = read_full(sock, rep, FRAME);
     printf("PROBE-CONNECT n=%d magic=%#x size=%u type=%u flags=%u\n", n, u32_at(rep, 0), u32_at(rep, 4),
            u32_at(rep, 8), u32_at(rep, 12));
@@ -56,5 +63,12 @@ int main(int argc, char **argv) {
                u32_at(rep, 4), (int32_t)u32_at(rep, 16), u32_at(rep, 20));
         fflush(stdout);
     }
+    close(sock);
+    sock = connect_service();
+    if (sock < 0) return 1;
+    n = read_full(sock, rep, FRAME);  /* Connect */
+    if (write(sock, req, 100) != 100) { perror("write"); return 1; }
+    n = read_full(sock, rep, FRAME);
+    printf("PROBE-PARTIAL n=%d\n", n);
     return 0;
 }

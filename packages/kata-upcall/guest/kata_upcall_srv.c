@@ -20,7 +20,7 @@
  *
  * One kernel thread accepts connections and serves them one at a time, and one request at a time. It
  * only talks to the host (peer CID 2): a guest process reaching port 219 over vsock loopback is closed
- * at once. A frame whose magic or flags are wrong, or whose type is not a request, closes the
+ * at once. The service byte must come within 10 s of connecting, and a frame once begun within 10 s. A frame whose magic or flags are wrong, or whose type is not a request, closes the
  * connection (the stream cannot be trusted to be in step); a request with a wrong msg_size or values out
  * of range gets an error reply (-EINVAL). Reply buffers are zeroed for every reply.
  */
@@ -59,6 +59,7 @@
 #define DEV_MGR_SERVICE_BYTE	'd'
 #define DEV_MGR_MAGIC_VERSION	0x444D0100	/* 'D' 'M', version 1.0 */
 #define SERVICE_BYTE_TIMEOUT	(10 * HZ)	/* the VMM sends it right after connecting */
+#define FRAME_REST_TIMEOUT	(10 * HZ)	/* a frame, once begun, arrives whole within this */
 #define SEND_TIMEOUT_SECS	10		/* a VMM that stops reading does not wedge the server */
 
 /* The one peer the server answers: the host. lab/tests/test_upcall_lab.py builds a test copy with
@@ -189,6 +190,28 @@ static int send_exact(struct socket *sock, const void *buf, size_t len)
 		done += n;
 	}
 	return 0;
+}
+
+static void set_rcvtimeo(struct socket *sock, long timeo)
+{
+	lock_sock(sock->sk);
+	sock->sk->sk_rcvtimeo = timeo;
+	release_sock(sock->sk);
+}
+
+/* One request frame: wait as long as it takes for its first byte (requests come when the VMM has one),
+ * then FRAME_REST_TIMEOUT for the rest, so a frame cut short leaves no connection hanging. */
+static int recv_frame(struct socket *sock, u8 *frame)
+{
+	int n;
+
+	set_rcvtimeo(sock, MAX_SCHEDULE_TIMEOUT);
+	n = recv_exact(sock, frame, 1);
+	if (n != 1)
+		return n;
+	set_rcvtimeo(sock, FRAME_REST_TIMEOUT);
+	n = recv_exact(sock, frame + 1, DEV_MGR_MSG_SIZE - 1);
+	return n < 0 ? n : n + 1;
 }
 
 static void fill_header(struct devmgr_msg_header *header, u32 type, u32 size)
@@ -490,7 +513,7 @@ static void serve_device_manager(struct socket *conn, struct upcall_buffers *buf
 	if (send_exact(conn, &buf->rep, DEV_MGR_MSG_SIZE))
 		return;
 	while (!READ_ONCE(stopping)) {
-		n = recv_exact(conn, &buf->req, DEV_MGR_MSG_SIZE);
+		n = recv_frame(conn, (u8 *)&buf->req);
 		if (n != DEV_MGR_MSG_SIZE) {
 			if (n > 0)
 				pr_warn_ratelimited("short frame of %d bytes: closing the connection\n", n);
@@ -506,7 +529,6 @@ static void serve_device_manager(struct socket *conn, struct upcall_buffers *buf
 static void serve_connection(struct socket *conn, struct upcall_buffers *buf)
 {
 	struct sockaddr_vm peer = {};
-	struct sock *sk = conn->sk;
 	char service;
 	int n;
 
@@ -515,10 +537,8 @@ static void serve_connection(struct socket *conn, struct upcall_buffers *buf)
 		pr_warn_ratelimited("connection from cid %u refused: only the host may ask\n", peer.svm_cid);
 		return;
 	}
-	sock_set_sndtimeo(sk, SEND_TIMEOUT_SECS);
-	lock_sock(sk);
-	sk->sk_rcvtimeo = SERVICE_BYTE_TIMEOUT;
-	release_sock(sk);
+	sock_set_sndtimeo(conn->sk, SEND_TIMEOUT_SECS);
+	set_rcvtimeo(conn, SERVICE_BYTE_TIMEOUT);
 	n = recv_exact(conn, &service, 1);
 	if (n != 1)
 		return;
@@ -526,9 +546,6 @@ static void serve_connection(struct socket *conn, struct upcall_buffers *buf)
 		pr_warn_ratelimited("unknown service %#x: closing the connection\n", (u8)service);
 		return;
 	}
-	lock_sock(sk);
-	sk->sk_rcvtimeo = MAX_SCHEDULE_TIMEOUT;	/* requests come when the VMM has one */
-	release_sock(sk);
 	serve_device_manager(conn, buf);
 }
 
