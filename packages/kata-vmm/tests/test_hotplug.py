@@ -27,6 +27,7 @@ from kata_upcall import (
     open_upcall_client,
 )
 from kata_vmm import (
+    VIRTIO_MMIO_SLOTS,
     BlockSpec,
     ConfigError,
     RngSpec,
@@ -226,5 +227,30 @@ def test_plug_into_a_vm_without_virtio_devices_and_unplug_an_unknown_slot(
         with pytest.raises(ConfigError, match="no virtio device on slot 0"):
             vmm.unplug_virtio(slot)
         assert vmm.event_loop is not None and vmm.event_loop.errors == []
+    finally:
+        vmm.close()
+
+
+def test_plug_with_every_slot_taken_refuses_and_closes_the_device(make_kernel: KernelFactory) -> None:
+    vmm = Vmm()
+    try:
+        vmm.configure(VmConfig(kernel=make_kernel(tk.spin_forever()), memory_mib=128))
+        vmm.start()
+        slots = [vmm.plug_virtio(RngSpec().build()) for _ in range(VIRTIO_MMIO_SLOTS)]
+        assert [s.index for s in slots] == list(range(VIRTIO_MMIO_SLOTS))
+        closed: list[bool] = []
+        device = RngSpec().build()
+        real_close = device.close
+
+        def close() -> None:
+            closed.append(True)
+            real_close()
+
+        device.close = close  # type: ignore[method-assign]
+        with pytest.raises(ConfigError, match="slots are taken"):
+            vmm.plug_virtio(device)
+        assert closed == [True]
+        vmm.unplug_virtio(slots[7])
+        assert vmm.plug_virtio(RngSpec().build()).index == 7  # the lowest free one
     finally:
         vmm.close()
