@@ -69,7 +69,9 @@ from kata_vmm import (
     VmConfig,
     Vmm,
     VsockSpec,
+    hot_add_vcpus,
     hot_add_virtio,
+    hot_remove_vcpus,
     hot_remove_virtio,
     upcall_connector,
 )
@@ -351,6 +353,58 @@ def test_hot_added_disk_appears_in_the_guest_and_goes_away_on_removal(
     assert _field(text, "HOT-GONE") == "yes"
     assert _field(text, "HOT-MMIO-LEFT") == "0"
     assert _field(text, "HOT-OOPS") == "0"
+
+
+@pytest.mark.lab
+def test_hot_added_vcpu_comes_online_in_the_guest_and_goes_offline_on_removal(
+    guest_assets: GuestAssets, tmp_path: Path
+) -> None:
+    """kata-vmm in process with 1 vCPU and max_vcpus=2 (the MADT lists APIC id 1 Online Capable): the host
+    creates vCPU 1 and sends AddCpu, the guest's online CPUs become 0-1; DelCpu takes it back to 0."""
+    initrd = initrd_with_files(
+        guest_assets.initrd_test,
+        {
+            "/lab/run.sh": (SCRIPTS / "cpu_hotplug_guest.sh").read_text(),
+            f"/lab/{MODULE}": guest_assets.upcall_module.read_bytes(),
+        },
+        tmp_path / "initrd",
+    )
+    console = _Console()
+    config = VmConfig(
+        kernel=guest_assets.kernel,
+        initrd=initrd,
+        cmdline="console=ttyS0 quiet panic=-1 lab.run=/lab/run.sh",
+        memory_mib=512,
+        max_vcpus=2,
+        console_output=console.write,
+        devices=[VsockSpec(tmp_path / "v.sock")],
+    )
+    vmm = Vmm()
+    try:
+        vmm.configure(config)
+        vmm.start()
+        console.wait_for("^CPU-READY", vmm, timeout=300)
+
+        async def add_and_remove() -> None:
+            connector = upcall_connector(vmm)
+            async with open_upcall_client(connector, handshake=Handshake.ACCEPT_LINE) as upcall:
+                assert await hot_add_vcpus(vmm, 1, upcall) == (1,)
+                await trio.to_thread.run_sync(console.wait_for, "^CPU-ADDED ", vmm, 300)
+                assert await hot_remove_vcpus(vmm, 1, upcall) == (1,)
+
+        trio.run(add_and_remove)
+        console.wait_for("^CPU-DMESG|^lab-init:", vmm, timeout=300)
+        ended = vmm.wait(timeout=120)
+        assert ended is not None and ended.kind is ExitKind.POWER_OFF, (ended, console.text[-3000:])
+    finally:
+        vmm.close()
+    text = console.text
+    print(text[-4000:])
+    assert _field(text, "CPU-INSMOD") == "0"
+    assert _field(text, "CPU-BEFORE") == "0 possible 0-1"
+    assert _field(text, "CPU-ADDED") == "0-1 nproc 2"
+    assert _field(text, "CPU-REMOVED") == "0 nproc 1"
+    assert _field(text, "CPU-OOPS") == "0"
 
 
 def _boot_under_tcg(tmp_path: Path, files: dict[str, bytes | str]) -> str:

@@ -14,8 +14,11 @@ import trio.testing
 
 from kata_upcall import (
     DEV_MGR_MSG_SIZE,
+    AddCpu,
     AddMmio,
     Connect,
+    CpuReply,
+    DelCpu,
     DelMmio,
     Handshake,
     MmioReply,
@@ -35,7 +38,9 @@ from kata_vmm import (
     Vmm,
     VmStateError,
     VsockSpec,
+    hot_add_vcpus,
     hot_add_virtio,
+    hot_remove_vcpus,
     hot_remove_virtio,
 )
 from kata_vmm import testing as tk
@@ -76,6 +81,10 @@ class ToyGuest:
                 result = self.behaviour(request)
                 if result is None:
                     return
+                if isinstance(request, AddCpu | DelCpu):  # all done, or none
+                    done = request.count if result == 0 else 0
+                    await stream.send_all(CpuReply(request.MSG_TYPE, result, done).encode())
+                    continue
                 assert isinstance(request, AddMmio | DelMmio)
                 await stream.send_all(MmioReply(request.MSG_TYPE, result).encode())
 
@@ -252,5 +261,69 @@ def test_plug_with_every_slot_taken_refuses_and_closes_the_device(make_kernel: K
         assert closed == [True]
         vmm.unplug_virtio(slots[7])
         assert vmm.plug_virtio(RngSpec().build()).index == 7  # the lowest free one
+    finally:
+        vmm.close()
+
+
+def test_plug_vcpu_starts_a_vcpu_thread_up_to_max_vcpus(make_kernel: KernelFactory) -> None:
+    vmm = Vmm()
+    try:
+        vmm.configure(VmConfig(kernel=make_kernel(tk.spin_forever()), memory_mib=128, max_vcpus=3))
+        vmm.start()
+        assert vmm.guest_vcpus == {0}
+        assert [vmm.plug_vcpu(), vmm.plug_vcpu()] == [1, 2]
+        names = {t.name for t in vmm.threads()}
+        assert {"kata-vcpu-1", "kata-vcpu-2"} <= names  # waiting in KVM for the guest's INIT/SIPI
+        with pytest.raises(ConfigError, match="all 3 possible vCPUs exist"):
+            vmm.plug_vcpu()
+    finally:
+        vmm.close()  # stops the new vCPU threads too (no_leaks)
+
+
+def test_max_vcpus_below_vcpus_is_refused(make_kernel: KernelFactory) -> None:
+    config = VmConfig(kernel=make_kernel(tk.spin_forever()), vcpus=2, max_vcpus=1)
+    with pytest.raises(ConfigError, match="max_vcpus must be between vcpus"):
+        config.validate(64)
+
+
+def test_hot_add_vcpus_creates_then_reuses_and_remove_takes_the_highest(make_kernel: KernelFactory) -> None:
+    guest = ToyGuest(lambda request: 0)
+    vmm = Vmm()
+    try:
+        vmm.configure(VmConfig(kernel=make_kernel(tk.spin_forever()), memory_mib=128, max_vcpus=3))
+        vmm.start()
+
+        async def body(upcall: UpcallClient) -> None:
+            assert await hot_add_vcpus(vmm, 2, upcall) == (1, 2)
+            assert vmm.guest_vcpus == {0, 1, 2}
+            assert await hot_remove_vcpus(vmm, 1, upcall) == (2,)
+            assert vmm.guest_vcpus == {0, 1}
+            assert await hot_add_vcpus(vmm, 1, upcall) == (2,)  # the parked vCPU 2 again
+            assert len(vmm.machine.vcpus) == 3
+            with pytest.raises(VmStateError, match="cannot take 3 vCPUs offline"):
+                await hot_remove_vcpus(vmm, 3, upcall)  # the boot vCPU stays
+
+        run_with_guest(guest, body)
+        assert guest.requests == [AddCpu((1, 2)), DelCpu((2,)), AddCpu((2,))]
+    finally:
+        vmm.close()
+
+
+def test_hot_add_vcpus_the_guest_refuses_stay_offline_for_the_next_try(make_kernel: KernelFactory) -> None:
+    answers = iter([-5, 0])  # -EIO, then success
+    guest = ToyGuest(lambda request: next(answers))
+    vmm = Vmm()
+    try:
+        vmm.configure(VmConfig(kernel=make_kernel(tk.spin_forever()), memory_mib=128, max_vcpus=2))
+        vmm.start()
+
+        async def body(upcall: UpcallClient) -> None:
+            with pytest.raises(UpcallRequestFailed):
+                await hot_add_vcpus(vmm, 1, upcall)
+            assert vmm.guest_vcpus == {0} and len(vmm.machine.vcpus) == 2
+            assert await hot_add_vcpus(vmm, 1, upcall) == (1,)  # reused, not created again
+
+        run_with_guest(guest, body)
+        assert guest.requests == [AddCpu((1,)), AddCpu((1,))]
     finally:
         vmm.close()

@@ -1,7 +1,7 @@
 """A pure-Python KVM VMM (our Dragonball): KVM bindings, guest memory, vCPUs, boot, ACPI, legacy devices.
 
-Hot-plug through upcall (`hot_add_virtio`, `hot_remove_virtio`, `upcall_connector`) needs trio and is
-imported on first use: ``import kata_vmm`` does not import trio.
+Hot-plug through upcall (`hot_add_virtio`, `hot_remove_virtio`, `hot_add_vcpus`, `hot_remove_vcpus`,
+`upcall_connector`) needs trio and is imported on first use: ``import kata_vmm`` does not import trio.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -30,9 +30,17 @@ from kata_vmm._vcpu import ExitKind, GuestExit, VcpuState, install_kick_handler
 from kata_vmm._vmm import Vmm, VmmState, VmmStatistics
 
 if TYPE_CHECKING:
-    from kata_vmm._hotplug import hot_add_virtio, hot_remove_virtio, upcall_connector
+    from kata_vmm._hotplug import (
+        hot_add_vcpus,
+        hot_add_virtio,
+        hot_remove_vcpus,
+        hot_remove_virtio,
+        upcall_connector,
+    )
 
-_HOTPLUG_NAMES = frozenset({"hot_add_virtio", "hot_remove_virtio", "upcall_connector"})
+_HOTPLUG_NAMES = frozenset(
+    {"hot_add_vcpus", "hot_add_virtio", "hot_remove_vcpus", "hot_remove_virtio", "upcall_connector"}
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -82,7 +90,9 @@ __all__ = [
     "VmmStatistics",
     "VsockSpec",
     "__version__",
+    "hot_add_vcpus",
     "hot_add_virtio",
+    "hot_remove_vcpus",
     "hot_remove_virtio",
     "install_kick_handler",
     "open_tap",

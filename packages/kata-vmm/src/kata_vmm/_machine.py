@@ -68,12 +68,22 @@ class VmConfig:
     """Back RAM with memfds, so another process (vhost-user) can map it."""
     devices: list[DeviceSpec] = field(default_factory=list)
     """Virtio devices (vsock, block, net, fs, rng), each on its own virtio-mmio slot, in this order."""
+    max_vcpus: int = 0
+    """vCPUs the VM may grow to by hot-add (`Vmm.plug_vcpu`); 0: ``vcpus``, no hot-add."""
+
+    @property
+    def possible_vcpus(self) -> int:
+        """The most vCPUs this VM can have: ``max_vcpus``, or ``vcpus`` when that is 0."""
+        return max(self.vcpus, self.max_vcpus)
 
     def validate(self, max_vcpus: int) -> None:
         """Raise `ConfigError` for values no VM can have."""
-        if not 1 <= self.vcpus <= min(max_vcpus, 255):
+        top = min(max_vcpus, 255)
+        if not 1 <= self.vcpus <= top:
+            raise ConfigError(f"vcpus must be between 1 and {top} on this host, not {self.vcpus}")
+        if self.max_vcpus and not self.vcpus <= self.max_vcpus <= top:
             raise ConfigError(
-                f"vcpus must be between 1 and {min(max_vcpus, 255)} on this host, not {self.vcpus}"
+                f"max_vcpus must be between vcpus ({self.vcpus}) and {top}, not {self.max_vcpus}"
             )
         if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
             raise ConfigError(f"memory must be at least {MIN_MEMORY_MIB} MiB, not {self.memory_mib} MiB")
@@ -129,6 +139,9 @@ class Machine:
         self.mmio_slots: list[MmioSlot] = []
         self.slot_irqs: dict[int, IrqFd] = {}  # slot index -> its irqfd (hot-unplug closes it)
         self.virtio: list[VirtioMmioDevice] = []
+        self._possible_vcpus = 0  # set by prepare_boot
+        self._cpuid: list[k.kvm_cpuid_entry2] | None = None
+        self._tsc_deadline = False
 
     def create(
         self, config: VmConfig, *, on_reset: Callable[[], None], on_power_off: Callable[[], None]
@@ -264,7 +277,7 @@ class Machine:
         assert self.kvm is not None and self.vm is not None and self.memory is not None
         t0 = time.monotonic()
         descriptions = [MmioDeviceDescription(s.base, s.size, s.gsi) for s in self.mmio_slots]
-        tables = build_tables(ACPI_START, config.vcpus, descriptions)
+        tables = build_tables(ACPI_START, config.vcpus, descriptions, config.possible_vcpus)
         if tables.size > ACPI_MAX_SIZE:
             raise ConfigError("ACPI tables do not fit their reserved area")
         for addr, blob in tables.blobs:
@@ -274,16 +287,9 @@ class Machine:
             self.memory, config.kernel, config.cmdline, config.initrd, tables.rsdp_addr
         )
         t2 = time.monotonic()
-        supported = self.kvm.supported_cpuid()
-        tsc_deadline = bool(self.kvm.check_extension(k.KVM_CAP_TSC_DEADLINE_TIMER))
-        msrs = _cpu.boot_msrs()
-        for vcpu_id in range(config.vcpus):
-            vcpu = self.vm.create_vcpu(vcpu_id)
-            self.vcpus.append(vcpu)
-            vcpu.set_cpuid2(_cpu.cpuid_for_vcpu(supported, vcpu_id, config.vcpus, tsc_deadline=tsc_deadline))
-            vcpu.set_msrs(msrs)
-            _cpu.setup_fpu(vcpu)
-            _cpu.setup_lapic(vcpu)
+        self._possible_vcpus = config.possible_vcpus
+        for _ in range(config.vcpus):
+            self.add_vcpu()
         bsp = self.vcpus[0]
         if self.boot_plan.protocol is BootProtocol.LINUX_64:
             _cpu.setup_long_mode(bsp, self.memory, self.boot_plan.entry, self.boot_plan.boot_info)
@@ -291,6 +297,26 @@ class Machine:
             _cpu.setup_protected_mode(bsp, self.memory, self.boot_plan.entry, self.boot_plan.boot_info)
         t3 = time.monotonic()
         return {"acpi": t1 - t0, "load_kernel": t2 - t1, "create_vcpus": t3 - t2}
+
+    def add_vcpu(self) -> Vcpu:
+        """Create the next vCPU (id = APIC id = how many exist) with its CPUID, MSRs, FPU and LAPIC set up
+        for the VM's possible vCPU count; at boot for each vCPU, later for a hot-add (`ConfigError` past
+        ``max_vcpus``). Every vCPU but the first waits in KVM for the guest's INIT/SIPI."""
+        assert self.kvm is not None and self.vm is not None
+        vcpu_id = len(self.vcpus)
+        if vcpu_id >= self._possible_vcpus:
+            raise ConfigError(f"all {self._possible_vcpus} possible vCPUs exist (VmConfig.max_vcpus)")
+        if self._cpuid is None:
+            self._cpuid = self.kvm.supported_cpuid()
+            self._tsc_deadline = bool(self.kvm.check_extension(k.KVM_CAP_TSC_DEADLINE_TIMER))
+        vcpu = self.vm.create_vcpu(vcpu_id)
+        self.vcpus.append(vcpu)
+        possible, tsc_deadline = self._possible_vcpus, self._tsc_deadline
+        vcpu.set_cpuid2(_cpu.cpuid_for_vcpu(self._cpuid, vcpu_id, possible, tsc_deadline=tsc_deadline))
+        vcpu.set_msrs(_cpu.boot_msrs())
+        _cpu.setup_fpu(vcpu)
+        _cpu.setup_lapic(vcpu)
+        return vcpu
 
     def stop_devices(self, errors: list[BaseException]) -> None:
         """Stop the event loop and close every virtio device (errors are collected, the rest still runs)."""

@@ -101,6 +101,9 @@ class Vmm:
         self._exit_fd = EventFd()
         self._lock = threading.Lock()
         self._plug_lock = threading.Lock()  # one hot-plug change at a time (never held by the event thread)
+        self.guest_vcpus: set[int] = set()
+        """APIC ids the guest runs: the boot vCPUs, then as `kata_vmm.hot_add_vcpus`/`hot_remove_vcpus`
+        changed them (what the guest answered)."""
         self._started_at = 0.0
         self._ended_at = 0.0
         self._restore_input_blocking: tuple[int, bool] | None = None
@@ -223,6 +226,26 @@ class Vmm:
         with self._plug_lock:
             self.machine.unplug_virtio(slot, self._poller)
 
+    def plug_vcpu(self) -> int:
+        """Create the next vCPU of the running VM and start its ``kata-vcpu-N`` thread; returns its APIC id.
+
+        The vCPU waits in KVM for the guest's INIT/SIPI, which the guest sends once told (upcall AddCpu:
+        `kata_vmm.hot_add_vcpus`). `ConfigError` past `VmConfig.max_vcpus` (the MADT lists that many).
+        KVM cannot destroy a vCPU: one the guest takes offline again stays, halted in KVM, for the next
+        hot-add of its APIC id."""
+        if self.state is not VmmState.RUNNING:
+            raise VmStateError(f"plug_vcpu() needs a running VM, not {self.state.value}")
+        with self._plug_lock:
+            vcpu = self.machine.add_vcpu()
+            thread = VcpuThread(vcpu, self.pio_bus, self.mmio_bus, self._guest_exited)
+            with self._lock:
+                self._threads = [*self._threads, thread]
+                ended = self._exit is not None
+            thread.start()
+            if ended:  # the guest stopped meanwhile: so does the new vCPU
+                thread.stop()
+            return vcpu.id
+
     def upcall_socket(self) -> socket.socket:
         """A new in-process stream to the guest's upcall server (vsock port 219) through this VM's vsock
         device: the blocking socket `VirtioVsock.connect_local` returns (first ``OK <port>\\n``, so
@@ -239,6 +262,7 @@ class Vmm:
         assert self.config is not None
         install_kick_handler()
         self._setup.update(self.machine.prepare_boot(self.config))
+        self.guest_vcpus = set(range(self.config.vcpus))
         self._start_threads()
 
     def _start_threads(self) -> None:
