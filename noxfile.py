@@ -254,6 +254,13 @@ def images(session: nox.Session) -> None:
     session.run("python3", "lab/images/build.py", *session.posargs, external=True)
 
 
+@nox.session(python=False, name="upcall-module")
+def upcall_module(session: nox.Session) -> None:
+    """Build only the guest's upcall server, build/lab/upcall/kata_upcall_srv.ko (`images` builds it too)."""
+    out = session.posargs[0] if session.posargs else "build/lab/upcall"
+    session.run("python3", "lab/images/build.py", "--upcall-module", out, external=True)
+
+
 @nox.session(python=False)
 def lab(session: nox.Session) -> None:
     """Integration tests marked `lab`, run inside the nested-KVM lab VM (one lab VM boot for the session).

@@ -21,6 +21,7 @@ from framework.microvm import (
     MicroVMTimeout,
     QemuBackend,
 )
+from framework.vsock import build_vsock_helper, vsock_echo
 
 __all__ = [
     "BACKENDS",
@@ -33,6 +34,8 @@ __all__ = [
     "MicroVMFactory",
     "MicroVMTimeout",
     "QemuBackend",
+    "build_vsock_helper",
     "in_labvm",
     "initrd_with_files",
+    "vsock_echo",
 ]

@@ -51,6 +51,11 @@ class GuestAssets:
         return self._need("rootfs-sandbox.erofs")
 
     @property
+    def upcall_module(self) -> Path:
+        """The guest's dbs-upcall server, kata_upcall_srv.ko (initrd-sandbox.img loads it)."""
+        return self._need("kata_upcall_srv.ko")
+
+    @property
     def kernel_release(self) -> str:
         return self._need("kernel-version").read_text().strip()
 

@@ -15,7 +15,11 @@ lists, the busybox binary, the sandbox package versions):
     rootfs-sandbox.erofs the same tree as erofs (boot it with lab.rootfstype=erofs; ext4 measured faster)
     initrd-sandbox.img   mounts /dev/vda (that image) under a tmpfs overlay and runs /opt/kata-agent/start,
                          (unless lab.noagent=1 is on the command line), else prints KATA-SANDBOX-READY
-                         and powers off
+                         and powers off; loads kata_upcall_srv.ko first (failing soft)
+    kata_upcall_srv.ko   the guest's dbs-upcall server (packages/kata-upcall/guest), built with kbuild against
+                         /usr/src/linux-headers-<KERNEL_RELEASE> (apt-get installs the pinned headers and
+                         make when missing); `python3 lab/images/build.py --upcall-module DIR` (nox -s
+                         upcall-module) builds only it
 
 Run `python3 lab/images/build.py --force` to rebuild regardless of the cache.
 
@@ -41,7 +45,8 @@ Booting the sandbox guest (what lab/tests/test_agent_lab.py and the shim's drago
                measured gain: VM start to SERVING median of 5 was 33.9 s against 30.5 s for the bzImage in
                the same lab VM session (boots range 26-38 s on the shared machine: noise dominates).
 
-The guest's init is the initrd's busybox sh: it loads the virtio/vsock/virtio-fs/overlay modules, mounts
+The guest's init is the initrd's busybox sh: it loads the virtio/vsock/virtio-fs/overlay modules and the
+upcall server (one line on the console if that fails; the agent starts anyway), mounts
 /dev/vda read-only under a tmpfs overlay as /, moves /dev /proc /sys into it and switch_roots to
 /opt/kata-agent/start, which mounts cgroup2, /dev/pts, /dev/shm and /tmp (/, hence /run, is the tmpfs
 overlay), brings lo up and runs the agent (python3 -S, crun as the runtime) as a child subreaper under that
@@ -112,6 +117,12 @@ AGENT_SOURCES = [REPO / "packages" / "kata-agent" / "src" / "kata_agent",
                  REPO / "packages" / "kata-proto" / "src" / "kata_proto",
                  REPO / "packages" / "kata-sys-util" / "src" / "kata_sys_util"]  # fmt: skip
 AGENT_DIR = "opt/kata-agent"
+
+# The guest's dbs-upcall server, a kbuild module built against the pinned kernel's own headers.
+UPCALL_SOURCE = REPO / "packages" / "kata-upcall" / "guest"
+UPCALL_MODULE = "kata_upcall_srv.ko"
+KERNEL_HEADERS = Path(f"/usr/src/linux-headers-{KERNEL_RELEASE}")
+HEADERS_PACKAGE = f"linux-headers-{KERNEL_RELEASE}"
 
 
 class BuildError(Exception):
@@ -272,6 +283,60 @@ def module_closure(moddir: Path, names: list[str]) -> list[str]:
     return order
 
 
+def ensure_kernel_headers() -> Path:
+    """KERNEL_HEADERS, installed by apt-get (HEADERS_PACKAGE at KERNEL_DEB_VERSION, and make) if missing."""
+    if (KERNEL_HEADERS / "Module.symvers").exists() and shutil.which("make"):
+        return KERNEL_HEADERS
+    log(f"  apt-get install {HEADERS_PACKAGE}={KERNEL_DEB_VERSION} make")
+    done = subprocess.run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends",
+         f"{HEADERS_PACKAGE}={KERNEL_DEB_VERSION}", "make"],
+        capture_output=True, text=True, check=False, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )  # fmt: skip
+    if done.returncode != 0 or not (KERNEL_HEADERS / "Module.symvers").exists():
+        last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
+        raise BuildError(
+            f"cannot install {HEADERS_PACKAGE}={KERNEL_DEB_VERSION} (run as root, after apt-get update):"
+            f" {last[0]}"
+        )
+    return KERNEL_HEADERS
+
+
+def build_upcall_module(dest: Path, kcflags: str = "") -> Path:
+    """UPCALL_SOURCE built against the pinned kernel's headers (W=1, warnings are errors), debug info
+    stripped, written to dest/UPCALL_MODULE; the sources are built in a scratch copy, never in the tree.
+    ``kcflags`` is for tests only (lab/tests/test_upcall_lab.py's loopback build)."""
+    kdir = ensure_kernel_headers()
+    with tempfile.TemporaryDirectory(prefix="kata-upcall-") as tmp:
+        src = Path(tmp) / "guest"
+        shutil.copytree(UPCALL_SOURCE, src, ignore=shutil.ignore_patterns("*.ko", "*.o", ".*.cmd", "*.mod*"))
+        done = subprocess.run(
+            ["make", "-C", str(src), f"KDIR={kdir}", f"KCFLAGS={kcflags}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        out = done.stdout + done.stderr
+        if done.returncode != 0 or "warning:" in out.lower():
+            raise BuildError(f"{UPCALL_MODULE} failed to build cleanly (W=1 -Werror): {out[-1500:]}")
+        ko = src / UPCALL_MODULE
+        vermagic = run("modinfo", "-F", "vermagic", str(ko)).split()
+        if vermagic[:1] != [KERNEL_RELEASE]:
+            raise BuildError(f"{UPCALL_MODULE} has vermagic {vermagic}, want {KERNEL_RELEASE}")
+        run("strip", "--strip-debug", str(ko))
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ko, dest / UPCALL_MODULE)
+    return dest / UPCALL_MODULE
+
+
+def upcall_sources_digest() -> bytes:
+    h = hashlib.sha256()
+    for path in sorted(UPCALL_SOURCE.glob("*")):
+        if path.is_file() and (path.name == "Makefile" or path.suffix in (".c", ".h")):
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.digest()
+
+
 def base_initramfs(moddir: Path, modules: list[str]) -> tuple[Cpio, str]:
     """A cpio with busybox, /dev/console and the modules; returns it and the shell lines that load them."""
     cpio = Cpio()
@@ -325,6 +390,7 @@ SANDBOX_INIT = (
     INIT_PRELUDE
     + """read -r t_init _ < /proc/uptime
 {loads}
+{upcall}
 read -r t_modules _ < /proc/uptime
 root=$(cmdline_arg lab.root || echo /dev/vda)
 selfcheck=$(cmdline_arg lab.selfcheck > /dev/null && echo yes)
@@ -362,9 +428,22 @@ def lab_init_script() -> str:
     return INIT_PRELUDE + "{loads}\n" + (REPO / "lab" / "images" / "lab-init.sh").read_text()
 
 
-def build_initrd(moddir: Path, modules: list[str], init: str, dest: Path) -> None:
+# the sandbox init loads the upcall server after vsock and virtio_mmio, before the agent; failing soft
+UPCALL_LOAD = (
+    f"insmod /lib/modules/{UPCALL_MODULE} 2>/dev/null"
+    f" || echo 'lab-init: insmod {UPCALL_MODULE} failed: no upcall hot-plug'"
+)
+
+
+def build_initrd(
+    moddir: Path, modules: list[str], init: str, dest: Path, upcall_module: Path | None = None
+) -> None:
     cpio, loads = base_initramfs(moddir, modules)
-    cpio.file("init", init.replace("{loads}", loads).encode(), 0o755)
+    upcall = ""
+    if upcall_module is not None:
+        cpio.file(f"lib/modules/{UPCALL_MODULE}", upcall_module.read_bytes())
+        upcall = UPCALL_LOAD
+    cpio.file("init", init.replace("{loads}", loads).replace("{upcall}", upcall).encode(), 0o755)
     dest.write_bytes(cpio.finish())
 
 
@@ -583,12 +662,13 @@ def inputs_digest(versions: dict[str, str]) -> str:
     h.update(hashlib.sha256(BUSYBOX.read_bytes()).digest())
     h.update(json.dumps([KERNEL_PACKAGE, KERNEL_DEB_VERSION, versions, AGENT_WHEELS]).encode())
     h.update(agent_sources_digest())
+    h.update(upcall_sources_digest())
     return h.hexdigest()
 
 
 OUTPUTS = [
     "vmlinuz", "kernel-version", "config", "modules", "initrd-lab.img", "initrd-test.img",
-    "rootfs-sandbox.ext4", "rootfs-sandbox.erofs", "initrd-sandbox.img",
+    "rootfs-sandbox.ext4", "rootfs-sandbox.erofs", "initrd-sandbox.img", UPCALL_MODULE,
 ]  # fmt: skip
 
 
@@ -618,8 +698,10 @@ def build(force: bool) -> None:
         make_ext4(stage / "sandbox-root", stage / "rootfs-sandbox.ext4")
         make_erofs(stage / "sandbox-root", stage / "rootfs-sandbox.erofs")
         shutil.rmtree(stage / "sandbox-root")
+        log(f"{UPCALL_MODULE} against {KERNEL_HEADERS}")
+        upcall = build_upcall_module(stage)
         log("initrd-sandbox.img")
-        build_initrd(moddir, SANDBOX_MODULES, SANDBOX_INIT, stage / "initrd-sandbox.img")
+        build_initrd(moddir, SANDBOX_MODULES, SANDBOX_INIT, stage / "initrd-sandbox.img", upcall)
         (stage / ".inputs").write_text(digest + "\n")
         stage.chmod(0o755)
         # swap the finished directory in; a failed build leaves the old assets untouched
@@ -638,8 +720,14 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if the inputs did not change")
+    parser.add_argument(
+        "--upcall-module", metavar="DIR", type=Path, help=f"build only {UPCALL_MODULE}, into DIR"
+    )
     args = parser.parse_args()
     try:
+        if args.upcall_module is not None:
+            log(f"{build_upcall_module(args.upcall_module)} built against {KERNEL_HEADERS}")
+            return 0
         build(args.force)
     except BuildError as err:
         print(f"images: {err}", file=sys.stderr)

@@ -13,16 +13,22 @@ import os
 import re
 import shutil
 import socket
-import struct
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from framework import GuestAssets, GuestConfig, KataVmmBackend, MicroVMFactory, initrd_with_files
+from framework import (
+    GuestAssets,
+    GuestConfig,
+    KataVmmBackend,
+    MicroVMFactory,
+    build_vsock_helper,
+    initrd_with_files,
+    vsock_echo,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -61,18 +67,6 @@ def tap_netns() -> Iterator[tuple[str, str]]:
     finally:
         subprocess.run(["ip", "-n", ns, "link", "del", tap], check=False, capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], check=False)
-
-
-def build_helper(dest: Path) -> bytes:
-    """The static vsock tool for the guest (busybox has no AF_VSOCK)."""
-    if shutil.which("gcc") is None:
-        pytest.fail("gcc is needed to build the guest's vsock helper (apt-get install gcc libc6-dev)")
-    subprocess.run(
-        ["gcc", "-static", "-O2", "-o", str(dest), str(SCRIPTS / "vsock_helper.c")],
-        check=True,
-        capture_output=True,
-    )
-    return dest.read_bytes()
 
 
 def make_rootfs(root: Path) -> None:
@@ -119,28 +113,6 @@ def serve_guest_connection(path: Path, received: list[bytes]) -> socket.socket:
     return listener
 
 
-def vsock_echo(uds: Path, payload: bytes) -> tuple[bytes, float, str]:
-    """CONNECT 1024 on the hybrid vsock socket, send ``payload``, read the echo: (echo, seconds, OK line)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(300)
-        s.connect(str(uds))
-        s.sendall(b"CONNECT 1024\n")
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = s.recv(1)
-            assert chunk, f"hybrid vsock closed during the handshake after {line!r}"
-            line += chunk
-        t0 = time.monotonic()
-        # length-prefixed: a half-close of this socket would end the whole vsock connection
-        sender = threading.Thread(target=s.sendall, args=(struct.pack("<Q", len(payload)) + payload,))
-        sender.start()
-        back = bytearray()
-        while chunk := s.recv(1 << 20):
-            back += chunk
-        sender.join()
-        return bytes(back), time.monotonic() - t0, line.decode().strip()
-
-
 def test_linux_guest_uses_block_fs_net_vsock_and_rng_on_kata_vmm(
     guest_assets: GuestAssets, tmp_path: Path, tap_netns: tuple[str, str]
 ) -> None:
@@ -156,7 +128,7 @@ def test_linux_guest_uses_block_fs_net_vsock_and_rng_on_kata_vmm(
         guest_assets.initrd_test,
         {
             "/lab/run.sh": (SCRIPTS / "virtio_devices.sh").read_text(),
-            "/lab/vsock_helper": build_helper(tmp_path / "vsock_helper"),
+            "/lab/vsock_helper": build_vsock_helper(tmp_path / "vsock_helper"),
         },
         tmp_path / "initrd",
     )

@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 
 from kata_vmm import _aml as aml
-from kata_vmm._acpi import MmioDeviceDescription, build_tables, checksum, dsdt, fadt, madt, rsdp, xsdt
+from kata_vmm._acpi import (
+    HEADER_SIZE,
+    MmioDeviceDescription,
+    build_tables,
+    checksum,
+    dsdt,
+    fadt,
+    madt,
+    rsdp,
+    xsdt,
+)
 from kata_vmm._memory import GuestAddress
 
 IASL = shutil.which("iasl")
@@ -132,3 +142,16 @@ def test_integer_uses_shortest_encoding() -> None:
     assert aml.integer(5) == b"\x0a\x05"
     assert aml.integer(0x1234) == b"\x0b\x34\x12"
     assert aml.integer(0xD0000000) == b"\x0c\x00\x00\x00\xd0"
+
+
+def test_madt_lists_hot_add_vcpus_disabled_and_online_capable() -> None:
+    table = madt(1, 3)
+    entries, at = [], HEADER_SIZE + 8
+    while at < len(table):
+        kind, length = table[at], table[at + 1]
+        if kind == 0:  # Processor Local APIC: ACPI id, APIC id, flags
+            entries.append((table[at + 2], table[at + 3], int.from_bytes(table[at + 4 : at + 8], "little")))
+        at += length
+    assert entries == [(0, 0, 1), (1, 1, 2), (2, 2, 2)]  # enabled, then Online Capable only
+    assert table[8] == 5 and checksum(table) == 0  # revision 5: Linux needs the Online Capable flag
+    assert madt(2) == madt(2, 2) == madt(2, 1)  # no hot-add: as before

@@ -1,4 +1,10 @@
-"""A pure-Python KVM VMM (our Dragonball): KVM bindings, guest memory, vCPUs, boot, ACPI, legacy devices."""
+"""A pure-Python KVM VMM (our Dragonball): KVM bindings, guest memory, vCPUs, boot, ACPI, legacy devices.
+
+Hot-plug through upcall (`hot_add_virtio`, `hot_remove_virtio`, `hot_add_vcpus`, `hot_remove_vcpus`,
+`upcall_connector`) needs trio and is imported on first use: ``import kata_vmm`` does not import trio.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from kata_virtio import FsPolicy, VirtioError, open_tap
 from kata_vmm.__about__ import __version__
@@ -24,6 +30,29 @@ from kata_vmm._snapshot import SNAPSHOT_VERSION
 from kata_vmm._specs import BlockSpec, DeviceSpec, FsSpec, NetSpec, RngSpec, VsockSpec
 from kata_vmm._vcpu import ExitKind, GuestExit, VcpuState, install_kick_handler
 from kata_vmm._vmm import Vmm, VmmState, VmmStatistics, snapshot_config
+
+if TYPE_CHECKING:
+    from kata_vmm._hotplug import (
+        hot_add_vcpus,
+        hot_add_virtio,
+        hot_remove_vcpus,
+        hot_remove_virtio,
+        upcall_connector,
+    )
+
+_HOTPLUG_NAMES = frozenset(
+    {"hot_add_vcpus", "hot_add_virtio", "hot_remove_vcpus", "hot_remove_virtio", "upcall_connector"}
+)
+
+
+def __getattr__(name: str) -> Any:
+    # the trio-based hot-plug helpers on first use
+    if name in _HOTPLUG_NAMES:
+        from kata_vmm import _hotplug
+
+        return getattr(_hotplug, name)
+    raise AttributeError(f"module 'kata_vmm' has no attribute {name!r}")
+
 
 __all__ = [
     "SNAPSHOT_VERSION",
@@ -65,8 +94,13 @@ __all__ = [
     "VmmStatistics",
     "VsockSpec",
     "__version__",
+    "hot_add_vcpus",
+    "hot_add_virtio",
+    "hot_remove_vcpus",
+    "hot_remove_virtio",
     "install_kick_handler",
     "open_tap",
     "snapshot_config",
+    "upcall_connector",
     "virtio_mmio_slot",
 ]

@@ -46,6 +46,7 @@ MADT_LOCAL_APIC = 0
 MADT_IO_APIC = 1
 MADT_INTERRUPT_OVERRIDE = 2
 MADT_LAPIC_ENABLED = 1
+MADT_LAPIC_ONLINE_CAPABLE = 2  # ACPI 6.3: a disabled entry the OS may hot-add (from MADT revision 5)
 
 
 def checksum(data: bytes) -> int:
@@ -101,11 +102,16 @@ def fadt(dsdt_addr: int) -> bytes:
     return sdt(b"FACP", FADT_REVISION, bytes(body))
 
 
-def madt(num_vcpus: int) -> bytes:
-    """The MADT (§5.2.12): one local APIC per vCPU, the IOAPIC, and IRQ0 routed to GSI 2 as on a PC."""
+def madt(num_vcpus: int, max_vcpus: int = 0) -> bytes:
+    """The MADT (§5.2.12): one local APIC per vCPU, the IOAPIC, and IRQ0 routed to GSI 2 as on a PC.
+
+    APIC ids ``num_vcpus`` up to ``max_vcpus`` get disabled, Online Capable entries: the guest counts them
+    as possible CPUs, which vCPU hot-add (upcall AddCpu) brings up later. Linux from 5.18 ignores a disabled
+    entry without that flag in a revision-5 MADT."""
     body = struct.pack("<II", LAPIC_START, MADT_PCAT_COMPAT)
-    for cpu in range(num_vcpus):
-        body += struct.pack("<BBBBI", MADT_LOCAL_APIC, 8, cpu, cpu, MADT_LAPIC_ENABLED)
+    for cpu in range(max(num_vcpus, max_vcpus)):
+        flags = MADT_LAPIC_ENABLED if cpu < num_vcpus else MADT_LAPIC_ONLINE_CAPABLE
+        body += struct.pack("<BBBBI", MADT_LOCAL_APIC, 8, cpu, cpu, flags)
     body += struct.pack("<BBBBII", MADT_IO_APIC, 12, 0, 0, IOAPIC_START, 0)
     body += struct.pack("<BBBBIH", MADT_INTERRUPT_OVERRIDE, 10, 0, 0, 2, 0)
     return sdt(b"APIC", 5, body)
@@ -168,15 +174,18 @@ class AcpiTables:
         return last_addr + len(last) - self.rsdp_addr
 
 
-def build_tables(base: GuestAddress, num_vcpus: int, mmio_devices: list[MmioDeviceDescription]) -> AcpiTables:
-    """Lay out RSDP, XSDT, FADT, MADT and DSDT from ``base`` (each table 16-byte aligned)."""
+def build_tables(
+    base: GuestAddress, num_vcpus: int, mmio_devices: list[MmioDeviceDescription], max_vcpus: int = 0
+) -> AcpiTables:
+    """Lay out RSDP, XSDT, FADT, MADT and DSDT from ``base`` (each table 16-byte aligned); ``max_vcpus``
+    beyond ``num_vcpus`` are possible hot-add vCPUs (`madt`)."""
 
     def align(addr: int) -> int:
         return (addr + 15) & ~15
 
     rsdp_addr = base
     dsdt_blob = dsdt(mmio_devices)
-    madt_blob = madt(num_vcpus)
+    madt_blob = madt(num_vcpus, max_vcpus)
     xsdt_addr = align(rsdp_addr + 36)
     xsdt_len = HEADER_SIZE + 8 * 2
     fadt_addr = align(xsdt_addr + xsdt_len)

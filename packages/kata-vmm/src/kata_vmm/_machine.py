@@ -41,8 +41,9 @@ from kata_vmm._layout import (
 )
 from kata_vmm._loader import BootPlan, BootProtocol, load_kernel
 from kata_vmm._memory import GuestAddress, GuestMemoryMmap
+from kata_vmm._poller import DevicePoller
 from kata_vmm._specs import DeviceSpec
-from kata_vmm._virtio import VirtioMmioDevice
+from kata_vmm._virtio import VirtioMmioDevice, run_on_loop
 from kata_vmm.devices import AcpiPowerDevice, I8042Device, Serial
 
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 quiet"
@@ -69,12 +70,22 @@ class VmConfig:
     copy-on-write (a private mapping would hide the guest's writes from the other process)."""
     devices: list[DeviceSpec] = field(default_factory=list)
     """Virtio devices (vsock, block, net, fs, rng), each on its own virtio-mmio slot, in this order."""
+    max_vcpus: int = 0
+    """vCPUs the VM may grow to by hot-add (`Vmm.plug_vcpu`); 0: ``vcpus``, no hot-add."""
+
+    @property
+    def possible_vcpus(self) -> int:
+        """The most vCPUs this VM can have: ``max_vcpus``, or ``vcpus`` when that is 0."""
+        return max(self.vcpus, self.max_vcpus)
 
     def validate(self, max_vcpus: int) -> None:
         """Raise `ConfigError` for values no VM can have."""
-        if not 1 <= self.vcpus <= min(max_vcpus, 255):
+        top = min(max_vcpus, 255)
+        if not 1 <= self.vcpus <= top:
+            raise ConfigError(f"vcpus must be between 1 and {top} on this host, not {self.vcpus}")
+        if self.max_vcpus and not self.vcpus <= self.max_vcpus <= top:
             raise ConfigError(
-                f"vcpus must be between 1 and {min(max_vcpus, 255)} on this host, not {self.vcpus}"
+                f"max_vcpus must be between vcpus ({self.vcpus}) and {top}, not {self.max_vcpus}"
             )
         if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
             raise ConfigError(f"memory must be at least {MIN_MEMORY_MIB} MiB, not {self.memory_mib} MiB")
@@ -128,7 +139,11 @@ class Machine:
         self.irqfds: list[IrqFd] = []
         self.vcpus: list[Vcpu] = []
         self.mmio_slots: list[MmioSlot] = []
+        self.slot_irqs: dict[int, IrqFd] = {}  # slot index -> its irqfd (hot-unplug closes it)
         self.virtio: list[VirtioMmioDevice] = []
+        self._possible_vcpus = 0  # set by prepare_boot
+        self._cpuid: list[k.kvm_cpuid_entry2] | None = None
+        self._tsc_deadline = False
 
     def create(
         self,
@@ -203,7 +218,68 @@ class Machine:
             raise
         self.mmio_bus.insert(device, slot.base, VIRTIO_MMIO_SLOT_SIZE)
         self.mmio_slots.append(slot)
+        self.slot_irqs[slot.index] = irq
         return slot
+
+    def free_slot(self) -> MmioSlot:
+        """The lowest virtio-mmio slot no device holds (`ConfigError` when all are taken)."""
+        taken = {s.index for s in self.mmio_slots}
+        free = next((i for i in range(VIRTIO_MMIO_SLOTS) if i not in taken), VIRTIO_MMIO_SLOTS)
+        return MmioSlot.at(free)
+
+    def plug_virtio(self, device: VirtioDevice, poller: DevicePoller) -> MmioSlot:
+        """`add_virtio` while the VM runs: the device takes the lowest free slot (window on the MMIO bus,
+        irqfd on its GSI, ioeventfd doorbells), and its doorbells and host fds join the running event
+        loop on the loop's own thread. The guest is not told (that is the upcall's AddMmio)."""
+        assert self.vm is not None and self.event_loop is not None
+        vm, loop = self.vm, self.event_loop
+        made: list[VirtioMmioDevice] = []
+
+        def factory(memory: GuestMemory, irq: InterruptTrigger, slot: MmioSlot) -> BusDevice:
+            assert isinstance(irq, IrqFd)
+            made.append(VirtioMmioDevice(vm, device, memory, irq, slot.base))
+            return made[0]
+
+        try:
+            slot = self.add_slot(factory, self.free_slot())
+        except BaseException:
+            device.close()
+            raise
+        mmio = made[0]
+
+        def attach() -> None:
+            mmio.attach(loop)
+            poller.add_device(device)
+
+        run_on_loop(loop, attach)
+        self.virtio.append(mmio)
+        return slot
+
+    def unplug_virtio(self, slot: MmioSlot, poller: DevicePoller | None) -> None:
+        """Undo `plug_virtio` (after the guest let the device go): off the event loop (on its thread),
+        off the MMIO bus, doorbells and irqfd released, the device closed, the slot free again."""
+        assert self.event_loop is not None
+        loop = self.event_loop
+        mmio = next((d for d in self.virtio if d.base == slot.base), None)
+        if mmio is None or slot not in self.mmio_slots:
+            raise ConfigError(f"no virtio device on slot {slot.index}")
+
+        def detach() -> None:
+            for bell in mmio.doorbells:
+                loop.remove_reader(bell.fd)
+            if poller is not None:
+                poller.remove_device(mmio.device)
+
+        run_on_loop(loop, detach)
+        self.mmio_bus.remove(slot.base)
+        self.virtio.remove(mmio)
+        self.mmio_slots.remove(slot)
+        irq = self.slot_irqs.pop(slot.index)
+        self.irqfds.remove(irq)
+        try:
+            mmio.close()
+        finally:
+            irq.close()
 
     def prepare_boot(self, config: VmConfig) -> dict[str, float]:
         """Write the ACPI tables, load the kernel, create the vCPUs with their boot registers; returns the
@@ -211,7 +287,7 @@ class Machine:
         assert self.kvm is not None and self.vm is not None and self.memory is not None
         t0 = time.monotonic()
         descriptions = [MmioDeviceDescription(s.base, s.size, s.gsi) for s in self.mmio_slots]
-        tables = build_tables(ACPI_START, config.vcpus, descriptions)
+        tables = build_tables(ACPI_START, config.vcpus, descriptions, config.possible_vcpus)
         if tables.size > ACPI_MAX_SIZE:
             raise ConfigError("ACPI tables do not fit their reserved area")
         for addr, blob in tables.blobs:
@@ -221,14 +297,9 @@ class Machine:
             self.memory, config.kernel, config.cmdline, config.initrd, tables.rsdp_addr
         )
         t2 = time.monotonic()
-        supported = self.kvm.supported_cpuid()
-        tsc_deadline = bool(self.kvm.check_extension(k.KVM_CAP_TSC_DEADLINE_TIMER))
-        msrs = _cpu.boot_msrs()
-        for vcpu in self.create_vcpus(config.vcpus):
-            vcpu.set_cpuid2(_cpu.cpuid_for_vcpu(supported, vcpu.id, config.vcpus, tsc_deadline=tsc_deadline))
-            vcpu.set_msrs(msrs)
-            _cpu.setup_fpu(vcpu)
-            _cpu.setup_lapic(vcpu)
+        self._possible_vcpus = config.possible_vcpus
+        for _ in range(config.vcpus):
+            self.add_vcpu()
         bsp = self.vcpus[0]
         if self.boot_plan.protocol is BootProtocol.LINUX_64:
             _cpu.setup_long_mode(bsp, self.memory, self.boot_plan.entry, self.boot_plan.boot_info)
@@ -243,6 +314,30 @@ class Machine:
         for vcpu_id in range(count):
             self.vcpus.append(self.vm.create_vcpu(vcpu_id))
         return self.vcpus
+
+    def allow_vcpus(self, possible: int) -> None:
+        """How many vCPUs `add_vcpu` may create in all (a restored VM's ``possible_vcpus``)."""
+        self._possible_vcpus = possible
+
+    def add_vcpu(self) -> Vcpu:
+        """Create the next vCPU (id = APIC id = how many exist) with its CPUID, MSRs, FPU and LAPIC set up
+        for the VM's possible vCPU count; at boot for each vCPU, later for a hot-add (`ConfigError` past
+        ``max_vcpus``). Every vCPU but the first waits in KVM for the guest's INIT/SIPI."""
+        assert self.kvm is not None and self.vm is not None
+        vcpu_id = len(self.vcpus)
+        if vcpu_id >= self._possible_vcpus:
+            raise ConfigError(f"all {self._possible_vcpus} possible vCPUs exist (VmConfig.max_vcpus)")
+        if self._cpuid is None:
+            self._cpuid = self.kvm.supported_cpuid()
+            self._tsc_deadline = bool(self.kvm.check_extension(k.KVM_CAP_TSC_DEADLINE_TIMER))
+        vcpu = self.vm.create_vcpu(vcpu_id)
+        self.vcpus.append(vcpu)
+        possible, tsc_deadline = self._possible_vcpus, self._tsc_deadline
+        vcpu.set_cpuid2(_cpu.cpuid_for_vcpu(self._cpuid, vcpu_id, possible, tsc_deadline=tsc_deadline))
+        vcpu.set_msrs(_cpu.boot_msrs())
+        _cpu.setup_fpu(vcpu)
+        _cpu.setup_lapic(vcpu)
+        return vcpu
 
     def stop_devices(self, errors: list[BaseException]) -> None:
         """Stop the event loop and close every virtio device (errors are collected, the rest still runs)."""
@@ -263,6 +358,7 @@ class Machine:
             except KvmError as err:
                 errors.append(err)
         self.irqfds = []
+        self.slot_irqs = {}
         for vcpu in self.vcpus:
             vcpu.close()
         self.vcpus = []

@@ -45,6 +45,21 @@ class DevicePoller:
         self._next_tick = time.monotonic() + TICK_SECONDS
         loop.add_ticker(self.sync)
 
+    def add_device(self, device: object) -> None:
+        """Serve a hot-plugged device's fds and ticks too (on the event thread)."""
+        if isinstance(device, EventSource) and device not in self.sources:
+            self.sources.append(device)
+        if isinstance(device, Ticking) and device not in self.tickers:
+            self.tickers.append(device)
+        self.sync()
+
+    def remove_device(self, device: object) -> None:
+        """Stop serving ``device`` and drop its fds from epoll now, before it closes them (on the event
+        thread), so a reused fd number never reaches it."""
+        self.sources = [s for s in self.sources if s is not device]
+        self.tickers = [t for t in self.tickers if t is not device]
+        self.sync()
+
     def sync(self) -> None:
         """Re-read every device's interest set and update epoll; run the 1 s ticks when due."""
         now = time.monotonic()

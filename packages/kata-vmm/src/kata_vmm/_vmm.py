@@ -23,13 +23,15 @@ import contextlib
 import enum
 import os
 import shutil
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from kata_virtio import VirtioDevice, VirtioError
+from kata_upcall import UPCALL_PORT
+from kata_virtio import VirtioDevice, VirtioError, VirtioVsock
 from kata_vmm import _snapshot as snap
 from kata_vmm._bus import Bus
 from kata_vmm._errors import KvmError, SnapshotError, VmmError, VmStateError
@@ -110,6 +112,10 @@ class Vmm:
         self._exit_event = threading.Event()
         self._exit_fd = EventFd()
         self._lock = threading.Lock()
+        self._plug_lock = threading.Lock()  # one hot-plug change at a time (never held by the event thread)
+        self.guest_vcpus: set[int] = set()
+        """APIC ids the guest runs: the boot vCPUs, then as `kata_vmm.hot_add_vcpus`/`hot_remove_vcpus`
+        changed them (what the guest answered)."""
         self._started_at = 0.0
         self._ended_at = 0.0
         self._restore_input_blocking: tuple[int, bool] | None = None
@@ -214,6 +220,61 @@ class Vmm:
         self._require(VmmState.CONFIGURED)
         return self.machine.add_slot(factory)
 
+    # --- hot-plug (the host side; kata_vmm.hot_add_virtio tells the guest through upcall) -------------
+    def plug_virtio(self, device: VirtioDevice) -> MmioSlot:
+        """Put a kata-virtio device on the lowest free virtio-mmio slot of the running VM (any thread but
+        the event thread): MMIO window, irqfd, doorbells and host fds served like a boot-time device.
+        The guest does not see it until it is told (upcall AddMmio: `kata_vmm.hot_add_virtio`). The VMM
+        owns the device from here on, also when this raises (`ConfigError` when every slot is taken)."""
+        if self.state not in (VmmState.RUNNING, VmmState.PAUSED):
+            device.close()
+            raise VmStateError(f"plug_virtio() needs a running VM, not {self.state.value}")
+        loop = self.event_loop
+        assert loop is not None
+        with self._plug_lock:
+            if self._poller is None:  # no virtio device at boot: the poller starts with this one
+                made: list[DevicePoller] = []
+                run_on_loop(loop, lambda: made.append(DevicePoller(loop, [])))
+                self._poller = made[0]
+            return self.machine.plug_virtio(device, self._poller)
+
+    def unplug_virtio(self, slot: MmioSlot) -> None:
+        """Take the device on ``slot`` out of the running VM and close it (after the guest let it go:
+        upcall DelMmio, `kata_vmm.hot_remove_virtio`); the slot is free again."""
+        if self.state not in (VmmState.RUNNING, VmmState.PAUSED, VmmState.EXITED):
+            raise VmStateError(f"unplug_virtio() needs a started VM, not {self.state.value}")
+        with self._plug_lock:
+            self.machine.unplug_virtio(slot, self._poller)
+
+    def plug_vcpu(self) -> int:
+        """Create the next vCPU of the running VM and start its ``kata-vcpu-N`` thread; returns its APIC id.
+
+        The vCPU waits in KVM for the guest's INIT/SIPI, which the guest sends once told (upcall AddCpu:
+        `kata_vmm.hot_add_vcpus`). `ConfigError` past `VmConfig.max_vcpus` (the MADT lists that many).
+        KVM cannot destroy a vCPU: one the guest takes offline again stays, halted in KVM, for the next
+        hot-add of its APIC id."""
+        if self.state is not VmmState.RUNNING:
+            raise VmStateError(f"plug_vcpu() needs a running VM, not {self.state.value}")
+        with self._plug_lock:
+            vcpu = self.machine.add_vcpu()
+            thread = VcpuThread(vcpu, self.pio_bus, self.mmio_bus, self._guest_exited)
+            with self._lock:
+                self._threads = [*self._threads, thread]
+                ended = self._exit is not None
+            thread.start()
+            if ended:  # the guest stopped meanwhile: so does the new vCPU
+                thread.stop()
+            return vcpu.id
+
+    def upcall_socket(self) -> socket.socket:
+        """A new in-process stream to the guest's upcall server (vsock port 219) through this VM's vsock
+        device: the blocking socket `VirtioVsock.connect_local` returns (first ``OK <port>\\n``, so
+        `Handshake.ACCEPT_LINE`). `VmStateError` without a vsock device."""
+        for mmio in self._virtio:
+            if isinstance(mmio.device, VirtioVsock):
+                return mmio.device.connect_local(UPCALL_PORT)
+        raise VmStateError("this VM has no vsock device: upcall needs one")
+
     # --- running -----------------------------------------------------------------------------------
     def start(self) -> None:
         """Load the kernel, write the ACPI tables, create the vCPUs and start all threads."""
@@ -221,6 +282,7 @@ class Vmm:
         assert self.config is not None
         install_kick_handler()
         self._setup.update(self.machine.prepare_boot(self.config))
+        self.guest_vcpus = set(range(self.config.vcpus))
         self._start_threads()
 
     def _start_threads(self, *, paused: bool = False) -> None:
@@ -367,6 +429,8 @@ class Vmm:
             raise SnapshotError(
                 "a device added with add_device (a factory, not a kata-virtio device) cannot be saved"
             )
+        if len(self.machine.vcpus) != self.config.vcpus or len(self._specs) != len(self._virtio):
+            raise SnapshotError("a VM with hot-plugged vCPUs or devices cannot be saved (not supported yet)")
         path = Path(directory)
         try:
             path.mkdir(mode=0o700)
@@ -507,6 +571,8 @@ class Vmm:
         snap.restore_vm(self.vm, manifest["vm"])
         for vcpu, state in zip(self.machine.create_vcpus(config.vcpus), manifest["vcpus"], strict=True):
             snap.restore_vcpu(vcpu, state)
+        self.machine.allow_vcpus(config.possible_vcpus)
+        self.guest_vcpus = set(range(config.vcpus))
         for dev, saved_dev in zip(self._virtio, devices, strict=True):
             dev.transport.restore(saved_dev["transport"])
         assert self.serial is not None

@@ -1,0 +1,15 @@
+#!/bin/sh
+# lab.run script of lab/tests/test_upcall_lab.py's vCPU hot-plug test: load the upcall server, report the
+# online CPUs, wait for the host's hot-added vCPU, then for its removal. Expects /lab/kata_upcall_srv.ko.
+insmod /lab/kata_upcall_srv.ko
+echo "CPU-INSMOD $?"
+echo "CPU-BEFORE $(cat /sys/devices/system/cpu/online) possible $(cat /sys/devices/system/cpu/possible)"
+echo CPU-READY
+i=0
+while [ "$(cat /sys/devices/system/cpu/online)" = 0 ] && [ $i -lt 300 ]; do sleep 1; i=$((i + 1)); done
+echo "CPU-ADDED $(cat /sys/devices/system/cpu/online) nproc $(grep -c ^processor /proc/cpuinfo)"
+i=0
+while [ "$(cat /sys/devices/system/cpu/online)" != 0 ] && [ $i -lt 300 ]; do sleep 1; i=$((i + 1)); done
+echo "CPU-REMOVED $(cat /sys/devices/system/cpu/online) nproc $(grep -c ^processor /proc/cpuinfo)"
+echo "CPU-OOPS $(dmesg | grep -c -E 'BUG:|Oops|WARNING:|general protection|Call Trace')"
+dmesg | grep -E 'kata_upcall_srv|smpboot|CPU' | tail -n 20 | sed 's/^/CPU-DMESG /'
