@@ -277,7 +277,8 @@ def lab(session: nox.Session) -> None:
     pytest_args = ["-p", "no:cacheprovider", "--benchmark-disable", "-o", f"timeout={LAB_TEST_TIMEOUT}"]
     # host side first: labvm and the image builder, no VM needed (seconds)
     session.run(python, "-m", "pytest", "lab/tests", "-m", "not lab", "-q", *pytest_args, external=True)
-    # then the package tests that boot the guest assets just built on the host itself (QEMU under TCG)
+    # then the package tests that need what `images` built or installed: the guest assets booted on the
+    # host itself (QEMU under TCG), the upcall module built against the pinned kernel headers
     session.run(python, "-m", "pytest", "packages", "-m", "guest_assets", "-q", *pytest_args, external=True)
     path = f"{venv / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     command = [
