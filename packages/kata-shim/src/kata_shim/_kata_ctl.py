@@ -149,6 +149,7 @@ def describe(config: TomlConfig) -> list[str]:
         "runtime": config.runtime,
         f"hypervisor.{config.runtime.hypervisor_name}": config.hypervisor,
         f"agent.{config.runtime.agent_name}": config.agent,
+        "factory": config.factory,
     }
     for table, value in tables.items():
         lines.append(f"[{table}]")
