@@ -605,6 +605,17 @@ class Qemu:
         answer = await self.execute("query-status")
         return str(answer.get("status", "")) if isinstance(answer, dict) else ""
 
+    async def save_vm(self, directory: Path) -> None:
+        """No VM templates on this back-end (`capabilities().snapshot` is False)."""
+        raise HypervisorError(f"{self.name} cannot save a VM as a template (only the built-in VMM can)")
+
+    def restore_from(self, directory: Path | None) -> None:
+        """No VM templates on this back-end: only None (boot) is accepted."""
+        if directory is not None:
+            raise HypervisorError(
+                f"{self.name} cannot start a VM from a template (only the built-in VMM can)"
+            )
+
     def agent_address(self) -> str:
         """``vsock://<guest CID>:1024``."""
         return f"vsock://{self.cid}:{AGENT_VSOCK_PORT}"
