@@ -4,6 +4,7 @@ process, `template_for`'s cold-boot decisions and `kata-ctl factory`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -186,6 +187,8 @@ def test_one_builder_at_a_time_and_a_swap_keeps_readers_out(config: TomlConfig) 
         assert template.is_building()
         with pytest.raises(TemplateBusy, match="being built by another process"):
             template.building().__enter__()
+        with pytest.raises(TemplateBusy):
+            template.destroy()  # not under a builder's feet
     assert not template.is_building()
     with template.reading_nowait(), template.reading_nowait():
         pass  # readers share
@@ -270,6 +273,9 @@ def test_template_for_builds_once_rebuilds_when_stale_and_cold_boots_what_it_can
         assert await template_for(config, sandbox_hv, new, vcpus=1, memory_mib=256, nics=1) is None
         assert "pod sized 2 vCPU/256 MiB, the template 1/256: cold boot" in caplog.text
         assert "network device(s), a template none" in caplog.text
+        annotated = dataclasses.replace(config, annotated=["kernel_params"])
+        assert await template_for(annotated, sandbox_hv, new, **size) is None
+        assert "pod annotations set kernel_params: cold boot" in caplog.text
         no_restore = FakeVm(config.hypervisor, base / "nr", snapshot=False)
         assert await template_for(config, no_restore, new, **size) is None
         # another shim is building: this one cold-boots at once rather than wait a boot's time

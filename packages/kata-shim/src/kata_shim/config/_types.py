@@ -88,6 +88,9 @@ class TomlConfig:
     enable_annotations: list[str] = field(default_factory=list)
     """`[hypervisor.<name>] enable_annotations`: patterns of the hypervisor keys a pod's
     `io.katacontainers.config.hypervisor.<key>` annotations may set (see `apply_annotations`)."""
+    annotated: list[str] = field(default_factory=list)
+    """The `[hypervisor.<name>]` keys a pod's annotations changed (`apply_annotations`): such a pod's VM is
+    not the configuration file's, so it does not start from the VM template."""
     unused_keys: list[str] = field(default_factory=list)
     """Dotted keys this shim does not use (logged once as a warning when loaded)."""
     sources: list[Path] = field(default_factory=list)

@@ -229,17 +229,18 @@ class Template:
         return TemplateStatus(self.root, manifest is not None, manifest, stale, building)
 
     def destroy(self) -> bool:
-        """Remove the template (waits for sandboxes opening it); False when there was none. Clones running
-        from it keep running: their memory files stay alive as long as they are mapped."""
+        """Remove the template (waits for sandboxes opening it; `TemplateBusy` while one is built); False
+        when there was none. Clones running from it keep running: their memory files stay alive as long as
+        they are mapped."""
         if not self.root.is_dir():
             return False
-        with self._flock(LOCK_NAME, fcntl.LOCK_EX):
+        with self.building(), self._flock(LOCK_NAME, fcntl.LOCK_EX):
             found = self.current.exists()
             if found:
                 self._remove(self.current)
             self._remove(self.root / SHARE_DIR)
-        for stale in self.root.glob("build-*"):
-            self._remove(stale)
+            for stale in self.root.glob("build-*"):  # left by a builder that was killed
+                self._remove(stale)
         return found
 
     @staticmethod
@@ -353,7 +354,8 @@ async def template_for(
 ) -> Template | None:
     """The template a sandbox about to start on `hv` restores from, built first when missing or stale
     (with a VM from `new_hypervisor(config)`); None, with the reason logged, when it cold-boots instead:
-    the back-end cannot restore, the pod is sized otherwise or has a NIC (a template has neither, and
+    the back-end cannot restore, the pod's annotations changed its hypervisor configuration, the pod is
+    sized otherwise or has a NIC (a template has neither, and
     nothing is hot-plugged yet), another shim is building the template (building takes a cold boot's
     time: a cold boot now is no slower, and the template is there for the next sandboxes), or the build
     failed."""
@@ -361,6 +363,10 @@ async def template_for(
         log.warning("[factory] enable_template: hypervisor %s cannot restore a VM; cold boot", hv.name)
         return None
     cfg = config.hypervisor
+    if config.annotated:
+        # the template serves the file's configuration; building one per annotated pod would thrash it
+        log.info("pod annotations set %s: cold boot", ", ".join(config.annotated))
+        return None
     if (vcpus, memory_mib) != (cfg.default_vcpus, cfg.default_memory):
         log.info(
             "pod sized %d vCPU/%d MiB, the template %d/%d: cold boot",
