@@ -145,6 +145,9 @@ class FakeVm:
     def exit_reason(self) -> str:
         return "triple fault" if self.fail == "dies" else ""
 
+    def console_tail(self) -> str:
+        return "Kernel panic - not syncing" if self.fail == "dies" else ""
+
     def agent_address(self) -> str:
         return f"unix:{self.base / 'agent.sock'}"
 
@@ -239,7 +242,8 @@ def test_a_failed_build_leaves_no_template_and_stops_its_vm(
 
     async def main() -> None:
         template = Template(config.factory)
-        with pytest.raises(FactoryError, match=r"panicked|stopped before its agent answered: triple fault"):
+        message = r"panicked|stopped before its agent answered: triple fault; console:\nKernel panic"
+        with pytest.raises(FactoryError, match=message):
             await template.build(config, new(config))
         assert made[0].calls[-2:] == ["stop_vm", "cleanup"]
         assert not template.current.exists() and not list(template.root.glob("build-*"))

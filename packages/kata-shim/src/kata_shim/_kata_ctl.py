@@ -197,8 +197,12 @@ def factory(action: str, config: TomlConfig) -> int:
         if not mismatch(template.read_manifest(), expected):
             print(f"template {template.current} is up to date")
             return 0
+        import logging
+
         import trio
 
+        # the build takes a boot's time: say what it does (and the guest console at debug level)
+        logging.basicConfig(level=logging.INFO, format="kata-ctl: %(name)s: %(message)s", stream=sys.stderr)
         manifest = trio.run(template.build, config, hv)
         print(f"template built in {template.current} (agent {manifest.get('agent_version')})")
         return 0

@@ -340,13 +340,18 @@ class Template:
                 ) as agent:
                     version = (await agent.get_guest_details()).agent_version
             except Exception as err:
-                raise FactoryError(f"template VM: agent at {address}: {err}") from err
+                raise FactoryError(f"template VM: agent at {address}: {err}{_console(hv)}") from err
             nursery.cancel_scope.cancel()
         if stopped:
-            raise FactoryError(f"template VM stopped before its agent answered: {stopped[0]}")
+            raise FactoryError(f"template VM stopped before its agent answered: {stopped[0]}{_console(hv)}")
         # The client's close went out as vsock RSTs; whatever the guest did not see yet is dropped by the
         # TRANSPORT_RESET every restore sends, and the agent's listener stays for the clone to dial.
         return version
+
+
+def _console(hv: Hypervisor) -> str:
+    tail = hv.console_tail()
+    return f"; console:\n{tail}" if tail else ""
 
 
 async def template_for(
