@@ -293,10 +293,12 @@ class VirtSandbox:
                 template = held.enter_context(opened(found, self.config, hv)) if found is not None else None
             if template is not None:
                 hv.restore_from(template)
+            booted = time.monotonic()
             await hv.start_vm(dial_timeout)
             self.restored = template is not None
         if self.restored:
-            log.info("sandbox %s: restored from template %s", self.sandbox_id, template)
+            took = time.monotonic() - booted
+            log.info("sandbox %s: restored from template %s in %.2f s", self.sandbox_id, template, took)
         if self.cgroup is not None:
             await self._join_cgroup(hv, vcpus=True)
             await self._apply_limits()
