@@ -283,7 +283,7 @@ def test_unimplemented_rpc_answers_status_12() -> None:
     async def main() -> None:
         async with running_agent() as agent:
             with pytest.raises(AgentUnimplemented):
-                await agent.client.call("ReseedRandomDev", agent_pb2.ReseedRandomDevRequest(data=b"x"), Empty)
+                await agent.client.call("AddSwap", agent_pb2.AddSwapRequest(), Empty)
 
     trio.run(main)
 

@@ -11,7 +11,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kata_shim.config import ConfigError, _loader, find_config, load_config, load_config_file, shipped_config
+from kata_shim.config import (
+    DEFAULT_TEMPLATE_PATH,
+    ConfigError,
+    FactoryConfig,
+    _loader,
+    find_config,
+    load_config,
+    load_config_file,
+    shipped_config,
+)
 from kata_shim.runtime import InvalidArgument
 
 
@@ -281,3 +290,63 @@ def test_any_typed_garbage_is_one_config_error_or_a_config(tmp_path: Path, data:
         assert str(err).startswith(f"{path}: ")
     else:
         assert config.hypervisor.kernel.is_file()
+
+
+def test_factory_defaults_are_upstreams(tmp_path: Path, assets: dict[str, Path]) -> None:
+    config = load_config_file(write_config(tmp_path / "c.toml", assets))
+    assert config.factory == FactoryConfig(enable_template=False, template_path=Path("/run/vc/vm/template"))
+    assert Path("/run/vc/vm/template") == DEFAULT_TEMPLATE_PATH
+
+
+def test_factory_table_and_the_runtime_rs_nested_one_are_read(
+    tmp_path: Path, assets: dict[str, Path]
+) -> None:
+    path = write_config(tmp_path / "c.toml", assets)
+    path.write_text(
+        path.read_text()
+        + '\n[factory]\nenable_template = true\ntemplate_path = "/run/tpl"\nvm_cache_number = 2\n'
+    )
+    config = load_config_file(path)
+    assert config.factory == FactoryConfig(enable_template=True, template_path=Path("/run/tpl"))
+    assert "factory.vm_cache_number" in config.unused_keys  # upstream's VM cache: not built here
+    nested = write_config(tmp_path / "n.toml", assets)
+    nested.write_text(
+        nested.read_text().replace(
+            "[agent.kata]", '[hypervisor.dragonball.factory]\ntemplate_path = "/run/nested"\n\n[agent.kata]'
+        )
+        + "\n[factory]\nenable_template = true\n"
+    )
+    config = load_config_file(nested)
+    assert config.factory == FactoryConfig(enable_template=True, template_path=Path("/run/nested"))
+    assert not [k for k in config.unused_keys if "factory" in k]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("enable_template = 1", "factory.enable_template", "must be true or false"),
+        ('enable_template = true\ntemplate_path = "rel/dir"', "factory.template_path", "absolute path"),
+    ],
+)
+def test_bad_factory_values_name_the_key(
+    tmp_path: Path, assets: dict[str, Path], text: str, key: str, problem: str
+) -> None:
+    path = write_config(tmp_path / "c.toml", assets)
+    path.write_text(path.read_text() + f"\n[factory]\n{text}\n")
+    with pytest.raises(ConfigError, match=f"{re.escape(str(path))}: {key}: .*{problem}"):
+        load_config_file(path)
+
+
+def test_a_template_on_an_external_vmm_is_refused_clearly(tmp_path: Path, assets: dict[str, Path]) -> None:
+    path = tmp_path / "q.toml"
+    path.write_text(
+        f'[hypervisor.qemu]\npath = "/bin/true"\nkernel = "{assets["vmlinuz"]}"\n'
+        f'image = "{assets["rootfs.img"]}"\n\n[agent.kata]\n\n[runtime]\nhypervisor_name = "qemu"\n'
+        "\n[factory]\nenable_template = true\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"factory\.enable_template: VM templates need the built-in VMM.*'qemu'"
+    ):
+        load_config_file(path)
+    path.write_text(path.read_text().replace("enable_template = true", "enable_template = false"))
+    assert load_config_file(path).factory.enable_template is False

@@ -141,6 +141,7 @@ def test_annotations_enabled_upstream_apply_and_others_are_refused(tmp_path: Pat
     applied = apply_annotations(config, pod)
     assert applied.hypervisor.default_memory == 1024 and applied.hypervisor.kernel_params == "quiet"
     assert config.hypervisor.default_memory == 2048  # the loaded configuration is not changed
+    assert applied.annotated == ["default_memory", "kernel_params"] and config.annotated == []  # no template
     refused = {
         "io.katacontainers.config.hypervisor.default_maxvcpus": "not enabled",
         "io.katacontainers.config.hypervisor.enable_iommu": "not supported by this shim",

@@ -465,3 +465,72 @@ def test_a_failing_device_fails_start_vm_and_leaves_nothing(assets: HypervisorCo
     assert hv.thread_ids() == []
     assert not (root / "sb1" / "kata.hvsock").exists()
     assert threading.active_count() <= threads + 1  # trio's idle worker thread may linger
+
+
+@pytest.mark.kvm
+@KVM
+def test_a_saved_vm_restores_into_a_new_sandbox_with_its_own_sockets_and_share(
+    assets: HypervisorConfig, root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 16: save_vm of a running VM, then a second back-end with restore_from starts from it: the
+    devices are the sandbox's own (its hybrid vsock socket, its share directory) on the saved slots, the
+    vCPUs run on; a sandbox whose devices differ from the save is refused and leaves no thread."""
+    config = with_kernel(assets, tk.spin_forever())
+    caplog.set_level(logging.INFO, "kata_shim.hypervisor.dragonball")
+    for name in ("share-a", "share-b"):
+        (root / name).mkdir()
+    snap = root / "snap"
+
+    async def main() -> None:
+        template = Dragonball(config, state_root=root)
+        await template.prepare_vm("tpl", None)
+        await template.add_device(ShareFsDevice(root / "share-a"))
+        await template.start_vm(10)
+        await template.save_vm(snap)
+        await template.stop_vm()
+        await template.cleanup()
+        assert (snap / "snapshot.json").exists()
+
+        clone = Dragonball(config, state_root=root)
+        await clone.prepare_vm("sb2", None)
+        await clone.add_device(ShareFsDevice(root / "share-b"))
+        clone.restore_from(snap)
+        await clone.start_vm(10)
+        assert (root / "sb2" / "kata.hvsock").exists()
+        assert len(clone.vcpu_thread_ids()) == 1 and clone.exit_reason() == ""
+        assert [type(s).__name__ for s in clone.device_specs()] == [
+            "BlockSpec",
+            "VsockSpec",
+            "RngSpec",
+            "FsSpec",
+        ]
+        await clone.stop_vm()
+        await clone.cleanup()
+        assert clone.thread_ids() == []
+
+        before = threading.active_count()
+        misfit = Dragonball(config, state_root=root)
+        await misfit.prepare_vm("sb3", None)
+        await misfit.add_device(BlockDevice(config.image or Path()))
+        misfit.restore_from(snap)
+        with pytest.raises(HypervisorError, match=r"restoring template .*devices"):
+            await misfit.start_vm(10)
+        await misfit.cleanup()
+        assert threading.active_count() == before
+
+    trio.run(main)
+    assert f"VM restored from template {snap}" in caplog.text
+
+
+def test_external_back_ends_refuse_templates(assets: HypervisorConfig) -> None:
+    from kata_shim.hypervisor._firecracker import Firecracker
+    from kata_shim.hypervisor._qemu import Qemu
+
+    for cls in (Qemu, Firecracker):
+        hv = cls(assets)
+        assert not hv.capabilities().snapshot
+        hv.restore_from(None)
+        with pytest.raises(HypervisorError, match="cannot start a VM from a template"):
+            hv.restore_from(Path("/run/tpl"))
+        with pytest.raises(HypervisorError, match="cannot save a VM"):
+            trio.run(hv.save_vm, Path("/run/tpl"))

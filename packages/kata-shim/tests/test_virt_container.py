@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from google.protobuf.message import Message
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "kata-agent" / "tests"))
 from agent_harness import BUSYBOX, RUNC, busybox_tree, fd_chunks  # type: ignore[import-not-found]
 
+import kata_agent._guest as agent_guest
 import kata_agent._mount as agent_mount
 from kata_agent import AgentConfig as GuestAgentConfig
 from kata_agent import open_agent
@@ -47,7 +49,7 @@ from kata_resources import (
     to_thread_in_netns,
     umount,
 )
-from kata_shim.config import AgentConfig, RuntimeConfig, TomlConfig
+from kata_shim.config import AgentConfig, FactoryConfig, RuntimeConfig, TomlConfig
 from kata_shim.hypervisor import (
     Capabilities,
     Device,
@@ -118,6 +120,7 @@ class AgentVm:
         self._next_port = 5000
         self.crashed = ""
         self.hung = False
+        self.restored_from: Path | None = None
         self.vmm_pids: list[int] = []
         """Stand-ins for the VMM's process, then its vCPU threads (a test's helper processes)."""
         """A hung guest: its agent answers nothing, not even when stop_vm takes it down."""
@@ -134,7 +137,20 @@ class AgentVm:
 
     def capabilities(self) -> Capabilities:
         # "no_passfd": a back-end that cannot pass fds (the shim must copy stdio over ttrpc instead)
-        return Capabilities(shared_fs=frozenset({"virtio-fs"}), passfd=self.fail != "no_passfd")
+        return Capabilities(
+            shared_fs=frozenset({"virtio-fs"}), passfd=self.fail != "no_passfd", snapshot=True
+        )
+
+    async def save_vm(self, directory: Path) -> None:
+        """A VM template: the "snapshot" is a directory naming the VM saved."""
+        self.calls.append("save_vm")
+        os.mkdir(directory)
+        with open(directory / "saved-from", "w") as f:  # noqa: ASYNC230 (a few bytes on /tmp)
+            f.write(str(self.base))
+
+    def restore_from(self, directory: Path | None) -> None:
+        self.calls.append(f"restore_from:{directory}")
+        self.restored_from = directory
 
     async def prepare_vm(self, sandbox_id: str, netns: str | None) -> None:
         self.calls.append("prepare_vm")
@@ -493,16 +509,19 @@ async def running_pod(
     cgroup_root: Path | None = None,
     agent_netns: str | None = None,
     vmm_pids: list[int] | None = None,
+    factory: FactoryConfig | None = None,
+    vms: list[AgentVm] | None = None,
 ) -> AsyncIterator[Pod]:
     """A VirtContainer instance on AgentVm, started with a throwaway first container config (or
     ``first_spec``); no host cgroup unless ``cgroup_root``; the agent's netlink acts in ``agent_netns``."""
     base = Path(tempfile.mkdtemp(prefix="kvc-", dir="/tmp"))
     try:
         async with trio.open_nursery() as nursery:
-            vm_box: list[AgentVm] = []
+            vm_box: list[AgentVm] = [] if vms is None else vms  # the sandbox's, then a VM template's
 
-            def factory(config: TomlConfig) -> AgentVm:
-                vm = AgentVm(config.hypervisor, nursery, base / "vm", fail=fail, netns=agent_netns)
+            def new_vm(config: TomlConfig) -> AgentVm:
+                where = base / ("vm" if not vm_box else f"vm{len(vm_box)}")
+                vm = AgentVm(config.hypervisor, nursery, where, fail=fail, netns=agent_netns)
                 vm.vmm_pids = list(vmm_pids or [])
                 vm_box.append(vm)
                 return vm
@@ -515,7 +534,7 @@ async def running_pod(
                 seen[topic].set()
 
             handler = VirtContainer(
-                hypervisor_factory=factory,
+                hypervisor_factory=new_vm,
                 share_root=base / "sandboxes",
                 guest_share_dir=str(base / "guest-shared"),
                 state_root=base / "state",
@@ -527,6 +546,7 @@ async def running_pod(
                 runtime or RuntimeConfig(use_passfd_io=fail in ("passfd", "passfd_silent", "no_passfd")),
                 HypervisorConfig(),
                 AgentConfig(reconnect_timeout_ms=reconnect_timeout_ms),
+                factory=factory or FactoryConfig(),
             )
             instance = handler.new_instance("sb1", config, publish)
             assert isinstance(instance.sandbox, VirtSandbox)
@@ -1507,3 +1527,70 @@ def test_the_sandbox_resolv_conf_reaches_create_sandbox_and_the_container(
             await cm.delete_process(ProcessId("c1"))
 
     trio.run(main)
+
+
+def test_a_sandbox_restores_from_the_vm_template_and_gets_its_own_clock_and_rng_seed(
+    busybox_lower: Path,
+    virtiofs_as_bind: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 16: with `[factory] enable_template`, the first sandbox builds the template (a VM booted to
+    agent-ready with the sandbox's devices, its agent hung up, saved, stopped), then starts by restoring
+    it; the next one restores at once. Each clone's guest gets SetGuestDateTime(now) and 32 fresh bytes of
+    ReseedRandomDev before CreateSandbox (its hostname); a container then runs in it."""
+    clock: list[float] = []
+    seeds: list[bytes] = []
+    monkeypatch.setattr(agent_guest, "set_realtime", lambda sec, usec: clock.append(sec + usec / 1e6))
+    monkeypatch.setattr(agent_guest, "reseed_random", seeds.append)
+    caplog.set_level(logging.INFO)
+    template_root = Path(tempfile.mkdtemp(prefix="ktpl-", dir="/tmp"))
+    factory = FactoryConfig(enable_template=True, template_path=template_root)
+    vm_dir = template_root / "current" / "vm"
+
+    async def main() -> None:
+        vms: list[AgentVm] = []
+        async with running_pod(virtiofs_as_bind, factory=factory, vms=vms) as pod:
+            vm, template_vm = vms
+            assert template_vm.calls == [
+                "prepare_vm",
+                "add_device:ShareFsDevice",
+                "start_vm",
+                "save_vm",
+                "stop_vm",
+                "cleanup",
+            ]
+            assert template_vm.shared == template_root / "share"
+            assert vm.calls[:4] == [
+                "prepare_vm",
+                "add_device:ShareFsDevice",
+                f"restore_from:{vm_dir}",
+                "start_vm",
+            ]
+            assert pod.sandbox.restored and vm.restored_from == vm_dir
+            assert len(seeds) == 1 and len(seeds[0]) == 32
+            (now,) = clock
+            assert abs(now - time.time()) < 600  # the host's clock, not the template's
+            assert pod.vm.service.pod_namespaces is not None  # CreateSandbox came after
+            fifos = _fifos(pod, "c1", "stdout")
+            cfg = _container(pod, busybox_lower, "c1", _spec("hostname"), Stdio(stdout=fifos["stdout"]))
+            got: dict[str, bytes] = {}
+            cm = pod.instance.containers
+            async with trio.open_nursery() as n:
+                n.start_soon(read_fifo, fifos["stdout"], got, "out")
+                await cm.create_container(cfg)
+                await cm.start_process(ProcessId("c1"))
+                with trio.fail_after(60):
+                    assert (await cm.wait_process(ProcessId("c1"))).code == 0
+            assert got["out"] == b"pod\n"
+            await cm.delete_process(ProcessId("c1"))
+        assert "sandbox sb1: restored from template" in caplog.text
+        vms.clear()
+        async with running_pod(virtiofs_as_bind, factory=factory, vms=vms) as pod:
+            assert len(vms) == 1 and pod.sandbox.restored  # the template is up to date: no build
+        assert len(seeds) == 2 and seeds[0] != seeds[1]
+
+    try:
+        trio.run(main)
+    finally:
+        shutil.rmtree(template_root, ignore_errors=True)

@@ -343,10 +343,15 @@ class AgentClient:
         )
 
     async def set_guest_date_time(self, seconds: float) -> None:
-        """SetGuestDateTime."""
+        """SetGuestDateTime: the guest's CLOCK_REALTIME to `seconds` after the epoch (`time.time()`)."""
         sec = math.floor(seconds)
-        req = agent_pb2.SetGuestDateTimeRequest(Sec=sec, Usec=int((seconds - sec) * 1e6))
+        req = agent_pb2.SetGuestDateTimeRequest(Sec=sec, Usec=min(int((seconds - sec) * 1e6), 999_999))
         await self._call("SetGuestDateTime", req, empty_pb2.Empty)
+
+    async def reseed_random_dev(self, data: bytes) -> None:
+        """ReseedRandomDev: the guest kernel mixes `data` into its entropy pool and reseeds its CRNG (a clone
+        of a VM template is given fresh bytes so it does not share its siblings' random state)."""
+        await self._call("ReseedRandomDev", agent_pb2.ReseedRandomDevRequest(data=data), empty_pb2.Empty)
 
     async def copy_file(
         self,

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import struct
+import time
+from collections.abc import Callable
 from typing import Any
 
 from kata_proto import ttrpc
@@ -99,3 +103,46 @@ def rss_bytes() -> int:
     """This process's resident set size."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+RANDOM_DEVICE = "/dev/random"
+# <linux/random.h>: _IOW('R', 0x03, int[2]) and _IO('R', 0x07)
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+MAX_SEED_BYTES = 4096
+"""The most ReseedRandomDev mixes in (the kernel's own write to /dev/random is not bounded; ours is)."""
+
+
+def set_realtime(sec: int, usec: int) -> None:
+    """SetGuestDateTime: CLOCK_REALTIME to `sec` seconds and `usec` microseconds after the epoch (upstream
+    calls settimeofday with the same pair); exact to the nanosecond, no float in between."""
+    if not 0 <= usec < 1_000_000:
+        raise ttrpc.InvalidArgument(f"SetGuestDateTime: usec {usec} is not in 0..999999")
+    if sec < 0:
+        raise ttrpc.InvalidArgument(f"SetGuestDateTime: sec {sec} is before the epoch")
+    time.clock_settime_ns(time.CLOCK_REALTIME, sec * 1_000_000_000 + usec * 1_000)
+
+
+def reseed_random(
+    data: bytes,
+    device: str = RANDOM_DEVICE,
+    ioctl: Callable[[int, int, bytes | int], object] | None = None,
+) -> None:
+    """ReseedRandomDev: mix `data` into the kernel's pool *and* credit it (RNDADDENTROPY, 8 bits a byte: the
+    host drew it from its own CSPRNG), then RNDRESEEDCRNG so the next read of /dev/urandom or getrandom()
+    comes from a key that includes it. Upstream writes the bytes to /dev/random and credits them with
+    RNDADDTOENTCNT; RNDADDENTROPY does both in one call. A VM restored from a template shares the template's
+    CRNG state until this runs."""
+    if not data:
+        raise ttrpc.InvalidArgument("ReseedRandomDev: no data")
+    if len(data) > MAX_SEED_BYTES:
+        raise ttrpc.InvalidArgument(f"ReseedRandomDev: {len(data)} bytes (at most {MAX_SEED_BYTES})")
+    padded = data + b"\0" * (-len(data) % 4)  # struct rand_pool_info's buf is __u32[]
+    info = struct.pack("ii", len(data) * 8, len(data)) + padded
+    call: Callable[..., object] = ioctl if ioctl is not None else fcntl.ioctl
+    fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        call(fd, RNDADDENTROPY, info)
+        call(fd, RNDRESEEDCRNG, 0)
+    finally:
+        os.close(fd)

@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import signal
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -336,7 +335,11 @@ class AgentService:
         return resp
 
     async def SetGuestDateTime(self, req: Any, ctx: Any) -> empty_pb2.Empty:
-        time.clock_settime(time.CLOCK_REALTIME, req.Sec + req.Usec / 1e6)
+        _guest.set_realtime(req.Sec, req.Usec)
+        return empty_pb2.Empty()
+
+    async def ReseedRandomDev(self, req: Any, ctx: Any) -> empty_pb2.Empty:
+        _guest.reseed_random(bytes(req.data))
         return empty_pb2.Empty()
 
     async def CopyFile(self, req: Any, ctx: Any) -> empty_pb2.Empty:

@@ -2,6 +2,9 @@
 
 kata-ctl check    one PASS/FAIL line per requirement; exit status 1 when one fails
 kata-ctl env      the resolved configuration: the files read and where each value came from
+kata-ctl factory init|status|destroy
+                  the VM template of `[factory] enable_template`: build (or rebuild) it now, say what it
+                  was made from and whether it matches the configuration, remove it
 """
 
 from __future__ import annotations
@@ -149,6 +152,7 @@ def describe(config: TomlConfig) -> list[str]:
         "runtime": config.runtime,
         f"hypervisor.{config.runtime.hypervisor_name}": config.hypervisor,
         f"agent.{config.runtime.agent_name}": config.agent,
+        "factory": config.factory,
     }
     for table, value in tables.items():
         lines.append(f"[{table}]")
@@ -170,12 +174,51 @@ def describe(config: TomlConfig) -> list[str]:
     return lines
 
 
+def factory(action: str, config: TomlConfig) -> int:
+    """`kata-ctl factory init|status|destroy`; the exit status (1 with one line on stderr on failure)."""
+    from kata_shim.factory import FactoryError, Template, expected_manifest, mismatch
+    from kata_shim.hypervisor import new_hypervisor
+
+    template = Template(config.factory)
+    try:
+        if action == "destroy":
+            found = template.destroy()
+            print(f"template {template.current} {'removed' if found else 'did not exist'}")
+            return 0
+        if not config.factory.enable_template:
+            print(f"kata-ctl: [factory] enable_template is false in {config.path}", file=sys.stderr)
+            if action == "init":
+                return 1
+        hv = new_hypervisor(config.runtime.hypervisor_name, config.hypervisor)
+        expected = expected_manifest(config, hv)
+        if action == "status":
+            print("\n".join(template.status(expected).lines()))
+            return 0
+        if not mismatch(template.read_manifest(), expected):
+            print(f"template {template.current} is up to date")
+            return 0
+        import logging
+
+        import trio
+
+        # the build takes a boot's time: say what it does (and the guest console at debug level)
+        logging.basicConfig(level=logging.INFO, format="kata-ctl: %(name)s: %(message)s", stream=sys.stderr)
+        manifest = trio.run(template.build, config, hv)
+        print(f"template built in {template.current} (agent {manifest.get('agent_version')})")
+        return 0
+    except FactoryError as err:
+        print(f"kata-ctl: factory {action}: {err}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`kata-ctl check | env`."""
+    """`kata-ctl check | env | factory init|status|destroy`."""
     parser = argparse.ArgumentParser(prog="kata-ctl", description="check the host, show the configuration")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help="one PASS/FAIL line per requirement; non-zero exit when one fails")
     sub.add_parser("env", help="the resolved configuration and where each value came from")
+    fac = sub.add_parser("factory", help="the VM template ([factory] enable_template)")
+    fac.add_argument("action", choices=("init", "status", "destroy"))
     args = parser.parse_args(argv)
     if args.command == "check":
         results = run_checks()
@@ -187,5 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"kata-ctl: {err}", file=sys.stderr)
         return 1
+    if args.command == "factory":
+        return factory(args.action, config)
     print("\n".join(describe(config)))
     return 0

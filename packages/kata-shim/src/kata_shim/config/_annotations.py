@@ -47,4 +47,8 @@ def apply_annotations(config: TomlConfig, annotations: Mapping[str, str]) -> Tom
             changes[key] = value
     if not changes:
         return config
-    return dataclasses.replace(config, hypervisor=dataclasses.replace(config.hypervisor, **changes))
+    return dataclasses.replace(
+        config,
+        hypervisor=dataclasses.replace(config.hypervisor, **changes),
+        annotated=sorted({*config.annotated, *changes}),
+    )

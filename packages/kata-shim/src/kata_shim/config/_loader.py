@@ -21,7 +21,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from kata_shim.config._types import AgentConfig, RuntimeConfig, TomlConfig
+from kata_shim.config._types import (
+    TEMPLATE_HYPERVISORS,
+    AgentConfig,
+    FactoryConfig,
+    RuntimeConfig,
+    TomlConfig,
+)
 from kata_shim.hypervisor._base import HypervisorConfig
 from kata_shim.hypervisor._registry import HYPERVISORS
 from kata_shim.runtime._base import InvalidArgument
@@ -179,7 +185,7 @@ class _Parser:
         if "hypervisor_name" not in runtime_table and len(hypervisors) == 1:
             # One [hypervisor.X] table and no hypervisor_name: that table is the one meant.
             runtime_table = {**runtime_table, "hypervisor_name": next(iter(hypervisors))}
-        self.unused += [key for key in doc if key not in ("runtime", "hypervisor", "agent")]
+        self.unused += [key for key in doc if key not in ("runtime", "hypervisor", "agent", "factory")]
         runtime, unused = self.fill(RuntimeConfig, runtime_table, "runtime")
         self.unused += [f"runtime.{key}" for key in unused]
         if runtime.name not in RUNTIME_HANDLERS:
@@ -201,6 +207,22 @@ class _Parser:
         if runtime.hypervisor_name not in hypervisors:
             raise self.error(hv_key, "table missing (runtime.hypervisor_name selects it)")
         hv_table = dict(self.table(doc, hv_key))
+        factory_table = dict(self.table(doc, "factory"))
+        if "factory" in hv_table:  # runtime-rs nests it in the hypervisor's table: its keys win
+            factory_table.update(self.table(doc, f"{hv_key}.factory"))
+            hv_table.pop("factory")
+        factory, unused = self.fill(FactoryConfig, factory_table, "factory")
+        self.unused += [f"factory.{key}" for key in unused]
+        if factory.enable_template and runtime.hypervisor_name not in TEMPLATE_HYPERVISORS:
+            raise self.error(
+                "factory.enable_template",
+                f"VM templates need the built-in VMM (hypervisor_name = "
+                f"{' or '.join(repr(h) for h in TEMPLATE_HYPERVISORS)}), not {runtime.hypervisor_name!r}",
+            )
+        if factory.enable_template and not factory.template_path.is_absolute():
+            raise self.error(
+                "factory.template_path", f"must be an absolute path, not {factory.template_path}"
+            )
         enable_annotations = self.convert(
             hv_table.pop("enable_annotations", []), list[str], f"{hv_key}.enable_annotations"
         )
@@ -227,6 +249,7 @@ class _Parser:
             runtime=runtime,
             hypervisor=hypervisor,
             agent=agent,
+            factory=factory,
             enable_annotations=typing.cast(list[str], enable_annotations),
             unused_keys=self.unused,
         )

@@ -60,6 +60,22 @@ class RuntimeConfig:
     """The agent's passfd vsock port (the VMM adds `agent.passfd_listener_port=` to the kernel cmdline)."""
 
 
+DEFAULT_TEMPLATE_PATH = Path("/run/vc/vm/template")
+"""Upstream's default `[factory] template_path` (the Go runtime's and runtime-rs's)."""
+TEMPLATE_HYPERVISORS = ("dragonball",)
+"""Back-ends a VM template works with: the built-in VMM, whose snapshot/restore the factory drives."""
+
+
+@dataclass
+class FactoryConfig:
+    """`[factory]` (upstream's keys; `[hypervisor.<name>.factory]`, as runtime-rs nests it, is read too)."""
+
+    enable_template: bool = False
+    """Start each sandbox as a copy-on-write clone of a template VM booted once to agent-ready."""
+    template_path: Path = DEFAULT_TEMPLATE_PATH
+    """Where the template (memory files, VM state, manifest) and its lock file live."""
+
+
 @dataclass
 class TomlConfig:
     """A whole configuration, with the file it came from."""
@@ -68,9 +84,13 @@ class TomlConfig:
     runtime: RuntimeConfig
     hypervisor: HypervisorConfig
     agent: AgentConfig
+    factory: FactoryConfig = field(default_factory=FactoryConfig)
     enable_annotations: list[str] = field(default_factory=list)
     """`[hypervisor.<name>] enable_annotations`: patterns of the hypervisor keys a pod's
     `io.katacontainers.config.hypervisor.<key>` annotations may set (see `apply_annotations`)."""
+    annotated: list[str] = field(default_factory=list)
+    """The `[hypervisor.<name>]` keys a pod's annotations changed (`apply_annotations`): such a pod's VM is
+    not the configuration file's, so it does not start from the VM template."""
     unused_keys: list[str] = field(default_factory=list)
     """Dotted keys this shim does not use (logged once as a warning when loaded)."""
     sources: list[Path] = field(default_factory=list)

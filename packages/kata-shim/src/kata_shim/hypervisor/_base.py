@@ -11,6 +11,9 @@ A back-end owns one VM. The sandbox manager drives it in this order::
     ...
     await hv.stop_vm(); await hv.cleanup()
 
+With `capabilities().snapshot`, `save_vm(dir)` saves a running VM (the VM template) and `restore_from(dir)`
+before `start_vm` makes `start_vm` restore that save and resume it instead of booting.
+
 Every method is called from the shim's trio thread. A back-end may start OS threads (vCPUs, the VMM's event
 thread) but never one per container.
 """
@@ -138,6 +141,10 @@ class Capabilities:
     """Host fds (stdio fifos) can be handed to the guest over the hybrid vsock (passfd stdio)."""
     device_addressing: DeviceAddressing = "mmio"
     """How an added device shows up in the guest: a virtio-mmio window or a PCI path (`DeviceInfo`)."""
+    snapshot: bool = False
+    """A running VM can be saved (`save_vm`) and a new one started from the save (`restore_from`): what a
+    VM template (`[factory] enable_template`) needs. No upstream bit: runtime-rs's factory asks the
+    back-end."""
 
     @property
     def block_device_hotplug(self) -> bool:
@@ -191,6 +198,15 @@ class Hypervisor(Protocol):
 
     async def resume_vm(self) -> None:
         """Undo `pause_vm`."""
+
+    async def save_vm(self, directory: Path) -> None:
+        """Pause the running VM and save it into `directory` (new) as a template; the VM stays paused
+        (`stop_vm`/`cleanup` it). Only when `capabilities().snapshot`; else `HypervisorError`."""
+
+    def restore_from(self, directory: Path | None) -> None:
+        """Before `start_vm`: start the VM by restoring the save in `directory` (a `save_vm` of a VM with
+        the same config and device kinds, in the same order) and resuming it, instead of booting; None
+        boots. Only when `capabilities().snapshot`; else `HypervisorError`."""
 
     def agent_address(self) -> str:
         """Where `kata_agent_client.connect` reaches the agent.

@@ -86,6 +86,7 @@ CAPABILITIES = Capabilities(
     agent_transport="hvsock",
     passfd=True,
     device_addressing="mmio",
+    snapshot=True,
 )
 """What the built-in VMM can do today (upstream's dragonball adds block hot-plug and multi-queue)."""
 
@@ -109,6 +110,7 @@ class Dragonball:
         self._stopped = False
         self._cleaned = False
         self._passfd_port = 0
+        self._template: Path | None = None
 
     # --- set-up ------------------------------------------------------------------------------------
     @property
@@ -259,8 +261,47 @@ class Dragonball:
         except OSError as err:
             raise HypervisorError(f"dragonball: {err}") from err
 
+    def _restore(self, builder: VmmBuilder, directory: Path) -> Vmm:
+        """Restore the save in `directory` with this sandbox's devices (each on the slot the save has,
+        which is the slot the builder gave: same kinds in the same order) and resume it, on a worker
+        thread (the memory files are opened and mapped)."""
+        specs = [spec for _slot, spec in builder.devices]
+        if any(isinstance(spec, NetSpec) for spec in specs):
+            # the caller cold-boots a pod with a NIC (a template has none): never reached from the sandbox
+            raise HypervisorError("dragonball: a VM with a network device cannot start from a template")
+        config = dataclasses.replace(self._vm_config(), devices=specs)
+        builder.close()  # spent: Vmm.restore builds the devices from the specs (none holds an fd here)
+        try:
+            vmm = Vmm.restore(directory, config)
+        except VmmError as err:
+            raise HypervisorError(f"dragonball: restoring template {directory}: {err}") from err
+        try:
+            vmm.resume()
+        except BaseException:
+            vmm.close()
+            raise
+        return vmm
+
+    def restore_from(self, directory: Path | None) -> None:
+        """`start_vm` restores the save in `directory` (a `save_vm` of a VM with this config and these device
+        kinds) and resumes it instead of booting; None boots."""
+        if self._vmm is not None:
+            raise HypervisorError("restore_from() after start_vm()")
+        self._template = directory
+
+    async def save_vm(self, directory: Path) -> None:
+        """Pause the VM and write it into `directory` (new): kata_vmm's snapshot, memory files read-only.
+        The VM stays paused."""
+        vmm = self._require_vmm()
+        try:
+            vmm.pause()
+            await trio.to_thread.run_sync(vmm.snapshot, directory)
+        except VmmError as err:
+            raise HypervisorError(f"dragonball: saving the VM to {directory}: {err}") from err
+
     async def start_vm(self, timeout: float) -> None:  # noqa: ASYNC109 (runtime-rs signature)
-        """Configure and start the VM; the guest kernel then boots on the vCPU threads.
+        """Configure and start the VM; the guest kernel then boots on the vCPU threads (or, after
+        `restore_from`, the saved VM is restored and resumed: its guest runs on from where it was saved).
 
         Returns once the vCPUs run; a guest that dies before that raises `HypervisorError` with the console
         tail. Waiting for the agent is the caller's (it dials the vsock with its own timeout)."""
@@ -272,16 +313,21 @@ class Dragonball:
         # the agent, which it spends dialling the vsock
         builder = self._builder
         assert builder is not None
-        tap_fds = await self._open_taps()
-        self._give_taps(builder, tap_fds)
-        self._vmm = await trio.to_thread.run_sync(self._boot, builder)
+        template = self._template
+        if template is not None:
+            self._vmm = await trio.to_thread.run_sync(self._restore, builder, template)
+        else:
+            tap_fds = await self._open_taps()
+            self._give_taps(builder, tap_fds)
+            self._vmm = await trio.to_thread.run_sync(self._boot, builder)
         # one watcher per VM (trio lets one task wait on an fd); wait_vm and stop_vm wait on its Event
         trio.lowlevel.spawn_system_task(
             self._watch_exit, self._vmm, name=f"dragonball-exit-{self.sandbox_id}"
         )
         log.info(
-            "sandbox %s: VM started (%d vCPU, %d MiB, cmdline %r)",
+            "sandbox %s: VM %s (%d vCPU, %d MiB, cmdline %r)",
             self.sandbox_id,
+            f"restored from template {template}" if template is not None else "started",
             self.config.default_vcpus,
             self.config.default_memory,
             self.cmdline(),

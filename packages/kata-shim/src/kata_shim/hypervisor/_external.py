@@ -126,6 +126,15 @@ class ExternalVmm:
     def capabilities(self) -> Capabilities:
         return self.CAPABILITIES
 
+    async def save_vm(self, directory: Path) -> None:
+        """No VM templates on an external back-end (`capabilities().snapshot` is False)."""
+        raise HypervisorError(f"{self.name} cannot save a VM as a template (only the built-in VMM can)")
+
+    def restore_from(self, directory: Path | None) -> None:
+        """No VM templates on an external back-end: only None (boot) is accepted."""
+        if directory is not None:
+            raise HypervisorError(f"{self.name} cannot start a VM from a template (only the built-in VMM can)")
+
     def cmdline(self) -> str:
         """The guest kernel command line."""
         return guest_cmdline(self.config)

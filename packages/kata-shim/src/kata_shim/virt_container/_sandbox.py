@@ -57,6 +57,7 @@ from kata_resources import (
 )
 from kata_shim._ratelimit import LineRateLimit
 from kata_shim.config._types import TomlConfig
+from kata_shim.factory import opened, template_for
 from kata_shim.hypervisor import boot_report
 from kata_shim.hypervisor._base import Hypervisor, NetworkDevice, ShareFsDevice
 from kata_shim.persist import CGROUP_KEY, MOUNTS_FILE, NETWORK_KEY, StateStore, state_root
@@ -75,6 +76,8 @@ agent_log = logging.getLogger("kata_shim.agent")
 agent_log.addFilter(LineRateLimit("agent log"))  # the guest's agent decides how much it logs
 
 
+#: Bytes of fresh host randomness a VM restored from a template is reseeded with (the guest CRNG's key size).
+CLONE_SEED_BYTES = 32
 #: Health checks in a row that may fail before the agent is taken for dead.
 HEALTH_MAX_FAILURES = 3
 #: The least time between two GetOOMEvent answers taken from the guest (a guest answering in a loop is
@@ -156,6 +159,8 @@ class VirtSandbox:
         self._cleaned = False
         self._on_stop: list[Callable[[], Any]] = []
         self._on_death: list[Callable[[str], Any]] = []
+        self.restored = False
+        """Whether the VM was restored from a VM template (`[factory] enable_template`) rather than booted."""
         self.dead: str | None = None
         """Why the VM died under the sandbox (None while it lives or after a requested stop)."""
         self.container_known: Callable[[str], bool] = lambda _cid: True
@@ -273,7 +278,27 @@ class VirtSandbox:
         if self.cgroup is not None:
             await self._join_cgroup(hv, vcpus=False)  # the shim first: the VM's threads start there
         started = time.monotonic()
-        await hv.start_vm(dial_timeout)
+        self.restored = False
+        with contextlib.ExitStack() as held:
+            template = None
+            if self.config.factory.enable_template:
+                found = await template_for(
+                    self.config,
+                    hv,
+                    self._hypervisor_factory,
+                    vcpus=size.vcpus,
+                    memory_mib=size.memory_mib,
+                    nics=sum(1 for e in self.network.endpoints if e.tap) if self.network is not None else 0,
+                )
+                template = held.enter_context(opened(found, self.config, hv)) if found is not None else None
+            if template is not None:
+                hv.restore_from(template)
+            booted = time.monotonic()
+            await hv.start_vm(dial_timeout)
+            self.restored = template is not None
+        if self.restored:
+            took = time.monotonic() - booted
+            log.info("sandbox %s: restored from template %s in %.2f s", self.sandbox_id, template, took)
         if self.cgroup is not None:
             await self._join_cgroup(hv, vcpus=True)
             await self._apply_limits()
@@ -314,6 +339,8 @@ class VirtSandbox:
             self.shm_size = pod_shm_size(mounts)
             storages.append(_storage(pod_shm_storage(self.shm_size)))
         with trio.fail_after(agent_cfg.request_timeout_ms / 1000):
+            if self.restored:
+                await self._set_clone_identity(agent)
             await self._configure_guest_network(agent)
             await agent.create_sandbox(
                 self.sandbox_id,
@@ -335,6 +362,14 @@ class VirtSandbox:
         self.nursery.start_soon(self._watch_health, self.health)
         self.nursery.start_soon(self._watch_vm, hv)
         self.nursery.start_soon(self._watch_agent, agent)
+
+    async def _set_clone_identity(self, agent: AgentClient) -> None:
+        """A VM restored from a template has the template's clock and random state: the guest clock is set
+        to now and its CRNG reseeded with 32 fresh bytes from the host's, before anything runs in it (the
+        hostname goes with CreateSandbox, as on a cold boot)."""
+        await agent.set_guest_date_time(time.time())
+        await agent.reseed_random_dev(os.urandom(CLONE_SEED_BYTES))
+        log.info("sandbox %s: clone identity set (guest clock, RNG reseeded)", self.sandbox_id)
 
     # -- the pod's host resources ----------------------------------------------------------------
     def _persist(self, key: str, value: dict[str, Any]) -> None:
