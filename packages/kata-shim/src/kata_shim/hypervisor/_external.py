@@ -133,7 +133,7 @@ class ExternalVmm:
     def restore_from(self, directory: Path | None) -> None:
         """No VM templates on an external back-end: only None (boot) is accepted."""
         if directory is not None:
-            raise HypervisorError(f"{self.name} cannot start a VM from a template (only the built-in VMM can)")
+            raise HypervisorError(f"{self.name} cannot start a VM from a template (the built-in VMM can)")
 
     def cmdline(self) -> str:
         """The guest kernel command line."""
