@@ -35,6 +35,7 @@ from google.protobuf.message import Message
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "kata-agent" / "tests"))
 from agent_harness import BUSYBOX, RUNC, busybox_tree, fd_chunks  # type: ignore[import-not-found]
 
+import kata_agent._guest as agent_guest
 import kata_agent._mount as agent_mount
 from kata_agent import AgentConfig as GuestAgentConfig
 from kata_agent import open_agent
@@ -119,6 +120,7 @@ class AgentVm:
         self.crashed = ""
         self.hung = False
         self.vmm_pids: list[int] = []
+        self.resizes: list[tuple[int, int]] = []
         """Stand-ins for the VMM's process, then its vCPU threads (a test's helper processes)."""
         """A hung guest: its agent answers nothing, not even when stop_vm takes it down."""
 
@@ -134,7 +136,23 @@ class AgentVm:
 
     def capabilities(self) -> Capabilities:
         # "no_passfd": a back-end that cannot pass fds (the shim must copy stdio over ttrpc instead)
-        return Capabilities(shared_fs=frozenset({"virtio-fs"}), passfd=self.fail != "no_passfd")
+        # "vcpu_hotplug"/"vcpu_refused": it hot-plugs vCPUs (the second one's guest refuses)
+        vcpus = self.fail in ("vcpu_hotplug", "vcpu_refused")
+        return Capabilities(
+            shared_fs=frozenset({"virtio-fs"}),
+            passfd=self.fail != "no_passfd",
+            hotplug=frozenset({"vcpu"}) if vcpus else frozenset(),
+        )
+
+    async def remove_device(self, device: Device) -> None:
+        raise HypervisorError("agent-vm cannot hot-unplug")
+
+    async def resize_vcpu(self, old_vcpus: int, new_vcpus: int) -> tuple[int, int]:
+        self.calls.append(f"resize_vcpu:{old_vcpus}->{new_vcpus}")
+        if self.fail == "vcpu_refused":
+            raise HypervisorError("dragonball: resizing vCPUs: the guest refused it (ENODEV)")
+        self.resizes.append((old_vcpus, new_vcpus))
+        return old_vcpus, new_vcpus
 
     async def prepare_vm(self, sandbox_id: str, netns: str | None) -> None:
         self.calls.append("prepare_vm")
@@ -1409,6 +1427,77 @@ def test_vm_is_sized_from_the_sandbox_spec_and_the_pod_gets_one_shm(
                     "options": ["rbind"],
                 }
             ]
+
+    trio.run(main)
+
+
+def _cpu_spec(*args: str, quota: int, period: int = 100_000) -> dict[str, Any]:
+    spec = _spec(*args)
+    spec["linux"]["resources"] = {"cpu": {"quota": quota, "period": period}}
+    return spec
+
+
+def test_dynamic_sizing_grows_the_vm_with_containers_and_updates_and_onlines_the_cpus(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """static_sandbox_resource_mgmt = false on a back-end that hot-plugs vCPUs (runtime-rs's dynamic path):
+    the VM boots with default_vcpus, each Create and Update resizes it to the sum of ceil(quota/period)
+    (never below default_vcpus) before the agent call, the agent onlines them (OnlineCPUMem), a Delete
+    shrinks it back."""
+    onlined: list[int] = []
+    monkeypatch.setattr(agent_guest, "online_cpus", lambda limit, base="": onlined.append(limit) or 0)
+
+    async def main() -> None:
+        runtime = RuntimeConfig(static_sandbox_resource_mgmt=False)
+        first = _cpu_spec("true", quota=200_000)
+        async with running_pod(
+            virtiofs_as_bind, fail="vcpu_hotplug", first_spec=first, runtime=runtime
+        ) as pod:
+            assert pod.vm.config.default_vcpus == 1  # not sized statically (that would be 1 + 2)
+            cm = pod.instance.containers
+            cfg = _container(pod, busybox_lower, "c1", _cpu_spec("sleep", "1000", quota=150_000), Stdio())
+            await cm.create_container(cfg)
+            assert pod.vm.resizes == [(1, 2)] and onlined == [2]
+            await cm.update_container("c1", {"cpu": {"quota": 250_000, "period": 100_000}})
+            assert pod.vm.resizes[-1] == (2, 3) and onlined == [2, 3]
+            await cm.update_container("c1", {"cpu": {"cpus": "0"}})  # a cpuset-only update keeps the quota
+            await cm.update_container("c1", {"pids": {"limit": 64}})  # no CPU part: nothing to resize
+            assert len(pod.vm.resizes) == 2
+            await cm.start_process(ProcessId("c1"))
+            await cm.kill_process(ProcessId("c1"), signal.SIGKILL)
+            with trio.fail_after(20):
+                await cm.wait_process(ProcessId("c1"))
+            await cm.delete_process(ProcessId("c1"))
+            assert pod.vm.resizes[-1] == (3, 1) and onlined == [2, 3]  # shrinking onlines nothing
+            assert pod.sandbox.vcpu_plan is not None and pod.sandbox.vcpu_plan.current == 1
+
+    trio.run(main)
+
+
+def test_static_sizing_never_resizes_and_a_refused_resize_fails_the_create_cleanly(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    async def main() -> None:
+        static = RuntimeConfig(static_sandbox_resource_mgmt=True)
+        async with running_pod(virtiofs_as_bind, fail="vcpu_hotplug", runtime=static) as pod:
+            cm = pod.instance.containers
+            await cm.create_container(
+                _container(pod, busybox_lower, "c1", _cpu_spec("true", quota=300_000), Stdio())
+            )
+            assert pod.vm.resizes == [] and pod.sandbox.vcpu_plan is None
+        dynamic = RuntimeConfig(static_sandbox_resource_mgmt=False)
+        async with running_pod(virtiofs_as_bind, fail="vcpu_refused", runtime=dynamic) as pod:
+            cm = pod.instance.containers
+            cfg = _container(pod, busybox_lower, "c2", _cpu_spec("true", quota=300_000), Stdio())
+            with pytest.raises(SandboxError, match=r"resizing the VM to 3 vCPUs for container c2: .*refused"):
+                await cm.create_container(cfg)
+            assert cm.container_ids() == [] and pod.sandbox.vcpu_plan is not None
+            assert pod.sandbox.vcpu_plan.requests == {} and pod.sandbox.vcpu_plan.current == 1
+            assert not pod.sandbox.layout.container_dir("c2").exists()  # its rootfs mount undone
+            bad = _container(pod, busybox_lower, "c3", _spec("true"), Stdio())
+            bad.spec["linux"]["resources"] = {"cpu": {"cpus": "7-2"}}
+            with pytest.raises(InvalidArgument, match="cpuset"):
+                await cm.create_container(bad)
 
     trio.run(main)
 

@@ -32,7 +32,7 @@ from kata_agent_client import (
     StdioPorts,
 )
 from kata_proto.containerd import TOPIC_EXIT, events_pb2
-from kata_resources import ResourceError, mount_rootfs, share_volumes
+from kata_resources import ResourceError, ResourceUpdateOp, mount_rootfs, share_volumes
 from kata_shim.runtime._base import (
     AlreadyExists,
     ContainerConfig,
@@ -51,7 +51,7 @@ from kata_shim.virt_container._metrics import metrics_from_stats
 from kata_shim.virt_container._oci import guest_spec
 from kata_shim.virt_container._passfd import passfd_stdio
 from kata_shim.virt_container._pod import shares_sandbox_pidns
-from kata_shim.virt_container._sandbox import VirtSandbox
+from kata_shim.virt_container._sandbox import SandboxError, VirtSandbox
 from kata_shim.virt_container._stdio import StdinCopy, copy_output, open_output_fifo
 
 log = logging.getLogger("kata_shim.virt_container")
@@ -173,6 +173,8 @@ class VirtContainerManager:
             mounts = share_volumes(config.spec.get("mounts") or [], layout, cid, ledger)
             mounts = self.sandbox.guest_mounts(mounts)  # the pod's one /dev/shm
             spec = guest_spec(config.spec, cid, layout.rootfs_guest_path(cid), mounts)
+            # dynamic sizing: the VM grows before the container asks the guest for its CPUs (runtime-rs)
+            await self.sandbox.resize_for(cid, _oci_resources(config.spec), ResourceUpdateOp.ADD)
             await self._open_stdio(agent, process)
             await agent.create_container(
                 cid,
@@ -182,6 +184,8 @@ class VirtContainerManager:
             )
         except BaseException as err:
             self._close_stdio(process)
+            if self.sandbox.vcpu_plan is not None:
+                self.sandbox.vcpu_plan.requests.pop(cid, None)  # uncounted; the VM shrinks on a later change
             try:
                 # Only this container's mounts: other Creates may be mounting concurrently.
                 ledger.undo(below=layout.container_dir(cid))
@@ -433,6 +437,10 @@ class VirtContainerManager:
             errors.append(str(err))
         del self._containers[c.id]
         await self.sandbox.container_resources(c.id, None)  # pod resources (issue 14)
+        try:
+            await self.sandbox.resize_for(c.id, None, ResourceUpdateOp.DEL)  # dynamic sizing: may shrink
+        except SandboxError as err:  # the container is gone either way; the VM keeps its vCPUs
+            log.warning("container %s: %s", c.id, err)
         if errors:
             log.warning("container %s: delete: %s", c.id, "; ".join(errors))
             if any(not e.startswith("RemoveContainer") for e in errors):
@@ -489,6 +497,10 @@ class VirtContainerManager:
     async def update_container(self, container_id: str, resources: dict[str, Any]) -> None:
         """UpdateContainer with OCI LinuxResources JSON."""
         self._container(container_id)
+        try:
+            await self.sandbox.resize_for(container_id, resources, ResourceUpdateOp.UPDATE)
+        except ValueError as err:
+            raise InvalidArgument(f"update {container_id}: {err}") from err
         with _agent_errors(f"update {container_id}"):
             await self._agent().update_container(container_id, resources)
         await self.sandbox.container_resources(container_id, resources)  # pod resources (issue 14)

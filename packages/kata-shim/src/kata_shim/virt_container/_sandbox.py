@@ -44,9 +44,11 @@ from kata_resources import (
     Network,
     NetworkModel,
     ResourceError,
+    ResourceUpdateOp,
     SandboxCgroup,
     ShareLayout,
     StorageSpec,
+    VcpuPlan,
     dns_from_mounts,
     pod_shm_mount,
     pod_shm_size,
@@ -58,7 +60,7 @@ from kata_resources import (
 from kata_shim._ratelimit import LineRateLimit
 from kata_shim.config._types import TomlConfig
 from kata_shim.hypervisor import boot_report
-from kata_shim.hypervisor._base import Hypervisor, NetworkDevice, ShareFsDevice
+from kata_shim.hypervisor._base import Hypervisor, HypervisorError, NetworkDevice, ShareFsDevice
 from kata_shim.persist import CGROUP_KEY, MOUNTS_FILE, NETWORK_KEY, StateStore, state_root
 from kata_shim.runtime._base import ContainerConfig, FailedPrecondition, Publisher, RuntimeHandlerError
 from kata_shim.virt_container._passfd import PassfdListener
@@ -171,6 +173,10 @@ class VirtSandbox:
         """Bytes of the pod's one /dev/shm (0: the sandbox spec mounts none, containers keep their own)."""
         self._limits: dict[str, CgroupLimits] = {}
         self._store = StateStore(self.state_dir.parent)
+        self.vcpu_plan: VcpuPlan | None = None
+        """Dynamic sizing (`static_sandbox_resource_mgmt = false` and a back-end that hot-plugs vCPUs): the
+        VM's vCPUs follow the containers' CPU quotas. None: the VM keeps its boot size."""
+        self._resize_lock = trio.Lock()
 
     # -- what the container manager uses ----------------------------------------------------------
     @property
@@ -253,6 +259,18 @@ class VirtSandbox:
         hv = self._hypervisor_factory(self.config)
         self.hypervisor = hv
         size = vm_size(hv.config, first.spec)
+        if not self.config.runtime.static_sandbox_resource_mgmt:
+            if "vcpu" in hv.capabilities().hotplug:
+                # runtime-rs's dynamic path: boot with default_vcpus, grow with the containers (memory keeps
+                # the static size: no memory hot-plug through the shim yet)
+                self.vcpu_plan = VcpuPlan(hv.config.default_vcpus)
+                size = dataclasses.replace(size, vcpus=hv.config.default_vcpus)
+            else:
+                log.info(
+                    "sandbox %s: hypervisor %s cannot hot-plug vCPUs; the VM is sized statically",
+                    self.sandbox_id,
+                    hv.name,
+                )
         hv.config = dataclasses.replace(hv.config, default_vcpus=size.vcpus, default_memory=size.memory_mib)
         await hv.prepare_vm(self.sandbox_id, netns)
         if self._passfd_wanted(hv):
@@ -450,6 +468,40 @@ class VirtSandbox:
             await self._apply_limits()
         except SandboxError as err:  # the guest's cgroups still hold the container: logged, not fatal
             log.warning("%s", err)
+
+    async def resize_for(
+        self, container_id: str, resources: dict[str, Any] | None, op: ResourceUpdateOp
+    ) -> None:
+        """Dynamic sizing (runtime-rs ``CpuResource::update_cpu_resources``): with the container's OCI
+        ``linux.resources`` (None: its CPU request is unchanged) the pod's vCPU need is computed again, the
+        VM resized (`Hypervisor.resize_vcpu`) and, when it grew, the agent asked to online the new CPUs
+        (OnlineCPUMem). Nothing with static sizing. `SandboxError` when the VM or the guest refuses;
+        `ValueError` for a bad cpuset."""
+        plan, hv = self.vcpu_plan, self.hypervisor
+        if plan is None or hv is None:
+            return
+        if op is ResourceUpdateOp.DEL and (self._stopping or self.dead is not None):
+            plan.requests.pop(container_id, None)  # the VM is going away: nothing to shrink
+            return
+        cpu = (resources or {}).get("cpu") if resources is not None else None
+        async with self._resize_lock:
+            target = plan.update(container_id, cpu if isinstance(cpu, dict) else None, op)
+            if target is None:
+                return
+            try:
+                old, new = await hv.resize_vcpu(plan.current, target)
+            except HypervisorError as err:
+                raise SandboxError(
+                    f"sandbox {self.sandbox_id}: resizing the VM to {target} vCPUs for container "
+                    f"{container_id}: {err}"
+                ) from err
+            plan.resized(new)
+            log.info("sandbox %s: vCPUs %d -> %d (container %s)", self.sandbox_id, old, new, container_id)
+            if old < new:
+                try:
+                    await self.agent.online_cpu_mem(new, cpu_only=True)
+                except AgentError as err:
+                    raise SandboxError(f"sandbox {self.sandbox_id}: OnlineCPUMem({new}): {err}") from err
 
     def guest_mounts(self, mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """A container's guest mounts with its /dev/shm on the pod's one (when the pod has one)."""
