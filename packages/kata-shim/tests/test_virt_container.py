@@ -137,11 +137,14 @@ class AgentVm:
     def capabilities(self) -> Capabilities:
         # "no_passfd": a back-end that cannot pass fds (the shim must copy stdio over ttrpc instead)
         # "vcpu_hotplug"/"vcpu_refused": it hot-plugs vCPUs (the second one's guest refuses)
-        vcpus = self.fail in ("vcpu_hotplug", "vcpu_refused")
+        # "net_hotplug": it hot-plugs NICs
+        hotplug: frozenset[Any] = frozenset()
+        if self.fail in ("vcpu_hotplug", "vcpu_refused"):
+            hotplug = frozenset({"vcpu"})
+        elif self.fail == "net_hotplug":
+            hotplug = frozenset({"net"})
         return Capabilities(
-            shared_fs=frozenset({"virtio-fs"}),
-            passfd=self.fail != "no_passfd",
-            hotplug=frozenset({"vcpu"}) if vcpus else frozenset(),
+            shared_fs=frozenset({"virtio-fs"}), passfd=self.fail != "no_passfd", hotplug=hotplug
         )
 
     async def remove_device(self, device: Device) -> None:
@@ -162,6 +165,9 @@ class AgentVm:
     async def add_device(self, device: Device) -> DeviceInfo:
         self.calls.append(f"add_device:{type(device).__name__}")
         self.devices.append(device)
+        if self.shared_mounted:  # after start_vm: hot-plug
+            assert isinstance(device, NetworkDevice) and self.fail == "net_hotplug"
+            await self._plug_nic(len(self.nic_fds) // 2, device)
         if isinstance(device, ShareFsDevice):
             assert device.mount_tag == "kataShared"
             self.shared = device.host_path
@@ -1325,6 +1331,63 @@ def test_pod_network_reaches_the_guest_and_is_torn_down(
             assert "network" not in state["extra"]
             assert "tap0_kata" not in await _aip("-o", "link", "show", netns=pod_ns)
             assert "ingress" not in await _out("tc", "-n", pod_ns, "qdisc", "show", "dev", "eth0")
+
+    trio.run(main)
+
+
+def test_a_veth_that_appears_after_boot_is_hot_plugged_and_configured_in_the_guest(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], pod_network: dict[str, str]
+) -> None:
+    """NIC hot-plug (issue 14): a second veth in the pod netns after boot; on the sandbox container's Start
+    (the rescan) it gets a tap, the back-end hot-plugs a NIC on it, the agent names and addresses it as
+    the veth and routes through it; the first NIC and its routes stay; traffic goes both ways."""
+    pod_ns, host_ns, guest_ns = pod_network["pod"], pod_network["host"], pod_network["guest"]
+
+    async def main() -> None:
+        first = _spec("true", netns=f"/run/netns/{pod_ns}")
+        async with running_pod(
+            virtiofs_as_bind, fail="net_hotplug", first_spec=first, agent_netns=guest_ns
+        ) as pod:
+            _ip(
+                "link",
+                "add",
+                "eth1",
+                "netns",
+                pod_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "hostend1",
+                "netns",
+                host_ns,
+            )
+            _ip("addr", "add", "10.77.0.2/24", "dev", "eth1", netns=pod_ns)
+            _ip("link", "set", "eth1", "up", netns=pod_ns)
+            _ip("route", "add", "10.66.0.0/16", "via", "10.77.0.1", netns=pod_ns)
+            _ip("addr", "add", "10.77.0.1/24", "dev", "hostend1", netns=host_ns)
+            _ip("link", "set", "hostend1", "up", netns=host_ns)
+            mac = _ip("-j", "link", "show", "eth1", netns=pod_ns).split('"address":"')[1].split('"')[0]
+            await pod.sandbox.rescan_network()
+            nics = [(d.tap, d.mac) for d in pod.vm.devices if isinstance(d, NetworkDevice)]
+            assert nics == [("tap0_kata", pod_network["mac"]), ("tap1_kata", mac)]
+            assert pod.vm.calls.count("add_device:NetworkDevice") == 2
+            assert "10.77.0.2/24" in await _aip("-o", "addr", "show", "dev", "eth1", netns=guest_ns)
+            assert mac in await _aip("-o", "link", "show", "dev", "eth1", netns=guest_ns)
+            routes = await _aip("route", "show", netns=guest_ns)
+            assert (
+                "default via 10.88.0.1 dev eth0" in routes and "10.66.0.0/16 via 10.77.0.1 dev eth1" in routes
+            )
+            ping = await trio.run_process(
+                ["ip", "netns", "exec", guest_ns, BUSYBOX, "ping", "-c", "2", "-W", "10", "10.77.0.1"],
+                capture_stdout=True,
+                check=False,
+            )
+            assert ping.returncode == 0, ping.stdout
+            await pod.sandbox.rescan_network()  # nothing new: nothing plugged again
+            assert pod.vm.calls.count("add_device:NetworkDevice") == 2
+            await pod.sandbox.cleanup()
+            assert "_kata" not in await _aip("-o", "link", "show", netns=pod_ns)
 
     trio.run(main)
 

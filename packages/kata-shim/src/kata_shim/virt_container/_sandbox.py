@@ -30,7 +30,9 @@ import trio
 from kata_agent_client import (
     AgentClient,
     AgentError,
+    AgentNotFound,
     HealthChecker,
+    Interface,
     Storage,
     forward_logs,
     open_agent_client,
@@ -77,6 +79,8 @@ agent_log = logging.getLogger("kata_shim.agent")
 agent_log.addFilter(LineRateLimit("agent log"))  # the guest's agent decides how much it logs
 
 
+#: Seconds between two UpdateInterface tries for a hot-plugged NIC whose link the guest has not made yet.
+HOTPLUG_NIC_RETRY = 0.2
 #: Health checks in a row that may fail before the agent is taken for dead.
 HEALTH_MAX_FAILURES = 3
 #: The least time between two GetOOMEvent answers taken from the guest (a guest answering in a loop is
@@ -177,6 +181,8 @@ class VirtSandbox:
         """Dynamic sizing (`static_sandbox_resource_mgmt = false` and a back-end that hot-plugs vCPUs): the
         VM's vCPUs follow the containers' CPU quotas. None: the VM keeps its boot size."""
         self._resize_lock = trio.Lock()
+        self._guest_nics: set[str] = set()
+        """Names of the pod's interfaces the guest has a NIC for (cold- and hot-plugged)."""
 
     # -- what the container manager uses ----------------------------------------------------------
     @property
@@ -384,21 +390,43 @@ class VirtSandbox:
             ", ".join(f"{e.veth}<->{e.tap or '-'}" for e in self.network.endpoints) or "no veth",
         )
 
-    async def _configure_guest_network(self, agent: AgentClient) -> None:
-        """UpdateInterface for each NIC, then UpdateRoutes and AddARPNeighbors (as runtime-rs does)."""
+    async def _configure_guest_network(self, agent: AgentClient, *, only: set[str] | None = None) -> None:
+        """UpdateInterface for each NIC (``only``: just those, hot-plugged), then UpdateRoutes (every route
+        of the NICs the guest has: the agent replaces them) and AddARPNeighbors (as runtime-rs does)."""
         if self.network is None:
             return
         interfaces, routes, neighbors = guest_network(self.network)
+        if only is None:
+            self._guest_nics = {i.name for i in interfaces}
         for interface in interfaces:
-            await agent.update_interface(interface)
+            if only is None or interface.name in only:
+                await self._update_interface(agent, interface, hot=only is not None)
+        routes = [r for r in routes if r.device in self._guest_nics]
         if routes:
             await agent.update_routes(routes)
+        neighbors = [n for n in neighbors if only is None or n.device in only]
         if neighbors:
             await agent.add_arp_neighbors(neighbors)
 
+    @staticmethod
+    async def _update_interface(agent: AgentClient, interface: Interface, *, hot: bool) -> None:
+        """UpdateInterface; a hot-plugged NIC's link may not be in the guest yet (its driver still
+        probing): NotFound is tried again until the caller's deadline."""
+        while True:
+            try:
+                await agent.update_interface(interface)
+                return
+            except AgentNotFound:
+                if not hot:
+                    raise
+            await trio.sleep(HOTPLUG_NIC_RETRY)
+
     async def rescan_network(self) -> None:
         """Look at the pod's netns again (upstream does on Start): veths that appeared since the VM booted
-        are connected and recorded, but cannot reach the guest until NIC hot-plug exists (logged)."""
+        are connected and recorded, and, on a back-end that hot-plugs NICs, given to the guest: a
+        virtio-net on the new tap (`Hypervisor.add_device`), then UpdateInterface, UpdateRoutes and
+        AddARPNeighbors as at boot. Without NIC hot-plug they are only logged. Failures are logged: the
+        pod keeps the network it had."""
         if self.network is None:
             return
         try:
@@ -406,18 +434,37 @@ class VirtSandbox:
         except (ResourceError, OSError) as err:
             log.warning("sandbox %s: network rescan: %s", self.sandbox_id, err)
             return
-        if added:
-            self._persist(NETWORK_KEY, self.network.to_dict())
-            hv = self.hypervisor
-            why = "NIC hot-plug is not supported yet"
-            if hv is not None and "net" not in hv.capabilities().hotplug:
-                why = f"hypervisor {hv.name} cannot hot-plug a NIC"
+        if not added:
+            return
+        self._persist(NETWORK_KEY, self.network.to_dict())
+        hv = self.hypervisor
+        if hv is None or "net" not in hv.capabilities().hotplug:
             log.warning(
-                "sandbox %s: %s appeared after boot; %s",
+                "sandbox %s: %s appeared after boot; hypervisor %s cannot hot-plug a NIC",
                 self.sandbox_id,
                 ", ".join(e.veth for e in added),
-                why,
+                hv.name if hv is not None else "-",
             )
+            return
+        plugged = []
+        for endpoint in added:
+            if not endpoint.tap:
+                continue  # model none: nothing for the guest
+            try:
+                await hv.add_device(NetworkDevice(endpoint.tap, endpoint.hw_addr))
+            except HypervisorError as err:
+                log.warning("sandbox %s: hot-plugging a NIC for %s: %s", self.sandbox_id, endpoint.veth, err)
+                continue
+            plugged.append(endpoint.veth)
+            self._guest_nics.add(endpoint.veth)
+        if plugged:
+            try:
+                with trio.fail_after(self.config.agent.request_timeout_ms / 1000):
+                    await self._configure_guest_network(self.agent, only=set(plugged))
+            except (AgentError, trio.TooSlowError, FailedPrecondition) as err:
+                log.warning("sandbox %s: configuring %s in the guest: %r", self.sandbox_id, plugged, err)
+                return
+            log.info("sandbox %s: hot-plugged NICs for %s", self.sandbox_id, ", ".join(plugged))
 
     async def _setup_cgroup(self, path: str) -> None:
         assert self.cgroup_root is not None
