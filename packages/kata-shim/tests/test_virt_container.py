@@ -50,6 +50,7 @@ from kata_resources import (
 )
 from kata_shim.config import AgentConfig, RuntimeConfig, TomlConfig
 from kata_shim.hypervisor import (
+    BlockDevice,
     Capabilities,
     Device,
     DeviceInfo,
@@ -143,12 +144,15 @@ class AgentVm:
             hotplug = frozenset({"vcpu"})
         elif self.fail == "net_hotplug":
             hotplug = frozenset({"net"})
+        elif self.fail in ("block_hotplug", "block_refused"):
+            hotplug = frozenset({"block"})
         return Capabilities(
             shared_fs=frozenset({"virtio-fs"}), passfd=self.fail != "no_passfd", hotplug=hotplug
         )
 
     async def remove_device(self, device: Device) -> None:
-        raise HypervisorError("agent-vm cannot hot-unplug")
+        self.calls.append(f"remove_device:{type(device).__name__}")
+        self.devices.remove(device)
 
     async def resize_vcpu(self, old_vcpus: int, new_vcpus: int) -> tuple[int, int]:
         self.calls.append(f"resize_vcpu:{old_vcpus}->{new_vcpus}")
@@ -164,8 +168,13 @@ class AgentVm:
 
     async def add_device(self, device: Device) -> DeviceInfo:
         self.calls.append(f"add_device:{type(device).__name__}")
+        if self.shared_mounted and isinstance(device, BlockDevice):  # after start_vm: hot-plug
+            if self.fail == "block_refused":
+                raise HypervisorError("dragonball: hot-adding BlockDevice: the guest refused it (ENODEV)")
+            self.devices.append(device)
+            return DeviceInfo(guest_path=str(device.path))  # the "guest" sees the host's node
         self.devices.append(device)
-        if self.shared_mounted:  # after start_vm: hot-plug
+        if self.shared_mounted:
             assert isinstance(device, NetworkDevice) and self.fail == "net_hotplug"
             await self._plug_nic(len(self.nic_fds) // 2, device)
         if isinstance(device, ShareFsDevice):
@@ -1388,6 +1397,85 @@ def test_a_veth_that_appears_after_boot_is_hot_plugged_and_configured_in_the_gue
             assert pod.vm.calls.count("add_device:NetworkDevice") == 2
             await pod.sandbox.cleanup()
             assert "_kata" not in await _aip("-o", "link", "show", netns=pod_ns)
+
+    trio.run(main)
+
+
+@pytest.fixture
+def loop_disk(tmp_path: Path) -> Iterator[Path]:
+    """A loop device over a 1 MiB raw image that starts with a marker."""
+    if shutil.which("losetup") is None:
+        pytest.skip("needs losetup")
+    image = tmp_path / "raw.img"
+    image.write_bytes(b"kata-raw-volume\n".ljust(1 << 20, b"\0"))
+    dev = subprocess.run(["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True)
+    node = Path(dev.stdout.strip())
+    try:
+        yield node
+    finally:
+        subprocess.run(["losetup", "-d", str(node)], check=False)
+
+
+def test_a_block_device_of_the_container_is_hot_plugged_shown_inside_and_removed_with_it(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], loop_disk: Path
+) -> None:
+    """`ctr run --device /dev/loopN` (OCI linux.devices type b): the host device found by major:minor is
+    hot-plugged (BlockDevice), the agent shows the guest's node at the container path (CreateContainer
+    devices, mmioblk), the container reads it; deleting the container unplugs it."""
+    st = os.stat(loop_disk)
+    entry = {"path": "/dev/xvdz", "type": "b", "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev)}
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind, fail="block_hotplug") as pod:
+            cm = pod.instance.containers
+            fifos = _fifos(pod, "c1", "stdout")
+            spec = _spec("head", "-n", "1", "/dev/xvdz")
+            spec["linux"]["devices"] = [entry]
+            got: dict[str, bytes] = {}
+            async with trio.open_nursery() as n:
+                n.start_soon(read_fifo, fifos["stdout"], got, "out")
+                await cm.create_container(
+                    _container(pod, busybox_lower, "c1", spec, Stdio(stdout=fifos["stdout"]))
+                )
+                assert BlockDevice(loop_disk, device_id="c1:/dev/xvdz") in pod.vm.devices
+                await cm.start_process(ProcessId("c1"))
+                with trio.fail_after(20):
+                    status = await cm.wait_process(ProcessId("c1"))
+            assert status.code == 0 and got["out"] == b"kata-raw-volume\n"
+            await cm.delete_process(ProcessId("c1"))
+            assert "remove_device:BlockDevice" in pod.vm.calls
+            assert not any(isinstance(d, BlockDevice) for d in pod.vm.devices)
+
+    trio.run(main)
+
+
+def test_a_block_device_the_vm_refuses_fails_the_create_and_one_without_hotplug_is_refused(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], loop_disk: Path
+) -> None:
+    st = os.stat(loop_disk)
+    entry = {"path": "/dev/xvdz", "type": "b", "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev)}
+
+    async def main() -> None:
+        for mode, error, match in [
+            ("block_refused", SandboxError, "guest refused it"),
+            ("", InvalidArgument, "block devices need block hot-plug"),
+        ]:
+            async with running_pod(virtiofs_as_bind, fail=mode) as pod:
+                cm = pod.instance.containers
+                spec = _spec("true")
+                spec["linux"]["devices"] = [entry]
+                with pytest.raises(error, match=match):
+                    await cm.create_container(_container(pod, busybox_lower, "c1", spec, Stdio()))
+                assert cm.container_ids() == [] and not pod.sandbox.layout.container_dir("c1").exists()
+                assert not any(isinstance(d, BlockDevice) for d in pod.vm.devices)
+            gone = {"path": "/dev/xvdz", "type": "b", "major": 4095, "minor": 4095}
+            async with running_pod(virtiofs_as_bind, fail="block_hotplug") as pod:
+                spec = _spec("true")
+                spec["linux"]["devices"] = [gone]
+                with pytest.raises(InvalidArgument, match="no host block device 4095:4095"):
+                    await pod.instance.containers.create_container(
+                        _container(pod, busybox_lower, "c2", spec, Stdio())
+                    )
 
     trio.run(main)
 

@@ -33,6 +33,7 @@ from kata_agent_client import (
 )
 from kata_proto.containerd import TOPIC_EXIT, events_pb2
 from kata_resources import ResourceError, ResourceUpdateOp, mount_rootfs, share_volumes
+from kata_shim.hypervisor._base import HypervisorError
 from kata_shim.runtime._base import (
     AlreadyExists,
     ContainerConfig,
@@ -46,6 +47,13 @@ from kata_shim.runtime._base import (
     ProcessStatus,
     RuntimeHandlerError,
     Stdio,
+)
+from kata_shim.virt_container._devices import (
+    PluggedDevices,
+    block_entries,
+    plug_block_devices,
+    unplug_block_devices,
+    without_block_entries,
 )
 from kata_shim.virt_container._metrics import metrics_from_stats
 from kata_shim.virt_container._oci import guest_spec
@@ -118,6 +126,8 @@ class _Container:
     init: _Process
     execs: dict[str, _Process] = field(default_factory=dict)
     paused: bool = False
+    devices: PluggedDevices = field(default_factory=PluggedDevices)
+    """Its hot-plugged block devices (removed with it)."""
 
 
 class VirtContainerManager:
@@ -163,6 +173,7 @@ class VirtContainerManager:
         agent = self._agent()
         layout, ledger = self.sandbox.layout, self.sandbox.ledger
         process = _Process(ProcessId(cid), config.stdio)
+        devices = PluggedDevices()
         self._creating.add(cid)
         try:
             root = config.spec.get("root") or {}
@@ -175,10 +186,14 @@ class VirtContainerManager:
             spec = guest_spec(config.spec, cid, layout.rootfs_guest_path(cid), mounts)
             # dynamic sizing: the VM grows before the container asks the guest for its CPUs (runtime-rs)
             await self.sandbox.resize_for(cid, _oci_resources(config.spec), ResourceUpdateOp.ADD)
+            if block_entries(spec):
+                devices = await plug_block_devices(self.sandbox.require_hypervisor(), cid, spec)
+                spec = without_block_entries(spec)
             await self._open_stdio(agent, process)
             await agent.create_container(
                 cid,
                 spec,
+                devices=devices.agent or None,
                 stdio_ports=process.ports,
                 sandbox_pidns=shares_sandbox_pidns(config.spec),  # pod namespaces (issue 14)
             )
@@ -186,6 +201,9 @@ class VirtContainerManager:
             self._close_stdio(process)
             if self.sandbox.vcpu_plan is not None:
                 self.sandbox.vcpu_plan.requests.pop(cid, None)  # uncounted; the VM shrinks on a later change
+            if devices.block:
+                with trio.CancelScope(shield=True):
+                    await unplug_block_devices(self.sandbox.require_hypervisor(), cid, devices)
             try:
                 # Only this container's mounts: other Creates may be mounting concurrently.
                 ledger.undo(below=layout.container_dir(cid))
@@ -196,10 +214,12 @@ class VirtContainerManager:
                 raise _translate(err, f"CreateContainer {cid}") from err
             if isinstance(err, (ResourceError, ValueError, OSError)):
                 raise InvalidArgument(f"container {cid}: {err}") from err
+            if isinstance(err, HypervisorError):
+                raise SandboxError(f"container {cid}: {err}") from err
             raise
         finally:
             self._creating.discard(cid)
-        self._containers[cid] = _Container(cid, config.bundle, process)
+        self._containers[cid] = _Container(cid, config.bundle, process, devices=devices)
         # Pod resources (issue 14): the sandbox cgroup's limits now count this container too.
         await self.sandbox.container_resources(cid, _oci_resources(config.spec))
         return self.sandbox.pid()
@@ -429,6 +449,9 @@ class VirtContainerManager:
             except AgentError as err:
                 if not isinstance(err, AgentNotFound):
                     errors.append(f"RemoveContainer: {err}")
+        if c.devices.block and self.sandbox.hypervisor is not None and self.sandbox.dead is None:
+            with trio.CancelScope(shield=True):
+                errors += await unplug_block_devices(self.sandbox.hypervisor, c.id, c.devices)
         layout = self.sandbox.layout
         try:
             self.sandbox.ledger.undo(below=layout.container_dir(c.id))

@@ -199,6 +199,12 @@ class VirtSandbox:
             raise FailedPrecondition(f"sandbox {self.sandbox_id} is not running")
         return self._nursery
 
+    def require_hypervisor(self) -> Hypervisor:
+        """The pod's hypervisor back-end; FailedPrecondition before `start`."""
+        if self.hypervisor is None:
+            raise FailedPrecondition(f"sandbox {self.sandbox_id} has no VM")
+        return self.hypervisor
+
     @property
     def agent_or_none(self) -> AgentClient | None:
         """The agent while connected (also during `stop`), else None."""
