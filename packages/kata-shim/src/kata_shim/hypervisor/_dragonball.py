@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import functools
 import logging
 import os
@@ -59,15 +58,8 @@ from kata_shim.hypervisor._common import (
     make_state_dir,
     netns_path,
 )
-from kata_upcall import (
-    Handshake,
-    StreamConnector,
-    UpcallClient,
-    UpcallError,
-    UpcallRequestFailed,
-    UpcallTimeout,
-    open_upcall_client,
-)
+from kata_shim.hypervisor._upcall import UpcallSession
+from kata_upcall import Handshake, StreamConnector, UpcallError
 from kata_vmm import (
     BlockSpec,
     DeviceSpec,
@@ -142,9 +134,7 @@ class Dragonball:
         self._open_upcall = upcall
         self.upcall_timeout = upcall_timeout
         """Seconds an upcall request (hot-plug) may take before it fails with `HypervisorError`."""
-        self._upcall: UpcallClient | None = None
-        self._upcall_scope: trio.CancelScope | None = None
-        self._upcall_done = trio.Event()
+        self._upcall: UpcallSession | None = None
         self._hotplug_lock = trio.Lock()
         self._disk_index: dict[MmioSlot, int] = {}
         """Running VM: the kernel's disk index (vda = 0) of each block device's slot."""
@@ -354,65 +344,14 @@ class Dragonball:
             raise HypervisorError(self._crash_message())
 
     # --- hot-plug (upcall) ----------------------------------------------------------------------------
-    async def _upcall_client(self) -> UpcallClient:
-        """The VM's upcall client, started on first use (call with the hot-plug lock held). Its connection
-        task is a system task of its own, ended by `stop_vm`."""
-        if self._upcall is not None:
-            return self._upcall
+    def _upcall_session(self) -> UpcallSession:
+        """The VM's upcall session (made on first use; call with the hot-plug lock held)."""
         vmm = self._require_vmm()
-        if self._stopped or self._upcall_scope is not None:
-            raise HypervisorError("dragonball: the VM is stopping; no hot-plug")
-        connect, handshake = self._open_upcall(vmm)
-        ready = trio.Event()
-        scope = self._upcall_scope = trio.CancelScope()
-
-        async def hold() -> None:
-            # a system task: nothing may escape it
-            try:
-                with scope:
-                    async with open_upcall_client(
-                        connect, handshake=handshake, request_timeout=self.upcall_timeout
-                    ) as client:
-                        self._upcall = client
-                        ready.set()
-                        await trio.sleep_forever()
-            except Exception as err:
-                log.warning("sandbox %s: upcall client ended: %r", self.sandbox_id, err)
-            finally:
-                self._upcall = None
-                ready.set()
-                self._upcall_done.set()
-
-        trio.lowlevel.spawn_system_task(hold, name=f"dragonball-upcall-{self.sandbox_id}")
-        await ready.wait()
         if self._upcall is None:
-            raise HypervisorError("dragonball: the upcall client did not start")
+            if self._stopped:
+                raise HypervisorError("dragonball: the VM is stopping; no hot-plug")
+            self._upcall = UpcallSession(self.sandbox_id, lambda: self._open_upcall(vmm), self.upcall_timeout)
         return self._upcall
-
-    async def _stop_upcall(self) -> None:
-        """End the upcall client (a request in flight fails); idempotent."""
-        scope = self._upcall_scope
-        if scope is not None:
-            scope.cancel()
-            with trio.CancelScope(shield=True):
-                await self._upcall_done.wait()
-
-    def _hotplug_error(self, what: str, err: BaseException) -> HypervisorError:
-        """The shim's error for a failed hot-plug step, saying whose fault it was."""
-        if isinstance(err, UpcallRequestFailed):
-            code = -err.reply.result
-            name = errno.errorcode.get(code, str(code))
-            return HypervisorError(f"dragonball: {what}: the guest refused it ({name}: {os.strerror(code)})")
-        if isinstance(err, UpcallTimeout):
-            return HypervisorError(
-                f"dragonball: {what}: no answer from the guest's upcall server within "
-                f"{self.upcall_timeout:g} s (is the kata_upcall_srv module loaded in the guest?): {err}"
-            )
-        if isinstance(err, UpcallError):
-            return HypervisorError(f"dragonball: {what}: upcall failed: {err}")
-        if isinstance(err, trio.ClosedResourceError):
-            return HypervisorError(f"dragonball: {what}: the VM is stopping")
-        return HypervisorError(f"dragonball: {what}: {err}")
 
     async def _hot_add(self, device: Device) -> DeviceInfo:
         """Plug a block or network device into the running VM and have the guest register it (upcall
@@ -422,7 +361,8 @@ class Dragonball:
             raise HypervisorError("dragonball cannot hot-plug a ShareFsDevice (virtio-fs is cold-plugged)")
         spec = self._spec_for(device)
         async with self._hotplug_lock:
-            upcall = await self._upcall_client()
+            session = self._upcall_session()
+            upcall = await session.client()
             if isinstance(spec, NetSpec) and isinstance(device, NetworkDevice):
                 spec = dataclasses.replace(spec, fd=await self._open_tap(device))
             try:
@@ -434,7 +374,7 @@ class Dragonball:
             try:
                 slot = await hot_add_virtio(vmm, virtio, upcall)  # owns ``virtio`` from here
             except (UpcallError, VmmError, trio.ClosedResourceError) as err:
-                raise self._hotplug_error(what, err) from err
+                raise session.error(what, err) from err
             self._devices.append((device, slot))
             guest_path = ""
             if isinstance(device, BlockDevice):
@@ -456,11 +396,12 @@ class Dragonball:
             if isinstance(device, ShareFsDevice):
                 raise HypervisorError("dragonball cannot hot-unplug a ShareFsDevice")
             slot = self._devices[found][1]
-            upcall = await self._upcall_client()
+            session = self._upcall_session()
+            upcall = await session.client()
             try:
                 await hot_remove_virtio(vmm, slot, upcall)
             except (UpcallError, VmmError, trio.ClosedResourceError) as err:
-                raise self._hotplug_error(f"removing {type(device).__name__} {device}", err) from err
+                raise session.error(f"removing {type(device).__name__} {device}", err) from err
             del self._devices[found]
             self._disk_index.pop(slot, None)
         log.info("sandbox %s: removed %s from virtio-mmio slot %d", self.sandbox_id, device, slot.index)
@@ -483,14 +424,15 @@ class Dragonball:
             current = len(vmm.guest_vcpus)
             if new_vcpus == current:
                 return current, current
-            upcall = await self._upcall_client()
+            session = self._upcall_session()
+            upcall = await session.client()
             try:
                 if new_vcpus > current:
                     await hot_add_vcpus(vmm, new_vcpus - current, upcall)
                 else:
                     await hot_remove_vcpus(vmm, current - new_vcpus, upcall)
             except (UpcallError, VmmError, trio.ClosedResourceError) as err:
-                raise self._hotplug_error(f"resizing vCPUs {current} -> {new_vcpus}", err) from err
+                raise session.error(f"resizing vCPUs {current} -> {new_vcpus}", err) from err
             now = len(vmm.guest_vcpus)
         log.info(
             "sandbox %s: vCPUs %d -> %d (asked %d -> %d)", self.sandbox_id, current, now, old_vcpus, new_vcpus
@@ -552,7 +494,8 @@ class Dragonball:
         if self._vmm is None or self._stopped:
             return
         self._stopped = True
-        await self._stop_upcall()
+        if self._upcall is not None:
+            await self._upcall.aclose()
         vmm = self._vmm
         vmm.stop_nowait()
         try:
