@@ -1449,6 +1449,54 @@ def test_a_block_device_of_the_container_is_hot_plugged_shown_inside_and_removed
     trio.run(main)
 
 
+def test_a_block_snapshotter_rootfs_is_hot_plugged_and_mounted_by_the_agent_not_the_host(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], tmp_path: Path
+) -> None:
+    """A rootfs that is one mount of a host block device (devmapper's ext4 on /dev/dm-N; a loop device
+    here): hot-plugged, CreateContainer's storage (mmioblk, ext4) has the agent mount it on the rootfs
+    path; the host mounts nothing; deleting the container unmounts it in the guest and unplugs it."""
+    if shutil.which("mkfs.ext4") is None or shutil.which("losetup") is None:
+        pytest.skip("needs e2fsprogs and losetup")
+    image = tmp_path / "rootfs.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(busybox_lower), str(image), "64M"], check=True)
+    node = subprocess.run(["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True)
+    loop = node.stdout.strip()
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind, fail="block_hotplug") as pod:
+            cm = pod.instance.containers
+            fifos = _fifos(pod, "c1", "stdout")
+            spec = _spec("sh", "-c", "ls /data >/dev/null && grep ' / ' /proc/mounts | cut -d' ' -f3")
+            bundle = pod.base / "bundles" / "c1"
+            bundle.mkdir(parents=True)
+            cfg = ContainerConfig(
+                "c1",
+                bundle,
+                spec,
+                [RootfsMount("ext4", loop, options=("rw",))],
+                Stdio(stdout=fifos["stdout"]),
+            )
+            got: dict[str, bytes] = {}
+            async with trio.open_nursery() as n:
+                n.start_soon(read_fifo, fifos["stdout"], got, "out")
+                await cm.create_container(cfg)
+                assert BlockDevice(Path(loop), device_id="c1:rootfs") in pod.vm.devices
+                host_root = pod.sandbox.layout.rootfs_host_path("c1")
+                assert str(host_root) not in mounts_below(pod.base)  # the host mounted nothing there
+                await cm.start_process(ProcessId("c1"))
+                with trio.fail_after(20):
+                    status = await cm.wait_process(ProcessId("c1"))
+            assert status.code == 0 and got["out"] == b"ext4\n"
+            await cm.delete_process(ProcessId("c1"))
+            assert not any(isinstance(d, BlockDevice) for d in pod.vm.devices)
+            assert not any("c1" in m for m in mounts_below(pod.base))
+
+    try:
+        trio.run(main)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
+
+
 def test_a_block_device_the_vm_refuses_fails_the_create_and_one_without_hotplug_is_refused(
     busybox_lower: Path, virtiofs_as_bind: dict[str, Path], loop_disk: Path
 ) -> None:

@@ -51,7 +51,9 @@ from kata_shim.runtime._base import (
 from kata_shim.virt_container._devices import (
     PluggedDevices,
     block_entries,
+    block_rootfs_source,
     plug_block_devices,
+    plug_block_rootfs,
     unplug_block_devices,
     without_block_entries,
 )
@@ -180,19 +182,28 @@ class VirtContainerManager:
             bundle_rootfs = Path(root.get("path") or "rootfs")
             if not bundle_rootfs.is_absolute():
                 bundle_rootfs = config.bundle / bundle_rootfs
-            mount_rootfs(config.rootfs, layout.rootfs_host_path(cid), ledger, bundle_rootfs=bundle_rootfs)
+            hv = self.sandbox.require_hypervisor()
+            storages = []
+            if block_rootfs_source(config.rootfs) is not None and hv.capabilities().block_device_hotplug:
+                # a block snapshotter's rootfs: the guest mounts it; the host only makes the mount point
+                ledger.mkdir(layout.rootfs_host_path(cid))
+                guest_root = layout.rootfs_guest_path(cid)
+                storages.append(await plug_block_rootfs(hv, cid, config.rootfs[0], guest_root, devices))
+            else:
+                mount_rootfs(config.rootfs, layout.rootfs_host_path(cid), ledger, bundle_rootfs=bundle_rootfs)
             mounts = share_volumes(config.spec.get("mounts") or [], layout, cid, ledger)
             mounts = self.sandbox.guest_mounts(mounts)  # the pod's one /dev/shm
             spec = guest_spec(config.spec, cid, layout.rootfs_guest_path(cid), mounts)
             # dynamic sizing: the VM grows before the container asks the guest for its CPUs (runtime-rs)
             await self.sandbox.resize_for(cid, _oci_resources(config.spec), ResourceUpdateOp.ADD)
             if block_entries(spec):
-                devices = await plug_block_devices(self.sandbox.require_hypervisor(), cid, spec)
+                await plug_block_devices(hv, cid, spec, devices)
                 spec = without_block_entries(spec)
             await self._open_stdio(agent, process)
             await agent.create_container(
                 cid,
                 spec,
+                storages=storages or None,
                 devices=devices.agent or None,
                 stdio_ports=process.ports,
                 sandbox_pidns=shares_sandbox_pidns(config.spec),  # pod namespaces (issue 14)
