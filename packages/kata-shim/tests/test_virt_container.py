@@ -122,6 +122,8 @@ class AgentVm:
         self.hung = False
         self.vmm_pids: list[int] = []
         self.resizes: list[tuple[int, int]] = []
+        self.spare_vcpu_pids: list[int] = []
+        """Stand-ins for the threads of vCPUs a resize adds (they join `vmm_pids`)."""
         """Stand-ins for the VMM's process, then its vCPU threads (a test's helper processes)."""
         """A hung guest: its agent answers nothing, not even when stop_vm takes it down."""
 
@@ -159,6 +161,8 @@ class AgentVm:
         if self.fail == "vcpu_refused":
             raise HypervisorError("dragonball: resizing vCPUs: the guest refused it (ENODEV)")
         self.resizes.append((old_vcpus, new_vcpus))
+        if new_vcpus > old_vcpus and self.spare_vcpu_pids:  # the new vCPU's thread
+            self.vmm_pids.append(self.spare_vcpu_pids.pop(0))
         return old_vcpus, new_vcpus
 
     async def prepare_vm(self, sandbox_id: str, netns: str | None) -> None:
@@ -1671,6 +1675,40 @@ def test_dynamic_sizing_grows_the_vm_with_containers_and_updates_and_onlines_the
             assert pod.sandbox.vcpu_plan is not None and pod.sandbox.vcpu_plan.current == 1
 
     trio.run(main)
+
+
+def test_a_hot_added_vcpu_thread_joins_the_sandbox_cgroup(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    """Dynamic sizing with a host cgroup: the thread of a vCPU a resize adds starts in its creator's
+    cgroup (the overhead one); the sandbox moves it into the sandbox cgroup, under the pod's CPU limits."""
+    from kata_resources import cgroup_version
+
+    if cgroup_version() != 1 or not Path("/sys/fs/cgroup/cpu/tasks").exists():
+        pytest.skip("this host test is for cgroup v1 (the lab VM covers v2)")
+    rel = f"kvc-hp-{os.getpid()}/pod"
+
+    async def main(vmm: int, vcpu0: int, vcpu1: int) -> None:
+        runtime = RuntimeConfig(static_sandbox_resource_mgmt=False)
+        first = _spec("true", cgroups_path=f"/{rel}")
+        async with running_pod(
+            virtiofs_as_bind,
+            fail="vcpu_hotplug",
+            first_spec=first,
+            runtime=runtime,
+            cgroup_root=Path("/sys/fs/cgroup"),
+            vmm_pids=[vmm, vcpu0],
+        ) as pod:
+            pod.vm.spare_vcpu_pids = [vcpu1]
+            assert vcpu1 not in _v1_tasks("cpu", rel)
+            cfg = _container(pod, busybox_lower, "c1", _cpu_spec("true", quota=200_000), Stdio())
+            await pod.instance.containers.create_container(cfg)
+            assert pod.vm.resizes == [(1, 2)]
+            assert {vcpu0, vcpu1} <= _v1_tasks("cpu", rel)
+
+    with _helpers(3) as (vmm, vcpu0, vcpu1):
+        trio.run(main, vmm, vcpu0, vcpu1)
+    assert not (Path("/sys/fs/cgroup/cpu") / rel).exists()
 
 
 def test_static_sizing_never_resizes_and_a_refused_resize_fails_the_create_cleanly(

@@ -550,6 +550,12 @@ class VirtSandbox:
                 ) from err
             plan.resized(new)
             log.info("sandbox %s: vCPUs %d -> %d (container %s)", self.sandbox_id, old, new, container_id)
+            if old < new and self.cgroup is not None:
+                # a new vCPU thread starts in its creator's cgroup: the pod's CPU limits must hold it too
+                try:
+                    await self._join_cgroup(hv, vcpus=True)
+                except SandboxError as err:
+                    log.warning("%s", err)
             if old < new:
                 try:
                     await self.agent.online_cpu_mem(new, cpu_only=True)
