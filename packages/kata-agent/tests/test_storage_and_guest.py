@@ -219,3 +219,30 @@ def test_online_memory_switches_every_offline_block_on(tmp_path: Path) -> None:
     assert (tmp_path / "memory8" / "state").read_text() == "online"
     assert (tmp_path / "memory9" / "state").read_text() == "going-offline\n"
     assert online_memory(base=str(tmp_path / "absent")) == 0  # no memory hotplug in this guest
+
+
+def test_wait_for_devices_waits_for_a_hot_plugged_node_within_its_budget(tmp_path: Path) -> None:
+    """A hot-plugged disk's node may appear a moment after CreateContainer arrives: the agent waits for
+    it (bounded), and gives up after the budget, leaving the error to add_devices."""
+    from types import SimpleNamespace
+
+    from kata_agent._devices import wait_for_devices
+
+    late = tmp_path / "vdb"
+
+    async def main() -> float:
+        async with trio.open_nursery() as nursery:
+
+            async def appear() -> None:
+                await trio.sleep(0.2)
+                late.touch()
+
+            nursery.start_soon(appear)
+            start = trio.current_time()
+            with trio.fail_after(30):
+                await wait_for_devices([SimpleNamespace(type="mmioblk", vm_path=str(late))])
+            return trio.current_time() - start
+
+    assert trio.run(main) >= 0.2  # it waited for the node
+    missing = SimpleNamespace(type="blk", vm_path=str(tmp_path / "never"))
+    trio.run(wait_for_devices, [missing], 0.1)  # returns after the budget, raises nothing

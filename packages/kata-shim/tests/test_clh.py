@@ -135,6 +135,7 @@ def test_full_life_cycle_validates(
         info = await hv.add_device(NetworkDevice("tap1_kata", ""))
         assert info.pci_path == "07"
         await hv.resize_vcpus(2)
+        assert await hv.resize_vcpu(2, 2) == (2, 2)  # nothing to do: no request
         with pytest.raises(HypervisorError, match="cannot resize to 5"):
             await hv.resize_vcpus(5)
         await hv.stop_vm()

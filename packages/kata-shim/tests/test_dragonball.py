@@ -58,7 +58,7 @@ def test_dragonball_capabilities_say_what_the_built_in_vmm_can_do(assets: Hyperv
     assert caps.passfd and caps.block_device and caps.hybrid_vsock  # hvsock + passfd stdio, virtio-blk
     assert caps.agent_transport == "hvsock" and caps.device_addressing == "mmio"
     assert {"inline-virtio-fs", "virtio-fs"} <= caps.shared_fs and caps.fs_sharing
-    assert not caps.hotplug and not caps.block_device_hotplug  # no upcall hot-plug yet
+    assert caps.hotplug == {"block", "net", "vcpu"} and caps.block_device_hotplug  # upcall hot-plug
     assert not caps.multi_queue and not caps.guest_memory_probe
 
 

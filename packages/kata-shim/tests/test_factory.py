@@ -36,6 +36,7 @@ from kata_shim.hypervisor import (
     Capabilities,
     Device,
     DeviceInfo,
+    Hypervisor,
     HypervisorConfig,
     HypervisorError,
     ShareFsDevice,
@@ -132,6 +133,30 @@ class FakeVm:
     def restore_from(self, directory: Path | None) -> None:
         self.restored = directory
 
+    async def remove_device(self, device: Device) -> None:
+        raise HypervisorError(f"fake cannot hot-unplug a {type(device).__name__}")
+
+    async def resize_vcpu(self, old_vcpus: int, new_vcpus: int) -> tuple[int, int]:
+        raise HypervisorError(f"fake cannot resize vCPUs ({old_vcpus} -> {new_vcpus})")
+
+    async def pause_vm(self) -> None:
+        self.calls.append("pause_vm")
+
+    async def resume_vm(self) -> None:
+        self.calls.append("resume_vm")
+
+    def passfd_listener(self) -> tuple[Path, int] | None:
+        return None
+
+    def pids(self) -> list[int]:
+        return []
+
+    def thread_ids(self) -> list[int]:
+        return []
+
+    def vcpu_thread_ids(self) -> list[int]:
+        return []
+
     async def stop_vm(self) -> None:
         self.calls.append("stop_vm")
         self._stop.set()
@@ -153,6 +178,10 @@ class FakeVm:
 
     async def cleanup(self) -> None:
         self.calls.append("cleanup")
+
+
+def _is_a_hypervisor(vm: FakeVm) -> Hypervisor:
+    return vm  # mypy: FakeVm implements the whole Hypervisor protocol
 
 
 def _vms(base: Path, **kwargs: Any) -> tuple[list[FakeVm], Any]:

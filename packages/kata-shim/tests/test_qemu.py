@@ -123,6 +123,14 @@ def test_capabilities_say_pci_vsock_virtio_fs_and_no_passfd_or_hotplug(config: H
     assert caps.fs_sharing and not caps.hybrid_vsock and not caps.block_device_hotplug
 
 
+def test_hot_unplug_and_vcpu_resize_are_refused_as_the_capabilities_say(config: HypervisorConfig) -> None:
+    hv = Qemu(config)
+    with pytest.raises(HypervisorError, match="qemu cannot resize vCPUs"):
+        trio.run(hv.resize_vcpu, 1, 2)
+    with pytest.raises(HypervisorError, match="qemu cannot hot-unplug a NetworkDevice"):
+        trio.run(hv.remove_device, NetworkDevice("tap0_kata", ""))
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -51,9 +51,11 @@ from kata_resources import (
 )
 from kata_shim.config import AgentConfig, FactoryConfig, RuntimeConfig, TomlConfig
 from kata_shim.hypervisor import (
+    BlockDevice,
     Capabilities,
     Device,
     DeviceInfo,
+    Hypervisor,
     HypervisorConfig,
     HypervisorError,
     NetworkDevice,
@@ -120,10 +122,13 @@ class AgentVm:
         self._next_port = 5000
         self.crashed = ""
         self.hung = False
+        """A hung guest: its agent answers nothing, not even when stop_vm takes it down."""
         self.restored_from: Path | None = None
         self.vmm_pids: list[int] = []
         """Stand-ins for the VMM's process, then its vCPU threads (a test's helper processes)."""
-        """A hung guest: its agent answers nothing, not even when stop_vm takes it down."""
+        self.resizes: list[tuple[int, int]] = []
+        self.spare_vcpu_pids: list[int] = []
+        """Stand-ins for the threads of vCPUs a resize adds (they join `vmm_pids`)."""
 
     def crash(self, reason: str = "guest kernel panic") -> None:
         """The guest dies: wait_vm returns (as on a VMM's exit) and the agent never answers again (it is only
@@ -137,8 +142,20 @@ class AgentVm:
 
     def capabilities(self) -> Capabilities:
         # "no_passfd": a back-end that cannot pass fds (the shim must copy stdio over ttrpc instead)
+        # "vcpu_hotplug"/"vcpu_refused": it hot-plugs vCPUs (the second one's guest refuses)
+        # "net_hotplug": it hot-plugs NICs
+        hotplug: frozenset[Any] = frozenset()
+        if self.fail in ("vcpu_hotplug", "vcpu_refused"):
+            hotplug = frozenset({"vcpu"})
+        elif self.fail == "net_hotplug":
+            hotplug = frozenset({"net"})
+        elif self.fail in ("block_hotplug", "block_refused"):
+            hotplug = frozenset({"block"})
         return Capabilities(
-            shared_fs=frozenset({"virtio-fs"}), passfd=self.fail != "no_passfd", snapshot=True
+            shared_fs=frozenset({"virtio-fs"}),
+            passfd=self.fail != "no_passfd",
+            hotplug=hotplug,
+            snapshot=True,
         )
 
     async def save_vm(self, directory: Path) -> None:
@@ -152,6 +169,19 @@ class AgentVm:
         self.calls.append(f"restore_from:{directory}")
         self.restored_from = directory
 
+    async def remove_device(self, device: Device) -> None:
+        self.calls.append(f"remove_device:{type(device).__name__}")
+        self.devices.remove(device)
+
+    async def resize_vcpu(self, old_vcpus: int, new_vcpus: int) -> tuple[int, int]:
+        self.calls.append(f"resize_vcpu:{old_vcpus}->{new_vcpus}")
+        if self.fail == "vcpu_refused":
+            raise HypervisorError("dragonball: resizing vCPUs: the guest refused it (ENODEV)")
+        self.resizes.append((old_vcpus, new_vcpus))
+        if new_vcpus > old_vcpus and self.spare_vcpu_pids:  # the new vCPU's thread
+            self.vmm_pids.append(self.spare_vcpu_pids.pop(0))
+        return old_vcpus, new_vcpus
+
     async def prepare_vm(self, sandbox_id: str, netns: str | None) -> None:
         self.calls.append("prepare_vm")
         self.pod_netns = netns
@@ -159,7 +189,15 @@ class AgentVm:
 
     async def add_device(self, device: Device) -> DeviceInfo:
         self.calls.append(f"add_device:{type(device).__name__}")
+        if self.shared_mounted and isinstance(device, BlockDevice):  # after start_vm: hot-plug
+            if self.fail == "block_refused":
+                raise HypervisorError("dragonball: hot-adding BlockDevice: the guest refused it (ENODEV)")
+            self.devices.append(device)
+            return DeviceInfo(guest_path=str(device.path))  # the "guest" sees the host's node
         self.devices.append(device)
+        if self.shared_mounted:
+            assert isinstance(device, NetworkDevice) and self.fail == "net_hotplug"
+            await self._plug_nic(len(self.nic_fds) // 2, device)
         if isinstance(device, ShareFsDevice):
             assert device.mount_tag == "kataShared"
             self.shared = device.host_path
@@ -325,6 +363,10 @@ async def _unix_listener(path: Path) -> trio.socket.SocketType:
     await sock.bind(str(path))
     sock.listen(16)
     return sock
+
+
+def _is_a_hypervisor(vm: AgentVm) -> Hypervisor:
+    return vm  # mypy: AgentVm implements the whole Hypervisor protocol
 
 
 def _blocking(sock: trio.socket.SocketType) -> socket.socket:
@@ -1331,6 +1373,190 @@ def test_pod_network_reaches_the_guest_and_is_torn_down(
     trio.run(main)
 
 
+def test_a_veth_that_appears_after_boot_is_hot_plugged_and_configured_in_the_guest(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], pod_network: dict[str, str]
+) -> None:
+    """NIC hot-plug (issue 14): a second veth in the pod netns after boot; on the sandbox container's Start
+    (the rescan) it gets a tap, the back-end hot-plugs a NIC on it, the agent names and addresses it as
+    the veth and routes through it; the first NIC and its routes stay; traffic goes both ways."""
+    pod_ns, host_ns, guest_ns = pod_network["pod"], pod_network["host"], pod_network["guest"]
+
+    async def main() -> None:
+        first = _spec("true", netns=f"/run/netns/{pod_ns}")
+        async with running_pod(
+            virtiofs_as_bind, fail="net_hotplug", first_spec=first, agent_netns=guest_ns
+        ) as pod:
+            _ip(
+                "link",
+                "add",
+                "eth1",
+                "netns",
+                pod_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "hostend1",
+                "netns",
+                host_ns,
+            )
+            _ip("addr", "add", "10.77.0.2/24", "dev", "eth1", netns=pod_ns)
+            _ip("link", "set", "eth1", "up", netns=pod_ns)
+            _ip("route", "add", "10.66.0.0/16", "via", "10.77.0.1", netns=pod_ns)
+            _ip("addr", "add", "10.77.0.1/24", "dev", "hostend1", netns=host_ns)
+            _ip("link", "set", "hostend1", "up", netns=host_ns)
+            mac = _ip("-j", "link", "show", "eth1", netns=pod_ns).split('"address":"')[1].split('"')[0]
+            await pod.sandbox.rescan_network()
+            nics = [(d.tap, d.mac) for d in pod.vm.devices if isinstance(d, NetworkDevice)]
+            assert nics == [("tap0_kata", pod_network["mac"]), ("tap1_kata", mac)]
+            assert pod.vm.calls.count("add_device:NetworkDevice") == 2
+            assert "10.77.0.2/24" in await _aip("-o", "addr", "show", "dev", "eth1", netns=guest_ns)
+            assert mac in await _aip("-o", "link", "show", "dev", "eth1", netns=guest_ns)
+            routes = await _aip("route", "show", netns=guest_ns)
+            assert (
+                "default via 10.88.0.1 dev eth0" in routes and "10.66.0.0/16 via 10.77.0.1 dev eth1" in routes
+            )
+            ping = await trio.run_process(
+                ["ip", "netns", "exec", guest_ns, BUSYBOX, "ping", "-c", "2", "-W", "10", "10.77.0.1"],
+                capture_stdout=True,
+                check=False,
+            )
+            assert ping.returncode == 0, ping.stdout
+            await pod.sandbox.rescan_network()  # nothing new: nothing plugged again
+            assert pod.vm.calls.count("add_device:NetworkDevice") == 2
+            await pod.sandbox.cleanup()
+            assert "_kata" not in await _aip("-o", "link", "show", netns=pod_ns)
+
+    trio.run(main)
+
+
+@pytest.fixture
+def loop_disk(tmp_path: Path) -> Iterator[Path]:
+    """A loop device over a 1 MiB raw image that starts with a marker."""
+    if shutil.which("losetup") is None:
+        pytest.skip("needs losetup")
+    image = tmp_path / "raw.img"
+    image.write_bytes(b"kata-raw-volume\n".ljust(1 << 20, b"\0"))
+    dev = subprocess.run(["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True)
+    node = Path(dev.stdout.strip())
+    try:
+        yield node
+    finally:
+        subprocess.run(["losetup", "-d", str(node)], check=False)
+
+
+def test_a_block_device_of_the_container_is_hot_plugged_shown_inside_and_removed_with_it(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], loop_disk: Path
+) -> None:
+    """`ctr run --device /dev/loopN` (OCI linux.devices type b): the host device found by major:minor is
+    hot-plugged (BlockDevice), the agent shows the guest's node at the container path (CreateContainer
+    devices, mmioblk), the container reads it; deleting the container unplugs it."""
+    st = os.stat(loop_disk)
+    entry = {"path": "/dev/xvdz", "type": "b", "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev)}
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind, fail="block_hotplug") as pod:
+            cm = pod.instance.containers
+            fifos = _fifos(pod, "c1", "stdout")
+            spec = _spec("head", "-n", "1", "/dev/xvdz")
+            spec["linux"]["devices"] = [entry]
+            got: dict[str, bytes] = {}
+            async with trio.open_nursery() as n:
+                n.start_soon(read_fifo, fifos["stdout"], got, "out")
+                await cm.create_container(
+                    _container(pod, busybox_lower, "c1", spec, Stdio(stdout=fifos["stdout"]))
+                )
+                assert BlockDevice(loop_disk, device_id="c1:/dev/xvdz") in pod.vm.devices
+                await cm.start_process(ProcessId("c1"))
+                with trio.fail_after(20):
+                    status = await cm.wait_process(ProcessId("c1"))
+            assert status.code == 0 and got["out"] == b"kata-raw-volume\n"
+            await cm.delete_process(ProcessId("c1"))
+            assert "remove_device:BlockDevice" in pod.vm.calls
+            assert not any(isinstance(d, BlockDevice) for d in pod.vm.devices)
+
+    trio.run(main)
+
+
+def test_a_block_snapshotter_rootfs_is_hot_plugged_and_mounted_by_the_agent_not_the_host(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], tmp_path: Path
+) -> None:
+    """A rootfs that is one mount of a host block device (devmapper's ext4 on /dev/dm-N; a loop device
+    here): hot-plugged, CreateContainer's storage (mmioblk, ext4) has the agent mount it on the rootfs
+    path; the host mounts nothing; deleting the container unmounts it in the guest and unplugs it."""
+    if shutil.which("mkfs.ext4") is None or shutil.which("losetup") is None:
+        pytest.skip("needs e2fsprogs and losetup")
+    image = tmp_path / "rootfs.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(busybox_lower), str(image), "64M"], check=True)
+    node = subprocess.run(["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True)
+    loop = node.stdout.strip()
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind, fail="block_hotplug") as pod:
+            cm = pod.instance.containers
+            fifos = _fifos(pod, "c1", "stdout")
+            spec = _spec("sh", "-c", "ls /data >/dev/null && grep ' / ' /proc/mounts | cut -d' ' -f3")
+            bundle = pod.base / "bundles" / "c1"
+            bundle.mkdir(parents=True)
+            cfg = ContainerConfig(
+                "c1",
+                bundle,
+                spec,
+                [RootfsMount("ext4", loop, options=("rw",))],
+                Stdio(stdout=fifos["stdout"]),
+            )
+            got: dict[str, bytes] = {}
+            async with trio.open_nursery() as n:
+                n.start_soon(read_fifo, fifos["stdout"], got, "out")
+                await cm.create_container(cfg)
+                assert BlockDevice(Path(loop), device_id="c1:rootfs") in pod.vm.devices
+                host_root = pod.sandbox.layout.rootfs_host_path("c1")
+                assert str(host_root) not in mounts_below(pod.base)  # the host mounted nothing there
+                await cm.start_process(ProcessId("c1"))
+                with trio.fail_after(20):
+                    status = await cm.wait_process(ProcessId("c1"))
+            assert status.code == 0 and got["out"] == b"ext4\n"
+            await cm.delete_process(ProcessId("c1"))
+            assert not any(isinstance(d, BlockDevice) for d in pod.vm.devices)
+            assert not any("c1" in m for m in mounts_below(pod.base))
+
+    try:
+        trio.run(main)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def test_a_block_device_the_vm_refuses_fails_the_create_and_one_without_hotplug_is_refused(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], loop_disk: Path
+) -> None:
+    st = os.stat(loop_disk)
+    entry = {"path": "/dev/xvdz", "type": "b", "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev)}
+
+    async def main() -> None:
+        for mode, error, match in [
+            ("block_refused", SandboxError, "guest refused it"),
+            ("", InvalidArgument, "block devices need block hot-plug"),
+        ]:
+            async with running_pod(virtiofs_as_bind, fail=mode) as pod:
+                cm = pod.instance.containers
+                spec = _spec("true")
+                spec["linux"]["devices"] = [entry]
+                with pytest.raises(error, match=match):
+                    await cm.create_container(_container(pod, busybox_lower, "c1", spec, Stdio()))
+                assert cm.container_ids() == [] and not pod.sandbox.layout.container_dir("c1").exists()
+                assert not any(isinstance(d, BlockDevice) for d in pod.vm.devices)
+            gone = {"path": "/dev/xvdz", "type": "b", "major": 4095, "minor": 4095}
+            async with running_pod(virtiofs_as_bind, fail="block_hotplug") as pod:
+                spec = _spec("true")
+                spec["linux"]["devices"] = [gone]
+                with pytest.raises(InvalidArgument, match="no host block device 4095:4095"):
+                    await pod.instance.containers.create_container(
+                        _container(pod, busybox_lower, "c2", spec, Stdio())
+                    )
+
+    trio.run(main)
+
+
 @contextlib.contextmanager
 def _helpers(n: int) -> Iterator[list[int]]:
     """``n`` sleeping processes standing in for the VMM's process and its vCPU thread."""
@@ -1429,6 +1655,111 @@ def test_vm_is_sized_from_the_sandbox_spec_and_the_pod_gets_one_shm(
                     "options": ["rbind"],
                 }
             ]
+
+    trio.run(main)
+
+
+def _cpu_spec(*args: str, quota: int, period: int = 100_000) -> dict[str, Any]:
+    spec = _spec(*args)
+    spec["linux"]["resources"] = {"cpu": {"quota": quota, "period": period}}
+    return spec
+
+
+def test_dynamic_sizing_grows_the_vm_with_containers_and_updates_and_onlines_the_cpus(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """static_sandbox_resource_mgmt = false on a back-end that hot-plugs vCPUs (runtime-rs's dynamic path):
+    the VM boots with default_vcpus, each Create and Update resizes it to the sum of ceil(quota/period)
+    (never below default_vcpus) before the agent call, the agent onlines them (OnlineCPUMem), a Delete
+    shrinks it back."""
+    onlined: list[int] = []
+    monkeypatch.setattr(agent_guest, "online_cpus", lambda limit, base="": onlined.append(limit) or 0)
+
+    async def main() -> None:
+        runtime = RuntimeConfig(static_sandbox_resource_mgmt=False)
+        first = _cpu_spec("true", quota=200_000)
+        async with running_pod(
+            virtiofs_as_bind, fail="vcpu_hotplug", first_spec=first, runtime=runtime
+        ) as pod:
+            assert pod.vm.config.default_vcpus == 1  # not sized statically (that would be 1 + 2)
+            cm = pod.instance.containers
+            cfg = _container(pod, busybox_lower, "c1", _cpu_spec("sleep", "1000", quota=150_000), Stdio())
+            await cm.create_container(cfg)
+            assert pod.vm.resizes == [(1, 2)] and onlined == [2]
+            await cm.update_container("c1", {"cpu": {"quota": 250_000, "period": 100_000}})
+            assert pod.vm.resizes[-1] == (2, 3) and onlined == [2, 3]
+            await cm.update_container("c1", {"cpu": {"cpus": "0"}})  # a cpuset-only update keeps the quota
+            await cm.update_container("c1", {"pids": {"limit": 64}})  # no CPU part: nothing to resize
+            assert len(pod.vm.resizes) == 2
+            await cm.start_process(ProcessId("c1"))
+            await cm.kill_process(ProcessId("c1"), signal.SIGKILL)
+            with trio.fail_after(20):
+                await cm.wait_process(ProcessId("c1"))
+            await cm.delete_process(ProcessId("c1"))
+            assert pod.vm.resizes[-1] == (3, 1) and onlined == [2, 3]  # shrinking onlines nothing
+            assert pod.sandbox.vcpu_plan is not None and pod.sandbox.vcpu_plan.current == 1
+
+    trio.run(main)
+
+
+def test_a_hot_added_vcpu_thread_joins_the_sandbox_cgroup(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    """Dynamic sizing with a host cgroup: the thread of a vCPU a resize adds starts in its creator's
+    cgroup (the overhead one); the sandbox moves it into the sandbox cgroup, under the pod's CPU limits."""
+    from kata_resources import cgroup_version
+
+    if cgroup_version() != 1 or not Path("/sys/fs/cgroup/cpu/tasks").exists():
+        pytest.skip("this host test is for cgroup v1 (the lab VM covers v2)")
+    rel = f"kvc-hp-{os.getpid()}/pod"
+
+    async def main(vmm: int, vcpu0: int, vcpu1: int) -> None:
+        runtime = RuntimeConfig(static_sandbox_resource_mgmt=False)
+        first = _spec("true", cgroups_path=f"/{rel}")
+        async with running_pod(
+            virtiofs_as_bind,
+            fail="vcpu_hotplug",
+            first_spec=first,
+            runtime=runtime,
+            cgroup_root=Path("/sys/fs/cgroup"),
+            vmm_pids=[vmm, vcpu0],
+        ) as pod:
+            pod.vm.spare_vcpu_pids = [vcpu1]
+            assert vcpu1 not in _v1_tasks("cpu", rel)
+            cfg = _container(pod, busybox_lower, "c1", _cpu_spec("true", quota=200_000), Stdio())
+            await pod.instance.containers.create_container(cfg)
+            assert pod.vm.resizes == [(1, 2)]
+            assert {vcpu0, vcpu1} <= _v1_tasks("cpu", rel)
+
+    with _helpers(3) as (vmm, vcpu0, vcpu1):
+        trio.run(main, vmm, vcpu0, vcpu1)
+    assert not (Path("/sys/fs/cgroup/cpu") / rel).exists()
+
+
+def test_static_sizing_never_resizes_and_a_refused_resize_fails_the_create_cleanly(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    async def main() -> None:
+        static = RuntimeConfig(static_sandbox_resource_mgmt=True)
+        async with running_pod(virtiofs_as_bind, fail="vcpu_hotplug", runtime=static) as pod:
+            cm = pod.instance.containers
+            await cm.create_container(
+                _container(pod, busybox_lower, "c1", _cpu_spec("true", quota=300_000), Stdio())
+            )
+            assert pod.vm.resizes == [] and pod.sandbox.vcpu_plan is None
+        dynamic = RuntimeConfig(static_sandbox_resource_mgmt=False)
+        async with running_pod(virtiofs_as_bind, fail="vcpu_refused", runtime=dynamic) as pod:
+            cm = pod.instance.containers
+            cfg = _container(pod, busybox_lower, "c2", _cpu_spec("true", quota=300_000), Stdio())
+            with pytest.raises(SandboxError, match=r"resizing the VM to 3 vCPUs for container c2: .*refused"):
+                await cm.create_container(cfg)
+            assert cm.container_ids() == [] and pod.sandbox.vcpu_plan is not None
+            assert pod.sandbox.vcpu_plan.requests == {} and pod.sandbox.vcpu_plan.current == 1
+            assert not pod.sandbox.layout.container_dir("c2").exists()  # its rootfs mount undone
+            bad = _container(pod, busybox_lower, "c3", _spec("true"), Stdio())
+            bad.spec["linux"]["resources"] = {"cpu": {"cpus": "7-2"}}
+            with pytest.raises(InvalidArgument, match="cpuset"):
+                await cm.create_container(bad)
 
     trio.run(main)
 

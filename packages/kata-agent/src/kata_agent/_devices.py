@@ -6,6 +6,8 @@ import os
 import stat
 from typing import Any
 
+import trio
+
 from kata_proto import ttrpc
 
 #: Device types whose `vm_path` is a node (or a /dev/disk/by-path name) in the guest.
@@ -21,6 +23,27 @@ def guest_block_node(name: str) -> str:
     if os.path.exists(by_path):
         return os.path.realpath(by_path)
     raise ttrpc.NotFound(f"block device {name!r} not found in the guest")
+
+
+#: Seconds a hot-plugged block device's node may take to appear (upstream's default hotplug_timeout).
+HOTPLUG_TIMEOUT = 3.0
+
+
+async def wait_for_devices(devices: list[Any], timeout: float = HOTPLUG_TIMEOUT) -> None:  # noqa: ASYNC109
+    """Give each block device's guest node up to ``timeout`` seconds to appear (a hot-plugged disk's
+    driver may still be probing when CreateContainer comes); `add_devices` reports what is still missing."""
+    with trio.move_on_after(timeout):
+        for dev in devices:
+            if dev.type not in BLOCK_DEVICE_TYPES:
+                continue
+            while True:
+                try:
+                    node = guest_block_node(dev.vm_path)
+                except ttrpc.NotFound:
+                    node = ""
+                if node and await trio.Path(node).exists():
+                    break
+                await trio.sleep(0.05)
 
 
 def add_devices(config: dict[str, Any], devices: list[Any]) -> None:

@@ -8,6 +8,9 @@ A back-end owns one VM. The sandbox manager drives it in this order::
     await hv.add_device(ShareFsDevice(...))          # cold-plugged devices, before start_vm
     await hv.start_vm(timeout)                       # the guest kernel runs; the agent comes up later
     address = hv.agent_address()                     # "hvsock:<uds>:1024" for kata_agent_client.connect
+    await hv.add_device(BlockDevice(...))            # hot-plug, for the kinds `caps.hotplug` names
+    await hv.remove_device(device)                   # hot-unplug one added earlier
+    old, new = await hv.resize_vcpu(1, 3)            # vCPU hot-add/remove ("vcpu" in `caps.hotplug`)
     ...
     await hv.stop_vm(); await hv.cleanup()
 
@@ -177,6 +180,14 @@ class Hypervisor(Protocol):
     async def add_device(self, device: Device) -> DeviceInfo:
         """Cold-plug a device before `start_vm` (hot-plug after it, for the kinds `capabilities().hotplug`
         names); returns where the guest sees it, from what the VMM assigned."""
+
+    async def remove_device(self, device: Device) -> None:
+        """Hot-unplug a device `add_device` added (the guest lets it go first); `HypervisorError` when the
+        back-end cannot (no such device, no hot-plug of its kind, the guest refused)."""
+
+    async def resize_vcpu(self, old_vcpus: int, new_vcpus: int) -> tuple[int, int]:
+        """Grow or shrink the running guest's vCPUs towards ``new_vcpus`` (capped at ``default_maxvcpus``,
+        as runtime-rs does); returns (vCPUs before, vCPUs now). `HypervisorError` without "vcpu" hot-plug."""
 
     async def start_vm(self, timeout: float) -> None:  # noqa: ASYNC109 (runtime-rs signature)
         """Boot the guest; raise `HypervisorError` (with the console tail) if it dies or times out."""

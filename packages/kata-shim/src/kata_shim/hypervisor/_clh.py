@@ -249,6 +249,14 @@ class CloudHypervisor(RestVmm):
             raise HypervisorError(f"cloud-hypervisor: cannot resize to {vcpus} vCPUs (1..{limit})")
         await self.api("PUT", "/vm.resize", {"desired_vcpus": vcpus})
 
+    async def resize_vcpu(self, old_vcpus: int, new_vcpus: int) -> tuple[int, int]:
+        """`resize_vcpus` to ``new_vcpus`` capped at max(default_maxvcpus, default_vcpus), as runtime-rs."""
+        limit = max(self.config.default_maxvcpus, self.config.default_vcpus)
+        new_vcpus = min(new_vcpus, limit)
+        if new_vcpus != old_vcpus:
+            await self.resize_vcpus(new_vcpus)
+        return old_vcpus, new_vcpus
+
     async def add_device(self, device: Device) -> DeviceInfo:
         """Before `start_vm`: cold-plug (in ``vm.create``'s config; no PCI path known yet). After: hot-plug
         with ``vm.add-disk``/``vm.add-net``/``vm.add-fs``; the answer's BDF gives the PCI path."""

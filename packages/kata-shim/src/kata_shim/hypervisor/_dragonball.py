@@ -12,6 +12,13 @@ inline virtio-fs) live in the shim. Device order on the virtio-mmio slots, which
 the builder assigned (its window is the `DeviceInfo.mmio_address`), and `start_vm` builds the VM with every
 device on exactly that slot: the back-end never predicts where the VMM puts a device.
 
+After `start_vm`, `add_device` hot-plugs block and network devices and `resize_vcpu` adds or removes
+vCPUs, Dragonball's way: kata_vmm plugs the device (lowest free slot) or creates the vCPU, then an upcall
+request (AddMmio, AddCpu...) tells the guest's `kata_upcall_srv` module. The upcall client runs over the VM's
+own vsock device, opened on the first hot-plug and kept until the VM stops. Anything the guest refuses, or
+leaves unanswered past `upcall_timeout`, is a `HypervisorError` naming the request, and kata_vmm has undone
+the host side (the slot is free, the device and its fds closed).
+
 A guest exit is noticed through `kata_vmm.Vmm.exit_fd()` with `trio.lowlevel.wait_readable`: no thread is
 parked waiting for the VM. The console (serial) goes to this module's logger line by line, and its last
 lines are kept for the error raised when the guest dies.
@@ -25,6 +32,7 @@ import functools
 import logging
 import os
 import select
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -50,6 +58,8 @@ from kata_shim.hypervisor._common import (
     make_state_dir,
     netns_path,
 )
+from kata_shim.hypervisor._upcall import UpcallSession
+from kata_upcall import Handshake, StreamConnector, UpcallError
 from kata_vmm import (
     BlockSpec,
     DeviceSpec,
@@ -65,7 +75,12 @@ from kata_vmm import (
     VmmError,
     VmStateError,
     VsockSpec,
+    hot_add_vcpus,
+    hot_add_virtio,
+    hot_remove_vcpus,
+    hot_remove_virtio,
     open_tap,
+    upcall_connector,
 )
 
 log = logging.getLogger("kata_shim.hypervisor.dragonball")
@@ -77,9 +92,12 @@ theirs to do (files created through FUSE start as root's, the container's user t
 nodes, setuid/setgid bits and security./trusted./system. xattrs stay refused, and the host side of the
 share is nosuid,nodev."""
 STOP_TIMEOUT = 15.0
+UPCALL_TIMEOUT = 60.0
+"""Seconds one upcall request may take (connecting to the guest's server included): under TCG a guest
+probes a new virtio-mmio device in seconds, not milliseconds."""
 CAPABILITIES = Capabilities(
     block_device=True,
-    hotplug=frozenset(),  # upcall hot-plug (block, net, vcpu, memory) is not built yet
+    hotplug=frozenset({"block", "net", "vcpu"}),  # upcall; memory (virtio-mem) not through the shim yet
     multi_queue=False,
     shared_fs=frozenset({"inline-virtio-fs", "virtio-fs"}),
     guest_memory_probe=False,
@@ -88,7 +106,15 @@ CAPABILITIES = Capabilities(
     device_addressing="mmio",
     snapshot=True,
 )
-"""What the built-in VMM can do today (upstream's dragonball adds block hot-plug and multi-queue)."""
+"""What the built-in VMM can do (upstream's dragonball also has multi-queue and memory hot-plug)."""
+
+UpcallOpener = Callable[[Vmm], tuple[StreamConnector, Handshake]]
+"""How the upcall client reaches the guest's upcall server of a running VM: a stream factory and the
+handshake its streams need (default: the VM's own vsock device, `kata_vmm.upcall_connector`)."""
+
+
+def _vsock_upcall(vmm: Vmm) -> tuple[StreamConnector, Handshake]:
+    return upcall_connector(vmm), Handshake.ACCEPT_LINE
 
 
 class Dragonball:
@@ -96,9 +122,23 @@ class Dragonball:
 
     name = "dragonball"
 
-    def __init__(self, config: HypervisorConfig, *, state_root: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: HypervisorConfig,
+        *,
+        state_root: Path | None = None,
+        upcall: UpcallOpener = _vsock_upcall,
+        upcall_timeout: float = UPCALL_TIMEOUT,
+    ) -> None:
         self.config = config
         self._state_root = state_root
+        self._open_upcall = upcall
+        self.upcall_timeout = upcall_timeout
+        """Seconds an upcall request (hot-plug) may take before it fails with `HypervisorError`."""
+        self._upcall: UpcallSession | None = None
+        self._hotplug_lock = trio.Lock()
+        self._disk_index: dict[MmioSlot, int] = {}
+        """Running VM: the kernel's disk index (vda = 0) of each block device's slot."""
         self.sandbox_id = ""
         self.state_dir: Path | None = None
         self.netns: str | None = None
@@ -147,8 +187,15 @@ class Dragonball:
         kata_vmm.install_kick_handler()
 
     def capabilities(self) -> Capabilities:
-        """Block devices, virtio-fs, hybrid vsock with passfd, virtio-mmio addressing; no hot-plug yet."""
+        """Block devices, virtio-fs, hybrid vsock with passfd, virtio-mmio addressing; hot-plug of block
+        and network devices and vCPUs through upcall."""
         return CAPABILITIES
+
+    def max_vcpus(self) -> int:
+        """The most vCPUs the VM may have: ``default_maxvcpus`` (0: the host's CPUs, as upstream), never
+        below ``default_vcpus``; the guest's MADT lists them all (the extra ones for hot-add)."""
+        cfg = self.config
+        return max(cfg.default_maxvcpus or os.cpu_count() or 1, cfg.default_vcpus)
 
     def _vm_config(self) -> VmConfig:
         cfg = self.config
@@ -159,15 +206,16 @@ class Dragonball:
             vcpus=cfg.default_vcpus,
             memory_mib=cfg.default_memory,
             console_output=self._console,
+            max_vcpus=self.max_vcpus(),
         )
 
     async def add_device(self, device: Device) -> DeviceInfo:
-        """Cold-plug a device (before `start_vm`); says where the guest will see it, from the slot the VMM
-        builder assigned."""
+        """Cold-plug a device before `start_vm`, hot-plug a block or network device after it; says where
+        the guest sees it, from the slot the VMM (builder) assigned."""
         if self.state_dir is None or self._builder is None:
             raise HypervisorError("add_device() before prepare_vm()")
         if self._vmm is not None:
-            raise HypervisorError(f"dragonball cannot hot-plug a {type(device).__name__} (no hot-plug yet)")
+            return await self._hot_add(device)
         spec = self._spec_for(device)
         try:
             slot = self._builder.add_device(spec)
@@ -220,22 +268,25 @@ class Dragonball:
         return [spec for _slot, spec in self._builder.devices] if self._builder is not None else []
 
     # --- running -----------------------------------------------------------------------------------
+    async def _open_tap(self, device: NetworkDevice) -> int:
+        """Open the device's tap inside the pod's netns (a thread of its own enters it, so no trio worker
+        ever runs there)."""
+        try:
+            if self.netns is None:
+                return await trio.to_thread.run_sync(open_tap, device.tap)
+            return await to_thread_in_netns(netns_path(self.netns), open_tap, device.tap)
+        except (VirtioError, OSError) as err:
+            where = f" in network namespace {self.netns}" if self.netns else ""
+            raise HypervisorError(f"dragonball: tap {device.tap}{where}: {err}") from err
+
     async def _open_taps(self) -> dict[MmioSlot, int]:
-        """Open each network device's tap inside the pod's netns (a thread of its own enters it, so no
-        trio worker ever runs there), by slot; on failure the taps opened so far are closed."""
+        """Open each network device's tap (`_open_tap`), by slot; on failure the taps opened so far are
+        closed."""
         fds: dict[MmioSlot, int] = {}
         try:
             for device, slot in self._devices:
-                if not isinstance(device, NetworkDevice):
-                    continue
-                try:
-                    if self.netns is None:
-                        fds[slot] = await trio.to_thread.run_sync(open_tap, device.tap)
-                    else:
-                        fds[slot] = await to_thread_in_netns(netns_path(self.netns), open_tap, device.tap)
-                except (VirtioError, OSError) as err:
-                    where = f" in network namespace {self.netns}" if self.netns else ""
-                    raise HypervisorError(f"dragonball: tap {device.tap}{where}: {err}") from err
+                if isinstance(device, NetworkDevice):
+                    fds[slot] = await self._open_tap(device)
         except BaseException:
             for fd in fds.values():
                 os.close(fd)
@@ -313,6 +364,10 @@ class Dragonball:
         # the agent, which it spends dialling the vsock
         builder = self._builder
         assert builder is not None
+        # the kernel's disk index of each cold-plugged disk (hot-plug takes the lowest free one)
+        self._disk_index = {
+            slot: self._block_index(slot) for slot, spec in builder.devices if isinstance(spec, BlockSpec)
+        }
         template = self._template
         if template is not None:
             self._vmm = await trio.to_thread.run_sync(self._restore, builder, template)
@@ -334,6 +389,102 @@ class Dragonball:
         )
         if self._exited_nowait():
             raise HypervisorError(self._crash_message())
+
+    # --- hot-plug (upcall) ----------------------------------------------------------------------------
+    def _upcall_session(self) -> UpcallSession:
+        """The VM's upcall session (made on first use; call with the hot-plug lock held)."""
+        vmm = self._require_vmm()
+        if self._upcall is None:
+            if self._stopped:
+                raise HypervisorError("dragonball: the VM is stopping; no hot-plug")
+            self._upcall = UpcallSession(self.sandbox_id, lambda: self._open_upcall(vmm), self.upcall_timeout)
+        return self._upcall
+
+    async def _hot_add(self, device: Device) -> DeviceInfo:
+        """Plug a block or network device into the running VM and have the guest register it (upcall
+        AddMmio). On any failure kata_vmm has taken it out again (slot free, fds closed)."""
+        vmm = self._require_vmm()
+        if isinstance(device, ShareFsDevice):
+            raise HypervisorError("dragonball cannot hot-plug a ShareFsDevice (virtio-fs is cold-plugged)")
+        spec = self._spec_for(device)
+        async with self._hotplug_lock:
+            session = self._upcall_session()
+            upcall = await session.client()
+            if isinstance(spec, NetSpec) and isinstance(device, NetworkDevice):
+                spec = dataclasses.replace(spec, fd=await self._open_tap(device))
+            try:
+                virtio = await trio.to_thread.run_sync(spec.build)
+            except (VmmError, VirtioError, OSError) as err:
+                spec.release()
+                raise HypervisorError(f"dragonball: {type(device).__name__}: {err}") from err
+            what = f"hot-adding {type(device).__name__} {device}"
+            try:
+                slot = await hot_add_virtio(vmm, virtio, upcall)  # owns ``virtio`` from here
+            except (UpcallError, VmmError, trio.ClosedResourceError) as err:
+                raise session.error(what, err) from err
+            self._devices.append((device, slot))
+            guest_path = ""
+            if isinstance(device, BlockDevice):
+                used = set(self._disk_index.values())
+                index = next(i for i in range(len(used) + 1) if i not in used)  # the kernel's lowest free
+                self._disk_index[slot] = index
+                guest_path = "/dev/vd" + disk_letters(index)
+        log.info("sandbox %s: hot-added %s on virtio-mmio slot %d", self.sandbox_id, device, slot.index)
+        return DeviceInfo(guest_path=guest_path, mmio_address=int(slot.base))
+
+    async def remove_device(self, device: Device) -> None:
+        """Hot-unplug a block or network device `add_device` added: the guest lets it go (upcall DelMmio),
+        then kata_vmm takes it out and closes it. A refusal leaves it plugged and raises."""
+        vmm = self._require_vmm()
+        async with self._hotplug_lock:
+            found = next((i for i, (d, _) in enumerate(self._devices) if d == device), None)
+            if found is None:
+                raise HypervisorError(f"dragonball: {device} is not attached")
+            if isinstance(device, ShareFsDevice):
+                raise HypervisorError("dragonball cannot hot-unplug a ShareFsDevice")
+            slot = self._devices[found][1]
+            session = self._upcall_session()
+            upcall = await session.client()
+            try:
+                await hot_remove_virtio(vmm, slot, upcall)
+            except (UpcallError, VmmError, trio.ClosedResourceError) as err:
+                raise session.error(f"removing {type(device).__name__} {device}", err) from err
+            del self._devices[found]
+            self._disk_index.pop(slot, None)
+        log.info("sandbox %s: removed %s from virtio-mmio slot %d", self.sandbox_id, device, slot.index)
+
+    async def resize_vcpu(self, old_vcpus: int, new_vcpus: int) -> tuple[int, int]:
+        """Bring the guest to ``new_vcpus`` online vCPUs (capped at `max_vcpus`, as runtime-rs does, with a
+        warning): vCPUs are created (or reused) and onlined with upcall AddCpu, or taken offline with
+        DelCpu. Returns (vCPUs the guest ran, vCPUs it runs now); ``old_vcpus`` is only logged, the VMM's
+        count is the truth."""
+        vmm = self._require_vmm()
+        if new_vcpus < 1:
+            raise HypervisorError(f"dragonball: cannot resize to {new_vcpus} vCPUs")
+        top = self.max_vcpus()
+        if new_vcpus > top:
+            log.warning(
+                "sandbox %s: %d vCPUs asked, default_maxvcpus allows %d", self.sandbox_id, new_vcpus, top
+            )
+            new_vcpus = top
+        async with self._hotplug_lock:
+            current = len(vmm.guest_vcpus)
+            if new_vcpus == current:
+                return current, current
+            session = self._upcall_session()
+            upcall = await session.client()
+            try:
+                if new_vcpus > current:
+                    await hot_add_vcpus(vmm, new_vcpus - current, upcall)
+                else:
+                    await hot_remove_vcpus(vmm, current - new_vcpus, upcall)
+            except (UpcallError, VmmError, trio.ClosedResourceError) as err:
+                raise session.error(f"resizing vCPUs {current} -> {new_vcpus}", err) from err
+            now = len(vmm.guest_vcpus)
+        log.info(
+            "sandbox %s: vCPUs %d -> %d (asked %d -> %d)", self.sandbox_id, current, now, old_vcpus, new_vcpus
+        )
+        return current, now
 
     async def _watch_exit(self, vmm: Vmm) -> None:
         try:
@@ -390,6 +541,8 @@ class Dragonball:
         if self._vmm is None or self._stopped:
             return
         self._stopped = True
+        if self._upcall is not None:
+            await self._upcall.aclose()
         vmm = self._vmm
         vmm.stop_nowait()
         try:

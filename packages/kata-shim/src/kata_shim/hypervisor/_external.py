@@ -135,6 +135,14 @@ class ExternalVmm:
         if directory is not None:
             raise HypervisorError(f"{self.name} cannot start a VM from a template (the built-in VMM can)")
 
+    async def remove_device(self, device: Device) -> None:
+        """No hot-unplug on this back-end (its `capabilities().hotplug` says what it can add)."""
+        raise HypervisorError(f"{self.name} cannot hot-unplug a {type(device).__name__}")
+
+    async def resize_vcpu(self, old_vcpus: int, new_vcpus: int) -> tuple[int, int]:
+        """No vCPU hot-plug here (a back-end that has it overrides this)."""
+        raise HypervisorError(f"{self.name} cannot resize vCPUs ({old_vcpus} -> {new_vcpus})")
+
     def cmdline(self) -> str:
         """The guest kernel command line."""
         return guest_cmdline(self.config)

@@ -32,7 +32,8 @@ from kata_agent_client import (
     StdioPorts,
 )
 from kata_proto.containerd import TOPIC_EXIT, events_pb2
-from kata_resources import ResourceError, mount_rootfs, share_volumes
+from kata_resources import ResourceError, ResourceUpdateOp, mount_rootfs, share_volumes
+from kata_shim.hypervisor._base import HypervisorError
 from kata_shim.runtime._base import (
     AlreadyExists,
     ContainerConfig,
@@ -47,11 +48,20 @@ from kata_shim.runtime._base import (
     RuntimeHandlerError,
     Stdio,
 )
+from kata_shim.virt_container._devices import (
+    PluggedDevices,
+    block_entries,
+    block_rootfs_source,
+    plug_block_devices,
+    plug_block_rootfs,
+    unplug_block_devices,
+    without_block_entries,
+)
 from kata_shim.virt_container._metrics import metrics_from_stats
 from kata_shim.virt_container._oci import guest_spec
 from kata_shim.virt_container._passfd import passfd_stdio
 from kata_shim.virt_container._pod import shares_sandbox_pidns
-from kata_shim.virt_container._sandbox import VirtSandbox
+from kata_shim.virt_container._sandbox import SandboxError, VirtSandbox
 from kata_shim.virt_container._stdio import StdinCopy, copy_output, open_output_fifo
 
 log = logging.getLogger("kata_shim.virt_container")
@@ -118,6 +128,8 @@ class _Container:
     init: _Process
     execs: dict[str, _Process] = field(default_factory=dict)
     paused: bool = False
+    devices: PluggedDevices = field(default_factory=PluggedDevices)
+    """Its hot-plugged block devices (removed with it)."""
 
 
 class VirtContainerManager:
@@ -163,25 +175,46 @@ class VirtContainerManager:
         agent = self._agent()
         layout, ledger = self.sandbox.layout, self.sandbox.ledger
         process = _Process(ProcessId(cid), config.stdio)
+        devices = PluggedDevices()
         self._creating.add(cid)
         try:
             root = config.spec.get("root") or {}
             bundle_rootfs = Path(root.get("path") or "rootfs")
             if not bundle_rootfs.is_absolute():
                 bundle_rootfs = config.bundle / bundle_rootfs
-            mount_rootfs(config.rootfs, layout.rootfs_host_path(cid), ledger, bundle_rootfs=bundle_rootfs)
+            hv = self.sandbox.require_hypervisor()
+            storages = []
+            if block_rootfs_source(config.rootfs) is not None and hv.capabilities().block_device_hotplug:
+                # a block snapshotter's rootfs: the guest mounts it; the host only makes the mount point
+                ledger.mkdir(layout.rootfs_host_path(cid))
+                guest_root = layout.rootfs_guest_path(cid)
+                storages.append(await plug_block_rootfs(hv, cid, config.rootfs[0], guest_root, devices))
+            else:
+                mount_rootfs(config.rootfs, layout.rootfs_host_path(cid), ledger, bundle_rootfs=bundle_rootfs)
             mounts = share_volumes(config.spec.get("mounts") or [], layout, cid, ledger)
             mounts = self.sandbox.guest_mounts(mounts)  # the pod's one /dev/shm
             spec = guest_spec(config.spec, cid, layout.rootfs_guest_path(cid), mounts)
+            # dynamic sizing: the VM grows before the container asks the guest for its CPUs (runtime-rs)
+            await self.sandbox.resize_for(cid, _oci_resources(config.spec), ResourceUpdateOp.ADD)
+            if block_entries(spec):
+                await plug_block_devices(hv, cid, spec, devices)
+                spec = without_block_entries(spec)
             await self._open_stdio(agent, process)
             await agent.create_container(
                 cid,
                 spec,
+                storages=storages or None,
+                devices=devices.agent or None,
                 stdio_ports=process.ports,
                 sandbox_pidns=shares_sandbox_pidns(config.spec),  # pod namespaces (issue 14)
             )
         except BaseException as err:
             self._close_stdio(process)
+            if self.sandbox.vcpu_plan is not None:
+                self.sandbox.vcpu_plan.requests.pop(cid, None)  # uncounted; the VM shrinks on a later change
+            if devices.block:
+                with trio.CancelScope(shield=True):
+                    await unplug_block_devices(self.sandbox.require_hypervisor(), cid, devices)
             try:
                 # Only this container's mounts: other Creates may be mounting concurrently.
                 ledger.undo(below=layout.container_dir(cid))
@@ -192,10 +225,12 @@ class VirtContainerManager:
                 raise _translate(err, f"CreateContainer {cid}") from err
             if isinstance(err, (ResourceError, ValueError, OSError)):
                 raise InvalidArgument(f"container {cid}: {err}") from err
+            if isinstance(err, HypervisorError):
+                raise SandboxError(f"container {cid}: {err}") from err
             raise
         finally:
             self._creating.discard(cid)
-        self._containers[cid] = _Container(cid, config.bundle, process)
+        self._containers[cid] = _Container(cid, config.bundle, process, devices=devices)
         # Pod resources (issue 14): the sandbox cgroup's limits now count this container too.
         await self.sandbox.container_resources(cid, _oci_resources(config.spec))
         return self.sandbox.pid()
@@ -425,6 +460,9 @@ class VirtContainerManager:
             except AgentError as err:
                 if not isinstance(err, AgentNotFound):
                     errors.append(f"RemoveContainer: {err}")
+        if c.devices.block and self.sandbox.hypervisor is not None and self.sandbox.dead is None:
+            with trio.CancelScope(shield=True):
+                errors += await unplug_block_devices(self.sandbox.hypervisor, c.id, c.devices)
         layout = self.sandbox.layout
         try:
             self.sandbox.ledger.undo(below=layout.container_dir(c.id))
@@ -433,6 +471,10 @@ class VirtContainerManager:
             errors.append(str(err))
         del self._containers[c.id]
         await self.sandbox.container_resources(c.id, None)  # pod resources (issue 14)
+        try:
+            await self.sandbox.resize_for(c.id, None, ResourceUpdateOp.DEL)  # dynamic sizing: may shrink
+        except SandboxError as err:  # the container is gone either way; the VM keeps its vCPUs
+            log.warning("container %s: %s", c.id, err)
         if errors:
             log.warning("container %s: delete: %s", c.id, "; ".join(errors))
             if any(not e.startswith("RemoveContainer") for e in errors):
@@ -489,6 +531,10 @@ class VirtContainerManager:
     async def update_container(self, container_id: str, resources: dict[str, Any]) -> None:
         """UpdateContainer with OCI LinuxResources JSON."""
         self._container(container_id)
+        try:
+            await self.sandbox.resize_for(container_id, resources, ResourceUpdateOp.UPDATE)
+        except ValueError as err:
+            raise InvalidArgument(f"update {container_id}: {err}") from err
         with _agent_errors(f"update {container_id}"):
             await self._agent().update_container(container_id, resources)
         await self.sandbox.container_resources(container_id, resources)  # pod resources (issue 14)

@@ -30,7 +30,9 @@ import trio
 from kata_agent_client import (
     AgentClient,
     AgentError,
+    AgentNotFound,
     HealthChecker,
+    Interface,
     Storage,
     forward_logs,
     open_agent_client,
@@ -44,9 +46,11 @@ from kata_resources import (
     Network,
     NetworkModel,
     ResourceError,
+    ResourceUpdateOp,
     SandboxCgroup,
     ShareLayout,
     StorageSpec,
+    VcpuPlan,
     dns_from_mounts,
     pod_shm_mount,
     pod_shm_size,
@@ -59,7 +63,7 @@ from kata_shim._ratelimit import LineRateLimit
 from kata_shim.config._types import TomlConfig
 from kata_shim.factory import opened, template_for
 from kata_shim.hypervisor import boot_report
-from kata_shim.hypervisor._base import Hypervisor, NetworkDevice, ShareFsDevice
+from kata_shim.hypervisor._base import Hypervisor, HypervisorError, NetworkDevice, ShareFsDevice
 from kata_shim.persist import CGROUP_KEY, MOUNTS_FILE, NETWORK_KEY, StateStore, state_root
 from kata_shim.runtime._base import ContainerConfig, FailedPrecondition, Publisher, RuntimeHandlerError
 from kata_shim.virt_container._passfd import PassfdListener
@@ -78,6 +82,8 @@ agent_log.addFilter(LineRateLimit("agent log"))  # the guest's agent decides how
 
 #: Bytes of fresh host randomness a VM restored from a template is reseeded with (the guest CRNG's key size).
 CLONE_SEED_BYTES = 32
+#: Seconds between two UpdateInterface tries for a hot-plugged NIC whose link the guest has not made yet.
+HOTPLUG_NIC_RETRY = 0.2
 #: Health checks in a row that may fail before the agent is taken for dead.
 HEALTH_MAX_FAILURES = 3
 #: The least time between two GetOOMEvent answers taken from the guest (a guest answering in a loop is
@@ -176,6 +182,12 @@ class VirtSandbox:
         """Bytes of the pod's one /dev/shm (0: the sandbox spec mounts none, containers keep their own)."""
         self._limits: dict[str, CgroupLimits] = {}
         self._store = StateStore(self.state_dir.parent)
+        self.vcpu_plan: VcpuPlan | None = None
+        """Dynamic sizing (`static_sandbox_resource_mgmt = false` and a back-end that hot-plugs vCPUs): the
+        VM's vCPUs follow the containers' CPU quotas. None: the VM keeps its boot size."""
+        self._resize_lock = trio.Lock()
+        self._guest_nics: set[str] = set()
+        """Names of the pod's interfaces the guest has a NIC for (cold- and hot-plugged)."""
 
     # -- what the container manager uses ----------------------------------------------------------
     @property
@@ -191,6 +203,12 @@ class VirtSandbox:
         if self._nursery is None or self._stopped:
             raise FailedPrecondition(f"sandbox {self.sandbox_id} is not running")
         return self._nursery
+
+    def require_hypervisor(self) -> Hypervisor:
+        """The pod's hypervisor back-end; FailedPrecondition before `start`."""
+        if self.hypervisor is None:
+            raise FailedPrecondition(f"sandbox {self.sandbox_id} has no VM")
+        return self.hypervisor
 
     @property
     def agent_or_none(self) -> AgentClient | None:
@@ -258,6 +276,18 @@ class VirtSandbox:
         hv = self._hypervisor_factory(self.config)
         self.hypervisor = hv
         size = vm_size(hv.config, first.spec)
+        if not self.config.runtime.static_sandbox_resource_mgmt:
+            if "vcpu" in hv.capabilities().hotplug:
+                # runtime-rs's dynamic path: boot with default_vcpus, grow with the containers (memory keeps
+                # the static size: no memory hot-plug through the shim yet)
+                self.vcpu_plan = VcpuPlan(hv.config.default_vcpus)
+                size = dataclasses.replace(size, vcpus=hv.config.default_vcpus)
+            else:
+                log.info(
+                    "sandbox %s: hypervisor %s cannot hot-plug vCPUs; the VM is sized statically",
+                    self.sandbox_id,
+                    hv.name,
+                )
         hv.config = dataclasses.replace(hv.config, default_vcpus=size.vcpus, default_memory=size.memory_mib)
         await hv.prepare_vm(self.sandbox_id, netns)
         if self._passfd_wanted(hv):
@@ -401,21 +431,43 @@ class VirtSandbox:
             ", ".join(f"{e.veth}<->{e.tap or '-'}" for e in self.network.endpoints) or "no veth",
         )
 
-    async def _configure_guest_network(self, agent: AgentClient) -> None:
-        """UpdateInterface for each NIC, then UpdateRoutes and AddARPNeighbors (as runtime-rs does)."""
+    async def _configure_guest_network(self, agent: AgentClient, *, only: set[str] | None = None) -> None:
+        """UpdateInterface for each NIC (``only``: just those, hot-plugged), then UpdateRoutes (every route
+        of the NICs the guest has: the agent replaces them) and AddARPNeighbors (as runtime-rs does)."""
         if self.network is None:
             return
         interfaces, routes, neighbors = guest_network(self.network)
+        if only is None:
+            self._guest_nics = {i.name for i in interfaces}
         for interface in interfaces:
-            await agent.update_interface(interface)
+            if only is None or interface.name in only:
+                await self._update_interface(agent, interface, hot=only is not None)
+        routes = [r for r in routes if r.device in self._guest_nics]
         if routes:
             await agent.update_routes(routes)
+        neighbors = [n for n in neighbors if only is None or n.device in only]
         if neighbors:
             await agent.add_arp_neighbors(neighbors)
 
+    @staticmethod
+    async def _update_interface(agent: AgentClient, interface: Interface, *, hot: bool) -> None:
+        """UpdateInterface; a hot-plugged NIC's link may not be in the guest yet (its driver still
+        probing): NotFound is tried again until the caller's deadline."""
+        while True:
+            try:
+                await agent.update_interface(interface)
+                return
+            except AgentNotFound:
+                if not hot:
+                    raise
+            await trio.sleep(HOTPLUG_NIC_RETRY)
+
     async def rescan_network(self) -> None:
         """Look at the pod's netns again (upstream does on Start): veths that appeared since the VM booted
-        are connected and recorded, but cannot reach the guest until NIC hot-plug exists (logged)."""
+        are connected and recorded, and, on a back-end that hot-plugs NICs, given to the guest: a
+        virtio-net on the new tap (`Hypervisor.add_device`), then UpdateInterface, UpdateRoutes and
+        AddARPNeighbors as at boot. Without NIC hot-plug they are only logged. Failures are logged: the
+        pod keeps the network it had."""
         if self.network is None:
             return
         try:
@@ -423,18 +475,37 @@ class VirtSandbox:
         except (ResourceError, OSError) as err:
             log.warning("sandbox %s: network rescan: %s", self.sandbox_id, err)
             return
-        if added:
-            self._persist(NETWORK_KEY, self.network.to_dict())
-            hv = self.hypervisor
-            why = "NIC hot-plug is not supported yet"
-            if hv is not None and "net" not in hv.capabilities().hotplug:
-                why = f"hypervisor {hv.name} cannot hot-plug a NIC"
+        if not added:
+            return
+        self._persist(NETWORK_KEY, self.network.to_dict())
+        hv = self.hypervisor
+        if hv is None or "net" not in hv.capabilities().hotplug:
             log.warning(
-                "sandbox %s: %s appeared after boot; %s",
+                "sandbox %s: %s appeared after boot; hypervisor %s cannot hot-plug a NIC",
                 self.sandbox_id,
                 ", ".join(e.veth for e in added),
-                why,
+                hv.name if hv is not None else "-",
             )
+            return
+        plugged = []
+        for endpoint in added:
+            if not endpoint.tap:
+                continue  # model none: nothing for the guest
+            try:
+                await hv.add_device(NetworkDevice(endpoint.tap, endpoint.hw_addr))
+            except HypervisorError as err:
+                log.warning("sandbox %s: hot-plugging a NIC for %s: %s", self.sandbox_id, endpoint.veth, err)
+                continue
+            plugged.append(endpoint.veth)
+            self._guest_nics.add(endpoint.veth)
+        if plugged:
+            try:
+                with trio.fail_after(self.config.agent.request_timeout_ms / 1000):
+                    await self._configure_guest_network(self.agent, only=set(plugged))
+            except (AgentError, trio.TooSlowError, FailedPrecondition) as err:
+                log.warning("sandbox %s: configuring %s in the guest: %r", self.sandbox_id, plugged, err)
+                return
+            log.info("sandbox %s: hot-plugged NICs for %s", self.sandbox_id, ", ".join(plugged))
 
     async def _setup_cgroup(self, path: str) -> None:
         assert self.cgroup_root is not None
@@ -485,6 +556,46 @@ class VirtSandbox:
             await self._apply_limits()
         except SandboxError as err:  # the guest's cgroups still hold the container: logged, not fatal
             log.warning("%s", err)
+
+    async def resize_for(
+        self, container_id: str, resources: dict[str, Any] | None, op: ResourceUpdateOp
+    ) -> None:
+        """Dynamic sizing (runtime-rs ``CpuResource::update_cpu_resources``): with the container's OCI
+        ``linux.resources`` (None: its CPU request is unchanged) the pod's vCPU need is computed again, the
+        VM resized (`Hypervisor.resize_vcpu`) and, when it grew, the agent asked to online the new CPUs
+        (OnlineCPUMem). Nothing with static sizing. `SandboxError` when the VM or the guest refuses;
+        `ValueError` for a bad cpuset."""
+        plan, hv = self.vcpu_plan, self.hypervisor
+        if plan is None or hv is None:
+            return
+        if op is ResourceUpdateOp.DEL and (self._stopping or self.dead is not None):
+            plan.requests.pop(container_id, None)  # the VM is going away: nothing to shrink
+            return
+        cpu = (resources or {}).get("cpu") if resources is not None else None
+        async with self._resize_lock:
+            target = plan.update(container_id, cpu if isinstance(cpu, dict) else None, op)
+            if target is None:
+                return
+            try:
+                old, new = await hv.resize_vcpu(plan.current, target)
+            except HypervisorError as err:
+                raise SandboxError(
+                    f"sandbox {self.sandbox_id}: resizing the VM to {target} vCPUs for container "
+                    f"{container_id}: {err}"
+                ) from err
+            plan.resized(new)
+            log.info("sandbox %s: vCPUs %d -> %d (container %s)", self.sandbox_id, old, new, container_id)
+            if old < new and self.cgroup is not None:
+                # a new vCPU thread starts in its creator's cgroup: the pod's CPU limits must hold it too
+                try:
+                    await self._join_cgroup(hv, vcpus=True)
+                except SandboxError as err:
+                    log.warning("%s", err)
+            if old < new:
+                try:
+                    await self.agent.online_cpu_mem(new, cpu_only=True)
+                except AgentError as err:
+                    raise SandboxError(f"sandbox {self.sandbox_id}: OnlineCPUMem({new}): {err}") from err
 
     def guest_mounts(self, mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """A container's guest mounts with its /dev/shm on the pod's one (when the pod has one)."""
