@@ -93,8 +93,10 @@ def run(
     *,
     upcall_timeout: float = 60.0,
     netns: str | None = None,
+    template: Path | None = None,
 ) -> Dragonball:
-    """Start a Dragonball VM whose upcall connections reach ``guest``, run ``body(hv)``, clean up."""
+    """Start a Dragonball VM (restored from ``template`` when given) whose upcall connections reach
+    ``guest``, run ``body(hv)``, clean up."""
 
     async def main() -> Dragonball:
         async with trio.open_nursery() as nursery:
@@ -113,6 +115,7 @@ def run(
             try:
                 with trio.fail_after(120):
                     await hv.prepare_vm("sb1", netns)
+                    hv.restore_from(template)
                     await hv.start_vm(10)
                     await body(hv)
             finally:
@@ -286,3 +289,42 @@ def test_hot_added_nic_opens_its_tap_in_the_pod_netns(config: HypervisorConfig, 
         subprocess.run(["ip", "netns", "delete", name], check=True)
     assert seen["served"] == "VirtioNet" and seen["tap"] and seen["after"] is None
     assert [type(r) for r in guest.requests] == [AddMmio, DelMmio]
+
+
+def test_a_vm_restored_from_a_template_hot_plugs_vcpus_and_disks(
+    config: HypervisorConfig, root: Path, tmp_path: Path
+) -> None:
+    """A sandbox restored from a VM template (save_vm of a VM with nothing plugged) hot-plugs as a booted
+    one: its upcall connection is opened on the restored VM, vCPUs grow to default_maxvcpus (the restored
+    kata_vmm allows the config's max_vcpus) and shrink back, and a hot-added disk is the next /dev/vdX
+    after the template's (cold-plugged) image."""
+    snap = tmp_path / "snap"
+
+    async def save() -> None:
+        template = Dragonball(config, state_root=root)
+        await template.prepare_vm("tpl", None)
+        await template.start_vm(10)
+        await template.save_vm(snap)
+        await template.stop_vm()
+        await template.cleanup()
+
+    trio.run(save)
+    disk = tmp_path / "hot.img"
+    disk.write_bytes(bytes(4096))
+    guest = ToyGuest(lambda request: 0)
+    seen: dict[str, object] = {}
+
+    async def body(hv: Dragonball) -> None:
+        seen["grow"] = await hv.resize_vcpu(1, 2)
+        seen["threads"] = len(hv.vcpu_thread_ids())
+        info = await hv.add_device(BlockDevice(disk))
+        seen["info"] = info
+        seen["served"] = served(hv).get(info.mmio_address)
+        await hv.remove_device(BlockDevice(disk))
+        seen["shrink"] = await hv.resize_vcpu(2, 1)
+
+    run(config, root, guest, body, template=snap)
+    assert seen["grow"] == (1, 2) and seen["threads"] == 2 and seen["shrink"] == (2, 1)
+    assert seen["info"].guest_path == "/dev/vdb"  # type: ignore[attr-defined]  # the image is vda
+    assert seen["served"] == "VirtioBlock"
+    assert [type(r) for r in guest.requests] == [AddCpu, AddMmio, DelMmio, DelCpu]
