@@ -213,6 +213,20 @@ def test_the_manifest_names_each_difference_from_the_configuration(config: TomlC
     assert "template has 1, configuration 2" in reasons[1]
 
 
+def test_a_template_made_for_other_max_vcpus_is_stale(config: TomlConfig, base: Path) -> None:
+    """The template guest's MADT lists default_maxvcpus CPUs, the most a restored VM can hot-plug: a
+    template saved for another maximum is rebuilt (0 means the host's CPUs, as the back-end counts)."""
+    hv = FakeVm(config.hypervisor, base)
+    config.hypervisor.default_maxvcpus = 2
+    saved = expected_manifest(config, hv)
+    assert saved["max_vcpus"] == 2
+    config.hypervisor.default_maxvcpus = 4
+    reasons = mismatch(saved, expected_manifest(config, hv))
+    assert reasons == ["max_vcpus: template has 2, configuration 4"]
+    config.hypervisor.default_maxvcpus = 0
+    assert expected_manifest(config, hv)["max_vcpus"] == max(os.cpu_count() or 1, 1)
+
+
 def test_one_builder_at_a_time_and_a_swap_keeps_readers_out(config: TomlConfig) -> None:
     template = Template(config.factory)
     with template.building():

@@ -95,6 +95,7 @@ def expected_manifest(config: TomlConfig, hv: Hypervisor) -> dict[str, Any]:
         "initrd": _file_id(cfg.initrd),
         "image": _file_id(cfg.image),
         "vcpus": cfg.default_vcpus,
+        "max_vcpus": cfg.max_vcpus(),  # the guest's MADT lists that many: a restored VM hot-plugs up to it
         "memory_mib": cfg.default_memory,
         "kernel_params": cfg.kernel_params.strip(),
         "enable_debug": cfg.enable_debug,

@@ -23,6 +23,7 @@ thread) but never one per container.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,12 @@ class HypervisorConfig:
     shared_fs: str = "inline-virtio-fs"
     block_device_driver: str = "virtio-mmio"
     enable_debug: bool = False
+
+    def max_vcpus(self) -> int:
+        """The most vCPUs a VM may have (hot-plug up to it): ``default_maxvcpus``, 0 meaning the host's
+        CPUs (as upstream), never below ``default_vcpus``."""
+        return max(self.default_maxvcpus or os.cpu_count() or 1, self.default_vcpus)
+
     # --- external VMMs (qemu); upstream configuration-qemu-runtime-rs.toml's names and meanings ---
     valid_hypervisor_paths: list[str] = field(default_factory=list)
     """Globs `path` must match (empty: any)."""

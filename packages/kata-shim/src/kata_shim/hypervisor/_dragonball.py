@@ -194,8 +194,7 @@ class Dragonball:
     def max_vcpus(self) -> int:
         """The most vCPUs the VM may have: ``default_maxvcpus`` (0: the host's CPUs, as upstream), never
         below ``default_vcpus``; the guest's MADT lists them all (the extra ones for hot-add)."""
-        cfg = self.config
-        return max(cfg.default_maxvcpus or os.cpu_count() or 1, cfg.default_vcpus)
+        return self.config.max_vcpus()
 
     def _vm_config(self) -> VmConfig:
         cfg = self.config
