@@ -1925,3 +1925,55 @@ def test_a_sandbox_restores_from_the_vm_template_and_gets_its_own_clock_and_rng_
         trio.run(main)
     finally:
         shutil.rmtree(template_root, ignore_errors=True)
+
+
+def test_a_pod_with_a_nic_restores_from_the_template_and_gets_its_nic_hot_plugged(
+    busybox_lower: Path,
+    virtiofs_as_bind: dict[str, Path],
+    pod_network: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a back-end that hot-plugs NICs, a pod with a network device no longer cold-boots under
+    `[factory] enable_template`: the VM is restored from the template (which has no NIC), the pod's NIC is
+    hot-plugged after the restore, and the agent names, addresses and routes it as the veth (UpdateInterface
+    retried while the hot-plugged link appears); traffic flows."""
+    monkeypatch.setattr(agent_guest, "set_realtime", lambda sec, usec: None)
+    monkeypatch.setattr(agent_guest, "reseed_random", lambda seed: None)
+    pod_ns, guest_ns = pod_network["pod"], pod_network["guest"]
+    template_root = Path(tempfile.mkdtemp(prefix="ktpl-", dir="/tmp"))
+    factory = FactoryConfig(enable_template=True, template_path=template_root)
+
+    async def main() -> None:
+        vms: list[AgentVm] = []
+        first = _spec("true", netns=f"/run/netns/{pod_ns}")
+        async with running_pod(
+            virtiofs_as_bind,
+            fail="net_hotplug",
+            first_spec=first,
+            agent_netns=guest_ns,
+            factory=factory,
+            vms=vms,
+        ) as pod:
+            vm, template_vm = vms
+            assert "add_device:NetworkDevice" not in template_vm.calls
+            assert vm.calls[:5] == [
+                "prepare_vm",
+                "add_device:ShareFsDevice",
+                f"restore_from:{template_root / 'current' / 'vm'}",
+                "start_vm",
+                "add_device:NetworkDevice",
+            ]
+            assert pod.sandbox.restored
+            assert "10.88.0.2/24" in await _aip("-o", "addr", "show", "dev", "eth0", netns=guest_ns)
+            assert "default via 10.88.0.1 dev eth0" in await _aip("route", "show", netns=guest_ns)
+            ping = await trio.run_process(
+                ["ip", "netns", "exec", guest_ns, BUSYBOX, "ping", "-c", "2", "-W", "10", "10.88.0.1"],
+                capture_stdout=True,
+                check=False,
+            )
+            assert ping.returncode == 0, ping.stdout
+
+    try:
+        trio.run(main)
+    finally:
+        shutil.rmtree(template_root, ignore_errors=True)

@@ -361,10 +361,10 @@ async def template_for(
     """The template a sandbox about to start on `hv` restores from, built first when missing or stale
     (with a VM from `new_hypervisor(config)`); None, with the reason logged, when it cold-boots instead:
     the back-end cannot restore, the pod's annotations changed its hypervisor configuration, the pod is
-    sized otherwise or has a NIC (a template has neither, and
-    nothing is hot-plugged yet), another shim is building the template (building takes a cold boot's
-    time: a cold boot now is no slower, and the template is there for the next sandboxes), or the build
-    failed."""
+    sized otherwise or has `nics` NICs to cold-plug (a template has neither; the caller hot-plugs a pod's
+    NICs after the restore on a back-end that can, and passes 0), another shim is building the template
+    (building takes a cold boot's time: a cold boot now is no slower, and the template is there for the
+    next sandboxes), or the build failed."""
     if not hv.capabilities().snapshot:
         log.warning("[factory] enable_template: hypervisor %s cannot restore a VM; cold boot", hv.name)
         return None
@@ -383,7 +383,11 @@ async def template_for(
         )
         return None
     if nics:
-        log.info("pod has %d network device(s), a template none (no NIC hot-plug yet): cold boot", nics)
+        log.info(
+            "pod has %d network device(s), a template none, hypervisor %s cannot hot-plug NICs: cold boot",
+            nics,
+            hv.name,
+        )
         return None
     template = Template(config.factory)
     expected = expected_manifest(config, hv)

@@ -299,9 +299,11 @@ class VirtSandbox:
                 hv.name,
             )
         await hv.add_device(ShareFsDevice(shared, self.layout.mount_tag))
-        for endpoint in self.network.endpoints if self.network is not None else []:
-            if endpoint.tap:
-                await hv.add_device(NetworkDevice(endpoint.tap, endpoint.hw_addr))
+        endpoints = self.network.endpoints if self.network is not None else []
+        nics = [NetworkDevice(e.tap, e.hw_addr) for e in endpoints if e.tap]
+        # a VM restored from a template (which has no NIC) gets the pod's NICs hot-plugged after the restore
+        # when the back-end hot-plugs NICs; otherwise they are cold-plugged (and a template cannot serve)
+        hot_nics = "net" in hv.capabilities().hotplug
         agent_cfg = self.config.agent
         # as upstream: reconnect_timeout_ms (at least 10 s) is the budget, dial_timeout_ms the retry pause
         dial_timeout = agent_cfg.connect_budget_s
@@ -318,14 +320,20 @@ class VirtSandbox:
                     self._hypervisor_factory,
                     vcpus=size.vcpus,
                     memory_mib=size.memory_mib,
-                    nics=sum(1 for e in self.network.endpoints if e.tap) if self.network is not None else 0,
+                    nics=0 if hot_nics else len(nics),
                 )
                 template = held.enter_context(opened(found, self.config, hv)) if found is not None else None
             if template is not None:
                 hv.restore_from(template)
+            else:
+                for nic in nics:
+                    await hv.add_device(nic)
             booted = time.monotonic()
             await hv.start_vm(dial_timeout)
             self.restored = template is not None
+            if self.restored:
+                for nic in nics:
+                    await hv.add_device(nic)  # hot-plugged
         if self.restored:
             took = time.monotonic() - booted
             log.info("sandbox %s: restored from template %s in %.2f s", self.sandbox_id, template, took)
@@ -371,7 +379,8 @@ class VirtSandbox:
         with trio.fail_after(agent_cfg.request_timeout_ms / 1000):
             if self.restored:
                 await self._set_clone_identity(agent)
-            await self._configure_guest_network(agent)
+            # hot-plugged NICs of a restored VM may not be in the guest yet: UpdateInterface is retried
+            await self._configure_guest_network(agent, hot=self.restored)
             await agent.create_sandbox(
                 self.sandbox_id,
                 hostname=hostname,
@@ -431,9 +440,12 @@ class VirtSandbox:
             ", ".join(f"{e.veth}<->{e.tap or '-'}" for e in self.network.endpoints) or "no veth",
         )
 
-    async def _configure_guest_network(self, agent: AgentClient, *, only: set[str] | None = None) -> None:
-        """UpdateInterface for each NIC (``only``: just those, hot-plugged), then UpdateRoutes (every route
-        of the NICs the guest has: the agent replaces them) and AddARPNeighbors (as runtime-rs does)."""
+    async def _configure_guest_network(
+        self, agent: AgentClient, *, only: set[str] | None = None, hot: bool = False
+    ) -> None:
+        """UpdateInterface for each NIC (``only``: just those, hot-plugged; ``hot``: all were hot-plugged,
+        into a VM restored from a template), then UpdateRoutes (every route of the NICs the guest has: the
+        agent replaces them) and AddARPNeighbors (as runtime-rs does)."""
         if self.network is None:
             return
         interfaces, routes, neighbors = guest_network(self.network)
@@ -441,7 +453,7 @@ class VirtSandbox:
             self._guest_nics = {i.name for i in interfaces}
         for interface in interfaces:
             if only is None or interface.name in only:
-                await self._update_interface(agent, interface, hot=only is not None)
+                await self._update_interface(agent, interface, hot=hot or only is not None)
         routes = [r for r in routes if r.device in self._guest_nics]
         if routes:
             await agent.update_routes(routes)
