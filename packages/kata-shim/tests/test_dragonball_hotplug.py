@@ -18,20 +18,8 @@ import trio.testing
 
 from kata_shim.hypervisor import BlockDevice, HypervisorConfig, HypervisorError, NetworkDevice
 from kata_shim.hypervisor._dragonball import Dragonball
-from kata_upcall import (
-    DEV_MGR_MSG_SIZE,
-    AddCpu,
-    AddMmio,
-    Connect,
-    CpuReply,
-    DelCpu,
-    DelMmio,
-    Handshake,
-    MmioReply,
-    Request,
-    StreamConnector,
-    decode_request,
-)
+from kata_upcall import AddCpu, AddMmio, DelCpu, DelMmio, Handshake, StreamConnector
+from kata_upcall.testing import Answer, FakeGuest
 from kata_vmm import Vmm
 from kata_vmm import testing as tk
 
@@ -39,41 +27,12 @@ KVM = pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="n
 pytestmark = [pytest.mark.kvm, KVM]
 
 ENODEV = 19
-HANG = "hang"
-# what the toy guest does with a request: answer with this result, or HANG (never answer)
-Behaviour = Callable[[Request], "int | str"]
 
 
-class ToyGuest:
-    """The guest module's device-manager service, scripted; records every request."""
-
-    def __init__(self, behaviour: Behaviour) -> None:
-        self.behaviour = behaviour
-        self.requests: list[Request] = []
-
-    async def serve(self, stream: trio.abc.Stream) -> None:
-        async with stream:
-            if await stream.receive_some(1) != b"d":
-                return
-            await stream.send_all(Connect().encode())
-            while True:
-                frame = b""
-                while len(frame) < DEV_MGR_MSG_SIZE:
-                    chunk = await stream.receive_some(DEV_MGR_MSG_SIZE - len(frame))
-                    if not chunk:
-                        return
-                    frame += chunk
-                request = decode_request(frame)
-                self.requests.append(request)
-                result = self.behaviour(request)
-                if result == HANG:
-                    await trio.sleep_forever()
-                assert isinstance(result, int)
-                if isinstance(request, AddCpu | DelCpu):
-                    done = request.count if result == 0 else 0
-                    await stream.send_all(CpuReply(request.MSG_TYPE, result, done).encode())
-                else:
-                    await stream.send_all(MmioReply(request.MSG_TYPE, result).encode())
+def scripted_guest(answer: Answer) -> FakeGuest:
+    """The guest module's device-manager service (no handshake: the in-process vsock connector does it),
+    answering as ``answer`` says ("silent": never); records every request."""
+    return FakeGuest(handshake=Handshake.NONE, answer=answer)
 
 
 @pytest.fixture
@@ -88,7 +47,7 @@ def config(tmp_path: Path) -> HypervisorConfig:
 def run(
     config: HypervisorConfig,
     root: Path,
-    guest: ToyGuest,
+    guest: FakeGuest,
     body: Callable[[Dragonball], Awaitable[None]],
     *,
     upcall_timeout: float = 60.0,
@@ -100,16 +59,11 @@ def run(
 
     async def main() -> Dragonball:
         async with trio.open_nursery() as nursery:
+            guest.nursery = nursery
 
             def opener(vmm: Vmm) -> tuple[StreamConnector, Handshake]:
                 assert isinstance(vmm, Vmm)
-
-                async def connect() -> trio.abc.Stream:
-                    ours, theirs = trio.testing.memory_stream_pair()
-                    nursery.start_soon(guest.serve, theirs)
-                    return ours
-
-                return connect, Handshake.NONE
+                return guest.connect, Handshake.NONE
 
             hv = Dragonball(config, state_root=root, upcall=opener, upcall_timeout=upcall_timeout)
             try:
@@ -154,7 +108,7 @@ def test_hot_added_disk_is_served_announced_and_removed(
 ) -> None:
     disk = tmp_path / "hot.img"
     disk.write_bytes(bytes(range(256)) * 16)
-    guest = ToyGuest(lambda request: 0)
+    guest = scripted_guest(lambda request: 0)
     seen: dict[str, object] = {}
 
     async def body(hv: Dragonball) -> None:
@@ -175,10 +129,12 @@ def test_hot_added_disk_is_served_announced_and_removed(
     assert info.guest_path == "/dev/vdb"  # type: ignore[attr-defined]  # the image is vda
     assert seen["served"] == "VirtioBlock" and seen["fds"] == 1
     base = info.mmio_address  # type: ignore[attr-defined]
+    added = guest.requests[0]
+    assert isinstance(added, AddMmio)
     assert guest.requests[:2] == [
-        AddMmio(base, 0x1000, guest.requests[0].mmio_irq),
-        DelMmio(base, 0x1000, guest.requests[0].mmio_irq),
-    ]  # type: ignore[union-attr]
+        AddMmio(base, 0x1000, added.mmio_irq),
+        DelMmio(base, 0x1000, added.mmio_irq),
+    ]
     assert seen["after"] is None and seen["fds_after"] == 0
     assert seen["again"] == info  # the slot and the disk name are free again
 
@@ -188,7 +144,7 @@ def test_a_disk_the_guest_refuses_is_a_hypervisor_error_and_leaves_nothing_plugg
 ) -> None:
     disk = tmp_path / "hot.img"
     disk.write_bytes(bytes(4096))
-    guest = ToyGuest(lambda request: -ENODEV)
+    guest = scripted_guest(lambda request: -ENODEV)
     seen: dict[str, object] = {}
 
     async def body(hv: Dragonball) -> None:
@@ -212,7 +168,7 @@ def test_a_guest_that_never_answers_times_out_and_the_device_is_taken_back(
     disk = tmp_path / "hot.img"
     disk.write_bytes(bytes(4096))
     # AddMmio is never answered; the clean-up DelMmio after the timeout is (nothing there)
-    guest = ToyGuest(lambda request: HANG if isinstance(request, AddMmio) else -ENODEV)
+    guest = scripted_guest(lambda request: "silent" if isinstance(request, AddMmio) else -ENODEV)
     seen: dict[str, object] = {}
 
     async def body(hv: Dragonball) -> None:
@@ -230,7 +186,7 @@ def test_a_guest_that_never_answers_times_out_and_the_device_is_taken_back(
 def test_resize_vcpu_adds_and_removes_vcpus_within_default_maxvcpus(
     config: HypervisorConfig, root: Path
 ) -> None:
-    guest = ToyGuest(lambda request: 0)
+    guest = scripted_guest(lambda request: 0)
     seen: dict[str, object] = {}
 
     async def body(hv: Dragonball) -> None:
@@ -248,7 +204,7 @@ def test_resize_vcpu_adds_and_removes_vcpus_within_default_maxvcpus(
 
 
 def test_resize_vcpu_the_guest_refuses_is_a_hypervisor_error(config: HypervisorConfig, root: Path) -> None:
-    guest = ToyGuest(lambda request: -ENODEV)
+    guest = scripted_guest(lambda request: -ENODEV)
     seen: dict[str, object] = {}
 
     async def body(hv: Dragonball) -> None:
@@ -266,7 +222,7 @@ def test_resize_vcpu_the_guest_refuses_is_a_hypervisor_error(config: HypervisorC
 def test_hot_added_nic_opens_its_tap_in_the_pod_netns(config: HypervisorConfig, root: Path) -> None:
     name = f"kata-dbhp-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", name], check=True)
-    guest = ToyGuest(lambda request: 0)
+    guest = scripted_guest(lambda request: 0)
     seen: dict[str, object] = {}
 
     def tap_exists() -> bool:
@@ -311,7 +267,7 @@ def test_a_vm_restored_from_a_template_hot_plugs_vcpus_and_disks(
     trio.run(save)
     disk = tmp_path / "hot.img"
     disk.write_bytes(bytes(4096))
-    guest = ToyGuest(lambda request: 0)
+    guest = scripted_guest(lambda request: 0)
     seen: dict[str, object] = {}
 
     async def body(hv: Dragonball) -> None:

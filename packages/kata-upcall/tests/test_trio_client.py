@@ -16,7 +16,6 @@ import trio.lowlevel
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from upcall_guest import CONNECTION_BEHAVIOURS, REQUEST_BEHAVIOURS, FakeGuest
 
 from kata_upcall import (
     AddCpu,
@@ -37,6 +36,7 @@ from kata_upcall import (
     open_upcall_client,
     socket_connector,
 )
+from kata_upcall.testing import CONNECTION_BEHAVIOURS, REQUEST_BEHAVIOURS, FakeGuest
 
 MMIO = AddMmio(0xD000_0000, 0x1000, 5)
 NEVER = 100_000  # virtual seconds: far past every budget

@@ -13,22 +13,17 @@ import trio
 import trio.testing
 
 from kata_upcall import (
-    DEV_MGR_MSG_SIZE,
     AddCpu,
     AddMmio,
-    Connect,
-    CpuReply,
     DelCpu,
     DelMmio,
     Handshake,
-    MmioReply,
-    Request,
     UpcallClient,
     UpcallConnectionLost,
     UpcallRequestFailed,
-    decode_request,
     open_upcall_client,
 )
+from kata_upcall.testing import Answer, FakeGuest
 from kata_vmm import (
     VIRTIO_MMIO_SLOTS,
     BlockSpec,
@@ -53,56 +48,22 @@ pytestmark = [pytest.mark.kvm, needs_kvm, pytest.mark.usefixtures("no_leaks")]
 VIRTIO_MAGIC = 0x74726976
 ENODEV = 19
 
-# what the toy guest does with a request: answer with this result, or None to drop the connection
-Behaviour = Callable[[Request], int | None]
+
+def scripted_guest(answer: Answer) -> FakeGuest:
+    """The guest module's side of a device-manager connection (no handshake: kata-vmm's in-process vsock
+    connector does it), answering as ``answer`` says; records every request."""
+    return FakeGuest(handshake=Handshake.NONE, answer=answer)
 
 
-class ToyGuest:
-    """The guest module's side of a device-manager connection, scripted: records every request."""
-
-    def __init__(self, behaviour: Behaviour) -> None:
-        self.behaviour = behaviour
-        self.requests: list[Request] = []
-
-    async def serve(self, stream: trio.abc.Stream) -> None:
-        async with stream:
-            if await stream.receive_some(1) != b"d":
-                return
-            await stream.send_all(Connect().encode())
-            while True:
-                frame = b""
-                while len(frame) < DEV_MGR_MSG_SIZE:
-                    chunk = await stream.receive_some(DEV_MGR_MSG_SIZE - len(frame))
-                    if not chunk:
-                        return
-                    frame += chunk
-                request = decode_request(frame)
-                self.requests.append(request)
-                result = self.behaviour(request)
-                if result is None:
-                    return
-                if isinstance(request, AddCpu | DelCpu):  # all done, or none
-                    done = request.count if result == 0 else 0
-                    await stream.send_all(CpuReply(request.MSG_TYPE, result, done).encode())
-                    continue
-                assert isinstance(request, AddMmio | DelMmio)
-                await stream.send_all(MmioReply(request.MSG_TYPE, result).encode())
-
-
-def run_with_guest(guest: ToyGuest, body: Callable[[UpcallClient], Awaitable[None]]) -> None:
+def run_with_guest(guest: FakeGuest, body: Callable[[UpcallClient], Awaitable[None]]) -> None:
     """Run ``await body(upcall)`` with an upcall client whose every connection reaches ``guest``."""
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-
-            async def connect() -> trio.abc.Stream:
-                ours, theirs = trio.testing.memory_stream_pair()
-                nursery.start_soon(guest.serve, theirs)
-                return ours
-
+            guest.nursery = nursery
             with trio.fail_after(120):
                 async with open_upcall_client(
-                    connect, handshake=Handshake.NONE, request_timeout=60
+                    guest.connect, handshake=Handshake.NONE, request_timeout=60
                 ) as upcall:
                     await body(upcall)
             nursery.cancel_scope.cancel()
@@ -132,7 +93,7 @@ def test_hot_add_plugs_a_free_slot_and_tells_the_guest_and_remove_undoes_it(
 ) -> None:
     disk = tmp_path / "hot.img"
     disk.write_bytes(bytes(range(256)) * 32)
-    guest = ToyGuest(lambda request: 0)
+    guest = scripted_guest(lambda request: 0)
     vmm = running_vmm(make_kernel, tmp_path)
     try:
         threads = len(vmm.threads())
@@ -169,7 +130,7 @@ def test_hot_add_plugs_a_free_slot_and_tells_the_guest_and_remove_undoes_it(
 
 
 def test_hot_add_the_guest_refuses_leaves_the_slot_free(make_kernel: KernelFactory, tmp_path: Path) -> None:
-    guest = ToyGuest(lambda request: -ENODEV if isinstance(request, AddMmio) else 0)
+    guest = scripted_guest(lambda request: -ENODEV if isinstance(request, AddMmio) else 0)
     vmm = running_vmm(make_kernel, tmp_path)
     try:
         irqfds = len(vmm.machine.irqfds)
@@ -192,7 +153,7 @@ def test_hot_add_without_an_answer_asks_the_guest_to_drop_it_and_frees_the_slot(
     make_kernel: KernelFactory, tmp_path: Path
 ) -> None:
     # the connection dies after AddMmio went out: the guest may have registered the device
-    guest = ToyGuest(lambda request: None if isinstance(request, AddMmio) else -ENODEV)
+    guest = scripted_guest(lambda request: "drop" if isinstance(request, AddMmio) else -ENODEV)
     vmm = running_vmm(make_kernel, tmp_path)
     try:
 
@@ -287,7 +248,7 @@ def test_max_vcpus_below_vcpus_is_refused(make_kernel: KernelFactory) -> None:
 
 
 def test_hot_add_vcpus_creates_then_reuses_and_remove_takes_the_highest(make_kernel: KernelFactory) -> None:
-    guest = ToyGuest(lambda request: 0)
+    guest = scripted_guest(lambda request: 0)
     vmm = Vmm()
     try:
         vmm.configure(VmConfig(kernel=make_kernel(tk.spin_forever()), memory_mib=128, max_vcpus=3))
@@ -311,7 +272,7 @@ def test_hot_add_vcpus_creates_then_reuses_and_remove_takes_the_highest(make_ker
 
 def test_hot_add_vcpus_the_guest_refuses_stay_offline_for_the_next_try(make_kernel: KernelFactory) -> None:
     answers = iter([-5, 0])  # -EIO, then success
-    guest = ToyGuest(lambda request: next(answers))
+    guest = scripted_guest(lambda request: next(answers))
     vmm = Vmm()
     try:
         vmm.configure(VmConfig(kernel=make_kernel(tk.spin_forever()), memory_mib=128, max_vcpus=2))

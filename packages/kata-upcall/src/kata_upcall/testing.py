@@ -1,10 +1,11 @@
-"""A scripted dbs-upcall guest for the trio driver's tests: the guest kernel's server and device manager as a
-trio task on the far end of a memory stream (or a socket), misbehaving on cue."""
+"""Test utilities (needs the ``trio`` extra): `FakeGuest`, a scripted dbs-upcall guest, the guest kernel's
+server and device manager as a trio task on the far end of a memory stream (or a socket), answering each
+request as a test says and misbehaving on cue. kata-upcall's, kata-vmm's and kata-shim's tests all use it."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import trio
@@ -26,8 +27,22 @@ from kata_upcall import (
     decode_request,
 )
 
-#: What the guest does with one request.
+__all__ = [
+    "CONNECTION_BEHAVIOURS",
+    "REQUEST_BEHAVIOURS",
+    "Answer",
+    "FakeGuest",
+    "receive_exactly",
+    "reply_for",
+]
+
+#: What the guest does with one request: answer 0 ("ok") or -EINVAL ("fail") after 10 ms, answer after
+#: ``slow_seconds``, close the connection ("drop"), send a garbage frame, a reply of the wrong type, two
+#: replies, a short frame, or never answer ("silent").
 REQUEST_BEHAVIOURS = ("ok", "fail", "slow", "drop", "garbage", "wrong", "extra", "short", "silent")
+#: An `answer` callable's verdict on one request: the reply's result (0 or a negative errno), or one of
+#: `REQUEST_BEHAVIOURS`.
+Answer = Callable[[Request], int | str]
 #: What the guest does with one connection before any request.
 CONNECTION_BEHAVIOURS = (
     "serve",
@@ -42,6 +57,7 @@ CONNECTION_BEHAVIOURS = (
 
 
 def reply_for(request: Request, result: int = 0) -> Reply:
+    """The reply a guest sends to ``request`` with ``result`` (a CPU reply counts all done, or none)."""
     if isinstance(request, (AddCpu, DelCpu)):
         return CpuReply(request.MSG_TYPE, result, request.count if result == 0 else None)
     if isinstance(request, AddMmio) or request.MSG_TYPE is MsgType.DEL_MMIO:
@@ -50,6 +66,7 @@ def reply_for(request: Request, result: int = 0) -> Reply:
 
 
 async def receive_exactly(stream: trio.abc.Stream, size: int) -> bytes | None:
+    """``size`` bytes from ``stream``, or None at EOF before them."""
     data = bytearray()
     while len(data) < size:
         chunk = await stream.receive_some(size - len(data))
@@ -62,10 +79,16 @@ async def receive_exactly(stream: trio.abc.Stream, size: int) -> bytes | None:
 @dataclass
 class FakeGuest:
     """Serves each connection the client makes; ``connection_script``/``request_script`` are consumed in
-    order, then every connection serves and every request gets a successful reply."""
+    order, then every connection serves and every request gets a successful reply. ``answer``, when given,
+    decides each request instead of ``request_script``: a result to reply with, or a behaviour name.
+
+    `connect` is the `StreamConnector` to hand the client (set ``nursery`` first: each connection's server
+    runs there); `serve` serves one stream directly. ``requests`` records every request, ``connections``
+    counts connections, ``max_in_flight`` the most requests received and not yet answered."""
 
     connection_script: list[str] = field(default_factory=list)
     request_script: list[str] = field(default_factory=list)
+    answer: Answer | None = None
     handshake: Handshake = Handshake.HYBRID_VSOCK
     slow_seconds: float = 1000.0
     connections: int = 0
@@ -93,6 +116,7 @@ class FakeGuest:
         return client_end
 
     async def serve(self, stream: trio.abc.Stream, behaviour: str = "serve") -> None:
+        """Serve one connection as ``behaviour`` (one of `CONNECTION_BEHAVIOURS`) says, until it closes."""
         try:
             async with stream:
                 await self._serve(stream, behaviour)
@@ -124,9 +148,9 @@ class FakeGuest:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read_requests, stream, send, counts, nursery.cancel_scope)
             async for request in receive:
-                behaviour = next(self._req_iter, "ok")
+                behaviour, result = self._verdict(request)
                 await self._work(behaviour)
-                sent = await self._answer(stream, request, behaviour)
+                sent = await self._answer(stream, request, behaviour, result)
                 if sent is None:
                     break
                 counts["answered"] += sent
@@ -150,6 +174,16 @@ class FakeGuest:
             send.send_nowait(request)
         scope.cancel()
 
+    def _verdict(self, request: Request) -> tuple[str, int]:
+        """What to do with ``request`` and the result to reply with."""
+        if self.answer is None:
+            behaviour = next(self._req_iter, "ok")
+            return behaviour, -22 if behaviour == "fail" else 0
+        verdict = self.answer(request)
+        if isinstance(verdict, str):
+            return verdict, -22 if verdict == "fail" else 0
+        return "ok", verdict
+
     async def _work(self, behaviour: str) -> None:
         if behaviour == "slow":
             await trio.sleep(self.slow_seconds)
@@ -158,7 +192,9 @@ class FakeGuest:
         else:
             await trio.sleep(0.01)
 
-    async def _answer(self, stream: trio.abc.Stream, request: Request, behaviour: str) -> int | None:
+    async def _answer(
+        self, stream: trio.abc.Stream, request: Request, behaviour: str, result: int
+    ) -> int | None:
         """Answer one request: how many reply frames went out, None when the connection is over."""
         if behaviour == "drop":
             return None
@@ -172,7 +208,7 @@ class FakeGuest:
             other = AddCpu((1,)) if not isinstance(request, AddCpu) else AddMmio(0, 0x1000, 5)
             await stream.send_all(reply_for(other).encode())
             return 1
-        reply = reply_for(request, -22 if behaviour == "fail" else 0)
+        reply = reply_for(request, result)
         await stream.send_all(reply.encode())
         if behaviour == "extra":
             await stream.send_all(reply.encode())
