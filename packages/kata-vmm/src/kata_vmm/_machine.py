@@ -183,8 +183,19 @@ class Machine:
     def add_virtio(self, device: VirtioDevice, slot: MmioSlot | None = None) -> MmioSlot:
         """Put a kata-virtio device behind its MMIO adapter on ``slot`` (or the next one), its doorbells
         on the event loop. The machine owns the device from here on, also when this raises."""
-        assert self.vm is not None and self.event_loop is not None
-        vm, loop = self.vm, self.event_loop
+        assert self.event_loop is not None
+        slot, mmio = self._virtio_on_slot(device, slot)
+        mmio.attach(self.event_loop)
+        self.virtio.append(mmio)
+        return slot
+
+    def _virtio_on_slot(
+        self, device: VirtioDevice, slot: MmioSlot | None, *, lowest_free: bool = False
+    ) -> tuple[MmioSlot, VirtioMmioDevice]:
+        """`add_slot` with ``device`` behind a new MMIO adapter (not yet on the event loop), on ``slot`` or
+        with ``lowest_free`` on `free_slot`; ``device`` is closed when this raises (all slots taken too)."""
+        assert self.vm is not None
+        vm = self.vm
         made: list[VirtioMmioDevice] = []
 
         def factory(memory: GuestMemory, irq: InterruptTrigger, slot: MmioSlot) -> BusDevice:
@@ -193,13 +204,11 @@ class Machine:
             return made[0]
 
         try:
-            slot = self.add_slot(factory, slot)
+            slot = self.add_slot(factory, self.free_slot() if lowest_free else slot)
         except BaseException:
             device.close()
             raise
-        made[0].attach(loop)
-        self.virtio.append(made[0])
-        return slot
+        return slot, made[0]
 
     def add_slot(self, factory: DeviceFactory, slot: MmioSlot | None = None) -> MmioSlot:
         """Put the device ``factory`` makes on ``slot`` (a `VmmBuilder` assigned it) or the next free one."""
@@ -231,21 +240,9 @@ class Machine:
         """`add_virtio` while the VM runs: the device takes the lowest free slot (window on the MMIO bus,
         irqfd on its GSI, ioeventfd doorbells), and its doorbells and host fds join the running event
         loop on the loop's own thread. The guest is not told (that is the upcall's AddMmio)."""
-        assert self.vm is not None and self.event_loop is not None
-        vm, loop = self.vm, self.event_loop
-        made: list[VirtioMmioDevice] = []
-
-        def factory(memory: GuestMemory, irq: InterruptTrigger, slot: MmioSlot) -> BusDevice:
-            assert isinstance(irq, IrqFd)
-            made.append(VirtioMmioDevice(vm, device, memory, irq, slot.base))
-            return made[0]
-
-        try:
-            slot = self.add_slot(factory, self.free_slot())
-        except BaseException:
-            device.close()
-            raise
-        mmio = made[0]
+        assert self.event_loop is not None
+        loop = self.event_loop
+        slot, mmio = self._virtio_on_slot(device, None, lowest_free=True)
 
         def attach() -> None:
             mmio.attach(loop)
