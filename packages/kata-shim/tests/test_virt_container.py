@@ -1673,7 +1673,12 @@ def test_dynamic_sizing_grows_the_vm_with_containers_and_updates_and_onlines_the
     (never below default_vcpus) before the agent call, the agent onlines them (OnlineCPUMem), a Delete
     shrinks it back."""
     onlined: list[int] = []
-    monkeypatch.setattr(agent_guest, "online_cpus", lambda limit, base="": onlined.append(limit) or 0)
+
+    def online_cpus(limit: int, base: str = "") -> int:
+        onlined.append(limit)
+        return 0
+
+    monkeypatch.setattr(agent_guest, "online_cpus", online_cpus)
 
     async def main() -> None:
         runtime = RuntimeConfig(static_sandbox_resource_mgmt=False)
