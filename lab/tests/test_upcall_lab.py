@@ -25,7 +25,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,6 +56,7 @@ from kata_upcall import (
     MsgType,
     PciReply,
     Reply,
+    UpcallClient,
     decode_accept_line,
     decode_connect,
     decode_reply,
@@ -298,21 +299,23 @@ class _Console:
             time.sleep(0.2)
 
 
-@pytest.mark.lab
-def test_hot_added_disk_appears_in_the_guest_and_goes_away_on_removal(
-    guest_assets: GuestAssets, tmp_path: Path
-) -> None:
-    """kata-vmm in process (the way the shim's dragonball back-end runs it): the guest boots with only a
-    vsock device and the module; the host hot-adds a read-only virtio-blk disk through upcall over the
-    VM's own vsock device (built-in mode), the guest sees /dev/vda with the disk's bytes, the host removes
-    it and the guest sees it go."""
-    disk = tmp_path / "hot.img"
-    payload = os.urandom(1 << 20)
-    disk.write_bytes(payload)
+def _hotplug_in_process(
+    guest_assets: GuestAssets,
+    tmp_path: Path,
+    script: str,
+    prefix: str,
+    body: Callable[[Vmm, _Console, UpcallClient], Awaitable[None]],
+    *,
+    max_vcpus: int = 0,
+) -> str:
+    """kata-vmm in process (the way the shim's dragonball back-end runs it) booting initrd-test.img with
+    scripts/``script`` and the module, one vsock device: once the guest prints ``{prefix}-READY``, ``await
+    body(vmm, console, upcall)`` with an upcall client over the VM's own vsock device (built-in mode); then
+    the guest's ``{prefix}-DMESG`` lines and its power-off. Returns the console."""
     initrd = initrd_with_files(
         guest_assets.initrd_test,
         {
-            "/lab/run.sh": (SCRIPTS / "hotplug_guest.sh").read_text(),
+            "/lab/run.sh": (SCRIPTS / script).read_text(),
             f"/lab/{MODULE}": guest_assets.upcall_module.read_bytes(),
         },
         tmp_path / "initrd",
@@ -323,6 +326,7 @@ def test_hot_added_disk_appears_in_the_guest_and_goes_away_on_removal(
         initrd=initrd,
         cmdline="console=ttyS0 quiet panic=-1 lab.run=/lab/run.sh",
         memory_mib=512,
+        max_vcpus=max_vcpus,
         console_output=console.write,
         devices=[VsockSpec(tmp_path / "v.sock")],
     )
@@ -330,24 +334,42 @@ def test_hot_added_disk_appears_in_the_guest_and_goes_away_on_removal(
     try:
         vmm.configure(config)
         vmm.start()
-        console.wait_for("^HOT-READY", vmm, timeout=300)
+        console.wait_for(f"^{prefix}-READY", vmm, timeout=300)
 
-        async def plug_and_unplug() -> None:
+        async def session() -> None:
             connector = upcall_connector(vmm)
             async with open_upcall_client(connector, handshake=Handshake.ACCEPT_LINE) as upcall:
-                slot = await hot_add_virtio(vmm, BlockSpec(disk, read_only=True).build(), upcall)
-                assert slot.index == 1  # the vsock device holds slot 0
-                await trio.to_thread.run_sync(console.wait_for, "^HOT-VDA ", vmm, 300)
-                await hot_remove_virtio(vmm, slot, upcall)
+                await body(vmm, console, upcall)
 
-        trio.run(plug_and_unplug)
-        console.wait_for("^HOT-DMESG|^lab-init:", vmm, timeout=300)
+        trio.run(session)
+        console.wait_for(f"^{prefix}-DMESG|^lab-init:", vmm, timeout=300)
         ended = vmm.wait(timeout=120)
         assert ended is not None and ended.kind is ExitKind.POWER_OFF, (ended, console.text[-3000:])
     finally:
         vmm.close()
     text = console.text
     print(text[-4000:])
+    return text
+
+
+@pytest.mark.lab
+def test_hot_added_disk_appears_in_the_guest_and_goes_away_on_removal(
+    guest_assets: GuestAssets, tmp_path: Path
+) -> None:
+    """The guest boots with only a vsock device and the module; the host hot-adds a read-only virtio-blk
+    disk through upcall, the guest sees /dev/vda with the disk's bytes, the host removes it and the guest
+    sees it go."""
+    disk = tmp_path / "hot.img"
+    payload = os.urandom(1 << 20)
+    disk.write_bytes(payload)
+
+    async def plug_and_unplug(vmm: Vmm, console: _Console, upcall: UpcallClient) -> None:
+        slot = await hot_add_virtio(vmm, BlockSpec(disk, read_only=True).build(), upcall)
+        assert slot.index == 1  # the vsock device holds slot 0
+        await trio.to_thread.run_sync(console.wait_for, "^HOT-VDA ", vmm, 300)
+        await hot_remove_virtio(vmm, slot, upcall)
+
+    text = _hotplug_in_process(guest_assets, tmp_path, "hotplug_guest.sh", "HOT", plug_and_unplug)
     assert _field(text, "HOT-INSMOD") == "0"
     assert _field(text, "HOT-VDA") == f"{hashlib.sha256(payload[:65536]).hexdigest()} ro=1"
     assert _field(text, "HOT-GONE") == "yes"
@@ -359,47 +381,17 @@ def test_hot_added_disk_appears_in_the_guest_and_goes_away_on_removal(
 def test_hot_added_vcpu_comes_online_in_the_guest_and_goes_offline_on_removal(
     guest_assets: GuestAssets, tmp_path: Path
 ) -> None:
-    """kata-vmm in process with 1 vCPU and max_vcpus=2 (the MADT lists APIC id 1 Online Capable): the host
-    creates vCPU 1 and sends AddCpu, the guest's online CPUs become 0-1; DelCpu takes it back to 0."""
-    initrd = initrd_with_files(
-        guest_assets.initrd_test,
-        {
-            "/lab/run.sh": (SCRIPTS / "cpu_hotplug_guest.sh").read_text(),
-            f"/lab/{MODULE}": guest_assets.upcall_module.read_bytes(),
-        },
-        tmp_path / "initrd",
-    )
-    console = _Console()
-    config = VmConfig(
-        kernel=guest_assets.kernel,
-        initrd=initrd,
-        cmdline="console=ttyS0 quiet panic=-1 lab.run=/lab/run.sh",
-        memory_mib=512,
-        max_vcpus=2,
-        console_output=console.write,
-        devices=[VsockSpec(tmp_path / "v.sock")],
-    )
-    vmm = Vmm()
-    try:
-        vmm.configure(config)
-        vmm.start()
-        console.wait_for("^CPU-READY", vmm, timeout=300)
+    """1 vCPU and max_vcpus=2 (the MADT lists APIC id 1 Online Capable): the host creates vCPU 1 and sends
+    AddCpu, the guest's online CPUs become 0-1; DelCpu takes it back to 0."""
 
-        async def add_and_remove() -> None:
-            connector = upcall_connector(vmm)
-            async with open_upcall_client(connector, handshake=Handshake.ACCEPT_LINE) as upcall:
-                assert await hot_add_vcpus(vmm, 1, upcall) == (1,)
-                await trio.to_thread.run_sync(console.wait_for, "^CPU-ADDED ", vmm, 300)
-                assert await hot_remove_vcpus(vmm, 1, upcall) == (1,)
+    async def add_and_remove(vmm: Vmm, console: _Console, upcall: UpcallClient) -> None:
+        assert await hot_add_vcpus(vmm, 1, upcall) == (1,)
+        await trio.to_thread.run_sync(console.wait_for, "^CPU-ADDED ", vmm, 300)
+        assert await hot_remove_vcpus(vmm, 1, upcall) == (1,)
 
-        trio.run(add_and_remove)
-        console.wait_for("^CPU-DMESG|^lab-init:", vmm, timeout=300)
-        ended = vmm.wait(timeout=120)
-        assert ended is not None and ended.kind is ExitKind.POWER_OFF, (ended, console.text[-3000:])
-    finally:
-        vmm.close()
-    text = console.text
-    print(text[-4000:])
+    text = _hotplug_in_process(
+        guest_assets, tmp_path, "cpu_hotplug_guest.sh", "CPU", add_and_remove, max_vcpus=2
+    )
     assert _field(text, "CPU-INSMOD") == "0"
     assert _field(text, "CPU-BEFORE") == "0 possible 0-1"
     assert _field(text, "CPU-ADDED") == "0-1 nproc 2"
