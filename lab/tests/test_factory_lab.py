@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,27 @@ def _has_hostname_flag(ctrd: PrivateContainerd) -> bool:
     return "--hostname" in ctrd.ctr("run", "--help", check=False).stdout
 
 
+def _ctr_run(
+    ctrd: PrivateContainerd, config: Path, name: str, *command: str, options: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """``ctr run --rm`` of busybox container ``name`` on the kata runtime with ``config`` (and ``options``
+    before the image), running ``command``; not checked."""
+    return ctrd.ctr(
+        "run",
+        "--rm",
+        "--runtime",
+        KATA_RUNTIME,
+        "--runtime-config-path",
+        str(config),
+        *options,
+        BUSYBOX_IMAGE,
+        name,
+        *command,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+
+
 @pytest.mark.lab
 def test_two_sandboxes_start_from_the_template_with_their_own_rng_clock_and_hostname(
     ctrd: PrivateContainerd, tmp_path: Path
@@ -74,22 +96,7 @@ def test_two_sandboxes_start_from_the_template_with_their_own_rng_clock_and_host
         name = f"tpl{index}"
         args = ["--hostname", f"clone-{index}"] if hostname_flag else []
         t0 = time.monotonic()
-        done = ctrd.ctr(
-            "run",
-            "--rm",
-            "--runtime",
-            KATA_RUNTIME,
-            "--runtime-config-path",
-            str(config),
-            *args,
-            BUSYBOX_IMAGE,
-            name,
-            "sh",
-            "-c",
-            CLONE_SCRIPT,
-            timeout=RUN_TIMEOUT,
-            check=False,
-        )
+        done = _ctr_run(ctrd, config, name, "sh", "-c", CLONE_SCRIPT, options=args)
         host_now = time.time()
         print(f"ctr run --rm {name} (template on): {time.monotonic() - t0:.1f} s wall")
         assert done.returncode == 0, f"{done.stderr}\n{ctrd.log_tail(100)}"
@@ -129,20 +136,7 @@ def test_kata_ctl_factory_init_builds_and_a_changed_config_rebuilds_it(
     config.write_text(config.read_text().replace('kernel_params = ""', 'kernel_params = "loglevel=3"'))
     status = _kata_ctl(config, "factory", "status")
     assert "stale" in status.stdout and "kernel_params" in status.stdout, status.stdout
-    done = ctrd.ctr(
-        "run",
-        "--rm",
-        "--runtime",
-        KATA_RUNTIME,
-        "--runtime-config-path",
-        str(config),
-        BUSYBOX_IMAGE,
-        "tpl3",
-        "echo",
-        "ok",
-        timeout=RUN_TIMEOUT,
-        check=False,
-    )
+    done = _ctr_run(ctrd, config, "tpl3", "echo", "ok")
     assert done.returncode == 0 and done.stdout.split() == ["ok"], f"{done.stderr}\n{ctrd.log_tail(100)}"
     assert "building it (kernel_params: template has ''" in ctrd.log()
     assert_nothing_left(ctrd, "tpl3")
