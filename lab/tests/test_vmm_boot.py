@@ -193,20 +193,26 @@ def _scenario(name: str) -> dict:
     raise SystemExit(f"unknown scenario {name}")
 
 
+def busybox_initrd_with_modules(init: str, modules: tuple[str, ...], initrd: Path) -> Path:
+    """Write ``initrd``: a busybox initramfs running ``init``, plus the guest kernel's ``modules`` (names
+    without .ko) in /lib. Also test_vmm_snapshot_lab's."""
+    from kata_vmm import testing as tk
+
+    tree = next((GUEST / "modules/lib/modules").iterdir())
+    entries = [
+        (f"lib/{m}.ko", tk.S_IFREG | 0o644, next(tree.rglob(f"{m}.ko")).read_bytes(), (0, 0)) for m in modules
+    ]
+    base = tk.busybox_initramfs(init, Path("/bin/busybox").read_bytes())
+    # concatenated cpio archives unpack in order: the base image, then /lib with the modules
+    initrd.write_bytes(base + tk.cpio_newc([("lib", tk.S_IFDIR | 0o755, b"", (0, 0)), *entries]))
+    return initrd
+
+
 def _virtio_rng(work: Path) -> dict:
     from kata_virtio import MmioTransport, VirtioRng
     from kata_vmm import VmConfig, Vmm
-    from kata_vmm import testing as tk
 
-    modules = next((GUEST / "modules/lib/modules").iterdir())
-    entries = [
-        (f"lib/{m}.ko", tk.S_IFREG | 0o644, next(modules.rglob(f"{m}.ko")).read_bytes(), (0, 0))
-        for m in MODULES
-    ]
-    base = tk.busybox_initramfs(VIRTIO_RNG_INIT, Path("/bin/busybox").read_bytes())
-    initrd = work / "virtio-rng.cpio"
-    # concatenated cpio archives unpack in order: the base image, then /lib with the modules
-    initrd.write_bytes(base + tk.cpio_newc([("lib", tk.S_IFDIR | 0o755, b"", (0, 0)), *entries]))
+    initrd = busybox_initrd_with_modules(VIRTIO_RNG_INIT, MODULES, work / "virtio-rng.cpio")
     out: list[bytes] = []
     vmm = Vmm()
     try:

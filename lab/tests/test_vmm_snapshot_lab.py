@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_vmm_boot import GUEST, KATA_VMM, KERNEL, LABVM, PYTHON, _drive
+from test_vmm_boot import KATA_VMM, KERNEL, LABVM, PYTHON, _drive, busybox_initrd_with_modules
 
 pytestmark = pytest.mark.lab
 
@@ -95,17 +95,8 @@ def _run(command: list[str], stdin: bytes, timeout: float) -> dict[str, object]:
 
 
 def _scenario() -> dict[str, object]:
-    from kata_vmm import testing as tk
-
     work = Path(tempfile.mkdtemp(prefix="kata-vmm-snap-"))
-    modules = next((GUEST / "modules/lib/modules").iterdir())
-    entries = [
-        (f"lib/{m}.ko", tk.S_IFREG | 0o644, next(modules.rglob(f"{m}.ko")).read_bytes(), (0, 0))
-        for m in MODULES
-    ]
-    base = tk.busybox_initramfs(COUNT_INIT, Path("/bin/busybox").read_bytes())
-    initrd = work / "count.cpio"
-    initrd.write_bytes(base + tk.cpio_newc([("lib", tk.S_IFDIR | 0o755, b"", (0, 0)), *entries]))
+    initrd = busybox_initrd_with_modules(COUNT_INIT, MODULES, work / "count.cpio")
     disk = work / "disk.img"
     disk.write_bytes(bytes(1 << 20))
     snap = work / "snap"
