@@ -530,6 +530,21 @@ async def read_fifo(path: str, into: dict[str, bytes], key: str) -> None:
         into[key] = data
 
 
+async def _stdout_of(pod: Pod, lower: Path, cid: str, spec: dict[str, Any]) -> bytes:
+    """Create and start container ``cid`` running ``spec`` in ``pod``, wait (60 s) for it to exit 0; its
+    stdout. The caller deletes it."""
+    fifos = _fifos(pod, cid, "stdout")
+    cm = pod.instance.containers
+    got: dict[str, bytes] = {}
+    async with trio.open_nursery() as n:
+        n.start_soon(read_fifo, fifos["stdout"], got, "out")
+        await cm.create_container(_container(pod, lower, cid, spec, Stdio(stdout=fifos["stdout"])))
+        await cm.start_process(ProcessId(cid))
+        with trio.fail_after(60):
+            assert (await cm.wait_process(ProcessId(cid))).code == 0
+    return got["out"]
+
+
 def _recorded(record: Path) -> list[str]:
     """The mount points a ledger file records, oldest first."""
     saved = read_mount_record(record)
@@ -804,17 +819,8 @@ def test_host_bind_volume_is_shared_read_only(busybox_lower: Path, virtiofs_as_b
                 {"destination": "/data", "type": "bind", "source": str(host_dir), "options": ["rbind", "rw"]},
             ]
             script = "cat /etc/hosts; echo w > /data/out; echo x 2>/dev/null > /etc/hosts || echo ro"
-            fifos = _fifos(pod, "c5", "stdout")
-            spec = _spec("sh", "-c", script, mounts=mounts)
-            cfg = _container(pod, busybox_lower, "c5", spec, Stdio(stdout=fifos["stdout"]))
-            got: dict[str, bytes] = {}
-            async with trio.open_nursery() as n:
-                n.start_soon(read_fifo, fifos["stdout"], got, "out")
-                await cm.create_container(cfg)
-                await cm.start_process(ProcessId("c5"))
-                with trio.fail_after(20):
-                    assert (await cm.wait_process(ProcessId("c5"))).code == 0
-            assert got["out"] == b"10.0.0.1 db\nro\n"
+            out = await _stdout_of(pod, busybox_lower, "c5", _spec("sh", "-c", script, mounts=mounts))
+            assert out == b"10.0.0.1 db\nro\n"
             assert (host_dir / "out").read_text() == "w\n"
             assert host_file.read_text() == "10.0.0.1 db\n"
             await cm.delete_process(ProcessId("c5"))
@@ -1809,18 +1815,8 @@ def test_two_containers_of_the_pod_share_one_dev_shm_and_one_hostname(
             await cm.start_process(ProcessId("c1"))
             with trio.fail_after(20):
                 assert (await cm.wait_process(ProcessId("c1"))).code == 0
-            fifos = _fifos(pod, "c2", "stdout")
             reader = _spec("sh", "-c", "cat /dev/shm/note; hostname; grep ' /dev/shm ' /proc/mounts")
-            got: dict[str, bytes] = {}
-            async with trio.open_nursery() as n:
-                n.start_soon(read_fifo, fifos["stdout"], got, "out")
-                await cm.create_container(
-                    _container(pod, busybox_lower, "c2", reader, Stdio(stdout=fifos["stdout"]))
-                )
-                await cm.start_process(ProcessId("c2"))
-                with trio.fail_after(20):
-                    assert (await cm.wait_process(ProcessId("c2"))).code == 0
-            lines = got["out"].decode().splitlines()
+            lines = (await _stdout_of(pod, busybox_lower, "c2", reader)).decode().splitlines()
             assert lines[:2] == ["from-c1", "pod"], lines
             assert "size=65536k" in lines[2], lines  # the sandbox spec's size, one tmpfs for the pod
             for cid in ("c1", "c2"):
@@ -1848,18 +1844,8 @@ def test_the_sandbox_resolv_conf_reaches_create_sandbox_and_the_container(
         async with running_pod(virtiofs_as_bind, first_spec=_spec("true", mounts=bound)) as pod:
             assert written == [["nameserver 10.96.0.10", "search default.svc.cluster.local"]]
             cm = pod.instance.containers
-            fifos = _fifos(pod, "c1", "stdout")
-            got: dict[str, bytes] = {}
             spec = _spec("cat", "/etc/resolv.conf", mounts=bound)
-            async with trio.open_nursery() as n:
-                n.start_soon(read_fifo, fifos["stdout"], got, "out")
-                await cm.create_container(
-                    _container(pod, busybox_lower, "c1", spec, Stdio(stdout=fifos["stdout"]))
-                )
-                await cm.start_process(ProcessId("c1"))
-                with trio.fail_after(20):
-                    assert (await cm.wait_process(ProcessId("c1"))).code == 0
-            assert got["out"] == resolv.read_bytes()
+            assert await _stdout_of(pod, busybox_lower, "c1", spec) == resolv.read_bytes()
             await cm.delete_process(ProcessId("c1"))
 
     trio.run(main)
@@ -1908,17 +1894,8 @@ def test_a_sandbox_restores_from_the_vm_template_and_gets_its_own_clock_and_rng_
             (now,) = clock
             assert abs(now - time.time()) < 600  # the host's clock, not the template's
             assert pod.vm.service.pod_namespaces is not None  # CreateSandbox came after
-            fifos = _fifos(pod, "c1", "stdout")
-            cfg = _container(pod, busybox_lower, "c1", _spec("hostname"), Stdio(stdout=fifos["stdout"]))
-            got: dict[str, bytes] = {}
             cm = pod.instance.containers
-            async with trio.open_nursery() as n:
-                n.start_soon(read_fifo, fifos["stdout"], got, "out")
-                await cm.create_container(cfg)
-                await cm.start_process(ProcessId("c1"))
-                with trio.fail_after(60):
-                    assert (await cm.wait_process(ProcessId("c1"))).code == 0
-            assert got["out"] == b"pod\n"
+            assert await _stdout_of(pod, busybox_lower, "c1", _spec("hostname")) == b"pod\n"
             await cm.delete_process(ProcessId("c1"))
         assert "sandbox sb1: restored from template" in caplog.text
         vms.clear()
