@@ -281,21 +281,34 @@ def lab(session: nox.Session) -> None:
     # host itself (QEMU under TCG), the upcall module built against the pinned kernel headers
     session.run(python, "-m", "pytest", "packages", "-m", "guest_assets", "-q", *pytest_args, external=True)
     path = f"{venv / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    command = [
-        "lab/labvm", "exec",
-        "--timeout", str(LAB_RUN_TIMEOUT), "--idle-timeout", str(LAB_IDLE_TIMEOUT),
-        "--env", f"PATH={path}", "--env", "KATA_LAB_BACKENDS", "--env", "PYTEST_ADDOPTS",
-        "--", python, "-m", "pytest", "-m", "lab", *pytest_args,
-        *(session.posargs or ["lab/tests", "packages"]),
-    ]  # fmt: skip
-    session.log(" ".join(command))
-    code = subprocess.run(command, check=False).returncode
+    # each passed test is written to build/lab/logs/passed.txt as it passes (lab/plugins/kata_lab_resume.py)
+    passed = ROOT / "build" / "lab" / "logs" / "passed.txt"
+    passed.parent.mkdir(parents=True, exist_ok=True)
+    passed.unlink(missing_ok=True)
+
+    def command(resume: str) -> list[str]:
+        return [
+            "lab/labvm", "exec",
+            "--timeout", str(LAB_RUN_TIMEOUT), "--idle-timeout", str(LAB_IDLE_TIMEOUT),
+            "--env", f"PATH={path}", "--env", "KATA_LAB_BACKENDS", "--env", "PYTEST_ADDOPTS",
+            "--env", f"PYTHONPATH={ROOT / 'lab' / 'plugins'}", "--env", f"KATA_LAB_PASSED={passed}",
+            "--env", f"KATA_LAB_RESUME={resume}",
+            "--", python, "-m", "pytest", "-m", "lab", "-p", "kata_lab_resume", *pytest_args,
+            *(session.posargs or ["lab/tests", "packages"]),
+        ]  # fmt: skip
+
+    session.log(" ".join(command("0")))
+    code = subprocess.run(command("0"), check=False).returncode
     if code == LABVM_FAILED:
         # The lab VM itself died or froze (its console is printed above): QEMU's TCG emulation of nested
         # SVM has crashed the lab kernel (stack guard page in a vCPU thread's page fault) and frozen it
-        # at random, about once in several runs. That is the emulator, not a test: run the lab once more,
-        # and say so loudly; a test failure (exit 1) is never retried.
-        session.warn("LAB VM FAILURE, not a test failure: the lab VM died or froze; running the lab again")
-        code = subprocess.run(command, check=False).returncode
+        # at random, about once in several runs. That is the emulator, not a test: boot a second lab VM
+        # for the tests that had not passed yet, and say so loudly; a test failure (exit 1) is never retried.
+        done = len(passed.read_text().splitlines()) if passed.exists() else 0
+        session.warn(
+            f"LAB VM FAILURE, not a test failure: the lab VM died or froze after {done} tests passed; "
+            "running the rest in a new lab VM"
+        )
+        code = subprocess.run(command("1"), check=False).returncode
     if code != 0:
         session.error(f"lab tests failed (labvm exit {code})")

@@ -153,3 +153,36 @@ def test_a_command_silent_past_its_idle_timeout_ends_the_run() -> None:
         labvm.run_in_vm(vm, "sleep 600", timeout=600, idle_timeout=1)
     for sock in (*vm.conns.values(), *vm.peers.values()):
         sock.close()
+
+
+def test_resume_plugin_runs_again_only_what_had_not_passed_when_the_lab_vm_died(tmp_path: Path) -> None:
+    """lab/plugins/kata_lab_resume.py: the first run records each passed test as it passes; the run in the
+    second lab VM (KATA_LAB_RESUME=1) deselects those and runs the failed, skipped and never-reached ones."""
+    suite = tmp_path / "test_suite.py"
+    suite.write_text(
+        "import os, pytest\n"
+        "def test_a(): pass\n"
+        "def test_b(): assert os.environ.get('SECOND') == '1'\n"
+        "def test_c(): pytest.skip('not here')\n"
+        "@pytest.fixture\n"
+        "def broken():\n    yield\n    raise RuntimeError('teardown')\n"
+        "def test_d(broken): pass\n"
+        "def test_e(): pass\n"
+    )
+    passed = tmp_path / "passed.txt"
+
+    def run(resume: str, second: str) -> str:
+        env = {**os.environ, "PYTHONPATH": str(LAB / "plugins"), "KATA_LAB_PASSED": str(passed),
+               "KATA_LAB_RESUME": resume, "SECOND": second}  # fmt: skip
+        argv = [sys.executable, "-m", "pytest", "-p", "kata_lab_resume", "-p", "no:cacheprovider", "-q"]
+        done = subprocess.run(
+            [*argv, suite.name], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+        )
+        return done.stdout
+
+    first = run("0", "0")
+    assert "1 failed, 3 passed, 1 skipped, 1 error" in first, first
+    assert passed.read_text().splitlines() == ["test_suite.py::test_a", "test_suite.py::test_e"]
+    second = run("1", "1")
+    assert "2 tests passed in the lab VM that died; not run again" in second, second
+    assert "2 passed, 1 skipped, 2 deselected, 1 error" in second, second
