@@ -6,6 +6,7 @@ pause lands after an exit KVM completes only on the next KVM_RUN as often as not
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -33,6 +34,9 @@ from kata_vmm import (
     VsockSpec,
     snapshot_config,
 )
+from kata_vmm._bindings import kvm as kvm_structs
+from kata_vmm._errors import KvmError
+from kata_vmm._kvm import Vcpu
 
 KernelFactory = Callable[[bytes], Path]
 
@@ -529,3 +533,35 @@ def test_a_failed_restore_gives_back_what_unbuilt_specs_hold(
         assert theirs.recv(1, socket.MSG_DONTWAIT) == b""  # the spec's end was closed
     finally:
         theirs.close()
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_a_snapshot_from_a_host_without_xsave_restores_without_xcrs(
+    make_kernel: KernelFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a host CPU without XSAVE (the lab VM with -cpu max,-xsave) KVM_GET_XCRS reports no XCRs and
+    # KVM_SET_XCRS fails with EINVAL: the saved empty list must not be set back.
+    monkeypatch.setattr(Vcpu, "get_xcrs", lambda self: kvm_structs.kvm_xcrs())
+
+    def refuse(self: Vcpu, xcrs: kvm_structs.kvm_xcrs) -> None:
+        raise KvmError("KVM_SET_XCRS", errno.EINVAL)
+
+    monkeypatch.setattr(Vcpu, "set_xcrs", refuse)
+    kernel = make_kernel(COUNTING_GUEST)
+    vmm = Vmm()
+    try:
+        vmm.configure(_config(kernel, tmp_path, "v"))
+        vmm.start()
+        _run_until(vmm, 5)
+        vmm.pause()
+        expected = _rbx_rip(vmm)
+        vmm.snapshot(tmp_path / "snap")
+    finally:
+        vmm.close()
+    clone = Vmm.restore(tmp_path / "snap", _config(kernel, tmp_path, "clone"))
+    try:
+        assert _rbx_rip(clone) == expected
+        clone.resume()
+        _run_until(clone, _count(clone) + 5)
+    finally:
+        clone.close()

@@ -169,7 +169,8 @@ def restore_vcpu(vcpu: Vcpu, state: dict[str, Any]) -> None:
     vcpu.set_sregs(sregs)
     vcpu.set_fpu(fpu)
     vcpu.set_xsave(xsave)
-    vcpu.set_xcrs(xcrs)
+    if xcrs.nr_xcrs:  # KVM reports none on a host CPU without XSAVE, and refuses to set them there
+        vcpu.set_xcrs(xcrs)
     vcpu.set_debugregs(debugregs)
     vcpu.set_lapic(lapic)
     vcpu.set_msrs(ordered)
