@@ -75,7 +75,13 @@ def task_update(ctrd: PrivateContainerd, cid: str, resources: dict[str, object])
 
 def cpu_limit(ctrd: PrivateContainerd, cid: str) -> str:
     return in_task(
-        ctrd, cid, "cat /sys/fs/cgroup/cpu.max 2>/dev/null || cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us"
+        ctrd,
+        cid,
+        # v2, or v1 as the guest mounts it (no systemd in the guest: no cpu -> cpu,cpuacct symlink)
+        "cat /sys/fs/cgroup/cpu.max 2>/dev/null"
+        " || cat /sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us 2>/dev/null"
+        " || cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us"
+        " || (cat /proc/self/cgroup; ls -R /sys/fs/cgroup | head -50)",
     )
 
 

@@ -11,5 +11,9 @@ echo "CPU-ADDED $(cat /sys/devices/system/cpu/online) nproc $(grep -c ^processor
 i=0
 while [ "$(cat /sys/devices/system/cpu/online)" != 0 ] && [ $i -lt 300 ]; do sleep 1; i=$((i + 1)); done
 echo "CPU-REMOVED $(cat /sys/devices/system/cpu/online) nproc $(grep -c ^processor /proc/cpuinfo)"
-echo "CPU-OOPS $(dmesg | grep -c -E 'BUG:|Oops|WARNING:|general protection|Call Trace')"
+# only what the kernel logged once the module was loaded: the boot before it has the VMM's known
+# warnings (the PMU probe's unchecked WRMSR with its call trace), which are not the module's
+dmesg | sed -n '/kata_upcall_srv: listening/,$p' | grep -E 'BUG:|Oops|WARNING:|general protection|Call Trace' \
+    | sed 's/^/CPU-OOPS-LINE /'
+echo "CPU-OOPS $(dmesg | sed -n '/kata_upcall_srv: listening/,$p' | grep -c -E 'BUG:|Oops|WARNING:|general protection|Call Trace')"
 dmesg | grep -E 'kata_upcall_srv|smpboot|CPU' | tail -n 20 | sed 's/^/CPU-DMESG /'

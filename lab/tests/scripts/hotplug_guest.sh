@@ -12,5 +12,9 @@ i=0
 while [ -b /dev/vda ] && [ $i -lt 300 ]; do sleep 1; i=$((i + 1)); done
 echo "HOT-GONE $([ -b /dev/vda ] && echo no || echo yes)"
 echo "HOT-MMIO-LEFT $(ls /sys/bus/platform/devices | grep -c '^virtio-mmio\..*auto$')"
-echo "HOT-OOPS $(dmesg | grep -c -E 'BUG:|Oops|WARNING:|general protection|Call Trace')"
+# only what the kernel logged once the module was loaded: the boot before it has the VMM's known
+# warnings (the PMU probe's unchecked WRMSR with its call trace), which are not the module's
+dmesg | sed -n '/kata_upcall_srv: listening/,$p' | grep -E 'BUG:|Oops|WARNING:|general protection|Call Trace' \
+    | sed 's/^/HOT-OOPS-LINE /'
+echo "HOT-OOPS $(dmesg | sed -n '/kata_upcall_srv: listening/,$p' | grep -c -E 'BUG:|Oops|WARNING:|general protection|Call Trace')"
 dmesg | grep -E 'kata_upcall_srv|virtio' | tail -n 20 | sed 's/^/HOT-DMESG /'

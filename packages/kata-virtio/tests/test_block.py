@@ -142,3 +142,22 @@ def test_write_beyond_capacity_is_refused_before_copying(image: Path) -> None:
     dev.notify(0)
     assert dq.get_used() == [(head, 1)] and dq.written(head) == bytes([VIRTIO_BLK_S_IOERR])
     assert image.read_bytes() == before
+
+
+def test_capacity_of_a_host_block_device_is_its_size(tmp_path: Path) -> None:
+    # (root: losetup) a block device's st_size is 0: `ctr run --device /dev/loopN` hot-plugged an empty disk
+    import subprocess
+
+    backing = tmp_path / "disk.img"
+    backing.write_bytes(b"kata-raw-volume\n" + bytes(4 * 1024 * 1024 - 16))
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        dev = VirtioBlock(loop, read_only=True)
+        try:
+            assert dev.capacity == 4 * 1024 * 1024 // 512
+        finally:
+            dev.close()
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)

@@ -52,7 +52,8 @@ class VirtioBlock(VirtioDevice):
             self._fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as err:
             raise DeviceError(f"cannot open block image {self.path}: {err.strerror}") from err
-        self.capacity = os.fstat(self._fd).st_size // SECTOR_SIZE
+        # the end of the file, which for a block device (st_size 0) is its size
+        self.capacity = os.lseek(self._fd, 0, os.SEEK_END) // SECTOR_SIZE
         ident = serial or os.path.basename(self.path)
         self.serial = ident.encode()[:VIRTIO_BLK_ID_BYTES].ljust(VIRTIO_BLK_ID_BYTES, b"\0")
 
