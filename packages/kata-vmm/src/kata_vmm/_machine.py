@@ -141,7 +141,7 @@ class Machine:
         self.mmio_slots: list[MmioSlot] = []
         self.slot_irqs: dict[int, IrqFd] = {}  # slot index -> its irqfd (hot-unplug closes it)
         self.virtio: list[VirtioMmioDevice] = []
-        self._possible_vcpus = 0  # set by prepare_boot
+        self._possible_vcpus = 0  # set by create
         self._cpuid: list[k.kvm_cpuid_entry2] | None = None
         self._tsc_deadline = False
 
@@ -159,6 +159,7 @@ class Machine:
         ``memory_files`` (a snapshot's, one fd per RAM region) RAM maps them copy-on-write."""
         self.kvm = Kvm()
         config.validate(self.kvm.max_vcpus())
+        self._possible_vcpus = config.possible_vcpus  # what add_vcpu may create, booted or restored
         for cap, name in REQUIRED_KVM_CAPS:
             if not self.kvm.check_extension(cap):
                 raise ConfigError(f"this host's KVM lacks KVM_CAP_{name}")
@@ -294,7 +295,6 @@ class Machine:
             self.memory, config.kernel, config.cmdline, config.initrd, tables.rsdp_addr
         )
         t2 = time.monotonic()
-        self._possible_vcpus = config.possible_vcpus
         for _ in range(config.vcpus):
             self.add_vcpu()
         bsp = self.vcpus[0]
@@ -311,10 +311,6 @@ class Machine:
         for vcpu_id in range(count):
             self.vcpus.append(self.vm.create_vcpu(vcpu_id))
         return self.vcpus
-
-    def allow_vcpus(self, possible: int) -> None:
-        """How many vCPUs `add_vcpu` may create in all (a restored VM's ``possible_vcpus``)."""
-        self._possible_vcpus = possible
 
     def add_vcpu(self) -> Vcpu:
         """Create the next vCPU (id = APIC id = how many exist) with its CPUID, MSRs, FPU and LAPIC set up

@@ -571,7 +571,6 @@ class Vmm:
         snap.restore_vm(self.vm, manifest["vm"])
         for vcpu, state in zip(self.machine.create_vcpus(config.vcpus), manifest["vcpus"], strict=True):
             snap.restore_vcpu(vcpu, state)
-        self.machine.allow_vcpus(config.possible_vcpus)
         self.guest_vcpus = set(range(config.vcpus))
         for dev, saved_dev in zip(self._virtio, devices, strict=True):
             dev.transport.restore(saved_dev["transport"])
