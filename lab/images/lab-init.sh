@@ -54,6 +54,9 @@ ctl=$(port lab.ctl) || fail "no lab.ctl port"
 read -r request < "$ctl"
 echo "$request" | base64 -d > $R/run/lab-request.sh || fail "bad request"
 echo started > "$ctl"
+# the heartbeat labvm watches: a lab VM whose own kernel stopped sends none (lab/labvm HEARTBEAT_TIMEOUT)
+(while sleep 10; do echo alive > "$ctl"; done) &
+heartbeat=$!
 if [ "$mode" = shell ]; then
     setsid cttyhack chroot $R /bin/sh /run/lab-request.sh
     rc=$?
@@ -62,6 +65,8 @@ else
     chroot $R /bin/sh /run/lab-request.sh < /dev/null > "$out" 2> "$err"
     rc=$?
 fi
+kill $heartbeat
+wait $heartbeat 2>/dev/null
 sync
 echo "exit $rc" > "$ctl"
 poweroff -f

@@ -1,9 +1,9 @@
 """pytest plugin for `nox -s lab`: tests that passed in a lab VM that then died are not run again.
 
-The lab VM (QEMU's TCG emulation of nested SVM) sometimes crashes or freezes on its own, about once in several
-full runs (lab/README.md). `nox -s lab` then boots a second lab VM; without this plugin that VM runs the whole
-selection again (~20 minutes). With it, the first run appends each passed test's node id to the file named by
-``KATA_LAB_PASSED`` as the test finishes, and the second run (``KATA_LAB_RESUME=1``) deselects those, saying
+The lab VM (QEMU's TCG emulation of nested SVM) may crash or freeze on its own (lab/README.md, "The lab VM's
+own failures"). `nox -s lab` then boots another lab VM; without this plugin that VM runs the whole selection
+again (~20 minutes). With it, each run appends each passed test's node id to the file named by
+``KATA_LAB_PASSED`` as the test finishes, and the next run (``KATA_LAB_RESUME=1``) deselects those, saying
 how many it leaves out. A test that failed, errored or was skipped is not recorded, so it runs again.
 Without the variables the plugin does nothing.
 """

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -138,6 +139,9 @@ class _HungVm:
     def start(self) -> dict[str, object]:
         return self.conns
 
+    def cpu_state(self) -> str:
+        return "CPU#0\nRIP=ffffffff81000000 RFL=00000046"
+
 
 def test_a_command_past_its_timeout_ends_the_run_with_a_clear_error() -> None:
     vm = _HungVm()
@@ -151,6 +155,35 @@ def test_a_command_silent_past_its_idle_timeout_ends_the_run() -> None:
     vm = _HungVm()
     with pytest.raises(labvm.LabError, match=r"printed nothing for 1 s"):
         labvm.run_in_vm(vm, "sleep 600", timeout=600, idle_timeout=1)
+    for sock in (*vm.conns.values(), *vm.peers.values()):
+        sock.close()
+
+
+def test_a_lab_vm_whose_heartbeat_stops_is_frozen_and_says_where_its_cpus_were() -> None:
+    vm = _HungVm()
+    with pytest.raises(labvm.LabError, match=r"no heartbeat for 1 s") as err:
+        labvm.run_in_vm(vm, "sleep 600", timeout=600, idle_timeout=600, heartbeat_timeout=1)
+    assert err.value.cpus.startswith("CPU#0\nRIP=")
+    for sock in (*vm.conns.values(), *vm.peers.values()):
+        sock.close()
+
+
+def test_heartbeats_keep_a_silent_command_running_until_its_idle_timeout() -> None:
+    vm = _HungVm()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(0.2):
+            vm.peers["ctl"].sendall(b"alive\n")
+
+    beater = threading.Thread(target=beat)
+    beater.start()
+    try:
+        with pytest.raises(labvm.LabError, match=r"printed nothing for 3 s"):
+            labvm.run_in_vm(vm, "sleep 600", timeout=600, idle_timeout=3, heartbeat_timeout=1)
+    finally:
+        stop.set()
+        beater.join()
     for sock in (*vm.conns.values(), *vm.peers.values()):
         sock.close()
 
