@@ -50,6 +50,10 @@ RUNTIME_LABELS = {
 OURS_COLOR, PEER_COLOR, OTHER_COLOR = "tab:blue", "tab:orange", "tab:gray"
 
 
+# what reading a well-formed file of the wrong shape raises: reported as "unexpected input", never a crash
+BAD_INPUT = (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError)
+
+
 class Missing(Exception):
     """An input the report needs is absent or unusable; the message says why."""
 
@@ -66,7 +70,8 @@ class Ratio:
 
     @property
     def value(self) -> float:
-        return self.ours_median / self.peer_median
+        """The ratio; NaN (printed as nan) when the peer's median is 0."""
+        return self.ours_median / self.peer_median if self.peer_median else float("nan")
 
 
 @dataclass
@@ -379,8 +384,9 @@ def header(meta: dict[str, Any] | None) -> list[str]:
         return [
             "# Benchmark report",
             "",
-            f"- commit: {_git_commit()} (at report time: meta.json missing)",
-            "- date, machine load, CPU model, TCG: not measured: meta.json missing (run `nox -s bench`)",
+            f"- commit: {_git_commit()} (at report time: no usable meta.json)",
+            "- date, machine load, CPU model, TCG: not measured: meta.json missing or not a JSON object"
+            " (`nox -s bench` writes it)",
             "",
         ]
     lab = meta.get("lab_vm", {})
@@ -459,17 +465,19 @@ def markdown(meta: dict[str, Any] | None, plots: list[Plot], missing: list[NotMe
 
 
 def host_table(bench_dir: Path, meta: dict[str, Any]) -> str:
+    """The pytest-benchmark results as a table (they have no peer: absolute host numbers)."""
+    rows = ["| benchmark | median (us) | mean (us) | ops/s | rounds |", "|---|---:|---:|---:|---:|"]
     try:
-        data = _read_json(bench_dir, "host.json", meta, "host")
+        for b in _read_json(bench_dir, "host.json", meta, "host")["benchmarks"]:
+            st = b["stats"]
+            rows.append(
+                f"| {b['name']} | {st['median'] * 1e6:.1f} | {st['mean'] * 1e6:.1f} | {st['ops']:.0f}"
+                f" | {st['rounds']} |"
+            )
     except Missing as err:
         return f"not measured: {err}"
-    rows = ["| benchmark | median (us) | mean (us) | ops/s | rounds |", "|---|---:|---:|---:|---:|"]
-    for b in data.get("benchmarks", []):
-        st = b["stats"]
-        rows.append(
-            f"| {b['name']} | {st['median'] * 1e6:.1f} | {st['mean'] * 1e6:.1f} | {st['ops']:.0f}"
-            f" | {st['rounds']} |"
-        )
+    except BAD_INPUT as err:
+        return f"not measured: unexpected input in host.json ({type(err).__name__}: {err})"
     return "\n".join(rows)
 
 
@@ -496,6 +504,8 @@ def build(bench_dir: Path = BENCH_DIR, out_dir: Path | None = None) -> Report:
         meta: dict[str, Any] | None = json.loads((bench_dir / "meta.json").read_text())
     except (OSError, ValueError):
         meta = None
+    if not isinstance(meta, dict):
+        meta = None
     m = meta or {}
     made: dict[str, Plot] = {}
     why: dict[str, str] = {}
@@ -506,7 +516,7 @@ def build(bench_dir: Path = BENCH_DIR, out_dir: Path | None = None) -> Report:
         except Missing as err:
             why.update((n, str(err)) for n in names)
             return
-        except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+        except BAD_INPUT as err:
             why.update((n, f"unexpected input ({type(err).__name__}: {err})") for n in names)
             return
         for plot in result if isinstance(result, list) else [result]:
@@ -523,7 +533,11 @@ def build(bench_dir: Path = BENCH_DIR, out_dir: Path | None = None) -> Report:
         text = (bench_dir / "vmm_boot.json").read_text() if (bench_dir / "vmm_boot.json").exists() else ""
         if not text.strip():
             raise Missing(_step_why(m, "vmm_boot") or "vmm_boot.json missing or empty (the step did not run)")
-        return vmm_boot_plot(json.loads(text.strip().splitlines()[-1]))
+        try:
+            line = json.loads(text.strip().splitlines()[-1])
+        except ValueError as err:
+            raise Missing(_step_why(m, "vmm_boot") or f"vmm_boot.json is not a JSON line ({err})") from None
+        return vmm_boot_plot(line)
 
     attempt(["vmm_boot"], boot)
 
@@ -532,7 +546,7 @@ def build(bench_dir: Path = BENCH_DIR, out_dir: Path | None = None) -> Report:
         text = virtio_path.read_text(errors="replace")
         try:
             found = virtio_plots(text)
-        except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+        except BAD_INPUT as err:
             found = {}
             why["virtio_blk"] = why["virtio_fs"] = f"unexpected input ({type(err).__name__}: {err})"
         made.update(found)
@@ -552,7 +566,11 @@ def build(bench_dir: Path = BENCH_DIR, out_dir: Path | None = None) -> Report:
     plots, missing = [], []
     for name, title, _step in FIGURES:
         if name in made:
-            draw(made[name], out_dir)
+            try:
+                draw(made[name], out_dir)
+            except BAD_INPUT as err:
+                missing.append(NotMeasured(name, title, f"could not draw ({type(err).__name__}: {err})"))
+                continue
             plots.append(made[name])
         else:
             missing.append(NotMeasured(name, title, why.get(name, "no input")))

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -221,7 +222,7 @@ def test_report_without_any_input_still_writes_a_report(tmp_path: Path) -> None:
     result = report.build(tmp_path / "empty", tmp_path / "out")
     assert result.plots == [] and len(result.missing) == len(report.FIGURES)
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "meta.json missing" in md and "host.json missing" in md
+    assert "meta.json missing or not a JSON object" in md and "host.json missing" in md
     assert re.search(r"commit: \S+", md)
 
 
@@ -254,3 +255,44 @@ def test_noxfile_records_the_accelerator_and_cpu_labvm_uses() -> None:
     assert accel and f'"-accel", "{accel.group(1)},' in text
     cpu = re.search(r'^LAB_VM_CPU = "([^"]+)"', nox_text, re.MULTILINE)
     assert cpu and f'DEFAULT_CPU = "{cpu.group(1)}"' in text
+
+
+def test_host_benchmarks_are_a_table(tmp_path: Path) -> None:
+    """host.json as pytest-benchmark writes it (a real, tiny run) becomes the host table."""
+    (tmp_path / "test_tiny.py").write_text("def test_tiny_sum(benchmark):\n    benchmark(sum, range(10))\n")
+    out = tmp_path / "bench"
+    out.mkdir()
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+            "--benchmark-only", "--benchmark-min-rounds=1", "--benchmark-max-time=0.001",
+            f"--benchmark-json={out / 'host.json'}", str(tmp_path / "test_tiny.py"),
+        ],
+        capture_output=True, text=True, check=False, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    md = report.build(out).markdown
+    host = md.split("## Host micro benchmarks (pytest-benchmark)", 1)[1]
+    assert re.search(r"^\| test_tiny_sum \| [\d.]+ \| [\d.]+ \| \d+ \| \d+ \|$", host, re.MULTILINE), host
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("shim.json", "[]"),
+        ("shim.json", '{"run_rm": {"seconds": {"runc": "fast"}}, "pods": 3}'),
+        ("vmm_boot.json", "Traceback (most recent call last):\n"),
+        ("net.json", '{"ours": {}, "qemu": {}}'),
+        ("meta.json", '"not an object"'),
+        ("host.json", '{"benchmarks": [{"name": "x"}]}'),
+        ("virtio_guest.txt", 'VIRTIO-BENCH {"bench": "virtio-blk"}\n'),
+    ],
+)
+def test_a_broken_input_is_not_measured_never_a_crash(tmp_path: Path, name: str, content: str) -> None:
+    _write_inputs(tmp_path)
+    (tmp_path / name).write_text(content)
+    result = report.build(tmp_path)
+    assert (tmp_path / "report.md").read_text() == result.markdown
+    assert "not measured" in result.markdown or name == "meta.json"
+    for plot in result.plots:
+        _assert_image(plot.png)
