@@ -4,19 +4,26 @@ nox -s tests      unit tests of all packages (+ root/kvm/containerd-marked host 
 nox -s lint       ruff, mypy and the import-linter dependency contract
 nox -s protos     regenerate kata_proto/_gen from the .proto files; fails if the committed code drifted
 nox -s build      one wheel per package into build/dist
-nox -s bench      benchmarks (pytest-benchmark), reported as distributions (bench-net: the network one)
+nox -s bench      benchmarks, then build/bench/report.md with PNG figures (bench-net: the network one)
 nox -s images     guest assets for the lab VM into build/lab/guest
 nox -s lab        integration tests that boot guests, inside the lab VM
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from typing import Any
 
 import nox
+from nox.command import CommandFailed
 
 ROOT = pathlib.Path(__file__).resolve().parent
 PACKAGES = [
@@ -42,6 +49,8 @@ TEST_DEPS = [
     # the clh and firecracker back-ends' requests are validated against their upstream API specs
     "jsonschema==4.26.0",
     "PyYAML==6.0.3",
+    # lab/bench/report.py draws the benchmark report's figures (and its tests open them)
+    "matplotlib==3.11.2",
 ]
 LINT_DEPS = ["ruff==0.17.6", "mypy==2.4.1", "import-linter==2.16", "types-protobuf"]
 
@@ -53,9 +62,13 @@ LAB_TEST_TIMEOUT = 900
 LAB_RUN_TIMEOUT = 2400
 LAB_IDLE_TIMEOUT = LAB_TEST_TIMEOUT + 60
 LABVM_FAILED = 125
-# How many lab VMs one `nox -s lab` may boot: each after the first runs only the tests not yet passed, when the
-# one before it died or froze (the emulator's fault, not a test's; see the lab session).
+# How many lab VMs one `nox -s lab` may boot: each after the first runs only the tests not yet passed, when
+# the one before it died or froze (the emulator's fault, not a test's; see the lab session).
 LAB_VM_ATTEMPTS = 3
+# lab/labvm runs the lab VM under QEMU's TCG (`-accel tcg,thread=multi`); the bench's guests run on its nested
+# KVM, so every lab number is emulated; the bench report says so (test_bench_report.py checks labvm).
+LAB_VM_ACCEL = "tcg"
+LAB_VM_CPU = "max"  # labvm's DEFAULT_CPU; LAB_CPU overrides both
 
 nox.options.default_venv_backend = "uv|venv"
 nox.options.reuse_existing_virtualenvs = True
@@ -148,75 +161,165 @@ def build(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: host micro benchmarks (pytest-benchmark), then in the lab VM kata-vmm vs QEMU (boot, virtio
     throughput), containerd-shim-kata-v2 vs runc (ctr run --rm, threads and memory per pod) and the pod
-    network, our tap+tc path vs QEMU virtio-net with vhost-net (TCP throughput, round-trip latency)."""
+    network, our tap+tc path vs QEMU virtio-net with vhost-net (TCP throughput, round-trip latency).
+
+    Each step prints one progress line when it starts and one with its elapsed time when it ends; a failed
+    step does not stop the others. Then lab/bench/report.py writes build/bench/report.md and its PNG figures
+    (a step that failed is "not measured" there), and the session fails if any step did."""
     session.run(sys.executable, "-m", "nox", "-s", "tests", "--install-only", external=True)
     python = str(ROOT / ".nox" / "tests" / "bin" / "python")
     _compile_for_labvm(session, python)
     out = ROOT / "build" / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    session.run(
-        python,
-        "-m",
-        "pytest",
-        "lab/bench",
-        "-p",
-        "no:cacheprovider",
-        "--benchmark-only",
-        "-o",
-        f"timeout={LAB_TEST_TIMEOUT}",
-        f"--benchmark-json={out / 'host.json'}",
-        *session.posargs,
-        external=True,
-    )
-    session.run("python3", "lab/images/build.py", external=True)
-    with open(out / "vmm_boot.json", "w") as sink:
+    for stale in [*out.glob("*.png"), out / "report.md"]:
+        stale.unlink(missing_ok=True)  # a figure of an earlier run must not pass for this one's
+    meta = _bench_meta()
+
+    def host() -> None:
         session.run(
-            "lab/labvm",
-            "exec",
-            "--",
-            python,
-            "lab/bench/vmm_boot.py",
-            "--runs",
-            "5",
-            "--machines",
-            "q35,microvm",  # the QEMU peer is whichever machine type is faster in this run
-            external=True,
-            stdout=sink,
-        )
-    # virtio-blk and virtio-fs throughput, kata-vmm against QEMU in one lab VM
-    with open(out / "virtio_guest.txt", "w") as sink:
-        session.run(
-            "lab/labvm",
-            "exec",
-            "--",
             python,
             "-m",
             "pytest",
-            "-s",
-            "-q",
+            "lab/bench",
             "-p",
             "no:cacheprovider",
+            "--benchmark-only",
             "-o",
             f"timeout={LAB_TEST_TIMEOUT}",
-            "lab/bench/virtio_guest.py",
+            f"--benchmark-json={out / 'host.json'}",
+            *session.posargs,
             external=True,
-            stdout=sink,
         )
-    # containerd-shim-kata-v2 against runc on one containerd: ctr run --rm, threads and memory per pod size
-    with open(out / "shim.txt", "w") as sink:
-        session.run(
-            "lab/labvm",
-            "exec",
-            "--",
-            python,
-            "lab/bench/shim_bench.py",
-            "--json",
-            str(out / "shim.json"),
-            external=True,
-            stdout=sink,
-        )
-    _net_bench(session, python, out)
-    session.log(f"results in {out}")
+
+    def vmm_boot() -> None:
+        with open(out / "vmm_boot.json", "w") as sink:
+            session.run(
+                "lab/labvm",
+                "exec",
+                "--",
+                python,
+                "lab/bench/vmm_boot.py",
+                "--runs",
+                "5",
+                "--machines",
+                "q35,microvm",  # the QEMU peer is whichever machine type is faster in this run
+                external=True,
+                stdout=sink,
+            )
+
+    def virtio() -> None:
+        # virtio-blk and virtio-fs throughput, kata-vmm against QEMU in one lab VM
+        with open(out / "virtio_guest.txt", "w") as sink:
+            session.run(
+                "lab/labvm",
+                "exec",
+                "--",
+                python,
+                "-m",
+                "pytest",
+                "-s",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-o",
+                f"timeout={LAB_TEST_TIMEOUT}",
+                "lab/bench/virtio_guest.py",
+                external=True,
+                stdout=sink,
+            )
+
+    def shim() -> None:
+        # containerd-shim-kata-v2 against runc on one containerd: ctr run --rm, threads and memory per pod
+        with open(out / "shim.txt", "w") as sink:
+            session.run(
+                "lab/labvm",
+                "exec",
+                "--",
+                python,
+                "lab/bench/shim_bench.py",
+                "--json",
+                str(out / "shim.json"),
+                external=True,
+                stdout=sink,
+            )
+
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("host", host),
+        ("images", lambda: session.run("python3", "lab/images/build.py", external=True)),
+        ("vmm_boot", vmm_boot),
+        ("virtio", virtio),
+        ("shim", shim),
+        ("net", lambda: _net_bench(session, python, out)),
+    ]
+    for number, (name, step) in enumerate(steps, 1):
+        _bench_step(session, meta, f"[{number}/{len(steps)}] {name}", name, step)
+        (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # partial, if the session dies
+    meta["finished"] = _utc_now()
+    meta["loadavg_end"] = _loadavg()
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    session.run(python, "lab/bench/report.py", "--dir", str(out), external=True)
+    session.log(f"report: {out / 'report.md'}")
+    failed = [f"{s['name']} ({s['detail']})" for s in meta["steps"] if s["status"] != "ok"]
+    if failed:
+        session.error(f"bench steps failed: {', '.join(failed)} (not measured in the report)")
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+
+
+def _loadavg() -> str:
+    try:
+        return pathlib.Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _bench_meta() -> dict[str, Any]:
+    """What the report's header prints: commit, start, load, CPU model, how the lab VM runs its guests."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu_model = value.strip()
+                break
+    return {
+        "commit": git("rev-parse", "HEAD") or "unknown",
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "started": _utc_now(),
+        "loadavg_start": _loadavg(),
+        "cpu_model": cpu_model,
+        "cpus": os.cpu_count(),
+        # every lab step runs in the lab VM, which emulates its CPU (TCG); guests boot on its nested KVM
+        "nested_tcg": LAB_VM_ACCEL == "tcg",
+        "lab_vm": {"accel": LAB_VM_ACCEL, "cpu": os.environ.get("LAB_CPU") or LAB_VM_CPU},
+        "steps": [],
+    }
+
+
+def _bench_step(
+    session: nox.Session, meta: dict[str, Any], shown: str, name: str, step: Callable[[], None]
+) -> None:
+    """One bench step with a progress line before and after; a failure is recorded in ``meta``, not raised."""
+    session.log(f"bench {shown}: started at {_utc_now()} UTC")
+    start = time.monotonic()
+    status, detail = "ok", ""
+    try:
+        step()
+    except CommandFailed as err:
+        status, detail = "failed", err.reason or "failed"
+        if err.return_code == LABVM_FAILED:
+            detail += " (the lab VM failed, not the benchmark)"
+    elapsed = time.monotonic() - start
+    meta["steps"].append({"name": name, "seconds": round(elapsed, 1), "status": status, "detail": detail})
+    line = f"bench {shown}: {status} in {elapsed:.1f} s" + (f": {detail}" if detail else "")
+    (session.log if status == "ok" else session.warn)(line)
 
 
 def _net_bench(session: nox.Session, python: str, out: pathlib.Path, *options: str) -> None:

@@ -255,16 +255,31 @@ def measure(name: str, address: str, size: int, rounds: int, repeat: int) -> dic
     rx = [guest_to_host(address, size) for _ in range(repeat)]
     tx = [host_to_guest(address, size) for _ in range(repeat)]
     times = round_trips(address, rounds)
-    result = {
+    result = measure_result(rx, tx, times)
+    log(
+        f"{name}: rx {statistics.median(rx):.2f} MB/s tx {statistics.median(tx):.2f} MB/s {result['latency']}"
+    )
+    return result
+
+
+def report_header(mib: int, rounds: int, vhost: bool) -> dict[str, Any]:
+    """The JSON report before any guest's record (``ours``, ``qemu``) is added."""
+    return {
+        "when": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
+        "mib": mib,
+        "rounds": rounds,
+        "qemu_net": "vhost=on" if vhost else "vhost=off (no /dev/vhost-net in the lab VM)",
+    }
+
+
+def measure_result(rx: list[float], tx: list[float], times: list[float]) -> dict[str, Any]:
+    """One guest's record: every throughput run (MB/s) each way, latency summary, every round trip (us)."""
+    return {
         "guest_to_host_MBps": rx,
         "host_to_guest_MBps": tx,
         "latency": latency_summary(times),
         "latency_samples_us": times,
     }
-    log(
-        f"{name}: rx {statistics.median(rx):.2f} MB/s tx {statistics.median(tx):.2f} MB/s {result['latency']}"
-    )
-    return result
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -312,12 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     vhost = os.path.exists("/dev/vhost-net")
     size = args.mib << 20
     install_guest_assets()
-    report: dict[str, Any] = {
-        "when": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
-        "mib": args.mib,
-        "rounds": args.rounds,
-        "qemu_net": "vhost=on" if vhost else "vhost=off (no /dev/vhost-net in the lab VM)",
-    }
+    report = report_header(args.mib, args.rounds, vhost)
     with tempfile.TemporaryDirectory(prefix="net-bench-") as tmp:
         work = Path(tmp)
         cni = CniNetwork("kata-bench", BRIDGE, SUBNET, work / "cni")

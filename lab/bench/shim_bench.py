@@ -11,11 +11,12 @@ One private containerd 1.6 (lab/framework/containerd.py) with both runtimes and 
    command: for kata that is shim start, VM boot, agent, container, exit, VM stop and cleanup.
 2. One pod per runtime: `ctr run -d` of a `sleep` container, then more containers into the same pod (CRI
    sandbox annotations, so both runtimes put them in one shim) up to each `--pod` size. At each size: the
-   shim's OS thread count (kata: after trio's idle worker threads expired) and names, VmRSS and VmHWM, and
-   how long each added container took. The kata shim's RSS includes the guest memory the VM touched (the
+   shim's OS thread count (kata: after trio's idle worker threads expired) and names, VmRSS, VmHWM and PSS,
+   and how long each added container took. The kata shim's RSS includes the guest memory the VM touched (the
    VMM is in-process); the report splits out the resident guest RAM (from /proc/PID/smaps).
 
-Prints a report and writes everything as JSON; no pass/fail threshold (numbers go in the issue note).
+Prints a report and writes everything as JSON (every run's seconds, not only their statistics:
+lab/bench/report.py plots them); no pass/fail threshold.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def log(msg: str) -> None:
 
 
 def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of ``pid``, and the resident part of its guest RAM mappings (``GuestRSS``), in KiB.
+    """VmRSS and VmHWM of ``pid``, the resident part of its guest RAM mappings (``GuestRSS``) and its
+    proportional set size (``Pss``, from smaps_rollup), in KiB.
 
     Guest RAM is what kata-vmm maps for the VM: memfd regions named ``kata-vmm-ram-*`` or anonymous
     mappings of at least GUEST_RAM_MIN_KIB (nothing else in the shim maps that much in one piece).
@@ -80,6 +82,11 @@ def memory_kib(pid: int) -> dict[str, int]:
         elif fields[0] == "Rss:" and is_guest:
             guest += int(fields[1])
     out["GuestRSS"] = guest
+    # proportional set size: shared pages (libraries, page cache of a template's memory) split among users
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key == "Pss":
+            out["Pss"] = int(value.split()[0])
     return out
 
 
@@ -119,13 +126,22 @@ def run_rm_series(ctrd: PrivateContainerd, runs: int) -> dict[str, Any]:
                 continue
             times[name].append(wall)
             log(f"run {i + 1}/{runs} {name}: {wall:.2f} s")
+    return run_rm_result(runs, times, failures)
+
+
+def run_rm_result(runs: int, times: dict[str, list[float]], failures: dict[str, list[str]]) -> dict[str, Any]:
+    """The `run_rm` record: every run's wall seconds per runtime (the raw samples), failures, statistics;
+    the ratio is None when a runtime has no successful run."""
     stats = {name: summary(samples) for name, samples in times.items() if samples}
+    ratio = None
+    if "kata" in stats and "runc" in stats:
+        ratio = stats["kata"]["median"] / stats["runc"]["median"]
     return {
         "runs": runs,
         "seconds": times,
         "failures": failures,
         "stats": stats,
-        "median_ratio_kata_over_runc": stats["kata"]["median"] / stats["runc"]["median"],
+        "median_ratio_kata_over_runc": ratio,
     }
 
 
@@ -158,21 +174,32 @@ def pod_series(ctrd: PrivateContainerd, runtime: str, sizes: list[int]) -> dict[
                 raise RuntimeError(f"{name}: later containers did not reuse the pod's shim")
             if runtime == KATA_RUNTIME:
                 time.sleep(TRIO_IDLE_WORKER_S)
-            names = thread_names(pid)
-            mem = memory_kib(pid)
-            points.append({"containers": size, "threads": len(names), "thread_names": names, **mem})
+            point = pod_point(size, pid)
+            points.append(point)
             log(
-                f"{name} pod with {size} containers: {len(names)} threads,"
-                f" VmRSS {mem['VmRSS'] / 1024:.1f} MiB"
+                f"{name} pod with {size} containers: {point['threads']} threads,"
+                f" VmRSS {point['VmRSS'] / 1024:.1f} MiB"
             )
     finally:
         for cid in reversed(members):
             ctrd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
             ctrd.ctr("task", "delete", cid, check=False, timeout=300)
             ctrd.ctr("container", "delete", cid, check=False)
+    return pod_result(first, add_times, points)
+
+
+def pod_point(size: int, pid: int) -> dict[str, Any]:
+    """The shim ``pid``'s threads and memory with ``size`` containers in its pod."""
+    names = thread_names(pid)
+    return {"containers": size, "threads": len(names), "thread_names": names, **memory_kib(pid)}
+
+
+def pod_result(first: float, add_times: list[float], points: list[dict[str, Any]]) -> dict[str, Any]:
+    """One runtime's `pods` record: the first container's seconds, every added container's, each point."""
     return {
         "first_container_s": first,
         "add_container_s": summary(add_times) if add_times else None,
+        "add_container_samples_s": add_times,
         "points": points,
     }
 
@@ -185,7 +212,8 @@ def report(result: dict[str, Any]) -> str:
             f"  {name:5} min {st['min']:7.2f}  median {st['median']:7.2f}  max {st['max']:7.2f}"
             f"  all {' '.join(f'{s:.2f}' for s in rm['seconds'][name])}"
         )
-    lines.append(f"  median ratio kata/runc: {rm['median_ratio_kata_over_runc']:.1f}x")
+    if rm["median_ratio_kata_over_runc"] is not None:
+        lines.append(f"  median ratio kata/runc: {rm['median_ratio_kata_over_runc']:.1f}x")
     for name, errors in rm["failures"].items():
         lines.extend(f"  {name} run FAILED: {error}" for error in errors)
     for name in ("kata", "runc"):
@@ -198,6 +226,7 @@ def report(result: dict[str, Any]) -> str:
                 f"  {point['containers']:3} containers: {point['threads']:3} threads,"
                 f" VmRSS {point['VmRSS'] / 1024:7.1f} MiB, VmHWM {point['VmHWM'] / 1024:7.1f} MiB,"
                 f" of which guest RAM {point['GuestRSS'] / 1024:7.1f} MiB"
+                + (f", PSS {point['Pss'] / 1024:7.1f} MiB" if "Pss" in point else "")
             )
         if name == "kata" and pod["points"]:
             last = pod["points"][-1]

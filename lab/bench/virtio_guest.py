@@ -15,6 +15,7 @@ A benchmark, not a test: `nox -s bench` runs it inside the lab VM
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -39,6 +40,21 @@ from framework import (  # noqa: E402
 )
 
 SCRIPTS = LAB / "tests" / "scripts"
+
+
+# `nox -s bench` keeps this file's stdout in build/bench/virtio_guest.txt; lab/bench/report.py reads these
+RESULT_PREFIX = "VIRTIO-BENCH "
+
+
+def result_line(bench: str, unit: str, workload: str, results: dict[str, float]) -> str:
+    """One machine-readable line: the rate each VMM reached (one run each), keyed by back-end name."""
+    record = {
+        "bench": bench,
+        "unit": unit,
+        "workload": workload,
+        "samples": {k: [v] for k, v in results.items()},
+    }
+    return RESULT_PREFIX + json.dumps(record)
 
 
 @pytest.fixture(autouse=True)
@@ -92,6 +108,7 @@ def test_virtio_blk_sequential_read_kata_vmm_vs_qemu(guest_assets: GuestAssets, 
         f"virtio-blk sequential read of {IMAGE_MIB} MiB: qemu {qemu:.1f} MB/s, "
         f"kata-vmm {ours:.1f} MB/s, kata-vmm/qemu = {ours / qemu:.3f}"
     )
+    print(result_line("virtio-blk", "MB/s", f"sequential read of {IMAGE_MIB} MiB", results))
 
 
 VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
@@ -158,3 +175,4 @@ def test_virtio_fs_small_file_reads_kata_vmm_vs_qemu_virtiofsd(
         f"virtio-fs stat+read of {SMALL_FILES} small files: qemu+virtiofsd {qemu:.0f} files/s, "
         f"kata-vmm {ours:.0f} files/s, kata-vmm/qemu = {ours / qemu:.3f}"
     )
+    print(result_line("virtio-fs", "files/s", f"stat+read of {SMALL_FILES} small files", results))

@@ -1,8 +1,9 @@
 """Boot-to-marker benchmark inside the lab VM: kata-vmm against qemu-system-x86_64 -enable-kvm.
 
 Both boot the same kernel, initrd, memory, vCPU count and command line (``quiet``), alternating runs.
-It prints medians, their ratio and peak RSS as one JSON line; it gates on nothing but every run reaching
-the marker (exit 1 otherwise). `nox -s bench` runs it inside the lab VM with 5 runs; by hand::
+It prints every run (seconds to the marker, peak RSS), the medians and their ratio as one JSON line; it
+gates on nothing but every run reaching the marker (exit 1 otherwise). `nox -s bench` runs it inside the
+lab VM with 5 runs; by hand::
 
     lab/labvm exec -- .nox/tests/bin/python lab/bench/vmm_boot.py --runs 3
 """
@@ -73,14 +74,36 @@ def time_boot(command: list[str], timeout: float = 300) -> dict[str, object]:
     for line in err.splitlines():
         if line.startswith("{"):
             stats = json.loads(line)
+    return run_record(
+        marker_at,
+        total,
+        proc.returncode,
+        usage.ru_maxrss,
+        stats=stats,
+        stderr=err[-2000:] if proc.returncode else "",
+        console_tail=out[-300:].decode(errors="replace"),
+    )
+
+
+def run_record(
+    marker_s: float | None,
+    exit_s: float,
+    returncode: int,
+    max_rss_kib: int,
+    *,
+    stats: dict | None = None,
+    stderr: str = "",
+    console_tail: str = "",
+) -> dict[str, object]:
+    """One boot as the JSON line lists it (``marker_s`` None: the marker never came)."""
     return {
-        "marker_s": marker_at,
-        "exit_s": total,
-        "returncode": proc.returncode,
-        "max_rss_kib": usage.ru_maxrss,
+        "marker_s": marker_s,
+        "exit_s": exit_s,
+        "returncode": returncode,
+        "max_rss_kib": max_rss_kib,
         "stats": stats,
-        "stderr": err[-2000:] if proc.returncode else "",
-        "console_tail": out[-300:].decode(errors="replace"),
+        "stderr": stderr,
+        "console_tail": console_tail,
     }
 
 
@@ -101,6 +124,11 @@ def bench(
     for _ in range(runs):
         for name, command in peers.items():  # alternate, so drift hits every peer alike
             results[name].append(time_boot(command))
+    return summarize(results, runs, vcpus, memory)
+
+
+def summarize(results: dict[str, list[dict[str, object]]], runs: int, vcpus: int, memory: int) -> dict:
+    """The JSON line: every run of each peer as `time_boot` returned it (the raw samples), medians, ratio."""
     summary: dict[str, object] = {"runs": runs, "vcpus": vcpus, "memory_mib": memory, "results": results}
     medians: dict[str, float] = {}
     for name, rs in results.items():
