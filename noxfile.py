@@ -65,10 +65,6 @@ LABVM_FAILED = 125
 # How many lab VMs one `nox -s lab` may boot: each after the first runs only the tests not yet passed, when
 # the one before it died or froze (the emulator's fault, not a test's; see the lab session).
 LAB_VM_ATTEMPTS = 3
-# lab/labvm runs the lab VM under QEMU's TCG (`-accel tcg,thread=multi`); the bench's guests run on its nested
-# KVM, so every lab number is emulated; the bench report says so (test_bench_report.py checks labvm).
-LAB_VM_ACCEL = "tcg"
-LAB_VM_CPU = "max"  # labvm's DEFAULT_CPU; LAB_CPU overrides both
 
 nox.options.default_venv_backend = "uv|venv"
 nox.options.reuse_existing_virtualenvs = True
@@ -282,6 +278,10 @@ def _bench_meta() -> dict[str, Any]:
         done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False)
         return done.stdout.strip() if done.returncode == 0 else ""
 
+    described = subprocess.run(
+        [str(ROOT / "lab" / "labvm"), "describe"], capture_output=True, text=True, check=False
+    )
+    lab_vm = json.loads(described.stdout) if described.returncode == 0 else {}
     cpu_model = "unknown"
     with contextlib.suppress(OSError):
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -297,8 +297,8 @@ def _bench_meta() -> dict[str, Any]:
         "cpu_model": cpu_model,
         "cpus": os.cpu_count(),
         # every lab step runs in the lab VM, which emulates its CPU (TCG); guests boot on its nested KVM
-        "nested_tcg": LAB_VM_ACCEL == "tcg",
-        "lab_vm": {"accel": LAB_VM_ACCEL, "cpu": os.environ.get("LAB_CPU") or LAB_VM_CPU},
+        "nested_tcg": lab_vm.get("accel", "").startswith("tcg"),
+        "lab_vm": lab_vm,
         "steps": [],
     }
 

@@ -401,7 +401,8 @@ def header(meta: dict[str, Any] | None) -> list[str]:
         f" end {meta.get('loadavg_end', '?')}",
         f"- CPU: {meta.get('cpu_model', '?')}, {meta.get('cpus', '?')} CPUs",
         f"- nested under TCG: {tcg} (lab VM: QEMU -accel {lab.get('accel', '?')},"
-        f" -cpu {lab.get('cpu', '?')}; the guests boot on its nested KVM)",
+        f" -cpu {lab.get('cpu', '?')}, lab kernel {lab.get('kernel_args') or '(no extra arguments)'};"
+        " the guests boot on its nested KVM)",
         "",
     ]
     steps = meta.get("steps", [])
