@@ -187,57 +187,24 @@ def bench(session: nox.Session) -> None:
             external=True,
         )
 
-    def vmm_boot() -> None:
-        with open(out / "vmm_boot.json", "w") as sink:
-            session.run(
-                "lab/labvm",
-                "exec",
-                "--",
-                python,
-                "lab/bench/vmm_boot.py",
-                "--runs",
-                "5",
-                "--machines",
-                "q35,microvm",  # the QEMU peer is whichever machine type is faster in this run
-                external=True,
-                stdout=sink,
-            )
+    def in_lab(sink: str, *argv: str) -> Callable[[], None]:
+        """A step running ``python ARGV`` in a lab VM, its stdout into build/bench/SINK."""
 
-    def virtio() -> None:
-        # virtio-blk and virtio-fs throughput, kata-vmm against QEMU in one lab VM
-        with open(out / "virtio_guest.txt", "w") as sink:
-            session.run(
-                "lab/labvm",
-                "exec",
-                "--",
-                python,
-                "-m",
-                "pytest",
-                "-s",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                "-o",
-                f"timeout={LAB_TEST_TIMEOUT}",
-                "lab/bench/virtio_guest.py",
-                external=True,
-                stdout=sink,
-            )
+        def step() -> None:
+            with open(out / sink, "w") as stdout:
+                session.run("lab/labvm", "exec", "--", python, *argv, external=True, stdout=stdout)
 
-    def shim() -> None:
-        # containerd-shim-kata-v2 against runc on one containerd: ctr run --rm, threads and memory per pod
-        with open(out / "shim.txt", "w") as sink:
-            session.run(
-                "lab/labvm",
-                "exec",
-                "--",
-                python,
-                "lab/bench/shim_bench.py",
-                "--json",
-                str(out / "shim.json"),
-                external=True,
-                stdout=sink,
-            )
+        return step
+
+    # the QEMU peer of the boot bench is whichever machine type is faster in this run
+    vmm_boot = in_lab("vmm_boot.json", "lab/bench/vmm_boot.py", "--runs", "5", "--machines", "q35,microvm")
+    # virtio-blk and virtio-fs throughput, kata-vmm against QEMU in one lab VM
+    virtio = in_lab(
+        "virtio_guest.txt", "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider",
+        "-o", f"timeout={LAB_TEST_TIMEOUT}", "lab/bench/virtio_guest.py",
+    )  # fmt: skip
+    # containerd-shim-kata-v2 against runc on one containerd: ctr run --rm, threads and memory per pod
+    shim = in_lab("shim.txt", "lab/bench/shim_bench.py", "--json", str(out / "shim.json"))
 
     steps: list[tuple[str, Callable[[], None]]] = [
         ("host", host),
