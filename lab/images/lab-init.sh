@@ -47,6 +47,19 @@ mount --bind "/run/host$build" "$R$build" || fail "cannot bind $build"
 mount --bind "/run/host$build/lab/guest/modules/lib/modules" $R/lib/modules
 chroot $R /sbin/modprobe -a kvm kvm_amd irqbypass tun veth sch_ingress cls_u32 act_mirred vhost vhost_iotlb \
     vhost_net vsock vmw_vsock_virtio_transport_common vhost_vsock br_netfilter loop erofs 2>&1 | sed 's/^/lab-init: /'
+# One KVM VM with one vCPU that lives as long as the lab VM: the lab kernel flips static keys (the scheduler's
+# preempt notifiers, KVM's lapic keys) when the count of VMs or vCPUs leaves or returns to zero, by patching
+# hot code with int3 while the other vCPU runs it, and QEMU's TCG loses such a patch at random: a lab vCPU
+# then loops on a stale int3 in __schedule with interrupts off and the lab VM freezes (lab/README.md, "The
+# lab VM's own failures"). With a VM always there, creating and destroying the tests' VMs patches nothing.
+chroot $R /usr/bin/python3 -c '
+import fcntl, os, signal
+kvm = os.open("/dev/kvm", os.O_RDWR)
+vm = fcntl.ioctl(kvm, 0xAE01, 0)  # KVM_CREATE_VM
+fcntl.ioctl(vm, 0xAE60, 0)  # KVM_CREATE_IRQCHIP: the vCPU gets an in-kernel local APIC
+fcntl.ioctl(vm, 0xAE41, 0)  # KVM_CREATE_VCPU 0, never run
+signal.pause()
+' 2>&1 | sed 's/^/lab-init: kvm anchor: /' &
 echo kata-lab > /proc/sys/kernel/hostname
 chroot $R /sbin/ip link set lo up 2>/dev/null
 
