@@ -56,9 +56,13 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 def getdents64(fd: int, size: int) -> list[tuple[bytes, int, int, int]]:
     """One getdents64(2) batch from the directory fd's position: (name, ino, d_off, d_type) tuples."""
-    buf = ctypes.create_string_buffer(size)
-    n = int(check(libc().syscall(SYS_getdents64, fd, buf, size), "getdents64"))
-    data = buf.raw[:n]
+    # Into a bytearray, through a c_char over its first byte: create_string_buffer would look up a
+    # `c_char * size` type, which ctypes caches only weakly, so a call built a new one (a few KiB) whenever
+    # the collector had taken the last, and what a READDIR allocated depended on when the GC last ran.
+    buf = bytearray(size)
+    start = ctypes.c_char.from_buffer(buf)
+    n = int(check(libc().syscall(SYS_getdents64, fd, ctypes.byref(start), size), "getdents64"))
+    data = bytes(buf[:n])
     entries = []
     pos = 0
     while pos < n:
