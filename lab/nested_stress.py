@@ -115,7 +115,8 @@ def main() -> int:
             vmm.close()
         boots += 1
         passed = b"STRESS-OK" in b"".join(out)
-        say(f"boot {boots} {'ok' if passed else 'FAILED'} {time.monotonic() - began:.1f} s")
+        verdict = "ok" if passed else f"FAILED ({status.kind.value}, vCPU {status.vcpu}: {status.detail})"
+        say(f"boot {boots} {verdict} {time.monotonic() - began:.1f} s")
         if not passed:
             say(f"console tail: {b''.join(out)[-1500:].decode(errors='replace')!r}")
             return 1
