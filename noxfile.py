@@ -6,7 +6,7 @@ nox -s protos     regenerate kata_proto/_gen from the .proto files; fails if the
 nox -s build      one wheel per package into build/dist
 nox -s bench      benchmarks, then build/bench/report.md with PNG figures (bench-net: the network one)
 nox -s images     guest assets for the lab VM into build/lab/guest
-nox -s lab        integration tests that boot guests, inside the lab VM
+nox -s lab        integration tests that boot guests, inside lab VMs (one per test file, side by side)
 """
 
 from __future__ import annotations
@@ -62,9 +62,11 @@ LAB_TEST_TIMEOUT = 900
 LAB_RUN_TIMEOUT = 2400
 LAB_IDLE_TIMEOUT = LAB_TEST_TIMEOUT + 60
 LABVM_FAILED = 125
-# How many lab VMs one `nox -s lab` may boot: each after the first runs only the tests not yet passed, when
-# the one before it died or froze (the emulator's fault, not a test's; see the lab session).
+# How many lab VM boots one test file may take: each after the first runs only its tests not yet passed,
+# when the one before it died or froze (the emulator's fault, not a test's; lab/shards.py).
 LAB_VM_ATTEMPTS = 3
+# How many lab VMs (one vCPU each) run test files side by side: LAB_VMS, else one per host CPU, at most 4
+LAB_VMS = int(os.environ.get("LAB_VMS") or min(os.cpu_count() or 1, 4))
 
 nox.options.default_venv_backend = "uv|venv"
 nox.options.reuse_existing_virtualenvs = True
@@ -336,9 +338,11 @@ def upcall_module(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def lab(session: nox.Session) -> None:
-    """Integration tests marked `lab`, run inside the nested-KVM lab VM (one lab VM boot for the session).
+    """Integration tests marked `lab`, run inside nested-KVM lab VMs: one lab VM of one vCPU per test file,
+    LAB_VMS of them at once (lab/shards.py).
 
-    `nox -s lab -- PYTEST ARGS` replaces the default selection (lab/tests and packages).
+    `nox -s lab -- PYTEST ARGS` replaces the default selection (lab/tests and packages): its paths and node
+    ids choose the files, its options (-k EXPR, -x ...) go to every file's pytest.
     """
     session.run("python3", "lab/images/build.py", external=True)
     venv = ROOT / ".nox" / "tests"
@@ -354,36 +358,50 @@ def lab(session: nox.Session) -> None:
     # host itself (QEMU under TCG), the upcall module built against the pinned kernel headers
     session.run(python, "-m", "pytest", "packages", "-m", "guest_assets", "-q", *pytest_args, external=True)
     path = f"{venv / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    # each passed test is written to build/lab/logs/passed.txt as it passes (lab/plugins/kata_lab_resume.py)
-    passed = ROOT / "build" / "lab" / "logs" / "passed.txt"
-    passed.parent.mkdir(parents=True, exist_ok=True)
-    passed.unlink(missing_ok=True)
+    logdir = ROOT / "build" / "lab" / "logs"
+    logdir.mkdir(parents=True, exist_ok=True)
 
-    def command(resume: str) -> list[str]:
+    def command(passed: pathlib.Path, resume: bool, tests: list[str]) -> list[str]:
+        # each passed test is written to PASSED as it passes (lab/plugins/kata_lab_resume.py); one vCPU:
+        # two nested guests on two vCPUs of one lab VM break QEMU's TCG (lab/shards.py)
         return [
-            "lab/labvm", "exec",
+            "lab/labvm", "exec", "--cpus", "1",
             "--timeout", str(LAB_RUN_TIMEOUT), "--idle-timeout", str(LAB_IDLE_TIMEOUT),
             "--env", f"PATH={path}", "--env", "KATA_LAB_BACKENDS", "--env", "PYTEST_ADDOPTS",
             "--env", f"PYTHONPATH={ROOT / 'lab' / 'plugins'}", "--env", f"KATA_LAB_PASSED={passed}",
-            "--env", f"KATA_LAB_RESUME={resume}",
-            "--", python, "-m", "pytest", "-m", "lab", "-p", "kata_lab_resume", *pytest_args,
-            *(session.posargs or ["lab/tests", "packages"]),
+            "--env", f"KATA_LAB_RESUME={int(resume)}",
+            "--", python, "-m", "pytest", "-m", "lab", "-p", "kata_lab_resume", *pytest_args, *tests,
         ]  # fmt: skip
 
-    session.log(" ".join(command("0")))
-    code = subprocess.run(command("0"), check=False).returncode
-    for attempt in range(2, LAB_VM_ATTEMPTS + 1):
-        if code != LABVM_FAILED:
-            break
-        # The lab VM itself died or froze (its console is printed above): QEMU's TCG emulation of nested
-        # SVM crashes the lab kernel (stack guard page in a vCPU thread's page fault) and freezes it at
-        # random (lab/README.md). That is the emulator, not a test: boot another lab VM for the tests that
-        # had not passed yet, and say so loudly; a test failure (exit 1) is never retried.
-        done = len(passed.read_text().splitlines()) if passed.exists() else 0
-        session.warn(
-            f"LAB VM FAILURE, not a test failure: the lab VM died or froze after {done} tests passed; "
-            f"running the rest in a new lab VM ({attempt} of {LAB_VM_ATTEMPTS})"
-        )
-        code = subprocess.run(command("1"), check=False).returncode
-    if code != 0:
-        session.error(f"lab tests failed (labvm exit {code})")
+    sys.path.insert(0, str(ROOT / "lab"))
+    import shards  # lab/shards.py, stdlib only
+
+    # the selection, collected on the host (seconds), one shard per file
+    listed = session.run(
+        python, "-m", "pytest", "--collect-only", "-q", "-m", "lab", "-p", "no:cacheprovider",
+        *(session.posargs or ["lab/tests", "packages"]), external=True, silent=True,
+    )  # fmt: skip
+    counts = shards.files_of(str(listed).splitlines())
+    if not counts:
+        session.error(f"no lab test selected by {session.posargs or 'lab/tests packages'}")
+    # posargs: their paths and node ids chose the files; the rest (-k EXPR, -x, -v ...) goes to every shard
+    options = [a for a in session.posargs if not (ROOT / a.split("::")[0]).exists()]
+
+    def tests_of(file: str) -> list[str]:
+        ids = [a for a in session.posargs if "::" in a and a.split("::")[0] == file]
+        return [*options, *(ids or [file])]
+
+    plan = shards.plan(counts, shards.load_durations(logdir), logdir)
+    workers = max(1, min(LAB_VMS, len(plan)))
+    session.log(f"{sum(counts.values())} lab tests in {len(plan)} files, {workers} one-vCPU lab VMs at once")
+    done = shards.run(
+        plan,
+        lambda shard, resume: command(shard.passed_file, resume, tests_of(shard.path)),
+        workers=workers,
+        attempts=LAB_VM_ATTEMPTS,
+        say=lambda line: print(line, flush=True),
+    )
+    shards.save_durations(logdir, done)
+    failed = [f"{s.path} (labvm exit {s.code})" for s in done if s.code != 0]
+    if failed:
+        session.error(f"lab tests failed: {', '.join(failed)}")
