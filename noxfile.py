@@ -57,8 +57,9 @@ LINT_DEPS = ["ruff==0.17.6", "mypy==2.4.1", "import-linter==2.16", "types-protob
 # A guest-booting test that hangs fails after this long with every thread's stack instead of eating CI's time
 # (the slowest lab test, the shim's 10-container thread count under TCG, takes about 3 minutes).
 LAB_TEST_TIMEOUT = 900
-# The whole lab run (about 20 minutes today) and the longest it may print nothing (more than a test may run,
-# so only a lab VM whose own kernel locked up reaches it): past either, labvm stops the lab VM (exit 125).
+# One lab VM's run (one test file; the longest, test_shim_lab, about 12 minutes) and the longest it may print
+# nothing (more than a test may run, so only a lab VM whose own kernel locked up reaches it): past either,
+# labvm stops the lab VM (exit 125).
 LAB_RUN_TIMEOUT = 2400
 LAB_IDLE_TIMEOUT = LAB_TEST_TIMEOUT + 60
 LABVM_FAILED = 125
