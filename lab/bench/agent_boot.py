@@ -1,7 +1,7 @@
 """Boot-to-agent-ready of the sandbox guest on kata-vmm, container Create+Start time, the agent's RSS.
 
 Run inside the lab VM:
-    lab/labvm exec -- /work/main/.venv/bin/python lab/bench/agent_boot.py [--boots 5]
+    lab/labvm exec -- .nox/tests/bin/python lab/bench/agent_boot.py [--boots 5]
 
 Each boot: `kata-vmm run` with the sandbox recipe (lab/framework/sandbox.py), then kata-agent-client dials
 hybrid vsock port 1024 until Health.Check answers SERVING; "ready" is the time from spawning the VMM to that

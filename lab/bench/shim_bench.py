@@ -1,7 +1,7 @@
 """containerd-shim-kata-v2 against runc on one containerd: `ctr run --rm` time, threads and memory per pod.
 
 Run inside the lab VM (`nox -s bench` does):
-    lab/labvm exec -- /work/main/.venv/bin/python lab/bench/shim_bench.py [--runs 10] [--pod 1,10,50]
+    lab/labvm exec -- .nox/tests/bin/python lab/bench/shim_bench.py [--runs 10] [--pod 1,10,50]
         [--json build/bench/shim.json]
 
 One private containerd 1.6 (lab/framework/containerd.py) with both runtimes and the busybox OCI image:

@@ -5,7 +5,7 @@ agent do), the client here. Each benchmark round opens one connection and makes
 `CALLS` calls (spread over the callers), so one round's time divided by `CALLS` is the
 cost of a call; `extra_info` records that and calls per second.
 
-    .venv/bin/pytest lab/bench/test_ttrpc_bench.py --benchmark-only
+    .nox/tests/bin/pytest lab/bench/test_ttrpc_bench.py --benchmark-only
 """
 
 from __future__ import annotations

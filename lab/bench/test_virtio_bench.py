@@ -1,6 +1,6 @@
 """Host micro-benchmarks of kata-virtio's device paths through the fake driver queue (no guest, no KVM).
 
-Run: .venv/bin/pytest lab/bench/test_virtio_bench.py --benchmark-columns=mean,ops,rounds
+Run: .nox/tests/bin/pytest lab/bench/test_virtio_bench.py --benchmark-columns=mean,ops,rounds
 They measure the Python cost per request of the queue + device logic; they never gate on a time.
 """
 

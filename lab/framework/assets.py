@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,12 @@ class LabAssetError(Exception):
 def in_labvm() -> bool:
     """True inside the lab VM (lab/labvm sets KATA_LABVM=1 for the command it runs)."""
     return os.environ.get("KATA_LABVM") == "1"
+
+
+def venv_bin() -> Path:
+    """The bin directory of the running interpreter's venv (where the packages' commands are installed:
+    kata-vmm, containerd-shim-kata-v2), whatever PATH says."""
+    return Path(sys.prefix) / "bin"
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from framework.assets import REPO, GuestAssets, in_labvm
+from framework.assets import REPO, GuestAssets, in_labvm, venv_bin
 
 # The private containerd's lifecycle (config, start, readiness, teardown of the group, stray shims and mounts)
 # is kata-proto's host-test fixture; this module adds the lab's PATH, guest assets and ctr conveniences.
@@ -45,11 +45,6 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 class ContainerdError(Exception):
     """The private containerd did not start, or a ctr command failed (the message has its output)."""
-
-
-def venv_bin() -> Path:
-    """The bin directory of the running interpreter's venv (where containerd-shim-kata-v2 is installed)."""
-    return Path(sys.prefix) / "bin"
 
 
 def install_guest_assets(assets: GuestAssets | None = None, target: Path = KATA_ASSET_DIR) -> dict[str, Path]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, ClassVar, Protocol
 
-from framework.assets import REPO, GuestAssets
+from framework.assets import GuestAssets, venv_bin
 
 DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1"
 
@@ -121,7 +121,7 @@ class KataVmmBackend:
 
     def __init__(self, executable: Path | None = None) -> None:
         found = shutil.which("kata-vmm")
-        self.executable = executable or (Path(found) if found else REPO / ".venv" / "bin" / "kata-vmm")
+        self.executable = executable or (Path(found) if found else venv_bin() / "kata-vmm")
 
     def command(self, config: GuestConfig) -> list[str]:
         if config.disks:
