@@ -9,7 +9,8 @@ cache, warm host page cache) and prints the guest-side seconds. The test checks 
 bytes; it prints MB/s and the ratio and never gates on an absolute time.
 
 A benchmark, not a test: `nox -s bench` runs it inside the lab VM
-(`lab/labvm exec -- .nox/tests/bin/python -m pytest -s lab/bench/virtio_guest.py`); the lab test session does not.
+(`lab/labvm exec -- .nox/tests/bin/python -m pytest -s lab/bench/virtio_guest.py`); `nox -s lab` does
+not.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def result_line(bench: str, unit: str, workload: str, results: dict[str, float])
 def _inside_lab() -> None:
     if not in_labvm():
         pytest.fail(
-            "run inside the lab VM: lab/labvm exec -- .nox/tests/bin/python -m pytest -s lab/bench/virtio_guest.py"
+            "run inside the lab VM: "
+            "lab/labvm exec -- .nox/tests/bin/python -m pytest -s lab/bench/virtio_guest.py"
         )
 
 
