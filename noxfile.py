@@ -26,6 +26,9 @@ import nox
 from nox.command import CommandFailed
 
 ROOT = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "lab"))
+import shards  # noqa: E402 - lab/shards.py (stdlib only): the lab run's scheduler, labvm's exit status
+
 PACKAGES = [
     "kata-sys-util",
     "kata-proto",
@@ -62,7 +65,6 @@ LAB_TEST_TIMEOUT = 900
 # labvm stops the lab VM (exit 125).
 LAB_RUN_TIMEOUT = 2400
 LAB_IDLE_TIMEOUT = LAB_TEST_TIMEOUT + 60
-LABVM_FAILED = 125
 # How many lab VM boots one test file may take: each after the first runs only its tests not yet passed,
 # when the one before it died or froze (the emulator's fault, not a test's; lab/shards.py).
 LAB_VM_ATTEMPTS = 3
@@ -284,7 +286,7 @@ def _bench_step(
         step()
     except CommandFailed as err:
         status, detail = "failed", err.reason or "failed"
-        if err.return_code == LABVM_FAILED:
+        if err.return_code == shards.LABVM_FAILED:
             detail += " (the lab VM failed, not the benchmark)"
     elapsed = time.monotonic() - start
     meta["steps"].append({"name": name, "seconds": round(elapsed, 1), "status": status, "detail": detail})
@@ -373,9 +375,6 @@ def lab(session: nox.Session) -> None:
             "--env", f"KATA_LAB_RESUME={int(resume)}",
             "--", python, "-m", "pytest", "-m", "lab", "-p", "kata_lab_resume", *pytest_args, *tests,
         ]  # fmt: skip
-
-    sys.path.insert(0, str(ROOT / "lab"))
-    import shards  # lab/shards.py, stdlib only
 
     # the selection, collected on the host (seconds), one shard per file
     listed = session.run(

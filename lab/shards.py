@@ -19,9 +19,10 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+# lab/labvm's exit status when the lab VM itself died or froze (its own LABVM_FAILED)
 LABVM_FAILED = 125
 # expected seconds per test of a file never timed (the lab tests take ~30 s each under TCG)
 SECONDS_PER_TEST = 30.0
@@ -34,15 +35,24 @@ class Shard:
     path: str
     tests: int
     expected: float
+    logdir: Path
     attempts: int = 0
     seconds: float = 0.0
     code: int | None = None
-    passed_file: Path = field(default_factory=Path)
-    log: Path = field(default_factory=Path)
 
     @property
     def stem(self) -> str:
         return self.path.replace("/", "_").removesuffix(".py")
+
+    @property
+    def passed_file(self) -> Path:
+        """Where kata_lab_resume writes each of this file's passed tests."""
+        return self.logdir / f"passed-{self.stem}.txt"
+
+    @property
+    def log(self) -> Path:
+        """This file's lab VM output (every boot's)."""
+        return self.logdir / f"{self.stem}.log"
 
 
 # (shard, resume) -> the argv of one lab VM run for that shard
@@ -57,16 +67,9 @@ def files_of(nodeids: Iterable[str]) -> Counter[str]:
 def plan(counts: Counter[str], durations: dict[str, float], logdir: Path) -> list[Shard]:
     """One shard per file, the longest expected first."""
     shards = [
-        Shard(
-            path=path,
-            tests=n,
-            expected=durations.get(path, n * SECONDS_PER_TEST),
-        )
+        Shard(path=path, tests=n, expected=durations.get(path, n * SECONDS_PER_TEST), logdir=logdir)
         for path, n in counts.items()
     ]
-    for s in shards:
-        s.passed_file = logdir / f"passed-{s.stem}.txt"
-        s.log = logdir / f"{s.stem}.log"
     shards.sort(key=lambda s: (-s.expected, s.path))
     return shards
 

@@ -36,7 +36,7 @@ def test_plan_starts_the_longest_first_from_last_durations_else_test_counts(tmp_
     assert shards.plan(Counter({"lab/tests/t.py": 1}), {}, tmp_path)[0].log == tmp_path / "lab_tests_t.log"
 
 
-def _fake(tmp_path: Path, codes: dict[str, list[int]]) -> tuple[shards.Command, list[tuple[str, bool]]]:
+def _fake(codes: dict[str, list[int]]) -> tuple[shards.Command, list[tuple[str, bool]]]:
     """A command per shard that records its start and exits with the next code listed for its file, writing
     one passed test before a 125 (as a lab VM that died after one test would)."""
     calls: list[tuple[str, bool]] = []
@@ -59,7 +59,7 @@ def test_a_dead_lab_vm_reruns_only_its_file_with_resume_and_a_test_failure_is_ne
     tmp_path: Path,
 ) -> None:
     plan = shards.plan(Counter({"dies.py": 3, "fails.py": 2, "ok.py": 1}), {}, tmp_path)
-    command, calls = _fake(tmp_path, {"dies.py": [125, 0], "fails.py": [1], "ok.py": [0]})
+    command, calls = _fake({"dies.py": [125, 0], "fails.py": [1], "ok.py": [0]})
     said: list[str] = []
     done = {s.path: s for s in shards.run(plan, command, workers=2, attempts=3, say=said.append, poll=0.05)}
     assert (done["dies.py"].code, done["dies.py"].attempts) == (0, 2)
@@ -75,7 +75,7 @@ def test_a_dead_lab_vm_reruns_only_its_file_with_resume_and_a_test_failure_is_ne
 
 def test_a_file_whose_lab_vms_keep_dying_fails_after_the_attempts(tmp_path: Path) -> None:
     plan = shards.plan(Counter({"dies.py": 1}), {}, tmp_path)
-    command, calls = _fake(tmp_path, {"dies.py": [125, 125, 125, 0]})
+    command, calls = _fake({"dies.py": [125, 125, 125, 0]})
     [shard] = shards.run(plan, command, workers=1, attempts=3, say=lambda _line: None, poll=0.05)
     assert (shard.code, shard.attempts, len(calls)) == (125, 3, 3)
 
