@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import array
+import fcntl
 import os
 import select
 import socket
@@ -12,7 +14,25 @@ from collections.abc import Iterator
 import pytest
 
 from kata_virtio import DeviceError, VirtioNet
-from kata_virtio._net import VIRTIO_NET_F_MAC, VIRTIO_NET_HDR_SIZE
+from kata_virtio._net import (
+    MAX_FRAME,
+    OFFLOAD_FEATURES,
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    TUN_F_TSO_ECN,
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_HDR_SIZE,
+    is_vnet_tap,
+    tap_offloads,
+)
 from kata_virtio._spec import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
 from kata_virtio.testing import DriverQueue, FakeDeviceInterrupt, FakeGuestMemory, activate
 
@@ -30,8 +50,10 @@ def pair() -> Iterator[tuple[VirtioNet, socket.socket]]:
     host_end.close()
 
 
-def start(dev: VirtioNet, rx_buffers: int = 4) -> tuple[DriverQueue, DriverQueue, FakeDeviceInterrupt]:
-    (rx, tx), irq = activate(dev, FakeGuestMemory(4 << 20), [64, 64])
+def start(
+    dev: VirtioNet, rx_buffers: int = 4, *, features: int | None = None
+) -> tuple[DriverQueue, DriverQueue, FakeDeviceInterrupt]:
+    (rx, tx), irq = activate(dev, FakeGuestMemory(4 << 20), [64, 64], features=features)
     for _ in range(rx_buffers):
         rx.add_chain([(1526, True)])
     dev.notify(0)
@@ -123,11 +145,11 @@ def test_rx_buffer_added_while_the_device_starves_is_used_without_a_kick(
     real_enable = q.enable_notification
     refilled: list[bool] = []
 
-    def enable_then_driver_adds(memory: object) -> bool:
+    def enable_then_driver_adds(memory: object, *, held: int = 0) -> bool:
         if not refilled:  # the driver refills "concurrently", once
             refilled.append(True)
             rx.add_chain([(1526, True)])
-        return real_enable(mem)
+        return real_enable(mem, held=held)
 
     q.enable_notification = enable_then_driver_adds  # type: ignore[method-assign]
     serve(dev)
@@ -135,14 +157,188 @@ def test_rx_buffer_added_while_the_device_starves_is_used_without_a_kick(
     assert b"second" in payloads, payloads
 
 
-def test_oversized_frame_is_dropped(pair: tuple[VirtioNet, socket.socket]) -> None:
+def test_frame_bigger_than_a_buffer_is_dropped_without_mergeable_buffers(
+    pair: tuple[VirtioNet, socket.socket],
+) -> None:
     dev, host = pair
-    rx, _, _ = start(dev, rx_buffers=2)
+    rx, _, _ = start(dev, rx_buffers=2, features=dev.avail_features & ~(1 << VIRTIO_NET_F_MRG_RXBUF))
     host.send(HDR + b"x" * 3000)
     host.send(HDR + b"small")
     serve(dev)
     used = rx.get_used()
     assert used[0][1] == 0 and rx.written(used[1][0], used[1][1])[12:] == b"small"
+
+
+def test_frame_spans_mergeable_buffers_with_their_count_in_num_buffers(
+    pair: tuple[VirtioNet, socket.socket],
+) -> None:
+    dev, host = pair
+    rx, _, irq = start(dev, rx_buffers=0)
+    heads = [rx.add_chain([(1526, True)]) for _ in range(4)]
+    dev.notify(0)
+    payload = bytes(range(251)) * 16  # 4016 bytes: three 1526-byte buffers
+    host.send(HDR + payload)
+    host.send(HDR + b"next")
+    serve(dev)
+    used = rx.get_used()
+    assert [h for h, _ in used] == heads and [n for _, n in used] == [1526, 1526, 12 + 4016 - 3052, 16]
+    first = rx.written(*used[0])
+    assert first[10:12] == struct.pack("<H", 3)
+    assert first[12:] + b"".join(rx.written(h, n) for h, n in used[1:3]) == payload
+    assert rx.written(*used[3]) == HDR[:10] + b"\1\0" + b"next"
+    assert 0 in irq.used
+
+
+def test_frame_waits_until_the_driver_posts_enough_mergeable_buffers(
+    pair: tuple[VirtioNet, socket.socket],
+) -> None:
+    # With EVENT_IDX the device must ask for a kick on the driver's NEXT buffer, after the one it saw and
+    # left in the ring: an avail_event at the left buffer would never be crossed again, and receive would
+    # stop for good (vring_need_event, §2.7.10)
+    dev, host = pair
+    features = dev.avail_features | 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_EVENT_IDX
+    rx, _, _ = start(dev, rx_buffers=1, features=features)
+    host.send(HDR + b"y" * 2000)
+    serve(dev)
+    assert rx.get_used() == [] and dev.watched() == {}  # one buffer is not enough: nothing taken, starved
+    rx.add_chain([(1526, True)])
+    old, new, event = 1, 2, rx.avail_event()
+    assert (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF, f"avail_event {event}: the refill never kicks"
+    dev.notify(0)
+    used = rx.get_used()
+    assert [n for _, n in used] == [1526, 2012 - 1526]
+    assert rx.written(*used[0])[12:] + rx.written(*used[1]) == b"y" * 2000
+
+
+def test_hostile_zero_length_buffers_cannot_stall_or_break_receive(
+    pair: tuple[VirtioNet, socket.socket],
+) -> None:
+    dev, host = pair
+    rx, _, _ = start(dev, rx_buffers=0)
+    empty = rx.add_chain([(0, True)])  # too small for the header: the frame is dropped into it
+    rx.add_chain([(64, True)])
+    dev.notify(0)
+    host.send(HDR + b"first")
+    host.send(HDR + b"second")
+    serve(dev)
+    used = rx.get_used()
+    assert used[0] == (empty, 0) and rx.written(*used[1])[12:] == b"second" and not dev.broken
+
+
+def test_socket_backend_offers_no_offloads_and_a_forced_one_does(
+    pair: tuple[VirtioNet, socket.socket],
+) -> None:
+    dev, host = pair
+    assert not is_vnet_tap(dev.fd) and dev.avail_features & OFFLOAD_FEATURES == 0
+    forced = VirtioNet(os.dup(host.fileno()), MAC, offloads=True)
+    try:
+        assert forced.avail_features & OFFLOAD_FEATURES == OFFLOAD_FEATURES
+    finally:
+        forced.close()
+
+
+@pytest.mark.parametrize(
+    ("acked", "flags"),
+    [
+        (0, 0),
+        (1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4, 0),  # guest sends offloaded, takes none
+        (1 << VIRTIO_NET_F_GUEST_TSO4, 0),  # TSO without GUEST_CSUM: the kernel would refuse it
+        (1 << VIRTIO_NET_F_GUEST_CSUM, TUN_F_CSUM),
+        (1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO4, TUN_F_CSUM | TUN_F_TSO4),
+        (1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_ECN, TUN_F_CSUM),
+        (
+            1 << VIRTIO_NET_F_GUEST_CSUM
+            | 1 << VIRTIO_NET_F_GUEST_TSO4
+            | 1 << VIRTIO_NET_F_GUEST_TSO6
+            | 1 << VIRTIO_NET_F_GUEST_ECN,
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN,
+        ),
+    ],
+)
+def test_tap_takes_only_the_offloads_the_driver_accepted(acked: int, flags: int) -> None:
+    assert tap_offloads(acked) == flags
+
+
+def test_rx_frame_lands_across_buffers_with_num_buffers_in_the_second(
+    pair: tuple[VirtioNet, socket.socket],
+) -> None:
+    # Linux's big-packet receive buffers are a header descriptor and then pages: the frame is scattered
+    # straight into them and num_buffers (bytes 10-11) falls in whichever buffer holds them
+    dev, host = pair
+    rx, _, _ = start(dev, rx_buffers=0)
+    head = rx.add_chain([(8, True), (3, True), (4096, True)])
+    dev.notify(0)
+    payload = bytes(range(256)) * 10
+    host.send(HDR + payload)
+    serve(dev)
+    [(used_head, n)] = rx.get_used()
+    data = rx.written(used_head, n)
+    assert used_head == head and n == VIRTIO_NET_HDR_SIZE + len(payload)
+    assert data[10:12] == b"\1\0" and data[12:] == payload
+
+
+def test_rx_with_nothing_on_the_backend_keeps_the_buffer_for_the_next_frame(
+    pair: tuple[VirtioNet, socket.socket],
+) -> None:
+    dev, host = pair
+    rx, _, _ = start(dev, rx_buffers=1)
+    serve(dev)
+    assert rx.get_used() == [] and dev.watched() != {}  # still polling, the buffer unused
+    host.send(HDR + b"late")
+    serve(dev)
+    [(head, n)] = rx.get_used()
+    assert rx.written(head, n)[12:] == b"late"
+
+
+def test_tx_gathers_a_frame_from_several_buffers(pair: tuple[VirtioNet, socket.socket]) -> None:
+    dev, host = pair
+    _, tx, _ = start(dev)
+    tx.add_chain([(HDR[:5], False), (HDR[5:] + b"\xaa" * 14, False), (b"tail" * 100, False)])
+    dev.notify(1)
+    assert host.recv(4096) == HDR + b"\xaa" * 14 + b"tail" * 100
+
+
+def test_tx_chain_longer_than_a_64k_frame_is_dropped_not_sent(pair: tuple[VirtioNet, socket.socket]) -> None:
+    dev, host = pair
+    _, tx, _ = start(dev)
+    big = tx.add_chain([(HDR, False), (bytes(MAX_FRAME), False)])
+    small = tx.add_chain([(HDR + b"\xbb" * 20, False)])
+    dev.notify(1)
+    assert tx.get_used() == [(big, 0), (small, 0)] and not dev.broken
+    assert host.recv(MAX_FRAME * 2) == HDR + b"\xbb" * 20  # the big one never reached the back-end
+
+
+SIOCETHTOOL = 0x8946
+ETHTOOL_GTXCSUM, ETHTOOL_GTSO = 0x16, 0x1E
+
+
+def _ethtool_get(ifname: str, cmd: int) -> int:
+    """One ETHTOOL_G* value of interface ``ifname`` (struct ethtool_value through SIOCETHTOOL)."""
+    value = array.array("I", [cmd, 0])
+    address, _ = value.buffer_info()
+    ifr = struct.pack("16sP", ifname.encode(), address) + bytes(16)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifr)
+    return value[1]
+
+
+@pytest.mark.root
+def test_real_tap_gets_the_accepted_offloads_at_activation_and_none_after_reset() -> None:
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs root and /dev/net/tun")
+    tap = f"kvoff{os.getpid() % 100000}"
+    dev = VirtioNet.with_tap(tap, MAC)
+    try:
+        assert is_vnet_tap(dev.fd) and dev.avail_features & OFFLOAD_FEATURES == OFFLOAD_FEATURES
+        assert _ethtool_get(tap, ETHTOOL_GTSO) == 0
+        guest = 1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO4 | 1 << VIRTIO_NET_F_GUEST_TSO6
+        activate(dev, FakeGuestMemory(1 << 20), [64, 64], features=guest | 1 << VIRTIO_F_VERSION_1)
+        assert _ethtool_get(tap, ETHTOOL_GTSO) == 1 and _ethtool_get(tap, ETHTOOL_GTXCSUM) == 1
+        dev.reset()
+        assert _ethtool_get(tap, ETHTOOL_GTSO) == 0 and _ethtool_get(tap, ETHTOOL_GTXCSUM) == 0
+    finally:
+        dev.close()
+        subprocess.run(["ip", "link", "del", tap], check=False, capture_output=True)
 
 
 def _ip(*args: str) -> None:

@@ -315,11 +315,17 @@ class Queue:
         if not self.event_idx:
             memory.write(self.used_ring, _U16.pack(VIRTQ_USED_F_NO_NOTIFY))
 
-    def enable_notification(self, memory: GuestMemory) -> bool:
-        """Ask for kicks again; True when chains arrived meanwhile, so the device must poll once more."""
+    def enable_notification(self, memory: GuestMemory, *, held: int = 0) -> bool:
+        """Ask for kicks again; True when chains arrived meanwhile, so the device must poll once more.
+
+        ``held``: chains the device looked at but left in the ring because it needs more than them (a frame
+        that spans buffers): the driver is asked to kick for the next chain after those, and True means
+        more than ``held`` are there now.
+        """
         if self.event_idx:
             # virtio 1.2 §2.7.10: avail_event sits after the used ring entries.
-            memory.write(self.used_ring + 4 + 8 * self.size, _U16.pack(self.next_avail))
+            event = (self.next_avail + held) & 0xFFFF
+            memory.write(self.used_ring + 4 + 8 * self.size, _U16.pack(event))
         else:
             memory.write(self.used_ring, _U16.pack(0))
-        return self.pending(memory) > 0
+        return self.pending(memory) > held

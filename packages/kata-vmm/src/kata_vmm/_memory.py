@@ -187,8 +187,24 @@ class GuestMemoryMmap:
             left -= n
         return chunks
 
+    def _within_one(self, addr: int, size: int) -> tuple[mmap.mmap, int] | None:
+        """(mapping, offset) when ``[addr, addr + size)`` lies in one region: the common case, served
+        without building a chunk list (device queues access guest memory a few times per request)."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i < 0 or size < 0:
+            return None
+        region = self.regions[i]
+        off = addr - region.guest_addr
+        if off + size > region.size:
+            return None
+        return region.mapping, off
+
     def read(self, addr: int, size: int) -> bytes:
         """Copy ``size`` bytes from guest-physical ``addr`` (may span adjacent regions)."""
+        one = self._within_one(addr, size)
+        if one is not None:
+            mapping, off = one
+            return mapping[off : off + size]
         chunks = self._chunks(addr, size)
         if len(chunks) == 1:
             region, off, n = chunks[0]
@@ -198,6 +214,11 @@ class GuestMemoryMmap:
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into guest memory at guest-physical ``addr``."""
         data = memoryview(data).cast("B")
+        one = self._within_one(addr, len(data))
+        if one is not None:
+            mapping, off = one
+            mapping[off : off + len(data)] = data
+            return
         pos = 0
         for region, off, n in self._chunks(addr, len(data)):
             region.mapping[off : off + n] = data[pos : pos + n]
@@ -208,9 +229,11 @@ class GuestMemoryMmap:
 
         Release views before `close`; a live view makes closing fail.
         """
-        region = self.region_of(addr, size)
-        off = addr - region.guest_addr
-        return memoryview(region.mapping)[off : off + size]
+        one = self._within_one(addr, size)
+        if one is None:
+            raise GuestMemoryError(f"guest range {addr:#x}+{size:#x} is not inside one RAM region")
+        mapping, off = one
+        return memoryview(mapping)[off : off + size]
 
     def read_u32(self, addr: int) -> int:
         """A little-endian u32 at ``addr``."""
