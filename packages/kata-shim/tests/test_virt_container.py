@@ -55,6 +55,7 @@ from kata_shim.hypervisor import (
     Capabilities,
     Device,
     DeviceInfo,
+    GuestClock,
     Hypervisor,
     HypervisorConfig,
     HypervisorError,
@@ -79,6 +80,8 @@ from kata_sys_util import MS_BIND, MS_REC, MS_SHARED
 from kata_vmm import open_tap
 
 pytestmark = pytest.mark.root
+LATE_AGENT_S = 1.5
+"""When the `late_agent` guest's agent answers, after start_vm."""
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +218,14 @@ class AgentVm:
         self.shared_mounted = True
         if self.fail == "vm_dies":
             self.nursery.start_soon(self._die_soon)
+        elif self.fail == "late_agent":
+            self.nursery.start_soon(self._serve_late)
         elif self.fail != "no_agent":
             await self.nursery.start(self._serve)
+
+    async def _serve_late(self) -> None:
+        await trio.sleep(LATE_AGENT_S)
+        await self._serve()
 
     async def _die_soon(self) -> None:
         await trio.sleep(0.3)
@@ -962,6 +971,39 @@ def test_the_agent_reconnecting_within_its_budget_keeps_the_processes_running(
                 assert (await cm.wait_process(ProcessId("c1"))).code == 7
             assert pod.sandbox.dead is None
             assert [(e.id, e.exit_status) for e in _exits(pod)] == [("c1", 7)]
+
+    trio.run(main)
+
+
+class _StarvedClock(GuestClock):
+    """A VM that gets a tenth of a host CPU: nine of every ten wall seconds its vCPU waits."""
+
+    def waited(self) -> float:
+        return 0.9 * (time.monotonic() - self.started)
+
+
+@pytest.mark.parametrize("starved", [True, False], ids=["vcpu-starved", "vcpu-runs"])
+def test_agent_budget_is_guest_time_not_wall_time(
+    starved: bool, busybox_lower: Path, virtiofs_as_bind: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten sandboxes booting at once on one host CPU each take ten times the wall time to reach their agent:
+    the agent budget counts only the time the VM could run (wall less its vCPU's run-queue wait), so a starved
+    boot is not failed; a VM that had the CPU and still has no agent is."""
+    monkeypatch.setattr("kata_shim.config._types.MIN_RECONNECT_TIMEOUT_MS", 100)
+    if starved:
+        monkeypatch.setattr("kata_shim.virt_container._sandbox.GuestClock", _StarvedClock)
+
+    async def main() -> None:
+        budget = int(LATE_AGENT_S * 1000 / 2)  # ms: the agent answers after twice the budget, wall time
+        if starved:
+            async with running_pod(virtiofs_as_bind, fail="late_agent", reconnect_timeout_ms=budget) as pod:
+                assert pod.vm.service is not None and pod.sandbox.dead is None
+            return
+        with pytest.raises(BaseExceptionGroup) as info:
+            async with running_pod(virtiofs_as_bind, fail="late_agent", reconnect_timeout_ms=budget):
+                raise AssertionError("must not start")
+        (err,) = info.value.exceptions
+        assert isinstance(err, SandboxError) and "not ready within 0.75 s of guest time" in str(err), err
 
     trio.run(main)
 

@@ -16,7 +16,7 @@ from kata_shim.hypervisor._base import (
     NetworkDevice,
     ShareFsDevice,
 )
-from kata_shim.hypervisor._common import boot_report
+from kata_shim.hypervisor._common import GuestClock, boot_report
 from kata_shim.hypervisor._registry import HYPERVISORS, hypervisor_factory, new_hypervisor
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "Device",
     "DeviceAddressing",
     "DeviceInfo",
+    "GuestClock",
     "HotplugKind",
     "Hypervisor",
     "HypervisorConfig",

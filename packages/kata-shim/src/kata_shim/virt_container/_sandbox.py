@@ -62,7 +62,7 @@ from kata_resources import (
 from kata_shim._ratelimit import LineRateLimit
 from kata_shim.config._types import TomlConfig
 from kata_shim.factory import opened, template_for
-from kata_shim.hypervisor import boot_report
+from kata_shim.hypervisor import GuestClock, boot_report
 from kata_shim.hypervisor._base import Hypervisor, HypervisorError, NetworkDevice, ShareFsDevice
 from kata_shim.persist import CGROUP_KEY, MOUNTS_FILE, NETWORK_KEY, StateStore, state_root
 from kata_shim.runtime._base import ContainerConfig, FailedPrecondition, Publisher, RuntimeHandlerError
@@ -80,6 +80,11 @@ agent_log = logging.getLogger("kata_shim.agent")
 agent_log.addFilter(LineRateLimit("agent log"))  # the guest's agent decides how much it logs
 
 
+AGENT_WALL_CAP = 10
+"""The dial's wall deadline, in agent budgets (`reconnect_timeout_ms`): the budget itself is guest time
+(`GuestClock`), this stops a start whose VM never gets a host CPU."""
+BUDGET_POLL_S = 1.0
+"""How often the agent budget's guest time is read while the agent is not up yet."""
 #: Bytes of fresh host randomness a VM restored from a template is reseeded with (the guest CRNG's key size).
 CLONE_SEED_BYTES = 32
 #: Seconds between two UpdateInterface tries for a hot-plugged NIC whose link the guest has not made yet.
@@ -342,26 +347,51 @@ class VirtSandbox:
             await self._apply_limits()
         address = hv.agent_address()
         log.info("sandbox %s: VM started, agent at %s", self.sandbox_id, address)
+        # The agent's budget is guest time: wall time less what the boot vCPU waited for a host CPU, so ten
+        # sandboxes booting at once on a small host do not all run out of it together; a wall deadline of
+        # AGENT_WALL_CAP budgets stays on the dial itself.
+        vcpus = hv.vcpu_thread_ids()
+        clock = GuestClock(vcpus[0] if vcpus else None)
         ready: dict[str, BaseException | None] = {}
         ready_event = trio.Event()
         self._spawned = True
         trio.lowlevel.spawn_system_task(
-            self._serve, address, dial_timeout, ready, ready_event, name=f"kata-sandbox-{self.sandbox_id}"
+            self._serve,
+            address,
+            dial_timeout * AGENT_WALL_CAP,
+            ready,
+            ready_event,
+            name=f"kata-sandbox-{self.sandbox_id}",
         )
         vm_exit: list[int] = []
+        out_of_budget: list[float] = []
 
         async def watch_vm() -> None:
             # A guest that dies while we dial must fail the start now, not after the dial timeout.
             vm_exit.append(await hv.wait_vm())
             self._service_scope.cancel()
 
+        async def watch_budget() -> None:
+            while (left := dial_timeout - clock.elapsed()) > 0:  # noqa: ASYNC110 - a clock read from /proc
+                await trio.sleep(min(left, BUDGET_POLL_S))
+            out_of_budget.append(time.monotonic() - clock.started)
+            self._service_scope.cancel()
+
         async with trio.open_nursery() as watcher:
             watcher.start_soon(watch_vm)
+            watcher.start_soon(watch_budget)
             await ready_event.wait()
             watcher.cancel_scope.cancel()
         if vm_exit:
             reason = hv.exit_reason() or f"wait_vm returned {vm_exit[0]}"
             message = f"the VM of sandbox {self.sandbox_id} stopped before its agent answered: {reason}"
+            raise SandboxError(f"{message}\n{boot_report(hv.vcpu_thread_ids(), hv.console_tail(), started)}")
+        if out_of_budget:
+            message = (
+                f"agent at {address} not ready within {dial_timeout:g} s of guest time"
+                f" ({out_of_budget[0]:.0f} s wall, of which the boot vCPU waited {clock.waited():.0f} s for a"
+                " host CPU)"
+            )
             raise SandboxError(f"{message}\n{boot_report(hv.vcpu_thread_ids(), hv.console_tail(), started)}")
         failure = ready.get("error")
         if failure is not None:
