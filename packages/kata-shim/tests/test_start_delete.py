@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from kata_proto import ttrpc
-from kata_proto.containerd import TASK_SERVICE, task_pb2
+from kata_proto.containerd import SANDBOX_SERVICE, TASK_SERVICE, sandbox_pb2, task_pb2
 from kata_shim.persist import SandboxState, StateStore, process_start_time, sandbox_dir
 from kata_shim.shim import socket_address
 from kata_shim.shim._address import socket_path
@@ -151,6 +151,30 @@ def test_start_twice_gives_the_same_address_and_one_shim(shims: Shims) -> None:
     assert shims.shim_pids(id) == [pid]
     print(f"start launched and confirmed a shim in {elapsed:.2f} s")
     trio.run(shutdown, address)
+    assert wait_gone(pid)
+    assert not os.path.exists(socket_path(address))
+
+
+@root_only
+def test_run_mode_serves_the_sandbox_api_and_shutdown_sandbox_ends_the_shim(shims: Shims) -> None:
+    # containerd 2.x's shim sandboxer: the sandbox bundle has no config.json
+    id = shims.new_id()
+    bundle = shims.tmp / "sandbox"
+    bundle.mkdir()
+    started = shims.run(id, "start", bundle)
+    assert started.returncode == 0, started.stderr.decode()
+    address = started.stdout.decode()
+    pid = int((bundle / "shim.pid").read_text())
+
+    async def calls() -> None:
+        async with ttrpc.open_ttrpc_client(socket_path(address)) as client:
+            stub = ttrpc.ServiceStub(client, SANDBOX_SERVICE, timeout=10)
+            await stub.PingSandbox(sandbox_pb2.PingRequest(sandbox_id=id))
+            with pytest.raises(ttrpc.NotFound):
+                await stub.SandboxStatus(sandbox_pb2.SandboxStatusRequest(sandbox_id=id))
+            await stub.ShutdownSandbox(sandbox_pb2.ShutdownSandboxRequest(sandbox_id=id))
+
+    trio.run(calls)
     assert wait_gone(pid)
     assert not os.path.exists(socket_path(address))
 

@@ -153,6 +153,10 @@ class Sandbox(Protocol):
     def thread_ids(self) -> list[int]:
         """Native ids of the OS threads the sandbox added to this process (for the thread-count checks)."""
 
+    def on_death(self, callback: Callable[[str], Any]) -> None:
+        """Run ``callback(reason)`` (sync or async) when the sandbox dies under its own steam (the VM
+        stopped, the agent was lost), not on a requested `stop`. The Sandbox API's WaitSandbox ends then."""
+
 
 class ContainerManager(Protocol):
     """The pod's containers and their processes."""
