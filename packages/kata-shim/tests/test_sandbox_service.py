@@ -324,6 +324,9 @@ def pod_config(**overrides: Any) -> dict[str, Any]:
         "metadata": cri_pb2.PodSandboxMetadata(name="web", uid="uid-1", namespace="default"),
         "hostname": "web-pod",
         "annotations": {"io.katacontainers.config.hypervisor.default_memory": "1024", "team": "a"},
+        "dns_config": cri_pb2.DNSConfig(
+            servers=["10.96.0.10"], searches=["a.svc", "svc"], options=["ndots:5"]
+        ),
         "linux": linux,
         **overrides,
     }
@@ -442,6 +445,7 @@ def test_the_sandbox_starts_from_the_pod_config_containerd_sends(tmp_path: Path)
         assert annotations["io.kubernetes.cri.sandbox-cpu-quota"] == "250000"
         assert annotations["io.kubernetes.cri.sandbox-memory"] == str(256 << 20)
         assert annotations["team"] == "a"
+        assert first.dns == ["nameserver 10.96.0.10", "search a.svc svc", "options ndots:5"]
         # the pod's io.katacontainers.* annotations configure the VM, through enable_annotations
         assert h.dispatcher.manager.config is not None
         assert h.dispatcher.manager.config.hypervisor.default_memory == 1024
@@ -723,6 +727,7 @@ def test_sandbox_config_keeps_a_bundle_spec_and_takes_runtime_options(tmp_path: 
     }
     assert config.spec["annotations"] == {"a": "b", "io.kubernetes.cri.sandbox-id": "p1"}
     assert [m.source for m in config.rootfs] == ["/x"]
+    assert config.dns is None  # no pod config: the spec's resolv.conf bind, as a sandbox container's
 
 
 def test_sandbox_config_systemd_cgroup_parent_and_bad_options(tmp_path: Path) -> None:

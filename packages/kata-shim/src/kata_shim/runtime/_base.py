@@ -91,6 +91,9 @@ class ContainerConfig:
     stdio: Stdio
     options: dict[str, Any] = field(default_factory=dict)
     """Decoded runtime options (e.g. config_path)."""
+    dns: list[str] | None = None
+    """For a sandbox: the resolv.conf lines its pod config gives (Sandbox API: the CRI DNSConfig). None:
+    the lines of the file the spec binds on /etc/resolv.conf (a sandbox container's)."""
 
 
 @dataclass

@@ -91,8 +91,9 @@ def sandbox_container_config(req: sandbox_pb2.CreateSandboxRequest) -> Container
     The spec is the bundle's config.json when containerd wrote one (a sandbox created with a spec), else
     made from the request: the pod's CRI `PodSandboxConfig` in ``options`` gives the hostname, the
     annotations (Kata's ``io.katacontainers.*`` ones go through ``enable_annotations`` as on the Task path),
-    the cgroup parent and the pod's summed CPU and memory limits (as the CRI sandbox annotations containerd
-    puts on a sandbox container, so the static VM sizing reads them the same way); ``netns_path`` is the
+    the cgroup parent, the DNS (`resolv_conf_lines`) and the pod's summed CPU and memory limits (as the CRI
+    sandbox annotations containerd puts on a sandbox container, so the static VM sizing reads them the same
+    way); ``netns_path`` is the
     network namespace; the request's own annotations go over the pod's. Runtime options (config_path) in
     ``options`` are taken as the Task path takes them."""
     if not req.sandbox_id:
@@ -144,7 +145,19 @@ def sandbox_container_config(req: sandbox_pb2.CreateSandboxRequest) -> Container
         rootfs=[RootfsMount(m.type, m.source, m.target, tuple(m.options)) for m in req.rootfs],
         stdio=Stdio(),
         options=options,
+        dns=resolv_conf_lines(pod.dns_config) if pod is not None and pod.HasField("dns_config") else None,
     )
+
+
+def resolv_conf_lines(dns: cri_pb2.DNSConfig) -> list[str]:
+    """The CRI DNSConfig as resolv.conf lines (what the agent's CreateSandbox ``dns`` takes): containerd
+    leaves the pod's resolv.conf to a shim sandboxer, so the guest gets it from here."""
+    lines = [f"nameserver {server}" for server in dns.servers]
+    if dns.searches:
+        lines.append("search " + " ".join(dns.searches))
+    if dns.options:
+        lines.append("options " + " ".join(dns.options))
+    return lines
 
 
 def merge_metrics(parts: list[Message]) -> cgroups_v1_metrics_pb2.Metrics:
