@@ -1,8 +1,9 @@
 """The runtime handler manager: builds the pod's `RuntimeInstance` on the first Create and owns it.
 
-It loads the configuration (the first Create's runtime options may name the file), picks the container
-abstraction by `[runtime] name`, records the sandbox under /run/kata/<sandbox id> before anything is
-made on the host, and undoes all of it when the sandbox fails to start or the shim shuts down.
+It loads the configuration (the first Create's runtime options may name the file, else those containerd
+gave `start`), picks the container abstraction by `[runtime] name`, records the sandbox under
+/run/kata/<sandbox id> before anything is made on the host, and undoes all of it when the sandbox fails to
+start or the shim shuts down.
 
 Two ways in, one start path (as runtime-rs): containerd 1.x's Task API makes and starts the sandbox on the
 pod's first Create (`create_container`); containerd 2.x's Sandbox API makes it on CreateSandbox
@@ -52,8 +53,12 @@ class RuntimeHandlerManager:
         store: StateStore | None = None,
         load: ConfigLoader = load_config,
         new_handler: HandlerFactory = runtime_handler,
+        default_config_path: str = "",
     ) -> None:
         self.sandbox_id = sandbox_id
+        self.default_config_path = default_config_path
+        """The runtime options' config_path containerd gave `start` (for a Create whose options name none:
+        the Sandbox API's CreateSandbox never does)."""
         self.namespace = namespace
         self.shim_address = shim_address
         self.store = store or StateStore()
@@ -140,7 +145,7 @@ class RuntimeHandlerManager:
             await instance.sandbox.cleanup()
 
     def _new_instance(self, first: ContainerConfig, publish: Publisher) -> tuple[RuntimeInstance, TomlConfig]:
-        config = self._load(str(first.options.get("config_path") or ""))
+        config = self._load(str(first.options.get("config_path") or self.default_config_path))
         config = apply_annotations(config, first.spec.get("annotations") or {})
         handler = self._new_handler(config.runtime.name)
         state = SandboxState(

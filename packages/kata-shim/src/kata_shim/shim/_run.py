@@ -21,7 +21,7 @@ from kata_shim.service import EventPublisher, SandboxService, TaskService
 from kata_shim.shim._address import socket_address
 from kata_shim.shim._flags import ShimFlags
 from kata_shim.shim._log import setup_logging
-from kata_shim.shim._start import ENV_LISTEN_FD, ENV_READY_FD, bind_socket
+from kata_shim.shim._start import ENV_CONFIG_PATH, ENV_LISTEN_FD, ENV_READY_FD, bind_socket
 
 log = logging.getLogger("kata_shim")
 
@@ -45,7 +45,12 @@ async def serve(
     path = sock.getsockname()
     address = f"unix://{path}"
     publisher = EventPublisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
-    manager = RuntimeHandlerManager(flags.id, namespace=flags.namespace, shim_address=address)
+    manager = RuntimeHandlerManager(
+        flags.id,
+        namespace=flags.namespace,
+        shim_address=address,
+        default_config_path=os.environ.pop(ENV_CONFIG_PATH, ""),
+    )
     dispatcher = MessageDispatcher(manager, publisher.publish)
     server = ttrpc.TtrpcServer()
     server.register(TASK_SERVICE, TaskService(dispatcher))
