@@ -883,6 +883,33 @@ def test_stop_reports_running_processes_exited_and_unmounts(
     trio.run(main)
 
 
+def test_containers_deleted_after_the_sandbox_api_stop_and_cleanup_leave_nothing(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    """Issue 18: containerd 2.x stops a Sandbox API pod (StopSandbox: the VM stops and its host resources
+    go) before RemovePodSandbox deletes its containers: those deletes still succeed and leave nothing."""
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind) as pod:
+            cm = pod.instance.containers
+            for cid in ("c1", "c2"):
+                await cm.create_container(
+                    _container(pod, busybox_lower, cid, _spec("sleep", "1000"), Stdio())
+                )
+            await cm.start_process(ProcessId("c1"))  # c2 stays created, never started
+            with trio.fail_after(60):
+                await pod.sandbox.stop()
+                await pod.sandbox.cleanup()
+            assert mounts_below(pod.base) == []
+            for cid in ("c1", "c2"):
+                assert (await cm.wait_process(ProcessId(cid))).code in (137, 255)
+                await cm.delete_process(ProcessId(cid))
+            assert cm.container_ids() == []
+            assert mounts_below(pod.base) == []
+
+    trio.run(main)
+
+
 @pytest.mark.parametrize("how", ["vm_crash", "agent_gone", "health"])
 def test_a_sandbox_whose_vm_dies_ends_every_process_with_255_and_cleans_up(
     how: str, busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
