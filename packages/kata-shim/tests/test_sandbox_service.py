@@ -323,7 +323,11 @@ def pod_config(**overrides: Any) -> dict[str, Any]:
     return {
         "metadata": cri_pb2.PodSandboxMetadata(name="web", uid="uid-1", namespace="default"),
         "hostname": "web-pod",
-        "annotations": {"io.katacontainers.config.hypervisor.default_memory": "1024", "team": "a"},
+        "annotations": {
+            "io.katacontainers.config.hypervisor.default_memory": "1024",
+            "team": "a",
+            "io.kubernetes.cri.sandbox-memory": str(64 << 30),  # a pod's own: containerd's value wins
+        },
         "dns_config": cri_pb2.DNSConfig(
             servers=["10.96.0.10"], searches=["a.svc", "svc"], options=["ndots:5"]
         ),

@@ -119,10 +119,12 @@ def sandbox_container_config(req: sandbox_pb2.CreateSandboxRequest) -> Container
         if pod.linux.cgroup_parent and not linux.get("cgroupsPath"):
             linux["cgroupsPath"] = _cgroups_path(pod.linux.cgroup_parent, req.sandbox_id)
         resources = pod.linux.resources
-        annotations.setdefault(CONTAINER_TYPE, "sandbox")
-        annotations.setdefault(SANDBOX_CPU_QUOTA, str(resources.cpu_quota))
-        annotations.setdefault(SANDBOX_CPU_PERIOD, str(resources.cpu_period))
-        annotations.setdefault(SANDBOX_MEMORY, str(resources.memory_limit_in_bytes))
+        # containerd's own keys, over any pod annotation of the same name (as it writes them on a sandbox
+        # container's spec): a pod's user cannot size the VM through them
+        annotations[CONTAINER_TYPE] = "sandbox"
+        annotations[SANDBOX_CPU_QUOTA] = str(resources.cpu_quota)
+        annotations[SANDBOX_CPU_PERIOD] = str(resources.cpu_period)
+        annotations[SANDBOX_MEMORY] = str(resources.memory_limit_in_bytes)
         if resources.cpu_quota or resources.cpu_shares:
             cpu = {
                 "quota": resources.cpu_quota,
@@ -131,7 +133,7 @@ def sandbox_container_config(req: sandbox_pb2.CreateSandboxRequest) -> Container
             }
             linux.setdefault("resources", {"cpu": {k: v for k, v in cpu.items() if v}})
     annotations.update(req.annotations)
-    annotations.setdefault(SANDBOX_ID_ANNOTATION, req.sandbox_id)
+    annotations[SANDBOX_ID_ANNOTATION] = req.sandbox_id
     if req.netns_path:
         namespaces = [ns for ns in linux.get("namespaces") or [] if ns.get("type") != "network"]
         linux["namespaces"] = [*namespaces, {"type": "network", "path": req.netns_path}]
