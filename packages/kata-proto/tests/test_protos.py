@@ -12,7 +12,7 @@ import types
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
-from kata_proto import agent, containerd
+from kata_proto import agent, containerd, cri
 from kata_proto._gen.google.rpc import status_pb2
 from kata_proto._gen.ttrpc import request_pb2
 
@@ -308,3 +308,72 @@ def test_oci_json_tag_maps_go_field_names_to_runtime_spec_keys() -> None:
     assert oci_json_tag("OOMScoreAdj") == "oomScoreAdj"
     assert oci_json_tag("Pagesize") == "pageSize"
     assert oci_json_tag("CgroupsPath") == "cgroupsPath"
+
+
+def test_sandbox_api_rpcs_and_numbers() -> None:
+    # containerd 2.x's shim sandbox controller (plugins/sandbox/controller.go) calls these.
+    assert [m.name for m in containerd.SANDBOX_SERVICE.methods] == [
+        "CreateSandbox",
+        "StartSandbox",
+        "Platform",
+        "StopSandbox",
+        "WaitSandbox",
+        "SandboxStatus",
+        "PingSandbox",
+        "ShutdownSandbox",
+        "SandboxMetrics",
+    ]
+    sandbox = containerd.sandbox_pb2
+    assert _numbers(sandbox.CreateSandboxRequest) == {
+        "sandbox_id": 1,
+        "bundle_path": 2,
+        "rootfs": 3,
+        "options": 4,
+        "netns_path": 5,
+        "annotations": 6,
+    }
+    assert _numbers(sandbox.StopSandboxRequest) == {"sandbox_id": 1, "timeout_secs": 2}
+    assert _numbers(sandbox.SandboxStatusResponse) == {
+        "sandbox_id": 1,
+        "pid": 2,
+        "state": 3,
+        "info": 4,
+        "created_at": 5,
+        "exited_at": 6,
+        "extra": 7,
+    }
+    assert _numbers(containerd.metrics_pb2.Metric) == {"timestamp": 1, "id": 2, "data": 3}
+
+
+def test_cri_pod_sandbox_config_name_and_numbers() -> None:
+    # Read once from k8s.io/cri-api pkg/apis/runtime/v1/api.proto (as vendored by containerd 2.x).
+    assert cri.POD_SANDBOX_CONFIG_TYPE == "runtime.v1.PodSandboxConfig"
+    pb = cri.cri_pb2
+    assert _numbers(pb.PodSandboxConfig) == {
+        "metadata": 1,
+        "hostname": 2,
+        "log_directory": 3,
+        "dns_config": 4,
+        "labels": 6,
+        "annotations": 7,
+        "linux": 8,
+    }
+    assert _numbers(pb.PodSandboxMetadata) == {"name": 1, "uid": 2, "namespace": 3, "attempt": 4}
+    assert _numbers(pb.DNSConfig) == {"servers": 1, "searches": 2, "options": 3}
+    assert _numbers(pb.LinuxPodSandboxConfig) == {
+        "cgroup_parent": 1,
+        "sysctls": 3,
+        "overhead": 4,
+        "resources": 5,
+    }
+    assert _numbers(pb.LinuxContainerResources) == {
+        "cpu_period": 1,
+        "cpu_quota": 2,
+        "cpu_shares": 3,
+        "memory_limit_in_bytes": 4,
+        "oom_score_adj": 5,
+        "cpuset_cpus": 6,
+        "cpuset_mems": 7,
+        "unified": 9,
+        "memory_swap_limit_in_bytes": 10,
+    }

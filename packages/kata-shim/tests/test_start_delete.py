@@ -17,9 +17,10 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
+from google.protobuf import any_pb2
 
 from kata_proto import ttrpc
-from kata_proto.containerd import TASK_SERVICE, task_pb2
+from kata_proto.containerd import SANDBOX_SERVICE, TASK_SERVICE, runtimeoptions_pb2, sandbox_pb2, task_pb2
 from kata_shim.persist import SandboxState, StateStore, process_start_time, sandbox_dir
 from kata_shim.shim import socket_address
 from kata_shim.shim._address import socket_path
@@ -73,10 +74,15 @@ class Shims:
         self.ids.append(id)
         return id
 
-    def run(self, id: str, action: str, bundle: Path, *extra: str) -> subprocess.CompletedProcess[bytes]:
+    def run(
+        self, id: str, action: str, bundle: Path, *extra: str, stdin: bytes = b""
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run the shim; stdin gets `stdin` and is closed, as containerd does."""
         argv = [SHIM, "-namespace", self.namespace, "-address", self.address, "-publish-binary", "/bin/true"]
         argv += ["-id", id, *extra, action]
-        return subprocess.run(argv, cwd=bundle, env=self.env, capture_output=True, timeout=60, check=False)
+        return subprocess.run(
+            argv, cwd=bundle, env=self.env, capture_output=True, timeout=60, check=False, input=stdin
+        )
 
     def shim_pids(self, id: str) -> list[int]:
         pids = []
@@ -151,6 +157,35 @@ def test_start_twice_gives_the_same_address_and_one_shim(shims: Shims) -> None:
     assert shims.shim_pids(id) == [pid]
     print(f"start launched and confirmed a shim in {elapsed:.2f} s")
     trio.run(shutdown, address)
+    assert wait_gone(pid)
+    assert not os.path.exists(socket_path(address))
+
+
+@root_only
+def test_run_mode_serves_the_sandbox_api_and_shutdown_sandbox_ends_the_shim(shims: Shims) -> None:
+    # containerd 2.x's shim sandboxer: the sandbox bundle has no config.json, the runtime options (with
+    # their config_path) come on stdin only
+    id = shims.new_id()
+    bundle = shims.tmp / "sandbox"
+    bundle.mkdir()
+    options = runtimeoptions_pb2.Options(config_path="/etc/kata-containers/runtime-rs/pod.toml")
+    opts = any_pb2.Any(type_url="runtimeoptions.v1.Options", value=options.SerializeToString())
+    started = shims.run(id, "start", bundle, stdin=opts.SerializeToString())
+    assert started.returncode == 0, started.stderr.decode()
+    address = started.stdout.decode()
+    pid = int((bundle / "shim.pid").read_text())
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert b"KATA_SHIM_RUNTIME_CONFIG_PATH=/etc/kata-containers/runtime-rs/pod.toml" in environ
+
+    async def calls() -> None:
+        async with ttrpc.open_ttrpc_client(socket_path(address)) as client:
+            stub = ttrpc.ServiceStub(client, SANDBOX_SERVICE, timeout=10)
+            await stub.PingSandbox(sandbox_pb2.PingRequest(sandbox_id=id))
+            with pytest.raises(ttrpc.NotFound):
+                await stub.SandboxStatus(sandbox_pb2.SandboxStatusRequest(sandbox_id=id))
+            await stub.ShutdownSandbox(sandbox_pb2.ShutdownSandboxRequest(sandbox_id=id))
+
+    trio.run(calls)
     assert wait_gone(pid)
     assert not os.path.exists(socket_path(address))
 

@@ -577,6 +577,7 @@ async def running_pod(
     vmm_pids: list[int] | None = None,
     factory: FactoryConfig | None = None,
     vms: list[AgentVm] | None = None,
+    first_dns: list[str] | None = None,
 ) -> AsyncIterator[Pod]:
     """A VirtContainer instance on AgentVm, started with a throwaway first container config (or
     ``first_spec``); no host cgroup unless ``cgroup_root``; the agent's netlink acts in ``agent_netns``."""
@@ -617,7 +618,7 @@ async def running_pod(
             instance = handler.new_instance("sb1", config, publish)
             assert isinstance(instance.sandbox, VirtSandbox)
             virtiofs["kataShared"] = instance.sandbox.layout.shared_dir
-            first = ContainerConfig("sb1", base, first_spec or _spec("true"), [], Stdio())
+            first = ContainerConfig("sb1", base, first_spec or _spec("true"), [], Stdio(), dns=first_dns)
             try:
                 await instance.sandbox.start(first)
                 pod = Pod(instance, vm_box[0], base, events, seen)
@@ -887,6 +888,33 @@ def test_stop_reports_running_processes_exited_and_unmounts(
             assert mounts_below(pod.base) == []
             with pytest.raises(FailedPrecondition):
                 await cm.create_container(_container(pod, busybox_lower, "c7", _spec("true"), Stdio()))
+
+    trio.run(main)
+
+
+def test_containers_deleted_after_the_sandbox_api_stop_and_cleanup_leave_nothing(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    """Issue 18: containerd 2.x stops a Sandbox API pod (StopSandbox: the VM stops and its host resources
+    go) before RemovePodSandbox deletes its containers: those deletes still succeed and leave nothing."""
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind) as pod:
+            cm = pod.instance.containers
+            for cid in ("c1", "c2"):
+                await cm.create_container(
+                    _container(pod, busybox_lower, cid, _spec("sleep", "1000"), Stdio())
+                )
+            await cm.start_process(ProcessId("c1"))  # c2 stays created, never started
+            with trio.fail_after(60):
+                await pod.sandbox.stop()
+                await pod.sandbox.cleanup()
+            assert mounts_below(pod.base) == []
+            for cid in ("c1", "c2"):
+                assert (await cm.wait_process(ProcessId(cid))).code in (137, 255)
+                await cm.delete_process(ProcessId(cid))
+            assert cm.container_ids() == []
+            assert mounts_below(pod.base) == []
 
     trio.run(main)
 
@@ -1889,6 +1917,24 @@ def test_the_sandbox_resolv_conf_reaches_create_sandbox_and_the_container(
             spec = _spec("cat", "/etc/resolv.conf", mounts=bound)
             assert await _stdout_of(pod, busybox_lower, "c1", spec) == resolv.read_bytes()
             await cm.delete_process(ProcessId("c1"))
+
+    trio.run(main)
+
+
+def test_the_sandbox_api_pod_dns_reaches_create_sandbox(
+    virtiofs_as_bind: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18: under the Sandbox API containerd binds no resolv.conf; the pod config's DNS lines
+    (`ContainerConfig.dns`) are what CreateSandbox sends, and an empty list is sent as such."""
+    import kata_agent._guest as agent_guest
+
+    written: list[list[str]] = []
+    monkeypatch.setattr(agent_guest, "write_resolv_conf", written.append)  # never the host's file
+    lines = ["nameserver 10.96.0.10", "search default.svc.cluster.local", "options ndots:5"]
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind, first_dns=lines):
+            assert written == [lines]
 
     trio.run(main)
 

@@ -184,7 +184,13 @@ class MessageDispatcher:
         return os.getpid(), task_pid
 
     async def shutdown(self) -> bool:
-        """Task.Shutdown: True (and `shutdown_requested` set) when no container is left."""
+        """Task.Shutdown: True (and `shutdown_requested` set) when no container is left.
+
+        Never for a sandbox containerd drives through the Sandbox API: containerd 2.x sends Task.Shutdown
+        after each container's Delete, but the pod lives on until ShutdownSandbox."""
+        if self.manager.sandbox_api:
+            log.info("shutdown ignored: sandbox %s ends on ShutdownSandbox", self.manager.sandbox_id)
+            return False
         remaining = self.manager.container_ids()
         if remaining:
             log.info("shutdown ignored: containers %s remain", ", ".join(remaining))

@@ -91,6 +91,9 @@ class ContainerConfig:
     stdio: Stdio
     options: dict[str, Any] = field(default_factory=dict)
     """Decoded runtime options (e.g. config_path)."""
+    dns: list[str] | None = None
+    """For a sandbox: the resolv.conf lines its pod config gives (Sandbox API: the CRI DNSConfig). None:
+    the lines of the file the spec binds on /etc/resolv.conf (a sandbox container's)."""
 
 
 @dataclass
@@ -152,6 +155,10 @@ class Sandbox(Protocol):
 
     def thread_ids(self) -> list[int]:
         """Native ids of the OS threads the sandbox added to this process (for the thread-count checks)."""
+
+    def on_death(self, callback: Callable[[str], Any]) -> None:
+        """Run ``callback(reason)`` (sync or async) when the sandbox dies under its own steam (the VM
+        stopped, the agent was lost), not on a requested `stop`. The Sandbox API's WaitSandbox ends then."""
 
 
 class ContainerManager(Protocol):

@@ -1,6 +1,6 @@
-"""Run mode: the long-running shim. Serves containerd.task.v2.Task on its socket, forwards events to
-containerd, and exits on a Shutdown that finds no container left (or on SIGTERM/SIGINT), after
-stopping the sandbox and removing its socket and state."""
+"""Run mode: the long-running shim. Serves containerd.task.v2.Task and containerd.runtime.sandbox.v1.Sandbox
+on its socket, forwards events to containerd, and exits on a Shutdown that finds no container left, on
+ShutdownSandbox (or on SIGTERM/SIGINT), after stopping the sandbox and removing its socket and state."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from pathlib import Path
 import trio
 
 from kata_proto import ttrpc
-from kata_proto.containerd import TASK_SERVICE
+from kata_proto.containerd import SANDBOX_SERVICE, TASK_SERVICE
 from kata_shim.message import MessageDispatcher, RuntimeHandlerManager
-from kata_shim.service import EventPublisher, TaskService
+from kata_shim.service import EventPublisher, SandboxService, TaskService
 from kata_shim.shim._address import socket_address
 from kata_shim.shim._flags import ShimFlags
 from kata_shim.shim._log import setup_logging
-from kata_shim.shim._start import ENV_LISTEN_FD, ENV_READY_FD, bind_socket
+from kata_shim.shim._start import ENV_CONFIG_PATH, ENV_LISTEN_FD, ENV_READY_FD, bind_socket
 
 log = logging.getLogger("kata_shim")
 
@@ -45,10 +45,16 @@ async def serve(
     path = sock.getsockname()
     address = f"unix://{path}"
     publisher = EventPublisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
-    manager = RuntimeHandlerManager(flags.id, namespace=flags.namespace, shim_address=address)
+    manager = RuntimeHandlerManager(
+        flags.id,
+        namespace=flags.namespace,
+        shim_address=address,
+        default_config_path=os.environ.pop(ENV_CONFIG_PATH, ""),
+    )
     dispatcher = MessageDispatcher(manager, publisher.publish)
     server = ttrpc.TtrpcServer()
     server.register(TASK_SERVICE, TaskService(dispatcher))
+    server.register(SANDBOX_SERVICE, SandboxService(dispatcher))
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     try:
         async with trio.open_nursery() as nursery:

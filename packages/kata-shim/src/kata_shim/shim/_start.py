@@ -5,6 +5,10 @@ Runs in a fresh Python process on every container start, so it uses the standard
 The socket is bound here and handed to the new shim (as runtime-rs does), so the address
 accepts connections the moment it is printed and two racing starts cannot both bind it; the new
 shim reports on a pipe once it serves (or why it could not), and `start` fails with that message.
+
+containerd writes the runtime's options on `start`'s stdin; their ``config_path`` is handed to the new
+shim (`ENV_CONFIG_PATH`). It is the only place containerd 2.x's Sandbox API gives it: CreateSandbox's
+options carry the CRI pod config instead.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 
 from kata_shim.shim._address import bundle_sandbox_id, can_connect, socket_address, socket_path
 from kata_shim.shim._flags import ShimFlags
+from kata_shim.shim._wire import start_config_path
 
 ENV_LISTEN_FD = "KATA_SHIM_LISTEN_FD"
 """The run-mode shim serves the listening socket with this fd number (set by `start`)."""
@@ -27,6 +32,12 @@ ENV_READY_FD = "KATA_SHIM_READY_FD"
 """The run-mode shim writes ``ok`` (or an error line) to this fd once it serves."""
 READY_TIMEOUT = float(os.environ.get("KATA_SHIM_READY_TIMEOUT", "120"))
 """Seconds `start` waits for the new shim (Python start-up under nested TCG takes seconds)."""
+ENV_CONFIG_PATH = "KATA_SHIM_RUNTIME_CONFIG_PATH"
+"""The runtime options' config_path from `start`'s stdin, for the new shim (the default of every Create)."""
+STDIN_TIMEOUT = 1.0
+"""Seconds `start` waits for stdin to have something (containerd writes it at once, then closes it)."""
+MAX_STDIN = 1 << 20
+"""More bytes than this on stdin are not runtime options."""
 
 
 class StartError(Exception):
@@ -103,7 +114,34 @@ def _wait_ready(child: subprocess.Popen[bytes], ready_fd: int, timeout: float) -
     raise StartError(line or f"the shim exited with status {child.returncode} before serving")
 
 
-def launch(flags: ShimFlags, address: str, bundle: str) -> int:
+def stdin_config_path(fd: int = 0, timeout: float = STDIN_TIMEOUT) -> str:
+    """``config_path`` of the runtime options on stdin ("" without any: a terminal, /dev/null, nothing
+    written within `timeout`, or bytes that are not runtime options)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    try:
+        if os.isatty(fd):
+            return ""
+        while True:
+            left = deadline - time.monotonic()
+            readable, _, _ = select.select([fd], [], [], max(left, 0))
+            if not readable:
+                return ""  # a writer that never writes nor closes: no options
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > MAX_STDIN:
+                return ""
+    except (OSError, ValueError):
+        return ""
+    try:
+        return start_config_path(data)
+    except ValueError:
+        return ""
+
+
+def launch(flags: ShimFlags, address: str, bundle: str, config_path: str = "") -> int:
     """Start the run-mode shim serving `address`; return its pid once it serves."""
     sock = bind_socket(address)
     ready_r, ready_w = os.pipe()
@@ -111,6 +149,9 @@ def launch(flags: ShimFlags, address: str, bundle: str) -> int:
         env = dict(os.environ)
         env[ENV_LISTEN_FD] = str(sock.fileno())
         env[ENV_READY_FD] = str(ready_w)
+        env.pop(ENV_CONFIG_PATH, None)
+        if config_path:
+            env[ENV_CONFIG_PATH] = config_path
         # A fresh interpreter (no fork of this one): new session, cwd the bundle, stdio to /dev/null.
         child = subprocess.Popen(
             shim_command(flags),
@@ -156,7 +197,7 @@ def start(flags: ShimFlags) -> str:
     else:
         address = socket_address(flags.address, flags.namespace, flags.id)
         if not can_connect(address):
-            pid = launch(flags, address, bundle)
+            pid = launch(flags, address, bundle, stdin_config_path())
             write_atomic(os.path.join(bundle, "shim.pid"), str(pid))
     write_atomic(os.path.join(bundle, "address"), address)
     return address

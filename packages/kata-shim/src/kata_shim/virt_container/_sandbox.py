@@ -414,7 +414,7 @@ class VirtSandbox:
             await agent.create_sandbox(
                 self.sandbox_id,
                 hostname=hostname,
-                dns=dns_from_mounts(mounts),
+                dns=first.dns if first.dns is not None else dns_from_mounts(mounts),
                 storages=storages,
                 kernel_modules=_kernel_modules(agent_cfg.kernel_modules),
             )
