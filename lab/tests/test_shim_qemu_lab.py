@@ -1,0 +1,98 @@
+"""The shim lab suite over the external back-end (issue 15: "the whole shim lab suite passes, parameterised
+over both back-ends").
+
+The same tests as test_shim_lab.py (imported from it: one copy of each), run against a containerd whose shims
+read upstream's configuration-qemu-runtime-rs.toml (test_qemu_lab.qemu_config: asset paths substituted, the
+lab's needs in a drop-in) through KATA_CONF_FILE, so every `ctr run` boots QEMU with virtiofsd and the agent
+over vhost-vsock. A file of its own, so `nox -s lab` runs it in its own lab VM beside test_shim_lab.py.
+
+Left out, because they are about the built-in back-end by design: the one-process check (an external VMM
+is three processes: `test_shim_qemu_and_virtiofsd_are_the_pods_processes_and_go_with_it` checks that
+instead), the bad-configuration messages (they name [hypervisor.dragonball]), upstream's
+configuration-dragonball.toml and `kata-shim install` (which installs the dragonball default).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from framework import in_labvm
+from framework.containerd import BUSYBOX_IMAGE, PrivateContainerd, install_guest_assets, private_containerd
+from images import busybox_oci
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import test_shim_lab
+from test_qemu_lab import _assert_nothing_left, _processes, qemu_config
+from test_shim_lab import assert_nothing_left, kata_run, task_status
+
+# The shared tests and their module fixtures, bound here in test_shim_lab.py's order (pytest runs a module's
+# tests in the order its namespace got them; the `service` tests end with the one that deletes it).
+events = test_shim_lab.events
+service = test_shim_lab.service
+test_run_rm_prints_guest_kernel_and_hello_with_the_task_events = (
+    test_shim_lab.test_run_rm_prints_guest_kernel_and_hello_with_the_task_events
+)
+test_exit_code_and_stdin_reach_ctr = test_shim_lab.test_exit_code_and_stdin_reach_ctr
+test_run_t_is_interactive_through_tmux = test_shim_lab.test_run_t_is_interactive_through_tmux
+test_exec_ps_and_metrics = test_shim_lab.test_exec_ps_and_metrics
+test_pause_and_resume = test_shim_lab.test_pause_and_resume
+test_thread_count_is_the_same_with_1_and_10_containers_in_the_pod = (
+    test_shim_lab.test_thread_count_is_the_same_with_1_and_10_containers_in_the_pod
+)
+test_kill_sigterm_is_delivered_then_sigkill_ends_the_task = (
+    test_shim_lab.test_kill_sigterm_is_delivered_then_sigkill_ends_the_task
+)
+test_kill_9_of_the_shim_is_cleaned_up_by_containerd = (
+    test_shim_lab.test_kill_9_of_the_shim_is_cleaned_up_by_containerd
+)
+test_a_dying_guest_ends_ctr_run_and_leaves_nothing = (
+    test_shim_lab.test_a_dying_guest_ends_ctr_run_and_leaves_nothing
+)
+
+QEMU, VIRTIOFSD = "qemu-system-x86_64", "virtiofsd"
+
+
+@pytest.fixture(scope="module")
+def ctrd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateContainerd]:
+    """The module's containerd, its shims on the qemu back-end (KATA_CONF_FILE in containerd's environment,
+    which the shims inherit; upstream's lookup order puts it first)."""
+    if not in_labvm():
+        pytest.fail("the containerd lab tests run inside the lab VM", pytrace=False)
+    install_guest_assets()
+    config = qemu_config(tmp_path_factory.mktemp("qemu-config"))
+    tar = busybox_oci.build(tmp_path_factory.mktemp("image") / "busybox.tar")
+    with private_containerd(extra_env={"KATA_CONF_FILE": str(config)}) as instance:
+        instance.import_image(tar)
+        yield instance
+    left = _processes(QEMU) + _processes(VIRTIOFSD)
+    assert not left, f"qemu/virtiofsd left after the module: {left}"
+
+
+@pytest.mark.lab
+def test_shim_qemu_and_virtiofsd_are_the_pods_processes_and_go_with_it(ctrd: PrivateContainerd) -> None:
+    """An external VMM's pod: the shim, its QEMU and its virtiofsd (which forks a sandboxed child of its
+    own), nothing else; `kill -9` of the shim, then containerd's cleanup, leaves none of them."""
+    done = kata_run(ctrd, "-d", BUSYBOX_IMAGE, "qtree", "sleep", "1000")
+    assert done.returncode == 0, f"{done.stderr}\n{ctrd.log_tail(100)}"
+    shims = ctrd.shim_pids()
+    assert len(shims) == 1, shims
+    tree = ctrd.processes_below(shims[0])
+    comms = sorted({comm for _, comm in tree[1:]})
+    print(f"qemu pod's process tree: {tree}")
+    assert comms == sorted({QEMU[:15], VIRTIOFSD}), tree  # comm is cut at 15 characters
+    started = {pid for pid, comm in tree[1:] if comm in (QEMU[:15], VIRTIOFSD)}
+    os.kill(shims[0], signal.SIGKILL)
+    end = time.monotonic() + 60
+    while task_status(ctrd, "qtree") not in ("STOPPED", "") and time.monotonic() < end:
+        time.sleep(0.5)
+    ctrd.ctr("task", "delete", "qtree", check=False, timeout=120)
+    ctrd.ctr("container", "delete", "qtree", check=False)
+    assert_nothing_left(ctrd, "qtree")
+    _assert_nothing_left(ctrd)
+    assert not [pid for pid in started if os.path.exists(f"/proc/{pid}")], started
