@@ -192,12 +192,13 @@ def bench(session: nox.Session) -> None:
             external=True,
         )
 
-    def in_lab(sink: str, *argv: str) -> Callable[[], None]:
-        """A step running ``python ARGV`` in a lab VM, its stdout into build/bench/SINK."""
+    def in_lab(sink: str, *argv: str, labvm: tuple[str, ...] = ()) -> Callable[[], None]:
+        """A step running ``python ARGV`` in a lab VM (``labvm``: its `labvm exec` options), its stdout into
+        build/bench/SINK."""
 
         def step() -> None:
             with open(out / sink, "w") as stdout:
-                session.run("lab/labvm", "exec", "--", python, *argv, external=True, stdout=stdout)
+                session.run("lab/labvm", "exec", *labvm, "--", python, *argv, external=True, stdout=stdout)
 
         return step
 
@@ -210,6 +211,11 @@ def bench(session: nox.Session) -> None:
     )  # fmt: skip
     # containerd-shim-kata-v2 against runc on one containerd: ctr run --rm, threads and memory per pod
     shim = in_lab("shim.txt", "lab/bench/shim_bench.py", "--json", str(out / "shim.json"))
+    # pods started at once and side by side: several nested VMs at the same time, so one lab vCPU
+    load = in_lab(
+        "load.txt", "lab/bench/load_bench.py", "--json", str(out / "load.json"),
+        labvm=("--cpus", "1", "--memory", "6G"),
+    )  # fmt: skip
 
     steps: list[tuple[str, Callable[[], None]]] = [
         ("host", host),
@@ -217,6 +223,7 @@ def bench(session: nox.Session) -> None:
         ("vmm_boot", vmm_boot),
         ("virtio", virtio),
         ("shim", shim),
+        ("load", load),
         ("net", lambda: _net_bench(session, python, out)),
     ]
     for number, (name, step) in enumerate(steps, 1):

@@ -11,6 +11,8 @@ Reads what each bench step left in ``--dir`` (the shapes are those of the script
 - ``vmm_boot.json`` (vmm_boot.py, one JSON line): every boot to the marker of kata-vmm and each QEMU machine;
 - ``virtio_guest.txt`` (pytest output of virtio_guest.py): one ``VIRTIO-BENCH {json}`` line per device;
 - ``net.json`` (net_bench.py): each throughput run each way and every round trip, ours and QEMU's;
+- ``load.json`` (load_bench.py): per series, N pods started at once: each pod's start seconds, how many came
+  up, each pod's PSS and threads with all N running;
 - ``host.json`` (pytest-benchmark): the host micro benchmarks, as a table.
 
 Every figure puts our numbers beside their peer's from the same run, and the markdown gives the ratio of
@@ -306,6 +308,38 @@ def net_plots(net: dict[str, Any]) -> list[Plot]:
     return [tput, lat]
 
 
+def load_plots(load: dict[str, Any]) -> list[Plot]:
+    """N pods started at once: each pod's start time, and its host PSS with all N running, per series."""
+    series = load["series"]
+    if "runc" not in series:
+        raise Missing(f"load.json has no runc series (has {sorted(series)})")
+    n = load["pods"]
+    start = Plot(
+        "load_start", f"{n} pods started at once (ctr run -d), one lab vCPU", "s", lower_is_better=True
+    )
+    memory = Plot("load_memory", f"host PSS per pod, {n} pods running", "MiB", lower_is_better=True)
+    for key, r in series.items():
+        label = RUNTIME_LABELS.get(key, key)
+        start.notes.append(f"{label}: {r['up']} of {r['pods']} pods came up")
+        if r["failures"]:
+            start.notes.append(f"{label}: first failure: {r['failures'][0][-200:]}")
+        if r["seconds"]:
+            start.samples[label] = [float(v) for v in r["seconds"]]
+        if r["pss_kib"]:
+            memory.samples[label] = [float(v) / 1024 for v in r["pss_kib"]]
+        if key != "runc":
+            start.ours.append(label)
+            memory.ours.append(label)
+    for plot in (start, memory):
+        plot.ours = [label for label in plot.ours if label in plot.samples]
+        if "runc" not in plot.samples or not plot.ours:
+            raise Missing(f"{plot.name}: no pod of runc or of ours came up")
+        for label in plot.ours:
+            _pair(plot, label, "runc")
+    memory.notes.append("a pod's PSS: its shim's process tree; the built-in VMM's guest RAM is in the shim")
+    return [start, memory]
+
+
 # -- drawing -----------------------------------------------------------------------------------------------
 
 
@@ -494,6 +528,8 @@ FIGURES = [
     ("virtio_fs", "virtio-fs small files, kata-vmm against QEMU + virtiofsd", "virtio"),
     ("net_throughput", "TCP throughput, ours against QEMU virtio-net", "net"),
     ("net_latency", "TCP round trips, ours against QEMU virtio-net", "net"),
+    ("load_start", "pods started at once: start time per pod", "load"),
+    ("load_memory", "pods side by side: host PSS per pod", "load"),
 ]
 
 
@@ -563,6 +599,7 @@ def build(bench_dir: Path = BENCH_DIR, out_dir: Path | None = None) -> Report:
         why["virtio_blk"] = why["virtio_fs"] = _step_why(m, "virtio") or "virtio_guest.txt missing"
 
     attempt(["net_throughput", "net_latency"], lambda: net_plots(_read_json(bench_dir, "net.json", m, "net")))
+    attempt(["load_start", "load_memory"], lambda: load_plots(_read_json(bench_dir, "load.json", m, "load")))
 
     plots, missing = [], []
     for name, title, _step in FIGURES:

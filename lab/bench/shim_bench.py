@@ -2,18 +2,24 @@
 
 Run inside the lab VM (`nox -s bench` does):
     lab/labvm exec -- .nox/tests/bin/python lab/bench/shim_bench.py [--runs 10] [--pod 1,10,50]
-        [--json build/bench/shim.json]
+        [--series runc,kata,kata-template,qemu] [--json build/bench/shim.json]
 
-One private containerd 1.6 (lab/framework/containerd.py) with both runtimes and the busybox OCI image:
+One private containerd 1.6 (lab/framework/containerd.py) with both runtimes and the busybox OCI image; the
+kata series differ only in the configuration the same shim reads (`ctr run --runtime-config-path`): `kata`
+the shipped one (built-in VMM, cold boot), `kata-template` the shipped one with the VM template on
+(lab/framework/configs.py; its warm-up run builds the template), `qemu` upstream's qemu configuration
+(QEMU + virtiofsd, same guest kernel and image):
 
-1. `ctr run --rm IMAGE id true`, alternating runc and io.containerd.kata.v2 (`--runs` each; which runtime
-   goes first alternates too), after one unmeasured warm-up run of each. Wall time of the whole `ctr`
-   command: for kata that is shim start, VM boot, agent, container, exit, VM stop and cleanup.
-2. One pod per runtime: `ctr run -d` of a `sleep` container, then more containers into the same pod (CRI
-   sandbox annotations, so both runtimes put them in one shim) up to each `--pod` size. At each size: the
-   shim's OS thread count (kata: after trio's idle worker threads expired) and names, VmRSS, VmHWM and PSS,
-   and how long each added container took. The kata shim's RSS includes the guest memory the VM touched (the
-   VMM is in-process); the report splits out the resident guest RAM (from /proc/PID/smaps).
+1. `ctr run --rm IMAGE id true`, the `--series` alternating (`--runs` each; the order rotates each round),
+   after one unmeasured warm-up run of each. Wall time of the whole `ctr` command: for kata that is shim
+   start, VM boot (or restore), agent, container, exit, VM stop and cleanup.
+2. One pod per runtime and configuration (`--pods`): `ctr run -d` of a `sleep` container, then more
+   containers into the same pod (CRI sandbox annotations, so every runtime puts them in one shim) up to each
+   `--pod` size. At each size, over the shim's process tree (the shim; runc's containers; QEMU and
+   virtiofsd): OS threads (kata: after trio's idle worker threads expired) and their names, PSS, and the
+   shim's VmRSS and VmHWM; and how long each added container took. The built-in VMM is in-process, so the
+   kata shim's memory includes the guest memory the VM touched; the report splits out the resident guest RAM
+   (from /proc/PID/smaps).
 
 Prints a report and writes everything as JSON (every run's seconds, not only their statistics:
 lab/bench/report.py plots them); no pass/fail threshold.
@@ -22,12 +28,14 @@ lab/bench/report.py plots them); no pass/fail threshold.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +44,7 @@ if str(LAB) not in sys.path:
     sys.path.insert(0, str(LAB))
 
 from framework import in_labvm  # noqa: E402
+from framework.configs import qemu_config, template_config  # noqa: E402
 from framework.containerd import (  # noqa: E402
     BUSYBOX_IMAGE,
     KATA_RUNTIME,
@@ -43,13 +52,13 @@ from framework.containerd import (  # noqa: E402
     PrivateContainerd,
     install_guest_assets,
     private_containerd,
+    processes_below,
     thread_names,
 )
 from images import busybox_oci  # noqa: E402
 
 RUNC_RUNTIME = "io.containerd.runc.v2"
 SHIM_BINARIES = {KATA_RUNTIME: "containerd-shim-kata-v2", RUNC_RUNTIME: "containerd-shim-runc-v2"}
-SHORT = {KATA_RUNTIME: "kata", RUNC_RUNTIME: "runc"}
 TRIO_IDLE_WORKER_S = 12  # trio's cached worker threads exit after 10 s idle
 GUEST_RAM_MIN_KIB = 64 * 1024
 
@@ -99,26 +108,54 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-def ctr_run(ctrd: PrivateContainerd, runtime: str, *args: str) -> float:
-    """Run `ctr run --runtime RUNTIME ARGS`; its wall time, raising with the output if it failed."""
+@dataclass(frozen=True)
+class Series:
+    """One measured runtime: its key in the results, the containerd runtime, its shim binary, and the
+    `ctr run` options that pick its configuration."""
+
+    name: str
+    runtime: str
+    options: tuple[str, ...] = ()
+
+    @property
+    def shim(self) -> str:
+        return SHIM_BINARIES[self.runtime]
+
+
+def all_series(config_dir: Path) -> dict[str, Series]:
+    """Every series shim_bench knows, their configurations written under ``config_dir``."""
+    (config_dir / "qemu").mkdir()
+    (config_dir / "template").mkdir()
+    template, _ = template_config(config_dir / "template")
+    qemu = qemu_config(config_dir / "qemu")
+    return {
+        "runc": Series("runc", RUNC_RUNTIME),
+        "kata": Series("kata", KATA_RUNTIME),
+        "kata-template": Series("kata-template", KATA_RUNTIME, ("--runtime-config-path", str(template))),
+        "qemu": Series("qemu", KATA_RUNTIME, ("--runtime-config-path", str(qemu))),
+    }
+
+
+def ctr_run(ctrd: PrivateContainerd, series: Series, *args: str) -> float:
+    """Run `ctr run --runtime RUNTIME [OPTIONS] ARGS`; its wall time, raising with the output if it failed."""
     t0 = time.perf_counter()
-    ctrd.ctr("run", "--runtime", runtime, *args, timeout=900)
+    ctrd.ctr("run", "--runtime", series.runtime, *series.options, *args, timeout=900)
     return time.perf_counter() - t0
 
 
-def run_rm_series(ctrd: PrivateContainerd, runs: int) -> dict[str, Any]:
-    """Alternating `ctr run --rm ... true`; a failed run is recorded with its error and the series goes on."""
-    order = [RUNC_RUNTIME, KATA_RUNTIME]
-    for runtime in order:
-        wall = ctr_run(ctrd, runtime, "--rm", BUSYBOX_IMAGE, f"warm-{SHORT[runtime]}", "true")
-        log(f"warm-up {SHORT[runtime]}: {wall:.2f} s")
-    times: dict[str, list[float]] = {SHORT[r]: [] for r in order}
-    failures: dict[str, list[str]] = {SHORT[r]: [] for r in order}
+def run_rm_series(ctrd: PrivateContainerd, runs: int, order: list[Series]) -> dict[str, Any]:
+    """`ctr run --rm ... true` of each series in turn, the order rotating each round; a failed run is
+    recorded with its error and the series goes on."""
+    for series in order:
+        wall = ctr_run(ctrd, series, "--rm", BUSYBOX_IMAGE, f"warm-{series.name}", "true")
+        log(f"warm-up {series.name}: {wall:.2f} s")
+    times: dict[str, list[float]] = {s.name: [] for s in order}
+    failures: dict[str, list[str]] = {s.name: [] for s in order}
     for i in range(runs):
-        for runtime in order if i % 2 == 0 else order[::-1]:
-            name = SHORT[runtime]
+        for series in order[i % len(order) :] + order[: i % len(order)]:
+            name = series.name
             try:
-                wall = ctr_run(ctrd, runtime, "--rm", BUSYBOX_IMAGE, f"rm-{name}-{i}", "true")
+                wall = ctr_run(ctrd, series, "--rm", BUSYBOX_IMAGE, f"rm-{name}-{i}", "true")
             except ContainerdError as err:
                 first = str(err).splitlines()
                 failures[name].append(next((line for line in first if line.startswith("stderr:")), first[0]))
@@ -136,18 +173,26 @@ def run_rm_result(runs: int, times: dict[str, list[float]], failures: dict[str, 
     ratio = None
     if "kata" in stats and "runc" in stats:
         ratio = stats["kata"]["median"] / stats["runc"]["median"]
+    ratios = {
+        f"{name}/runc": st["median"] / stats["runc"]["median"]
+        for name, st in stats.items()
+        if name != "runc" and "runc" in stats
+    }
+    if "kata" in stats and "qemu" in stats:
+        ratios["kata/qemu"] = stats["kata"]["median"] / stats["qemu"]["median"]
     return {
         "runs": runs,
         "seconds": times,
         "failures": failures,
         "stats": stats,
         "median_ratio_kata_over_runc": ratio,
+        "median_ratios": ratios,
     }
 
 
-def pod_series(ctrd: PrivateContainerd, runtime: str, sizes: list[int]) -> dict[str, Any]:
-    """Grow one pod of ``runtime`` to each size in ``sizes``; the shim's threads and memory at each."""
-    name = SHORT[runtime]
+def pod_series(ctrd: PrivateContainerd, series: Series, sizes: list[int]) -> dict[str, Any]:
+    """Grow one pod of ``series`` to each size in ``sizes``; its process tree's threads and memory at each."""
+    name = series.name
     sandbox = f"pod-{name}"
     members = [sandbox]
     add_times: list[float] = []
@@ -157,9 +202,9 @@ def pod_series(ctrd: PrivateContainerd, runtime: str, sizes: list[int]) -> dict[
         "--annotation", f"io.kubernetes.cri.sandbox-id={sandbox}",
     ]  # fmt: skip
     try:
-        first = ctr_run(ctrd, runtime, "-d", BUSYBOX_IMAGE, sandbox, "sleep", "100000")
+        first = ctr_run(ctrd, series, "-d", BUSYBOX_IMAGE, sandbox, "sleep", "100000")
         log(f"{name} pod: first container {first:.2f} s")
-        shims = ctrd.shim_pids(SHIM_BINARIES[runtime])
+        shims = ctrd.shim_pids(series.shim)
         if len(shims) != 1:
             raise RuntimeError(f"expected one {name} shim, found {shims}")
         pid = shims[0]
@@ -167,12 +212,12 @@ def pod_series(ctrd: PrivateContainerd, runtime: str, sizes: list[int]) -> dict[
             while len(members) < size:
                 cid = f"{sandbox}-c{len(members) + 1}"
                 add_times.append(
-                    ctr_run(ctrd, runtime, "-d", *pod_args, BUSYBOX_IMAGE, cid, "sleep", "100000")
+                    ctr_run(ctrd, series, "-d", *pod_args, BUSYBOX_IMAGE, cid, "sleep", "100000")
                 )
                 members.append(cid)
-            if ctrd.shim_pids(SHIM_BINARIES[runtime]) != [pid]:
+            if ctrd.shim_pids(series.shim) != [pid]:
                 raise RuntimeError(f"{name}: later containers did not reuse the pod's shim")
-            if runtime == KATA_RUNTIME:
+            if series.runtime == KATA_RUNTIME:
                 time.sleep(TRIO_IDLE_WORKER_S)
             point = pod_point(size, pid)
             points.append(point)
@@ -189,9 +234,26 @@ def pod_series(ctrd: PrivateContainerd, runtime: str, sizes: list[int]) -> dict[
 
 
 def pod_point(size: int, pid: int) -> dict[str, Any]:
-    """The shim ``pid``'s threads and memory with ``size`` containers in its pod."""
-    names = thread_names(pid)
-    return {"containers": size, "threads": len(names), "thread_names": names, **memory_kib(pid)}
+    """With ``size`` containers in the pod of shim ``pid``: the threads and PSS of the shim's process tree
+    (runc's containers, QEMU and virtiofsd are in it; the built-in VMM's guest is in the shim), the shim's
+    own memory (VmRSS, VmHWM, guest RAM)."""
+    tree = processes_below(pid)
+    names: list[str] = []
+    pss = 0
+    for member, _ in tree:
+        with contextlib.suppress(OSError):
+            names += thread_names(member)
+            pss += memory_kib(member)["Pss"]
+    own = memory_kib(pid)
+    return {
+        "containers": size,
+        "threads": len(names),
+        "thread_names": names,
+        "processes": [comm for _, comm in tree],
+        **own,
+        "ShimPss": own["Pss"],
+        "Pss": pss,
+    }
 
 
 def pod_result(first: float, add_times: list[float], points: list[dict[str, Any]]) -> dict[str, Any]:
@@ -216,8 +278,7 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"  median ratio kata/runc: {rm['median_ratio_kata_over_runc']:.1f}x")
     for name, errors in rm["failures"].items():
         lines.extend(f"  {name} run FAILED: {error}" for error in errors)
-    for name in ("kata", "runc"):
-        pod = result["pods"][name]
+    for name, pod in result["pods"].items():
         add = pod["add_container_s"]
         added = f", later containers median {add['median']:.2f} s (max {add['max']:.2f})" if add else ""
         lines.append(f"{name} pod: first container {pod['first_container_s']:.2f} s{added}")
@@ -228,9 +289,9 @@ def report(result: dict[str, Any]) -> str:
                 f" of which guest RAM {point['GuestRSS'] / 1024:7.1f} MiB"
                 + (f", PSS {point['Pss'] / 1024:7.1f} MiB" if "Pss" in point else "")
             )
-        if name == "kata" and pod["points"]:
+        if name != "runc" and pod["points"]:
             last = pod["points"][-1]
-            lines.append(f"  kata shim threads at {last['containers']}: {last['thread_names']}")
+            lines.append(f"  {name} threads at {last['containers']}: {last['thread_names']}")
     return "\n".join(lines)
 
 
@@ -238,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=10, help="measured `ctr run --rm` per runtime")
     p.add_argument("--pod", default="1,10,50", help="pod sizes to measure threads and memory at")
+    p.add_argument("--series", default="runc,kata,kata-template,qemu", help="runtimes/configurations of 1.")
+    p.add_argument("--pods", default="runc,kata,qemu", help="runtimes/configurations of 2.")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     if not in_labvm():
@@ -247,13 +310,20 @@ def main(argv: list[str] | None = None) -> int:
     install_guest_assets()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="shim-bench-") as tmp:
+        known = all_series(Path(tmp))
+        try:
+            order = [known[n] for n in args.series.split(",") if n]
+            pods = [known[n] for n in args.pods.split(",") if n]
+        except KeyError as err:
+            print(f"unknown series {err}; known: {', '.join(known)}", file=sys.stderr)
+            return 2
         tar = busybox_oci.build(Path(tmp) / "busybox.tar")
         with private_containerd(debug=False) as ctrd:
             ctrd.import_image(tar)
             result: dict[str, Any] = {
                 "host": {"cpus": os.cpu_count(), "kernel": os.uname().release},
-                "run_rm": run_rm_series(ctrd, args.runs),
-                "pods": {SHORT[r]: pod_series(ctrd, r, sizes) for r in (KATA_RUNTIME, RUNC_RUNTIME)},
+                "run_rm": run_rm_series(ctrd, args.runs, order),
+                "pods": {series.name: pod_series(ctrd, series, sizes) for series in pods},
             }
     result["total_s"] = time.monotonic() - t0
     text = report(result)

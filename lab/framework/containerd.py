@@ -142,28 +142,33 @@ class PrivateContainerd(_fixture.ContainerdLog):
         return sorted(pid for pid, argv in processes() if binary in argv and self.address in argv)
 
     def processes_below(self, pid: int) -> list[tuple[int, str]]:
-        """(pid, comm) of ``pid`` and all its descendants."""
-        children: dict[int, list[int]] = {}
-        comms: dict[int, str] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            comms[int(entry.name)] = comm
-            children.setdefault(ppid, []).append(int(entry.name))
-        out: list[tuple[int, str]] = []
-        todo = [pid]
-        while todo:
-            p = todo.pop()
-            if p in comms:
-                out.append((p, comms[p]))
-            todo.extend(children.get(p, []))
-        return out
+        """(pid, comm) of ``pid`` and all its descendants (`processes_below`)."""
+        return processes_below(pid)
+
+
+def processes_below(pid: int) -> list[tuple[int, str]]:
+    """(pid, comm) of ``pid`` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    comms: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        comms[int(entry.name)] = comm
+        children.setdefault(ppid, []).append(int(entry.name))
+    out: list[tuple[int, str]] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        if p in comms:
+            out.append((p, comms[p]))
+        todo.extend(children.get(p, []))
+    return out
 
 
 def thread_names(pid: int) -> list[str]:

@@ -39,6 +39,7 @@ report = _load("report")
 shim_bench = _load("shim_bench")
 vmm_boot = _load("vmm_boot")
 net_bench = _load("net_bench")
+load_bench = _load("load_bench")
 virtio_guest = _load("virtio_guest")
 mpimg = pytest.importorskip("matplotlib.image")
 
@@ -99,6 +100,19 @@ VIRTIO_TXT = "\n".join(
 )
 
 
+LOAD_START = {"kata": [300.0, 320.0, 340.0], "kata-template": [20.0, 22.0, 30.0], "runc": [2.0, 2.5, 3.0]}
+
+
+def _load_json() -> dict[str, Any]:
+    point = shim_bench.pod_point(1, os.getpid())  # real /proc shapes: this process stands in for each shim
+    series = {}
+    for name, seconds in LOAD_START.items():
+        started = [{"name": f"p{i}", "seconds": s, "code": 0, "stderr": ""} for i, s in enumerate(seconds)]
+        started.append({"name": "late", "seconds": 900.0, "code": 1, "stderr": "ctr: agent not ready"})
+        series[name] = load_bench.load_result(4, started, [point] * len(seconds))
+    return {"pods": 4, "series": series, "total_s": 10.0}
+
+
 def _meta() -> dict[str, Any]:
     return {
         "commit": "0123456789abcdef0123456789abcdef01234567",
@@ -126,6 +140,7 @@ def _write_inputs(d: Path, *, net: bool = True) -> None:
     (d / "virtio_guest.txt").write_text(VIRTIO_TXT + "\n")
     if net:
         (d / "net.json").write_text(json.dumps(_net_json(), indent=1))
+    (d / "load.json").write_text(json.dumps(_load_json(), indent=1))
 
 
 def _assert_image(path: Path | None) -> None:
@@ -160,6 +175,8 @@ def test_report_draws_every_figure_with_its_series_and_ratios(tmp_path: Path) ->
         "net_latency": ["ours", "QEMU"],
         "pod_threads": ["dragonball threads", "runc threads"],
         "pod_memory": ["dragonball PSS", "dragonball guest RAM (RSS)", "runc PSS"],
+        "load_start": ["dragonball cold", "dragonball template", "runc"],
+        "load_memory": ["dragonball cold", "dragonball template", "runc"],
     }
     for name, labels in expected_labels.items():
         assert result.plot(name).labels == labels, name  # read back from the drawn figure
@@ -186,6 +203,9 @@ def test_report_draws_every_figure_with_its_series_and_ratios(tmp_path: Path) ->
     assert _ratio_row(md, "pod_memory", "dragonball PSS with 10 containers", "runc PSS") == (
         f"{kata10['Pss'] / runc10['Pss']:.2f}"
     )
+    template_start = med(LOAD_START["kata-template"]) / med(LOAD_START["runc"])
+    assert _ratio_row(md, "load_start", "dragonball template", "runc") == f"{template_start:.2f}"
+    assert "dragonball cold: 3 of 4 pods came up" in md
     # the header: commit, date, load at start and end, CPU, TCG; each step's time
     assert "commit: 0123456789abcdef0123456789abcdef01234567" in md
     assert "start 0.50 0.40 0.30 1/200 1234, end 1.90 1.50 1.00 2/210 2345" in md
@@ -212,7 +232,8 @@ def test_missing_inputs_are_reported_not_measured(tmp_path: Path) -> None:
     assert "virtiofsd did not start" in why["virtio_fs"]
     md = (tmp_path / "report.md").read_text()
     assert "net_latency | | | | | not measured: the net step failed after 40 s: exit 1" in md
-    assert {p.name for p in result.plots} == {"start_time", "pod_threads", "pod_memory", "virtio_blk"}
+    drawn = {"start_time", "pod_threads", "pod_memory", "virtio_blk", "load_start", "load_memory"}
+    assert {p.name for p in result.plots} == drawn
     for plot in result.plots:
         _assert_image(plot.png)
     assert not (tmp_path / "net_latency.png").exists()
@@ -246,6 +267,26 @@ def test_report_reads_what_the_bench_scripts_print() -> None:
     assert shim_bench.run_rm_result(1, {"runc": [1.0], "kata": []}, {})["median_ratio_kata_over_runc"] is None
     for key in ("Pss", "VmRSS", "GuestRSS"):
         assert key in shim_bench.memory_kib(os.getpid())
+
+
+def test_a_pod_point_counts_the_shims_whole_process_tree() -> None:
+    """runc's containers, QEMU and virtiofsd are children of their shim: a pod's threads and PSS are the
+    tree's, not only the shim's (the built-in VMM's guest is inside the shim)."""
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        point = shim_bench.pod_point(3, os.getpid())
+    finally:
+        child.kill()
+        child.wait()
+    assert "sleep" in point["processes"] and point["containers"] == 3
+    assert point["Pss"] > point["ShimPss"] > 0
+    assert point["threads"] == len(point["thread_names"]) >= 2
+
+
+def test_shim_bench_ratios_name_each_series_against_runc_and_qemu() -> None:
+    times = {"runc": [1.0, 3.0], "kata": [20.0, 40.0], "kata-template": [4.0, 6.0], "qemu": [60.0, 60.0]}
+    ratios = shim_bench.run_rm_result(2, times, {})["median_ratios"]
+    assert ratios == {"kata/runc": 15.0, "kata-template/runc": 2.5, "qemu/runc": 30.0, "kata/qemu": 0.5}
 
 
 def test_labvm_describes_the_accelerator_cpu_and_kernel_arguments_it_runs_with() -> None:

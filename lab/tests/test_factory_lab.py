@@ -22,9 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from framework.configs import template_config
 from framework.containerd import BUSYBOX_IMAGE, KATA_RUNTIME, PrivateContainerd
-
-from kata_shim.config import shipped_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_shim_lab import RUN_TIMEOUT, assert_nothing_left
@@ -38,19 +37,6 @@ KATA_CTL = [
     "-c",
     "import sys; from kata_shim._kata_ctl import main; sys.exit(main(sys.argv[1:]))",
 ]
-
-
-def _config(tmp_path: Path) -> tuple[Path, Path]:
-    """The shipped configuration (the lab's assets) with the template on, under tmp_path."""
-    template = tmp_path / "template"
-    text = shipped_config().read_text()
-    assert "enable_template = false" in text
-    text = text.replace("enable_template = false", "enable_template = true").replace(
-        'template_path = "/run/vc/vm/template"', f'template_path = "{template}"'
-    )
-    path = tmp_path / "configuration.toml"
-    path.write_text(text)
-    return path, template
 
 
 def _kata_ctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -89,7 +75,7 @@ def _ctr_run(
 def test_two_sandboxes_start_from_the_template_with_their_own_rng_clock_and_hostname(
     ctrd: PrivateContainerd, tmp_path: Path
 ) -> None:
-    config, template = _config(tmp_path)
+    config, template = template_config(tmp_path)
     hostname_flag = _has_hostname_flag(ctrd)
     outputs = []
     for index in (1, 2):
@@ -128,7 +114,7 @@ def test_two_sandboxes_start_from_the_template_with_their_own_rng_clock_and_host
 def test_kata_ctl_factory_init_builds_and_a_changed_config_rebuilds_it(
     ctrd: PrivateContainerd, tmp_path: Path
 ) -> None:
-    config, template = _config(tmp_path)
+    config, template = template_config(tmp_path)
     built = _kata_ctl(config, "factory", "init")
     assert built.returncode == 0 and "template built in" in built.stdout, built.stdout + built.stderr
     again = _kata_ctl(config, "factory", "init")

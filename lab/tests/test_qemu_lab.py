@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from framework import GuestAssets
+from framework.configs import VIRTIOFSD, qemu_config
 from framework.containerd import (
     BUSYBOX_IMAGE,
     KATA_RUNTIME,
@@ -24,9 +25,6 @@ from framework.containerd import (
 )
 
 RUN_TIMEOUT = 600
-SHIM_FIXTURES = Path(__file__).resolve().parents[2] / "packages" / "kata-shim" / "tests" / "fixtures"
-UPSTREAM_CONFIG = SHIM_FIXTURES / "configuration-qemu-runtime-rs-4.0.0.toml"
-VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 GUEST_CHECK = """\
 echo "vda ro=$(cat /sys/block/vda/ro)"
 echo "vsock=$(test -c /dev/vsock && echo yes)"
@@ -85,24 +83,6 @@ def test_qemu_boots_the_guest_with_virtiofsd_and_vsock_and_notices_the_power_off
     assert "check.sh exited 0" in console
     assert (shared / "written").read_text() == "from-the-guest\n"
     assert sorted(p.name for p in (state_root / "qboot1").iterdir()) == ["state.json"]
-
-
-def qemu_config(directory: Path) -> Path:
-    """Upstream's configuration-qemu-runtime-rs.toml, asset paths substituted; the lab's needs in a
-    drop-in: the stock kernel loads its drivers from an initrd, a smaller VM, a longer agent budget."""
-    assets = GuestAssets()
-    text = UPSTREAM_CONFIG.read_text()
-    text = text.replace("/usr/share/kata-containers/vmlinux.container", str(assets.kernel))
-    text = text.replace("/usr/share/kata-containers/kata-containers.img", str(assets.rootfs_sandbox))
-    text = text.replace("/usr/libexec/virtiofsd", VIRTIOFSD)
-    path = directory / "configuration.toml"
-    path.write_text(text)
-    (directory / "config.d").mkdir()
-    (directory / "config.d" / "50-lab.toml").write_text(
-        f'[hypervisor.qemu]\ninitrd = "{assets.initrd_sandbox}"\ndefault_memory = 1024\n'
-        "[agent.kata]\nreconnect_timeout_ms = 90000\n"
-    )
-    return path
 
 
 def _assert_nothing_left(ctrd: PrivateContainerd, timeout: float = 60) -> None:

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import pytest
 from framework import in_labvm
+from framework.configs import qemu_config
 from framework.containerd import BUSYBOX_IMAGE, PrivateContainerd, install_guest_assets, private_containerd
 from images import busybox_oci
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_shim_lab
-from test_qemu_lab import _assert_nothing_left, _processes, qemu_config
+from test_qemu_lab import _assert_nothing_left, _processes
 from test_shim_lab import assert_nothing_left, kata_run, task_status
 
 # The shared tests and their module fixtures, bound here in test_shim_lab.py's order (pytest runs a module's
