@@ -347,10 +347,14 @@ def test_resize_vcpu_adds_the_cpu_slots_qemu_reports_and_removes_its_own_newest_
         ("query-hotpluggable-cpus", {}),
         ("query-cpus-fast", {}),
         ("query-hotpluggable-cpus", {}),
+        # QEMU 7.2 sends DEVICE_DELETED for a vCPU's lapic only: it wakes the wait, query-cpus-fast confirms
         ("device_del", {"id": "cpu-hp2"}),
+        ("query-cpus-fast", {}),
         ("device_del", {"id": "cpu-hp1"}),
+        ("query-cpus-fast", {}),
         ("device_del", {"id": "cpu-hp0"}),
         ("query-cpus-fast", {}),
+        ("query-cpus-fast", {}),  # the thread ids
     ]
 
 

@@ -45,7 +45,7 @@ import dataclasses
 import itertools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,10 @@ MAX_ROOT_PORTS = 16
 QMP_TIMEOUT = 10.0
 UNPLUG_TIMEOUT = 20.0
 """Seconds the guest has to release a device after ``device_del`` (the DEVICE_DELETED event)."""
+UNPLUG_POLL = 1.0
+"""Seconds between checks that an unplugged vCPU is gone (QEMU 7.2 sends no DEVICE_DELETED for the CPU)."""
+PERIPHERAL = "/machine/peripheral/"
+"""QOM path of the devices added with an id."""
 CLEAN_SHUTDOWN_REASONS = frozenset(
     {"guest-shutdown", "host-qmp-quit", "host-signal", "guest-reset", "host-qmp-system-reset"}
 )
@@ -342,11 +346,17 @@ class Qemu(ExternalVmm):
             if self._vmm is not None and action != "poweroff":
                 self._vmm.kill()  # a paused panicked guest would never end on its own
         elif name == "DEVICE_DELETED":
-            ident = data.get("device")
-            if isinstance(ident, str) and (ident in self._unplug_waits or self._is_hot_id(ident)):
-                self._deleted.add(ident)
-                if ident in self._unplug_waits:
-                    self._unplug_waits[ident].set()
+            # {"device": id, "path"} for the device itself; {"path": ".../<id>/<child>"} for its parts (a
+            # vCPU unplug in QEMU 7.2 sends only its lapic's): those wake the waiter, which confirms
+            ident, path = data.get("device"), data.get("path")
+            target = ident if isinstance(ident, str) else None
+            if target is None and isinstance(path, str) and path.startswith(PERIPHERAL):
+                target = path.removeprefix(PERIPHERAL).split("/")[0]
+            if target is not None and (target in self._unplug_waits or self._is_hot_id(target)):
+                if target == ident:
+                    self._deleted.add(target)
+                if target in self._unplug_waits:
+                    self._unplug_waits[target].set()
         elif name in ("RESET", "STOP", "RESUME"):
             self.log.info("sandbox %s: QMP event %s", self.sandbox_id, name)
 
@@ -611,23 +621,36 @@ class Qemu(ExternalVmm):
             raise
         return HotPlugged(device, qdev, port, netdev)
 
-    async def _unplug(self, qmp: QmpClient, qdev_id: str) -> None:
-        """``device_del`` and wait for its DEVICE_DELETED (`UnplugTimeout` after `UNPLUG_TIMEOUT`). A retry
-        after a timeout waits again for the unplug QEMU still has pending, or is done if it came since."""
+    async def _unplug(
+        self, qmp: QmpClient, qdev_id: str, gone: Callable[[QmpClient, str], Awaitable[bool]] | None = None
+    ) -> None:
+        """``device_del`` and wait for its DEVICE_DELETED, or (with ``gone``) until ``gone`` says QEMU has
+        it no more, checked on each DEVICE_DELETED of its parts and every `UNPLUG_POLL` s; `UnplugTimeout`
+        after `UNPLUG_TIMEOUT`. A retry after a timeout waits again for the unplug QEMU still has pending,
+        or is done if it came since."""
         if qdev_id not in self._deleted:
-            done = self._unplug_waits.setdefault(qdev_id, trio.Event())
+            self._unplug_waits[qdev_id] = trio.Event()
             try:
-                try:
-                    await qmp.execute("device_del", {"id": qdev_id}, timeout=QMP_TIMEOUT)
-                except QmpCommandError as err:
-                    if err.error_class == "DeviceNotFound":
-                        self._deleted.add(qdev_id)  # QEMU has it no more
-                    elif "already in the process of unplug" not in err.desc:
-                        raise
                 with trio.move_on_after(UNPLUG_TIMEOUT):
-                    await done.wait()
+                    try:
+                        await qmp.execute("device_del", {"id": qdev_id}, timeout=QMP_TIMEOUT)
+                    except QmpCommandError as err:
+                        if err.error_class == "DeviceNotFound":
+                            self._deleted.add(qdev_id)  # QEMU has it no more
+                        elif "already in the process of unplug" not in err.desc:
+                            raise
+                    while qdev_id not in self._deleted and not qmp.closed.is_set():
+                        woke = self._unplug_waits[qdev_id]
+                        with trio.move_on_after(UNPLUG_POLL if gone is not None else UNPLUG_TIMEOUT):
+                            await _first_of(woke, qmp.closed)
+                        if woke.is_set():
+                            self._unplug_waits[qdev_id] = trio.Event()
+                        if gone is not None and not qmp.closed.is_set() and await gone(qmp, qdev_id):
+                            self._deleted.add(qdev_id)
             finally:
                 self._unplug_waits.pop(qdev_id, None)
+            if qdev_id not in self._deleted and qmp.closed.is_set():
+                raise HypervisorError(f"qemu: QMP closed (QEMU gone?) while {qdev_id} was being unplugged")
             if qdev_id not in self._deleted:
                 raise UnplugTimeout(
                     f"qemu: the guest did not release {qdev_id} within {UNPLUG_TIMEOUT:g} s of device_del "
@@ -693,7 +716,7 @@ class Qemu(ExternalVmm):
                             self.config.default_vcpus,
                         )
                     for _ in range(removable):
-                        await self._unplug(qmp, self._hot_cpus[-1])
+                        await self._unplug(qmp, self._hot_cpus[-1], _cpu_gone)
                         self._hot_cpus.pop()
             finally:
                 with trio.CancelScope(shield=True):
@@ -729,3 +752,22 @@ class Qemu(ExternalVmm):
         cpus = cpus if isinstance(cpus, list) else []
         self._vcpu_tids = [int(c["thread-id"]) for c in cpus if isinstance(c, dict) and "thread-id" in c]
         return len(cpus)
+
+
+async def _cpu_gone(qmp: QmpClient, qdev_id: str) -> bool:
+    """Whether QEMU runs the vCPU ``qdev_id`` no more (``query-cpus-fast``)."""
+    cpus = await qmp.execute("query-cpus-fast", timeout=QMP_TIMEOUT)
+    path = PERIPHERAL + qdev_id
+    return not any(isinstance(c, dict) and c.get("qom-path") == path for c in cpus or [])
+
+
+async def _first_of(*events: trio.Event) -> None:
+    """Return once any of ``events`` is set."""
+    async with trio.open_nursery() as nursery:
+
+        async def wait(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            nursery.start_soon(wait, event)
