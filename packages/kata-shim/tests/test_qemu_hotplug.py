@@ -16,7 +16,7 @@ from test_qemu import config, fake_vsock, run_vm, share  # type: ignore[import-n
 
 from kata_shim.hypervisor import BlockDevice, HypervisorConfig, HypervisorError, NetworkDevice, _qemu
 from kata_shim.hypervisor._qemu import Qemu, UnplugTimeout
-from kata_shim.hypervisor._qmp import QmpCommandError
+from kata_shim.hypervisor._qmp import QmpCommandError, QmpTimeout
 
 __all__ = ["config", "share"]  # fixtures from test_qemu
 pytestmark = pytest.mark.usefixtures("reap_fakes")
@@ -373,3 +373,43 @@ def test_vcpu_removal_the_guest_never_acks_is_a_typed_timeout(
 
     (grown, cpus), _ = run_vm(Qemu(config, state_root=root, open_vsock=fake_vsock), share, body)
     assert grown == (1, 2) and cpus == [0, 1]
+
+
+# --- QEMU that does not answer in time ----------------------------------------------------------------
+@pytest.mark.parametrize("late", ["FAKE_QEMU_LATE", "FAKE_QEMU_DROP"])
+def test_device_add_without_an_answer_records_what_qemu_has(
+    config: HypervisorConfig,
+    root: Path,
+    share: Path,
+    *,
+    qmp_log: Path,
+    disks: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+    late: str,
+) -> None:
+    """device_add times out: QEMU is asked what it has (qom-list /machine/peripheral). A device it has is
+    recorded (and can be removed); one it lacks is an error with the block node taken out again."""
+    monkeypatch.setenv(late, "device_add")
+
+    async def body(hv: Qemu) -> dict[str, Any]:
+        monkeypatch.setattr(_qemu, "QMP_TIMEOUT", 2.0)  # the fake answers a late device_add after 6 s
+        disk = BlockDevice(disks[0])
+        if late == "FAKE_QEMU_LATE":
+            assert (await hv.add_device(disk)).pci_path == "1b/00"
+            monkeypatch.setattr(_qemu, "QMP_TIMEOUT", 10.0)
+            await hv.remove_device(disk)
+        else:
+            with pytest.raises(QmpTimeout, match="device_add"):
+                await hv.add_device(disk)
+            monkeypatch.setattr(_qemu, "QMP_TIMEOUT", 10.0)
+            with pytest.raises(HypervisorError, match="not attached"):
+                await hv.remove_device(disk)
+        return await machine(hv)
+
+    state, _ = run_vm(Qemu(config, state_root=root, open_vsock=fake_vsock), share, body)
+    assert state["devices"] == [] and state["nodes"] == []
+    sent = [c for c, _ in commands(qmp_log)]
+    if late == "FAKE_QEMU_LATE":
+        assert sent == ["blockdev-add", "device_add", "qom-list", "device_del", "blockdev-del"]
+    else:
+        assert sent == ["blockdev-add", "device_add", "qom-list", "blockdev-del"]

@@ -65,7 +65,7 @@ from kata_shim.hypervisor._base import (
 from kata_shim.hypervisor._child import Child
 from kata_shim.hypervisor._common import netns_path
 from kata_shim.hypervisor._external import SOCKET_WAIT, VIRTIOFSD_NAME, ExternalVmm
-from kata_shim.hypervisor._qmp import QmpClient, QmpCommandError, QmpError, QmpEvent
+from kata_shim.hypervisor._qmp import QmpClient, QmpCommandError, QmpError, QmpEvent, QmpTimeout
 from kata_shim.hypervisor._vhost import open_vhost_net, open_vhost_vsock
 
 log = logging.getLogger("kata_shim.hypervisor.qemu")
@@ -560,32 +560,58 @@ class Qemu(ExternalVmm):
     async def _hot_add_block(self, qmp: QmpClient, device: BlockDevice, n: int, port: int) -> HotPlugged:
         node, qdev = f"drive-hp{n}", f"blk-hp{n}"
         # raw over file; cache direct and aio threads are the cold path's cache=none,aio=threads
-        await qmp.execute(
-            "blockdev-add",
-            {
-                "driver": "raw",
-                "node-name": node,
+        blockdev = {
+            "driver": "raw",
+            "node-name": node,
+            "read-only": device.read_only,
+            "cache": {"direct": True, "no-flush": False},
+            "file": {
+                "driver": "file",
+                "filename": str(device.path),
+                "aio": "threads",
                 "read-only": device.read_only,
-                "cache": {"direct": True, "no-flush": False},
-                "file": {
-                    "driver": "file",
-                    "filename": str(device.path),
-                    "aio": "threads",
-                    "read-only": device.read_only,
-                },
             },
-            timeout=QMP_TIMEOUT,
-        )
+        }
+        try:
+            await qmp.execute("blockdev-add", blockdev, timeout=QMP_TIMEOUT)
+        except QmpError as err:
+            if not isinstance(err, QmpCommandError):  # no answer: QEMU may have made it
+                await self._undo(qmp, "blockdev-del", {"node-name": node})
+            raise
         args: dict[str, Any] = {"driver": "virtio-blk-pci", "id": qdev, "drive": node}
         if device.device_id:
             args["serial"] = device.device_id[:20]
         args |= {"bus": f"rp{port}", "addr": "0x0"}
         try:
-            await qmp.execute("device_add", args, timeout=QMP_TIMEOUT)
+            await self._device_add(qmp, args)
         except QmpError:
             await self._undo(qmp, "blockdev-del", {"node-name": node})
             raise
         return HotPlugged(device, qdev, port, node)
+
+    async def _device_add(self, qmp: QmpClient, args: dict[str, Any]) -> None:
+        """``device_add``; when QEMU does not answer in time, it counts as done if QEMU has the device
+        (``qom-list /machine/peripheral``), so that what QEMU has is what is recorded."""
+        try:
+            await qmp.execute("device_add", args, timeout=QMP_TIMEOUT)
+        except QmpTimeout:
+            try:
+                peripherals = await qmp.execute(
+                    "qom-list", {"path": PERIPHERAL.rstrip("/")}, timeout=QMP_TIMEOUT
+                )
+            except QmpError as err:
+                self.log.warning("sandbox %s: after device_add timed out: qom-list: %s", self.sandbox_id, err)
+                raise QmpTimeout(f"QMP device_add {args['id']}: no answer") from None
+            names = (
+                {p.get("name") for p in peripherals if isinstance(p, dict)}
+                if isinstance(peripherals, list)
+                else set()
+            )
+            if args["id"] not in names:
+                raise
+            self.log.warning(
+                "sandbox %s: device_add %s answered late; QEMU has it", self.sandbox_id, args["id"]
+            )
 
     async def _hot_add_net(self, qmp: QmpClient, device: NetworkDevice, n: int, port: int) -> HotPlugged:
         netdev, qdev = f"netdev-hp{n}", f"net-hp{n}"
@@ -602,7 +628,9 @@ class Qemu(ExternalVmm):
                 await qmp.pass_fd(args["vhostfd"], vhost_fd, QMP_TIMEOUT)
                 passed.append(args["vhostfd"])
             await qmp.execute("netdev_add", args, timeout=QMP_TIMEOUT)
-        except QmpError:
+        except QmpError as err:
+            if passed and not isinstance(err, QmpCommandError):  # no answer: QEMU may have made it
+                await self._undo(qmp, "netdev_del", {"id": netdev})
             for name in passed:  # netdev_add takes the named fds; unused ones would stay in QEMU
                 await self._undo(qmp, "closefd", {"fdname": name})
             raise
@@ -615,7 +643,7 @@ class Qemu(ExternalVmm):
             args["mac"] = device.mac
         args |= {"bus": f"rp{port}", "addr": "0x0"}
         try:
-            await qmp.execute("device_add", args, timeout=QMP_TIMEOUT)
+            await self._device_add(qmp, args)
         except QmpError:
             await self._undo(qmp, "netdev_del", {"id": netdev})
             raise
@@ -704,7 +732,7 @@ class Qemu(ExternalVmm):
                     free = [props for props, plugged in slots if not plugged]
                     for props in free[: new_vcpus - current]:
                         qdev = f"cpu-hp{next(self._hot_ids)}"
-                        await qmp.execute("device_add", {**props, "id": qdev}, timeout=QMP_TIMEOUT)
+                        await self._device_add(qmp, {**props, "id": qdev})
                         self._hot_cpus.append(qdev)
                 elif new_vcpus < current:
                     removable = min(current - new_vcpus, len(self._hot_cpus))
