@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from kata_shim.hypervisor import BlockDevice, HypervisorConfig, HypervisorError, ShareFsDevice, _qemu
+from kata_shim.hypervisor import (
+    BlockDevice,
+    HypervisorConfig,
+    HypervisorError,
+    NetworkDevice,
+    ShareFsDevice,
+    _qemu,
+)
 from kata_shim.hypervisor._qemu import Qemu, UnplugTimeout
 from kata_vmm import testing as tk
 
@@ -351,3 +359,55 @@ def test_real_guest_under_tcg_sees_a_hot_plugged_disk_at_its_pci_path_and_a_vcpu
     assert facts["grow"] == (1, 2) and "HP-CPU online=0-1" in console, console
     assert facts["shrink"] == (2, 1) and "HP-CPU-GONE online=0" in console, console
     assert not any(alive(p) for p in facts["pids"])
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or shutil.which("ip") is None,
+    reason="needs root, /dev/net/tun and ip (a throw-away netns)",
+)
+def test_real_qemu_takes_a_tap_by_getfd_and_hot_adds_the_nic_behind_a_root_port(
+    tmp_path: Path, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The NIC path with the real QEMU: the tap opened in the pod's netns goes to QEMU by getfd (SCM_RIGHTS),
+    netdev_add names it (vhost off: no /dev/vhost-net here), virtio-net-pci lands behind rp0 with its MAC."""
+    monkeypatch.setattr(_qemu, "UNPLUG_TIMEOUT", 2.0)
+    netns = f"kqhp-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    hv = Qemu(tcg_config(tmp_path, virtiofs=False), state_root=root, open_vsock=None)
+    nic = NetworkDevice("tap0_kata", "02:00:00:00:00:09")
+    facts: dict[str, Any] = {}
+
+    async def main() -> None:
+        try:
+            await hv.prepare_vm("sb1", netns)
+            await hv.start_vm(60)
+            for _ in range(1200):  # SeaBIOS numbered the root ports' buses (query-pci walks them then)
+                if "Booting from ROM" in hv.console_tail():
+                    break
+                await trio.sleep(0.1)
+            facts["info"] = await hv.add_device(nic)
+            facts["pci"] = await hv.execute("query-pci")
+            for prop in ("netdev", "mac", "parent_bus"):
+                facts[prop] = await hv.execute(
+                    "qom-get", {"path": "/machine/peripheral/net-hp0", "property": prop}
+                )
+            ip_link = ["ip", "-n", netns, "-o", "link"]
+            links = await trio.run_process(ip_link, capture_stdout=True, check=True)
+            facts["links"] = links.stdout.decode()
+            with pytest.raises(UnplugTimeout, match="net-hp0"):
+                await hv.remove_device(nic)
+            await hv.stop_vm()
+        finally:
+            with trio.CancelScope(shield=True):
+                await hv.cleanup()
+
+    try:
+        trio.run(main)
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+    assert facts["info"].pci_path == "1b/00"
+    assert facts["netdev"] == "netdev-hp0" and facts["mac"] == "02:00:00:00:00:09"
+    assert facts["parent_bus"] == "/machine/peripheral/rp0/rp0"
+    port = find_device(facts["pci"][0]["devices"], "rp0")
+    assert port is not None and find_device(port["pci_bridge"]["devices"], "net-hp0") is not None
+    assert "tap0_kata" in facts["links"]  # the tap QEMU holds lives in the pod's netns
