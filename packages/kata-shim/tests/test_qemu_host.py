@@ -411,3 +411,38 @@ def test_real_qemu_takes_a_tap_by_getfd_and_hot_adds_the_nic_behind_a_root_port(
     port = find_device(facts["pci"][0]["devices"], "rp0")
     assert port is not None and find_device(port["pci_bridge"]["devices"], "net-hp0") is not None
     assert "tap0_kata" in facts["links"]  # the tap QEMU holds lives in the pod's netns
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("losetup") is None, reason="needs root and losetup (a loop device)"
+)
+def test_real_qemu_hot_adds_a_host_block_device_with_the_host_device_driver(
+    tmp_path: Path, root: Path
+) -> None:
+    """A container's block device (`ctr run --device /dev/loopN`) is a host block device: QEMU 7.2's "file"
+    driver refuses it ("requires ... to be a regular file"); the back-end opens it with host_device."""
+    image = tmp_path / "raw.img"
+    image.write_bytes(b"\0" * (4 << 20))
+    done = subprocess.run(["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True)
+    loop = Path(done.stdout.strip())
+    hv = Qemu(tcg_config(tmp_path, virtiofs=False), state_root=root, open_vsock=None)
+    facts: dict[str, Any] = {}
+
+    async def main() -> None:
+        try:
+            await hv.prepare_vm("sb1", None)
+            await hv.start_vm(60)
+            facts["info"] = await hv.add_device(BlockDevice(loop, device_id="c1:/dev/xvdb"))
+            facts["nodes"] = await hv.execute("query-named-block-nodes")
+            await hv.stop_vm()
+        finally:
+            with trio.CancelScope(shield=True):
+                await hv.cleanup()
+
+    try:
+        trio.run(main)
+    finally:
+        subprocess.run(["losetup", "-d", str(loop)], check=False)
+    assert facts["info"].pci_path == "1b/00"
+    drivers = {n.get("node-name"): n.get("drv") for n in facts["nodes"]}
+    assert drivers["drive-hp0"] == "raw" and "host_device" in drivers.values()

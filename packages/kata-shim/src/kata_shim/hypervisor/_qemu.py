@@ -45,6 +45,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -559,14 +560,16 @@ class Qemu(ExternalVmm):
 
     async def _hot_add_block(self, qmp: QmpClient, device: BlockDevice, n: int, port: int) -> HotPlugged:
         node, qdev = f"drive-hp{n}", f"blk-hp{n}"
-        # raw over file; cache direct and aio threads are the cold path's cache=none,aio=threads
+        # raw over the file (host_device for a block device: QEMU's "file" driver takes regular files only);
+        # cache direct and aio threads are the cold path's cache=none,aio=threads
+        protocol = "host_device" if await trio.to_thread.run_sync(_is_block_device, device.path) else "file"
         blockdev = {
             "driver": "raw",
             "node-name": node,
             "read-only": device.read_only,
             "cache": {"direct": True, "no-flush": False},
             "file": {
-                "driver": "file",
+                "driver": protocol,
                 "filename": str(device.path),
                 "aio": "threads",
                 "read-only": device.read_only,
@@ -780,6 +783,13 @@ class Qemu(ExternalVmm):
         cpus = cpus if isinstance(cpus, list) else []
         self._vcpu_tids = [int(c["thread-id"]) for c in cpus if isinstance(c, dict) and "thread-id" in c]
         return len(cpus)
+
+
+def _is_block_device(path: Path) -> bool:
+    try:
+        return stat.S_ISBLK(path.stat().st_mode)
+    except OSError:
+        return False  # QEMU says why it cannot open it
 
 
 async def _cpu_gone(qmp: QmpClient, qdev_id: str) -> bool:
