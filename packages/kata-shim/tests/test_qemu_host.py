@@ -258,20 +258,27 @@ def test_real_qemu_hot_adds_a_disk_behind_a_root_port_and_a_vcpu_and_the_unacked
 
 
 HOTPLUG_CHECK = """\
-echo HP-READY
-node=""
-i=0
-while [ -z "$node" ] && [ $i -lt 1500 ]; do
-    for b in /sys/bus/pci/devices/0000:00:1b.0/0000:*:00.0/virtio*/block/*; do
-        [ -e "$b" ] && node=${b##*/}
+# the disk behind root port slot $1 (the agent's PCI path walk: the port's bus, device 00.0, its virtio disk)
+disk_at() {
+    for b in /sys/bus/pci/devices/0000:00:$1.0/0000:*:00.0/virtio*/block/*; do
+        [ -e "$b" ] && echo "${b##*/}"
     done
-    [ -z "$node" ] && sleep 0.2
-    i=$((i + 1))
-done
-echo "HP-DISK $node $(head -c 14 /dev/$node) ro=$(cat /sys/block/$node/ro)"
+}
+echo HP-READY
 i=0
-while [ -e "/sys/block/$node" ] && [ $i -lt 1500 ]; do sleep 0.2; i=$((i + 1)); done
-echo "HP-DISK-GONE $([ -e /sys/block/$node ] && echo no || echo yes)"
+while { [ -z "$(disk_at 1b)" ] || [ -z "$(disk_at 1c)" ]; } && [ $i -lt 1500 ]; do
+    sleep 0.2; i=$((i + 1))
+done
+for slot in 1b 1c; do
+    node=$(disk_at $slot)
+    echo "HP-DISK $slot $(head -c 14 /dev/$node) ro=$(cat /sys/block/$node/ro)"
+done
+echo HP-DISKS-READ
+i=0
+while { [ -n "$(disk_at 1b)" ] || [ -n "$(disk_at 1c)" ]; } && [ $i -lt 1500 ]; do
+    sleep 0.2; i=$((i + 1))
+done
+echo "HP-DISK-GONE $([ -z "$(disk_at 1b)$(disk_at 1c)" ] && echo yes || echo no)"
 i=0
 while [ ! -e /sys/devices/system/cpu/cpu1/online ] && [ $i -lt 1500 ]; do sleep 0.2; i=$((i + 1)); done
 echo 1 > /sys/devices/system/cpu/cpu1/online
@@ -289,18 +296,19 @@ while [ $i -lt 1500 ]; do sleep 0.2; i=$((i + 1)); done  # the host stops the VM
 def test_real_guest_under_tcg_sees_a_hot_plugged_disk_at_its_pci_path_and_a_vcpu_and_lets_both_go(
     tmp_path: Path, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The Debian guest kernel under TCG: a disk hot-added on root port rp0 appears behind 0000:00:1b.0
-    (the PCI path "1b/00" the agent resolves) with its contents, read-only; its removal is acked by the guest
-    (DEVICE_DELETED, so remove_device returns); a hot-added vCPU comes up and is onlined, and its removal
-    is acked too."""
+    """The Debian guest kernel under TCG: two disks hot-added back to back on root ports rp0 and rp1 appear
+    behind 0000:00:1b.0 and 0000:00:1c.0 (the PCI paths "1b/00", "1c/00" the agent resolves), each with its
+    own contents, the first read-only; their removal is acked by the guest (DEVICE_DELETED, so
+    remove_device returns); a hot-added vCPU comes up and is onlined, and its removal is acked too."""
     if not (GUEST / "vmlinuz").is_file():
         pytest.fail(f"{GUEST}/vmlinuz missing: build the guest assets (./dev nox -s images)", pytrace=False)
     monkeypatch.setattr(_qemu, "UNPLUG_TIMEOUT", 120.0)  # TCG: the guest's ACPI eject takes its time
     share = tmp_path / "shared"
     share.mkdir()
     (share / "check.sh").write_text(HOTPLUG_CHECK)
-    disk = tmp_path / "disk.img"
-    disk.write_bytes(b"hot-plugged-ok" + b"\0" * ((1 << 20) - 14))
+    disks = [tmp_path / "disk0.img", tmp_path / "disk1.img"]
+    disks[0].write_bytes(b"first-disk-ok!" + b"\0" * ((1 << 20) - 14))
+    disks[1].write_bytes(b"second-disk-ok" + b"\0" * ((1 << 20) - 14))
     config = HypervisorConfig(
         path=str(QEMU),
         kernel=GUEST / "vmlinuz",
@@ -330,10 +338,12 @@ def test_real_guest_under_tcg_sees_a_hot_plugged_disk_at_its_pci_path_and_a_vcpu
             await hv.add_device(ShareFsDevice(share))
             await hv.start_vm(60)
             await console_says("HP-READY")
-            device = BlockDevice(disk, read_only=True, device_id="hp")
-            facts["info"] = await hv.add_device(device)
-            await console_says("HP-DISK ")
-            await hv.remove_device(device)  # returns once the guest let it go
+            # back to back: the guest probes them in whatever order; each is found by its PCI path
+            devices = [BlockDevice(disks[0], read_only=True, device_id="hp0"), BlockDevice(disks[1])]
+            facts["infos"] = [await hv.add_device(d) for d in devices]
+            await console_says("HP-DISKS-READ")
+            for device in devices:
+                await hv.remove_device(device)  # returns once the guest let it go
             await console_says("HP-DISK-GONE")
             facts["grow"] = await hv.resize_vcpu(1, 2)
             await console_says("HP-CPU ")
@@ -353,8 +363,10 @@ def test_real_guest_under_tcg_sees_a_hot_plugged_disk_at_its_pci_path_and_a_vcpu
     code = trio.run(main)
     console = hv.console_tail()
     assert code == 0, f"{hv.exit_reason()}\n{console}"
-    assert facts["info"].pci_path == "1b/00"
-    assert "HP-DISK vdb hot-plugged-ok ro=1" in console, console
+    assert [i.pci_path for i in facts["infos"]] == ["1b/00", "1c/00"]
+    assert "HP-DISK 1b first-disk-ok! ro=1" in console and "HP-DISK 1c second-disk-ok ro=0" in console, (
+        console
+    )
     assert "HP-DISK-GONE yes" in console, console
     assert facts["grow"] == (1, 2) and "HP-CPU online=0-1" in console, console
     assert facts["shrink"] == (2, 1) and "HP-CPU-GONE online=0" in console, console
