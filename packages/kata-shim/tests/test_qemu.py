@@ -253,7 +253,14 @@ def test_root_port_count_comes_from_pcie_root_port_and_microvm_has_none(
     argv = micro.qemu_argv()
     assert not any(a.startswith("pcie-root-port") for a in argv)
     assert argv[argv.index("-smp") + 1] == "1"
-    config.machine_type, config.pcie_root_port = "q35", 17
+    # a host with more CPUs than QEMU's q35 takes without x2APIC: maxcpus is capped as upstream (240)
+    config.machine_type, config.default_maxvcpus = "q35", 1000
+    big = Qemu(config, state_root=root)
+    trio.run(big.prepare_vm, "sb4", None)
+    assert big.qemu_argv()[big.qemu_argv().index("-smp") + 1] == "1,maxcpus=240"
+    config.default_vcpus = 250  # asked for: never below the boot vCPUs
+    assert big.qemu_argv()[big.qemu_argv().index("-smp") + 1] == "250,maxcpus=250"
+    config.default_vcpus, config.pcie_root_port = 1, 17
     with pytest.raises(HypervisorError, match="pcie_root_port = 17"):
         trio.run(Qemu(config, state_root=root).prepare_vm, "sb3", None)
 

@@ -81,6 +81,9 @@ BLOCK_OPTS = "cache=none,aio=threads"
 """Container block devices bypass the host page cache (the guest has its own)."""
 LAST_SLOT = 0x1E
 """Last usable root-bus slot: 0x1f holds q35's ICH9 LPC, SATA and SMBus functions."""
+MAX_VCPUS = 240
+"""Most vCPUs of a q35 VM (maxcpus), as upstream's amd64 ``MaxQemuVCPUs``: QEMU 7.2 refuses more than 255
+without x2APIC and an IOMMU, and `max_vcpus` is the host's CPU count when `default_maxvcpus` is 0."""
 DEFAULT_ROOT_PORTS = 4
 """pcie-root-port devices on q35 when `pcie_root_port` is 0: hot-plugged devices at a time."""
 MAX_ROOT_PORTS = 16
@@ -292,10 +295,14 @@ class Qemu(ExternalVmm):
             argv += self._device_args(n, device, slot, (net_fds or {}).get(slot))
         return argv
 
+    def max_vcpus(self) -> int:
+        """The config's `max_vcpus`, capped at `MAX_VCPUS` (never below ``default_vcpus``)."""
+        return max(min(self.config.max_vcpus(), MAX_VCPUS), self.config.default_vcpus)
+
     def _smp(self) -> str:
         """``-smp``: the boot vCPUs, and on q35 room for hot-plugged ones up to `max_vcpus`."""
         boot = str(self.config.default_vcpus)
-        return f"{boot},maxcpus={self.config.max_vcpus()}" if self._q35() else boot
+        return f"{boot},maxcpus={self.max_vcpus()}" if self._q35() else boot
 
     def _device_args(
         self, n: int, device: Device, slot: int, net: tuple[int, int | None] | None
@@ -723,7 +730,7 @@ class Qemu(ExternalVmm):
         qmp = self._require_hotplug("vcpu", "vCPU")
         if new_vcpus < 1:
             raise HypervisorError(f"qemu: cannot resize to {new_vcpus} vCPUs")
-        top = self.config.max_vcpus()
+        top = self.max_vcpus()
         if new_vcpus > top:
             self.log.warning("sandbox %s: %d vCPUs asked, maxcpus is %d", self.sandbox_id, new_vcpus, top)
             new_vcpus = top
