@@ -458,3 +458,75 @@ def test_real_qemu_hot_adds_a_host_block_device_with_the_host_device_driver(
     assert facts["info"].pci_path == "1b/00"
     drivers = {n.get("node-name"): n.get("drv") for n in facts["nodes"]}
     assert drivers["drive-hp0"] == "raw" and "host_device" in drivers.values()
+
+
+NIC_CHECK = """\
+port=/sys/bus/pci/devices/0000:00:1b.0
+echo NIC-READY
+i=0
+while [ -z "$(ls $port/0000:*:00.0/virtio*/net 2>/dev/null)" ] && [ $i -lt 1500 ]; do
+    sleep 0.2; i=$((i + 1))
+done
+for n in $port/0000:*:00.0/virtio*/net/*; do
+    echo "NIC-SEEN ${n##*/} $(cat "$n/address")"
+done
+i=0
+while [ $i -lt 1500 ]; do sleep 0.2; i=$((i + 1)); done  # the host stops the VM
+"""
+
+
+@ROOT
+@pytest.mark.guest_assets
+def test_real_guest_under_tcg_sees_a_hot_plugged_nic_at_its_pci_path_with_its_mac(
+    tmp_path: Path, root: Path
+) -> None:
+    """A tap opened in the pod's netns, passed to QEMU by getfd, hot-added as virtio-net-pci on rp0: the
+    Debian guest kernel finds the interface behind 0000:00:1b.0 with the MAC the shim gave."""
+    if not (GUEST / "vmlinuz").is_file():
+        pytest.fail(f"{GUEST}/vmlinuz missing: build the guest assets (./dev nox -s images)", pytrace=False)
+    share = tmp_path / "shared"
+    share.mkdir()
+    (share / "check.sh").write_text(NIC_CHECK)
+    config = HypervisorConfig(
+        path=str(QEMU),
+        kernel=GUEST / "vmlinuz",
+        initrd=GUEST / "initrd-test.img",
+        image=GUEST / "rootfs-sandbox.ext4",
+        default_memory=512,
+        machine_accelerators="accel=tcg",
+        shared_fs="virtio-fs",
+        virtio_fs_daemon=VIRTIOFSD,
+        kernel_params="lab.virtiofs=kataShared lab.run=/mnt/kataShared/check.sh",
+    )
+    netns = f"kqhn-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    hv = Qemu(config, state_root=root, open_vsock=None)
+    facts: dict[str, Any] = {}
+
+    async def console_says(marker: str) -> None:
+        for _ in range(2400):  # 240 s
+            if marker in hv.console_tail():
+                return
+            await trio.sleep(0.1)
+        raise AssertionError(f"no {marker!r} on the console:\n{hv.console_tail()}")
+
+    async def main() -> None:
+        try:
+            await hv.prepare_vm("sb1", netns)
+            await hv.add_device(ShareFsDevice(share))
+            await hv.start_vm(60)
+            await console_says("NIC-READY")
+            facts["info"] = await hv.add_device(NetworkDevice("tap0_kata", "02:00:00:00:00:2a"))
+            await console_says("NIC-SEEN")
+            await hv.stop_vm()
+        finally:
+            with trio.CancelScope(shield=True):
+                await hv.cleanup()
+
+    try:
+        trio.run(main)
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+    console = hv.console_tail()
+    assert facts["info"].pci_path == "1b/00"
+    assert "NIC-SEEN eth0 02:00:00:00:00:2a" in console, console
