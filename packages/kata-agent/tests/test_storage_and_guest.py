@@ -246,3 +246,75 @@ def test_wait_for_devices_waits_for_a_hot_plugged_node_within_its_budget(tmp_pat
     assert trio.run(main) >= 0.2  # it waited for the node
     missing = SimpleNamespace(type="blk", vm_path=str(tmp_path / "never"))
     trio.run(wait_for_devices, [missing], 0.1)  # returns after the budget, raises nothing
+
+
+def fake_pci_sysfs(root: Path) -> Path:
+    """A guest's /sys/devices/pci0000:00 with a disk on the root bus (slot 05, vdb) and one behind the root
+    port in slot 1b (its bus 0000:01, the disk at 01:00.0, vdc)."""
+    bus0 = root / "pci0000:00"
+    (bus0 / "0000:00:05.0" / "virtio1" / "block" / "vdb").mkdir(parents=True)
+    port = bus0 / "0000:00:1b.0"
+    (port / "pci_bus" / "0000:01").mkdir(parents=True)
+    (port / "0000:01:00.0" / "virtio4" / "block" / "vdc").mkdir(parents=True)
+    (bus0 / "0000:00:1c.0" / "pci_bus" / "0000:02").mkdir(parents=True)  # an empty root port
+    return bus0
+
+
+def test_a_pci_path_resolves_through_sysfs_to_the_disk_behind_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A virtio-blk-pci disk hot-plugged behind a root port (qemu) is named by its PCI path "1b/00"
+    (upstream's PciPath), resolved as kata-agent does: root bus slot, the bridge's secondary bus, the slot
+    behind it."""
+    from kata_agent import _devices
+    from kata_proto import ttrpc
+
+    monkeypatch.setattr(_devices, "PCI_ROOT", str(fake_pci_sysfs(tmp_path)))
+    assert _devices.guest_block_node("1b/00") == "/dev/vdc"
+    assert _devices.guest_block_node("1B/00") == "/dev/vdc"
+    assert _devices.guest_block_node("05") == "/dev/vdb"  # a root-bus device (cold-plugged)
+    assert _devices.pci_device_sysfs("1b/00") == f"{tmp_path}/pci0000:00/0000:00:1b.0/0000:01:00.0"
+    for missing in ("1c/00", "1d/00", "06", "05/00"):  # empty port, no port, no device, not a bridge
+        with pytest.raises(ttrpc.NotFound):
+            _devices.guest_block_node(missing)
+    with pytest.raises(ttrpc.InvalidArgument, match="over 1f"):
+        _devices.guest_block_node("20/00")
+    with pytest.raises(ttrpc.NotFound):  # not a PCI path: a /dev/disk/by-path name, absent here
+        _devices.guest_block_node("1b/../00")
+
+
+def test_create_waits_for_a_hot_plugged_pci_disk_and_its_storage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk appears behind its root port a moment after CreateContainer comes: devices and block
+    storages named by PCI path are waited for (bounded) before they are used."""
+    from types import SimpleNamespace
+
+    from kata_agent import _devices
+    from kata_proto import ttrpc
+
+    bus0, dev = tmp_path / "pci0000:00", tmp_path / "dev"
+    dev.mkdir()
+    monkeypatch.setattr(_devices, "PCI_ROOT", str(bus0))
+    monkeypatch.setattr(_devices, "DEV_DIR", str(dev))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def plug() -> None:
+                await trio.sleep(0.2)
+                fake_pci_sysfs(tmp_path)
+                await trio.sleep(0.2)
+                (dev / "vdc").touch()  # devtmpfs makes the node once the driver registered the disk
+
+            nursery.start_soon(plug)
+            with trio.fail_after(30):
+                await _devices.wait_for_storages([SimpleNamespace(driver="blk", source="1b/00")], 30)
+            assert (dev / "vdc").exists()  # it waited for both
+            with trio.fail_after(30):
+                await _devices.wait_for_devices([SimpleNamespace(type="blk", vm_path="1b/00")], 30)
+        # a name that can never be a disk is refused at once, not waited for
+        with pytest.raises(ttrpc.InvalidArgument):
+            await _devices.wait_for_devices([SimpleNamespace(type="blk", vm_path="ff/00")], 30)
+
+    trio.run(main)

@@ -110,24 +110,28 @@ def test_registry_resolves_qemu_to_this_class() -> None:
     assert hypervisor_factory("qemu") is Qemu
 
 
-def test_capabilities_say_pci_vsock_virtio_fs_and_no_passfd_or_hotplug(config: HypervisorConfig) -> None:
+def test_capabilities_say_pci_vsock_virtio_fs_hotplug_on_q35_only_and_no_passfd(
+    config: HypervisorConfig,
+) -> None:
     caps = Qemu(config).capabilities()
     assert caps == Capabilities(
         block_device=True,
-        hotplug=frozenset(),
+        hotplug=frozenset({"block", "net", "vcpu"}),
         shared_fs=frozenset({"virtio-fs"}),
         agent_transport="vsock",
         passfd=False,
         device_addressing="pci",
     )
-    assert caps.fs_sharing and not caps.hybrid_vsock and not caps.block_device_hotplug
+    assert caps.fs_sharing and not caps.hybrid_vsock and caps.block_device_hotplug
+    config.machine_type = "microvm"
+    assert Qemu(config).capabilities().hotplug == frozenset()
 
 
-def test_hot_unplug_and_vcpu_resize_are_refused_as_the_capabilities_say(config: HypervisorConfig) -> None:
+def test_hot_unplug_and_vcpu_resize_need_a_running_vm(config: HypervisorConfig) -> None:
     hv = Qemu(config)
-    with pytest.raises(HypervisorError, match="qemu cannot resize vCPUs"):
+    with pytest.raises(HypervisorError, match="not running"):
         trio.run(hv.resize_vcpu, 1, 2)
-    with pytest.raises(HypervisorError, match="qemu cannot hot-unplug a NetworkDevice"):
+    with pytest.raises(HypervisorError, match="not running"):
         trio.run(hv.remove_device, NetworkDevice("tap0_kata", ""))
 
 
@@ -171,6 +175,7 @@ def test_qemu_argv_has_exactly_the_flags_for_each_device(
     disk = tmp_path / "disk,1.img"
     disk.write_bytes(b"\0" * 512)
     config.kernel_params = "agent.log=debug"
+    config.default_maxvcpus = 4
     hv = Qemu(config, state_root=root)
 
     async def main() -> list[Any]:
@@ -191,7 +196,7 @@ def test_qemu_argv_has_exactly_the_flags_for_each_device(
         "-name", "sandbox-sb1,debug-threads=on",
         "-machine", "q35,accel=kvm,memory-backend=mem",
         "-cpu", "host,pmu=off",
-        "-smp", "1",
+        "-smp", "1,maxcpus=4",
         "-m", "128M",
         "-object", "memory-backend-memfd,id=mem,size=128M,share=on",
         "-nodefaults", "-nographic", "-no-user-config", "-no-reboot",
@@ -205,6 +210,10 @@ def test_qemu_argv_has_exactly_the_flags_for_each_device(
         "-device", "vhost-vsock-pci,id=vsock,guest-cid=42,vhostfd=33,bus=pcie.0,addr=0x3",
         "-object", "rng-random,id=rng,filename=/dev/urandom",
         "-device", "virtio-rng-pci,rng=rng,bus=pcie.0,addr=0x4",
+        "-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,addr=0x1b",
+        "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=2,addr=0x1c",
+        "-device", "pcie-root-port,id=rp2,bus=pcie.0,chassis=3,addr=0x1d",
+        "-device", "pcie-root-port,id=rp3,bus=pcie.0,chassis=4,addr=0x1e",
         "-chardev", f"socket,id=fs0,path={state}/vhost-fs.sock",
         "-device", "vhost-user-fs-pci,chardev=fs0,tag=kataShared,queue-size=1024,bus=pcie.0,addr=0x5",
         "-netdev", "tap,id=net1,fd=34,vhost=on,vhostfd=35",
@@ -218,6 +227,42 @@ def test_qemu_argv_has_exactly_the_flags_for_each_device(
     assert "-initrd" in argv and argv[argv.index("-initrd") + 1] == str(config.image)
     assert "tap,id=net1,fd=34,vhost=off" in argv
     assert not any(a.startswith("vhost-vsock-pci") for a in argv)
+
+
+def test_root_port_count_comes_from_pcie_root_port_and_microvm_has_none(
+    config: HypervisorConfig, root: Path, share: Path
+) -> None:
+    config.pcie_root_port = 2
+    config.default_maxvcpus = 3
+    hv = Qemu(config, state_root=root)
+    trio.run(hv.prepare_vm, "sb1", None)
+    argv = hv.qemu_argv()
+    ports = [a for a in argv if a.startswith("pcie-root-port")]
+    assert ports == [
+        "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,addr=0x1d",
+        "pcie-root-port,id=rp1,bus=pcie.0,chassis=2,addr=0x1e",
+    ]
+    # the cold-plug slots end below the root ports: 05..0x1c
+    for _ in range(0x1C - 5 + 1):
+        trio.run(hv.add_device, NetworkDevice("tap0", ""))
+    with pytest.raises(HypervisorError, match="no free PCI slot"):
+        trio.run(hv.add_device, NetworkDevice("tap0", ""))
+    config.machine_type = "microvm"
+    micro = Qemu(config, state_root=root)
+    trio.run(micro.prepare_vm, "sb2", None)
+    argv = micro.qemu_argv()
+    assert not any(a.startswith("pcie-root-port") for a in argv)
+    assert argv[argv.index("-smp") + 1] == "1"
+    # a host with more CPUs than QEMU's q35 takes without x2APIC: maxcpus is capped as upstream (240)
+    config.machine_type, config.default_maxvcpus = "q35", 1000
+    big = Qemu(config, state_root=root)
+    trio.run(big.prepare_vm, "sb4", None)
+    assert big.qemu_argv()[big.qemu_argv().index("-smp") + 1] == "1,maxcpus=240"
+    config.default_vcpus = 250  # asked for: never below the boot vCPUs
+    assert big.qemu_argv()[big.qemu_argv().index("-smp") + 1] == "250,maxcpus=250"
+    config.default_vcpus, config.pcie_root_port = 1, 17
+    with pytest.raises(HypervisorError, match="pcie_root_port = 17"):
+        trio.run(Qemu(config, state_root=root).prepare_vm, "sb3", None)
 
 
 def test_machine_accelerators_accel_replaces_kvm_and_the_cpu_becomes_max(
@@ -431,12 +476,14 @@ def test_failed_start_kills_and_reaps_qemu_and_virtiofsd_before_raising(
     run_vm(Qemu(config, state_root=root, open_vsock=fake_vsock), share, body, start=False)
 
 
-def test_add_device_after_start_is_refused_no_hotplug(
-    config: HypervisorConfig, root: Path, share: Path
-) -> None:
+def test_microvm_refuses_hotplug_after_start(config: HypervisorConfig, root: Path, share: Path) -> None:
+    config.machine_type = "microvm"
+
     async def body(hv: Qemu) -> None:
-        with pytest.raises(HypervisorError, match="cannot hot-plug"):
+        with pytest.raises(HypervisorError, match="cannot hot-plug a NetworkDevice on machine microvm"):
             await hv.add_device(NetworkDevice("tap1", ""))
+        with pytest.raises(HypervisorError, match="cannot hot-plug a vCPU on machine microvm"):
+            await hv.resize_vcpu(1, 2)
 
     run_vm(Qemu(config, state_root=root, open_vsock=fake_vsock), share, body)
 

@@ -29,6 +29,7 @@ READ_KEYS = (
     "virtio_fs_queue_size",
     "disable_vhost_net",
     "entropy_source",
+    "pcie_root_port",
 )
 
 
@@ -84,3 +85,6 @@ def test_upstream_qemu_configuration_prepares_a_vm(tmp_path: Path, root: Path) -
     assert argv[argv.index("-machine") + 1] == "q35,accel=kvm,memory-backend=mem"
     assert argv[argv.index("-cpu") + 1] == "host,pmu=off"
     assert argv[argv.index("-m") + 1] == "2048M"
+    # upstream's pcie_root_port = 0 (no VFIO cold-plug ports) leaves the default hot-plug ports
+    assert config.hypervisor.pcie_root_port == 0 and hv.root_ports() == 4
+    assert hv.capabilities().hotplug == {"block", "net", "vcpu"}

@@ -4,8 +4,11 @@ typed errors, never hangs."""
 
 from __future__ import annotations
 
+import array
 import json
+import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -13,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -346,3 +350,50 @@ def test_decode_accepts_objects_and_refuses_everything_else_with_a_protocol_erro
         assert isinstance(err, QmpProtocolError)
     else:
         assert isinstance(message, dict)
+
+
+def test_pass_fd_sends_the_fd_as_scm_rights_with_the_getfd_command_itself(sock: Path, tmp_path: Path) -> None:
+    """QEMU's getfd takes the fd that came with the command's bytes: the server receives both in one
+    recvmsg, and the fd it gets is the same open file (same inode), not a number."""
+    target = tmp_path / "passed"
+    target.write_bytes(b"x")
+    got: dict[str, Any] = {}
+
+    async def server(peer: Peer) -> None:
+        await peer.negotiate()
+        data, ancdata, _, _ = await peer.stream.socket.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
+        fds = array.array("i")
+        for level, kind, payload in ancdata:
+            assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+            fds.frombytes(payload)
+        message = json.loads(data.split(b"\n")[0])
+        got.update(message=message, inodes=[os.fstat(fd).st_ino for fd in fds])
+        for fd in fds:
+            os.close(fd)
+        await peer.send({"return": {}, "id": message["id"]})
+        await trio.sleep_forever()
+
+    async def client() -> None:
+        qmp = await QmpClient.connect(sock, timeout=10)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(qmp.run)
+            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                await qmp.pass_fd("fd-test", fd, timeout=10)
+            finally:
+                os.close(fd)
+            nursery.cancel_scope.cancel()
+
+    run_with_server(sock, server, client)
+    assert got["message"]["execute"] == "getfd" and got["message"]["arguments"] == {"fdname": "fd-test"}
+    assert got["inodes"] == [target.stat().st_ino]
+
+
+def test_fds_over_a_stream_that_is_not_a_unix_socket_are_a_typed_error() -> None:
+    async def main() -> None:
+        left, _right = trio.testing.memory_stream_pair()
+        qmp = QmpClient(left)
+        with pytest.raises(QmpError, match="only be passed over a unix socket"):
+            await qmp.execute("getfd", {"fdname": "x"}, timeout=5, fds=[0])
+
+    trio.run(main)

@@ -18,7 +18,7 @@ from google.protobuf import empty_pb2
 from kata_agent import _cgroups, _guest
 from kata_agent.__about__ import __version__
 from kata_agent._container import Container
-from kata_agent._devices import add_devices, wait_for_devices
+from kata_agent._devices import add_devices, wait_for_devices, wait_for_storages
 from kata_agent._errors import RuntimeFailed
 from kata_agent._mount import STORAGE_DRIVERS, MountedStorage, mount_storage, release_storages
 from kata_agent._namespaces import PodNamespaces
@@ -144,6 +144,7 @@ class AgentService:
         if self.pod_namespaces is not None:
             self.pod_namespaces.apply(config, share_pid=bool(req.sandbox_pidns))
         await wait_for_devices(list(req.devices))
+        await wait_for_storages(list(req.storages))
         add_devices(config, list(req.devices))
         if not _guest.is_dir(config["root"]["path"]) and not req.storages:
             raise ttrpc.InvalidArgument(f"OCI root.path {config['root']['path']!r} is not a directory")

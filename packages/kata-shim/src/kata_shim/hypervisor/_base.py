@@ -79,6 +79,9 @@ class HypervisorConfig:
     virtio_fs_queue_size: int = 1024
     disable_vhost_net: bool = False
     entropy_source: str = "/dev/urandom"
+    pcie_root_port: int = 0
+    """q35: the pcie-root-port devices cold-plugged for PCI hot-plug (one hot-plugged device each); 0 means
+    the back-end's default (qemu: 4). Upstream's key (there: ports for cold-plugged VFIO)."""
     extra: dict[str, object] = field(default_factory=dict)
     """Keys we read but do not act on yet (kept for `kata-shim config` output and errors)."""
 

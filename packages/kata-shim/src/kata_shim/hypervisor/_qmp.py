@@ -9,13 +9,18 @@ time. One task reads (`run`): it answers the command waiting for its ``id`` and 
 QEMU runs a guest we do not trust, and the socket is the only channel back: a line longer than
 `MAX_LINE` bytes, bytes that are not a JSON object, or an early end of the stream become a `QmpError`
 subclass, never a hang (commands have a timeout) or unbounded memory.
+
+A command can carry host fds (``execute(..., fds=[...])``): they go as SCM_RIGHTS ancillary data on the
+same ``sendmsg`` as the command's first byte, as QEMU's ``getfd`` wants (`pass_fd`).
 """
 
 from __future__ import annotations
 
+import array
 import itertools
 import json
 import logging
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -161,13 +166,25 @@ class QmpClient:
                 return
             raise QmpProtocolError(f"unexpected QMP answer to qmp_capabilities: {str(message)[:120]}")
 
-    async def _send(self, message: dict[str, Any]) -> None:
+    async def _send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
         data = json.dumps(message).encode() + b"\n"
         async with self._send_lock:
             try:
-                await self._stream.send_all(data)
+                if fds:
+                    data = data[await self._send_fds(data, fds) :]
+                if data:
+                    await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
                 raise QmpClosed(f"QMP connection lost: {err}") from err
+
+    async def _send_fds(self, data: bytes, fds: list[int]) -> int:
+        """One ``sendmsg`` of (the start of) ``data`` with ``fds`` as SCM_RIGHTS; returns the bytes sent.
+        QEMU takes the fds with the bytes they came with (its chardev keeps the last ones received)."""
+        sock = getattr(self._stream, "socket", None)
+        if sock is None or sock.family != socket.AF_UNIX:
+            raise QmpError("QMP: fds can only be passed over a unix socket")
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        return int(await sock.sendmsg([data], rights))
 
     def _deliver(self, message: dict[str, Any]) -> None:
         try:
@@ -209,9 +226,12 @@ class QmpClient:
         command: str,
         arguments: dict[str, Any] | None = None,
         timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 (each command has its own budget)
+        *,
+        fds: list[int] | None = None,
     ) -> Any:
         """Run ``command`` and return its ``return`` value; `QmpCommandError` for QEMU's error answer,
-        `QmpTimeout`, `QmpClosed` or `QmpProtocolError` otherwise."""
+        `QmpTimeout`, `QmpClosed` or `QmpProtocolError` otherwise. ``fds`` are sent with the command
+        (SCM_RIGHTS); the caller keeps its own copies and closes them."""
         if self._failure is not None:
             raise type(self._failure)(str(self._failure))
         ident = next(self._ids)
@@ -221,8 +241,8 @@ class QmpClient:
         if arguments:
             message["arguments"] = arguments
         try:
-            await self._send(message)
             with trio.move_on_after(timeout):
+                await self._send(message, fds)
                 answer = await receive.receive()
                 if isinstance(answer, QmpError):
                     raise type(answer)(f"QMP {command}: {answer}")
@@ -235,6 +255,16 @@ class QmpClient:
             raise QmpTimeout(f"QMP {command}: no answer within {timeout:g} s")
         finally:
             self._waiting.pop(ident, None)
+
+    async def pass_fd(
+        self,
+        name: str,
+        fd: int,
+        timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 (each command has its own budget)
+    ) -> None:
+        """Give QEMU a copy of ``fd`` under ``name`` (QMP ``getfd``), for a later command's ``fd=<name>``
+        (``netdev_add``); ``closefd`` drops one that no command used."""
+        await self.execute("getfd", {"fdname": name}, timeout, fds=[fd])
 
     async def aclose(self) -> None:
         """Close the socket (`run` then ends)."""
