@@ -3,13 +3,17 @@
 
 1. The back-end alone: the test initrd runs a script from the share and powers off.
 2. `ctr run --rm` busybox through containerd with upstream's configuration-qemu-runtime-rs.toml (asset
-   paths substituted; the lab's needs in a config.d drop-in), and nothing left afterwards.
+   paths substituted; the lab's needs in a config.d drop-in), and nothing left afterwards; SIGKILL of QEMU
+   or of virtiofsd ends `ctr run` and leaves nothing.
+3. Hot-plug over QMP (q35's PCIe root ports): a raw block device (`ctr run --device`) found by the agent at
+   its PCI path and unplugged by the guest's eject; vCPUs added and removed (ACPI) as Task.Update resizes.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +27,12 @@ from framework.containerd import (
     KATA_STATE_ROOT,
     PrivateContainerd,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import test_hotplug_shim_lab
+from test_hotplug_shim_lab import eventually, in_task, task_update
+
+loop_disk = test_hotplug_shim_lab.loop_disk  # the fixture, shared
 
 RUN_TIMEOUT = 600
 GUEST_CHECK = """\
@@ -170,3 +180,51 @@ def _processes(name: str) -> list[int]:
             if argv0.endswith(name.encode()):
                 found.append(int(entry.name))
     return found
+
+
+@pytest.mark.lab
+def test_qemu_hot_plugs_a_raw_block_device_at_its_pci_path_and_unplugs_it(
+    ctrd: PrivateContainerd, tmp_path: Path, loop_disk: str
+) -> None:
+    """ctr run --device /dev/loopN with qemu: blockdev-add (host_device) + device_add virtio-blk-pci on
+    root port rp0; the agent finds it at PCI path 1b/00 through sysfs; device_del is acked by the guest."""
+    path = qemu_config(tmp_path)
+    done = ctrd.ctr(
+        "run", "--rm", "--runtime", KATA_RUNTIME, "--runtime-config-path", str(path), "--device", loop_disk,
+        BUSYBOX_IMAGE, "qblk1", "sh", "-c", f"head -n 1 {loop_disk}; ls -l {loop_disk}",
+        timeout=RUN_TIMEOUT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{ctrd.log_tail(150)}"
+    lines = done.stdout.splitlines()
+    assert lines[0] == "kata-raw-volume" and lines[1].startswith("b"), done.stdout
+    log = ctrd.log()
+    assert "is 1b/00 in the guest" in log, ctrd.log_tail(100)  # virt_container/_devices.py
+    assert "hot-added BlockDevice" in log and "removed BlockDevice" in log  # _qemu.py: DEVICE_DELETED came
+    _assert_nothing_left(ctrd)
+
+
+@pytest.mark.lab
+def test_qemu_grows_and_shrinks_the_vm_by_acpi_vcpu_hotplug(ctrd: PrivateContainerd, tmp_path: Path) -> None:
+    """Dynamic sizing on qemu: --cpus 2 grows a 1-vCPU VM (query-hotpluggable-cpus + device_add, the agent
+    onlines it); Task.Update back to one CPU removes it (device_del, the guest's ACPI eject)."""
+    path = qemu_config(tmp_path)
+    (tmp_path / "config.d" / "60-dynamic.toml").write_text(
+        "[runtime]\nstatic_sandbox_resource_mgmt = false\n[hypervisor.qemu]\ndefault_maxvcpus = 2\n"
+    )
+    cid = "qhp1"
+    done = ctrd.ctr(
+        "run", "-d", "--runtime", KATA_RUNTIME, "--runtime-config-path", str(path), "--cpus", "2",
+        BUSYBOX_IMAGE, cid, "sleep", "3600", timeout=RUN_TIMEOUT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{done.stderr}\n{ctrd.log_tail(150)}"
+    try:
+        assert in_task(ctrd, cid, "nproc; cat /sys/devices/system/cpu/online").split() == ["2", "0-1"]
+        task_update(ctrd, cid, {"cpu": {"quota": 100000, "period": 100000}})
+        eventually(lambda: in_task(ctrd, cid, "nproc").split() == ["1"], "the guest back at 1 CPU")
+        log = ctrd.log()
+        assert f"vCPUs 1 -> 2 (container {cid})" in log and f"vCPUs 2 -> 1 (container {cid})" in log
+    finally:
+        ctrd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
+        eventually(lambda: ctrd.ctr("task", "delete", cid, check=False).returncode == 0, "task deleted")
+        ctrd.ctr("container", "delete", cid, check=False)
+    _assert_nothing_left(ctrd)
