@@ -191,3 +191,42 @@ def test_systemd_form_cgroups_path_makes_the_scope_below_its_slices_and_removes_
         time.sleep(0.5)
     assert not slices.exists(), sorted(str(p.relative_to(CGROUP_ROOT)) for p in slices.rglob("*"))
     assert not ctrd.shim_pids()
+
+
+@pytest.mark.lab
+def test_two_containers_of_a_pod_share_hostname_ipc_uts_and_dev_shm(ctrd: PrivateContainerd) -> None:
+    """Pod-wide namespaces (issue 14): a second container joined to the pod (CRI sandbox annotations) is in
+    the sandbox's IPC and UTS namespaces (one SysV IPC space: the same ipc namespace inode) and sees the
+    file the first one wrote to /dev/shm, the pod's one sized tmpfs."""
+    pod, member = "pns1", "pns1-c2"
+    join = [
+        "--annotation", "io.kubernetes.cri.container-type=container",
+        "--annotation", f"io.kubernetes.cri.sandbox-id={pod}",
+    ]  # fmt: skip
+    done = kata_run(ctrd, "-d", BUSYBOX_IMAGE, pod, "sleep", "600")
+    assert done.returncode == 0, f"{done.stderr}\n{ctrd.log_tail(100)}"
+    try:
+        done = kata_run(ctrd, "-d", *join, BUSYBOX_IMAGE, member, "sleep", "600")
+        assert done.returncode == 0, f"{done.stderr}\n{ctrd.log_tail(100)}"
+        assert len(ctrd.shim_pids()) == 1, "the second container must join the pod's VM"
+        probe = "hostname; readlink /proc/self/ns/ipc /proc/self/ns/uts; df -k /dev/shm | tail -1"
+        first = ctrd.ctr(
+            "task", "exec", "--exec-id", "w", pod, "sh", "-c", f"echo from-{pod} > /dev/shm/marker; {probe}",
+            timeout=RUN_TIMEOUT,
+        ).stdout.split("\n")  # fmt: skip
+        second = ctrd.ctr(
+            "task", "exec", "--exec-id", "r", member, "sh", "-c", f"cat /dev/shm/marker; {probe}",
+            timeout=RUN_TIMEOUT,
+        ).stdout.split("\n")  # fmt: skip
+        print(f"pod namespaces: {first} / {second}")
+        assert second[0] == f"from-{pod}", second  # one /dev/shm
+        assert second[1:5] == first[0:4], (first, second)  # one hostname, one ipc and one uts namespace
+        assert first[1].startswith("ipc:[") and first[2].startswith("uts:["), first
+    finally:
+        for cid in (member, pod):
+            ctrd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
+            end = time.monotonic() + 120
+            while time.monotonic() < end and ctrd.ctr("task", "delete", cid, check=False).returncode != 0:
+                time.sleep(1)
+            ctrd.ctr("container", "delete", cid, check=False)
+    assert_pod_gone(ctrd, pod)
