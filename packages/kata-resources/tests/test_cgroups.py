@@ -244,6 +244,34 @@ def test_v2_sandbox_cgroup_only_is_one_leaf(sid: str, child: int) -> None:
     assert not (root / sid).exists()
 
 
+@pytest.mark.root
+def test_v2_parent_made_by_another_sandbox_meanwhile_is_used_and_left_to_it(
+    sid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten sandboxes started at once all make their namespace's parent (ctr: /default): the one that loses
+    the race between looking and mkdir used to fail its start with EEXIST (the lab's load bench: 8 of 10)."""
+    root = _v2_root()
+    parent = root / sid
+    enable = SandboxCgroup._enable_v2
+
+    def other_sandbox_wins(self: SandboxCgroup, where: Path, controllers: list[str]) -> None:
+        enable(self, where, controllers)
+        if where == root and not parent.exists():
+            parent.mkdir()  # the other shim's mkdir lands first
+
+    monkeypatch.setattr(SandboxCgroup, "_enable_v2", other_sandbox_wins)
+    try:
+        cg = SandboxCgroup.create(sid, f"/{sid}/pod", root=root, version=2)
+        assert (parent / "pod").is_dir()
+        assert cg.created == [f"{sid}/pod"]  # only what it made is its to remove
+        cg.delete()
+        assert parent.is_dir() and not (parent / "pod").exists()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            (parent / "pod").rmdir()
+        parent.rmdir()
+
+
 @pytest.mark.lab
 @pytest.mark.root
 def test_v2_limits_on_a_pure_v2_host(sid: str, child: int) -> None:

@@ -270,6 +270,8 @@ class SandboxCgroup:
             self._enable_v2(parent, controllers)
             try:
                 path.mkdir()
+            except FileExistsError:
+                continue  # another sandbox made this parent between our look and our mkdir: it is theirs
             except OSError as err:
                 raise CgroupError(err.errno, f"cannot create cgroup {path}: {err.strerror}") from err
             self.created.append(str(path.relative_to(self.root)))
