@@ -276,21 +276,23 @@ def pod_sandbox_config(
     labels: Mapping[str, str] | None = None,
     annotations: Mapping[str, str] | None = None,
     cgroup_parent: str = "",
+    host_network: bool = False,
 ) -> api_pb2.PodSandboxConfig:
-    """A PodSandboxConfig like the kubelet's for a pod without host namespaces: network and IPC per pod,
-    PID per container (Kubernetes' default, shareProcessNamespace false), the hostname the pod name."""
+    """A PodSandboxConfig like the kubelet's: network and IPC per pod, PID per container (Kubernetes'
+    default, shareProcessNamespace false), the hostname the pod name. ``host_network`` (a hostNetwork pod:
+    no CNI, the node's network and UTS namespaces) sends no hostname, as runc cannot set the node's."""
     config = api_pb2.PodSandboxConfig(
         metadata=api_pb2.PodSandboxMetadata(
             name=name, namespace=namespace, uid=uid or str(uuid.uuid4()), attempt=attempt
         ),
-        hostname=hostname if hostname is not None else name,
+        hostname="" if host_network else (hostname if hostname is not None else name),
         log_directory=log_directory,
         labels=dict(labels or {}),
         annotations=dict(annotations or {}),
     )
     config.linux.cgroup_parent = cgroup_parent
     options = config.linux.security_context.namespace_options
-    options.network = api_pb2.POD
+    options.network = api_pb2.NODE if host_network else api_pb2.POD
     options.ipc = api_pb2.POD
     options.pid = api_pb2.CONTAINER
     return config
@@ -371,6 +373,9 @@ class CriConfig:
     kata_config_path: Path | None = None
     kata_pod_annotations: tuple[str, ...] = ("io.katacontainers.*",)
     snapshotter: str = "overlayfs"
+    # clamp the sandbox's oom_score_adj (-998) to containerd's own: for a containerd without CAP_SYS_RESOURCE
+    # (in an unprivileged container, as on some development hosts), where runc cannot lower it
+    restrict_oom_score_adj: bool = False
     extra_runtimes: Mapping[str, str] = field(default_factory=dict)
 
     def conf_dir(self, base: Path) -> Path:
@@ -391,6 +396,7 @@ class CriConfig:
             '  stream_server_address = "127.0.0.1"',
             '  stream_server_port = "0"',
             "  enable_selinux = false",
+            f"  restrict_oom_score_adj = {_toml(self.restrict_oom_score_adj)}",
             "",
             f"[{cri}.containerd]",
             f"  snapshotter = {_toml(self.snapshotter)}",

@@ -18,6 +18,7 @@ import pytest
 from framework import containerd as lab_containerd
 from framework import cri
 from framework._gen.cri import api_pb2, api_pb2_grpc
+from images import busybox_oci
 
 LAB = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(LAB / "protos"))
@@ -287,3 +288,62 @@ def test_containerd_serves_cri_v1_with_this_config(tmp_path: Path, monkeypatch: 
         base = ctrd.base
     assert not base.exists()
     assert cri.netns_names() == before
+
+
+def _remove_cgroup(parent: str) -> None:
+    """rmdir ``parent`` (and anything empty below it) in every cgroup hierarchy (v1 and v2)."""
+    root = Path("/sys/fs/cgroup")
+    for top in [root / parent.strip("/"), *(d / parent.strip("/") for d in root.iterdir() if d.is_dir())]:
+        if top.is_dir():
+            for d in sorted(
+                (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+            ):
+                d.rmdir()
+            top.rmdir()
+
+
+@pytest.mark.containerd
+@pytest.mark.root
+@pytest.mark.skipif(lab_containerd._fixture.skip_reason() is not None, reason="needs root and containerd")
+def test_a_host_network_runc_pod_goes_through_the_kubelets_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lab test's flow without a VM or CNI (a hostNetwork pod, runc): the client, the pause image, the
+    CRI log files and the teardown work against the real containerd 1.6 before the lab adds kata and CNI."""
+    monkeypatch.setattr(lab_containerd, "keep_log", lambda path: None)
+    # restrict_oom_score_adj: the sandbox's -998 needs CAP_SYS_RESOURCE, which a containerized host may lack
+    config = cri.CriConfig(cni_conf_dir=tmp_path / "net.d", restrict_oom_score_adj=True)
+    busybox = lab_containerd.BUSYBOX_IMAGE
+    logs = tmp_path / "logs"
+    parent = f"/kata-cri-test-{tmp_path.name}"
+    pod = cri.pod_sandbox_config("host-pod", log_directory=str(logs), host_network=True, cgroup_parent=parent)
+    script = "echo to-stdout; echo to-stderr >&2; exec sleep 3600"
+    try:
+        with lab_containerd.private_containerd(cri=config, ready_timeout=60) as ctrd:
+            ctrd.import_image(cri.build_pause_image(tmp_path / "pause.tar"), namespace=cri.CRI_NAMESPACE)
+            ctrd.import_image(busybox_oci.build(tmp_path / "busybox.tar"), namespace=cri.CRI_NAMESPACE)
+            with cri.CriClient(ctrd.address, timeout=120) as client:
+                pod_id = client.run_pod_sandbox(pod, runtime_handler=cri.RUNC_HANDLER)
+                assert client.pod_sandbox_status(pod_id).status.state == api_pb2.SANDBOX_READY
+                cid = client.create_container(
+                    pod_id, cri.container_config("w", busybox, ["sh", "-c", script], log_path="w/0.log"), pod
+                )
+                client.start_container(cid)
+                assert client.exec_sync(cid, ["echo", "exec-ok"]) == cri.ExecResult(0, "exec-ok\n", "")
+                status = client.container_status(cid)
+                assert status.state == api_pb2.CONTAINER_RUNNING and status.log_path == str(logs / "w/0.log")
+                assert len(ctrd.shim_pids("containerd-shim-runc-v2")) == 1
+                assert [c.id for c in client.list_containers(pod_id)] == [cid]
+                client.stop_container(cid, timeout=1)
+                assert client.container_status(cid).state == api_pb2.CONTAINER_EXITED
+                lines = {(x.stream, x.content) for x in cri.read_cri_log(logs / "w" / "0.log")}
+                assert {("stdout", "to-stdout"), ("stderr", "to-stderr")} <= lines, ctrd.log_tail()
+                client.remove_container(cid)
+                client.stop_pod_sandbox(pod_id)
+                client.remove_pod_sandbox(pod_id)
+                with pytest.raises(cri.CriNotFound):
+                    client.pod_sandbox_status(pod_id)
+                assert ctrd.shim_pids("containerd-shim-runc-v2") == []
+                assert lab_containerd.mounts_below(ctrd.base) == []
+    finally:
+        _remove_cgroup(parent)
