@@ -180,6 +180,12 @@ class CriClient:
         request = api_pb2.VersionRequest(version=KUBELET_API_VERSION)
         return self._call(self._runtime, "Version", request)
 
+    def status(self) -> dict[str, tuple[bool, str, str]]:
+        """Status: each runtime condition (RuntimeReady, NetworkReady) -> (status, reason, message). The
+        kubelet waits for both before it runs a pod; NetworkReady is false until CNI has a configuration."""
+        conditions = self._call(self._runtime, "Status", api_pb2.StatusRequest()).status.conditions
+        return {c.type: (bool(c.status), c.reason, c.message) for c in conditions}
+
     def run_pod_sandbox(self, config: api_pb2.PodSandboxConfig, runtime_handler: str = "") -> str:
         """RunPodSandbox with the RuntimeClass's handler; the pod sandbox id."""
         request = api_pb2.RunPodSandboxRequest(config=config, runtime_handler=runtime_handler)

@@ -280,6 +280,10 @@ def test_containerd_serves_cri_v1_with_this_config(tmp_path: Path, monkeypatch: 
             version = client.version()
             assert version.runtime_api_version == "v1", version
             assert version.runtime_name == "containerd"
+            conditions = client.status()
+            assert conditions["RuntimeReady"][0], conditions
+            # an empty CNI conf dir: the network is not ready (the kubelet would wait)
+            assert not conditions["NetworkReady"][0], conditions
             image = client.image_status(cri.PAUSE_IMAGE)
             assert image is not None, ctrd.log_tail()
             assert cri.PAUSE_IMAGE in image.repo_tags

@@ -183,6 +183,10 @@ def test_cri_pod_runs_two_containers_answers_http_and_leaves_nothing(cri_lab: Cr
     lab, client = cri_lab, cri_lab.client
     version = client.version()
     assert version.runtime_api_version == "v1", version
+    # the kubelet waits for RuntimeReady and NetworkReady (CNI found the conflist) before any pod
+    assert eventually(lambda: all(ready for ready, _, _ in client.status().values()), 60), (
+        f"not ready: {client.status()}{diagnostics(lab)}"
+    )
     for image in (BUSYBOX_IMAGE, PAUSE_IMAGE):
         assert client.image_status(image) is not None, f"{image} not seen by CRI{diagnostics(lab)}"
     logs = lab.tmp / f"logs-{handler}"
