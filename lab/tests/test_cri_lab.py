@@ -7,11 +7,12 @@ bridge + host-local CNI plugins through a conflist this module writes (bridge ka
 
 The same flow runs with handler `runc` first, as the control: when it fails, the CRI/CNI set-up is wrong, not
 our shim. Then with `kata`: RunPodSandbox -> PodSandboxStatus -> CreateContainer x2 -> StartContainer x2 ->
-ExecSync (`hostname` is the pod's; `cat /proc/cmdline` is the guest's, not the lab VM's, and the same in both
-containers: one VM per pod) -> ContainerStatus RUNNING -> the CRI log files hold the workload's lines -> the
-pod IP answers HTTP from the lab VM (busybox httpd) -> one shim process for the pod -> StopContainer +
-RemoveContainer of one container -> StopPodSandbox -> RemovePodSandbox; then no shim, no mount below the
-private containerd or naming the pod, no netns, no port on the bridge, no /run/kata state of the pod.
+ExecSync (`hostname` is the pod's; `cat /proc/cmdline` is the guest's, not the lab VM's; the kernel's
+boot_id is the same in both containers and not the lab VM's: one VM per pod) -> ContainerStatus RUNNING ->
+the CRI log files hold the workload's lines -> the pod IP answers HTTP from the lab VM (busybox httpd) -> one
+shim process for the pod -> StopContainer + RemoveContainer of one container -> StopPodSandbox ->
+RemovePodSandbox; then no shim, no mount below the private containerd or naming the pod, no netns, no tap, no
+port on the bridge, no /run/kata state of the pod.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ SUBNET = "10.90.0.0/24"
 EVENTUALLY = 240
 SHIMS = {KATA_HANDLER: SHIM_BINARY, RUNC_HANDLER: "containerd-shim-runc-v2"}
 PAGE = "served-by-a-cri-pod"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 WEB = (
     "echo cri-line-stdout; echo cri-line-stderr >&2; mkdir -p /www; echo {page} > /www/index.html; "
     "httpd -p 8080 -h /www; exec sleep 3600"
@@ -196,6 +198,7 @@ def test_cri_pod_runs_two_containers_answers_http_and_leaves_nothing(cri_lab: Cr
     shims_before = lab.ctrd.shim_pids(SHIMS[handler])
     netns_before = netns_names()
     host_cmdline = Path("/proc/cmdline").read_text().strip()
+    host_boot_id = Path(BOOT_ID).read_text().strip()
     pod_id = ""
     try:
         pod_id = client.run_pod_sandbox(pod, runtime_handler=handler)
@@ -221,12 +224,16 @@ def test_cri_pod_runs_two_containers_answers_http_and_leaves_nothing(cri_lab: Cr
         assert (named.exit_code, named.stdout.strip()) == (0, hostname), f"{named}{diagnostics(lab, pod_id)}"
         cmdlines = [client.exec_sync(c, ["cat", "/proc/cmdline"]) for c in (web, idle)]
         assert all(r.exit_code == 0 for r in cmdlines), f"{cmdlines}{diagnostics(lab, pod_id)}"
+        # boot_id is per running kernel: the same in both containers iff they share one (one VM per pod)
+        boots = [client.exec_sync(c, ["cat", BOOT_ID]).stdout.strip() for c in (web, idle)]
         if handler == KATA_HANDLER:
-            # it ran in the guest: not the lab VM's kernel command line, and one guest for both containers
+            # it ran in the guest: not the lab VM's kernel command line nor its kernel
             assert cmdlines[0].stdout.strip() != host_cmdline, cmdlines[0]
-            assert cmdlines[0].stdout == cmdlines[1].stdout, cmdlines
+            assert boots[0] != host_boot_id, (boots, host_boot_id)
         else:
             assert cmdlines[0].stdout.strip() == host_cmdline, cmdlines[0]
+            assert boots[0] == host_boot_id, (boots, host_boot_id)
+        assert boots[0] == boots[1] and boots[0], boots
 
         for cid, log_path in ((web, logs / "web" / "0.log"), (idle, logs / "idle" / "0.log")):
             state = client.container_status(cid)
