@@ -4,6 +4,7 @@ configuration, and one real containerd 1.6 with that configuration answering Ver
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import threading
@@ -351,3 +352,70 @@ def test_a_host_network_runc_pod_goes_through_the_kubelets_calls(
                 assert lab_containerd.mounts_below(ctrd.base) == []
     finally:
         _remove_cgroup(parent)
+
+
+RUNC_FLOW = """
+import json, sys
+from pathlib import Path
+sys.path[:0] = [{lab!r}, {tests!r}]
+from framework import containerd, cri
+from images import busybox_oci
+import test_cri_lab as flow
+containerd.keep_log = lambda path: None
+tmp = Path({tmp!r})
+net_d = tmp / "net.d"
+net_d.mkdir()
+conflist = cri.bridge_conflist("kata-cri", flow.BRIDGE, flow.SUBNET, tmp / "ipam")
+(net_d / "10-kata-cri.conflist").write_text(json.dumps(conflist))
+config = cri.CriConfig(cni_conf_dir=net_d, restrict_oom_score_adj=True)
+with containerd.private_containerd(cri=config) as ctrd:
+    ctrd.import_image(busybox_oci.build(tmp / "busybox.tar"), namespace=cri.CRI_NAMESPACE)
+    ctrd.import_image(cri.build_pause_image(tmp / "pause.tar"), namespace=cri.CRI_NAMESPACE)
+    with cri.CriClient(ctrd.address) as client:
+        try:
+            flow.pod_flow(flow.CriLab(ctrd, client, tmp), cri.RUNC_HANDLER, cgroup_parent={parent!r})
+        finally:
+            flow.remove_all_pods(client)
+print("pod flow passed")
+"""
+# what the CRI plugin and CNI write host-wide, each a tmpfs in the test's private mount namespace
+PRIVATE_DIRS = ("/run/containerd", "/run/netns", "/var/lib/cni")
+CNI_PLUGINS = [cri.CNI_BIN_DIR / p for p in ("bridge", "host-local", "loopback")]
+
+
+@pytest.mark.containerd
+@pytest.mark.root
+@pytest.mark.skipif(lab_containerd._fixture.skip_reason() is not None, reason="needs root and containerd")
+@pytest.mark.skipif(
+    not all(p.exists() for p in CNI_PLUGINS) or shutil.which("unshare") is None,
+    reason="needs Debian's containernetworking-plugins and unshare",
+)
+def test_the_lab_pod_flow_passes_with_runc_in_private_namespaces(tmp_path: Path) -> None:
+    """test_cri_lab's whole flow with the `runc` handler (its control) on the host: containerd, CNI's bridge
+    and the pod run in a private network namespace, containerd's and CNI's host-wide directories are tmpfs
+    in a private mount namespace. A failure here is the CRI/CNI set-up, never a VM."""
+    parent = f"/kata-cri-flow-{tmp_path.name}"
+    script = tmp_path / "flow.py"
+    script.write_text(
+        RUNC_FLOW.format(lab=str(LAB), tests=str(LAB / "tests"), tmp=str(tmp_path / "work"), parent=parent)
+    )
+    (tmp_path / "work").mkdir()
+    created = tmp_path / "created"
+    shell = "set -e\n"
+    for d in PRIVATE_DIRS:
+        shell += f"[ -d {d} ] || {{ mkdir -p {d}; echo {d} >> {created}; }}; mount -t tmpfs tmpfs {d}\n"
+    shell += f"ip link set lo up\nexec {sys.executable} {script}\n"
+    try:
+        done = subprocess.run(
+            ["unshare", "--mount", "--net", "--propagation", "private", "sh", "-c", shell],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    finally:
+        made = created.read_text().split() if created.exists() else []
+        for d in reversed(made):
+            Path(d).rmdir()
+        _remove_cgroup(parent)
+    assert done.returncode == 0 and "pod flow passed" in done.stdout, f"{done.stdout}\n{done.stderr[-6000:]}"

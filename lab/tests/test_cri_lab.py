@@ -182,7 +182,13 @@ def leftovers(
 @pytest.mark.lab
 @pytest.mark.parametrize("handler", [RUNC_HANDLER, KATA_HANDLER])
 def test_cri_pod_runs_two_containers_answers_http_and_leaves_nothing(cri_lab: CriLab, handler: str) -> None:
-    lab, client = cri_lab, cri_lab.client
+    pod_flow(cri_lab, handler)
+
+
+def pod_flow(lab: CriLab, handler: str, cgroup_parent: str = "") -> None:
+    """The kubelet's calls for one pod with ``handler``, checked at every step and after (test_cri_client
+    runs it with runc on the host too, in private mount and network namespaces)."""
+    client = lab.client
     version = client.version()
     assert version.runtime_api_version == "v1", version
     # the kubelet waits for RuntimeReady and NetworkReady (CNI found the conflist) before any pod
@@ -194,7 +200,13 @@ def test_cri_pod_runs_two_containers_answers_http_and_leaves_nothing(cri_lab: Cr
     logs = lab.tmp / f"logs-{handler}"
     logs.mkdir()
     hostname = f"cri-{handler}-pod"
-    pod = pod_sandbox_config(f"cri-{handler}", namespace="lab", hostname=hostname, log_directory=str(logs))
+    pod = pod_sandbox_config(
+        f"cri-{handler}",
+        namespace="lab",
+        hostname=hostname,
+        log_directory=str(logs),
+        cgroup_parent=cgroup_parent,
+    )
     shims_before = lab.ctrd.shim_pids(SHIMS[handler])
     netns_before = netns_names()
     host_cmdline = Path("/proc/cmdline").read_text().strip()
