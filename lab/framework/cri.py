@@ -153,6 +153,7 @@ class CriClient:
         self._images = api_pb2_grpc.ImageServiceStub(self._channel)
 
     def close(self) -> None:
+        """Close the gRPC channel (calls after it fail)."""
         self._channel.close()
 
     def __enter__(self) -> CriClient:
@@ -206,6 +207,7 @@ class CriClient:
         return str(self._call(self._runtime, "CreateContainer", request).container_id)
 
     def start_container(self, container_id: str) -> None:
+        """StartContainer: the created container's process runs."""
         self._call(self._runtime, "StartContainer", api_pb2.StartContainerRequest(container_id=container_id))
 
     def exec_sync(self, container_id: str, cmd: Sequence[str], timeout: int = 60) -> ExecResult:
@@ -221,17 +223,19 @@ class CriClient:
         )
 
     def container_status(self, container_id: str, verbose: bool = False) -> api_pb2.ContainerStatus:
+        """ContainerStatus: state (CREATED, RUNNING, EXITED), exit code, log path, mounts."""
         request = api_pb2.ContainerStatusRequest(container_id=container_id, verbose=verbose)
         return self._call(self._runtime, "ContainerStatus", request).status
 
     def stop_container(self, container_id: str, timeout: int = 30) -> None:
-        """StopContainer: SIGTERM (or the image's stop signal), SIGKILL after ``timeout`` seconds."""
+        """StopContainer: SIGTERM (or the image's stop signal), SIGKILL after ``timeout`` seconds; the call's
+        deadline is the grace period on top of StopContainer's own, as the kubelet's."""
         request = api_pb2.StopContainerRequest(container_id=container_id, timeout=timeout)
-        self._call(
-            self._runtime, "StopContainer", request, timeout=max(self.timeout_of("StopContainer"), timeout)
-        )
+        deadline = self.timeout_of("StopContainer") + timeout
+        self._call(self._runtime, "StopContainer", request, timeout=deadline)
 
     def remove_container(self, container_id: str) -> None:
+        """RemoveContainer: the container (stopped, or forcibly a running one) is gone; its log file stays."""
         request = api_pb2.RemoveContainerRequest(container_id=container_id)
         self._call(self._runtime, "RemoveContainer", request)
 
@@ -240,6 +244,7 @@ class CriClient:
         self._call(self._runtime, "StopPodSandbox", api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id))
 
     def remove_pod_sandbox(self, pod_id: str) -> None:
+        """RemovePodSandbox: the pod's containers and sandbox removed (idempotent)."""
         request = api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id)
         self._call(self._runtime, "RemovePodSandbox", request)
 
@@ -385,6 +390,7 @@ class CriConfig:
     extra_runtimes: Mapping[str, str] = field(default_factory=dict)
 
     def conf_dir(self, base: Path) -> Path:
+        """The CNI conf dir for the private containerd in ``base``."""
         return self.cni_conf_dir if self.cni_conf_dir is not None else base / "cni" / "net.d"
 
     def render(self, base: Path) -> str:
