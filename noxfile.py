@@ -42,8 +42,11 @@ PACKAGES = [
 ]
 # Pinned tool versions: generated code and lint results must not drift with the registry.
 GRPCIO_TOOLS = "grpcio-tools==1.85.1"
+# the lab's CRI client (lab/framework/cri.py) talks gRPC to containerd; grpcio-tools needs it anyway
+GRPCIO = "grpcio==1.85.4"
 TEST_DEPS = [
     GRPCIO_TOOLS,
+    GRPCIO,
     "pytest==9.0.3",
     "pytest-timeout==2.4.0",
     "pytest-benchmark==5.2.3",
@@ -118,23 +121,18 @@ def protos(session: nox.Session) -> None:
     """Regenerate the committed protobuf code with the pinned protoc; fail on any difference."""
     session.install(GRPCIO_TOOLS)
     session.run("python", "packages/kata-proto/tools/genprotos.py")
+    # the lab's CRI client stubs: upstream cri-api at a pinned tag (lab/protos/gencri.py)
+    session.run("python", "lab/protos/gencri.py")
+    generated = ["packages/kata-proto/src/kata_proto/_gen", "lab/framework/_gen"]
     if shutil.which("git") and (ROOT / ".git").exists():
-        session.run(
-            "git",
-            "diff",
-            "--exit-code",
-            "--stat",
-            "--",
-            "packages/kata-proto/src/kata_proto/_gen",
-            external=True,
-        )
+        session.run("git", "diff", "--exit-code", "--stat", "--", *generated, external=True)
         untracked = session.run(
             "git",
             "ls-files",
             "--others",
             "--exclude-standard",
             "--",
-            "packages/kata-proto/src/kata_proto/_gen",
+            *generated,
             external=True,
             silent=True,
         )

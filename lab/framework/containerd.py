@@ -1,6 +1,7 @@
 """A private containerd 1.6 for the shim's lab tests and the demo, with containerd-shim-kata-v2 on its PATH.
 
     with private_containerd() as ctrd:          # own root/state/sockets under /tmp, CRI off
+    with private_containerd(cri=CriConfig(...)) as ctrd:  # CRI on: `kata`, `runc` handlers (framework.cri)
         ctrd.import_image(busybox_tar)           # -> docker.io/library/busybox:kata
         out = ctrd.ctr("run", "--rm", "--runtime", KATA_RUNTIME, IMAGE, "t1", "echo", "hi")
 
@@ -25,7 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from framework.assets import REPO, GuestAssets, in_labvm, venv_bin
 
@@ -34,6 +35,9 @@ from framework.assets import REPO, GuestAssets, in_labvm, venv_bin
 sys.path.insert(0, str(REPO / "packages" / "kata-proto" / "tests"))
 import containerd_fixture as _fixture
 from containerd_fixture import CTR, kill_strays, mounts_below, processes, unmount_below
+
+if TYPE_CHECKING:
+    from framework.cri import CriConfig
 
 KATA_RUNTIME = "io.containerd.kata.v2"
 SHIM_BINARY = "containerd-shim-kata-v2"
@@ -77,6 +81,8 @@ class PrivateContainerd(_fixture.ContainerdLog):
     process: subprocess.Popen[bytes]
     log_path: Path
     env: dict[str, str]
+    # the CRI plugin's settings when it is enabled (framework.cri), else None
+    cri: CriConfig | None = None
     address: str = field(init=False)
     root: Path = field(init=False)
     state: Path = field(init=False)
@@ -182,10 +188,15 @@ def thread_names(pid: int) -> list[str]:
 
 @contextlib.contextmanager
 def private_containerd(
-    *, ready_timeout: float = 120.0, debug: bool = True, extra_env: dict[str, str] | None = None
+    *,
+    ready_timeout: float = 120.0,
+    debug: bool = True,
+    extra_env: dict[str, str] | None = None,
+    cri: CriConfig | None = None,
 ) -> Iterator[PrivateContainerd]:
     """Start a private containerd (state on /tmp), wait for both sockets, stop and remove it after:
-    kata-proto's test fixture (one copy of the lifecycle), with the venv's bin directory first on its PATH."""
+    kata-proto's test fixture (one copy of the lifecycle), with the venv's bin directory first on its PATH.
+    ``cri`` enables the CRI plugin with those settings (by default it is disabled: ctr only)."""
     env = {
         "PATH": f"{venv_bin()}:{SYSTEM_PATH}",
         "HOME": os.environ.get("HOME", "/root"),
@@ -193,9 +204,14 @@ def private_containerd(
         **(extra_env or {}),
     }
     with _fixture.private_containerd(
-        ready_timeout=ready_timeout, debug=debug, env=env, error=ContainerdError, keep_log=keep_log
+        ready_timeout=ready_timeout,
+        debug=debug,
+        env=env,
+        error=ContainerdError,
+        keep_log=keep_log,
+        cri_config=cri.render if cri is not None else None,
     ) as ctrd:
-        yield PrivateContainerd(ctrd.base, ctrd.process, ctrd.log_path, env)
+        yield PrivateContainerd(ctrd.base, ctrd.process, ctrd.log_path, env, cri)
 
 
 LOG_DIR = REPO / "build" / "lab" / "logs"

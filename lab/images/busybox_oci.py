@@ -109,8 +109,15 @@ def _gzip(data: bytes) -> bytes:
     return out.getvalue()
 
 
-def build_layout(busybox: Path = BUSYBOX, name: str = DEFAULT_NAME) -> dict[str, bytes]:
-    """Every file of the OCI image layout, path -> bytes."""
+def build_layout(
+    busybox: Path = BUSYBOX,
+    name: str = DEFAULT_NAME,
+    *,
+    entrypoint: list[str] | None = None,
+    cmd: list[str] | None = None,
+) -> dict[str, bytes]:
+    """Every file of the OCI image layout, path -> bytes. ``entrypoint``/``cmd`` set the image config's
+    Entrypoint (none by default) and Cmd (``["sh"]`` by default), e.g. for a pause image."""
     if not busybox.is_file():
         raise ImageError(f"{busybox} not found: install Debian's busybox-static")
     raw = layer_tar(busybox.read_bytes(), applets(busybox))
@@ -123,7 +130,12 @@ def build_layout(busybox: Path = BUSYBOX, name: str = DEFAULT_NAME) -> dict[str,
                 "architecture": "amd64",
                 "os": "linux",
                 "created": "1970-01-01T00:00:00Z",
-                "config": {"Env": [ENV_PATH], "Cmd": ["sh"], "WorkingDir": "/"},
+                "config": {
+                    "Env": [ENV_PATH],
+                    "Cmd": cmd if cmd is not None else ["sh"],
+                    "WorkingDir": "/",
+                    **({"Entrypoint": entrypoint} if entrypoint is not None else {}),
+                },
                 "rootfs": {"type": "layers", "diff_ids": [diff_id]},
                 "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "lab/images/busybox_oci.py"}],
             }
@@ -172,9 +184,16 @@ def layout_tar(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def build(out: Path = DEFAULT_OUT, name: str = DEFAULT_NAME, busybox: Path = BUSYBOX) -> Path:
+def build(
+    out: Path = DEFAULT_OUT,
+    name: str = DEFAULT_NAME,
+    busybox: Path = BUSYBOX,
+    *,
+    entrypoint: list[str] | None = None,
+    cmd: list[str] | None = None,
+) -> Path:
     """Write the image tarball to ``out`` (atomically; untouched when the bytes are the same)."""
-    data = layout_tar(build_layout(busybox, name))
+    data = layout_tar(build_layout(busybox, name, entrypoint=entrypoint, cmd=cmd))
     if out.is_file() and out.read_bytes() == data:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

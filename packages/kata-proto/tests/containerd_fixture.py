@@ -1,4 +1,4 @@
-"""A private containerd for host tests: its own root, state, sockets and opt dir, CRI disabled.
+"""A private containerd for host tests: its own root, state, sockets and opt dir, CRI disabled unless asked.
 
 Plain module, reusable from any package's tests (put this directory on sys.path):
 
@@ -32,7 +32,7 @@ _CONFIG = """\
 version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+disabled_plugins = [{disabled}]
 
 [grpc]
   address = "{address}"
@@ -162,12 +162,16 @@ def private_containerd(
     env: dict[str, str] | None = None,
     error: type[Exception] = RuntimeError,
     keep_log: Callable[[Path], None] | None = None,
+    cri_config: Callable[[Path], str] | None = None,
 ) -> Iterator[PrivateContainerd]:
     """Start a private containerd, wait until both its sockets answer, stop and remove it after.
 
     `debug` sets containerd's log level; `env` is its whole environment (None: this process's); `error` is
     what a failure to start raises (lab/framework/containerd.py builds on this with its own); `keep_log` is
-    called with the log's path after containerd stopped, before its directory is removed."""
+    called with the log's path after containerd stopped, before its directory is removed. `cri_config`
+    None keeps the CRI plugin disabled; else it is called with the private directory (before containerd
+    starts) and what it returns (the CRI plugin's TOML tables) is appended to the configuration, the plugin
+    enabled (lab/framework/cri.py's CriConfig writes it)."""
     reason = skip_reason()
     if reason is not None:
         raise error(reason)
@@ -188,7 +192,9 @@ def private_containerd(
                 ttrpc_address=f"{sock}.ttrpc",
                 opt=base / "opt",
                 level="debug" if debug else "info",
+                disabled="" if cri_config is not None else '"io.containerd.grpc.v1.cri"',
             )
+            + (cri_config(base) if cri_config is not None else "")
         )
         with open(log_path, "wb") as log:
             process = subprocess.Popen(

@@ -1,0 +1,421 @@
+"""Host tests (no lab VM) of the lab's CRI client: the generated cri-api stubs, the requests the client builds
+(against a fake CRI server in this process, on a unix socket), its typed errors, the CRI plugin's
+configuration, and one real containerd 1.6 with that configuration answering Version and ImageStatus."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+import tomllib
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from framework import containerd as lab_containerd
+from framework import cri
+from framework._gen.cri import api_pb2, api_pb2_grpc
+from images import busybox_oci
+
+LAB = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(LAB / "protos"))
+import gencri  # noqa: E402 - lab/protos/gencri.py
+
+
+def test_stubs_use_upstream_names_in_a_private_pool() -> None:
+    from google.protobuf import descriptor_pool
+
+    assert api_pb2.RunPodSandboxRequest.DESCRIPTOR.full_name == "runtime.v1.RunPodSandboxRequest"
+    service = api_pb2.DESCRIPTOR.services_by_name["RuntimeService"]
+    for method in ("Version", "RunPodSandbox", "CreateContainer", "ExecSync", "RemovePodSandbox"):
+        assert method in service.methods_by_name
+    assert "ImageStatus" in api_pb2.DESCRIPTOR.services_by_name["ImageService"].methods_by_name
+    assert api_pb2.DESCRIPTOR.pool is not descriptor_pool.Default()
+    with pytest.raises(KeyError):
+        descriptor_pool.Default().FindMessageTypeByName("runtime.v1.PodSandboxConfig")
+
+
+def test_stubs_import_beside_another_runtime_v1_in_the_default_pool() -> None:
+    """kata_proto may define a trimmed runtime.v1.PodSandboxConfig in the default pool: both must load."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(LAB)!r})
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.internal import builder
+f = descriptor_pb2.FileDescriptorProto(name="kata_proto/cri.proto", package="runtime.v1", syntax="proto3")
+m = f.message_type.add(name="PodSandboxConfig")
+m.field.add(name="hostname", number=2, type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+            label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+ours = descriptor_pool.Default().AddSerializedFile(f.SerializeToString())
+g = {{}}
+builder.BuildMessageAndEnumDescriptors(ours, g)
+builder.BuildTopDescriptorsAndMessages(ours, "kata_cri_pb2", g)
+from framework._gen.cri import api_pb2
+small = g["PodSandboxConfig"](hostname="h")
+full = api_pb2.PodSandboxConfig.FromString(small.SerializeToString())
+print(full.hostname)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "h"
+
+
+def test_generated_code_matches_the_pinned_proto(tmp_path: Path) -> None:
+    """What `nox -s protos` checks, here too: the committed proto has the pinned hash, and regenerating
+    gives the committed files byte for byte."""
+    out = tmp_path / "cri"
+    gencri.generate(out)
+    committed = LAB / "framework" / "_gen" / "cri"
+    names = sorted(p.name for p in committed.iterdir() if p.is_file())
+    assert names == sorted(p.name for p in out.iterdir() if p.is_file())
+    for name in names:
+        assert (out / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+def test_strip_gogoproto_keeps_everything_else() -> None:
+    text = (
+        'syntax = "proto3";\npackage runtime.v1;\nimport "github.com/gogo/protobuf/gogoproto/gogo.proto";\n'
+        "option (gogoproto.marshaler_all) = true;\nmessage A { string b = 1; }\n"
+    )
+    assert (
+        gencri.strip_gogoproto(text)
+        == 'syntax = "proto3";\npackage runtime.v1;\nmessage A { string b = 1; }\n'
+    )
+    with pytest.raises(gencri.GenerationError):
+        gencri.strip_gogoproto("message A { string b = 1 [(gogoproto.nullable) = false]; }\n")
+
+
+class FakeRuntime(api_pb2_grpc.RuntimeServiceServicer):
+    """Records every request; answers Version and RunPodSandbox, NOT_FOUND for a status of pod "gone", and
+    holds StopPodSandbox until `release` is set (for the deadline test)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, Any]] = []
+        self.release = threading.Event()
+
+    def Version(self, request: Any, context: Any) -> Any:
+        self.requests.append(("Version", request))
+        return api_pb2.VersionResponse(
+            version="0.1.0", runtime_name="fake", runtime_version="1", runtime_api_version="v1"
+        )
+
+    def RunPodSandbox(self, request: Any, context: Any) -> Any:
+        self.requests.append(("RunPodSandbox", request))
+        return api_pb2.RunPodSandboxResponse(pod_sandbox_id="pod-1")
+
+    def PodSandboxStatus(self, request: Any, context: Any) -> Any:
+        self.requests.append(("PodSandboxStatus", request))
+        context.abort(
+            grpc.StatusCode.NOT_FOUND, f"an error occurred when try to find sandbox {request.pod_sandbox_id}"
+        )
+
+    def StopPodSandbox(self, request: Any, context: Any) -> Any:
+        self.release.wait(60)
+        return api_pb2.StopPodSandboxResponse()
+
+    def ExecSync(self, request: Any, context: Any) -> Any:
+        self.requests.append(("ExecSync", request))
+        return api_pb2.ExecSyncResponse(stdout=b"pod-a\n", stderr=b"", exit_code=0)
+
+
+@pytest.fixture
+def fake_cri(tmp_path: Path) -> Iterator[tuple[FakeRuntime, str]]:
+    runtime = FakeRuntime()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    api_pb2_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
+    address = str(tmp_path / "cri.sock")
+    server.add_insecure_port(f"unix://{address}")
+    server.start()
+    try:
+        yield runtime, address
+    finally:
+        runtime.release.set()
+        server.stop(grace=None)
+
+
+def test_client_sends_what_the_kubelet_sends(fake_cri: tuple[FakeRuntime, str]) -> None:
+    runtime, address = fake_cri
+    with cri.CriClient(address) as client:
+        version = client.version()
+        config = cri.pod_sandbox_config(
+            "pod-a",
+            namespace="lab",
+            uid="uid-1",
+            log_directory="/var/log/pods/a",
+            annotations={"io.katacontainers.config.hypervisor.default_vcpus": "1"},
+            cgroup_parent="/kata-lab",
+        )
+        pod_id = client.run_pod_sandbox(config, runtime_handler=cri.KATA_HANDLER)
+        result = client.exec_sync("c1", ["hostname"], timeout=30)
+    assert version.runtime_api_version == "v1"
+    assert pod_id == "pod-1"
+    assert result == cri.ExecResult(0, "pod-a\n", "")
+    (name, v), (name2, run), (name3, ex) = runtime.requests
+    assert (name, name2, name3) == ("Version", "RunPodSandbox", "ExecSync")
+    assert v.version == cri.KUBELET_API_VERSION
+    assert run.runtime_handler == "kata"
+    sent = run.config
+    assert (sent.metadata.name, sent.metadata.namespace, sent.metadata.uid) == ("pod-a", "lab", "uid-1")
+    assert sent.hostname == "pod-a" and sent.log_directory == "/var/log/pods/a"
+    assert sent.annotations["io.katacontainers.config.hypervisor.default_vcpus"] == "1"
+    assert sent.linux.cgroup_parent == "/kata-lab"
+    ns = sent.linux.security_context.namespace_options
+    assert (ns.network, ns.ipc, ns.pid) == (api_pb2.POD, api_pb2.POD, api_pb2.CONTAINER)
+    assert list(ex.cmd) == ["hostname"] and ex.timeout == 30 and ex.container_id == "c1"
+
+
+def test_container_config_has_the_kubelet_fields() -> None:
+    config = cri.container_config(
+        "web",
+        "docker.io/library/busybox:kata",
+        ["sh", "-c"],
+        ["echo hi"],
+        log_path="web/0.log",
+        envs={"A": "1"},
+    )
+    assert config.metadata.name == "web" and config.image.image == "docker.io/library/busybox:kata"
+    assert list(config.command) == ["sh", "-c"] and list(config.args) == ["echo hi"]
+    assert config.log_path == "web/0.log"
+    assert [(e.key, e.value) for e in config.envs] == [("A", "1")]
+
+
+def test_errors_are_typed(fake_cri: tuple[FakeRuntime, str], tmp_path: Path) -> None:
+    _, address = fake_cri
+    with cri.CriClient(address, timeouts={"StopPodSandbox": 1.0}) as client:
+        with pytest.raises(cri.CriNotFound) as found:
+            client.pod_sandbox_status("gone")
+        assert found.value.method == "PodSandboxStatus" and "gone" in found.value.details
+        with pytest.raises(cri.CriUnimplemented):
+            client.list_containers()
+        with pytest.raises(cri.CriDeadlineExceeded):
+            client.stop_pod_sandbox("slow")  # the fake holds it past the 1 s deadline
+    with (
+        cri.CriClient(str(tmp_path / "nobody.sock"), timeout=30) as client,
+        pytest.raises(cri.CriUnavailable),
+    ):
+        client.version()
+
+
+def test_read_cri_log_parses_full_and_partial_lines(tmp_path: Path) -> None:
+    log = tmp_path / "0.log"
+    log.write_text("2026-12-07T03:00:00.1Z stdout F hello world\n2026-12-07T03:00:00.2Z stderr P part\n")
+    assert cri.read_cri_log(log) == [
+        cri.LogLine("2026-12-07T03:00:00.1Z", "stdout", False, "hello world"),
+        cri.LogLine("2026-12-07T03:00:00.2Z", "stderr", True, "part"),
+    ]
+    assert cri.read_cri_log(tmp_path / "missing.log") == []
+
+
+def _full_config(config: cri.CriConfig, base: Path) -> dict[str, Any]:
+    """The private containerd's whole configuration as the fixture writes it, parsed."""
+    text = 'version = 2\ndisabled_plugins = []\n[grpc]\n  address = "x"\n' + config.render(base)
+    return tomllib.loads(text)
+
+
+def test_cri_config_has_the_kata_and_runc_handlers_and_cni(tmp_path: Path) -> None:
+    net_d = tmp_path / "net.d"
+    parsed = _full_config(
+        cri.CriConfig(cni_conf_dir=net_d, kata_config_path=Path("/etc/kata/x.toml")), tmp_path
+    )
+    plugin = parsed["plugins"]["io.containerd.grpc.v1.cri"]
+    assert plugin["sandbox_image"] == cri.PAUSE_IMAGE
+    assert plugin["stream_server_port"] == "0"
+    runtimes = plugin["containerd"]["runtimes"]
+    assert plugin["containerd"]["default_runtime_name"] == "runc"
+    assert runtimes["runc"]["runtime_type"] == "io.containerd.runc.v2"
+    kata = runtimes["kata"]
+    assert kata["runtime_type"] == "io.containerd.kata.v2"
+    assert kata["pod_annotations"] == ["io.katacontainers.*"]
+    assert kata["options"] == {"ConfigPath": "/etc/kata/x.toml"}
+    assert plugin["cni"] == {"bin_dir": "/usr/lib/cni", "conf_dir": str(net_d), "max_conf_num": 1}
+    assert net_d.is_dir()
+    # without a conf dir: one under the private base; without a ConfigPath: no options table
+    parsed = _full_config(cri.CriConfig(), tmp_path)
+    plugin = parsed["plugins"]["io.containerd.grpc.v1.cri"]
+    assert plugin["cni"]["conf_dir"] == str(tmp_path / "cni" / "net.d")
+    assert "options" not in plugin["containerd"]["runtimes"]["kata"]
+
+
+def test_bridge_conflist_is_one_bridge_with_host_local(tmp_path: Path) -> None:
+    conf = cri.bridge_conflist("kata-cri", "kata-cri0", "10.90.0.0/24", tmp_path / "ipam")
+    (plugin,) = conf["plugins"]
+    assert plugin["type"] == "bridge" and plugin["bridge"] == "kata-cri0" and plugin["isGateway"]
+    assert plugin["ipam"]["type"] == "host-local"
+    assert plugin["ipam"]["ranges"] == [[{"subnet": "10.90.0.0/24"}]]
+
+
+def test_pause_image_sleeps_for_good(tmp_path: Path) -> None:
+    import json
+    import tarfile
+
+    tar = cri.build_pause_image(tmp_path / "pause.tar")
+    with tarfile.open(tar) as t:
+        index = json.loads(t.extractfile("index.json").read())  # type: ignore[union-attr]
+        manifest_digest = index["manifests"][0]["digest"].removeprefix("sha256:")
+        assert index["manifests"][0]["annotations"]["io.containerd.image.name"] == cri.PAUSE_IMAGE
+        manifest = json.loads(t.extractfile(f"blobs/sha256/{manifest_digest}").read())  # type: ignore[union-attr]
+        config_digest = manifest["config"]["digest"].removeprefix("sha256:")
+        config = json.loads(t.extractfile(f"blobs/sha256/{config_digest}").read())  # type: ignore[union-attr]
+    assert config["config"]["Entrypoint"] == ["/bin/sleep"]
+    assert config["config"]["Cmd"] == ["2147483647"]
+
+
+@pytest.mark.containerd
+@pytest.mark.root
+@pytest.mark.skipif(lab_containerd._fixture.skip_reason() is not None, reason="needs root and containerd")
+def test_containerd_serves_cri_v1_with_this_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real containerd 1.6 accepts the configuration, serves runtime.v1 (Version), and its CRI plugin
+    sees the pause image imported into k8s.io (ImageStatus): what the lab's pods need before any VM."""
+    monkeypatch.setattr(lab_containerd, "keep_log", lambda path: None)
+    config = cri.CriConfig(cni_conf_dir=tmp_path / "net.d")
+    tar = cri.build_pause_image(tmp_path / "pause.tar")
+    before = cri.netns_names()
+    with lab_containerd.private_containerd(cri=config) as ctrd:
+        assert ctrd.cri is config
+        ctrd.import_image(tar, namespace=cri.CRI_NAMESPACE)
+        with cri.CriClient(ctrd.address, timeout=60) as client:
+            version = client.version()
+            assert version.runtime_api_version == "v1", version
+            assert version.runtime_name == "containerd"
+            conditions = client.status()
+            assert conditions["RuntimeReady"][0], conditions
+            # an empty CNI conf dir: the network is not ready (the kubelet would wait)
+            assert not conditions["NetworkReady"][0], conditions
+            image = client.image_status(cri.PAUSE_IMAGE)
+            assert image is not None, ctrd.log_tail()
+            assert cri.PAUSE_IMAGE in image.repo_tags
+            assert client.image_status("docker.io/library/nothing:here") is None
+            assert client.list_pod_sandbox() == []
+        base = ctrd.base
+    assert not base.exists()
+    assert cri.netns_names() == before
+
+
+def _remove_cgroup(parent: str) -> None:
+    """rmdir ``parent`` (and anything empty below it) in every cgroup hierarchy (v1 and v2)."""
+    root = Path("/sys/fs/cgroup")
+    for top in [root / parent.strip("/"), *(d / parent.strip("/") for d in root.iterdir() if d.is_dir())]:
+        if top.is_dir():
+            for d in sorted(
+                (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+            ):
+                d.rmdir()
+            top.rmdir()
+
+
+@pytest.mark.containerd
+@pytest.mark.root
+@pytest.mark.skipif(lab_containerd._fixture.skip_reason() is not None, reason="needs root and containerd")
+def test_a_host_network_runc_pod_goes_through_the_kubelets_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lab test's flow without a VM or CNI (a hostNetwork pod, runc): the client, the pause image, the
+    CRI log files and the teardown work against the real containerd 1.6 before the lab adds kata and CNI."""
+    monkeypatch.setattr(lab_containerd, "keep_log", lambda path: None)
+    # restrict_oom_score_adj: the sandbox's -998 needs CAP_SYS_RESOURCE, which a containerized host may lack
+    config = cri.CriConfig(cni_conf_dir=tmp_path / "net.d", restrict_oom_score_adj=True)
+    busybox = lab_containerd.BUSYBOX_IMAGE
+    logs = tmp_path / "logs"
+    parent = f"/kata-cri-test-{tmp_path.name}"
+    pod = cri.pod_sandbox_config("host-pod", log_directory=str(logs), host_network=True, cgroup_parent=parent)
+    script = "echo to-stdout; echo to-stderr >&2; exec sleep 3600"
+    try:
+        with lab_containerd.private_containerd(cri=config, ready_timeout=60) as ctrd:
+            ctrd.import_image(cri.build_pause_image(tmp_path / "pause.tar"), namespace=cri.CRI_NAMESPACE)
+            ctrd.import_image(busybox_oci.build(tmp_path / "busybox.tar"), namespace=cri.CRI_NAMESPACE)
+            with cri.CriClient(ctrd.address, timeout=120) as client:
+                pod_id = client.run_pod_sandbox(pod, runtime_handler=cri.RUNC_HANDLER)
+                assert client.pod_sandbox_status(pod_id).status.state == api_pb2.SANDBOX_READY
+                cid = client.create_container(
+                    pod_id, cri.container_config("w", busybox, ["sh", "-c", script], log_path="w/0.log"), pod
+                )
+                client.start_container(cid)
+                assert client.exec_sync(cid, ["echo", "exec-ok"]) == cri.ExecResult(0, "exec-ok\n", "")
+                status = client.container_status(cid)
+                assert status.state == api_pb2.CONTAINER_RUNNING and status.log_path == str(logs / "w/0.log")
+                assert len(ctrd.shim_pids("containerd-shim-runc-v2")) == 1
+                assert [c.id for c in client.list_containers(pod_id)] == [cid]
+                client.stop_container(cid, timeout=1)
+                assert client.container_status(cid).state == api_pb2.CONTAINER_EXITED
+                lines = {(x.stream, x.content) for x in cri.read_cri_log(logs / "w" / "0.log")}
+                assert {("stdout", "to-stdout"), ("stderr", "to-stderr")} <= lines, ctrd.log_tail()
+                client.remove_container(cid)
+                client.stop_pod_sandbox(pod_id)
+                client.remove_pod_sandbox(pod_id)
+                with pytest.raises(cri.CriNotFound):
+                    client.pod_sandbox_status(pod_id)
+                assert ctrd.shim_pids("containerd-shim-runc-v2") == []
+                assert lab_containerd.mounts_below(ctrd.base) == []
+    finally:
+        _remove_cgroup(parent)
+
+
+RUNC_FLOW = """
+import json, sys
+from pathlib import Path
+sys.path[:0] = [{lab!r}, {tests!r}]
+from framework import containerd, cri
+from images import busybox_oci
+import test_cri_lab as flow
+containerd.keep_log = lambda path: None
+tmp = Path({tmp!r})
+net_d = tmp / "net.d"
+net_d.mkdir()
+conflist = cri.bridge_conflist("kata-cri", flow.BRIDGE, flow.SUBNET, tmp / "ipam")
+(net_d / "10-kata-cri.conflist").write_text(json.dumps(conflist))
+config = cri.CriConfig(cni_conf_dir=net_d, restrict_oom_score_adj=True)
+with containerd.private_containerd(cri=config) as ctrd:
+    ctrd.import_image(busybox_oci.build(tmp / "busybox.tar"), namespace=cri.CRI_NAMESPACE)
+    ctrd.import_image(cri.build_pause_image(tmp / "pause.tar"), namespace=cri.CRI_NAMESPACE)
+    with cri.CriClient(ctrd.address) as client:
+        try:
+            flow.pod_flow(flow.CriLab(ctrd, client, tmp), cri.RUNC_HANDLER, cgroup_parent={parent!r})
+        finally:
+            flow.remove_all_pods(client)
+print("pod flow passed")
+"""
+# what the CRI plugin and CNI write host-wide, each a tmpfs in the test's private mount namespace
+PRIVATE_DIRS = ("/run/containerd", "/run/netns", "/var/lib/cni")
+CNI_PLUGINS = [cri.CNI_BIN_DIR / p for p in ("bridge", "host-local", "loopback")]
+
+
+@pytest.mark.containerd
+@pytest.mark.root
+@pytest.mark.skipif(lab_containerd._fixture.skip_reason() is not None, reason="needs root and containerd")
+@pytest.mark.skipif(
+    not all(p.exists() for p in CNI_PLUGINS) or shutil.which("unshare") is None,
+    reason="needs Debian's containernetworking-plugins and unshare",
+)
+def test_the_lab_pod_flow_passes_with_runc_in_private_namespaces(tmp_path: Path) -> None:
+    """test_cri_lab's whole flow with the `runc` handler (its control) on the host: containerd, CNI's bridge
+    and the pod run in a private network namespace, containerd's and CNI's host-wide directories are tmpfs
+    in a private mount namespace. A failure here is the CRI/CNI set-up, never a VM."""
+    parent = f"/kata-cri-flow-{tmp_path.name}"
+    script = tmp_path / "flow.py"
+    script.write_text(
+        RUNC_FLOW.format(lab=str(LAB), tests=str(LAB / "tests"), tmp=str(tmp_path / "work"), parent=parent)
+    )
+    (tmp_path / "work").mkdir()
+    created = tmp_path / "created"
+    shell = "set -e\n"
+    for d in PRIVATE_DIRS:
+        shell += f"[ -d {d} ] || {{ mkdir -p {d}; echo {d} >> {created}; }}; mount -t tmpfs tmpfs {d}\n"
+    shell += f"ip link set lo up\nexec {sys.executable} {script}\n"
+    try:
+        done = subprocess.run(
+            ["unshare", "--mount", "--net", "--propagation", "private", "sh", "-c", shell],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    finally:
+        made = created.read_text().split() if created.exists() else []
+        for d in reversed(made):
+            Path(d).rmdir()
+        _remove_cgroup(parent)
+    assert done.returncode == 0 and "pod flow passed" in done.stdout, f"{done.stdout}\n{done.stderr[-6000:]}"

@@ -1,0 +1,301 @@
+"""Pods through containerd 1.6's CRI plugin, driven as the kubelet drives it (issue 18, containerd 1.6 side).
+
+One private containerd with its CRI plugin enabled (framework.cri.CriConfig: a `runc` default handler and a
+`kata` handler, runtime_type io.containerd.kata.v2) serves the module; the sandbox image is a busybox that
+sleeps, imported (the lab has no registry), the workload image the lab's busybox; the pod network is Debian's
+bridge + host-local CNI plugins through a conflist this module writes (bridge kata-cri0, 10.90.0.0/24).
+
+The same flow runs with handler `runc` first, as the control: when it fails, the CRI/CNI set-up is wrong, not
+our shim. Then with `kata`: RunPodSandbox -> PodSandboxStatus -> CreateContainer x2 -> StartContainer x2 ->
+ExecSync (`hostname` is the pod's; `cat /proc/cmdline` is the guest's, not the lab VM's; the kernel's
+boot_id is the same in both containers and not the lab VM's: one VM per pod) -> ContainerStatus RUNNING ->
+the CRI log files hold the workload's lines -> the pod IP answers HTTP from the lab VM (busybox httpd) -> one
+shim process for the pod -> StopContainer + RemoveContainer of one container -> StopPodSandbox ->
+RemovePodSandbox; then no shim, no mount below the private containerd or naming the pod, no netns, no tap, no
+port on the bridge, no /run/kata state of the pod.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from framework import in_labvm
+from framework._gen.cri import api_pb2
+from framework.containerd import (
+    BUSYBOX_IMAGE,
+    KATA_STATE_ROOT,
+    SHIM_BINARY,
+    PrivateContainerd,
+    install_guest_assets,
+    mounts_below,
+    private_containerd,
+)
+from framework.cri import (
+    CRI_NAMESPACE,
+    KATA_HANDLER,
+    PAUSE_IMAGE,
+    RUNC_HANDLER,
+    CriClient,
+    CriConfig,
+    CriError,
+    CriNotFound,
+    bridge_conflist,
+    build_pause_image,
+    container_config,
+    netns_names,
+    pod_sandbox_config,
+    read_cri_log,
+)
+from images import busybox_oci
+
+BRIDGE = "kata-cri0"
+SUBNET = "10.90.0.0/24"
+# eventually-waits (a VM boot, an httpd starting in a guest under nested TCG): generous, never a timed assert
+EVENTUALLY = 240
+SHIMS = {KATA_HANDLER: SHIM_BINARY, RUNC_HANDLER: "containerd-shim-runc-v2"}
+PAGE = "served-by-a-cri-pod"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+WEB = (
+    "echo cri-line-stdout; echo cri-line-stderr >&2; mkdir -p /www; echo {page} > /www/index.html; "
+    "httpd -p 8080 -h /www; exec sleep 3600"
+)
+
+
+def sh(*argv: str, check: bool = False) -> str:
+    return subprocess.run(list(argv), check=check, capture_output=True, text=True).stdout
+
+
+@dataclass
+class CriLab:
+    """The module's CRI-enabled containerd, a client on it, and where the test writes."""
+
+    ctrd: PrivateContainerd
+    client: CriClient
+    tmp: Path
+
+
+def bridge_ports() -> list[str]:
+    out = sh("ip", "-j", "link", "show", "master", BRIDGE).strip()
+    return [link["ifname"] for link in json.loads(out)] if out else []
+
+
+def remove_all_pods(client: CriClient) -> None:
+    """Best effort, after a failure: stop and remove every pod (as the kubelet's garbage collector would)."""
+    try:
+        pods = client.list_pod_sandbox()
+    except CriError:
+        return
+    for pod in pods:
+        for call in (client.stop_pod_sandbox, client.remove_pod_sandbox):
+            with contextlib.suppress(CriError):
+                call(pod.id)
+
+
+@pytest.fixture(scope="module")
+def cri_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriLab]:
+    if not in_labvm():
+        pytest.fail("the CRI lab tests run inside the lab VM", pytrace=False)
+    install_guest_assets()
+    tmp = tmp_path_factory.mktemp("cri")
+    net_d = tmp / "net.d"
+    net_d.mkdir()
+    conflist = bridge_conflist("kata-cri", BRIDGE, SUBNET, tmp / "ipam")
+    (net_d / "10-kata-cri.conflist").write_text(json.dumps(conflist, indent=2))
+    busybox = busybox_oci.build(tmp / "busybox.tar")
+    pause = build_pause_image(tmp / "pause.tar")
+    netns_before = netns_names()
+    try:
+        with private_containerd(cri=CriConfig(cni_conf_dir=net_d)) as ctrd:
+            ctrd.import_image(busybox, namespace=CRI_NAMESPACE)
+            ctrd.import_image(pause, namespace=CRI_NAMESPACE)
+            with CriClient(ctrd.address) as client:
+                try:
+                    yield CriLab(ctrd, client, tmp)
+                finally:
+                    remove_all_pods(client)
+    finally:
+        # what a killed containerd could not tear down: its pods' netns and the bridge CNI made
+        for name in netns_names() - netns_before:
+            sh("ip", "netns", "delete", name)
+        sh("ip", "link", "delete", BRIDGE)
+
+
+def eventually(what: Callable[[], bool], timeout: float = EVENTUALLY) -> bool:
+    end = time.monotonic() + timeout
+    while not what():
+        if time.monotonic() > end:
+            return False
+        time.sleep(1)
+    return True
+
+
+def fetch(url: str) -> str:
+    """GET ``url``, retried until the server answers (httpd may still be starting in the guest)."""
+    end = time.monotonic() + EVENTUALLY
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                return str(response.read().decode())
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(1)
+
+
+def diagnostics(lab: CriLab, pod_id: str = "") -> str:
+    """containerd's log tail and the log lines naming the pod (the shim's lines come through containerd)."""
+    # containerd's debug lines can be whole OCI specs: each cut to 400 characters
+    log = [line[:400] for line in lab.ctrd.log().splitlines()]
+    mine = [line for line in log if pod_id and pod_id[:12] in line][-40:]
+    tail = "\n".join(log[-80:])
+    return (
+        f"\n--- log lines of pod {pod_id[:12]} ---\n"
+        + "\n".join(mine)
+        + f"\n--- containerd log tail ---\n{tail}"
+    )
+
+
+def leftovers(
+    lab: CriLab, pod_id: str, netns: set[str], shims_before: list[int], handler: str
+) -> dict[str, object]:
+    """What a removed pod must not leave behind."""
+    mounts = Path("/proc/self/mounts").read_text()
+    return {
+        "shims": [p for p in lab.ctrd.shim_pids(SHIMS[handler]) if p not in shims_before],
+        "mounts below containerd": mounts_below(lab.ctrd.base),
+        "mounts naming the pod": [line for line in mounts.splitlines() if pod_id in line],
+        "netns": sorted(netns & netns_names()),
+        "bridge ports": bridge_ports(),
+        "taps": [line for line in sh("ip", "-o", "link", "show").splitlines() if "_kata" in line],
+        "kata state": (KATA_STATE_ROOT / pod_id).exists(),
+    }
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("handler", [RUNC_HANDLER, KATA_HANDLER])
+def test_cri_pod_runs_two_containers_answers_http_and_leaves_nothing(cri_lab: CriLab, handler: str) -> None:
+    pod_flow(cri_lab, handler)
+
+
+def pod_flow(lab: CriLab, handler: str, cgroup_parent: str = "") -> None:
+    """The kubelet's calls for one pod with ``handler``, checked at every step and after (test_cri_client
+    runs it with runc on the host too, in private mount and network namespaces)."""
+    client = lab.client
+    version = client.version()
+    assert version.runtime_api_version == "v1", version
+    # the kubelet waits for RuntimeReady and NetworkReady (CNI found the conflist) before any pod
+    assert eventually(lambda: all(ready for ready, _, _ in client.status().values()), 60), (
+        f"not ready: {client.status()}{diagnostics(lab)}"
+    )
+    for image in (BUSYBOX_IMAGE, PAUSE_IMAGE):
+        assert client.image_status(image) is not None, f"{image} not seen by CRI{diagnostics(lab)}"
+    logs = lab.tmp / f"logs-{handler}"
+    logs.mkdir()
+    hostname = f"cri-{handler}-pod"
+    pod = pod_sandbox_config(
+        f"cri-{handler}",
+        namespace="lab",
+        hostname=hostname,
+        log_directory=str(logs),
+        cgroup_parent=cgroup_parent,
+    )
+    shims_before = lab.ctrd.shim_pids(SHIMS[handler])
+    netns_before = netns_names()
+    host_cmdline = Path("/proc/cmdline").read_text().strip()
+    host_boot_id = Path(BOOT_ID).read_text().strip()
+    pod_id = ""
+    try:
+        pod_id = client.run_pod_sandbox(pod, runtime_handler=handler)
+        status = client.pod_sandbox_status(pod_id).status
+        assert status.state == api_pb2.SANDBOX_READY, f"{status}{diagnostics(lab, pod_id)}"
+        pod_ip = status.network.ip
+        assert pod_ip.startswith("10.90.0."), f"{status}{diagnostics(lab, pod_id)}"
+        pod_netns = netns_names() - netns_before
+        assert len(pod_netns) == 1, pod_netns
+
+        web_config = container_config(
+            "web", BUSYBOX_IMAGE, ["sh", "-c", WEB.format(page=PAGE)], log_path="web/0.log"
+        )
+        idle_config = container_config(
+            "idle", BUSYBOX_IMAGE, ["sh", "-c", "echo idle-started; exec sleep 3600"], log_path="idle/0.log"
+        )
+        web = client.create_container(pod_id, web_config, pod)
+        idle = client.create_container(pod_id, idle_config, pod)
+        client.start_container(web)
+        client.start_container(idle)
+
+        named = client.exec_sync(web, ["hostname"])
+        assert (named.exit_code, named.stdout.strip()) == (0, hostname), f"{named}{diagnostics(lab, pod_id)}"
+        cmdlines = [client.exec_sync(c, ["cat", "/proc/cmdline"]) for c in (web, idle)]
+        assert all(r.exit_code == 0 for r in cmdlines), f"{cmdlines}{diagnostics(lab, pod_id)}"
+        # boot_id is per running kernel: the same in both containers iff they share one (one VM per pod)
+        boots = [client.exec_sync(c, ["cat", BOOT_ID]).stdout.strip() for c in (web, idle)]
+        if handler == KATA_HANDLER:
+            # it ran in the guest: not the lab VM's kernel command line nor its kernel
+            assert cmdlines[0].stdout.strip() != host_cmdline, cmdlines[0]
+            assert boots[0] != host_boot_id, (boots, host_boot_id)
+        else:
+            assert cmdlines[0].stdout.strip() == host_cmdline, cmdlines[0]
+            assert boots[0] == host_boot_id, (boots, host_boot_id)
+        assert boots[0] == boots[1] and boots[0], boots
+
+        for cid, log_path in ((web, logs / "web" / "0.log"), (idle, logs / "idle" / "0.log")):
+            state = client.container_status(cid)
+            assert state.state == api_pb2.CONTAINER_RUNNING, f"{state}{diagnostics(lab, pod_id)}"
+            assert state.log_path == str(log_path), state
+        want = {("stdout", "cri-line-stdout"), ("stderr", "cri-line-stderr")}
+        web_log = logs / "web" / "0.log"
+        assert eventually(lambda: want <= {(x.stream, x.content) for x in read_cri_log(web_log)}), (
+            f"{web_log}: {read_cri_log(web_log)}{diagnostics(lab, pod_id)}"
+        )
+        idle_log = logs / "idle" / "0.log"
+        assert eventually(lambda: any(x.content == "idle-started" for x in read_cri_log(idle_log))), (
+            f"{idle_log}: {read_cri_log(idle_log)}{diagnostics(lab, pod_id)}"
+        )
+
+        page = fetch(f"http://{pod_ip}:8080/")
+        assert PAGE in page, page
+
+        assert eventually(lambda: len(lab.ctrd.shim_pids(SHIMS[handler])) == len(shims_before) + 1, 30), (
+            f"{SHIMS[handler]}: {lab.ctrd.shim_pids(SHIMS[handler])} (before the pod: {shims_before})"
+            f"{diagnostics(lab, pod_id)}"
+        )
+        assert {c.id for c in client.list_containers(pod_id)} == {web, idle}
+        assert [p.id for p in client.list_pod_sandbox(pod_id)] == [pod_id]
+
+        # the kubelet stops and removes a container (grace period 5 s; sleep as pid 1 ignores SIGTERM)
+        client.stop_container(idle, timeout=5)
+        assert client.container_status(idle).state == api_pb2.CONTAINER_EXITED
+        client.remove_container(idle)
+        assert {c.id for c in client.list_containers(pod_id)} == {web}
+
+        client.stop_pod_sandbox(pod_id)
+        assert client.pod_sandbox_status(pod_id).status.state == api_pb2.SANDBOX_NOTREADY
+        assert client.container_status(web).state == api_pb2.CONTAINER_EXITED
+        client.remove_pod_sandbox(pod_id)
+        with pytest.raises(CriNotFound):
+            client.pod_sandbox_status(pod_id)
+        assert client.list_pod_sandbox(pod_id) == []
+    except CriError as err:
+        # a failed call says only what containerd answered: add its log (the shim's lines are in it)
+        detail = diagnostics(lab, pod_id)
+        remove_all_pods(client)
+        raise AssertionError(f"{err}{detail}") from err
+    except BaseException:
+        remove_all_pods(client)
+        raise
+
+    def clean() -> bool:
+        return not any(leftovers(lab, pod_id, pod_netns, shims_before, handler).values())
+
+    assert eventually(clean), (
+        f"left behind: {leftovers(lab, pod_id, pod_netns, shims_before, handler)}{diagnostics(lab, pod_id)}"
+    )
