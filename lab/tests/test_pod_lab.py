@@ -209,7 +209,7 @@ def test_two_containers_of_a_pod_share_hostname_ipc_uts_and_dev_shm(ctrd: Privat
         done = kata_run(ctrd, "-d", *join, BUSYBOX_IMAGE, member, "sleep", "600")
         assert done.returncode == 0, f"{done.stderr}\n{ctrd.log_tail(100)}"
         assert len(ctrd.shim_pids()) == 1, "the second container must join the pod's VM"
-        probe = "hostname; readlink /proc/self/ns/ipc /proc/self/ns/uts; df -k /dev/shm | tail -1"
+        probe = "hostname; readlink /proc/self/ns/ipc; readlink /proc/self/ns/uts; df -k /dev/shm | tail -1"
         first = ctrd.ctr(
             "task", "exec", "--exec-id", "w", pod, "sh", "-c", f"echo from-{pod} > /dev/shm/marker; {probe}",
             timeout=RUN_TIMEOUT,
