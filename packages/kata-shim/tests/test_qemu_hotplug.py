@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +307,33 @@ def test_device_deleted_never_coming_is_a_typed_timeout_and_the_device_stays_rec
     state, _ = run_vm(Qemu(config, state_root=root, open_vsock=fake_vsock), share, body)
     assert state["devices"] == ["blk-hp0", "blk-hp1"] and state["nodes"] == ["drive-hp0", "drive-hp1"]
     assert [c for c, _ in commands(qmp_log)].count("blockdev-del") == 0  # never under a live device
+
+
+def test_qemu_gone_while_an_unplug_waits_ends_the_wait_with_its_own_error(
+    config: HypervisorConfig, root: Path, share: Path, *, disks: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 15-hp-d: QEMU dies while the shim waits for the guest's eject: the wait ends on QMP's close
+    with an error that says so, not as an UnplugTimeout after the whole UNPLUG_TIMEOUT."""
+    monkeypatch.setenv("FAKE_QEMU_MODE", "no-eject")
+    monkeypatch.setattr(_qemu, "UNPLUG_TIMEOUT", 600.0)
+    disk = BlockDevice(disks[0])
+
+    async def body(hv: Qemu) -> str:
+        await hv.add_device(disk)
+        qemu_pid = hv.pids()[0]
+
+        async def kill_soon() -> None:
+            await trio.sleep(0.3)
+            os.kill(qemu_pid, signal.SIGKILL)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill_soon)
+            with pytest.raises(HypervisorError) as info:
+                await hv.remove_device(disk)
+        return str(info.value) if not isinstance(info.value, UnplugTimeout) else "UnplugTimeout"
+
+    message, _ = run_vm(Qemu(config, state_root=root, open_vsock=fake_vsock), share, body)
+    assert "QMP closed" in message, message
 
 
 # --- vCPUs ------------------------------------------------------------------------------------------
