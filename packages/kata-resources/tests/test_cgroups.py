@@ -272,6 +272,38 @@ def test_v2_parent_made_by_another_sandbox_meanwhile_is_used_and_left_to_it(
         parent.rmdir()
 
 
+@pytest.mark.root
+def test_v2_parent_removed_by_its_maker_meanwhile_is_made_again_and_is_then_ours(
+    sid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other race of sandboxes starting and stopping at once: the sandbox that made the shared parent
+    removes it (its cleanup) between our look and our mkdir below it: the walk starts over and makes it."""
+    root = _v2_root()
+    parent = root / sid
+    parent.mkdir()  # made by another sandbox
+    enable = SandboxCgroup._enable_v2
+    removed: list[bool] = []
+
+    def other_sandbox_cleans_up(self: SandboxCgroup, where: Path, controllers: list[str]) -> None:
+        if where == parent and not removed:
+            removed.append(True)
+            parent.rmdir()  # its maker's cleanup lands first
+        enable(self, where, controllers)
+
+    monkeypatch.setattr(SandboxCgroup, "_enable_v2", other_sandbox_cleans_up)
+    try:
+        cg = SandboxCgroup.create(sid, f"/{sid}/pod", root=root, version=2)
+        assert removed and (parent / "pod").is_dir()
+        assert cg.created == [sid, f"{sid}/pod"]  # made again by us: ours to remove
+        cg.delete()
+        assert not parent.exists()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            (parent / "pod").rmdir()
+        with contextlib.suppress(FileNotFoundError):
+            parent.rmdir()
+
+
 @pytest.mark.lab
 @pytest.mark.root
 def test_v2_limits_on_a_pure_v2_host(sid: str, child: int) -> None:

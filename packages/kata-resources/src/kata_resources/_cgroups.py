@@ -43,6 +43,11 @@ OVERHEAD_V1 = "kata_overhead"
 DEFAULT_CPU_PERIOD = 100_000
 
 
+MKDIR_V2_ATTEMPTS = 3
+"""Walks of a v2 cgroup path before a parent that keeps vanishing (removed by the sandbox that made it) is
+an error."""
+
+
 class CgroupError(ResourceError, OSError):
     """Raised when a cgroup cannot be created, written, joined or removed, or a cgroupsPath is malformed."""
 
@@ -262,16 +267,34 @@ class SandboxCgroup:
                     node = child
 
     def _mkdir_v2(self, rel: str, controllers: Iterable[str]) -> None:
+        """Make each missing directory of ``rel``, offering ``controllers`` down the way. Other sandboxes
+        make and remove shared parents (ctr's /default) at the same time: a parent made meanwhile is
+        theirs and used; a parent removed meanwhile (its maker's cleanup) makes the walk start over, at
+        most `MKDIR_V2_ATTEMPTS` times."""
+        wanted = list(controllers)
+        for attempt in range(MKDIR_V2_ATTEMPTS):
+            try:
+                self._mkdir_v2_walk(rel, wanted)
+                return
+            except FileNotFoundError as err:
+                if attempt == MKDIR_V2_ATTEMPTS - 1:
+                    raise CgroupError(
+                        err.errno, f"cannot create cgroup {rel}: a parent keeps vanishing"
+                    ) from err
+
+    def _mkdir_v2_walk(self, rel: str, controllers: list[str]) -> None:
         path = self.root
         for part in rel.split("/"):
             parent, path = path, path / part
             if path.is_dir():
                 continue
-            self._enable_v2(parent, controllers)
+            self._enable_v2(parent, controllers)  # FileNotFoundError when the parent went: start over
             try:
                 path.mkdir()
             except FileExistsError:
                 continue  # another sandbox made this parent between our look and our mkdir: it is theirs
+            except FileNotFoundError:
+                raise  # the parent went between our look and our mkdir: start over
             except OSError as err:
                 raise CgroupError(err.errno, f"cannot create cgroup {path}: {err.strerror}") from err
             self.created.append(str(path.relative_to(self.root)))
