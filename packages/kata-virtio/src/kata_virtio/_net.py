@@ -153,7 +153,6 @@ class VirtioNet(VirtioDevice):
         self._rx_starved = False
         self._frame = bytearray(MAX_FRAME)  # the frame being received, header first
         self._held = 0  # length of a frame in `_frame` that found no room in the guest yet
-        self._short = 0  # buffers the held frame found, too few for it (left in the ring)
         os.set_blocking(fd, False)
 
     @classmethod
@@ -274,13 +273,13 @@ class VirtioNet(VirtioDevice):
                 if n <= VIRTIO_NET_HDR_SIZE:
                     continue
                 self._held = n
-            delivered = self._deliver(mem, self._held)
-            if delivered is None:
+            short = self._deliver(mem, self._held)
+            if short is not None:
                 # No room: we stop polling the tap until the driver posts buffers, so ask for that kick:
                 # with VIRTIO_F_EVENT_IDX the driver kicks only once its avail idx passes avail_event,
                 # which the rx path otherwise never writes (§2.7.10). Then look once more: a buffer
                 # posted before the driver saw the new avail_event comes with no kick.
-                if q.enable_notification(mem, held=self._short):
+                if q.enable_notification(mem, held=short):
                     continue
                 self._rx_starved = True
                 break
@@ -289,10 +288,11 @@ class VirtioNet(VirtioDevice):
         if used:
             self.signal_used(RXQ)
 
-    def _deliver(self, mem: GuestMemory, n: int) -> bool | None:
-        """Put the ``n``-byte frame in `_frame` into receive buffers: True when it was, False when it was
-        dropped (no buffer can hold it: without MRG_RXBUF it must fit one, §5.1.6.3.1), None when the
-        driver has not posted enough buffers yet (nothing taken)."""
+    def _deliver(self, mem: GuestMemory, n: int) -> int | None:
+        """Put the ``n``-byte frame in `_frame` into receive buffers, or drop it into them when no buffer
+        can hold it (without MRG_RXBUF it must fit one, §5.1.6.3.1): None, the frame is gone. When the
+        driver has not posted enough buffers yet, nothing is taken: the count of buffers found (too few,
+        left in the ring)."""
         q = self.queues[RXQ]
         mergeable = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
         chains: list[DescriptorChain] = []
@@ -302,8 +302,7 @@ class VirtioNet(VirtioDevice):
             if chain is None:
                 for _ in chains:
                     q.undo_pop()
-                self._short = len(chains)
-                return None
+                return len(chains)
             chains.append(chain)
             room += chain.writable_len
             if not mergeable or chains[0].writable_len < VIRTIO_NET_HDR_SIZE or len(chains) >= q.size:
@@ -312,7 +311,7 @@ class VirtioNet(VirtioDevice):
             _log.debug("net: %d-byte frame, %d buffer(s) of %d bytes: dropped", n, len(chains), room)
             for chain in chains:
                 q.add_used(mem, chain.head_index, 0)
-            return False
+            return None
         # §5.1.6.4: num_buffers is the count of buffers the frame spans (1 without MRG_RXBUF).
         struct.pack_into("<H", self._frame, NUM_BUFFERS_OFFSET, len(chains))
         frame = memoryview(self._frame)
@@ -326,7 +325,7 @@ class VirtioNet(VirtioDevice):
             q.add_used(mem, chain.head_index, take)
             off += take
         del frame
-        return True
+        return None
 
 
 def _parse_mac(mac: bytes | str) -> bytes:
