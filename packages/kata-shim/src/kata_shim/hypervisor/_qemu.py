@@ -591,13 +591,19 @@ class Qemu(ExternalVmm):
         args: dict[str, Any] = {"driver": "virtio-blk-pci", "id": qdev, "drive": node}
         if device.device_id:
             args["serial"] = device.device_id[:20]
-        args |= {"bus": f"rp{port}", "addr": "0x0"}
-        try:
-            await self._device_add(qmp, args)
-        except QmpError:
-            await self._undo(qmp, "blockdev-del", {"node-name": node})
-            raise
+        await self._device_add_on_port(qmp, args, port, ("blockdev-del", {"node-name": node}))
         return HotPlugged(device, qdev, port, node)
+
+    async def _device_add_on_port(
+        self, qmp: QmpClient, args: dict[str, Any], port: int, undo: tuple[str, dict[str, Any]]
+    ) -> None:
+        """`_device_add` of ``args`` on root port ``port``; when QEMU refuses it, ``undo`` (the command that
+        takes its back-end out) runs before the error goes on."""
+        try:
+            await self._device_add(qmp, args | {"bus": f"rp{port}", "addr": "0x0"})
+        except QmpError:
+            await self._undo(qmp, *undo)
+            raise
 
     async def _device_add(self, qmp: QmpClient, args: dict[str, Any]) -> None:
         """``device_add``; when QEMU does not answer in time, it counts as done if QEMU has the device
@@ -651,12 +657,7 @@ class Qemu(ExternalVmm):
         args = {"driver": "virtio-net-pci", "id": qdev, "netdev": netdev}
         if device.mac:
             args["mac"] = device.mac
-        args |= {"bus": f"rp{port}", "addr": "0x0"}
-        try:
-            await self._device_add(qmp, args)
-        except QmpError:
-            await self._undo(qmp, "netdev_del", {"id": netdev})
-            raise
+        await self._device_add_on_port(qmp, args, port, ("netdev_del", {"id": netdev}))
         return HotPlugged(device, qdev, port, netdev)
 
     async def _unplug(
