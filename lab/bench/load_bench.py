@@ -38,10 +38,8 @@ from framework import in_labvm  # noqa: E402
 from framework.containerd import (  # noqa: E402
     BUSYBOX_IMAGE,
     PrivateContainerd,
-    install_guest_assets,
-    private_containerd,
+    busybox_containerd,
 )
-from images import busybox_oci  # noqa: E402
 from shim_bench import Series, all_series, ctr_run, log, pod_point  # noqa: E402
 
 START_TIMEOUT = 1800
@@ -145,7 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     if not in_labvm():
         print("load_bench runs inside the lab VM (lab/labvm exec --cpus 1 -- ...)", file=sys.stderr)
         return 2
-    install_guest_assets()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="load-bench-") as tmp:
         known = all_series(Path(tmp))
@@ -154,10 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyError as err:
             print(f"unknown series {err}; known: {', '.join(known)}", file=sys.stderr)
             return 2
-        tar = busybox_oci.build(Path(tmp) / "busybox.tar")
         result: dict[str, Any] = {"pods": args.pods, "series": {}}
-        with private_containerd(debug=False) as ctrd:
-            ctrd.import_image(tar)
+        with busybox_containerd(Path(tmp), debug=False) as ctrd:
             for series in order:
                 if series.name == "kata-template":  # build the template before the pods that restore it
                     built = ctr_run(ctrd, series, "--rm", BUSYBOX_IMAGE, "tpl-build", "true")

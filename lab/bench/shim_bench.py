@@ -50,12 +50,10 @@ from framework.containerd import (  # noqa: E402
     KATA_RUNTIME,
     ContainerdError,
     PrivateContainerd,
-    install_guest_assets,
-    private_containerd,
+    busybox_containerd,
     processes_below,
     thread_names,
 )
-from images import busybox_oci  # noqa: E402
 
 RUNC_RUNTIME = "io.containerd.runc.v2"
 SHIM_BINARIES = {KATA_RUNTIME: "containerd-shim-kata-v2", RUNC_RUNTIME: "containerd-shim-runc-v2"}
@@ -307,7 +305,6 @@ def main(argv: list[str] | None = None) -> int:
         print("shim_bench runs inside the lab VM (lab/labvm exec -- ...)", file=sys.stderr)
         return 2
     sizes = sorted({int(s) for s in args.pod.split(",")})
-    install_guest_assets()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="shim-bench-") as tmp:
         known = all_series(Path(tmp))
@@ -317,9 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyError as err:
             print(f"unknown series {err}; known: {', '.join(known)}", file=sys.stderr)
             return 2
-        tar = busybox_oci.build(Path(tmp) / "busybox.tar")
-        with private_containerd(debug=False) as ctrd:
-            ctrd.import_image(tar)
+        with busybox_containerd(Path(tmp), debug=False) as ctrd:
             result: dict[str, Any] = {
                 "host": {"cpus": os.cpu_count(), "kernel": os.uname().release},
                 "run_rm": run_rm_series(ctrd, args.runs, order),

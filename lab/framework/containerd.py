@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from framework.assets import REPO, GuestAssets, in_labvm, venv_bin
 
@@ -143,6 +143,16 @@ class PrivateContainerd(_fixture.ContainerdLog):
         """`ctr images import` the OCI tarball; returns ctr's output."""
         return self.ctr("images", "import", str(tarball), namespace=namespace).stdout
 
+    def remove(self, cid: str, timeout: float = 120) -> None:
+        """Take container ``cid`` away whatever its state, not checked: SIGKILL its task, retry the task's
+        delete until containerd takes it (the shim answers once the exit is through) or ``timeout``
+        passes, then delete the container. Callers assert what must be gone afterwards."""
+        self.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and self.ctr("task", "delete", cid, check=False).returncode != 0:
+            time.sleep(1)
+        self.ctr("container", "delete", cid, check=False)
+
     def shim_pids(self, binary: str = SHIM_BINARY) -> list[int]:
         """Processes of ``binary`` (by default containerd-shim-kata-v2) started for this containerd."""
         return sorted(pid for pid, argv in processes() if binary in argv and self.address in argv)
@@ -245,3 +255,17 @@ __all__ = [
     "unmount_below",
     "venv_bin",
 ]
+
+
+@contextlib.contextmanager
+def busybox_containerd(workdir: Path, **options: Any) -> Iterator[PrivateContainerd]:
+    """`private_containerd(**options)` ready for the kata runtime: the guest assets installed where the
+    shim's shipped configuration looks, lab/images' busybox built into ``workdir`` and imported (what the
+    shim's lab tests and benches start from)."""
+    from images import busybox_oci
+
+    install_guest_assets()
+    tar = busybox_oci.build(workdir / "busybox.tar")
+    with private_containerd(**options) as instance:
+        instance.import_image(tar)
+        yield instance

@@ -22,8 +22,7 @@ if str(LAB) not in sys.path:
     sys.path.insert(0, str(LAB))
 
 from framework import BACKENDS, Backend, GuestAssets, MicroVMFactory, QemuBackend, in_labvm  # noqa: E402
-from framework.containerd import PrivateContainerd, install_guest_assets, private_containerd  # noqa: E402
-from images import busybox_oci  # noqa: E402
+from framework.containerd import PrivateContainerd, busybox_containerd  # noqa: E402
 
 OUTSIDE_LAB = (
     "tests marked `lab` boot guests inside the nested-KVM lab VM: run them with `./dev nox -s lab` "
@@ -85,8 +84,5 @@ def ctrd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateContainerd
     assets installed (containerd start and image import cost tens of seconds under TCG: once a module)."""
     if not in_labvm():
         pytest.fail("the containerd lab tests run inside the lab VM", pytrace=False)
-    install_guest_assets()
-    tar = busybox_oci.build(tmp_path_factory.mktemp("image") / "busybox.tar")
-    with private_containerd() as instance:
-        instance.import_image(tar)
+    with busybox_containerd(tmp_path_factory.mktemp("image")) as instance:
         yield instance

@@ -94,14 +94,6 @@ def wait_clean(ctrd: PrivateContainerd, *pods: CniPod) -> None:
     assert not any(any(v.values()) for v in left.values()), f"left behind {left}\n{ctrd.log_tail()}"
 
 
-def stop(ctrd: PrivateContainerd, cid: str) -> None:
-    ctrd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
-    end = time.monotonic() + EVENTUALLY
-    while time.monotonic() < end and ctrd.ctr("task", "delete", cid, check=False).returncode != 0:
-        time.sleep(1)
-    ctrd.ctr("container", "delete", cid, check=False)
-
-
 def fetch(url: str) -> str:
     """GET ``url``, retried until the server answers (it may still be starting in the guest)."""
     end = time.monotonic() + EVENTUALLY
@@ -167,7 +159,7 @@ def test_two_pods_on_a_cni_bridge_talk_http_both_ways_and_leave_nothing(
             assert POD_PAGE in other.stdout, other.stdout
             assert " 0% packet loss" in other.stdout, other.stdout
         finally:
-            stop(ctrd, "cni-a")
+            ctrd.remove("cni-a", timeout=EVENTUALLY)
         # the containers are gone: nothing of ours in either netns, no shim
         wait_clean(ctrd, pod_a, pod_b)
         ports = cni.bridge_ports()

@@ -53,6 +53,13 @@ def eventually(check: Callable[[], bool], what: str, timeout: float = 120) -> No
         time.sleep(1)
 
 
+def kill_and_delete(ctrd: PrivateContainerd, cid: str) -> None:
+    """SIGKILL the task; its delete must succeed `eventually`; then the container's."""
+    ctrd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
+    eventually(lambda: ctrd.ctr("task", "delete", cid, check=False).returncode == 0, "task deleted")
+    ctrd.ctr("container", "delete", cid, check=False)
+
+
 def task_update(ctrd: PrivateContainerd, cid: str, resources: dict[str, object]) -> None:
     """Task.Update to the container's shim, as containerd sends it (LinuxResources JSON in an Any)."""
     bundle = ctrd.state / "io.containerd.runtime.v2.task" / "default" / cid
@@ -126,9 +133,7 @@ def test_task_update_grows_and_shrinks_the_vm(ctrd: PrivateContainerd, dynamic_c
         log = ctrd.log()
         assert "vCPUs 1 -> 2 (container hp2)" in log and "vCPUs 2 -> 1 (container hp2)" in log
     finally:
-        ctrd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
-        eventually(lambda: ctrd.ctr("task", "delete", cid, check=False).returncode == 0, "task deleted")
-        ctrd.ctr("container", "delete", cid, check=False)
+        kill_and_delete(ctrd, cid)
     eventually(lambda: not ctrd.shim_pids(), "the shim gone")
 
 

@@ -136,11 +136,7 @@ def test_sandbox_cgroup_holds_the_vcpu_thread_while_the_pod_runs_and_goes_after(
         )
         assert ping.returncode == 0, ping.stdout + ping.stderr  # the host reaches the guest too
     finally:
-        ctrd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
-        end = time.monotonic() + 120
-        while time.monotonic() < end and ctrd.ctr("task", "delete", cid, check=False).returncode != 0:
-            time.sleep(1)
-        ctrd.ctr("container", "delete", cid, check=False)
+        ctrd.remove(cid)
     assert_pod_gone(ctrd, cid)
 
 
@@ -186,11 +182,7 @@ def test_systemd_form_cgroups_path_makes_the_scope_below_its_slices_and_removes_
         assert scope.is_dir(), sorted(str(p.relative_to(CGROUP_ROOT)) for p in slices.rglob("*.s*"))
         assert shims[0] in {int(x) for x in (scope / "cgroup.procs").read_text().split()}
     finally:
-        ctrd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
-        end = time.monotonic() + 120
-        while time.monotonic() < end and ctrd.ctr("task", "delete", cid, check=False).returncode != 0:
-            time.sleep(1)
-        ctrd.ctr("container", "delete", cid, check=False)
+        ctrd.remove(cid)
     end = time.monotonic() + 60
     while slices.exists() and time.monotonic() < end:
         time.sleep(0.5)
@@ -229,9 +221,5 @@ def test_two_containers_of_a_pod_share_hostname_ipc_uts_and_dev_shm(ctrd: Privat
         assert first[1].startswith("ipc:[") and first[2].startswith("uts:["), first
     finally:
         for cid in (member, pod):
-            ctrd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
-            end = time.monotonic() + 120
-            while time.monotonic() < end and ctrd.ctr("task", "delete", cid, check=False).returncode != 0:
-                time.sleep(1)
-            ctrd.ctr("container", "delete", cid, check=False)
+            ctrd.remove(cid)
     assert_pod_gone(ctrd, pod)

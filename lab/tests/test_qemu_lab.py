@@ -30,7 +30,7 @@ from framework.containerd import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_hotplug_shim_lab
-from test_hotplug_shim_lab import eventually, in_task, task_update
+from test_hotplug_shim_lab import eventually, in_task, kill_and_delete, task_update
 
 loop_disk = test_hotplug_shim_lab.loop_disk  # the fixture, shared
 
@@ -224,7 +224,5 @@ def test_qemu_grows_and_shrinks_the_vm_by_acpi_vcpu_hotplug(ctrd: PrivateContain
         log = ctrd.log()
         assert f"vCPUs 1 -> 2 (container {cid})" in log and f"vCPUs 2 -> 1 (container {cid})" in log
     finally:
-        ctrd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
-        eventually(lambda: ctrd.ctr("task", "delete", cid, check=False).returncode == 0, "task deleted")
-        ctrd.ctr("container", "delete", cid, check=False)
+        kill_and_delete(ctrd, cid)
     _assert_nothing_left(ctrd)

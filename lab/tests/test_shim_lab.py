@@ -413,19 +413,25 @@ def test_kill_sigterm_is_delivered_then_sigkill_ends_the_task(
     assert_nothing_left(ctrd, service)
 
 
+def kill_9_then_clean_up(ctrd: PrivateContainerd, shim: int, container_id: str) -> None:
+    """`kill -9` of the pod's shim, then what containerd does about it (the task seen stopped, its delete
+    runs the shim's cleanup), then nothing may be left (`assert_nothing_left`)."""
+    os.kill(shim, signal.SIGKILL)
+    end = time.monotonic() + 60
+    while task_status(ctrd, container_id) not in ("STOPPED", "") and time.monotonic() < end:
+        time.sleep(0.5)
+    ctrd.ctr("task", "delete", container_id, check=False, timeout=120)
+    ctrd.ctr("container", "delete", container_id, check=False)
+    assert_nothing_left(ctrd, container_id)
+
+
 @pytest.mark.lab
 def test_kill_9_of_the_shim_is_cleaned_up_by_containerd(ctrd: PrivateContainerd) -> None:
     done = kata_run(ctrd, "-d", BUSYBOX_IMAGE, "k9", "sleep", "1000")
     assert done.returncode == 0, f"{done.stderr}\n{ctrd.log_tail(100)}"
     shims = ctrd.shim_pids()
     assert len(shims) == 1
-    os.kill(shims[0], signal.SIGKILL)
-    end = time.monotonic() + 60
-    while task_status(ctrd, "k9") not in ("STOPPED", "") and time.monotonic() < end:
-        time.sleep(0.5)
-    ctrd.ctr("task", "delete", "k9", check=False, timeout=120)
-    ctrd.ctr("container", "delete", "k9", check=False)
-    assert_nothing_left(ctrd, "k9")
+    kill_9_then_clean_up(ctrd, shims[0], "k9")
 
 
 @pytest.mark.lab

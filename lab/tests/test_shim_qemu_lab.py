@@ -15,22 +15,19 @@ configuration-dragonball.toml and `kata-shim install` (which installs the dragon
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from framework import in_labvm
 from framework.configs import qemu_config
-from framework.containerd import BUSYBOX_IMAGE, PrivateContainerd, install_guest_assets, private_containerd
-from images import busybox_oci
+from framework.containerd import BUSYBOX_IMAGE, PrivateContainerd, busybox_containerd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_shim_lab
 from test_qemu_lab import _assert_nothing_left, _processes
-from test_shim_lab import assert_nothing_left, kata_run, task_status
+from test_shim_lab import kata_run, kill_9_then_clean_up
 
 # The shared tests and their module fixtures, bound here in test_shim_lab.py's order (pytest runs a module's
 # tests in the order its namespace got them; the `service` tests end with the one that deletes it).
@@ -65,12 +62,11 @@ def ctrd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateContainerd
     which the shims inherit; upstream's lookup order puts it first)."""
     if not in_labvm():
         pytest.fail("the containerd lab tests run inside the lab VM", pytrace=False)
-    install_guest_assets()
     config = qemu_config(tmp_path_factory.mktemp("qemu-config"))
-    tar = busybox_oci.build(tmp_path_factory.mktemp("image") / "busybox.tar")
-    with private_containerd(extra_env={"KATA_CONF_FILE": str(config)}) as instance:
-        instance.import_image(tar)
-        yield instance
+    with busybox_containerd(
+        tmp_path_factory.mktemp("image"), extra_env={"KATA_CONF_FILE": str(config)}
+    ) as ctrd:
+        yield ctrd
     left = _processes(QEMU) + _processes(VIRTIOFSD)
     assert not left, f"qemu/virtiofsd left after the module: {left}"
 
@@ -88,12 +84,6 @@ def test_shim_qemu_and_virtiofsd_are_the_pods_processes_and_go_with_it(ctrd: Pri
     print(f"qemu pod's process tree: {tree}")
     assert comms == sorted({QEMU[:15], VIRTIOFSD}), tree  # comm is cut at 15 characters
     started = {pid for pid, comm in tree[1:] if comm in (QEMU[:15], VIRTIOFSD)}
-    os.kill(shims[0], signal.SIGKILL)
-    end = time.monotonic() + 60
-    while task_status(ctrd, "qtree") not in ("STOPPED", "") and time.monotonic() < end:
-        time.sleep(0.5)
-    ctrd.ctr("task", "delete", "qtree", check=False, timeout=120)
-    ctrd.ctr("container", "delete", "qtree", check=False)
-    assert_nothing_left(ctrd, "qtree")
+    kill_9_then_clean_up(ctrd, shims[0], "qtree")
     _assert_nothing_left(ctrd)
     assert not [pid for pid in started if os.path.exists(f"/proc/{pid}")], started
