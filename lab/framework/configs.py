@@ -1,5 +1,5 @@
-"""Shim configurations the lab runs besides the shipped one: upstream's qemu configuration and the shipped
-one with the VM template on (tests and benchmarks build them here, one copy each)."""
+"""Shim configurations the lab runs besides the shipped one: upstream's qemu and dragonball configurations
+and the shipped one with the VM template on (tests and benchmarks build them here, one copy each)."""
 
 from __future__ import annotations
 
@@ -10,27 +10,59 @@ from framework.assets import GuestAssets
 REPO = Path(__file__).resolve().parents[2]
 SHIM_FIXTURES = REPO / "packages" / "kata-shim" / "tests" / "fixtures"
 UPSTREAM_QEMU_CONFIG = SHIM_FIXTURES / "configuration-qemu-runtime-rs-4.0.0.toml"
+UPSTREAM_DRAGONBALL_CONFIG = SHIM_FIXTURES / "configuration-dragonball-4.0.0.toml"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 """Debian's virtiofsd (qemu-system-common)."""
 
 
-def qemu_config(directory: Path) -> Path:
-    """Upstream's configuration-qemu-runtime-rs.toml in ``directory``, asset paths substituted; the lab's
-    needs in a drop-in: the stock kernel loads its drivers from an initrd, a smaller VM, a longer agent
-    budget."""
+def _upstream_config(
+    directory: Path, source: Path, hypervisor: str, kernel: str, *, paths: dict[str, str], keys: str = ""
+) -> Path:
+    """Upstream's ``source`` in ``directory``: its kernel path ``kernel``, its image and ``paths`` substituted
+    with the lab's, nothing else changed; the lab's needs in a config.d drop-in: the stock kernel loads its
+    drivers from an initrd (plus ``keys`` of ``[hypervisor.<hypervisor>]``), and a guest under nested KVM in
+    the emulated lab VM needs longer than upstream's 10 s to start its agent."""
     assets = GuestAssets()
-    text = UPSTREAM_QEMU_CONFIG.read_text()
-    text = text.replace("/usr/share/kata-containers/vmlinux.container", str(assets.kernel))
-    text = text.replace("/usr/share/kata-containers/kata-containers.img", str(assets.rootfs_sandbox))
-    text = text.replace("/usr/libexec/virtiofsd", VIRTIOFSD)
+    text = source.read_text()
+    substitutions = {
+        kernel: str(assets.kernel),
+        "/usr/share/kata-containers/kata-containers.img": str(assets.rootfs_sandbox),
+        **paths,
+    }
+    for old, new in substitutions.items():
+        text = text.replace(old, new)
     path = directory / "configuration.toml"
     path.write_text(text)
     (directory / "config.d").mkdir()
     (directory / "config.d" / "50-lab.toml").write_text(
-        f'[hypervisor.qemu]\ninitrd = "{assets.initrd_sandbox}"\ndefault_memory = 1024\n'
+        f'[hypervisor.{hypervisor}]\ninitrd = "{assets.initrd_sandbox}"\n{keys}'
         "[agent.kata]\nreconnect_timeout_ms = 90000\n"
     )
     return path
+
+
+def qemu_config(directory: Path) -> Path:
+    """Upstream's configuration-qemu-runtime-rs.toml in ``directory`` (`_upstream_config`), Debian's
+    virtiofsd, and a smaller VM than upstream's."""
+    return _upstream_config(
+        directory,
+        UPSTREAM_QEMU_CONFIG,
+        "qemu",
+        "/usr/share/kata-containers/vmlinux.container",
+        paths={"/usr/libexec/virtiofsd": VIRTIOFSD},
+        keys="default_memory = 1024\n",
+    )
+
+
+def dragonball_config(directory: Path) -> Path:
+    """Upstream's configuration-dragonball.toml in ``directory`` (`_upstream_config`)."""
+    return _upstream_config(
+        directory,
+        UPSTREAM_DRAGONBALL_CONFIG,
+        "dragonball",
+        "/usr/share/kata-containers/vmlinux-dragonball-experimental.container",
+        paths={},
+    )
 
 
 def template_config(directory: Path) -> tuple[Path, Path]:

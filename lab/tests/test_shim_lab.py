@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 from framework import GuestAssets
+from framework.configs import dragonball_config
 from framework.containerd import (
     BUSYBOX_IMAGE,
     KATA_RUNTIME,
     KATA_STATE_ROOT,
-    REPO,
     PrivateContainerd,
     mounts_below,
     private_containerd,
@@ -481,29 +481,11 @@ def test_bad_config_fails_ctr_run_with_its_message(
     assert_nothing_left(ctrd, "bad")
 
 
-UPSTREAM_CONFIG = (
-    REPO / "packages" / "kata-shim" / "tests" / "fixtures" / "configuration-dragonball-4.0.0.toml"
-)
-
-
 @pytest.mark.lab
 def test_unmodified_upstream_configuration_runs_a_container(ctrd: PrivateContainerd, tmp_path: Path) -> None:
     # Kata 4.0's configuration-dragonball.toml with only its asset paths substituted; what this lab needs
-    # beyond it comes as a config.d drop-in: Debian's stock kernel loads virtio_blk from an initrd, and a
-    # guest under nested KVM in the emulated lab VM needs longer than upstream's 10 s to start its agent.
-    assets = GuestAssets()
-    text = UPSTREAM_CONFIG.read_text()
-    text = text.replace(
-        "/usr/share/kata-containers/vmlinux-dragonball-experimental.container", str(assets.kernel)
-    )
-    text = text.replace("/usr/share/kata-containers/kata-containers.img", str(assets.rootfs_sandbox))
-    path = tmp_path / "configuration.toml"
-    path.write_text(text)
-    (tmp_path / "config.d").mkdir()
-    (tmp_path / "config.d" / "50-lab.toml").write_text(
-        f'[hypervisor.dragonball]\ninitrd = "{assets.initrd_sandbox}"\n'
-        "[agent.kata]\nreconnect_timeout_ms = 90000\n"
-    )
+    # beyond it comes as a config.d drop-in (framework.configs)
+    path = dragonball_config(tmp_path)
     done = kata_run(
         ctrd, "--rm", "--runtime-config-path", str(path), BUSYBOX_IMAGE, "up1", "sh", "-c", "echo up"
     )
