@@ -291,6 +291,15 @@ while [ $i -lt 1500 ]; do sleep 0.2; i=$((i + 1)); done  # the host stops the VM
 """
 
 
+async def console_says(hv: Qemu, marker: str) -> None:
+    """Wait (up to 240 s) for ``marker`` on the guest's serial console."""
+    for _ in range(2400):
+        if marker in hv.console_tail():
+            return
+        await trio.sleep(0.1)
+    raise AssertionError(f"no {marker!r} on the console:\n{hv.console_tail()}")
+
+
 @ROOT
 @pytest.mark.guest_assets
 def test_real_guest_under_tcg_sees_a_hot_plugged_disk_at_its_pci_path_and_a_vcpu_and_lets_both_go(
@@ -325,30 +334,23 @@ def test_real_guest_under_tcg_sees_a_hot_plugged_disk_at_its_pci_path_and_a_vcpu
     hv = Qemu(config, state_root=root, open_vsock=None)
     facts: dict[str, Any] = {}
 
-    async def console_says(marker: str) -> None:
-        for _ in range(2400):  # 240 s
-            if marker in hv.console_tail():
-                return
-            await trio.sleep(0.1)
-        raise AssertionError(f"no {marker!r} on the console:\n{hv.console_tail()}")
-
     async def main() -> int:
         try:
             await hv.prepare_vm("sb1", None)
             await hv.add_device(ShareFsDevice(share))
             await hv.start_vm(60)
-            await console_says("HP-READY")
+            await console_says(hv, "HP-READY")
             # back to back: the guest probes them in whatever order; each is found by its PCI path
             devices = [BlockDevice(disks[0], read_only=True, device_id="hp0"), BlockDevice(disks[1])]
             facts["infos"] = [await hv.add_device(d) for d in devices]
-            await console_says("HP-DISKS-READ")
+            await console_says(hv, "HP-DISKS-READ")
             for device in devices:
                 await hv.remove_device(device)  # returns once the guest let it go
-            await console_says("HP-DISK-GONE")
+            await console_says(hv, "HP-DISK-GONE")
             facts["grow"] = await hv.resize_vcpu(1, 2)
-            await console_says("HP-CPU ")
+            await console_says(hv, "HP-CPU ")
             facts["shrink"] = await hv.resize_vcpu(2, 1)
-            await console_says("HP-CPU-GONE")
+            await console_says(hv, "HP-CPU-GONE")
             facts["pids"] = hv.pids()
             # the host stops it: QEMU 7.2 under TCG crashes in its exit path (SIGSEGV, SIGABRT on "malloc():
             # unsorted double linked list corrupted") once a vCPU was unplugged, so a guest power-off would
@@ -503,21 +505,14 @@ def test_real_guest_under_tcg_sees_a_hot_plugged_nic_at_its_pci_path_with_its_ma
     hv = Qemu(config, state_root=root, open_vsock=None)
     facts: dict[str, Any] = {}
 
-    async def console_says(marker: str) -> None:
-        for _ in range(2400):  # 240 s
-            if marker in hv.console_tail():
-                return
-            await trio.sleep(0.1)
-        raise AssertionError(f"no {marker!r} on the console:\n{hv.console_tail()}")
-
     async def main() -> None:
         try:
             await hv.prepare_vm("sb1", netns)
             await hv.add_device(ShareFsDevice(share))
             await hv.start_vm(60)
-            await console_says("NIC-READY")
+            await console_says(hv, "NIC-READY")
             facts["info"] = await hv.add_device(NetworkDevice("tap0_kata", "02:00:00:00:00:2a"))
-            await console_says("NIC-SEEN")
+            await console_says(hv, "NIC-SEEN")
             await hv.stop_vm()
         finally:
             with trio.CancelScope(shield=True):
