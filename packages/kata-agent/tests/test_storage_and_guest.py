@@ -15,6 +15,7 @@ from agent_harness import mounts_under, running_agent
 
 from kata_agent_client import (
     AgentAlreadyExists,
+    AgentError,
     AgentInvalidArgument,
     AgentNotFound,
     ContainerSpec,
@@ -183,7 +184,7 @@ def _sysfs(base: Path, entries: dict[str, tuple[str, str]]) -> None:
         (base / name / attr).write_text(value + "\n")
 
 
-def test_online_cpus_switches_offline_cpus_on_up_to_the_limit(tmp_path: Path) -> None:
+def test_online_cpus_switches_offline_cpus_on_until_the_target_is_online(tmp_path: Path) -> None:
     from kata_agent._guest import online_cpus
 
     _sysfs(
@@ -195,12 +196,57 @@ def test_online_cpus_switches_offline_cpus_on_up_to_the_limit(tmp_path: Path) ->
             "cpufreq": ("online", "0"),
         },
     )
-    (tmp_path / "cpu0").mkdir()  # the boot CPU has no online switch
-    assert online_cpus(1, base=str(tmp_path)) == 1
+    (tmp_path / "cpu0").mkdir()  # the boot CPU has no online switch: it counts as online
+    assert online_cpus(2, base=str(tmp_path)) == 2  # already there: nothing switched
+    assert (tmp_path / "cpu2" / "online").read_text() == "0\n"
+    assert online_cpus(3, base=str(tmp_path)) == 3
     assert [(tmp_path / f"cpu{n}" / "online").read_text().strip() for n in (1, 2, 3)] == ["1", "1", "0"]
-    assert online_cpus(0, base=str(tmp_path)) == 1
+    assert online_cpus(0, base=str(tmp_path)) == 4  # 0: every one
     assert (tmp_path / "cpu3" / "online").read_text() == "1"
     assert (tmp_path / "cpufreq" / "online").read_text() == "0\n"  # not a CPU
+    assert online_cpus(9, base=str(tmp_path)) == 4  # short of the target: the caller looks again
+
+
+def test_online_cpu_mem_waits_for_a_cpu_the_guest_registers_late(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU's ACPI vCPU hot-plug: device_add returns before the guest kernel has handled the event, so the
+    CPU's sysfs entry may come after OnlineCPUMem does: the agent waits for it (the lab's qemu vCPU test
+    once saw `nproc` 1 after growing to 2 when the agent looked once)."""
+    from kata_agent import _guest, _service
+
+    (tmp_path / "cpu0").mkdir()
+    monkeypatch.setattr(_guest, "CPU_SYSFS", str(tmp_path))
+    monkeypatch.setattr(_service, "ONLINE_CPU_TIMEOUT", 30.0)
+
+    async def main() -> None:
+        async def acpi_adds_cpu1() -> None:
+            await trio.sleep(0.3)
+            _sysfs(tmp_path, {"cpu1": ("online", "0")})
+
+        async with running_agent() as agent, trio.open_nursery() as nursery:
+            nursery.start_soon(acpi_adds_cpu1)
+            await agent.client.online_cpu_mem(2, cpu_only=True)
+            assert (tmp_path / "cpu1" / "online").read_text() == "1"
+
+    trio.run(main)
+
+
+def test_online_cpu_mem_fails_when_the_cpus_never_come(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kata_agent import _guest, _service
+
+    (tmp_path / "cpu0").mkdir()
+    monkeypatch.setattr(_guest, "CPU_SYSFS", str(tmp_path))
+    monkeypatch.setattr(_service, "ONLINE_CPU_TIMEOUT", 0.3)
+
+    async def main() -> None:
+        async with running_agent() as agent:
+            with pytest.raises(AgentError, match=r"online 3 CPU\(s\): 1 online after 0.3 s"):
+                await agent.client.online_cpu_mem(3, cpu_only=True)
+
+    trio.run(main)
 
 
 def test_online_memory_switches_every_offline_block_on(tmp_path: Path) -> None:

@@ -1750,9 +1750,9 @@ def test_dynamic_sizing_grows_the_vm_with_containers_and_updates_and_onlines_the
     shrinks it back."""
     onlined: list[int] = []
 
-    def online_cpus(limit: int, base: str = "") -> int:
-        onlined.append(limit)
-        return 0
+    def online_cpus(target: int, base: str | None = None) -> int:
+        onlined.append(target)
+        return target  # every CPU asked for is online
 
     monkeypatch.setattr(agent_guest, "online_cpus", online_cpus)
 

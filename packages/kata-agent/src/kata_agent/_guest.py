@@ -37,9 +37,28 @@ def write_resolv_conf(lines: list[str]) -> None:
         f.writelines(f"{line}\n" for line in lines)
 
 
-def online_cpus(limit: int, base: str = "/sys/devices/system/cpu") -> int:
-    """Bring offline CPUs online (at most `limit`, 0 = all); returns how many."""
-    return _online_all(base, r"cpu\d+", "online", ("0", "1"), limit)
+CPU_SYSFS = "/sys/devices/system/cpu"
+
+
+def online_cpus(target: int, base: str | None = None) -> int:
+    """Switch offline CPUs on, in name order, until ``target`` of them are online (0: every one); returns
+    how many are online then (the boot CPU has no switch and counts). A CPU hot-added through ACPI shows up
+    here only once the guest kernel has handled the event: a caller that needs it calls again."""
+    base = base or CPU_SYSFS
+    cpus = sorted(n for n in os.listdir(base) if re.fullmatch(r"cpu\d+", n)) if os.path.isdir(base) else []
+    online = sum(1 for n in cpus if _read(os.path.join(base, n, "online"), "1") == "1")
+    if target and online >= target:
+        return online
+    return online + _online_all(base, r"cpu\d+", "online", ("0", "1"), target - online if target else 0)
+
+
+def _read(path: str, absent: str) -> str:
+    """A sysfs attribute's text, ``absent`` when the file is not there."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return absent
 
 
 def online_memory(base: str = "/sys/devices/system/memory") -> int:
