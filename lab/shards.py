@@ -9,7 +9,8 @@ durations (``durations.json`` in the log directory), else the count of tests in 
 
 A lab VM that died or froze (labvm's exit 125: the emulator, not a test) costs only its file: it runs again
 in a new lab VM without the tests that had passed (lab/plugins/kata_lab_resume.py), up to ``attempts``
-boots per file. A test failure is never retried.
+boots per file. So is a run whose only failures are a nested guest's oops that the emulator causes (a
+wrong GS base, lab/plugins/kata_lab_resume.py exits 125 for it). Any other test failure is never retried.
 """
 
 from __future__ import annotations

@@ -219,3 +219,62 @@ def test_resume_plugin_runs_again_only_what_had_not_passed_when_the_lab_vm_died(
     second = run("1", "1")
     assert "2 tests passed in the lab VM that died; not run again" in second, second
     assert "2 passed, 1 skipped, 2 deselected, 1 error" in second, second
+
+
+# the last lines of a kata-vmm guest's console as the shim reported them (CI, 2026-12-07, test_cni_lab's
+# second pod): a timer interrupt from user mode, then a page fault on `mov %gs:0x1fb80,%rax` in kernel mode
+WRONG_GS_OOPS = """\
+ctr: failed to create shim task: the VM of sandbox cni-b stopped before its agent answered: reset
+guest console (last lines):
+[   14.582403]  asm_exc_page_fault+0x22/0x30
+[   14.582410] RIP: 0010:irqentry_enter+0x9/0x50
+[   14.582418] Code: 00 e9 70 03 00 00 f6 87 88 00 00 00 03 75 24 <65> 48 8b 04 25 80 fb 01 00 f6 40 2c 02
+[   14.582421] RSP: 0000:fffffe0000002f08 EFLAGS: 00000046
+[   25.256818] Kernel panic - not syncing: Fatal exception in interrupt
+"""
+# a guest kernel's own bug: a NULL dereference (`mov (%rdi),%rax`), not a GS-relative load
+OWN_OOPS = """\
+[    3.100000] BUG: kernel NULL pointer dereference, address: 0000000000000000
+[    3.100010] RIP: 0010:virtnet_poll+0x1c/0x2a0 [virtio_net]
+[    3.100020] Code: 41 54 55 53 48 89 fb <48> 8b 07 65 48 8b 04 25 80 fb 01 00
+[    3.100030] Kernel panic - not syncing: Fatal exception in interrupt
+"""
+
+
+def test_wrong_gs_base_oops_is_told_from_a_guest_kernels_own_bug() -> None:
+    plugin = _load("kata_lab_resume", LAB / "plugins" / "kata_lab_resume.py")
+    assert plugin.wrong_gs_base_oops(WRONG_GS_OOPS) == "irqentry_enter+0x9/0x50"
+    assert plugin.wrong_gs_base_oops(OWN_OOPS) is None
+    assert plugin.wrong_gs_base_oops("RIP: 0010:irqentry_enter+0x9/0x50\n(no Code line)") is None
+    # a pytest report prefixes every line ("E   "): still found
+    prefixed = "\n".join(f"E                 {line}" for line in WRONG_GS_OOPS.splitlines())
+    assert plugin.wrong_gs_base_oops(prefixed) == "irqentry_enter+0x9/0x50"
+
+
+def test_a_run_whose_only_failures_are_the_emulators_oops_exits_as_a_failed_lab_vm(tmp_path: Path) -> None:
+    """With every failure showing a nested guest's wrong-GS-base oops the run exits 125, so `nox -s lab` runs
+    the file's unpassed tests in a new lab VM; one other failure in the same run keeps pytest's exit 1."""
+    (tmp_path / "oops.txt").write_text(WRONG_GS_OOPS)
+    (tmp_path / "own.txt").write_text(OWN_OOPS)
+    suite = tmp_path / "test_suite.py"
+    suite.write_text(
+        "import os, pathlib\n"
+        "def test_a(): pass\n"
+        "def test_b(): assert False, pathlib.Path('oops.txt').read_text()\n"
+        "def test_c(): assert os.environ.get('OWN') != '1', pathlib.Path('own.txt').read_text()\n"
+    )
+
+    def run(own: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PYTHONPATH": str(LAB / "plugins"), "KATA_LAB_PASSED": str(tmp_path / "passed"),
+               "KATA_LAB_RESUME": "0", "OWN": own}  # fmt: skip
+        argv = [sys.executable, "-m", "pytest", "-p", "kata_lab_resume", "-p", "no:cacheprovider", "-q"]
+        argv += [suite.name]
+        return subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+
+    emulator_only = run("0")
+    assert emulator_only.returncode == 125, emulator_only.stdout
+    assert "EMULATOR FAILURE, not a test failure" in emulator_only.stdout, emulator_only.stdout
+    assert "test_suite.py::test_b" in emulator_only.stdout
+    mixed = run("1")
+    assert mixed.returncode == 1, mixed.stdout
+    assert "EMULATOR FAILURE" not in mixed.stdout, mixed.stdout
