@@ -441,7 +441,8 @@ def test_a_host_network_runc_pod_goes_through_the_kubelets_calls(
         _remove_cgroup(parent)
 
 
-RUNC_FLOW = """
+# the private-namespace scripts' common start: a CNI bridge conflist, framework and test_cri_lab importable
+PRIVATE_PRELUDE = """
 import json, sys
 from pathlib import Path
 sys.path[:0] = [{lab!r}, {tests!r}]
@@ -455,6 +456,8 @@ net_d.mkdir()
 conflist = cri.bridge_conflist("kata-cri", flow.BRIDGE, flow.SUBNET, tmp / "ipam")
 (net_d / "10-kata-cri.conflist").write_text(json.dumps(conflist))
 config = cri.CriConfig(cni_conf_dir=net_d, restrict_oom_score_adj=True, version={version!r})
+"""
+RUNC_FLOW = """
 with containerd.private_containerd(cri=config) as ctrd:
     ctrd.import_image(busybox_oci.build(tmp / "busybox.tar"), namespace=cri.CRI_NAMESPACE)
     ctrd.import_image(cri.build_pause_image(tmp / "pause.tar"), namespace=cri.CRI_NAMESPACE)
@@ -468,35 +471,21 @@ print("pod flow passed")
 # what the CRI plugin and CNI write host-wide, each a tmpfs in the test's private mount namespace
 PRIVATE_DIRS = ("/run/containerd", "/run/netns", "/var/lib/cni")
 CNI_PLUGINS = [cri.CNI_BIN_DIR / p for p in ("bridge", "host-local", "loopback")]
-
-
-@pytest.mark.containerd
-@pytest.mark.root
-@pytest.mark.skipif(lab_containerd._fixture.skip_reason() is not None, reason="needs root and containerd")
-@pytest.mark.skipif(
+needs_cni = pytest.mark.skipif(
     not all(p.exists() for p in CNI_PLUGINS) or shutil.which("unshare") is None,
     reason="needs Debian's containernetworking-plugins and unshare",
 )
-@pytest.mark.parametrize("containerd_version", VERSIONS)
-def test_the_lab_pod_flow_passes_with_runc_in_private_namespaces(
-    tmp_path: Path, containerd_version: str
-) -> None:
-    """test_cri_lab's whole flow with the `runc` handler (its control) on the host, on containerd 1.6 and
-    2.x: containerd, CNI's bridge and the pod run in a private network namespace, containerd's and CNI's
-    host-wide directories are tmpfs in a private mount namespace. A failure here is the CRI/CNI set-up,
-    never a VM."""
-    parent = f"/kata-cri-flow-{tmp_path.name}"
+
+
+def run_in_private_namespaces(tmp_path: Path, body: str, version: str, **fields: str) -> str:
+    """`PRIVATE_PRELUDE` + ``body`` (format ``fields``) run by this interpreter in private mount and network
+    namespaces: containerd's and CNI's host-wide directories tmpfs, lo up. Its stdout; AssertionError with
+    both streams when it fails."""
+    work = tmp_path / "work"
+    work.mkdir()
     script = tmp_path / "flow.py"
-    script.write_text(
-        RUNC_FLOW.format(
-            lab=str(LAB),
-            tests=str(LAB / "tests"),
-            tmp=str(tmp_path / "work"),
-            parent=parent,
-            version=containerd_version,
-        )
-    )
-    (tmp_path / "work").mkdir()
+    where = {"lab": str(LAB), "tests": str(LAB / "tests"), "tmp": str(work), "version": version}
+    script.write_text(PRIVATE_PRELUDE.format(**where) + body.format(**fields))
     created = tmp_path / "created"
     shell = "set -e\n"
     for d in PRIVATE_DIRS:
@@ -514,5 +503,80 @@ def test_the_lab_pod_flow_passes_with_runc_in_private_namespaces(
         made = created.read_text().split() if created.exists() else []
         for d in reversed(made):
             Path(d).rmdir()
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr[-6000:]}"
+    return done.stdout
+
+
+@pytest.mark.containerd
+@pytest.mark.root
+@pytest.mark.skipif(lab_containerd._fixture.skip_reason() is not None, reason="needs root and containerd")
+@needs_cni
+@pytest.mark.parametrize("containerd_version", VERSIONS)
+def test_the_lab_pod_flow_passes_with_runc_in_private_namespaces(
+    tmp_path: Path, containerd_version: str
+) -> None:
+    """test_cri_lab's whole flow with the `runc` handler (its control) on the host, on containerd 1.6 and
+    2.x: containerd, CNI's bridge and the pod run in a private network namespace, containerd's and CNI's
+    host-wide directories are tmpfs in a private mount namespace. A failure here is the CRI/CNI set-up,
+    never a VM."""
+    parent = f"/kata-cri-flow-{tmp_path.name}"
+    try:
+        out = run_in_private_namespaces(tmp_path, RUNC_FLOW, containerd_version, parent=parent)
+    finally:
         _remove_cgroup(parent)
-    assert done.returncode == 0 and "pod flow passed" in done.stdout, f"{done.stdout}\n{done.stderr[-6000:]}"
+    assert "pod flow passed" in out, out
+
+
+KATA_SANDBOXER = """
+import os, time
+state = tmp / "run-kata"
+bad = tmp / "env-config.toml"
+bad.write_text('[hypervisor.dragonball]\\nkernel = "/bin/sh"\\n[runtime]\\nhypervisor_name = "nosuchvmm"\\n')
+env = {{"KATA_CONF_FILE": str(bad), "KATA_SHIM_STATE_ROOT": str(state)}}
+env["KATA_SHIM_SHARED_ROOT"] = str(tmp / "shared")
+# not a hostNetwork pod: containerd before 2.3.0 panics on one with the shim sandboxer (the nil sandbox spec
+# that upstream's b32cecd31 guards in NewBundle)
+pod = cri.pod_sandbox_config("kata-pod", log_directory=str(tmp / "logs"))
+with containerd.private_containerd(cri=config, extra_env=env) as ctrd:
+    ctrd.import_image(cri.build_pause_image(tmp / "pause.tar"), namespace=cri.CRI_NAMESPACE)
+    with cri.CriClient(ctrd.address, timeout=120) as client:
+        try:
+            client.run_pod_sandbox(pod, runtime_handler=cri.KATA_HANDLER)
+        except cri.CriError as err:
+            failed = err
+        else:
+            raise AssertionError("RunPodSandbox passed with a configuration naming no hypervisor")
+        assert "unknown hypervisor 'nosuchvmm'" in failed.details, (failed, ctrd.log_tail())
+        log = ctrd.log()
+        calls = [m for m in ("Sandbox.CreateSandbox", "Sandbox.ShutdownSandbox") if m in log]
+        assert calls == ["Sandbox.CreateSandbox", "Sandbox.ShutdownSandbox"], ctrd.log_tail()
+        assert log.index("Sandbox.CreateSandbox") < log.index("Sandbox.ShutdownSandbox"), ctrd.log_tail()
+        # 2.x took `start`'s plain address as a ttrpc shim of version 2 (no bootstrap JSON)
+        assert 'protocol=ttrpc version=2' in log, ctrd.log_tail()
+        end = time.monotonic() + 60
+        while ctrd.shim_pids() and time.monotonic() < end:
+            time.sleep(0.2)
+        assert ctrd.shim_pids() == [], ctrd.log_tail()
+        assert client.list_pod_sandbox() == []
+        assert cri.netns_names() == set()
+    assert containerd.mounts_below(ctrd.base) == []
+assert not state.exists() or os.listdir(state) == [], os.listdir(state)
+print("kata sandboxer passed")
+"""
+
+
+@pytest.mark.containerd
+@pytest.mark.root
+@pytest.mark.skipif(lab_containerd._fixture.skip_reason() is not None, reason="needs root and containerd")
+@pytest.mark.skipif(
+    lab_containerd.containerd2_missing() is not None, reason=str(lab_containerd.containerd2_missing())
+)
+@needs_cni
+def test_containerd_2_runs_the_kata_shim_as_the_pods_sandboxer(tmp_path: Path) -> None:
+    """containerd 2.x with `sandboxer = "shim"`, no VM (in private namespaces, with CNI): RunPodSandbox
+    starts our shim with `start -id <pod>` in a bundle without config.json, takes its printed address (not
+    bootstrap JSON: a ttrpc shim of version 2), and calls the Sandbox service on it: CreateSandbox fails on
+    the configuration KATA_CONF_FILE names, containerd reports our message and shuts the shim down
+    (ShutdownSandbox): no shim, pod, netns, mount or shim state left."""
+    out = run_in_private_namespaces(tmp_path, KATA_SANDBOXER, lab_containerd.CONTAINERD_2)
+    assert "kata sandboxer passed" in out, out
