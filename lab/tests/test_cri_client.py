@@ -6,6 +6,7 @@ ImageStatus and run a runc pod through the kubelet's calls."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -296,6 +297,24 @@ def test_cri_config_for_containerd_2_uses_its_three_plugins_and_the_shim_sandbox
     # 1.6's tables name no sandboxer (1.6 has none)
     runtimes = _full_config(cri.CriConfig(), tmp_path)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
     assert "sandboxer" not in runtimes["runtimes"]["kata"]
+
+
+def test_readme_kubernetes_snippets_are_the_tested_kata_tables(tmp_path: Path) -> None:
+    """The root README's "Use it with Kubernetes" RuntimeClass and containerd snippets say what the lab's
+    CriConfig writes for the kata handler, on 1.6 (config version 2) and 2.x (version 3)."""
+    readme = (LAB.parent / "README.md").read_text()
+    section = readme.split("## Use it with Kubernetes", 1)[1].split("\n## ", 1)[0]
+    assert f"handler: {cri.KATA_HANDLER}" in section
+    v2, v3 = (tomllib.loads(block) for block in re.findall(r"```toml\n(.*?)```", section, re.DOTALL))
+    config_path = Path("/etc/kata-containers/runtime-rs/configuration.toml")
+    for snippet, version, plugin in (
+        (v2, lab_containerd.CONTAINERD_1_6, "io.containerd.grpc.v1.cri"),
+        (v3, lab_containerd.CONTAINERD_2, "io.containerd.cri.v1.runtime"),
+    ):
+        tested = _full_config(cri.CriConfig(version=version, kata_config_path=config_path), tmp_path)
+        assert snippet["version"] == tested["version"]
+        kata = tested["plugins"][plugin]["containerd"]["runtimes"][cri.KATA_HANDLER]
+        assert snippet["plugins"][plugin]["containerd"]["runtimes"][cri.KATA_HANDLER] == kata
 
 
 def test_cri_config_refuses_unknown_versions_and_sandboxers() -> None:
