@@ -755,7 +755,11 @@ OUTPUTS = [
 def build(force: bool) -> None:
     if not BUSYBOX.exists():
         raise BuildError(f"{BUSYBOX} missing: install busybox-static (./dev installs it)")
-    fetch_containerd2()
+    try:
+        fetch_containerd2()
+    except BuildError as err:
+        # only the containerd 2.x tests need it: they fail (lab) or skip (host) naming the command
+        log(f"containerd {CONTAINERD2_VERSION} not fetched, the guest assets go on: {err}")
     versions = sandbox_versions()
     digest = inputs_digest(versions)
     stamp = OUT / ".inputs"
