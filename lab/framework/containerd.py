@@ -247,10 +247,11 @@ def private_containerd(
     ``cri`` enables the CRI plugin with those settings (by default it is disabled: ctr only). ``version``
     (`CONTAINERD_VERSIONS`) is ``cri``'s when None, else 1.6; one that differs from ``cri``'s is a
     ValueError (its tables are written for one version)."""
-    wanted = cri.version if cri is not None else CONTAINERD_1_6
-    version = check_version(version if version is not None else wanted)
-    if version != wanted:
-        raise ValueError(f"containerd {version} asked for a CriConfig written for {wanted}")
+    if version is None:
+        version = cri.version if cri is not None else CONTAINERD_1_6
+    check_version(version)
+    if cri is not None and version != cri.version:
+        raise ValueError(f"containerd {version} asked for a CriConfig written for {cri.version}")
     binary, ctr, path = None, CTR, f"{venv_bin()}:{SYSTEM_PATH}"
     if version == CONTAINERD_2:
         reason = containerd2_missing()

@@ -393,6 +393,28 @@ def test_containerd_serves_cri_v1_with_this_config(
     assert cri.netns_names() == before
 
 
+@pytest.mark.containerd
+@pytest.mark.root
+@pytest.mark.skipif(lab_containerd._fixture.skip_reason() is not None, reason="needs root and containerd")
+@pytest.mark.parametrize("containerd_version", VERSIONS)
+def test_private_containerd_runs_the_version_asked_for_and_nothing_host_wide(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, containerd_version: str
+) -> None:
+    """CRI off or on, the containerd (and ctr) of ``containerd_version`` runs, and it serves nothing on a
+    host-wide path: containerd 2.x's NRI socket (/var/run/nri/nri.sock) stays off."""
+    monkeypatch.setattr(lab_containerd, "keep_log", lambda path: None)
+    nri = Path("/var/run/nri/nri.sock")
+    had_nri = nri.exists()
+    configs = [None, cri.CriConfig(cni_conf_dir=tmp_path / "net.d", version=containerd_version)]
+    for config in configs:
+        with lab_containerd.private_containerd(version=containerd_version, cri=config) as ctrd:
+            assert ctrd.version == containerd_version
+            server = ctrd.ctr("version").stdout.split("Server:", 1)[1]
+            assert f"Version:  {containerd_version.removesuffix('x')}" in server, server
+            assert nri.exists() == had_nri
+    assert nri.exists() == had_nri
+
+
 def _remove_cgroup(parent: str) -> None:
     """rmdir ``parent`` (and anything empty below it) in every cgroup hierarchy (v1 and v2)."""
     root = Path("/sys/fs/cgroup")

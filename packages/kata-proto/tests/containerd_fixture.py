@@ -46,6 +46,11 @@ disabled_plugins = [{disabled}]
 [plugins."io.containerd.internal.v1.opt"]
   path = "{opt}"
 """
+# containerd 2.x serves NRI by default on a host-wide socket (/var/run/nri/nri.sock): not for a private one
+_CONFIG_V3 = """
+[plugins."io.containerd.nri.v1.nri"]
+  disable = true
+"""
 
 
 def skip_reason() -> str | None:
@@ -199,6 +204,7 @@ def private_containerd(
                 level="debug" if debug else "info",
                 disabled="" if cri_config is not None else '"io.containerd.grpc.v1.cri"',
             )
+            + (_CONFIG_V3 if config_version >= 3 else "")
             + (cri_config(base) if cri_config is not None else "")
         )
         with open(log_path, "wb") as log:
