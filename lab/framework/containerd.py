@@ -1,12 +1,19 @@
-"""A private containerd 1.6 for the shim's lab tests and the demo, with containerd-shim-kata-v2 on its PATH.
+"""A private containerd for the shim's lab tests and the demo, with containerd-shim-kata-v2 on its PATH.
 
     with private_containerd() as ctrd:          # own root/state/sockets under /tmp, CRI off
     with private_containerd(cri=CriConfig(...)) as ctrd:  # CRI on: `kata`, `runc` handlers (framework.cri)
+    with private_containerd(version=CONTAINERD_2) as ctrd:   # containerd 2.x (config version 3)
         ctrd.import_image(busybox_tar)           # -> docker.io/library/busybox:kata
         out = ctrd.ctr("run", "--rm", "--runtime", KATA_RUNTIME, IMAGE, "t1", "echo", "hi")
 
+Two containerds: "1.6" (`CONTAINERD_1_6`, the default), the system's from bookworm, and "2.x"
+(`CONTAINERD_2`), Debian sid's 2.x that lab/images/build.py unpacks into build/lab/containerd-2.x (its
+containerd, ctr and runc shim; `containerd2_missing()` says why it cannot run). A CriConfig carries the
+version its tables are written for; `private_containerd` takes it from there.
+
 containerd finds the shim as `containerd-shim-kata-v2` on its PATH: the running interpreter's venv bin
-directory comes first. The shim's shipped configuration reads the guest assets from
+directory comes first (then, for 2.x, its own bin directory: its containerd-shim-runc-v2 before
+bookworm's). The shim's shipped configuration reads the guest assets from
 /usr/share/kata-containers; `install_guest_assets()` points that directory at build/lab/guest with symlinks.
 It refuses to run outside the lab VM: there the root file system is a tmpfs overlay that vanishes with the
 VM, while on the host it would change the machine.
@@ -28,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from images.build import CONTAINERD2_BINARIES, CONTAINERD2_DIR, CONTAINERD2_VERSION
+
 from framework.assets import REPO, GuestAssets, in_labvm, venv_bin
 
 # The private containerd's lifecycle (config, start, readiness, teardown of the group, stray shims and mounts)
@@ -45,10 +54,35 @@ BUSYBOX_IMAGE = "docker.io/library/busybox:kata"
 KATA_ASSET_DIR = Path("/usr/share/kata-containers")
 KATA_STATE_ROOT = Path("/run/kata")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CONTAINERD_1_6 = "1.6"
+CONTAINERD_2 = "2.x"
+CONTAINERD_VERSIONS = (CONTAINERD_1_6, CONTAINERD_2)
+# the containerd configuration's version each one reads natively
+CONFIG_VERSION = {CONTAINERD_1_6: 2, CONTAINERD_2: 3}
+CONTAINERD2_BIN = CONTAINERD2_DIR / "usr" / "bin"
 
 
 class ContainerdError(Exception):
     """The private containerd did not start, or a ctr command failed (the message has its output)."""
+
+
+def containerd2_missing() -> str | None:
+    """Why containerd 2.x cannot run here (its binaries not unpacked), or None when it can."""
+    missing = [name for name in CONTAINERD2_BINARIES if not os.access(CONTAINERD2_BIN / name, os.X_OK)]
+    if missing:
+        fetch = "python3 lab/images/build.py --containerd2"
+        return (
+            f"containerd {CONTAINERD2_VERSION} not unpacked in {CONTAINERD2_DIR} ({', '.join(missing)}"
+            f" missing): run `{fetch}` (nox -s images and nox -s lab run it)"
+        )
+    return None
+
+
+def check_version(version: str) -> str:
+    """``version`` if it is one of `CONTAINERD_VERSIONS`, else ValueError."""
+    if version not in CONTAINERD_VERSIONS:
+        raise ValueError(f"containerd version {version!r}: one of {CONTAINERD_VERSIONS}")
+    return version
 
 
 def install_guest_assets(assets: GuestAssets | None = None, target: Path = KATA_ASSET_DIR) -> dict[str, Path]:
@@ -83,6 +117,9 @@ class PrivateContainerd(_fixture.ContainerdLog):
     env: dict[str, str]
     # the CRI plugin's settings when it is enabled (framework.cri), else None
     cri: CriConfig | None = None
+    # which containerd runs (`CONTAINERD_VERSIONS`) and the ctr that talks to it
+    version: str = CONTAINERD_1_6
+    ctr_path: str = CTR
     address: str = field(init=False)
     root: Path = field(init=False)
     state: Path = field(init=False)
@@ -98,7 +135,7 @@ class PrivateContainerd(_fixture.ContainerdLog):
 
     def ctr_argv(self, *args: str, namespace: str = "default") -> list[str]:
         """argv of `ctr` talking to this containerd."""
-        return [CTR, "--address", self.address, "--namespace", namespace, *args]
+        return [self.ctr_path, "--address", self.address, "--namespace", namespace, *args]
 
     def ctr(
         self,
@@ -203,12 +240,27 @@ def private_containerd(
     debug: bool = True,
     extra_env: dict[str, str] | None = None,
     cri: CriConfig | None = None,
+    version: str | None = None,
 ) -> Iterator[PrivateContainerd]:
     """Start a private containerd (state on /tmp), wait for both sockets, stop and remove it after:
     kata-proto's test fixture (one copy of the lifecycle), with the venv's bin directory first on its PATH.
-    ``cri`` enables the CRI plugin with those settings (by default it is disabled: ctr only)."""
+    ``cri`` enables the CRI plugin with those settings (by default it is disabled: ctr only). ``version``
+    (`CONTAINERD_VERSIONS`) is ``cri``'s when None, else 1.6; one that differs from ``cri``'s is a
+    ValueError (its tables are written for one version)."""
+    if version is None:
+        version = cri.version if cri is not None else CONTAINERD_1_6
+    check_version(version)
+    if cri is not None and version != cri.version:
+        raise ValueError(f"containerd {version} asked for a CriConfig written for {cri.version}")
+    binary, ctr, path = None, CTR, f"{venv_bin()}:{SYSTEM_PATH}"
+    if version == CONTAINERD_2:
+        reason = containerd2_missing()
+        if reason is not None:
+            raise ContainerdError(reason)
+        binary, ctr = str(CONTAINERD2_BIN / "containerd"), str(CONTAINERD2_BIN / "ctr")
+        path = f"{venv_bin()}:{CONTAINERD2_BIN}:{SYSTEM_PATH}"
     env = {
-        "PATH": f"{venv_bin()}:{SYSTEM_PATH}",
+        "PATH": path,
         "HOME": os.environ.get("HOME", "/root"),
         "LANG": "C.UTF-8",
         **(extra_env or {}),
@@ -220,8 +272,10 @@ def private_containerd(
         error=ContainerdError,
         keep_log=keep_log,
         cri_config=cri.render if cri is not None else None,
+        containerd=binary,
+        config_version=CONFIG_VERSION[version],
     ) as ctrd:
-        yield PrivateContainerd(ctrd.base, ctrd.process, ctrd.log_path, env, cri)
+        yield PrivateContainerd(ctrd.base, ctrd.process, ctrd.log_path, env, cri, version, ctr)
 
 
 LOG_DIR = REPO / "build" / "lab" / "logs"
@@ -241,12 +295,18 @@ def keep_log(log_path: Path) -> None:
 
 __all__ = [
     "BUSYBOX_IMAGE",
+    "CONTAINERD2_BIN",
+    "CONTAINERD_1_6",
+    "CONTAINERD_2",
+    "CONTAINERD_VERSIONS",
     "KATA_ASSET_DIR",
     "KATA_RUNTIME",
     "KATA_STATE_ROOT",
     "REPO",
     "ContainerdError",
     "PrivateContainerd",
+    "check_version",
+    "containerd2_missing",
     "install_guest_assets",
     "kill_strays",
     "mounts_below",

@@ -17,11 +17,17 @@ framework._gen.cri, in a private descriptor pool), which containerd 1.6 serves b
 has a timeout (`CriClient.timeouts`, per method; the kubelet's runtime-request-timeout is 2 minutes, VM boots
 under the lab's nested TCG need more) and a failure raises a `CriError` subclass named for its gRPC status.
 
-`CriConfig.render` writes the CRI plugin's tables for containerd 1.6 (config version 2): a `runc` default
-handler, a `kata` handler (`io.containerd.kata.v2`, `pod_annotations` io.katacontainers.*, an optional
-ConfigPath), Debian's CNI plugins (/usr/lib/cni) with a conf dir, a sandbox image that is imported, never
-pulled (the lab has no registry), and a random streaming port. The CRI plugin's own root and state are under
-containerd's private root and state.
+`CriConfig.render` writes the CRI plugin's tables for containerd 1.6 (config version 2) or 2.x (version 3,
+`CriConfig(version=CONTAINERD_2)`): a `runc` default handler, a `kata` handler (`io.containerd.kata.v2`,
+`pod_annotations` io.katacontainers.*, an optional ConfigPath), Debian's CNI plugins (/usr/lib/cni) with a
+conf dir, a sandbox image that is imported, never pulled (the lab has no registry), and a random streaming
+port. The CRI plugin's own root and state are under containerd's private root and state. On 2.x the `kata`
+handler's sandboxer is `shim` by default (containerd drives the pod's VM through the shim's Sandbox service,
+containerd.runtime.sandbox.v1) or `podsandbox` (the 1.6 way: a pause container through the Task service);
+`runc` keeps `podsandbox`. containerd 2.x splits 1.6's one `io.containerd.grpc.v1.cri` plugin in three:
+`io.containerd.cri.v1.images` (snapshotter, the sandbox image as `pinned_images.sandbox`),
+`io.containerd.cri.v1.runtime` (runtimes, CNI, OOM score and SELinux settings) and `io.containerd.grpc.v1.cri`
+(the CRI server itself: the streaming server); `containerd config default` of the pinned 2.x names them.
 """
 
 from __future__ import annotations
@@ -38,16 +44,22 @@ from typing import Any
 import grpc
 
 from framework._gen.cri import api_pb2, api_pb2_grpc
+from framework.containerd import CONFIG_VERSION, CONTAINERD_1_6, CONTAINERD_2, check_version
 
 CRI_NAMESPACE = "k8s.io"
 KATA_HANDLER = "kata"
 RUNC_HANDLER = "runc"
 KATA_RUNTIME_TYPE = "io.containerd.kata.v2"
+# containerd 2.x's sandboxers (a runtime's `sandboxer`): the shim's Sandbox service, or a pause container
+SANDBOXER_SHIM = "shim"
+SANDBOXER_PODSANDBOX = "podsandbox"
+SANDBOXERS = (SANDBOXER_SHIM, SANDBOXER_PODSANDBOX)
 RUNC_RUNTIME_TYPE = "io.containerd.runc.v2"
 # a name no registry serves: the image is built from busybox and imported before the first pod
 PAUSE_IMAGE = "registry.k8s.io/pause:kata-lab"
 CNI_BIN_DIR = Path(os.environ.get("KATA_TEST_CNI_PATH", "/usr/lib/cni"))
-# where containerd 1.6's CRI plugin makes each pod's network namespace (cni-<uuid>)
+# where containerd's CRI plugin makes each pod's network namespace (cni-<uuid>; 2.x: unless
+# netns_mounts_under_state_dir)
 NETNS_DIR = Path("/var/run/netns")
 # what the kubelet sends as VersionRequest.version
 KUBELET_API_VERSION = "0.1.0"
@@ -374,7 +386,7 @@ def _toml(value: object) -> str:
 
 @dataclass(frozen=True)
 class CriConfig:
-    """The CRI plugin's settings for a private containerd 1.6 (`render` writes them as TOML)."""
+    """The CRI plugin's settings for a private containerd of ``version`` (`render` writes them as TOML)."""
 
     # CNI network configurations (*.conflist); None: `<base>/cni/net.d`, created empty
     cni_conf_dir: Path | None = None
@@ -388,16 +400,100 @@ class CriConfig:
     # (in an unprivileged container, as on some development hosts), where runc cannot lower it
     restrict_oom_score_adj: bool = False
     extra_runtimes: Mapping[str, str] = field(default_factory=dict)
+    # the containerd these tables are for (framework.containerd's CONTAINERD_1_6 or CONTAINERD_2)
+    version: str = CONTAINERD_1_6
+    # containerd 2.x only: the `kata` handler's sandboxer (`SANDBOXERS`); `runc` always has podsandbox
+    kata_sandboxer: str = SANDBOXER_SHIM
+
+    def __post_init__(self) -> None:
+        check_version(self.version)
+        if self.kata_sandboxer not in SANDBOXERS:
+            raise ValueError(f"sandboxer {self.kata_sandboxer!r}: one of {SANDBOXERS}")
+
+    @property
+    def config_version(self) -> int:
+        """The containerd configuration version the tables belong in (2 for 1.6, 3 for 2.x)."""
+        return CONFIG_VERSION[self.version]
 
     def conf_dir(self, base: Path) -> Path:
         """The CNI conf dir for the private containerd in ``base``."""
         return self.cni_conf_dir if self.cni_conf_dir is not None else base / "cni" / "net.d"
 
     def render(self, base: Path) -> str:
-        """The `[plugins."io.containerd.grpc.v1.cri"]` tables (containerd config version 2) for the private
-        containerd in ``base``; creates the CNI conf dir when it is the default one."""
+        """The CRI plugin's tables for the private containerd in ``base``, for `version` (config version 2
+        or 3); creates the CNI conf dir when it is the default one."""
         conf_dir = self.conf_dir(base)
         conf_dir.mkdir(parents=True, exist_ok=True)
+        if self.version == CONTAINERD_2:
+            return self._render_v3(conf_dir)
+        return self._render_v2(conf_dir)
+
+    def _runtimes(self, runtimes: str, sandboxers: bool) -> list[str]:
+        """The runtime handler tables below ``runtimes``; ``sandboxers``: each names its sandboxer (2.x)."""
+        lines = [
+            "",
+            f"[{runtimes}.{RUNC_HANDLER}]",
+            f"  runtime_type = {_toml(RUNC_RUNTIME_TYPE)}",
+        ]
+        if sandboxers:
+            lines.append(f"  sandboxer = {_toml(SANDBOXER_PODSANDBOX)}")
+        lines += [
+            "",
+            f"[{runtimes}.{KATA_HANDLER}]",
+            f"  runtime_type = {_toml(KATA_RUNTIME_TYPE)}",
+            f"  pod_annotations = {_toml(list(self.kata_pod_annotations))}",
+            # host devices of a privileged pod are the host's, not the VM's (upstream's recommendation)
+            "  privileged_without_host_devices = true",
+        ]
+        if sandboxers:
+            lines.append(f"  sandboxer = {_toml(self.kata_sandboxer)}")
+        if self.kata_config_path is not None:
+            lines += [
+                "",
+                f"[{runtimes}.{KATA_HANDLER}.options]",
+                f"  ConfigPath = {_toml(str(self.kata_config_path))}",
+            ]
+        for handler, runtime_type in self.extra_runtimes.items():
+            lines += ["", f"[{runtimes}.{handler}]", f"  runtime_type = {_toml(runtime_type)}"]
+            if sandboxers:
+                lines.append(f"  sandboxer = {_toml(SANDBOXER_PODSANDBOX)}")
+        return lines
+
+    def _render_v3(self, conf_dir: Path) -> str:
+        images = 'plugins."io.containerd.cri.v1.images"'
+        runtime = 'plugins."io.containerd.cri.v1.runtime"'
+        server = 'plugins."io.containerd.grpc.v1.cri"'
+        lines = [
+            "",
+            f"[{images}]",
+            f"  snapshotter = {_toml(self.snapshotter)}",
+            "",
+            f"[{images}.pinned_images]",
+            f"  sandbox = {_toml(self.sandbox_image)}",
+            "",
+            f"[{runtime}]",
+            "  enable_selinux = false",
+            f"  restrict_oom_score_adj = {_toml(self.restrict_oom_score_adj)}",
+            "",
+            f"[{runtime}.containerd]",
+            f"  default_runtime_name = {_toml(RUNC_HANDLER)}",
+            *self._runtimes(f"{runtime}.containerd.runtimes", sandboxers=True),
+            "",
+            f"[{runtime}.cni]",
+            # bin_dirs: 2.x's list (its bin_dir is deprecated)
+            f"  bin_dirs = {_toml([str(self.cni_bin_dir)])}",
+            f"  conf_dir = {_toml(str(conf_dir))}",
+            "  max_conf_num = 1",
+            "",
+            f"[{server}]",
+            # a random port: two CRI containerds (or a kubelet's) must not fight over 10010
+            '  stream_server_address = "127.0.0.1"',
+            '  stream_server_port = "0"',
+            "",
+        ]
+        return "\n".join(lines)
+
+    def _render_v2(self, conf_dir: Path) -> str:
         cri = 'plugins."io.containerd.grpc.v1.cri"'
         runtimes = f"{cri}.containerd.runtimes"
         lines = [
@@ -413,24 +509,8 @@ class CriConfig:
             f"[{cri}.containerd]",
             f"  snapshotter = {_toml(self.snapshotter)}",
             f"  default_runtime_name = {_toml(RUNC_HANDLER)}",
-            "",
-            f"[{runtimes}.{RUNC_HANDLER}]",
-            f"  runtime_type = {_toml(RUNC_RUNTIME_TYPE)}",
-            "",
-            f"[{runtimes}.{KATA_HANDLER}]",
-            f"  runtime_type = {_toml(KATA_RUNTIME_TYPE)}",
-            f"  pod_annotations = {_toml(list(self.kata_pod_annotations))}",
-            # host devices of a privileged pod are the host's, not the VM's (upstream's recommendation)
-            "  privileged_without_host_devices = true",
+            *self._runtimes(runtimes, sandboxers=False),
         ]
-        if self.kata_config_path is not None:
-            lines += [
-                "",
-                f"[{runtimes}.{KATA_HANDLER}.options]",
-                f"  ConfigPath = {_toml(str(self.kata_config_path))}",
-            ]
-        for handler, runtime_type in self.extra_runtimes.items():
-            lines += ["", f"[{runtimes}.{handler}]", f"  runtime_type = {_toml(runtime_type)}"]
         lines += [
             "",
             f"[{cri}.cni]",
@@ -490,6 +570,9 @@ __all__ = [
     "KATA_RUNTIME_TYPE",
     "PAUSE_IMAGE",
     "RUNC_HANDLER",
+    "SANDBOXERS",
+    "SANDBOXER_PODSANDBOX",
+    "SANDBOXER_SHIM",
     "CriAlreadyExists",
     "CriClient",
     "CriConfig",

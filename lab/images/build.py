@@ -21,6 +21,11 @@ lists, the busybox binary, the sandbox package versions):
                          make when missing); `python3 lab/images/build.py --upcall-module DIR` (nox -s
                          upcall-module) builds only it
 
+Beside them, not part of that cache: build/lab/containerd-2.x/, Debian sid's containerd 2.x package
+(CONTAINERD2_VERSION, pinned by its SHA256) unpacked for the lab's CRI tests on containerd 2.x
+(usr/bin/containerd, ctr, containerd-shim-runc-v2); fetched once, kept while its stamp names the pin.
+`python3 lab/images/build.py --containerd2` fetches only it.
+
 Run `python3 lab/images/build.py --force` to rebuild regardless of the cache.
 
 Booting the sandbox guest (what lab/tests/test_agent_lab.py and the shim's dragonball back-end boot):
@@ -66,6 +71,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -654,6 +660,80 @@ def make_erofs(src: Path, dest: Path) -> None:
     run("mkfs.erofs", "-T0", "-U", "00000000-0000-0000-0000-000000000000", "--all-root", str(dest), str(src))
 
 
+# --- containerd 2.x -------------------------------------------------------------------------------
+# containerd 2.x for the lab's CRI tests beside bookworm's 1.6 (issue 18): Debian sid's package, pinned by
+# the version, file name and SHA256 that sid's index lists (dists/sid/main/binary-amd64/Packages.xz,
+# `Package: containerd`), downloaded from the archive, checked and unpacked with `dpkg-deb -x` into
+# build/lab/containerd-2.x (never installed over the system's). Its Go binaries need only libc >= 2.34:
+# bookworm's 2.36 runs them. To move the pin, copy Version, Filename and SHA256 from that index (sid's pool
+# keeps only its current version: the old one disappears from the archive soon after an upload).
+CONTAINERD2_VERSION = "2.1.9+ds1-5"
+CONTAINERD2_FILENAME = "pool/main/c/containerd/containerd_2.1.9+ds1-5_amd64.deb"
+CONTAINERD2_SHA256 = "2dda86ce7033fd612fc50e136679d8174ccad680eb29cd4611e0d2a1b84cf591"
+DEBIAN_MIRROR = os.environ.get("KATA_LAB_DEBIAN_MIRROR", "https://deb.debian.org/debian")
+CONTAINERD2_DIR = REPO / "build" / "lab" / "containerd-2.x"
+# what the lab uses of it: the daemon, its ctr and its runc shim (preferred to bookworm's 1.6 one)
+CONTAINERD2_BINARIES = ("containerd", "ctr", "containerd-shim-runc-v2")
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, sha256: str) -> Path:
+    """``url`` into ``dest`` (through ``dest``.part, renamed once its SHA256 is ``sha256``)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=120) as response, open(part, "wb") as out:
+            shutil.copyfileobj(response, out, 1 << 20)
+    except OSError as err:
+        part.unlink(missing_ok=True)
+        raise BuildError(f"cannot download {url}: {err}") from err
+    got = sha256_of(part)
+    if got != sha256:
+        part.unlink()
+        raise BuildError(f"{url} has SHA256 {got}, pinned {sha256}")
+    part.rename(dest)
+    return dest
+
+
+def fetch_containerd2(out: Path = CONTAINERD2_DIR) -> Path:
+    """The pinned containerd 2.x unpacked into ``out``; returns its bin directory (``out``/usr/bin).
+
+    Idempotent: nothing is fetched or unpacked when ``out`` holds the pinned package's binaries (its .sha256
+    stamp names the pin); the .deb is kept in build/lab/cache and used again once its SHA256 is checked."""
+    bin_dir = out / "usr" / "bin"
+    stamp = out / ".sha256"
+    present = all((bin_dir / name).exists() for name in CONTAINERD2_BINARIES)
+    if present and stamp.exists() and stamp.read_text().strip() == CONTAINERD2_SHA256:
+        return bin_dir
+    deb = CACHE / Path(CONTAINERD2_FILENAME).name
+    if not deb.exists() or sha256_of(deb) != CONTAINERD2_SHA256:
+        log(f"containerd {CONTAINERD2_VERSION} from {DEBIAN_MIRROR}")
+        try:
+            download(f"{DEBIAN_MIRROR}/{CONTAINERD2_FILENAME}", deb, CONTAINERD2_SHA256)
+        except BuildError as err:
+            raise BuildError(
+                f"{err}: if sid moved on, pin its current containerd (Version, Filename, SHA256 from"
+                f" {DEBIAN_MIRROR}/dists/sid/main/binary-amd64/Packages.xz) in {Path(__file__).name}"
+            ) from err
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".containerd2-") as tmp:
+        stage = Path(tmp) / "unpacked"
+        run("dpkg-deb", "-x", str(deb), str(stage))
+        (stage / ".sha256").write_text(CONTAINERD2_SHA256 + "\n")
+        stage.chmod(0o755)
+        shutil.rmtree(out, ignore_errors=True)
+        stage.rename(out)
+    log(f"containerd {CONTAINERD2_VERSION} unpacked into {out}")
+    return bin_dir
+
+
 # --- driver ---------------------------------------------------------------------------------------
 def inputs_digest(versions: dict[str, str]) -> str:
     h = hashlib.sha256()
@@ -675,6 +755,11 @@ OUTPUTS = [
 def build(force: bool) -> None:
     if not BUSYBOX.exists():
         raise BuildError(f"{BUSYBOX} missing: install busybox-static (./dev installs it)")
+    try:
+        fetch_containerd2()
+    except BuildError as err:
+        # only the containerd 2.x tests need it: they fail (lab) or skip (host) naming the command
+        log(f"containerd {CONTAINERD2_VERSION} not fetched, the guest assets go on: {err}")
     versions = sandbox_versions()
     digest = inputs_digest(versions)
     stamp = OUT / ".inputs"
@@ -723,8 +808,16 @@ def main() -> int:
     parser.add_argument(
         "--upcall-module", metavar="DIR", type=Path, help=f"build only {UPCALL_MODULE}, into DIR"
     )
+    parser.add_argument(
+        "--containerd2",
+        action="store_true",
+        help=f"only fetch and unpack containerd 2.x into {CONTAINERD2_DIR}",
+    )
     args = parser.parse_args()
     try:
+        if args.containerd2:
+            log(f"containerd {CONTAINERD2_VERSION} in {fetch_containerd2()}")
+            return 0
         if args.upcall_module is not None:
             log(f"{build_upcall_module(args.upcall_module)} built against {KERNEL_HEADERS}")
             return 0

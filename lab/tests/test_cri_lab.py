@@ -1,7 +1,11 @@
-"""Pods through containerd 1.6's CRI plugin, driven as the kubelet drives it (issue 18, containerd 1.6 side).
+"""Pods through containerd's CRI plugin as the kubelet drives it (issue 18), on containerd 1.6 and 2.x.
 
 One private containerd with its CRI plugin enabled (framework.cri.CriConfig: a `runc` default handler and a
-`kata` handler, runtime_type io.containerd.kata.v2) serves the module; the sandbox image is a busybox that
+`kata` handler, runtime_type io.containerd.kata.v2) serves each setup: containerd 1.6 (bookworm's; the pod's
+pause container makes the VM through the Task service) and containerd 2.x (Debian sid's, unpacked by
+lab/images/build.py, config version 3; the `kata` handler's `sandboxer = "shim"`: containerd drives the VM
+through the shim's Sandbox service, and the shim's log must show those calls in containerd's order:
+`sandbox_api_order`). The sandbox image is a busybox that
 sleeps, imported (the lab has no registry), the workload image the lab's busybox; the pod network is Debian's
 bridge + host-local CNI plugins through a conflist this module writes (bridge kata-cri0, 10.90.0.0/24).
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import time
 import urllib.request
@@ -31,6 +36,8 @@ from framework import in_labvm
 from framework._gen.cri import api_pb2
 from framework.containerd import (
     BUSYBOX_IMAGE,
+    CONTAINERD_1_6,
+    CONTAINERD_2,
     KATA_STATE_ROOT,
     SHIM_BINARY,
     PrivateContainerd,
@@ -43,6 +50,7 @@ from framework.cri import (
     KATA_HANDLER,
     PAUSE_IMAGE,
     RUNC_HANDLER,
+    SANDBOXER_SHIM,
     CriClient,
     CriConfig,
     CriError,
@@ -99,10 +107,18 @@ def remove_all_pods(client: CriClient) -> None:
                 call(pod.id)
 
 
-@pytest.fixture(scope="module")
-def cri_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriLab]:
+# each module-scoped containerd: (version, the kata handler's sandboxer on 2.x)
+SETUPS = [
+    pytest.param((CONTAINERD_1_6, SANDBOXER_SHIM), id="containerd-1.6"),
+    pytest.param((CONTAINERD_2, SANDBOXER_SHIM), id="containerd-2.x-shim-sandboxer"),
+]
+
+
+@pytest.fixture(scope="module", params=SETUPS)
+def cri_lab(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[CriLab]:
     if not in_labvm():
         pytest.fail("the CRI lab tests run inside the lab VM", pytrace=False)
+    version, sandboxer = request.param
     install_guest_assets()
     tmp = tmp_path_factory.mktemp("cri")
     net_d = tmp / "net.d"
@@ -113,7 +129,8 @@ def cri_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriLab]:
     pause = build_pause_image(tmp / "pause.tar")
     netns_before = netns_names()
     try:
-        with private_containerd(cri=CriConfig(cni_conf_dir=net_d)) as ctrd:
+        config = CriConfig(cni_conf_dir=net_d, version=version, kata_sandboxer=sandboxer)
+        with private_containerd(cri=config) as ctrd:
             ctrd.import_image(busybox, namespace=CRI_NAMESPACE)
             ctrd.import_image(pause, namespace=CRI_NAMESPACE)
             with CriClient(ctrd.address) as client:
@@ -126,6 +143,39 @@ def cri_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriLab]:
         for name in netns_names() - netns_before:
             sh("ip", "netns", "delete", name)
         sh("ip", "link", "delete", BRIDGE)
+
+
+SANDBOX_CALL = re.compile(r"kata_shim\.sandbox: Sandbox\.(\w+) (\S+)")
+
+
+def sandbox_calls(log: str, pod_id: str) -> list[str]:
+    """The Sandbox service methods the shim logged for ``pod_id`` (one INFO line per call, as it got
+    them: `kata_shim.sandbox: Sandbox.<Method> <sandbox id>`), in the log's order."""
+    return [m.group(1) for m in SANDBOX_CALL.finditer(log) if m.group(2) == pod_id]
+
+
+def sandbox_api_order(calls: list[str]) -> list[str]:
+    """What is wrong with ``calls`` for one pod's whole life under containerd 2.x's shim sandboxer ([] when
+    nothing): RunPodSandbox's CreateSandbox then StartSandbox first, the controller's WaitSandbox after
+    them; PodSandboxStatus's SandboxStatus and CreateContainer's Platform while the pod runs (before
+    StopSandbox, StopPodSandbox's); RemovePodSandbox's ShutdownSandbox last, once."""
+    problems = []
+    if calls[:2] != ["CreateSandbox", "StartSandbox"]:
+        problems.append(f"starts with {calls[:2]}, not CreateSandbox, StartSandbox")
+    for method in ("WaitSandbox", "SandboxStatus", "Platform", "StopSandbox", "ShutdownSandbox"):
+        if method not in calls:
+            problems.append(f"no {method}")
+    if problems:
+        return problems
+    first = {method: calls.index(method) for method in set(calls)}
+    for method in ("WaitSandbox", "SandboxStatus", "Platform"):
+        if not first["StartSandbox"] < first[method] < first["StopSandbox"]:
+            problems.append(f"{method} not between StartSandbox and StopSandbox")
+    if calls[-1] != "ShutdownSandbox" or calls.count("ShutdownSandbox") != 1:
+        problems.append("ShutdownSandbox is not the last call, once")
+    if calls.count("CreateSandbox") != 1 or calls.count("StartSandbox") != 1:
+        problems.append("CreateSandbox or StartSandbox more than once")
+    return problems
 
 
 def eventually(what: Callable[[], bool], timeout: float = EVENTUALLY) -> bool:
@@ -299,3 +349,47 @@ def pod_flow(lab: CriLab, handler: str, cgroup_parent: str = "") -> None:
     assert eventually(clean), (
         f"left behind: {leftovers(lab, pod_id, pod_netns, shims_before, handler)}{diagnostics(lab, pod_id)}"
     )
+    cri = lab.ctrd.cri
+    shim_sandboxer = cri is not None and cri.version == CONTAINERD_2 and cri.kata_sandboxer == SANDBOXER_SHIM
+    calls = sandbox_calls(lab.ctrd.log(), pod_id)
+    if handler == KATA_HANDLER and shim_sandboxer:
+        # containerd 2.x drove the VM through the shim's Sandbox service, in its order
+        assert not sandbox_api_order(calls), f"{sandbox_api_order(calls)}: {calls}{diagnostics(lab, pod_id)}"
+    else:
+        # 1.6, podsandbox, runc: the pause container through the Task service, no Sandbox call
+        assert calls == [], calls
+
+
+SHIM_LOG = """\
+time="2026-12-07T07:04:07.81Z" level=info msg="connecting to shim {pod}" protocol=ttrpc version=2
+2026-12-07 07:04:07,813 kata-shim[25771] INFO kata_shim.sandbox: Sandbox.CreateSandbox {pod} (bundle /b)
+2026-12-07 07:04:09,001 kata-shim[25771] INFO kata_shim.sandbox: Sandbox.StartSandbox {pod}
+2026-12-07 07:04:09,101 kata-shim[25771] INFO kata_shim.sandbox: Sandbox.WaitSandbox {pod}
+2026-12-07 07:04:09,102 kata-shim[25771] INFO kata_shim.sandbox: Sandbox.SandboxStatus {pod}
+2026-12-07 07:04:09,103 kata-shim[99] INFO kata_shim.sandbox: Sandbox.SandboxStatus other-pod
+2026-12-07 07:04:09,200 kata-shim[25771] INFO kata_shim.sandbox: Sandbox.SandboxStatus {pod}
+2026-12-07 07:04:09,300 kata-shim[25771] INFO kata_shim.sandbox: Sandbox.Platform {pod}
+2026-12-07 07:05:00,000 kata-shim[25771] INFO kata_shim.sandbox: Sandbox.StopSandbox {pod} (timeout 0 s)
+2026-12-07 07:05:01,000 kata-shim[25771] INFO kata_shim.sandbox: Sandbox.SandboxStatus {pod}
+2026-12-07 07:05:02,000 kata-shim[25771] INFO kata_shim.sandbox: Sandbox.ShutdownSandbox {pod}
+"""
+
+
+def test_sandbox_calls_are_read_from_the_shim_log_and_checked_in_containerds_order() -> None:
+    """Host-side (not a lab test): the check the containerd 2.x lab run makes, on the shim's log format."""
+    pod = "0f7cdfd16dd7b0d89c0cb8e7a92d6d2a7d1f5b1f5080295acc9711d34e8fca50"
+    calls = sandbox_calls(SHIM_LOG.format(pod=pod), pod)
+    assert calls == [
+        "CreateSandbox", "StartSandbox", "WaitSandbox", "SandboxStatus", "SandboxStatus", "Platform",
+        "StopSandbox", "SandboxStatus", "ShutdownSandbox",
+    ]  # fmt: skip
+    assert sandbox_api_order(calls) == []
+    assert sandbox_api_order(["StartSandbox", "CreateSandbox", *calls[2:]]) == [
+        "starts with ['StartSandbox', 'CreateSandbox'], not CreateSandbox, StartSandbox"
+    ]
+    assert "no Platform" in sandbox_api_order([c for c in calls if c != "Platform"])
+    stopped_early = [*calls[:2], "StopSandbox", *calls[2:6], *calls[7:]]
+    assert sandbox_api_order(stopped_early) == [
+        f"{m} not between StartSandbox and StopSandbox" for m in ("WaitSandbox", "SandboxStatus", "Platform")
+    ]
+    assert sandbox_api_order([*calls, "PingSandbox"]) == ["ShutdownSandbox is not the last call, once"]

@@ -278,3 +278,72 @@ def test_a_run_whose_only_failures_are_the_emulators_oops_exits_as_a_failed_lab_
     mixed = run("1")
     assert mixed.returncode == 1, mixed.stdout
     assert "EMULATOR FAILURE" not in mixed.stdout, mixed.stdout
+
+
+def _fake_containerd_deb(tmp_path: Path) -> tuple[Path, str]:
+    """A .deb with the three binaries the lab uses of containerd 2.x (each a script printing its name), in a
+    file:// mirror's pool; its path and SHA256."""
+    root = tmp_path / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        "Package: containerd\nVersion: 2.9.9\nArchitecture: amd64\nMaintainer: lab\nDescription: fake\n"
+    )
+    for name in images.CONTAINERD2_BINARIES:
+        binary = root / "usr" / "bin" / name
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        binary.write_text(f"#!/bin/sh\necho {name}\n")
+        binary.chmod(0o755)
+    deb = tmp_path / "mirror" / "pool" / "containerd_2.9.9_amd64.deb"
+    deb.parent.mkdir(parents=True)
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "-b", str(root), str(deb)], check=True, capture_output=True
+    )
+    return deb, images.sha256_of(deb)
+
+
+@pytest.fixture
+def containerd2_pin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+    """build.py's containerd 2.x pin pointed at a fake package in a file:// mirror, its cache in tmp_path."""
+    deb, sha256 = _fake_containerd_deb(tmp_path)
+    monkeypatch.setattr(images, "DEBIAN_MIRROR", f"file://{tmp_path / 'mirror'}")
+    monkeypatch.setattr(images, "CONTAINERD2_FILENAME", "pool/containerd_2.9.9_amd64.deb")
+    monkeypatch.setattr(images, "CONTAINERD2_SHA256", sha256)
+    monkeypatch.setattr(images, "CACHE", tmp_path / "cache")
+    return deb, sha256
+
+
+def test_containerd2_is_downloaded_checked_unpacked_and_not_fetched_again(
+    tmp_path: Path, containerd2_pin: tuple[Path, str]
+) -> None:
+    deb, sha256 = containerd2_pin
+    out = tmp_path / "containerd-2.x"
+    bin_dir = images.fetch_containerd2(out)
+    assert bin_dir == out / "usr" / "bin"
+    for name in images.CONTAINERD2_BINARIES:
+        done = subprocess.run([bin_dir / name], capture_output=True, text=True, check=True)
+        assert done.stdout == f"{name}\n"
+    assert (out / ".sha256").read_text().strip() == sha256
+    assert (tmp_path / "cache" / deb.name).read_bytes() == deb.read_bytes()
+    # present and stamped: neither the mirror nor the cache is needed again
+    deb.unlink()
+    (tmp_path / "cache" / deb.name).unlink()
+    assert images.fetch_containerd2(out) == bin_dir
+    # a damaged tree (a binary gone) is unpacked again; without the .deb anywhere that fails, naming the pin
+    (bin_dir / "ctr").unlink()
+    with pytest.raises(images.BuildError, match=r"Packages\.xz"):
+        images.fetch_containerd2(out)
+
+
+def test_containerd2_with_another_sha256_is_refused_and_leaves_nothing(
+    tmp_path: Path, containerd2_pin: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(images, "CONTAINERD2_SHA256", "0" * 64)
+    out = tmp_path / "containerd-2.x"
+    with pytest.raises(images.BuildError, match="pinned 0000"):
+        images.fetch_containerd2(out)
+    assert not out.exists()
+    assert list((tmp_path / "cache").iterdir()) == []
+    # a cached .deb that does not match the pin is fetched again, not trusted
+    monkeypatch.setattr(images, "CONTAINERD2_SHA256", containerd2_pin[1])
+    (tmp_path / "cache" / containerd2_pin[0].name).write_bytes(b"not the package")
+    assert images.fetch_containerd2(out) == out / "usr" / "bin"

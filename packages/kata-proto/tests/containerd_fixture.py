@@ -29,7 +29,7 @@ CONTAINERD = os.environ.get("KATA_TEST_CONTAINERD", "/usr/bin/containerd")
 CTR = os.environ.get("KATA_TEST_CTR", "/usr/bin/ctr")
 
 _CONFIG = """\
-version = 2
+version = {version}
 root = "{root}"
 state = "{state}"
 disabled_plugins = [{disabled}]
@@ -45,6 +45,11 @@ disabled_plugins = [{disabled}]
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{opt}"
+"""
+# containerd 2.x serves NRI by default on a host-wide socket (/var/run/nri/nri.sock): not for a private one
+_CONFIG_V3 = """
+[plugins."io.containerd.nri.v1.nri"]
+  disable = true
 """
 
 
@@ -163,6 +168,8 @@ def private_containerd(
     error: type[Exception] = RuntimeError,
     keep_log: Callable[[Path], None] | None = None,
     cri_config: Callable[[Path], str] | None = None,
+    containerd: str | None = None,
+    config_version: int = 2,
 ) -> Iterator[PrivateContainerd]:
     """Start a private containerd, wait until both its sockets answer, stop and remove it after.
 
@@ -171,7 +178,9 @@ def private_containerd(
     called with the log's path after containerd stopped, before its directory is removed. `cri_config`
     None keeps the CRI plugin disabled; else it is called with the private directory (before containerd
     starts) and what it returns (the CRI plugin's TOML tables) is appended to the configuration, the plugin
-    enabled (lab/framework/cri.py's CriConfig writes it)."""
+    enabled (lab/framework/cri.py's CriConfig writes it). `containerd` is the daemon's binary (None:
+    KATA_TEST_CONTAINERD, by default the system's) and `config_version` its configuration's version: 2 for
+    containerd 1.x, 3 for 2.x (whose top-level tables are the same; 2.x reads version 2 too, migrated)."""
     reason = skip_reason()
     if reason is not None:
         raise error(reason)
@@ -191,14 +200,16 @@ def private_containerd(
                 address=sock,
                 ttrpc_address=f"{sock}.ttrpc",
                 opt=base / "opt",
+                version=config_version,
                 level="debug" if debug else "info",
                 disabled="" if cri_config is not None else '"io.containerd.grpc.v1.cri"',
             )
+            + (_CONFIG_V3 if config_version >= 3 else "")
             + (cri_config(base) if cri_config is not None else "")
         )
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                [CONTAINERD, "--config", str(config)],
+                [containerd or CONTAINERD, "--config", str(config)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
