@@ -64,6 +64,7 @@ import argparse
 import hashlib
 import io
 import json
+import lzma
 import os
 import shutil
 import stat
@@ -74,6 +75,7 @@ import time
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "build" / "lab" / "guest"
@@ -666,7 +668,8 @@ def make_erofs(src: Path, dest: Path) -> None:
 # `Package: containerd`), downloaded from the archive, checked and unpacked with `dpkg-deb -x` into
 # build/lab/containerd-2.x (never installed over the system's). Its Go binaries need only libc >= 2.34:
 # bookworm's 2.36 runs them. To move the pin, copy Version, Filename and SHA256 from that index (sid's pool
-# keeps only its current version: the old one disappears from the archive soon after an upload).
+# keeps only its current version: the old one disappears from the archive soon after an upload; until the
+# pin is moved, fetch_containerd2 takes the containerd 2.x that testing's, then sid's, index lists).
 CONTAINERD2_VERSION = "2.1.9+ds1-5"
 CONTAINERD2_FILENAME = "pool/main/c/containerd/containerd_2.1.9+ds1-5_amd64.deb"
 CONTAINERD2_SHA256 = "2dda86ce7033fd612fc50e136679d8174ccad680eb29cd4611e0d2a1b84cf591"
@@ -702,35 +705,98 @@ def download(url: str, dest: Path, sha256: str) -> Path:
     return dest
 
 
-def fetch_containerd2(out: Path = CONTAINERD2_DIR) -> Path:
-    """The pinned containerd 2.x unpacked into ``out``; returns its bin directory (``out``/usr/bin).
+class DebianPackage(NamedTuple):
+    """One package as a Debian index lists it."""
 
-    Idempotent: nothing is fetched or unpacked when ``out`` holds the pinned package's binaries (its .sha256
-    stamp names the pin); the .deb is kept in build/lab/cache and used again once its SHA256 is checked."""
-    bin_dir = out / "usr" / "bin"
+    version: str
+    filename: str
+    sha256: str
+
+
+CONTAINERD2_PIN = DebianPackage(CONTAINERD2_VERSION, CONTAINERD2_FILENAME, CONTAINERD2_SHA256)
+# where a successor of a pin that left the archive is looked up, in this order (testing moves slower than sid;
+# the pool keeps a file while any suite lists it)
+CONTAINERD2_SUITES = ("forky", "sid")
+
+
+def debian_index_package(suite: str, name: str, version_prefix: str) -> DebianPackage | None:
+    """``name`` as ``suite``'s amd64 main index lists it, if its version starts with ``version_prefix``."""
+    url = f"{DEBIAN_MIRROR}/dists/{suite}/main/binary-amd64/Packages.xz"
+    try:
+        with urllib.request.urlopen(url, timeout=120) as response:
+            text = lzma.decompress(response.read()).decode()
+    except (OSError, lzma.LZMAError) as err:
+        raise BuildError(f"cannot read {url}: {err}") from err
+    for stanza in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and line[0] != " ")
+        if fields.get("Package") == name and fields.get("Version", "").startswith(version_prefix):
+            return DebianPackage(fields["Version"], fields["Filename"], fields["SHA256"])
+    return None
+
+
+def _containerd2_unpacked(out: Path, package: DebianPackage) -> bool:
     stamp = out / ".sha256"
-    present = all((bin_dir / name).exists() for name in CONTAINERD2_BINARIES)
-    if present and stamp.exists() and stamp.read_text().strip() == CONTAINERD2_SHA256:
+    present = all((out / "usr" / "bin" / name).exists() for name in CONTAINERD2_BINARIES)
+    return present and stamp.exists() and stamp.read_text().strip() == package.sha256
+
+
+def _containerd2_deb(package: DebianPackage) -> Path:
+    """``package``'s .deb in build/lab/cache, downloaded unless a copy with its SHA256 is there."""
+    deb = CACHE / Path(package.filename).name
+    if not deb.exists() or sha256_of(deb) != package.sha256:
+        log(f"containerd {package.version} from {DEBIAN_MIRROR}")
+        download(f"{DEBIAN_MIRROR}/{package.filename}", deb, package.sha256)
+    return deb
+
+
+def fetch_containerd2(out: Path = CONTAINERD2_DIR) -> Path:
+    """containerd 2.x unpacked into ``out``; returns its bin directory (``out``/usr/bin).
+
+    The pin, or when the archive no longer has it (sid's pool drops a version soon after the next upload) the
+    containerd 2.x that testing's (then sid's) index lists, checked against that index's SHA256 and said in
+    the log: the lab's 2.x tests keep running until the pin is moved. Idempotent: nothing is fetched or
+    unpacked when ``out`` holds the package's binaries (its .sha256 stamp names the package); the .deb is kept
+    in build/lab/cache and used again once its SHA256 is checked."""
+    bin_dir = out / "usr" / "bin"
+    package = CONTAINERD2_PIN
+    if _containerd2_unpacked(out, package):
         return bin_dir
-    deb = CACHE / Path(CONTAINERD2_FILENAME).name
-    if not deb.exists() or sha256_of(deb) != CONTAINERD2_SHA256:
-        log(f"containerd {CONTAINERD2_VERSION} from {DEBIAN_MIRROR}")
-        try:
-            download(f"{DEBIAN_MIRROR}/{CONTAINERD2_FILENAME}", deb, CONTAINERD2_SHA256)
-        except BuildError as err:
+    try:
+        deb = _containerd2_deb(package)
+    except BuildError as gone:
+        successor, looked = None, []
+        for suite in CONTAINERD2_SUITES:
+            try:
+                successor = debian_index_package(suite, "containerd", "2.")
+            except BuildError as err:
+                looked.append(str(err))
+                continue
+            if successor is not None and successor != package:
+                log(f"containerd {package.version}: {gone}")
+                log(f"using containerd {successor.version} instead, as {suite}'s index lists it")
+                log(f"move the pin in {Path(__file__).name} to it (Version, Filename, SHA256 of that index)")
+                break
+            looked.append(f"{suite}'s index has no other containerd 2.x")
+            successor = None
+        if successor is None:
             raise BuildError(
-                f"{err}: if sid moved on, pin its current containerd (Version, Filename, SHA256 from"
-                f" {DEBIAN_MIRROR}/dists/sid/main/binary-amd64/Packages.xz) in {Path(__file__).name}"
-            ) from err
+                f"{gone}; no successor either ({'; '.join(looked)}): pin a containerd 2.x (Version, "
+                f"Filename, SHA256 from {DEBIAN_MIRROR}/dists/sid/main/binary-amd64/Packages.xz) in "
+                f"{Path(__file__).name}"
+            ) from gone
+        package = successor
+        if _containerd2_unpacked(out, package):
+            return bin_dir
+        deb = _containerd2_deb(package)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".containerd2-") as tmp:
         stage = Path(tmp) / "unpacked"
         run("dpkg-deb", "-x", str(deb), str(stage))
-        (stage / ".sha256").write_text(CONTAINERD2_SHA256 + "\n")
+        (stage / ".sha256").write_text(package.sha256 + "\n")
         stage.chmod(0o755)
         shutil.rmtree(out, ignore_errors=True)
         stage.rename(out)
-    log(f"containerd {CONTAINERD2_VERSION} unpacked into {out}")
+    log(f"containerd {package.version} unpacked into {out}")
     return bin_dir
 
 

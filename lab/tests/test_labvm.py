@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import lzma
 import os
 import subprocess
 import sys
@@ -306,8 +307,8 @@ def containerd2_pin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Pa
     """build.py's containerd 2.x pin pointed at a fake package in a file:// mirror, its cache in tmp_path."""
     deb, sha256 = _fake_containerd_deb(tmp_path)
     monkeypatch.setattr(images, "DEBIAN_MIRROR", f"file://{tmp_path / 'mirror'}")
-    monkeypatch.setattr(images, "CONTAINERD2_FILENAME", "pool/containerd_2.9.9_amd64.deb")
-    monkeypatch.setattr(images, "CONTAINERD2_SHA256", sha256)
+    pin = images.DebianPackage("2.9.9", "pool/containerd_2.9.9_amd64.deb", sha256)
+    monkeypatch.setattr(images, "CONTAINERD2_PIN", pin)
     monkeypatch.setattr(images, "CACHE", tmp_path / "cache")
     return deb, sha256
 
@@ -337,13 +338,50 @@ def test_containerd2_is_downloaded_checked_unpacked_and_not_fetched_again(
 def test_containerd2_with_another_sha256_is_refused_and_leaves_nothing(
     tmp_path: Path, containerd2_pin: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(images, "CONTAINERD2_SHA256", "0" * 64)
+    pin = images.CONTAINERD2_PIN
+    monkeypatch.setattr(images, "CONTAINERD2_PIN", pin._replace(sha256="0" * 64))
     out = tmp_path / "containerd-2.x"
     with pytest.raises(images.BuildError, match="pinned 0000"):
         images.fetch_containerd2(out)
     assert not out.exists()
     assert list((tmp_path / "cache").iterdir()) == []
     # a cached .deb that does not match the pin is fetched again, not trusted
-    monkeypatch.setattr(images, "CONTAINERD2_SHA256", containerd2_pin[1])
+    monkeypatch.setattr(images, "CONTAINERD2_PIN", pin)
     (tmp_path / "cache" / containerd2_pin[0].name).write_bytes(b"not the package")
     assert images.fetch_containerd2(out) == out / "usr" / "bin"
+
+
+def test_containerd2_whose_pin_left_the_archive_is_testings_2x_checked_by_its_index(
+    tmp_path: Path, containerd2_pin: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sid's pool drops a version soon after the next upload: the lab then takes the containerd 2.x that
+    testing's index lists (its SHA256 checked), instead of failing the 2.x tests until someone moves the pin;
+    an index whose SHA256 does not match the file is refused."""
+    deb, sha256 = containerd2_pin
+    monkeypatch.setattr(
+        images, "CONTAINERD2_PIN", images.DebianPackage("2.1.0", "pool/gone_2.1.0.deb", "1" * 64)
+    )
+    index = tmp_path / "mirror" / "dists" / "forky" / "main" / "binary-amd64" / "Packages.xz"
+    index.parent.mkdir(parents=True)
+
+    def listing(sha: str) -> None:
+        stanzas = [
+            "Package: containerd-tools\nVersion: 2.9.9\nFilename: pool/x.deb\nSHA256: " + "2" * 64,
+            f"Package: containerd\nVersion: 2.9.9\nFilename: pool/{deb.name}\nSHA256: {sha}\nTag: a\n b",
+        ]
+        index.write_bytes(lzma.compress("\n\n".join(stanzas).encode()))
+
+    listing("3" * 64)
+    out = tmp_path / "containerd-2.x"
+    with pytest.raises(images.BuildError, match="pinned 3333"):
+        images.fetch_containerd2(out)
+    assert not out.exists()
+    listing(sha256)
+    bin_dir = images.fetch_containerd2(out)
+    assert (out / ".sha256").read_text().strip() == sha256
+    assert subprocess.run([bin_dir / "containerd"], capture_output=True, text=True, check=True).stdout
+    # no index at all (sid's neither): the error says where to pin from
+    index.unlink()
+    (bin_dir / "ctr").unlink()
+    with pytest.raises(images.BuildError, match=r"no successor either .*Packages\.xz"):
+        images.fetch_containerd2(out)
