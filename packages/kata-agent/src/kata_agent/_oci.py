@@ -13,6 +13,10 @@ from kata_proto.agent import oci_json_tag
 #: Namespaces a container gets of its own in the guest; network stays the sandbox's (the VM's).
 _OWN_NAMESPACES = ("pid", "ipc", "uts", "mount")
 _KNOWN_NAMESPACES = {"pid", "ipc", "uts", "mount", "network", "user", "cgroup", "time"}
+#: The ociVersion config.json carries to the guest's OCI runtime. crun before 1.9 (Debian bookworm's 1.8.1)
+#: refuses any version without "1.0" in it ("unknown version specified"), and containerd 2.x writes 1.2.x
+#: specs; later 1.x specs only add optional fields, which crun reads all the same.
+GUEST_OCI_VERSION = "1.0.2"
 
 
 def message_to_json(msg: Message) -> dict[str, Any]:
@@ -57,7 +61,10 @@ def spec_to_config(spec: Message, container_id: str) -> dict[str, Any]:
     if not spec.ByteSize():
         raise ttrpc.InvalidArgument("CreateContainer carries no OCI spec")
     config = message_to_json(spec)
-    config["ociVersion"] = config.get("ociVersion") or "1.0.2"
+    version = config.get("ociVersion") or GUEST_OCI_VERSION
+    if version.split(".")[0] != "1":
+        raise ttrpc.InvalidArgument(f"OCI spec version {version!r} is not a 1.x runtime spec")
+    config["ociVersion"] = GUEST_OCI_VERSION
     config["process"] = process_to_json(spec.Process)  # type: ignore[attr-defined]
     root = config.get("root") or {}
     path = root.get("path", "")
