@@ -235,6 +235,23 @@ class GuestMemoryMmap:
         mapping, off = one
         return memoryview(mapping)[off : off + size]
 
+    def discard(self, addr: int, size: int) -> None:
+        """Give the host pages behind ``[addr, addr + size)`` back (`kata_virtio.GuestMemory.discard`).
+
+        A memfd region (MAP_SHARED) punches a hole with MADV_REMOVE: MADV_DONTNEED on a shared mapping
+        only drops the page-table entries and keeps the memfd's pages. A copy-on-write region (restored
+        from a snapshot) drops its private copies with MADV_DONTNEED and reads the file again. The whole
+        range must be RAM (it may span adjacent regions) and page aligned; else `GuestMemoryError` and
+        nothing is discarded."""
+        if addr % mmap.PAGESIZE or size % mmap.PAGESIZE:
+            raise GuestMemoryError(f"discard of {addr:#x}+{size:#x} is not page aligned")
+        for region, off, n in self._chunks(addr, size):  # checks every byte before touching any
+            advice = MADV_REMOVE if region.fd >= 0 else mmap.MADV_DONTNEED
+            try:
+                region.mapping.madvise(advice, off, n)
+            except OSError as err:
+                raise GuestMemoryError(f"cannot discard {addr:#x}+{size:#x}: {err.strerror}") from err
+
     def read_u32(self, addr: int) -> int:
         """A little-endian u32 at ``addr``."""
         return int.from_bytes(self.read(addr, 4), "little")
@@ -259,6 +276,9 @@ class GuestMemoryMmap:
         self.regions = []
         self._starts = []
 
+
+MADV_REMOVE = getattr(mmap, "MADV_REMOVE", 9)
+"""madvise(2): free a shared mapping's backing store (a hole in the memfd)."""
 
 SAVE_CHUNK = 1 << 20
 """Bytes compared with zeros (and written unless they are) at a time when saving memory."""
