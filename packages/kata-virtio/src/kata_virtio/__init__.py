@@ -4,6 +4,7 @@ from kata_virtio.__about__ import __version__
 from kata_virtio._balloon import BALLOON_PAGE_SIZE, VirtioBalloon
 from kata_virtio._block import VirtioBlock
 from kata_virtio._device import DeviceError, DeviceInterrupt, EventSource, Ticking, VirtioDevice
+from kata_virtio._mem import VirtioMem
 from kata_virtio._memory import DISCARD_ALIGN, GuestAddressError, GuestMemory, InterruptTrigger, VirtioError
 from kata_virtio._mmio import MMIO_WINDOW_SIZE, VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
 from kata_virtio._net import VirtioNet, open_tap
@@ -58,6 +59,7 @@ __all__ = [
     "VirtioDevice",
     "VirtioError",
     "VirtioFs",
+    "VirtioMem",
     "VirtioNet",
     "VirtioRng",
     "VirtioVsock",
