@@ -104,7 +104,14 @@ def _reg(vmm: Vmm, base: int, offset: int, value: int | None = None) -> int:
     return value
 
 
-def _bring_up(vmm: Vmm, base: int, queues: int) -> None:
+def _is_hole(fd: int, offset: int) -> bool:
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) > offset
+    except OSError:  # ENXIO: no data at or after offset
+        return True
+
+
+def _bring_up(vmm: Vmm, base: int, queues: int, rings: int = RING) -> None:
     for status in (0, 1, 3):
         _reg(vmm, base, 0x070, status)
     _reg(vmm, base, 0x024, 1)
@@ -113,7 +120,7 @@ def _bring_up(vmm: Vmm, base: int, queues: int) -> None:
     for q in range(queues):
         _reg(vmm, base, 0x030, q)
         _reg(vmm, base, 0x038, QSIZE)
-        ring = RING + 0x10000 * q
+        ring = rings + 0x10000 * q
         for reg, addr in ((0x080, ring), (0x090, ring + 0x1000), (0x0A0, ring + 0x2000)):
             _reg(vmm, base, reg, addr)
             _reg(vmm, base, reg + 4, 0)
@@ -179,10 +186,30 @@ def test_vmm_serves_virtio_mem_and_balloon_and_resizes_on_request(
         status = vmm.hotplug_memory()
         assert (status.region_mib, status.requested_mib, status.plugged_mib) == (256, 128, 128)
 
-        _bring_up(vmm, balloon_base, 2)
+        balloon_rings = RING + 0x100000
+        _bring_up(vmm, balloon_base, 2, balloon_rings)
         vmm.set_balloon(64)
         assert _reg(vmm, balloon_base, 0x100) == 64 * MiB // 4096
         assert vmm.balloon().target_mib == 64 and vmm.balloon().actual_mib == 0
+        # the driver inflates one page that holds data: the memfd gets a hole there
+        page = 0x500_0000
+        mem.write(page, b"\xee" * 4096)
+        ram = vmm.memory.regions[0]
+        assert not _is_hole(ram.fd, page)
+        pfns = balloon_rings + 0x3000
+        mem.write(pfns, struct.pack("<I", page >> 12))
+        mem.write(balloon_rings, struct.pack("<QIHH", pfns, 4, 0, 0))
+        mem.write(balloon_rings + 0x1000 + 4, struct.pack("<H", 0))
+        mem.write(balloon_rings + 0x1000 + 2, struct.pack("<H", 1))
+        _reg(vmm, balloon_base, 0x050, 0)
+        deadline = time.monotonic() + 30
+        while struct.unpack("<H", mem.read(balloon_rings + 0x2000 + 2, 2))[0] < 1:
+            assert time.monotonic() < deadline, "inflate never completed"
+            time.sleep(0.005)
+        assert _is_hole(ram.fd, page)  # the host has the page back
+        assert mem.read(page, 4096) == bytes(4096)
+        vmm.mmio_bus.write(balloon_base + 0x104, struct.pack("<I", 256))  # the driver reports actual
+        assert vmm.balloon().actual_mib == 1 and vmm.balloon().stats == {}
 
         vmm.pause()
         with pytest.raises(SnapshotError, match="memory hot-plug"):
