@@ -621,6 +621,10 @@ class Vmm:
     def _restore(self, path: Path, manifest: dict[str, Any], config: VmConfig) -> None:
         t0 = time.monotonic()
         saved = manifest.get("config", {})
+        if config.memory_hotplug_mib:
+            raise SnapshotError(
+                "a VM with memory hot-plug (virtio-mem) cannot be restored (not supported yet)"
+            )
         if (config.vcpus, config.memory_mib) != (saved.get("vcpus"), saved.get("memory_mib")):
             raise SnapshotError(
                 f"the snapshot has {saved.get('vcpus')} vCPUs and {saved.get('memory_mib')} MiB, "
