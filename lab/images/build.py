@@ -92,7 +92,7 @@ KERNEL_PACKAGE = f"linux-image-{KERNEL_RELEASE}"
 LAB_MODULES = ["virtio_pci", "virtio_console", "virtio-rng", "virtiofs", "overlay"]
 TEST_MODULES = [
     "virtio_mmio", "virtio_pci", "vmw_vsock_virtio_transport", "virtio_blk", "virtio_net", "virtiofs",
-    "overlay", "virtio-rng",
+    "overlay", "virtio-rng", "virtio_mem", "virtio_balloon",
 ]  # fmt: skip
 SANDBOX_MODULES = [*TEST_MODULES, "erofs", "virtio_console"]
 

@@ -10,6 +10,7 @@ from kata_resources import (
     SANDBOX_CPU_QUOTA,
     SANDBOX_MEMORY,
     CpuRequest,
+    MemoryPlan,
     ResourceUpdateOp,
     VcpuPlan,
     VmSize,
@@ -102,3 +103,26 @@ def test_vcpu_plan_add_never_shrinks_and_del_never_grows() -> None:
     with pytest.raises(ValueError):
         plan.update("z", {"cpus": "9-1"}, ResourceUpdateOp.ADD)
     assert "z" not in plan.requests
+
+
+def test_memory_plan_follows_container_limits_and_never_goes_below_the_default() -> None:
+    plan = MemoryPlan(256)
+    assert plan.update("a", {"limit": 512 << 20}, ResourceUpdateOp.ADD) == 768
+    plan.resized(768)
+    assert plan.update("b", {}, ResourceUpdateOp.ADD) is None  # no limit: nothing to add
+    assert plan.update("b", {"limit": (100 << 20) + 1}, ResourceUpdateOp.UPDATE) == 868
+    plan.resized(868)
+    assert plan.update("b", None, ResourceUpdateOp.UPDATE) is None  # no memory part: unchanged
+    assert plan.update("b", {"limit": -1}, ResourceUpdateOp.UPDATE) is None  # no limit now: kept
+    assert plan.update("a", None, ResourceUpdateOp.DEL) == 356
+    plan.resized(356)
+    assert plan.update("b", None, ResourceUpdateOp.DEL) == 256
+    plan.resized(256)
+    assert plan.update("zz", None, ResourceUpdateOp.DEL) is None
+
+
+def test_memory_plan_add_never_shrinks_and_del_never_grows() -> None:
+    plan = MemoryPlan(256, current=1024)  # e.g. the VM got more than asked (block rounding)
+    assert plan.update("a", {"limit": 128 << 20}, ResourceUpdateOp.ADD) is None
+    plan = MemoryPlan(256, current=128)
+    assert plan.update("a", None, ResourceUpdateOp.DEL) is None

@@ -284,3 +284,91 @@ def test_a_vm_restored_from_a_template_hot_plugs_vcpus_and_disks(
     assert seen["info"].guest_path == "/dev/vdb"  # type: ignore[attr-defined]  # the image is vda
     assert seen["served"] == "VirtioBlock"
     assert [type(r) for r in guest.requests] == [AddCpu, AddMmio, DelMmio, DelCpu]
+
+
+# --- memory hot-plug (virtio-mem): no upcall, the guest's driver answers the device ----------------------
+
+
+def test_virtio_mem_adds_memory_hotplug_a_region_and_the_online_cmdline(config: HypervisorConfig) -> None:
+    assert "memory" not in Dragonball(config).capabilities().hotplug
+    assert Dragonball(config)._vm_config().memory_hotplug_mib == 0
+    config.enable_virtio_mem, config.default_maxmemory = True, 300
+    hv = Dragonball(config)
+    caps = hv.capabilities()
+    assert "memory" in caps.hotplug and not caps.snapshot  # kata_vmm cannot save a virtio-mem VM yet
+    assert hv._vm_config().memory_hotplug_mib == 256  # 300 - 64, in 128 MiB units
+    assert "memhp_default_state=online" in hv.cmdline().split()
+    config.default_maxmemory = 0  # upstream: the host's memory
+    host_mib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+    assert Dragonball(config).hotplug_region_mib() >= host_mib - 64
+
+
+def plugging_driver(hv: Dragonball, nursery: trio.Nursery, *, stop_at: int | None = None) -> None:
+    """Play the guest's virtio_mem driver: plug or unplug 2 MiB blocks until the device's plugged size
+    matches what it requests (or ``stop_at`` MiB: a guest that stops short)."""
+    from kata_virtio import VirtioMem
+    from kata_virtio._mem import VIRTIO_MEM_REQ_PLUG, VIRTIO_MEM_REQ_UNPLUG
+
+    assert hv._vmm is not None
+    device = next(m.device for m in hv._vmm._virtio if isinstance(m.device, VirtioMem))  # type: ignore[attr-defined]
+    device.memory = hv._vmm.memory  # what the driver's activation would hand it (unplug discards there)
+
+    async def drive() -> None:
+        while True:
+            await trio.sleep(0.01)
+            plugged, requested = device.plugged_size, device.requested_size
+            if stop_at is not None and plugged >= stop_at << 20:
+                continue
+            if plugged < requested:
+                device._handle(VIRTIO_MEM_REQ_PLUG, device.addr + plugged, 1)
+            elif plugged > requested:
+                device._handle(VIRTIO_MEM_REQ_UNPLUG, device.addr + plugged - device.block_size, 1)
+
+    nursery.start_soon(drive)
+
+
+def test_resize_memory_plugs_through_virtio_mem_and_caps_at_the_region(
+    config: HypervisorConfig, root: Path
+) -> None:
+    config.enable_virtio_mem, config.default_maxmemory = True, 192  # a 128 MiB region above 64 MiB
+    seen: dict[str, object] = {}
+
+    async def body(hv: Dragonball) -> None:
+        async with trio.open_nursery() as nursery:
+            plugging_driver(hv, nursery)
+            seen["grow"] = await hv.resize_memory(64 + 32)
+            seen["capped"] = await hv.resize_memory(1024)
+            seen["shrink"] = await hv.resize_memory(64)
+            nursery.cancel_scope.cancel()
+        with pytest.raises(HypervisorError, match="cannot resize memory to -1"):
+            await hv.resize_memory(-1)
+
+    run(config, root, scripted_guest(lambda request: 0), body)
+    grow, capped, shrink = seen["grow"], seen["capped"], seen["shrink"]
+    assert isinstance(grow, tuple) and isinstance(capped, tuple) and isinstance(shrink, tuple)
+    assert grow[0] == 96 and grow[1].size_mib == 32 and grow[1].addr == 1 << 32 and not grow[1].probe
+    assert capped[0] == 192 and shrink[0] == 64 and shrink[1].size_mib == 0
+
+
+def test_resize_memory_returns_what_a_slow_guest_plugged(config: HypervisorConfig, root: Path) -> None:
+    config.enable_virtio_mem, config.default_maxmemory = True, 192
+    seen: dict[str, object] = {}
+
+    async def body(hv: Dragonball) -> None:
+        hv.memory_resize_timeout = 0.5
+        async with trio.open_nursery() as nursery:
+            plugging_driver(hv, nursery, stop_at=8)
+            seen["grow"] = await hv.resize_memory(128)
+            nursery.cancel_scope.cancel()
+
+    run(config, root, scripted_guest(lambda request: 0), body)
+    grow = seen["grow"]
+    assert isinstance(grow, tuple) and grow[0] == 64 + 8
+
+
+def test_resize_memory_without_virtio_mem_is_a_hypervisor_error(config: HypervisorConfig, root: Path) -> None:
+    async def body(hv: Dragonball) -> None:
+        with pytest.raises(HypervisorError, match="enable_virtio_mem"):
+            await hv.resize_memory(128)
+
+    run(config, root, scripted_guest(lambda request: 0), body)

@@ -59,6 +59,7 @@ from kata_shim.hypervisor import (
     Hypervisor,
     HypervisorConfig,
     HypervisorError,
+    MemoryConfig,
     NetworkDevice,
     ShareFsDevice,
 )
@@ -130,6 +131,10 @@ class AgentVm:
         self.vmm_pids: list[int] = []
         """Stand-ins for the VMM's process, then its vCPU threads (a test's helper processes)."""
         self.resizes: list[tuple[int, int]] = []
+        self.memory_resizes: list[int] = []
+        """MiB asked of each `resize_memory`."""
+        self.memory_cap = 0
+        """MiB the "VM" can grow to (0: anything asked)."""
         self.spare_vcpu_pids: list[int] = []
         """Stand-ins for the threads of vCPUs a resize adds (they join `vmm_pids`)."""
 
@@ -150,6 +155,8 @@ class AgentVm:
         hotplug: frozenset[Any] = frozenset()
         if self.fail in ("vcpu_hotplug", "vcpu_refused"):
             hotplug = frozenset({"vcpu"})
+        elif self.fail in ("memory_hotplug", "memory_refused"):
+            hotplug = frozenset({"vcpu", "memory"})
         elif self.fail == "net_hotplug":
             hotplug = frozenset({"net"})
         elif self.fail in ("block_hotplug", "block_refused"):
@@ -184,6 +191,14 @@ class AgentVm:
         if new_vcpus > old_vcpus and self.spare_vcpu_pids:  # the new vCPU's thread
             self.vmm_pids.append(self.spare_vcpu_pids.pop(0))
         return old_vcpus, new_vcpus
+
+    async def resize_memory(self, new_mib: int) -> tuple[int, MemoryConfig]:
+        self.calls.append(f"resize_memory:{new_mib}")
+        if self.fail == "memory_refused":
+            raise HypervisorError("dragonball: resizing memory: the region is gone")
+        self.memory_resizes.append(new_mib)
+        now = min(new_mib, self.memory_cap) if self.memory_cap else new_mib
+        return now, MemoryConfig(size_mib=max(0, now - self.config.default_memory))
 
     async def prepare_vm(self, sandbox_id: str, netns: str | None) -> None:
         self.calls.append("prepare_vm")
@@ -1779,6 +1794,71 @@ def test_dynamic_sizing_grows_the_vm_with_containers_and_updates_and_onlines_the
             await cm.delete_process(ProcessId("c1"))
             assert pod.vm.resizes[-1] == (3, 1) and onlined == [2, 3]  # shrinking onlines nothing
             assert pod.sandbox.vcpu_plan is not None and pod.sandbox.vcpu_plan.current == 1
+
+    trio.run(main)
+
+
+def _memory_spec(*args: str, limit_mib: int) -> dict[str, Any]:
+    spec = _spec(*args)
+    spec["linux"]["resources"] = {"memory": {"limit": limit_mib << 20}}
+    return spec
+
+
+def test_dynamic_sizing_grows_memory_with_container_limits_and_onlines_it(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """static_sandbox_resource_mgmt = false on a back-end that hot-plugs memory: the VM boots with
+    default_memory, a Create or Update with a memory limit resizes it to default_memory plus the limits
+    (`Hypervisor.resize_memory`) before the agent call, the agent onlines memory (OnlineCPUMem without
+    cpu_only), a Delete shrinks it back; what the VM got (capped) is what the plan keeps."""
+    onlined: list[str] = []
+    monkeypatch.setattr(agent_guest, "online_cpus", lambda target, base=None: max(target, 1))
+    monkeypatch.setattr(agent_guest, "online_memory", lambda base="": onlined.append("memory") or 0)
+
+    async def main() -> None:
+        runtime = RuntimeConfig(static_sandbox_resource_mgmt=False)
+        first = _memory_spec("true", limit_mib=4096)
+        async with running_pod(
+            virtiofs_as_bind, fail="memory_hotplug", first_spec=first, runtime=runtime
+        ) as pod:
+            default = pod.vm.config.default_memory
+            assert default == HypervisorConfig().default_memory  # not sized statically (that adds 4096)
+            plan = pod.sandbox.memory_plan
+            assert plan is not None and plan.current == default
+            cm = pod.instance.containers
+            cfg = _container(pod, busybox_lower, "c1", _memory_spec("sleep", "1000", limit_mib=256), Stdio())
+            await cm.create_container(cfg)
+            assert pod.vm.memory_resizes == [default + 256] and onlined == ["memory"]
+            await cm.update_container("c1", {"memory": {"limit": 512 << 20}})
+            assert pod.vm.memory_resizes[-1] == default + 512 and onlined == ["memory", "memory"]
+            await cm.update_container("c1", {"cpu": {"shares": 2}})  # no memory part: nothing to resize
+            assert len(pod.vm.memory_resizes) == 2
+            pod.vm.memory_cap = default + 300  # the VM cannot hold more: the plan keeps what it got
+            await cm.update_container("c1", {"memory": {"limit": 1024 << 20}})
+            assert plan.current == default + 300
+            await cm.start_process(ProcessId("c1"))
+            await cm.kill_process(ProcessId("c1"), signal.SIGKILL)
+            with trio.fail_after(20):
+                await cm.wait_process(ProcessId("c1"))
+            await cm.delete_process(ProcessId("c1"))
+            assert pod.vm.memory_resizes[-1] == default and plan.current == default
+            assert len(onlined) == 2  # shrinking (the capped update, the delete) onlines nothing
+
+    trio.run(main)
+
+
+def test_a_refused_memory_resize_fails_the_create_cleanly(
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+) -> None:
+    async def main() -> None:
+        runtime = RuntimeConfig(static_sandbox_resource_mgmt=False)
+        async with running_pod(virtiofs_as_bind, fail="memory_refused", runtime=runtime) as pod:
+            cm = pod.instance.containers
+            cfg = _container(pod, busybox_lower, "c1", _memory_spec("true", limit_mib=128), Stdio())
+            with pytest.raises(SandboxError, match=r"resizing the VM to \d+ MiB for container c1: .*region"):
+                await cm.create_container(cfg)
+            assert cm.container_ids() == []
+            assert pod.sandbox.memory_plan is not None and pod.sandbox.memory_plan.requests == {}
 
     trio.run(main)
 

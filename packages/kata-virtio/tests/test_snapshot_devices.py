@@ -184,3 +184,45 @@ def test_block_of_another_size_is_refused(tmp_path: Path) -> None:
             t.restore(state)
     finally:
         dev.close()
+
+
+def test_balloon_with_two_of_four_queues_restores_its_target_and_actual() -> None:
+    from kata_virtio import VirtioBalloon
+    from kata_virtio._spec import VIRTIO_F_VERSION_1
+
+    mem = FakeGuestMemory(1 << 21)
+    old = MmioTransport(VirtioBalloon(stats_interval=1.0, free_page_reporting=True), mem, FakeInterrupt())
+    inflate, _deflate = mmio_bring_up(old, [16, 16], features=1 << VIRTIO_F_VERSION_1)  # no optional queue
+    assert isinstance(old.device, VirtioBalloon)
+    old.device.set_target(8)
+    old.write(0x100 + 4, struct.pack("<I", 3))  # the driver's actual
+    state = _round_trip(old.save())
+
+    new = MmioTransport(VirtioBalloon(stats_interval=1.0, free_page_reporting=True), mem, FakeInterrupt())
+    new.restore(state)
+    assert new.activated and isinstance(new.device, VirtioBalloon)
+    assert (new.device.target_pages, new.device.actual_pages) == (8, 3)
+    inflate.add_chain([(struct.pack("<I", 0x100), False)])  # the driver goes on inflating
+    new.write_u32(0x050, 0)
+    assert len(inflate.get_used()) == 1 and mem.discarded == [(0x100 << 12, 4096)]
+
+
+def test_virtio_mem_restores_its_plugged_blocks() -> None:
+    from kata_virtio import VirtioMem
+
+    mem = FakeGuestMemory(1 << 20)
+    old = MmioTransport(VirtioMem(128 << 20, 128 << 20), mem, FakeInterrupt())
+    (q,) = mmio_bring_up(old, [16])
+    assert isinstance(old.device, VirtioMem)
+    old.device.set_requested_size(8 << 20)
+    q.add_chain([(struct.pack("<H6xQH6x", 0, 128 << 20, 2), False), (10, True)])  # PLUG 2 blocks
+    old.write_u32(0x050, 0)
+    assert len(q.get_used()) == 1
+    state = _round_trip(old.save())
+
+    new = MmioTransport(VirtioMem(128 << 20, 128 << 20), mem, FakeInterrupt())
+    new.restore(state)
+    assert isinstance(new.device, VirtioMem)
+    assert new.device.plugged_ranges() == [(128 << 20, 4 << 20)] and new.device.requested_size == 8 << 20
+    with pytest.raises(DeviceError, match="not in this region"):
+        MmioTransport(VirtioMem(256 << 20, 128 << 20), mem, FakeInterrupt()).restore(state)

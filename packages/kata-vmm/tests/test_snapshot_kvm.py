@@ -246,6 +246,15 @@ def test_restore_without_a_config_uses_the_saved_one(snapshot: tuple[Path, Path,
         clone.close()
 
 
+@pytest.mark.usefixtures("no_leaks")
+def test_restore_refuses_a_config_with_memory_hotplug(snapshot: tuple[Path, Path, int, int, int]) -> None:
+    directory, *_ = snapshot
+    config = snapshot_config(directory)
+    config.memory_hotplug_mib = 128
+    with pytest.raises(SnapshotError, match="memory hot-plug"):
+        Vmm.restore(directory, config)
+
+
 def test_snapshot_files_are_versioned_and_say_what_they_hold(
     snapshot: tuple[Path, Path, int, int, int],
 ) -> None:

@@ -173,3 +173,45 @@ class VcpuPlan:
     def resized(self, vcpus: int) -> None:
         """The VM now runs ``vcpus``."""
         self.current = vcpus
+
+
+class MemoryPlan:
+    """The VM's memory as containers come, change and go (runtime-rs ``MemResource``): ``default_mib`` plus
+    the sum of the containers' memory limits (``linux.resources.memory.limit``, whole MiB; a container
+    without one adds nothing). `update` says what to resize the VM to, the caller resizes and reports the
+    size it got with `resized`.
+
+    Never below ``default_mib``; a new container never shrinks the VM and a removed one never grows it; an
+    update without a memory part (or without a limit) keeps the container's limit.
+    """
+
+    def __init__(self, default_mib: int, current: int | None = None) -> None:
+        self.default_mib = default_mib
+        self.current = default_mib if current is None else current
+        """MiB the VM has now."""
+        self.requests: dict[str, int] = {}
+        """MiB limit of each container that has one."""
+
+    def update(self, container_id: str, memory: Mapping[str, Any] | None, op: ResourceUpdateOp) -> int | None:
+        """Record the container's ``linux.resources.memory`` (None: unchanged; DEL forgets it) and return
+        the MiB to resize to, or None when the VM stays as it is."""
+        if op is ResourceUpdateOp.DEL:
+            self.requests.pop(container_id, None)
+        elif memory is not None:
+            limit = _mib(_int(memory.get("limit")))
+            if limit:
+                self.requests[container_id] = limit
+            elif op is ResourceUpdateOp.ADD:
+                self.requests.pop(container_id, None)
+        target = self.default_mib + sum(self.requests.values())
+        if target == self.current:
+            return None
+        if (op is ResourceUpdateOp.ADD and self.current > target) or (
+            op is ResourceUpdateOp.DEL and self.current < target
+        ):
+            return None
+        return target
+
+    def resized(self, mib: int) -> None:
+        """The VM now has ``mib`` MiB."""
+        self.current = mib

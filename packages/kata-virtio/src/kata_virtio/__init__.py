@@ -1,9 +1,11 @@
-"""Virtio devices: split virtqueue, virtio-mmio transport, vsock/block/net/fs/rng devices (no KVM code)."""
+"""Virtio devices: split virtqueue, virtio-mmio transport, vsock/block/net/fs/rng/balloon/mem; no KVM code."""
 
 from kata_virtio.__about__ import __version__
+from kata_virtio._balloon import BALLOON_PAGE_SIZE, VirtioBalloon
 from kata_virtio._block import VirtioBlock
 from kata_virtio._device import DeviceError, DeviceInterrupt, EventSource, Ticking, VirtioDevice
-from kata_virtio._memory import GuestAddressError, GuestMemory, InterruptTrigger, VirtioError
+from kata_virtio._mem import VirtioMem
+from kata_virtio._memory import DISCARD_ALIGN, GuestAddressError, GuestMemory, InterruptTrigger, VirtioError
 from kata_virtio._mmio import MMIO_WINDOW_SIZE, VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
 from kata_virtio._net import VirtioNet, open_tap
 from kata_virtio._queue import (
@@ -25,6 +27,8 @@ from kata_virtio.fs import FsPolicy, FsServerError, FuseServer, VirtioFs
 from kata_virtio.vsock import VirtioVsock
 
 __all__ = [
+    "BALLOON_PAGE_SIZE",
+    "DISCARD_ALIGN",
     "MMIO_WINDOW_SIZE",
     "VIRTIO_MMIO_QUEUE_NOTIFY",
     "AvailRingError",
@@ -50,10 +54,12 @@ __all__ = [
     "QueueConfigError",
     "QueueError",
     "Ticking",
+    "VirtioBalloon",
     "VirtioBlock",
     "VirtioDevice",
     "VirtioError",
     "VirtioFs",
+    "VirtioMem",
     "VirtioNet",
     "VirtioRng",
     "VirtioVsock",

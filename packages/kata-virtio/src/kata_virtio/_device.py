@@ -86,6 +86,11 @@ class VirtioDevice(abc.ABC):
         """Record the features the driver accepted (a subset of `avail_features`)."""
         self.acked_features = features
 
+    def queue_count(self) -> int:
+        """How many queues the driver sets up with the features it accepted (virtio-balloon: the
+        optional queues exist only with their feature, §5.5.2); default: all of `queue_max_sizes`."""
+        return len(self.queue_max_sizes)
+
     def has_feature(self, n: int) -> bool:
         """Whether feature bit ``n`` was negotiated."""
         return bool(self.acked_features >> n & 1)
@@ -106,8 +111,8 @@ class VirtioDevice(abc.ABC):
 
     def activate(self, memory: GuestMemory, queues: Sequence[Queue], interrupt: DeviceInterrupt) -> None:
         """Start serving the driver after DRIVER_OK (virtio 1.2 §3.1.1)."""
-        if len(queues) != len(self.queue_max_sizes):
-            raise DeviceError(f"{type(self).__name__} needs {len(self.queue_max_sizes)} queues")
+        if len(queues) != self.queue_count():
+            raise DeviceError(f"{type(self).__name__} needs {self.queue_count()} queues")
         self.memory = memory
         self.queues = list(queues)
         self.interrupt = interrupt

@@ -18,6 +18,10 @@ class GuestAddressError(VirtioError):
     """Raised when a guest-physical range is not wholly inside guest memory."""
 
 
+DISCARD_ALIGN = 4096
+"""`GuestMemory.discard` works on whole 4 KiB pages (the balloon's PFN unit, x86's page size)."""
+
+
 @runtime_checkable
 class GuestMemory(Protocol):
     """Bounds-checked access to guest-physical memory.
@@ -37,6 +41,16 @@ class GuestMemory(Protocol):
 
     def view(self, addr: int, size: int) -> memoryview:
         """A writable zero-copy view of ``[addr, addr + size)``; the range must lie in one region."""
+        ...
+
+    def discard(self, addr: int, size: int) -> None:
+        """Give the host memory behind ``[addr, addr + size)`` back (MADV_DONTNEED/MADV_REMOVE).
+
+        ``addr`` and ``size`` must be multiples of `DISCARD_ALIGN` and the whole range guest RAM, else
+        `GuestAddressError` and nothing is discarded. Afterwards the range reads as zeros (or, for RAM
+        mapped copy-on-write from a snapshot file, as the file); the guest may use it again at once.
+        Used by virtio-balloon (inflate, free page reporting) and virtio-mem (unplug).
+        """
         ...
 
 

@@ -317,11 +317,12 @@ class MmioTransport:
 
     def _activate(self) -> None:
         try:
-            for i, q in enumerate(self.queues):
+            used = self.queues[: self.device.queue_count()]
+            for i, q in enumerate(used):
                 if not q.ready:
                     raise VirtioError(f"queue {i} not ready at DRIVER_OK")
                 q.validate(self.memory)
-            self.device.activate(self.memory, self.queues, self)
+            self.device.activate(self.memory, used, self)
             self.activated = True
         except VirtioError as err:
             self.set_needs_reset(f"activation failed: {err}")
@@ -404,14 +405,15 @@ class MmioTransport:
             self.device.ack_features(driver_features)
         if not state["activated"]:
             return
-        for i, q in enumerate(self.queues):
+        used = self.queues[: self.device.queue_count()]
+        for i, q in enumerate(used):
             if not q.ready:
                 raise DeviceError(f"queue {i} of an activated device is not ready")
             q.validate(self.memory)
         # activate sets the ring options from the features; the indices saved are kept
-        indices = [(q.next_avail, q.next_used) for q in self.queues]
-        self.device.activate(self.memory, self.queues, self)
-        for q, (next_avail, next_used) in zip(self.queues, indices, strict=True):
+        indices = [(q.next_avail, q.next_used) for q in used]
+        self.device.activate(self.memory, used, self)
+        for q, (next_avail, next_used) in zip(used, indices, strict=True):
             q.next_avail, q.next_used = next_avail, next_used
         self.activated = True
         device_state = state.get("device", {})

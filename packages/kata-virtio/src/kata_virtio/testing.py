@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from kata_virtio import _fuse as F
 from kata_virtio._device import EventSource, VirtioDevice
-from kata_virtio._memory import GuestAddressError
+from kata_virtio._memory import DISCARD_ALIGN, GuestAddressError
 from kata_virtio._mmio import MmioTransport
 from kata_virtio._queue import Queue
 from kata_virtio._spec import (
@@ -46,6 +46,8 @@ class FakeGuestMemory:
     def __init__(self, size: int, base: int = 0) -> None:
         self.base = base
         self.data = bytearray(size)
+        self.discarded: list[tuple[int, int]] = []
+        """Every range `discard` accepted, in order."""
 
     def _offset(self, addr: int, size: int) -> int:
         off = addr - self.base
@@ -67,6 +69,14 @@ class FakeGuestMemory:
         """A writable view of ``[addr, addr+size)``."""
         off = self._offset(addr, size)
         return memoryview(self.data)[off : off + size]
+
+    def discard(self, addr: int, size: int) -> None:
+        """Zero ``[addr, addr+size)`` (page aligned, inside memory) and record it in `discarded`."""
+        if addr % DISCARD_ALIGN or size % DISCARD_ALIGN:
+            raise GuestAddressError(f"discard of {addr:#x}+{size:#x} is not page aligned")
+        off = self._offset(addr, size)
+        self.data[off : off + size] = bytes(size)
+        self.discarded.append((addr, size))
 
 
 class FakeInterrupt:
@@ -269,7 +279,11 @@ def activate(
 ) -> tuple[list[DriverQueue], FakeDeviceInterrupt]:
     """Negotiate ``features`` (default: all offered plus VERSION_1/INDIRECT) and activate ``device``
     with one `DriverQueue` per queue laid out one after another; returns them and the interrupt record."""
-    sizes = sizes or [min(n, 256) for n in device.queue_max_sizes]
+    if features is None:
+        features = device.avail_features | 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_INDIRECT_DESC
+    device.ack_features(features)
+    count = device.queue_count()
+    sizes = sizes or [min(n, 256) for n in device.queue_max_sizes[:count]]
     dqs: list[DriverQueue] = []
     base = memory.base
     for size in sizes:
@@ -279,11 +293,8 @@ def activate(
     heap = BumpAllocator(base, memory.base + len(memory.data))
     for dq in dqs:
         dq.heap = heap  # buffers of every queue come from one allocator after all rings
-    if features is None:
-        features = device.avail_features | 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_INDIRECT_DESC
-    device.ack_features(features)
     irq = FakeDeviceInterrupt()
-    queues = [dq.device_queue(n) for dq, n in zip(dqs, device.queue_max_sizes, strict=True)]
+    queues = [dq.device_queue(n) for dq, n in zip(dqs, device.queue_max_sizes[:count], strict=True)]
     device.activate(memory, queues, irq)
     return dqs, irq
 

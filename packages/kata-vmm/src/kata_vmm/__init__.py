@@ -27,9 +27,9 @@ from kata_vmm._layout import VIRTIO_MMIO_SLOTS, virtio_mmio_slot
 from kata_vmm._machine import MmioSlot, VmConfig
 from kata_vmm._memory import GuestAddress, GuestMemoryMmap
 from kata_vmm._snapshot import SNAPSHOT_VERSION
-from kata_vmm._specs import BlockSpec, DeviceSpec, FsSpec, NetSpec, RngSpec, VsockSpec
+from kata_vmm._specs import BalloonSpec, BlockSpec, DeviceSpec, FsSpec, NetSpec, RngSpec, VsockSpec
 from kata_vmm._vcpu import ExitKind, GuestExit, VcpuState, install_kick_handler
-from kata_vmm._vmm import Vmm, VmmState, VmmStatistics, snapshot_config
+from kata_vmm._vmm import BalloonStatus, HotplugMemoryStatus, Vmm, VmmState, VmmStatistics, snapshot_config
 
 if TYPE_CHECKING:
     from kata_vmm._hotplug import (
@@ -57,6 +57,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "SNAPSHOT_VERSION",
     "VIRTIO_MMIO_SLOTS",
+    "BalloonSpec",
+    "BalloonStatus",
     "BlockSpec",
     "Bus",
     "BusDevice",
@@ -72,6 +74,7 @@ __all__ = [
     "GuestExit",
     "GuestMemoryError",
     "GuestMemoryMmap",
+    "HotplugMemoryStatus",
     "IoEventFd",
     "IrqFd",
     "KernelLoadError",

@@ -19,7 +19,7 @@ import dataclasses
 
 from kata_vmm._errors import ConfigError, VmStateError
 from kata_vmm._machine import MmioSlot, VmConfig
-from kata_vmm._specs import DeviceSpec, FsSpec, VsockSpec, build_device
+from kata_vmm._specs import BalloonSpec, DeviceSpec, FsSpec, VsockSpec, build_device
 from kata_vmm._vmm import Vmm
 
 
@@ -74,6 +74,8 @@ class VmmBuilder:
     def _check_fits(spec: DeviceSpec, others: list[DeviceSpec]) -> None:
         if isinstance(spec, VsockSpec) and any(isinstance(o, VsockSpec) for o in others):
             raise ConfigError("a VM has one vsock device (one guest CID); this one has it already")
+        if isinstance(spec, BalloonSpec) and any(isinstance(o, BalloonSpec) for o in others):
+            raise ConfigError("a VM has at most one balloon device")
         if isinstance(spec, FsSpec) and any(isinstance(o, FsSpec) and o.tag == spec.tag for o in others):
             raise ConfigError(f"virtio-fs tag {spec.tag!r} is already in use")
 

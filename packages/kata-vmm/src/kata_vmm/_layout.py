@@ -80,3 +80,23 @@ def ram_ranges(mem_size: int) -> list[tuple[GuestAddress, int]]:
     if mem_size > low:
         ranges.append((HIGH_RAM_START, mem_size - low))
     return ranges
+
+
+# --- memory hot-plug (virtio-mem) ------------------------------------------------------------------
+HOTPLUG_ALIGN = 128 * MiB  # Linux's memory block size on x86-64: virtio_mem adds memory in these units
+MAX_PHYS_ADDR = 1 << 46  # keep the region below what any x86-64 guest can address (46 bits: Intel since 2008)
+
+
+def hotplug_range(mem_size: int, hotplug_size: int) -> tuple[GuestAddress, int]:
+    """The virtio-mem region for ``hotplug_size`` bytes next to ``mem_size`` bytes of RAM: above 4 GiB (so
+    never in the MMIO gap below it) and above the last RAM range, start and size aligned to 128 MiB."""
+    if hotplug_size <= 0 or hotplug_size % HOTPLUG_ALIGN:
+        raise ValueError(f"hot-plug size {hotplug_size:#x} is not a positive multiple of 128 MiB")
+    ram_end = max(start + size for start, size in ram_ranges(mem_size))
+    start = max(HIGH_RAM_START, ram_end)
+    start = (start + HOTPLUG_ALIGN - 1) // HOTPLUG_ALIGN * HOTPLUG_ALIGN
+    if start + hotplug_size > MAX_PHYS_ADDR:
+        raise ValueError(
+            f"hot-plug region {start:#x}+{hotplug_size:#x} is past the guest's physical addresses"
+        )
+    return GuestAddress(start), hotplug_size

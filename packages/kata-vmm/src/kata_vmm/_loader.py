@@ -62,6 +62,8 @@ def e820_map(mem: GuestMemoryMmap) -> list[tuple[int, int, int]]:
     """(addr, size, type) entries: RAM below the EBDA, the firmware area with the ACPI tables, RAM above."""
     entries: list[tuple[int, int, int]] = []
     for region in mem.regions:
+        if region.hotplug:  # virtio-mem's: the driver adds it, the boot map must not
+            continue
         start, end = region.guest_addr, region.end
         if start < BIOS_AREA_START:
             entries.append((start, min(end, EBDA_START) - start, bp.E820_RAM))

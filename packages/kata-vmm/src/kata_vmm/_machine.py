@@ -27,6 +27,7 @@ from kata_vmm._layout import (
     ACPI_MAX_SIZE,
     ACPI_SLEEP_CONTROL_PORT,
     ACPI_START,
+    HOTPLUG_ALIGN,
     I8042_DATA_PORT,
     KVM_IDENTITY_MAP_START,
     KVM_TSS_START,
@@ -36,6 +37,7 @@ from kata_vmm._layout import (
     VIRTIO_MMIO_SLOT_SIZE,
     VIRTIO_MMIO_SLOTS,
     MiB,
+    hotplug_range,
     ram_ranges,
     virtio_mmio_slot,
 )
@@ -72,6 +74,9 @@ class VmConfig:
     """Virtio devices (vsock, block, net, fs, rng), each on its own virtio-mmio slot, in this order."""
     max_vcpus: int = 0
     """vCPUs the VM may grow to by hot-add (`Vmm.plug_vcpu`); 0: ``vcpus``, no hot-add."""
+    memory_hotplug_mib: int = 0
+    """Memory the guest may grow by (a multiple of 128 MiB): a region above RAM, served by a virtio-mem
+    device on the virtio-mmio slot after ``devices`` (`Vmm.set_hotplug_memory`); 0: none."""
 
     @property
     def possible_vcpus(self) -> int:
@@ -89,6 +94,20 @@ class VmConfig:
             )
         if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
             raise ConfigError(f"memory must be at least {MIN_MEMORY_MIB} MiB, not {self.memory_mib} MiB")
+        if (
+            not 0 <= self.memory_hotplug_mib <= MAX_MEMORY_MIB
+            or self.memory_hotplug_mib * MiB % HOTPLUG_ALIGN
+        ):
+            raise ConfigError(
+                f"memory_hotplug_mib must be a multiple of {HOTPLUG_ALIGN // MiB} up to {MAX_MEMORY_MIB}, "
+                f"not {self.memory_hotplug_mib}"
+            )
+
+    def hotplug_range(self) -> tuple[GuestAddress, int] | None:
+        """Where the virtio-mem region lies (`_layout.hotplug_range`), or None without one."""
+        if not self.memory_hotplug_mib:
+            return None
+        return hotplug_range(self.memory_mib * MiB, self.memory_hotplug_mib * MiB)
 
 
 @dataclass(frozen=True)
@@ -165,9 +184,12 @@ class Machine:
                 raise ConfigError(f"this host's KVM lacks KVM_CAP_{name}")
         self.vm = self.kvm.create_vm()
         self.memory = GuestMemoryMmap(
-            ram_ranges(config.memory_mib * MiB), shared=config.shared_memory, files=memory_files
+            ram_ranges(config.memory_mib * MiB),
+            shared=config.shared_memory,
+            files=memory_files,
+            hotplug=config.hotplug_range(),
         )
-        for slot, region in enumerate(self.memory.regions):
+        for slot, region in enumerate(self.memory.regions):  # the hot-plug region too: its own slot, last
             self.vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
         self.vm.set_identity_map_addr(KVM_IDENTITY_MAP_START)
         self.vm.set_tss_addr(KVM_TSS_START)

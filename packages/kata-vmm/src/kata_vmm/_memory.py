@@ -34,6 +34,8 @@ class MemoryRegion:
     mapping: mmap.mmap
     fd: int = -1
     """The memfd behind a MAP_SHARED region; -1 for a private (copy-on-write) mapping of a saved file."""
+    hotplug: bool = False
+    """A virtio-mem region: mapped and in a KVM slot, but not boot RAM (not in the e820 map)."""
     host_addr: int = field(init=False)
     _anchor: ctypes.Array[ctypes.c_char] = field(init=False, repr=False)
 
@@ -69,6 +71,7 @@ class GuestMemoryMmap:
         *,
         shared: bool = False,
         files: list[int] | None = None,
+        hotplug: tuple[GuestAddress, int] | None = None,
     ) -> None:
         """Map one memfd-backed region per ``(guest_addr, size)`` (MAP_SHARED, so a snapshot is writing
         the memfd out and a vhost-user daemon can map it: ``shared`` is kept for callers that ask for
@@ -76,7 +79,11 @@ class GuestMemoryMmap:
 
         With ``files`` (one open fd per range, sorted by guest address; the caller keeps and closes
         them), each region maps its saved file instead: MAP_PRIVATE, copy-on-write, or, with ``shared``,
-        a fresh memfd filled from the file (a vhost-user daemon must see the guest's writes)."""
+        a fresh memfd filled from the file (a vhost-user daemon must see the guest's writes).
+
+        ``hotplug`` adds one more region above every RAM range, a fresh memfd (its pages exist only once
+        the guest touches them: memfds are not charged up front) flagged `MemoryRegion.hotplug`: the
+        memory a virtio-mem device hands out."""
         self.regions: list[MemoryRegion] = []
         try:
             last_end = -1
@@ -91,6 +98,15 @@ class GuestMemoryMmap:
                 last_end = guest_addr + size
                 source = None if files is None else files[i]
                 self.regions.append(self._map(guest_addr, size, source, copy=shared))
+            if hotplug is not None:
+                guest_addr, size = hotplug
+                if size <= 0 or size % mmap.PAGESIZE or guest_addr % mmap.PAGESIZE or guest_addr < last_end:
+                    raise ConfigError(
+                        f"hot-plug region {guest_addr:#x}+{size:#x} is unaligned or overlaps RAM"
+                    )
+                region = self._map(guest_addr, size, None, copy=False)
+                region.hotplug = True
+                self.regions.append(region)
         except BaseException:
             self.close()
             raise
@@ -152,8 +168,8 @@ class GuestMemoryMmap:
 
     @property
     def size(self) -> int:
-        """Total RAM in bytes."""
-        return sum(r.size for r in self.regions)
+        """Total boot RAM in bytes (the hot-plug region not counted)."""
+        return sum(r.size for r in self.regions if not r.hotplug)
 
     def _find(self, addr: int) -> MemoryRegion | None:
         i = bisect.bisect_right(self._starts, addr) - 1
@@ -235,6 +251,23 @@ class GuestMemoryMmap:
         mapping, off = one
         return memoryview(mapping)[off : off + size]
 
+    def discard(self, addr: int, size: int) -> None:
+        """Give the host pages behind ``[addr, addr + size)`` back (`kata_virtio.GuestMemory.discard`).
+
+        A memfd region (MAP_SHARED) punches a hole with MADV_REMOVE: MADV_DONTNEED on a shared mapping
+        only drops the page-table entries and keeps the memfd's pages. A copy-on-write region (restored
+        from a snapshot) drops its private copies with MADV_DONTNEED and reads the file again. The whole
+        range must be RAM (it may span adjacent regions) and page aligned; else `GuestMemoryError` and
+        nothing is discarded."""
+        if addr % mmap.PAGESIZE or size % mmap.PAGESIZE:
+            raise GuestMemoryError(f"discard of {addr:#x}+{size:#x} is not page aligned")
+        for region, off, n in self._chunks(addr, size):  # checks every byte before touching any
+            advice = MADV_REMOVE if region.fd >= 0 else mmap.MADV_DONTNEED
+            try:
+                region.mapping.madvise(advice, off, n)
+            except OSError as err:
+                raise GuestMemoryError(f"cannot discard {addr:#x}+{size:#x}: {err.strerror}") from err
+
     def read_u32(self, addr: int) -> int:
         """A little-endian u32 at ``addr``."""
         return int.from_bytes(self.read(addr, 4), "little")
@@ -259,6 +292,9 @@ class GuestMemoryMmap:
         self.regions = []
         self._starts = []
 
+
+MADV_REMOVE = getattr(mmap, "MADV_REMOVE", 9)
+"""madvise(2): free a shared mapping's backing store (a hole in the memfd)."""
 
 SAVE_CHUNK = 1 << 20
 """Bytes compared with zeros (and written unless they are) at a time when saving memory."""

@@ -36,7 +36,7 @@ from kata_virtio import VirtioDevice
 from kata_vmm._bindings import kvm as k
 from kata_vmm._errors import KvmError, SnapshotError
 from kata_vmm._kvm import Kvm, Vcpu, Vm
-from kata_vmm._specs import BlockSpec, DeviceSpec, FsSpec, NetSpec, RngSpec, VsockSpec
+from kata_vmm._specs import BalloonSpec, BlockSpec, DeviceSpec, FsSpec, NetSpec, RngSpec, VsockSpec
 
 SNAPSHOT_FORMAT = "kata-vmm-snapshot"
 SNAPSHOT_VERSION = 1
@@ -229,15 +229,27 @@ _SPEC_KINDS: dict[str, Callable[[dict[str, Any]], DeviceSpec]] = {
     "net": lambda d: NetSpec(str(d["tap"]), d["mac"]),
     "fs": lambda d: FsSpec(str(d["tag"]), Path(d["shared_dir"])),
     "rng": lambda d: RngSpec(),
+    "balloon": lambda d: BalloonSpec(
+        float(d["stats_interval"]), bool(d["free_page_reporting"]), bool(d["deflate_on_oom"])
+    ),
 }
 
 
 def spec_kind(spec: DeviceSpec) -> str:
     """The name a snapshot gives a spec's device kind."""
-    return {VsockSpec: "vsock", BlockSpec: "block", NetSpec: "net", FsSpec: "fs", RngSpec: "rng"}[type(spec)]
+    kinds = {VsockSpec: "vsock", BlockSpec: "block", NetSpec: "net", FsSpec: "fs", RngSpec: "rng"}
+    return {**kinds, BalloonSpec: "balloon"}[type(spec)]
 
 
-_KIND_OF_TYPE = {19: "vsock", 2: "block", 1: "net", 26: "fs", 4: "rng"}  # virtio 1.2 §5 device ids
+_KIND_OF_TYPE = {
+    19: "vsock",
+    2: "block",
+    1: "net",
+    26: "fs",
+    4: "rng",
+    5: "balloon",
+    24: "mem",
+}  # virtio 1.2 §5 device ids
 
 
 def device_kind(device: VirtioDevice) -> str:
@@ -258,6 +270,12 @@ def spec_to_json(spec: DeviceSpec) -> dict[str, Any]:
         out.update(tap=spec.tap, mac=spec.mac)
     elif isinstance(spec, FsSpec):
         out.update(tag=spec.tag, shared_dir=str(spec.shared_dir))
+    elif isinstance(spec, BalloonSpec):
+        out.update(
+            stats_interval=spec.stats_interval,
+            free_page_reporting=spec.free_page_reporting,
+            deflate_on_oom=spec.deflate_on_oom,
+        )
     return out
 
 

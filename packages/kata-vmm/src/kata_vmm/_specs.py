@@ -16,6 +16,7 @@ from pathlib import Path
 from kata_sys_util import raise_nofile
 from kata_virtio import (
     FsPolicy,
+    VirtioBalloon,
     VirtioBlock,
     VirtioDevice,
     VirtioError,
@@ -117,7 +118,31 @@ class RngSpec:
         """Nothing to give back: this spec holds no host resource before `build`."""
 
 
-DeviceSpec = VsockSpec | BlockSpec | NetSpec | FsSpec | RngSpec
+@dataclass(frozen=True)
+class BalloonSpec:
+    """virtio-balloon: the host asks for guest memory back (`Vmm.set_balloon`).
+
+    ``stats_interval``: seconds between guest statistics refreshes (0: no statistics queue);
+    ``free_page_reporting``: the guest reports free pages and the host discards them;
+    ``deflate_on_oom``: the guest may deflate under memory pressure."""
+
+    stats_interval: float = 0.0
+    free_page_reporting: bool = False
+    deflate_on_oom: bool = False
+
+    def build(self) -> VirtioDevice:
+        """Create the device (target 0: nothing inflated)."""
+        return VirtioBalloon(
+            stats_interval=self.stats_interval,
+            free_page_reporting=self.free_page_reporting,
+            deflate_on_oom=self.deflate_on_oom,
+        )
+
+    def release(self) -> None:
+        """Nothing to give back: this spec holds no host resource before `build`."""
+
+
+DeviceSpec = VsockSpec | BlockSpec | NetSpec | FsSpec | RngSpec | BalloonSpec
 """Every spec has `build()` (open host resources, return the device) and `release()` (give back what an
 unbuilt spec holds)."""
 

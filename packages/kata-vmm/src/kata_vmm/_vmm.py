@@ -28,13 +28,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from kata_upcall import UPCALL_PORT
-from kata_virtio import VirtioDevice, VirtioError, VirtioVsock
+from kata_virtio import BALLOON_PAGE_SIZE, VirtioBalloon, VirtioDevice, VirtioError, VirtioMem, VirtioVsock
 from kata_vmm import _snapshot as snap
 from kata_vmm._bus import Bus
-from kata_vmm._errors import KvmError, SnapshotError, VmmError, VmStateError
+from kata_vmm._errors import ConfigError, KvmError, SnapshotError, VmmError, VmStateError
 from kata_vmm._event_loop import EventLoop
 from kata_vmm._eventfd import EventFd, IrqFd
 from kata_vmm._kvm import Kvm, Vcpu, Vm
@@ -60,7 +60,9 @@ __all__ = [  # the configuration names kept importable from here (their home is 
     "DEFAULT_CMDLINE",
     "MAX_MEMORY_MIB",
     "MIN_MEMORY_MIB",
+    "BalloonStatus",
     "DeviceFactory",
+    "HotplugMemoryStatus",
     "MmioSlot",
     "VmConfig",
     "Vmm",
@@ -68,6 +70,9 @@ __all__ = [  # the configuration names kept importable from here (their home is 
     "VmmStatistics",
     "snapshot_config",
 ]
+
+
+_D = TypeVar("_D", bound=VirtioDevice)
 
 
 class VmmState(enum.Enum):
@@ -97,6 +102,28 @@ class VmmStatistics:
     per_vcpu: list[dict[str, int]] = field(default_factory=list)
     setup_seconds: dict[str, float] = field(default_factory=dict)
     """Host-side set-up phases before the first KVM_RUN (configure, ACPI, kernel load, vCPU creation)."""
+
+
+@dataclass(frozen=True)
+class HotplugMemoryStatus:
+    """The virtio-mem region of a VM (`Vmm.hotplug_memory`), in MiB."""
+
+    region_mib: int
+    requested_mib: int
+    """What the host asked for (`Vmm.set_hotplug_memory`)."""
+    plugged_mib: int
+    """What the guest's driver has plugged so far (it follows requested_mib block by block)."""
+
+
+@dataclass(frozen=True)
+class BalloonStatus:
+    """The balloon of a VM (`Vmm.balloon`)."""
+
+    target_mib: int
+    actual_mib: int
+    """What the guest's driver reports it holds (the guest's word)."""
+    stats: dict[str, int]
+    """The guest's last statistics (empty without ``BalloonSpec.stats_interval``)."""
 
 
 class Vmm:
@@ -281,9 +308,69 @@ class Vmm:
         self._require(VmmState.CONFIGURED)
         assert self.config is not None
         install_kick_handler()
+        self._add_virtio_mem()
         self._setup.update(self.machine.prepare_boot(self.config))
         self.guest_vcpus = set(range(self.config.vcpus))
         self._start_threads()
+
+    def _add_virtio_mem(self) -> None:
+        """With ``memory_hotplug_mib``, the virtio-mem device serving the hot-plug region takes the slot
+        after every device added so far (so a `VmmBuilder`'s slots stay as it said), cold-plugged."""
+        assert self.config is not None
+        region = self.config.hotplug_range()
+        if region is None or self._find_device(VirtioMem) is not None:
+            return
+        addr, size = region
+        self.machine.add_virtio(VirtioMem(addr, size))
+        self._specs.append(None)  # made from the VmConfig, not a spec
+
+    def _find_device(self, kind: type[_D]) -> _D | None:
+        for mmio in self._virtio:
+            if isinstance(mmio.device, kind):
+                return mmio.device
+        return None
+
+    # --- memory: virtio-mem and the balloon (any thread; the guest's drivers follow asynchronously) ------
+    def set_hotplug_memory(self, mib: int) -> None:
+        """Ask the guest to plug ``mib`` MiB of the hot-plug region (a multiple of the 2 MiB block, up to
+        ``memory_hotplug_mib``); less than now asks it to unplug. The guest's virtio_mem driver plugs block
+        by block and onlines the memory (MemTotal grows); `hotplug_memory` shows how far it got."""
+        device = self._require_started_device(VirtioMem, "memory_hotplug_mib")
+        try:
+            device.set_requested_size(mib * MiB)
+        except VirtioError as err:
+            raise ConfigError(str(err)) from err
+
+    def hotplug_memory(self) -> HotplugMemoryStatus:
+        """The virtio-mem region's size, requested and plugged MiB."""
+        device = self._require_started_device(VirtioMem, "memory_hotplug_mib")
+        return HotplugMemoryStatus(
+            device.region_size // MiB, device.requested_size // MiB, device.plugged_size // MiB
+        )
+
+    def set_balloon(self, mib: int) -> None:
+        """Ask the guest to give ``mib`` MiB back through the balloon (0: deflate it all)."""
+        device = self._require_started_device(VirtioBalloon, "a BalloonSpec")
+        try:
+            device.set_target(mib * MiB // BALLOON_PAGE_SIZE)
+        except VirtioError as err:
+            raise ConfigError(str(err)) from err
+
+    def balloon(self) -> BalloonStatus:
+        """The balloon's target, the size the guest reports and its last statistics."""
+        device = self._require_started_device(VirtioBalloon, "a BalloonSpec")
+        pages_per_mib = MiB // BALLOON_PAGE_SIZE
+        return BalloonStatus(
+            device.target_pages // pages_per_mib, device.actual_pages // pages_per_mib, device.stats()
+        )
+
+    def _require_started_device(self, kind: type[_D], needs: str) -> _D:
+        if self.state not in (VmmState.RUNNING, VmmState.PAUSED):
+            raise VmStateError(f"needs a started VM, not {self.state.value}")
+        device = self._find_device(kind)
+        if device is None:
+            raise ConfigError(f"this VM has no {kind.__name__} (configure it with {needs})")
+        return device
 
     def _start_threads(self, *, paused: bool = False) -> None:
         assert self.config is not None and self.serial is not None
@@ -429,6 +516,8 @@ class Vmm:
             raise SnapshotError(
                 "a device added with add_device (a factory, not a kata-virtio device) cannot be saved"
             )
+        if self.config.memory_hotplug_mib:
+            raise SnapshotError("a VM with memory hot-plug (virtio-mem) cannot be saved (not supported yet)")
         if len(self.machine.vcpus) != self.config.vcpus or len(self._specs) != len(self._virtio):
             raise SnapshotError("a VM with hot-plugged vCPUs or devices cannot be saved (not supported yet)")
         path = Path(directory)
@@ -532,6 +621,10 @@ class Vmm:
     def _restore(self, path: Path, manifest: dict[str, Any], config: VmConfig) -> None:
         t0 = time.monotonic()
         saved = manifest.get("config", {})
+        if config.memory_hotplug_mib:
+            raise SnapshotError(
+                "a VM with memory hot-plug (virtio-mem) cannot be restored (not supported yet)"
+            )
         if (config.vcpus, config.memory_mib) != (saved.get("vcpus"), saved.get("memory_mib")):
             raise SnapshotError(
                 f"the snapshot has {saved.get('vcpus')} vCPUs and {saved.get('memory_mib')} MiB, "

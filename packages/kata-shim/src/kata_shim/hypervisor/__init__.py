@@ -13,6 +13,7 @@ from kata_shim.hypervisor._base import (
     HypervisorConfig,
     HypervisorError,
     HypervisorFactory,
+    MemoryConfig,
     NetworkDevice,
     ShareFsDevice,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "HypervisorConfig",
     "HypervisorError",
     "HypervisorFactory",
+    "MemoryConfig",
     "NetworkDevice",
     "ShareFsDevice",
     "boot_report",

@@ -11,6 +11,7 @@ A back-end owns one VM. The sandbox manager drives it in this order::
     await hv.add_device(BlockDevice(...))            # hot-plug, for the kinds `caps.hotplug` names
     await hv.remove_device(device)                   # hot-unplug one added earlier
     old, new = await hv.resize_vcpu(1, 3)            # vCPU hot-add/remove ("vcpu" in `caps.hotplug`)
+    mib, mem = await hv.resize_memory(1024)          # memory hot-plug ("memory" in `caps.hotplug`)
     ...
     await hv.stop_vm(); await hv.cleanup()
 
@@ -53,6 +54,11 @@ class HypervisorConfig:
     default_maxvcpus: int = 0
     default_memory: int = 512
     """MiB."""
+    default_maxmemory: int = 0
+    """MiB the VM may grow to by memory hot-plug; 0: the host's memory (as upstream)."""
+    enable_virtio_mem: bool = False
+    """Memory hot-plug through virtio-mem (dragonball: a region above RAM reserved at boot, `resize_memory`
+    plugs and unplugs it; the guest onlines what is plugged: ``memhp_default_state=online``)."""
     shared_fs: str = "inline-virtio-fs"
     block_device_driver: str = "virtio-mmio"
     enable_debug: bool = False
@@ -128,6 +134,18 @@ class DeviceInfo:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    """How a memory resize reached the guest (runtime-rs ``MemoryConfig``): the hot-plugged memory's slot,
+    size and guest-physical address, and whether the guest must be told through its memory probe
+    interface (``probe``; never with virtio-mem, whose driver plugs and onlines on its own)."""
+
+    slot: int = 0
+    size_mib: int = 0
+    addr: int = 0
+    probe: bool = False
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """What a back-end can do (runtime-rs `Hypervisor::capabilities`, kata-types `CapabilityBits`).
 
@@ -198,6 +216,11 @@ class Hypervisor(Protocol):
     async def resize_vcpu(self, old_vcpus: int, new_vcpus: int) -> tuple[int, int]:
         """Grow or shrink the running guest's vCPUs towards ``new_vcpus`` (capped at ``default_maxvcpus``,
         as runtime-rs does); returns (vCPUs before, vCPUs now). `HypervisorError` without "vcpu" hot-plug."""
+
+    async def resize_memory(self, new_mib: int) -> tuple[int, MemoryConfig]:
+        """Grow or shrink the running guest's memory towards ``new_mib`` MiB (capped at what the VM can
+        hold: ``default_maxmemory``); returns (MiB the guest has now, how the change reached it), as
+        runtime-rs's ``resize_memory``. `HypervisorError` without "memory" hot-plug."""
 
     async def start_vm(self, timeout: float) -> None:  # noqa: ASYNC109 (runtime-rs signature)
         """Boot the guest; raise `HypervisorError` (with the console tail) if it dies or times out."""

@@ -12,6 +12,11 @@ inline virtio-fs) live in the shim. Device order on the virtio-mmio slots, which
 the builder assigned (its window is the `DeviceInfo.mmio_address`), and `start_vm` builds the VM with every
 device on exactly that slot: the back-end never predicts where the VMM puts a device.
 
+With ``enable_virtio_mem`` the VM has a memory hot-plug region (up to ``default_maxmemory``) served by a
+virtio-mem device on the slot after the others, and `resize_memory` asks the guest's virtio_mem driver to
+plug or unplug it (no upcall: the device's config-change interrupt is the request; the command line says
+``memhp_default_state=online`` so the guest onlines what it plugs).
+
 After `start_vm`, `add_device` hot-plugs block and network devices and `resize_vcpu` adds or removes
 vCPUs, Dragonball's way: kata_vmm plugs the device (lowest free slot) or creates the vCPU, then an upcall
 request (AddMmio, AddCpu...) tells the guest's `kata_upcall_srv` module. The upcall client runs over the VM's
@@ -47,6 +52,7 @@ from kata_shim.hypervisor._base import (
     DeviceInfo,
     HypervisorConfig,
     HypervisorError,
+    MemoryConfig,
     NetworkDevice,
     ShareFsDevice,
 )
@@ -108,6 +114,15 @@ CAPABILITIES = Capabilities(
 )
 """What the built-in VMM can do (upstream's dragonball also has multi-queue and memory hot-plug)."""
 
+MEMORY_RESIZE_TIMEOUT = 60.0
+"""Seconds `resize_memory` waits for the guest's virtio_mem driver to reach the requested size (it plugs
+2 MiB blocks in batches; under TCG that takes seconds); then it returns what the guest has."""
+MEMORY_POLL = 0.05
+HOTPLUG_ALIGN_MIB = 128
+"""The hot-plug region's size unit (the guest adds memory in 128 MiB memory blocks)."""
+ONLINE_CMDLINE = "memhp_default_state=online"
+"""Debian's kernel leaves hot-added memory offline; this onlines each block virtio_mem adds."""
+
 UpcallOpener = Callable[[Vmm], tuple[StreamConnector, Handshake]]
 """How the upcall client reaches the guest's upcall server of a running VM: a stream factory and the
 handshake its streams need (default: the VM's own vsock device, `kata_vmm.upcall_connector`)."""
@@ -129,8 +144,11 @@ class Dragonball:
         state_root: Path | None = None,
         upcall: UpcallOpener = _vsock_upcall,
         upcall_timeout: float = UPCALL_TIMEOUT,
+        memory_resize_timeout: float = MEMORY_RESIZE_TIMEOUT,
     ) -> None:
         self.config = config
+        self.memory_resize_timeout = memory_resize_timeout
+        """Seconds `resize_memory` waits for the guest to plug or unplug what it asked."""
         self._state_root = state_root
         self._open_upcall = upcall
         self.upcall_timeout = upcall_timeout
@@ -188,8 +206,23 @@ class Dragonball:
 
     def capabilities(self) -> Capabilities:
         """Block devices, virtio-fs, hybrid vsock with passfd, virtio-mmio addressing; hot-plug of block
-        and network devices and vCPUs through upcall."""
+        and network devices and vCPUs through upcall; with ``enable_virtio_mem`` memory hot-plug too (and
+        no snapshot: kata_vmm cannot save a VM with a virtio-mem region yet)."""
+        if self.config.enable_virtio_mem:
+            return dataclasses.replace(
+                CAPABILITIES, hotplug=CAPABILITIES.hotplug | {"memory"}, snapshot=False
+            )
         return CAPABILITIES
+
+    def hotplug_region_mib(self) -> int:
+        """MiB of the memory hot-plug region: up to ``default_maxmemory`` (0: the host's memory) above
+        ``default_memory``, in 128 MiB units, at least one; 0 without ``enable_virtio_mem``."""
+        cfg = self.config
+        if not cfg.enable_virtio_mem:
+            return 0
+        top = cfg.default_maxmemory or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1 << 20)
+        room = max(top - cfg.default_memory, HOTPLUG_ALIGN_MIB)
+        return -(-room // HOTPLUG_ALIGN_MIB) * HOTPLUG_ALIGN_MIB
 
     def max_vcpus(self) -> int:
         """The most vCPUs the VM may have: ``default_maxvcpus`` (0: the host's CPUs, as upstream), never
@@ -206,6 +239,7 @@ class Dragonball:
             memory_mib=cfg.default_memory,
             console_output=self._console,
             max_vcpus=self.max_vcpus(),
+            memory_hotplug_mib=self.hotplug_region_mib(),
         )
 
     async def add_device(self, device: Device) -> DeviceInfo:
@@ -260,7 +294,8 @@ class Dragonball:
     def cmdline(self) -> str:
         """The guest kernel command line."""
         passfd = [f"{PASSFD_CMDLINE_PARAM}={self._passfd_port}"] if self._passfd_port else []
-        return guest_cmdline(self.config, *passfd)
+        online = [ONLINE_CMDLINE] if self.config.enable_virtio_mem else []
+        return guest_cmdline(self.config, *online, *passfd)
 
     def device_specs(self) -> list[DeviceSpec]:
         """The kata_vmm device specs in slot order, as the VMM builder holds them."""
@@ -484,6 +519,57 @@ class Dragonball:
             "sandbox %s: vCPUs %d -> %d (asked %d -> %d)", self.sandbox_id, current, now, old_vcpus, new_vcpus
         )
         return current, now
+
+    async def resize_memory(self, new_mib: int) -> tuple[int, MemoryConfig]:
+        """Bring the guest to ``new_mib`` MiB: the boot memory plus what the virtio-mem device asks the
+        guest to plug (2 MiB blocks, capped at the hot-plug region with a warning; less than the boot
+        memory unplugs everything hot-plugged). Waits up to ``memory_resize_timeout`` for the guest's
+        driver to get there and returns (boot + plugged MiB, the region's `MemoryConfig`): a guest that
+        plugs less than asked (or nothing) is logged, not an error, as the memory it has is what counts."""
+        vmm = self._require_vmm()
+        if not self.config.enable_virtio_mem:
+            raise HypervisorError("dragonball: memory hot-plug is off (enable_virtio_mem = false)")
+        if new_mib < 0:
+            raise HypervisorError(f"dragonball: cannot resize memory to {new_mib} MiB")
+        boot = vmm.config.memory_mib if vmm.config is not None else self.config.default_memory
+        async with self._hotplug_lock:
+            try:
+                region = vmm.hotplug_memory()
+                want = min(-(-max(new_mib - boot, 0) // 2) * 2, region.region_mib)
+                if boot + want < new_mib:
+                    log.warning(
+                        "sandbox %s: %d MiB asked, the VM can grow to %d MiB (default_maxmemory)",
+                        self.sandbox_id,
+                        new_mib,
+                        boot + region.region_mib,
+                    )
+                vmm.set_hotplug_memory(want)
+                with trio.move_on_after(self.memory_resize_timeout):
+                    # the device counts what the guest plugged; nothing signals it to trio: look
+                    while vmm.hotplug_memory().plugged_mib != want:  # noqa: ASYNC110
+                        await trio.sleep(MEMORY_POLL)
+                plugged = vmm.hotplug_memory().plugged_mib
+            except VmmError as err:
+                raise HypervisorError(f"dragonball: resizing memory to {new_mib} MiB: {err}") from err
+        if plugged != want:
+            log.warning(
+                "sandbox %s: the guest plugged %d of %d hot-plug MiB after %g s",
+                self.sandbox_id,
+                plugged,
+                want,
+                self.memory_resize_timeout,
+            )
+        log.info(
+            "sandbox %s: memory %d MiB (asked %d; %d hot-plugged)",
+            self.sandbox_id,
+            boot + plugged,
+            new_mib,
+            plugged,
+        )
+        regions = vmm.memory.regions if vmm.memory is not None else []
+        # the KVM memory slot is the region's index (kata_vmm registers regions in order)
+        slot, addr = next(((i, r.guest_addr) for i, r in enumerate(regions) if r.hotplug), (0, 0))
+        return boot + plugged, MemoryConfig(slot=slot, size_mib=plugged, addr=addr, probe=False)
 
     async def _watch_exit(self, vmm: Vmm) -> None:
         try:

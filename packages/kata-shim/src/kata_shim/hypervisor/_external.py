@@ -35,6 +35,7 @@ from kata_shim.hypervisor._base import (
     Device,
     HypervisorConfig,
     HypervisorError,
+    MemoryConfig,
     NetworkDevice,
     ShareFsDevice,
 )
@@ -142,6 +143,10 @@ class ExternalVmm:
     async def resize_vcpu(self, old_vcpus: int, new_vcpus: int) -> tuple[int, int]:
         """No vCPU hot-plug here (a back-end that has it overrides this)."""
         raise HypervisorError(f"{self.name} cannot resize vCPUs ({old_vcpus} -> {new_vcpus})")
+
+    async def resize_memory(self, new_mib: int) -> tuple[int, MemoryConfig]:
+        """No memory hot-plug here (a back-end that has it overrides this)."""
+        raise HypervisorError(f"{self.name} cannot resize memory (to {new_mib} MiB)")
 
     def cmdline(self) -> str:
         """The guest kernel command line."""

@@ -212,6 +212,8 @@ class VirtContainerManager:
             self._close_stdio(process)
             if self.sandbox.vcpu_plan is not None:
                 self.sandbox.vcpu_plan.requests.pop(cid, None)  # uncounted; the VM shrinks on a later change
+            if self.sandbox.memory_plan is not None:
+                self.sandbox.memory_plan.requests.pop(cid, None)
             if devices.block:
                 with trio.CancelScope(shield=True):
                     await unplug_block_devices(self.sandbox.require_hypervisor(), cid, devices)

@@ -43,6 +43,7 @@ from kata_resources import (
     GUEST_SHARED_DIR,
     HOST_SHARED_ROOT,
     CgroupLimits,
+    MemoryPlan,
     Network,
     NetworkModel,
     ResourceError,
@@ -190,6 +191,9 @@ class VirtSandbox:
         self.vcpu_plan: VcpuPlan | None = None
         """Dynamic sizing (`static_sandbox_resource_mgmt = false` and a back-end that hot-plugs vCPUs): the
         VM's vCPUs follow the containers' CPU quotas. None: the VM keeps its boot size."""
+        self.memory_plan: MemoryPlan | None = None
+        """Dynamic sizing with a back-end that hot-plugs memory: the VM's memory follows the containers'
+        memory limits (``default_memory`` plus their sum). None: the VM keeps its boot memory."""
         self._resize_lock = trio.Lock()
         self._guest_nics: set[str] = set()
         """Names of the pod's interfaces the guest has a NIC for (cold- and hot-plugged)."""
@@ -282,16 +286,22 @@ class VirtSandbox:
         self.hypervisor = hv
         size = vm_size(hv.config, first.spec)
         if not self.config.runtime.static_sandbox_resource_mgmt:
-            if "vcpu" in hv.capabilities().hotplug:
-                # runtime-rs's dynamic path: boot with default_vcpus, grow with the containers (memory keeps
-                # the static size: no memory hot-plug through the shim yet)
+            hotplug = hv.capabilities().hotplug
+            if "vcpu" in hotplug:
+                # runtime-rs's dynamic path: boot with default_vcpus, grow with the containers
                 self.vcpu_plan = VcpuPlan(hv.config.default_vcpus)
                 size = dataclasses.replace(size, vcpus=hv.config.default_vcpus)
-            else:
+            if "memory" in hotplug:
+                # and with default_memory, grown by the containers' memory limits (runtime-rs MemResource)
+                self.memory_plan = MemoryPlan(hv.config.default_memory)
+                size = dataclasses.replace(size, memory_mib=hv.config.default_memory)
+            static = [kind for kind in ("vcpu", "memory") if kind not in hotplug]
+            if static:
                 log.info(
-                    "sandbox %s: hypervisor %s cannot hot-plug vCPUs; the VM is sized statically",
+                    "sandbox %s: hypervisor %s cannot hot-plug %s; sized statically",
                     self.sandbox_id,
                     hv.name,
+                    " or ".join(static),
                 )
         hv.config = dataclasses.replace(hv.config, default_vcpus=size.vcpus, default_memory=size.memory_mib)
         await hv.prepare_vm(self.sandbox_id, netns)
@@ -605,8 +615,48 @@ class VirtSandbox:
         """Dynamic sizing (runtime-rs ``CpuResource::update_cpu_resources``): with the container's OCI
         ``linux.resources`` (None: its CPU request is unchanged) the pod's vCPU need is computed again, the
         VM resized (`Hypervisor.resize_vcpu`) and, when it grew, the agent asked to online the new CPUs
-        (OnlineCPUMem). Nothing with static sizing. `SandboxError` when the VM or the guest refuses;
-        `ValueError` for a bad cpuset."""
+        (OnlineCPUMem). Memory likewise with a `memory_plan` (`Hypervisor.resize_memory`, then
+        OnlineCPUMem with memory). Nothing with static sizing. `SandboxError` when the VM or the guest
+        refuses; `ValueError` for a bad cpuset."""
+        await self._resize_vcpus_for(container_id, resources, op)
+        await self._resize_memory_for(container_id, resources, op)
+
+    async def _resize_memory_for(
+        self, container_id: str, resources: dict[str, Any] | None, op: ResourceUpdateOp
+    ) -> None:
+        plan, hv = self.memory_plan, self.hypervisor
+        if plan is None or hv is None:
+            return
+        if op is ResourceUpdateOp.DEL and (self._stopping or self.dead is not None):
+            plan.requests.pop(container_id, None)  # the VM is going away: nothing to shrink
+            return
+        memory = (resources or {}).get("memory") if resources is not None else None
+        async with self._resize_lock:
+            target = plan.update(container_id, memory if isinstance(memory, dict) else None, op)
+            if target is None:
+                return
+            old = plan.current
+            try:
+                now, _how = await hv.resize_memory(target)
+            except HypervisorError as err:
+                raise SandboxError(
+                    f"sandbox {self.sandbox_id}: resizing the VM to {target} MiB for container "
+                    f"{container_id}: {err}"
+                ) from err
+            plan.resized(now)
+            log.info(
+                "sandbox %s: memory %d -> %d MiB (container %s)", self.sandbox_id, old, now, container_id
+            )
+            if old < now:
+                vcpus = self.vcpu_plan.current if self.vcpu_plan is not None else 0
+                try:  # online what the guest added and did not online itself (upstream does the same)
+                    await self.agent.online_cpu_mem(vcpus, cpu_only=False)
+                except AgentError as err:
+                    raise SandboxError(f"sandbox {self.sandbox_id}: OnlineCPUMem (memory): {err}") from err
+
+    async def _resize_vcpus_for(
+        self, container_id: str, resources: dict[str, Any] | None, op: ResourceUpdateOp
+    ) -> None:
         plan, hv = self.vcpu_plan, self.hypervisor
         if plan is None or hv is None:
             return
