@@ -178,6 +178,26 @@ def test_mmio_driver_without_optional_features_sets_up_two_queues() -> None:
     assert not dev.has_feature(VIRTIO_BALLOON_F_STATS_VQ)
 
 
+def test_stats_buffer_queued_and_kicked_before_driver_ok_is_taken_at_driver_ok() -> None:
+    """Linux's virtio_balloon primes the stats queue with one buffer and kicks it in probe, before
+    DRIVER_OK; the kick finds the device inactive. The device takes that buffer at DRIVER_OK, or no
+    statistics would ever arrive (the driver refills only a buffer it got back). Found in the lab."""
+    dev = VirtioBalloon(stats_interval=1.0)
+    mem = FakeGuestMemory(MEM_SIZE, base=MEM_BASE)
+    transport = MmioTransport(dev, mem, FakeInterrupt())
+    heads: list[int] = []
+
+    def probe(dqs: list) -> None:  # type: ignore[type-arg]
+        heads.append(dqs[2].add_chain([(struct.pack("<HQ", 4, 3 << 20), False)]))
+        transport.write_u32(0x050, 2)  # QueueNotify before DRIVER_OK
+
+    features = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_BALLOON_F_STATS_VQ
+    dqs = mmio_bring_up(transport, [64, 64, 64], features=features, before_driver_ok=probe)
+    assert dev.stats() == {"free_memory": 3 << 20}
+    dev.request_stats()  # held since DRIVER_OK: given back for a refresh
+    assert dqs[2].get_used() == [(heads[0], 0)]
+
+
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(
     pfns=st.lists(st.integers(0, 0xFFFFFFFF) | st.integers(0xF0, 0x310), max_size=300),

@@ -196,6 +196,12 @@ class VirtioBalloon(VirtioDevice):
             self._report_q = index
         self._stats_head = None
 
+    def on_driver_ok(self) -> None:
+        """Take the stats buffer Linux's driver queued and kicked in probe, before DRIVER_OK (the kick found
+        the device inactive): without it no statistics ever arrive, the driver waits for that one back."""
+        if self._stats_q is not None:
+            self._take_stats()
+
     def on_reset(self) -> None:
         """The driver's buffers are gone; the host's target stays."""
         self._stats_head = None

@@ -125,6 +125,11 @@ class VirtioDevice(abc.ABC):
     def on_activate(self) -> None:  # noqa: B027 - optional hook
         """Hook run at the end of `activate`."""
 
+    def on_driver_ok(self) -> None:  # noqa: B027 - optional hook
+        """Hook run after `activate` when the driver sets DRIVER_OK (not when a snapshot is restored): a
+        driver may make buffers available and kick before DRIVER_OK (Linux's virtio_balloon primes its
+        stats queue in probe), and the transport drops a kick of an inactive device."""
+
     @property
     def active(self) -> bool:
         """Whether the device is activated and not broken."""

@@ -324,6 +324,7 @@ class MmioTransport:
                 q.validate(self.memory)
             self.device.activate(self.memory, used, self)
             self.activated = True
+            self.device.on_driver_ok()
         except VirtioError as err:
             self.set_needs_reset(f"activation failed: {err}")
         except Exception as err:  # never let a device bug reach the vCPU thread

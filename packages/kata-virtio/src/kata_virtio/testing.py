@@ -403,10 +403,15 @@ class FuseClient:
 
 
 def mmio_bring_up(
-    transport: MmioTransport, sizes: Sequence[int], *, features: int | None = None
+    transport: MmioTransport,
+    sizes: Sequence[int],
+    *,
+    features: int | None = None,
+    before_driver_ok: Callable[[list[DriverQueue]], None] | None = None,
 ) -> list[DriverQueue]:
     """Initialise a device through its virtio-mmio registers as Linux's virtio_mmio driver does
-    (virtio 1.2 §3.1.1): reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queues, DRIVER_OK.
+    (virtio 1.2 §3.1.1): reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queues, then
+    ``before_driver_ok(queues)`` (what a driver's probe does there: add buffers, kick), DRIVER_OK.
     Returns the driver queues (rings first, then one shared buffer area)."""
     t = transport
     t.write_u32(0x070, 0)
@@ -442,6 +447,8 @@ def mmio_bring_up(
     heap = BumpAllocator(base, memory.base + len(memory.data))
     for dq in dqs:
         dq.heap = heap
+    if before_driver_ok is not None:
+        before_driver_ok(dqs)
     t.write_u32(0x070, 0xF)
     return dqs
 
