@@ -44,7 +44,7 @@ if str(LAB) not in sys.path:
     sys.path.insert(0, str(LAB))
 
 from framework import in_labvm  # noqa: E402
-from framework.configs import qemu_config, template_config  # noqa: E402
+from framework.configs import qemu_config, shipped_memory_mib, template_config  # noqa: E402
 from framework.containerd import (  # noqa: E402
     BUSYBOX_IMAGE,
     KATA_RUNTIME,
@@ -125,7 +125,8 @@ def all_series(config_dir: Path) -> dict[str, Series]:
     (config_dir / "qemu").mkdir()
     (config_dir / "template").mkdir()
     template, _ = template_config(config_dir / "template")
-    qemu = qemu_config(config_dir / "qemu")
+    # the same guest memory as the shipped (dragonball) configuration: PSS per pod compares like with like
+    qemu = qemu_config(config_dir / "qemu", memory_mib=shipped_memory_mib())
     return {
         "runc": Series("runc", RUNC_RUNTIME),
         "kata": Series("kata", KATA_RUNTIME),

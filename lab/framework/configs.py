@@ -41,17 +41,30 @@ def _upstream_config(
     return path
 
 
-def qemu_config(directory: Path) -> Path:
+QEMU_LAB_MEMORY_MIB = 1024
+"""The lab qemu configuration's default_memory: smaller than upstream's 2048 (the lab VM has 6 GiB)."""
+
+
+def qemu_config(directory: Path, memory_mib: int = QEMU_LAB_MEMORY_MIB) -> Path:
     """Upstream's configuration-qemu-runtime-rs.toml in ``directory`` (`_upstream_config`), Debian's
-    virtiofsd, and a smaller VM than upstream's."""
+    virtiofsd, and a VM of ``memory_mib`` (a benchmark gives it the shipped configuration's size)."""
     return _upstream_config(
         directory,
         UPSTREAM_QEMU_CONFIG,
         "qemu",
         "/usr/share/kata-containers/vmlinux.container",
         paths={"/usr/libexec/virtiofsd": VIRTIOFSD},
-        keys="default_memory = 1024\n",
+        keys=f"default_memory = {memory_mib}\n",
     )
+
+
+def shipped_memory_mib() -> int:
+    """The shipped (dragonball) configuration's default_memory."""
+    import tomllib
+
+    from kata_shim.config import shipped_config
+
+    return int(tomllib.loads(shipped_config().read_text())["hypervisor"]["dragonball"]["default_memory"])
 
 
 def dragonball_config(directory: Path) -> Path:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from framework.configs import QEMU_LAB_MEMORY_MIB
 from framework.containerd import BUSYBOX_IMAGE, PrivateContainerd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,8 +34,6 @@ test_systemd_form_cgroups_path_makes_the_scope_below_its_slices_and_removes_them
     test_pod_lab.test_systemd_form_cgroups_path_makes_the_scope_below_its_slices_and_removes_them
 )
 QEMU, VIRTIOFSD = "qemu-system-x86_64", "virtiofsd"
-# the lab's qemu configuration (framework.configs.qemu_config): upstream's default_vcpus 1, the lab's 1024 MiB
-QEMU_DEFAULT_MIB = 1024
 
 
 @pytest.mark.lab
@@ -77,5 +76,5 @@ def test_qemu_vm_is_sized_from_the_containers_limits_plus_the_defaults(ctrd: Pri
     lines = done.stdout.split()
     # 1 + 1 vCPUs, but upstream's qemu configuration says default_maxvcpus = 0: no more than the host has
     assert int(lines[0]) == min(2, os.cpu_count() or 1), done.stdout
-    total_kib = (QEMU_DEFAULT_MIB + limit_mib) * 1024
+    total_kib = (QEMU_LAB_MEMORY_MIB + limit_mib) * 1024
     assert total_kib - 128 * 1024 < int(lines[2]) <= total_kib, done.stdout  # less what the kernel keeps
