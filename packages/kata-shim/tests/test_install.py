@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from kata_shim import _kata_ctl
 from kata_shim._cli import admin_main
-from kata_shim._install import ASSETS, InstallError, Layout, install, uninstall
+from kata_shim._install import (
+    ASSETS,
+    InstallError,
+    Layout,
+    containerd_config_version,
+    containerd_snippet,
+    install,
+    uninstall,
+)
 from kata_shim.config import load_config_file
 
 
@@ -171,3 +180,51 @@ def test_kata_ctl_env_says_where_each_value_came_from(assets: Path, tmp_path: Pa
     assert f"default_memory = 768  # {drop_in}" in lines
     assert "health_check_request_timeout_ms = 90000  # " + str(layout.config) in lines
     assert json.loads(layout.manifest.read_text())["files"]
+
+
+@pytest.mark.parametrize(
+    ("version", "plugin", "sandboxer"),
+    [(2, "io.containerd.grpc.v1.cri", None), (3, "io.containerd.cri.v1.runtime", "shim")],
+)
+def test_containerd_snippet_is_the_kata_handler_of_that_configuration_version(
+    tmp_path: Path, version: int, plugin: str, sandboxer: str | None
+) -> None:
+    """The tables parse, under a file's `version` line, to the `kata` handler the README shows for that
+    containerd (1.6: config version 2; 2.x: 3, the shim as sandboxer), with the installed configuration."""
+    layout = Layout.for_prefix(tmp_path / "p")
+    doc = tomllib.loads(f"version = {version}\n" + containerd_snippet(layout, version))
+    kata = doc["plugins"][plugin]["containerd"]["runtimes"]["kata"]
+    assert kata["runtime_type"] == "io.containerd.kata.v2"
+    assert kata.get("sandboxer") == sandboxer
+    assert kata["pod_annotations"] == ["io.katacontainers.*"]
+    assert kata["options"] == {"ConfigPath": str(layout.config)}
+    assert len(doc["plugins"]) == 1
+    with pytest.raises(InstallError, match="2 or 3"):
+        containerd_snippet(layout, 4)
+
+
+@pytest.mark.parametrize(
+    ("printed", "version"),
+    [
+        ("containerd github.com/containerd/containerd/v2 2.1.9 ", 3),
+        ("containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+b1", 2),
+        ("containerd containerd.io v1.7.24 88bf19b2", 2),
+        ("containerd containerd.io v2.0.0 207ad711", 3),
+        (None, 2),
+        ("garbage", 2),
+    ],
+)
+def test_the_snippets_version_follows_containerd_version(printed: str | None, version: int) -> None:
+    assert containerd_config_version(printed) == version
+
+
+def test_cli_install_prints_the_version_3_snippet_when_asked(
+    assets: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prefix = tmp_path / "p"
+    argv = ["install", "--assets", str(assets), "--prefix", str(prefix), "--containerd-config-version", "3"]
+    assert admin_main(argv) == 0
+    out = capsys.readouterr().out
+    assert '[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.kata]' in out
+    assert 'sandboxer = "shim"' in out and "containerd 2.x" in out
+    assert admin_main(["uninstall", "--prefix", str(prefix)]) == 0

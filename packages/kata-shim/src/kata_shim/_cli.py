@@ -51,12 +51,34 @@ def main(argv: list[str] | None = None) -> int:
     return run(flags)
 
 
+def _containerd_version() -> str | None:
+    """`containerd --version` of the containerd on PATH, None without one."""
+    import shutil
+    import subprocess
+
+    binary = shutil.which("containerd")
+    if binary is None:
+        return None
+    try:
+        done = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
 def admin_main(argv: list[str] | None = None) -> int:
     """`kata-shim install | uninstall`: put the shim, guest assets and configuration into a host."""
     import argparse  # here: containerd's `start` path imports this module and must stay light
     from pathlib import Path
 
-    from kata_shim._install import InstallError, Layout, containerd_snippet, install, uninstall
+    from kata_shim._install import (
+        InstallError,
+        Layout,
+        containerd_config_version,
+        containerd_snippet,
+        install,
+        uninstall,
+    )
 
     parser = argparse.ArgumentParser(prog="kata-shim", description="install the shim for a host's containerd")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +92,12 @@ def admin_main(argv: list[str] | None = None) -> int:
         "--prefix", type=Path, help="self-contained layout under this directory (e.g. /opt/kata)"
     )
     add.add_argument("--force", action="store_true", help="replace files that kata-shim did not install")
+    add.add_argument(
+        "--containerd-config-version",
+        type=int,
+        choices=(2, 3),
+        help="the containerd snippet's configuration version (default: from `containerd --version`)",
+    )
     remove = sub.add_parser("uninstall", help="remove exactly what install created")
     remove.add_argument("--prefix", type=Path, help="the --prefix given to install")
     args = parser.parse_args(argv)
@@ -86,6 +114,11 @@ def admin_main(argv: list[str] | None = None) -> int:
     if args.command == "install":
         print(f"\n{NAME} is in {layout.bin_dir}; with that directory on containerd's PATH")
         print("(/usr/local/bin is), `ctr run --runtime io.containerd.kata.v2 IMAGE ID` runs in a VM.")
-        print("For CRI (Kubernetes), add this to /etc/containerd/config.toml and restart containerd:\n")
-        print(containerd_snippet(layout), end="")
+        version = args.containerd_config_version or containerd_config_version(_containerd_version())
+        print(
+            "For CRI (Kubernetes), add this to /etc/containerd/config.toml (a file of `version ="
+            f" {version}`, containerd {'2.x' if version == 3 else '1.6/1.7'}; --containerd-config-version"
+            " picks the other) and restart containerd:\n"
+        )
+        print(containerd_snippet(layout, version), end="")
     return 0

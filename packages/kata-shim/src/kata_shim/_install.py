@@ -96,13 +96,38 @@ def configuration_text(layout: Layout) -> str:
     return text.replace("/usr/share/kata-containers/", f"{layout.assets_dir}/")
 
 
-def containerd_snippet(layout: Layout) -> str:
-    """What to add to containerd's config.toml (CRI) for runtime io.containerd.kata.v2."""
+#: containerd's CRI plugin that holds the runtime tables, by containerd configuration version (2: 1.6/1.7,
+#: 3: 2.x, where the runtimes moved to io.containerd.cri.v1.runtime)
+CRI_RUNTIME_PLUGIN = {2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.runtime"}
+
+
+def containerd_config_version(version_output: str | None) -> int:
+    """The configuration version of the containerd whose ``containerd --version`` printed
+    ``version_output`` (e.g. "containerd github.com/containerd/containerd/v2 2.1.9 ..."): 3 from 2.0 on,
+    else 2 (also when unknown: 1.6 and 1.7 read version 2, and 2.x still reads it)."""
+    for word in (version_output or "").split():
+        major = word.lstrip("v").split(".")[0]
+        if "." in word and major.isdigit():
+            return 3 if int(major) >= 2 else 2
+    return 2
+
+
+def containerd_snippet(layout: Layout, config_version: int = 2) -> str:
+    """What to add to containerd's config.toml (CRI) for runtime io.containerd.kata.v2 as the ``kata``
+    handler, in a file of configuration version 2 (containerd 1.6/1.7) or 3 (2.x, with the shim as the
+    pod's sandboxer). The tables only: the file has its own ``version`` line."""
+    plugin = CRI_RUNTIME_PLUGIN.get(config_version)
+    if plugin is None:
+        raise InstallError(f"containerd configuration version {config_version}: 2 or 3")
+    table = f'plugins."{plugin}".containerd.runtimes.kata'
+    sandboxer = '  sandboxer = "shim"\n' if config_version == 3 else ""
     return (
-        '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata]\n'
+        f"[{table}]\n"
         '  runtime_type = "io.containerd.kata.v2"\n'
+        f"{sandboxer}"
+        '  pod_annotations = ["io.katacontainers.*"]\n'
         "  privileged_without_host_devices = true\n"
-        '  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata.options]\n'
+        f"  [{table}.options]\n"
         f'    ConfigPath = "{layout.config}"\n'
     )
 
