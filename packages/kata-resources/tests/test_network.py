@@ -7,6 +7,7 @@ import os
 import select
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -326,3 +327,17 @@ def test_the_event_loop_runs_while_a_netns_call_waits(pod_netns: str) -> None:
             return await to_thread_in_netns(pod_netns, go.wait, 120)
 
     assert trio.run(main) is True
+
+
+def test_the_network_types_do_not_load_pyroute2() -> None:
+    """A shim whose pod has no network never pays for pyroute2's imports (its package loads every netlink
+    family: ~0.25 s on the host, seconds in the emulated lab VM); `_netlink` does, for a pod's network."""
+    code = (
+        "import sys\n"
+        "from kata_resources import Endpoint, Network, NetworkModel, tap_name\n"
+        "assert 'pyroute2' not in sys.modules, sorted(m for m in sys.modules if m.startswith('pyroute2'))\n"
+        "import kata_resources._netlink\n"
+        "assert 'pyroute2' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

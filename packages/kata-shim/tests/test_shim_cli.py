@@ -198,6 +198,18 @@ def test_delete_path_leaves_network_cgroup_and_async_modules_unimported() -> Non
     assert result.stdout.strip() == "[]"
 
 
+def test_serving_a_pod_without_a_network_leaves_pyroute2_unimported() -> None:
+    # the daemon's modules (virt_container, the dragonball back-end): pyroute2 is ~0.25 s of imports on the
+    # host and seconds in the emulated lab VM, paid only by a pod with a netns (kata_resources._netlink)
+    code = (
+        "import sys\n"
+        "import kata_shim.virt_container, kata_shim.hypervisor._dragonball\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pyroute2'))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_cli_reports_usage_errors_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["-bogus", "1", "start"]) == 2
     err = capsys.readouterr().err
