@@ -6,6 +6,9 @@ lab VM and the sandbox guest whose initramfs loads kata_upcall_srv.
   Create grows to 2 by vCPU hot-plug before the container starts; Task.Update (ctr 1.6 has no
   `ctr task update`: the test sends the shim's Task.Update over its ttrpc socket, as containerd would)
   grows and shrinks it, and the guest container's CPU limit follows (agent UpdateContainer).
+- Memory (the same with `enable_virtio_mem = true`, `default_maxmemory = 1024`): a container's memory limit
+  plugs that much memory into the 512 MiB VM by virtio-mem before it starts, and Task.Update with a larger
+  limit plugs more (the guest onlines it: MemTotal grows).
 - A raw block device (`ctr run --device /dev/loopN`): hot-plugged as virtio-blk, read inside the
   container, gone with the container (shipped configuration: block hot-plug does not depend on sizing).
 """
@@ -92,6 +95,16 @@ def dynamic_config(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def memory_config(dynamic_config: Path) -> Path:
+    """`dynamic_config` with memory hot-plug: a virtio-mem region up to default_maxmemory (1024 MiB)."""
+    text = dynamic_config.read_text()
+    assert "[hypervisor.dragonball]\n" in text
+    keys = "[hypervisor.dragonball]\nenable_virtio_mem = true\ndefault_maxmemory = 1024\n"
+    dynamic_config.write_text(text.replace("[hypervisor.dragonball]\n", keys, 1))
+    return dynamic_config
+
+
+@pytest.fixture
 def loop_disk(tmp_path: Path) -> Iterator[str]:
     image = tmp_path / "raw.img"
     image.write_bytes(b"kata-raw-volume\n".ljust(4 << 20, b"\0"))
@@ -150,4 +163,32 @@ def test_a_raw_block_device_is_hot_plugged_into_the_container_and_goes_with_it(
     assert lines[0] == "kata-raw-volume", done.stdout
     assert lines[1].startswith("b"), done.stdout  # a block node in the container
     assert "is /dev/vd" in ctrd.log(), ctrd.log_tail(100)  # "... (host /dev/loopN) is /dev/vdb in the guest"
+    eventually(lambda: not ctrd.shim_pids(), "the shim gone")
+
+
+MEMTOTAL_KIB = "sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo"
+
+
+@pytest.mark.lab
+def test_memory_limits_grow_the_vm_by_virtio_mem(ctrd: PrivateContainerd, memory_config: Path) -> None:
+    """512 MiB at boot; the container's 256 MiB limit makes it 768 before the container starts, Task.Update
+    to a 448 MiB limit makes it 960: each time the shim asks the guest's virtio_mem driver for the
+    difference and the guest onlines it."""
+    cid = "hpm"
+    done = kata_run(
+        ctrd, "-d", "--runtime-config-path", str(memory_config), "--memory-limit", str(256 << 20),
+        BUSYBOX_IMAGE, cid, "sleep", "3600",
+    )  # fmt: skip
+    assert done.returncode == 0, f"{done.stderr}\n{ctrd.log_tail(100)}"
+    try:
+        first = int(in_task(ctrd, cid, MEMTOTAL_KIB))
+        assert (768 - 128) * 1024 < first <= 768 * 1024, first  # boot + plugged, less what the kernel keeps
+        task_update(ctrd, cid, {"memory": {"limit": 448 << 20}})
+        second = int(in_task(ctrd, cid, MEMTOTAL_KIB))
+        assert 180 * 1024 <= second - first <= 192 * 1024, (first, second)
+        log = ctrd.log()
+        assert "memory 512 -> 768 MiB (container hpm)" in log, ctrd.log_tail(100)
+        assert "memory 768 -> 960 MiB (container hpm)" in log, ctrd.log_tail(100)
+    finally:
+        kill_and_delete(ctrd, cid)
     eventually(lambda: not ctrd.shim_pids(), "the shim gone")
