@@ -621,18 +621,23 @@ class VirtSandbox:
         await self._resize_vcpus_for(container_id, resources, op)
         await self._resize_memory_for(container_id, resources, op)
 
+    def _forgotten_on_the_way_out(
+        self, plan: VcpuPlan | MemoryPlan, container_id: str, op: ResourceUpdateOp
+    ) -> bool:
+        """A container removed while the VM is going away: ``plan`` forgets it, nothing is resized."""
+        if op is ResourceUpdateOp.DEL and (self._stopping or self.dead is not None):
+            plan.requests.pop(container_id, None)
+            return True
+        return False
+
     async def _resize_memory_for(
         self, container_id: str, resources: dict[str, Any] | None, op: ResourceUpdateOp
     ) -> None:
         plan, hv = self.memory_plan, self.hypervisor
-        if plan is None or hv is None:
+        if plan is None or hv is None or self._forgotten_on_the_way_out(plan, container_id, op):
             return
-        if op is ResourceUpdateOp.DEL and (self._stopping or self.dead is not None):
-            plan.requests.pop(container_id, None)  # the VM is going away: nothing to shrink
-            return
-        memory = (resources or {}).get("memory") if resources is not None else None
         async with self._resize_lock:
-            target = plan.update(container_id, memory if isinstance(memory, dict) else None, op)
+            target = plan.update(container_id, _resources_part(resources, "memory"), op)
             if target is None:
                 return
             old = plan.current
@@ -658,14 +663,10 @@ class VirtSandbox:
         self, container_id: str, resources: dict[str, Any] | None, op: ResourceUpdateOp
     ) -> None:
         plan, hv = self.vcpu_plan, self.hypervisor
-        if plan is None or hv is None:
+        if plan is None or hv is None or self._forgotten_on_the_way_out(plan, container_id, op):
             return
-        if op is ResourceUpdateOp.DEL and (self._stopping or self.dead is not None):
-            plan.requests.pop(container_id, None)  # the VM is going away: nothing to shrink
-            return
-        cpu = (resources or {}).get("cpu") if resources is not None else None
         async with self._resize_lock:
-            target = plan.update(container_id, cpu if isinstance(cpu, dict) else None, op)
+            target = plan.update(container_id, _resources_part(resources, "cpu"), op)
             if target is None:
                 return
             try:
@@ -881,6 +882,12 @@ class VirtSandbox:
     def thread_ids(self) -> list[int]:
         """The hypervisor's threads (vCPUs, event thread); the sandbox itself adds none."""
         return self.hypervisor.thread_ids() if self.hypervisor is not None else []
+
+
+def _resources_part(resources: dict[str, Any] | None, part: str) -> dict[str, Any] | None:
+    """``linux.resources[part]`` (``cpu``, ``memory``) when it is an object, else None (unchanged)."""
+    value = (resources or {}).get(part)
+    return value if isinstance(value, dict) else None
 
 
 def _first_leaf(group: BaseException) -> BaseException:
