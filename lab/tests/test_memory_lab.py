@@ -8,17 +8,15 @@ are cold-plugged, only their sizes change.
 from __future__ import annotations
 
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from framework import GuestAssets, initrd_with_files
+from framework import GuestAssets
 
-from kata_vmm import BalloonSpec, ExitKind, VmConfig, Vmm
+from kata_vmm import BalloonSpec, Vmm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_upcall_lab import _Console, _field
+from test_upcall_lab import _boot_in_process, _Console, _field
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 PLUG_MIB, BALLOON_MIB = 256, 128
@@ -26,54 +24,27 @@ PLUG_MIB, BALLOON_MIB = 256, 128
 EVENTUALLY = 300
 
 
-def _until(what: str, done: Callable[[], bool], vmm: Vmm, console: _Console) -> None:
-    end = time.monotonic() + EVENTUALLY
-    while not done():
-        ended = vmm.wait(timeout=0)
-        assert ended is None, f"guest ended ({ended}) before {what}:\n{console.text[-3000:]}"
-        assert time.monotonic() < end, f"no {what} within {EVENTUALLY} s:\n{console.text[-3000:]}"
-        time.sleep(0.5)
-
-
 @pytest.mark.lab
 def test_virtio_mem_grows_a_running_guest_and_the_balloon_takes_memory_back(
     guest_assets: GuestAssets, tmp_path: Path
 ) -> None:
-    initrd = initrd_with_files(
-        guest_assets.initrd_test,
-        {"/lab/run.sh": (SCRIPTS / "memory_hotplug_guest.sh").read_text()},
-        tmp_path / "initrd",
-    )
-    console = _Console()
-    config = VmConfig(
-        kernel=guest_assets.kernel,
-        initrd=initrd,
-        cmdline="console=ttyS0 quiet panic=-1 memhp_default_state=online lab.run=/lab/run.sh",
-        memory_mib=512,
-        memory_hotplug_mib=512,
-        console_output=console.write,
-        devices=[BalloonSpec(stats_interval=1.0)],
-    )
-    vmm = Vmm()
-    try:
-        vmm.configure(config)
-        vmm.start()
-        console.wait_for("^MEM-READY", vmm, timeout=EVENTUALLY)
+    stats: dict[str, int] = {}
+
+    def plug_then_balloon(vmm: Vmm, console: _Console) -> None:
         assert vmm.hotplug_memory().plugged_mib == 0
         vmm.set_hotplug_memory(PLUG_MIB)
-        _until("the plug", lambda: vmm.hotplug_memory().plugged_mib == PLUG_MIB, vmm, console)
+        console.wait_until("the plug", lambda: vmm.hotplug_memory().plugged_mib == PLUG_MIB, vmm, EVENTUALLY)
         console.wait_for("^MEM-PLUGGED ", vmm, timeout=EVENTUALLY)
         vmm.set_balloon(BALLOON_MIB)
-        _until("the inflate", lambda: vmm.balloon().actual_mib == BALLOON_MIB, vmm, console)
+        console.wait_until("the inflate", lambda: vmm.balloon().actual_mib == BALLOON_MIB, vmm, EVENTUALLY)
         console.wait_for("^MEM-BALLOONED ", vmm, timeout=EVENTUALLY)
-        stats = vmm.balloon().stats
-        console.wait_for("^MEM-DMESG|^lab-init:", vmm, timeout=EVENTUALLY)
-        ended = vmm.wait(timeout=120)
-        assert ended is not None and ended.kind is ExitKind.POWER_OFF, (ended, console.text[-3000:])
-    finally:
-        vmm.close()
-    text = console.text
-    print(text[-4000:])
+        stats.update(vmm.balloon().stats)
+
+    text = _boot_in_process(
+        guest_assets, tmp_path, {"/lab/run.sh": (SCRIPTS / "memory_hotplug_guest.sh").read_text()}, "MEM",
+        plug_then_balloon, cmdline="memhp_default_state=online ", memory_mib=512, memory_hotplug_mib=512,
+        devices=[BalloonSpec(stats_interval=1.0)],
+    )  # fmt: skip
     assert _field(text, "MEM-DRIVERS") == "2"
     before = int(_field(text, "MEM-BEFORE").split()[0])
     plugged = int(_field(text, "MEM-PLUGGED").split()[0])

@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -291,12 +292,58 @@ class _Console:
             return self._data.decode(errors="replace")
 
     def wait_for(self, pattern: str, vmm: Vmm, timeout: float) -> None:
+        """Until the console has a line matching ``pattern``."""
+        self.wait_until(
+            repr(pattern), lambda: re.search(pattern, self.text, re.MULTILINE) is not None, vmm, timeout
+        )
+
+    def wait_until(self, what: str, done: Callable[[], bool], vmm: Vmm, timeout: float) -> None:
+        """Until ``done()``; fails with the console's end if the guest ends first or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
-        while re.search(pattern, self.text, re.MULTILINE) is None:
+        while not done():
             ended = vmm.wait(timeout=0)
-            assert ended is None, f"guest ended ({ended}) before {pattern!r}:\n{self.text[-3000:]}"
-            assert time.monotonic() < deadline, f"no {pattern!r} within {timeout} s:\n{self.text[-3000:]}"
+            assert ended is None, f"guest ended ({ended}) before {what}:\n{self.text[-3000:]}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout} s:\n{self.text[-3000:]}"
             time.sleep(0.2)
+
+
+def _boot_in_process(
+    guest_assets: GuestAssets,
+    tmp_path: Path,
+    files: dict[str, bytes | str],
+    prefix: str,
+    body: Callable[[Vmm, _Console], None],
+    *,
+    cmdline: str = "",
+    **config: Any,
+) -> str:
+    """kata-vmm in process (the way the shim's dragonball back-end runs it) booting initrd-test.img with
+    ``files`` (``/lab/run.sh`` runs) and the VmConfig fields ``config``: once the guest prints
+    ``{prefix}-READY``, ``body(vmm, console)``; then the guest's ``{prefix}-DMESG`` lines and its power-off.
+    Returns the console."""
+    initrd = initrd_with_files(guest_assets.initrd_test, files, tmp_path / "initrd")
+    console = _Console()
+    vm_config = VmConfig(
+        kernel=guest_assets.kernel,
+        initrd=initrd,
+        cmdline=f"console=ttyS0 quiet panic=-1 {cmdline}lab.run=/lab/run.sh",
+        console_output=console.write,
+        **config,
+    )
+    vmm = Vmm()
+    try:
+        vmm.configure(vm_config)
+        vmm.start()
+        console.wait_for(f"^{prefix}-READY", vmm, timeout=300)
+        body(vmm, console)
+        console.wait_for(f"^{prefix}-DMESG|^lab-init:", vmm, timeout=300)
+        ended = vmm.wait(timeout=120)
+        assert ended is not None and ended.kind is ExitKind.POWER_OFF, (ended, console.text[-3000:])
+    finally:
+        vmm.close()
+    text = console.text
+    print(text[-4000:])
+    return text
 
 
 def _hotplug_in_process(
@@ -308,48 +355,25 @@ def _hotplug_in_process(
     *,
     max_vcpus: int = 0,
 ) -> str:
-    """kata-vmm in process (the way the shim's dragonball back-end runs it) booting initrd-test.img with
-    scripts/``script`` and the module, one vsock device: once the guest prints ``{prefix}-READY``, ``await
-    body(vmm, console, upcall)`` with an upcall client over the VM's own vsock device (built-in mode); then
-    the guest's ``{prefix}-DMESG`` lines and its power-off. Returns the console."""
-    initrd = initrd_with_files(
-        guest_assets.initrd_test,
-        {
-            "/lab/run.sh": (SCRIPTS / script).read_text(),
-            f"/lab/{MODULE}": guest_assets.upcall_module.read_bytes(),
-        },
-        tmp_path / "initrd",
-    )
-    console = _Console()
-    config = VmConfig(
-        kernel=guest_assets.kernel,
-        initrd=initrd,
-        cmdline="console=ttyS0 quiet panic=-1 lab.run=/lab/run.sh",
-        memory_mib=512,
-        max_vcpus=max_vcpus,
-        console_output=console.write,
-        devices=[VsockSpec(tmp_path / "v.sock")],
-    )
-    vmm = Vmm()
-    try:
-        vmm.configure(config)
-        vmm.start()
-        console.wait_for(f"^{prefix}-READY", vmm, timeout=300)
+    """`_boot_in_process` with scripts/``script``, the module and one vsock device, ``await body(vmm, console,
+    upcall)`` with an upcall client over the VM's own vsock device (built-in mode)."""
 
-        async def session() -> None:
+    def session(vmm: Vmm, console: _Console) -> None:
+        async def run() -> None:
             connector = upcall_connector(vmm)
             async with open_upcall_client(connector, handshake=Handshake.ACCEPT_LINE) as upcall:
                 await body(vmm, console, upcall)
 
-        trio.run(session)
-        console.wait_for(f"^{prefix}-DMESG|^lab-init:", vmm, timeout=300)
-        ended = vmm.wait(timeout=120)
-        assert ended is not None and ended.kind is ExitKind.POWER_OFF, (ended, console.text[-3000:])
-    finally:
-        vmm.close()
-    text = console.text
-    print(text[-4000:])
-    return text
+        trio.run(run)
+
+    files = {
+        "/lab/run.sh": (SCRIPTS / script).read_text(),
+        f"/lab/{MODULE}": guest_assets.upcall_module.read_bytes(),
+    }
+    return _boot_in_process(
+        guest_assets, tmp_path, files, prefix, session,
+        memory_mib=512, max_vcpus=max_vcpus, devices=[VsockSpec(tmp_path / "v.sock")],
+    )  # fmt: skip
 
 
 @pytest.mark.lab
