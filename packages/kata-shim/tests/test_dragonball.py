@@ -156,6 +156,22 @@ def test_devices_map_to_slots_and_specs_in_order(
     ]
 
 
+def test_a_block_device_not_to_be_reached_through_a_symlink_is_a_spec_that_opens_it_so(
+    assets: HypervisorConfig, root: Path, tmp_path: Path
+) -> None:
+    # a blockfile snapshot (kata_shim.virt_container._devices): kata_vmm opens it with O_NOFOLLOW
+    disk = tmp_path / "snapshot"
+    disk.write_bytes(b"\0" * 4096)
+    hv = Dragonball(assets, state_root=root)
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", None)
+        await hv.add_device(BlockDevice(disk, follow_symlinks=False))
+
+    trio.run(main)
+    assert hv.device_specs()[-1] == BlockSpec(disk, follow_symlinks=False)
+
+
 def test_add_device_reports_the_slots_running_out_as_the_vmm_does(
     assets: HypervisorConfig, root: Path, tmp_path: Path
 ) -> None:

@@ -462,6 +462,37 @@ def test_real_qemu_hot_adds_a_host_block_device_with_the_host_device_driver(
     assert drivers["drive-hp0"] == "raw" and "host_device" in drivers.values()
 
 
+def test_real_qemu_takes_a_disk_not_to_be_reached_through_a_symlink_as_an_fd_set(
+    tmp_path: Path, root: Path
+) -> None:
+    """A blockfile snapshot (a regular file, `BlockDevice.follow_symlinks` False): QEMU 7.2 opens the fd
+    the shim passed with ``add-fd`` (``/dev/fdset/N``, cache direct) and drops the set when asked."""
+    image = tmp_path / "snapshot"
+    image.write_bytes(b"\0" * (4 << 20))
+    hv = Qemu(tcg_config(tmp_path, virtiofs=False), state_root=root, open_vsock=None)
+    facts: dict[str, Any] = {}
+
+    async def main() -> None:
+        try:
+            await hv.prepare_vm("sb1", None)
+            await hv.start_vm(60)
+            disk = BlockDevice(image, device_id="c1:rootfs", follow_symlinks=False)
+            facts["info"] = await hv.add_device(disk)
+            facts["nodes"] = await hv.execute("query-named-block-nodes")
+            facts["fdsets"] = await hv.execute("query-fdsets")
+            await hv.stop_vm()
+        finally:
+            with trio.CancelScope(shield=True):
+                await hv.cleanup()
+
+    trio.run(main)
+    assert facts["info"].pci_path == "1b/00"
+    files = {n.get("node-name"): n.get("file") for n in facts["nodes"]}
+    assert files["drive-hp0"] == "/dev/fdset/0"
+    assert [s["fdset-id"] for s in facts["fdsets"]] == [0]
+    assert [f["opaque"] for f in facts["fdsets"][0]["fds"]] == ["drive-hp0"]
+
+
 NIC_CHECK = """\
 port=/sys/bus/pci/devices/0000:00:1b.0
 echo NIC-READY

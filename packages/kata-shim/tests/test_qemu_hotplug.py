@@ -441,3 +441,90 @@ def test_device_add_without_an_answer_records_what_qemu_has(
         assert sent == ["blockdev-add", "device_add", "qom-list", "device_del", "blockdev-del"]
     else:
         assert sent == ["blockdev-add", "device_add", "qom-list", "blockdev-del"]
+
+
+def test_a_disk_not_to_be_reached_through_a_symlink_goes_to_qemu_as_an_fd_and_its_set_goes_with_it(
+    config: HypervisorConfig, root: Path, share: Path, qmp_log: Path, disks: list[Path]
+) -> None:
+    """A blockfile snapshot (`BlockDevice.follow_symlinks` False): the shim opens it (O_NOFOLLOW, as read
+    or write as asked), ``add-fd`` hands QEMU the fd, the node's file is ``/dev/fdset/<id>``; the set goes
+    after the node. A symlink there is refused before any command; the cold path refuses such a disk."""
+    link = disks[2].with_name("link.img")
+    link.symlink_to(disks[2])
+
+    async def body(hv: Qemu) -> dict[str, Any]:
+        facts: dict[str, Any] = {}
+        snapshot = BlockDevice(disks[0], device_id="c1:rootfs", follow_symlinks=False)
+        view = BlockDevice(disks[1], read_only=True, follow_symlinks=False)
+        facts["info"] = await hv.add_device(snapshot)
+        await hv.add_device(view)
+        facts["plugged"] = await machine(hv)
+        await hv.remove_device(snapshot)
+        facts["after_remove"] = await machine(hv)
+        with pytest.raises(HypervisorError, match="symlinks not followed"):
+            await hv.add_device(BlockDevice(link, follow_symlinks=False))
+        facts["after_link"] = await machine(hv)
+        return facts
+
+    facts, _ = run_vm(Qemu(config, state_root=root, open_vsock=fake_vsock), share, body)
+    assert facts["info"].pci_path == "1b/00"
+    sets = facts["plugged"]["fdsets"]
+    assert [s["link"] for s in sets.values()] == [str(disks[0]), str(disks[1])]
+    assert [s["flags"] & os.O_ACCMODE for s in sets.values()] == [os.O_RDWR, os.O_RDONLY]
+    assert list(facts["after_remove"]["fdsets"].values()) == [sets["1"]]  # the removed disk's set is gone
+    assert facts["after_link"] == facts["after_remove"]
+    file = {"aio": "threads", "driver": "file"}
+    assert commands(qmp_log) == [
+        ("add-fd", {"opaque": "drive-hp0"}),
+        ("blockdev-add", {"driver": "raw", "node-name": "drive-hp0", "read-only": False,
+                          "cache": {"direct": True, "no-flush": False},
+                          "file": {**file, "filename": "/dev/fdset/0", "read-only": False}}),
+        ("device_add", {**blk("blk-hp0", "drive-hp0", "rp0"), "serial": "c1:rootfs"}),
+        ("add-fd", {"opaque": "drive-hp1"}),
+        ("blockdev-add", {"driver": "raw", "node-name": "drive-hp1", "read-only": True,
+                          "cache": {"direct": True, "no-flush": False},
+                          "file": {**file, "filename": "/dev/fdset/1", "read-only": True}}),
+        ("device_add", blk("blk-hp1", "drive-hp1", "rp1")),
+        ("device_del", {"id": "blk-hp0"}),
+        ("blockdev-del", {"node-name": "drive-hp0"}),
+        ("remove-fd", {"fdset-id": 0}),
+    ]  # fmt: skip
+
+
+def test_a_failed_blockdev_add_gives_the_disks_fd_set_back(
+    config: HypervisorConfig,
+    root: Path,
+    share: Path,
+    *,
+    qmp_log: Path,
+    disks: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FAKE_QEMU_FAIL", "blockdev-add")
+
+    async def body(hv: Qemu) -> dict[str, Any]:
+        with pytest.raises(QmpCommandError, match="blockdev-add failed"):
+            await hv.add_device(BlockDevice(disks[0], follow_symlinks=False))
+        return await machine(hv)
+
+    state, _ = run_vm(Qemu(config, state_root=root, open_vsock=fake_vsock), share, body)
+    assert state["fdsets"] == {} and state["nodes"] == []
+    assert [c for c, _ in commands(qmp_log)] == ["add-fd", "blockdev-add", "remove-fd"]
+
+
+def test_the_cold_path_refuses_a_disk_that_must_not_be_reached_through_a_symlink(
+    config: HypervisorConfig, root: Path, disks: list[Path]
+) -> None:
+    """QEMU's ``-drive file=`` opens by path, following symlinks: such a disk is hot-plug only."""
+    hv = Qemu(config, state_root=root, open_vsock=fake_vsock)
+
+    async def main() -> None:
+        await hv.prepare_vm("sb1", None)
+        try:
+            with pytest.raises(HypervisorError, match="following symlinks"):
+                await hv.add_device(BlockDevice(disks[0], follow_symlinks=False))
+            assert hv.devices == []
+        finally:
+            await hv.cleanup()
+
+    trio.run(main)

@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,7 @@ from kata_shim.runtime import (
     Stdio,
 )
 from kata_shim.virt_container import MOUNTS_FILE, SandboxError, VirtContainer, VirtSandbox, _passfd
+from kata_shim.virt_container._devices import PluggedDevices, block_rootfs_source, plug_block_rootfs
 from kata_sys_util import MS_BIND, MS_REC, MS_SHARED
 from kata_vmm import open_tap
 
@@ -137,6 +139,8 @@ class AgentVm:
         """MiB the "VM" can grow to (0: anything asked)."""
         self.spare_vcpu_pids: list[int] = []
         """Stand-ins for the threads of vCPUs a resize adds (they join `vmm_pids`)."""
+        self.file_disks: dict[BlockDevice, str] = {}
+        """The loop device standing for each hot-plugged regular file's virtio-blk disk in the "guest"."""
 
     def crash(self, reason: str = "guest kernel panic") -> None:
         """The guest dies: wait_vm returns (as on a VMM's exit) and the agent never answers again (it is only
@@ -182,6 +186,9 @@ class AgentVm:
     async def remove_device(self, device: Device) -> None:
         self.calls.append(f"remove_device:{type(device).__name__}")
         self.devices.remove(device)
+        loop = self.file_disks.pop(device, None) if isinstance(device, BlockDevice) else None
+        if loop is not None:
+            await trio.run_process(["losetup", "-d", loop])
 
     async def resize_vcpu(self, old_vcpus: int, new_vcpus: int) -> tuple[int, int]:
         self.calls.append(f"resize_vcpu:{old_vcpus}->{new_vcpus}")
@@ -211,6 +218,14 @@ class AgentVm:
             if self.fail == "block_refused":
                 raise HypervisorError("dragonball: hot-adding BlockDevice: the guest refused it (ENODEV)")
             self.devices.append(device)
+            if not device.follow_symlinks:  # a regular file: the "guest's" disk is a loop device over it
+                assert not device.path.is_symlink() and device.path.is_file()
+                done = await trio.run_process(
+                    ["losetup", "-f", "--show", str(device.path)], capture_stdout=True
+                )
+                loop = done.stdout.decode().strip()
+                self.file_disks[device] = loop
+                return DeviceInfo(guest_path=loop)
             return DeviceInfo(guest_path=str(device.path))  # the "guest" sees the host's node
         self.devices.append(device)
         if self.shared_mounted:
@@ -1569,52 +1584,128 @@ def test_a_block_device_of_the_container_is_hot_plugged_shown_inside_and_removed
     trio.run(main)
 
 
+@pytest.mark.parametrize("source", ["block-device", "loop-file"])
 def test_a_block_snapshotter_rootfs_is_hot_plugged_and_mounted_by_the_agent_not_the_host(
-    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], tmp_path: Path
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], tmp_path: Path, source: str
 ) -> None:
     """A rootfs that is one mount of a host block device (devmapper's ext4 on /dev/dm-N; a loop device
-    here): hot-plugged, CreateContainer's storage (mmioblk, ext4) has the agent mount it on the rootfs
-    path; the host mounts nothing; deleting the container unmounts it in the guest and unplugs it."""
+    here) or of a regular file with the "loop" option (blockfile's snapshot): hot-plugged, CreateContainer's
+    storage (mmioblk, ext4) has the agent mount it on the rootfs path (without "loop", which ext4 refuses);
+    the host mounts nothing; the container's write lands in the disk; deleting the container unmounts it in
+    the guest and unplugs it."""
     if shutil.which("mkfs.ext4") is None or shutil.which("losetup") is None:
         pytest.skip("needs e2fsprogs and losetup")
     image = tmp_path / "rootfs.ext4"
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(busybox_lower), str(image), "64M"], check=True)
-    node = subprocess.run(["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True)
-    loop = node.stdout.strip()
+    loop = ""
+    if source == "block-device":
+        losetup = ["losetup", "-f", "--show", str(image)]
+        loop = subprocess.run(losetup, check=True, capture_output=True, text=True).stdout.strip()
+        rootfs = RootfsMount("ext4", loop, options=("rw",))
+        plugged = BlockDevice(Path(loop), device_id="c1:rootfs")
+    else:
+        rootfs = RootfsMount("ext4", str(image), options=("loop", "rw"))
+        plugged = BlockDevice(image, device_id="c1:rootfs", follow_symlinks=False)
 
     async def main() -> None:
         async with running_pod(virtiofs_as_bind, fail="block_hotplug") as pod:
             cm = pod.instance.containers
             fifos = _fifos(pod, "c1", "stdout")
-            spec = _spec("sh", "-c", "ls /data >/dev/null && grep ' / ' /proc/mounts | cut -d' ' -f3")
+            script = "echo kata-block-root > /hello && grep ' / ' /proc/mounts | cut -d' ' -f3 && cat /hello"
+            spec = _spec("sh", "-c", script)
             bundle = pod.base / "bundles" / "c1"
             bundle.mkdir(parents=True)
-            cfg = ContainerConfig(
-                "c1",
-                bundle,
-                spec,
-                [RootfsMount("ext4", loop, options=("rw",))],
-                Stdio(stdout=fifos["stdout"]),
-            )
+            cfg = ContainerConfig("c1", bundle, spec, [rootfs], Stdio(stdout=fifos["stdout"]))
             got: dict[str, bytes] = {}
             async with trio.open_nursery() as n:
                 n.start_soon(read_fifo, fifos["stdout"], got, "out")
                 await cm.create_container(cfg)
-                assert BlockDevice(Path(loop), device_id="c1:rootfs") in pod.vm.devices
+                assert plugged in pod.vm.devices
                 host_root = pod.sandbox.layout.rootfs_host_path("c1")
                 assert str(host_root) not in mounts_below(pod.base)  # the host mounted nothing there
                 await cm.start_process(ProcessId("c1"))
                 with trio.fail_after(20):
                     status = await cm.wait_process(ProcessId("c1"))
-            assert status.code == 0 and got["out"] == b"ext4\n"
+            assert status.code == 0 and got["out"] == b"ext4\nkata-block-root\n"
             await cm.delete_process(ProcessId("c1"))
             assert not any(isinstance(d, BlockDevice) for d in pod.vm.devices)
+            assert not pod.vm.file_disks  # the "guest's" disk over the file is gone with it
             assert not any("c1" in m for m in mounts_below(pod.base))
 
     try:
         trio.run(main)
     finally:
-        subprocess.run(["losetup", "-d", loop], check=False)
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False)
+    if shutil.which("debugfs") is not None:  # the write is in the image itself
+        debugfs = ["debugfs", "-R", "cat /hello", str(image)]
+        cat = subprocess.run(debugfs, check=True, capture_output=True, text=True)
+        assert cat.stdout == "kata-block-root\n"
+
+
+def test_block_rootfs_source_takes_one_mount_of_a_block_device_or_of_a_regular_file_with_loop(
+    tmp_path: Path,
+) -> None:
+    """runtime-rs's block rootfs (a block device node, through a symlink as devmapper's /dev/mapper/NAME)
+    plus blockfile's loop file (a regular file, never through a symlink, only with "loop")."""
+    image = tmp_path / "snapshot"
+    image.write_bytes(bytes(4096))
+    (tmp_path / "link").symlink_to(image)
+    node = tmp_path / "blk"
+    os.mknod(node, 0o600 | stat.S_IFBLK, os.makedev(7, 200))  # needs root, like the loop tests above
+    (tmp_path / "mapper").symlink_to(node)
+    loop_file = RootfsMount("ext4", str(image), options=("loop", "rw"))
+    assert block_rootfs_source([loop_file]) == image
+    assert block_rootfs_source([RootfsMount("ext4", str(node), options=("rw",))]) == node
+    assert block_rootfs_source([RootfsMount("ext4", str(tmp_path / "mapper"))]) == tmp_path / "mapper"
+    for rootfs in (
+        [RootfsMount("ext4", str(image), options=("rw",))],  # a file without "loop": not a disk
+        [RootfsMount("ext4", str(tmp_path / "link"), options=("loop", "rw"))],  # a symlink: not taken
+        [RootfsMount("ext4", str(tmp_path / "gone"), options=("loop",))],
+        [RootfsMount("bind", str(image), options=("loop", "rbind"))],
+        [RootfsMount("overlay", str(image), options=("loop",))],
+        [RootfsMount("ext4", str(image), target="sub", options=("loop",))],
+        [loop_file, loop_file],
+        [],
+    ):
+        assert block_rootfs_source(rootfs) is None, rootfs
+
+
+def test_the_block_rootfs_storage_has_no_host_only_option_and_a_loop_file_is_opened_without_symlinks(
+    tmp_path: Path,
+) -> None:
+    image = tmp_path / "snapshot"
+    image.write_bytes(bytes(4096))
+
+    class Hv:
+        name = "fake"
+
+        def __init__(self) -> None:
+            self.added: list[BlockDevice] = []
+
+        def capabilities(self) -> Capabilities:
+            return Capabilities(hotplug=frozenset({"block"}))
+
+        async def add_device(self, device: BlockDevice) -> DeviceInfo:
+            self.added.append(device)
+            return DeviceInfo(guest_path="/dev/vdb")
+
+    async def main() -> None:
+        hv, plugged = Hv(), PluggedDevices()
+        view = RootfsMount("ext4", str(image), options=("loop", "noatime", "x-kata.test=1", "ro"))
+        storage = await plug_block_rootfs(hv, "c1", view, "/run/c1/rootfs", plugged)  # type: ignore[arg-type]
+        assert (storage.driver, storage.source, storage.fstype) == ("mmioblk", "/dev/vdb", "ext4")
+        assert storage.options == ["noatime", "ro"]
+        assert (
+            plugged.block
+            == hv.added
+            == [BlockDevice(image, read_only=True, device_id="c1:rootfs", follow_symlinks=False)]
+        )
+        node = RootfsMount("ext4", "/dev/dm-3", options=("rw",))  # devmapper's: followed as before
+        storage = await plug_block_rootfs(hv, "c2", node, "/run/c2/rootfs", plugged)  # type: ignore[arg-type]
+        assert storage.options == ["rw"] and hv.added[-1].follow_symlinks
+
+    trio.run(main)
 
 
 def test_a_block_device_the_vm_refuses_fails_the_create_and_one_without_hotplug_is_refused(

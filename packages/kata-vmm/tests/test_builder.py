@@ -125,3 +125,21 @@ def test_a_failing_device_closes_the_vm_and_releases_the_specs_after_it(
     assert not fd_is_open(r)
     assert not (tmp_path / "v.sock").exists()
     os.close(w)
+
+
+def test_a_block_spec_that_does_not_follow_symlinks_refuses_one_and_keeps_that_in_a_snapshot(
+    tmp_path: Path,
+) -> None:
+    from kata_virtio import DeviceError
+    from kata_vmm._snapshot import spec_from_json, spec_to_json
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    link = tmp_path / "link.img"
+    link.symlink_to(image)
+    with pytest.raises(DeviceError):
+        BlockSpec(link, follow_symlinks=False).build()
+    BlockSpec(link).build().close()
+    for spec in (BlockSpec(link, follow_symlinks=False), BlockSpec(image, read_only=True)):
+        assert spec_from_json(spec_to_json(spec)) == spec
+    assert "follow_symlinks" not in spec_to_json(BlockSpec(image))  # what older snapshots hold

@@ -39,17 +39,29 @@ _REQ_HDR = struct.Struct("<IIQ")  # struct virtio_blk_req header: type, reserved
 
 
 class VirtioBlock(VirtioDevice):
-    """A block device backed by a raw image file; ``read_only`` offers VIRTIO_BLK_F_RO."""
+    """A block device backed by a raw image file; ``read_only`` offers VIRTIO_BLK_F_RO. With
+    ``follow_symlinks`` False the image is opened with O_NOFOLLOW: a symlink in the path's last component
+    is refused (ELOOP) rather than followed."""
 
     device_type = VIRTIO_ID_BLOCK
     queue_max_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False, serial: str = "") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        read_only: bool = False,
+        serial: str = "",
+        follow_symlinks: bool = True,
+    ) -> None:
         super().__init__()
         self.path = os.fspath(path)
         self.read_only = read_only
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        if not follow_symlinks:
+            flags |= os.O_NOFOLLOW
         try:
-            self._fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+            self._fd = os.open(self.path, flags)
         except OSError as err:
             raise DeviceError(f"cannot open block image {self.path}: {err.strerror}") from err
         # the end of the file, which for a block device (st_size 0) is its size

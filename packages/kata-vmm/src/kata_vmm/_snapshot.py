@@ -225,7 +225,9 @@ def _uint(value: Any, bits: int, what: str) -> int:
 
 _SPEC_KINDS: dict[str, Callable[[dict[str, Any]], DeviceSpec]] = {
     "vsock": lambda d: VsockSpec(Path(d["uds"]), int(d["guest_cid"])),
-    "block": lambda d: BlockSpec(Path(d["path"]), bool(d["read_only"])),
+    "block": lambda d: BlockSpec(
+        Path(d["path"]), bool(d["read_only"]), follow_symlinks=bool(d.get("follow_symlinks", True))
+    ),
     "net": lambda d: NetSpec(str(d["tap"]), d["mac"]),
     "fs": lambda d: FsSpec(str(d["tag"]), Path(d["shared_dir"])),
     "rng": lambda d: RngSpec(),
@@ -266,6 +268,8 @@ def spec_to_json(spec: DeviceSpec) -> dict[str, Any]:
         out.update(uds=str(spec.uds), guest_cid=spec.guest_cid)
     elif isinstance(spec, BlockSpec):
         out.update(path=str(spec.path), read_only=spec.read_only)
+        if not spec.follow_symlinks:  # absent in snapshots that predate it: True
+            out.update(follow_symlinks=False)
     elif isinstance(spec, NetSpec):
         out.update(tap=spec.tap, mac=spec.mac)
     elif isinstance(spec, FsSpec):

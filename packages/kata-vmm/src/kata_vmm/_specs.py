@@ -49,14 +49,16 @@ class VsockSpec:
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """A raw image file as virtio-blk."""
+    """A raw image file as virtio-blk; with ``follow_symlinks`` False `build` refuses (ELOOP) a path whose
+    last component is a symlink instead of following it."""
 
     path: Path
     read_only: bool = False
+    follow_symlinks: bool = True
 
     def build(self) -> VirtioDevice:
         """Open the image."""
-        return VirtioBlock(self.path, read_only=self.read_only)
+        return VirtioBlock(self.path, read_only=self.read_only, follow_symlinks=self.follow_symlinks)
 
     def release(self) -> None:
         """Nothing to give back: this spec holds no host resource before `build`."""

@@ -107,6 +107,9 @@ class BlockDevice:
     path: Path
     read_only: bool = False
     device_id: str = ""
+    follow_symlinks: bool = True
+    """False: the back-end opens ``path`` with O_NOFOLLOW (a symlink there is refused, not followed), or
+    refuses the device when it can only hand its VMM a path (a block snapshotter's loop file)."""
 
 
 @dataclass(frozen=True)

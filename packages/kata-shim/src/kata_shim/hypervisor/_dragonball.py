@@ -284,7 +284,7 @@ class Dragonball:
     def _block_spec(self, device: BlockDevice) -> DeviceSpec:
         if not device.path.exists():
             raise HypervisorError(f"block device {device.path} not found")
-        return BlockSpec(device.path, read_only=device.read_only)
+        return BlockSpec(device.path, read_only=device.read_only, follow_symlinks=device.follow_symlinks)
 
     @_spec_for.register
     def _network_spec(self, device: NetworkDevice) -> DeviceSpec:

@@ -152,9 +152,10 @@ class ExternalVmm:
         """The guest kernel command line."""
         return guest_cmdline(self.config)
 
-    def _check_cold_device(self, device: Device) -> None:
+    def _check_cold_device(self, device: Device, *, opens_block_fd: bool = False) -> None:
         """A device the back-end can attach: one existing shared directory (with virtio-fs on), an existing
-        block device, a network device."""
+        block device, a network device. A block device with ``follow_symlinks`` False only when the caller
+        opens it itself and hands its VMM the fd (``opens_block_fd``): a VMM given the path follows it."""
         if self.state_dir is None:
             raise HypervisorError("add_device() before prepare_vm()")
         if isinstance(device, ShareFsDevice):
@@ -170,6 +171,11 @@ class ExternalVmm:
             if not device.host_path.is_dir():
                 raise HypervisorError(f"shared directory {device.host_path} not found")
         elif isinstance(device, BlockDevice):
+            if not device.follow_symlinks and not opens_block_fd:
+                raise HypervisorError(
+                    f"{self.name} hands its VMM a disk's path, which it opens following symlinks: cannot "
+                    f"attach {device.path}, which must be opened without (a blockfile snapshot)"
+                )
             if not device.path.exists():
                 raise HypervisorError(f"block device {device.path} not found")
         elif not isinstance(device, NetworkDevice):

@@ -21,7 +21,10 @@ Hot-plug (q35; microvm has none, its `capabilities()` say so), one at a time, ea
 port at address 0, so its PCI path is ``<root port slot>/00`` (the agent resolves it through sysfs):
 
 - block: ``blockdev-add`` (raw over file, read-only as asked, cache direct as the cold path's cache=none),
-  ``device_add virtio-blk-pci`` (serial = device_id); a failed device_add takes the node out again;
+  ``device_add virtio-blk-pci`` (serial = device_id); a failed device_add takes the node out again. A
+  device with ``follow_symlinks`` False (a blockfile snapshot) is opened by the shim with O_NOFOLLOW and
+  given to QEMU with ``add-fd`` (SCM_RIGHTS), the node's file being ``/dev/fdset/<id>``; ``remove-fd``
+  after its ``blockdev-del`` (or a failed add) lets QEMU close it;
 - net: the tap (opened in the pod's netns) and vhost-net fds to QEMU with ``getfd`` (SCM_RIGHTS on the QMP
   socket), ``netdev_add tap`` naming them, ``device_add virtio-net-pci``; undone step by step on failure;
 - removal: ``device_del``, then the DEVICE_DELETED event for that id within `UNPLUG_TIMEOUT` (the guest must
@@ -124,6 +127,8 @@ class HotPlugged:
     qdev_id: str
     port: int
     backend: str
+    fdset: int | None = None
+    """The ``add-fd`` set holding the disk's fd (a device not opened by path), removed with the node."""
 
 
 VsockOpener = Callable[[], tuple[int, int]]
@@ -534,7 +539,7 @@ class Qemu(ExternalVmm):
             raise HypervisorError("qemu cannot hot-plug a ShareFsDevice (virtio-fs is cold-plugged)")
         kind = "block" if isinstance(device, BlockDevice) else "net"
         qmp = self._require_hotplug(kind, type(device).__name__)
-        self._check_cold_device(device)
+        self._check_cold_device(device, opens_block_fd=True)
         async with self._hotplug_lock:
             if any(h.device == device for h in self._hot) or device in self.devices:
                 raise HypervisorError(f"qemu: {device} is already attached")
@@ -567,32 +572,48 @@ class Qemu(ExternalVmm):
 
     async def _hot_add_block(self, qmp: QmpClient, device: BlockDevice, n: int, port: int) -> HotPlugged:
         node, qdev = f"drive-hp{n}", f"blk-hp{n}"
+        fdset = None
+        if device.follow_symlinks:
+            filename = str(device.path)
+            block = await trio.to_thread.run_sync(_is_block_device, device.path)
+        else:
+            fd, block = await trio.to_thread.run_sync(_open_disk_nofollow, device.path, device.read_only)
+            try:
+                added = await qmp.execute("add-fd", {"opaque": node}, timeout=QMP_TIMEOUT, fds=[fd])
+            finally:
+                os.close(fd)  # QEMU has its own copy
+            fdset = int(added["fdset-id"])
+            filename = f"/dev/fdset/{fdset}"
         # raw over the file (host_device for a block device: QEMU's "file" driver takes regular files only);
         # cache direct and aio threads are the cold path's cache=none,aio=threads
-        protocol = "host_device" if await trio.to_thread.run_sync(_is_block_device, device.path) else "file"
         blockdev = {
             "driver": "raw",
             "node-name": node,
             "read-only": device.read_only,
             "cache": {"direct": True, "no-flush": False},
             "file": {
-                "driver": protocol,
-                "filename": str(device.path),
+                "driver": "host_device" if block else "file",
+                "filename": filename,
                 "aio": "threads",
                 "read-only": device.read_only,
             },
         }
         try:
-            await qmp.execute("blockdev-add", blockdev, timeout=QMP_TIMEOUT)
-        except QmpError as err:
-            if not isinstance(err, QmpCommandError):  # no answer: QEMU may have made it
-                await self._undo(qmp, "blockdev-del", {"node-name": node})
+            try:
+                await qmp.execute("blockdev-add", blockdev, timeout=QMP_TIMEOUT)
+            except QmpError as err:
+                if not isinstance(err, QmpCommandError):  # no answer: QEMU may have made it
+                    await self._undo(qmp, "blockdev-del", {"node-name": node})
+                raise
+            args: dict[str, Any] = {"driver": "virtio-blk-pci", "id": qdev, "drive": node}
+            if device.device_id:
+                args["serial"] = device.device_id[:20]
+            await self._device_add_on_port(qmp, args, port, ("blockdev-del", {"node-name": node}))
+        except QmpError:
+            if fdset is not None:
+                await self._undo(qmp, "remove-fd", {"fdset-id": fdset})
             raise
-        args: dict[str, Any] = {"driver": "virtio-blk-pci", "id": qdev, "drive": node}
-        if device.device_id:
-            args["serial"] = device.device_id[:20]
-        await self._device_add_on_port(qmp, args, port, ("blockdev-del", {"node-name": node}))
-        return HotPlugged(device, qdev, port, node)
+        return HotPlugged(device, qdev, port, node, fdset)
 
     async def _device_add_on_port(
         self, qmp: QmpClient, args: dict[str, Any], port: int, undo: tuple[str, dict[str, Any]]
@@ -719,6 +740,8 @@ class Qemu(ExternalVmm):
             )
             try:
                 await qmp.execute(command, arguments, timeout=QMP_TIMEOUT)
+                if hot.fdset is not None:  # QEMU closes the disk's fd
+                    await qmp.execute("remove-fd", {"fdset-id": hot.fdset}, timeout=QMP_TIMEOUT)
             except QmpError as err:
                 raise HypervisorError(f"qemu: {hot.qdev_id} removed but not its back-end: {err}") from err
         self.log.info("sandbox %s: removed %s (%s)", self.sandbox_id, device, hot.qdev_id)
@@ -798,6 +821,17 @@ def _is_block_device(path: Path) -> bool:
         return stat.S_ISBLK(path.stat().st_mode)
     except OSError:
         return False  # QEMU says why it cannot open it
+
+
+def _open_disk_nofollow(path: Path, read_only: bool) -> tuple[int, bool]:
+    """(fd, is a block device) of the disk at ``path``, opened without following a symlink there."""
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        why = err.strerror
+        raise HypervisorError(f"qemu: cannot open disk {path} (symlinks not followed): {why}") from err
+    return fd, stat.S_ISBLK(os.fstat(fd).st_mode)
 
 
 async def _cpu_gone(qmp: QmpClient, qdev_id: str) -> bool:

@@ -52,6 +52,7 @@ from kata_shim.virt_container._devices import (
     PluggedDevices,
     block_entries,
     block_rootfs_source,
+    is_loop_file_mount,
     plug_block_devices,
     plug_block_rootfs,
     unplug_block_devices,
@@ -184,11 +185,18 @@ class VirtContainerManager:
                 bundle_rootfs = config.bundle / bundle_rootfs
             hv = self.sandbox.require_hypervisor()
             storages = []
-            if block_rootfs_source(config.rootfs) is not None and hv.capabilities().block_device_hotplug:
+            block_root = block_rootfs_source(config.rootfs)
+            if block_root is not None and hv.capabilities().block_device_hotplug:
                 # a block snapshotter's rootfs: the guest mounts it; the host only makes the mount point
                 ledger.mkdir(layout.rootfs_host_path(cid))
                 guest_root = layout.rootfs_guest_path(cid)
                 storages.append(await plug_block_rootfs(hv, cid, config.rootfs[0], guest_root, devices))
+            elif block_root is not None and is_loop_file_mount(config.rootfs[0]):
+                # the host would need a loop device to mount it: the share is for directories
+                raise InvalidArgument(
+                    f"container {cid}: rootfs {block_root} is a loop file (a blockfile snapshot), which "
+                    f"needs block hot-plug; {hv.name} has none"
+                )
             else:
                 mount_rootfs(config.rootfs, layout.rootfs_host_path(cid), ledger, bundle_rootfs=bundle_rootfs)
             mounts = share_volumes(config.spec.get("mounts") or [], layout, cid, ledger)

@@ -11,6 +11,14 @@ A rootfs that containerd hands over as one mount of a host block device (a block
 devmapper: ``ext4`` on ``/dev/dm-N``) is hot-plugged the same way and mounted by the agent (a ``mmioblk``
 Storage) on the container's usual rootfs path, whose directory the host creates in the share (runtime-rs's
 ``BlockRootfs``); nothing is mounted on the host.
+
+Upstream runtime-rs takes only a block device node there. We also take, by our own choice, one mount of a
+filesystem whose source is a regular file with the ``loop`` option: what containerd 2.x's ``blockfile``
+snapshotter returns (``ext4`` on ``<root>/snapshots/<id>``, options ``loop`` plus ``rw`` or ``ro``). The
+file itself is the virtio-blk disk (no host loop device, no host mount); the back-end opens it without
+following a symlink (`BlockDevice.follow_symlinks` False) and a symlink there is not taken at all. Options
+only the host's mount(8) understands (``loop``, ``x-*``) are not handed to the guest's mount(2), which
+would refuse them.
 """
 
 from __future__ import annotations
@@ -67,12 +75,34 @@ def host_block_device(major: int, minor: int, sys_dev_block: Path = SYS_DEV_BLOC
     return node
 
 
+#: Mount options for the host's mount(8), never the kernel's (mount(8): ``x-*`` are for userspace too).
+HOST_ONLY_OPTIONS = frozenset({"loop"})
+
+
+def guest_mount_options(options: Sequence[str]) -> list[str]:
+    """``options`` without the host-only ones (`HOST_ONLY_OPTIONS`, ``x-*``), for the guest's mount(2)."""
+    return [o for o in options if o not in HOST_ONLY_OPTIONS and not o.lower().startswith("x-")]
+
+
+def is_loop_file_mount(mount: RootfsMount) -> bool:
+    """A mount of a regular file (not a symlink to one) with the ``loop`` option: blockfile's snapshot."""
+    if "loop" not in mount.options:
+        return False
+    try:
+        return stat.S_ISREG(os.lstat(mount.source).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def block_rootfs_source(rootfs: Sequence[RootfsMount]) -> Path | None:
-    """The host block device of a rootfs that is one mount of one (runtime-rs ``is_block_rootfs``)."""
+    """The host block device (runtime-rs ``is_block_rootfs``) or loop file (`is_loop_file_mount`: our
+    addition, see the module) of a rootfs that is one mount of one."""
     if len(rootfs) != 1 or rootfs[0].type in ("bind", "overlay", "") or rootfs[0].target:
         return None
+    if is_loop_file_mount(rootfs[0]):
+        return Path(rootfs[0].source)
     try:
-        st = os.stat(rootfs[0].source)
+        st = os.stat(rootfs[0].source)  # devmapper's /dev/mapper/NAME is a symlink to /dev/dm-N
     except (OSError, ValueError):
         return None
     return Path(rootfs[0].source) if stat.S_ISBLK(st.st_mode) else None
@@ -85,7 +115,10 @@ async def plug_block_rootfs(
     mount it at ``guest_root``."""
     caps = hv.capabilities()
     device = BlockDevice(
-        Path(rootfs.source), read_only="ro" in rootfs.options, device_id=f"{container_id}:rootfs"
+        Path(rootfs.source),
+        read_only="ro" in rootfs.options,
+        device_id=f"{container_id}:rootfs",
+        follow_symlinks=not is_loop_file_mount(rootfs),
     )
     info = await hv.add_device(device)
     plugged.block.append(device)
@@ -94,7 +127,8 @@ async def plug_block_rootfs(
     log.info(
         "container %s: rootfs %s (%s) is %s in the guest", container_id, rootfs.source, rootfs.type, source
     )
-    return Storage(driver, guest_root, source=source, fstype=rootfs.type, options=list(rootfs.options))
+    options = guest_mount_options(rootfs.options)
+    return Storage(driver, guest_root, source=source, fstype=rootfs.type, options=options)
 
 
 async def plug_block_devices(
