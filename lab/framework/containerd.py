@@ -3,7 +3,8 @@
     with private_containerd() as ctrd:          # own root/state/sockets under /tmp, CRI off
     with private_containerd(cri=CriConfig(...)) as ctrd:  # CRI on: `kata`, `runc` handlers (framework.cri)
     with private_containerd(version=CONTAINERD_2) as ctrd:   # containerd 2.x (config version 3)
-        ctrd.import_image(busybox_tar)           # -> docker.io/library/busybox:kata
+    with private_containerd(version=CONTAINERD_2, snapshotter=BlockfileSnapshotter()) as ctrd:
+        ctrd.import_image(busybox_tar)           # -> docker.io/library/busybox:kata (unpacked into blockfile)
         out = ctrd.ctr("run", "--rm", "--runtime", KATA_RUNTIME, IMAGE, "t1", "echo", "hi")
 
 Two containerds: "1.6" (`CONTAINERD_1_6`, the default), the system's from bookworm, and "2.x"
@@ -18,6 +19,11 @@ bookworm's). The shim's shipped configuration reads the guest assets from
 It refuses to run outside the lab VM: there the root file system is a tmpfs overlay that vanishes with the
 VM, while on the host it would change the machine.
 
+A `BlockfileSnapshotter` configures containerd 2.x's ``blockfile`` snapshotter (each snapshot a copy of an
+ext4 image file, mounted with "loop"; the shim hot-plugs the file as the container's disk) over a small
+scratch image made in containerd's directory; images are imported into it (`import_image`) and ``ctr run
+--snapshotter blockfile`` uses it.
+
 Teardown kills containerd's process group and every shim started for it (found by this containerd's socket
 path in their argv), unmounts what is left below its directory and removes it, whatever the test did.
 """
@@ -25,6 +31,7 @@ path in their argv), unmounts what is left below its directory and removes it, w
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -64,6 +71,64 @@ CONTAINERD2_BIN = CONTAINERD2_DIR / "usr" / "bin"
 
 class ContainerdError(Exception):
     """The private containerd did not start, or a ctr command failed (the message has its output)."""
+
+
+BLOCKFILE = "blockfile"
+BLOCKFILE_PLUGIN = f"io.containerd.snapshotter.v1.{BLOCKFILE}"
+TRANSFER_PLUGIN = "io.containerd.transfer.v1.local"
+UNPACK_PLATFORM = "linux/amd64"
+
+
+@dataclass(frozen=True)
+class BlockfileSnapshotter:
+    """containerd 2.x's ``blockfile`` snapshotter (plugins/snapshots/blockfile): every snapshot is a copy
+    of its parent's image file (the first one of ``scratch_file``), and its Mount is ``fs_type`` on that
+    file with the "loop" option (plus "rw", or "ro" for a view). `render` makes the scratch image in
+    containerd's directory (``truncate`` + ``mkfs.ext4``) and returns the plugin's table. Keep it small:
+    each snapshot copies it whole (blockfile writes every byte: the copies are not sparse)."""
+
+    size_mib: int = 64
+    fs_type: str = "ext4"
+    name: str = BLOCKFILE
+
+    def scratch(self, base: Path) -> Path:
+        """The scratch image `render` makes for the containerd in ``base``."""
+        return base / f"{self.name}-scratch.{self.fs_type}"
+
+    def root(self, ctrd_root: Path) -> Path:
+        """Where the plugin keeps its snapshots' files (``<root>/snapshots/<id>``): containerd's default."""
+        return ctrd_root / BLOCKFILE_PLUGIN
+
+    def render(self, base: Path) -> str:
+        """Make the scratch image below ``base`` and return the plugin's TOML table (config version 3)."""
+        scratch = self.scratch(base)
+        try:
+            subprocess.run(["truncate", "-s", f"{self.size_mib}M", str(scratch)], check=True)
+            subprocess.run(
+                [f"mkfs.{self.fs_type}", "-q", str(scratch)], check=True, capture_output=True, text=True
+            )
+        except (OSError, subprocess.CalledProcessError) as err:
+            detail = getattr(err, "stderr", "") or err
+            raise ContainerdError(f"cannot make the {self.name} scratch image {scratch}: {detail}") from err
+        lines = [
+            "",
+            f'[plugins."{BLOCKFILE_PLUGIN}"]',
+            f"  scratch_file = {json.dumps(str(scratch))}",  # JSON strings and arrays are TOML's
+            f"  fs_type = {json.dumps(self.fs_type)}",
+            f"  mount_options = {json.dumps(['loop'])}",
+            "  recreate_scratch = true",
+        ]
+        # the transfer service (ctr 2.x's import) unpacks only for the snapshotters listed here; its
+        # default lists overlayfs alone ("no unpack platforms defined" for another)
+        for snapshotter in ("overlayfs", self.name):
+            lines += [
+                "",
+                f'[[plugins."{TRANSFER_PLUGIN}".unpack_config]]',
+                f'  platform = "{UNPACK_PLATFORM}"',
+                f"  snapshotter = {json.dumps(snapshotter)}",
+                '  differ = "walking"',
+            ]
+        return "\n".join([*lines, ""])
 
 
 def containerd2_missing() -> str | None:
@@ -120,6 +185,8 @@ class PrivateContainerd(_fixture.ContainerdLog):
     # which containerd runs (`CONTAINERD_VERSIONS`) and the ctr that talks to it
     version: str = CONTAINERD_1_6
     ctr_path: str = CTR
+    # the block snapshotter it was configured with (`import_image` unpacks into it), else None
+    snapshotter: BlockfileSnapshotter | None = None
     address: str = field(init=False)
     root: Path = field(init=False)
     state: Path = field(init=False)
@@ -177,8 +244,10 @@ class PrivateContainerd(_fixture.ContainerdLog):
         )
 
     def import_image(self, tarball: Path, namespace: str = "default") -> str:
-        """`ctr images import` the OCI tarball; returns ctr's output."""
-        return self.ctr("images", "import", str(tarball), namespace=namespace).stdout
+        """`ctr images import` the OCI tarball, unpacked into `snapshotter` when there is one (else
+        containerd's default); returns ctr's output."""
+        where = ["--snapshotter", self.snapshotter.name] if self.snapshotter is not None else []
+        return self.ctr("images", "import", *where, str(tarball), namespace=namespace).stdout
 
     def remove(self, cid: str, timeout: float = 120) -> None:
         """Take container ``cid`` away whatever its state, not checked: SIGKILL its task, retry the task's
@@ -241,17 +310,21 @@ def private_containerd(
     extra_env: dict[str, str] | None = None,
     cri: CriConfig | None = None,
     version: str | None = None,
+    snapshotter: BlockfileSnapshotter | None = None,
 ) -> Iterator[PrivateContainerd]:
     """Start a private containerd (state on /tmp), wait for both sockets, stop and remove it after:
     kata-proto's test fixture (one copy of the lifecycle), with the venv's bin directory first on its PATH.
     ``cri`` enables the CRI plugin with those settings (by default it is disabled: ctr only). ``version``
-    (`CONTAINERD_VERSIONS`) is ``cri``'s when None, else 1.6; one that differs from ``cri``'s is a
-    ValueError (its tables are written for one version)."""
+    (`CONTAINERD_VERSIONS`) is ``cri``'s when None, else 2.x with a ``snapshotter``, else 1.6; one that
+    differs from ``cri``'s is a ValueError (its tables are written for one version). ``snapshotter``
+    (containerd 2.x only: 1.6 has no blockfile) configures that block snapshotter."""
     if version is None:
-        version = cri.version if cri is not None else CONTAINERD_1_6
+        version = cri.version if cri is not None else CONTAINERD_2 if snapshotter else CONTAINERD_1_6
     check_version(version)
     if cri is not None and version != cri.version:
         raise ValueError(f"containerd {version} asked for a CriConfig written for {cri.version}")
+    if snapshotter is not None and version != CONTAINERD_2:
+        raise ValueError(f"the {snapshotter.name} snapshotter needs containerd {CONTAINERD_2}, not {version}")
     binary, ctr, path = None, CTR, f"{venv_bin()}:{SYSTEM_PATH}"
     if version == CONTAINERD_2:
         reason = containerd2_missing()
@@ -274,8 +347,9 @@ def private_containerd(
         cri_config=cri.render if cri is not None else None,
         containerd=binary,
         config_version=CONFIG_VERSION[version],
+        plugin_config=snapshotter.render if snapshotter is not None else None,
     ) as ctrd:
-        yield PrivateContainerd(ctrd.base, ctrd.process, ctrd.log_path, env, cri, version, ctr)
+        yield PrivateContainerd(ctrd.base, ctrd.process, ctrd.log_path, env, cri, version, ctr, snapshotter)
 
 
 LOG_DIR = REPO / "build" / "lab" / "logs"
@@ -294,6 +368,7 @@ def keep_log(log_path: Path) -> None:
 
 
 __all__ = [
+    "BLOCKFILE",
     "BUSYBOX_IMAGE",
     "CONTAINERD2_BIN",
     "CONTAINERD_1_6",
@@ -303,6 +378,7 @@ __all__ = [
     "KATA_RUNTIME",
     "KATA_STATE_ROOT",
     "REPO",
+    "BlockfileSnapshotter",
     "ContainerdError",
     "PrivateContainerd",
     "check_version",

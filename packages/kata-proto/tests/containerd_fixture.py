@@ -170,6 +170,7 @@ def private_containerd(
     cri_config: Callable[[Path], str] | None = None,
     containerd: str | None = None,
     config_version: int = 2,
+    plugin_config: Callable[[Path], str] | None = None,
 ) -> Iterator[PrivateContainerd]:
     """Start a private containerd, wait until both its sockets answer, stop and remove it after.
 
@@ -180,7 +181,9 @@ def private_containerd(
     starts) and what it returns (the CRI plugin's TOML tables) is appended to the configuration, the plugin
     enabled (lab/framework/cri.py's CriConfig writes it). `containerd` is the daemon's binary (None:
     KATA_TEST_CONTAINERD, by default the system's) and `config_version` its configuration's version: 2 for
-    containerd 1.x, 3 for 2.x (whose top-level tables are the same; 2.x reads version 2 too, migrated)."""
+    containerd 1.x, 3 for 2.x (whose top-level tables are the same; 2.x reads version 2 too, migrated).
+    `plugin_config`, like `cri_config` but without enabling CRI, returns more plugin tables (a
+    snapshotter's, say: lab/framework/containerd.py's BlockfileSnapshotter) and may prepare files there."""
     reason = skip_reason()
     if reason is not None:
         raise error(reason)
@@ -206,6 +209,7 @@ def private_containerd(
             )
             + (_CONFIG_V3 if config_version >= 3 else "")
             + (cri_config(base) if cri_config is not None else "")
+            + (plugin_config(base) if plugin_config is not None else "")
         )
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
