@@ -22,7 +22,9 @@ VM, while on the host it would change the machine.
 A `BlockfileSnapshotter` configures containerd 2.x's ``blockfile`` snapshotter (each snapshot a copy of an
 ext4 image file, mounted with "loop"; the shim hot-plugs the file as the container's disk) over a small
 scratch image made in containerd's directory; images are imported into it (`import_image`) and ``ctr run
---snapshotter blockfile`` uses it.
+--snapshotter blockfile`` uses it. A `DevmapperSnapshotter` does the same for containerd 1.6's
+``devmapper`` (a thin pool over two loop files, made before containerd starts and removed after it
+stopped; lab VM only: the host's kernel has no device-mapper).
 
 Teardown kills containerd's process group and every shim started for it (found by this containerd's socket
 path in their argv), unmounts what is left below its directory and removes it, whatever the test did.
@@ -90,6 +92,11 @@ class BlockfileSnapshotter:
     size_mib: int = 64
     fs_type: str = "ext4"
     name: str = BLOCKFILE
+    # the containerds that have it (1.6 has no blockfile)
+    versions: tuple[str, ...] = (CONTAINERD_2,)
+
+    def release(self) -> None:
+        """Nothing outlives containerd's directory."""
 
     def scratch(self, base: Path) -> Path:
         """The scratch image `render` makes for the containerd in ``base``."""
@@ -186,7 +193,7 @@ class PrivateContainerd(_fixture.ContainerdLog):
     version: str = CONTAINERD_1_6
     ctr_path: str = CTR
     # the block snapshotter it was configured with (`import_image` unpacks into it), else None
-    snapshotter: BlockfileSnapshotter | None = None
+    snapshotter: Snapshotter | None = None
     address: str = field(init=False)
     root: Path = field(init=False)
     state: Path = field(init=False)
@@ -302,6 +309,98 @@ def thread_names(pid: int) -> list[str]:
     return names
 
 
+DEVMAPPER = "devmapper"
+DEVMAPPER_PLUGIN = f"io.containerd.snapshotter.v1.{DEVMAPPER}"
+# dm-thin-pool's table: data block size in 512-byte sectors (64 KiB) and low water mark in blocks
+THIN_BLOCK_SECTORS = 128
+THIN_LOW_WATER_BLOCKS = 32768
+
+
+@dataclass
+class DevmapperSnapshotter:
+    """containerd 1.6's ``devmapper`` snapshotter over a thin pool of two sparse files behind loop devices
+    (``data_mib`` of data, ``meta_mib`` of metadata): every snapshot is a thin device, its Mount
+    ``fs_type`` on ``/dev/mapper/<pool>-snap-<id>``. `render` makes the pool (``modprobe dm_thin_pool``,
+    ``losetup``, ``dmsetup create``: the lab VM's kernel has the module, the host's has no device-mapper)
+    and returns the plugin's table; `release`, after containerd stopped, removes the pool's devices and
+    loop devices."""
+
+    data_mib: int = 1024
+    meta_mib: int = 64
+    base_image_size_mib: int = 64
+    fs_type: str = "ext4"
+    name: str = DEVMAPPER
+    versions: tuple[str, ...] = (CONTAINERD_1_6,)
+    pool: str = field(default_factory=lambda: f"kata-lab-{os.getpid()}-{time.monotonic_ns() % 10**6}")
+    loops: list[str] = field(default_factory=list)
+    created: bool = False
+
+    def table(self) -> str:
+        """The thin pool's device-mapper table (its metadata and data loop devices made)."""
+        meta, data = self.loops
+        sectors = (self.data_mib << 20) // 512
+        blocks = f"{THIN_BLOCK_SECTORS} {THIN_LOW_WATER_BLOCKS}"
+        return f"0 {sectors} thin-pool {meta} {data} {blocks} 1 skip_block_zeroing"
+
+    def render(self, base: Path) -> str:
+        """Make the pool (files in ``base``) and return the plugin's TOML table (config version 2)."""
+        try:
+            subprocess.run(["modprobe", "dm_thin_pool"], check=True, capture_output=True, text=True)
+            for part, mib in (("meta", self.meta_mib), ("data", self.data_mib)):
+                image = base / f"{self.pool}-{part}.img"
+                subprocess.run(["truncate", "-s", f"{mib}M", str(image)], check=True)
+                done = subprocess.run(
+                    ["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True
+                )
+                self.loops.append(done.stdout.strip())
+            subprocess.run(
+                ["dmsetup", "create", self.pool, "--table", self.table()],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            self.created = True
+        except (OSError, subprocess.CalledProcessError) as err:
+            detail = getattr(err, "stderr", "") or err
+            self.release()
+            raise ContainerdError(f"cannot make the thin pool {self.pool}: {detail}") from err
+        return self.plugin_table()
+
+    def plugin_table(self) -> str:
+        """The plugin's TOML table (config version 2)."""
+        return "\n".join(
+            [
+                "",
+                f'[plugins."{DEVMAPPER_PLUGIN}"]',
+                f"  pool_name = {json.dumps(self.pool)}",
+                f'  base_image_size = "{self.base_image_size_mib}MB"',
+                "  discard_blocks = true",
+                f"  fs_type = {json.dumps(self.fs_type)}",
+                "",
+            ]
+        )
+
+    def devices(self) -> list[str]:
+        """The device-mapper devices of the pool's snapshots (``<pool>-snap-<id>``), by ``dmsetup ls``."""
+        done = subprocess.run(["dmsetup", "ls"], capture_output=True, text=True, check=False)
+        names = [line.split()[0] for line in done.stdout.splitlines() if line.strip()]
+        return [n for n in names if n.startswith(f"{self.pool}-snap-")]
+
+    def release(self) -> None:
+        """Remove the snapshots' devices, the pool and its loop devices (best effort, each step)."""
+        if self.created:
+            for device in self.devices():
+                subprocess.run(["dmsetup", "remove", "--force", device], capture_output=True, check=False)
+            subprocess.run(["dmsetup", "remove", self.pool], capture_output=True, check=False)
+            self.created = False
+        for loop in reversed(self.loops):
+            subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
+        self.loops.clear()
+
+
+Snapshotter = BlockfileSnapshotter | DevmapperSnapshotter
+
+
 @contextlib.contextmanager
 def private_containerd(
     *,
@@ -310,21 +409,25 @@ def private_containerd(
     extra_env: dict[str, str] | None = None,
     cri: CriConfig | None = None,
     version: str | None = None,
-    snapshotter: BlockfileSnapshotter | None = None,
+    snapshotter: Snapshotter | None = None,
 ) -> Iterator[PrivateContainerd]:
     """Start a private containerd (state on /tmp), wait for both sockets, stop and remove it after:
     kata-proto's test fixture (one copy of the lifecycle), with the venv's bin directory first on its PATH.
     ``cri`` enables the CRI plugin with those settings (by default it is disabled: ctr only). ``version``
-    (`CONTAINERD_VERSIONS`) is ``cri``'s when None, else 2.x with a ``snapshotter``, else 1.6; one that
+    (`CONTAINERD_VERSIONS`) is ``cri``'s when None, else the ``snapshotter``'s first, else 1.6; one that
     differs from ``cri``'s is a ValueError (its tables are written for one version). ``snapshotter``
-    (containerd 2.x only: 1.6 has no blockfile) configures that block snapshotter."""
+    configures that block snapshotter (blockfile: 2.x only; devmapper: 1.6 here), released after
+    containerd stopped."""
     if version is None:
-        version = cri.version if cri is not None else CONTAINERD_2 if snapshotter else CONTAINERD_1_6
+        version = (
+            cri.version if cri is not None else snapshotter.versions[0] if snapshotter else CONTAINERD_1_6
+        )
     check_version(version)
     if cri is not None and version != cri.version:
         raise ValueError(f"containerd {version} asked for a CriConfig written for {cri.version}")
-    if snapshotter is not None and version != CONTAINERD_2:
-        raise ValueError(f"the {snapshotter.name} snapshotter needs containerd {CONTAINERD_2}, not {version}")
+    if snapshotter is not None and version not in snapshotter.versions:
+        wanted = " or ".join(snapshotter.versions)
+        raise ValueError(f"the {snapshotter.name} snapshotter needs containerd {wanted}, not {version}")
     binary, ctr, path = None, CTR, f"{venv_bin()}:{SYSTEM_PATH}"
     if version == CONTAINERD_2:
         reason = containerd2_missing()
@@ -338,18 +441,24 @@ def private_containerd(
         "LANG": "C.UTF-8",
         **(extra_env or {}),
     }
-    with _fixture.private_containerd(
-        ready_timeout=ready_timeout,
-        debug=debug,
-        env=env,
-        error=ContainerdError,
-        keep_log=keep_log,
-        cri_config=cri.render if cri is not None else None,
-        containerd=binary,
-        config_version=CONFIG_VERSION[version],
-        plugin_config=snapshotter.render if snapshotter is not None else None,
-    ) as ctrd:
-        yield PrivateContainerd(ctrd.base, ctrd.process, ctrd.log_path, env, cri, version, ctr, snapshotter)
+    try:
+        with _fixture.private_containerd(
+            ready_timeout=ready_timeout,
+            debug=debug,
+            env=env,
+            error=ContainerdError,
+            keep_log=keep_log,
+            cri_config=cri.render if cri is not None else None,
+            containerd=binary,
+            config_version=CONFIG_VERSION[version],
+            plugin_config=snapshotter.render if snapshotter is not None else None,
+        ) as ctrd:
+            yield PrivateContainerd(
+                ctrd.base, ctrd.process, ctrd.log_path, env, cri, version, ctr, snapshotter
+            )
+    finally:
+        if snapshotter is not None:
+            snapshotter.release()
 
 
 LOG_DIR = REPO / "build" / "lab" / "logs"
@@ -374,13 +483,16 @@ __all__ = [
     "CONTAINERD_1_6",
     "CONTAINERD_2",
     "CONTAINERD_VERSIONS",
+    "DEVMAPPER",
     "KATA_ASSET_DIR",
     "KATA_RUNTIME",
     "KATA_STATE_ROOT",
     "REPO",
     "BlockfileSnapshotter",
     "ContainerdError",
+    "DevmapperSnapshotter",
     "PrivateContainerd",
+    "Snapshotter",
     "check_version",
     "containerd2_missing",
     "install_guest_assets",

@@ -1,26 +1,35 @@
-"""A container rootfs on a block device through containerd (issue 17): containerd 2.x's ``blockfile``
-snapshotter hands the shim one ``ext4`` mount of a regular file with the "loop" option; the shim hot-plugs
-that file as a virtio-blk disk (dragonball: upcall, the sandbox guest's kata_upcall_srv) and the agent
-mounts it as the container's root. The host never mounts it and sets up no loop device for it.
+"""A container rootfs on a block device through containerd (issue 17), with the sandbox guest on the
+shipped configuration (dragonball: hot-plug through upcall, the guest's kata_upcall_srv). Two block
+snapshotters, one private containerd each (module-scoped, parametrized):
 
-- `lab` (one private containerd 2.x with the blockfile snapshotter and busybox unpacked into it, one pod):
-  ``ctr run --rm --snapshotter blockfile --runtime io.containerd.kata.v2`` with the shipped configuration
-  runs a script that shows ``/`` is ext4 on /dev/vdX, writes a file and reads it back, then waits for
-  SIGTERM; while it waits the host checks that the snapshot's file is neither mounted nor behind a loop
-  device and that the shim logged the plug; after the run no shim, no loop device over the snapshot, no
-  mount below containerd and no /run/kata state is left. Skipped only when containerd 2.x is not unpacked.
-- host (root, containerd 2.x): the same containerd set-up without a VM: the Mount blockfile returns for an
-  active snapshot is what the shim takes as a block rootfs (`block_rootfs_source`), with "loop" kept from
-  the guest (`guest_mount_options`); and the configuration itself (`BlockfileSnapshotter.render`).
+- containerd 2.x's ``blockfile``: one ``ext4`` mount of a regular file with the "loop" option, which the
+  shim hot-plugs as a virtio-blk disk backed by that file (our addition: runtime-rs takes device nodes);
+- containerd 1.6's ``devmapper`` over a thin pool of two loop files: ``ext4`` on ``/dev/mapper/<pool>-snap-N``
+  (runtime-rs's block rootfs).
 
-`./dev nox -s lab -- lab/tests/test_block_rootfs_lab.py` runs it alone.
+`lab`: ``ctr run --rm --snapshotter S --runtime io.containerd.kata.v2`` runs a script that shows ``/`` is
+ext4 on a hot-plugged /dev/vdX, writes a file and reads it back, then waits for SIGTERM; while it waits the
+host checks that the snapshot is neither mounted (by path, node or major:minor) nor behind a loop device,
+that nothing is mounted below containerd and that the shim logged the plug; after the run no shim,
+container, snapshot (devmapper: thin device), loop device, mount or /run/kata state is left. The blockfile
+setup is skipped only when containerd 2.x is not unpacked.
+
+Host (root, containerd 2.x, no VM; the host's kernel has no device-mapper): the blockfile configuration;
+the Mount blockfile returns for an active snapshot is what the shim takes as a block rootfs
+(`block_rootfs_source`, "loop" kept from the guest by `guest_mount_options`); and the lab test's run with
+runc as the control (the host loop-mounts the snapshot, and the checks see it).
+
+`./dev nox -s lab -- lab/tests/test_block_rootfs_lab.py` runs it alone (``-k blockfile`` or ``-k
+devmapper`` one setup).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import stat
 import subprocess
 import time
 import tomllib
@@ -35,10 +44,13 @@ from framework.containerd import (
     BLOCKFILE,
     BUSYBOX_IMAGE,
     CONTAINERD_1_6,
+    DEVMAPPER,
     KATA_RUNTIME,
     KATA_STATE_ROOT,
     BlockfileSnapshotter,
+    DevmapperSnapshotter,
     PrivateContainerd,
+    Snapshotter,
     busybox_containerd,
     containerd2_missing,
     mounts_below,
@@ -91,19 +103,27 @@ def mounted_sources() -> list[str]:
         return [line.split()[0].replace("\\040", " ") for line in f]
 
 
-def snapshot_file(ctrd: PrivateContainerd, key: str) -> Path:
-    """The blockfile image behind snapshot ``key`` (``ctr snapshots mounts`` prints the mount command)."""
-    out = ctrd.ctr("snapshots", "--snapshotter", BLOCKFILE, "mounts", "/mnt", key).stdout
-    argv = shlex.split(out.strip().splitlines()[0])  # mount -t ext4 SOURCE /mnt -o loop,rw
-    assert argv[:3] == ["mount", "-t", "ext4"] and "loop" in argv[-1].split(","), out
-    return Path(argv[3])
+def mounted_devices() -> list[str]:
+    """The major:minor of every host mount (/proc/self/mountinfo's third field)."""
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[2] for line in f]
+
+
+def snapshot_source(ctrd: PrivateContainerd, key: str) -> tuple[Path, list[str]]:
+    """The source and options of snapshot ``key``'s one mount (``ctr snapshots mounts`` prints
+    ``mount -t TYPE SOURCE TARGET -o OPTIONS``) in the containerd's snapshotter."""
+    assert ctrd.snapshotter is not None
+    out = ctrd.ctr("snapshots", "--snapshotter", ctrd.snapshotter.name, "mounts", "/mnt", key).stdout
+    argv = shlex.split(out.strip().splitlines()[0])
+    assert argv[:3] == ["mount", "-t", "ext4"] and argv[5] == "-o", out
+    return Path(argv[3]), (argv[6].split(",") if len(argv) > 6 else [])
 
 
 def top_layer(ctrd: PrivateContainerd) -> str:
-    """The committed blockfile snapshot no other one has as parent: the busybox image's top layer."""
-    rows = [
-        line.split() for line in ctrd.ctr("snapshots", "--snapshotter", BLOCKFILE, "ls").stdout.splitlines()
-    ]
+    """The committed snapshot no other one has as parent: the busybox image's top layer."""
+    assert ctrd.snapshotter is not None
+    listed = ctrd.ctr("snapshots", "--snapshotter", ctrd.snapshotter.name, "ls").stdout
+    rows = [line.split() for line in listed.splitlines()]
     committed = {
         row[0]: row[1] if len(row) == 3 else "" for row in rows[1:] if row and row[-1] == "Committed"
     }
@@ -112,49 +132,45 @@ def top_layer(ctrd: PrivateContainerd) -> str:
     return tops[0]
 
 
-# --- lab: ctr run with the snapshot as the container's disk ------------------------------------------
-@pytest.fixture(scope="module")
-def blockfile_ctrd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateContainerd]:
-    """The module's containerd 2.x with the blockfile snapshotter, busybox unpacked into it and the guest
-    assets installed."""
-    if not in_labvm():
-        pytest.fail("the containerd lab tests run inside the lab VM", pytrace=False)
-    reason = containerd2_missing()
-    if reason is not None:
-        pytest.skip(reason)
-    with busybox_containerd(tmp_path_factory.mktemp("image"), snapshotter=BlockfileSnapshotter()) as ctrd:
-        yield ctrd
-
-
 @dataclass
 class BlockRun:
-    """What `run_on_blockfile` saw: the container's output, its snapshot's file, and the host's state while
-    the container ran and after."""
+    """What `run_on_snapshotter` saw: the container's output, its snapshot's mount source (a blockfile
+    image or a devmapper device), and the host's state while the container ran and after."""
 
     output: str = ""
     returncode: int | None = None
-    image: Path | None = None
+    source: Path = Path()
+    options: list[str] = field(default_factory=list)
     during: dict[str, object] = field(default_factory=dict)
     after: dict[str, object] = field(default_factory=dict)
     shims: int = 0
     log: str = ""
 
 
-def host_state(ctrd: PrivateContainerd, image: Path) -> dict[str, object]:
-    """Whether the host has ``image`` behind a loop device or mounted, and the mounts below containerd."""
+def host_state(ctrd: PrivateContainerd, source: Path) -> dict[str, object]:
+    """Whether the host has ``source`` behind a loop device or mounted (by its path, the node it names or
+    that node's major:minor), and the mounts below containerd."""
+    paths = {str(source), os.path.realpath(source)}
+    try:
+        st = os.stat(source)
+        device = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" if stat.S_ISBLK(st.st_mode) else ""
+    except OSError:
+        device = ""
     return {
-        "looped": str(image) in loop_backing_files(),
-        "mounted": str(image) in mounted_sources(),
+        "looped": bool(paths & set(loop_backing_files())),
+        "mounted": bool(paths & set(mounted_sources())) or (bool(device) and device in mounted_devices()),
         "mounts below containerd": mounts_below(ctrd.base),
     }
 
 
-def run_on_blockfile(ctrd: PrivateContainerd, runtime: str, cid: str = CID) -> BlockRun:
-    """``ctr run --rm --snapshotter blockfile --runtime RUNTIME busybox CID sh -c SCRIPT``: once the script
-    is READY, the host's state and the shim count; then SIGTERM ends it; then the host's state again."""
+def run_on_snapshotter(ctrd: PrivateContainerd, runtime: str, cid: str = CID) -> BlockRun:
+    """``ctr run --rm --snapshotter SNAPSHOTTER --runtime RUNTIME busybox CID sh -c SCRIPT`` with the
+    containerd's snapshotter: once the script is READY, the host's state and the shim count; then SIGTERM
+    ends it; then the host's state again."""
+    assert ctrd.snapshotter is not None
     out_path = ctrd.base / f"{cid}.out"
     argv = ctrd.ctr_argv(
-        "run", "--rm", "--snapshotter", BLOCKFILE, "--runtime", runtime,
+        "run", "--rm", "--snapshotter", ctrd.snapshotter.name, "--runtime", runtime,
         BUSYBOX_IMAGE, cid, "sh", "-c", SCRIPT,
     )  # fmt: skip
     with open(out_path, "wb") as out:
@@ -175,9 +191,8 @@ def run_on_blockfile(ctrd: PrivateContainerd, runtime: str, cid: str = CID) -> B
         )
         assert run.poll() is None, log()
         # while the container runs
-        seen.image = snapshot_file(ctrd, cid)
-        assert seen.image.is_file() and not seen.image.is_symlink(), seen.image
-        seen.during = host_state(ctrd, seen.image)
+        seen.source, seen.options = snapshot_source(ctrd, cid)
+        seen.during = host_state(ctrd, seen.source)
         seen.shims = len(ctrd.shim_pids())
         ctrd.ctr("task", "kill", "-s", "SIGTERM", cid)
         seen.returncode = run.wait(timeout=RUN_TIMEOUT)
@@ -187,31 +202,68 @@ def run_on_blockfile(ctrd: PrivateContainerd, runtime: str, cid: str = CID) -> B
             run.wait()
             ctrd.remove(cid)
     seen.output, seen.log = output(), log()
-    seen.after = host_state(ctrd, seen.image)
+    seen.after = host_state(ctrd, seen.source)
     seen.after["containers"] = ctrd.ctr("containers", "ls", "-q").stdout.split()
-    # ctr run --rm removed the snapshot (its file goes at containerd's next garbage collection)
-    seen.after["snapshot"] = cid in ctrd.ctr("snapshots", "--snapshotter", BLOCKFILE, "ls").stdout
+    # ctr run --rm removed the snapshot (a blockfile image goes at containerd's next garbage collection)
+    listed = ctrd.ctr("snapshots", "--snapshotter", ctrd.snapshotter.name, "ls").stdout
+    seen.after["snapshot"] = cid in listed.split()
+    if isinstance(ctrd.snapshotter, DevmapperSnapshotter):  # its thin device goes with it
+        seen.after["thin device"] = seen.source.name in ctrd.snapshotter.devices()
     return seen
 
 
+# --- lab: ctr run with the snapshot as the container's disk ------------------------------------------
+SETUPS = [
+    pytest.param(BLOCKFILE, id="blockfile-containerd-2.x"),
+    pytest.param(DEVMAPPER, id="devmapper-containerd-1.6"),
+]
+
+
+@pytest.fixture(scope="module", params=SETUPS)
+def block_ctrd(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[PrivateContainerd]:
+    """The module's containerd with a block snapshotter (blockfile on 2.x, devmapper on 1.6), busybox
+    unpacked into it and the guest assets installed."""
+    if not in_labvm():
+        pytest.fail("the containerd lab tests run inside the lab VM", pytrace=False)
+    snapshotter: Snapshotter
+    if request.param == BLOCKFILE:
+        reason = containerd2_missing()
+        if reason is not None:
+            pytest.skip(reason)
+        snapshotter = BlockfileSnapshotter()
+    else:
+        snapshotter = DevmapperSnapshotter()
+    with busybox_containerd(tmp_path_factory.mktemp("image"), snapshotter=snapshotter) as ctrd:
+        yield ctrd
+
+
 @pytest.mark.lab
-def test_a_blockfile_snapshot_is_the_containers_disk_and_the_host_never_mounts_it(
-    blockfile_ctrd: PrivateContainerd,
+def test_a_block_snapshot_is_the_containers_disk_and_the_host_never_mounts_it(
+    block_ctrd: PrivateContainerd,
 ) -> None:
-    ctrd = blockfile_ctrd
-    seen = run_on_blockfile(ctrd, KATA_RUNTIME)
+    ctrd = block_ctrd
+    seen = run_on_snapshotter(ctrd, KATA_RUNTIME)
     assert seen.returncode == 0, seen.log
     assert ROOT_LINE.search(seen.output), seen.log  # / is ext4 on the hot-plugged /dev/vdX
     assert seen.output.count("kata-block-rootfs") == 1 and "BLOCK-ROOT-BYE" in seen.output, seen.log
+    if isinstance(ctrd.snapshotter, BlockfileSnapshotter):  # a regular file with "loop": our addition
+        assert seen.source.is_file() and "loop" in seen.options, (seen.source, seen.options)
+    else:  # devmapper's thin device (runtime-rs's block rootfs)
+        assert seen.source.parent == Path("/dev/mapper"), seen.source
     # while it ran: the snapshot was the guest's disk and nothing of it was on the host; one shim
     assert seen.during == {"looped": False, "mounted": False, "mounts below containerd": []}, seen.log
     assert seen.shims == 1, seen.log
-    assert f"container {CID}: rootfs {seen.image} (ext4) is /dev/vd" in ctrd.log(), seen.log
+    assert f"container {CID}: rootfs {seen.source} (ext4) is /dev/vd" in ctrd.log(), seen.log
     # after the run: the shim and every trace of the container are gone
     eventually(lambda: not ctrd.shim_pids(), "the shim gone", ctrd.log_tail)
-    assert seen.after == {
+    gone: dict[str, object] = {
         "looped": False, "mounted": False, "mounts below containerd": [], "containers": [], "snapshot": False
-    }, seen.log  # fmt: skip
+    }  # fmt: skip
+    if isinstance(ctrd.snapshotter, DevmapperSnapshotter):
+        gone["thin device"] = False
+    assert seen.after == gone, seen.log
     assert not list(KATA_STATE_ROOT.glob(f"*{CID}*")), list(KATA_STATE_ROOT.glob("*"))
 
 
@@ -272,7 +324,7 @@ def test_the_mount_blockfile_returns_is_taken_by_the_shim_as_a_block_rootfs(
         assert source.parent == BlockfileSnapshotter().root(ctrd.root) / "snapshots", source
         assert block_rootfs_source(mounts) == source
         assert guest_mount_options(mounts[0].options) == ["rw"]
-        assert snapshot_file(ctrd, "active1") == source
+        assert snapshot_source(ctrd, "active1") == (source, ["loop", "rw"])
         assert str(source) not in loop_backing_files() and str(source) not in mounted_sources()
         assert not mounts_below(ctrd.base)
 
@@ -281,11 +333,11 @@ def test_the_mount_blockfile_returns_is_taken_by_the_shim_as_a_block_rootfs(
 @pytest.mark.root
 @pytest.mark.skipif(lab_containerd._fixture.skip_reason() is not None, reason="needs root and containerd")
 @needs_containerd2
-def test_with_runc_the_host_mounts_the_snapshot_and_run_on_blockfile_sees_it(
+def test_with_runc_the_host_mounts_the_snapshot_and_run_on_snapshotter_sees_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The control of the lab test's checks, on the host without a VM: runc's shim mounts the blockfile
-    snapshot through a loop device, and `run_on_blockfile` reports exactly that while the container runs,
+    snapshot through a loop device, and `run_on_snapshotter` reports exactly that while the container runs,
     and nothing once ``ctr run --rm`` is done."""
     from images import busybox_oci
 
@@ -293,7 +345,7 @@ def test_with_runc_the_host_mounts_the_snapshot_and_run_on_blockfile_sees_it(
     tar = busybox_oci.build(tmp_path / "busybox.tar")
     with lab_containerd.private_containerd(snapshotter=BlockfileSnapshotter(size_mib=32)) as ctrd:
         ctrd.import_image(tar)
-        seen = run_on_blockfile(ctrd, "io.containerd.runc.v2")
+        seen = run_on_snapshotter(ctrd, "io.containerd.runc.v2")
     assert seen.returncode == 0, seen.log
     assert re.search(r"^/dev/loop\d+ / ext4 rw", seen.output, re.MULTILINE), seen.output
     assert "kata-block-rootfs" in seen.output and "BLOCK-ROOT-BYE" in seen.output, seen.output
@@ -301,3 +353,23 @@ def test_with_runc_the_host_mounts_the_snapshot_and_run_on_blockfile_sees_it(
     assert seen.after == {
         "looped": False, "mounted": False, "mounts below containerd": [], "containers": [], "snapshot": False
     }  # fmt: skip
+
+
+def test_devmapper_configuration_names_the_pool_and_its_table_spans_the_data_file() -> None:
+    """What the lab's thin pool and containerd 1.6's devmapper table say (the host cannot make the pool:
+    its kernel has no device-mapper)."""
+    snapshotter = DevmapperSnapshotter(data_mib=1024, base_image_size_mib=64, pool="kata-lab-t")
+    assert tomllib.loads(snapshotter.plugin_table())["plugins"]["io.containerd.snapshotter.v1.devmapper"] == {
+        "pool_name": "kata-lab-t",
+        "base_image_size": "64MB",
+        "discard_blocks": True,
+        "fs_type": "ext4",
+    }
+    snapshotter.loops = ["/dev/loop7", "/dev/loop8"]  # metadata, data: as render sets them up
+    assert snapshotter.table() == "0 2097152 thin-pool /dev/loop7 /dev/loop8 128 32768 1 skip_block_zeroing"
+    snapshotter.loops = []
+    with (
+        pytest.raises(ValueError, match=r"needs containerd 1\.6"),
+        lab_containerd.private_containerd(version=lab_containerd.CONTAINERD_2, snapshotter=snapshotter),
+    ):
+        pass
