@@ -1643,6 +1643,29 @@ def test_a_block_snapshotter_rootfs_is_hot_plugged_and_mounted_by_the_agent_not_
         assert cat.stdout == "kata-block-root\n"
 
 
+def test_a_loop_file_rootfs_without_block_hotplug_is_refused_and_nothing_is_mounted(
+    virtiofs_as_bind: dict[str, Path], tmp_path: Path
+) -> None:
+    """The host would need a loop device to mount a blockfile snapshot: a back-end without block hot-plug
+    refuses the container (InvalidArgument) instead of trying."""
+    image = tmp_path / "snapshot"
+    image.write_bytes(bytes(4096))
+
+    async def main() -> None:
+        async with running_pod(virtiofs_as_bind) as pod:
+            cm = pod.instance.containers
+            bundle = pod.base / "bundles" / "c1"
+            bundle.mkdir(parents=True)
+            rootfs = [RootfsMount("ext4", str(image), options=("loop", "rw"))]
+            with pytest.raises(InvalidArgument, match=r"loop file .* needs block hot-plug"):
+                await cm.create_container(ContainerConfig("c1", bundle, _spec("true"), rootfs, Stdio()))
+            assert cm.container_ids() == [] and not pod.sandbox.layout.container_dir("c1").exists()
+            assert not any(isinstance(d, BlockDevice) for d in pod.vm.devices)
+            assert not any("c1" in m for m in mounts_below(pod.base))
+
+    trio.run(main)
+
+
 def test_block_rootfs_source_takes_one_mount_of_a_block_device_or_of_a_regular_file_with_loop(
     tmp_path: Path,
 ) -> None:
