@@ -277,6 +277,7 @@ def start_pod(
 ) -> None:
     """The kubelet's start of one pod with ``handler``, after ``gate`` returns; fills ``record``."""
     name = record["name"]
+    (logs / name).mkdir(parents=True, exist_ok=True)  # the kubelet makes the pod's log directory
     pod = pod_sandbox_config(name, namespace=NAMESPACE, log_directory=str(logs / name))
     config = container_config("sleep", BUSYBOX_IMAGE, ["sleep", "100000"], log_path="sleep/0.log")
     gate()
@@ -349,15 +350,20 @@ def shim_points(lab: CriLab, series: Series, started: list[dict[str, Any]], befo
         except OSError as err:
             found.append(f"{r['name']}: shim {pid} not measured: {err}")
             continue
-        r.update(
-            shim_pid=pid,
-            threads=point["threads"],
-            rss_kib=point["TreeRss"],
-            pss_kib=point["Pss"],
-            guest_rss_kib=point["GuestRSS"],
-            processes=point["processes"],
-        )
+        r.update(shim_pid=pid, **point_fields(point))
     return found
+
+
+def point_fields(point: dict[str, Any]) -> dict[str, Any]:
+    """What a pod's record keeps of shim_bench's `pod_point` of its shim: the tree's threads, summed RSS and
+    PSS, the guest RAM resident in the shim, the tree's process names."""
+    return {
+        "threads": point["threads"],
+        "rss_kib": point["TreeRss"],
+        "pss_kib": point["Pss"],
+        "guest_rss_kib": point["GuestRSS"],
+        "processes": point["processes"],
+    }
 
 
 def remove_pods(client: CriClient, started: list[dict[str, Any]]) -> list[str]:

@@ -1,7 +1,8 @@
 """lab/bench/report.py turns what the bench steps write into report.md and PNG figures (host only, no lab VM).
 
 The inputs are built by the bench scripts' own result functions (shim_bench.run_rm_result, pod_point on
-this very process, vmm_boot.run_record/summarize, net_bench.measure_result, virtio_guest.result_line), so a
+this very process, vmm_boot.run_record/summarize, net_bench.measure_result, virtio_guest.result_line,
+cri_bench.pod_record/point_fields/series_result/ratios), so a
 change of their output shape breaks these tests rather than the report after a lab run.
 """
 
@@ -40,6 +41,7 @@ shim_bench = _load("shim_bench")
 vmm_boot = _load("vmm_boot")
 net_bench = _load("net_bench")
 load_bench = _load("load_bench")
+cri_bench = _load("cri_bench")
 virtio_guest = _load("virtio_guest")
 mpimg = pytest.importorskip("matplotlib.image")
 
@@ -113,6 +115,37 @@ def _load_json() -> dict[str, Any]:
     return {"pods": 4, "series": series, "total_s": 10.0}
 
 
+CRI_START = {"runc": [1.0, 1.4, 1.2], "kata-template": [20.0, 26.0, 22.0], "kata": [200.0, 260.0]}
+CRI_AGENT = "RunPodSandbox: UNKNOWN: failed to create containerd task: agent not ready within 90.0 s"
+
+
+def _cri_json() -> dict[str, Any]:
+    # real /proc shapes: this process stands in for each pod's shim (ours 4x runc's memory, 2 more threads)
+    point = cri_bench.point_fields(shim_bench.pod_point(1, os.getpid()))
+    series = {}
+    for name, seconds in CRI_START.items():
+        started = []
+        scale = 1 if name == "runc" else 4
+        for i, s in enumerate(seconds):
+            r = cri_bench.pod_record(f"{name}-{i}")
+            r.update(pod_id=f"{name}{i}", ready=True, seconds=s, running_s=s + 1, **point)
+            r["calls_s"] = {call: s / 3 for call in cri_bench.CALLS}
+            r.update(rss_kib=point["rss_kib"] * scale, pss_kib=point["pss_kib"] * scale)
+            r["threads"] = point["threads"] + (0 if name == "runc" else 2)
+            started.append(r)
+        if name == "kata":  # ten cold boots on one vCPU: some do not get Ready
+            late = cri_bench.pod_record("kata-late")
+            late.update(failed_call="RunPodSandbox", error=CRI_AGENT)
+            started.append(late)
+        series[name] = cri_bench.series_result(
+            cri_bench.SERIES[name], len(started), started, shim_problems=[], left={}, teardown_errors=[]
+        )
+    result = {"pods": 3, "containerd": "1.6", "warm_up": {}, "series": series}
+    result["ratios"] = cri_bench.ratios(series)
+    result["problems"] = cri_bench.problems(result)
+    return result
+
+
 def _meta() -> dict[str, Any]:
     return {
         "commit": "0123456789abcdef0123456789abcdef01234567",
@@ -141,6 +174,7 @@ def _write_inputs(d: Path, *, net: bool = True) -> None:
     if net:
         (d / "net.json").write_text(json.dumps(_net_json(), indent=1))
     (d / "load.json").write_text(json.dumps(_load_json(), indent=1))
+    (d / "cri.json").write_text(json.dumps(_cri_json(), indent=2) + "\n")
 
 
 def _assert_image(path: Path | None) -> None:
@@ -177,7 +211,13 @@ def test_report_draws_every_figure_with_its_series_and_ratios(tmp_path: Path) ->
         "pod_memory": ["dragonball PSS", "dragonball guest RAM (RSS)", "runc PSS"],
         "load_start": ["dragonball cold", "dragonball template", "runc"],
         "load_memory": ["dragonball cold", "dragonball template", "runc"],
-    }
+        "cri_start": ["runc", "dragonball template", "dragonball cold"],
+        "cri_threads": ["runc", "dragonball template", "dragonball cold"],
+        "cri_memory": [
+            "runc RSS", "runc PSS", "dragonball template RSS", "dragonball template PSS",
+            "dragonball cold RSS", "dragonball cold PSS",
+        ],
+    }  # fmt: skip
     for name, labels in expected_labels.items():
         assert result.plot(name).labels == labels, name  # read back from the drawn figure
 
@@ -206,6 +246,20 @@ def test_report_draws_every_figure_with_its_series_and_ratios(tmp_path: Path) ->
     template_start = med(LOAD_START["kata-template"]) / med(LOAD_START["runc"])
     assert _ratio_row(md, "load_start", "dragonball template", "runc") == f"{template_start:.2f}"
     assert "dragonball cold: 3 of 4 pods came up" in md
+    # through CRI: p50 ratios in the table, p99 ratios, Ready counts and the failed call in the notes
+    for key, label in (("kata-template", "dragonball template"), ("kata", "dragonball cold")):
+        p50 = med(CRI_START[key]) / med(CRI_START["runc"])
+        assert _ratio_row(md, "cri_start", label, "runc") == f"{p50:.2f}"
+        p99 = cri_bench.percentile(CRI_START[key], 99) / cri_bench.percentile(CRI_START["runc"], 99)
+        assert f"{label}/runc: start p99 ratio {p99:.2f} (p50 {p50:.2f})" in md
+        assert _ratio_row(md, "cri_memory", f"{label} RSS", "runc RSS") == "4.00"
+        assert _ratio_row(md, "cri_memory", f"{label} PSS", "runc PSS") == "4.00"
+    cri = json.loads((tmp_path / "cri.json").read_text())
+    runc_threads = cri["series"]["runc"]["threads"][0]
+    threads = _ratio_row(md, "cri_threads", "dragonball template", "runc")
+    assert threads == f"{(runc_threads + 2) / runc_threads:.2f}"
+    assert "dragonball cold: 2 of 3 pods Ready" in md and "runc: 3 of 3 pods Ready" in md
+    assert f"dragonball cold: kata-late failed in RunPodSandbox: {CRI_AGENT}" in md
     # the header: commit, date, load at start and end, CPU, TCG; each step's time
     assert "commit: 0123456789abcdef0123456789abcdef01234567" in md
     assert "start 0.50 0.40 0.30 1/200 1234, end 1.90 1.50 1.00 2/210 2345" in md
@@ -233,6 +287,7 @@ def test_missing_inputs_are_reported_not_measured(tmp_path: Path) -> None:
     md = (tmp_path / "report.md").read_text()
     assert "net_latency | | | | | not measured: the net step failed after 40 s: exit 1" in md
     drawn = {"start_time", "pod_threads", "pod_memory", "virtio_blk", "load_start", "load_memory"}
+    drawn |= {"cri_start", "cri_threads", "cri_memory"}
     assert {p.name for p in result.plots} == drawn
     for plot in result.plots:
         _assert_image(plot.png)
@@ -331,6 +386,7 @@ def test_host_benchmarks_are_a_table(tmp_path: Path) -> None:
         ("shim.json", '{"run_rm": {"seconds": {"runc": "fast"}}, "pods": 3}'),
         ("vmm_boot.json", "Traceback (most recent call last):\n"),
         ("net.json", '{"ours": {}, "qemu": {}}'),
+        ("cri.json", '{"pods": 10, "series": {"runc": {"ready": 0}}}'),
         ("meta.json", '"not an object"'),
         ("host.json", '{"benchmarks": [{"name": "x"}]}'),
         ("virtio_guest.txt", 'VIRTIO-BENCH {"bench": "virtio-blk"}\n'),
@@ -344,3 +400,29 @@ def test_a_broken_input_is_not_measured_never_a_crash(tmp_path: Path, name: str,
     assert "not measured" in result.markdown or name == "meta.json"
     for plot in result.plots:
         _assert_image(plot.png)
+
+
+def test_cri_figures_are_not_measured_when_no_kata_pod_got_ready(tmp_path: Path) -> None:
+    """Every kata pod through CRI failed (cri_bench recorded why): the figures say so, the rest is drawn."""
+    _write_inputs(tmp_path)
+    cri = _cri_json()
+    for key in ("kata-template", "kata"):
+        failed = [cri_bench.pod_record(f"{key}-{i}") for i in range(3)]
+        for r in failed:
+            r.update(failed_call="RunPodSandbox", error=CRI_AGENT)
+        cri["series"][key] = cri_bench.series_result(
+            cri_bench.SERIES[key], 3, failed, shim_problems=[], left={}, teardown_errors=[]
+        )
+    (tmp_path / "cri.json").write_text(json.dumps(cri))
+    result = report.build(tmp_path)
+    why = {m.name: m.why for m in result.missing}
+    assert set(why) == {"cri_start", "cri_threads", "cri_memory"}
+    assert why["cri_start"] == "cri_start: no pod of runc or of ours got Ready"
+    assert {"load_start", "start_time"} <= {p.name for p in result.plots}
+    # and when the step left no cri.json: the step's failure, from meta.json
+    (tmp_path / "cri.json").unlink()
+    meta = _meta()
+    meta["steps"].append({"name": "cri", "seconds": 900.0, "status": "failed", "detail": "exit 1"})
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    why = {m.name: m.why for m in report.build(tmp_path).missing}
+    assert why["cri_memory"] == "the cri step failed after 900 s: exit 1"
