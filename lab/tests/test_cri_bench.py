@@ -1,6 +1,8 @@
-"""lab/bench/cri_bench.py's host parts (no lab VM, no containerd): its statistics, the one-shim-per-pod check
-on shim argvs as /proc shows them, the series record and its problems, and the concurrent start of pods
-against a fake CRI server that answers only when every pod's RunPodSandbox has arrived."""
+"""lab/bench/cri_bench.py's host parts (no lab VM): its statistics, the one-shim-per-pod check on shim argvs
+as /proc shows them, the series record and its problems, the concurrent start of pods against a fake CRI
+server that answers only when every pod's RunPodSandbox has arrived; and, with root and containerd, the
+bench's runc series whole against the real containerd 1.6 with CNI (in private namespaces, as
+test_cri_client runs test_cri_lab's flow)."""
 
 from __future__ import annotations
 
@@ -18,10 +20,13 @@ from typing import Any
 
 import grpc
 import pytest
+from framework import containerd as lab_containerd
 from framework import cri
 from framework._gen.cri import api_pb2, api_pb2_grpc
 
 LAB = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(LAB / "tests"))
+from test_cri_client import VERSIONS, needs_cni, run_in_private_namespaces  # noqa: E402
 
 
 def _load(name: str) -> ModuleType:
@@ -243,3 +248,45 @@ def test_pods_are_started_together_and_each_failure_names_its_call(
     slow = by_name["kata-slow"]
     assert (slow["ready"], slow["failed_call"]) == (False, "ContainerStatus")
     assert "not RUNNING and READY" in slow["error"] and slow["seconds"] is not None
+
+
+BENCH_RUNC = """
+sys.path.insert(0, {bench!r})
+import cri_bench
+from framework import cri_pods
+with containerd.private_containerd(cri=config) as ctrd:
+    ctrd.import_image(busybox_oci.build(tmp / "busybox.tar"), namespace=cri.CRI_NAMESPACE)
+    ctrd.import_image(cri.build_pause_image(tmp / "pause.tar"), namespace=cri.CRI_NAMESPACE)
+    with cri.CriClient(ctrd.address) as client:
+        lab = cri_pods.CriLab(ctrd, client, tmp)
+        try:
+            warm = cri_bench.warm_up(lab, cri_bench.SERIES["runc"])
+            result = cri_bench.measure(lab, cri_bench.SERIES["runc"], 3)
+            result["warm"] = warm
+        finally:
+            cri_pods.remove_all_pods(client)
+print("RESULT " + json.dumps(result))
+"""
+
+
+@pytest.mark.containerd
+@pytest.mark.root
+@pytest.mark.skipif(lab_containerd._fixture.skip_reason() is not None, reason="needs root and containerd")
+@needs_cni
+def test_the_runc_series_runs_whole_on_the_real_containerd(tmp_path: Path) -> None:
+    """cri_bench.warm_up and measure with runc and 3 pods, on containerd 1.6's CRI plugin with CNI's bridge:
+    every pod Ready, its three calls timed, its own shim found by `-id` in /proc, the shim tree's threads,
+    RSS and PSS measured (the pause and the sleep container are in runc's tree), nothing left after."""
+    out = run_in_private_namespaces(tmp_path, BENCH_RUNC, VERSIONS[0].values[0], bench=str(LAB / "bench"))
+    result = json.loads(out.split("RESULT ", 1)[1])
+    assert (result["ready"], result["pods"], result["failures"]) == (3, 3, []), result["failures"]
+    assert result["shim_problems"] == [] and result["leftovers"] == {} and result["teardown_errors"] == []
+    assert len(result["start_s"]) == 3 and result["p50_s"] <= result["p99_s"]
+    for pod in result["per_pod"]:
+        assert set(pod["calls_s"]) == set(cri_bench.CALLS) and pod["seconds"] > 0
+        # comm is cut to 15 characters; the pause image and the workload both run sleep
+        assert pod["processes"].count("sleep") == 2 and pod["processes"][0].startswith("containerd-shim")
+        assert pod["rss_kib"] >= pod["pss_kib"] > 0 and pod["threads"] >= 3
+    assert len({pod["shim_pid"] for pod in result["per_pod"]}) == 3
+    # the unmeasured pod came up and was removed before the measured ones started
+    assert result["warm"]["ready"] and result["warm"]["teardown"] == [], result["warm"]
