@@ -174,10 +174,12 @@ def series_result(
     shim_problems: list[str],
     left: dict[str, object],
     teardown_errors: list[str],
+    orphans: Sequence[str] = (),
 ) -> dict[str, Any]:
     """One series' record from its pods' records (`pod_record`, filled): the start seconds of the pods that
     got Ready and their p50/p99, every failure with its call and error, the per-pod threads, RSS and PSS of
-    the Ready pods' shims, what the shim check and the leftovers check found."""
+    the Ready pods' shims, what the shim check and the leftovers check found, the failed teardown calls and
+    the pods still listed after their removal (``orphans``)."""
     ready = [r for r in started if r["ready"]]
     seconds = [float(r["seconds"]) for r in ready]
     measured = [r for r in ready if "threads" in r]
@@ -202,6 +204,7 @@ def series_result(
         "shim_problems": shim_problems,
         "leftovers": {k: v for k, v in left.items() if v},
         "teardown_errors": teardown_errors,
+        "orphans": list(orphans),
         "per_pod": started,
     }
 
@@ -265,6 +268,9 @@ def report(result: dict[str, Any]) -> str:
         )
     for name, r in result["series"].items():
         lines.extend(f"{name} failure: {f['name']} {f['call']}: {f['error']}" for f in r["failures"][:3])
+        lines.extend(f"{name} teardown: {e}" for e in r["teardown_errors"][:3])
+        if r["orphans"]:
+            lines.append(f"{name}: pods listed after their removal (then removed): {r['orphans']}")
     lines.extend(f"PROBLEM {p}" for p in problems(result))
     return "\n".join(lines)
 
@@ -416,15 +422,31 @@ def measure(lab: CriLab, series: Series, pods: int) -> dict[str, Any]:
     log(f"{series.name}: removing the pods")
     teardown_errors = remove_pods(lab.client, started)
     ids = [r["pod_id"] for r in started if r["pod_id"]]
+    # a pod whose RunPodSandbox the client gave up on (its deadline) may exist all the same: recorded, then
+    # removed as the kubelet's garbage collector would, before the leftovers check
+    try:
+        stray = lab.client.list_pod_sandbox()
+    except CriError as err:
+        stray, teardown_errors = [], [*teardown_errors, f"ListPodSandbox: {short_error(str(err))}"]
+    orphans = [f"{pod.metadata.name} ({pod.id[:12]})" for pod in stray]
+    if orphans:
+        log(f"{series.name}: pods still listed after the removal: {orphans}")
+        ids += [pod.id for pod in stray]
+        remove_all_pods(lab.client)
 
     def left() -> dict[str, object]:
         return leftovers(lab, ids, pod_netns, shims_before, series.shim)
 
     eventually(lambda: not any(left().values()), CLEAN_TIMEOUT)
     remaining = left()
-    remove_all_pods(lab.client)  # whatever the series left must not count in the next one
     result = series_result(
-        series, pods, started, shim_problems=shim_problems, left=remaining, teardown_errors=teardown_errors
+        series,
+        pods,
+        started,
+        shim_problems=shim_problems,
+        left=remaining,
+        teardown_errors=teardown_errors,
+        orphans=orphans,
     )
     p50, p99 = result["p50_s"], result["p99_s"]
     log(f"{series.name}: {result['ready']}/{pods} Ready, p50 {p50:.1f} s, p99 {p99:.1f} s")

@@ -375,6 +375,10 @@ def cri_plots(cri: dict[str, Any]) -> list[Plot]:
             threads.notes.append(f"{label}: {problem}")
         if r["leftovers"]:
             start.notes.append(f"{label}: left behind after every pod was removed: {r['leftovers']}")
+        for error in r.get("teardown_errors", [])[:2]:
+            start.notes.append(f"{label}: teardown failed: {error[-300:]}")
+        if r.get("orphans"):
+            start.notes.append(f"{label}: pods still listed after their removal: {r['orphans']}")
         if r["start_s"]:
             start.samples[label] = [float(v) for v in r["start_s"]]
         if r["threads"]:
