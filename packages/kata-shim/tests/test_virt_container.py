@@ -679,6 +679,18 @@ def test_container_output_through_fifos_exit_code_and_delete_leaves_nothing(
                 n.start_soon(read_fifo, fifos["stderr"], got, "err")
                 pid = await cm.create_container(cfg)
                 assert pid == os.getpid()
+                (line,) = [
+                    r.getMessage() for r in caplog.records if "container c1: created, " in r.getMessage()
+                ]
+                steps = re.findall(r"([a-z-]+) \d+\.\d\d", line.split(": ", 2)[2])
+                assert steps == [
+                    "rootfs",
+                    "volumes",
+                    "resize-devices",
+                    "stdio",
+                    "agent-create",
+                    "pod-resources",
+                ]
                 state = await cm.state_process(ProcessId("c1"))
                 assert state.status is ProcessStatus.CREATED
                 rootfs = pod.sandbox.layout.rootfs_host_path("c1")
