@@ -243,6 +243,13 @@ def guest_report(text: str) -> dict[str, Any]:
     }
 
 
+def describe(err: BaseException) -> str:
+    """``Type: message`` of an error, of each error inside a (trio nursery's) exception group."""
+    if isinstance(err, BaseExceptionGroup):
+        return "; ".join(describe(e) for e in err.exceptions)
+    return f"{type(err).__name__}: {err}"
+
+
 # -- the cycles, the same for both back-ends ------------------------------------------------------------
 
 
@@ -350,7 +357,7 @@ def measure_kata_vmm(
         )  # fmt: skip
         record.update(guest_report(text))
     except Exception as err:  # a failed back-end is recorded; the other one still runs
-        record["error"] = f"{type(err).__name__}: {err}"[-3000:]
+        record["error"] = describe(err)[-3000:]
         log(f"kata-vmm failed: {traceback.format_exc()}")
     record.update({kind: series[kind].result() for kind in KINDS})
     return record
@@ -538,7 +545,7 @@ def measure_qemu(
             raise RuntimeError("QEMU did not exit after the guest's power-off")
         record.update(guest_report(console.text))
     except Exception as err:  # a failed back-end is recorded; the other one still runs
-        record["error"] = f"{type(err).__name__}: {err}"[-3000:] + f"\nQEMU stderr: {qemu.stderr[-1000:]}"
+        record["error"] = describe(err)[-3000:] + f"\nQEMU stderr: {qemu.stderr[-1000:]}"
         log(f"qemu failed: {traceback.format_exc()}")
     finally:
         qemu.kill()

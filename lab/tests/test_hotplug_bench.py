@@ -359,3 +359,11 @@ def test_a_kind_not_measured_is_skipped() -> None:
     peer = hb.Peer({"disk": unexpected, "vcpu": unexpected}, {"disk": unexpected, "vcpu": unexpected})
     trio.run(lambda: hb.run_cycles("fake", peer, console, vm, runs=3, series=series))
     assert series["vcpu"].result() == {"not_measured": "test"}
+
+
+def test_a_failure_inside_a_nursery_is_described_by_its_own_errors() -> None:
+    group = ExceptionGroup("Exceptions from Trio nursery", [OSError("QMP connection lost")])
+    assert hb.describe(group) == "OSError: QMP connection lost"
+    assert hb.describe(MicroVMTimeout("no 'HPB cpu+ 2' within 120 s")) == (
+        "MicroVMTimeout: no 'HPB cpu+ 2' within 120 s"
+    )
