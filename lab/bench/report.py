@@ -11,6 +11,8 @@ Reads what each bench step left in ``--dir`` (the shapes are those of the script
 - ``vmm_boot.json`` (vmm_boot.py, one JSON line): every boot to the marker of kata-vmm and each QEMU machine;
 - ``virtio_guest.txt`` (pytest output of virtio_guest.py): one ``VIRTIO-BENCH {json}`` line per device;
 - ``net.json`` (net_bench.py): each throughput run each way and every round trip, ours and QEMU's;
+- ``hotplug.json`` (hotplug_bench.py): every hot-plug cycle's seconds to a usable disk and vCPU (and to its
+  removal) on kata-vmm over upcall and on QEMU's ACPI hot-plug, or why a series was not measured;
 - ``load.json`` (load_bench.py): per series, N pods started at once: each pod's start seconds, how many came
   up, each pod's PSS and threads with all N running;
 - ``cri.json`` (cri_bench.py): per series, N pods started at once through containerd's CRI plugin: each
@@ -408,6 +410,73 @@ def cri_plots(cri: dict[str, Any]) -> list[Plot]:
     return [start, threads, memory]
 
 
+HOTPLUG_KINDS = {"disk": "disk", "vcpu": "vCPU"}
+HOTPLUG_PEERS = {"kata-vmm": "upcall", "qemu": "QEMU"}
+
+
+def hotplug_plot(hp: dict[str, Any]) -> Plot:
+    """Seconds from the hot-plug request to the device usable in the guest, upcall (kata-vmm) against QEMU's
+    ACPI hot-plug, disk and vCPU; the ratios of the medians (issue 17's goal: at most ``goal_ratio``)."""
+    plot = Plot(
+        "hotplug",
+        f"hot-plug request to usable in the guest, {hp['runs']} cycles each",
+        "s",
+        lower_is_better=True,
+    )
+    backends = hp["backends"]
+    why: list[str] = []
+    for key, label in HOTPLUG_PEERS.items():
+        backend = backends.get(key)
+        if backend is None:
+            why.append(f"{label}: not run")
+        elif backend.get("error"):
+            plot.notes.append(f"{label} ({key}) failed: {backend['error'].splitlines()[0][:300]}")
+        if backend and backend.get("oops"):
+            plot.notes.append(
+                f"{label}: the guest logged {backend['oops']} kernel warning(s) while hot-plugging"
+            )
+    for kind, shown in HOTPLUG_KINDS.items():  # upcall then QEMU, disk then vCPU: each pair side by side
+        for key, label in HOTPLUG_PEERS.items():
+            if key not in backends:
+                continue
+            series = backends[key].get(kind) or {}
+            name = f"{label} {shown}"
+            if series.get("not_measured"):
+                plot.notes.append(f"{name}: not measured: {series['not_measured']}")
+            samples = [float(v) for v in series.get("add_s", [])]
+            if samples:
+                plot.samples[name] = samples
+                if key == "kata-vmm":
+                    plot.ours.append(name)
+            elif not series.get("not_measured"):
+                plot.notes.append(f"{name}: not measured: no cycle completed")
+    goal = float(hp.get("goal_ratio", 0.2))
+    for shown in HOTPLUG_KINDS.values():
+        ours, peer = f"upcall {shown}", f"QEMU {shown}"
+        if ours in plot.samples and peer in plot.samples:
+            _pair(plot, ours, peer)
+            ratio = plot.ratios[-1].value
+            verdict = "met" if ratio <= goal else "not met"
+            plot.notes.append(f"{shown}: upcall/QEMU {ratio:.2f}, goal at most {goal:g}: {verdict}")
+        else:
+            why.append(f"{shown}: no {'upcall' if ours not in plot.samples else 'QEMU'} sample")
+    for kind, shown in HOTPLUG_KINDS.items():  # removal: not drawn, its medians said
+        medians = {}
+        for key, label in HOTPLUG_PEERS.items():
+            removed = [float(v) for v in (backends.get(key, {}).get(kind) or {}).get("remove_s", [])]
+            if removed:
+                medians[label] = _median(removed)
+        if len(medians) == 2:
+            ratio = medians["upcall"] / medians["QEMU"] if medians["QEMU"] else float("nan")
+            plot.notes.append(
+                f"{shown} removal, request to gone in the guest: median upcall {_fmt(medians['upcall'])} s,"
+                f" QEMU {_fmt(medians['QEMU'])} s (upcall/QEMU {ratio:.2f})"
+            )
+    if not plot.ratios:
+        raise Missing("; ".join(why + [n for n in plot.notes if "failed" in n or "not measured" in n]))
+    return plot
+
+
 # -- drawing -----------------------------------------------------------------------------------------------
 
 
@@ -596,6 +665,7 @@ FIGURES = [
     ("virtio_fs", "virtio-fs small files, kata-vmm against QEMU + virtiofsd", "virtio"),
     ("net_throughput", "TCP throughput, ours against QEMU virtio-net", "net"),
     ("net_latency", "TCP round trips, ours against QEMU virtio-net", "net"),
+    ("hotplug", "hot-plug latency, upcall against QEMU's ACPI hot-plug", "hotplug"),
     ("load_start", "pods started at once: start time per pod", "load"),
     ("load_memory", "pods side by side: host PSS per pod", "load"),
     ("cri_start", "pods started at once through CRI: start time per pod", "cri"),
@@ -675,6 +745,7 @@ def build(bench_dir: Path = BENCH_DIR, out_dir: Path | None = None) -> Report:
         ["cri_start", "cri_threads", "cri_memory"],
         lambda: cri_plots(_read_json(bench_dir, "cri.json", m, "cri")),
     )
+    attempt(["hotplug"], lambda: hotplug_plot(_read_json(bench_dir, "hotplug.json", m, "hotplug")))
 
     plots, missing = [], []
     for name, title, _step in FIGURES:
