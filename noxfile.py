@@ -159,8 +159,9 @@ def build(session: nox.Session) -> None:
 @nox.session(python=False)
 def bench(session: nox.Session) -> None:
     """Benchmarks: host micro benchmarks (pytest-benchmark), then in the lab VM kata-vmm vs QEMU (boot, virtio
-    throughput), containerd-shim-kata-v2 vs runc (ctr run --rm, threads and memory per pod) and the pod
-    network, our tap+tc path vs QEMU virtio-net with vhost-net (TCP throughput, round-trip latency).
+    throughput, hot-plug latency: upcall vs QEMU's ACPI hot-plug), containerd-shim-kata-v2 vs runc (ctr run
+    --rm, threads and memory per pod; pods started at once by ctr and through containerd's CRI plugin) and the
+    pod network, our tap+tc path vs QEMU virtio-net with vhost-net (TCP throughput, round-trip latency).
 
     Each step prints one progress line when it starts and one with its elapsed time when it ends; a failed
     step does not stop the others. Then lab/bench/report.py writes build/bench/report.md and its PNG figures
@@ -207,6 +208,12 @@ def bench(session: nox.Session) -> None:
         "virtio_guest.txt", "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider",
         "-o", f"timeout={LAB_TEST_TIMEOUT}", "lab/bench/virtio_guest.py",
     )  # fmt: skip
+    # hot-plug latency (issue 17): a disk and a vCPU, upcall on kata-vmm against QEMU's ACPI hot-plug, one VM
+    # each with 10 cycles inside; one lab vCPU, like nox -s lab (the test of the same hot-plug runs there)
+    hotplug = in_lab(
+        "hotplug.txt", "lab/bench/hotplug_bench.py", "--runs", "10", "--json", str(out / "hotplug.json"),
+        labvm=("--cpus", "1"),
+    )  # fmt: skip
     # containerd-shim-kata-v2 against runc on one containerd: ctr run --rm, threads and memory per pod
     # (one lab vCPU: a two-vCPU lab VM froze in this step's qemu series on 2026-12-07, lab/README.md)
     shim = in_lab(
@@ -217,14 +224,25 @@ def bench(session: nox.Session) -> None:
         "load.txt", "lab/bench/load_bench.py", "--json", str(out / "load.json"),
         labvm=("--cpus", "1", "--memory", "6G"),
     )  # fmt: skip
+    # the same through containerd's CRI plugin as the kubelet drives it (issue 18): runc, template, cold
+    cri_in_lab = in_lab(
+        "cri.txt", "lab/bench/cri_bench.py", "--json", str(out / "cri.json"),
+        labvm=("--cpus", "1", "--memory", "6G"),
+    )  # fmt: skip
+
+    def cri() -> None:
+        (out / "cri.json").unlink(missing_ok=True)  # a run that dies early must not report an older one's
+        cri_in_lab()
 
     steps: list[tuple[str, Callable[[], None]]] = [
         ("host", host),
         ("images", lambda: session.run("python3", "lab/images/build.py", external=True)),
         ("vmm_boot", vmm_boot),
         ("virtio", virtio),
+        ("hotplug", hotplug),
         ("shim", shim),
         ("load", load),
+        ("cri", cri),
         ("net", lambda: _net_bench(session, python, out)),
     ]
     for number, (name, step) in enumerate(steps, 1):

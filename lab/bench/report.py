@@ -11,8 +11,13 @@ Reads what each bench step left in ``--dir`` (the shapes are those of the script
 - ``vmm_boot.json`` (vmm_boot.py, one JSON line): every boot to the marker of kata-vmm and each QEMU machine;
 - ``virtio_guest.txt`` (pytest output of virtio_guest.py): one ``VIRTIO-BENCH {json}`` line per device;
 - ``net.json`` (net_bench.py): each throughput run each way and every round trip, ours and QEMU's;
+- ``hotplug.json`` (hotplug_bench.py): every hot-plug cycle's seconds to a usable disk and vCPU (and to its
+  removal) on kata-vmm over upcall and on QEMU's ACPI hot-plug, or why a series was not measured;
 - ``load.json`` (load_bench.py): per series, N pods started at once: each pod's start seconds, how many came
   up, each pod's PSS and threads with all N running;
+- ``cri.json`` (cri_bench.py): per series, N pods started at once through containerd's CRI plugin: each
+  pod's RunPodSandbox + CreateContainer + StartContainer seconds, how many got Ready and why the others
+  did not, each Ready pod's shim threads, RSS and PSS;
 - ``host.json`` (pytest-benchmark): the host micro benchmarks, as a table.
 
 Every figure puts our numbers beside their peer's from the same run, and the markdown gives the ratio of
@@ -340,6 +345,138 @@ def load_plots(load: dict[str, Any]) -> list[Plot]:
     return [start, memory]
 
 
+def cri_plots(cri: dict[str, Any]) -> list[Plot]:
+    """N pods started at once through CRI: each Ready pod's start seconds (the three calls), then each one's
+    shim threads, and its RSS and PSS, per series; runc is the peer."""
+    series = cri["series"]
+    if "runc" not in series:
+        raise Missing(f"cri.json has no runc series (has {sorted(series)})")
+    n = cri["pods"]
+    start = Plot(
+        "cri_start",
+        f"{n} pods started at once through CRI (RunPodSandbox + CreateContainer + StartContainer),"
+        " one lab vCPU",
+        "s",
+        lower_is_better=True,
+    )
+    threads = Plot(
+        "cri_threads", f"shim OS threads per pod, {n} CRI pods running", "threads", lower_is_better=True
+    )
+    memory = Plot("cri_memory", f"RSS and PSS per pod, {n} CRI pods running", "MiB", lower_is_better=True)
+    for key, r in series.items():
+        label = RUNTIME_LABELS.get(key, key)
+        p50, p99 = r["p50_s"], r["p99_s"]
+        start.notes.append(
+            f"{label}: {r['ready']} of {r['pods']} pods Ready; start p50 {_fmt(p50)} s, p99 {_fmt(p99)} s"
+        )
+        for failure in r["failures"][:2]:
+            start.notes.append(
+                f"{label}: {failure['name']} failed in {failure['call']}: {failure['error'][-300:]}"
+            )
+        for problem in r["shim_problems"]:
+            threads.notes.append(f"{label}: {problem}")
+        if r["leftovers"]:
+            start.notes.append(f"{label}: left behind after every pod was removed: {r['leftovers']}")
+        for error in r.get("teardown_errors", [])[:2]:
+            start.notes.append(f"{label}: teardown failed: {error[-300:]}")
+        if r.get("orphans"):
+            start.notes.append(f"{label}: pods still listed after their removal: {r['orphans']}")
+        if r["start_s"]:
+            start.samples[label] = [float(v) for v in r["start_s"]]
+        if r["threads"]:
+            threads.samples[label] = [float(v) for v in r["threads"]]
+        if r["rss_kib"]:
+            memory.samples[f"{label} RSS"] = [float(v) / 1024 for v in r["rss_kib"]]
+            memory.samples[f"{label} PSS"] = [float(v) / 1024 for v in r["pss_kib"]]
+        if key != "runc":
+            start.ours.append(label)
+            threads.ours.append(label)
+            memory.ours += [f"{label} RSS", f"{label} PSS"]
+    for plot in (start, threads, memory):
+        plot.ours = [label for label in plot.ours if label in plot.samples]
+        if not any(label.startswith("runc") for label in plot.samples) or not plot.ours:
+            raise Missing(f"{plot.name}: no pod of runc or of ours got Ready")
+        for label in plot.ours:
+            # memory: RSS against runc's RSS, PSS against runc's PSS
+            _pair(plot, label, f"runc {label.rsplit(' ', 1)[1]}" if plot is memory else "runc")
+    for pair, ratio in cri.get("ratios", {}).items():
+        ours, _, peer = pair.partition("/")
+        label = RUNTIME_LABELS.get(ours, ours)
+        start.notes.append(f"{label}/{peer}: start p99 ratio {ratio['p99']:.2f} (p50 {ratio['p50']:.2f})")
+    memory.notes.append(
+        "a pod's RSS is summed over its shim's process tree (shared pages counted in each process), its PSS"
+        " shares them; the built-in VMM's guest RAM is in our shim"
+    )
+    return [start, threads, memory]
+
+
+HOTPLUG_KINDS = {"disk": "disk", "vcpu": "vCPU"}
+HOTPLUG_PEERS = {"kata-vmm": "upcall", "qemu": "QEMU"}
+
+
+def hotplug_plot(hp: dict[str, Any]) -> Plot:
+    """Seconds from the hot-plug request to the device usable in the guest, upcall (kata-vmm) against QEMU's
+    ACPI hot-plug, disk and vCPU; the ratios of the medians (issue 17's goal: at most ``goal_ratio``)."""
+    plot = Plot(
+        "hotplug",
+        f"hot-plug request to usable in the guest, {hp['runs']} cycles each",
+        "s",
+        lower_is_better=True,
+    )
+    backends = hp["backends"]
+    why: list[str] = []
+    for key, label in HOTPLUG_PEERS.items():
+        backend = backends.get(key)
+        if backend is None:
+            why.append(f"{label}: not run")
+        elif backend.get("error"):
+            plot.notes.append(f"{label} ({key}) failed: {backend['error'].splitlines()[0][:300]}")
+        if backend and backend.get("oops"):
+            plot.notes.append(
+                f"{label}: the guest logged {backend['oops']} kernel warning(s) while hot-plugging"
+            )
+    for kind, shown in HOTPLUG_KINDS.items():  # upcall then QEMU, disk then vCPU: each pair side by side
+        for key, label in HOTPLUG_PEERS.items():
+            if key not in backends:
+                continue
+            series = backends[key].get(kind) or {}
+            name = f"{label} {shown}"
+            if series.get("not_measured"):
+                plot.notes.append(f"{name}: not measured: {series['not_measured']}")
+            samples = [float(v) for v in series.get("add_s", [])]
+            if samples:
+                plot.samples[name] = samples
+                if key == "kata-vmm":
+                    plot.ours.append(name)
+            elif not series.get("not_measured"):
+                plot.notes.append(f"{name}: not measured: no cycle completed")
+    goal = float(hp.get("goal_ratio", 0.2))
+    for shown in HOTPLUG_KINDS.values():
+        ours, peer = f"upcall {shown}", f"QEMU {shown}"
+        if ours in plot.samples and peer in plot.samples:
+            _pair(plot, ours, peer)
+            ratio = plot.ratios[-1].value
+            verdict = "met" if ratio <= goal else "not met"
+            plot.notes.append(f"{shown}: upcall/QEMU {ratio:.2f}, goal at most {goal:g}: {verdict}")
+        else:
+            why.append(f"{shown}: no {'upcall' if ours not in plot.samples else 'QEMU'} sample")
+    for kind, shown in HOTPLUG_KINDS.items():  # removal: not drawn, its medians said
+        medians = {}
+        for key, label in HOTPLUG_PEERS.items():
+            removed = [float(v) for v in (backends.get(key, {}).get(kind) or {}).get("remove_s", [])]
+            if removed:
+                medians[label] = _median(removed)
+        if len(medians) == 2:
+            ratio = medians["upcall"] / medians["QEMU"] if medians["QEMU"] else float("nan")
+            plot.notes.append(
+                f"{shown} removal, request to gone in the guest: median upcall {_fmt(medians['upcall'])} s,"
+                f" QEMU {_fmt(medians['QEMU'])} s (upcall/QEMU {ratio:.2f})"
+            )
+    if not plot.ratios:
+        raise Missing("; ".join(why + [n for n in plot.notes if "failed" in n or "not measured" in n]))
+    return plot
+
+
 # -- drawing -----------------------------------------------------------------------------------------------
 
 
@@ -528,8 +665,12 @@ FIGURES = [
     ("virtio_fs", "virtio-fs small files, kata-vmm against QEMU + virtiofsd", "virtio"),
     ("net_throughput", "TCP throughput, ours against QEMU virtio-net", "net"),
     ("net_latency", "TCP round trips, ours against QEMU virtio-net", "net"),
+    ("hotplug", "hot-plug latency, upcall against QEMU's ACPI hot-plug", "hotplug"),
     ("load_start", "pods started at once: start time per pod", "load"),
     ("load_memory", "pods side by side: host PSS per pod", "load"),
+    ("cri_start", "pods started at once through CRI: start time per pod", "cri"),
+    ("cri_threads", "pods through CRI: shim threads per pod", "cri"),
+    ("cri_memory", "pods through CRI: RSS and PSS per pod", "cri"),
 ]
 
 
@@ -600,6 +741,11 @@ def build(bench_dir: Path = BENCH_DIR, out_dir: Path | None = None) -> Report:
 
     attempt(["net_throughput", "net_latency"], lambda: net_plots(_read_json(bench_dir, "net.json", m, "net")))
     attempt(["load_start", "load_memory"], lambda: load_plots(_read_json(bench_dir, "load.json", m, "load")))
+    attempt(
+        ["cri_start", "cri_threads", "cri_memory"],
+        lambda: cri_plots(_read_json(bench_dir, "cri.json", m, "cri")),
+    )
+    attempt(["hotplug"], lambda: hotplug_plot(_read_json(bench_dir, "hotplug.json", m, "hotplug")))
 
     plots, missing = [], []
     for name, title, _step in FIGURES:

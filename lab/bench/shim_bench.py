@@ -235,14 +235,17 @@ def pod_series(ctrd: PrivateContainerd, series: Series, sizes: list[int]) -> dic
 def pod_point(size: int, pid: int) -> dict[str, Any]:
     """With ``size`` containers in the pod of shim ``pid``: the threads and PSS of the shim's process tree
     (runc's containers, QEMU and virtiofsd are in it; the built-in VMM's guest is in the shim), the shim's
-    own memory (VmRSS, VmHWM, guest RAM)."""
+    own memory (VmRSS, VmHWM, guest RAM) and the tree's summed VmRSS (``TreeRss``: shared pages counted in
+    every member, unlike PSS)."""
     tree = processes_below(pid)
     names: list[str] = []
-    pss = 0
+    pss = rss = 0
     for member, _ in tree:
         with contextlib.suppress(OSError):
             names += thread_names(member)
-            pss += memory_kib(member)["Pss"]
+            kib = memory_kib(member)
+            pss += kib.get("Pss", 0)  # a zombie member has neither
+            rss += kib.get("VmRSS", 0)
     own = memory_kib(pid)
     return {
         "containers": size,
@@ -252,6 +255,7 @@ def pod_point(size: int, pid: int) -> dict[str, Any]:
         **own,
         "ShimPss": own["Pss"],
         "Pss": pss,
+        "TreeRss": rss,
     }
 
 

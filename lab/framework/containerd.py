@@ -268,7 +268,11 @@ class PrivateContainerd(_fixture.ContainerdLog):
 
     def shim_pids(self, binary: str = SHIM_BINARY) -> list[int]:
         """Processes of ``binary`` (by default containerd-shim-kata-v2) started for this containerd."""
-        return sorted(pid for pid, argv in processes() if binary in argv and self.address in argv)
+        return sorted(self.shim_argvs(binary))
+
+    def shim_argvs(self, binary: str = SHIM_BINARY) -> dict[int, str]:
+        """`shim_pids` -> each one's argv (joined by spaces)."""
+        return {pid: argv for pid, argv in processes() if binary in argv and self.address in argv}
 
     def processes_below(self, pid: int) -> list[tuple[int, str]]:
         """(pid, comm) of ``pid`` and all its descendants (`processes_below`)."""

@@ -394,6 +394,9 @@ class CriConfig:
     sandbox_image: str = PAUSE_IMAGE
     # the kata handler's options.ConfigPath (else the shim's own lookup: KATA_CONF_FILE, /etc, /usr/share)
     kata_config_path: Path | None = None
+    # more handlers of our runtime, each with its ConfigPath: a RuntimeClass per configuration (e.g. the
+    # VM template on), written like the `kata` one
+    extra_kata_handlers: Mapping[str, Path] = field(default_factory=dict)
     kata_pod_annotations: tuple[str, ...] = ("io.katacontainers.*",)
     snapshotter: str = "overlayfs"
     # clamp the sandbox's oom_score_adj (-998) to containerd's own: for a containerd without CAP_SYS_RESOURCE
@@ -409,6 +412,10 @@ class CriConfig:
         check_version(self.version)
         if self.kata_sandboxer not in SANDBOXERS:
             raise ValueError(f"sandboxer {self.kata_sandboxer!r}: one of {SANDBOXERS}")
+        taken = {RUNC_HANDLER, KATA_HANDLER, *self.extra_runtimes}
+        for handler in self.extra_kata_handlers:
+            if handler in taken:
+                raise ValueError(f"handler {handler!r} is defined twice")
 
     @property
     def config_version(self) -> int:
@@ -437,22 +444,24 @@ class CriConfig:
         ]
         if sandboxers:
             lines.append(f"  sandboxer = {_toml(SANDBOXER_PODSANDBOX)}")
-        lines += [
-            "",
-            f"[{runtimes}.{KATA_HANDLER}]",
-            f"  runtime_type = {_toml(KATA_RUNTIME_TYPE)}",
-            f"  pod_annotations = {_toml(list(self.kata_pod_annotations))}",
-            # host devices of a privileged pod are the host's, not the VM's (upstream's recommendation)
-            "  privileged_without_host_devices = true",
-        ]
-        if sandboxers:
-            lines.append(f"  sandboxer = {_toml(self.kata_sandboxer)}")
-        if self.kata_config_path is not None:
+        kata: dict[str, Path | None] = {KATA_HANDLER: self.kata_config_path, **self.extra_kata_handlers}
+        for handler, config_path in kata.items():
             lines += [
                 "",
-                f"[{runtimes}.{KATA_HANDLER}.options]",
-                f"  ConfigPath = {_toml(str(self.kata_config_path))}",
+                f"[{runtimes}.{handler}]",
+                f"  runtime_type = {_toml(KATA_RUNTIME_TYPE)}",
+                f"  pod_annotations = {_toml(list(self.kata_pod_annotations))}",
+                # host devices of a privileged pod are the host's, not the VM's (upstream's recommendation)
+                "  privileged_without_host_devices = true",
             ]
+            if sandboxers:
+                lines.append(f"  sandboxer = {_toml(self.kata_sandboxer)}")
+            if config_path is not None:
+                lines += [
+                    "",
+                    f"[{runtimes}.{handler}.options]",
+                    f"  ConfigPath = {_toml(str(config_path))}",
+                ]
         for handler, runtime_type in self.extra_runtimes.items():
             lines += ["", f"[{runtimes}.{handler}]", f"  runtime_type = {_toml(runtime_type)}"]
             if sandboxers:

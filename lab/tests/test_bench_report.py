@@ -1,7 +1,8 @@
 """lab/bench/report.py turns what the bench steps write into report.md and PNG figures (host only, no lab VM).
 
 The inputs are built by the bench scripts' own result functions (shim_bench.run_rm_result, pod_point on
-this very process, vmm_boot.run_record/summarize, net_bench.measure_result, virtio_guest.result_line), so a
+this very process, vmm_boot.run_record/summarize, net_bench.measure_result, virtio_guest.result_line,
+cri_bench.pod_record/point_fields/series_result/ratios, hotplug_bench.Series/summarize), so a
 change of their output shape breaks these tests rather than the report after a lab run.
 """
 
@@ -40,7 +41,9 @@ shim_bench = _load("shim_bench")
 vmm_boot = _load("vmm_boot")
 net_bench = _load("net_bench")
 load_bench = _load("load_bench")
+cri_bench = _load("cri_bench")
 virtio_guest = _load("virtio_guest")
+hotplug_bench = _load("hotplug_bench")
 mpimg = pytest.importorskip("matplotlib.image")
 
 RUNC = [2.0, 2.2, 2.1, 2.4]
@@ -113,6 +116,65 @@ def _load_json() -> dict[str, Any]:
     return {"pods": 4, "series": series, "total_s": 10.0}
 
 
+CRI_START = {"runc": [1.0, 1.4, 1.2], "kata-template": [20.0, 26.0, 22.0], "kata": [200.0, 260.0]}
+CRI_AGENT = "RunPodSandbox: UNKNOWN: failed to create containerd task: agent not ready within 90.0 s"
+
+
+def _cri_json() -> dict[str, Any]:
+    # real /proc shapes: this process stands in for each pod's shim (ours 4x runc's memory, 2 more threads)
+    point = cri_bench.point_fields(shim_bench.pod_point(1, os.getpid()))
+    series = {}
+    for name, seconds in CRI_START.items():
+        started = []
+        scale = 1 if name == "runc" else 4
+        for i, s in enumerate(seconds):
+            r = cri_bench.pod_record(f"{name}-{i}")
+            r.update(pod_id=f"{name}{i}", ready=True, seconds=s, running_s=s + 1, **point)
+            r["calls_s"] = {call: s / 3 for call in cri_bench.CALLS}
+            r.update(rss_kib=point["rss_kib"] * scale, pss_kib=point["pss_kib"] * scale)
+            r["threads"] = point["threads"] + (0 if name == "runc" else 2)
+            started.append(r)
+        if name == "kata":  # ten cold boots on one vCPU: some do not get Ready
+            late = cri_bench.pod_record("kata-late")
+            late.update(failed_call="RunPodSandbox", error=CRI_AGENT)
+            started.append(late)
+        series[name] = cri_bench.series_result(
+            cri_bench.SERIES[name], len(started), started, shim_problems=[], left={}, teardown_errors=[]
+        )
+    result = {"pods": 3, "containerd": "1.6", "warm_up": {}, "series": series}
+    result["ratios"] = cri_bench.ratios(series)
+    result["problems"] = cri_bench.problems(result)
+    return result
+
+
+HOTPLUG_ADD = {
+    ("kata-vmm", "disk"): [0.30, 0.20, 0.25, 0.40],
+    ("qemu", "disk"): [1.00, 1.20, 0.90, 1.10],
+    ("kata-vmm", "vcpu"): [0.05, 0.06, 0.08, 0.07],
+    ("qemu", "vcpu"): [0.40, 0.50, 0.45, 0.60],
+}
+HOTPLUG_REMOVE = {"kata-vmm": [0.05, 0.06, 0.04, 0.05], "qemu": [0.50, 0.40, 0.60, 0.50]}
+
+
+def _hotplug_json(*, qemu_vcpu: bool = True, kata_error: str | None = None) -> dict[str, Any]:
+    backends = {}
+    for name in ("kata-vmm", "qemu"):
+        record: dict[str, Any] = {"how": "test", "error": None, "oops": 0}
+        for kind in hotplug_bench.KINDS:
+            series = hotplug_bench.Series()
+            if name == "qemu" and kind == "vcpu" and not qemu_vcpu:
+                series.not_measured = "QEMU has no vCPU hot-plug on this machine (test)"
+            else:
+                for add, remove in zip(HOTPLUG_ADD[name, kind], HOTPLUG_REMOVE[name], strict=True):
+                    series.record(True, add, add / 2)
+                    series.record(False, remove, remove / 2)
+            record[kind] = series.result()
+        backends[name] = record
+    if kata_error:
+        backends["kata-vmm"]["error"] = kata_error
+    return hotplug_bench.summarize(4, backends, 0.005)
+
+
 def _meta() -> dict[str, Any]:
     return {
         "commit": "0123456789abcdef0123456789abcdef01234567",
@@ -128,11 +190,12 @@ def _meta() -> dict[str, Any]:
         "steps": [
             {"name": "host", "seconds": 12.0, "status": "ok"},
             {"name": "net", "seconds": 40.0, "status": "failed", "detail": "exit 1"},
+            {"name": "hotplug", "seconds": 900.0, "status": "failed", "detail": "exit 1 (the lab VM failed)"},
         ],
     }
 
 
-def _write_inputs(d: Path, *, net: bool = True) -> None:
+def _write_inputs(d: Path, *, net: bool = True, hotplug: bool = True) -> None:
     d.mkdir(parents=True, exist_ok=True)
     (d / "meta.json").write_text(json.dumps(_meta()))
     (d / "shim.json").write_text(json.dumps(_shim_json(), indent=2) + "\n")
@@ -141,6 +204,9 @@ def _write_inputs(d: Path, *, net: bool = True) -> None:
     if net:
         (d / "net.json").write_text(json.dumps(_net_json(), indent=1))
     (d / "load.json").write_text(json.dumps(_load_json(), indent=1))
+    (d / "cri.json").write_text(json.dumps(_cri_json(), indent=2) + "\n")
+    if hotplug:
+        (d / "hotplug.json").write_text(json.dumps(_hotplug_json(), indent=1))
 
 
 def _assert_image(path: Path | None) -> None:
@@ -177,7 +243,14 @@ def test_report_draws_every_figure_with_its_series_and_ratios(tmp_path: Path) ->
         "pod_memory": ["dragonball PSS", "dragonball guest RAM (RSS)", "runc PSS"],
         "load_start": ["dragonball cold", "dragonball template", "runc"],
         "load_memory": ["dragonball cold", "dragonball template", "runc"],
-    }
+        "cri_start": ["runc", "dragonball template", "dragonball cold"],
+        "cri_threads": ["runc", "dragonball template", "dragonball cold"],
+        "cri_memory": [
+            "runc RSS", "runc PSS", "dragonball template RSS", "dragonball template PSS",
+            "dragonball cold RSS", "dragonball cold PSS",
+        ],
+        "hotplug": ["upcall disk", "QEMU disk", "upcall vCPU", "QEMU vCPU"],
+    }  # fmt: skip
     for name, labels in expected_labels.items():
         assert result.plot(name).labels == labels, name  # read back from the drawn figure
 
@@ -206,6 +279,29 @@ def test_report_draws_every_figure_with_its_series_and_ratios(tmp_path: Path) ->
     template_start = med(LOAD_START["kata-template"]) / med(LOAD_START["runc"])
     assert _ratio_row(md, "load_start", "dragonball template", "runc") == f"{template_start:.2f}"
     assert "dragonball cold: 3 of 4 pods came up" in md
+    # through CRI: p50 ratios in the table, p99 ratios, Ready counts and the failed call in the notes
+    for key, label in (("kata-template", "dragonball template"), ("kata", "dragonball cold")):
+        p50 = med(CRI_START[key]) / med(CRI_START["runc"])
+        assert _ratio_row(md, "cri_start", label, "runc") == f"{p50:.2f}"
+        p99 = cri_bench.percentile(CRI_START[key], 99) / cri_bench.percentile(CRI_START["runc"], 99)
+        assert f"{label}/runc: start p99 ratio {p99:.2f} (p50 {p50:.2f})" in md
+        assert _ratio_row(md, "cri_memory", f"{label} RSS", "runc RSS") == "4.00"
+        assert _ratio_row(md, "cri_memory", f"{label} PSS", "runc PSS") == "4.00"
+    cri = json.loads((tmp_path / "cri.json").read_text())
+    runc_threads = cri["series"]["runc"]["threads"][0]
+    threads = _ratio_row(md, "cri_threads", "dragonball template", "runc")
+    assert threads == f"{(runc_threads + 2) / runc_threads:.2f}"
+    assert "dragonball cold: 2 of 3 pods Ready" in md and "runc: 3 of 3 pods Ready" in md
+    assert f"dragonball cold: kata-late failed in RunPodSandbox: {CRI_AGENT}" in md
+    for kind, shown in (("disk", "disk"), ("vcpu", "vCPU")):
+        expected = med(HOTPLUG_ADD["kata-vmm", kind]) / med(HOTPLUG_ADD["qemu", kind])
+        assert _ratio_row(md, "hotplug", f"upcall {shown}", f"QEMU {shown}") == f"{expected:.2f}"
+    disk_ratio = med(HOTPLUG_ADD["kata-vmm", "disk"]) / med(HOTPLUG_ADD["qemu", "disk"])
+    assert f"disk: upcall/QEMU {disk_ratio:.2f}, goal at most 0.2: not met" in md
+    vcpu_ratio = med(HOTPLUG_ADD["kata-vmm", "vcpu"]) / med(HOTPLUG_ADD["qemu", "vcpu"])
+    assert vcpu_ratio < 0.2 and f"vCPU: upcall/QEMU {vcpu_ratio:.2f}, goal at most 0.2: met" in md
+    remove_ratio = med(HOTPLUG_REMOVE["kata-vmm"]) / med(HOTPLUG_REMOVE["qemu"])
+    assert f"(upcall/QEMU {remove_ratio:.2f})" in md
     # the header: commit, date, load at start and end, CPU, TCG; each step's time
     assert "commit: 0123456789abcdef0123456789abcdef01234567" in md
     assert "start 0.50 0.40 0.30 1/200 1234, end 1.90 1.50 1.00 2/210 2345" in md
@@ -217,7 +313,7 @@ def test_report_draws_every_figure_with_its_series_and_ratios(tmp_path: Path) ->
 
 
 def test_missing_inputs_are_reported_not_measured(tmp_path: Path) -> None:
-    _write_inputs(tmp_path, net=False)  # meta.json says the net step failed
+    _write_inputs(tmp_path, net=False, hotplug=False)  # meta.json says the net and hotplug steps failed
     (tmp_path / "vmm_boot.json").write_text("")  # the step died before printing
     (tmp_path / "virtio_guest.txt").write_text(
         VIRTIO_TXT.splitlines()[1]
@@ -226,13 +322,15 @@ def test_missing_inputs_are_reported_not_measured(tmp_path: Path) -> None:
     )
     result = report.build(tmp_path)
     why = {m.name: m.why for m in result.missing}
-    assert set(why) == {"vmm_boot", "virtio_fs", "net_throughput", "net_latency"}
+    assert set(why) == {"vmm_boot", "virtio_fs", "net_throughput", "net_latency", "hotplug"}
     assert why["net_throughput"] == why["net_latency"] == "the net step failed after 40 s: exit 1"
+    assert why["hotplug"] == "the hotplug step failed after 900 s: exit 1 (the lab VM failed)"
     assert "vmm_boot.json missing or empty" in why["vmm_boot"]
     assert "virtiofsd did not start" in why["virtio_fs"]
     md = (tmp_path / "report.md").read_text()
     assert "net_latency | | | | | not measured: the net step failed after 40 s: exit 1" in md
     drawn = {"start_time", "pod_threads", "pod_memory", "virtio_blk", "load_start", "load_memory"}
+    drawn |= {"cri_start", "cri_threads", "cri_memory"}
     assert {p.name for p in result.plots} == drawn
     for plot in result.plots:
         _assert_image(plot.png)
@@ -260,6 +358,31 @@ def test_report_takes_a_series_with_no_sample_and_an_old_shim_json(tmp_path: Pat
     assert why["start_time"] == "no successful kata run"
     assert result.plot("pod_memory").labels == ["dragonball RSS", "dragonball guest RAM (RSS)", "runc RSS"]
     assert "PSS not in shim.json: VmRSS plotted instead" in result.markdown
+
+
+def test_hotplug_without_qemu_vcpus_keeps_the_disk_ratio_and_says_why(tmp_path: Path) -> None:
+    _write_inputs(tmp_path)
+    hp = _hotplug_json(qemu_vcpu=False, kata_error="MicroVMTimeout: no 'HPB cpu- 3' within 120 s\nconsole")
+    (tmp_path / "hotplug.json").write_text(json.dumps(hp))
+    result = report.build(tmp_path)
+    plot = result.plot("hotplug")
+    _assert_image(plot.png)
+    assert plot.labels == ["upcall disk", "QEMU disk", "upcall vCPU"]
+    assert [(r.ours, r.peer) for r in plot.ratios] == [("upcall disk", "QEMU disk")]
+    md = result.markdown
+    assert "QEMU vCPU: not measured: QEMU has no vCPU hot-plug on this machine (test)" in md
+    assert "upcall (kata-vmm) failed: MicroVMTimeout: no 'HPB cpu- 3' within 120 s" in md
+    with pytest.raises(AssertionError):
+        _ratio_row(md, "hotplug", "upcall vCPU", "QEMU vCPU")
+
+
+def test_hotplug_with_no_pair_is_not_measured(tmp_path: Path) -> None:
+    _write_inputs(tmp_path)
+    hp = _hotplug_json()
+    hp["backends"]["qemu"] = {"error": "RuntimeError: qemu did not boot", "disk": {"not_measured": "x"}}
+    (tmp_path / "hotplug.json").write_text(json.dumps(hp))
+    why = {m.name: m.why for m in report.build(tmp_path).missing}
+    assert "disk: no QEMU sample" in why["hotplug"] and "qemu did not boot" in why["hotplug"]
 
 
 def test_report_reads_what_the_bench_scripts_print() -> None:
@@ -331,9 +454,11 @@ def test_host_benchmarks_are_a_table(tmp_path: Path) -> None:
         ("shim.json", '{"run_rm": {"seconds": {"runc": "fast"}}, "pods": 3}'),
         ("vmm_boot.json", "Traceback (most recent call last):\n"),
         ("net.json", '{"ours": {}, "qemu": {}}'),
+        ("cri.json", '{"pods": 10, "series": {"runc": {"ready": 0}}}'),
         ("meta.json", '"not an object"'),
         ("host.json", '{"benchmarks": [{"name": "x"}]}'),
         ("virtio_guest.txt", 'VIRTIO-BENCH {"bench": "virtio-blk"}\n'),
+        ("hotplug.json", '{"runs": 3, "backends": {"kata-vmm": {"disk": {"add_s": "x"}}, "qemu": []}}'),
     ],
 )
 def test_a_broken_input_is_not_measured_never_a_crash(tmp_path: Path, name: str, content: str) -> None:
@@ -344,3 +469,29 @@ def test_a_broken_input_is_not_measured_never_a_crash(tmp_path: Path, name: str,
     assert "not measured" in result.markdown or name == "meta.json"
     for plot in result.plots:
         _assert_image(plot.png)
+
+
+def test_cri_figures_are_not_measured_when_no_kata_pod_got_ready(tmp_path: Path) -> None:
+    """Every kata pod through CRI failed (cri_bench recorded why): the figures say so, the rest is drawn."""
+    _write_inputs(tmp_path)
+    cri = _cri_json()
+    for key in ("kata-template", "kata"):
+        failed = [cri_bench.pod_record(f"{key}-{i}") for i in range(3)]
+        for r in failed:
+            r.update(failed_call="RunPodSandbox", error=CRI_AGENT)
+        cri["series"][key] = cri_bench.series_result(
+            cri_bench.SERIES[key], 3, failed, shim_problems=[], left={}, teardown_errors=[]
+        )
+    (tmp_path / "cri.json").write_text(json.dumps(cri))
+    result = report.build(tmp_path)
+    why = {m.name: m.why for m in result.missing}
+    assert set(why) == {"cri_start", "cri_threads", "cri_memory"}
+    assert why["cri_start"] == "cri_start: no pod of runc or of ours got Ready"
+    assert {"load_start", "start_time"} <= {p.name for p in result.plots}
+    # and when the step left no cri.json: the step's failure, from meta.json
+    (tmp_path / "cri.json").unlink()
+    meta = _meta()
+    meta["steps"].append({"name": "cri", "seconds": 900.0, "status": "failed", "detail": "exit 1"})
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    why = {m.name: m.why for m in report.build(tmp_path).missing}
+    assert why["cri_memory"] == "the cri step failed after 900 s: exit 1"

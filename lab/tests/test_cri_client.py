@@ -317,6 +317,26 @@ def test_readme_kubernetes_snippets_are_the_tested_kata_tables(tmp_path: Path) -
         assert snippet["plugins"][plugin]["containerd"]["runtimes"][cri.KATA_HANDLER] == kata
 
 
+@pytest.mark.parametrize("version", lab_containerd.CONTAINERD_VERSIONS)
+def test_more_kata_handlers_each_name_their_configuration(tmp_path: Path, version: str) -> None:
+    """A second RuntimeClass of our runtime (the bench's `kata-template`): written like `kata`, with its own
+    ConfigPath; `kata` keeps the shim's own lookup."""
+    template = Path("/tmp/bench/template/configuration.toml")
+    config = cri.CriConfig(version=version, extra_kata_handlers={"kata-template": template})
+    plugin = (
+        "io.containerd.grpc.v1.cri"
+        if version == lab_containerd.CONTAINERD_1_6
+        else "io.containerd.cri.v1.runtime"
+    )
+    runtimes = _full_config(config, tmp_path)["plugins"][plugin]["containerd"]["runtimes"]
+    assert set(runtimes) == {"runc", "kata", "kata-template"}
+    assert runtimes["kata-template"] == {**runtimes["kata"], "options": {"ConfigPath": str(template)}}
+    assert "options" not in runtimes["kata"]
+    for taken in ("runc", "kata"):
+        with pytest.raises(ValueError, match="defined twice"):
+            cri.CriConfig(version=version, extra_kata_handlers={taken: template})
+
+
 def test_cri_config_refuses_unknown_versions_and_sandboxers() -> None:
     with pytest.raises(ValueError, match="containerd version"):
         cri.CriConfig(version="1.7")
@@ -482,19 +502,20 @@ def test_a_host_network_runc_pod_goes_through_the_kubelets_calls(
         _remove_cgroup(parent)
 
 
-# the private-namespace scripts' common start: a CNI bridge conflist, framework and test_cri_lab importable
+# the private-namespace scripts' common start: a CNI bridge conflist (framework.cri_pods' bridge), framework
+# and test_cri_lab importable
 PRIVATE_PRELUDE = """
 import json, sys
 from pathlib import Path
 sys.path[:0] = [{lab!r}, {tests!r}]
-from framework import containerd, cri
+from framework import containerd, cri, cri_pods
 from images import busybox_oci
 import test_cri_lab as flow
 containerd.keep_log = lambda path: None
 tmp = Path({tmp!r})
 net_d = tmp / "net.d"
 net_d.mkdir()
-conflist = cri.bridge_conflist("kata-cri", flow.BRIDGE, flow.SUBNET, tmp / "ipam")
+conflist = cri.bridge_conflist("kata-cri", cri_pods.BRIDGE, cri_pods.SUBNET, tmp / "ipam")
 (net_d / "10-kata-cri.conflist").write_text(json.dumps(conflist))
 config = cri.CriConfig(
     cni_conf_dir=net_d, restrict_oom_score_adj=True, version={version!r}, kata_sandboxer={sandboxer!r}
@@ -506,9 +527,9 @@ with containerd.private_containerd(cri=config) as ctrd:
     ctrd.import_image(cri.build_pause_image(tmp / "pause.tar"), namespace=cri.CRI_NAMESPACE)
     with cri.CriClient(ctrd.address) as client:
         try:
-            flow.pod_flow(flow.CriLab(ctrd, client, tmp), cri.RUNC_HANDLER, cgroup_parent={parent!r})
+            flow.pod_flow(cri_pods.CriLab(ctrd, client, tmp), cri.RUNC_HANDLER, cgroup_parent={parent!r})
         finally:
-            flow.remove_all_pods(client)
+            cri_pods.remove_all_pods(client)
 print("pod flow passed")
 """
 # what the CRI plugin and CNI write host-wide, each a tmpfs in the test's private mount namespace

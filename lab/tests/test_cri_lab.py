@@ -7,7 +7,8 @@ lab/images/build.py, config version 3; the `kata` handler's `sandboxer = "shim"`
 through the shim's Sandbox service, and the shim's log must show those calls in containerd's order:
 `sandbox_api_order`). The sandbox image is a busybox that
 sleeps, imported (the lab has no registry), the workload image the lab's busybox; the pod network is Debian's
-bridge + host-local CNI plugins through a conflist this module writes (bridge kata-cri0, 10.90.0.0/24).
+bridge + host-local CNI plugins through the conflist framework.cri_pods writes (bridge kata-cri0,
+10.90.0.0/24; its `open_cri_lab` is this module's fixture, shared with lab/bench/cri_bench.py).
 
 The same flow runs with handler `runc` first, as the control: when it fails, the CRI/CNI set-up is wrong, not
 our shim. Then with `kata`: RunPodSandbox -> PodSandboxStatus -> CreateContainer x2 -> StartContainer x2 ->
@@ -21,90 +22,45 @@ port on the bridge, no /run/kata state of the pod.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import re
-import subprocess
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from framework import in_labvm
 from framework._gen.cri import api_pb2
-from framework.containerd import (
-    BUSYBOX_IMAGE,
-    CONTAINERD_1_6,
-    CONTAINERD_2,
-    KATA_STATE_ROOT,
-    SHIM_BINARY,
-    PrivateContainerd,
-    install_guest_assets,
-    mounts_below,
-    private_containerd,
-)
+from framework.containerd import BUSYBOX_IMAGE, CONTAINERD_1_6, CONTAINERD_2
 from framework.cri import (
-    CRI_NAMESPACE,
     KATA_HANDLER,
     PAUSE_IMAGE,
     RUNC_HANDLER,
     SANDBOXER_SHIM,
-    CriClient,
-    CriConfig,
     CriError,
     CriNotFound,
-    bridge_conflist,
-    build_pause_image,
     container_config,
     netns_names,
     pod_sandbox_config,
     read_cri_log,
 )
-from images import busybox_oci
+from framework.cri_pods import (
+    EVENTUALLY,
+    SHIMS,
+    CriLab,
+    diagnostics,
+    eventually,
+    leftovers,
+    open_cri_lab,
+    remove_all_pods,
+)
 
-BRIDGE = "kata-cri0"
-SUBNET = "10.90.0.0/24"
-# eventually-waits (a VM boot, an httpd starting in a guest under nested TCG): generous, never a timed assert
-EVENTUALLY = 240
-SHIMS = {KATA_HANDLER: SHIM_BINARY, RUNC_HANDLER: "containerd-shim-runc-v2"}
 PAGE = "served-by-a-cri-pod"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 WEB = (
     "echo cri-line-stdout; echo cri-line-stderr >&2; mkdir -p /www; echo {page} > /www/index.html; "
     "httpd -p 8080 -h /www; exec sleep 3600"
 )
-
-
-def sh(*argv: str, check: bool = False) -> str:
-    return subprocess.run(list(argv), check=check, capture_output=True, text=True).stdout
-
-
-@dataclass
-class CriLab:
-    """The module's CRI-enabled containerd, a client on it, and where the test writes."""
-
-    ctrd: PrivateContainerd
-    client: CriClient
-    tmp: Path
-
-
-def bridge_ports() -> list[str]:
-    out = sh("ip", "-j", "link", "show", "master", BRIDGE).strip()
-    return [link["ifname"] for link in json.loads(out)] if out else []
-
-
-def remove_all_pods(client: CriClient) -> None:
-    """Best effort, after a failure: stop and remove every pod (as the kubelet's garbage collector would)."""
-    try:
-        pods = client.list_pod_sandbox()
-    except CriError:
-        return
-    for pod in pods:
-        for call in (client.stop_pod_sandbox, client.remove_pod_sandbox):
-            with contextlib.suppress(CriError):
-                call(pod.id)
 
 
 # each module-scoped containerd: (version, the kata handler's sandboxer on 2.x)
@@ -119,30 +75,8 @@ def cri_lab(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     if not in_labvm():
         pytest.fail("the CRI lab tests run inside the lab VM", pytrace=False)
     version, sandboxer = request.param
-    install_guest_assets()
-    tmp = tmp_path_factory.mktemp("cri")
-    net_d = tmp / "net.d"
-    net_d.mkdir()
-    conflist = bridge_conflist("kata-cri", BRIDGE, SUBNET, tmp / "ipam")
-    (net_d / "10-kata-cri.conflist").write_text(json.dumps(conflist, indent=2))
-    busybox = busybox_oci.build(tmp / "busybox.tar")
-    pause = build_pause_image(tmp / "pause.tar")
-    netns_before = netns_names()
-    try:
-        config = CriConfig(cni_conf_dir=net_d, version=version, kata_sandboxer=sandboxer)
-        with private_containerd(cri=config) as ctrd:
-            ctrd.import_image(busybox, namespace=CRI_NAMESPACE)
-            ctrd.import_image(pause, namespace=CRI_NAMESPACE)
-            with CriClient(ctrd.address) as client:
-                try:
-                    yield CriLab(ctrd, client, tmp)
-                finally:
-                    remove_all_pods(client)
-    finally:
-        # what a killed containerd could not tear down: its pods' netns and the bridge CNI made
-        for name in netns_names() - netns_before:
-            sh("ip", "netns", "delete", name)
-        sh("ip", "link", "delete", BRIDGE)
+    with open_cri_lab(tmp_path_factory.mktemp("cri"), version=version, sandboxer=sandboxer) as lab:
+        yield lab
 
 
 SANDBOX_CALL = re.compile(r"kata_shim\.sandbox: Sandbox\.(\w+) (\S+)")
@@ -178,15 +112,6 @@ def sandbox_api_order(calls: list[str]) -> list[str]:
     return problems
 
 
-def eventually(what: Callable[[], bool], timeout: float = EVENTUALLY) -> bool:
-    end = time.monotonic() + timeout
-    while not what():
-        if time.monotonic() > end:
-            return False
-        time.sleep(1)
-    return True
-
-
 def fetch(url: str) -> str:
     """GET ``url``, retried until the server answers (httpd may still be starting in the guest)."""
     end = time.monotonic() + EVENTUALLY
@@ -198,35 +123,6 @@ def fetch(url: str) -> str:
             if time.monotonic() > end:
                 raise
             time.sleep(1)
-
-
-def diagnostics(lab: CriLab, pod_id: str = "") -> str:
-    """containerd's log tail and the log lines naming the pod (the shim's lines come through containerd)."""
-    # containerd's debug lines can be whole OCI specs: each cut to 400 characters
-    log = [line[:400] for line in lab.ctrd.log().splitlines()]
-    mine = [line for line in log if pod_id and pod_id[:12] in line][-40:]
-    tail = "\n".join(log[-80:])
-    return (
-        f"\n--- log lines of pod {pod_id[:12]} ---\n"
-        + "\n".join(mine)
-        + f"\n--- containerd log tail ---\n{tail}"
-    )
-
-
-def leftovers(
-    lab: CriLab, pod_id: str, netns: set[str], shims_before: list[int], handler: str
-) -> dict[str, object]:
-    """What a removed pod must not leave behind."""
-    mounts = Path("/proc/self/mounts").read_text()
-    return {
-        "shims": [p for p in lab.ctrd.shim_pids(SHIMS[handler]) if p not in shims_before],
-        "mounts below containerd": mounts_below(lab.ctrd.base),
-        "mounts naming the pod": [line for line in mounts.splitlines() if pod_id in line],
-        "netns": sorted(netns & netns_names()),
-        "bridge ports": bridge_ports(),
-        "taps": [line for line in sh("ip", "-o", "link", "show").splitlines() if "_kata" in line],
-        "kata state": (KATA_STATE_ROOT / pod_id).exists(),
-    }
 
 
 @pytest.mark.lab
@@ -343,12 +239,10 @@ def pod_flow(lab: CriLab, handler: str, cgroup_parent: str = "") -> None:
         remove_all_pods(client)
         raise
 
-    def clean() -> bool:
-        return not any(leftovers(lab, pod_id, pod_netns, shims_before, handler).values())
+    def left() -> dict[str, object]:
+        return leftovers(lab, [pod_id], pod_netns, shims_before, SHIMS[handler])
 
-    assert eventually(clean), (
-        f"left behind: {leftovers(lab, pod_id, pod_netns, shims_before, handler)}{diagnostics(lab, pod_id)}"
-    )
+    assert eventually(lambda: not any(left().values())), f"left behind: {left()}{diagnostics(lab, pod_id)}"
     cri = lab.ctrd.cri
     shim_sandboxer = cri is not None and cri.version == CONTAINERD_2 and cri.kata_sandboxer == SANDBOXER_SHIM
     calls = sandbox_calls(lab.ctrd.log(), pod_id)

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 from framework import GuestAssets
+from framework.inprocess import Console, boot_in_process
 
 from kata_vmm import BalloonSpec, Vmm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_upcall_lab import _boot_in_process, _Console, _field
+from test_upcall_lab import _field
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 PLUG_MIB, BALLOON_MIB = 256, 128
@@ -30,7 +31,7 @@ def test_virtio_mem_grows_a_running_guest_and_the_balloon_takes_memory_back(
 ) -> None:
     stats: dict[str, int] = {}
 
-    def plug_then_balloon(vmm: Vmm, console: _Console) -> None:
+    def plug_then_balloon(vmm: Vmm, console: Console) -> None:
         assert vmm.hotplug_memory().plugged_mib == 0
         vmm.set_hotplug_memory(PLUG_MIB)
         console.wait_until("the plug", lambda: vmm.hotplug_memory().plugged_mib == PLUG_MIB, vmm, EVENTUALLY)
@@ -40,7 +41,7 @@ def test_virtio_mem_grows_a_running_guest_and_the_balloon_takes_memory_back(
         console.wait_for("^MEM-BALLOONED ", vmm, timeout=EVENTUALLY)
         stats.update(vmm.balloon().stats)
 
-    text = _boot_in_process(
+    text = boot_in_process(
         guest_assets, tmp_path, {"/lab/run.sh": (SCRIPTS / "memory_hotplug_guest.sh").read_text()}, "MEM",
         plug_then_balloon, cmdline="memhp_default_state=online ", memory_mib=512, memory_hotplug_mib=512,
         devices=[BalloonSpec(stats_interval=1.0)],

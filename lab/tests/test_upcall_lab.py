@@ -23,12 +23,9 @@ import shutil
 import socket
 import struct
 import subprocess
-import threading
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -41,6 +38,8 @@ from framework import (
     initrd_with_files,
     vsock_echo,
 )
+from framework.inprocess import UPCALL_MODULE as MODULE
+from framework.inprocess import Console, boot_with_upcall
 from images import build as images
 
 from kata_upcall import (
@@ -52,7 +51,6 @@ from kata_upcall import (
     CpuReply,
     DelCpu,
     DelMmio,
-    Handshake,
     MmioReply,
     MsgType,
     PciReply,
@@ -62,24 +60,18 @@ from kata_upcall import (
     decode_connect,
     decode_reply,
     encode_hybrid_connect,
-    open_upcall_client,
 )
 from kata_vmm import (
     BlockSpec,
-    ExitKind,
     MmioSlot,
-    VmConfig,
     Vmm,
-    VsockSpec,
     hot_add_vcpus,
     hot_add_virtio,
     hot_remove_vcpus,
     hot_remove_virtio,
-    upcall_connector,
 )
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
-MODULE = "kata_upcall_srv.ko"
 EINVAL, ENODEV, EPERM, EOPNOTSUPP = 22, 19, 1, 95
 # kata-vmm's slot 0 is the vsock device (the only one this guest has): slot 5 is free
 FREE_SLOT = MmioSlot.at(5)
@@ -275,105 +267,18 @@ def test_sandbox_initramfs_loads_the_upcall_module_before_the_agent(
     assert "insmod kata_upcall_srv.ko failed" not in console
 
 
-class _Console:
-    """A kata-vmm guest's serial console, collected from the VMM's threads."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._data = bytearray()
-
-    def write(self, data: bytes) -> None:
-        with self._lock:
-            self._data += data
-
-    @property
-    def text(self) -> str:
-        with self._lock:
-            return self._data.decode(errors="replace")
-
-    def wait_for(self, pattern: str, vmm: Vmm, timeout: float) -> None:
-        """Until the console has a line matching ``pattern``."""
-        self.wait_until(
-            repr(pattern), lambda: re.search(pattern, self.text, re.MULTILINE) is not None, vmm, timeout
-        )
-
-    def wait_until(self, what: str, done: Callable[[], bool], vmm: Vmm, timeout: float) -> None:
-        """Until ``done()``; fails with the console's end if the guest ends first or ``timeout`` passes."""
-        deadline = time.monotonic() + timeout
-        while not done():
-            ended = vmm.wait(timeout=0)
-            assert ended is None, f"guest ended ({ended}) before {what}:\n{self.text[-3000:]}"
-            assert time.monotonic() < deadline, f"no {what} within {timeout} s:\n{self.text[-3000:]}"
-            time.sleep(0.2)
-
-
-def _boot_in_process(
-    guest_assets: GuestAssets,
-    tmp_path: Path,
-    files: dict[str, bytes | str],
-    prefix: str,
-    body: Callable[[Vmm, _Console], None],
-    *,
-    cmdline: str = "",
-    **config: Any,
-) -> str:
-    """kata-vmm in process (the way the shim's dragonball back-end runs it) booting initrd-test.img with
-    ``files`` (``/lab/run.sh`` runs) and the VmConfig fields ``config``: once the guest prints
-    ``{prefix}-READY``, ``body(vmm, console)``; then the guest's ``{prefix}-DMESG`` lines and its power-off.
-    Returns the console."""
-    initrd = initrd_with_files(guest_assets.initrd_test, files, tmp_path / "initrd")
-    console = _Console()
-    vm_config = VmConfig(
-        kernel=guest_assets.kernel,
-        initrd=initrd,
-        cmdline=f"console=ttyS0 quiet panic=-1 {cmdline}lab.run=/lab/run.sh",
-        console_output=console.write,
-        **config,
-    )
-    vmm = Vmm()
-    try:
-        vmm.configure(vm_config)
-        vmm.start()
-        console.wait_for(f"^{prefix}-READY", vmm, timeout=300)
-        body(vmm, console)
-        console.wait_for(f"^{prefix}-DMESG|^lab-init:", vmm, timeout=300)
-        ended = vmm.wait(timeout=120)
-        assert ended is not None and ended.kind is ExitKind.POWER_OFF, (ended, console.text[-3000:])
-    finally:
-        vmm.close()
-    text = console.text
-    print(text[-4000:])
-    return text
-
-
 def _hotplug_in_process(
     guest_assets: GuestAssets,
     tmp_path: Path,
     script: str,
     prefix: str,
-    body: Callable[[Vmm, _Console, UpcallClient], Awaitable[None]],
+    body: Callable[[Vmm, Console, UpcallClient], Awaitable[None]],
     *,
     max_vcpus: int = 0,
 ) -> str:
-    """`_boot_in_process` with scripts/``script``, the module and one vsock device, ``await body(vmm, console,
-    upcall)`` with an upcall client over the VM's own vsock device (built-in mode)."""
-
-    def session(vmm: Vmm, console: _Console) -> None:
-        async def run() -> None:
-            connector = upcall_connector(vmm)
-            async with open_upcall_client(connector, handshake=Handshake.ACCEPT_LINE) as upcall:
-                await body(vmm, console, upcall)
-
-        trio.run(run)
-
-    files = {
-        "/lab/run.sh": (SCRIPTS / script).read_text(),
-        f"/lab/{MODULE}": guest_assets.upcall_module.read_bytes(),
-    }
-    return _boot_in_process(
-        guest_assets, tmp_path, files, prefix, session,
-        memory_mib=512, max_vcpus=max_vcpus, devices=[VsockSpec(tmp_path / "v.sock")],
-    )  # fmt: skip
+    """`boot_with_upcall` running scripts/``script``."""
+    files = {"/lab/run.sh": (SCRIPTS / script).read_text()}
+    return boot_with_upcall(guest_assets, tmp_path, files, prefix, body, max_vcpus=max_vcpus)
 
 
 @pytest.mark.lab
@@ -387,7 +292,7 @@ def test_hot_added_disk_appears_in_the_guest_and_goes_away_on_removal(
     payload = os.urandom(1 << 20)
     disk.write_bytes(payload)
 
-    async def plug_and_unplug(vmm: Vmm, console: _Console, upcall: UpcallClient) -> None:
+    async def plug_and_unplug(vmm: Vmm, console: Console, upcall: UpcallClient) -> None:
         slot = await hot_add_virtio(vmm, BlockSpec(disk, read_only=True).build(), upcall)
         assert slot.index == 1  # the vsock device holds slot 0
         await trio.to_thread.run_sync(console.wait_for, "^HOT-VDA ", vmm, 300)
@@ -408,7 +313,7 @@ def test_hot_added_vcpu_comes_online_in_the_guest_and_goes_offline_on_removal(
     """1 vCPU and max_vcpus=2 (the MADT lists APIC id 1 Online Capable): the host creates vCPU 1 and sends
     AddCpu, the guest's online CPUs become 0-1; DelCpu takes it back to 0."""
 
-    async def add_and_remove(vmm: Vmm, console: _Console, upcall: UpcallClient) -> None:
+    async def add_and_remove(vmm: Vmm, console: Console, upcall: UpcallClient) -> None:
         assert await hot_add_vcpus(vmm, 1, upcall) == (1,)
         await trio.to_thread.run_sync(console.wait_for, "^CPU-ADDED ", vmm, 300)
         assert await hot_remove_vcpus(vmm, 1, upcall) == (1,)

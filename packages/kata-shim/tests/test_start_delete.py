@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -218,6 +219,8 @@ def test_run_mode_logs_to_the_bundle_log_fifo(shims: Shims) -> None:
     finally:
         os.close(reader)
     assert f"shim {id} serving unix:///run/containerd/s/" in text
+    # -debug: how long the new shim took to serve, since its exec and since `start`'s
+    assert re.search(rf"shim {id}: serving \d+\.\d\d s after its exec, \d+\.\d\d s after `start`", text)
     assert "shutting down" in text
 
 

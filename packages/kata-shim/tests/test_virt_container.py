@@ -671,11 +671,17 @@ def _exits(pod: Pod) -> list[events_pb2.TaskExit]:
 
 
 def test_container_output_through_fifos_exit_code_and_delete_leaves_nothing(
-    busybox_lower: Path, virtiofs_as_bind: dict[str, Path]
+    busybox_lower: Path, virtiofs_as_bind: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="kata_shim.virt_container")
+
     async def main() -> None:
         async with running_pod(virtiofs_as_bind) as pod:
             assert pod.vm.calls[:3] == ["prepare_vm", "add_device:ShareFsDevice", "start_vm"]
+            # the start's steps in one debug line, in the order they ran (no network, no cgroup here)
+            (line,) = [r.getMessage() for r in caplog.records if "sandbox sb1: started, " in r.getMessage()]
+            steps = re.findall(r"([a-z-]+) \d+\.\d\d", line.split(": ", 2)[2])
+            assert steps == ["shared-dir", "prepare-vm", "start-vm", "agent-ready", "create-sandbox"], line
             cm = pod.instance.containers
             fifos = _fifos(pod, "c1", "stdout", "stderr")
             spec = _spec("sh", "-c", "echo out; hostname; ls /proc/1/ns >/dev/null; echo err >&2; exit 3")
@@ -688,6 +694,18 @@ def test_container_output_through_fifos_exit_code_and_delete_leaves_nothing(
                 n.start_soon(read_fifo, fifos["stderr"], got, "err")
                 pid = await cm.create_container(cfg)
                 assert pid == os.getpid()
+                (line,) = [
+                    r.getMessage() for r in caplog.records if "container c1: created, " in r.getMessage()
+                ]
+                steps = re.findall(r"([a-z-]+) \d+\.\d\d", line.split(": ", 2)[2])
+                assert steps == [
+                    "rootfs",
+                    "volumes",
+                    "resize-devices",
+                    "stdio",
+                    "agent-create",
+                    "pod-resources",
+                ]
                 state = await cm.state_process(ProcessId("c1"))
                 assert state.status is ProcessStatus.CREATED
                 rootfs = pod.sandbox.layout.rootfs_host_path("c1")

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from functools import partial
 from pathlib import Path
 
@@ -16,12 +17,13 @@ import trio
 
 from kata_proto import ttrpc
 from kata_proto.containerd import SANDBOX_SERVICE, TASK_SERVICE
+from kata_shim._steps import process_age
 from kata_shim.message import MessageDispatcher, RuntimeHandlerManager
 from kata_shim.service import EventPublisher, SandboxService, TaskService
 from kata_shim.shim._address import socket_address
 from kata_shim.shim._flags import ShimFlags
 from kata_shim.shim._log import setup_logging
-from kata_shim.shim._start import ENV_CONFIG_PATH, ENV_LISTEN_FD, ENV_READY_FD, bind_socket
+from kata_shim.shim._start import ENV_CONFIG_PATH, ENV_LISTEN_FD, ENV_READY_FD, ENV_START_EXEC, bind_socket
 
 log = logging.getLogger("kata_shim")
 
@@ -62,6 +64,13 @@ async def serve(
             await nursery.start(partial(trio.serve_listeners, server.serve_stream, [listener]))
             nursery.start_soon(_watch_signals, dispatcher)
             log.info("shim %s serving %s (namespace %s)", flags.id, address, flags.namespace)
+            log.debug(
+                "shim %s: %s",
+                flags.id,
+                startup_line(
+                    os.environ.pop(ENV_START_EXEC, ""), process_age(), time.clock_gettime(time.CLOCK_BOOTTIME)
+                ),
+            )
             task_status.started()
             await dispatcher.shutdown_requested.wait()
             log.info("shim %s shutting down", flags.id)
@@ -74,6 +83,15 @@ async def serve(
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def startup_line(start_exec: str, age: float | None, now: float) -> str:
+    """How long this shim took to serve since its exec (``age``: interpreter start-up, imports, listening)
+    and, given ``start_exec`` (`ENV_START_EXEC`, boot-time clock), since containerd ran `start`."""
+    line = f"serving {age:.2f} s after its exec" if age is not None else "serving (exec time unknown)"
+    with contextlib.suppress(ValueError):
+        line += f", {now - float(start_exec):.2f} s after `start` was exec'd"
+    return line
 
 
 async def _watch_signals(dispatcher: MessageDispatcher) -> None:

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 
+from kata_shim._steps import process_age
 from kata_shim.shim._address import bundle_sandbox_id, can_connect, socket_address, socket_path
 from kata_shim.shim._flags import ShimFlags
 from kata_shim.shim._wire import start_config_path
@@ -34,6 +35,8 @@ READY_TIMEOUT = float(os.environ.get("KATA_SHIM_READY_TIMEOUT", "120"))
 """Seconds `start` waits for the new shim (Python start-up under nested TCG takes seconds)."""
 ENV_CONFIG_PATH = "KATA_SHIM_RUNTIME_CONFIG_PATH"
 """The runtime options' config_path from `start`'s stdin, for the new shim (the default of every Create)."""
+ENV_START_EXEC = "KATA_SHIM_START_EXEC"
+"""When `start` was exec'd (boot-time clock, seconds), for the new shim's debug line on its own start-up."""
 STDIN_TIMEOUT = 1.0
 """Seconds `start` waits for stdin to have something (containerd writes it at once, then closes it)."""
 MAX_STDIN = 1 << 20
@@ -152,6 +155,9 @@ def launch(flags: ShimFlags, address: str, bundle: str, config_path: str = "") -
         env.pop(ENV_CONFIG_PATH, None)
         if config_path:
             env[ENV_CONFIG_PATH] = config_path
+        age = process_age()
+        if age is not None:
+            env[ENV_START_EXEC] = f"{time.clock_gettime(time.CLOCK_BOOTTIME) - age:.3f}"
         # A fresh interpreter (no fork of this one): new session, cwd the bundle, stdio to /dev/null.
         child = subprocess.Popen(
             shim_command(flags),

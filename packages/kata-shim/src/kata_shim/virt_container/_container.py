@@ -33,6 +33,7 @@ from kata_agent_client import (
 )
 from kata_proto.containerd import TOPIC_EXIT, events_pb2
 from kata_resources import ResourceError, ResourceUpdateOp, mount_rootfs, share_volumes
+from kata_shim._steps import Steps
 from kata_shim.hypervisor._base import HypervisorError
 from kata_shim.runtime._base import (
     AlreadyExists,
@@ -177,6 +178,7 @@ class VirtContainerManager:
         layout, ledger = self.sandbox.layout, self.sandbox.ledger
         process = _Process(ProcessId(cid), config.stdio)
         devices = PluggedDevices()
+        steps = Steps()
         self._creating.add(cid)
         try:
             root = config.spec.get("root") or {}
@@ -199,15 +201,19 @@ class VirtContainerManager:
                 )
             else:
                 mount_rootfs(config.rootfs, layout.rootfs_host_path(cid), ledger, bundle_rootfs=bundle_rootfs)
+            steps.mark("rootfs")
             mounts = share_volumes(config.spec.get("mounts") or [], layout, cid, ledger)
             mounts = self.sandbox.guest_mounts(mounts)  # the pod's one /dev/shm
             spec = guest_spec(config.spec, cid, layout.rootfs_guest_path(cid), mounts)
+            steps.mark("volumes")
             # dynamic sizing: the VM grows before the container asks the guest for its CPUs (runtime-rs)
             await self.sandbox.resize_for(cid, _oci_resources(config.spec), ResourceUpdateOp.ADD)
             if block_entries(spec):
                 await plug_block_devices(hv, cid, spec, devices)
                 spec = without_block_entries(spec)
+            steps.mark("resize-devices")
             await self._open_stdio(agent, process)
+            steps.mark("stdio")
             await agent.create_container(
                 cid,
                 spec,
@@ -216,6 +222,7 @@ class VirtContainerManager:
                 stdio_ports=process.ports,
                 sandbox_pidns=shares_sandbox_pidns(config.spec),  # pod namespaces (issue 14)
             )
+            steps.mark("agent-create")
         except BaseException as err:
             self._close_stdio(process)
             if self.sandbox.vcpu_plan is not None:
@@ -243,6 +250,8 @@ class VirtContainerManager:
         self._containers[cid] = _Container(cid, config.bundle, process, devices=devices)
         # Pod resources (issue 14): the sandbox cgroup's limits now count this container too.
         await self.sandbox.container_resources(cid, _oci_resources(config.spec))
+        steps.mark("pod-resources")
+        log.debug("container %s: created, %s", cid, steps)
         return self.sandbox.pid()
 
     async def _open_stdio(self, agent: AgentClient, p: _Process) -> None:

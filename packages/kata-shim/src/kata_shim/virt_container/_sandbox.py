@@ -61,6 +61,7 @@ from kata_resources import (
     teardown_network,
 )
 from kata_shim._ratelimit import LineRateLimit
+from kata_shim._steps import Steps
 from kata_shim.config._types import TomlConfig
 from kata_shim.factory import opened, template_for
 from kata_shim.hypervisor import GuestClock, boot_report
@@ -271,16 +272,20 @@ class VirtSandbox:
         return PassfdListener(*found) if found is not None else None
 
     async def _start(self, first: ContainerConfig) -> None:
+        steps = Steps()  # each step's wall time, one debug line at the end (issue 16's lean start path)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         try:
             shared = self.layout.create(self.ledger)
         except (OSError, ResourceError) as err:
             raise SandboxError(f"shared directory for {self.sandbox_id}: {err}") from err
+        steps.mark("shared-dir")
         netns = pod_netns(first.spec)
         if netns is not None:
             await self._setup_network(netns)
+            steps.mark("network")
         if self.cgroup_root is not None:
             await self._setup_cgroup(cgroups_path(first.spec))
+            steps.mark("cgroup")
         self._limits[first.container_id] = container_limits(first.spec)
         hv = self._hypervisor_factory(self.config)
         self.hypervisor = hv
@@ -324,6 +329,7 @@ class VirtSandbox:
         dial_timeout = agent_cfg.connect_budget_s
         if self.cgroup is not None:
             await self._join_cgroup(hv, vcpus=False)  # the shim first: the VM's threads start there
+        steps.mark("prepare-vm")
         started = time.monotonic()
         self.restored = False
         with contextlib.ExitStack() as held:
@@ -349,6 +355,7 @@ class VirtSandbox:
             if self.restored:
                 for nic in nics:
                     await hv.add_device(nic)  # hot-plugged
+        steps.mark("restore-vm" if self.restored else "start-vm")
         if self.restored:
             took = time.monotonic() - booted
             log.info("sandbox %s: restored from template %s in %.2f s", self.sandbox_id, template, took)
@@ -409,6 +416,7 @@ class VirtSandbox:
             text = text if address in text else f"agent at {address}: {text}"
             report = boot_report(hv.vcpu_thread_ids(), hv.console_tail(), started)
             raise SandboxError(f"{text}\n{report}") from failure
+        steps.mark("agent-ready")
         agent = self.agent
         hostname = str(first.spec.get("hostname", "") or "")
         mounts = [m for m in first.spec.get("mounts") or [] if isinstance(m, dict)]
@@ -429,7 +437,9 @@ class VirtSandbox:
                 kernel_modules=_kernel_modules(agent_cfg.kernel_modules),
             )
             details = await agent.get_guest_details()
+        steps.mark("create-sandbox")
         log.info("sandbox %s: guest agent %s", self.sandbox_id, details.agent_version)
+        log.debug("sandbox %s: started, %s", self.sandbox_id, steps)
         self.nursery.start_soon(self._oom_events)
         self.health = HealthChecker(
             agent,

@@ -1,0 +1,48 @@
+"""The start's step timer and the shim's own start-up line (issue 16: each step's time in the shim log)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from kata_shim._steps import Steps, process_age
+from kata_shim.shim._run import startup_line
+
+
+def test_steps_time_each_step_from_the_previous_mark_and_render_in_order() -> None:
+    now = [10.0]
+    steps = Steps(clock=lambda: now[0])
+    assert str(steps) == "no step"
+    now[0] = 10.5
+    assert steps.mark("shared-dir") == 0.5
+    now[0] = 13.0
+    assert steps.mark("start-vm") == 2.5
+    now[0] = 13.25
+    steps.mark("agent-ready")
+    assert steps.items() == [("shared-dir", 0.5), ("start-vm", 2.5), ("agent-ready", 0.25)]
+    assert steps.total() == 3.25
+    assert str(steps) == "total 3.25 s: shared-dir 0.50, start-vm 2.50, agent-ready 0.25"
+
+
+def test_process_age_reads_starttime_after_a_command_name_with_spaces_and_parens(tmp_path: Path) -> None:
+    ticks = os.sysconf("SC_CLK_TCK")
+    boot_now = time.clock_gettime(time.CLOCK_BOOTTIME)
+    started = int((boot_now - 30) * ticks)
+    fields = ["S"] + ["0"] * 18 + [str(started)] + ["0"] * 10  # field 22 is starttime
+    stat = tmp_path / "stat"
+    stat.write_text(f"4242 (a b) c) {' '.join(fields)}\n")
+    age = process_age(str(stat))
+    assert age is not None and 29 <= age <= 31
+    stat.write_text("garbage")
+    assert process_age(str(stat)) is None
+    assert process_age(str(tmp_path / "absent")) is None
+    own = process_age()  # this test process: started before now, not before boot
+    assert own is not None and 0 < own < boot_now
+
+
+def test_startup_line_says_since_exec_and_since_start_when_known() -> None:
+    line = startup_line("100.000", 2.25, 103.5)
+    assert line == "serving 2.25 s after its exec, 3.50 s after `start` was exec'd"
+    assert startup_line("", 2.25, 103.5) == "serving 2.25 s after its exec"
+    assert startup_line("junk", None, 1.0) == "serving (exec time unknown)"
