@@ -94,6 +94,8 @@ class BlockfileSnapshotter:
     name: str = BLOCKFILE
     # the containerds that have it (1.6 has no blockfile)
     versions: tuple[str, ...] = (CONTAINERD_2,)
+    # containerd's environment needs nothing more
+    env: dict[str, str] = field(default_factory=dict)
 
     def release(self) -> None:
         """Nothing outlives containerd's directory."""
@@ -335,6 +337,8 @@ class DevmapperSnapshotter:
     fs_type: str = "ext4"
     name: str = DEVMAPPER
     versions: tuple[str, ...] = (CONTAINERD_1_6,)
+    # for dmsetup here and containerd's: the lab VM runs no udev, so libdevmapper makes the /dev/mapper nodes
+    env: dict[str, str] = field(default_factory=lambda: {"DM_DISABLE_UDEV": "1"})
     pool: str = field(default_factory=lambda: f"kata-lab-{os.getpid()}-{time.monotonic_ns() % 10**6}")
     loops: list[str] = field(default_factory=list)
     created: bool = False
@@ -359,6 +363,7 @@ class DevmapperSnapshotter:
                 self.loops.append(done.stdout.strip())
             subprocess.run(
                 ["dmsetup", "create", self.pool, "--table", self.table()],
+                env={**os.environ, **self.env},
                 check=True,
                 capture_output=True,
                 text=True,
@@ -386,7 +391,9 @@ class DevmapperSnapshotter:
 
     def devices(self) -> list[str]:
         """The device-mapper devices of the pool's snapshots (``<pool>-snap-<id>``), by ``dmsetup ls``."""
-        done = subprocess.run(["dmsetup", "ls"], capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            ["dmsetup", "ls"], env={**os.environ, **self.env}, capture_output=True, text=True, check=False
+        )
         names = [line.split()[0] for line in done.stdout.splitlines() if line.strip()]
         return [n for n in names if n.startswith(f"{self.pool}-snap-")]
 
@@ -394,8 +401,10 @@ class DevmapperSnapshotter:
         """Remove the snapshots' devices, the pool and its loop devices (best effort, each step)."""
         if self.created:
             for device in self.devices():
-                subprocess.run(["dmsetup", "remove", "--force", device], capture_output=True, check=False)
-            subprocess.run(["dmsetup", "remove", self.pool], capture_output=True, check=False)
+                remove = ["dmsetup", "remove", "--force", device]
+                subprocess.run(remove, env={**os.environ, **self.env}, capture_output=True, check=False)
+            remove = ["dmsetup", "remove", self.pool]
+            subprocess.run(remove, env={**os.environ, **self.env}, capture_output=True, check=False)
             self.created = False
         for loop in reversed(self.loops):
             subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
@@ -443,6 +452,7 @@ def private_containerd(
         "PATH": path,
         "HOME": os.environ.get("HOME", "/root"),
         "LANG": "C.UTF-8",
+        **(snapshotter.env if snapshotter is not None else {}),
         **(extra_env or {}),
     }
     try:
