@@ -13,7 +13,6 @@ import statistics
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,7 +25,7 @@ from framework._gen.cri import api_pb2, api_pb2_grpc
 
 LAB = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(LAB / "tests"))
-from test_cri_client import VERSIONS, needs_cni, run_in_private_namespaces  # noqa: E402
+from test_cri_client import VERSIONS, needs_cni, run_in_private_namespaces, serving_runtime  # noqa: E402
 
 
 def _load(name: str) -> ModuleType:
@@ -218,15 +217,8 @@ class BarrierRuntime(api_pb2_grpc.RuntimeServiceServicer):
 @pytest.fixture
 def barrier_cri(tmp_path: Path) -> Iterator[tuple[BarrierRuntime, str]]:
     runtime = BarrierRuntime(4)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    api_pb2_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
-    address = str(tmp_path / "cri.sock")
-    server.add_insecure_port(f"unix://{address}")
-    server.start()
-    try:
+    with serving_runtime(runtime, tmp_path, workers=8) as address:
         yield runtime, address
-    finally:
-        server.stop(grace=None)
 
 
 def test_pods_are_started_together_and_each_failure_names_its_call(

@@ -6,6 +6,7 @@ ImageStatus and run a runc pod through the kubelet's calls."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
@@ -137,19 +138,28 @@ class FakeRuntime(api_pb2_grpc.RuntimeServiceServicer):
         return api_pb2.ExecSyncResponse(stdout=b"pod-a\n", stderr=b"", exit_code=0)
 
 
-@pytest.fixture
-def fake_cri(tmp_path: Path) -> Iterator[tuple[FakeRuntime, str]]:
-    runtime = FakeRuntime()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+@contextlib.contextmanager
+def serving_runtime(runtime: Any, where: Path, workers: int = 4) -> Iterator[str]:
+    """A gRPC server with ``runtime`` as the CRI RuntimeService on a unix socket in ``where``; its path."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
     api_pb2_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
-    address = str(tmp_path / "cri.sock")
+    address = str(where / "cri.sock")
     server.add_insecure_port(f"unix://{address}")
     server.start()
     try:
-        yield runtime, address
+        yield address
     finally:
-        runtime.release.set()
         server.stop(grace=None)
+
+
+@pytest.fixture
+def fake_cri(tmp_path: Path) -> Iterator[tuple[FakeRuntime, str]]:
+    runtime = FakeRuntime()
+    with serving_runtime(runtime, tmp_path) as address:
+        try:
+            yield runtime, address
+        finally:
+            runtime.release.set()  # a StopPodSandbox still waiting returns before the server stops
 
 
 def test_client_sends_what_the_kubelet_sends(fake_cri: tuple[FakeRuntime, str]) -> None:
