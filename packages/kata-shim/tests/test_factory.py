@@ -20,6 +20,7 @@ import trio
 import kata_agent
 from kata_agent import AgentConfig as GuestAgentConfig
 from kata_agent import open_agent
+from kata_agent._network import Netlink
 from kata_shim import _kata_ctl
 from kata_shim.config import AgentConfig, FactoryConfig, RuntimeConfig, TomlConfig
 from kata_shim.factory import (
@@ -246,9 +247,13 @@ def test_one_builder_at_a_time_and_a_swap_keeps_readers_out(config: TomlConfig) 
 
 
 def test_build_boots_to_agent_ready_saves_and_records_what_it_was_made_from(
-    config: TomlConfig, base: Path
+    config: TomlConfig, base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     made, new = _vms(base)
+    # the template's agent lists its interfaces (its netlink code imported) before the save
+    monkeypatch.setattr(
+        Netlink, "list_interfaces", lambda self: made[0].calls.append("agent:list_interfaces") or []
+    )
 
     async def main() -> None:
         template = Template(config.factory)
@@ -261,6 +266,7 @@ def test_build_boots_to_agent_ready_saves_and_records_what_it_was_made_from(
             "prepare_vm:template",
             "add_device:ShareFsDevice",
             "start_vm",
+            "agent:list_interfaces",
             "save_vm",
             "stop_vm",
             "cleanup",

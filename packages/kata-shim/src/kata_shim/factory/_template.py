@@ -340,6 +340,10 @@ class Template:
                     call_timeout=agent_cfg.request_timeout_ms / 1000,
                 ) as agent:
                     version = (await agent.get_guest_details()).agent_version
+                    # warms the agent's netlink code (its pyroute2 imports: seconds of guest CPU under
+                    # nested virtualization) into the template, so a clone's first UpdateInterface does not
+                    # pay for them inside CreateSandbox's request budget
+                    await agent.list_interfaces()
             except Exception as err:
                 raise FactoryError(f"template VM: agent at {address}: {err}{_console(hv)}") from err
             nursery.cancel_scope.cancel()
