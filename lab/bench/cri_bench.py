@@ -47,7 +47,7 @@ for where in (LAB, LAB / "bench"):
 
 from framework import in_labvm  # noqa: E402
 from framework._gen.cri import api_pb2  # noqa: E402
-from framework.containerd import BUSYBOX_IMAGE, SHIM_BINARY  # noqa: E402
+from framework.containerd import BUSYBOX_IMAGE, SHIM_BINARY, keep_log  # noqa: E402
 from framework.cri import (  # noqa: E402
     KATA_HANDLER,
     RUNC_HANDLER,
@@ -483,9 +483,12 @@ def main(argv: list[str] | None = None) -> int:
             if not eventually(lambda: all(ok for ok, _, _ in lab.client.status().values()), 120):
                 print(f"CRI not ready: {lab.client.status()}", file=sys.stderr)
                 return 1
-            for series in order:
-                result["warm_up"][series.name] = warm_up(lab, series)
-                result["series"][series.name] = measure(lab, series, args.pods)
+            try:
+                for series in order:
+                    result["warm_up"][series.name] = warm_up(lab, series)
+                    result["series"][series.name] = measure(lab, series, args.pods)
+            finally:
+                keep_log(lab.ctrd.log_path)  # every shim's log is in it: build/lab/logs, the newest kept
     result["ratios"] = ratios(result["series"])
     result["problems"] = problems(result)
     result["total_s"] = time.monotonic() - t0

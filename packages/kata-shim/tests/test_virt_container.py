@@ -600,6 +600,7 @@ async def running_pod(
     *,
     fail: str = "",
     reconnect_timeout_ms: int = 10_000,
+    request_timeout_ms: int = 30_000,
     first_spec: dict[str, Any] | None = None,
     runtime: RuntimeConfig | None = None,
     cgroup_root: Path | None = None,
@@ -642,7 +643,7 @@ async def running_pod(
                 Path("test.toml"),
                 runtime or RuntimeConfig(use_passfd_io=fail in ("passfd", "passfd_silent", "no_passfd")),
                 HypervisorConfig(),
-                AgentConfig(reconnect_timeout_ms=reconnect_timeout_ms),
+                AgentConfig(reconnect_timeout_ms=reconnect_timeout_ms, request_timeout_ms=request_timeout_ms),
                 factory=factory or FactoryConfig(),
             )
             instance = handler.new_instance("sb1", config, publish)
@@ -1080,6 +1081,33 @@ def test_agent_budget_is_guest_time_not_wall_time(
                 raise AssertionError("must not start")
         (err,) = info.value.exceptions
         assert isinstance(err, SandboxError) and "not ready within 0.75 s of guest time" in str(err), err
+
+    trio.run(main)
+
+
+def test_an_agent_that_does_not_set_up_the_sandbox_in_its_request_budget_fails_the_start_by_name(
+    virtiofs_as_bind: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent answers, but CreateSandbox takes longer than request_timeout_ms (ten restored VMs on one
+    host CPU): the start fails saying what did not finish within which budget, not with trio's bare
+    TooSlowError (whose message is empty)."""
+
+    async def never(self: Any, req: Any, ctx: Any) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr("kata_agent._service.AgentService.CreateSandbox", never)
+
+    async def main() -> None:
+        with pytest.raises(BaseExceptionGroup) as info:
+            async with running_pod(virtiofs_as_bind, request_timeout_ms=300):
+                raise AssertionError("must not start")
+        (err,) = info.value.exceptions
+        assert isinstance(err, SandboxError)
+        assert re.fullmatch(
+            r"sandbox sb1: the agent did not set up the sandbox \(network, CreateSandbox\) within 0.3 s"
+            r" \(request_timeout_ms\), \d+ s into the start",
+            str(err),
+        ), str(err)
 
     trio.run(main)
 

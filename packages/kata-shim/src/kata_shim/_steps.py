@@ -33,6 +33,10 @@ class Steps:
         """The marked steps and their seconds, in order."""
         return list(self._steps)
 
+    def since_last(self) -> float:
+        """Seconds since the last mark (or the start): the step under way."""
+        return self._clock() - self._last
+
     def total(self) -> float:
         """Seconds from creation to the last mark."""
         return self._last - self._start

@@ -258,7 +258,7 @@ class VirtSandbox:
                 err = _first_leaf(rest)
             if isinstance(err, (RuntimeHandlerError, trio.Cancelled, KeyboardInterrupt)):
                 raise err
-            raise SandboxError(f"sandbox {self.sandbox_id}: {err}") from err
+            raise SandboxError(f"sandbox {self.sandbox_id}: {str(err) or type(err).__name__}") from err
 
     def _passfd_wanted(self, hv: Hypervisor) -> bool:
         """use_passfd_io and a back-end that can pass fds (its `capabilities().passfd`)."""
@@ -424,19 +424,27 @@ class VirtSandbox:
         if any(m.get("destination") == "/dev/shm" for m in mounts):
             self.shm_size = pod_shm_size(mounts)
             storages.append(_storage(pod_shm_storage(self.shm_size)))
-        with trio.fail_after(agent_cfg.request_timeout_ms / 1000):
-            if self.restored:
-                await self._set_clone_identity(agent)
-            # hot-plugged NICs of a restored VM may not be in the guest yet: UpdateInterface is retried
-            await self._configure_guest_network(agent, hot=self.restored)
-            await agent.create_sandbox(
-                self.sandbox_id,
-                hostname=hostname,
-                dns=first.dns if first.dns is not None else dns_from_mounts(mounts),
-                storages=storages,
-                kernel_modules=_kernel_modules(agent_cfg.kernel_modules),
-            )
-            details = await agent.get_guest_details()
+        budget = agent_cfg.request_timeout_ms / 1000
+        try:
+            with trio.fail_after(budget):
+                if self.restored:
+                    await self._set_clone_identity(agent)
+                # hot-plugged NICs of a restored VM may not be in the guest yet: UpdateInterface is retried
+                await self._configure_guest_network(agent, hot=self.restored)
+                await agent.create_sandbox(
+                    self.sandbox_id,
+                    hostname=hostname,
+                    dns=first.dns if first.dns is not None else dns_from_mounts(mounts),
+                    storages=storages,
+                    kernel_modules=_kernel_modules(agent_cfg.kernel_modules),
+                )
+                details = await agent.get_guest_details()
+        except trio.TooSlowError as err:
+            raise SandboxError(
+                f"sandbox {self.sandbox_id}: the agent did not set up the sandbox (network, CreateSandbox)"
+                f" within {budget:g} s"
+                f" (request_timeout_ms), {steps.total() + steps.since_last():.0f} s into the start"
+            ) from err
         steps.mark("create-sandbox")
         log.info("sandbox %s: guest agent %s", self.sandbox_id, details.agent_version)
         log.debug("sandbox %s: started, %s", self.sandbox_id, steps)
