@@ -478,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         template, _ = template_config(Path(tmp) / "template")
         lab_dir = Path(tmp) / "lab"
         lab_dir.mkdir()
-        with open_cri_lab(lab_dir, extra_kata_handlers={TEMPLATE_HANDLER: template}, debug=False) as lab:
+        # debug: containerd passes -debug to the shims: their start-up and step timings go in the kept log
+        with open_cri_lab(lab_dir, extra_kata_handlers={TEMPLATE_HANDLER: template}, debug=True) as lab:
             log(f"CRI ready: {lab.client.version().runtime_version}, handlers {[s.handler for s in order]}")
             if not eventually(lambda: all(ok for ok, _, _ in lab.client.status().values()), 120):
                 print(f"CRI not ready: {lab.client.status()}", file=sys.stderr)
