@@ -25,6 +25,7 @@ from kata_proto.containerd import SANDBOX_SERVICE, TASK_SERVICE, runtimeoptions_
 from kata_shim.persist import SandboxState, StateStore, process_start_time, sandbox_dir
 from kata_shim.shim import socket_address
 from kata_shim.shim._address import socket_path
+from kata_shim.shim._delete import SHUTDOWN_STUCK, SHUTTING_DOWN
 from kata_shim.shim._wire import encode_delete_response
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -218,6 +219,7 @@ def test_run_mode_logs_to_the_bundle_log_fifo(shims: Shims) -> None:
         text = os.read(reader, 65536).decode()
     finally:
         os.close(reader)
+    assert (bundle / SHUTTING_DOWN).read_text() == (bundle / "shim.pid").read_text()  # its orderly shutdown
     assert f"shim {id} serving unix:///run/containerd/s/" in text
     # -debug: how long the new shim took to serve, since its exec and since `start`'s
     assert re.search(rf"shim {id}: serving \d+\.\d\d s after its exec, \d+\.\d\d s after `start`", text)
@@ -248,6 +250,54 @@ def test_delete_cleans_up_after_a_dead_shim_and_prints_a_delete_response(shims: 
         assert str(shared) not in Path("/proc/self/mounts").read_text()
     finally:
         leftover.kill()
+        subprocess.run(["umount", "-l", str(shared)], check=False, capture_output=True)
+
+
+def _fake_shim(id: str, seconds: float) -> subprocess.Popen[bytes]:
+    """A process `delete` takes for this container's shim (``kata_shim`` and the id in its argv)."""
+    code = f"import time; time.sleep({seconds})"
+    return subprocess.Popen([sys.executable, "-c", code, "kata_shim", "-id", id])
+
+
+@root_only
+@pytest.mark.parametrize("case", ["exits", "still-shutting-down", "wedged"])
+def test_delete_waits_for_a_shim_in_its_orderly_shutdown_and_kills_a_wedged_one(
+    shims: Shims, case: str
+) -> None:
+    """containerd runs `delete` as soon as the connection drops, which an orderly Shutdown does too: a shim
+    that said it is shutting down is undoing what it made and is not killed (on a loaded host, killing it
+    mid-unmount left the pod's mounts behind when containerd then killed `delete` at its 5 s). `delete`
+    cleans up after it once it exited, leaves everything to it while it still runs, and kills one that has
+    been shutting down for longer than SHUTDOWN_STUCK as before."""
+    id = shims.new_id()
+    bundle = shims.bundle("b1")
+    shim = _fake_shim(id, {"exits": 1.0, "still-shutting-down": 60, "wedged": 60}[case])
+    shared = sandbox_dir(id, shims.state_root) / "shared"
+    try:
+        (bundle / "shim.pid").write_text(str(shim.pid))
+        (bundle / SHUTTING_DOWN).write_text(str(shim.pid))
+        if case == "wedged":
+            old = time.time() - SHUTDOWN_STUCK - 10
+            os.utime(bundle / SHUTTING_DOWN, (old, old))
+        StateStore(shims.state_root).save(SandboxState(id))
+        shared.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(shared)], check=True)
+        result = shims.run(id, "delete", bundle, "-bundle", str(bundle))
+        assert result.returncode == 0, result.stderr.decode()
+        assert task_pb2.DeleteResponse.FromString(result.stdout).exit_status == 137
+        mounted = str(shared) in Path("/proc/self/mounts").read_text()
+        if case == "exits":  # waited for, not killed; then what it left is cleaned up
+            assert shim.wait(timeout=5) == 0
+            assert not mounted and not sandbox_dir(id, shims.state_root).exists()
+        elif case == "still-shutting-down":  # left to finish: alive, and its mounts are its own to undo
+            assert shim.poll() is None
+            assert mounted
+        else:
+            assert shim.wait(timeout=5) == -signal.SIGKILL
+            assert not mounted
+    finally:
+        shim.kill()
+        shim.wait()
         subprocess.run(["umount", "-l", str(shared)], check=False, capture_output=True)
 
 

@@ -21,6 +21,7 @@ from kata_shim._steps import process_age
 from kata_shim.message import MessageDispatcher, RuntimeHandlerManager
 from kata_shim.service import EventPublisher, SandboxService, TaskService
 from kata_shim.shim._address import socket_address
+from kata_shim.shim._delete import mark_shutting_down
 from kata_shim.shim._flags import ShimFlags
 from kata_shim.shim._log import setup_logging
 from kata_shim.shim._start import ENV_CONFIG_PATH, ENV_LISTEN_FD, ENV_READY_FD, ENV_START_EXEC, bind_socket
@@ -74,6 +75,7 @@ async def serve(
             task_status.started()
             await dispatcher.shutdown_requested.wait()
             log.info("shim %s shutting down", flags.id)
+            mark_shutting_down(Path(flags.bundle or os.getcwd()))
             # Let the Shutdown reply leave before the connection goes.
             await trio.sleep(0.05)
             await manager.shutdown()
