@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 from framework import containerd as lab_containerd
-from framework import cri
+from framework import cri, cri_pods
 from framework._gen.cri import api_pb2, api_pb2_grpc
 from images import busybox_oci
 
@@ -482,32 +482,40 @@ def test_a_host_network_runc_pod_goes_through_the_kubelets_calls(
             ctrd.import_image(cri.build_pause_image(tmp_path / "pause.tar"), namespace=cri.CRI_NAMESPACE)
             ctrd.import_image(busybox_oci.build(tmp_path / "busybox.tar"), namespace=cri.CRI_NAMESPACE)
             with cri.CriClient(ctrd.address, timeout=120) as client:
-                pod_id = client.run_pod_sandbox(pod, runtime_handler=cri.RUNC_HANDLER)
-                assert client.pod_sandbox_status(pod_id).status.state == api_pb2.SANDBOX_READY
-                cid = client.create_container(
-                    pod_id, cri.container_config("w", busybox, ["sh", "-c", script], log_path="w/0.log"), pod
-                )
-                client.start_container(cid)
-                assert client.exec_sync(cid, ["echo", "exec-ok"]) == cri.ExecResult(0, "exec-ok\n", "")
-                status = client.container_status(cid)
-                assert status.state == api_pb2.CONTAINER_RUNNING and status.log_path == str(logs / "w/0.log")
-                (shim,) = ctrd.shim_pids("containerd-shim-runc-v2")
-                # 2.x runs its own runc shim (first on its PATH), 1.6 bookworm's
-                shim_dir = Path(f"/proc/{shim}/exe").resolve().parent
-                v2 = containerd_version == lab_containerd.CONTAINERD_2
-                assert shim_dir == (lab_containerd.CONTAINERD2_BIN if v2 else Path("/usr/bin")), shim_dir
-                assert [c.id for c in client.list_containers(pod_id)] == [cid]
-                client.stop_container(cid, timeout=1)
-                assert client.container_status(cid).state == api_pb2.CONTAINER_EXITED
-                lines = {(x.stream, x.content) for x in cri.read_cri_log(logs / "w" / "0.log")}
-                assert {("stdout", "to-stdout"), ("stderr", "to-stderr")} <= lines, ctrd.log_tail()
-                client.remove_container(cid)
-                client.stop_pod_sandbox(pod_id)
-                client.remove_pod_sandbox(pod_id)
-                with pytest.raises(cri.CriNotFound):
-                    client.pod_sandbox_status(pod_id)
-                assert ctrd.shim_pids("containerd-shim-runc-v2") == []
-                assert lab_containerd.mounts_below(ctrd.base) == []
+                try:
+                    pod_id = client.run_pod_sandbox(pod, runtime_handler=cri.RUNC_HANDLER)
+                    assert client.pod_sandbox_status(pod_id).status.state == api_pb2.SANDBOX_READY
+                    cid = client.create_container(
+                        pod_id,
+                        cri.container_config("w", busybox, ["sh", "-c", script], log_path="w/0.log"),
+                        pod,
+                    )
+                    client.start_container(cid)
+                    assert client.exec_sync(cid, ["echo", "exec-ok"]) == cri.ExecResult(0, "exec-ok\n", "")
+                    status = client.container_status(cid)
+                    assert status.state == api_pb2.CONTAINER_RUNNING and status.log_path == str(
+                        logs / "w/0.log"
+                    )
+                    (shim,) = ctrd.shim_pids("containerd-shim-runc-v2")
+                    # 2.x runs its own runc shim (first on its PATH), 1.6 bookworm's
+                    shim_dir = Path(f"/proc/{shim}/exe").resolve().parent
+                    v2 = containerd_version == lab_containerd.CONTAINERD_2
+                    assert shim_dir == (lab_containerd.CONTAINERD2_BIN if v2 else Path("/usr/bin")), shim_dir
+                    assert [c.id for c in client.list_containers(pod_id)] == [cid]
+                    client.stop_container(cid, timeout=1)
+                    assert client.container_status(cid).state == api_pb2.CONTAINER_EXITED
+                    lines = {(x.stream, x.content) for x in cri.read_cri_log(logs / "w" / "0.log")}
+                    assert {("stdout", "to-stdout"), ("stderr", "to-stderr")} <= lines, ctrd.log_tail()
+                    client.remove_container(cid)
+                    client.stop_pod_sandbox(pod_id)
+                    client.remove_pod_sandbox(pod_id)
+                    with pytest.raises(cri.CriNotFound):
+                        client.pod_sandbox_status(pod_id)
+                    assert ctrd.shim_pids("containerd-shim-runc-v2") == []
+                    assert lab_containerd.mounts_below(ctrd.base) == []
+                except BaseException:
+                    cri_pods.remove_all_pods(client)  # a failed check must not leave runc's pods running
+                    raise
     finally:
         _remove_cgroup(parent)
 
