@@ -7,6 +7,7 @@ ImageStatus and run a runc pod through the kubelet's calls."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -474,7 +475,7 @@ def test_a_host_network_runc_pod_goes_through_the_kubelets_calls(
     )
     busybox = lab_containerd.BUSYBOX_IMAGE
     logs = tmp_path / "logs"
-    parent = f"/kata-cri-test-{tmp_path.name}"
+    parent = f"/kata-cri-test-{os.getpid()}-{tmp_path.name}"  # not a name an interrupted earlier run left
     pod = cri.pod_sandbox_config("host-pod", log_directory=str(logs), host_network=True, cgroup_parent=parent)
     script = "echo to-stdout; echo to-stderr >&2; exec sleep 3600"
     try:
