@@ -2,7 +2,7 @@
 
 Run inside a ONE-vCPU lab VM (`nox -s bench` does; two nested VMs in guest mode at the same time on two vCPUs
 of a lab VM break QEMU's TCG: lab/README.md, "The lab VM's own failures"):
-    lab/labvm exec --cpus 1 --memory 6G -- .nox/tests/bin/python lab/bench/load_bench.py [--pods 10]
+    lab/labvm exec --cpus 1 --memory 6G -- .nox/tests/bin/python lab/bench/load_bench.py [--pods 10] [--at-once N]
         [--series kata,kata-template,runc] [--json build/bench/load.json]
 
 For each series (shim_bench.py's: `kata` the shipped configuration, cold boots; `kata-template` the shipped
@@ -72,12 +72,20 @@ def start_at_once(ctrd: PrivateContainerd, series: Series, names: list[str]) -> 
     return results
 
 
-def measure(ctrd: PrivateContainerd, series: Series, pods: int) -> dict[str, Any]:
-    """One series: N pods at once, their memory while all run, then every pod removed."""
+def waves(names: list[str], at_once: int) -> list[list[str]]:
+    """``names`` in consecutive waves of ``at_once`` (all of them in one wave when 0)."""
+    size = at_once if at_once > 0 else max(len(names), 1)
+    return [names[i : i + size] for i in range(0, len(names), size)]
+
+
+def measure(ctrd: PrivateContainerd, series: Series, pods: int, at_once: int = 0) -> dict[str, Any]:
+    """One series: N pods, ``at_once`` at a time (0: all at once), their memory while all run, then every
+    pod removed."""
     names = [f"load-{series.name}-{i}" for i in range(pods)]
-    log(f"{series.name}: starting {pods} pods at once")
+    batches = waves(names, at_once)
+    log(f"{series.name}: starting {pods} pods, {len(batches[0])} at once")
     try:
-        started = start_at_once(ctrd, series, names)
+        started = [r for batch in batches for r in start_at_once(ctrd, series, batch)]
         for r in started:
             state = "up" if r["code"] == 0 else f"FAILED ({r['code']}): {r['stderr'].splitlines()[-1:]}"
             log(f"  {r['name']}: {r['seconds']:.1f} s {state}")
@@ -88,7 +96,7 @@ def measure(ctrd: PrivateContainerd, series: Series, pods: int) -> dict[str, Any
                 points.append(pod_point(1, pid))
             except OSError as err:
                 log(f"  shim {pid}: {err}")
-        return load_result(pods, started, points)
+        return load_result(pods, started, points, at_once)
     finally:
         for name in names:
             ctrd.ctr("task", "kill", "-s", "SIGKILL", name, check=False)
@@ -97,11 +105,14 @@ def measure(ctrd: PrivateContainerd, series: Series, pods: int) -> dict[str, Any
             ctrd.ctr("container", "delete", name, check=False)
 
 
-def load_result(pods: int, started: list[dict[str, Any]], points: list[dict[str, Any]]) -> dict[str, Any]:
-    """One series' record: ``started`` as `start_at_once` returns it, ``points`` shim_bench's `pod_point` of
-    each pod's shim with all of them running."""
+def load_result(
+    pods: int, started: list[dict[str, Any]], points: list[dict[str, Any]], at_once: int = 0
+) -> dict[str, Any]:
+    """One series' record: ``started`` as `start_at_once` returns it (wave after wave of ``at_once``, 0:
+    one wave), ``points`` shim_bench's `pod_point` of each pod's shim with all of them running."""
     return {
         "pods": pods,
+        "at_once": at_once or pods,
         "up": sum(1 for r in started if r["code"] == 0),
         "seconds": [r["seconds"] for r in started if r["code"] == 0],
         "failures": [r["stderr"] for r in started if r["code"] != 0],
@@ -117,8 +128,10 @@ def _median(values: list[float]) -> float:
 
 
 def report(result: dict[str, Any]) -> str:
+    at_once = {r.get("at_once", r["pods"]) for r in result["series"].values()}
+    how = "at once" if at_once <= {result["pods"]} else f"{', '.join(map(str, sorted(at_once)))} at a time"
     lines = [
-        f"{result['pods']} pods started at once (`ctr run -d`) per series, one-vCPU lab VM:",
+        f"{result['pods']} pods started {how} (`ctr run -d`) per series, one-vCPU lab VM:",
         "| series | up | start median s | start max s | PSS per pod MiB (median) | threads per pod |",
         "|---|---:|---:|---:|---:|---:|",
     ]
@@ -138,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pods", type=int, default=10, help="pods started at once per series")
     p.add_argument("--series", default="kata,kata-template,runc", help="shim_bench.py's series names")
+    p.add_argument(
+        "--at-once", type=int, default=0, help="start the pods in waves of this many (default: all at once)"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     if not in_labvm():
@@ -157,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 if series.name == "kata-template":  # build the template before the pods that restore it
                     built = ctr_run(ctrd, series, "--rm", BUSYBOX_IMAGE, "tpl-build", "true")
                     log(f"kata-template: template built by a first run in {built:.1f} s")
-                result["series"][series.name] = measure(ctrd, series, args.pods)
+                result["series"][series.name] = measure(ctrd, series, args.pods, args.at_once)
     result["total_s"] = time.monotonic() - t0
     print(report(result), flush=True)
     if args.json:

@@ -495,3 +495,18 @@ def test_cri_figures_are_not_measured_when_no_kata_pod_got_ready(tmp_path: Path)
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     why = {m.name: m.why for m in report.build(tmp_path).missing}
     assert why["cri_memory"] == "the cri step failed after 900 s: exit 1"
+
+
+def test_load_bench_starts_pods_in_waves_and_says_so() -> None:
+    """`--at-once N`: the pods start in consecutive waves of N (cold pods at density, two at a time, where ten
+    at once cannot all boot on one emulated CPU); the table's first line says which."""
+    names = [f"p{i}" for i in range(5)]
+    assert load_bench.waves(names, 2) == [["p0", "p1"], ["p2", "p3"], ["p4"]]
+    assert load_bench.waves(names, 0) == [names]
+    assert load_bench.waves(names, 9) == [names]
+    started = [{"name": n, "seconds": 1.0, "code": 0, "stderr": ""} for n in names]
+    waved = load_bench.load_result(5, started, [], at_once=2)
+    together = load_bench.load_result(5, started, [])
+    assert (waved["at_once"], together["at_once"]) == (2, 5)
+    assert load_bench.report({"pods": 5, "series": {"kata": waved}}).startswith("5 pods started 2 at a time")
+    assert load_bench.report({"pods": 5, "series": {"kata": together}}).startswith("5 pods started at once")
