@@ -12,6 +12,8 @@ import os
 import time
 from collections.abc import Callable
 
+from kata_shim._proc import start_ticks
+
 
 class Steps:
     """Wall time of the named steps of one operation, in order; a step's time runs from the previous mark."""
@@ -50,11 +52,7 @@ def process_age(stat_path: str = "/proc/self/stat") -> float | None:
     """Seconds since this process was exec'd (boot-time clock against its start time), or None when
     /proc does not say."""
     try:
-        with open(stat_path) as f:
-            text = f.read()
-        # the fields after the command name, which is in parentheses and may hold spaces or ")"
-        fields = text[text.rindex(")") + 2 :].split()
-        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 (starttime) of proc(5)
+        started = start_ticks(stat_path) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
     return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)

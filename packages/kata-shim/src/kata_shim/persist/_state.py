@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kata_resources import HOST_SHARED_ROOT
+from kata_shim._proc import start_ticks
 from kata_sys_util import write_atomic
 
 ENV_STATE_ROOT = "KATA_SHIM_STATE_ROOT"
@@ -45,12 +46,9 @@ def sandbox_dir(sandbox_id: str, root: Path | None = None) -> Path:
 def process_start_time(pid: int) -> int | None:
     """Field 22 of /proc/<pid>/stat (clock ticks after boot): tells a pid from its reuse."""
     try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
+        return start_ticks(f"/proc/{pid}/stat")
     except OSError:
         return None
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = data[data.rfind(b")") + 2 :].split()
-    return int(fields[19])
 
 
 @dataclass

@@ -1,0 +1,13 @@
+"""What /proc says about a process, read with the standard library only (`start` and `delete` import it)."""
+
+from __future__ import annotations
+
+
+def start_ticks(stat_path: str) -> int:
+    """Field 22 of a /proc/<pid>/stat file (starttime: clock ticks after boot); OSError when it cannot be
+    read, ValueError or IndexError when it is not such a file."""
+    with open(stat_path, "rb") as f:
+        data = f.read()
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(fields[19])
