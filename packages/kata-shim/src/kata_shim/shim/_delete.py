@@ -24,6 +24,7 @@ from pathlib import Path
 
 from kata_shim.shim._address import bundle_sandbox_id, can_connect, socket_address, socket_path
 from kata_shim.shim._flags import ShimFlags
+from kata_shim.shim._start import write_atomic
 from kata_shim.shim._wire import encode_delete_response
 
 KILLED_STATUS = 128 + signal.SIGKILL
@@ -40,9 +41,7 @@ SHUTDOWN_STUCK = 120.0
 def mark_shutting_down(bundle: Path) -> None:
     """Say in ``bundle`` that this shim's orderly shutdown has begun (best effort)."""
     with contextlib.suppress(OSError):
-        tmp = bundle / f".{SHUTTING_DOWN}.{os.getpid()}"
-        tmp.write_text(str(os.getpid()))
-        os.replace(tmp, bundle / SHUTTING_DOWN)
+        write_atomic(str(bundle / SHUTTING_DOWN), str(os.getpid()))
 
 
 def _shutting_down(bundle: Path, pid: int, now: float) -> bool:
