@@ -22,6 +22,8 @@ def test_steps_time_each_step_from_the_previous_mark_and_render_in_order() -> No
     steps.mark("agent-ready")
     assert steps.items() == [("shared-dir", 0.5), ("start-vm", 2.5), ("agent-ready", 0.25)]
     assert steps.total() == 3.25
+    now[0] = 14.0
+    assert steps.elapsed() == 4.0 and steps.total() == 3.25  # the step under way counts in elapsed only
     assert str(steps) == "total 3.25 s: shared-dir 0.50, start-vm 2.50, agent-ready 0.25"
 
 

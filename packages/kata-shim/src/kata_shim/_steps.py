@@ -35,9 +35,9 @@ class Steps:
         """The marked steps and their seconds, in order."""
         return list(self._steps)
 
-    def since_last(self) -> float:
-        """Seconds since the last mark (or the start): the step under way."""
-        return self._clock() - self._last
+    def elapsed(self) -> float:
+        """Seconds from creation to now (the step under way included)."""
+        return self._clock() - self._start
 
     def total(self) -> float:
         """Seconds from creation to the last mark."""

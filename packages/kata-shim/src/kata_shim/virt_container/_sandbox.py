@@ -442,8 +442,7 @@ class VirtSandbox:
         except trio.TooSlowError as err:
             raise SandboxError(
                 f"sandbox {self.sandbox_id}: the agent did not set up the sandbox (network, CreateSandbox)"
-                f" within {budget:g} s"
-                f" (request_timeout_ms), {steps.total() + steps.since_last():.0f} s into the start"
+                f" within {budget:g} s (request_timeout_ms), {steps.elapsed():.0f} s into the start"
             ) from err
         steps.mark("create-sandbox")
         log.info("sandbox %s: guest agent %s", self.sandbox_id, details.agent_version)
