@@ -2,8 +2,8 @@
 
 Run inside a ONE-vCPU lab VM (`nox -s bench` does; two nested VMs in guest mode at the same time on two vCPUs
 of a lab VM break QEMU's TCG: lab/README.md, "The lab VM's own failures"):
-    lab/labvm exec --cpus 1 --memory 6G -- .nox/tests/bin/python lab/bench/load_bench.py [--pods 10] [--at-once N]
-        [--series kata,kata-template,runc] [--json build/bench/load.json]
+    lab/labvm exec --cpus 1 --memory 6G -- .nox/tests/bin/python lab/bench/load_bench.py [--pods 10]
+        [--at-once N] [--series kata,kata-template,runc] [--json build/bench/load.json]
 
 For each series (shim_bench.py's: `kata` the shipped configuration, cold boots; `kata-template` the shipped
 one with the VM template on, built by one unmeasured `ctr run --rm` first; `runc`), on one private
