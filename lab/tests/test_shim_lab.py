@@ -146,20 +146,25 @@ class Events:
         for raw in self.proc.stdout:
             self.lines.append(raw.decode(errors="replace").rstrip("\n"))
 
-    def topics(self, container_id: str) -> list[str]:
-        """Topics of the /tasks/ events that name ``container_id`` (ctr prints: time ns topic json)."""
+    def topics(self, container_id: str, exec_id: str | None = None) -> list[str]:
+        """Topics of the /tasks/ events that name ``container_id`` (ctr prints: time ns topic json); with
+        ``exec_id``, only that exec's (ExecAdded/ExecStarted name it as exec_id, TaskExit as id)."""
         out = []
         for line in self.lines:
             m = re.search(r" (/tasks/\S+) (\{.*\})$", line)
-            if m and f'"container_id":"{container_id}"' in m.group(2):
+            if not m or f'"container_id":"{container_id}"' not in m.group(2):
+                continue
+            if exec_id is None or f'"exec_id":"{exec_id}"' in m.group(2) or f'"id":"{exec_id}"' in m.group(2):
                 out.append(m.group(1))
         return out
 
-    def wait_for(self, container_id: str, topic: str, timeout: float = 60) -> None:
+    def wait_for(
+        self, container_id: str, topic: str, timeout: float = 60, exec_id: str | None = None
+    ) -> None:
         end = time.monotonic() + timeout
-        while topic not in self.topics(container_id):
+        while topic not in self.topics(container_id, exec_id):
             if time.monotonic() > end:
-                raise AssertionError(f"no {topic} for {container_id}: {self.topics(container_id)}")
+                raise AssertionError(f"no {topic} for {container_id}: {self.topics(container_id, exec_id)}")
             time.sleep(0.2)
 
     def close(self) -> None:
@@ -286,16 +291,28 @@ def test_run_t_is_interactive_through_tmux(ctrd: PrivateContainerd) -> None:
     assert_nothing_left(ctrd, "tty1")
 
 
-SERVICE = "trap 'echo term >> /tmp/signals' TERM; while true; do sleep 1; done"
+# /tmp/armed says the trap is in place: the container's sh is its pid namespace's init, and the kernel drops a
+# SIGTERM sent to an init with no handler, so a SIGTERM that comes before the trap is lost, not delivered
+SERVICE = "trap 'echo term >> /tmp/signals' TERM; touch /tmp/armed; while true; do sleep 1; done"
 
 
 @pytest.fixture(scope="module")
 def service(ctrd: PrivateContainerd, events: Events) -> Iterator[str]:
-    """A detached container that logs SIGTERM and keeps running (ctr run -d)."""
+    """A detached container that logs SIGTERM and keeps running (ctr run -d), yielded once its trap is set."""
     t0 = time.monotonic()
     done = kata_run(ctrd, "-d", BUSYBOX_IMAGE, "svc", "sh", "-c", SERVICE)
     print(f"ctr run -d (kata): {time.monotonic() - t0:.1f} s wall")
     assert done.returncode == 0, f"{done.stderr}\n{ctrd.log_tail(100)}"
+    end = time.monotonic() + 60
+    while True:
+        armed = ctrd.ctr(
+            "task", "exec", "--exec-id", f"armed{int(time.monotonic())}", "svc", "test", "-e", "/tmp/armed",
+            check=False, timeout=RUN_TIMEOUT,
+        )  # fmt: skip
+        if armed.returncode == 0:
+            break
+        assert time.monotonic() < end, f"the service's trap is not set after 60 s: {armed.stderr}"
+        time.sleep(1)
     yield "svc"
     ctrd.ctr("task", "kill", "-s", "SIGKILL", "svc", check=False)
     ctrd.ctr("task", "delete", "svc", check=False, timeout=120)
@@ -325,11 +342,9 @@ def test_exec_ps_and_metrics(ctrd: PrivateContainerd, service: str, events: Even
         "task", "exec", "--exec-id", "e1", service, "sh", "-c", script, check=False, timeout=RUN_TIMEOUT
     )
     assert (done.returncode, done.stdout) == (5, "from exec\n"), f"{done.stderr}\n{ctrd.log_tail()}"
-    events.wait_for(service, "/tasks/exit")
-    exec_topics = [t for t in events.topics(service) if t not in {"/tasks/create", "/tasks/start"}]
-    assert exec_topics[:3] == ["/tasks/exec-added", "/tasks/exec-started", "/tasks/exit"], events.topics(
-        service
-    )
+    events.wait_for(service, "/tasks/exit", exec_id="e1")
+    exec_topics = events.topics(service, exec_id="e1")
+    assert exec_topics == ["/tasks/exec-added", "/tasks/exec-started", "/tasks/exit"], events.topics(service)
     ps = ctrd.ctr("task", "ps", service).stdout.splitlines()
     assert ps[0].split()[0] == "PID" and len(ps) >= 2, ps
     metrics = ctrd.ctr("task", "metrics", service).stdout
