@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -215,6 +216,64 @@ def test_upstream_timeouts_are_sent(sockdir: str) -> None:
         assert start is not None and 29 < start <= 30
         assert agent.remaining["WaitProcess"] is None
         assert agent.remaining["ReadStdout"] is None
+
+    trio.run(main)
+
+
+class SlowAgent(FakeAgent):
+    """StartContainer answers after `delay` seconds of wall time."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def StartContainer(self, req: Any, ctx: ttrpc.CallContext) -> empty_pb2.Empty:
+        self._note("StartContainer", ctx)
+        await trio.sleep(self.delay)
+        return empty_pb2.Empty()
+
+
+def _clock_at(rate: float) -> Any:
+    """A guest clock that advances `rate` seconds per wall second (0.1: the VM gets a tenth of a CPU)."""
+    t0 = time.monotonic()
+    return lambda: t0 + rate * (time.monotonic() - t0)
+
+
+@pytest.mark.parametrize(
+    ("rate", "delay", "outcome"),
+    [(0.1, 1.0, "answered"), (1.0, 1.0, "guest"), (0.0, 3.0, "wall")],
+    ids=["starved-vm-is-slow-not-failed", "running-vm-spends-its-budget", "vm-without-cpu-hits-the-wall-cap"],
+)
+def test_with_a_guest_clock_a_call_timeout_is_guest_time_within_a_wall_cap(
+    sockdir: str, rate: float, delay: float, outcome: str
+) -> None:
+    """Ten VMs on one host CPU answer each call ten times later in wall time: a call's budget is counted on
+    the guest's clock, so the starved VM's call (0.1 s of guest time in 1 s) is not failed at 0.3 s; a VM
+    that had the CPU does spend its budget; a VM that never gets one is stopped at 10 budgets of wall time.
+    The agent is sent the wall cap as the deadline (its own clock is wall time)."""
+
+    async def main() -> None:
+        path = os.path.join(sockdir, "agent.sock")
+        agent = SlowAgent(delay)
+        async with trio.open_nursery() as n:
+            await n.start(_server(agent=agent).serve_unix, path)
+            async with open_agent_client(f"unix:{path}", call_timeout=0.2, clock=_clock_at(rate)) as client:
+                t0 = time.monotonic()
+                if outcome == "answered":
+                    await client.start_container("c")
+                else:
+                    with pytest.raises(AgentCallError) as info:
+                        await client.start_container("c")
+                    assert info.value.code == ttrpc.Code.DEADLINE_EXCEEDED
+                    if outcome == "guest":
+                        assert "no response within 0.2 s of guest time (" in str(info.value), info.value
+                        assert time.monotonic() - t0 < 1.0
+                    else:
+                        assert "no response within the wall-time cap of 2 s" in str(info.value), info.value
+                        assert time.monotonic() - t0 >= 2.0 * 0.9  # 10 budgets of 0.2 s
+            n.cancel_scope.cancel()
+        sent = agent.remaining["StartContainer"]
+        assert sent is not None and 1.5 < sent <= 2.0  # the wall cap, not the guest budget
 
     trio.run(main)
 

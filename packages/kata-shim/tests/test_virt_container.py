@@ -56,7 +56,6 @@ from kata_shim.hypervisor import (
     Capabilities,
     Device,
     DeviceInfo,
-    GuestClock,
     Hypervisor,
     HypervisorConfig,
     HypervisorError,
@@ -79,7 +78,7 @@ from kata_shim.runtime import (
 )
 from kata_shim.virt_container import MOUNTS_FILE, SandboxError, VirtContainer, VirtSandbox, _passfd
 from kata_shim.virt_container._devices import PluggedDevices, block_rootfs_source, plug_block_rootfs
-from kata_sys_util import MS_BIND, MS_REC, MS_SHARED
+from kata_sys_util import MS_BIND, MS_REC, MS_SHARED, GuestClock
 from kata_vmm import open_tap
 
 pytestmark = pytest.mark.root
@@ -1104,8 +1103,8 @@ def test_an_agent_that_does_not_set_up_the_sandbox_in_its_request_budget_fails_t
         (err,) = info.value.exceptions
         assert isinstance(err, SandboxError)
         assert re.fullmatch(
-            r"sandbox sb1: the agent did not set up the sandbox \(network, CreateSandbox\) within 0.3 s"
-            r" \(request_timeout_ms\), \d+ s into the start",
+            r"sandbox sb1: the agent did not set up the sandbox \(network, CreateSandbox\) within 0.3 s of"
+            r" guest time \(\d+ s wall\) \(request_timeout_ms\), \d+ s into the start",
             str(err),
         ), str(err)
 
@@ -1412,14 +1411,14 @@ def test_create_and_exec_fail_within_the_passfd_budget_when_the_guest_never_answ
             fifos = _fifos(pod, "q1", "stdout")
             cfg = _container(pod, busybox_lower, "q1", _spec("true"), Stdio(stdout=fifos["stdout"]))
             with trio.fail_after(60):  # an outer guard only: the passfd budget is what ends it
-                with pytest.raises(InvalidArgument, match=r"stdout: .*no answer within 0\.5 s"):
+                with pytest.raises(InvalidArgument, match=r"stdout: .*no answer within 0\.5 s of guest time"):
                     await cm.create_container(cfg)
             await cm.create_container(_container(pod, busybox_lower, "q2", _spec("sleep", "100"), Stdio()))
             await cm.start_process(ProcessId("q2"))
             efifos = _fifos(pod, "e1", "stdout")
             proc = {"args": ["true"], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0}}
             with trio.fail_after(60):
-                with pytest.raises(InvalidArgument, match=r"stdout: .*no answer within 0\.5 s"):
+                with pytest.raises(InvalidArgument, match=r"stdout: .*no answer within 0\.5 s of guest time"):
                     await cm.exec_process(
                         ExecConfig(ProcessId("q2", "e1"), proc, Stdio(stdout=efifos["stdout"]))
                     )

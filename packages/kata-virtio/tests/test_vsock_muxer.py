@@ -162,3 +162,24 @@ def test_muxer_closes_a_client_whose_request_the_guest_never_answers(muxer: Vsoc
     assert [h.op for h, _ in dev.take()] == [VIRTIO_VSOCK_OP_RST]
     assert client.recv(64) == b""
     client.close()
+
+
+def test_muxer_waits_for_an_answer_on_its_clock_not_the_wall_clock(muxer: VsockMuxer) -> None:
+    """The VMM gives the muxer the guest's clock (it stands still while the vCPU waits for a host CPU): a
+    REQUEST delivered to a starved guest is not refused however long the wall time, until the guest itself
+    had REQUEST_TIMEOUT to answer it."""
+    guest = [1000.0]
+    muxer.clock = lambda: guest[0]
+    dev = FakeDevice(muxer)
+    client = connect(muxer, 1024)
+    [_] = dev.take()  # the REQUEST, delivered at guest time 1000
+    muxer.tick()  # the wall clock moved on; the guest's did not
+    guest[0] += REQUEST_TIMEOUT / 2
+    muxer.tick()
+    assert muxer.connection_count == 1 and dev.take() == []
+    guest[0] += REQUEST_TIMEOUT
+    muxer.tick()
+    assert muxer.connection_count == 0
+    assert [h.op for h, _ in dev.take()] == [VIRTIO_VSOCK_OP_RST]
+    assert client.recv(64) == b""
+    client.close()

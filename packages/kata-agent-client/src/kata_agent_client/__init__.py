@@ -7,6 +7,7 @@ async with open_agent_client("hvsock:/run/vm/kata.hvsock:1024") as agent:
 """
 
 from kata_agent_client.__about__ import __version__
+from kata_agent_client._budget import GUEST_WALL_CAP, guest_timed
 from kata_agent_client._client import DEFAULT_TIMEOUT, NO_TIMEOUT, AgentClient, open_agent_client
 from kata_agent_client._connect import AGENT_PORT, LOG_PORT, AgentAddress, connect
 from kata_agent_client._errors import (
@@ -53,6 +54,7 @@ __all__ = [
     "BLKIO_LISTS",
     "CHECK_INTERVAL",
     "DEFAULT_TIMEOUT",
+    "GUEST_WALL_CAP",
     "LOG_PORT",
     "NO_TIMEOUT",
     "ARPNeighbor",
@@ -96,5 +98,6 @@ __all__ = [
     "default_mounts",
     "forward_line",
     "forward_logs",
+    "guest_timed",
     "open_agent_client",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -11,9 +11,11 @@ import trio
 from google.protobuf import empty_pb2
 
 from kata_agent_client import _convert as cv
+from kata_agent_client._budget import GUEST_WALL_CAP, guest_timed
 from kata_agent_client._connect import AgentAddress, connect
 from kata_agent_client._errors import (
     AgentConnectionLost,
+    AgentDeadlineExceeded,
     AgentDisconnected,
     AgentError,
     AgentTimeout,
@@ -48,9 +50,20 @@ READ_CHUNK = 64 * 1024
 class AgentClient:
     """A connected agent; make one with `open_agent_client`."""
 
-    def __init__(self, ttrpc_client: ttrpc.TtrpcClient | None, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        ttrpc_client: ttrpc.TtrpcClient | None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        clock: Callable[[], float] | None = None,
+        wall_cap: float = GUEST_WALL_CAP,
+    ) -> None:
         self._client = ttrpc_client
         self.timeout = timeout
+        self.clock = clock
+        """Seconds on the guest's clock (one that stands still while the VM waits for a host CPU), or None:
+        each call's `timeout` is then counted on it, within `wall_cap` timeouts of wall time."""
+        self.wall_cap = wall_cap
         self.generation = 0 if ttrpc_client is None else 1
         """How many connections the client has had (reconnects add one each)."""
         self.lost: str | None = None
@@ -93,7 +106,15 @@ class AgentClient:
         if raw.broken is not None:  # between a lost connection and the next (or the verdict)
             raise AgentDisconnected(f"{method}: agent connection: {raw.broken}")
         try:
-            return await raw.call(service, method, request, response_type, timeout=timeout)
+            if timeout is None or self.clock is None:
+                return await raw.call(service, method, request, response_type, timeout=timeout)
+
+            async def call() -> Any:
+                return await raw.call(service, method, request, response_type)  # the cap is its deadline
+
+            return await guest_timed(self.clock, timeout, call, wall_cap=self.wall_cap)
+        except trio.TooSlowError as err:
+            raise AgentDeadlineExceeded(method, ttrpc.Code.DEADLINE_EXCEEDED, f"no response {err}") from err
         except Exception as err:
             mapped = agent_error(err, method)
             if mapped is None:
@@ -484,6 +505,7 @@ async def open_agent_client(
     retry_interval: float = 0.05,
     call_timeout: float = DEFAULT_TIMEOUT,
     reconnect_timeout: float = 0.0,
+    clock: Callable[[], float] | None = None,
 ) -> AsyncIterator[AgentClient]:
     """Connect to the agent, retrying until Health.Check says SERVING or `ready_timeout` passes.
 
@@ -492,10 +514,12 @@ async def open_agent_client(
     is the per-call timeout (upstream's 30 s; long polls have none). When the connection breaks
     later, calls in flight fail (`AgentDisconnected`); with `reconnect_timeout` > 0 the client
     dials again within that many seconds (`generation` counts connections, `wait_reconnected`),
-    otherwise or after that the client is `lost` (`wait_lost`).
+    otherwise or after that the client is `lost` (`wait_lost`). With `clock` (seconds the guest could run,
+    e.g. kata-sys-util's `GuestClock.now`), each call's `call_timeout` is guest time, within GUEST_WALL_CAP
+    timeouts of wall time: a busy host slows a call down without failing it.
     """
     addr = AgentAddress.parse(address) if isinstance(address, str) else address
-    client = AgentClient(None, timeout=call_timeout)
+    client = AgentClient(None, timeout=call_timeout, clock=clock)
     link = _Link(
         addr,
         str(address) if isinstance(address, str) else f"{addr.kind}:{addr.path or addr.cid}:{addr.port}",

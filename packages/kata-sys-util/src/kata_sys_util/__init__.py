@@ -22,6 +22,7 @@ from kata_sys_util._beneath import (
     remove_beneath,
     write_atomic,
 )
+from kata_sys_util._clock import GuestClock
 from kata_sys_util._fsops import (
     AT_EMPTY_PATH,
     AT_SYMLINK_NOFOLLOW,
@@ -110,6 +111,7 @@ __all__ = [
     "RESOLVE_NO_SYMLINKS",
     "RESOLVE_NO_XDEV",
     "UMOUNT_NOFOLLOW",
+    "GuestClock",
     "MountInfo",
     "__version__",
     "bind_beneath",

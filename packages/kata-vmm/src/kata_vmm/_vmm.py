@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
+from kata_sys_util import GuestClock
 from kata_upcall import UPCALL_PORT
 from kata_virtio import BALLOON_PAGE_SIZE, VirtioBalloon, VirtioDevice, VirtioError, VirtioMem, VirtioVsock
 from kata_vmm import _snapshot as snap
@@ -387,6 +388,10 @@ class Vmm:
         loop.start()
         for t in self._threads:
             t.start(paused=paused)
+        vsock = self._find_device(VirtioVsock)
+        if vsock is not None and self._threads:
+            # the guest's answers are awaited on its own clock: not refused for a host CPU it did not get
+            vsock.muxer.clock = GuestClock(self._threads[0].thread.native_id).now
 
     def _watch_console_input(self, loop: EventLoop, fd: int) -> None:
         serial = self.serial

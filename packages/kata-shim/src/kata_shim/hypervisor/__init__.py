@@ -17,7 +17,7 @@ from kata_shim.hypervisor._base import (
     NetworkDevice,
     ShareFsDevice,
 )
-from kata_shim.hypervisor._common import GuestClock, boot_report
+from kata_shim.hypervisor._common import boot_report
 from kata_shim.hypervisor._registry import HYPERVISORS, hypervisor_factory, new_hypervisor
 
 __all__ = [
@@ -28,7 +28,6 @@ __all__ = [
     "Device",
     "DeviceAddressing",
     "DeviceInfo",
-    "GuestClock",
     "HotplugKind",
     "Hypervisor",
     "HypervisorConfig",

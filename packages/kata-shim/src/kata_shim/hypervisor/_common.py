@@ -1,6 +1,6 @@
 """What the back-ends share: the kernel parameters every guest gets, the checks of their configuration, the
-serial console sink, netns paths, virtio-blk names, the guest's run-able time and the report on a late
-guest."""
+serial console sink, netns paths, virtio-blk names and the report on a late guest (the guest's run-able
+time, `GuestClock`, is kata-sys-util's: the VMM uses it too)."""
 
 from __future__ import annotations
 
@@ -67,42 +67,6 @@ class ConsoleSink:
 def netns_path(netns: str) -> Path:
     """A netns given by name (as ``ip netns`` names them, under /run/netns) or by path."""
     return Path(netns) if netns.startswith("/") else Path("/run/netns") / netns
-
-
-class GuestClock:
-    """Seconds a VM could run since it started: wall time minus what its boot vCPU thread spent waiting for a
-    host CPU (the run-queue wait in ``/proc/<tid>/schedstat``).
-
-    A budget on this clock is a budget on the guest's chance to make progress: it does not run out while the
-    host is busy with other VMs (ten cold boots at once on one core each get a tenth of it), and it runs as
-    the wall clock for a guest that is stuck, spinning or idle, on a host with CPUs to spare. Without the
-    thread's schedstat (no tid, an exited thread, a kernel without CONFIG_SCHED_INFO) it is the wall clock.
-    """
-
-    def __init__(self, tid: int | None, now: float | None = None, *, proc: Path = Path("/proc")) -> None:
-        self._path = proc / str(tid) / "schedstat" if tid else None
-        self.started = time.monotonic() if now is None else now
-        self._waited_at_start = self._run_queue_wait()
-        self._last_wait = self._waited_at_start
-
-    def _run_queue_wait(self) -> float:
-        if self._path is None:
-            return 0.0
-        try:
-            return int(self._path.read_text().split()[1]) / 1e9
-        except (OSError, IndexError, ValueError):
-            return 0.0
-
-    def waited(self) -> float:
-        """Seconds the vCPU thread waited for a CPU since the start (the last known value once it is gone)."""
-        wait = self._run_queue_wait()
-        self._last_wait = max(wait, self._last_wait)
-        return self._last_wait - self._waited_at_start
-
-    def elapsed(self, now: float | None = None) -> float:
-        """Wall seconds since the start, less `waited`."""
-        wall = (time.monotonic() if now is None else now) - self.started
-        return max(0.0, wall - self.waited())
 
 
 def boot_report(vcpu_tids: list[int], console_tail: str, started: float) -> str:

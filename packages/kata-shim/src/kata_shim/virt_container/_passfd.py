@@ -13,9 +13,10 @@ then its only writer, so containerd sees EOF when the VMM closes it at the end o
 containerd's close of the stdin fifo (CloseIO) is the EOF the VMM turns into a stream shutdown.
 
 Nothing here waits on the guest without a budget: each handshake (connect, send, the VMM's ``OK``, which
-needs the guest's answer) has `PASSFD_TIMEOUT` seconds, then `PassfdError` names the stream that did not
-get through. The VMM also expires a REQUEST the guest never
-answers (kata-virtio's ``connect_timeout``) and says ``ERR <reason>``, which becomes the error message.
+needs the guest's answer) has `PASSFD_TIMEOUT` seconds (of the guest's time when the listener has its
+clock, within kata-agent-client's wall-time cap), then `PassfdError` names the stream that did not get
+through. The VMM also expires a REQUEST the guest never answers (kata-virtio's ``connect_timeout``, on the
+guest's clock too) and says ``ERR <reason>``, which becomes the error message.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import contextlib
 import errno
 import os
 import socket
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from kata_agent_client import StdioPorts
+from kata_agent_client import StdioPorts, guest_timed
 
 #: The longest reply line we accept from the VMM (`OK 4294967295\n` is 14 bytes).
 _REPLY_MAX = 64
@@ -49,6 +51,8 @@ class PassfdListener:
 
     uds: Path
     port: int
+    clock: Callable[[], float] | None = field(default=None, compare=False)
+    """The guest's clock (`GuestClock.now`) the handshakes' budget is counted on; None: wall time."""
 
 
 async def passfd_connect(listener: PassfdListener, fd: int, *, keep: bool = False) -> int:
@@ -58,13 +62,12 @@ async def passfd_connect(listener: PassfdListener, fd: int, *, keep: bool = Fals
     the VMM refuses (``ERR``), hangs up, or no ``OK`` arrives within `PASSFD_TIMEOUT` seconds.
     """
     where = f"passfd to {listener.uds} port {listener.port}"
-    line = b""
-    timeout = PASSFD_TIMEOUT
-    with trio.move_on_after(timeout) as budget:
-        line = await _handshake(listener, fd, keep)
-    if budget.cancelled_caught:
-        why = f"no answer within {timeout:.3g} s (the guest did not accept the stream)"
-        raise PassfdError(errno.ETIMEDOUT, f"{where}: {why}")
+    clock = listener.clock if listener.clock is not None else trio.current_time
+    try:
+        line = await guest_timed(clock, PASSFD_TIMEOUT, lambda: _handshake(listener, fd, keep))
+    except trio.TooSlowError as err:
+        why = f"no answer {err} (the guest did not accept the stream)"
+        raise PassfdError(errno.ETIMEDOUT, f"{where}: {why}") from None
     parts = line.split()
     if not line:
         raise PassfdError(

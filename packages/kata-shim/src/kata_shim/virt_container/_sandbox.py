@@ -28,13 +28,16 @@ from typing import Any
 import trio
 
 from kata_agent_client import (
+    GUEST_WALL_CAP,
     AgentClient,
     AgentError,
     AgentNotFound,
+    GuestDetails,
     HealthChecker,
     Interface,
     Storage,
     forward_logs,
+    guest_timed,
     open_agent_client,
 )
 from kata_proto.containerd import TOPIC_OOM, events_pb2
@@ -64,7 +67,7 @@ from kata_shim._ratelimit import LineRateLimit
 from kata_shim._steps import Steps
 from kata_shim.config._types import TomlConfig
 from kata_shim.factory import opened, template_for
-from kata_shim.hypervisor import GuestClock, boot_report
+from kata_shim.hypervisor import boot_report
 from kata_shim.hypervisor._base import Hypervisor, HypervisorError, NetworkDevice, ShareFsDevice
 from kata_shim.persist import CGROUP_KEY, MOUNTS_FILE, NETWORK_KEY, StateStore, state_root
 from kata_shim.runtime._base import ContainerConfig, FailedPrecondition, Publisher, RuntimeHandlerError
@@ -76,17 +79,13 @@ from kata_shim.virt_container._pod import (
     pod_netns,
     vm_size,
 )
+from kata_sys_util import GuestClock
 
 log = logging.getLogger("kata_shim.virt_container")
 agent_log = logging.getLogger("kata_shim.agent")
 agent_log.addFilter(LineRateLimit("agent log"))  # the guest's agent decides how much it logs
 
 
-AGENT_WALL_CAP = 10
-"""The dial's wall deadline, in agent budgets (`reconnect_timeout_ms`): the budget itself is guest time
-(`GuestClock`), this stops a start whose VM never gets a host CPU."""
-BUDGET_POLL_S = 1.0
-"""How often the agent budget's guest time is read while the agent is not up yet."""
 #: Bytes of fresh host randomness a VM restored from a template is reseeded with (the guest CRNG's key size).
 CLONE_SEED_BYTES = 32
 #: Seconds between two UpdateInterface tries for a hot-plugged NIC whose link the guest has not made yet.
@@ -172,6 +171,9 @@ class VirtSandbox:
         self._cleaned = False
         self._on_stop: list[Callable[[], Any]] = []
         self._on_death: list[Callable[[str], Any]] = []
+        self.guest_clock: GuestClock | None = None
+        """The VM's run-able time (wall less its boot vCPU's wait for a host CPU), from the VM's start: the
+        clock of every budget on the guest (the agent's dial, its calls, passfd handshakes)."""
         self.restored = False
         """Whether the VM was restored from a VM template (`[factory] enable_template`) rather than booted."""
         self.dead: str | None = None
@@ -269,7 +271,9 @@ class VirtSandbox:
         if self.hypervisor is None or not self._passfd_wanted(self.hypervisor):
             return None
         found = self.hypervisor.passfd_listener()
-        return PassfdListener(*found) if found is not None else None
+        if found is None:
+            return None
+        return PassfdListener(*found, clock=self.guest_clock.now if self.guest_clock is not None else None)
 
     async def _start(self, first: ContainerConfig) -> None:
         steps = Steps()  # each step's wall time, one debug line at the end (issue 16's lean start path)
@@ -364,18 +368,19 @@ class VirtSandbox:
             await self._apply_limits()
         address = hv.agent_address()
         log.info("sandbox %s: VM started, agent at %s", self.sandbox_id, address)
-        # The agent's budget is guest time: wall time less what the boot vCPU waited for a host CPU, so ten
-        # sandboxes booting at once on a small host do not all run out of it together; a wall deadline of
-        # AGENT_WALL_CAP budgets stays on the dial itself.
+        # The agent's budgets are guest time: wall time less what the boot vCPU waited for a host CPU, so
+        # ten sandboxes booting at once on a small host do not all run out of them together; a wall
+        # deadline of GUEST_WALL_CAP budgets stays on the dial itself and on every call (guest_timed).
         vcpus = hv.vcpu_thread_ids()
-        clock = GuestClock(vcpus[0] if vcpus else None)
+        clock = self.guest_clock = GuestClock(vcpus[0] if vcpus else None)
         ready: dict[str, BaseException | None] = {}
         ready_event = trio.Event()
         self._spawned = True
         trio.lowlevel.spawn_system_task(
             self._serve,
             address,
-            dial_timeout * AGENT_WALL_CAP,
+            dial_timeout * GUEST_WALL_CAP,
+            clock,
             ready,
             ready_event,
             name=f"kata-sandbox-{self.sandbox_id}",
@@ -389,8 +394,8 @@ class VirtSandbox:
             self._service_scope.cancel()
 
         async def watch_budget() -> None:
-            while (left := dial_timeout - clock.elapsed()) > 0:  # noqa: ASYNC110 - a clock read from /proc
-                await trio.sleep(min(left, BUDGET_POLL_S))
+            with contextlib.suppress(trio.TooSlowError):
+                await guest_timed(clock.now, dial_timeout, trio.sleep_forever)
             out_of_budget.append(time.monotonic() - clock.started)
             self._service_scope.cancel()
 
@@ -425,24 +430,27 @@ class VirtSandbox:
             self.shm_size = pod_shm_size(mounts)
             storages.append(_storage(pod_shm_storage(self.shm_size)))
         budget = agent_cfg.request_timeout_ms / 1000
+
+        async def set_up() -> GuestDetails:
+            if self.restored:
+                await self._set_clone_identity(agent)
+            # hot-plugged NICs of a restored VM may not be in the guest yet: UpdateInterface is retried
+            await self._configure_guest_network(agent, hot=self.restored)
+            await agent.create_sandbox(
+                self.sandbox_id,
+                hostname=hostname,
+                dns=first.dns if first.dns is not None else dns_from_mounts(mounts),
+                storages=storages,
+                kernel_modules=_kernel_modules(agent_cfg.kernel_modules),
+            )
+            return await agent.get_guest_details()
+
         try:
-            with trio.fail_after(budget):
-                if self.restored:
-                    await self._set_clone_identity(agent)
-                # hot-plugged NICs of a restored VM may not be in the guest yet: UpdateInterface is retried
-                await self._configure_guest_network(agent, hot=self.restored)
-                await agent.create_sandbox(
-                    self.sandbox_id,
-                    hostname=hostname,
-                    dns=first.dns if first.dns is not None else dns_from_mounts(mounts),
-                    storages=storages,
-                    kernel_modules=_kernel_modules(agent_cfg.kernel_modules),
-                )
-                details = await agent.get_guest_details()
+            details = await guest_timed(clock.now, budget, set_up)
         except trio.TooSlowError as err:
             raise SandboxError(
                 f"sandbox {self.sandbox_id}: the agent did not set up the sandbox (network, CreateSandbox)"
-                f" within {budget:g} s (request_timeout_ms), {steps.elapsed():.0f} s into the start"
+                f" {err} (request_timeout_ms), {steps.elapsed():.0f} s into the start"
             ) from err
         steps.mark("create-sandbox")
         log.info("sandbox %s: guest agent %s", self.sandbox_id, details.agent_version)
@@ -736,6 +744,7 @@ class VirtSandbox:
         self,
         address: str,
         dial_timeout: float,
+        clock: GuestClock,
         ready: dict[str, BaseException | None],
         ready_event: trio.Event,
     ) -> None:
@@ -749,6 +758,7 @@ class VirtSandbox:
                         retry_interval=self.config.agent.dial_interval_s,
                         call_timeout=self.config.agent.request_timeout_ms / 1000,
                         reconnect_timeout=self.config.agent.connect_budget_s,
+                        clock=clock.now,
                     ) as agent,
                     trio.open_nursery() as nursery,
                 ):

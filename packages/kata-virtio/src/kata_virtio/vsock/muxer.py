@@ -30,6 +30,7 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
 
 from kata_virtio.vsock.connection import Connection, ConnState, FdStream, passfd_refusal
 from kata_virtio.vsock.packet import (
@@ -82,6 +83,10 @@ class VsockMuxer:
         self.guest_cid = guest_cid
         #: Seconds a host-initiated connection may wait for the guest's RESPONSE (delivered or not).
         self.connect_timeout = connect_timeout
+        #: The clock of those expiries (and CLOSE_TIMEOUT's, REQUEST_TIMEOUT's): the VMM sets the guest's
+        #: (kata-sys-util's `GuestClock.now`, which stands still while the vCPU waits for a host CPU), so a
+        #: guest that shares its CPU with nine others is not refused for answering ten times later.
+        self.clock: Callable[[], float] = time.monotonic
         #: False while the guest posts no receive buffers: sockets are then not polled for input.
         self.rx_space = True
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -209,7 +214,7 @@ class VsockMuxer:
 
     def tick(self, now: float | None = None) -> None:
         """Expire connections whose guest never answered our SHUTDOWN or REQUEST; call about once a second."""
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         for conn in list(self._conns.values()):
             if conn.state == ConnState.CLOSING and now - conn.closing_since > CLOSE_TIMEOUT:
                 self._reset(conn)
@@ -329,7 +334,7 @@ class VsockMuxer:
             return
         local = self._alloc_local_port(port)
         conn.local_port, conn.peer_port, conn.state = local, port, ConnState.CONNECTING
-        conn.connecting_since = time.monotonic()
+        conn.connecting_since = self.clock()
         self._add(conn)
         self._queue_control(conn.local_port, conn.peer_port, VIRTIO_VSOCK_OP_REQUEST)
 
@@ -513,7 +518,7 @@ class VsockMuxer:
         if self._control:
             local, peer, op, flags = self._control.popleft()
             if op == VIRTIO_VSOCK_OP_REQUEST and (conn := self._conns.get((local, peer))) is not None:
-                conn.request_sent = time.monotonic()
+                conn.request_sent = self.clock()
             return self._packet(local, peer, op, flags)
         for conn in list(self._conns.values()):
             if not conn.readable:
@@ -540,7 +545,7 @@ class VsockMuxer:
                 conn.readable = False
                 conn.host_eof = True
                 conn.state = ConnState.CLOSING
-                conn.closing_since = time.monotonic()
+                conn.closing_since = self.clock()
                 flags = VIRTIO_VSOCK_SHUTDOWN_RCV | VIRTIO_VSOCK_SHUTDOWN_SEND
                 return self._packet(conn.local_port, conn.peer_port, VIRTIO_VSOCK_OP_SHUTDOWN, flags)
             conn.tx_cnt = (conn.tx_cnt + len(data)) & 0xFFFFFFFF

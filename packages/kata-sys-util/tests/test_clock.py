@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kata_shim.hypervisor import GuestClock
+from kata_sys_util import GuestClock
 
 
 def _schedstat(proc: Path, tid: int, run_ns: int, wait_ns: int) -> None:
@@ -75,3 +75,13 @@ def test_a_thread_sharing_its_cpu_with_a_busy_process_is_seen_waiting() -> None:
         thread.join()
     assert waited > 0.2, waited  # CFS gives each ~1 s of the 2; 0.2 leaves room for a busy host
     assert elapsed < 2.0 - 0.2 + 0.5, elapsed
+
+
+def test_now_is_monotonic_time_that_stands_still_while_the_vcpu_waits(tmp_path: Path) -> None:
+    _schedstat(tmp_path, 5, 0, 0)
+    clock = GuestClock(5, proc=tmp_path)
+    first = clock.now()
+    assert abs(first - time.monotonic()) < 0.5  # it starts as time.monotonic
+    _schedstat(tmp_path, 5, 0, 3600 * 1_000_000_000)  # an hour of waiting since
+    assert clock.now() < first  # max(0, ...) keeps elapsed at 0: the clock stands at its start
+    assert clock.now() >= clock.started
