@@ -304,6 +304,45 @@ def test_health_checker_reports_once_per_failure_streak(sockdir: str) -> None:
     trio.run(main)
 
 
+class SlowHealth(FakeHealth):
+    """Health.Check answers after `delay` seconds of wall time."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def Check(self, req: Any, ctx: ttrpc.CallContext) -> health_pb2.HealthCheckResponse:
+        await trio.sleep(self.delay)
+        return await super().Check(req, ctx)
+
+
+@pytest.mark.parametrize(("rate", "healthy"), [(0.1, True), (1.0, False)], ids=["starved-vm", "running-vm"])
+def test_health_check_timeout_is_guest_time(sockdir: str, rate: float, healthy: bool) -> None:
+    """A check answered after 1 s of wall time within a 0.3 s timeout: healthy for a VM that had a tenth of
+    a CPU (0.1 s of its time), a failure for one that had the CPU."""
+
+    async def main() -> None:
+        path = os.path.join(sockdir, "agent.sock")
+        health = SlowHealth(0.0)
+        failures: list[BaseException | None] = []
+
+        async def unhealthy(err: BaseException | None) -> None:
+            failures.append(err)
+
+        async with trio.open_nursery() as n:
+            await n.start(_server(health).serve_unix, path)
+            async with open_agent_client(f"unix:{path}", clock=_clock_at(rate)) as client:
+                health.delay = 1.0
+                checker = HealthChecker(client, unhealthy, timeout=0.3)
+                assert await checker.check_once() is healthy
+                if not healthy:
+                    assert isinstance(failures[0], trio.TooSlowError), failures
+                    assert "within 0.3 s of guest time" in str(failures[0])
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 def test_forward_line_maps_levels_and_fields(caplog: pytest.LogCaptureFixture) -> None:
     logger = logging.getLogger("test.agent")
     with caplog.at_level(logging.DEBUG, logger="test.agent"):

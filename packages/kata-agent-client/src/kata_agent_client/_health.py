@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from kata_agent_client._budget import guest_timed
 from kata_agent_client._client import AgentClient
 from kata_agent_client._errors import AgentConnectionLost, AgentDisconnected, AgentError
 
@@ -41,12 +42,17 @@ class HealthChecker:
         self.healthy = True
 
     async def check_once(self) -> bool:
-        """One Health.Check within `timeout`; records and returns the outcome."""
+        """One Health.Check within `timeout` (guest time when the client has the guest's clock, as its
+        calls do); records and returns the outcome."""
         error: BaseException | None = None
         ok = False
         try:
-            with trio.fail_after(self.timeout):
-                ok = await self.client.check()
+            clock = self.client.clock
+            if clock is None:
+                with trio.fail_after(self.timeout):
+                    ok = await self.client.check()
+            else:
+                ok = await guest_timed(clock, self.timeout, self.client.check, wall_cap=self.client.wall_cap)
         except AgentDisconnected as err:
             if not isinstance(err, AgentConnectionLost):
                 # Between a lost connection and the client's next one: the reconnect budget decides, not
