@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from google.protobuf import empty_pb2
@@ -45,6 +45,8 @@ DEFAULT_TIMEOUT = 30.0
 NO_TIMEOUT = {"WaitProcess", "ReadStdout", "ReadStderr", "WriteStdin", "GetOOMEvent"}
 #: Read size asked for by ReadStdout/ReadStderr.
 READ_CHUNK = 64 * 1024
+
+T = TypeVar("T")
 
 
 class AgentClient:
@@ -95,6 +97,14 @@ class AgentClient:
         while self.generation <= generation and self.lost is None:
             await self._changed.wait()
         return self.generation > generation
+
+    async def within(self, budget: float, call: Callable[[], Awaitable[T]]) -> T:
+        """`await call()` within `budget` seconds: of the guest's time with a `clock` (`guest_timed`, within
+        `wall_cap` budgets of wall time), else of wall time; `trio.TooSlowError` when it runs out."""
+        if self.clock is None:
+            with trio.fail_after(budget):
+                return await call()
+        return await guest_timed(self.clock, budget, call, wall_cap=self.wall_cap)
 
     async def _call(self, method: str, request: Any, response_type: type[Any], service: str = AGENT) -> Any:
         timeout = None if method in NO_TIMEOUT else self.timeout

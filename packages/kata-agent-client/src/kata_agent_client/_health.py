@@ -6,7 +6,6 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from kata_agent_client._budget import guest_timed
 from kata_agent_client._client import AgentClient
 from kata_agent_client._errors import AgentConnectionLost, AgentDisconnected, AgentError
 
@@ -47,12 +46,7 @@ class HealthChecker:
         error: BaseException | None = None
         ok = False
         try:
-            clock = self.client.clock
-            if clock is None:
-                with trio.fail_after(self.timeout):
-                    ok = await self.client.check()
-            else:
-                ok = await guest_timed(clock, self.timeout, self.client.check, wall_cap=self.client.wall_cap)
+            ok = await self.client.within(self.timeout, self.client.check)
         except AgentDisconnected as err:
             if not isinstance(err, AgentConnectionLost):
                 # Between a lost connection and the client's next one: the reconnect budget decides, not
