@@ -301,6 +301,76 @@ def test_delete_waits_for_a_shim_in_its_orderly_shutdown_and_kills_a_wedged_one(
         subprocess.run(["umount", "-l", str(shared)], check=False, capture_output=True)
 
 
+GATED_DELETE = """
+import sys, time
+from pathlib import Path
+import kata_shim.persist, kata_shim.shim._delete
+from kata_shim._cli import main
+
+started, gate, answer_within = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
+real = kata_shim.persist.cleanup_sandbox
+
+def gated(*args, **kwargs):
+    started.write_text("finisher")
+    while not gate.exists():
+        time.sleep(0.02)
+    return real(*args, **kwargs)
+
+kata_shim.persist.cleanup_sandbox = gated
+kata_shim.shim._delete.ANSWER_WITHIN = answer_within
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+@root_only
+@pytest.mark.parametrize("case", ["delete-killed", "delete-answers-first"])
+def test_delete_cleans_up_to_the_end_when_containerd_stops_waiting(
+    shims: Shims, tmp_path: Path, case: str
+) -> None:
+    """containerd kills `delete` after 5 s and never runs it again (a loaded lab VM: the pod's state and
+    mounts left for good). The cleanup runs in a finisher that outlives it: `delete` SIGKILLed while the
+    cleanup is held up, containerd's pipes still close at once (the finisher holds none of them) and the
+    cleanup ends once it may go on; with the cleanup held past ANSWER_WITHIN, `delete` answers anyway and
+    says so on stderr, and the cleanup ends after it."""
+    id = shims.new_id()
+    bundle = shims.bundle("b1")
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    StateStore(shims.state_root).save(SandboxState(id))
+    shared = sandbox_dir(id, shims.state_root) / "shared"
+    shared.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(shared)], check=True)
+    argv = ["-namespace", shims.namespace, "-address", shims.address, "-id", id, "-bundle", str(bundle)]
+    answer_within = 60.0 if case == "delete-killed" else 1.0
+    cmd = [sys.executable, "-c", GATED_DELETE, str(started), str(gate), str(answer_within), *argv, "delete"]
+    delete = subprocess.Popen(cmd, cwd=bundle, env=shims.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        end = time.monotonic() + 30
+        while not started.exists():
+            assert delete.poll() is None and time.monotonic() < end, delete.communicate()
+            time.sleep(0.02)
+        if case == "delete-killed":
+            delete.kill()
+            out, err = delete.communicate(timeout=5)  # EOF: nothing but `delete` held its pipes
+            assert delete.returncode == -signal.SIGKILL
+        else:
+            out, err = delete.communicate(timeout=30)
+            assert delete.returncode == 0, err.decode()
+            assert task_pb2.DeleteResponse.FromString(out).exit_status == 137
+            assert b"cleanup still running 1 s after delete began, goes on" in err, err.decode()
+        assert sandbox_dir(id, shims.state_root).exists()  # held up: nothing done yet
+        gate.touch()
+        end = time.monotonic() + 30
+        while sandbox_dir(id, shims.state_root).exists() and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not sandbox_dir(id, shims.state_root).exists()
+        assert str(shared) not in Path("/proc/self/mounts").read_text()
+    finally:
+        gate.touch()
+        delete.kill()
+        delete.wait()
+        subprocess.run(["umount", "-l", str(shared)], check=False, capture_output=True)
+
+
 @root_only
 def test_delete_of_a_pod_container_leaves_the_sandbox_alone(shims: Shims) -> None:
     id = shims.new_id()
