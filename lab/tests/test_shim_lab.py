@@ -38,6 +38,7 @@ from images import busybox_oci
 CAN_RUN_CONTAINERD = os.geteuid() == 0 and os.access("/usr/bin/containerd", os.X_OK)
 RUN_TIMEOUT = 600
 SHARED_ROOT = Path("/run/kata-containers/shared/sandboxes")  # the shim's virtio-fs share roots
+CGROUP_FS = Path("/sys/fs/cgroup")  # the lab VM: cgroup v2 only, the sandbox cgroups below it
 # Threads of a shim besides the VMM's (vCPUs + event thread): the main (trio) thread, and trio's cached
 # worker threads (start_vm/stop_vm/blocking file work use trio.to_thread; idle ones exit after 10 s).
 SHIM_EXTRA_THREADS = 6
@@ -187,7 +188,8 @@ def kata_run(
 
 
 def assert_nothing_left(ctrd: PrivateContainerd, container_id: str, timeout: float = 60) -> None:
-    """No shim, no /run/kata state, no mount for the container (containerd cleans up asynchronously)."""
+    """No shim, no /run/kata state, no mount, no host cgroup for the container (containerd cleans up
+    asynchronously)."""
     end = time.monotonic() + timeout
     while True:
         left = {
@@ -199,6 +201,7 @@ def assert_nothing_left(ctrd: PrivateContainerd, container_id: str, timeout: flo
                 for m in mounts_below(Path("/run")) + mounts_below(ctrd.base)
                 if f"/{container_id}/" in m + "/" or "/run/kata" in m
             ],
+            "cgroups": sorted(str(p) for p in CGROUP_FS.rglob(container_id) if p.is_dir()),
         }
         if not any(left.values()) or time.monotonic() > end:
             break

@@ -245,6 +245,26 @@ def test_v2_sandbox_cgroup_only_is_one_leaf(sid: str, child: int) -> None:
 
 
 @pytest.mark.root
+def test_v2_cgroup_of_a_process_just_killed_is_removed_once_it_exited(sid: str) -> None:
+    """Crash cleanup kills the VMM's processes, then removes the sandbox cgroup: a task that is still
+    exiting can neither be moved nor leave the cgroup removable (EBUSY, as a CI run's QEMU pod left its
+    cgroup behind); `delete` waits for it within DELETE_SETTLE."""
+    root = _v2_root()
+    cg = SandboxCgroup.create(sid, f"/{sid}/pod", root=root, version=2)
+    proc = subprocess.Popen(["sleep", "600"])
+    try:
+        cg.add_processes([proc.pid])
+        proc.kill()  # not waited for: still exiting when delete begins
+        cg.delete()
+        assert not (root / sid).exists()
+    finally:
+        proc.kill()
+        proc.wait()
+        with contextlib.suppress(CgroupError):
+            SandboxCgroup.from_dict(cg.to_dict()).delete(settle=0)
+
+
+@pytest.mark.root
 def test_v2_parent_made_by_another_sandbox_meanwhile_is_used_and_left_to_it(
     sid: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

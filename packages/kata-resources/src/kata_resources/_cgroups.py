@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,10 @@ def _shares_to_weight(shares: int) -> int:
     """cgroup v1 cpu.shares [2, 262144] -> v2 cpu.weight [1, 10000], the conversion runc uses."""
     shares = min(max(shares, 2), 262_144)
     return 1 + ((shares - 2) * 9999) // 262_142
+
+
+DELETE_SETTLE = 5.0
+"""Seconds `SandboxCgroup.delete` waits for tasks that were just killed to leave its cgroups."""
 
 
 class SandboxCgroup:
@@ -392,11 +397,26 @@ class SandboxCgroup:
                 found.update(_read_ids(d / ("tasks" if self.version == 1 else "cgroup.threads")))
         return sorted(found)
 
-    def delete(self) -> None:
+    def delete(self, settle: float = DELETE_SETTLE) -> None:
         """Move every task left out (v1: to the nearest ancestor we did not make, as cgroups-rs moves
         them to the parent; v2: to the root, the one cgroup with controllers that may hold processes),
         then remove the cgroups we made, deepest first. What is already gone is skipped; a parent we
-        made that another sandbox now uses too (v1's ``kata_overhead``, a slice) is left."""
+        made that another sandbox now uses too (v1's ``kata_overhead``, a slice) is left.
+
+        A task that was just killed cannot be moved and keeps its cgroup busy until it has exited (crash
+        cleanup kills the VMM's processes right before this): a busy cgroup of ours is tried again for up
+        to ``settle`` seconds."""
+        deadline = time.monotonic() + settle
+        while True:
+            try:
+                self._delete_once()
+                return
+            except CgroupError as err:
+                if err.errno != errno.EBUSY or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.02)
+
+    def _delete_once(self) -> None:
         made = set(self.created)
         for rel in self._leaves():
             for d in self.dirs(rel):
