@@ -399,7 +399,8 @@ def lab(session: nox.Session) -> None:
             "--env", f"PATH={path}", "--env", "KATA_LAB_BACKENDS", "--env", "PYTEST_ADDOPTS",
             "--env", f"PYTHONPATH={ROOT / 'lab' / 'plugins'}", "--env", f"KATA_LAB_PASSED={passed}",
             "--env", f"KATA_LAB_RESUME={int(resume)}",
-            "--", python, "-m", "pytest", "-m", "lab", "-p", "kata_lab_resume", *pytest_args, *tests,
+            "--", python, "-m", "pytest", "-m", "lab", "-p", "kata_lab_resume", "--durations", "12",
+            *pytest_args, *tests,
         ]  # fmt: skip
 
     # the selection, collected on the host (seconds), one shard per file

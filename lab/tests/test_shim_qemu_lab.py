@@ -8,7 +8,8 @@ over vhost-vsock. A file of its own, so `nox -s lab` runs it in its own lab VM b
 
 Left out, because they are about the built-in back-end by design: the one-process check (an external VMM
 is three processes: `test_shim_qemu_and_virtiofsd_are_the_pods_processes_and_go_with_it` checks that
-instead), the bad-configuration messages (they name [hypervisor.dragonball]), upstream's
+instead, and `kill -9` of the shim too, so `test_kill_9_of_the_shim_is_cleaned_up_by_containerd` is not
+repeated), the bad-configuration messages (they name [hypervisor.dragonball]), upstream's
 configuration-dragonball.toml and `kata-shim install` (which installs the dragonball default).
 """
 
@@ -45,9 +46,6 @@ test_thread_count_is_the_same_with_1_and_10_containers_in_the_pod = (
 )
 test_kill_sigterm_is_delivered_then_sigkill_ends_the_task = (
     test_shim_lab.test_kill_sigterm_is_delivered_then_sigkill_ends_the_task
-)
-test_kill_9_of_the_shim_is_cleaned_up_by_containerd = (
-    test_shim_lab.test_kill_9_of_the_shim_is_cleaned_up_by_containerd
 )
 test_a_dying_guest_ends_ctr_run_and_leaves_nothing = (
     test_shim_lab.test_a_dying_guest_ends_ctr_run_and_leaves_nothing
