@@ -242,58 +242,6 @@ def test_run_rm_prints_guest_kernel_and_hello_with_the_task_events(
     assert_nothing_left(ctrd, "t1")
 
 
-@pytest.mark.lab
-def test_exit_code_and_stdin_reach_ctr(ctrd: PrivateContainerd) -> None:
-    done = kata_run(ctrd, "--rm", BUSYBOX_IMAGE, "t2", "sh", "-c", "tr a-z A-Z; exit 7", input=b"piped in\n")
-    assert done.returncode == 7, f"{done.stderr}\n{ctrd.log_tail(100)}"
-    assert done.stdout == "PIPED IN\n"
-    assert_nothing_left(ctrd, "t2")
-
-
-def pane(tmux: list[str]) -> str:
-    return subprocess.run(
-        [*tmux, "capture-pane", "-p", "-t", "kata"], capture_output=True, text=True, check=False
-    ).stdout
-
-
-@pytest.mark.lab
-def test_run_t_is_interactive_through_tmux(ctrd: PrivateContainerd) -> None:
-    tmux = ["tmux", "-L", f"kata-lab-{os.getpid()}"]
-    argv = ctrd.ctr_argv("run", "-t", "--rm", "--runtime", KATA_RUNTIME, BUSYBOX_IMAGE, "tty1", "sh")
-    subprocess.run(
-        [*tmux, "new-session", "-d", "-s", "kata", "-x", "120", "-y", "30", shlex.join(argv)], check=True
-    )
-    try:
-        screen = ""
-        end = time.monotonic() + RUN_TIMEOUT
-        while "#" not in screen and time.monotonic() < end:  # busybox sh's root prompt
-            time.sleep(1)
-            screen = pane(tmux)
-        assert "#" in screen, f"no prompt: {screen!r}\n{ctrd.log_tail(60)}"
-        subprocess.run(
-            [*tmux, "send-keys", "-t", "kata", "echo $((6*7)); tty; stty size", "Enter"], check=True
-        )
-        end = time.monotonic() + 60
-        while "/dev/pts/" not in screen and time.monotonic() < end:
-            time.sleep(0.5)
-            screen = pane(tmux)
-        assert "42" in screen.split() and "/dev/pts/" in screen, screen
-        assert "30 120" in screen, screen  # the window size reached the guest's pty
-        subprocess.run([*tmux, "send-keys", "-t", "kata", "exit", "Enter"], check=True)
-        end = time.monotonic() + 60
-        while (
-            subprocess.run([*tmux, "has-session", "-t", "kata"], capture_output=True, check=False).returncode
-            == 0
-        ):
-            assert time.monotonic() < end, "ctr run -t did not end after exit"
-            time.sleep(0.5)
-    finally:
-        subprocess.run([*tmux, "kill-server"], capture_output=True, check=False)
-    ctrd.ctr("task", "kill", "-s", "SIGKILL", "tty1", check=False)
-    ctrd.ctr("container", "delete", "tty1", check=False)
-    assert_nothing_left(ctrd, "tty1")
-
-
 # /tmp/armed says the trap is in place: the container's sh is its pid namespace's init, and the kernel drops a
 # SIGTERM sent to an init with no handler, so a SIGTERM that comes before the trap is lost, not delivered
 SERVICE = "trap 'echo term >> /tmp/signals' TERM; touch /tmp/armed; while true; do sleep 1; done"
@@ -364,6 +312,93 @@ def test_pause_and_resume(ctrd: PrivateContainerd, service: str, events: Events)
     assert "/tasks/paused" in events.topics(service)
 
 
+def pod_container(service: str) -> list[str]:
+    """`ctr run` options that make a container a later container of ``service``'s pod (CRI annotations): it
+    runs in that sandbox's VM, through its shim."""
+    return [
+        "--annotation", "io.kubernetes.cri.container-type=container",
+        "--annotation", f"io.kubernetes.cri.sandbox-id={service}",
+    ]  # fmt: skip
+
+
+def assert_container_gone(ctrd: PrivateContainerd, container_id: str, timeout: float = 60) -> None:
+    """A container of a pod that goes on: no task, no container, no mount of it left."""
+    end = time.monotonic() + timeout
+    while True:
+        left = {
+            "task": task_status(ctrd, container_id),
+            "container": [c for c in ctrd.ctr("container", "ls", "-q").stdout.split() if c == container_id],
+            "mounts": [
+                m
+                for m in mounts_below(Path("/run")) + mounts_below(ctrd.base)
+                if f"/{container_id}/" in m + "/"
+            ],
+        }
+        if not any(left.values()) or time.monotonic() > end:
+            break
+        time.sleep(0.5)
+    assert not any(left.values()), f"{container_id}: left behind {left}\n{ctrd.log_tail()}"
+
+
+@pytest.mark.lab
+def test_exit_code_and_stdin_reach_ctr(ctrd: PrivateContainerd, service: str) -> None:
+    """A container of the running pod (the stdio and exit paths are the container's, not its sandbox's)."""
+    done = kata_run(
+        ctrd, "--rm", *pod_container(service), BUSYBOX_IMAGE, "t2", "sh", "-c", "tr a-z A-Z; exit 7",
+        input=b"piped in\n",
+    )  # fmt: skip
+    assert done.returncode == 7, f"{done.stderr}\n{ctrd.log_tail(100)}"
+    assert done.stdout == "PIPED IN\n"
+    assert_container_gone(ctrd, "t2")
+
+
+def pane(tmux: list[str]) -> str:
+    return subprocess.run(
+        [*tmux, "capture-pane", "-p", "-t", "kata"], capture_output=True, text=True, check=False
+    ).stdout
+
+
+@pytest.mark.lab
+def test_run_t_is_interactive_through_tmux(ctrd: PrivateContainerd, service: str) -> None:
+    """`ctr run -t` of a container of the running pod: a pty in the guest, the window size, exit ends ctr."""
+    tmux = ["tmux", "-L", f"kata-lab-{os.getpid()}"]
+    argv = ctrd.ctr_argv(
+        "run", "-t", "--rm", "--runtime", KATA_RUNTIME, *pod_container(service), BUSYBOX_IMAGE, "tty1", "sh"
+    )
+    subprocess.run(
+        [*tmux, "new-session", "-d", "-s", "kata", "-x", "120", "-y", "30", shlex.join(argv)], check=True
+    )
+    try:
+        screen = ""
+        end = time.monotonic() + RUN_TIMEOUT
+        while "#" not in screen and time.monotonic() < end:  # busybox sh's root prompt
+            time.sleep(1)
+            screen = pane(tmux)
+        assert "#" in screen, f"no prompt: {screen!r}\n{ctrd.log_tail(60)}"
+        subprocess.run(
+            [*tmux, "send-keys", "-t", "kata", "echo $((6*7)); tty; stty size", "Enter"], check=True
+        )
+        end = time.monotonic() + 60
+        while "/dev/pts/" not in screen and time.monotonic() < end:
+            time.sleep(0.5)
+            screen = pane(tmux)
+        assert "42" in screen.split() and "/dev/pts/" in screen, screen
+        assert "30 120" in screen, screen  # the window size reached the guest's pty
+        subprocess.run([*tmux, "send-keys", "-t", "kata", "exit", "Enter"], check=True)
+        end = time.monotonic() + 60
+        while (
+            subprocess.run([*tmux, "has-session", "-t", "kata"], capture_output=True, check=False).returncode
+            == 0
+        ):
+            assert time.monotonic() < end, "ctr run -t did not end after exit"
+            time.sleep(0.5)
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True, check=False)
+    ctrd.ctr("task", "kill", "-s", "SIGKILL", "tty1", check=False)
+    ctrd.ctr("container", "delete", "tty1", check=False)
+    assert_container_gone(ctrd, "tty1")
+
+
 def settled_threads(pid: int) -> list[str]:
     """The shim's threads once trio's idle worker threads have expired (they linger 10 s)."""
     time.sleep(12)
@@ -377,10 +412,7 @@ def test_thread_count_is_the_same_with_1_and_10_containers_in_the_pod(
     shims = ctrd.shim_pids()
     assert len(shims) == 1
     one = settled_threads(shims[0])
-    pod = [
-        "--annotation", "io.kubernetes.cri.container-type=container",
-        "--annotation", f"io.kubernetes.cri.sandbox-id={service}",
-    ]  # fmt: skip
+    pod = pod_container(service)
     extra = [f"{service}-c{n}" for n in range(2, 11)]
     try:
         for cid in extra:

@@ -30,6 +30,7 @@ from kata_agent_client import (
     HealthChecker,
     forward_line,
     forward_logs,
+    guest_timed,
     open_agent_client,
 )
 from kata_proto import ttrpc
@@ -274,6 +275,28 @@ def test_with_a_guest_clock_a_call_timeout_is_guest_time_within_a_wall_cap(
             n.cancel_scope.cancel()
         sent = agent.remaining["StartContainer"]
         assert sent is not None and 1.5 < sent <= 2.0  # the wall cap, not the guest budget
+
+    trio.run(main)
+
+
+def test_without_a_clock_a_budget_is_wall_time_and_says_so() -> None:
+    """No guest clock (a client without a VM to count on): the budget is wall time, and the error does not
+    claim guest time."""
+
+    async def main() -> None:
+        async def quick() -> str:
+            await trio.sleep(0.01)
+            return "done"
+
+        async def slow() -> None:
+            await trio.sleep(30)
+
+        assert await guest_timed(None, 1.0, quick) == "done"
+        t0 = time.monotonic()
+        with pytest.raises(trio.TooSlowError) as info:
+            await guest_timed(None, 0.2, slow)
+        assert str(info.value) == "within 0.2 s", info.value
+        assert 0.15 < time.monotonic() - t0 < 5
 
     trio.run(main)
 

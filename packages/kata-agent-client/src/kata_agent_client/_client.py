@@ -101,9 +101,6 @@ class AgentClient:
     async def within(self, budget: float, call: Callable[[], Awaitable[T]]) -> T:
         """`await call()` within `budget` seconds: of the guest's time with a `clock` (`guest_timed`, within
         `wall_cap` budgets of wall time), else of wall time; `trio.TooSlowError` when it runs out."""
-        if self.clock is None:
-            with trio.fail_after(budget):
-                return await call()
         return await guest_timed(self.clock, budget, call, wall_cap=self.wall_cap)
 
     async def _call(self, method: str, request: Any, response_type: type[Any], service: str = AGENT) -> Any:

@@ -62,9 +62,8 @@ async def passfd_connect(listener: PassfdListener, fd: int, *, keep: bool = Fals
     the VMM refuses (``ERR``), hangs up, or no ``OK`` arrives within `PASSFD_TIMEOUT` seconds.
     """
     where = f"passfd to {listener.uds} port {listener.port}"
-    clock = listener.clock if listener.clock is not None else trio.current_time
     try:
-        line = await guest_timed(clock, PASSFD_TIMEOUT, lambda: _handshake(listener, fd, keep))
+        line = await guest_timed(listener.clock, PASSFD_TIMEOUT, lambda: _handshake(listener, fd, keep))
     except trio.TooSlowError as err:
         why = f"no answer {err} (the guest did not accept the stream)"
         raise PassfdError(errno.ETIMEDOUT, f"{where}: {why}") from None
