@@ -46,7 +46,14 @@ def vsock_echo(uds: Path, payload: bytes) -> tuple[bytes, float, str]:
         sender = threading.Thread(target=s.sendall, args=(struct.pack("<Q", len(payload)) + payload,))
         sender.start()
         back = bytearray()
-        while chunk := s.recv(1 << 20):
-            back += chunk
+        try:
+            while chunk := s.recv(1 << 20):
+                back += chunk
+        except TimeoutError:
+            sending = "is still sending" if sender.is_alive() else "was done"
+            raise TimeoutError(
+                f"vsock echo stalled: nothing for 300 s after {len(back)} of {len(payload)} bytes came back "
+                f"({time.monotonic() - t0:.0f} s in; the sender {sending})"
+            ) from None
         sender.join()
         return bytes(back), time.monotonic() - t0, line.decode().strip()

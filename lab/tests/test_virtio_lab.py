@@ -150,13 +150,19 @@ def test_linux_guest_uses_block_fs_net_vsock_and_rng_on_kata_vmm(
     received: list[bytes] = []
     listener = serve_guest_connection(Path(f"{uds}_5000"), received)
     factory = MicroVMFactory(tmp_path, NetnsKataVmm(ns), guest_assets)
+    spawned = False
     try:
         vm = factory.build(config).spawn()
+        spawned = True
         boot_s = vm.wait_for_console("VSOCK-LISTENING 1024", timeout=300)
         payload = os.urandom(VSOCK_BYTES)
         echo, vsock_s, ok_line = vsock_echo(uds, payload)
         vm.wait_for_console("VIRTIO-SCRIPT-DONE", timeout=300)
         assert vm.wait_exit(timeout=60) == 0, vm.stderr
+    except BaseException:
+        tail = vm.console[-4000:] if spawned else "(not spawned)"
+        print(f"guest console (last 4000 characters):\n{tail}")
+        raise
     finally:
         factory.kill_all()
         listener.close()
