@@ -184,6 +184,11 @@ class VirtioVsock(VirtioDevice):
         while self.muxer.has_pending_rx():
             chain = q.pop(mem)
             if chain is None:
+                # Host sockets are not polled until the guest posts buffers and kicks: ask for that kick
+                # (with VIRTIO_F_EVENT_IDX the driver kicks only past avail_event, §2.7.10), then look once
+                # more, for a buffer posted before the driver saw the request (it brought no kick).
+                if q.enable_notification(mem):
+                    continue
                 self.muxer.rx_space = False
                 break
             if chain.writable_len < VSOCK_HDR.size:
