@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kata_virtio import VirtioVsock
+from kata_virtio._spec import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
 from kata_virtio._vsock import (
     CONN_BUF_ALLOC,
     VIRTIO_VSOCK_OP_CREDIT_REQUEST,
@@ -31,7 +32,6 @@ from kata_virtio._vsock import (
     VIRTIO_VSOCK_SHUTDOWN_SEND,
     VSOCK_HDR,
 )
-from kata_virtio._spec import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
 from kata_virtio.testing import FakeDeviceInterrupt, FakeGuestMemory, activate, pump
 
 Packet = tuple[tuple[int, ...], bytes]
