@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from kata_shim._steps import process_age
 from kata_shim.shim._address import bundle_sandbox_id, can_connect, socket_address, socket_path
 from kata_shim.shim._flags import ShimFlags
 from kata_shim.shim._start import write_atomic
@@ -95,16 +96,6 @@ def _end_shim_of(bundle: Path, id: str) -> bool:
     return True
 
 
-def _seconds_running() -> float:
-    """Seconds since this process started (its start time in /proc/self/stat, against CLOCK_BOOTTIME)."""
-    try:
-        stat = Path("/proc/self/stat").read_bytes()
-        ticks = int(stat[stat.rfind(b")") + 2 :].split()[19])
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
-
-
 def run_detached(work: Callable[[], list[str]], answer_within: float) -> list[str] | None:
     """Run ``work`` in a finisher (a forked child in its own session, stdio on /dev/null) and wait for it
     until ``answer_within`` seconds after this process started. Returns what ``work`` returned, or None
@@ -133,7 +124,7 @@ def run_detached(work: Callable[[], list[str]], answer_within: float) -> list[st
     said = b""
     try:
         while True:
-            left = answer_within - _seconds_running()
+            left = answer_within - (process_age() or 0.0)
             readable, _, _ = select.select([r], [], [], max(0.0, left))
             if not readable:
                 return None  # not finished by the answer's time: the finisher goes on alone
@@ -172,16 +163,15 @@ def _clean_up(bundle: Path, flags: ShimFlags) -> list[str]:
             os.close(lock)
 
 
-def delete(flags: ShimFlags, answer_within: float | None = None) -> bytes:
+def delete(flags: ShimFlags) -> bytes:
     """Clean up (in a finisher, `run_detached`) and return the serialized DeleteResponse (exit status 137,
     exited now). The cleanup's problems, and one still running at the answer's time, go to stderr
     (containerd logs them as the cleanup's warnings)."""
-    answer_within = ANSWER_WITHIN if answer_within is None else answer_within
     bundle = Path(flags.bundle or os.getcwd())
     if bundle_sandbox_id(bundle) is None and flags.id:
-        said = run_detached(lambda: _clean_up(bundle, flags), answer_within)
+        said = run_detached(lambda: _clean_up(bundle, flags), ANSWER_WITHIN)
         if said is None:
-            late = f"cleanup still running {answer_within:g} s after delete began, goes on"
+            late = f"cleanup still running {ANSWER_WITHIN:g} s after delete began, goes on"
             said = [f"sandbox {flags.id}: {late}"]
         for line in said:
             print(line, file=sys.stderr)
