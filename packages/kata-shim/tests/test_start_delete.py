@@ -395,7 +395,7 @@ def test_start_fails_with_the_message_the_new_shim_reports() -> None:
     os.close(w)
     try:
         with pytest.raises(StartError, match=r"^shim failed: cannot listen$"):
-            _wait_ready(child, r, timeout=10)
+            _wait_ready(child.pid, child, r, timeout=10)
     finally:
         os.close(r)
         child.wait()
@@ -409,7 +409,7 @@ def test_start_fails_when_the_new_shim_dies_silently() -> None:
     os.close(w)
     try:
         with pytest.raises(StartError, match="exited with status 3 before serving"):
-            _wait_ready(child, r, timeout=10)
+            _wait_ready(child.pid, child, r, timeout=10)
     finally:
         os.close(r)
 

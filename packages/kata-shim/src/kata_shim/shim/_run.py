@@ -25,6 +25,8 @@ from kata_shim.shim._delete import mark_shutting_down
 from kata_shim.shim._flags import ShimFlags
 from kata_shim.shim._log import setup_logging
 from kata_shim.shim._start import ENV_CONFIG_PATH, ENV_LISTEN_FD, ENV_READY_FD, ENV_START_EXEC, bind_socket
+from kata_shim.shim._zygote import ENV_SPAWN
+from kata_shim.shim._zygote import spawn as spawn_zygote
 
 log = logging.getLogger("kata_shim")
 
@@ -111,6 +113,8 @@ async def _main(flags: ShimFlags, sock: socket.socket) -> None:
 
 def run(flags: ShimFlags) -> int:
     """Run mode entry point: returns the process exit status."""
+    if os.environ.pop(ENV_SPAWN, None) == "1":
+        spawn_zygote()  # first: nothing runs yet, and the next `start` forks from it
     bundle = Path(flags.bundle or os.getcwd())
     setup_logging(bundle, flags.debug)
     try:

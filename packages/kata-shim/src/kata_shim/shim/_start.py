@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import signal
 import socket
 import stat
 import subprocess
@@ -26,6 +27,15 @@ from kata_shim._steps import process_age
 from kata_shim.shim._address import bundle_sandbox_id, can_connect, socket_address, socket_path
 from kata_shim.shim._flags import ShimFlags
 from kata_shim.shim._wire import start_config_path
+from kata_shim.shim._zygote import (
+    ENV_FORKED_BY,
+    ENV_ROOM,
+    ENV_SPAWN,
+    ROOM,
+    Request,
+    fork_via_zygote,
+    zygote_dir,
+)
 
 ENV_LISTEN_FD = "KATA_SHIM_LISTEN_FD"
 """The run-mode shim serves the listening socket with this fd number (set by `start`)."""
@@ -96,13 +106,13 @@ def adjust_oom_score(pid: int) -> None:
         pass  # not permitted (unprivileged tests): keep the inherited score
 
 
-def _wait_ready(child: subprocess.Popen[bytes], ready_fd: int, timeout: float) -> None:
+def _wait_ready(pid: int, child: subprocess.Popen[bytes] | None, ready_fd: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     data = b""
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise StartError(f"the shim (pid {child.pid}) did not report ready within {timeout:.0f} s")
+            raise StartError(f"the shim (pid {pid}) did not report ready within {timeout:.0f} s")
         readable, _, _ = select.select([ready_fd], [], [], min(left, 1.0))
         if not readable:
             continue
@@ -113,8 +123,12 @@ def _wait_ready(child: subprocess.Popen[bytes], ready_fd: int, timeout: float) -
     line = data.decode(errors="replace").strip()
     if line == "ok":
         return
+    if line:
+        raise StartError(line)
+    if child is None:
+        raise StartError(f"the shim (pid {pid}) exited before serving")
     child.wait(timeout=5)
-    raise StartError(line or f"the shim exited with status {child.returncode} before serving")
+    raise StartError(f"the shim exited with status {child.returncode} before serving")
 
 
 def stdin_config_path(fd: int = 0, timeout: float = STDIN_TIMEOUT) -> str:
@@ -145,43 +159,64 @@ def stdin_config_path(fd: int = 0, timeout: float = STDIN_TIMEOUT) -> str:
 
 
 def launch(flags: ShimFlags, address: str, bundle: str, config_path: str = "") -> int:
-    """Start the run-mode shim serving `address`; return its pid once it serves."""
+    """Start the run-mode shim serving `address` (forked by the zygote, else a new interpreter); return
+    its pid once it serves."""
     sock = bind_socket(address)
     ready_r, ready_w = os.pipe()
     try:
         env = dict(os.environ)
-        env[ENV_LISTEN_FD] = str(sock.fileno())
-        env[ENV_READY_FD] = str(ready_w)
-        env.pop(ENV_CONFIG_PATH, None)
+        for name in (
+            ENV_LISTEN_FD,
+            ENV_READY_FD,
+            ENV_CONFIG_PATH,
+            ENV_START_EXEC,
+            ENV_SPAWN,
+            ENV_ROOM,
+            ENV_FORKED_BY,
+        ):
+            env.pop(name, None)
         if config_path:
             env[ENV_CONFIG_PATH] = config_path
         age = process_age()
         if age is not None:
             env[ENV_START_EXEC] = f"{time.clock_gettime(time.CLOCK_BOOTTIME) - age:.3f}"
-        # A fresh interpreter (no fork of this one): new session, cwd the bundle, stdio to /dev/null.
-        child = subprocess.Popen(
-            shim_command(flags),
-            cwd=bundle,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            pass_fds=(sock.fileno(), ready_w),
-            start_new_session=True,
-        )
+        argv = shim_command(flags)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        request = Request(argv, len(argv) - len(flags.to_argv()), env, os.path.abspath(bundle), umask)
+        child = None
+        pid = fork_via_zygote(request, (sock.fileno(), ready_w))
+        if pid is None:
+            if zygote_dir() is not None:
+                env[ENV_SPAWN] = "1"  # and the new shim forks a zygote off for the next start
+                env[ENV_ROOM] = "." * ROOM  # room in the zygote's environ area for its forks' own
+            env[ENV_LISTEN_FD] = str(sock.fileno())
+            env[ENV_READY_FD] = str(ready_w)
+            # A fresh interpreter (no fork of this one): new session, cwd the bundle, stdio to /dev/null.
+            child = subprocess.Popen(
+                argv,
+                cwd=bundle,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(sock.fileno(), ready_w),
+                start_new_session=True,
+            )
+            pid = child.pid
         os.close(ready_w)
         ready_w = -1
-        sock.close()  # the child holds the listening socket now
-        adjust_oom_score(child.pid)
+        sock.close()  # the shim holds the listening socket now
+        adjust_oom_score(pid)
         try:
-            _wait_ready(child, ready_r, READY_TIMEOUT)
+            _wait_ready(pid, child, ready_r, READY_TIMEOUT)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
-                child.kill()
+                os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(socket_path(address))
             raise
-        return child.pid
+        return pid
     finally:
         sock.close()
         os.close(ready_r)

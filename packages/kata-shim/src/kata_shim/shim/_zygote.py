@@ -1,0 +1,469 @@
+"""The zygote: a warm parent that forks a serving shim per sandbox instead of starting a new interpreter.
+
+`containerd-shim-kata-v2 start` used to exec a fresh Python for every sandbox, and that interpreter's
+start-up and imports (trio, protobuf, the shim's modules) took 3-5 s under nested TCG before it served:
+most of a start from a VM template. The zygote is a fork of a run-mode shim taken after its imports and
+before it ran anything (no thread, no trio run, no logging, no sandbox), with the back-ends' modules
+imported too and its objects frozen out of the cyclic GC (so forks share its pages). `start` hands it
+the listening socket and the ready pipe (SCM_RIGHTS) with the argv, environment, working directory and
+umask the shim would have been exec'd with; the zygote forks twice (the shim ends up nobody's child,
+as an exec'd one after `start` exits) and the grandchild becomes that shim: a session of its own, stdio
+on /dev/null, the request's cwd, umask, environment and argv (/proc/PID/cmdline and environ are rewritten
+to them, so `ps`, `delete` and the lab find it by its flags), then the run mode as after an exec.
+
+Lifecycle: a `start` that finds no zygote execs its shim as before, with `ENV_SPAWN` set; that shim
+forks the zygote off first thing. One zygote per interpreter and install (the socket's name hashes
+them) in $KATA_SHIM_ZYGOTE_DIR (default /run/kata-shim-zygote, root-only; "off" disables it). It holds
+a lock for its life, answers only its own uid (SO_PEERCRED), refuses and exits once any module file it
+loaded changed on disk (an upgrade never leaves a stale shim), and exits after $KATA_SHIM_ZYGOTE_IDLE
+seconds (default 900) without a request. `start` falls back to exec on any failure.
+
+Forks share what a fork shares: the interpreter's str hash seed (`random` reseeds itself in each child;
+`os.urandom` and `secrets` draw from the kernel).
+
+The wire: the client sends one message, a 4-byte big-endian length and the request (NUL-separated:
+`MAGIC`, cwd, octal umask, the number of argv items before the shim's flags, the argv count, argv, then
+the environment as KEY=VALUE), with the two fds on its first bytes; the zygote answers one line, ``pid N``
+or ``stale: ...`` or ``error: ...``. Client side: standard library only (`start` imports it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+import struct
+import sys
+
+from kata_shim.__about__ import __version__
+
+try:  # the built-in sha256 (see kata_shim.shim._address)
+    from _sha256 import sha256  # type: ignore[import-not-found]  # no stub: private module
+except ImportError:  # pragma: no cover - interpreters without it (3.12 calls it _sha2)
+    from hashlib import sha256
+
+ENV_DIR = "KATA_SHIM_ZYGOTE_DIR"
+"""Where the zygote's socket and lock are ("off" or empty: no zygote, every shim is exec'd)."""
+DEFAULT_DIR = "/run/kata-shim-zygote"
+ENV_IDLE = "KATA_SHIM_ZYGOTE_IDLE"
+"""Seconds without a request after which the zygote exits."""
+DEFAULT_IDLE = 900.0
+ENV_SPAWN = "KATA_SHIM_ZYGOTE_SPAWN"
+"""Set by `start` on a shim it execs because no zygote answered: that shim forks one off."""
+ENV_ROOM = "KATA_SHIM_ZYGOTE_ROOM"
+"""Padding in that shim's environment: the zygote rewrites its forks' /proc/PID/environ over the area it
+inherited, which must hold theirs when the kernel cannot be pointed elsewhere (no CAP_SYS_RESOURCE)."""
+ROOM = 4096
+ENV_FORKED_BY = "KATA_SHIM_FORKED_BY"
+"""In a forked shim's environment: the zygote's pid."""
+MAGIC = b"kata-zygote-1"
+CLIENT_TIMEOUT = 10.0
+"""Seconds `start` gives the zygote to answer (a fork under nested TCG takes a fraction of one)."""
+MAX_REQUEST = 1 << 20
+LOCK_WAIT = 2.0
+"""Seconds a new zygote waits for the lock of one that is on its way out (a stale one)."""
+
+_PR_SET_MM = 35
+_PR_SET_MM_ARG_START = 8
+_PR_SET_MM_ARG_END = 9
+_PR_SET_MM_ENV_START = 10
+_PR_SET_MM_ENV_END = 11
+_AREAS = {
+    "arg": (45, _PR_SET_MM_ARG_START, _PR_SET_MM_ARG_END),
+    "env": (47, _PR_SET_MM_ENV_START, _PR_SET_MM_ENV_END),
+}
+"""/proc/PID/stat field (index after the command name) of each area's start, and its PR_SET_MM ops."""
+_KEEP_ALIVE: list[object] = []
+"""Buffers the kernel now reads a process's cmdline or environ from."""
+
+
+class Request:
+    """What a shim would have been exec'd with: argv (``head`` items of interpreter and script, then the
+    shim's flags), environment, working directory and umask."""
+
+    def __init__(self, argv: list[str], head: int, env: dict[str, str], cwd: str, umask: int) -> None:
+        self.argv = argv
+        self.head = head
+        self.env = env
+        self.cwd = cwd
+        self.umask = umask
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Request):
+            return NotImplemented
+        return vars(self) == vars(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Request({self.argv!r}, head={self.head}, cwd={self.cwd!r}, umask={self.umask:o})"
+
+    def encode(self) -> bytes:
+        fields = [MAGIC, os.fsencode(self.cwd), b"%o" % self.umask, b"%d" % self.head, b"%d" % len(self.argv)]
+        fields += [os.fsencode(a) for a in self.argv]
+        fields += [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in self.env.items()]
+        if any(b"\0" in f for f in fields):
+            raise ValueError("a NUL byte in an argument, the environment or the directory")
+        return b"\0".join(fields)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Request:
+        """Raises ValueError on anything `encode` would not have written."""
+        fields = data.split(b"\0")
+        if len(fields) < 5 or fields[0] != MAGIC:
+            raise ValueError("not a zygote request")
+        cwd, umask, head, count = fields[1], int(fields[2], 8), int(fields[3]), int(fields[4])
+        if not (0 <= umask <= 0o777 and 0 <= head <= count <= len(fields) - 5 and cwd.startswith(b"/")):
+            raise ValueError("bad zygote request header")
+        argv = [os.fsdecode(a) for a in fields[5 : 5 + count]]
+        env: dict[str, str] = {}
+        for entry in fields[5 + count :]:
+            key, eq, value = entry.partition(b"=")
+            if not eq or not key:
+                raise ValueError(f"bad environment entry {entry[:40]!r}")
+            env[os.fsdecode(key)] = os.fsdecode(value)
+        return cls(argv, head, env, os.fsdecode(cwd), umask)
+
+
+def zygote_dir() -> str | None:
+    """The zygote's directory, None when it is turned off."""
+    value = os.environ.get(ENV_DIR, DEFAULT_DIR)
+    return None if value in ("", "off") else value
+
+
+def key() -> str:
+    """This interpreter's and install's zygote name: a zygote serves only shims of the same code."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return sha256(f"{sys.executable}\0{package}\0{__version__}".encode()).hexdigest()[:16]
+
+
+def trusted_dir(path: str) -> bool:
+    """A real directory of ours that nobody else can write (the socket in it is then the zygote's)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+def fork_via_zygote(request: Request, fds: tuple[int, int], timeout: float = CLIENT_TIMEOUT) -> int | None:
+    """Have the zygote fork the shim of ``request`` with ``fds`` (the listening socket, the ready pipe's
+    write end); its pid, or None when there is no usable zygote (the caller execs the shim)."""
+    directory = zygote_dir()
+    if directory is None or not trusted_dir(directory):
+        return None
+    try:
+        payload = request.encode()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(os.path.join(directory, key() + ".sock"))
+            if peer_uid(s) != os.geteuid():
+                return None
+            message = len(payload).to_bytes(4, "big") + payload
+            sent = socket.send_fds(s, [message[:4096]], list(fds))
+            s.sendall(message[sent:])
+            reply = b""
+            while b"\n" not in reply and len(reply) < 512:
+                chunk = s.recv(512)
+                if not chunk:
+                    break
+                reply += chunk
+    except (OSError, ValueError):
+        return None
+    word, _, value = reply.partition(b"\n")[0].partition(b" ")
+    if word != b"pid" or not value.isdigit():
+        return None  # stale, refused, or it died: the caller execs
+    return int(value)
+
+
+# --- the zygote's side: runs only in a run-mode shim's fork, where everything below is imported already.
+
+
+def spawn() -> None:
+    """Fork the zygote off this run-mode shim, which has imported everything and started nothing yet
+    (`run` calls this first). Returns at once in the shim; the zygote is its grandchild, in a session of
+    its own, and not its child."""
+    directory = zygote_dir()
+    if directory is None:
+        return
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return
+    try:  # the intermediate: never returns
+        os.setsid()
+        if os.fork() == 0:
+            try:
+                _zygote_main(directory)
+            finally:
+                os._exit(0)
+    finally:
+        os._exit(0)
+
+
+def _detach(keep: set[int]) -> None:
+    """Close every fd but stdio and ``keep``; stdio to /dev/null."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+
+
+def _lock(path: str) -> int | None:
+    import fcntl
+    import time
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    end = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() > end:
+                os.close(fd)
+                return None
+            time.sleep(0.1)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, b"%d\n" % os.getpid())
+        return fd
+
+
+def warm_up() -> None:
+    """Import what a sandbox's start would import later (the registries' modules): a fork then has it."""
+    import importlib
+
+    from kata_shim.hypervisor._registry import HYPERVISORS
+    from kata_shim.runtime._registry import RUNTIME_HANDLERS
+
+    targets = [*RUNTIME_HANDLERS.values(), *HYPERVISORS.values(), "kata_shim.factory:", "kata_resources:"]
+    for target in targets:
+        with contextlib.suppress(Exception):
+            importlib.import_module(target.partition(":")[0])
+
+
+def module_files() -> dict[str, tuple[int, int]]:
+    """(mtime_ns, size) of the interpreter and of every loaded module's file."""
+    paths = {sys.executable}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str):
+            paths.add(path)
+    seen: dict[str, tuple[int, int]] = {}
+    for path in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            seen[path] = (st.st_mtime_ns, st.st_size)
+    return seen
+
+
+def changed_file(seen: dict[str, tuple[int, int]]) -> str | None:
+    """The first file of ``seen`` that is no longer what it was, None when none changed."""
+    for path, was in seen.items():
+        try:
+            st = os.stat(path)
+        except OSError:
+            return path
+        if (st.st_mtime_ns, st.st_size) != was:
+            return path
+    return None
+
+
+def _zygote_main(directory: str) -> None:
+    import gc
+
+    from kata_shim.shim._start import ENV_LISTEN_FD, ENV_READY_FD
+
+    seen = module_files()  # first: the files as the shim this is a fork of imported them
+    _detach(set())
+    os.chdir("/")
+    for name in (ENV_SPAWN, ENV_ROOM, ENV_LISTEN_FD, ENV_READY_FD):
+        os.environ.pop(name, None)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if not trusted_dir(directory):
+        return
+    name = key()
+    lock = _lock(os.path.join(directory, name + ".lock"))
+    if lock is None:
+        return  # another zygote serves
+    path = os.path.join(directory, name + ".sock")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(path)
+        os.chmod(path, 0o600)
+        server.listen(64)
+        set_proc_strings("arg", ["containerd-shim-kata-v2", "zygote", directory])
+        warm_up()
+        seen = {**module_files(), **seen}
+        gc.collect()
+        gc.freeze()
+        try:
+            idle = float(os.environ.get(ENV_IDLE, DEFAULT_IDLE))
+        except ValueError:
+            idle = DEFAULT_IDLE
+        server.settimeout(idle)
+        while True:
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                return
+            with conn:
+                if not _answer(conn, seen):
+                    return
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # ours: we hold the lock
+        server.close()
+
+
+def _answer(conn: socket.socket, seen: dict[str, tuple[int, int]]) -> bool:
+    """Serve one request; False when the zygote must go (its code changed, or it grew a thread)."""
+    conn.settimeout(5.0)
+    fds: list[int] = []
+    try:
+        if peer_uid(conn) != os.geteuid():
+            return True
+        data, fds, _, _ = socket.recv_fds(conn, 4096, 2)
+        if len(data) < 4 or len(fds) != 2:
+            conn.sendall(b"error: a request has a length and two fds\n")
+            return True
+        size = int.from_bytes(data[:4], "big")
+        if size > MAX_REQUEST:
+            conn.sendall(b"error: request too large\n")
+            return True
+        payload = data[4:]
+        while len(payload) < size:
+            chunk = conn.recv(min(65536, size - len(payload)))
+            if not chunk:
+                return True
+            payload += chunk
+        request = Request.decode(payload)
+        changed = changed_file(seen)
+        if changed is not None:
+            conn.sendall(f"stale: {changed} changed\n".encode(errors="replace"))
+            return False
+        threads = len(os.listdir("/proc/self/task"))
+        if threads != 1:
+            conn.sendall(b"error: the zygote has %d threads\n" % threads)
+            return False
+        zygote = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the intermediate: never returns
+            try:
+                child = os.fork()
+                if child == 0:
+                    _become_shim(request, (fds[0], fds[1]), zygote)
+                with contextlib.suppress(OSError):
+                    conn.sendall(b"pid %d\n" % child)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+    except (OSError, ValueError) as err:
+        with contextlib.suppress(OSError):
+            conn.sendall(f"error: {err}\n".encode(errors="replace"))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return True
+
+
+def _become_shim(request: Request, fds: tuple[int, int], zygote: int) -> None:
+    """In the zygote's (pid ``zygote``) grandchild: become the shim ``request`` describes and run it;
+    never returns."""
+    from kata_shim.shim._start import ENV_LISTEN_FD, ENV_READY_FD
+
+    status = 1
+    listen_fd, ready_fd = fds
+    try:
+        os.setsid()
+        _detach({listen_fd, ready_fd})
+        os.chdir(request.cwd)
+        os.umask(request.umask)
+        env = dict(request.env)
+        env[ENV_LISTEN_FD] = str(listen_fd)
+        env[ENV_READY_FD] = str(ready_fd)
+        env[ENV_FORKED_BY] = str(zygote)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = list(request.argv)
+        if not (
+            set_proc_strings("arg", request.argv)
+            and set_proc_strings("env", [f"{k}={v}" for k, v in env.items()])
+        ):
+            # Without its own cmdline `ps` and `delete` would not know this shim: exec it instead.
+            for fd in fds:
+                os.set_inheritable(fd, True)
+            del env[ENV_FORKED_BY]
+            os.execve(request.argv[0], request.argv, env)
+        from kata_shim.shim._flags import parse_flags
+        from kata_shim.shim._run import run
+
+        status = run(parse_flags(request.argv[request.head :]))
+    except BaseException as err:  # said where `start` waits (run reports its own failures there too)
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, f"zygote: cannot become the shim: {err}\n".encode(errors="replace"))
+    finally:
+        with contextlib.suppress(Exception):
+            import logging
+
+            logging.shutdown()
+        os._exit(status)
+
+
+def _prctl_mm(op: int, value: int) -> bool:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    zero = ctypes.c_ulong(0)
+    return int(libc.prctl(_PR_SET_MM, ctypes.c_ulong(op), ctypes.c_ulong(value), zero, zero)) == 0
+
+
+def set_proc_strings(area: str, items: list[str]) -> bool:
+    """Make /proc/self/cmdline (``area`` "arg") or /proc/self/environ ("env") read ``items``: written over
+    the original area when they fit (anyone may), else into a buffer of ours the kernel is pointed at
+    (PR_SET_MM: CAP_SYS_RESOURCE). False when neither could be done (the area is unchanged)."""
+    import ctypes
+
+    field, start_op, end_op = _AREAS[area]
+    data = b"".join(os.fsencode(item) + b"\0" for item in items)
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat_line = f.read()
+        fields = stat_line[stat_line.rindex(b")") + 2 :].split()
+        start, end = int(fields[field]), int(fields[field + 1])
+    except (OSError, ValueError, IndexError):
+        return False
+    if 0 < len(data) <= end - start:
+        ctypes.memmove(start, data + bytes(end - start - len(data)), end - start)
+        _prctl_mm(end_op, start + len(data))  # trims the padding where permitted; it reads as NULs if not
+        return True
+    buf = ctypes.create_string_buffer(data, len(data))
+    new_start = ctypes.addressof(buf)
+    new_end = new_start + len(data)
+    # The kernel checks start <= end after each call: move the end first when the buffer lies above.
+    first, second = (
+        ((end_op, new_end), (start_op, new_start))
+        if new_start >= start
+        else ((start_op, new_start), (end_op, new_end))
+    )
+    if not _prctl_mm(*first):
+        return False
+    if not _prctl_mm(*second):
+        _prctl_mm(first[0], end if first[0] == end_op else start)
+        return False
+    _KEEP_ALIVE.append(buf)
+    return True
