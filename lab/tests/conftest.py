@@ -24,6 +24,8 @@ if str(LAB) not in sys.path:
 from framework import BACKENDS, Backend, GuestAssets, MicroVMFactory, QemuBackend, in_labvm  # noqa: E402
 from framework.containerd import PrivateContainerd, busybox_containerd  # noqa: E402
 
+from kata_shim.shim._zygote import zygotes_in  # noqa: E402
+
 OUTSIDE_LAB = (
     "tests marked `lab` boot guests inside the nested-KVM lab VM: run them with `./dev nox -s lab` "
     "(or `lab/labvm exec -- .venv/bin/python -m pytest -m lab ...`)"
@@ -86,3 +88,11 @@ def ctrd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateContainerd
         pytest.fail("the containerd lab tests run inside the lab VM", pytrace=False)
     with busybox_containerd(tmp_path_factory.mktemp("image")) as instance:
         yield instance
+
+
+@pytest.fixture(autouse=True, scope="session")
+def zygote_dir() -> Iterator[str]:
+    """The shims of a session fork from zygotes of its own (the first shim execs and leaves one), ended
+    at its end: nothing outlives the session on the host, and no zygote of one checkout serves another."""
+    with zygotes_in() as directory:
+        yield directory

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from kata_shim.shim._zygote import zygotes_in
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
@@ -51,30 +53,8 @@ def reap_fakes(tmp_path: Path) -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def zygote_dir() -> Iterator[Path]:
-    """Every shim these tests start uses a zygote directory of this session's (not the host's
-    /run/kata-shim-zygote); zygotes still running at the end are ended."""
-    path = Path(tempfile.mkdtemp(prefix="kz-", dir="/tmp"))
-    os.chmod(path, 0o700)
-    before = os.environ.get("KATA_SHIM_ZYGOTE_DIR")
-    os.environ["KATA_SHIM_ZYGOTE_DIR"] = str(path / "z")
-    yield path / "z"
-    if before is None:
-        del os.environ["KATA_SHIM_ZYGOTE_DIR"]
-    else:
-        os.environ["KATA_SHIM_ZYGOTE_DIR"] = before
-    end_zygotes(path)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def end_zygotes(directory: Path) -> list[int]:
-    """SIGKILL the zygotes whose lock files are below ``directory``; their pids."""
-    ended = []
-    for lock in directory.rglob("*.lock"):
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(lock.read_text().strip() or 0)
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if pid and b"zygote" in cmdline:
-                os.kill(pid, signal.SIGKILL)
-                ended.append(pid)
-    return ended
+def zygote_dir() -> Iterator[str]:
+    """Every shim these tests start uses zygotes of this session's (not the host's /run/kata-shim-zygote),
+    ended at its end."""
+    with zygotes_in() as directory:
+        yield directory

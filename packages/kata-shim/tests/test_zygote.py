@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import end_zygotes
 
 from kata_proto import ttrpc
 from kata_proto.containerd import TASK_SERVICE, task_pb2
 from kata_shim.persist import process_start_time
 from kata_shim.shim._address import socket_path
-from kata_shim.shim._zygote import MAGIC, Request, changed_file, key, module_files
+from kata_shim.shim._zygote import MAGIC, Request, changed_file, end_zygotes, key, module_files
 
 SHIM = str(Path(sys.executable).parent / "containerd-shim-kata-v2")
 ROOT_ONLY = pytest.mark.skipif(

@@ -35,6 +35,7 @@ import socket
 import stat
 import struct
 import sys
+from typing import TYPE_CHECKING
 
 from kata_shim.__about__ import __version__
 
@@ -42,6 +43,9 @@ try:  # the built-in sha256 (see kata_shim.shim._address)
     from _sha256 import sha256  # type: ignore[import-not-found]  # no stub: private module
 except ImportError:  # pragma: no cover - interpreters without it (3.12 calls it _sha2)
     from hashlib import sha256
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 ENV_DIR = "KATA_SHIM_ZYGOTE_DIR"
 """Where the zygote's socket and lock are ("off" or empty: no zygote, every shim is exec'd)."""
@@ -180,6 +184,58 @@ def fork_via_zygote(request: Request, fds: tuple[int, int], timeout: float = CLI
     if word != b"pid" or not value.isdigit():
         return None  # stale, refused, or it died: the caller execs
     return int(value)
+
+
+def end_zygotes(directory: str | os.PathLike[str]) -> list[int]:
+    """SIGKILL the zygotes of ``directory`` (each one's lock file names its pid, checked against its
+    cmdline) and remove their sockets; their pids. A zygote holds nothing a kill loses."""
+    import signal
+
+    ended: list[int] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return ended
+    for name in names:
+        if not name.endswith(".lock"):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            with open(os.path.join(directory, name), "rb") as f:
+                pid = int(f.read().strip() or 0)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().split(b"\0")
+            if pid and b"zygote" in cmdline and os.fsencode(directory) in cmdline:
+                os.kill(pid, signal.SIGKILL)
+                ended.append(pid)
+                os.unlink(os.path.join(directory, name.removesuffix(".lock") + ".sock"))
+    return ended
+
+
+@contextlib.contextmanager
+def zygotes_in(directory: str | os.PathLike[str] | None = None) -> Iterator[str]:
+    """Within: this process's environment (and so every shim started from it) uses the zygotes of
+    ``directory`` (by default a new one below /tmp, removed after), a test's or a benchmark's own; after:
+    those zygotes are ended and the variable is restored."""
+    import shutil
+    import tempfile
+
+    scratch = None
+    if directory is None:
+        scratch = tempfile.mkdtemp(prefix="kz-", dir="/tmp")
+        directory = os.path.join(scratch, "z")
+    path = os.fspath(directory)
+    before = os.environ.get(ENV_DIR)
+    os.environ[ENV_DIR] = path
+    try:
+        yield path
+    finally:
+        if before is None:
+            os.environ.pop(ENV_DIR, None)
+        else:
+            os.environ[ENV_DIR] = before
+        end_zygotes(path)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 # --- the zygote's side: runs only in a run-mode shim's fork, where everything below is imported already.
