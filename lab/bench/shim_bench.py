@@ -55,6 +55,8 @@ from framework.containerd import (  # noqa: E402
     thread_names,
 )
 
+from kata_shim.shim._zygote import zygotes_in  # noqa: E402
+
 RUNC_RUNTIME = "io.containerd.runc.v2"
 SHIM_BINARIES = {KATA_RUNTIME: "containerd-shim-kata-v2", RUNC_RUNTIME: "containerd-shim-runc-v2"}
 TRIO_IDLE_WORKER_S = 12  # trio's cached worker threads exit after 10 s idle
@@ -305,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--series", default="runc,kata,kata-template,qemu", help="runtimes/configurations of 1.")
     p.add_argument("--pods", default="runc,kata,qemu", help="runtimes/configurations of 2.")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument(
+        "--zygote",
+        choices=("on", "off"),
+        default="on",
+        help="kata shims forked by a zygote of this run's (the first one execs and leaves it), or all exec'd",
+    )
     args = p.parse_args(argv)
     if not in_labvm():
         print("shim_bench runs inside the lab VM (lab/labvm exec -- ...)", file=sys.stderr)
@@ -319,9 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         except KeyError as err:
             print(f"unknown series {err}; known: {', '.join(known)}", file=sys.stderr)
             return 2
-        with busybox_containerd(Path(tmp), debug=False) as ctrd:
+        zygote_dir = None if args.zygote == "on" else "off"
+        with zygotes_in(zygote_dir), busybox_containerd(Path(tmp), debug=False) as ctrd:
             result: dict[str, Any] = {
                 "host": {"cpus": os.cpu_count(), "kernel": os.uname().release},
+                "zygote": args.zygote,
                 "run_rm": run_rm_series(ctrd, args.runs, order),
                 "pods": {series.name: pod_series(ctrd, series, sizes) for series in pods},
             }

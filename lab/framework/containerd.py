@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 
 KATA_RUNTIME = "io.containerd.kata.v2"
 SHIM_BINARY = "containerd-shim-kata-v2"
+ZYGOTE_ENV = ("KATA_SHIM_ZYGOTE_DIR", "KATA_SHIM_ZYGOTE_IDLE")
+"""Of this process's environment, what containerd passes on to the shims (kata-shim's zygote)."""
 BUSYBOX_IMAGE = "docker.io/library/busybox:kata"
 KATA_ASSET_DIR = Path("/usr/share/kata-containers")
 KATA_STATE_ROOT = Path("/run/kata")
@@ -452,6 +454,8 @@ def private_containerd(
         "PATH": path,
         "HOME": os.environ.get("HOME", "/root"),
         "LANG": "C.UTF-8",
+        # the shims' zygotes: a session's own (lab/tests/conftest.py, the benches), else the host default
+        **{name: os.environ[name] for name in ZYGOTE_ENV if name in os.environ},
         **(snapshotter.env if snapshotter is not None else {}),
         **(extra_env or {}),
     }

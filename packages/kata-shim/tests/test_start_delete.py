@@ -302,7 +302,7 @@ def test_delete_waits_for_a_shim_in_its_orderly_shutdown_and_kills_a_wedged_one(
 
 
 GATED_DELETE = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 import kata_shim.persist, kata_shim.shim._delete
 from kata_shim._cli import main
@@ -318,6 +318,7 @@ def gated(*args, **kwargs):
 
 kata_shim.persist.cleanup_sandbox = gated
 kata_shim.shim._delete.ANSWER_WITHIN = answer_within
+os.environ["KATA_SHIM_ZYGOTE_DIR"] = "off"  # here, where cleanup_sandbox is gated, not in a zygote's fork
 sys.exit(main(sys.argv[4:]))
 """
 

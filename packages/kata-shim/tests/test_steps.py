@@ -6,7 +6,9 @@ import os
 import time
 from pathlib import Path
 
-from kata_shim._steps import Steps, process_age
+import pytest
+
+from kata_shim._steps import ENV_STARTED_AT, Steps, process_age
 from kata_shim.shim._run import startup_line
 
 
@@ -48,3 +50,16 @@ def test_startup_line_says_since_exec_and_since_start_when_known() -> None:
     assert line == "serving 2.25 s after its exec, 3.50 s after `start` was exec'd"
     assert startup_line("", 2.25, 103.5) == "serving 2.25 s after its exec"
     assert startup_line("junk", None, 1.0) == "serving (exec time unknown)"
+
+
+def test_a_fork_standing_in_for_a_client_counts_from_the_clients_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    own = process_age()
+    assert own is not None
+    monkeypatch.setenv(ENV_STARTED_AT, f"{time.clock_gettime(time.CLOCK_BOOTTIME) - own - 100:.3f}")
+    age = process_age()
+    assert age is not None and own + 99 < age < own + 200
+    monkeypatch.setenv(ENV_STARTED_AT, "not a number")
+    fallback = process_age()
+    assert fallback is not None and fallback < own + 99

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,9 +23,19 @@ import trio
 
 from kata_proto import ttrpc
 from kata_proto.containerd import TASK_SERVICE, task_pb2
-from kata_shim.persist import process_start_time
+from kata_shim.persist import SandboxState, StateStore, process_start_time, sandbox_dir
 from kata_shim.shim._address import socket_path
-from kata_shim.shim._zygote import MAGIC, Request, changed_file, end_zygotes, key, module_files
+from kata_shim.shim._zygote import (
+    MAGIC,
+    Request,
+    ZygoteError,
+    changed_file,
+    delete_via_zygote,
+    end_zygotes,
+    fork_via_zygote,
+    key,
+    module_files,
+)
 
 SHIM = str(Path(sys.executable).parent / "containerd-shim-kata-v2")
 ROOT_ONLY = pytest.mark.skipif(
@@ -314,7 +325,12 @@ def test_the_zygote_answers_a_malformed_request_with_an_error_and_serves_on(star
     r, w = os.pipe()
     try:
         assert _send(starts.socket(), b"garbage", [r, w]).startswith(b"error: not a zygote request")
-        assert _send(starts.socket(), b"no fds", []).startswith(b"error: a request has a length and two fds")
+        shim = Request([sys.executable, SHIM, "-id", "x"], 2, {}, "/", 0o22).encode()
+        assert _send(starts.socket(), shim, [r]) == b"error: run takes 2 fds, not 1\n"
+        delete = Request([sys.executable, SHIM, "-id", "x", "delete"], 2, {}, "/", 0o22).encode()
+        assert _send(starts.socket(), delete, [r, w]) == b"error: delete takes 3 fds, not 2\n"
+        start = Request([sys.executable, SHIM, "-id", "x", "start"], 2, {}, "/", 0o22).encode()
+        assert _send(starts.socket(), start, [r, w]) == b"error: the zygote forks for run and delete, not start\n"
         assert _send(starts.socket(), b"\xff" * 8, [r, w]).startswith(b"error:")
     finally:
         os.close(r)
@@ -354,3 +370,126 @@ def test_the_zygote_answers_nobody_but_its_own_uid(starts: Starts) -> None:
     os.close(w)
     assert os.waitstatus_to_exitcode(status) == 0, "the zygote answered another uid"
     assert starts.zygote() == zygote
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (b"pid 4242\n", 4242),
+        (b"stale: /x.py changed\n", None),
+        (b"error: bad request\n", None),
+        (b"", None),  # it went away before forking
+        (None, ZygoteError),  # it holds the fds and says nothing: may yet fork
+    ],
+)
+def test_start_execs_only_when_the_zygote_says_it_did_not_fork(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: bytes | None, expected: object
+) -> None:
+    directory = tmp_path / "z"
+    directory.mkdir(mode=0o700)
+    monkeypatch.setenv("KATA_SHIM_ZYGOTE_DIR", str(directory))
+    got: list[tuple[bytes, int]] = []
+
+    def zygote(server: socket.socket) -> None:
+        conn, _ = server.accept()
+        with conn:
+            data, fds, _, _ = socket.recv_fds(conn, 65536, 2)
+            got.append((data, len(fds)))
+            for fd in fds:
+                os.close(fd)
+            if answer is None:
+                conn.recv(1)  # holds the connection until the client gives up
+            else:
+                conn.sendall(answer)
+
+    request = Request([sys.executable, "x", "-id", "a"], 2, {"A": "1"}, "/", 0o22)
+    r, w = os.pipe()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(directory / f"{key()}.sock"))
+        server.listen(1)
+        thread = threading.Thread(target=zygote, args=(server,))
+        thread.start()
+        try:
+            if expected is ZygoteError:
+                with pytest.raises(ZygoteError, match=r"did not answer within 0\.5 s"):
+                    fork_via_zygote(request, (r, w), answer_within=0.5)
+            else:
+                assert fork_via_zygote(request, (r, w), answer_within=5) == expected
+        finally:
+            thread.join(10)
+            os.close(r)
+            os.close(w)
+    data, nfds = got[0]
+    assert nfds == 2 and int.from_bytes(data[:4], "big") == len(data) - 4
+    assert Request.decode(data[4:]) == request
+
+
+def test_no_zygote_is_asked_in_a_directory_others_can_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "z"
+    directory.mkdir(mode=0o700)
+    os.chmod(directory, 0o770)
+    monkeypatch.setenv("KATA_SHIM_ZYGOTE_DIR", str(directory))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(directory / f"{key()}.sock"))
+        server.listen(1)
+        server.setblocking(False)
+        r, w = os.pipe()
+        try:
+            assert fork_via_zygote(Request(["p"], 1, {}, "/", 0o22), (r, w)) is None
+            with pytest.raises(BlockingIOError):
+                server.accept()  # never even connected
+        finally:
+            os.close(r)
+            os.close(w)
+
+
+DELETE_PROBE = textwrap.dedent(
+    """
+    import sys
+    from kata_shim.shim._zygote import delete_via_zygote
+    status = delete_via_zygote(sys.argv[1:])
+    print(f"status={status}", file=sys.stderr)
+    """
+)
+
+
+@ROOT_ONLY
+def test_delete_runs_in_a_fork_of_the_zygote_on_the_clients_stdio(starts: Starts) -> None:
+    starts.start()
+    assert eventually(starts.zygote) and eventually(starts.socket().exists)
+    id = f"z-{uuid.uuid4().hex[:12]}"
+    bundle = starts.tmp / id
+    bundle.mkdir()
+    state_root = Path(starts.env["KATA_SHIM_STATE_ROOT"])
+    leftover = subprocess.Popen(["sleep", "60"])
+    shared = sandbox_dir(id, state_root) / "shared"
+    try:
+        start = process_start_time(leftover.pid)
+        assert start is not None
+        StateStore(state_root).save(SandboxState(id, shim_pid=leftover.pid, shim_start_time=start))
+        shared.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(shared)], check=True)
+        flags = ["-namespace", "zt", "-address", starts.address, "-publish-binary", "/bin/true", "-id", id]
+        done = subprocess.run(
+            [sys.executable, "-c", DELETE_PROBE, *flags, "-bundle", str(bundle), "delete"],
+            cwd=bundle,
+            env=starts.env,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert "status=0" in done.stderr.decode(), done.stderr.decode()  # the zygote's fork did it
+        assert task_pb2.DeleteResponse.FromString(done.stdout).exit_status == 137
+        assert leftover.wait(timeout=5) == -signal.SIGKILL
+        assert not sandbox_dir(id, state_root).exists()
+        assert str(shared) not in Path("/proc/self/mounts").read_text()
+    finally:
+        leftover.kill()
+        subprocess.run(["umount", "-l", str(shared)], check=False, capture_output=True)
+
+
+def test_no_zygote_no_delete_in_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KATA_SHIM_ZYGOTE_DIR", str(tmp_path / "none"))
+    assert delete_via_zygote(["-id", "x", "delete"]) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from kata_shim.__about__ import __version__
@@ -33,22 +34,28 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         return 0
     if flags.action == "delete":
-        from kata_shim.shim._delete import delete
+        from kata_shim.shim._zygote import delete_via_zygote
 
-        try:
-            data = delete(flags)
-        except OSError as err:
-            print(f"{NAME}: delete: {err}", file=sys.stderr)
-            return 1
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
-        return 0
+        status = delete_via_zygote(args)  # in a fork of the zygote, everything imported: or here
+        if status is not None:
+            return status
+        from kata_shim.shim._delete import delete_command
+
+        return delete_command(flags)
     if not flags.namespace:
         print(f"{NAME}: shim namespace cannot be empty", file=sys.stderr)
         return 1
     from kata_shim.shim._run import run
 
-    return run(flags)
+    status = run(flags)
+    # The interpreter's teardown (collecting every object, joining threads) is skipped: containerd's
+    # `delete` waits for this process to be gone, and all the shim had is closed or flushed by now.
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _containerd_version() -> str | None:

@@ -8,6 +8,7 @@ any of our code ran), read from /proc/self/stat. Standard library only: `start` 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -48,9 +49,18 @@ class Steps:
         return f"total {self.total():.2f} s: {parts}" if parts else "no step"
 
 
+ENV_STARTED_AT = "KATA_SHIM_STARTED_AT"
+"""Set in a zygote's fork that runs a command for a client process: when that client was exec'd
+(boot-time clock, seconds), which `process_age` then counts from."""
+
+
 def process_age(stat_path: str = "/proc/self/stat") -> float | None:
-    """Seconds since this process was exec'd (boot-time clock against its start time), or None when
-    /proc does not say."""
+    """Seconds since this process was exec'd (boot-time clock against its start time), or since the
+    client it stands in for was (`ENV_STARTED_AT`), or None when /proc does not say."""
+    started_at = os.environ.get(ENV_STARTED_AT)
+    if started_at and stat_path == "/proc/self/stat":
+        with contextlib.suppress(ValueError):
+            return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - float(started_at))
     try:
         started = start_ticks(stat_path) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):

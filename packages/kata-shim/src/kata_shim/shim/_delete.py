@@ -176,3 +176,16 @@ def delete(flags: ShimFlags) -> bytes:
         for line in said:
             print(line, file=sys.stderr)
     return encode_delete_response(pid=0, exit_status=KILLED_STATUS)
+
+
+def delete_command(flags: ShimFlags) -> int:
+    """`containerd-shim-kata-v2 delete` as containerd runs it: the DeleteResponse on stdout, problems on
+    stderr; the exit status."""
+    try:
+        data = delete(flags)
+    except OSError as err:
+        print(f"containerd-shim-kata-v2: delete: {err}", file=sys.stderr)
+        return 1
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    return 0

@@ -17,7 +17,7 @@ import trio
 
 from kata_proto import ttrpc
 from kata_proto.containerd import SANDBOX_SERVICE, TASK_SERVICE
-from kata_shim._steps import process_age
+from kata_shim._steps import Steps, process_age
 from kata_shim.message import MessageDispatcher, RuntimeHandlerManager
 from kata_shim.service import EventPublisher, SandboxService, TaskService
 from kata_shim.shim._address import socket_address
@@ -77,12 +77,16 @@ async def serve(
             task_status.started()
             await dispatcher.shutdown_requested.wait()
             log.info("shim %s shutting down", flags.id)
+            steps = Steps()
             mark_shutting_down(Path(flags.bundle or os.getcwd()))
             # Let the Shutdown reply leave before the connection goes.
             await trio.sleep(0.05)
             await manager.shutdown()
+            steps.mark("sandbox")
             with trio.move_on_after(EVENT_FLUSH_TIMEOUT):
                 await publisher.wait_idle()
+            steps.mark("events")
+            log.debug("shim %s: shut down, %s", flags.id, steps)
             nursery.cancel_scope.cancel()
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -137,4 +141,5 @@ def run(flags: ShimFlags) -> int:
         log.exception("shim failed")
         _report_ready(f"shim failed: {type(err).__name__}: {err}")
         return 1
+    log.debug("shim %s: exiting", flags.id)
     return 0

@@ -19,7 +19,6 @@ import select
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import time
 
@@ -33,9 +32,14 @@ from kata_shim.shim._zygote import (
     ENV_SPAWN,
     ROOM,
     Request,
+    ZygoteError,
     fork_via_zygote,
     zygote_dir,
 )
+
+TYPE_CHECKING = False  # typing itself is not imported: `start` runs in a fresh interpreter per container
+if TYPE_CHECKING:
+    import subprocess
 
 ENV_LISTEN_FD = "KATA_SHIM_LISTEN_FD"
 """The run-mode shim serves the listening socket with this fd number (set by `start`)."""
@@ -185,13 +189,20 @@ def launch(flags: ShimFlags, address: str, bundle: str, config_path: str = "") -
         os.umask(umask)
         request = Request(argv, len(argv) - len(flags.to_argv()), env, os.path.abspath(bundle), umask)
         child = None
-        pid = fork_via_zygote(request, (sock.fileno(), ready_w))
+        try:
+            pid = fork_via_zygote(request, (sock.fileno(), ready_w))
+        except ZygoteError as err:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket_path(address))
+            raise StartError(str(err)) from None
         if pid is None:
             if zygote_dir() is not None:
                 env[ENV_SPAWN] = "1"  # and the new shim forks a zygote off for the next start
                 env[ENV_ROOM] = "." * ROOM  # room in the zygote's environ area for its forks' own
             env[ENV_LISTEN_FD] = str(sock.fileno())
             env[ENV_READY_FD] = str(ready_w)
+            import subprocess  # here: only this fallback needs it
+
             # A fresh interpreter (no fork of this one): new session, cwd the bundle, stdio to /dev/null.
             child = subprocess.Popen(
                 argv,

@@ -35,7 +35,7 @@ import socket
 import stat
 import struct
 import sys
-from typing import TYPE_CHECKING
+import time
 
 from kata_shim.__about__ import __version__
 
@@ -44,6 +44,7 @@ try:  # the built-in sha256 (see kata_shim.shim._address)
 except ImportError:  # pragma: no cover - interpreters without it (3.12 calls it _sha2)
     from hashlib import sha256
 
+TYPE_CHECKING = False  # typing itself is not imported (see kata_shim.shim._address)
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -63,7 +64,9 @@ ENV_FORKED_BY = "KATA_SHIM_FORKED_BY"
 """In a forked shim's environment: the zygote's pid."""
 MAGIC = b"kata-zygote-1"
 CLIENT_TIMEOUT = 10.0
-"""Seconds `start` gives the zygote to answer (a fork under nested TCG takes a fraction of one)."""
+"""Seconds `start` gives the zygote to take a request (connect and send)."""
+ANSWER_WITHIN = 120.0
+"""Seconds `start` then waits for its answer (a fork takes a fraction of one, but a host may be loaded)."""
 MAX_REQUEST = 1 << 20
 LOCK_WAIT = 2.0
 """Seconds a new zygote waits for the lock of one that is on its way out (a stale one)."""
@@ -156,34 +159,113 @@ def peer_uid(sock: socket.socket) -> int:
     return int(struct.unpack("3i", creds)[1])
 
 
-def fork_via_zygote(request: Request, fds: tuple[int, int], timeout: float = CLIENT_TIMEOUT) -> int | None:
-    """Have the zygote fork the shim of ``request`` with ``fds`` (the listening socket, the ready pipe's
-    write end); its pid, or None when there is no usable zygote (the caller execs the shim)."""
+class ZygoteError(Exception):
+    """The zygote took the fds and did not say what it did with them: `start` must not exec a second
+    shim onto the same socket."""
+
+
+def _send(request: Request, fds: tuple[int, ...], timeout: float) -> socket.socket | None:
+    """A connection to this install's zygote that has taken ``request`` and ``fds``; None when there is
+    no zygote to ask (none, not ours, not listening, or the request could not be sent whole: nothing
+    was forked then)."""
     directory = zygote_dir()
     if directory is None or not trusted_dir(directory):
         return None
     try:
         payload = request.encode()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(os.path.join(directory, key() + ".sock"))
-            if peer_uid(s) != os.geteuid():
-                return None
-            message = len(payload).to_bytes(4, "big") + payload
-            sent = socket.send_fds(s, [message[:4096]], list(fds))
-            s.sendall(message[sent:])
-            reply = b""
-            while b"\n" not in reply and len(reply) < 512:
-                chunk = s.recv(512)
-                if not chunk:
-                    break
-                reply += chunk
-    except (OSError, ValueError):
+    except ValueError:
         return None
-    word, _, value = reply.partition(b"\n")[0].partition(b" ")
-    if word != b"pid" or not value.isdigit():
-        return None  # stale, refused, or it died: the caller execs
-    return int(value)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.connect(os.path.join(directory, key() + ".sock"))
+        if peer_uid(s) != os.geteuid():
+            s.close()
+            return None
+        message = len(payload).to_bytes(4, "big") + payload
+        sent = socket.send_fds(s, [message[:4096]], list(fds))
+        if sent < len(message):  # (never an empty send: the zygote may have answered and gone)
+            s.sendall(message[sent:])  # a request cut short is never forked
+    except OSError:
+        s.close()
+        return None
+    return s
+
+
+def _lines(s: socket.socket, timeout: float) -> Iterator[bytes]:
+    """The zygote's answer, line by line, until it closes (TimeoutError when it says nothing for
+    ``timeout`` seconds; a reset ends it like a close)."""
+    s.settimeout(timeout)
+    data = b""
+    while True:
+        while b"\n" in data:
+            line, data = data.split(b"\n", 1)
+            yield line
+        try:
+            chunk = s.recv(512)
+        except TimeoutError:
+            raise
+        except OSError:
+            return
+        if not chunk or len(data) > 4096:
+            return
+        data += chunk
+
+
+def _pid(line: bytes | None) -> int | None:
+    word, _, value = (line or b"").partition(b" ")
+    return int(value) if word == b"pid" and value.isdigit() else None
+
+
+def fork_via_zygote(
+    request: Request,
+    fds: tuple[int, int],
+    timeout: float = CLIENT_TIMEOUT,
+    answer_within: float = ANSWER_WITHIN,
+) -> int | None:
+    """Have the zygote fork the shim of ``request`` with ``fds`` (the listening socket, the ready pipe's
+    write end); its pid, or None when no zygote forked one (none there, stale, refused, gone before it
+    forked: the caller execs the shim). Raises ZygoteError when it has the fds and says nothing within
+    ``answer_within`` seconds (it may yet fork)."""
+    s = _send(request, fds, timeout)
+    if s is None:
+        return None
+    with s:  # from here on the zygote may have forked: only its word (or its end: EOF) says it did not
+        try:
+            return _pid(next(_lines(s, answer_within), None))
+        except TimeoutError:
+            raise ZygoteError(f"the zygote did not answer within {answer_within:g} s") from None
+
+
+def delete_via_zygote(args: list[str], timeout: float = CLIENT_TIMEOUT) -> int | None:
+    """Run containerd's ``delete`` command line (``args``) in a fork of the zygote, on this process's
+    stdin, stdout and stderr (all its imports done: containerd waits for `delete` after every shim's
+    exit); its exit status, or None when no zygote took it (the caller deletes itself)."""
+    from kata_shim._steps import ENV_STARTED_AT, process_age
+
+    env = dict(os.environ)
+    age = process_age()
+    if age is not None:  # the fork answers containerd in time counted from this process's start
+        env[ENV_STARTED_AT] = f"{time.clock_gettime(time.CLOCK_BOOTTIME) - age:.3f}"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    script = sys.argv[0] if sys.argv else "containerd-shim-kata-v2"
+    request = Request([sys.executable, script, *args], 2, env, os.getcwd(), umask)
+    s = _send(request, (0, 1, 2), timeout)
+    if s is None:
+        return None
+    with s:
+        lines = _lines(s, ANSWER_WITHIN)
+        try:
+            if _pid(next(lines, None)) is None:
+                return None  # stale or refused: nothing ran
+            word, _, value = (next(lines, None) or b"").partition(b" ")
+        except TimeoutError:
+            word, value = b"", b""
+    if word == b"exit" and value.isdigit():
+        return int(value)
+    print("containerd-shim-kata-v2: delete: the zygote's fork ended without a status", file=sys.stderr)
+    return 1
 
 
 def end_zygotes(directory: str | os.PathLike[str]) -> list[int]:
@@ -214,8 +296,8 @@ def end_zygotes(directory: str | os.PathLike[str]) -> list[int]:
 @contextlib.contextmanager
 def zygotes_in(directory: str | os.PathLike[str] | None = None) -> Iterator[str]:
     """Within: this process's environment (and so every shim started from it) uses the zygotes of
-    ``directory`` (by default a new one below /tmp, removed after), a test's or a benchmark's own; after:
-    those zygotes are ended and the variable is restored."""
+    ``directory`` (by default a new one below /tmp, removed after; "off": none), a test's or a benchmark's
+    own; after: those zygotes are ended and the variable is restored."""
     import shutil
     import tempfile
 
@@ -386,16 +468,23 @@ def _zygote_main(directory: str) -> None:
         server.close()
 
 
+FDS = {"run": 2, "delete": 3}
+"""The fds a request of each action brings: run (a shim): the listening socket and the ready pipe's write
+end; delete: the client's stdin, stdout and stderr."""
+
+
 def _answer(conn: socket.socket, seen: dict[str, tuple[int, int]]) -> bool:
     """Serve one request; False when the zygote must go (its code changed, or it grew a thread)."""
-    conn.settimeout(5.0)
+    from kata_shim.shim._flags import UsageError, parse_flags
+
+    conn.settimeout(30.0)
     fds: list[int] = []
     try:
         if peer_uid(conn) != os.geteuid():
             return True
-        data, fds, _, _ = socket.recv_fds(conn, 4096, 2)
-        if len(data) < 4 or len(fds) != 2:
-            conn.sendall(b"error: a request has a length and two fds\n")
+        data, fds, _, _ = socket.recv_fds(conn, 4096, max(FDS.values()))
+        if len(data) < 4:
+            conn.sendall(b"error: a request has a length\n")
             return True
         size = int.from_bytes(data[:4], "big")
         if size > MAX_REQUEST:
@@ -408,6 +497,16 @@ def _answer(conn: socket.socket, seen: dict[str, tuple[int, int]]) -> bool:
                 return True
             payload += chunk
         request = Request.decode(payload)
+        try:
+            action = parse_flags(request.argv[request.head :]).action
+        except UsageError as err:
+            raise ValueError(str(err)) from None
+        if action not in FDS:
+            conn.sendall(f"error: the zygote forks for {' and '.join(FDS)}, not {action}\n".encode())
+            return True
+        if len(fds) != FDS[action]:
+            conn.sendall(f"error: {action} takes {FDS[action]} fds, not {len(fds)}\n".encode())
+            return True
         changed = changed_file(seen)
         if changed is not None:
             conn.sendall(f"stale: {changed} changed\n".encode(errors="replace"))
@@ -422,7 +521,9 @@ def _answer(conn: socket.socket, seen: dict[str, tuple[int, int]]) -> bool:
             try:
                 child = os.fork()
                 if child == 0:
-                    _become_shim(request, (fds[0], fds[1]), zygote)
+                    if action == "run":
+                        _become_shim(request, (fds[0], fds[1]), zygote)
+                    _run_delete(request, fds, conn)
                 with contextlib.suppress(OSError):
                     conn.sendall(b"pid %d\n" % child)
             finally:
@@ -437,6 +538,45 @@ def _answer(conn: socket.socket, seen: dict[str, tuple[int, int]]) -> bool:
     return True
 
 
+def _take_request(request: Request, extra_env: dict[str, str]) -> None:
+    """The forked child becomes the process the request describes: working directory, umask,
+    environment (and /proc/self/environ), argv."""
+    os.chdir(request.cwd)
+    os.umask(request.umask)
+    env = {**request.env, **extra_env}
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = list(request.argv)
+
+
+def _run_delete(request: Request, fds: list[int], conn: socket.socket) -> None:
+    """In the zygote's grandchild: containerd's `delete` on the client's stdio; says ``exit N`` on
+    ``conn`` and exits with N. Never returns."""
+    status = 1
+    try:
+        os.setsid()
+        _detach({conn.fileno(), *fds})
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        _take_request(request, {})
+        from kata_shim.shim._delete import delete_command
+        from kata_shim.shim._flags import parse_flags
+
+        status = delete_command(parse_flags(request.argv[request.head :]))
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            print(f"containerd-shim-kata-v2: delete (zygote): {err!r}", file=sys.stderr, flush=True)
+    finally:
+        with contextlib.suppress(OSError):
+            conn.sendall(b"exit %d\n" % status)
+        os._exit(status)
+
+
 def _become_shim(request: Request, fds: tuple[int, int], zygote: int) -> None:
     """In the zygote's (pid ``zygote``) grandchild: become the shim ``request`` describes and run it;
     never returns."""
@@ -447,15 +587,9 @@ def _become_shim(request: Request, fds: tuple[int, int], zygote: int) -> None:
     try:
         os.setsid()
         _detach({listen_fd, ready_fd})
-        os.chdir(request.cwd)
-        os.umask(request.umask)
-        env = dict(request.env)
-        env[ENV_LISTEN_FD] = str(listen_fd)
-        env[ENV_READY_FD] = str(ready_fd)
-        env[ENV_FORKED_BY] = str(zygote)
-        os.environ.clear()
-        os.environ.update(env)
-        sys.argv = list(request.argv)
+        extra = {ENV_LISTEN_FD: str(listen_fd), ENV_READY_FD: str(ready_fd), ENV_FORKED_BY: str(zygote)}
+        _take_request(request, extra)
+        env = dict(os.environ)
         if not (
             set_proc_strings("arg", request.argv)
             and set_proc_strings("env", [f"{k}={v}" for k, v in env.items()])

@@ -168,6 +168,7 @@ class VirtSandbox:
         self._spawned = False
         self._stopping = False
         self._stopped = False
+        self._stop_steps: Steps | None = None  # stop's and cleanup's step times, one debug line
         self._cleaned = False
         self._on_stop: list[Callable[[], Any]] = []
         self._on_death: list[Callable[[str], Any]] = []
@@ -844,6 +845,7 @@ class VirtSandbox:
         if self._stopped:
             return
         self._stopping = True
+        steps = self._stop_steps = Steps()
         with trio.CancelScope(shield=True):
             agent = self._agent
             if agent is not None and self.dead is None:
@@ -852,6 +854,7 @@ class VirtSandbox:
                         await agent.destroy_sandbox()
                     except Exception as err:
                         log.warning("sandbox %s: DestroySandbox: %r", self.sandbox_id, err)
+            steps.mark("destroy-sandbox")
             for callback in self._on_stop:
                 try:
                     result = callback()
@@ -860,30 +863,36 @@ class VirtSandbox:
                             await result
                 except Exception as err:
                     log.warning("sandbox %s: stop callback: %r", self.sandbox_id, err)
+            steps.mark("stop-callbacks")
             self._stopped = True
             self._stop_requested.set()
             if self._agent is None:
                 self._service_scope.cancel()  # still dialling the agent: give up now
             if self._spawned:
                 await self._service_done.wait()
+            steps.mark("services")
             if self.hypervisor is not None:
                 try:
                     await self.hypervisor.stop_vm()
                 except Exception as err:
                     log.warning("sandbox %s: stop_vm: %r", self.sandbox_id, err)
+            steps.mark("stop-vm")
 
     async def cleanup(self) -> None:
         """Release the hypervisor's resources, unmount everything, remove the shared dir; idempotent."""
         await self.stop()
         if self._cleaned:
             return
+        steps = self._stop_steps or Steps()
         with trio.CancelScope(shield=True):
             if self.hypervisor is not None:
                 try:
                     await self.hypervisor.cleanup()
                 except Exception as err:
                     log.warning("sandbox %s: hypervisor cleanup: %r", self.sandbox_id, err)
+            steps.mark("hypervisor-cleanup")
             errors = await self._release_host_resources()
+            steps.mark("host-resources")
             try:
                 self.ledger.undo()
             except ResourceError as err:
@@ -892,10 +901,12 @@ class VirtSandbox:
                 self.layout.remove()
             except ResourceError as err:
                 errors.append(str(err))
+            steps.mark("mounts-and-share")
             if not errors:
                 with contextlib.suppress(FileNotFoundError):
                     (self.state_dir / MOUNTS_FILE).unlink()
             self._cleaned = True
+            log.debug("sandbox %s: stopped, %s", self.sandbox_id, steps)
             if errors:
                 raise SandboxError(f"sandbox {self.sandbox_id} cleanup: {'; '.join(errors)}")
 
