@@ -11,6 +11,10 @@ as an exec'd one after `start` exits) and the grandchild becomes that shim: a se
 on /dev/null, the request's cwd, umask, environment and argv (/proc/PID/cmdline and environ are rewritten
 to them, so `ps`, `delete` and the lab find it by its flags), then the run mode as after an exec.
 
+containerd also runs `containerd-shim-kata-v2 delete` after every shim's exit and waits for it: a
+`delete` hands the zygote its stdin, stdout and stderr instead, and a fork with everything imported does
+the cleanup and answers on them.
+
 Lifecycle: a `start` that finds no zygote execs its shim as before, with `ENV_SPAWN` set; that shim
 forks the zygote off first thing. One zygote per interpreter and install (the socket's name hashes
 them) in $KATA_SHIM_ZYGOTE_DIR (default /run/kata-shim-zygote, root-only; "off" disables it). It holds
@@ -23,8 +27,9 @@ Forks share what a fork shares: the interpreter's str hash seed (`random` reseed
 
 The wire: the client sends one message, a 4-byte big-endian length and the request (NUL-separated:
 `MAGIC`, cwd, octal umask, the number of argv items before the shim's flags, the argv count, argv, then
-the environment as KEY=VALUE), with the two fds on its first bytes; the zygote answers one line, ``pid N``
-or ``stale: ...`` or ``error: ...``. Client side: standard library only (`start` imports it).
+the environment as KEY=VALUE), with its fds (`FDS`) on its first bytes; the zygote answers a line,
+``pid N`` (forked) or ``stale: ...`` or ``error: ...`` (nothing forked); a delete's fork then says
+``exit N``. Client side: standard library only (`start` and `delete` import it).
 """
 
 from __future__ import annotations
