@@ -330,7 +330,10 @@ def test_the_zygote_answers_a_malformed_request_with_an_error_and_serves_on(star
         delete = Request([sys.executable, SHIM, "-id", "x", "delete"], 2, {}, "/", 0o22).encode()
         assert _send(starts.socket(), delete, [r, w]) == b"error: delete takes 3 fds, not 2\n"
         start = Request([sys.executable, SHIM, "-id", "x", "start"], 2, {}, "/", 0o22).encode()
-        assert _send(starts.socket(), start, [r, w]) == b"error: the zygote forks for run and delete, not start\n"
+        assert (
+            _send(starts.socket(), start, [r, w])
+            == b"error: the zygote forks for run and delete, not start\n"
+        )
         assert _send(starts.socket(), b"\xff" * 8, [r, w]).startswith(b"error:")
     finally:
         os.close(r)
