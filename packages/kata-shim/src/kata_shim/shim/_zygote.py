@@ -427,7 +427,7 @@ def changed_file(seen: dict[str, tuple[int, int]]) -> str | None:
 def _zygote_main(directory: str) -> None:
     import gc
 
-    from kata_shim.shim._start import ENV_LISTEN_FD, ENV_READY_FD
+    from kata_shim.shim._start import ENV_LISTEN_FD, ENV_READY_FD, bind_socket
 
     seen = module_files()  # first: the files as the shim this is a fork of imported them
     _detach(set())
@@ -442,13 +442,8 @@ def _zygote_main(directory: str) -> None:
     if lock is None:
         return  # another zygote serves
     path = os.path.join(directory, name + ".sock")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server = bind_socket(path)  # replaces a dead zygote's socket: we hold the lock
     try:
-        server.bind(path)
-        os.chmod(path, 0o600)
-        server.listen(64)
         set_proc_strings("arg", ["containerd-shim-kata-v2", "zygote", directory])
         warm_up()
         seen = {**module_files(), **seen}
