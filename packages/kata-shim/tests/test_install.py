@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from kata_shim._install import (
     uninstall,
 )
 from kata_shim.config import load_config_file
+from kata_shim.shim._zygote import zygotes_in
 
 
 @pytest.fixture
@@ -93,6 +96,26 @@ def test_uninstall_removes_exactly_what_install_created(assets: Path, tmp_path: 
     assert len([line for line in report if line.startswith("removed ")]) == len(ASSETS) + 3
     assert tree(prefix) == before
     assert uninstall(layout) == [f"nothing to remove: no {layout.manifest}"]
+
+
+def test_uninstall_ends_the_shims_zygote(assets: Path, tmp_path: Path) -> None:
+    layout = Layout.for_prefix(tmp_path / "p")
+    install(assets, layout)
+    directory = tmp_path / "z"
+    directory.mkdir()
+    # a process that looks like the zygote of that directory, its pid in the lock file
+    zygote = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "zygote", str(directory)])
+    try:
+        (directory / "k.lock").write_text(f"{zygote.pid}\n")
+        (directory / "k.sock").touch()
+        with zygotes_in(directory):
+            report = uninstall(layout)
+        assert f"ended the shim's zygote (pid {zygote.pid})" in report
+        assert zygote.wait(timeout=10) == -signal.SIGKILL
+        assert not (directory / "k.sock").exists()
+    finally:
+        zygote.kill()
+        zygote.wait()
 
 
 def test_uninstall_keeps_a_file_changed_since_install(assets: Path, tmp_path: Path) -> None:

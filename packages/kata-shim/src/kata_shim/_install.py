@@ -32,6 +32,7 @@ import typing
 from pathlib import Path
 
 from kata_shim.config import shipped_config
+from kata_shim.shim._zygote import end_zygotes, zygote_dir
 
 ASSETS = {
     # installed name: the file of `nox -s images` (build/lab/guest) it is copied from
@@ -233,4 +234,7 @@ def uninstall(layout: Layout) -> list[str]:
             directory.rmdir()
         except OSError:
             continue  # not empty (someone else's files) or already gone
+    zygotes = zygote_dir()
+    if zygotes is not None:  # no shim is started from here any more: its warm parent goes too
+        report += [f"ended the shim's zygote (pid {pid})" for pid in end_zygotes(zygotes)]
     return report
