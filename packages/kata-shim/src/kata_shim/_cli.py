@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from kata_shim.__about__ import __version__
@@ -45,17 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     if not flags.namespace:
         print(f"{NAME}: shim namespace cannot be empty", file=sys.stderr)
         return 1
-    from kata_shim.shim._run import run
+    from kata_shim.shim._run import exit_now, run
 
-    status = run(flags)
-    # The interpreter's teardown (collecting every object, joining threads) is skipped: containerd's
-    # `delete` waits for this process to be gone, and all the shim had is closed or flushed by now.
-    import logging
-
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    exit_now(run(flags))
 
 
 def _containerd_version() -> str | None:

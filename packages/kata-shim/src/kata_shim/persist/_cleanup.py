@@ -24,6 +24,7 @@ from kata_resources import (
     undo_mount_record,
     unmount_below,
 )
+from kata_shim._proc import stat_fields
 from kata_shim.persist._state import SandboxState, StateStore, process_start_time, sandbox_dir
 from kata_sys_util import mounts_below
 
@@ -187,7 +188,8 @@ def _wait_gone(pids: list[int], timeout: float) -> None:
 
 def _is_zombie(pid: int) -> bool:
     try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
+        return stat_fields(f"/proc/{pid}/stat")[0] == b"Z"
     except OSError:
         return True
-    return data[data.rfind(b")") + 2 : data.rfind(b")") + 3] == b"Z"
+    except (ValueError, IndexError):
+        return False

@@ -33,6 +33,7 @@ from kata_shim.shim._zygote import (
     ROOM,
     Request,
     ZygoteError,
+    current_umask,
     fork_via_zygote,
     zygote_dir,
 )
@@ -185,9 +186,8 @@ def launch(flags: ShimFlags, address: str, bundle: str, config_path: str = "") -
         if age is not None:
             env[ENV_START_EXEC] = f"{time.clock_gettime(time.CLOCK_BOOTTIME) - age:.3f}"
         argv = shim_command(flags)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        request = Request(argv, len(argv) - len(flags.to_argv()), env, os.path.abspath(bundle), umask)
+        head = len(argv) - len(flags.to_argv())
+        request = Request(argv, head, env, os.path.abspath(bundle), current_umask())
         child = None
         try:
             pid = fork_via_zygote(request, (sock.fileno(), ready_w))

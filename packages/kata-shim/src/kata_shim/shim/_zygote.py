@@ -43,6 +43,7 @@ import sys
 import time
 
 from kata_shim.__about__ import __version__
+from kata_shim._proc import stat_fields
 
 try:  # the built-in sha256 (see kata_shim.shim._address)
     from _sha256 import sha256  # type: ignore[import-not-found]  # no stub: private module
@@ -85,7 +86,7 @@ _AREAS = {
     "arg": (45, _PR_SET_MM_ARG_START, _PR_SET_MM_ARG_END),
     "env": (47, _PR_SET_MM_ENV_START, _PR_SET_MM_ENV_END),
 }
-"""/proc/PID/stat field (index after the command name) of each area's start, and its PR_SET_MM ops."""
+"""Index in `stat_fields` of each area's start (its end follows), and its PR_SET_MM ops."""
 _KEEP_ALIVE: list[object] = []
 """Buffers the kernel now reads a process's cmdline or environ from."""
 
@@ -136,6 +137,13 @@ class Request:
                 raise ValueError(f"bad environment entry {entry[:40]!r}")
             env[os.fsdecode(key)] = os.fsdecode(value)
         return cls(argv, head, env, os.fsdecode(cwd), umask)
+
+
+def current_umask() -> int:
+    """This process's umask (reading it means setting it: set back at once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def zygote_dir() -> str | None:
@@ -252,10 +260,8 @@ def delete_via_zygote(args: list[str], timeout: float = CLIENT_TIMEOUT) -> int |
     age = process_age()
     if age is not None:  # the fork answers containerd in time counted from this process's start
         env[ENV_STARTED_AT] = f"{time.clock_gettime(time.CLOCK_BOOTTIME) - age:.3f}"
-    umask = os.umask(0o022)
-    os.umask(umask)
     script = sys.argv[0] if sys.argv else "containerd-shim-kata-v2"
-    request = Request([sys.executable, script, *args], 2, env, os.getcwd(), umask)
+    request = Request([sys.executable, script, *args], 2, env, os.getcwd(), current_umask())
     s = _send(request, (0, 1, 2), timeout)
     if s is None:
         return None
@@ -366,7 +372,6 @@ def _detach(keep: set[int]) -> None:
 
 def _lock(path: str) -> int | None:
     import fcntl
-    import time
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     end = time.monotonic() + LOCK_WAIT
@@ -404,24 +409,21 @@ def module_files() -> dict[str, tuple[int, int]]:
         path = getattr(module, "__file__", None)
         if isinstance(path, str):
             paths.add(path)
-    seen: dict[str, tuple[int, int]] = {}
-    for path in paths:
-        with contextlib.suppress(OSError):
-            st = os.stat(path)
-            seen[path] = (st.st_mtime_ns, st.st_size)
-    return seen
+    seen = {path: _signature(path) for path in paths}
+    return {path: sig for path, sig in seen.items() if sig is not None}
+
+
+def _signature(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
 
 
 def changed_file(seen: dict[str, tuple[int, int]]) -> str | None:
-    """The first file of ``seen`` that is no longer what it was, None when none changed."""
-    for path, was in seen.items():
-        try:
-            st = os.stat(path)
-        except OSError:
-            return path
-        if (st.st_mtime_ns, st.st_size) != was:
-            return path
-    return None
+    """The first file of ``seen`` that is no longer what it was (or is gone), None when none changed."""
+    return next((path for path, was in seen.items() if _signature(path) != was), None)
 
 
 def _zygote_main(directory: str) -> None:
@@ -607,11 +609,9 @@ def _become_shim(request: Request, fds: tuple[int, int], zygote: int) -> None:
         with contextlib.suppress(OSError):
             os.write(ready_fd, f"zygote: cannot become the shim: {err}\n".encode(errors="replace"))
     finally:
-        with contextlib.suppress(Exception):
-            import logging
+        from kata_shim.shim._run import exit_now
 
-            logging.shutdown()
-        os._exit(status)
+        exit_now(status)
 
 
 def _prctl_mm(op: int, value: int) -> bool:
@@ -631,9 +631,7 @@ def set_proc_strings(area: str, items: list[str]) -> bool:
     field, start_op, end_op = _AREAS[area]
     data = b"".join(os.fsencode(item) + b"\0" for item in items)
     try:
-        with open("/proc/self/stat", "rb") as f:
-            stat_line = f.read()
-        fields = stat_line[stat_line.rindex(b")") + 2 :].split()
+        fields = stat_fields("/proc/self/stat")
         start, end = int(fields[field]), int(fields[field + 1])
     except (OSError, ValueError, IndexError):
         return False
