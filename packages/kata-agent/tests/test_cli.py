@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from agent_harness import RUNC
+
+from kata_agent._logs import log_level_from_cmdline
 
 pytestmark = pytest.mark.root
 
@@ -122,3 +125,49 @@ def test_ctl_reports_bad_address_and_unreachable_agent() -> None:
         check=False,
     )
     assert gone.returncode == 1 and gone.stderr.startswith(b"kata-agent-ctl: AgentTimeout: ")
+
+
+@pytest.mark.parametrize(("level", "debug_lines"), [("debug", True), ("trace", True), ("info", False)])
+def test_agent_log_level_reaches_its_ttrpc_server(level: str, debug_lines: bool) -> None:
+    # `--log-level` stands in for `agent.log=` on the guest's kernel command line (the same code path)
+    with tempfile.TemporaryDirectory(prefix="kalog-", dir="/tmp") as base:
+        sock = os.path.join(base, "agent.sock")
+        argv = [str(BIN / "kata-agent"), f"--listen=unix:{sock}", "--log-listen=none"]
+        argv += [f"--runtime={RUNC}", f"--run-dir={base}/run", f"--log-level={level}"]
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
+        try:
+            check = _ctl(f"unix:{sock}", "--ready-timeout=20", "check")
+            assert check.stdout.strip() == b"SERVING", check.stderr
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=20)
+    lines = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    served = [e for e in lines if e["msg"].startswith("ttrpc: grpc.Health/Check answered OK in ")]
+    assert bool(served) == debug_lines, lines
+    if served:
+        assert served[0]["level"] == "DEBG" and served[0]["subsystem"] == "kata_proto.ttrpc"
+    assert any(e["msg"] == "agent ready" for e in lines)
+
+
+def test_agent_log_level_from_kernel_cmdline() -> None:
+    assert log_level_from_cmdline("quiet agent.log=debug console=ttyS0") == "debug"
+    assert log_level_from_cmdline("agent.log=info agent.log=warn") == "warn"
+    assert log_level_from_cmdline("agent.logx=debug") == "info"
+    assert log_level_from_cmdline("") == "info"
+
+
+def test_agent_refuses_an_unknown_log_level_by_falling_back_to_info() -> None:
+    with tempfile.TemporaryDirectory(prefix="kalog-", dir="/tmp") as base:
+        sock = os.path.join(base, "agent.sock")
+        argv = [str(BIN / "kata-agent"), f"--listen=unix:{sock}", "--log-listen=none"]
+        argv += [f"--runtime={RUNC}", f"--run-dir={base}/run", "--log-level=chatty"]
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
+        try:
+            check = _ctl(f"unix:{sock}", "--ready-timeout=20", "check")
+            assert check.stdout.strip() == b"SERVING", check.stderr
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=20)
+    text = err.decode()
+    assert "kata-agent: unknown log level 'chatty', using info" in text
+    assert '"agent ready"' in text and "answered OK" not in text

@@ -632,3 +632,31 @@ def test_error_raised_inside_a_handler_nursery_keeps_its_code() -> None:
                 await client.call(SERVICE_NAME, "Echo", echo("c1"), EchoResponse)
 
     run(main)
+
+
+def test_each_answered_call_is_logged_at_debug_with_its_status_and_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        async with echo_pair() as (_, _, client):
+            await client.call(SERVICE_NAME, "Echo", echo("hi"), EchoResponse)
+            with pytest.raises(ttrpc.TtrpcError):
+                await client.call(SERVICE_NAME, "Echo", echo(fail_code=5), EchoResponse)
+
+    with caplog.at_level("DEBUG", logger="kata_proto.ttrpc"):
+        run(main)
+    lines = [r.getMessage() for r in caplog.records if "answered" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"ttrpc: {SERVICE_NAME}/Echo answered OK in ")
+    assert lines[1].startswith(f"ttrpc: {SERVICE_NAME}/Echo answered NOT_FOUND in ")
+    assert float(lines[0].split(" in ")[1].removesuffix(" s")) >= 0
+
+
+def test_nothing_is_formatted_per_call_above_debug(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with echo_pair() as (_, _, client):
+            await client.call(SERVICE_NAME, "Echo", echo("hi"), EchoResponse)
+
+    with caplog.at_level("INFO", logger="kata_proto.ttrpc"):
+        run(main)
+    assert not [r for r in caplog.records if "answered" in r.getMessage()]

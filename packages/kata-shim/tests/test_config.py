@@ -350,3 +350,23 @@ def test_a_template_on_an_external_vmm_is_refused_clearly(tmp_path: Path, assets
         load_config_file(path)
     path.write_text(path.read_text().replace("enable_template = true", "enable_template = false"))
     assert load_config_file(path).factory.enable_template is False
+
+
+@pytest.mark.parametrize(
+    ("debug", "params", "expected"),
+    [
+        ("true", "quiet", "quiet agent.log=debug"),
+        ("false", "quiet", "quiet"),
+        ("true", "", "agent.log=debug"),
+        ("true", "quiet agent.log=warn", "quiet agent.log=warn"),  # the admin's own level wins
+    ],
+)
+def test_agent_enable_debug_asks_the_agent_for_debug_logs_on_the_kernel_cmdline(
+    tmp_path: Path, assets: dict[str, Path], debug: str, params: str, expected: str
+) -> None:
+    path = write_config(tmp_path / "c.toml", assets)
+    text = path.read_text().replace('kernel_params = "quiet"', f'kernel_params = "{params}"')
+    path.write_text(text.replace("[agent.kata]\n", f"[agent.kata]\nenable_debug = {debug}\n"))
+    config = load_config(str(path), env={})
+    assert config.hypervisor.kernel_params == expected
+    assert config.agent.enable_debug is (debug == "true")

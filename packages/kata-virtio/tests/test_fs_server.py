@@ -400,3 +400,23 @@ def test_inode_and_handle_limits(tmp_path: Path) -> None:
         assert e.value.errno == errno.ENFILE
     finally:
         server.close()
+
+
+def test_statistics_count_every_request_by_opcode_the_bad_ones_too(
+    tree: tuple[Path, Path, FuseServer, Client],
+) -> None:
+    _, _, server, c = tree  # the fixture sent one INIT
+    node, _ = c.lookup(ROOT, "hello.txt")
+    c.lookup(ROOT, "sub")
+    c.getattr(node)
+    with pytest.raises(FuseError):
+        c.lookup(ROOT, "missing")
+    server.handle(fuse_request(F.FUSE_FORGET, node, F.FUSE_FORGET_IN.pack(1)))
+    server.handle(fuse_request(99, ROOT, b""))  # an opcode nobody serves
+    server.handle(b"\0" * 8)  # shorter than a header
+    stats = server.statistics()
+    assert stats.requests == {"INIT": 1, "LOOKUP": 3, "GETATTR": 1, "FORGET": 1, "OP99": 1, "OP0": 1}
+    assert stats.total == 8 and stats.seconds > 0
+    assert str(stats).startswith("8 requests in ") and str(stats).endswith(
+        ": LOOKUP 3, FORGET 1, GETATTR 1, INIT 1, OP0 1, OP99 1"
+    )

@@ -54,6 +54,7 @@ def test_guest_prints_on_serial_and_resets_cleanly(make_kernel: KernelFactory) -
         assert stats.exits["io"] == 7
         assert stats.io_ports[0x3F8] == 6
         assert stats.console_bytes_out == 6
+        assert stats.summary().startswith("vCPUs ran ") and "; exits: io 7 (" in stats.summary()
     finally:
         vmm.close()
 

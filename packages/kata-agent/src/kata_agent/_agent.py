@@ -11,7 +11,7 @@ from functools import partial
 import trio
 
 from kata_agent._listen import open_listener
-from kata_agent._logs import LogBroadcaster
+from kata_agent._logs import LogBroadcaster, agent_loggers
 from kata_agent._passfd import open_passfd_listener
 from kata_agent._service import AgentConfig, AgentService, HealthService, become_subreaper
 from kata_proto import ttrpc
@@ -28,7 +28,7 @@ async def open_agent(
     """
     if subreaper:
         become_subreaper()
-    logger = logging.getLogger("kata_agent")
+    loggers = agent_loggers()
     broadcaster: LogBroadcaster | None = None
     listener, path = await open_listener(listen)
     log_listener = log_path = None
@@ -36,9 +36,10 @@ async def open_agent(
         if log_listen:
             log_listener, log_path = await open_listener(log_listen)
             broadcaster = LogBroadcaster()
-            logger.addHandler(broadcaster)
-            if logger.level == logging.NOTSET:
-                logger.setLevel(logging.INFO)
+            for logger in loggers:
+                logger.addHandler(broadcaster)
+                if logger.level == logging.NOTSET:
+                    logger.setLevel(logging.INFO)
         async with trio.open_nursery() as nursery:
             service = AgentService(config, nursery)
             server = ttrpc.TtrpcServer()
@@ -50,7 +51,7 @@ async def open_agent(
             if config.passfd_port:
                 passfd_listener = await open_passfd_listener(config.passfd_port)
                 await nursery.start(service.passfd.serve, passfd_listener)
-            logger.info("agent ready", extra={"listen": listen})
+            loggers[0].info("agent ready", extra={"listen": listen})
             try:
                 yield service
             finally:
@@ -58,7 +59,8 @@ async def open_agent(
                 nursery.cancel_scope.cancel()
     finally:
         if broadcaster is not None:
-            logger.removeHandler(broadcaster)
+            for logger in loggers:
+                logger.removeHandler(broadcaster)
         for p in (path, log_path):
             if p:
                 with suppress(FileNotFoundError):

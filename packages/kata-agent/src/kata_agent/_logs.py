@@ -10,12 +10,41 @@ import time
 
 import trio
 
+from kata_proto.agent import LOG_CMDLINE_PARAM
+
 _STD = set(vars(logging.makeLogRecord({})))
 
 
 # Upstream's agent logs through slog: its JSON lines name levels with these four letters, and
 # runtime-rs's log forwarder reads them back (log_forwarder.rs parse_agent_log_level).
 _SLOG_LEVELS = {logging.DEBUG: "DEBG", logging.INFO: "INFO", logging.WARNING: "WARN", logging.ERROR: "ERRO"}
+
+
+#: Upstream's level names (slog's) and ours, as logging's names.
+LOG_LEVELS = {
+    "TRACE": "DEBUG",
+    "DEBUG": "DEBUG",
+    "INFO": "INFO",
+    "WARN": "WARNING",
+    "WARNING": "WARNING",
+    "ERROR": "ERROR",
+    "CRITICAL": "CRITICAL",
+}
+
+
+def log_level_from_cmdline(cmdline: str) -> str:
+    """The level `agent.log=LEVEL` on a kernel command line names (the last one wins), else info."""
+    level = "info"
+    for word in cmdline.split():
+        key, sep, value = word.partition("=")
+        if sep and key == LOG_CMDLINE_PARAM:
+            level = value
+    return level
+
+
+def agent_loggers() -> tuple[logging.Logger, ...]:
+    """The loggers whose records the agent writes and streams: its own and its ttrpc server's."""
+    return logging.getLogger("kata_agent"), logging.getLogger("kata_proto")
 
 
 class JsonFormatter(logging.Formatter):

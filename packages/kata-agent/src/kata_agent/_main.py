@@ -11,9 +11,10 @@ import trio
 
 from kata_agent._agent import open_agent
 from kata_agent._listen import AGENT_VSOCK_PORT, LOG_VSOCK_PORT
+from kata_agent._logs import LOG_LEVELS, JsonFormatter, agent_loggers, log_level_from_cmdline
 from kata_agent._passfd import passfd_port_from_cmdline
 from kata_agent._service import AgentConfig
-from kata_proto.agent import PASSFD_CMDLINE_PARAM
+from kata_proto.agent import LOG_CMDLINE_PARAM, PASSFD_CMDLINE_PARAM
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         help=f"vsock port of the passfd stdio listener (0 = off; default: {PASSFD_CMDLINE_PARAM}=N "
         "in /proc/cmdline)",
     )
-    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--log-level",
+        default=None,
+        help=f"debug, info, warning, error (default: {LOG_CMDLINE_PARAM}=LEVEL in /proc/cmdline, else info)",
+    )
     return p
 
 
@@ -55,19 +60,23 @@ async def _serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the agent until SIGTERM/SIGINT."""
     args = _parser().parse_args(argv)
+    try:
+        with open("/proc/cmdline") as f:
+            cmdline = f.read()
+    except OSError:
+        cmdline = ""
     if args.passfd_port is None:
-        try:
-            with open("/proc/cmdline") as f:
-                args.passfd_port = passfd_port_from_cmdline(f.read())
-        except OSError:
-            args.passfd_port = 0
-    logger = logging.getLogger("kata_agent")
-    logger.setLevel(args.log_level.upper())
+        args.passfd_port = passfd_port_from_cmdline(cmdline)
+    level = (args.log_level or log_level_from_cmdline(cmdline)).upper()
+    if level not in LOG_LEVELS:
+        print(f"kata-agent: unknown log level {level.lower()!r}, using info", file=sys.stderr)
+        level = "INFO"
+    level = LOG_LEVELS[level]
     handler = logging.StreamHandler(sys.stderr)
-    from kata_agent._logs import JsonFormatter
-
     handler.setFormatter(JsonFormatter())
-    logger.addHandler(handler)
+    for logger in agent_loggers():
+        logger.setLevel(level)
+        logger.addHandler(handler)
     try:
         trio.run(_serve, args)
     except OSError as err:

@@ -20,6 +20,7 @@ __all__ = [
     "AGENT_SERVICE",
     "AGENT_VSOCK_PORT",
     "HEALTH_SERVICE",
+    "LOG_CMDLINE_PARAM",
     "LOG_VSOCK_PORT",
     "PASSFD_CMDLINE_PARAM",
     "OciJsonError",
@@ -44,6 +45,9 @@ LOG_VSOCK_PORT = 1025
 #: The guest kernel parameter naming the agent's passfd stdio listener port (Kata's agent config key):
 #: the shim's VMM back-end writes it, the agent reads it from /proc/cmdline.
 PASSFD_CMDLINE_PARAM = "agent.passfd_listener_port"
+#: The kernel parameter the agent takes its log level from (upstream's; the runtime sets it to debug with
+#: `[agent.kata] enable_debug`).
+LOG_CMDLINE_PARAM = "agent.log"
 
 # oci.proto names fields as Go does (``UIDMappings``); config.json uses the runtime-spec JSON tags. A tag is
 # the field name with its first letter lowered, except for these.

@@ -23,7 +23,7 @@ from kata_virtio._queue import (
     QueueError,
 )
 from kata_virtio._rng import VirtioRng
-from kata_virtio.fs import FsPolicy, FsServerError, FuseServer, VirtioFs
+from kata_virtio.fs import FsPolicy, FsServerError, FuseServer, FuseStatistics, VirtioFs
 from kata_virtio.vsock import VirtioVsock
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "FsPolicy",
     "FsServerError",
     "FuseServer",
+    "FuseStatistics",
     "GuestAddressError",
     "GuestMemory",
     "IndirectDescriptorError",

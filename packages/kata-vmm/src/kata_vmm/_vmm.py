@@ -32,7 +32,16 @@ from typing import Any, Self, TypeVar
 
 from kata_sys_util import GuestClock
 from kata_upcall import UPCALL_PORT
-from kata_virtio import BALLOON_PAGE_SIZE, VirtioBalloon, VirtioDevice, VirtioError, VirtioMem, VirtioVsock
+from kata_virtio import (
+    BALLOON_PAGE_SIZE,
+    FuseStatistics,
+    VirtioBalloon,
+    VirtioDevice,
+    VirtioError,
+    VirtioFs,
+    VirtioMem,
+    VirtioVsock,
+)
 from kata_vmm import _snapshot as snap
 from kata_vmm._bus import Bus
 from kata_vmm._errors import ConfigError, KvmError, SnapshotError, VmmError, VmStateError
@@ -103,6 +112,18 @@ class VmmStatistics:
     per_vcpu: list[dict[str, int]] = field(default_factory=list)
     setup_seconds: dict[str, float] = field(default_factory=dict)
     """Host-side set-up phases before the first KVM_RUN (configure, ACPI, kernel load, vCPU creation)."""
+    virtio_fs: dict[str, FuseStatistics] = field(default_factory=dict)
+    """What each inline virtio-fs device served, by tag."""
+
+    def summary(self, top: int = 6) -> str:
+        """One line: vCPU run time against wall time, the ``top`` exit reasons by count (with their
+        host seconds), what each virtio-fs device served."""
+        ranked = sorted(self.exits.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+        exits = ", ".join(f"{name} {n} ({self.exit_seconds.get(name, 0.0):.2f} s)" for name, n in ranked)
+        parts = [f"vCPUs ran {self.run_seconds:.2f} s of {self.wall_seconds:.2f} s"]
+        parts.append(f"exits: {exits or 'none'}")
+        parts += [f"virtio-fs {tag}: {fs}" for tag, fs in sorted(self.virtio_fs.items())]
+        return "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -740,6 +761,11 @@ class Vmm:
             console_bytes_in=self.serial.bytes_in if self.serial else 0,
             per_vcpu=per_vcpu,
             setup_seconds=dict(self._setup),
+            virtio_fs={
+                d.device.tag: d.device.server.statistics()
+                for d in self._virtio
+                if isinstance(d.device, VirtioFs)
+            },
         )
 
     # --- teardown ----------------------------------------------------------------------------------

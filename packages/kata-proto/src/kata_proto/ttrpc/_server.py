@@ -286,9 +286,18 @@ class _ServerConnection:
         nursery.start_soon(self._call, entry.rpc, entry.handler, req.payload, ctx)
 
     async def _call(self, rpc: RpcMethod, handler: Handler, payload: bytes, ctx: CallContext) -> None:
+        started = trio.current_time()
         try:
             status, data = await self._run_handler(rpc, handler, payload, ctx)
             self._reply(ctx.stream_id, status, data)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "ttrpc: %s/%s answered %s in %.3f s",
+                    rpc.service,
+                    rpc.name,
+                    Code(status.code).name,
+                    trio.current_time() - started,
+                )
         finally:
             self._state.calls_in_flight -= 1
             self._state.calls_served += 1

@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from kata_proto.agent import LOG_CMDLINE_PARAM
 from kata_shim.config._types import (
     TEMPLATE_HYPERVISORS,
     AgentConfig,
@@ -244,6 +245,11 @@ class _Parser:
         for key in ("dial_timeout_ms", "reconnect_timeout_ms", "request_timeout_ms"):
             if getattr(agent, key) <= 0:
                 raise self.error(f"{agent_key}.{key}", "must be positive")
+        if agent.enable_debug and not any(
+            word.startswith(LOG_CMDLINE_PARAM + "=") for word in hypervisor.kernel_params.split()
+        ):
+            # as upstream: the agent logs at debug level (its own kernel parameter wins when given)
+            hypervisor.kernel_params = f"{hypervisor.kernel_params.strip()} {LOG_CMDLINE_PARAM}=debug".strip()
         return TomlConfig(
             path=self.path,
             runtime=runtime,

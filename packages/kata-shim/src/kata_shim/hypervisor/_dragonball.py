@@ -629,6 +629,9 @@ class Dragonball:
         if self._upcall is not None:
             await self._upcall.aclose()
         vmm = self._vmm
+        if log.isEnabledFor(logging.DEBUG):
+            with contextlib.suppress(VmmError):
+                log.debug("sandbox %s: %s", self.sandbox_id, vmm.statistics().summary())
         vmm.stop_nowait()
         try:
             with trio.move_on_after(STOP_TIMEOUT):

@@ -9,7 +9,7 @@
 
 from kata_virtio.fs.device import VirtioFs
 from kata_virtio.fs.passthrough import FsPolicy, FsServerError, PassthroughFs, ReplyErrno
-from kata_virtio.fs.server import MAX_WRITE, UNLOCKED_OPCODES, FuseServer
+from kata_virtio.fs.server import MAX_WRITE, UNLOCKED_OPCODES, FuseServer, FuseStatistics
 
 __all__ = [
     "MAX_WRITE",
@@ -17,6 +17,7 @@ __all__ = [
     "FsPolicy",
     "FsServerError",
     "FuseServer",
+    "FuseStatistics",
     "PassthroughFs",
     "ReplyErrno",
     "VirtioFs",

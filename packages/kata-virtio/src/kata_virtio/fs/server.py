@@ -9,10 +9,14 @@ encodes the reply within the space the guest gave. Nothing the guest sends makes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
 import struct
+import threading
+import time
+from collections import Counter
 
 from kata_virtio import _fuse as F
 from kata_virtio.fs.passthrough import (
@@ -36,6 +40,7 @@ __all__ = [
     "FsPolicy",
     "FsServerError",
     "FuseServer",
+    "FuseStatistics",
 ]
 
 _log = logging.getLogger("kata_virtio.fs")
@@ -106,6 +111,24 @@ def _dirents(batch: list[Dirent], size: int) -> bytes:
     return bytes(out)
 
 
+@dataclasses.dataclass(frozen=True)
+class FuseStatistics:
+    """What a `FuseServer` has served: requests by opcode name, and the host seconds spent on them."""
+
+    requests: dict[str, int]
+    seconds: float
+
+    @property
+    def total(self) -> int:
+        """Requests of every opcode."""
+        return sum(self.requests.values())
+
+    def __str__(self) -> str:
+        ranked = sorted(self.requests.items(), key=lambda kv: (-kv[1], kv[0]))
+        parts = ", ".join(f"{name} {count}" for name, count in ranked)
+        return f"{self.total} requests in {self.seconds:.2f} s" + (f": {parts}" if parts else "")
+
+
 class FuseServer:
     """Serves FUSE requests (as raw bytes) on one host directory.
 
@@ -129,6 +152,16 @@ class FuseServer:
         self.minor = F.FUSE_KERNEL_MINOR_VERSION
         #: Whether a guest sent FUSE_INIT (mounted the share): its session cannot be snapshotted.
         self.initialized = False
+        self._served: Counter[int] = Counter()
+        self._busy_ns = 0
+        self._stats_lock = threading.Lock()
+
+    def statistics(self) -> FuseStatistics:
+        """Requests served so far, by opcode, and the host time they took (for the shim's debug log)."""
+        with self._stats_lock:
+            served, busy = dict(self._served), self._busy_ns
+        names = {op: _opcode_name(op) for op in served}
+        return FuseStatistics({names[op]: count for op, count in served.items()}, busy / 1e9)
 
     @property
     def shared_dir(self) -> str:
@@ -185,6 +218,17 @@ class FuseServer:
 
     def handle(self, request: bytes, reply_space: int = 1 << 20) -> bytes | None:
         """Serve one request; reply_space is how many bytes the guest gave for the reply."""
+        started = time.perf_counter_ns()
+        try:
+            return self._handle(request, reply_space)
+        finally:
+            took = time.perf_counter_ns() - started
+            opcode = F.FUSE_IN_HEADER.unpack_from(request)[1] if len(request) >= F.FUSE_IN_HEADER.size else 0
+            with self._stats_lock:
+                self._served[opcode] += 1
+                self._busy_ns += took
+
+    def _handle(self, request: bytes, reply_space: int) -> bytes | None:
         if len(request) < F.FUSE_IN_HEADER.size:
             _log.warning("FUSE request shorter than its header (%d bytes)", len(request))
             return None
@@ -527,3 +571,11 @@ UNLOCKED_OPCODES = frozenset(
         F.FUSE_READDIRPLUS,
     }
 )
+
+
+def _opcode_name(opcode: int) -> str:
+    """LOOKUP for FUSE_LOOKUP (the handler's name), FORGET, BATCH_FORGET; OP<n> for what we do not serve."""
+    handler = FuseServer._handlers.get(opcode)
+    if handler is not None:
+        return handler.__name__.lstrip("_").upper()
+    return {F.FUSE_FORGET: "FORGET", F.FUSE_BATCH_FORGET: "BATCH_FORGET"}.get(opcode, f"OP{opcode}")
