@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -50,7 +52,11 @@ def test_check_answers_serving_and_version() -> None:
     trio.run(main)
 
 
-def test_stdout_stderr_and_exit_status_are_exact(busybox_rootfs: Path) -> None:
+def test_stdout_stderr_and_exit_status_are_exact(
+    busybox_rootfs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="kata_agent")
+
     async def main() -> None:
         async with running_agent() as agent:
             c = agent.client
@@ -69,6 +75,10 @@ def test_stdout_stderr_and_exit_status_are_exact(busybox_rootfs: Path) -> None:
             assert os.listdir(agent.run_dir) == []
 
     trio.run(main)
+    # the create's steps, in the order they ran, in one debug line (issue 16: each step's time)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("container c1: created, ")]
+    steps = re.findall(r"([a-z-]+) \d+\.\d\d", line.split(": ", 2)[2])
+    assert steps == ["spec", "devices", "stdio", "storages", "runtime-create"], line
 
 
 def test_one_mebibyte_through_cat_is_byte_identical(busybox_rootfs: Path) -> None:

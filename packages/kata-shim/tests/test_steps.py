@@ -1,4 +1,4 @@
-"""The start's step timer and the shim's own start-up line (issue 16: each step's time in the shim log)."""
+"""The shim's process age and its own start-up line (issue 16: each step's time in the shim log)."""
 
 from __future__ import annotations
 
@@ -8,25 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kata_shim._steps import ENV_STARTED_AT, Steps, process_age
+from kata_shim._steps import ENV_STARTED_AT, process_age
 from kata_shim.shim._run import startup_line
-
-
-def test_steps_time_each_step_from_the_previous_mark_and_render_in_order() -> None:
-    now = [10.0]
-    steps = Steps(clock=lambda: now[0])
-    assert str(steps) == "no step"
-    now[0] = 10.5
-    assert steps.mark("shared-dir") == 0.5
-    now[0] = 13.0
-    assert steps.mark("start-vm") == 2.5
-    now[0] = 13.25
-    steps.mark("agent-ready")
-    assert steps.items() == [("shared-dir", 0.5), ("start-vm", 2.5), ("agent-ready", 0.25)]
-    assert steps.total() == 3.25
-    now[0] = 14.0
-    assert steps.elapsed() == 4.0 and steps.total() == 3.25  # the step under way counts in elapsed only
-    assert str(steps) == "total 3.25 s: shared-dir 0.50, start-vm 2.50, agent-ready 0.25"
 
 
 def test_process_age_reads_starttime_after_a_command_name_with_spaces_and_parens(tmp_path: Path) -> None:

@@ -681,7 +681,8 @@ def test_container_output_through_fifos_exit_code_and_delete_leaves_nothing(
             # the start's steps in one debug line, in the order they ran (no network, no cgroup here)
             (line,) = [r.getMessage() for r in caplog.records if "sandbox sb1: started, " in r.getMessage()]
             steps = re.findall(r"([a-z-]+) \d+\.\d\d", line.split(": ", 2)[2])
-            assert steps == ["shared-dir", "prepare-vm", "start-vm", "agent-ready", "create-sandbox"], line
+            expected = ["shared-dir", "prepare-vm", "start-vm", "agent-ready", "guest-network"]
+            assert steps == [*expected, "create-sandbox", "guest-details"], line
             cm = pod.instance.containers
             fifos = _fifos(pod, "c1", "stdout", "stderr")
             spec = _spec("sh", "-c", "echo out; hostname; ls /proc/1/ns >/dev/null; echo err >&2; exit 3")

@@ -28,7 +28,7 @@ from kata_agent._passfd import PassfdStdio, PassfdStreams, closed_on_error
 from kata_agent._runtime import OciRuntime
 from kata_proto import ttrpc
 from kata_proto.agent import agent_pb2, health_pb2
-from kata_sys_util import set_child_subreaper
+from kata_sys_util import Steps, set_child_subreaper
 
 log = logging.getLogger("kata_agent")
 
@@ -101,11 +101,14 @@ class AgentService:
         if self.sandbox_id:
             raise ttrpc.AlreadyExists(f"sandbox {self.sandbox_id} already exists")
         mounted: list[MountedStorage] = []
+        steps = Steps()
         try:
             for storage in req.storages:
                 mounted.append(mount_storage(storage))
+            steps.mark("storages")
             for module in req.kernel_modules:
                 await _modprobe(module.name, list(module.parameters))
+            steps.mark("modules")
             if req.dns:
                 _guest.write_resolv_conf(list(req.dns))
             # The hostname goes into the pod's UTS namespace only: the guest's own stays as it is.
@@ -119,6 +122,7 @@ class AgentService:
                 if err.errno == errno.EINVAL:
                     raise ttrpc.InvalidArgument(str(err)) from err
                 raise
+            steps.mark("namespaces")
         except BaseException:
             release_storages(mounted)
             raise
@@ -126,6 +130,7 @@ class AgentService:
         self.pod_namespaces = pod_ns
         self.sandbox_id = req.sandbox_id or "sandbox"
         log.info("sandbox created", extra={"sandbox": self.sandbox_id})
+        log.debug("sandbox %s: created, %s", self.sandbox_id, steps)
         return empty_pb2.Empty()
 
     async def DestroySandbox(self, req: Any, ctx: Any) -> empty_pb2.Empty:
@@ -144,24 +149,29 @@ class AgentService:
         cid = _check_id("container id", req.container_id)
         if cid in self.containers:
             raise ttrpc.AlreadyExists(f"container {cid!r} already exists")
+        steps = Steps()
         config = spec_to_config(req.OCI, cid)
         if self.pod_namespaces is not None:
             self.pod_namespaces.apply(config, share_pid=bool(req.sandbox_pidns))
+        steps.mark("spec")
         await wait_for_devices(list(req.devices))
         await wait_for_storages(list(req.storages))
         add_devices(config, list(req.devices))
+        steps.mark("devices")
         if not _guest.is_dir(config["root"]["path"]) and not req.storages:
             raise ttrpc.InvalidArgument(f"OCI root.path {config['root']['path']!r} is not a directory")
         terminal = bool(config["process"].get("terminal"))
         passfd = await PassfdStdio.take(
             self.passfd, req.stdin_port, req.stdout_port, req.stderr_port, terminal=terminal
         )
+        steps.mark("stdio")
         with closed_on_error(passfd):
-            await self._create_container(cid, config, req.storages, passfd)
+            await self._create_container(cid, config, req.storages, passfd, steps)
+        log.debug("container %s: created, %s", cid, steps)
         return empty_pb2.Empty()
 
     async def _create_container(
-        self, cid: str, config: dict[str, Any], storages: Any, passfd: PassfdStdio | None
+        self, cid: str, config: dict[str, Any], storages: Any, passfd: PassfdStdio | None, steps: Steps
     ) -> None:
         bundle = os.path.join(self.config.run_dir, cid)
         os.makedirs(bundle, exist_ok=False)
@@ -172,7 +182,9 @@ class AgentService:
                 container.storages.append(mount_storage(storage))
             if not _guest.is_dir(config["root"]["path"]):
                 raise ttrpc.InvalidArgument(f"OCI root.path {config['root']['path']!r} is not a directory")
+            steps.mark("storages")
             await container.create(config, passfd)
+            steps.mark("runtime-create")
             if self.pod_namespaces is not None and container.init is not None:
                 self.pod_namespaces.container_created(container.init.pid)
         except BaseException as err:

@@ -83,6 +83,7 @@ from kata_sys_util._proc import (
     setns,
     unshare,
 )
+from kata_sys_util._steps import Steps
 
 __all__ = [
     "AT_EMPTY_PATH",
@@ -113,6 +114,7 @@ __all__ = [
     "UMOUNT_NOFOLLOW",
     "GuestClock",
     "MountInfo",
+    "Steps",
     "__version__",
     "bind_beneath",
     "create_file_beneath",

@@ -19,7 +19,7 @@ import trio
 
 from kata_proto import ttrpc
 from kata_proto.containerd import SANDBOX_SERVICE, TASK_SERVICE
-from kata_shim._steps import Steps, process_age
+from kata_shim._steps import process_age
 from kata_shim.message import MessageDispatcher, RuntimeHandlerManager
 from kata_shim.service import EventPublisher, SandboxService, TaskService
 from kata_shim.shim._address import socket_address
@@ -29,6 +29,7 @@ from kata_shim.shim._log import setup_logging
 from kata_shim.shim._start import ENV_CONFIG_PATH, ENV_LISTEN_FD, ENV_READY_FD, ENV_START_EXEC, bind_socket
 from kata_shim.shim._zygote import ENV_SPAWN
 from kata_shim.shim._zygote import spawn as spawn_zygote
+from kata_sys_util import Steps
 
 log = logging.getLogger("kata_shim")
 

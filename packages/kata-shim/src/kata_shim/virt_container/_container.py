@@ -33,7 +33,6 @@ from kata_agent_client import (
 )
 from kata_proto.containerd import TOPIC_EXIT, events_pb2
 from kata_resources import ResourceError, ResourceUpdateOp, mount_rootfs, share_volumes
-from kata_shim._steps import Steps
 from kata_shim.hypervisor._base import HypervisorError
 from kata_shim.runtime._base import (
     AlreadyExists,
@@ -65,6 +64,7 @@ from kata_shim.virt_container._passfd import passfd_stdio
 from kata_shim.virt_container._pod import shares_sandbox_pidns
 from kata_shim.virt_container._sandbox import SandboxError, VirtSandbox
 from kata_shim.virt_container._stdio import StdinCopy, copy_output, open_output_fifo
+from kata_sys_util import Steps
 
 log = logging.getLogger("kata_shim.virt_container")
 

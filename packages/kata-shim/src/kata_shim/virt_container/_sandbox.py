@@ -64,7 +64,6 @@ from kata_resources import (
     teardown_network,
 )
 from kata_shim._ratelimit import LineRateLimit
-from kata_shim._steps import Steps
 from kata_shim.config._types import TomlConfig
 from kata_shim.factory import opened, template_for
 from kata_shim.hypervisor import boot_report
@@ -79,7 +78,7 @@ from kata_shim.virt_container._pod import (
     pod_netns,
     vm_size,
 )
-from kata_sys_util import GuestClock
+from kata_sys_util import GuestClock, Steps
 
 log = logging.getLogger("kata_shim.virt_container")
 agent_log = logging.getLogger("kata_shim.agent")
@@ -435,8 +434,10 @@ class VirtSandbox:
         async def set_up() -> GuestDetails:
             if self.restored:
                 await self._set_clone_identity(agent)
+                steps.mark("clone-identity")
             # hot-plugged NICs of a restored VM may not be in the guest yet: UpdateInterface is retried
             await self._configure_guest_network(agent, hot=self.restored)
+            steps.mark("guest-network")
             await agent.create_sandbox(
                 self.sandbox_id,
                 hostname=hostname,
@@ -444,6 +445,7 @@ class VirtSandbox:
                 storages=storages,
                 kernel_modules=_kernel_modules(agent_cfg.kernel_modules),
             )
+            steps.mark("create-sandbox")
             return await agent.get_guest_details()
 
         try:
@@ -453,7 +455,7 @@ class VirtSandbox:
                 f"sandbox {self.sandbox_id}: the agent did not set up the sandbox (network, CreateSandbox)"
                 f" {err} (request_timeout_ms), {steps.elapsed():.0f} s into the start"
             ) from err
-        steps.mark("create-sandbox")
+        steps.mark("guest-details")
         log.info("sandbox %s: guest agent %s", self.sandbox_id, details.agent_version)
         log.debug("sandbox %s: started, %s", self.sandbox_id, steps)
         self.nursery.start_soon(self._oom_events)
