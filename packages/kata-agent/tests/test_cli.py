@@ -127,9 +127,8 @@ def test_ctl_reports_bad_address_and_unreachable_agent() -> None:
     assert gone.returncode == 1 and gone.stderr.startswith(b"kata-agent-ctl: AgentTimeout: ")
 
 
-@pytest.mark.parametrize(("level", "debug_lines"), [("debug", True), ("trace", True), ("info", False)])
-def test_agent_log_level_reaches_its_ttrpc_server(level: str, debug_lines: bool) -> None:
-    # `--log-level` stands in for `agent.log=` on the guest's kernel command line (the same code path)
+def _stderr_of_one_check(level: str) -> str:
+    """Run the agent with `--log-level=level`, ask it one Health.Check, stop it: what it wrote on stderr."""
     with tempfile.TemporaryDirectory(prefix="kalog-", dir="/tmp") as base:
         sock = os.path.join(base, "agent.sock")
         argv = [str(BIN / "kata-agent"), f"--listen=unix:{sock}", "--log-listen=none"]
@@ -141,7 +140,14 @@ def test_agent_log_level_reaches_its_ttrpc_server(level: str, debug_lines: bool)
         finally:
             proc.terminate()
             _, err = proc.communicate(timeout=20)
-    lines = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    return err.decode()
+
+
+@pytest.mark.parametrize(("level", "debug_lines"), [("debug", True), ("trace", True), ("info", False)])
+def test_agent_log_level_reaches_its_ttrpc_server(level: str, debug_lines: bool) -> None:
+    # `--log-level` stands in for `agent.log=` on the guest's kernel command line (the same code path)
+    err = _stderr_of_one_check(level)
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     served = [e for e in lines if e["msg"].startswith("ttrpc: grpc.Health/Check answered OK in ")]
     assert bool(served) == debug_lines, lines
     if served:
@@ -157,17 +163,6 @@ def test_agent_log_level_from_kernel_cmdline() -> None:
 
 
 def test_agent_refuses_an_unknown_log_level_by_falling_back_to_info() -> None:
-    with tempfile.TemporaryDirectory(prefix="kalog-", dir="/tmp") as base:
-        sock = os.path.join(base, "agent.sock")
-        argv = [str(BIN / "kata-agent"), f"--listen=unix:{sock}", "--log-listen=none"]
-        argv += [f"--runtime={RUNC}", f"--run-dir={base}/run", "--log-level=chatty"]
-        proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
-        try:
-            check = _ctl(f"unix:{sock}", "--ready-timeout=20", "check")
-            assert check.stdout.strip() == b"SERVING", check.stderr
-        finally:
-            proc.terminate()
-            _, err = proc.communicate(timeout=20)
-    text = err.decode()
+    text = _stderr_of_one_check("chatty")
     assert "kata-agent: unknown log level 'chatty', using info" in text
     assert '"agent ready"' in text and "answered OK" not in text
