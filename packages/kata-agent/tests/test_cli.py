@@ -127,12 +127,12 @@ def test_ctl_reports_bad_address_and_unreachable_agent() -> None:
     assert gone.returncode == 1 and gone.stderr.startswith(b"kata-agent-ctl: AgentTimeout: ")
 
 
-def _stderr_of_one_check(level: str) -> str:
+def _stderr_of_one_check(level: str, runtime: str = RUNC) -> str:
     """Run the agent with `--log-level=level`, ask it one Health.Check, stop it: what it wrote on stderr."""
     with tempfile.TemporaryDirectory(prefix="kalog-", dir="/tmp") as base:
         sock = os.path.join(base, "agent.sock")
         argv = [str(BIN / "kata-agent"), f"--listen=unix:{sock}", "--log-listen=none"]
-        argv += [f"--runtime={RUNC}", f"--run-dir={base}/run", f"--log-level={level}"]
+        argv += [f"--runtime={runtime}", f"--run-dir={base}/run", f"--log-level={level}"]
         proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
         try:
             check = _ctl(f"unix:{sock}", "--ready-timeout=20", "check")
@@ -166,3 +166,9 @@ def test_agent_refuses_an_unknown_log_level_by_falling_back_to_info() -> None:
     text = _stderr_of_one_check("chatty")
     assert "kata-agent: unknown log level 'chatty', using info" in text
     assert '"agent ready"' in text and "answered OK" not in text
+
+
+def test_agent_preloads_its_runtime_and_serves_without_one() -> None:
+    assert f"runtime {RUNC} preloaded in " in _stderr_of_one_check("debug")
+    text = _stderr_of_one_check("info", runtime="/nonexistent/crun")
+    assert "runtime /nonexistent/crun did not run (--version)" in text and '"agent ready"' in text

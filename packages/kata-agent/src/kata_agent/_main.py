@@ -13,6 +13,7 @@ from kata_agent._agent import open_agent
 from kata_agent._listen import AGENT_VSOCK_PORT, LOG_VSOCK_PORT
 from kata_agent._logs import LOG_LEVELS, JsonFormatter, agent_loggers, log_level_from_cmdline
 from kata_agent._passfd import passfd_port_from_cmdline
+from kata_agent._runtime import preload_runtime
 from kata_agent._service import AgentConfig
 from kata_proto.agent import LOG_CMDLINE_PARAM, PASSFD_CMDLINE_PARAM
 
@@ -77,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     for logger in agent_loggers():
         logger.setLevel(level)
         logger.addHandler(handler)
+    took = preload_runtime(args.runtime)
+    log = logging.getLogger("kata_agent")
+    if took is None:
+        log.warning("runtime %s did not run (--version)", args.runtime)
+    else:
+        log.debug("runtime %s preloaded in %.2f s", args.runtime, took)
     try:
         trio.run(_serve, args)
     except OSError as err:

@@ -8,6 +8,7 @@ import json
 import os
 import socket as _socket
 import subprocess
+import time
 
 import trio
 
@@ -50,6 +51,27 @@ class OciRuntime:
         if result.returncode != 0:
             message = _last_error(log) or (result.stderr or b"").decode(errors="replace").strip()
             raise RuntimeFailed(args[0], message or f"exit status {result.returncode}")
+
+
+def preload_runtime(path: str, timeout: float = 10.0) -> float | None:
+    """Run ``path --version`` once, before the agent serves: the runtime's binary and shared libraries are
+    then in the guest's page cache, so the first CreateContainer does not read them from the root disk, and
+    neither does any sandbox restored from a VM template saved at agent-ready (each clone's first `crun
+    create` read them again: ~1.07 s of a template start's ~6 s in the lab, against ~0.2 s for a warm one).
+    Seconds it took, or None when it could not run (which the first create will then report)."""
+    started = time.monotonic()
+    try:
+        subprocess.run(
+            [path, "--version"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return time.monotonic() - started
 
 
 def _last_error(log: str | None) -> str:
