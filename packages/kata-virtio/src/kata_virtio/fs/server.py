@@ -219,20 +219,22 @@ class FuseServer:
     def handle(self, request: bytes, reply_space: int = 1 << 20) -> bytes | None:
         """Serve one request; reply_space is how many bytes the guest gave for the reply."""
         started = time.perf_counter_ns()
+        opcode = 0  # a request shorter than its header counts as OP0
         try:
-            return self._handle(request, reply_space)
+            if len(request) < F.FUSE_IN_HEADER.size:
+                _log.warning("FUSE request shorter than its header (%d bytes)", len(request))
+                return None
+            header = F.FUSE_IN_HEADER.unpack_from(request)
+            opcode = header[1]
+            return self._handle(header, request, reply_space)
         finally:
             took = time.perf_counter_ns() - started
-            opcode = F.FUSE_IN_HEADER.unpack_from(request)[1] if len(request) >= F.FUSE_IN_HEADER.size else 0
             with self._stats_lock:
                 self._served[opcode] += 1
                 self._busy_ns += took
 
-    def _handle(self, request: bytes, reply_space: int) -> bytes | None:
-        if len(request) < F.FUSE_IN_HEADER.size:
-            _log.warning("FUSE request shorter than its header (%d bytes)", len(request))
-            return None
-        length, opcode, unique, nodeid, uid, gid, _pid, extlen, _ = F.FUSE_IN_HEADER.unpack_from(request)
+    def _handle(self, header: tuple[int, ...], request: bytes, reply_space: int) -> bytes | None:
+        length, opcode, unique, nodeid, uid, gid, _pid, extlen, _ = header
         body = request[F.FUSE_IN_HEADER.size :]
         if opcode in (F.FUSE_FORGET, F.FUSE_BATCH_FORGET):
             with contextlib.suppress(ReplyErrno, struct.error):
