@@ -12,6 +12,7 @@ import pytest
 import trio
 from agent_harness import AgentUnderTest, running_agent
 
+from kata_agent._guest import kernel_param
 from kata_agent._passfd import PassfdStreams, passfd_port_from_cmdline
 from kata_agent_client import AgentFailedPrecondition, ContainerSpec, Process, StdioPorts
 from kata_proto import ttrpc
@@ -231,3 +232,9 @@ def test_a_failed_exec_closes_the_streams_it_took(busybox_rootfs: Path) -> None:
             await agent.client.remove_container("p5")
 
     trio.run(main)
+
+
+def test_kernel_param_takes_the_last_value_of_exactly_that_name() -> None:
+    assert kernel_param("a=1 agent.log=debug b agent.log=info", "agent.log") == "info"
+    assert kernel_param("agent.logx=debug agent.log", "agent.log") is None  # no '=': not a value
+    assert kernel_param("agent.log=", "agent.log") == ""

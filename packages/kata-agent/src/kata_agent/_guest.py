@@ -14,6 +14,17 @@ from typing import Any
 from kata_proto import ttrpc
 
 
+def kernel_param(cmdline: str, name: str) -> str | None:
+    """The value of ``name=VALUE`` on a kernel command line (the last one wins, as the kernel's own
+    parsing does), None when absent."""
+    value = None
+    for word in cmdline.split():
+        key, sep, found = word.partition("=")
+        if sep and key == name:
+            value = found
+    return value
+
+
 def write_json(path: str, obj: Any) -> None:
     """Write `obj` as JSON to `path` (bundle files on the guest's tmpfs)."""
     with open(path, "w") as f:

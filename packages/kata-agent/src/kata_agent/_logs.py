@@ -10,6 +10,7 @@ import time
 
 import trio
 
+from kata_agent._guest import kernel_param
 from kata_proto.agent import LOG_CMDLINE_PARAM
 
 _STD = set(vars(logging.makeLogRecord({})))
@@ -34,12 +35,8 @@ LOG_LEVELS = {
 
 def log_level_from_cmdline(cmdline: str) -> str:
     """The level `agent.log=LEVEL` on a kernel command line names (the last one wins), else info."""
-    level = "info"
-    for word in cmdline.split():
-        key, sep, value = word.partition("=")
-        if sep and key == LOG_CMDLINE_PARAM:
-            level = value
-    return level
+    level = kernel_param(cmdline, LOG_CMDLINE_PARAM)
+    return "info" if level is None else level
 
 
 def agent_loggers() -> tuple[logging.Logger, ...]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
+from kata_agent._guest import kernel_param
 from kata_proto import ttrpc
 from kata_proto.agent import PASSFD_CMDLINE_PARAM
 
@@ -29,15 +30,14 @@ STREAM_STALE = 120.0
 
 def passfd_port_from_cmdline(cmdline: str) -> int:
     """The passfd listener port on a kernel command line; 0 (off) when absent or not a port."""
-    port = 0
-    for word in cmdline.split():
-        key, sep, value = word.partition("=")
-        if sep and key == PASSFD_CMDLINE_PARAM:
-            try:
-                port = int(value)
-            except ValueError:
-                log.warning("ignoring bad %s=%r", PASSFD_CMDLINE_PARAM, value)
-                port = 0
+    value = kernel_param(cmdline, PASSFD_CMDLINE_PARAM)
+    if value is None:
+        return 0
+    try:
+        port = int(value)
+    except ValueError:
+        log.warning("ignoring bad %s=%r", PASSFD_CMDLINE_PARAM, value)
+        return 0
     return port if 0 < port <= 0xFFFFFFFF else 0
 
 
